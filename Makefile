@@ -1,0 +1,59 @@
+# Veil build. `make help` lists the targets.
+SHELL := /bin/bash
+GO ?= go
+BIN := bin
+BPFFS ?= /sys/fs/bpf
+# Packages the tests need. --no-install-recommends keeps wireguard-tools from
+# pulling in a kernel image.
+APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat
+APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat
+GO_TEST_FLAGS ?= -count=1 -timeout 45m
+
+.PHONY: help deps bpffs generate generate-bpf generate-policy check-generate build test test-unit bench lab clean
+
+help:
+	@echo "make deps            install the toolchain (Debian packages) and mount bpffs"
+	@echo "make generate        regenerate bpf2go, deepcopy, clientset and CRD YAML"
+	@echo "make check-generate  fail when committed generated files are stale"
+	@echo "make build           static binaries in $(BIN)/"
+	@echo "make test            unit + privileged tests (needs root)"
+	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
+
+deps:
+	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing toolchain (missing:$$missing)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
+	fi
+	@$(MAKE) --no-print-directory bpffs
+
+bpffs:
+	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
+
+generate: generate-bpf generate-policy
+
+generate-bpf:
+	$(GO) generate ./agent/datapath/...
+
+generate-policy:
+
+check-generate: generate
+	@if [ -n "$$(git status --porcelain)" ]; then \
+		echo "generated files are stale; run 'make generate' and commit:"; git status --porcelain; exit 1; \
+	fi
+
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./agent/cmd/... ./meshctl/cmd/...
+
+test: deps
+	$(GO) vet ./...
+	VEIL_PRIVILEGED=1 $(GO) test $(GO_TEST_FLAGS) ./...
+
+test-unit:
+	$(GO) test $(GO_TEST_FLAGS) ./...
+
+bench: deps
+	VEIL_PRIVILEGED=1 $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,6 @@
+// Package v1alpha1 holds the policy.veil.dev/v1alpha1 API: MeshPolicy
+// (namespaced) and ClusterMeshPolicy (cluster-scoped).
+//
+// +k8s:deepcopy-gen=package
+// +groupName=policy.veil.dev
+package v1alpha1
