@@ -35,7 +35,29 @@ generate: generate-bpf generate-policy
 generate-bpf:
 	$(GO) generate ./agent/datapath/...
 
+# Inputs of generate-policy: deepcopy, clientset, listers and informers from
+# k8s.io/code-generator, CRD YAML from controller-gen; all are go.mod tools.
+POLICY_API_PKG := github.com/veilmesh/veil/policy/api/v1alpha1
+POLICY_CLIENT_PKG := github.com/veilmesh/veil/policy/client
+POLICY_BOILERPLATE := policy/api/boilerplate.go.txt
+
 generate-policy:
+	rm -rf policy/client
+	rm -f policy/api/v1alpha1/zz_generated.deepcopy.go deploy/crds/policy.veil.dev_*.yaml
+	$(GO) tool deepcopy-gen --go-header-file $(POLICY_BOILERPLATE) \
+		--output-file zz_generated.deepcopy.go $(POLICY_API_PKG)
+	$(GO) tool client-gen --go-header-file $(POLICY_BOILERPLATE) \
+		--clientset-name versioned --input-base "" --input $(POLICY_API_PKG) \
+		--output-dir policy/client/clientset --output-pkg $(POLICY_CLIENT_PKG)/clientset
+	$(GO) tool lister-gen --go-header-file $(POLICY_BOILERPLATE) \
+		--output-dir policy/client/listers --output-pkg $(POLICY_CLIENT_PKG)/listers \
+		$(POLICY_API_PKG)
+	$(GO) tool informer-gen --go-header-file $(POLICY_BOILERPLATE) \
+		--versioned-clientset-package $(POLICY_CLIENT_PKG)/clientset/versioned \
+		--listers-package $(POLICY_CLIENT_PKG)/listers \
+		--output-dir policy/client/informers --output-pkg $(POLICY_CLIENT_PKG)/informers \
+		$(POLICY_API_PKG)
+	$(GO) tool controller-gen crd paths=./policy/api/... output:crd:artifacts:config=deploy/crds
 
 check-generate: generate
 	@if [ -n "$$(git status --porcelain)" ]; then \

@@ -204,7 +204,7 @@ type Peer struct {
 
 // CIDRPeer matches addresses in CIDR but not in any of Except.
 // +kubebuilder:validation:XValidation:rule="isCIDR(self.cidr)",message="cidr must be a valid CIDR such as 10.0.0.0/8"
-// +kubebuilder:validation:XValidation:rule="!has(self.except) || self.except.all(e, isCIDR(e) && cidr(self.cidr).containsCIDR(e))",message="every except entry must be a valid CIDR inside cidr"
+// +kubebuilder:validation:XValidation:rule="!has(self.except) || !isCIDR(self.cidr) || self.except.all(e, isCIDR(e) && cidr(self.cidr).containsCIDR(e))",message="every except entry must be a valid CIDR inside cidr"
 type CIDRPeer struct {
 	// +kubebuilder:validation:MaxLength=64
 	CIDR string `json:"cidr"`
@@ -216,7 +216,9 @@ type CIDRPeer struct {
 
 // PortRule matches a protocol and a port, a port range or a named port; for
 // ICMP it matches a type and optionally a code.
-// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || (has(self.port) && type(self.port) == int && self.endPort >= self.port)",message="endPort needs a numeric port and must be >= port"
+// +kubebuilder:validation:XValidation:rule="!has(self.port) || (type(self.port) == int ? self.port >= 1 && self.port <= 65535 : size(self.port) <= 15 && self.port.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && self.port.matches('[a-z]') && !self.port.contains('--'))",message="port must be a number from 1 to 65535 or a port name (at most 15 lowercase letters, digits and '-', with a letter, no leading, trailing or double '-')"
+// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || (has(self.port) && type(self.port) == int)",message="endPort needs a numeric port; it cannot be used with a named port or without port"
+// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || !has(self.port) || type(self.port) != int || self.endPort >= self.port",message="endPort must be greater than or equal to port"
 // +kubebuilder:validation:XValidation:rule="has(self.protocol) && self.protocol == 'ICMP' ? (!has(self.port) && !has(self.endPort)) : (!has(self.icmpType) && !has(self.icmpCode))",message="ICMP rules take icmpType/icmpCode, other protocols take port/endPort"
 // +kubebuilder:validation:XValidation:rule="!has(self.icmpCode) || has(self.icmpType)",message="icmpCode needs icmpType"
 type PortRule struct {
