@@ -1,10 +1,16 @@
 package policy
 
 import (
+	"cmp"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
@@ -13,102 +19,876 @@ import (
 // Compiled is the compiler's state: the objects it was given, the
 // identities it allocated and the entries of every endpoint. It is updated
 // in place by the Upsert*/Delete* methods.
+//
+// Internally endpoints with the same identity and the same named container
+// ports share one group, compiled once: the entries depend on nothing else
+// of the pod.
 type Compiled struct {
 	mu sync.RWMutex
+
+	ids, cidrIDs *identity.Allocator
+
+	namespaces map[string]labels.Set
+	nodes      map[string][]netip.Addr
+	pods       map[EndpointID]*podState
+	podsByNS   map[string]map[*podState]struct{}
+
+	idents     map[identity.ID]*identState
+	identByKey map[string]*identState
+	identsByNS map[string]map[*identState]struct{}
+
+	policies        map[PolicyRef]*policyState
+	policiesByNS    map[string]map[*policyState]struct{}
+	clusterPolicies map[*policyState]struct{}
+	invalid         map[PolicyRef]*PolicyError
+
+	rules     map[uint32]*Rule
+	ruleByKey map[string]uint32
+	nextRule  uint32
+
+	regions map[netip.Prefix]*region
+	sels    map[string]*selector
+
+	groups     map[groupKey]*group
+	groupsByNS map[string]map[*group]struct{}
+
+	// Pending effects of the current mutation, turned into Changes by flush.
+	dirty          map[*group]struct{}
+	changed        map[EndpointID]struct{}
+	removed        map[EndpointID]struct{}
+	ipcacheChanged bool
+	cidrChanged    bool
+}
+
+// region is a CIDR named by some policy, with its CIDR identity.
+type region struct {
+	id   identity.ID
+	refs int
+}
+
+// policyState is an installed (valid) policy.
+type policyState struct {
+	*parsedPolicy
+	rules    []boundRule
+	sels     []*selector
+	prefixes []netip.Prefix
+}
+
+// boundRule is a parsedRule with its RuleID and shared selector.
+type boundRule struct {
+	*parsedRule
+	id  uint32
+	sel *selector
+	// podsForAny: an egress named port towards any peer can only reach
+	// pods (only pods have named ports), so sel is the all-pods selector.
+	podsForAny bool
 }
 
 // New returns an empty compiler.
-func New(opts Options) (*Compiled, error) { return &Compiled{}, nil }
+func New(opts Options) (*Compiled, error) {
+	ids, err := identity.NewAllocator(identity.MinPod, identity.MinCIDR-1, opts.Identities)
+	if err != nil {
+		return nil, err
+	}
+	cidrIDs, err := identity.NewAllocator(identity.MinCIDR, ^identity.ID(0), opts.CIDRIdentities)
+	if err != nil {
+		return nil, err
+	}
+	return &Compiled{
+		ids: ids, cidrIDs: cidrIDs,
+		namespaces: map[string]labels.Set{}, nodes: map[string][]netip.Addr{},
+		pods: map[EndpointID]*podState{}, podsByNS: map[string]map[*podState]struct{}{},
+		idents: map[identity.ID]*identState{}, identByKey: map[string]*identState{},
+		identsByNS: map[string]map[*identState]struct{}{},
+		policies:   map[PolicyRef]*policyState{}, policiesByNS: map[string]map[*policyState]struct{}{},
+		clusterPolicies: map[*policyState]struct{}{}, invalid: map[PolicyRef]*PolicyError{},
+		rules: map[uint32]*Rule{}, ruleByKey: map[string]uint32{}, nextRule: 1,
+		regions: map[netip.Prefix]*region{}, sels: map[string]*selector{},
+		groups: map[groupKey]*group{}, groupsByNS: map[string]map[*group]struct{}{},
+		dirty: map[*group]struct{}{}, changed: map[EndpointID]struct{}{}, removed: map[EndpointID]struct{}{},
+	}, nil
+}
 
 // Compile compiles a full set of objects from scratch. Invalid policies do
 // not fail the compilation: they are skipped and listed by Invalid. The
 // error is only for unusable Options. The output is deterministic for a
-// given input and Options.
-func Compile(in Input, opts Options) (*Compiled, error) { return New(opts) }
+// given input and Options: objects are applied in name order whatever the
+// order of the slices.
+func Compile(in Input, opts Options) (*Compiled, error) {
+	c, err := New(opts)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, ns := range sortedBy(in.Namespaces, func(o *corev1.Namespace) string { return o.Name }) {
+		c.upsertNamespace(ns)
+	}
+	for _, n := range sortedBy(in.Nodes, func(o *corev1.Node) string { return o.Name }) {
+		c.upsertNode(n)
+	}
+	for _, p := range sortedBy(in.Pods, func(o *corev1.Pod) string { return o.Namespace + "/" + o.Name }) {
+		c.upsertPod(p)
+	}
+	for _, np := range sortedBy(in.NetworkPolicies, func(o *networkingv1.NetworkPolicy) string { return o.Namespace + "/" + o.Name }) {
+		c.installPolicy(PolicyRef{KindNetworkPolicy, np.Namespace, np.Name}, func() (*parsedPolicy, *PolicyError) { return parseNetworkPolicy(np) })
+	}
+	for _, mp := range sortedBy(in.MeshPolicies, func(o *v1alpha1.MeshPolicy) string { return o.Namespace + "/" + o.Name }) {
+		c.installPolicy(PolicyRef{KindMeshPolicy, mp.Namespace, mp.Name}, func() (*parsedPolicy, *PolicyError) { return parseMeshPolicy(mp) })
+	}
+	for _, cmp := range sortedBy(in.ClusterMeshPolicies, func(o *v1alpha1.ClusterMeshPolicy) string { return o.Name }) {
+		c.installPolicy(PolicyRef{KindClusterMeshPolicy, "", cmp.Name}, func() (*parsedPolicy, *PolicyError) { return parseClusterMeshPolicy(cmp) })
+	}
+	c.flush()
+	return c, nil
+}
+
+// sortedBy returns the non-nil objects sorted by key.
+func sortedBy[T any](objs []*T, key func(*T) string) []*T {
+	out := make([]*T, 0, len(objs))
+	for _, o := range objs {
+		if o != nil {
+			out = append(out, o)
+		}
+	}
+	slices.SortStableFunc(out, func(a, b *T) int { return strings.Compare(key(a), key(b)) })
+	return out
+}
 
 // UpsertNamespace adds or updates a namespace.
-func (c *Compiled) UpsertNamespace(ns *corev1.Namespace) Changes { return Changes{} }
+func (c *Compiled) UpsertNamespace(ns *corev1.Namespace) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if ns != nil {
+		c.upsertNamespace(ns)
+	}
+	return c.flush()
+}
 
-// DeleteNamespace removes a namespace (its pods stay until deleted, with
-// no namespace labels).
-func (c *Compiled) DeleteNamespace(name string) Changes { return Changes{} }
+// DeleteNamespace removes a namespace. Its pods stay until deleted, with
+// only the kubernetes.io/metadata.name label that every namespace has.
+func (c *Compiled) DeleteNamespace(name string) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.namespaces[name]; ok {
+		delete(c.namespaces, name)
+		c.relabelNamespace(name)
+	}
+	return c.flush()
+}
 
 // UpsertPod adds or updates a pod.
-func (c *Compiled) UpsertPod(pod *corev1.Pod) Changes { return Changes{} }
+func (c *Compiled) UpsertPod(pod *corev1.Pod) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if pod != nil {
+		c.upsertPod(pod)
+	}
+	return c.flush()
+}
 
 // DeletePod removes a pod.
-func (c *Compiled) DeletePod(namespace, name string) Changes { return Changes{} }
+func (c *Compiled) DeletePod(namespace, name string) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.deletePod(EndpointID{namespace, name})
+	return c.flush()
+}
 
 // UpsertNode adds or updates a node (its addresses tell host and
 // remote-node peers apart in Trace).
-func (c *Compiled) UpsertNode(node *corev1.Node) Changes { return Changes{} }
+func (c *Compiled) UpsertNode(node *corev1.Node) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if node != nil {
+		c.upsertNode(node)
+	}
+	return c.flush()
+}
 
 // DeleteNode removes a node.
-func (c *Compiled) DeleteNode(name string) Changes { return Changes{} }
+func (c *Compiled) DeleteNode(name string) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.nodes, name)
+	return c.flush()
+}
 
 // UpsertNetworkPolicy adds or updates a NetworkPolicy. An invalid policy is
 // skipped (see PolicyError) and its previous version, if any, removed.
-func (c *Compiled) UpsertNetworkPolicy(np *networkingv1.NetworkPolicy) Changes { return Changes{} }
+func (c *Compiled) UpsertNetworkPolicy(np *networkingv1.NetworkPolicy) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if np != nil {
+		c.installPolicy(PolicyRef{KindNetworkPolicy, np.Namespace, np.Name}, func() (*parsedPolicy, *PolicyError) { return parseNetworkPolicy(np) })
+	}
+	return c.flush()
+}
 
 // DeleteNetworkPolicy removes a NetworkPolicy.
-func (c *Compiled) DeleteNetworkPolicy(namespace, name string) Changes { return Changes{} }
+func (c *Compiled) DeleteNetworkPolicy(namespace, name string) Changes {
+	return c.deletePolicy(PolicyRef{KindNetworkPolicy, namespace, name})
+}
 
 // UpsertMeshPolicy adds or updates a MeshPolicy.
-func (c *Compiled) UpsertMeshPolicy(mp *v1alpha1.MeshPolicy) Changes { return Changes{} }
+func (c *Compiled) UpsertMeshPolicy(mp *v1alpha1.MeshPolicy) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if mp != nil {
+		c.installPolicy(PolicyRef{KindMeshPolicy, mp.Namespace, mp.Name}, func() (*parsedPolicy, *PolicyError) { return parseMeshPolicy(mp) })
+	}
+	return c.flush()
+}
 
 // DeleteMeshPolicy removes a MeshPolicy.
-func (c *Compiled) DeleteMeshPolicy(namespace, name string) Changes { return Changes{} }
+func (c *Compiled) DeleteMeshPolicy(namespace, name string) Changes {
+	return c.deletePolicy(PolicyRef{KindMeshPolicy, namespace, name})
+}
 
 // UpsertClusterMeshPolicy adds or updates a ClusterMeshPolicy.
 func (c *Compiled) UpsertClusterMeshPolicy(cmp *v1alpha1.ClusterMeshPolicy) Changes {
-	return Changes{}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cmp != nil {
+		c.installPolicy(PolicyRef{KindClusterMeshPolicy, "", cmp.Name}, func() (*parsedPolicy, *PolicyError) { return parseClusterMeshPolicy(cmp) })
+	}
+	return c.flush()
 }
 
 // DeleteClusterMeshPolicy removes a ClusterMeshPolicy.
-func (c *Compiled) DeleteClusterMeshPolicy(name string) Changes { return Changes{} }
+func (c *Compiled) DeleteClusterMeshPolicy(name string) Changes {
+	return c.deletePolicy(PolicyRef{KindClusterMeshPolicy, "", name})
+}
+
+func (c *Compiled) deletePolicy(ref PolicyRef) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.invalid, ref)
+	if old := c.policies[ref]; old != nil {
+		c.uninstall(old, nil)
+	}
+	return c.flush()
+}
 
 // Invalid lists the policies that were skipped, sorted by policy.
-func (c *Compiled) Invalid() []*PolicyError { return nil }
+func (c *Compiled) Invalid() []*PolicyError {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := slices.Collect(maps.Values(c.invalid))
+	slices.SortFunc(out, func(a, b *PolicyError) int { return compareRefs(a.Policy, b.Policy) })
+	return out
+}
 
-// PolicyError returns the error of one policy, or nil when it compiled.
-func (c *Compiled) PolicyError(ref PolicyRef) *PolicyError { return nil }
+// PolicyError returns the error of one policy, or nil when it compiled (or
+// is unknown).
+func (c *Compiled) PolicyError(ref PolicyRef) *PolicyError {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.invalid[ref]
+}
+
+func compareRefs(a, b PolicyRef) int {
+	return cmp.Or(strings.Compare(string(a.Kind), string(b.Kind)), strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+}
 
 // Endpoints lists every endpoint, sorted by namespace/name.
-func (c *Compiled) Endpoints() []Endpoint { return nil }
+func (c *Compiled) Endpoints() []Endpoint {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make([]Endpoint, 0, len(c.pods))
+	for _, p := range c.pods {
+		if p.active {
+			out = append(out, p.endpoint())
+		}
+	}
+	slices.SortFunc(out, func(a, b Endpoint) int { return compareEndpointIDs(a.EndpointID, b.EndpointID) })
+	return out
+}
+
+func compareEndpointIDs(a, b EndpointID) int {
+	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+}
 
 // Endpoint returns one endpoint.
-func (c *Compiled) Endpoint(id EndpointID) (Endpoint, bool) { return Endpoint{}, false }
+func (c *Compiled) Endpoint(id EndpointID) (Endpoint, bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	p := c.pods[id]
+	if p == nil || !p.active {
+		return Endpoint{}, false
+	}
+	return p.endpoint(), true
+}
+
+func (p *podState) endpoint() Endpoint {
+	return Endpoint{
+		EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id,
+		Entries: p.group.entries, Defaults: p.group.defaults,
+	}
+}
 
 // Identities lists the allocated pod identities, sorted by number.
-func (c *Compiled) Identities() []IdentityInfo { return nil }
+func (c *Compiled) Identities() []IdentityInfo {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make([]IdentityInfo, 0, len(c.idents))
+	for _, id := range c.idents {
+		out = append(out, IdentityInfo{ID: id.id, Labels: id.labels})
+	}
+	slices.SortFunc(out, func(a, b IdentityInfo) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
 
 // IPCache lists pod IP → identity, sorted by IP.
-func (c *Compiled) IPCache() []IPCacheEntry { return nil }
+func (c *Compiled) IPCache() []IPCacheEntry {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	var out []IPCacheEntry
+	for _, p := range c.pods {
+		if !p.active {
+			continue
+		}
+		for _, ip := range p.ips {
+			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node})
+		}
+	}
+	slices.SortFunc(out, func(a, b IPCacheEntry) int { return a.IP.Compare(b.IP) })
+	return out
+}
 
 // CIDRTable lists CIDR prefix → CIDR identity (the datapath's CIDR LPM map),
 // sorted by prefix.
-func (c *Compiled) CIDRTable() []CIDREntry { return nil }
+func (c *Compiled) CIDRTable() []CIDREntry {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make([]CIDREntry, 0, len(c.regions))
+	for p, r := range c.regions {
+		out = append(out, CIDREntry{Prefix: p, ID: r.id})
+	}
+	slices.SortFunc(out, func(a, b CIDREntry) int {
+		return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()))
+	})
+	return out
+}
 
 // Rules lists every rule, sorted by ID.
-func (c *Compiled) Rules() []Rule { return nil }
+func (c *Compiled) Rules() []Rule {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	out := make([]Rule, 0, len(c.rules))
+	for _, r := range c.rules {
+		out = append(out, *r)
+	}
+	slices.SortFunc(out, func(a, b Rule) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}
 
 // Rule returns the rule with the given ID (Entry.RuleID).
-func (c *Compiled) Rule(id uint32) (Rule, bool) { return Rule{}, false }
+func (c *Compiled) Rule(id uint32) (Rule, bool) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	r, ok := c.rules[id]
+	if !ok {
+		return Rule{}, false
+	}
+	return *r, true
+}
 
 // IdentityState returns the pod identity allocator state to persist and pass
 // back as Options.Identities.
-func (c *Compiled) IdentityState() map[string]identity.ID { return nil }
+func (c *Compiled) IdentityState() map[string]identity.ID { return c.ids.State() }
 
 // CIDRIdentityState is IdentityState for CIDR identities.
-func (c *Compiled) CIDRIdentityState() map[string]identity.ID { return nil }
+func (c *Compiled) CIDRIdentityState() map[string]identity.ID { return c.cidrIDs.State() }
 
-// Trace decides a flow of protocol proto to destination port port (for ICMP:
-// type<<8|code) from one peer to another, by looking up the compiled entries
-// exactly as the datapath does. The error reports an unknown pod or a peer
-// pod without an IP.
-func (c *Compiled) Trace(from, to Peer, proto uint8, port uint16) (TraceResult, error) {
-	return TraceResult{}, nil
+// --- namespaces and nodes ---
+
+func (c *Compiled) upsertNamespace(ns *corev1.Namespace) {
+	ls := labels.Set{}
+	maps.Copy(ls, ns.Labels)
+	// The API server sets this label on every namespace; selectors rely on it.
+	ls[corev1.LabelMetadataName] = ns.Name
+	if old, ok := c.namespaces[ns.Name]; ok && maps.Equal(old, ls) {
+		return
+	}
+	c.namespaces[ns.Name] = ls
+	c.relabelNamespace(ns.Name)
 }
 
-// Matrix traces every ordered pair of distinct endpoints on every port.
-func (c *Compiled) Matrix(ports []PortProto) Matrix { return Matrix{} }
+func (c *Compiled) namespaceLabels(ns string) labels.Set {
+	if ls, ok := c.namespaces[ns]; ok {
+		return ls
+	}
+	return labels.Set{corev1.LabelMetadataName: ns}
+}
+
+// relabelNamespace gives every pod of ns the identity of its new label set.
+func (c *Compiled) relabelNamespace(ns string) {
+	pods := slices.Collect(maps.Keys(c.podsByNS[ns]))
+	slices.SortFunc(pods, func(a, b *podState) int { return strings.Compare(a.id.Name, b.id.Name) })
+	for _, old := range pods {
+		np := *old
+		np.ident, np.group = nil, nil
+		c.replacePod(old, &np)
+	}
+}
+
+func (c *Compiled) upsertNode(n *corev1.Node) {
+	var ips []netip.Addr
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil {
+			ips = append(ips, ip.Unmap())
+		}
+	}
+	c.nodes[n.Name] = ips
+}
+
+// --- pods and identities ---
+
+func (c *Compiled) upsertPod(pod *corev1.Pod) {
+	np := newPodState(pod)
+	old := c.pods[np.id]
+	if old != nil && old.active == np.active && old.serviceAccount == np.serviceAccount && old.node == np.node &&
+		maps.Equal(old.labels, np.labels) && slices.Equal(old.ips, np.ips) && slices.Equal(old.ports, np.ports) {
+		return
+	}
+	c.replacePod(old, np)
+}
+
+func (c *Compiled) deletePod(id EndpointID) {
+	if old := c.pods[id]; old != nil {
+		c.replacePod(old, nil)
+	}
+}
+
+// replacePod swaps old for np (either may be nil). The new pod joins its
+// identity and group before the old one leaves, so an identity or group
+// that both share is never torn down and rebuilt (which would renumber it).
+func (c *Compiled) replacePod(old, np *podState) {
+	if np != nil {
+		c.pods[np.id] = np
+		if c.podsByNS[np.id.Namespace] == nil {
+			c.podsByNS[np.id.Namespace] = map[*podState]struct{}{}
+		}
+		c.podsByNS[np.id.Namespace][np] = struct{}{}
+		c.attach(np)
+	}
+	if old != nil {
+		delete(c.podsByNS[old.id.Namespace], old)
+		if np == nil {
+			delete(c.pods, old.id)
+			if len(c.podsByNS[old.id.Namespace]) == 0 {
+				delete(c.podsByNS, old.id.Namespace)
+			}
+		}
+		c.detach(old)
+	}
+	switch {
+	case np != nil && np.active:
+		if old == nil || !old.active || old.group != np.group || old.node != np.node || !slices.Equal(old.ips, np.ips) {
+			c.changed[np.id] = struct{}{}
+		}
+		delete(c.removed, np.id)
+	case old != nil && old.active:
+		c.removed[old.id] = struct{}{}
+		delete(c.changed, old.id)
+	}
+	if (old != nil && old.active) || (np != nil && np.active) {
+		if old == nil || np == nil || old.active != np.active || old.ident != np.ident || !slices.Equal(old.ips, np.ips) {
+			c.ipcacheChanged = true
+		}
+		// Egress named ports towards CIDR peers resolve against the pods
+		// inside the CIDR, so any pod change may touch them.
+		c.dirtyGroups(func(g *group) bool { return g.cidrNamed })
+	}
+}
+
+func (c *Compiled) attach(p *podState) {
+	if !p.active {
+		return
+	}
+	ls := identity.PodLabels(p.id.Namespace, p.labels, c.namespaceLabels(p.id.Namespace), p.serviceAccount)
+	key := ls.Key()
+	ident := c.identByKey[key]
+	if ident == nil {
+		num, err := c.ids.Allocate(key)
+		if err != nil {
+			// The identity range (16M numbers) is exhausted: the pod cannot
+			// be represented, so it stays out of the datapath.
+			p.active = false
+			return
+		}
+		ident = &identState{
+			id: num, key: key, labels: ls, namespace: p.id.Namespace,
+			podLabels: labels.Set(maps.Clone(p.labels)), nsLabels: c.namespaceLabels(p.id.Namespace),
+			pods: map[*podState]struct{}{},
+		}
+		if ident.podLabels == nil {
+			ident.podLabels = labels.Set{}
+		}
+		c.addIdentity(ident)
+	}
+	ident.pods[p] = struct{}{}
+	p.ident = ident
+	if ident.recomputePorts() {
+		c.dirtyGroups(func(g *group) bool { return g.egressNamed })
+	}
+	gk := groupKey{id: ident.id, ports: portsSignature(p.ports)}
+	g := c.groups[gk]
+	if g == nil {
+		g = &group{key: gk, ident: ident, ports: p.ports, endpoints: map[*podState]struct{}{}}
+		c.groups[gk] = g
+		if c.groupsByNS[ident.namespace] == nil {
+			c.groupsByNS[ident.namespace] = map[*group]struct{}{}
+		}
+		c.groupsByNS[ident.namespace][g] = struct{}{}
+		c.dirty[g] = struct{}{}
+	}
+	g.endpoints[p] = struct{}{}
+	p.group = g
+}
+
+func (c *Compiled) detach(p *podState) {
+	if !p.active || p.ident == nil {
+		return
+	}
+	if g := p.group; g != nil {
+		delete(g.endpoints, p)
+		if len(g.endpoints) == 0 {
+			for _, s := range g.sels {
+				delete(s.users, g)
+			}
+			delete(c.groups, g.key)
+			delete(c.groupsByNS[g.ident.namespace], g)
+			if len(c.groupsByNS[g.ident.namespace]) == 0 {
+				delete(c.groupsByNS, g.ident.namespace)
+			}
+			delete(c.dirty, g)
+		}
+	}
+	ident := p.ident
+	delete(ident.pods, p)
+	if len(ident.pods) == 0 {
+		c.removeIdentity(ident)
+		return
+	}
+	if ident.recomputePorts() {
+		c.dirtyGroups(func(g *group) bool { return g.egressNamed })
+	}
+}
+
+func (c *Compiled) addIdentity(id *identState) {
+	c.idents[id.id] = id
+	c.identByKey[id.key] = id
+	if c.identsByNS[id.namespace] == nil {
+		c.identsByNS[id.namespace] = map[*identState]struct{}{}
+	}
+	c.identsByNS[id.namespace][id] = struct{}{}
+	for _, s := range c.sels {
+		if s.kind != selCIDR && s.matchesIdentity(id) && s.set(id.id, true) {
+			c.dirtyUsers(s)
+		}
+	}
+}
+
+func (c *Compiled) removeIdentity(id *identState) {
+	delete(c.idents, id.id)
+	delete(c.identByKey, id.key)
+	delete(c.identsByNS[id.namespace], id)
+	if len(c.identsByNS[id.namespace]) == 0 {
+		delete(c.identsByNS, id.namespace)
+	}
+	for _, s := range c.sels {
+		if s.kind != selCIDR && s.set(id.id, false) {
+			c.dirtyUsers(s)
+		}
+	}
+	c.ids.Release(id.key)
+}
+
+func (c *Compiled) dirtyUsers(s *selector) {
+	for g := range s.users {
+		c.dirty[g] = struct{}{}
+	}
+}
+
+func (c *Compiled) dirtyGroups(pred func(*group) bool) {
+	for _, g := range c.groups {
+		if pred(g) {
+			c.dirty[g] = struct{}{}
+		}
+	}
+}
+
+// --- policies ---
+
+func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *PolicyError)) {
+	old := c.policies[ref]
+	pp, perr := parse()
+	if perr != nil {
+		c.invalid[ref] = perr
+		if old != nil {
+			c.uninstall(old, nil)
+		}
+		return
+	}
+	delete(c.invalid, ref)
+	ps := &policyState{parsedPolicy: pp}
+	keep := map[uint32]bool{}
+	seen := map[*selector]bool{}
+	for i := range pp.rules {
+		r := &pp.rules[i]
+		br := boundRule{parsedRule: r, id: c.ruleID(pp, r)}
+		keep[br.id] = true
+		spec := r.peer.sel
+		if r.peer.any && r.port.name != "" && r.dir == Egress {
+			spec, br.podsForAny = &selSpec{kind: selAllPods}, true
+		}
+		if spec != nil {
+			br.sel = c.bindSelector(spec)
+			if !seen[br.sel] {
+				seen[br.sel] = true
+				ps.sels = append(ps.sels, br.sel)
+			}
+			if spec.kind == selCIDR {
+				ps.prefixes = append(ps.prefixes, spec.cidr)
+				ps.prefixes = append(ps.prefixes, spec.except...)
+			}
+		}
+		ps.rules = append(ps.rules, br)
+	}
+	for _, p := range ps.prefixes {
+		c.refRegion(p)
+	}
+	c.policies[ref] = ps
+	if ref.Kind == KindClusterMeshPolicy {
+		c.clusterPolicies[ps] = struct{}{}
+	} else {
+		if c.policiesByNS[ref.Namespace] == nil {
+			c.policiesByNS[ref.Namespace] = map[*policyState]struct{}{}
+		}
+		c.policiesByNS[ref.Namespace][ps] = struct{}{}
+	}
+	if old != nil {
+		c.uninstall(old, keep)
+	}
+	c.dirtySubjects(ps)
+	c.updateCIDRSelectors()
+}
+
+// uninstall removes an installed policy; rule IDs in keep were taken over
+// by its new version.
+func (c *Compiled) uninstall(ps *policyState, keep map[uint32]bool) {
+	if c.policies[ps.ref] == ps {
+		delete(c.policies, ps.ref)
+	}
+	delete(c.clusterPolicies, ps)
+	if m := c.policiesByNS[ps.namespace]; m != nil {
+		delete(m, ps)
+		if len(m) == 0 {
+			delete(c.policiesByNS, ps.namespace)
+		}
+	}
+	for _, r := range ps.rules {
+		if !keep[r.id] {
+			delete(c.rules, r.id)
+			delete(c.ruleByKey, ruleKey(ps.ref, r.section))
+		}
+	}
+	for _, s := range ps.sels {
+		s.refs--
+		if s.refs == 0 {
+			delete(c.sels, s.key)
+		}
+	}
+	for _, p := range ps.prefixes {
+		c.unrefRegion(p)
+	}
+	c.dirtySubjects(ps)
+	c.updateCIDRSelectors()
+}
+
+func ruleKey(ref PolicyRef, section string) string { return ref.String() + "|" + section }
+
+// ruleID returns the RuleID of a rule, keeping the ID of the same section of
+// an earlier version of the policy so that unchanged rules keep their
+// counters.
+func (c *Compiled) ruleID(pp *parsedPolicy, r *parsedRule) uint32 {
+	key := ruleKey(pp.ref, r.section)
+	id, ok := c.ruleByKey[key]
+	if !ok {
+		id = c.nextRule
+		c.nextRule++
+		c.ruleByKey[key] = id
+	}
+	c.rules[id] = &Rule{
+		ID: id, Policy: pp.ref, Section: r.section, Direction: r.dir, Verdict: r.verdict,
+		Audit: pp.audit, Peer: r.peerText, Port: r.portText,
+	}
+	return id
+}
+
+// dirtySubjects marks the groups a policy selects.
+func (c *Compiled) dirtySubjects(ps *policyState) {
+	if ps.ref.Kind == KindClusterMeshPolicy {
+		for _, g := range c.groups {
+			if ps.selects(g.ident) {
+				c.dirty[g] = struct{}{}
+			}
+		}
+		return
+	}
+	for g := range c.groupsByNS[ps.namespace] {
+		if ps.selects(g.ident) {
+			c.dirty[g] = struct{}{}
+		}
+	}
+}
+
+func (p *parsedPolicy) selects(id *identState) bool {
+	if p.ref.Kind != KindClusterMeshPolicy {
+		return id.namespace == p.namespace && p.subjectPod.Matches(id.podLabels)
+	}
+	if p.subjectNS != nil && !p.subjectNS.Matches(id.nsLabels) {
+		return false
+	}
+	return p.subjectPod.Matches(id.podLabels)
+}
+
+func (c *Compiled) bindSelector(spec *selSpec) *selector {
+	key := spec.key()
+	if s := c.sels[key]; s != nil {
+		s.refs++
+		return s
+	}
+	s := &selector{
+		key: key, kind: spec.kind, namespace: spec.namespace, nsSel: spec.nsSel, podSel: spec.podSel,
+		cidr: spec.cidr, except: spec.except, refs: 1,
+		ids: map[identity.ID]struct{}{}, users: map[*group]struct{}{},
+	}
+	switch s.kind {
+	case selCIDR:
+		for p, r := range c.regions {
+			if s.matchesRegion(p) {
+				s.ids[r.id] = struct{}{}
+			}
+		}
+	case selLabels:
+		if s.namespace != "" {
+			for id := range c.identsByNS[s.namespace] {
+				if s.matchesIdentity(id) {
+					s.ids[id.id] = struct{}{}
+				}
+			}
+			break
+		}
+		fallthrough
+	default:
+		for _, id := range c.idents {
+			if s.matchesIdentity(id) {
+				s.ids[id.id] = struct{}{}
+			}
+		}
+	}
+	c.sels[key] = s
+	return s
+}
+
+func (c *Compiled) refRegion(p netip.Prefix) {
+	if r := c.regions[p]; r != nil {
+		r.refs++
+		return
+	}
+	id, err := c.cidrIDs.Allocate(p.String())
+	if err != nil {
+		// 4 billion CIDR identities in use cannot happen with real input;
+		// without a number the prefix simply stays out of the table.
+		return
+	}
+	c.regions[p] = &region{id: id, refs: 1}
+	c.cidrChanged = true
+}
+
+func (c *Compiled) unrefRegion(p netip.Prefix) {
+	r := c.regions[p]
+	if r == nil {
+		return
+	}
+	r.refs--
+	if r.refs == 0 {
+		delete(c.regions, p)
+		c.cidrIDs.Release(p.String())
+		c.cidrChanged = true
+	}
+}
+
+// updateCIDRSelectors recomputes the regions each CIDR selector picks after
+// the region set changed: a new prefix inside a CIDR is a new region that
+// the CIDR's rules must cover too.
+func (c *Compiled) updateCIDRSelectors() {
+	if !c.cidrChanged {
+		return
+	}
+	for _, s := range c.sels {
+		if s.kind != selCIDR {
+			continue
+		}
+		ids := map[identity.ID]struct{}{}
+		for p, r := range c.regions {
+			if s.matchesRegion(p) {
+				ids[r.id] = struct{}{}
+			}
+		}
+		if !maps.Equal(ids, s.ids) {
+			s.ids, s.sorted = ids, nil
+			c.dirtyUsers(s)
+		}
+	}
+}
+
+// regionOf returns the longest named prefix holding ip.
+func (c *Compiled) regionOf(ip netip.Addr) (netip.Prefix, identity.ID, bool) {
+	var best netip.Prefix
+	var bestID identity.ID
+	found := false
+	for p, r := range c.regions {
+		if p.Contains(ip) && (!found || p.Bits() > best.Bits()) {
+			best, bestID, found = p, r.id, true
+		}
+	}
+	return best, bestID, found
+}
+
+// flush recompiles the dirty groups and reports what changed.
+func (c *Compiled) flush() Changes {
+	for g := range c.dirty {
+		before, beforeDefaults, was := g.entries, g.defaults, g.computed
+		c.compileGroup(g)
+		if !was || !slices.Equal(before, g.entries) || beforeDefaults != g.defaults {
+			for p := range g.endpoints {
+				c.changed[p.id] = struct{}{}
+			}
+		}
+	}
+	ch := Changes{IPCache: c.ipcacheChanged, CIDRTable: c.cidrChanged}
+	for id := range c.changed {
+		if p := c.pods[id]; p != nil && p.active {
+			ch.Endpoints = append(ch.Endpoints, id)
+		}
+	}
+	for id := range c.removed {
+		if p := c.pods[id]; p == nil || !p.active {
+			ch.Removed = append(ch.Removed, id)
+		}
+	}
+	slices.SortFunc(ch.Endpoints, compareEndpointIDs)
+	slices.SortFunc(ch.Removed, compareEndpointIDs)
+	clear(c.dirty)
+	clear(c.changed)
+	clear(c.removed)
+	c.ipcacheChanged, c.cidrChanged = false, false
+	return ch
+}

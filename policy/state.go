@@ -1,0 +1,176 @@
+package policy
+
+import (
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/veilmesh/veil/policy/identity"
+)
+
+// namedPort is one named container port of a pod.
+type namedPort struct {
+	name  string
+	proto uint8
+	port  uint16
+}
+
+// podState is what the compiler keeps of a pod.
+type podState struct {
+	id             EndpointID
+	labels         map[string]string
+	serviceAccount string
+	node           string
+	ips            []netip.Addr
+	ports          []namedPort // sorted
+	// active pods (an IP, not host network, not finished) are endpoints
+	// and peers; others are kept only to be activated by a later update.
+	active bool
+	ident  *identState
+	group  *group
+}
+
+func newPodState(pod *corev1.Pod) *podState {
+	p := &podState{
+		id:             EndpointID{Namespace: pod.Namespace, Name: pod.Name},
+		labels:         pod.Labels,
+		serviceAccount: pod.Spec.ServiceAccountName,
+		node:           pod.Spec.NodeName,
+	}
+	addIP := func(s string) {
+		ip, err := netip.ParseAddr(s)
+		if err != nil {
+			return
+		}
+		ip = ip.Unmap()
+		if !slices.Contains(p.ips, ip) {
+			p.ips = append(p.ips, ip)
+		}
+	}
+	addIP(pod.Status.PodIP)
+	for _, ip := range pod.Status.PodIPs {
+		addIP(ip.IP)
+	}
+	for _, c := range pod.Spec.Containers {
+		for _, cp := range c.Ports {
+			if cp.Name == "" || cp.ContainerPort < 1 || cp.ContainerPort > 65535 {
+				continue
+			}
+			proto := ProtoTCP
+			switch cp.Protocol {
+			case corev1.ProtocolUDP:
+				proto = ProtoUDP
+			case corev1.ProtocolSCTP:
+				proto = ProtoSCTP
+			}
+			p.ports = append(p.ports, namedPort{cp.Name, proto, uint16(cp.ContainerPort)})
+		}
+	}
+	slices.SortFunc(p.ports, func(a, b namedPort) int {
+		if c := strings.Compare(a.name, b.name); c != 0 {
+			return c
+		}
+		if a.proto != b.proto {
+			return int(a.proto) - int(b.proto)
+		}
+		return int(a.port) - int(b.port)
+	})
+	p.ports = slices.Compact(p.ports)
+	finished := pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed
+	p.active = len(p.ips) > 0 && !pod.Spec.HostNetwork && !finished
+	return p
+}
+
+// resolve returns the numbers of named port name for proto.
+func resolvePort(ports []namedPort, name string, proto uint8, out []uint16) []uint16 {
+	for _, np := range ports {
+		if np.name == name && np.proto == proto {
+			out = append(out, np.port)
+		}
+	}
+	return out
+}
+
+func portsSignature(ports []namedPort) string {
+	var b strings.Builder
+	for _, p := range ports {
+		b.WriteString(p.name)
+		b.WriteByte('/')
+		b.WriteString(ProtoName(p.proto))
+		b.WriteByte('=')
+		b.WriteString(strconv.Itoa(int(p.port)))
+		b.WriteByte(';')
+	}
+	return b.String()
+}
+
+// identState is one allocated pod identity and the active pods that carry
+// it.
+type identState struct {
+	id        identity.ID
+	key       string
+	labels    identity.Labels
+	namespace string
+	podLabels labels.Set
+	nsLabels  labels.Set
+	pods      map[*podState]struct{}
+	// ports is the union of its pods' named ports: what an egress named port
+	// towards this identity resolves to.
+	ports []namedPort
+}
+
+func (id *identState) recomputePorts() bool {
+	var ports []namedPort
+	for p := range id.pods {
+		ports = append(ports, p.ports...)
+	}
+	slices.SortFunc(ports, func(a, b namedPort) int {
+		if c := strings.Compare(a.name, b.name); c != 0 {
+			return c
+		}
+		if a.proto != b.proto {
+			return int(a.proto) - int(b.proto)
+		}
+		return int(a.port) - int(b.port)
+	})
+	ports = slices.Compact(ports)
+	if slices.Equal(ports, id.ports) {
+		return false
+	}
+	id.ports = ports
+	return true
+}
+
+// groupKey identifies endpoints that compile to the same entries: same
+// identity (so the same policies and peers apply) and same named ports (so
+// ingress named ports resolve alike).
+type groupKey struct {
+	id    identity.ID
+	ports string
+}
+
+// group is the compiled policy shared by the endpoints of one groupKey.
+type group struct {
+	key       groupKey
+	ident     *identState
+	ports     []namedPort
+	endpoints map[*podState]struct{}
+
+	entries  []Entry
+	defaults Defaults
+	// contribs are the (rule, identity, key) facts the entries were merged
+	// from; Trace lists the matching ones as reasons.
+	contribs []contrib
+	// selectors this group's entries were built from.
+	sels []*selector
+	// selectedBy lists, per direction, the policies making it default-deny.
+	selectedBy [2][]PolicyRef
+	// egressNamed: entries depend on the named ports of peer identities;
+	// cidrNamed: on the named ports and IPs of pods inside CIDR regions.
+	egressNamed, cidrNamed bool
+	computed               bool
+}
