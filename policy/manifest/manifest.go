@@ -564,6 +564,9 @@ func (b *builder) decode(o *Origin, ref Ref, js []byte, obj any) {
 				fieldPath = strings.TrimPrefix(rest, ".")
 			}
 			msg = fmt.Sprintf("must be of type %s, not %s", goTypeName(m[3]), m[1])
+			if m[1] == "bool" && goTypeName(m[3]) == "string" {
+				msg += " (quote the value: YAML reads y, n, yes, no, on, off, true and false as booleans)"
+			}
 		} else {
 			msg = strings.TrimPrefix(msg, "json: ")
 		}
