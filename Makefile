@@ -9,7 +9,7 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump ipr
 APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
-.PHONY: help deps bpffs generate generate-bpf generate-policy check-generate build test test-unit bench lab clean
+.PHONY: help deps bpffs generate generate-bpf generate-policy check-generate build test test-unit bench lab clean controlplane
 
 help:
 	@echo "make deps            install the toolchain (Debian packages) and mount bpffs"
@@ -17,6 +17,7 @@ help:
 	@echo "make check-generate  fail when committed generated files are stale"
 	@echo "make build           static binaries in $(BIN)/"
 	@echo "make test            unit + privileged tests (needs root)"
+	@echo "make controlplane    build the tests' etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 
 deps:
@@ -58,6 +59,12 @@ generate-policy:
 		--output-dir policy/client/informers --output-pkg $(POLICY_CLIENT_PKG)/informers \
 		$(POLICY_API_PKG)
 	$(GO) tool controller-gen crd paths=./policy/api/... output:crd:artifacts:config=deploy/crds
+
+# The tests' etcd and kube-apiserver, built from the modules pinned in
+# tests/controlplane/build/ into $VEIL_CACHE/controlplane (default
+# ~/.cache/veil/controlplane); a no-op when the cache is warm.
+controlplane:
+	$(GO) run ./tests/controlplane/cmd/veil-controlplane build
 
 check-generate: generate
 	@if [ -n "$$(git status --porcelain)" ]; then \

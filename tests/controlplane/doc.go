@@ -1,0 +1,20 @@
+// Package controlplane runs a real etcd and kube-apiserver for Veil's
+// tests, built from the Go module sources pinned under build/ and cached
+// between runs (see Build and CacheDir).
+//
+// A test starts one, talks to it as cluster-admin and is done:
+//
+//	func TestPrivilegedSomething(t *testing.T) {
+//		if os.Getenv("VEIL_PRIVILEGED") != "1" {
+//			t.Skip("set VEIL_PRIVILEGED=1 to run against a real API server")
+//		}
+//		cp := controlplane.StartForTest(t, controlplane.Options{})
+//		clients := kubernetes.NewForConfigOrDie(cp.Config)
+//		…
+//	}
+//
+// Veil's CRDs from deploy/crds are installed and Established before Start
+// returns. Everything listens on 127.0.0.1 only, on ports chosen at start,
+// so several control planes can run at once. A ControlPlane is safe for
+// concurrent use; Stop ends exactly the processes Start started.
+package controlplane
