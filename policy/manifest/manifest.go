@@ -67,6 +67,9 @@ type Ref struct {
 
 // String renders "Kind ns/name", or "Kind name" for cluster-scoped objects.
 func (r Ref) String() string {
+	if r.Name == "" {
+		r.Name = "(unnamed)"
+	}
 	if r.Namespace == "" {
 		return r.Kind + " " + r.Name
 	}
@@ -497,10 +500,9 @@ func (b *builder) addObject(o *Origin, js []byte, defKind, defAPIVersion string)
 	// The decoded object must agree with the ref problems are filed under,
 	// whatever the type errors left in it.
 	meta.Name, meta.Namespace = ref.Name, ref.Namespace
-	if ref.Name == "" {
-		b.problem(o.doc, o.Line, ref, joinPath(o.itemPath, "metadata.name"), "required field is missing (generateName cannot be resolved offline)")
-	}
-	if prev, dup := b.set.origins[ref]; dup {
+	// A missing name is for validation to report; unnamed objects are not
+	// duplicates of each other.
+	if prev, dup := b.set.origins[ref]; dup && ref.Name != "" {
 		b.problem(o.doc, o.Line, ref, "", fmt.Sprintf("defined twice; first at %s:%d", prev.File, prev.Line))
 		return
 	}

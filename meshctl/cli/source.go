@@ -1,0 +1,180 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"k8s.io/apimachinery/pkg/util/validation/field"
+
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/manifest"
+)
+
+// policySource answers the policy questions of trace and matrix. Today the
+// only implementation compiles manifest files (manifestSource); the agent's
+// gRPC API will be the other, answering from the live compiled state, so
+// the commands depend on this interface and not on where answers come from.
+type policySource interface {
+	Trace(ctx context.Context, from, to policy.Peer, port policy.PortProto) (policy.TraceResult, error)
+	Matrix(ctx context.Context, ports []policy.PortProto) (policy.Matrix, error)
+}
+
+// manifestSource answers from manifest files, with the same compiler the
+// agent runs.
+type manifestSource struct {
+	compiled *policy.Compiled
+}
+
+var _ policySource = (*manifestSource)(nil)
+
+func (m *manifestSource) Trace(_ context.Context, from, to policy.Peer, port policy.PortProto) (policy.TraceResult, error) {
+	return m.compiled.Trace(from, to, port.Proto, port.Port)
+}
+
+func (m *manifestSource) Matrix(_ context.Context, ports []policy.PortProto) (policy.Matrix, error) {
+	return m.compiled.Matrix(ports), nil
+}
+
+// manifestFlags is the -f flag of the commands that read manifests.
+type manifestFlags struct {
+	paths []string
+}
+
+func (f *manifestFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringArrayVarP(&f.paths, "filename", "f", nil,
+		"manifest file or directory (recursive: *.yaml, *.yml, *.json), or - for standard input; repeatable")
+}
+
+// load reads the manifests and checks them; problems holds every loader,
+// validation and lint finding, sorted by location.
+func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, manifest.Problems, error) {
+	if len(f.paths) == 0 {
+		return nil, nil, usageErrorf("no manifests: give at least one -f FILE|DIR")
+	}
+	set, err := manifest.Loader{Stdin: stdin}.Load(f.paths...)
+	if err != nil {
+		return nil, nil, usageError(err)
+	}
+	return set, checkSet(set), nil
+}
+
+// openSource loads the manifests for trace and matrix. It refuses input
+// with errors, since the API server would have refused it and no verdict
+// about it would be true; warnings are summed up on stderr.
+func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (policySource, *manifest.Set, error) {
+	set, problems, err := f.load(stdin)
+	if err != nil {
+		return nil, nil, err
+	}
+	if errs := problems.Errors(); len(errs) > 0 {
+		for _, p := range errs {
+			fmt.Fprintln(stderr, p)
+		}
+		return nil, nil, usageErrorf("the manifests have %s; 'meshctl policy validate' lists every problem", plural(len(errs), "error"))
+	}
+	if ws := problems.Warnings(); len(ws) > 0 {
+		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", plural(len(ws), "warning"))
+	}
+	c, err := policy.Compile(policy.Input{
+		Namespaces:          set.Namespaces,
+		Pods:                set.Pods,
+		Nodes:               set.Nodes,
+		NetworkPolicies:     set.NetworkPolicies,
+		MeshPolicies:        set.MeshPolicies,
+		ClusterMeshPolicies: set.ClusterMeshPolicies,
+	}, policy.Options{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("compile policies: %w", err)
+	}
+	// The compiler skips what it cannot compile; validation should have
+	// caught all of it, but a skipped policy must never pass silently.
+	if invalid := c.Invalid(); len(invalid) > 0 {
+		for _, pe := range invalid {
+			ref := manifest.Ref{Kind: string(pe.Policy.Kind), Namespace: pe.Policy.Namespace, Name: pe.Policy.Name}
+			fmt.Fprintln(stderr, set.Problem(manifest.SeverityError, ref, pe.Field, pe.Err.Error()))
+		}
+		return nil, nil, usageErrorf("the compiler rejected %s", plural(len(invalid), "policy"))
+	}
+	return &manifestSource{compiled: c}, set, nil
+}
+
+// checkSet validates and lints every object of set, adding the findings to
+// the loader's.
+func checkSet(set *manifest.Set) manifest.Problems {
+	problems := slices.Clone(set.Problems)
+	add := func(ref manifest.Ref, errs field.ErrorList, ws []policy.Warning) {
+		for _, e := range errs {
+			problems = append(problems, set.Problem(manifest.SeverityError, ref, e.Field, e.ErrorBody()))
+		}
+		for _, w := range ws {
+			problems = append(problems, set.Problem(manifest.SeverityWarning, ref, w.Field.String(), w.Message))
+		}
+	}
+	inv := policy.NewInventory(set.Namespaces, set.Pods)
+	for _, ns := range set.Namespaces {
+		if _, explicit := set.Origin(manifest.Ref{Kind: manifest.KindNamespace, Name: ns.Name}); explicit {
+			add(manifest.Ref{Kind: manifest.KindNamespace, Name: ns.Name}, policy.ValidateNamespace(ns), nil)
+		}
+	}
+	for _, p := range set.Pods {
+		add(manifest.Ref{Kind: manifest.KindPod, Namespace: p.Namespace, Name: p.Name}, policy.ValidatePod(p), policy.LintPod(p))
+	}
+	for _, np := range set.NetworkPolicies {
+		add(manifest.Ref{Kind: manifest.KindNetworkPolicy, Namespace: np.Namespace, Name: np.Name},
+			policy.ValidateNetworkPolicy(np), inv.LintNetworkPolicy(np))
+	}
+	for _, mp := range set.MeshPolicies {
+		add(manifest.Ref{Kind: manifest.KindMeshPolicy, Namespace: mp.Namespace, Name: mp.Name},
+			policy.ValidateMeshPolicy(mp), inv.LintMeshPolicy(mp))
+	}
+	for _, cmp := range set.ClusterMeshPolicies {
+		add(manifest.Ref{Kind: manifest.KindClusterMeshPolicy, Name: cmp.Name},
+			policy.ValidateClusterMeshPolicy(cmp), inv.LintClusterMeshPolicy(cmp))
+	}
+	slices.SortStableFunc(problems, compareProblems)
+	return dedupe(problems)
+}
+
+// dedupe drops repeated findings: the loader and validation can both see a
+// missing name.
+func dedupe(ps manifest.Problems) manifest.Problems {
+	return slices.CompactFunc(ps, func(a, b manifest.Problem) bool { return a == b })
+}
+
+// compareProblems orders by file, line, then severity (errors first); the
+// implicit objects, which have no file, come last.
+func compareProblems(a, b manifest.Problem) int {
+	if (a.File == "") != (b.File == "") {
+		if a.File == "" {
+			return 1
+		}
+		return -1
+	}
+	if c := strings.Compare(a.File, b.File); c != 0 {
+		return c
+	}
+	if a.Line != b.Line {
+		return a.Line - b.Line
+	}
+	if a.Severity != b.Severity {
+		if a.Severity == manifest.SeverityError {
+			return -1
+		}
+		return 1
+	}
+	return 0
+}
+
+func plural(n int, word string) string {
+	if n == 1 {
+		return "1 " + word
+	}
+	if strings.HasSuffix(word, "y") {
+		return fmt.Sprintf("%d %sies", n, strings.TrimSuffix(word, "y"))
+	}
+	return fmt.Sprintf("%d %ss", n, word)
+}

@@ -1,0 +1,12 @@
+// Command meshctl inspects the Veil mesh; see `meshctl --help`.
+package main
+
+import (
+	"os"
+
+	"github.com/veilmesh/veil/meshctl/cli"
+)
+
+func main() {
+	os.Exit(cli.Main(os.Args[1:], cli.Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr}))
+}
