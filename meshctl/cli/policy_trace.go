@@ -280,7 +280,11 @@ func writeTrace(w io.Writer, r traceReport) error {
 		role string
 		peer tracePeerReport
 	}{{"from", r.From}, {"to", r.To}} {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.role, p.peer.Peer, p.peer.IP, peerIdentity(p.peer))
+		name := p.peer.Peer
+		if p.peer.Pod != "" {
+			name = p.peer.Pod
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.role, name, p.peer.IP, peerIdentity(p.peer))
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write trace: %w", err)

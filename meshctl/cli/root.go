@@ -95,6 +95,10 @@ cluster through the agent.
 // Main runs meshctl with args and returns the exit code.
 func Main(args []string, s Streams) int {
 	root := NewRootCommand(s)
+	// Cobra reads os.Args when given nil; args is the whole command line.
+	if args == nil {
+		args = []string{}
+	}
 	root.SetArgs(args)
 	err := root.Execute()
 	if err == nil {
