@@ -1,0 +1,359 @@
+// Package datapath owns Veil's kernel datapath: it loads the eBPF programs of
+// bpf/, pins their maps and links under a per-node bpffs root, attaches them
+// to pod veths, the underlay device and the pods' cgroup, and gives the agent
+// a small API over the maps (endpoints, ipcache, CIDRs, policy, flows,
+// events, counters).
+//
+// Everything is pinned: a Datapath that is closed, or a process that dies,
+// leaves enforcement running, and the next Load re-opens the same state and
+// swaps in freshly loaded programs without detaching anything. Only Cleanup
+// removes what Veil installed.
+//
+// A Datapath is safe for concurrent use.
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Config says where the datapath lives on this node. The zero value of each
+// field means its documented default.
+type Config struct {
+	// BPFFSRoot is the directory (inside a bpffs mount) that holds Veil's
+	// pinned maps and links. Default /sys/fs/bpf/veil.
+	BPFFSRoot string
+	// CgroupPath is a cgroup v2 directory whose sockets get socket-level
+	// acceleration. Empty disables acceleration.
+	CgroupPath string
+	// UnderlayInterface is the device toward other nodes; traffic arriving
+	// on it for local pods is policed. Empty means a single-node datapath.
+	UnderlayInterface string
+	// NodeIP is this node's address on the underlay.
+	NodeIP netip.Addr
+	// LegacyTC attaches with clsact filters even where TCX exists.
+	LegacyTC bool
+	// CTIdleTimeout is how long an idle connection keeps its verdict before
+	// its next packet is checked against policy again. Default 6h.
+	CTIdleTimeout time.Duration
+	// Logger receives structured logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultBPFFSRoot is where Veil pins its state unless told otherwise.
+const DefaultBPFFSRoot = "/sys/fs/bpf/veil"
+
+func (c *Config) setDefaults() {
+	if c.BPFFSRoot == "" {
+		c.BPFFSRoot = DefaultBPFFSRoot
+	}
+	if c.CTIdleTimeout == 0 {
+		c.CTIdleTimeout = 6 * time.Hour
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Datapath is the loaded datapath of one node.
+type Datapath struct {
+	cfg Config
+	log *slog.Logger
+
+	mu sync.Mutex
+	// maps, opened from the pins; shared by every program.
+	endpoints, ipcache, cidrs, policy, ct, sockhash, events, metrics, sockstats *ebpf.Map
+	// programs, one per attach point.
+	fromPod, toPod, fromNetdev, sockops, skMsg *ebpf.Program
+	underlayIfindex                            int
+	// policySlots remembers which policy keys each slot holds, so a replace
+	// deletes exactly the previous generation.
+	policySlots map[uint32][]fromPodPolicyKey
+	closers     []interface{ Close() error }
+}
+
+// Load checks the kernel, loads the programs, opens (or creates) the pinned
+// maps and re-points every pinned link at the new programs.
+func Load(cfg Config) (*Datapath, error) {
+	cfg.setDefaults()
+	if err := checkKernel(cfg); err != nil {
+		return nil, err
+	}
+	for _, dir := range []string{cfg.BPFFSRoot, linksDir(cfg.BPFFSRoot), progsDir(cfg.BPFFSRoot)} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("create bpffs directory %s: %w", dir, err)
+		}
+	}
+	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]fromPodPolicyKey{}}
+	if cfg.UnderlayInterface != "" {
+		l, err := netlink.LinkByName(cfg.UnderlayInterface)
+		if err != nil {
+			return nil, fmt.Errorf("find underlay interface %q: %w", cfg.UnderlayInterface, err)
+		}
+		d.underlayIfindex = l.Attrs().Index
+	}
+	if err := d.load(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := d.indexPolicy(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if err := d.repointLinks(); err != nil {
+		d.Close()
+		return nil, err
+	}
+	if d.underlayIfindex != 0 {
+		if err := d.attachTC(d.underlayIfindex, "netdev_"+cfg.UnderlayInterface, ingress, d.fromNetdev); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	if cfg.CgroupPath != "" {
+		if err := d.attachSockets(); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+func linksDir(root string) string { return filepath.Join(root, "links") }
+func progsDir(root string) string { return filepath.Join(root, "progs") }
+
+// checkKernel names the first missing kernel feature.
+func checkKernel(cfg Config) error {
+	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
+		return fmt.Errorf("kernel BTF (/sys/kernel/btf/vmlinux) is missing: Veil needs a kernel built with CONFIG_DEBUG_INFO_BTF: %w", err)
+	}
+	mount := cfg.BPFFSRoot
+	for {
+		if _, err := os.Stat(mount); err == nil {
+			break
+		}
+		parent := filepath.Dir(mount)
+		if parent == mount {
+			break
+		}
+		mount = parent
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(mount, &st); err != nil {
+		return fmt.Errorf("stat bpffs root %s: %w", cfg.BPFFSRoot, err)
+	}
+	if st.Type != unix.BPF_FS_MAGIC {
+		return fmt.Errorf("%s is not on a bpffs mount: mount one with 'mount -t bpf bpf /sys/fs/bpf'", cfg.BPFFSRoot)
+	}
+	if cfg.CgroupPath != "" {
+		if err := unix.Statfs(cfg.CgroupPath, &st); err != nil {
+			return fmt.Errorf("stat cgroup %s: %w", cfg.CgroupPath, err)
+		}
+		if st.Type != unix.CGROUP2_SUPER_MAGIC {
+			return fmt.Errorf("%s is not a cgroup v2 directory: socket acceleration needs cgroup v2", cfg.CgroupPath)
+		}
+	}
+	return nil
+}
+
+// load loads every object with its maps pinned by name under the root.
+func (d *Datapath) load() error {
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.cfg.BPFFSRoot}}
+	var nodeIP uint32
+	if d.cfg.NodeIP.Is4() {
+		nodeIP = ip4ToU32(d.cfg.NodeIP)
+	}
+	consts := map[string]any{
+		"node_ip":           nodeIP,
+		"underlay_ifindex":  uint32(d.underlayIfindex),
+		"ct_idle_timeout_s": uint32(d.cfg.CTIdleTimeout / time.Second),
+	}
+	setConsts := func(spec *ebpf.CollectionSpec) error {
+		for name, v := range consts {
+			vs, ok := spec.Variables[name]
+			if !ok {
+				continue
+			}
+			if err := vs.Set(v); err != nil {
+				return fmt.Errorf("set %s: %w", name, err)
+			}
+		}
+		return nil
+	}
+
+	var fp fromPodObjects
+	if err := loadObject(loadFromPod, setConsts, &fp, opts, "from_pod"); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, &fp)
+	d.endpoints, d.ipcache, d.cidrs, d.policy = fp.VeilEndpoints, fp.VeilIpcache, fp.VeilCidrs, fp.VeilPolicy
+	d.ct, d.sockhash, d.events, d.metrics, d.sockstats = fp.VeilCt, fp.VeilSockhash, fp.VeilEvents, fp.VeilMetrics, fp.VeilSockstats
+	d.fromPod = fp.VeilFromPod
+
+	var tp toPodObjects
+	if err := loadObject(loadToPod, setConsts, &tp, opts, "to_pod"); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, &tp)
+	d.toPod = tp.VeilToPod
+
+	var fn fromNetdevObjects
+	if err := loadObject(loadFromNetdev, setConsts, &fn, opts, "from_netdev"); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, &fn)
+	d.fromNetdev = fn.VeilFromNetdev
+
+	var so sockopsObjects
+	if err := loadObject(loadSockops, setConsts, &so, opts, "sockops"); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, &so)
+	d.sockops = so.VeilSockops
+
+	var sm skMsgObjects
+	if err := loadObject(loadSkMsg, setConsts, &sm, opts, "sk_msg"); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, &sm)
+	d.skMsg = sm.VeilSkMsg
+
+	for name, p := range map[string]*ebpf.Program{
+		"from_pod": d.fromPod, "to_pod": d.toPod, "from_netdev": d.fromNetdev,
+		"sockops": d.sockops, "sk_msg": d.skMsg,
+	} {
+		if err := repin(p, filepath.Join(progsDir(d.cfg.BPFFSRoot), name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func loadObject(specFn func() (*ebpf.CollectionSpec, error), setConsts func(*ebpf.CollectionSpec) error,
+	objs any, opts *ebpf.CollectionOptions, name string) error {
+	spec, err := specFn()
+	if err != nil {
+		return fmt.Errorf("parse %s object: %w", name, err)
+	}
+	if err := setConsts(spec); err != nil {
+		return fmt.Errorf("configure %s: %w", name, err)
+	}
+	if err := spec.LoadAndAssign(objs, opts); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("load %s: verifier rejected the program: %+v", name, ve)
+		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return fmt.Errorf("load %s: a pinned map under %s was made by an incompatible version; run the agent's cleanup mode: %w", name, opts.Maps.PinPath, err)
+		}
+		return fmt.Errorf("load %s: %w", name, err)
+	}
+	return nil
+}
+
+// repin pins p at path, replacing a program pinned there by an earlier load.
+func repin(p *ebpf.Program, path string) error {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("unpin %s: %w", path, err)
+	}
+	if err := p.Pin(path); err != nil {
+		return fmt.Errorf("pin program %s: %w", path, err)
+	}
+	return nil
+}
+
+// attachSockets attaches sockops to the cgroup and sk_msg to the sockhash.
+func (d *Datapath) attachSockets() error {
+	pin := filepath.Join(linksDir(d.cfg.BPFFSRoot), "sockops")
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		err = l.Update(d.sockops)
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("update pinned sockops link: %w", err)
+		}
+	} else {
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: d.cfg.CgroupPath, Attach: ebpf.AttachCGroupSockOps, Program: d.sockops})
+		if err != nil {
+			return fmt.Errorf("attach sockops to cgroup %s: %w", d.cfg.CgroupPath, err)
+		}
+		err = l.Pin(pin)
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("pin sockops link: %w", err)
+		}
+	}
+	// A map-attached program lives as long as the (pinned) sockhash; attaching
+	// again replaces the previous one.
+	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
+		Target: d.sockhash.FD(), Program: d.skMsg, Attach: ebpf.AttachSkMsgVerdict,
+	}); err != nil {
+		return fmt.Errorf("attach sk_msg to sockhash: %w", err)
+	}
+	return nil
+}
+
+// Close releases this process's handles. Pinned state keeps enforcing.
+func (d *Datapath) Close() error {
+	var errs []error
+	for i := len(d.closers) - 1; i >= 0; i-- {
+		errs = append(errs, d.closers[i].Close())
+	}
+	d.closers = nil
+	return errors.Join(errs...)
+}
+
+// Cleanup detaches and removes everything Veil installed under the root:
+// links (so programs leave every device and the cgroup) and maps. The
+// Datapath is closed afterwards.
+func (d *Datapath) Cleanup() error {
+	var errs []error
+	if d.cfg.LegacyTC {
+		errs = append(errs, d.detachLegacyAll())
+	}
+	if d.cfg.CgroupPath != "" && d.sockhash != nil {
+		err := link.RawDetachProgram(link.RawDetachProgramOptions{Target: d.sockhash.FD(), Program: d.skMsg, Attach: ebpf.AttachSkMsgVerdict})
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("detach sk_msg: %w", err))
+		}
+	}
+	errs = append(errs, d.Close())
+	errs = append(errs, RemovePins(d.cfg.BPFFSRoot))
+	return errors.Join(errs...)
+}
+
+// RemovePins unpins every link, program and map under root, detaching the
+// links' programs, and removes the directory. It works without a loaded
+// Datapath, so a cleanup can run even when loading fails.
+func RemovePins(root string) error {
+	var errs []error
+	entries, _ := os.ReadDir(linksDir(root))
+	for _, e := range entries {
+		path := filepath.Join(linksDir(root), e.Name())
+		if l, err := link.LoadPinnedLink(path, nil); err == nil {
+			if err := l.Unpin(); err != nil {
+				errs = append(errs, fmt.Errorf("unpin link %s: %w", path, err))
+			}
+			// Closing the last reference to an unpinned link detaches it.
+			l.Close()
+			continue
+		}
+		if err := os.Remove(path); err != nil {
+			errs = append(errs, fmt.Errorf("remove %s: %w", path, err))
+		}
+	}
+	if err := os.RemoveAll(root); err != nil {
+		errs = append(errs, fmt.Errorf("remove bpffs root %s: %w", root, err))
+	}
+	return errors.Join(errs...)
+}

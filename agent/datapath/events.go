@@ -1,0 +1,145 @@
+package datapath
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+	"unsafe"
+
+	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
+
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/identity"
+)
+
+// DropReason says why the datapath dropped a packet (bpf/lib/common.h).
+type DropReason uint8
+
+const (
+	ReasonNone          DropReason = 0
+	DropSpoofedSource   DropReason = 1
+	DropPolicyEgress    DropReason = 2
+	DropPolicyIngress   DropReason = 3
+	DropUnsupportedL3   DropReason = 4
+	DropInvalidPacket   DropReason = 5
+	DropFragment        DropReason = 6
+	DropNoRoute         DropReason = 7
+	DropRedirectFailed  DropReason = 8
+	DropUnknownEndpoint DropReason = 9
+	maxDropReason                  = 31
+)
+
+var dropReasonNames = map[DropReason]string{
+	ReasonNone:          "none",
+	DropSpoofedSource:   "spoofed-source",
+	DropPolicyEgress:    "policy-denied-egress",
+	DropPolicyIngress:   "policy-denied-ingress",
+	DropUnsupportedL3:   "unsupported-l3",
+	DropInvalidPacket:   "invalid-packet",
+	DropFragment:        "fragment",
+	DropNoRoute:         "no-route",
+	DropRedirectFailed:  "redirect-failed",
+	DropUnknownEndpoint: "unknown-endpoint",
+}
+
+func (r DropReason) String() string {
+	if n, ok := dropReasonNames[r]; ok {
+		return n
+	}
+	return fmt.Sprintf("reason-%d", uint8(r))
+}
+
+// ObservationPoint says which program saw a packet.
+type ObservationPoint uint8
+
+const (
+	FromPod    ObservationPoint = 1
+	ToPod      ObservationPoint = 2
+	FromNetdev ObservationPoint = 3
+)
+
+func (p ObservationPoint) String() string {
+	switch p {
+	case FromPod:
+		return "from-pod"
+	case ToPod:
+		return "to-pod"
+	case FromNetdev:
+		return "from-network"
+	}
+	return fmt.Sprintf("point-%d", uint8(p))
+}
+
+// Flow event flags (bpf/lib/maps.h).
+const (
+	FlagReply          = 1 << 0
+	FlagAudit          = 1 << 1
+	FlagEncrypted      = 1 << 2
+	FlagIngressDecided = 1 << 3
+)
+
+// FlowEvent is one verdict or drop reported by the datapath.
+type FlowEvent struct {
+	Time             time.Time
+	Src, Dst         netip.Addr
+	SrcPort, DstPort uint16 // for ICMP, DstPort is type<<8 | code
+	Proto            uint8
+	Verdict          policy.Verdict
+	Reason           DropReason
+	Point            ObservationPoint
+	Flags            uint32
+	SrcIdentity      identity.ID
+	DstIdentity      identity.ID
+	Ifindex          int
+	Len              uint32
+	RuleID           uint32
+}
+
+// bootTime is the wall-clock time of CLOCK_MONOTONIC's zero, which is what
+// bpf_ktime_get_ns counts from.
+func bootTime() time.Time {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return time.Time{}
+	}
+	return time.Now().Add(-time.Duration(ts.Nano()))
+}
+
+// ReadEvents calls fn for every flow event until ctx is done. Only one reader
+// should run per node: events are consumed.
+func (d *Datapath) ReadEvents(ctx context.Context, fn func(FlowEvent)) error {
+	rd, err := ringbuf.NewReader(d.events)
+	if err != nil {
+		return fmt.Errorf("open flow event ring buffer: %w", err)
+	}
+	stop := context.AfterFunc(ctx, func() { rd.Close() })
+	defer stop()
+	defer rd.Close()
+	boot := bootTime()
+	var raw fromPodFlowEvent
+	for {
+		rec, err := rd.Read()
+		if err != nil {
+			if errors.Is(err, ringbuf.ErrClosed) {
+				return ctx.Err()
+			}
+			return fmt.Errorf("read flow event: %w", err)
+		}
+		if len(rec.RawSample) < int(unsafe.Sizeof(raw)) {
+			continue
+		}
+		raw = *(*fromPodFlowEvent)(unsafe.Pointer(&rec.RawSample[0]))
+		fn(FlowEvent{
+			Time: boot.Add(time.Duration(raw.TsNs)),
+			Src:  u32ToIP4(raw.Saddr), Dst: u32ToIP4(raw.Daddr),
+			SrcPort: raw.Sport, DstPort: raw.Dport, Proto: raw.Proto,
+			Verdict: policy.Verdict(raw.Verdict), Reason: DropReason(raw.Reason),
+			Point: ObservationPoint(raw.Point), Flags: raw.Flags,
+			SrcIdentity: identity.ID(raw.SrcIdentity), DstIdentity: identity.ID(raw.DstIdentity),
+			Ifindex: int(raw.Ifindex), Len: raw.Len, RuleID: raw.RuleId,
+		})
+	}
+}

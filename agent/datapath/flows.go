@@ -1,0 +1,148 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/veilmesh/veil/policy/identity"
+)
+
+// Flow is a connection the datapath allowed, in the direction of its first
+// packet.
+type Flow struct {
+	Src, Dst             netip.Addr
+	SrcPort, DstPort     uint16
+	Proto                uint8
+	SrcIdentity          identity.ID
+	DstIdentity          identity.ID
+	Packets, Bytes       uint64
+	ReplySeen, AuditOnly bool
+	Created, LastSeen    time.Time
+}
+
+func flowFromCT(k fromPodCtKey, v fromPodCtEntry, boot time.Time) Flow {
+	return Flow{
+		Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr),
+		SrcPort: k.Sport, DstPort: k.Dport, Proto: k.Proto,
+		SrcIdentity: identity.ID(v.SrcIdentity), DstIdentity: identity.ID(v.DstIdentity),
+		Packets: v.Packets, Bytes: v.Bytes,
+		ReplySeen: v.Flags&1 != 0, AuditOnly: v.Flags&2 != 0,
+		Created: boot.Add(time.Duration(v.CreatedNs)), LastSeen: boot.Add(time.Duration(v.LastSeenNs)),
+	}
+}
+
+// Flows lists the connection table.
+func (d *Datapath) Flows() ([]Flow, error) {
+	boot := bootTime()
+	var (
+		k   fromPodCtKey
+		v   fromPodCtEntry
+		out []Flow
+	)
+	it := d.ct.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, flowFromCT(k, v, boot))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list connections: %w", err)
+	}
+	return out, nil
+}
+
+// FlowKey is what a revocation decision needs about a connection: who
+// opened it, toward which address, protocol and port.
+type FlowKey struct {
+	Src, Dst netip.Addr
+	Proto    uint8
+	DstPort  uint16
+}
+
+// EvictFlows removes every connection for which revoked returns true: its
+// conntrack entry (so its next packet is checked against policy again) and,
+// for accelerated TCP, both of its sockets from the sockhash (so its payload
+// goes back through TC, where policy sees it). It returns how many
+// connections were removed.
+//
+// For an accelerated socket pair the opener is not known; revoked is asked
+// about both orientations and either one evicts the pair.
+func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
+	var (
+		k    fromPodCtKey
+		v    fromPodCtEntry
+		dead []fromPodCtKey
+	)
+	it := d.ct.Iterate()
+	for it.Next(&k, &v) {
+		if revoked(FlowKey{Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr), Proto: k.Proto, DstPort: k.Dport}) {
+			dead = append(dead, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("scan connections: %w", err)
+	}
+	// Sockets first: once the sockhash forgets them, payload takes the TC
+	// path, where the now-missing conntrack entry forces a policy check.
+	if _, err := d.evictSockets(revoked); err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, k := range dead {
+		err := d.ct.Delete(&k)
+		if err == nil {
+			n++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("delete connection: %w", err)
+		}
+	}
+	return n, nil
+}
+
+func (d *Datapath) evictSockets(revoked func(FlowKey) bool) (int, error) {
+	var (
+		k    fromPodSockKey
+		dead []fromPodSockKey
+	)
+	it := d.sockhash.Iterate()
+	var cookie uint64
+	for it.Next(&k, &cookie) {
+		src, dst := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
+		if revoked(FlowKey{Src: src, Dst: dst, Proto: 6, DstPort: uint16(k.Dport)}) ||
+			revoked(FlowKey{Src: dst, Dst: src, Proto: 6, DstPort: uint16(k.Sport)}) {
+			dead = append(dead, k, fromPodSockKey{Sip: k.Dip, Dip: k.Sip, Sport: k.Dport, Dport: k.Sport})
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("scan accelerated sockets: %w", err)
+	}
+	n := 0
+	for _, k := range dead {
+		err := d.sockhash.Delete(&k)
+		if err == nil {
+			n++
+		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("evict accelerated socket: %w", err)
+		}
+	}
+	return n, nil
+}
+
+// AcceleratedSockets returns how many sockets the sockhash holds.
+func (d *Datapath) AcceleratedSockets() (int, error) {
+	var (
+		k      fromPodSockKey
+		cookie uint64
+		n      int
+	)
+	it := d.sockhash.Iterate()
+	for it.Next(&k, &cookie) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("count accelerated sockets: %w", err)
+	}
+	return n, nil
+}

@@ -1,0 +1,15 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+#ifndef __VEIL_CONFIG_H
+#define __VEIL_CONFIG_H
+
+#include "common.h"
+
+/*
+ * Node configuration, set by the agent before load (cilium/ebpf rewrites
+ * these constants), so the verifier sees them as known values.
+ */
+volatile const __u32 node_ip = 0;		/* underlay address, network byte order */
+volatile const __u32 underlay_ifindex = 0;	/* device toward other nodes */
+volatile const __u32 ct_idle_timeout_s = 21600;	/* re-check policy after this much idleness */
+
+#endif /* __VEIL_CONFIG_H */

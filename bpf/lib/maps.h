@@ -1,0 +1,224 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+#ifndef __VEIL_MAPS_H
+#define __VEIL_MAPS_H
+
+#include "common.h"
+
+/*
+ * Every map is pinned by name under the node's bpffs root, so all programs
+ * (loaded from separate objects, one per attach point) share one state and the
+ * state outlives the agent process. Key and value layouts are the ABI between
+ * C and Go: Go uses the types bpf2go generates from these structs.
+ */
+
+/* struct endpoint_info - a pod on this node, keyed by its IPv4 address. */
+struct endpoint_info {
+	__u32 ifindex;		/* host-side veth */
+	__u32 id;		/* endpoint id, stable for the pod's life */
+	__u32 identity;		/* security identity of the pod's label set */
+	__u32 policy_slot;	/* active slice of veil_policy: id << 1 | generation */
+	__u8 mac[6];		/* the pod's eth0 */
+	__u8 host_mac[6];	/* the host-side veth: the pod's gateway */
+	__u8 ingress_enforce;	/* default verdicts when no policy entry matches */
+	__u8 ingress_audit;
+	__u8 egress_enforce;
+	__u8 egress_audit;
+	__u32 flags;
+};
+
+/* struct lpm_v4_key - an IPv4 prefix for LPM tries. */
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__u32 addr;		/* network byte order */
+};
+
+/* ipcache flags */
+#define IPCACHE_F_REMOTE_POD (1 << 0)	/* a pod on another node */
+#define IPCACHE_F_NODE (1 << 1)		/* a node's own address */
+#define IPCACHE_F_POD_CIDR (1 << 2)	/* another node's pod CIDR */
+
+/* struct ipcache_info - what the datapath knows about an address. */
+struct ipcache_info {
+	__u32 identity;
+	__u32 node_ip;		/* the node that hosts it, network byte order */
+	__u32 flags;
+};
+
+/*
+ * struct policy_key - one endpoint's policy entry. LPM prefix covers, in
+ * order: slot (32), identity (32), direction (8), protocol (8), port (16).
+ * A prefix of 72 bits matches any protocol, 80 any port of a protocol,
+ * 80+n the first n bits of the port. For ICMP, port is type << 8 | code.
+ */
+struct policy_key {
+	__u32 prefixlen;
+	__u32 slot;
+	__u32 identity;		/* 0 matches any peer */
+	__u8 direction;		/* 0 ingress, 1 egress */
+	__u8 proto;
+	__be16 port;
+};
+
+#define POLICY_PREFIX_ANY_PROTO 72
+#define POLICY_PREFIX_FULL 96
+
+/* struct policy_value - verdicts of an entry and how often it decided a flow. */
+struct policy_value {
+	__u8 enforce;
+	__u8 audit;
+	__u16 pad;
+	__u32 rule_id;
+	__u64 hits;
+	__u64 bytes;
+};
+
+/* struct ct_key - an IPv4 5-tuple, in the direction of the first packet. */
+struct ct_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;		/* host byte order; ICMP echo: the echo id */
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+#define CT_F_REPLY_SEEN (1 << 0)
+#define CT_F_AUDIT (1 << 1)	/* an audit-mode policy would have denied it */
+
+/* struct ct_entry - a connection that policy allowed. */
+struct ct_entry {
+	__u64 created_ns;
+	__u64 last_seen_ns;
+	__u64 packets;
+	__u64 bytes;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 flags;
+	__u32 pad;
+};
+
+/* struct sock_key - an established local TCP socket, by its IPv4 4-tuple. */
+struct sock_key {
+	__u32 sip;
+	__u32 dip;
+	__u32 sport;		/* host byte order */
+	__u32 dport;		/* host byte order */
+};
+
+/* struct flow_event - one record on the flow ring buffer. */
+struct flow_event {
+	__u64 ts_ns;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 verdict;		/* enum verdict */
+	__u8 reason;		/* enum drop_reason */
+	__u8 point;		/* enum obs_point */
+	__u32 flags;		/* FLOW_F_* */
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 ifindex;
+	__u32 len;
+	__u32 rule_id;
+	__u32 pad;
+};
+
+#define FLOW_F_REPLY (1 << 0)
+#define FLOW_F_AUDIT (1 << 1)
+#define FLOW_F_ENCRYPTED (1 << 2)
+#define FLOW_F_INGRESS_DECIDED (1 << 3)	/* the verdict came from the destination's ingress policy */
+
+/* struct metric - a packet and byte counter. */
+struct metric {
+	__u64 packets;
+	__u64 bytes;
+};
+
+/* Local endpoints by IPv4 address (network byte order). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct endpoint_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_endpoints SEC(".maps");
+
+/* Addresses of the cluster that are not local endpoints: prefix -> identity, node. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, struct ipcache_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_ipcache SEC(".maps");
+
+/* CIDR regions named by policies: prefix -> CIDR identity. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_cidrs SEC(".maps");
+
+/* Per-endpoint policy, two slots per endpoint so a replace is atomic. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_policy SEC(".maps");
+
+/* Connections allowed by policy; replies and later packets ride on them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_ct SEC(".maps");
+
+/* Established TCP sockets between two local endpoints. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, 65536);
+	__type(key, struct sock_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_sockhash SEC(".maps");
+
+/* Flow events for the agent (verdicts, drops). */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_events SEC(".maps");
+
+/* Drop and forwarding counters, indexed by enum drop_reason / forward_kind. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, METRICS_MAX);
+	__type(key, __u32);
+	__type(value, struct metric);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_metrics SEC(".maps");
+
+/* Per-endpoint socket-redirect counters (sk_msg), indexed by nothing: one slot. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct metric);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_sockstats SEC(".maps");
+
+#define SOCKSTAT_REDIRECTED 0	/* messages redirected socket to socket */
+#define SOCKSTAT_PASSED 1	/* messages left to the TCP stack (no peer) */
+
+#endif /* __VEIL_MAPS_H */

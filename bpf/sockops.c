@@ -1,0 +1,62 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * sockops on the pods' cgroup: when a TCP connection between two local
+ * endpoints is established (so TC policy allowed its handshake both ways),
+ * both sockets join veil_sockhash and sk_msg carries their payload.
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/sock.h"
+
+SEC("sockops")
+int veil_sockops(struct bpf_sock_ops *skops)
+{
+	struct sock_key key = {};
+	__u32 family, l4, r4, l6[4], r6[4];
+
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+
+	/*
+	 * Read every field once, unconditionally: clang otherwise merges the
+	 * IPv4 and IPv6 loads into one through a computed context pointer,
+	 * which the verifier refuses.
+	 */
+	family = skops->family;
+	l4 = skops->local_ip4;
+	r4 = skops->remote_ip4;
+	l6[0] = skops->local_ip6[0];
+	l6[1] = skops->local_ip6[1];
+	l6[2] = skops->local_ip6[2];
+	l6[3] = skops->local_ip6[3];
+	r6[0] = skops->remote_ip6[0];
+	r6[1] = skops->remote_ip6[1];
+	r6[2] = skops->remote_ip6[2];
+	r6[3] = skops->remote_ip6[3];
+	key.sport = skops->local_port;
+	key.dport = bpf_ntohl(skops->remote_port);
+
+	if (family == AF_INET) {
+		key.sip = l4;
+		key.dip = r4;
+	} else if (family == AF_INET6) {
+		/* Dual-stack sockets talking IPv4 carry IPv4-mapped addresses. */
+		if (!v4_mapped(l6[0], l6[1], l6[2]) || !v4_mapped(r6[0], r6[1], r6[2]))
+			return 1;
+		key.sip = l6[3];
+		key.dip = r6[3];
+	} else {
+		return 1;
+	}
+
+	if (!bpf_map_lookup_elem(&veil_endpoints, &key.sip) ||
+	    !bpf_map_lookup_elem(&veil_endpoints, &key.dip))
+		return 1;
+	bpf_sock_hash_update(skops, &veil_sockhash, &key, BPF_NOEXIST);
+	return 1;
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";
