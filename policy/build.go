@@ -14,6 +14,10 @@ type contrib struct {
 	verdict Verdict
 	audit   bool
 	rule    uint32
+	// order is the position in policy order (policies sorted by kind,
+	// namespace, name; rules as written): it breaks ties between rules
+	// canonically, whatever order the rule IDs were handed out in.
+	order int
 }
 
 // portKey is the protocol/port part of a Key.
@@ -132,7 +136,7 @@ func (c *Compiled) compileGroup(g *group) {
 			add := func(id identity.ID, pk portKey) {
 				g.contribs = append(g.contribs, contrib{
 					Key:     Key{Direction: r.dir, Identity: id, Proto: pk.proto, Port: pk.port, PortPrefixLen: pk.plen},
-					verdict: r.verdict, audit: ps.audit, rule: r.id,
+					verdict: r.verdict, audit: ps.audit, rule: r.id, order: len(g.contribs),
 				})
 			}
 			var peers []identity.ID
@@ -161,25 +165,25 @@ func (c *Compiled) compileGroup(g *group) {
 						add(id, portKey{pt.proto, n, 16})
 					}
 				}
+			case pt.name != "" && r.sel != nil && r.sel.kind == selCIDR:
+				// Only pods have named ports, so the entries go to the
+				// identities of the pods inside the CIDR, each resolved
+				// against its own pod rather than a whole region's pods.
+				g.cidrNamed = true
+				for _, pi := range c.namedInCIDR(r.sel, pt.name, pt.proto) {
+					add(pi.id, portKey{pt.proto, pi.port, 16})
+				}
 			case pt.name != "":
 				// The destination of egress is the peer: a pod identity
-				// resolves against its pods, a CIDR region against the pods
-				// inside it, and other peers have no named ports.
+				// resolves against its pods; other peers have no named
+				// ports.
+				g.egressNamed = true
 				for _, id := range peers {
-					switch {
-					case id.IsCIDR():
-						g.cidrNamed = true
-						scratch = c.resolveInRegion(id, pt.name, pt.proto, scratch[:0])
-					case id >= identity.MinPod:
-						g.egressNamed = true
-						scratch = scratch[:0]
-						if ident := c.idents[id]; ident != nil {
-							scratch = resolvePort(ident.ports, pt.name, pt.proto, scratch)
-						}
-					default:
+					ident := c.idents[id]
+					if ident == nil {
 						continue
 					}
-					for _, n := range scratch {
+					for _, n := range resolvePort(ident.ports, pt.name, pt.proto, scratch[:0]) {
 						add(id, portKey{pt.proto, n, 16})
 					}
 				}
@@ -195,22 +199,32 @@ func (c *Compiled) compileGroup(g *group) {
 	g.entries = mergeContribs(g.contribs)
 }
 
-// resolveInRegion resolves a named port against the pods whose IP falls in
-// CIDR region id.
-func (c *Compiled) resolveInRegion(id identity.ID, name string, proto uint8, out []uint16) []uint16 {
+type identPort struct {
+	id   identity.ID
+	port uint16
+}
+
+// namedInCIDR resolves a named port against every pod whose IP a CIDR
+// selector picks.
+func (c *Compiled) namedInCIDR(s *selector, name string, proto uint8) []identPort {
+	var out []identPort
+	var scratch []uint16
 	for _, p := range c.pods {
 		if !p.active {
 			continue
 		}
 		for _, ip := range p.ips {
-			if _, rid, ok := c.regionOf(ip); ok && rid == id {
-				out = resolvePort(p.ports, name, proto, out)
-				break
+			if _, rid, ok := c.regionOf(ip); ok {
+				if _, in := s.ids[rid]; in {
+					for _, n := range resolvePort(p.ports, name, proto, scratch[:0]) {
+						out = append(out, identPort{p.ident.id, n})
+					}
+					break
+				}
 			}
 		}
 	}
-	slices.Sort(out)
-	return slices.Compact(out)
+	return out
 }
 
 func compareKeys(a, b Key) int {
@@ -224,7 +238,7 @@ func compareKeys(a, b Key) int {
 // the longest prefix shadows the shorter ones (see entry.go).
 func mergeContribs(cs []contrib) []Entry {
 	slices.SortFunc(cs, func(a, b contrib) int {
-		return cmp.Or(compareKeys(a.Key, b.Key), cmp.Compare(a.rule, b.rule))
+		return cmp.Or(compareKeys(a.Key, b.Key), cmp.Compare(a.order, b.order))
 	})
 	var out []Entry
 	for start := 0; start < len(cs); {
@@ -257,7 +271,8 @@ func mergeOne(block []contrib, k Key) Entry {
 		}
 	}
 	// The deciding rule: the most specific contribution with the verdict
-	// that counts (enforce, else audit), the lowest rule ID among equals.
+	// that counts (enforce, else audit), the first in policy order among
+	// equals (block is sorted by key, then order).
 	bestRank := -1
 	for _, c := range block {
 		cp := keyPort(c.Key)
@@ -265,7 +280,7 @@ func mergeOne(block []contrib, k Key) Entry {
 			continue
 		}
 		ok := (e.Enforce != None && !c.audit && c.verdict == e.Enforce) || (e.Enforce == None && c.verdict == e.Audit)
-		if ok && (cp.rank() > bestRank || (cp.rank() == bestRank && c.rule < e.RuleID)) {
+		if ok && cp.rank() > bestRank {
 			bestRank, e.RuleID = cp.rank(), c.rule
 		}
 	}

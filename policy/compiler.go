@@ -352,7 +352,11 @@ func (c *Compiled) IPCache() []IPCacheEntry {
 			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node})
 		}
 	}
-	slices.SortFunc(out, func(a, b IPCacheEntry) int { return a.IP.Compare(b.IP) })
+	// Two pods may briefly share an IP (one terminating); the order of
+	// such entries must not depend on map iteration.
+	slices.SortFunc(out, func(a, b IPCacheEntry) int {
+		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Identity, b.Identity), strings.Compare(a.Node, b.Node))
+	})
 	return out
 }
 

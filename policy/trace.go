@@ -45,12 +45,15 @@ func (c *Compiled) resolve(p Peer) (resolvedPeer, error) {
 		return resolvedPeer{}, fmt.Errorf("trace: empty peer")
 	}
 	ip := p.IP.Unmap()
+	var owner *podState
 	for _, pod := range c.pods {
-		if pod.active && slices.Contains(pod.ips, ip) {
-			return resolvedPeer{name: ip.String(), pod: pod, ip: ip}, nil
+		// Of pods sharing an IP (one terminating), pick one by name so the
+		// answer does not depend on map order.
+		if pod.active && slices.Contains(pod.ips, ip) && (owner == nil || compareEndpointIDs(pod.id, owner.id) < 0) {
+			owner = pod
 		}
 	}
-	return resolvedPeer{name: ip.String(), ip: ip}, nil
+	return resolvedPeer{name: ip.String(), pod: owner, ip: ip}, nil
 }
 
 // sameFamily picks q's IP of p's family when q is a dual-stack pod.
