@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -57,6 +58,8 @@ func runHelper(mode string, args []string) error {
 		return helperSource(arg(0), n, pace)
 	case "rr-server":
 		return helperRRServer(arg(0))
+	case "discard":
+		return helperDiscard(arg(0))
 	case "rr-client":
 		d, err := time.ParseDuration(arg(1))
 		if err != nil {
@@ -177,9 +180,50 @@ func helperRRServer(addr string) error {
 		if err != nil {
 			return err
 		}
+		go echoLoop(c)
+	}
+}
+
+// echoLoop echoes with blocking read/write system calls on the socket: no
+// netpoller in the way of request/response timing, and no splice (io.Copy
+// between TCP connections splices, which sockmap-redirected data does not
+// reach on current kernels).
+func echoLoop(c net.Conn) {
+	defer c.Close()
+	f, err := c.(*net.TCPConn).File()
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	fd := int(f.Fd())
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := syscall.Read(fd, buf)
+		if n <= 0 || err != nil {
+			return
+		}
+		if _, err := syscall.Write(fd, buf[:n]); err != nil {
+			return
+		}
+	}
+}
+
+// helperDiscard accepts connections and throws their data away: the sink of
+// throughput benchmarks, where hashing would be the bottleneck.
+func helperDiscard(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	fmt.Println("listening")
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
 		go func() {
 			defer c.Close()
-			io.Copy(c, c)
+			io.Copy(io.Discard, c)
 		}()
 	}
 }
@@ -196,17 +240,28 @@ func helperRRClient(addr string, d time.Duration, size int) error {
 	}
 	defer c.Close()
 	c.(*net.TCPConn).SetNoDelay(true)
+	// Blocking system calls on the raw socket, as a C client would make.
+	f, err := c.(*net.TCPConn).File()
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fd := int(f.Fd())
 	buf := make([]byte, size)
 	start := time.Now()
 	deadline := start.Add(d)
 	count := 0
 	for time.Now().Before(deadline) {
 		for i := 0; i < 100; i++ {
-			if _, err := c.Write(buf); err != nil {
-				return err
+			if _, err := syscall.Write(fd, buf); err != nil {
+				return fmt.Errorf("request: %w", err)
 			}
-			if _, err := io.ReadFull(c, buf); err != nil {
-				return err
+			for got := 0; got < size; {
+				n, err := syscall.Read(fd, buf[got:])
+				if err != nil || n <= 0 {
+					return fmt.Errorf("response: %v", err)
+				}
+				got += n
 			}
 		}
 		count += 100
