@@ -58,10 +58,7 @@ func Build(ctx context.Context) (Binaries, error) {
 	if err != nil {
 		return Binaries{}, err
 	}
-	root, err := CacheDir()
-	if err != nil {
-		return Binaries{}, err
-	}
+	root := CacheDir()
 	dir := filepath.Join(root, key)
 	bins := Binaries{
 		Etcd:          filepath.Join(dir, "etcd"),
@@ -118,16 +115,16 @@ func complete(dir string) bool {
 
 // CacheDir is where Build keeps its builds: $VEIL_CACHE/controlplane when
 // VEIL_CACHE is set, else the user cache dir's veil/controlplane
-// (~/.cache/veil/controlplane on Linux).
-func CacheDir() (string, error) {
+// (~/.cache/veil/controlplane on Linux), else, for a CI job without HOME,
+// veil-cache/controlplane in the temp dir.
+func CacheDir() string {
 	if dir := os.Getenv("VEIL_CACHE"); dir != "" {
-		return filepath.Join(dir, "controlplane"), nil
+		return filepath.Join(dir, "controlplane")
 	}
-	dir, err := os.UserCacheDir()
-	if err != nil {
-		return "", fmt.Errorf("find the control-plane cache dir (set VEIL_CACHE): %w", err)
+	if dir, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(dir, "veil", "controlplane")
 	}
-	return filepath.Join(dir, "veil", "controlplane"), nil
+	return filepath.Join(os.TempDir(), "veil-cache", "controlplane")
 }
 
 // cacheKey hashes the wrapper modules' key files and the toolchain.

@@ -70,20 +70,14 @@ func TestCacheKey(t *testing.T) {
 
 func TestCacheDir(t *testing.T) {
 	t.Setenv("VEIL_CACHE", "/var/cache/veil-ci")
-	got, err := CacheDir()
-	if err != nil {
-		t.Fatal(err)
-	}
+	got := CacheDir()
 	if want := "/var/cache/veil-ci/controlplane"; got != want {
 		t.Errorf("CacheDir() = %s; want %s", got, want)
 	}
 
 	t.Setenv("VEIL_CACHE", "")
 	t.Setenv("XDG_CACHE_HOME", "/home/dev/.cache")
-	got, err = CacheDir()
-	if err != nil {
-		t.Fatal(err)
-	}
+	got = CacheDir()
 	if want := "/home/dev/.cache/veil/controlplane"; got != want {
 		t.Errorf("CacheDir() = %s; want %s", got, want)
 	}
@@ -155,5 +149,15 @@ func TestFreePortsDistinct(t *testing.T) {
 			t.Fatalf("freePorts(8) = %v; want 8 distinct ports", ports)
 		}
 		seen[p] = true
+	}
+}
+
+func TestCacheDirWithoutHome(t *testing.T) {
+	t.Setenv("VEIL_CACHE", "")
+	t.Setenv("XDG_CACHE_HOME", "")
+	t.Setenv("HOME", "")
+	got := CacheDir()
+	if want := filepath.Join(os.TempDir(), "veil-cache", "controlplane"); got != want {
+		t.Errorf("CacheDir() = %s; want %s", got, want)
 	}
 }

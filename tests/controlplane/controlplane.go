@@ -176,6 +176,9 @@ func (cp *ControlPlane) start(ctx context.Context, opts Options) error {
 		"--etcd-servers="+cp.EtcdURL,
 		"--bind-address=127.0.0.1",
 		"--advertise-address=127.0.0.1",
+		// The endpoint reconciler refuses a loopback address; the lab's
+		// clients use the kubeconfig, not the kubernetes Service.
+		"--endpoint-reconciler-type=none",
 		"--secure-port="+strconv.Itoa(apiPort),
 		"--cert-dir="+filepath.Join(cp.Dir, "pki"),
 		"--tls-cert-file="+pki("apiserver.crt"),

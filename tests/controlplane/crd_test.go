@@ -2,6 +2,7 @@ package controlplane_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -21,6 +22,15 @@ import (
 	"github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/tests/controlplane"
 )
+
+// subnets returns n CIDRs from a format with one %d, counting from 0.
+func subnets(format string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf(format, i)
+	}
+	return out
+}
 
 // requireControlPlane skips tests that need a real API server unless the
 // machine may run one.
@@ -108,6 +118,9 @@ func TestPrivilegedCRDValidation(t *testing.T) {
 						{Entity: ptr.To(v1alpha1.EntityHost)},
 						{CIDR: &v1alpha1.CIDRPeer{CIDR: "10.0.0.0/8", Except: []string{"10.1.0.0/16", "10.2.3.0/24"}}},
 						{CIDR: &v1alpha1.CIDRPeer{CIDR: "fd00::/64", Except: []string{"fd00::/96"}}},
+						// The longest values the bounds allow.
+						{CIDR: &v1alpha1.CIDRPeer{CIDR: "10.0.0.0/8", Except: subnets("10.%d.0.0/16", 16)}},
+						{CIDR: &v1alpha1.CIDRPeer{CIDR: "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.0/120"}},
 					},
 					Ports: []v1alpha1.PortRule{
 						{Protocol: v1alpha1.ProtocolTCP, Port: ptr.To(intstr.FromInt32(8000)), EndPort: ptr.To[int32](8080)},
@@ -125,8 +138,8 @@ func TestPrivilegedCRDValidation(t *testing.T) {
 				}},
 				DefaultDeny: &v1alpha1.DefaultDeny{Ingress: ptr.To(false), Egress: ptr.To(true)},
 			}, func(t *testing.T, got v1alpha1.PolicyRules) {
-				if n := len(got.Ingress[0].From); n != 5 {
-					t.Errorf("ingress[0].from has %d peers; want 5", n)
+				if n := len(got.Ingress[0].From); n != 7 {
+					t.Errorf("ingress[0].from has %d peers; want 7", n)
 				}
 				if got.Mode != v1alpha1.ModeAudit {
 					t.Errorf("mode = %q; want %q", got.Mode, v1alpha1.ModeAudit)
@@ -162,19 +175,19 @@ func TestPrivilegedCRDValidation(t *testing.T) {
 		}{
 			{"endport-below-port",
 				ingressPorts(v1alpha1.PortRule{Port: port(intstr.FromInt32(8080)), EndPort: ptr.To[int32](80)}),
-				"spec.ingress[0].ports[0]", "endPort must be greater than or equal to port"},
+				"spec.ingress[0].ports[0].endPort", "endPort must be greater than or equal to port"},
 			{"endport-named-port",
 				ingressPorts(v1alpha1.PortRule{Port: port(intstr.FromString("http")), EndPort: ptr.To[int32](90)}),
-				"spec.ingress[0].ports[0]", "endPort needs a numeric port"},
+				"spec.ingress[0].ports[0].endPort", "endPort needs a numeric port"},
 			{"endport-without-port",
 				ingressPorts(v1alpha1.PortRule{EndPort: ptr.To[int32](90)}),
-				"spec.ingress[0].ports[0]", "endPort needs a numeric port"},
+				"spec.ingress[0].ports[0].endPort", "endPort needs a numeric port"},
 			{"port-out-of-range",
 				ingressPorts(v1alpha1.PortRule{Port: port(intstr.FromInt32(70000))}),
-				"spec.ingress[0].ports[0]", "port must be a number from 1 to 65535 or a port name"},
+				"spec.ingress[0].ports[0].port", "port must be a number from 1 to 65535 or a port name"},
 			{"port-name-invalid",
 				ingressPorts(v1alpha1.PortRule{Port: port(intstr.FromString("Not_A-Name"))}),
-				"spec.ingress[0].ports[0]", "port must be a number from 1 to 65535 or a port name"},
+				"spec.ingress[0].ports[0].port", "port must be a number from 1 to 65535 or a port name"},
 			{"bad-protocol",
 				ingressPorts(v1alpha1.PortRule{Protocol: "HTTP"}),
 				"spec.ingress[0].ports[0].protocol", `Unsupported value: "HTTP"`},
@@ -186,22 +199,28 @@ func TestPrivilegedCRDValidation(t *testing.T) {
 				"spec.ingress[0].ports[0]", "ICMP rules take icmpType/icmpCode, other protocols take port/endPort"},
 			{"icmp-code-without-type",
 				ingressPorts(v1alpha1.PortRule{Protocol: v1alpha1.ProtocolICMP, ICMPCode: ptr.To[int32](0)}),
-				"spec.ingress[0].ports[0]", "icmpCode needs icmpType"},
+				"spec.ingress[0].ports[0].icmpCode", "icmpCode needs icmpType"},
 			{"icmp-type-out-of-range",
 				ingressPorts(v1alpha1.PortRule{Protocol: v1alpha1.ProtocolICMP, ICMPType: ptr.To[int32](256)}),
 				"spec.ingress[0].ports[0].icmpType", "should be less than or equal to 255"},
 			{"invalid-cidr",
 				egressTo(v1alpha1.Peer{CIDR: &v1alpha1.CIDRPeer{CIDR: "10.0.0.0/33"}}),
-				"spec.egressDeny[0].to[0].cidr", "cidr must be a valid CIDR such as 10.0.0.0/8"},
+				"spec.egressDeny[0].to[0].cidr.cidr", "cidr must be a valid CIDR such as 10.0.0.0/8"},
 			{"invalid-cidr-with-except",
 				egressTo(v1alpha1.Peer{CIDR: &v1alpha1.CIDRPeer{CIDR: "not-a-cidr", Except: []string{"10.0.0.0/16"}}}),
-				"spec.egressDeny[0].to[0].cidr", "cidr must be a valid CIDR such as 10.0.0.0/8"},
+				"spec.egressDeny[0].to[0].cidr.cidr", "cidr must be a valid CIDR such as 10.0.0.0/8"},
 			{"except-outside-cidr",
 				egressTo(v1alpha1.Peer{CIDR: &v1alpha1.CIDRPeer{CIDR: "10.0.0.0/8", Except: []string{"192.168.0.0/16"}}}),
-				"spec.egressDeny[0].to[0].cidr", "every except entry must be a valid CIDR inside cidr"},
+				"spec.egressDeny[0].to[0].cidr.except", "every except entry must be a valid CIDR inside cidr"},
 			{"except-not-a-cidr",
 				egressTo(v1alpha1.Peer{CIDR: &v1alpha1.CIDRPeer{CIDR: "10.0.0.0/8", Except: []string{"10.1.0.0"}}}),
-				"spec.egressDeny[0].to[0].cidr", "every except entry must be a valid CIDR inside cidr"},
+				"spec.egressDeny[0].to[0].cidr.except", "every except entry must be a valid CIDR inside cidr"},
+			{"too-many-excepts",
+				egressTo(v1alpha1.Peer{CIDR: &v1alpha1.CIDRPeer{CIDR: "10.0.0.0/8", Except: subnets("10.%d.0.0/16", 17)}}),
+				"spec.egressDeny[0].to[0].cidr.except", "must have at most 16 items"},
+			{"too-many-rules",
+				v1alpha1.PolicyRules{Ingress: make([]v1alpha1.IngressRule, 33)},
+				"spec.ingress", "must have at most 32 items"},
 			{"peer-entity-and-cidr",
 				egressTo(v1alpha1.Peer{Entity: ptr.To(v1alpha1.EntityWorld), CIDR: &v1alpha1.CIDRPeer{CIDR: "10.0.0.0/8"}}),
 				"spec.egressDeny[0].to[0]", "a peer needs exactly one of podSelector/namespaceSelector, entity or cidr"},
@@ -229,6 +248,7 @@ func TestPrivilegedCRDValidation(t *testing.T) {
 						t.Fatalf("create: got %v; want an Invalid error", err)
 					}
 					msg := err.Error()
+					t.Logf("rejected: %s", msg)
 					if !strings.Contains(msg, tc.field+":") || !strings.Contains(msg, tc.message) {
 						t.Errorf("create: got %q; want %q at %s", msg, tc.message, tc.field)
 					}

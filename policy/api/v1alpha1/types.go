@@ -121,6 +121,8 @@ type ClusterMeshPolicyList struct {
 }
 
 // PolicyRules are the rules shared by MeshPolicy and ClusterMeshPolicy.
+// Each direction holds at most 32 rules, which keeps the CEL validation
+// within the API server's cost budget; more rules can go in more policies.
 //
 // Allow rules of every policy kind (NetworkPolicy included) are a union. A
 // matching deny rule wins over any allow. A direction becomes default-deny
@@ -136,15 +138,19 @@ type PolicyRules struct {
 
 	// Ingress lists traffic the selected pods accept.
 	// +optional
+	// +kubebuilder:validation:MaxItems=32
 	Ingress []IngressRule `json:"ingress,omitempty"`
 	// IngressDeny lists traffic the selected pods refuse, whatever allows it.
 	// +optional
+	// +kubebuilder:validation:MaxItems=32
 	IngressDeny []IngressRule `json:"ingressDeny,omitempty"`
 	// Egress lists traffic the selected pods may send.
 	// +optional
+	// +kubebuilder:validation:MaxItems=32
 	Egress []EgressRule `json:"egress,omitempty"`
 	// EgressDeny lists traffic the selected pods may not send, whatever allows it.
 	// +optional
+	// +kubebuilder:validation:MaxItems=32
 	EgressDeny []EgressRule `json:"egressDeny,omitempty"`
 
 	// DefaultDeny overrides, per direction, whether this policy makes the
@@ -203,24 +209,27 @@ type Peer struct {
 }
 
 // CIDRPeer matches addresses in CIDR but not in any of Except.
-// +kubebuilder:validation:XValidation:rule="isCIDR(self.cidr)",message="cidr must be a valid CIDR such as 10.0.0.0/8"
-// +kubebuilder:validation:XValidation:rule="!has(self.except) || !isCIDR(self.cidr) || self.except.all(e, isCIDR(e) && cidr(self.cidr).containsCIDR(e))",message="every except entry must be a valid CIDR inside cidr"
+// +kubebuilder:validation:XValidation:rule="isCIDR(self.cidr)",message="cidr must be a valid CIDR such as 10.0.0.0/8",fieldPath=".cidr"
+// +kubebuilder:validation:XValidation:rule="!has(self.except) || !isCIDR(self.cidr) || self.except.all(e, isCIDR(e) && cidr(self.cidr).containsCIDR(e))",message="every except entry must be a valid CIDR inside cidr",fieldPath=".except"
+//
+// The bounds (49 characters fit any IPv6 CIDR, 16 except entries) keep the
+// CEL rules within the API server's cost budget.
 type CIDRPeer struct {
-	// +kubebuilder:validation:MaxLength=64
+	// +kubebuilder:validation:MaxLength=49
 	CIDR string `json:"cidr"`
 	// +optional
-	// +kubebuilder:validation:MaxItems=64
-	// +kubebuilder:validation:items:MaxLength=64
+	// +kubebuilder:validation:MaxItems=16
+	// +kubebuilder:validation:items:MaxLength=49
 	Except []string `json:"except,omitempty"`
 }
 
 // PortRule matches a protocol and a port, a port range or a named port; for
 // ICMP it matches a type and optionally a code.
-// +kubebuilder:validation:XValidation:rule="!has(self.port) || (type(self.port) == int ? self.port >= 1 && self.port <= 65535 : size(self.port) <= 15 && self.port.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && self.port.matches('[a-z]') && !self.port.contains('--'))",message="port must be a number from 1 to 65535 or a port name (at most 15 lowercase letters, digits and '-', with a letter, no leading, trailing or double '-')"
-// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || (has(self.port) && type(self.port) == int)",message="endPort needs a numeric port; it cannot be used with a named port or without port"
-// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || !has(self.port) || type(self.port) != int || self.endPort >= self.port",message="endPort must be greater than or equal to port"
+// +kubebuilder:validation:XValidation:rule="!has(self.port) || (type(self.port) == int ? self.port >= 1 && self.port <= 65535 : size(self.port) <= 15 && self.port.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?$') && self.port.matches('[a-z]') && !self.port.contains('--'))",message="port must be a number from 1 to 65535 or a port name (at most 15 lowercase letters, digits and '-', with a letter, no leading, trailing or double '-')",fieldPath=".port"
+// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || (has(self.port) && type(self.port) == int)",message="endPort needs a numeric port; it cannot be used with a named port or without port",fieldPath=".endPort"
+// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || !has(self.port) || type(self.port) != int || self.endPort >= self.port",message="endPort must be greater than or equal to port",fieldPath=".endPort"
 // +kubebuilder:validation:XValidation:rule="has(self.protocol) && self.protocol == 'ICMP' ? (!has(self.port) && !has(self.endPort)) : (!has(self.icmpType) && !has(self.icmpCode))",message="ICMP rules take icmpType/icmpCode, other protocols take port/endPort"
-// +kubebuilder:validation:XValidation:rule="!has(self.icmpCode) || has(self.icmpType)",message="icmpCode needs icmpType"
+// +kubebuilder:validation:XValidation:rule="!has(self.icmpCode) || has(self.icmpType)",message="icmpCode needs icmpType",fieldPath=".icmpCode"
 type PortRule struct {
 	// Protocol is TCP (default), UDP, SCTP or ICMP.
 	// +kubebuilder:default=TCP
@@ -230,6 +239,7 @@ type PortRule struct {
 	// destination pod. Absent means every port.
 	// +optional
 	// +kubebuilder:validation:XIntOrString
+	// +kubebuilder:validation:MaxLength=15
 	Port *intstr.IntOrString `json:"port,omitempty"`
 	// EndPort makes Port..EndPort an inclusive range.
 	// +optional
