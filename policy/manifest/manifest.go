@@ -67,6 +67,9 @@ type Ref struct {
 
 // String renders "Kind ns/name", or "Kind name" for cluster-scoped objects.
 func (r Ref) String() string {
+	if r.Kind == "" {
+		r.Kind = "object"
+	}
 	if r.Name == "" {
 		r.Name = "(unnamed)"
 	}
