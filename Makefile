@@ -5,11 +5,11 @@ BIN := bin
 BPFFS ?= /sys/fs/bpf
 # Packages the tests need. --no-install-recommends keeps wireguard-tools from
 # pulling in a kernel image.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat
-APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat
+APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler
+APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
-.PHONY: help deps bpffs generate generate-bpf generate-policy check-generate build test test-unit bench lab clean controlplane
+.PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane
 
 help:
 	@echo "make deps            install the toolchain (Debian packages) and mount bpffs"
@@ -31,10 +31,19 @@ deps:
 bpffs:
 	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
 
-generate: generate-bpf generate-policy
+generate: generate-bpf generate-policy generate-api
 
 generate-bpf:
 	$(GO) generate ./agent/datapath/...
+
+# The agent's gRPC API; protoc comes from Debian (make deps), the Go plugins
+# are go.mod tools.
+generate-api:
+	protoc --plugin=protoc-gen-go="$$($(GO) tool -n protoc-gen-go)" \
+		--plugin=protoc-gen-go-grpc="$$($(GO) tool -n protoc-gen-go-grpc)" \
+		--go_out=. --go_opt=paths=source_relative \
+		--go-grpc_out=. --go-grpc_opt=paths=source_relative \
+		agent/api/v1/agent.proto
 
 # Inputs of generate-policy: deepcopy, clientset, listers and informers from
 # k8s.io/code-generator, CRD YAML from controller-gen; all are go.mod tools.
