@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"flag"
+	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/veilmesh/veil/policy"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in ../testdata/golden")
@@ -212,5 +216,49 @@ func TestHelpDocumentsExitCodes(t *testing.T) {
 	out, _, _ := run(t, "", "policy", "trace", "--help")
 	if !strings.Contains(out, "8/ICMP") || !strings.Contains(out, "--exit-code") {
 		t.Errorf("trace --help does not explain ICMP ports and --exit-code:\n%s", out)
+	}
+}
+
+var ansi = regexp.MustCompile("\x1b\\[[0-9]+m")
+
+// TestColourKeepsAlignment renders the tables with colour on and checks
+// that, once the colour codes are removed, they are exactly the plain
+// tables: colour must not shift columns.
+func TestColourKeepsAlignment(t *testing.T) {
+	set, problems, err := (&manifestFlags{paths: []string{invalid}}).load(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := manifestFlags{paths: []string{e2e, policies}}
+	src, _, err := files.openSource(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := src.Matrix(t.Context(), []policy.PortProto{{Proto: policy.ProtoTCP, Port: 80}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, err := src.Trace(t.Context(), policy.PodPeer("x", "b"), policy.PodPeer("x", "a"), policy.PortProto{Proto: policy.ProtoTCP, Port: 80})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, render := range map[string]func(io.Writer, palette) error{
+		"validate": func(w io.Writer, p palette) error { return writeProblemsTable(w, p, set, problems) },
+		"matrix":   func(w io.Writer, p palette) error { return writeMatrix(w, p, newMatrixReport(m)) },
+		"trace":    func(w io.Writer, p palette) error { return writeTrace(w, p, newTraceReport(tr)) },
+	} {
+		var plain, coloured bytes.Buffer
+		if err := render(&plain, palette{}); err != nil {
+			t.Fatal(err)
+		}
+		if err := render(&coloured, palette{on: true}); err != nil {
+			t.Fatal(err)
+		}
+		if !ansi.Match(coloured.Bytes()) {
+			t.Errorf("%s: no colour with the palette on", name)
+		}
+		if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() {
+			t.Errorf("%s: coloured output differs from plain once uncoloured:\n%s\n---\n%s", name, got, plain.String())
+		}
 	}
 }

@@ -71,6 +71,10 @@ func paletteFor(w io.Writer) palette {
 	return palette{on: term.IsTerminal(int(f.Fd()))}
 }
 
+// paint wraps s in an SGR colour code. Every code used in tables has two
+// digits, so every painted cell carries the same 9 invisible bytes and
+// tabwriter, which counts bytes, still aligns a column whose cells are all
+// painted; header cells use plain for that.
 func (p palette) paint(code, s string) string {
 	if !p.on {
 		return s
@@ -81,4 +85,10 @@ func (p palette) paint(code, s string) string {
 func (p palette) red(s string) string    { return p.paint("31", s) }
 func (p palette) green(s string) string  { return p.paint("32", s) }
 func (p palette) yellow(s string) string { return p.paint("33", s) }
-func (p palette) bold(s string) string   { return p.paint("1", s) }
+func (p palette) grey(s string) string   { return p.paint("90", s) }
+
+// plain paints s in the default colour, to align it with painted cells.
+func (p palette) plain(s string) string { return p.paint("39", s) }
+
+// bold is for lines outside tables only.
+func (p palette) bold(s string) string { return p.paint("1", s) }

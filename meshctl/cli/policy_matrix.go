@@ -88,7 +88,7 @@ validate' reports errors for.
 			if err != nil || done {
 				return err
 			}
-			return writeMatrix(w, report)
+			return writeMatrix(w, paletteFor(w), report)
 		},
 	}
 	files.add(cmd)
@@ -115,8 +115,7 @@ func newMatrixReport(m policy.Matrix) matrixReport {
 	return r
 }
 
-func writeMatrix(w io.Writer, r matrixReport) error {
-	pal := paletteFor(w)
+func writeMatrix(w io.Writer, pal palette, r matrixReport) error {
 	allowed := map[[3]string]bool{}
 	for _, c := range r.Cells {
 		allowed[[3]string{c.Port, c.From, c.To}] = c.Allowed
@@ -136,13 +135,13 @@ func writeMatrix(w io.Writer, r matrixReport) error {
 		tw := tabwriter.NewWriter(&b, 0, 0, 1, ' ', 0)
 		fmt.Fprint(tw, "from \\ to")
 		for _, to := range r.Pods {
-			fmt.Fprintf(tw, "\t%s", to)
+			fmt.Fprintf(tw, "\t%s", pal.plain(to))
 		}
 		fmt.Fprintln(tw)
 		for _, from := range r.Pods {
 			fmt.Fprint(tw, from)
 			for _, to := range r.Pods {
-				cell := pal.paint("90", "-")
+				cell := pal.grey("-")
 				if from != to {
 					if allowed[[3]string{port, from, to}] {
 						cell = pal.green(".")

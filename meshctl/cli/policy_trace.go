@@ -83,7 +83,7 @@ Exit codes:
 				return err
 			}
 			if !done {
-				if err := writeTrace(w, report); err != nil {
+				if err := writeTrace(w, paletteFor(w), report); err != nil {
 					return err
 				}
 			}
@@ -261,8 +261,7 @@ func newDirectionReport(d policy.DirectionTrace, owner policy.TracePeer) directi
 	return r
 }
 
-func writeTrace(w io.Writer, r traceReport) error {
-	pal := paletteFor(w)
+func writeTrace(w io.Writer, pal palette, r traceReport) error {
 	verdict := func(word string) string {
 		if word == "ALLOWED" {
 			return pal.green(word)

@@ -65,7 +65,7 @@ Exit codes:
 				return err
 			}
 			if !done {
-				if err := writeProblemsTable(w, set, problems); err != nil {
+				if err := writeProblemsTable(w, paletteFor(w), set, problems); err != nil {
 					return err
 				}
 			}
@@ -80,15 +80,14 @@ Exit codes:
 	return cmd
 }
 
-func writeProblemsTable(w io.Writer, set *manifest.Set, problems manifest.Problems) error {
-	pal := paletteFor(w)
+func writeProblemsTable(w io.Writer, pal palette, set *manifest.Set, problems manifest.Problems) error {
 	objects := len(set.Namespaces) + len(set.Pods) + len(set.Nodes) + len(set.NetworkPolicies) + len(set.MeshPolicies) + len(set.ClusterMeshPolicies)
 	if len(problems) == 0 {
 		_, err := fmt.Fprintf(w, "%s: %s, no problems\n", pal.green("OK"), plural(objects, "object"))
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "SEVERITY\tLOCATION\tOBJECT\tFIELD\tMESSAGE")
+	fmt.Fprintf(tw, "%s\tLOCATION\tOBJECT\tFIELD\tMESSAGE\n", pal.plain("SEVERITY"))
 	for _, p := range problems {
 		sev := pal.yellow("warning")
 		if p.Severity == manifest.SeverityError {
