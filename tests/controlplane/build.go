@@ -37,6 +37,10 @@ var wrappers = []wrapper{
 	{name: "kube-apiserver", ldflags: kubeVersionLDFlags},
 }
 
+// recipe is hashed into the cache key; bump it when the way Build builds
+// (flags, environment) changes, so caches built the old way are not reused.
+const recipe = "1: -trimpath -ldflags=-s -w +version, CGO_ENABLED=0"
+
 // keyFiles are hashed, per wrapper module, into the cache key: a change of a
 // pinned version or of the wrapper's main means a new build.
 var keyFiles = []string{"go.mod", "go.sum", "main.go"}
@@ -130,7 +134,7 @@ func CacheDir() string {
 // cacheKey hashes the wrapper modules' key files and the toolchain.
 func cacheKey(src, toolchain string) (string, error) {
 	h := sha256.New()
-	fmt.Fprintf(h, "toolchain %s\n", toolchain)
+	fmt.Fprintf(h, "recipe %s\ntoolchain %s\n", recipe, toolchain)
 	for _, w := range wrappers {
 		for _, name := range keyFiles {
 			path := filepath.Join(src, w.name, name)
@@ -220,14 +224,10 @@ func buildEnv() []string {
 // binary, as upstream's build does, so /version reports it instead of
 // v0.0.0-master.
 func kubeVersionLDFlags(ctx context.Context, modDir string) (string, error) {
-	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Version}}", "k8s.io/kubernetes")
-	cmd.Dir = modDir
-	cmd.Env = buildEnv()
-	out, err := cmd.Output()
+	version, err := pinnedVersion(ctx, modDir, "k8s.io/kubernetes")
 	if err != nil {
-		return "", fmt.Errorf("read the pinned k8s.io/kubernetes version: %w%s", err, exitStderr(err))
+		return "", err
 	}
-	version := strings.TrimSpace(string(out))
 	m := regexp.MustCompile(`^v(\d+)\.(\d+)\.\d+`).FindStringSubmatch(version)
 	if m == nil {
 		return "", fmt.Errorf("read the pinned k8s.io/kubernetes version: unexpected %q", version)
@@ -235,6 +235,19 @@ func kubeVersionLDFlags(ctx context.Context, modDir string) (string, error) {
 	const pkg = "k8s.io/component-base/version"
 	return fmt.Sprintf("-X %[1]s.gitVersion=%[2]s -X %[1]s.gitMajor=%[3]s -X %[1]s.gitMinor=%[4]s -X %[1]s.gitTreeState=clean",
 		pkg, version, m[1], m[2]), nil
+}
+
+// pinnedVersion returns the version of module that the wrapper module in
+// modDir builds with.
+func pinnedVersion(ctx context.Context, modDir, module string) (string, error) {
+	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Version}}", module)
+	cmd.Dir = modDir
+	cmd.Env = buildEnv()
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("read the pinned %s version: %w%s", module, err, exitStderr(err))
+	}
+	return strings.TrimSpace(string(out)), nil
 }
 
 func goEnv(ctx context.Context, name string) (string, error) {

@@ -47,8 +47,10 @@ const ServiceClusterIPRange = "10.96.0.0/16"
 //
 // The API server authenticates client certificates signed by the control
 // plane's CA and authorizes with Node and RBAC, as a production cluster
-// does. No controller manager runs, so nothing creates service accounts:
-// the ServiceAccount admission plugin is off, so pods need none.
+// does. No controller manager runs: nothing creates service accounts (the
+// ServiceAccount admission plugin is off, so pods need none; TokenRequest
+// works for accounts a test creates), the aggregated ClusterRoles view, edit
+// and admin stay empty, and nothing garbage-collects or schedules.
 type ControlPlane struct {
 	// Config is a cluster-admin (system:masters) client config.
 	Config *rest.Config
