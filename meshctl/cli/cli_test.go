@@ -230,7 +230,7 @@ func TestColourKeepsAlignment(t *testing.T) {
 		t.Fatal(err)
 	}
 	files := manifestFlags{paths: []string{e2e, policies}}
-	src, _, err := files.openSource(nil, io.Discard)
+	src, err := files.openSource(nil, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}

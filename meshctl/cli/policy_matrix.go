@@ -74,7 +74,7 @@ validate' reports errors for.
 				}
 				pps = append(pps, pp)
 			}
-			src, _, err := files.openSource(cmd.InOrStdin(), cmd.ErrOrStderr())
+			src, err := files.openSource(cmd.InOrStdin(), cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

@@ -68,7 +68,8 @@ Exit codes:
 			if len(files.paths) == 0 {
 				return usageErrorf("no manifests: give -f FILE|DIR (tracing on a live cluster through the agent is not available yet)")
 			}
-			src, _, err := files.openSource(cmd.InOrStdin(), cmd.ErrOrStderr())
+			var src tracer
+			src, err = files.openSource(cmd.InOrStdin(), cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

@@ -14,13 +14,13 @@ import (
 	"github.com/veilmesh/veil/policy/manifest"
 )
 
-// policySource answers the policy questions of trace and matrix. Today the
-// only implementation compiles manifest files (manifestSource); the agent's
-// gRPC API will be the other, answering from the live compiled state, so
-// the commands depend on this interface and not on where answers come from.
-type policySource interface {
+// tracer answers trace questions. Today the only implementation compiles
+// manifest files (manifestSource); the agent's gRPC Trace (agent/api/v1),
+// which returns a policy.TraceResult from the live compiled state, will be
+// the other, so trace depends on this interface and not on where answers
+// come from.
+type tracer interface {
 	Trace(ctx context.Context, from, to policy.Peer, port policy.PortProto) (policy.TraceResult, error)
-	Matrix(ctx context.Context, ports []policy.PortProto) (policy.Matrix, error)
 }
 
 // manifestSource answers from manifest files, with the same compiler the
@@ -29,12 +29,13 @@ type manifestSource struct {
 	compiled *policy.Compiled
 }
 
-var _ policySource = (*manifestSource)(nil)
+var _ tracer = (*manifestSource)(nil)
 
 func (m *manifestSource) Trace(_ context.Context, from, to policy.Peer, port policy.PortProto) (policy.TraceResult, error) {
 	return m.compiled.Trace(from, to, port.Proto, port.Port)
 }
 
+// Matrix is offline only: the agent's API traces single flows.
 func (m *manifestSource) Matrix(_ context.Context, ports []policy.PortProto) (policy.Matrix, error) {
 	return m.compiled.Matrix(ports), nil
 }
@@ -65,16 +66,16 @@ func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, manifest.Problems,
 // openSource loads the manifests for trace and matrix. It refuses input
 // with errors, since the API server would have refused it and no verdict
 // about it would be true; warnings are summed up on stderr.
-func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (policySource, *manifest.Set, error) {
+func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifestSource, error) {
 	set, problems, err := f.load(stdin)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	if errs := problems.Errors(); len(errs) > 0 {
 		for _, p := range errs {
 			fmt.Fprintln(stderr, p)
 		}
-		return nil, nil, usageErrorf("the manifests have %s; 'meshctl policy validate' lists every problem", plural(len(errs), "error"))
+		return nil, usageErrorf("the manifests have %s; 'meshctl policy validate' lists every problem", plural(len(errs), "error"))
 	}
 	if ws := problems.Warnings(); len(ws) > 0 {
 		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", plural(len(ws), "warning"))
@@ -88,7 +89,7 @@ func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (policySou
 		ClusterMeshPolicies: set.ClusterMeshPolicies,
 	}, policy.Options{})
 	if err != nil {
-		return nil, nil, fmt.Errorf("compile policies: %w", err)
+		return nil, fmt.Errorf("compile policies: %w", err)
 	}
 	// The compiler skips what it cannot compile; validation should have
 	// caught all of it, but a skipped policy must never pass silently.
@@ -97,9 +98,9 @@ func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (policySou
 			ref := manifest.Ref{Kind: string(pe.Policy.Kind), Namespace: pe.Policy.Namespace, Name: pe.Policy.Name}
 			fmt.Fprintln(stderr, set.Problem(manifest.SeverityError, ref, pe.Field, pe.Err.Error()))
 		}
-		return nil, nil, usageErrorf("the compiler rejected %s", plural(len(invalid), "policy"))
+		return nil, usageErrorf("the compiler rejected %s", plural(len(invalid), "policy"))
 	}
-	return &manifestSource{compiled: c}, set, nil
+	return &manifestSource{compiled: c}, nil
 }
 
 // checkSet validates and lints every object of set, adding the findings to
