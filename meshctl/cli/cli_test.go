@@ -68,6 +68,7 @@ func TestGolden(t *testing.T) {
 		{"trace-named-port-udp.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "10.0.2.3", "--to", "10.0.1.1", "--port", "80/UDP"}, ExitOK},
 		{"trace-audit.txt", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "z/a", "--to", "y/b", "--port", "81/UDP"}, ExitOK},
 		{"trace-icmp-world.json", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP", "-o", "json"}, ExitOK},
+		{"trace-icmp-world.txt", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP"}, ExitOK},
 		{"trace-audit.yaml", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "z/a", "--to", "y/b", "--port", "81/UDP", "-o", "yaml"}, ExitOK},
 		{"matrix.txt", []string{"policy", "matrix", "-f", e2e, "-f", policies, "--port", "80/TCP", "--port", "81/UDP"}, ExitOK},
 		{"matrix.json", []string{"policy", "matrix", "-f", e2e, "-f", policies, "--port", "80/TCP,81/UDP", "-o", "json"}, ExitOK},

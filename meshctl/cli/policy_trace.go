@@ -280,7 +280,7 @@ func writeTrace(w io.Writer, pal palette, r traceReport) error {
 		role string
 		peer tracePeerReport
 	}{{"from", r.From}, {"to", r.To}} {
-		name := p.peer.Peer
+		name := "-" // not a pod: the IP column says it all
 		if p.peer.Pod != "" {
 			name = p.peer.Pod
 		}
