@@ -90,6 +90,10 @@ func Build(ctx context.Context) (Binaries, error) {
 		return Binaries{}, fmt.Errorf("create control-plane build dir: %w", err)
 	}
 	defer os.RemoveAll(tmp)
+	// MkdirTemp's 0700 would hide a shared cache from other users.
+	if err := os.Chmod(tmp, 0o755); err != nil {
+		return Binaries{}, fmt.Errorf("create control-plane build dir: %w", err)
+	}
 	for _, w := range wrappers {
 		if err := buildWrapper(ctx, filepath.Join(src, w.name), filepath.Join(tmp, w.name), w); err != nil {
 			return Binaries{}, err
