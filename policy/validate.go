@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -542,6 +543,7 @@ func (inv *Inventory) LintNetworkPolicy(np *networkingv1.NetworkPolicy) []Warnin
 	if len(target.pods) == 0 {
 		ws = append(ws, Warning{spec.Child("podSelector"), fmt.Sprintf("selects no pod in namespace %s", np.Namespace)})
 	}
+	ws = append(ws, lintPolicyTypes(np, spec)...)
 	peer := func(p networkingv1.NetworkPolicyPeer, path *field.Path) ([]*corev1.Pod, bool) {
 		if p.IPBlock != nil || (p.PodSelector == nil && p.NamespaceSelector == nil) {
 			return nil, false
@@ -581,6 +583,25 @@ func (inv *Inventory) LintNetworkPolicy(np *networkingv1.NetworkPolicy) []Warnin
 		}
 		for j, port := range rule.Ports {
 			ws = append(ws, namedPortWarning(dests, port.Port, protoString(port.Protocol), path.Child("ports").Index(j), "destination pod of this rule")...)
+		}
+	}
+	return ws
+}
+
+// lintPolicyTypes warns about rules of a direction that an explicit
+// policyTypes leaves out: upstream ignores them without a word.
+func lintPolicyTypes(np *networkingv1.NetworkPolicy, spec *field.Path) []Warning {
+	if len(np.Spec.PolicyTypes) == 0 {
+		return nil
+	}
+	var ws []Warning
+	for _, d := range []struct {
+		t     networkingv1.PolicyType
+		field string
+		n     int
+	}{{networkingv1.PolicyTypeIngress, "ingress", len(np.Spec.Ingress)}, {networkingv1.PolicyTypeEgress, "egress", len(np.Spec.Egress)}} {
+		if d.n > 0 && !slices.Contains(np.Spec.PolicyTypes, d.t) {
+			ws = append(ws, Warning{spec.Child(d.field), fmt.Sprintf("ignored: policyTypes does not list %s", d.t)})
 		}
 	}
 	return ws

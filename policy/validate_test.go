@@ -338,6 +338,8 @@ egress:
 			want: []string{"spec.ingress[0].ports[0].port"}},
 		{name: "named port for another protocol", spec: `{podSelector: {}, ingress: [{ports: [{port: http, protocol: UDP}]}]}`,
 			want: []string{"spec.ingress[0].ports[0].port"}},
+		{name: "rules outside policyTypes", spec: `{podSelector: {}, policyTypes: [Ingress], ingress: [{}], egress: [{}]}`,
+			want: []string{"spec.egress"}},
 		{name: "egress named port no destination has", spec: `{podSelector: {}, egress: [{to: [{podSelector: {matchLabels: {pod: b}}}], ports: [{port: http}]}]}`,
 			want: []string{"spec.egress[0].ports[0].port"}},
 	} {
