@@ -226,7 +226,7 @@ var ansi = regexp.MustCompile("\x1b\\[[0-9]+m")
 // that, once the colour codes are removed, they are exactly the plain
 // tables: colour must not shift columns.
 func TestColourKeepsAlignment(t *testing.T) {
-	set, problems, err := (&manifestFlags{paths: []string{invalid}}).load(nil)
+	set, _, problems, err := (&manifestFlags{paths: []string{invalid}}).load(nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -47,7 +47,7 @@ Exit codes:
 			if err := out.check(); err != nil {
 				return err
 			}
-			set, problems, err := files.load(cmd.InOrStdin())
+			set, _, problems, err := files.load(cmd.InOrStdin())
 			if err != nil {
 				return err
 			}

@@ -50,24 +50,49 @@ func (f *manifestFlags) add(cmd *cobra.Command) {
 		"manifest file or directory (recursive: *.yaml, *.yml, *.json), or - for standard input; repeatable")
 }
 
-// load reads the manifests and checks them; problems holds every loader,
-// validation and lint finding, sorted by location.
-func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, manifest.Problems, error) {
+// load reads, checks and compiles the manifests. problems holds every
+// finding, sorted by location: the loader's, validation's, lint warnings,
+// and any policy the compiler skipped that validation did not flag (so that
+// what validate accepts, trace and matrix accept).
+func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, *policy.Compiled, manifest.Problems, error) {
 	if len(f.paths) == 0 {
-		return nil, nil, usageErrorf("no manifests: give at least one -f FILE|DIR")
+		return nil, nil, nil, usageErrorf("no manifests: give at least one -f FILE|DIR")
 	}
 	set, err := manifest.Loader{Stdin: stdin}.Load(f.paths...)
 	if err != nil {
-		return nil, nil, usageError(err)
+		return nil, nil, nil, usageError(err)
 	}
-	return set, checkSet(set), nil
+	problems := checkSet(set)
+	c, err := policy.Compile(policy.Input{
+		Namespaces:          set.Namespaces,
+		Pods:                set.Pods,
+		Nodes:               set.Nodes,
+		NetworkPolicies:     set.NetworkPolicies,
+		MeshPolicies:        set.MeshPolicies,
+		ClusterMeshPolicies: set.ClusterMeshPolicies,
+	}, policy.Options{})
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("compile policies: %w", err)
+	}
+	flagged := map[string]bool{}
+	for _, p := range problems.Errors() {
+		flagged[p.Object] = true
+	}
+	for _, pe := range c.Invalid() {
+		ref := manifest.Ref{Kind: string(pe.Policy.Kind), Namespace: pe.Policy.Namespace, Name: pe.Policy.Name}
+		if !flagged[ref.String()] {
+			problems = append(problems, set.Problem(manifest.SeverityError, ref, pe.Field, "rejected by the compiler: "+pe.Err.Error()))
+		}
+	}
+	slices.SortStableFunc(problems, compareProblems)
+	return set, c, problems, nil
 }
 
 // openSource loads the manifests for trace and matrix. It refuses input
 // with errors, since the API server would have refused it and no verdict
 // about it would be true; warnings are summed up on stderr.
 func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifestSource, error) {
-	set, problems, err := f.load(stdin)
+	_, c, problems, err := f.load(stdin)
 	if err != nil {
 		return nil, err
 	}
@@ -79,26 +104,6 @@ func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifest
 	}
 	if ws := problems.Warnings(); len(ws) > 0 {
 		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", plural(len(ws), "warning"))
-	}
-	c, err := policy.Compile(policy.Input{
-		Namespaces:          set.Namespaces,
-		Pods:                set.Pods,
-		Nodes:               set.Nodes,
-		NetworkPolicies:     set.NetworkPolicies,
-		MeshPolicies:        set.MeshPolicies,
-		ClusterMeshPolicies: set.ClusterMeshPolicies,
-	}, policy.Options{})
-	if err != nil {
-		return nil, fmt.Errorf("compile policies: %w", err)
-	}
-	// The compiler skips what it cannot compile; validation should have
-	// caught all of it, but a skipped policy must never pass silently.
-	if invalid := c.Invalid(); len(invalid) > 0 {
-		for _, pe := range invalid {
-			ref := manifest.Ref{Kind: string(pe.Policy.Kind), Namespace: pe.Policy.Namespace, Name: pe.Policy.Name}
-			fmt.Fprintln(stderr, set.Problem(manifest.SeverityError, ref, pe.Field, pe.Err.Error()))
-		}
-		return nil, usageErrorf("the compiler rejected %s", plural(len(invalid), "policy"))
 	}
 	return &manifestSource{compiled: c}, nil
 }
