@@ -83,34 +83,32 @@ type PortPrefix struct {
 	Len  uint8
 }
 
-// compileGroup rebuilds a group's entries, defaults and explanations from
-// the policies selecting its identity.
+// compileGroup rebuilds a group from the policies selecting its identity:
+// policies, defaults, selector registrations and every entry.
 func (c *Compiled) compileGroup(g *group) {
 	for _, s := range g.sels {
 		delete(s.users, g)
 	}
 	g.sels = g.sels[:0]
-	g.contribs = g.contribs[:0]
 	g.selectedBy = [2][]PolicyRef{}
 	g.egressNamed, g.cidrNamed = false, false
 	g.defaults = Defaults{IngressEnforce: Allow, IngressAudit: Allow, EgressEnforce: Allow, EgressAudit: Allow}
 	g.computed = true
 
-	var pols []*policyState
+	g.pols = g.pols[:0]
 	for ps := range c.policiesByNS[g.ident.namespace] {
 		if ps.selects(g.ident) {
-			pols = append(pols, ps)
+			g.pols = append(g.pols, ps)
 		}
 	}
 	for ps := range c.clusterPolicies {
 		if ps.selects(g.ident) {
-			pols = append(pols, ps)
+			g.pols = append(g.pols, ps)
 		}
 	}
-	slices.SortFunc(pols, func(a, b *policyState) int { return compareRefs(a.ref, b.ref) })
+	slices.SortFunc(g.pols, func(a, b *policyState) int { return compareRefs(a.ref, b.ref) })
 
-	var scratch []uint16
-	for _, ps := range pols {
+	for _, ps := range g.pols {
 		for dir := Ingress; dir <= Egress; dir++ {
 			if !ps.defaultDeny[dir] {
 				continue
@@ -133,20 +131,106 @@ func (c *Compiled) compileGroup(g *group) {
 					g.sels = append(g.sels, r.sel)
 				}
 			}
+			if r.port.name != "" && r.dir == Egress {
+				if r.sel != nil && r.sel.kind == selCIDR {
+					g.cidrNamed = true
+				} else {
+					g.egressNamed = true
+				}
+			}
+		}
+	}
+	g.flat = mergeContribs(c.contribs(g, nil, nil))
+	g.materialized = nil
+	clear(g.overlay)
+}
+
+// patchGroup recompiles only the entries of the given peer identities:
+// entries are keyed by peer identity, so when a selector gains or loses an
+// identity, or a pod identity's named ports change, nothing else of the
+// group can change. The new blocks go to the overlay; it reports whether
+// any entry changed.
+func (c *Compiled) patchGroup(g *group, ids map[identity.ID]struct{}) bool {
+	fresh := mergeContribs(c.contribs(g, ids, nil))
+	changed := false
+	for id := range ids {
+		var blk []Entry
+		for _, e := range fresh {
+			if e.Identity == id {
+				blk = append(blk, e)
+			}
+		}
+		if slices.Equal(blk, g.block(id)) {
+			continue
+		}
+		if g.overlay == nil {
+			g.overlay = map[identity.ID][]Entry{}
+		}
+		g.overlay[id] = blk
+		g.materialized = nil
+		changed = true
+	}
+	return changed
+}
+
+// block returns the current entries of one peer identity, both directions.
+func (g *group) block(id identity.ID) []Entry {
+	if blk, ok := g.overlay[id]; ok {
+		return blk
+	}
+	var out []Entry
+	for dir := Ingress; dir <= Egress; dir++ {
+		i, _ := slices.BinarySearchFunc(g.flat, Key{Direction: dir, Identity: id}, func(e Entry, k Key) int { return compareKeys(e.Key, k) })
+		for ; i < len(g.flat) && g.flat[i].Direction == dir && g.flat[i].Identity == id; i++ {
+			out = append(out, g.flat[i])
+		}
+	}
+	return out
+}
+
+// entries returns the group's sorted entries, folding the overlay into the
+// flat list first. Folding is deferred to reads because a read is rare and
+// per endpoint, while an identity change may patch hundreds of groups.
+func (g *group) entries() []Entry {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.materialized != nil {
+		return g.materialized
+	}
+	if len(g.overlay) == 0 {
+		g.materialized = g.flat
+		return g.flat
+	}
+	out := make([]Entry, 0, len(g.flat))
+	for _, e := range g.flat {
+		if _, patched := g.overlay[e.Identity]; !patched {
+			out = append(out, e)
+		}
+	}
+	for _, blk := range g.overlay {
+		out = append(out, blk...)
+	}
+	slices.SortFunc(out, func(a, b Entry) int { return compareKeys(a.Key, b.Key) })
+	g.flat, g.materialized = out, out
+	clear(g.overlay)
+	return out
+}
+
+// contribs lists what g's policies contribute, restricted to the peer
+// identities in only (nil = all), in policy order.
+func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contrib) []contrib {
+	var scratch []uint16
+	var peers []identity.ID
+	for _, ps := range g.pols {
+		for i := range ps.rules {
+			r := &ps.rules[i]
 			add := func(id identity.ID, pk portKey) {
-				g.contribs = append(g.contribs, contrib{
+				out = append(out, contrib{
 					Key:     Key{Direction: r.dir, Identity: id, Proto: pk.proto, Port: pk.port, PortPrefixLen: pk.plen},
-					verdict: r.verdict, audit: ps.audit, rule: r.id, order: len(g.contribs),
+					verdict: r.verdict, audit: ps.audit, rule: r.id, order: len(out),
 				})
 			}
-			var peers []identity.ID
-			if r.peer.any && !r.podsForAny {
-				peers = append(peers, identity.Any)
-			}
-			peers = append(peers, r.peer.static...)
-			if r.sel != nil {
-				peers = append(peers, r.sel.identities()...)
-			}
+			peers = r.peers(only, peers[:0])
 			pt := r.port
 			switch {
 			case pt.any:
@@ -169,15 +253,15 @@ func (c *Compiled) compileGroup(g *group) {
 				// Only pods have named ports, so the entries go to the
 				// identities of the pods inside the CIDR, each resolved
 				// against its own pod rather than a whole region's pods.
-				g.cidrNamed = true
 				for _, pi := range c.namedInCIDR(r.sel, pt.name, pt.proto) {
-					add(pi.id, portKey{pt.proto, pi.port, 16})
+					if _, ok := only[pi.id]; ok || only == nil {
+						add(pi.id, portKey{pt.proto, pi.port, 16})
+					}
 				}
 			case pt.name != "":
 				// The destination of egress is the peer: a pod identity
 				// resolves against its pods; other peers have no named
 				// ports.
-				g.egressNamed = true
 				for _, id := range peers {
 					ident := c.idents[id]
 					if ident == nil {
@@ -196,7 +280,32 @@ func (c *Compiled) compileGroup(g *group) {
 			}
 		}
 	}
-	g.entries = mergeContribs(g.contribs)
+	return out
+}
+
+// peers lists the identities a rule's peer picks, restricted to only (nil =
+// all).
+func (r *boundRule) peers(only map[identity.ID]struct{}, out []identity.ID) []identity.ID {
+	if only == nil {
+		if r.peer.any && !r.podsForAny {
+			out = append(out, identity.Any)
+		}
+		out = append(out, r.peer.static...)
+		if r.sel != nil {
+			out = append(out, r.sel.identities()...)
+		}
+		return out
+	}
+	for id := range only {
+		in := (id == identity.Any && r.peer.any && !r.podsForAny) || slices.Contains(r.peer.static, id)
+		if !in && r.sel != nil {
+			_, in = r.sel.ids[id]
+		}
+		if in {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 type identPort struct {
@@ -241,47 +350,94 @@ func mergeContribs(cs []contrib) []Entry {
 		return cmp.Or(compareKeys(a.Key, b.Key), cmp.Compare(a.order, b.order))
 	})
 	var out []Entry
+	keys := map[portKey]*keyFacts{}
 	for start := 0; start < len(cs); {
 		end := start
 		for end < len(cs) && cs[end].Direction == cs[start].Direction && cs[end].Identity == cs[start].Identity {
 			end++
 		}
+		clear(keys)
 		block := cs[start:end]
+		for i := range block {
+			c := &block[i]
+			kp := keyPort(c.Key)
+			f := keys[kp]
+			if f == nil {
+				f = &keyFacts{}
+				keys[kp] = f
+			}
+			f.add(c)
+		}
 		for i := range block {
 			if i > 0 && block[i].Key == block[i-1].Key {
 				continue
 			}
-			out = append(out, mergeOne(block, block[i].Key))
+			out = append(out, mergeOne(keys, block[i].Key))
 		}
 		start = end
 	}
 	return out
 }
 
-func mergeOne(block []contrib, k Key) Entry {
-	kp := keyPort(k)
-	e := Entry{Key: k}
-	for _, c := range block {
-		if !keyPort(c.Key).covers(kp) {
-			continue
+// keyFacts aggregates the contributions of one exact key: the strongest
+// verdicts, and per verdict the first rule (in policy order) giving it.
+type keyFacts struct {
+	enf, aud Verdict
+	// firstEnf[v] is the first enforce-mode rule with verdict v;
+	// firstAny[v] the first rule of any mode.
+	firstEnf, firstAny [3]uint32
+	hasEnf, hasAny     [3]bool
+}
+
+func (f *keyFacts) add(c *contrib) {
+	f.aud = max(f.aud, c.verdict)
+	if !f.hasAny[c.verdict] {
+		f.hasAny[c.verdict], f.firstAny[c.verdict] = true, c.rule
+	}
+	if !c.audit {
+		f.enf = max(f.enf, c.verdict)
+		if !f.hasEnf[c.verdict] {
+			f.hasEnf[c.verdict], f.firstEnf[c.verdict] = true, c.rule
 		}
-		e.Audit = max(e.Audit, c.verdict)
-		if !c.audit {
-			e.Enforce = max(e.Enforce, c.verdict)
+	}
+}
+
+// ancestors returns the keys covering k, most specific first: k's own
+// protocol at every prefix length from k's down to 0, then ProtoAny.
+func ancestors(k portKey, buf []portKey) []portKey {
+	buf = buf[:0]
+	if k.proto != ProtoAny {
+		for l := int(k.plen); l >= 0; l-- {
+			buf = append(buf, portKey{k.proto, k.port & portMask(uint8(l)), uint8(l)})
+		}
+	}
+	return append(buf, portKey{})
+}
+
+func mergeOne(keys map[portKey]*keyFacts, k Key) Entry {
+	var buf [18]portKey
+	anc := ancestors(keyPort(k), buf[:])
+	e := Entry{Key: k}
+	for _, a := range anc {
+		if f := keys[a]; f != nil {
+			e.Enforce, e.Audit = max(e.Enforce, f.enf), max(e.Audit, f.aud)
 		}
 	}
 	// The deciding rule: the most specific contribution with the verdict
 	// that counts (enforce, else audit), the first in policy order among
-	// equals (block is sorted by key, then order).
-	bestRank := -1
-	for _, c := range block {
-		cp := keyPort(c.Key)
-		if !cp.covers(kp) {
+	// equals.
+	for _, a := range anc {
+		f := keys[a]
+		if f == nil {
 			continue
 		}
-		ok := (e.Enforce != None && !c.audit && c.verdict == e.Enforce) || (e.Enforce == None && c.verdict == e.Audit)
-		if ok && cp.rank() > bestRank {
-			bestRank, e.RuleID = cp.rank(), c.rule
+		if e.Enforce != None && f.hasEnf[e.Enforce] {
+			e.RuleID = f.firstEnf[e.Enforce]
+			break
+		}
+		if e.Enforce == None && f.hasAny[e.Audit] {
+			e.RuleID = f.firstAny[e.Audit]
+			break
 		}
 	}
 	return e

@@ -54,6 +54,7 @@ type Compiled struct {
 
 	// Pending effects of the current mutation, turned into Changes by flush.
 	dirty          map[*group]struct{}
+	dirtyIDs       map[*group]map[identity.ID]struct{}
 	changed        map[EndpointID]struct{}
 	removed        map[EndpointID]struct{}
 	ipcacheChanged bool
@@ -105,7 +106,7 @@ func New(opts Options) (*Compiled, error) {
 		rules: map[uint32]*Rule{}, ruleByKey: map[string]uint32{}, nextRule: 1,
 		regions: map[netip.Prefix]*region{}, sels: map[string]*selector{},
 		groups: map[groupKey]*group{}, groupsByNS: map[string]map[*group]struct{}{},
-		dirty: map[*group]struct{}{}, changed: map[EndpointID]struct{}{}, removed: map[EndpointID]struct{}{},
+		dirty: map[*group]struct{}{}, dirtyIDs: map[*group]map[identity.ID]struct{}{}, changed: map[EndpointID]struct{}{}, removed: map[EndpointID]struct{}{},
 	}, nil
 }
 
@@ -323,7 +324,7 @@ func (c *Compiled) Endpoint(id EndpointID) (Endpoint, bool) {
 func (p *podState) endpoint() Endpoint {
 	return Endpoint{
 		EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id,
-		Entries: p.group.entries, Defaults: p.group.defaults,
+		Entries: p.group.entries(), Defaults: p.group.defaults,
 	}
 }
 
@@ -538,7 +539,7 @@ func (c *Compiled) attach(p *podState) {
 	ident.pods[p] = struct{}{}
 	p.ident = ident
 	if ident.recomputePorts() {
-		c.dirtyGroups(func(g *group) bool { return g.egressNamed })
+		c.dirtyPortsOf(ident.id)
 	}
 	gk := groupKey{id: ident.id, ports: portsSignature(p.ports)}
 	g := c.groups[gk]
@@ -571,6 +572,7 @@ func (c *Compiled) detach(p *podState) {
 				delete(c.groupsByNS, g.ident.namespace)
 			}
 			delete(c.dirty, g)
+			delete(c.dirtyIDs, g)
 		}
 	}
 	ident := p.ident
@@ -580,7 +582,7 @@ func (c *Compiled) detach(p *podState) {
 		return
 	}
 	if ident.recomputePorts() {
-		c.dirtyGroups(func(g *group) bool { return g.egressNamed })
+		c.dirtyPortsOf(ident.id)
 	}
 }
 
@@ -593,7 +595,7 @@ func (c *Compiled) addIdentity(id *identState) {
 	c.identsByNS[id.namespace][id] = struct{}{}
 	for _, s := range c.sels {
 		if s.kind != selCIDR && s.matchesIdentity(id) && s.set(id.id, true) {
-			c.dirtyUsers(s)
+			c.dirtyUsers(s, id.id)
 		}
 	}
 }
@@ -607,15 +609,36 @@ func (c *Compiled) removeIdentity(id *identState) {
 	}
 	for _, s := range c.sels {
 		if s.kind != selCIDR && s.set(id.id, false) {
-			c.dirtyUsers(s)
+			c.dirtyUsers(s, id.id)
 		}
 	}
 	c.ids.Release(id.key)
 }
 
-func (c *Compiled) dirtyUsers(s *selector) {
+// dirtyUsers marks the entries of peer identity id stale in the groups
+// using selector s.
+func (c *Compiled) dirtyUsers(s *selector, id identity.ID) {
 	for g := range s.users {
-		c.dirty[g] = struct{}{}
+		c.dirtyID(g, id)
+	}
+}
+
+func (c *Compiled) dirtyID(g *group, id identity.ID) {
+	m := c.dirtyIDs[g]
+	if m == nil {
+		m = map[identity.ID]struct{}{}
+		c.dirtyIDs[g] = m
+	}
+	m[id] = struct{}{}
+}
+
+// dirtyPortsOf marks stale the entries of a pod identity whose named ports
+// changed, in the groups whose egress named ports resolve against peers.
+func (c *Compiled) dirtyPortsOf(id identity.ID) {
+	for _, g := range c.groups {
+		if g.egressNamed {
+			c.dirtyID(g, id)
+		}
 	}
 }
 
@@ -836,6 +859,9 @@ func (c *Compiled) updateCIDRSelectors() {
 	if !c.cidrChanged {
 		return
 	}
+	// Egress named ports towards a CIDR resolve against the pods whose
+	// region the CIDR picks.
+	c.dirtyGroups(func(g *group) bool { return g.cidrNamed })
 	for _, s := range c.sels {
 		if s.kind != selCIDR {
 			continue
@@ -847,8 +873,17 @@ func (c *Compiled) updateCIDRSelectors() {
 			}
 		}
 		if !maps.Equal(ids, s.ids) {
+			for id := range ids {
+				if _, had := s.ids[id]; !had {
+					c.dirtyUsers(s, id)
+				}
+			}
+			for id := range s.ids {
+				if _, has := ids[id]; !has {
+					c.dirtyUsers(s, id)
+				}
+			}
 			s.ids, s.sorted = ids, nil
-			c.dirtyUsers(s)
 		}
 	}
 }
@@ -866,15 +901,32 @@ func (c *Compiled) regionOf(ip netip.Addr) (netip.Prefix, identity.ID, bool) {
 	return best, bestID, found
 }
 
+func (c *Compiled) groupChanged(g *group) {
+	for p := range g.endpoints {
+		c.changed[p.id] = struct{}{}
+	}
+}
+
 // flush recompiles the dirty groups and reports what changed.
 func (c *Compiled) flush() Changes {
 	for g := range c.dirty {
-		before, beforeDefaults, was := g.entries, g.defaults, g.computed
+		was := g.computed
+		var before []Entry
+		if was {
+			before = g.entries()
+		}
+		beforeDefaults := g.defaults
 		c.compileGroup(g)
-		if !was || !slices.Equal(before, g.entries) || beforeDefaults != g.defaults {
-			for p := range g.endpoints {
-				c.changed[p.id] = struct{}{}
-			}
+		if !was || !slices.Equal(before, g.flat) || beforeDefaults != g.defaults {
+			c.groupChanged(g)
+		}
+	}
+	for g, ids := range c.dirtyIDs {
+		if _, full := c.dirty[g]; full || c.groups[g.key] != g {
+			continue
+		}
+		if c.patchGroup(g, ids) {
+			c.groupChanged(g)
 		}
 	}
 	ch := Changes{IPCache: c.ipcacheChanged, CIDRTable: c.cidrChanged}
@@ -891,6 +943,7 @@ func (c *Compiled) flush() Changes {
 	slices.SortFunc(ch.Endpoints, compareEndpointIDs)
 	slices.SortFunc(ch.Removed, compareEndpointIDs)
 	clear(c.dirty)
+	clear(c.dirtyIDs)
 	clear(c.changed)
 	clear(c.removed)
 	c.ipcacheChanged, c.cidrChanged = false, false

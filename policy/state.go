@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"sync"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -160,11 +161,16 @@ type group struct {
 	ports     []namedPort
 	endpoints map[*podState]struct{}
 
-	entries  []Entry
-	defaults Defaults
-	// contribs are the (rule, identity, key) facts the entries were merged
-	// from; Trace lists the matching ones as reasons.
-	contribs []contrib
+	// flat holds the entries as of the last full compile or fold, sorted;
+	// overlay the re-patched blocks of single peer identities since then
+	// (nil slice: no entries left); materialized the folded result.
+	flat         []Entry
+	overlay      map[identity.ID][]Entry
+	materialized []Entry
+	mu           sync.Mutex // guards the fold done by readers
+	defaults     Defaults
+	// pols are the policies selecting the group, in policy order.
+	pols []*policyState
 	// selectors this group's entries were built from.
 	sels []*selector
 	// selectedBy lists, per direction, the policies making it default-deny.

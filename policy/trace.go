@@ -124,10 +124,10 @@ func (c *Compiled) trace(from, to Peer, proto uint8, port uint16) (TraceResult, 
 	res.Egress = DirectionTrace{Allowed: true, AuditAllowed: true}
 	res.Ingress = DirectionTrace{Allowed: true, AuditAllowed: true}
 	if src.pod != nil {
-		res.Egress = decide(src.pod.group, Egress, res.To, proto, port, c.rules)
+		res.Egress = c.decide(src.pod.group, Egress, res.To, proto, port)
 	}
 	if dst.pod != nil {
-		res.Ingress = decide(dst.pod.group, Ingress, res.From, proto, port, c.rules)
+		res.Ingress = c.decide(dst.pod.group, Ingress, res.From, proto, port)
 	}
 	res.Allowed = res.Egress.Allowed && res.Ingress.Allowed
 	res.AuditAllowed = res.Egress.AuditAllowed && res.Ingress.AuditAllowed
@@ -160,7 +160,7 @@ func peerIdentities(peer TracePeer) []identity.ID {
 
 // decide simulates the datapath for one direction of one endpoint: deny
 // wins among the hits, then allow, then the default.
-func decide(g *group, dir Direction, peer TracePeer, proto uint8, port uint16, rules map[uint32]*Rule) DirectionTrace {
+func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, port uint16) DirectionTrace {
 	dt := DirectionTrace{Applicable: true}
 	enfDefault, audDefault := g.defaults.IngressEnforce, g.defaults.IngressAudit
 	if dir == Egress {
@@ -170,7 +170,7 @@ func decide(g *group, dir Direction, peer TracePeer, proto uint8, port uint16, r
 	var enf, aud Verdict
 	ids := peerIdentities(peer)
 	for _, id := range ids {
-		if e, ok := lookup(g.entries, dir, id, proto, port); ok {
+		if e, ok := lookup(g.entries(), dir, id, proto, port); ok {
 			enf, aud = max(enf, e.Enforce), max(aud, e.Audit)
 		}
 	}
@@ -185,12 +185,16 @@ func decide(g *group, dir Direction, peer TracePeer, proto uint8, port uint16, r
 	// Explanations: every rule that covers the flow for one of the looked-up
 	// identities.
 	seen := map[uint32]bool{}
-	for _, ct := range g.contribs {
+	only := map[identity.ID]struct{}{}
+	for _, id := range ids {
+		only[id] = struct{}{}
+	}
+	for _, ct := range c.contribs(g, only, nil) {
 		if ct.Direction != dir || seen[ct.rule] || !slices.Contains(ids, ct.Identity) || !keyPort(ct.Key).matches(proto, port) {
 			continue
 		}
 		seen[ct.rule] = true
-		r := rules[ct.rule]
+		r := c.rules[ct.rule]
 		if r == nil {
 			continue
 		}
