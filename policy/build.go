@@ -17,7 +17,8 @@ type contrib struct {
 	// order is the position in policy order (policies sorted by kind,
 	// namespace, name; rules as written): it breaks ties between rules
 	// canonically, whatever order the rule IDs were handed out in.
-	order int
+	order  int
+	packed uint64
 }
 
 // portKey is the protocol/port part of a Key.
@@ -336,9 +337,13 @@ func (c *Compiled) namedInCIDR(s *selector, name string, proto uint8) []identPor
 	return out
 }
 
-func compareKeys(a, b Key) int {
-	return cmp.Or(cmp.Compare(a.Direction, b.Direction), cmp.Compare(a.Identity, b.Identity),
-		cmp.Compare(a.Proto, b.Proto), cmp.Compare(a.Port, b.Port), cmp.Compare(a.PortPrefixLen, b.PortPrefixLen))
+func compareKeys(a, b Key) int { return cmp.Compare(a.packed(), b.packed()) }
+
+// packed maps a Key to an integer with the same order as comparing
+// (direction, identity, proto, port, prefix length) in turn, so that sorts
+// compare one number instead of five fields.
+func (k Key) packed() uint64 {
+	return uint64(k.Direction&1)<<63 | uint64(k.Identity)<<31 | uint64(k.Proto)<<23 | uint64(k.Port)<<7 | uint64(k.PortPrefixLen&0x1f)
 }
 
 // mergeContribs turns contributions into LPM entries: one entry per distinct
@@ -346,8 +351,11 @@ func compareKeys(a, b Key) int {
 // direction and identity whose prefix covers it, because in the datapath
 // the longest prefix shadows the shorter ones (see entry.go).
 func mergeContribs(cs []contrib) []Entry {
+	for i := range cs {
+		cs[i].packed = cs[i].Key.packed()
+	}
 	slices.SortFunc(cs, func(a, b contrib) int {
-		return cmp.Or(compareKeys(a.Key, b.Key), cmp.Compare(a.order, b.order))
+		return cmp.Or(cmp.Compare(a.packed, b.packed), cmp.Compare(a.order, b.order))
 	})
 	var out []Entry
 	keys := map[portKey]*keyFacts{}

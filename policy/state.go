@@ -4,8 +4,8 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
-	"sync"
 	"strings"
+	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
