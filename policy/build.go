@@ -241,6 +241,12 @@ func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contr
 			case pt.icmp:
 				for _, id := range peers {
 					add(id, portKey{ProtoICMP, pt.lo, pt.icmpLen})
+					// Every ICMP type includes ICMPv6, so "allow ICMP"
+					// holds on IPv6 too; type numbers differ between the
+					// two, so a typed rule stays IPv4 only.
+					if pt.icmpLen == 0 {
+						add(id, portKey{ProtoICMPv6, 0, 0})
+					}
 				}
 			case pt.name != "" && r.dir == Ingress:
 				// The destination of ingress is the endpoint itself.

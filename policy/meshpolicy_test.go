@@ -332,6 +332,15 @@ func TestICMP(t *testing.T) {
 	checkReach(t, c, icmp(3, 4), newReach(true).set("*/*", "x/a", false).set("y/*", "x/a", true))
 	checkReach(t, c, icmp(3, 3), newReach(true).set("*/*", "x/a", false))
 	checkReach(t, c, PortProto{ProtoTCP, 8 << 8}, newReach(true).set("*/*", "x/a", false))
+	checkReach(t, c, PortProto{ProtoICMPv6, 128 << 8}, newReach(true).set("*/*", "x/a", false))
+
+	// An untyped ICMP rule covers ICMPv6 as well.
+	in.MeshPolicies = append(in.MeshPolicies, mp("x", "any-icmp", matchLabels("pod", "a"), v1alpha1.PolicyRules{
+		Ingress: []v1alpha1.IngressRule{{From: []v1alpha1.Peer{podPeer(matchLabels("ns", "y"), nil)}, Ports: []v1alpha1.PortRule{{Protocol: v1alpha1.ProtocolICMP}}}},
+	}))
+	c = mustCompile(t, in)
+	checkReach(t, c, PortProto{ProtoICMPv6, 128 << 8}, newReach(true).set("*/*", "x/a", false).set("y/*", "x/a", true))
+	checkReach(t, c, icmp(0, 0), newReach(true).set("*/*", "x/a", false).set("y/*", "x/a", true))
 }
 
 // A named port resolves per protocol: "dns" is 53 on UDP and 5353 on TCP.

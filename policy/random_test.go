@@ -34,7 +34,7 @@ var (
 		"192.168.0.0/24": {"192.168.0.2/32"},
 	}
 	genExtraIPs = []string{"192.168.0.1", "192.168.0.2", "8.8.8.8", "8.8.4.4", "10.9.9.9"}
-	genPorts    = []PortProto{{ProtoTCP, 80}, {ProtoTCP, 81}, {ProtoUDP, 53}, {ProtoTCP, 53}, {ProtoUDP, 8080}, {ProtoSCTP, 81}, {ProtoICMP, 8 << 8}, {ProtoICMP, 3<<8 | 1}}
+	genPorts    = []PortProto{{ProtoTCP, 80}, {ProtoTCP, 81}, {ProtoUDP, 53}, {ProtoTCP, 53}, {ProtoUDP, 8080}, {ProtoSCTP, 81}, {ProtoICMP, 8 << 8}, {ProtoICMP, 3<<8 | 1}, {ProtoICMPv6, 128 << 8}}
 )
 
 func (g gen) pick(s []string) string { return s[g.r.IntN(len(s))] }

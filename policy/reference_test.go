@@ -231,7 +231,7 @@ func (r *refEval) side(ep *corev1.Pod, dir Direction, peer refPeer, proto uint8,
 			for _, pt := range ports {
 				if pt.Protocol == v1alpha1.ProtocolICMP {
 					portOK = portOK || (proto == ProtoICMP && (pt.ICMPType == nil || int32(port>>8) == *pt.ICMPType) &&
-						(pt.ICMPCode == nil || int32(port&0xff) == *pt.ICMPCode))
+						(pt.ICMPCode == nil || int32(port&0xff) == *pt.ICMPCode)) || (proto == ProtoICMPv6 && pt.ICMPType == nil)
 					continue
 				}
 				rp := ProtoTCP
