@@ -1,0 +1,92 @@
+// Command veil-agent is Veil's node agent, run by the DaemonSet on every
+// node. `veil-agent --help` lists its settings; each can also be set from
+// the environment (VEIL_<FLAG>, and NODE_NAME).
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/pflag"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/veilmesh/veil/agent/config"
+	"github.com/veilmesh/veil/agent/daemon"
+)
+
+// Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration.
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	cfg, _, err := config.Parse(args, os.LookupEnv)
+	if errors.Is(err, pflag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "veil-agent: %v\n", err)
+		return 2
+	}
+	if cfg.Version {
+		fmt.Println("veil-agent", daemon.Version)
+		return 0
+	}
+	log := newLogger(cfg)
+	if cfg.Cleanup {
+		if err := daemon.Cleanup(cfg); err != nil {
+			log.Error("cleanup", "error", err)
+			return 1
+		}
+		log.Info("removed everything Veil installed on this node")
+		return 0
+	}
+	restCfg, err := kubeConfig(cfg.Kubeconfig)
+	if err != nil {
+		log.Error("Kubernetes configuration", "error", err)
+		return 2
+	}
+	d, err := daemon.New(cfg, restCfg, log)
+	if err != nil {
+		log.Error("start", "error", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := d.Run(ctx); err != nil {
+		log.Error("agent stopped", "error", err)
+		return 1
+	}
+	return 0
+}
+
+func kubeConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		cfg, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("in-cluster configuration (outside a cluster, pass --kubeconfig): %w", err)
+		}
+		return cfg, nil
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return nil, fmt.Errorf("load kubeconfig %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+func newLogger(cfg config.Config) *slog.Logger {
+	var level slog.Level
+	level.UnmarshalText([]byte(cfg.LogLevel))
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+}

@@ -1,0 +1,158 @@
+// Package config holds veil-agent's configuration: every setting is a flag
+// with a default and help text, and may also come from the environment
+// (VEIL_<FLAG_NAME>, dashes as underscores), which is how the DaemonSet sets
+// them. NODE_NAME is the one exception, because the downward API convention
+// is to call it that.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+// Config is the agent's configuration.
+type Config struct {
+	NodeName   string
+	Kubeconfig string
+
+	BPFFSRoot         string
+	CgroupRoot        string
+	UnderlayInterface string
+	NodeIP            string
+	ClusterCIDR       string
+	WireGuardIface    string
+	LegacyTC          bool
+
+	StateDir    string
+	SocketPath  string
+	MetricsAddr string
+
+	ResyncPeriod time.Duration
+	LogLevel     string
+	LogFormat    string
+	Cleanup      bool
+	Version      bool
+}
+
+// Default returns the configuration an agent runs with when nothing is set.
+func Default() Config {
+	return Config{
+		BPFFSRoot:      "/sys/fs/bpf/veil",
+		CgroupRoot:     "/sys/fs/cgroup",
+		ClusterCIDR:    "10.244.0.0/16",
+		WireGuardIface: "veil-wg0",
+		StateDir:       "/var/lib/veil",
+		SocketPath:     "/var/run/veil/agent.sock",
+		MetricsAddr:    ":9962",
+		ResyncPeriod:   10 * time.Minute,
+		LogLevel:       "info",
+		LogFormat:      "text",
+	}
+}
+
+// Flags registers every setting on fs, with c's current values as defaults.
+func (c *Config) Flags(fs *pflag.FlagSet) {
+	fs.StringVar(&c.NodeName, "node-name", c.NodeName, "name of this node's Node object (env NODE_NAME)")
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means in-cluster configuration")
+	fs.StringVar(&c.BPFFSRoot, "bpffs-root", c.BPFFSRoot, "bpffs directory for Veil's pinned maps and links")
+	fs.StringVar(&c.CgroupRoot, "cgroup-root", c.CgroupRoot, "cgroup v2 directory whose pods get socket acceleration; empty disables it")
+	fs.StringVar(&c.UnderlayInterface, "underlay-interface", c.UnderlayInterface, "device toward other nodes; empty means the device that holds the node IP")
+	fs.StringVar(&c.NodeIP, "node-ip", c.NodeIP, "this node's underlay IPv4 address; empty means the Node's InternalIP")
+	fs.StringVar(&c.ClusterCIDR, "cluster-cidr", c.ClusterCIDR, "IPv4 CIDR that holds every pod CIDR of the cluster")
+	fs.StringVar(&c.WireGuardIface, "wireguard-interface", c.WireGuardIface, "name of the WireGuard device")
+	fs.BoolVar(&c.LegacyTC, "legacy-tc", c.LegacyTC, "attach with clsact filters even where TCX exists")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "directory for the agent's persistent state (IPAM, identities, endpoints)")
+	fs.StringVar(&c.SocketPath, "socket", c.SocketPath, "unix socket of the agent's API (mode 0600)")
+	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz; empty disables them")
+	fs.DurationVar(&c.ResyncPeriod, "resync-period", c.ResyncPeriod, "informer resync period")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
+	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "text or json")
+	fs.BoolVar(&c.Cleanup, "cleanup", c.Cleanup, "remove everything Veil installed on this node (programs, pins, socket) and exit")
+	fs.BoolVar(&c.Version, "version", c.Version, "print the version and exit")
+}
+
+// FromEnv applies VEIL_* variables (and NODE_NAME) for every flag that was
+// not set on the command line. Command-line flags win.
+func FromEnv(fs *pflag.FlagSet, lookup func(string) (string, bool)) error {
+	var errs []error
+	fs.VisitAll(func(f *pflag.Flag) {
+		if f.Changed {
+			return
+		}
+		env := "VEIL_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if f.Name == "node-name" {
+			if _, ok := lookup("NODE_NAME"); ok {
+				env = "NODE_NAME"
+			}
+		}
+		v, ok := lookup(env)
+		if !ok {
+			return
+		}
+		if err := fs.Set(f.Name, v); err != nil {
+			errs = append(errs, fmt.Errorf("%s=%q: %w", env, v, err))
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// Validate reports every setting that cannot work.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Cleanup || c.Version {
+		return nil
+	}
+	if c.NodeName == "" {
+		errs = append(errs, errors.New("node name is required: set --node-name or NODE_NAME"))
+	}
+	if p, err := netip.ParsePrefix(c.ClusterCIDR); err != nil || !p.Addr().Is4() {
+		errs = append(errs, fmt.Errorf("--cluster-cidr %q is not an IPv4 CIDR", c.ClusterCIDR))
+	}
+	if c.NodeIP != "" {
+		if a, err := netip.ParseAddr(c.NodeIP); err != nil || !a.Is4() {
+			errs = append(errs, fmt.Errorf("--node-ip %q is not an IPv4 address", c.NodeIP))
+		}
+	}
+	if c.StateDir == "" {
+		errs = append(errs, errors.New("--state-dir must not be empty"))
+	}
+	if c.SocketPath == "" {
+		errs = append(errs, errors.New("--socket must not be empty"))
+	}
+	if c.ResyncPeriod < 0 {
+		errs = append(errs, errors.New("--resync-period must not be negative"))
+	}
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("--log-level %q: want debug, info, warn or error", c.LogLevel))
+	}
+	switch c.LogFormat {
+	case "text", "json":
+	default:
+		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", c.LogFormat))
+	}
+	if len(c.WireGuardIface) > 15 {
+		errs = append(errs, fmt.Errorf("--wireguard-interface %q is longer than 15 characters", c.WireGuardIface))
+	}
+	return errors.Join(errs...)
+}
+
+// Parse builds a Config from args and the environment.
+func Parse(args []string, lookup func(string) (string, bool)) (Config, *pflag.FlagSet, error) {
+	c := Default()
+	fs := pflag.NewFlagSet("veil-agent", pflag.ContinueOnError)
+	c.Flags(fs)
+	if err := fs.Parse(args); err != nil {
+		return c, fs, err
+	}
+	if err := FromEnv(fs, lookup); err != nil {
+		return c, fs, err
+	}
+	return c, fs, c.Validate()
+}

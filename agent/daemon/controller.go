@@ -1,0 +1,444 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	kubeinformers "k8s.io/client-go/informers"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
+	"github.com/veilmesh/veil/policy/identity"
+)
+
+// handler turns informer events into queue keys; it never touches objects.
+type handler struct {
+	d    *Daemon
+	kind objKind
+}
+
+func (h handler) key(obj any) (objKey, bool) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	m, err := meta.Accessor(obj)
+	if err != nil {
+		return objKey{}, false
+	}
+	return objKey{kind: h.kind, namespace: m.GetNamespace(), name: m.GetName()}, true
+}
+
+func (h handler) OnAdd(obj any, _ bool) {
+	if k, ok := h.key(obj); ok {
+		h.d.queue.Add(k)
+	}
+}
+func (h handler) OnUpdate(_, obj any) { h.OnAdd(obj, false) }
+func (h handler) OnDelete(obj any)    { h.OnAdd(obj, false) }
+
+var _ cache.ResourceEventHandler = handler{}
+
+func (d *Daemon) startInformers(ctx context.Context) {
+	d.kubeFactory = kubeinformers.NewSharedInformerFactory(d.kube, d.cfg.ResyncPeriod)
+	d.veilFactory = veilinformers.NewSharedInformerFactory(d.veil, d.cfg.ResyncPeriod)
+	core := d.kubeFactory.Core().V1()
+	for kind, inf := range map[objKind]cache.SharedIndexInformer{
+		kindPod:               core.Pods().Informer(),
+		kindNamespace:         core.Namespaces().Informer(),
+		kindNode:              core.Nodes().Informer(),
+		kindNetworkPolicy:     d.kubeFactory.Networking().V1().NetworkPolicies().Informer(),
+		kindMeshPolicy:        d.veilFactory.Policy().V1alpha1().MeshPolicies().Informer(),
+		kindClusterMeshPolicy: d.veilFactory.Policy().V1alpha1().ClusterMeshPolicies().Informer(),
+	} {
+		inf.AddEventHandler(handler{d: d, kind: kind})
+	}
+	d.pods = core.Pods().Lister()
+	d.namespaces = core.Namespaces().Lister()
+	d.nodes = core.Nodes().Lister()
+	d.netpols = d.kubeFactory.Networking().V1().NetworkPolicies().Lister()
+	d.meshpols = d.veilFactory.Policy().V1alpha1().MeshPolicies().Lister()
+	d.cmeshpols = d.veilFactory.Policy().V1alpha1().ClusterMeshPolicies().Lister()
+	d.kubeFactory.Start(ctx.Done())
+	d.veilFactory.Start(ctx.Done())
+}
+
+func typeNames[T comparable](m map[T]bool) map[string]bool {
+	out := map[string]bool{}
+	for k, v := range m {
+		out[fmt.Sprint(k)] = v
+	}
+	return out
+}
+
+func (d *Daemon) waitKube(ctx context.Context) map[string]bool {
+	return typeNames(d.kubeFactory.WaitForCacheSync(ctx.Done()))
+}
+
+func (d *Daemon) waitVeil(ctx context.Context) map[string]bool {
+	return typeNames(d.veilFactory.WaitForCacheSync(ctx.Done()))
+}
+
+// enqueueAll queues every cached object: the first convergence after start.
+// Namespaces and nodes go first so pods compile with their namespace labels.
+func (d *Daemon) enqueueAll() {
+	add := func(kind objKind, objs []metav1.Object) {
+		for _, o := range objs {
+			d.queue.Add(objKey{kind: kind, namespace: o.GetNamespace(), name: o.GetName()})
+		}
+	}
+	nss, _ := d.namespaces.List(labels.Everything())
+	add(kindNamespace, metaList(nss))
+	nodes, _ := d.nodes.List(labels.Everything())
+	add(kindNode, metaList(nodes))
+	nps, _ := d.netpols.List(labels.Everything())
+	add(kindNetworkPolicy, metaList(nps))
+	mps, _ := d.meshpols.List(labels.Everything())
+	add(kindMeshPolicy, metaList(mps))
+	cmps, _ := d.cmeshpols.List(labels.Everything())
+	add(kindClusterMeshPolicy, metaList(cmps))
+	pods, _ := d.pods.List(labels.Everything())
+	add(kindPod, metaList(pods))
+}
+
+func metaList[T metav1.Object](objs []T) []metav1.Object {
+	out := make([]metav1.Object, len(objs))
+	for i, o := range objs {
+		out[i] = o
+	}
+	return out
+}
+
+func (d *Daemon) worker(ctx context.Context) {
+	for {
+		k, shutdown := d.queue.Get()
+		if shutdown {
+			return
+		}
+		start := time.Now()
+		err := d.sync(ctx, k)
+		d.metrics.reconcile.Observe(time.Since(start).Seconds())
+		if err != nil {
+			d.log.Warn("sync failed; will retry", "kind", k.kind, "namespace", k.namespace, "name", k.name, "error", err)
+			d.queue.AddRateLimited(k)
+		} else {
+			d.queue.Forget(k)
+			d.lastSync.Store(time.Now().UnixNano())
+		}
+		d.queue.Done(k)
+		if d.queue.Len() == 0 {
+			d.synced.Store(true)
+		}
+	}
+}
+
+// sync converges one object: the compiler learns its current state from the
+// cache, and what changed reaches the datapath.
+func (d *Daemon) sync(ctx context.Context, k objKey) error {
+	var ch policy.Changes
+	switch k.kind {
+	case kindPod:
+		pod, err := d.pods.Pods(k.namespace).Get(k.name)
+		if apierrors.IsNotFound(err) {
+			ch = d.compiler.DeletePod(k.namespace, k.name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = d.compiler.UpsertPod(d.withLocalIP(pod))
+		}
+	case kindNamespace:
+		ns, err := d.namespaces.Get(k.name)
+		if apierrors.IsNotFound(err) {
+			ch = d.compiler.DeleteNamespace(k.name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = d.compiler.UpsertNamespace(ns)
+		}
+	case kindNode:
+		node, err := d.nodes.Get(k.name)
+		if apierrors.IsNotFound(err) {
+			ch = d.compiler.DeleteNode(k.name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = d.compiler.UpsertNode(node)
+		}
+		// Node addresses and pod CIDRs live in the ipcache.
+		ch.IPCache = true
+	case kindNetworkPolicy:
+		np, err := d.netpols.NetworkPolicies(k.namespace).Get(k.name)
+		if apierrors.IsNotFound(err) {
+			ch = d.compiler.DeleteNetworkPolicy(k.namespace, k.name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = d.compiler.UpsertNetworkPolicy(np)
+		}
+	case kindMeshPolicy:
+		mp, err := d.meshpols.MeshPolicies(k.namespace).Get(k.name)
+		if apierrors.IsNotFound(err) {
+			ch = d.compiler.DeleteMeshPolicy(k.namespace, k.name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = d.compiler.UpsertMeshPolicy(mp)
+			if err := d.apply(ch); err != nil {
+				return err
+			}
+			return d.writeMeshPolicyStatus(ctx, mp)
+		}
+	case kindClusterMeshPolicy:
+		cmp, err := d.cmeshpols.Get(k.name)
+		if apierrors.IsNotFound(err) {
+			ch = d.compiler.DeleteClusterMeshPolicy(k.name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = d.compiler.UpsertClusterMeshPolicy(cmp)
+			if err := d.apply(ch); err != nil {
+				return err
+			}
+			return d.writeClusterMeshPolicyStatus(ctx, cmp)
+		}
+	}
+	return d.apply(ch)
+}
+
+// withLocalIP returns pod with the address this node's IPAM gave it, when
+// the API server does not know it yet (kubelet writes the pod IP only after
+// CNI ADD returns, and policy must be in place before the pod runs).
+func (d *Daemon) withLocalIP(pod *corev1.Pod) *corev1.Pod {
+	if pod.Spec.NodeName != d.cfg.NodeName || pod.Spec.HostNetwork || pod.Status.PodIP != "" {
+		return pod
+	}
+	d.mu.Lock()
+	ep := d.local[policy.EndpointID{Namespace: pod.Namespace, Name: pod.Name}]
+	d.mu.Unlock()
+	if ep == nil {
+		return pod
+	}
+	cp := pod.DeepCopy()
+	cp.Status.PodIP = ep.IP.String()
+	cp.Status.PodIPs = []corev1.PodIP{{IP: ep.IP.String()}}
+	return cp
+}
+
+// apply writes what a compiler mutation changed into the datapath.
+func (d *Daemon) apply(ch policy.Changes) error {
+	var errs []error
+	var changedIPs []netip.Addr
+	for _, id := range ch.Endpoints {
+		d.mu.Lock()
+		ep := d.local[id]
+		d.mu.Unlock()
+		if ep == nil {
+			continue
+		}
+		if err := d.writeEndpoint(ep); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		changedIPs = append(changedIPs, ep.IP)
+	}
+	if ch.IPCache || len(ch.Removed) > 0 {
+		errs = append(errs, d.syncIPCache())
+	}
+	if ch.CIDRTable {
+		want := map[netip.Prefix]identity.ID{}
+		for _, e := range d.compiler.CIDRTable() {
+			want[e.Prefix] = e.ID
+		}
+		errs = append(errs, d.dp.SetCIDRs(want))
+	}
+	if len(changedIPs) > 0 || ch.IPCache {
+		errs = append(errs, d.evictRevoked(changedIPs, ch.IPCache))
+		d.dirty.Store(true)
+	}
+	return errors.Join(errs...)
+}
+
+// writeEndpoint brings one local endpoint's datapath record and policy in
+// line with the compiler.
+func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
+	cep, ok := d.compiler.Endpoint(ep.Pod)
+	ident := identity.Unmanaged
+	if ok {
+		ident = cep.Identity
+	}
+	hostMAC, podMAC, err := ep.macs()
+	if err != nil {
+		return err
+	}
+	if ident != ep.Identity {
+		if err := d.dp.UpsertEndpoint(datapath.Endpoint{
+			IP: ep.IP, ID: ep.ID, Identity: ident, Ifindex: ep.HostIfindex, HostMAC: hostMAC, MAC: podMAC,
+		}); err != nil {
+			return fmt.Errorf("update endpoint %s: %w", ep.Pod, err)
+		}
+		d.mu.Lock()
+		ep.Identity = ident
+		d.mu.Unlock()
+	}
+	if !ok {
+		// Not compiled yet (the Pod is not in the cache): the endpoint
+		// keeps no-policy until its pod arrives.
+		return nil
+	}
+	if err := d.dp.SetPolicy(ep.IP, cep.Entries, cep.Defaults); err != nil {
+		return fmt.Errorf("set policy of %s: %w", ep.Pod, err)
+	}
+	return nil
+}
+
+// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
+// addresses and pod CIDRs, and this node's own address.
+func (d *Daemon) syncIPCache() error {
+	want := map[netip.Prefix]datapath.IPCacheEntry{}
+	nodeIPs := map[string]netip.Addr{}
+	nodes, err := d.nodes.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("list nodes: %w", err)
+	}
+	for _, n := range nodes {
+		ip := nodeInternalIP(n)
+		if !ip.IsValid() {
+			continue
+		}
+		nodeIPs[n.Name] = ip
+		if n.Name == d.cfg.NodeName {
+			continue
+		}
+		want[netip.PrefixFrom(ip, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
+		if cidr := nodePodCIDR(n); cidr.IsValid() {
+			want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR}
+		}
+	}
+	want[netip.PrefixFrom(d.nodeIP, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
+	for _, e := range d.compiler.IPCache() {
+		if !e.IP.Is4() || e.Node == d.cfg.NodeName {
+			continue
+		}
+		nip, ok := nodeIPs[e.Node]
+		if !ok {
+			continue
+		}
+		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod}
+	}
+
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var errs []error
+	for p, e := range want {
+		if old, ok := d.ipcache[p]; ok && old == e {
+			continue
+		}
+		if err := d.dp.UpsertIPCache(p, e); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		d.ipcache[p] = e
+	}
+	for p := range d.ipcache {
+		if _, ok := want[p]; ok {
+			continue
+		}
+		if err := d.dp.DeleteIPCache(p); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		delete(d.ipcache, p)
+	}
+	return errors.Join(errs...)
+}
+
+// evictRevoked removes connections that policy no longer allows, so neither
+// conntrack nor socket acceleration lets them outlive their permission. Only
+// connections touching a changed endpoint are re-checked, unless identities
+// moved (ipcache changed), which can affect any connection.
+func (d *Daemon) evictRevoked(changed []netip.Addr, all bool) error {
+	touched := map[netip.Addr]bool{}
+	for _, ip := range changed {
+		touched[ip] = true
+	}
+	n, err := d.dp.EvictFlows(func(k datapath.FlowKey) bool {
+		if !all && !touched[k.Src] && !touched[k.Dst] {
+			return false
+		}
+		tr, err := d.compiler.Trace(policy.IPPeer(k.Src), policy.IPPeer(k.Dst), k.Proto, k.DstPort)
+		return err == nil && !tr.Allowed
+	})
+	if n > 0 {
+		d.log.Info("evicted connections that policy no longer allows", "count", n)
+	}
+	return err
+}
+
+func acceptedCondition(perr *policy.PolicyError, generation int64) metav1.Condition {
+	c := metav1.Condition{
+		Type: v1alpha1.ConditionAccepted, Status: metav1.ConditionTrue,
+		Reason: "Compiled", Message: "the policy is enforced", ObservedGeneration: generation,
+	}
+	if perr != nil {
+		c.Status, c.Reason, c.Message = metav1.ConditionFalse, "Invalid", perr.Error()
+	}
+	return c
+}
+
+func statusNeedsUpdate(st *v1alpha1.PolicyStatus, c metav1.Condition) bool {
+	old := meta.FindStatusCondition(st.Conditions, c.Type)
+	return old == nil || old.Status != c.Status || old.Reason != c.Reason || old.Message != c.Message ||
+		old.ObservedGeneration != c.ObservedGeneration
+}
+
+func (d *Daemon) writeMeshPolicyStatus(ctx context.Context, mp *v1alpha1.MeshPolicy) error {
+	ref := policy.PolicyRef{Kind: policy.KindMeshPolicy, Namespace: mp.Namespace, Name: mp.Name}
+	c := acceptedCondition(d.compiler.PolicyError(ref), mp.Generation)
+	if !statusNeedsUpdate(&mp.Status, c) {
+		return nil
+	}
+	cp := mp.DeepCopy()
+	meta.SetStatusCondition(&cp.Status.Conditions, c)
+	cp.Status.ObservedGeneration = mp.Generation
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err := d.veil.PolicyV1alpha1().MeshPolicies(mp.Namespace).UpdateStatus(cctx, cp, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+		return nil // a newer version is on its way through the informer
+	}
+	if err != nil {
+		return fmt.Errorf("write status of MeshPolicy %s/%s: %w", mp.Namespace, mp.Name, err)
+	}
+	return nil
+}
+
+func (d *Daemon) writeClusterMeshPolicyStatus(ctx context.Context, cmp *v1alpha1.ClusterMeshPolicy) error {
+	ref := policy.PolicyRef{Kind: policy.KindClusterMeshPolicy, Name: cmp.Name}
+	c := acceptedCondition(d.compiler.PolicyError(ref), cmp.Generation)
+	if !statusNeedsUpdate(&cmp.Status, c) {
+		return nil
+	}
+	cp := cmp.DeepCopy()
+	meta.SetStatusCondition(&cp.Status.Conditions, c)
+	cp.Status.ObservedGeneration = cmp.Generation
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err := d.veil.PolicyV1alpha1().ClusterMeshPolicies().UpdateStatus(cctx, cp, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("write status of ClusterMeshPolicy %s: %w", cmp.Name, err)
+	}
+	return nil
+}

@@ -1,0 +1,368 @@
+// Package daemon is veil-agent: it watches the API server (Pods,
+// Namespaces, Nodes, NetworkPolicies, MeshPolicies, ClusterMeshPolicies),
+// feeds every change to the incremental policy compiler, and writes only what
+// changed into the node's datapath. It serves the agent API on a unix socket
+// and Prometheus metrics with health endpoints over HTTP.
+//
+// The datapath keeps enforcing the last state it was given whenever the API
+// server, or the agent itself, is away; on return the agent converges.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubeinformers "k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	networkinglisters "k8s.io/client-go/listers/networking/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/veilmesh/veil/agent/config"
+	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/client/clientset/versioned"
+	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
+	veillisters "github.com/veilmesh/veil/policy/client/listers/api/v1alpha1"
+)
+
+// Version is the agent's version, set at link time.
+var Version = "dev"
+
+// Daemon is one node's agent.
+type Daemon struct {
+	cfg  config.Config
+	log  *slog.Logger
+	kube kubernetes.Interface
+	veil versioned.Interface
+
+	dp       *datapath.Datapath
+	compiler *policy.Compiled
+	nodeIP   netip.Addr
+	podCIDR  netip.Prefix
+
+	kubeFactory kubeinformers.SharedInformerFactory
+	veilFactory veilinformers.SharedInformerFactory
+	pods        corelisters.PodLister
+	namespaces  corelisters.NamespaceLister
+	nodes       corelisters.NodeLister
+	netpols     networkinglisters.NetworkPolicyLister
+	meshpols    veillisters.MeshPolicyLister
+	cmeshpols   veillisters.ClusterMeshPolicyLister
+	queue       workqueue.TypedRateLimitingInterface[objKey]
+
+	// mu guards the local endpoint registry and what was written to the
+	// ipcache; compiler and datapath have locks of their own.
+	mu       sync.Mutex
+	local    map[policy.EndpointID]*localEndpoint
+	ipcache  map[netip.Prefix]datapath.IPCacheEntry
+	nextID   uint32
+	dirty    atomic.Bool
+	flows    *flowLog
+	metrics  *agentMetrics
+	started  time.Time
+	lastSync atomic.Int64
+	apiUp    atomic.Bool
+	synced   atomic.Bool
+	degraded sync.Map // component -> reason
+	// cni serves the CNI calls; nil until the pod network is ready.
+	cni CNIService
+}
+
+// objKind says which informer an objKey came from.
+type objKind int
+
+const (
+	kindPod objKind = iota
+	kindNamespace
+	kindNode
+	kindNetworkPolicy
+	kindMeshPolicy
+	kindClusterMeshPolicy
+)
+
+func (k objKind) String() string {
+	return [...]string{"Pod", "Namespace", "Node", "NetworkPolicy", "MeshPolicy", "ClusterMeshPolicy"}[k]
+}
+
+type objKey struct {
+	kind      objKind
+	namespace string
+	name      string
+}
+
+// New connects to the API server and prepares the agent; Run starts it.
+func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, error) {
+	kube, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("create Kubernetes client: %w", err)
+	}
+	veil, err := versioned.NewForConfig(restCfg)
+	if err != nil {
+		return nil, fmt.Errorf("create Veil client: %w", err)
+	}
+	d := &Daemon{
+		cfg: cfg, log: log, kube: kube, veil: veil,
+		local:   map[policy.EndpointID]*localEndpoint{},
+		ipcache: map[netip.Prefix]datapath.IPCacheEntry{},
+		nextID:  1,
+		flows:   newFlowLog(4096),
+		started: time.Now(),
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.DefaultTypedControllerRateLimiter[objKey](),
+			workqueue.TypedRateLimitingQueueConfig[objKey]{Name: "veil-agent"}),
+	}
+	d.metrics = newAgentMetrics(d)
+	return d, nil
+}
+
+// Run runs the agent until ctx is done. It leaves the datapath in place.
+func (d *Daemon) Run(ctx context.Context) error {
+	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create state directory: %w", err)
+	}
+	st, err := loadState(d.cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	if err := d.learnNode(ctx, st); err != nil {
+		return err
+	}
+	if d.dp, err = d.loadDatapath(); err != nil {
+		return err
+	}
+	defer d.dp.Close()
+	d.compiler, err = policy.New(policy.Options{Identities: st.Identities, CIDRIdentities: st.CIDRIdentities})
+	if err != nil {
+		return fmt.Errorf("create policy compiler: %w", err)
+	}
+	if err := d.restoreEndpoints(st); err != nil {
+		return err
+	}
+
+	srv, err := d.serveAPI()
+	if err != nil {
+		return err
+	}
+	defer srv.Stop()
+	if d.cfg.MetricsAddr != "" {
+		stop, err := d.serveMetrics()
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	wg.Add(3)
+	go func() { defer wg.Done(); d.readFlows(ctx) }()
+	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
+	go func() { defer wg.Done(); d.persistLoop(ctx) }()
+
+	d.startInformers(ctx)
+	d.log.Info("waiting for informer caches")
+	for _, res := range []map[string]bool{d.waitKube(ctx), d.waitVeil(ctx)} {
+		for name, ok := range res {
+			if !ok {
+				return fmt.Errorf("informer cache of %s did not sync: %w", name, ctx.Err())
+			}
+		}
+	}
+	d.log.Info("informer caches synced; converging")
+	d.enqueueAll()
+	go func() {
+		<-ctx.Done()
+		d.queue.ShutDown()
+	}()
+	const workers = 1 // the compiler serialises mutations anyway
+	for i := 0; i < workers; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); d.worker(ctx) }()
+	}
+	<-ctx.Done()
+	d.log.Info("shutting down; the datapath keeps enforcing")
+	return d.saveState()
+}
+
+// learnNode finds this node's address and pod CIDR from its Node object, or
+// from the last saved state when the API server cannot be reached.
+func (d *Daemon) learnNode(ctx context.Context, st *persisted) error {
+	var node *corev1.Node
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		n, err := d.kube.CoreV1().Nodes().Get(cctx, d.cfg.NodeName, metav1.GetOptions{})
+		cancel()
+		if err == nil {
+			node = n
+			break
+		}
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("node %q does not exist in the API server: check --node-name/NODE_NAME", d.cfg.NodeName)
+		}
+		if st.NodeIP.IsValid() || time.Now().After(deadline) || ctx.Err() != nil {
+			if !st.NodeIP.IsValid() {
+				return fmt.Errorf("get node %q: %w", d.cfg.NodeName, err)
+			}
+			d.log.Warn("API server unreachable; starting from saved node state", "error", err)
+			d.setDegraded("api-server", "unreachable at start: "+err.Error())
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	d.nodeIP, d.podCIDR = st.NodeIP, st.PodCIDR
+	if node != nil {
+		d.podCIDR = nodePodCIDR(node)
+		d.nodeIP = nodeInternalIP(node)
+	}
+	if d.cfg.NodeIP != "" {
+		d.nodeIP = netip.MustParseAddr(d.cfg.NodeIP)
+	}
+	if !d.nodeIP.IsValid() {
+		return fmt.Errorf("node %q has no IPv4 InternalIP: set --node-ip", d.cfg.NodeName)
+	}
+	if !d.podCIDR.IsValid() {
+		d.setDegraded("ipam", "node "+d.cfg.NodeName+" has no spec.podCIDRs; pods cannot get addresses")
+	}
+	d.log.Info("node", "name", d.cfg.NodeName, "ip", d.nodeIP, "podCIDR", d.podCIDR)
+	return nil
+}
+
+func nodePodCIDR(n *corev1.Node) netip.Prefix {
+	cidrs := n.Spec.PodCIDRs
+	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
+		cidrs = []string{n.Spec.PodCIDR}
+	}
+	for _, c := range cidrs {
+		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is4() {
+			return p.Masked()
+		}
+	}
+	return netip.Prefix{}
+}
+
+func nodeInternalIP(n *corev1.Node) netip.Addr {
+	for _, a := range n.Status.Addresses {
+		if a.Type != corev1.NodeInternalIP {
+			continue
+		}
+		if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is4() {
+			return ip
+		}
+	}
+	return netip.Addr{}
+}
+
+func (d *Daemon) loadDatapath() (*datapath.Datapath, error) {
+	cfg := datapath.Config{
+		BPFFSRoot:         d.cfg.BPFFSRoot,
+		CgroupPath:        d.cfg.CgroupRoot,
+		UnderlayInterface: d.cfg.UnderlayInterface,
+		NodeIP:            d.nodeIP,
+		LegacyTC:          d.cfg.LegacyTC,
+		Logger:            d.log,
+	}
+	if cfg.UnderlayInterface == "" {
+		dev, err := deviceWithAddr(d.nodeIP)
+		if err != nil {
+			return nil, err
+		}
+		cfg.UnderlayInterface = dev
+	}
+	dp, err := datapath.Load(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	return dp, nil
+}
+
+func (d *Daemon) setDegraded(component, reason string) { d.degraded.Store(component, reason) }
+func (d *Daemon) clearDegraded(component string)       { d.degraded.Delete(component) }
+
+// probeAPIServer keeps apiUp current, so status can say whether the agent is
+// enforcing live or last-known state.
+func (d *Daemon) probeAPIServer(ctx context.Context) {
+	t := time.NewTicker(3 * time.Second)
+	defer t.Stop()
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := d.kube.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(cctx)
+		cancel()
+		up := err == nil
+		if was := d.apiUp.Swap(up); was != up {
+			d.log.Info("API server connectivity changed", "connected", up)
+		}
+		if up {
+			d.clearDegraded("api-server")
+		} else if ctx.Err() == nil {
+			d.setDegraded("api-server", "unreachable: enforcing the last known state")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// persistLoop saves identities and endpoints when they changed.
+func (d *Daemon) persistLoop(ctx context.Context) {
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if d.dirty.Swap(false) {
+				if err := d.saveState(); err != nil {
+					d.log.Error("save state", "error", err)
+					d.dirty.Store(true)
+				}
+			}
+		}
+	}
+}
+
+func (d *Daemon) saveState() error {
+	d.mu.Lock()
+	st := &persisted{NodeIP: d.nodeIP, PodCIDR: d.podCIDR}
+	for _, ep := range d.local {
+		cp := *ep
+		st.Endpoints = append(st.Endpoints, &cp)
+	}
+	d.mu.Unlock()
+	if d.compiler != nil {
+		st.Identities = d.compiler.IdentityState()
+		st.CIDRIdentities = d.compiler.CIDRIdentityState()
+	}
+	return saveState(d.cfg.StateDir, st)
+}
+
+// Cleanup removes what Veil installed on this node: pinned programs, links
+// and maps (detaching everything), the API socket and the agent's state.
+func Cleanup(cfg config.Config) error {
+	var errs []error
+	errs = append(errs, datapath.RemovePins(cfg.BPFFSRoot))
+	if err := os.Remove(cfg.SocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, fmt.Errorf("remove socket: %w", err))
+	}
+	if err := os.RemoveAll(cfg.StateDir); err != nil {
+		errs = append(errs, fmt.Errorf("remove state: %w", err))
+	}
+	return errors.Join(errs...)
+}

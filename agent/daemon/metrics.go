@@ -1,0 +1,147 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// agentMetrics are the agent's Prometheus metrics. Datapath counters are read
+// from the maps at scrape time, so they are exact and cost nothing between
+// scrapes.
+type agentMetrics struct {
+	reg       *prometheus.Registry
+	reconcile prometheus.Histogram
+	verdicts  *prometheus.CounterVec
+}
+
+func newAgentMetrics(d *Daemon) *agentMetrics {
+	m := &agentMetrics{
+		reg: prometheus.NewRegistry(),
+		reconcile: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "veil", Name: "reconcile_duration_seconds",
+			Help:    "Time to converge one changed object into the datapath.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		verdicts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "veil", Name: "policy_verdicts_total",
+			Help: "Flow verdicts reported by the datapath (new flows and drops).",
+		}, []string{"verdict"}),
+	}
+	m.reg.MustRegister(m.reconcile, m.verdicts, collector{d}, prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+	return m
+}
+
+type collector struct{ d *Daemon }
+
+var (
+	descEndpoints  = prometheus.NewDesc("veil_endpoints", "Local endpoints.", nil, nil)
+	descIdentities = prometheus.NewDesc("veil_identities", "Identities known to the agent.", nil, nil)
+	descEntries    = prometheus.NewDesc("veil_policy_entries", "Policy map entries of local endpoints.", nil, nil)
+	descForwarded  = prometheus.NewDesc("veil_forwarded_packets_total", "Packets forwarded by the datapath, by path.", []string{"path"}, nil)
+	descDropped    = prometheus.NewDesc("veil_dropped_packets_total", "Packets dropped by the datapath, by reason.", []string{"reason"}, nil)
+	descSockmap    = prometheus.NewDesc("veil_sockmap_redirected_bytes_total", "Bytes moved socket to socket by sk_msg.", nil, nil)
+	descAccel      = prometheus.NewDesc("veil_accelerated_sockets", "Sockets in the sockhash.", nil, nil)
+	descEventsLost = prometheus.NewDesc("veil_flow_events_lost_total", "Flow events lost because the ring buffer was full.", nil, nil)
+	descMapUse     = prometheus.NewDesc("veil_map_entries", "Entries in a datapath map (map pressure).", []string{"map"}, nil)
+	descAPI        = prometheus.NewDesc("veil_api_server_connected", "1 when the API server answers.", nil, nil)
+)
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descEndpoints, descIdentities, descEntries, descForwarded, descDropped, descSockmap, descAccel, descEventsLost, descMapUse, descAPI} {
+		ch <- d
+	}
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	d := c.d
+	gauge := func(desc *prometheus.Desc, v float64, lv ...string) {
+		ch <- prometheus.MustNewConstMetric(desc, prometheus.GaugeValue, v, lv...)
+	}
+	counter := func(desc *prometheus.Desc, v float64, lv ...string) {
+		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, v, lv...)
+	}
+	d.mu.Lock()
+	nLocal := len(d.local)
+	nIPCache := len(d.ipcache)
+	d.mu.Unlock()
+	gauge(descEndpoints, float64(nLocal))
+	gauge(descMapUse, float64(nIPCache), "ipcache")
+	api := 0.0
+	if d.apiUp.Load() {
+		api = 1
+	}
+	gauge(descAPI, api)
+	if d.compiler != nil {
+		gauge(descIdentities, float64(len(d.compiler.Identities())))
+		entries := 0
+		for _, ep := range d.localCompiled() {
+			entries += len(ep.Entries)
+		}
+		gauge(descEntries, float64(entries))
+		gauge(descMapUse, float64(len(d.compiler.CIDRTable())), "cidrs")
+	}
+	if d.dp == nil {
+		return
+	}
+	if cs, err := d.dp.Counters(); err == nil {
+		counter(descForwarded, float64(cs.Local.Packets), "local")
+		counter(descForwarded, float64(cs.Remote.Packets), "remote")
+		counter(descForwarded, float64(cs.Stack.Packets), "stack")
+		counter(descForwarded, float64(cs.Established.Packets), "established")
+		for reason, v := range cs.Drops {
+			counter(descDropped, float64(v.Packets), reason.String())
+		}
+		counter(descSockmap, float64(cs.SocketRedirected.Bytes))
+		counter(descEventsLost, float64(cs.EventsLost))
+	}
+	if n, err := d.dp.AcceleratedSockets(); err == nil {
+		gauge(descAccel, float64(n))
+	}
+	if flows, err := d.dp.Flows(); err == nil {
+		gauge(descMapUse, float64(len(flows)), "conntrack")
+	}
+}
+
+// serveMetrics serves /metrics, /healthz and /readyz.
+func (d *Daemon) serveMetrics() (stop func(), err error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
+		// Alive while the datapath is loaded: restarting the agent would
+		// not fix an unreachable API server.
+		if d.dp == nil {
+			http.Error(w, "datapath not loaded", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !d.synced.Load() {
+			http.Error(w, "not converged with the API server yet", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	ln, err := net.Listen("tcp", d.cfg.MetricsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for metrics on %s: %w", d.cfg.MetricsAddr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("metrics server stopped", "error", err)
+		}
+	}()
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	}, nil
+}
