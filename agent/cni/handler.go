@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"time"
 
@@ -296,8 +297,16 @@ func prevHasIP(prev *types100.Result, ip netip.Addr) bool {
 // toStatus maps an error to the gRPC code veil-cni turns into a CNI code:
 // InvalidArgument → 7, ResourceExhausted and Unavailable → 11, others 999.
 func toStatus(err error) error {
-	if _, ok := status.FromError(err); ok {
-		return err
+	var se interface{ GRPCStatus() *status.Status }
+	if errors.As(err, &se) {
+		// A registrar may answer with a status of its own; keep its code
+		// and drop the "rpc error: code = … desc =" noise from the text.
+		st := se.GRPCStatus()
+		inner, _ := se.(error)
+		if inner == nil || inner == err {
+			return st.Err()
+		}
+		return status.Error(st.Code(), strings.Replace(err.Error(), inner.Error(), st.Message(), 1))
 	}
 	var (
 		ce *ConfigError
@@ -315,12 +324,6 @@ func toStatus(err error) error {
 		code = codes.DeadlineExceeded
 	case errors.Is(err, context.Canceled):
 		code = codes.Canceled
-	default:
-		// A registrar may answer with a status of its own, wrapped.
-		var se interface{ GRPCStatus() *status.Status }
-		if errors.As(err, &se) {
-			code = se.GRPCStatus().Code()
-		}
 	}
 	return status.Error(code, err.Error())
 }
