@@ -141,9 +141,19 @@ func (c *Compiled) compileGroup(g *group) {
 			}
 		}
 	}
+	setMember(c.egressNamedGroups, g, g.egressNamed)
+	setMember(c.cidrNamedGroups, g, g.cidrNamed)
 	g.flat = mergeContribs(c.contribs(g, nil, nil))
 	g.materialized = nil
 	clear(g.overlay)
+}
+
+func setMember[K comparable](m map[K]struct{}, k K, in bool) {
+	if in {
+		m[k] = struct{}{}
+	} else {
+		delete(m, k)
+	}
 }
 
 // patchGroup recompiles only the entries of the given peer identities:

@@ -59,6 +59,12 @@ type Compiled struct {
 	removed        map[EndpointID]struct{}
 	ipcacheChanged bool
 	cidrChanged    bool
+	// regionsDirty: the region set changed since CIDR selectors were last
+	// recomputed (once per flush, not once per policy of a batch).
+	regionsDirty bool
+	// Groups whose entries depend on pods' named ports: egress named ports
+	// towards pod peers, and towards CIDRs.
+	egressNamedGroups, cidrNamedGroups map[*group]struct{}
 }
 
 // region is a CIDR named by some policy, with its CIDR identity.
@@ -106,6 +112,7 @@ func New(opts Options) (*Compiled, error) {
 		rules: map[uint32]*Rule{}, ruleByKey: map[string]uint32{}, nextRule: 1,
 		regions: map[netip.Prefix]*region{}, sels: map[string]*selector{},
 		groups: map[groupKey]*group{}, groupsByNS: map[string]map[*group]struct{}{},
+		egressNamedGroups: map[*group]struct{}{}, cidrNamedGroups: map[*group]struct{}{},
 		dirty: map[*group]struct{}{}, dirtyIDs: map[*group]map[identity.ID]struct{}{}, changed: map[EndpointID]struct{}{}, removed: map[EndpointID]struct{}{},
 	}, nil
 }
@@ -507,7 +514,9 @@ func (c *Compiled) replacePod(old, np *podState) {
 		}
 		// Egress named ports towards CIDR peers resolve against the pods
 		// inside the CIDR, so any pod change may touch them.
-		c.dirtyGroups(func(g *group) bool { return g.cidrNamed })
+		for g := range c.cidrNamedGroups {
+			c.dirty[g] = struct{}{}
+		}
 	}
 }
 
@@ -573,6 +582,8 @@ func (c *Compiled) detach(p *podState) {
 			}
 			delete(c.dirty, g)
 			delete(c.dirtyIDs, g)
+			delete(c.egressNamedGroups, g)
+			delete(c.cidrNamedGroups, g)
 		}
 	}
 	ident := p.ident
@@ -635,20 +646,11 @@ func (c *Compiled) dirtyID(g *group, id identity.ID) {
 // dirtyPortsOf marks stale the entries of a pod identity whose named ports
 // changed, in the groups whose egress named ports resolve against peers.
 func (c *Compiled) dirtyPortsOf(id identity.ID) {
-	for _, g := range c.groups {
-		if g.egressNamed {
-			c.dirtyID(g, id)
-		}
+	for g := range c.egressNamedGroups {
+		c.dirtyID(g, id)
 	}
 }
 
-func (c *Compiled) dirtyGroups(pred func(*group) bool) {
-	for _, g := range c.groups {
-		if pred(g) {
-			c.dirty[g] = struct{}{}
-		}
-	}
-}
 
 // --- policies ---
 
@@ -703,7 +705,6 @@ func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *Po
 		c.uninstall(old, keep)
 	}
 	c.dirtySubjects(ps)
-	c.updateCIDRSelectors()
 }
 
 // uninstall removes an installed policy; rule IDs in keep were taken over
@@ -735,7 +736,6 @@ func (c *Compiled) uninstall(ps *policyState, keep map[uint32]bool) {
 		c.unrefRegion(p)
 	}
 	c.dirtySubjects(ps)
-	c.updateCIDRSelectors()
 }
 
 func ruleKey(ref PolicyRef, section string) string { return ref.String() + "|" + section }
@@ -836,7 +836,7 @@ func (c *Compiled) refRegion(p netip.Prefix) {
 		return
 	}
 	c.regions[p] = &region{id: id, refs: 1}
-	c.cidrChanged = true
+	c.cidrChanged, c.regionsDirty = true, true
 }
 
 func (c *Compiled) unrefRegion(p netip.Prefix) {
@@ -848,7 +848,7 @@ func (c *Compiled) unrefRegion(p netip.Prefix) {
 	if r.refs == 0 {
 		delete(c.regions, p)
 		c.cidrIDs.Release(p.String())
-		c.cidrChanged = true
+		c.cidrChanged, c.regionsDirty = true, true
 	}
 }
 
@@ -856,12 +856,15 @@ func (c *Compiled) unrefRegion(p netip.Prefix) {
 // the region set changed: a new prefix inside a CIDR is a new region that
 // the CIDR's rules must cover too.
 func (c *Compiled) updateCIDRSelectors() {
-	if !c.cidrChanged {
+	if !c.regionsDirty {
 		return
 	}
+	c.regionsDirty = false
 	// Egress named ports towards a CIDR resolve against the pods whose
 	// region the CIDR picks.
-	c.dirtyGroups(func(g *group) bool { return g.cidrNamed })
+	for g := range c.cidrNamedGroups {
+		c.dirty[g] = struct{}{}
+	}
 	for _, s := range c.sels {
 		if s.kind != selCIDR {
 			continue
@@ -909,6 +912,7 @@ func (c *Compiled) groupChanged(g *group) {
 
 // flush recompiles the dirty groups and reports what changed.
 func (c *Compiled) flush() Changes {
+	c.updateCIDRSelectors()
 	for g := range c.dirty {
 		was := g.computed
 		var before []Entry
