@@ -651,7 +651,6 @@ func (c *Compiled) dirtyPortsOf(id identity.ID) {
 	}
 }
 
-
 // --- policies ---
 
 func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *PolicyError)) {
