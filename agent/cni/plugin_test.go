@@ -102,7 +102,7 @@ func socketDir(t *testing.T) string {
 	return dir
 }
 
-func startAgent(t *testing.T, a *fakeAgent) string {
+func startAgent(t *testing.T, a agentv1.AgentServer) string {
 	t.Helper()
 	sock := filepath.Join(socketDir(t), "agent.sock")
 	ln, err := net.Listen("unix", sock)
