@@ -120,7 +120,7 @@ func TestPrivilegedPluginOnRealNetwork(t *testing.T) {
 	}
 	var res struct {
 		Interfaces []struct{ Name, Mac string } `json:"interfaces"`
-		IPs        []struct{ Address string }  `json:"ips"`
+		IPs        []struct{ Address string }   `json:"ips"`
 	}
 	if err := json.Unmarshal([]byte(out.stdout), &res); err != nil {
 		t.Fatal(err)
