@@ -35,7 +35,7 @@ type Plugin struct {
 
 // Funcs are the plugin's commands for skel.PluginMainFuncs.
 func (p *Plugin) Funcs() skel.CNIFuncs {
-	return skel.CNIFuncs{Add: p.add, Del: p.del, Check: p.check}
+	return skel.CNIFuncs{Add: p.add, Del: p.del, Check: p.check, Status: p.status}
 }
 
 // VersionInfo is what VERSION reports.
@@ -75,6 +75,28 @@ func (p *Plugin) check(args *skel.CmdArgs) error {
 	return err
 }
 
+// status (CNI 1.1 STATUS) reports whether pods can be wired: the runtime
+// marks the node's network not ready while the agent does not answer.
+func (p *Plugin) status(args *skel.CmdArgs) error {
+	conf, err := ParseConfig(args.StdinData)
+	if err != nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
+	}
+	err = withAgent(conf, func(ctx context.Context, c agentv1.AgentClient) error {
+		_, err := c.Status(ctx, &agentv1.StatusRequest{})
+		return err
+	})
+	if err != nil {
+		msg := err.Error()
+		var ce *types.Error
+		if errors.As(err, &ce) {
+			msg = ce.Msg
+		}
+		return types.NewError(types.ErrPluginNotAvailable, msg, "agent socket "+conf.AgentSocket)
+	}
+	return nil
+}
+
 type rpc func(agentv1.AgentClient, context.Context, *agentv1.CNIRequest, ...grpc.CallOption) (*agentv1.CNIResponse, error)
 
 // call validates the config, forwards the call within the config's timeout
@@ -84,6 +106,27 @@ func (p *Plugin) call(args *skel.CmdArgs, method rpc) (*agentv1.CNIResponse, *Ne
 	if err != nil {
 		return nil, nil, types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
 	}
+	var resp *agentv1.CNIResponse
+	err = withAgent(conf, func(ctx context.Context, c agentv1.AgentClient) error {
+		var err error
+		resp, err = method(c, ctx, &agentv1.CNIRequest{
+			ContainerId: args.ContainerID,
+			Netns:       args.Netns,
+			Ifname:      args.IfName,
+			Args:        args.Args,
+			Config:      args.StdinData,
+		})
+		return err
+	})
+	if err != nil {
+		return nil, conf, err
+	}
+	return resp, conf, nil
+}
+
+// withAgent runs fn against the agent within the config's timeout; its
+// error is always a *types.Error.
+func withAgent(conf *NetConf, fn func(context.Context, agentv1.AgentClient) error) error {
 	ctx, cancel := context.WithTimeout(context.Background(), conf.Timeout())
 	defer cancel()
 
@@ -104,24 +147,17 @@ func (p *Plugin) call(args *skel.CmdArgs, method rpc) (*agentv1.CNIResponse, *Ne
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithContextDialer(dialer))
 	if err != nil {
-		return nil, conf, types.NewError(types.ErrInternal, fmt.Sprintf("create agent client: %v", err), "")
+		return types.NewError(types.ErrInternal, fmt.Sprintf("create agent client: %v", err), "")
 	}
 	defer conn.Close()
 
-	resp, err := method(agentv1.NewAgentClient(conn), ctx, &agentv1.CNIRequest{
-		ContainerId: args.ContainerID,
-		Netns:       args.Netns,
-		Ifname:      args.IfName,
-		Args:        args.Args,
-		Config:      args.StdinData,
-	})
-	if err != nil {
+	if err := fn(ctx, agentv1.NewAgentClient(conn)); err != nil {
 		mu.Lock()
 		de := dialErr
 		mu.Unlock()
-		return nil, conf, toCNIError(err, de, conf)
+		return toCNIError(err, de, conf)
 	}
-	return resp, conf, nil
+	return nil
 }
 
 // toCNIError maps the agent's gRPC status to a CNI error code: 7 for bad

@@ -79,6 +79,13 @@ func (a *fakeAgent) serve(ctx context.Context, fn func(context.Context, *agentv1
 	return fn(ctx, req)
 }
 
+func (a *fakeAgent) Status(ctx context.Context, _ *agentv1.StatusRequest) (*agentv1.StatusResponse, error) {
+	if a.fail != nil {
+		return nil, a.fail
+	}
+	return &agentv1.StatusResponse{ApiVersion: "v1", Healthy: true}, nil
+}
+
 func (a *fakeAgent) CNIAdd(ctx context.Context, req *agentv1.CNIRequest) (*agentv1.CNIResponse, error) {
 	return a.serve(ctx, a.h.Add, req)
 }
@@ -408,4 +415,18 @@ func TestPluginAgentErrors(t *testing.T) {
 			t.Errorf("timed-out call took %s", d)
 		}
 	})
+}
+
+func TestPluginStatus(t *testing.T) {
+	conf := func(sock string) string { return withVersion(netConf(sock, ""), "1.1.0") }
+	sock := startAgent(t, &fakeAgent{})
+	if out := run(t, cniCall{cmd: "STATUS", conf: conf(sock)}); out.exit != 0 {
+		t.Fatalf("STATUS with the agent up: %s", out.stdout)
+	}
+	missing := filepath.Join(socketDir(t), "agent.sock")
+	wantCNIError(t, run(t, cniCall{cmd: "STATUS", conf: conf(missing)}), 50, "is veil-agent running on this node?")
+	sick := startAgent(t, &fakeAgent{fail: status.Error(codes.Unavailable, "starting")})
+	wantCNIError(t, run(t, cniCall{cmd: "STATUS", conf: conf(sick)}), 50, "veil-agent is not ready: starting")
+	// STATUS came with CNI 1.1; older configs may not ask for it.
+	wantCNIError(t, run(t, cniCall{cmd: "STATUS", conf: netConf(sock, "")}), 1, "does not allow STATUS")
 }
