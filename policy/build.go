@@ -366,6 +366,10 @@ func (k Key) packed() uint64 {
 // key, carrying the merged verdict of every contribution of the same
 // direction and identity whose prefix covers it, because in the datapath
 // the longest prefix shadows the shorter ones (see entry.go).
+//
+// Sorted by key, a prefix comes before every prefix it covers, and the
+// prefixes covering a key form a chain; so one sweep with a stack of the
+// open prefixes sees each key's covering chain without any lookups.
 func mergeContribs(cs []contrib) []Entry {
 	for i := range cs {
 		cs[i].packed = cs[i].Key.packed()
@@ -374,33 +378,37 @@ func mergeContribs(cs []contrib) []Entry {
 		return cmp.Or(cmp.Compare(a.packed, b.packed), cmp.Compare(a.order, b.order))
 	})
 	var out []Entry
-	keys := map[portKey]*keyFacts{}
-	for start := 0; start < len(cs); {
-		end := start
-		for end < len(cs) && cs[end].Direction == cs[start].Direction && cs[end].Identity == cs[start].Identity {
-			end++
+	var stack []openKey
+	for i := 0; i < len(cs); {
+		k := cs[i].Key
+		if i == 0 || k.Direction != cs[i-1].Direction || k.Identity != cs[i-1].Identity {
+			stack = stack[:0]
 		}
-		clear(keys)
-		block := cs[start:end]
-		for i := range block {
-			c := &block[i]
-			kp := keyPort(c.Key)
-			f := keys[kp]
-			if f == nil {
-				f = &keyFacts{}
-				keys[kp] = f
-			}
-			f.add(c)
+		var f keyFacts
+		for ; i < len(cs) && cs[i].Key == k; i++ {
+			f.add(&cs[i])
 		}
-		for i := range block {
-			if i > 0 && block[i].Key == block[i-1].Key {
-				continue
-			}
-			out = append(out, mergeOne(keys, block[i].Key))
+		kp := keyPort(k)
+		for len(stack) > 0 && !stack[len(stack)-1].pk.covers(kp) {
+			stack = stack[:len(stack)-1]
 		}
-		start = end
+		ok := openKey{pk: kp, facts: f, enf: f.enf, aud: f.aud}
+		if len(stack) > 0 {
+			top := stack[len(stack)-1]
+			ok.enf, ok.aud = max(ok.enf, top.enf), max(ok.aud, top.aud)
+		}
+		stack = append(stack, ok)
+		out = append(out, entryFor(k, stack))
 	}
 	return out
+}
+
+// openKey is a prefix on the sweep's stack with the verdicts merged over
+// it and every prefix covering it.
+type openKey struct {
+	pk       portKey
+	facts    keyFacts
+	enf, aud Verdict
 }
 
 // keyFacts aggregates the contributions of one exact key: the strongest
@@ -426,35 +434,15 @@ func (f *keyFacts) add(c *contrib) {
 	}
 }
 
-// ancestors returns the keys covering k, most specific first: k's own
-// protocol at every prefix length from k's down to 0, then ProtoAny.
-func ancestors(k portKey, buf []portKey) []portKey {
-	buf = buf[:0]
-	if k.proto != ProtoAny {
-		for l := int(k.plen); l >= 0; l-- {
-			buf = append(buf, portKey{k.proto, k.port & portMask(uint8(l)), uint8(l)})
-		}
-	}
-	return append(buf, portKey{})
-}
-
-func mergeOne(keys map[portKey]*keyFacts, k Key) Entry {
-	var buf [18]portKey
-	anc := ancestors(keyPort(k), buf[:])
-	e := Entry{Key: k}
-	for _, a := range anc {
-		if f := keys[a]; f != nil {
-			e.Enforce, e.Audit = max(e.Enforce, f.enf), max(e.Audit, f.aud)
-		}
-	}
-	// The deciding rule: the most specific contribution with the verdict
-	// that counts (enforce, else audit), the first in policy order among
-	// equals.
-	for _, a := range anc {
-		f := keys[a]
-		if f == nil {
-			continue
-		}
+// entryFor builds the entry of the key on top of chain (the key and the
+// prefixes covering it, outermost first). The deciding rule is the most
+// specific contribution with the verdict that counts (enforce, else
+// audit), the first in policy order among equals.
+func entryFor(k Key, chain []openKey) Entry {
+	top := chain[len(chain)-1]
+	e := Entry{Key: k, Enforce: top.enf, Audit: top.aud}
+	for i := len(chain) - 1; i >= 0; i-- {
+		f := &chain[i].facts
 		if e.Enforce != None && f.hasEnf[e.Enforce] {
 			e.RuleID = f.firstEnf[e.Enforce]
 			break
