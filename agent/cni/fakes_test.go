@@ -116,7 +116,7 @@ type fixture struct {
 	eps *fakeEndpoints
 }
 
-func newFixture(t *testing.T, cidr string) *fixture {
+func newFixture(t testing.TB, cidr string) *fixture {
 	t.Helper()
 	a, err := ipam.Open(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix(cidr))
 	if err != nil {

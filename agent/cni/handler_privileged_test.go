@@ -21,14 +21,14 @@ import (
 	"github.com/veilmesh/veil/tests/netlab"
 )
 
-func privileged(t *testing.T) {
+func privileged(t testing.TB) {
 	t.Helper()
 	if os.Getenv("VEIL_PRIVILEGED") != "1" {
 		t.Skip("changes network namespaces; set VEIL_PRIVILEGED=1 to run")
 	}
 }
 
-func testNetns(t *testing.T, suffix string) *netlab.Netns {
+func testNetns(t testing.TB, suffix string) *netlab.Netns {
 	t.Helper()
 	ns, err := netlab.NewNetns(fmt.Sprintf("veiltest-%d-cni-%s", os.Getpid(), suffix))
 	if err != nil {
@@ -44,7 +44,7 @@ func testNetns(t *testing.T, suffix string) *netlab.Netns {
 
 // nodeNetns is a node namespace whose default route sits on underlay0
 // (MTU 1400, address 10.99.0.1/24).
-func nodeNetns(t *testing.T, suffix string) *netlab.Netns {
+func nodeNetns(t testing.TB, suffix string) *netlab.Netns {
 	t.Helper()
 	ns := testNetns(t, suffix)
 	err := ns.Do(func() error {

@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 }
 
 // pluginBinary builds veil-cni once per test binary run.
-func pluginBinary(t *testing.T) string {
+func pluginBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		binDir, buildErr = os.MkdirTemp("", "veil-cni-bin-")
@@ -99,7 +99,7 @@ func (a *fakeAgent) CNICheck(ctx context.Context, req *agentv1.CNIRequest) (*age
 }
 
 // socketDir is short: unix socket paths are limited to 108 bytes.
-func socketDir(t *testing.T) string {
+func socketDir(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "veilcni")
 	if err != nil {
@@ -109,7 +109,7 @@ func socketDir(t *testing.T) string {
 	return dir
 }
 
-func startAgent(t *testing.T, a agentv1.AgentServer) string {
+func startAgent(t testing.TB, a agentv1.AgentServer) string {
 	t.Helper()
 	sock := filepath.Join(socketDir(t), "agent.sock")
 	ln, err := net.Listen("unix", sock)
@@ -136,7 +136,7 @@ type cniOutput struct {
 
 // run executes the plugin the way kubelet's runtime does: CNI_* environment
 // and the network config on stdin, nothing else.
-func run(t *testing.T, c cniCall) cniOutput {
+func run(t testing.TB, c cniCall) cniOutput {
 	t.Helper()
 	bin := pluginBinary(t)
 	if c.netns == "" {
@@ -186,7 +186,7 @@ func withVersion(conf, v string) string {
 }
 
 // cniErr decodes the CNI error JSON of a failed call.
-func cniErr(t *testing.T, out cniOutput) (code uint, msg, details string) {
+func cniErr(t testing.TB, out cniOutput) (code uint, msg, details string) {
 	t.Helper()
 	if out.exit == 0 {
 		t.Fatalf("veil-cni succeeded; want an error. stdout: %s", out.stdout)
@@ -202,7 +202,7 @@ func cniErr(t *testing.T, out cniOutput) (code uint, msg, details string) {
 	return e.Code, e.Msg, e.Details
 }
 
-func wantCNIError(t *testing.T, out cniOutput, code uint, msgs ...string) {
+func wantCNIError(t testing.TB, out cniOutput, code uint, msgs ...string) {
 	t.Helper()
 	got, msg, details := cniErr(t, out)
 	if got != code {
