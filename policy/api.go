@@ -17,6 +17,31 @@
 //
 // A Compiled is safe for concurrent use: mutations take a write lock, queries
 // a read lock. Objects passed in are not retained or modified.
+//
+// # Semantics worth knowing
+//
+//   - Identity: a pod's canonical label set is its labels ("pod:k=v"), its
+//     namespace's labels ("ns:k=v", always including
+//     kubernetes.io/metadata.name as the API server sets it), its namespace
+//     and service account ("meta:namespace", "meta:serviceaccount"; empty
+//     means "default"). Only endpoints (pods with an IP, not on the host
+//     network, not finished) get identities. Host-network pods are their
+//     node: host or remote-node.
+//   - CIDR peers: every CIDR and except prefix that any policy names is a
+//     region with a CIDR identity; the datapath finds an address's region by
+//     longest prefix, so a rule picks exactly the regions inside its CIDR and
+//     outside its excepts. Pod IPs are matched too, as upstream expects.
+//   - Named ports resolve against the destination: for ingress the endpoint
+//     itself, for egress the peer pod's identity. Entries are keyed by
+//     identity, so if pods with one label set declare the same port name
+//     with different numbers, an egress rule allows the union of those
+//     numbers to each of them. A named port towards a non-pod peer matches
+//     nothing.
+//   - An ICMP rule without a type also covers ICMPv6; typed ICMP rules match
+//     IPv4 ICMP only (the type numbers differ).
+//   - Invalid policies are skipped, never turned into allow-all or deny-all;
+//     see PolicyError. Only the first problem of a policy is reported
+//     (policy.ValidateNetworkPolicy and friends list them all).
 package policy
 
 import (

@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -38,7 +39,7 @@ type podState struct {
 func newPodState(pod *corev1.Pod) *podState {
 	p := &podState{
 		id:             EndpointID{Namespace: pod.Namespace, Name: pod.Name},
-		labels:         pod.Labels,
+		labels:         maps.Clone(pod.Labels),
 		serviceAccount: pod.Spec.ServiceAccountName,
 		node:           pod.Spec.NodeName,
 	}
