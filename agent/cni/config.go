@@ -7,7 +7,28 @@
 // socket and cannot leave half-configured state behind: the agent allocates
 // the address, wires the pod and registers the endpoint, undoing its own work
 // when a step fails. Errors reach the container runtime as CNI error JSON
-// whose message says what to fix.
+// whose message says what to fix:
+//
+//	7    invalid network config, or a call the agent refuses as malformed
+//	11   try again later: agent unreachable, not ready, too slow, or the
+//	     node's pod CIDR is exhausted
+//	50   (STATUS) the agent does not answer
+//	999  anything else, with the agent's message
+//
+// Network config (every field but the first three optional):
+//
+//	{
+//	  "cniVersion": "1.0.0",
+//	  "name": "veil",
+//	  "type": "veil-cni",
+//	  "agentSocket": "/var/run/veil/agent.sock",
+//	  "mtu": 0,
+//	  "routes": ["0.0.0.0/0"],
+//	  "timeoutSeconds": 30
+//	}
+//
+// mtu 0 lets the agent choose; routes may also be CNI route objects
+// ({"dst": "10.0.0.0/8"}) and all go via 169.254.1.1.
 package cni
 
 import (
