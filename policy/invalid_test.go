@@ -54,6 +54,9 @@ func TestInvalidPoliciesAreReportedAndSkipped(t *testing.T) {
 				t.Fatal(err)
 			}
 			checkSkipped(t, c, PolicyRef{KindNetworkPolicy, "x", "bad"}, tt.field)
+			if len(ValidateNetworkPolicy(p)) == 0 {
+				t.Errorf("ValidateNetworkPolicy accepts a policy the compiler skips")
+			}
 		})
 	}
 	meshes := []struct {
@@ -75,6 +78,9 @@ func TestInvalidPoliciesAreReportedAndSkipped(t *testing.T) {
 		t.Run("MeshPolicy "+tt.name, func(t *testing.T) {
 			in := e2eInput()
 			in.MeshPolicies = []*v1alpha1.MeshPolicy{mp("x", "bad", &metav1.LabelSelector{}, tt.rules)}
+			if len(ValidateMeshPolicy(in.MeshPolicies[0])) == 0 {
+				t.Errorf("ValidateMeshPolicy accepts a policy the compiler skips")
+			}
 			c, err := Compile(in, Options{})
 			if err != nil {
 				t.Fatal(err)
