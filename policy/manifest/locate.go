@@ -20,17 +20,15 @@ func (d *document) lineOf(path string) int {
 // locate is lineOf that also returns the path it followed, with list indices
 // filled in where path had none: encoding/json names a badly typed field
 // "spec.ingress.ports.port", and the first list item holding the next field
-// is the best guess at which one was meant. It parses the document again on
-// every call: lines are only needed for problems, which are few.
+// is the best guess at which one was meant.
 func (d *document) locate(path string) (int, string) {
-	if d == nil || len(d.src) == 0 {
+	if d == nil {
 		return 0, path
 	}
-	var root yamlv3.Node
-	if err := yamlv3.Unmarshal(d.src, &root); err != nil || len(root.Content) == 0 {
+	n := d.root()
+	if n == nil {
 		return 0, path
 	}
-	n := root.Content[0]
 	line := n.Line
 	steps := splitFieldPath(path)
 	var followed strings.Builder
@@ -73,6 +71,19 @@ func (d *document) locate(path string) (int, string) {
 		n, line = next, stepLine
 	}
 	return d.line + line - 1, followed.String()
+}
+
+// root parses the document once, on first use, and returns its top node,
+// or nil when it does not parse.
+func (d *document) root() *yamlv3.Node {
+	if !d.parsed {
+		d.parsed = true
+		var doc yamlv3.Node
+		if err := yamlv3.Unmarshal(d.src, &doc); err == nil && len(doc.Content) > 0 {
+			d.tree = doc.Content[0]
+		}
+	}
+	return d.tree
 }
 
 func mapValue(n *yamlv3.Node, key string) (value, keyNode *yamlv3.Node) {

@@ -29,6 +29,7 @@ import (
 	"strconv"
 	"strings"
 
+	yamlv3 "go.yaml.in/yaml/v3"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -236,6 +237,10 @@ type document struct {
 	index int
 	line  int // line of src's first byte in file
 	src   []byte
+
+	// tree is src parsed for locating fields, once it is needed.
+	tree   *yamlv3.Node
+	parsed bool
 }
 
 func (b *builder) problem(d *document, line int, ref Ref, fieldPath, msg string) {
