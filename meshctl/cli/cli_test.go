@@ -100,6 +100,9 @@ func TestMatrixByHand(t *testing.T) {
 			Allowed, Egress, Ingress bool
 		} `json:"cells"`
 	}
+	if !strings.HasPrefix(out, `{"ports":["80/TCP","81/UDP"],"pods":["x/a",`) || strings.Count(out, "\n") != 1 {
+		t.Errorf("matrix JSON is not one line in the contract's form: %.80s…", out)
+	}
 	dec := json.NewDecoder(strings.NewReader(out))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&m); err != nil {

@@ -34,13 +34,25 @@ func (o *outputFlag) check() error {
 	return usageErrorf("invalid output format %q: want table, json or yaml", o.format)
 }
 
-// structured writes v as JSON or YAML; it reports false for table output,
-// which each command renders itself.
+// structured writes v as indented JSON or YAML; it reports false for table
+// output, which each command renders itself.
 func (o *outputFlag) structured(w io.Writer, v any) (bool, error) {
+	return o.write(w, v, true)
+}
+
+// structuredCompact is structured with JSON on one line, for outputs whose
+// exact form is a contract and that can be large.
+func (o *outputFlag) structuredCompact(w io.Writer, v any) (bool, error) {
+	return o.write(w, v, false)
+}
+
+func (o *outputFlag) write(w io.Writer, v any, indent bool) (bool, error) {
 	switch o.format {
 	case formatJSON:
 		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
+		if indent {
+			enc.SetIndent("", "  ")
+		}
 		if err := enc.Encode(v); err != nil {
 			return true, fmt.Errorf("write JSON: %w", err)
 		}

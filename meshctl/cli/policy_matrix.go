@@ -13,7 +13,9 @@ import (
 
 // matrixReport is the -o json|yaml output of policy matrix; its shape is a
 // contract (issue 3): ports, pods, then one cell per ordered pair of
-// distinct pods per port, ordered by port, from, to.
+// distinct pods per port, ordered by port, from, to. JSON is written on one
+// line, exactly in the contract's form (and 100 pods make 9,900 cells per
+// port).
 type matrixReport struct {
 	Ports []string     `json:"ports"`
 	Pods  []string     `json:"pods"`
@@ -84,7 +86,7 @@ validate' reports errors for.
 			}
 			report := newMatrixReport(m)
 			w := cmd.OutOrStdout()
-			done, err := out.structured(w, report)
+			done, err := out.structuredCompact(w, report)
 			if err != nil || done {
 				return err
 			}
