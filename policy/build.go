@@ -228,72 +228,139 @@ func (g *group) entries() []Entry {
 }
 
 // contribs lists what g's policies contribute, restricted to the peer
-// identities in only (nil = all), in policy order.
+// identities in only (nil = all).
+//
+// A rule's (peer, port) pairs each have a RuleID, but generating every pair
+// would cost peers × ports × identities; instead each identity is credited
+// to the first peer that picks it, which is also the pair the entry would
+// name (the first in policy order), and the product never materialises.
 func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contrib) []contrib {
 	var scratch []uint16
-	var peers []identity.ID
+	base := 0
 	for _, ps := range g.pols {
-		for i := range ps.rules {
-			r := &ps.rules[i]
-			add := func(id identity.ID, pk portKey) {
-				out = append(out, contrib{
-					Key:     Key{Direction: r.dir, Identity: id, Proto: pk.proto, Port: pk.port, PortPrefixLen: pk.plen},
-					verdict: r.verdict, audit: ps.audit, rule: r.id, order: len(out),
-				})
+		for gi := 0; gi < len(ps.rules); {
+			nq := ps.rules[gi].nPorts
+			block := ps.rules[gi : gi+ps.rules[gi].nPeers*nq]
+			dir := block[0].dir
+			var plain, named firstPeers
+			for k := range nq {
+				pt := block[k].port
+				idx := &plain
+				if pt.name != "" && dir == Egress {
+					// Towards any peer, a named port can only reach pods, so
+					// these pairs are bound to the all-pods selector.
+					idx = &named
+				}
+				if !idx.done {
+					idx.fill(block, nq, k, only)
+				}
+				add := func(n int, pk portKey) {
+					j := idx.first[n]
+					r := &block[j*nq+k]
+					out = append(out, contrib{
+						Key:     Key{Direction: dir, Identity: idx.ids[n], Proto: pk.proto, Port: pk.port, PortPrefixLen: pk.plen},
+						verdict: r.verdict, audit: ps.audit, rule: r.id, order: base + gi + j*nq + k,
+					})
+				}
+				switch {
+				case pt.any:
+					for n := range idx.ids {
+						add(n, portKey{})
+					}
+				case pt.icmp:
+					for n := range idx.ids {
+						add(n, portKey{ProtoICMP, pt.lo, pt.icmpLen})
+						// Every ICMP type includes ICMPv6, so "allow ICMP"
+						// holds on IPv6 too; type numbers differ between the
+						// two, so a typed rule stays IPv4 only.
+						if pt.icmpLen == 0 {
+							add(n, portKey{ProtoICMPv6, 0, 0})
+						}
+					}
+				case pt.name != "" && dir == Ingress:
+					// The destination of ingress is the endpoint itself.
+					scratch = resolvePort(g.ports, pt.name, pt.proto, scratch[:0])
+					for n := range idx.ids {
+						for _, port := range scratch {
+							add(n, portKey{pt.proto, port, 16})
+						}
+					}
+				case pt.name != "":
+					// The destination of egress is the peer: a pod identity
+					// resolves against its pods; other peers have no named
+					// ports.
+					for n, id := range idx.ids {
+						ident := c.idents[id]
+						if ident == nil {
+							continue
+						}
+						for _, port := range resolvePort(ident.ports, pt.name, pt.proto, scratch[:0]) {
+							add(n, portKey{pt.proto, port, 16})
+						}
+					}
+					out = c.namedTowardsCIDRs(block, nq, k, only, ps.audit, base+gi, out)
+				default:
+					for _, pp := range RangePrefixes(pt.lo, pt.hi) {
+						for n := range idx.ids {
+							add(n, portKey{pt.proto, pp.Port, pp.Len})
+						}
+					}
+				}
 			}
-			peers = r.peers(only, peers[:0])
-			pt := r.port
-			switch {
-			case pt.any:
-				for _, id := range peers {
-					add(id, portKey{})
-				}
-			case pt.icmp:
-				for _, id := range peers {
-					add(id, portKey{ProtoICMP, pt.lo, pt.icmpLen})
-					// Every ICMP type includes ICMPv6, so "allow ICMP"
-					// holds on IPv6 too; type numbers differ between the
-					// two, so a typed rule stays IPv4 only.
-					if pt.icmpLen == 0 {
-						add(id, portKey{ProtoICMPv6, 0, 0})
-					}
-				}
-			case pt.name != "" && r.dir == Ingress:
-				// The destination of ingress is the endpoint itself.
-				scratch = resolvePort(g.ports, pt.name, pt.proto, scratch[:0])
-				for _, id := range peers {
-					for _, n := range scratch {
-						add(id, portKey{pt.proto, n, 16})
-					}
-				}
-			case pt.name != "" && r.sel != nil && r.sel.kind == selCIDR:
-				// Only pods have named ports, so the entries go to the
-				// identities of the pods inside the CIDR, each resolved
-				// against its own pod rather than a whole region's pods.
-				for _, pi := range c.namedInCIDR(r.sel, pt.name, pt.proto) {
-					if _, ok := only[pi.id]; ok || only == nil {
-						add(pi.id, portKey{pt.proto, pi.port, 16})
-					}
-				}
-			case pt.name != "":
-				// The destination of egress is the peer: a pod identity
-				// resolves against its pods; other peers have no named
-				// ports.
-				for _, id := range peers {
-					ident := c.idents[id]
-					if ident == nil {
-						continue
-					}
-					for _, n := range resolvePort(ident.ports, pt.name, pt.proto, scratch[:0]) {
-						add(id, portKey{pt.proto, n, 16})
-					}
-				}
-			default:
-				for _, pp := range RangePrefixes(pt.lo, pt.hi) {
-					for _, id := range peers {
-						add(id, portKey{pt.proto, pp.Port, pp.Len})
-					}
-				}
+			gi += len(block)
+		}
+		base += len(ps.rules)
+	}
+	return out
+}
+
+// firstPeers lists the identities the peers of one rule pick, each with
+// the first peer (index j) that picks it.
+type firstPeers struct {
+	done  bool
+	ids   []identity.ID
+	first []int
+}
+
+// fill computes the identities of the pairs (j, k) for every peer j.
+func (f *firstPeers) fill(block []boundRule, nq, k int, only map[identity.ID]struct{}) {
+	f.done = true
+	np := len(block) / nq
+	if np == 1 {
+		f.ids = block[k].peers(only, nil)
+		f.first = make([]int, len(f.ids))
+		return
+	}
+	seen := map[identity.ID]struct{}{}
+	var buf []identity.ID
+	for j := range np {
+		buf = block[j*nq+k].peers(only, buf[:0])
+		for _, id := range buf {
+			if _, dup := seen[id]; !dup {
+				seen[id] = struct{}{}
+				f.ids = append(f.ids, id)
+				f.first = append(f.first, j)
+			}
+		}
+	}
+}
+
+// namedTowardsCIDRs adds the contributions of an egress named port k
+// towards the CIDR peers of a rule. Only pods have named ports, so the
+// entries go to the identities of the pods inside the CIDR, each resolved
+// against its own pod rather than a whole region's pods.
+func (c *Compiled) namedTowardsCIDRs(block []boundRule, nq, k int, only map[identity.ID]struct{}, audit bool, base int, out []contrib) []contrib {
+	for j := range len(block) / nq {
+		r := &block[j*nq+k]
+		if r.sel == nil || r.sel.kind != selCIDR {
+			continue
+		}
+		for _, pi := range c.namedInCIDR(r.sel, r.port.name, r.port.proto) {
+			if _, ok := only[pi.id]; ok || only == nil {
+				out = append(out, contrib{
+					Key:     Key{Direction: Egress, Identity: pi.id, Proto: r.port.proto, Port: pi.port, PortPrefixLen: 16},
+					verdict: r.verdict, audit: audit, rule: r.id, order: base + j*nq + k,
+				})
 			}
 		}
 	}

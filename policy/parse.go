@@ -34,6 +34,7 @@ type parsedPolicy struct {
 }
 
 // parsedRule is one (peer, port) pair of one rule: the unit a RuleID names.
+// A rule with P peers and Q ports becomes P×Q consecutive parsedRules.
 type parsedRule struct {
 	section string
 	dir     Direction
@@ -42,6 +43,9 @@ type parsedRule struct {
 	port    portSpec
 	// peerText and portText describe the rule in words.
 	peerText, portText string
+	// nPeers and nPorts size the peers × ports block this pair belongs to;
+	// the block is laid out peer-major.
+	nPeers, nPorts int
 }
 
 type peerSpec struct {
@@ -195,6 +199,7 @@ func (p *parsedPolicy) cross(dir Direction, v Verdict, section string, pspecs []
 				dir:     dir, verdict: v,
 				peer: pspecs[j], port: ospecs[k],
 				peerText: ptexts[j], portText: otexts[k],
+				nPeers: len(pspecs), nPorts: len(ospecs),
 			})
 		}
 	}
