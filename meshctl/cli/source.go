@@ -112,9 +112,17 @@ func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifest
 // the loader's.
 func checkSet(set *manifest.Set) manifest.Problems {
 	problems := slices.Clone(set.Problems)
+	// A field that did not decode is left empty, and validation would then
+	// say so again in other words.
+	undecoded := map[[2]string]bool{}
+	for _, p := range set.Problems.Errors() {
+		undecoded[[2]string{p.Object, p.Field}] = true
+	}
 	add := func(ref manifest.Ref, errs field.ErrorList, ws []policy.Warning) {
 		for _, e := range errs {
-			problems = append(problems, set.Problem(manifest.SeverityError, ref, e.Field, e.ErrorBody()))
+			if !undecoded[[2]string{ref.String(), e.Field}] {
+				problems = append(problems, set.Problem(manifest.SeverityError, ref, e.Field, e.ErrorBody()))
+			}
 		}
 		for _, w := range ws {
 			problems = append(problems, set.Problem(manifest.SeverityWarning, ref, w.Field.String(), w.Message))

@@ -24,6 +24,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -547,10 +548,6 @@ func (b *builder) addList(o *Origin, js []byte, h header) {
 	}
 }
 
-// typeError matches encoding/json's message for a value of the wrong type,
-// to file it under its field.
-var typeError = regexp.MustCompile(`^json: cannot unmarshal (\S+) into Go struct field [^.\s]+\.(\S+) of type (\S+)$`)
-
 // decode strictly decodes js into obj, filing every unknown or duplicate
 // field and every type error as a problem of the object.
 func (b *builder) decode(o *Origin, ref Ref, js []byte, obj any) {
@@ -565,23 +562,66 @@ func (b *builder) decode(o *Origin, ref Ref, js []byte, obj any) {
 		b.fieldProblem(o, ref, fieldPath, msg)
 	}
 	if err != nil {
-		msg, fieldPath := err.Error(), ""
-		if m := typeError.FindStringSubmatch(msg); m != nil {
-			fieldPath = withoutInlineStructs(m[2])
+		msg, fieldPath := strings.TrimPrefix(err.Error(), "json: "), ""
+		if got, want, path, ok := typeErrorParts(err); ok {
+			fieldPath = withoutInlineStructs(path)
 			if _, followed := o.doc.locate(joinPath(o.itemPath, fieldPath)); o.itemPath == "" {
 				fieldPath = followed
 			} else if rest, ok := strings.CutPrefix(followed, o.itemPath); ok {
 				fieldPath = strings.TrimPrefix(rest, ".")
 			}
-			msg = fmt.Sprintf("must be of type %s, not %s", goTypeName(m[3]), m[1])
-			if m[1] == "bool" && goTypeName(m[3]) == "string" {
+			msg = fmt.Sprintf("must be of type %s, not %s", want, got)
+			if got == "bool" && want == "string" {
 				msg += " (quote the value: YAML reads y, n, yes, no, on, off, true and false as booleans)"
 			}
-		} else {
-			msg = strings.TrimPrefix(msg, "json: ")
 		}
 		b.fieldProblem(o, ref, fieldPath, msg)
 	}
+}
+
+// typeErrorParts reads an encoding/json UnmarshalTypeError: the JSON type
+// found, the type wanted in a manifest author's words, and the field path.
+// sigs.k8s.io/json returns its own copy of that type from an internal
+// package, so errors.As cannot name it; its exported fields are read
+// instead.
+func typeErrorParts(err error) (got, want, path string, ok bool) {
+	v := reflect.ValueOf(err)
+	if v.Kind() == reflect.Pointer {
+		v = v.Elem()
+	}
+	if v.Kind() != reflect.Struct || v.Type().Name() != "UnmarshalTypeError" {
+		return "", "", "", false
+	}
+	value, field, typ := v.FieldByName("Value"), v.FieldByName("Field"), v.FieldByName("Type")
+	if value.Kind() != reflect.String || field.Kind() != reflect.String || !typ.IsValid() {
+		return "", "", "", false
+	}
+	t, isType := typ.Interface().(reflect.Type)
+	if !isType || t == nil {
+		return "", "", "", false
+	}
+	return value.String(), jsonTypeName(t), field.String(), true
+}
+
+// jsonTypeName names the JSON type that decodes into t.
+func jsonTypeName(t reflect.Type) string {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.String:
+		return "string"
+	case reflect.Bool:
+		return "boolean"
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		return "integer"
+	case reflect.Float32, reflect.Float64:
+		return "number"
+	case reflect.Slice, reflect.Array:
+		return "list"
+	}
+	return "object"
 }
 
 // withoutInlineStructs drops the Go names of embedded structs that
@@ -595,23 +635,6 @@ func withoutInlineStructs(path string) string {
 		}
 	}
 	return strings.Join(kept, ".")
-}
-
-// goTypeName turns a Go type such as "v1.Protocol" or "*int32" into what a
-// manifest author would call it.
-func goTypeName(t string) string {
-	t = strings.TrimLeft(t, "*[]")
-	switch {
-	case strings.HasPrefix(t, "int"), strings.HasPrefix(t, "uint"):
-		return "integer"
-	case t == "string", strings.HasSuffix(t, "Protocol"), strings.HasSuffix(t, "Type"), strings.HasSuffix(t, "Mode"), strings.HasSuffix(t, "Entity"):
-		return "string"
-	case t == "bool":
-		return "boolean"
-	case strings.HasPrefix(t, "map"):
-		return "object"
-	}
-	return "object"
 }
 
 func (b *builder) fieldProblem(o *Origin, ref Ref, fieldPath, msg string) {
