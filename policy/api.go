@@ -39,6 +39,8 @@
 //     nothing.
 //   - An ICMP rule without a type also covers ICMPv6; typed ICMP rules match
 //     IPv4 ICMP only (the type numbers differ).
+//   - A pod's own node may always reach it (kubelet probes), as upstream
+//     NetworkPolicy documents; only a deny rule stops it (RuleLocalHost).
 //   - Invalid policies are skipped, never turned into allow-all or deny-all;
 //     see PolicyError. Only the first problem of a policy is reported
 //     (policy.ValidateNetworkPolicy and friends list them all).
@@ -281,7 +283,8 @@ type DirectionTrace struct {
 
 // Reason is one rule (or a default) that took part in a decision.
 type Reason struct {
-	// Rule is nil for a default verdict.
+	// Rule is nil for a default verdict and for the built-in allow of the
+	// local node (RuleLocalHost).
 	Rule    *Rule   `json:"rule,omitempty"`
 	Verdict Verdict `json:"verdict"`
 	Message string  `json:"message"`

@@ -311,8 +311,20 @@ func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contr
 		}
 		base += len(ps.rules)
 	}
+	if _, ok := only[identity.Host]; (ok || only == nil) && g.defaults.IngressAudit == Deny {
+		out = append(out, contrib{
+			Key:     Key{Direction: Ingress, Identity: identity.Host, Proto: ProtoAny},
+			verdict: Allow, rule: RuleLocalHost, order: base,
+		})
+	}
 	return out
 }
+
+// RuleLocalHost is the RuleID of the built-in rule that lets a pod's own
+// node reach it whatever its ingress policy: upstream NetworkPolicy cannot
+// block it (kubelet probes come from there), and no mainstream plugin
+// does. Only an explicit deny rule stops it.
+const RuleLocalHost uint32 = 0
 
 // firstPeers lists the identities the peers of one rule pick, each with
 // the first peer (index j) that picks it.

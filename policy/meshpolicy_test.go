@@ -281,6 +281,9 @@ func TestNonPodPeersAndEntities(t *testing.T) {
 		fromID   identity.ID
 	}{
 		{"local host to x/a", ip("192.168.0.1"), xa, tcp80, true, identity.Host},
+		{"local host to NetworkPolicy-isolated y/a", ip("192.168.0.1"), ya, tcp80, true, identity.Host},
+		{"remote node to NetworkPolicy-isolated y/a", ip("192.168.0.2"), ya, tcp80, false, identity.RemoteNode},
+		{"local host to x/b, allowed by entity all", ip("192.168.0.1"), xb, tcp80, true, identity.Host},
 		{"remote node to x/a", ip("192.168.0.2"), xa, tcp80, false, identity.RemoteNode},
 		{"world to x/a on 443", ip("8.8.8.8"), xa, PortProto{ProtoTCP, 443}, true, identity.World},
 		{"world to x/a on 80", ip("8.8.8.8"), xa, tcp80, false, identity.World},
@@ -452,5 +455,31 @@ func TestTraceExplains(t *testing.T) {
 	}
 	if !found {
 		t.Errorf("no entry names the rule: %+v", ep.Entries)
+	}
+}
+
+// The local node reaches its pods despite default deny, but an explicit
+// deny of the host entity stops it.
+func TestLocalHostIngress(t *testing.T) {
+	in := e2eInput()
+	in.Nodes = []*corev1.Node{{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}, Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.168.0.1"}}}}}
+	in.NetworkPolicies = []*networkingv1.NetworkPolicy{np("x", "deny", &metav1.LabelSelector{}, nil)}
+	in.MeshPolicies = []*v1alpha1.MeshPolicy{mp("x", "no-host", matchLabels("pod", "b"), v1alpha1.PolicyRules{
+		IngressDeny: []v1alpha1.IngressRule{{From: []v1alpha1.Peer{entity(v1alpha1.EntityHost)}}},
+	})}
+	c := mustCompile(t, in)
+	host := IPPeer(addr("192.168.0.1"))
+	for pod, want := range map[string]bool{"a": true, "b": false} {
+		tr, err := c.Trace(host, PodPeer("x", pod), ProtoTCP, 8080)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tr.Allowed != want {
+			t.Errorf("host -> x/%s: got %v; want %v (%+v)", pod, tr.Allowed, want, tr.Ingress.Reasons)
+		}
+	}
+	tr, _ := c.Trace(host, PodPeer("x", "a"), ProtoTCP, 8080)
+	if len(tr.Ingress.Reasons) != 1 || !strings.Contains(tr.Ingress.Reasons[0].Message, "own node") {
+		t.Errorf("reasons %+v", tr.Ingress.Reasons)
 	}
 }

@@ -262,6 +262,10 @@ func (r *refEval) side(ep *corev1.Pod, dir Direction, peer refPeer, proto uint8,
 			}
 		}
 	}
+	if node, isNode := r.nodeOf(peer.ip); dir == Ingress && peer.pod == nil && isNode && node == ep.Spec.NodeName {
+		// The pod's own node may always reach it, unless a rule denies it.
+		v.allowEnf, v.allowAud = true, true
+	}
 	for _, m := range r.in.MeshPolicies {
 		if m.Namespace == ep.Namespace && selMatches(&m.Spec.PodSelector, ep.Labels) {
 			mesh(&m.Spec.PolicyRules, m.Namespace)

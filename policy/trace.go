@@ -194,6 +194,10 @@ func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, 
 			continue
 		}
 		seen[ct.rule] = true
+		if ct.rule == RuleLocalHost {
+			dt.Reasons = append(dt.Reasons, Reason{Verdict: Allow, Message: "allowed: a pod's own node may always reach it (kubelet probes); only a deny rule stops it"})
+			continue
+		}
 		r := c.rules[ct.rule]
 		if r == nil {
 			continue
@@ -204,7 +208,7 @@ func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, 
 		if a.Verdict != b.Verdict {
 			return int(b.Verdict) - int(a.Verdict)
 		}
-		return int(a.Rule.ID) - int(b.Rule.ID)
+		return int(ruleIDOf(a)) - int(ruleIDOf(b))
 	})
 	if len(dt.Reasons) == 0 || (enf != Deny && !hasEnforcing(dt.Reasons)) {
 		dt.Reasons = append(dt.Reasons, defaultReason(dir, g.selectedBy[dir], enfDefault, audDefault))
@@ -212,9 +216,16 @@ func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, 
 	return dt
 }
 
+func ruleIDOf(r Reason) uint32 {
+	if r.Rule == nil {
+		return RuleLocalHost
+	}
+	return r.Rule.ID
+}
+
 func hasEnforcing(rs []Reason) bool {
 	for _, r := range rs {
-		if r.Rule != nil && !r.Rule.Audit {
+		if r.Rule == nil || !r.Rule.Audit {
 			return true
 		}
 	}
