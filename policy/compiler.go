@@ -178,11 +178,15 @@ func (c *Compiled) UpsertNamespace(ns *corev1.Namespace) Changes {
 func (c *Compiled) DeleteNamespace(name string) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.deleteNamespace(name)
+	return c.flush()
+}
+
+func (c *Compiled) deleteNamespace(name string) {
 	if _, ok := c.namespaces[name]; ok {
 		delete(c.namespaces, name)
 		c.relabelNamespace(name)
 	}
-	return c.flush()
 }
 
 // UpsertPod adds or updates a pod.
@@ -271,11 +275,15 @@ func (c *Compiled) DeleteClusterMeshPolicy(name string) Changes {
 func (c *Compiled) deletePolicy(ref PolicyRef) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.removePolicy(ref)
+	return c.flush()
+}
+
+func (c *Compiled) removePolicy(ref PolicyRef) {
 	delete(c.invalid, ref)
 	if old := c.policies[ref]; old != nil {
 		c.uninstall(old, nil)
 	}
-	return c.flush()
 }
 
 // Invalid lists the policies that were skipped, sorted by policy.
