@@ -53,14 +53,15 @@ func (d *Daemon) startInformers(ctx context.Context) {
 	d.kubeFactory = kubeinformers.NewSharedInformerFactory(d.kube, d.cfg.ResyncPeriod)
 	d.veilFactory = veilinformers.NewSharedInformerFactory(d.veil, d.cfg.ResyncPeriod)
 	core := d.kubeFactory.Core().V1()
-	for kind, inf := range map[objKind]cache.SharedIndexInformer{
+	d.informers = map[objKind]cache.SharedIndexInformer{
 		kindPod:               core.Pods().Informer(),
 		kindNamespace:         core.Namespaces().Informer(),
 		kindNode:              core.Nodes().Informer(),
 		kindNetworkPolicy:     d.kubeFactory.Networking().V1().NetworkPolicies().Informer(),
 		kindMeshPolicy:        d.veilFactory.Policy().V1alpha1().MeshPolicies().Informer(),
 		kindClusterMeshPolicy: d.veilFactory.Policy().V1alpha1().ClusterMeshPolicies().Informer(),
-	} {
+	}
+	for kind, inf := range d.informers {
 		inf.AddEventHandler(handler{d: d, kind: kind})
 	}
 	d.pods = core.Pods().Lister()
@@ -73,20 +74,35 @@ func (d *Daemon) startInformers(ctx context.Context) {
 	d.veilFactory.Start(ctx.Done())
 }
 
-func typeNames[T comparable](m map[T]bool) map[string]bool {
-	out := map[string]bool{}
-	for k, v := range m {
-		out[fmt.Sprint(k)] = v
+// waitForCaches waits until every informer has listed, saying every 10 s
+// which ones are still waiting (an API server that is away, RBAC that
+// forbids a list, a CRD that is not installed).
+func (d *Daemon) waitForCaches(ctx context.Context) error {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	lastReport := time.Now()
+	for {
+		var waiting []string
+		for kind, inf := range d.informers {
+			if !inf.HasSynced() {
+				waiting = append(waiting, kind.String())
+			}
+		}
+		if len(waiting) == 0 {
+			d.clearDegraded("informers")
+			return nil
+		}
+		if time.Since(lastReport) > 10*time.Second {
+			d.log.Warn("informer caches still waiting", "types", waiting)
+			d.setDegraded("informers", "waiting for the first list of "+fmt.Sprint(waiting))
+			lastReport = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("informer caches %v did not sync: %w", waiting, ctx.Err())
+		case <-t.C:
+		}
 	}
-	return out
-}
-
-func (d *Daemon) waitKube(ctx context.Context) map[string]bool {
-	return typeNames(d.kubeFactory.WaitForCacheSync(ctx.Done()))
-}
-
-func (d *Daemon) waitVeil(ctx context.Context) map[string]bool {
-	return typeNames(d.veilFactory.WaitForCacheSync(ctx.Done()))
 }
 
 // enqueueAll queues every cached object: the first convergence after start.

@@ -15,6 +15,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -27,10 +28,13 @@ import (
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 
+	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
@@ -54,6 +58,7 @@ type Daemon struct {
 
 	kubeFactory kubeinformers.SharedInformerFactory
 	veilFactory veilinformers.SharedInformerFactory
+	informers   map[objKind]cache.SharedIndexInformer
 	pods        corelisters.PodLister
 	namespaces  corelisters.NamespaceLister
 	nodes       corelisters.NodeLister
@@ -150,7 +155,18 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.restoreEndpoints(st); err != nil {
 		return err
 	}
+	if d.podCIDR.IsValid() {
+		alloc, err := ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR)
+		if err != nil {
+			return fmt.Errorf("open IPAM: %w", err)
+		}
+		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d, Log: d.log}
+	}
 
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Listers must exist before the first CNI call can arrive.
+	d.startInformers(ctx)
 	srv, err := d.serveAPI()
 	if err != nil {
 		return err
@@ -165,22 +181,18 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	var wg sync.WaitGroup
-	defer wg.Wait()
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
+	defer func() {
+		cancel() // on an error return too, so the goroutines end
+		wg.Wait()
+	}()
 	wg.Add(3)
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.persistLoop(ctx) }()
 
-	d.startInformers(ctx)
 	d.log.Info("waiting for informer caches")
-	for _, res := range []map[string]bool{d.waitKube(ctx), d.waitVeil(ctx)} {
-		for name, ok := range res {
-			if !ok {
-				return fmt.Errorf("informer cache of %s did not sync: %w", name, ctx.Err())
-			}
-		}
+	if err := d.waitForCaches(ctx); err != nil {
+		return err
 	}
 	d.log.Info("informer caches synced; converging")
 	d.enqueueAll()

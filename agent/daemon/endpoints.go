@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"time"
 
@@ -13,24 +12,14 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/policy"
 )
-
-// EndpointInfo is what CNI ADD learned about a new pod's network.
-type EndpointInfo struct {
-	Namespace, Name string
-	ContainerID     string
-	IP              netip.Addr
-	HostVeth        string
-	HostIfindex     int
-	HostMAC         net.HardwareAddr
-	PodMAC          net.HardwareAddr
-}
 
 // RegisterEndpoint makes a freshly wired pod an endpoint: the compiler
 // learns its address, and its datapath record and policy are written before
 // this returns, so the pod's first packet is already policed.
-func (d *Daemon) RegisterEndpoint(ctx context.Context, info EndpointInfo) error {
+func (d *Daemon) RegisterEndpoint(ctx context.Context, info cni.EndpointInfo) error {
 	id := policy.EndpointID{Namespace: info.Namespace, Name: info.Name}
 	d.mu.Lock()
 	if old, ok := d.local[id]; ok && old.ContainerID != info.ContainerID {
@@ -163,3 +152,5 @@ func deviceWithAddr(ip netip.Addr) (string, error) {
 	}
 	return "", fmt.Errorf("no interface holds the node IP %s: set --underlay-interface or --node-ip", ip)
 }
+
+var _ cni.EndpointRegistrar = (*Daemon)(nil)

@@ -67,6 +67,7 @@ func (s *apiServer) Status(ctx context.Context, _ *agentv1.StatusRequest) (*agen
 		ApiVersion: APIVersion, AgentVersion: Version, Node: d.cfg.NodeName,
 		ApiServerConnected: d.apiUp.Load(), LastSyncUnixNano: d.lastSync.Load(),
 		StartedUnixNano: d.started.UnixNano(), SocketAcceleration: d.cfg.CgroupRoot != "",
+		Converged: d.synced.Load(),
 	}
 	if d.podCIDR.IsValid() {
 		resp.PodCidr = d.podCIDR.String()

@@ -60,6 +60,8 @@ func runHelper(mode string, args []string) error {
 		return helperRRServer(arg(0))
 	case "discard":
 		return helperDiscard(arg(0))
+	case "serve":
+		return helperServe(args)
 	case "rr-client":
 		d, err := time.ParseDuration(arg(1))
 		if err != nil {
@@ -206,6 +208,52 @@ func echoLoop(c net.Conn) {
 			return
 		}
 	}
+}
+
+// helperServe echoes on every "tcp:PORT" and "udp:PORT" argument, on all
+// addresses: a lab pod's test server.
+func helperServe(specs []string) error {
+	for _, spec := range specs {
+		proto, port, ok := strings.Cut(spec, ":")
+		if !ok {
+			return fmt.Errorf("serve %q: want tcp:PORT or udp:PORT", spec)
+		}
+		switch proto {
+		case "tcp":
+			ln, err := net.Listen("tcp", ":"+port)
+			if err != nil {
+				return err
+			}
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					go echoLoop(c)
+				}
+			}()
+		case "udp":
+			pc, err := net.ListenPacket("udp", ":"+port)
+			if err != nil {
+				return err
+			}
+			go func() {
+				buf := make([]byte, 64<<10)
+				for {
+					n, addr, err := pc.ReadFrom(buf)
+					if err != nil {
+						return
+					}
+					pc.WriteTo(buf[:n], addr)
+				}
+			}()
+		default:
+			return fmt.Errorf("serve %q: protocol must be tcp or udp", spec)
+		}
+	}
+	fmt.Println("listening")
+	select {}
 }
 
 // helperDiscard accepts connections and throws their data away: the sink of

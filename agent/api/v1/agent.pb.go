@@ -88,8 +88,11 @@ type StatusResponse struct {
 	SocketAcceleration bool        `protobuf:"varint,14,opt,name=socket_acceleration,json=socketAcceleration,proto3" json:"socket_acceleration,omitempty"`
 	PodCidr            string      `protobuf:"bytes,15,opt,name=pod_cidr,json=podCidr,proto3" json:"pod_cidr,omitempty"`
 	StartedUnixNano    int64       `protobuf:"varint,16,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// converged is true once the agent has compiled and applied everything
+	// its informers listed at start.
+	Converged     bool `protobuf:"varint,17,opt,name=converged,proto3" json:"converged,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -232,6 +235,13 @@ func (x *StatusResponse) GetStartedUnixNano() int64 {
 		return x.StartedUnixNano
 	}
 	return 0
+}
+
+func (x *StatusResponse) GetConverged() bool {
+	if x != nil {
+		return x.Converged
+	}
+	return false
 }
 
 // Program is one datapath program and where it is attached.
@@ -1573,7 +1583,7 @@ var File_agent_api_v1_agent_proto protoreflect.FileDescriptor
 const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"\x18agent/api/v1/agent.proto\x12\rveil.agent.v1\"\x0f\n" +
-	"\rStatusRequest\"\x80\x05\n" +
+	"\rStatusRequest\"\x9e\x05\n" +
 	"\x0eStatusResponse\x12\x1f\n" +
 	"\vapi_version\x18\x01 \x01(\tR\n" +
 	"apiVersion\x12#\n" +
@@ -1594,7 +1604,8 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\bcounters\x18\r \x01(\v2\x17.veil.agent.v1.CountersR\bcounters\x12/\n" +
 	"\x13socket_acceleration\x18\x0e \x01(\bR\x12socketAcceleration\x12\x19\n" +
 	"\bpod_cidr\x18\x0f \x01(\tR\apodCidr\x12*\n" +
-	"\x11started_unix_nano\x18\x10 \x01(\x03R\x0fstartedUnixNano\"\\\n" +
+	"\x11started_unix_nano\x18\x10 \x01(\x03R\x0fstartedUnixNano\x12\x1c\n" +
+	"\tconverged\x18\x11 \x01(\bR\tconverged\"\\\n" +
 	"\aProgram\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fattach_point\x18\x02 \x01(\tR\vattachPoint\x12\x1a\n" +

@@ -1,0 +1,156 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/tests/netlab"
+)
+
+var web = []corev1.ContainerPort{{Name: "http", ContainerPort: 80, Protocol: corev1.ProtocolTCP}, {Name: "alt", ContainerPort: 81, Protocol: corev1.ProtocolTCP}}
+
+func reach(from, to *lab.Pod, port int) error {
+	return netlab.TCPEcho(from.Netns, fmt.Sprintf("%s:%d", to.IP, port), probeTimeout)
+}
+
+// liveTrace asks the source pod's agent to explain a flow.
+func liveTrace(t *testing.T, from, to *lab.Pod, port int) policy.TraceResult {
+	t.Helper()
+	conn, c, err := from.Node.Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resp, err := c.Trace(ctx, &agentv1.TraceRequest{From: from.Key(), To: to.Key(), Port: fmt.Sprintf("%d/TCP", port)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tr policy.TraceResult
+	if err := json.Unmarshal(resp.ResultJson, &tr); err != nil {
+		t.Fatal(err)
+	}
+	return tr
+}
+
+// expect waits until from->to:port reaches (or not) and checks the live
+// trace agrees.
+func expect(t *testing.T, from, to *lab.Pod, port int, allowed bool) {
+	t.Helper()
+	eventually(t, fmt.Sprintf("%s -> %s:%d allowed=%v", from.Key(), to.Key(), port, allowed), 15*time.Second, func() error {
+		err := reach(from, to, port)
+		if (err == nil) != allowed {
+			return fmt.Errorf("reachable=%v (%v)", err == nil, err)
+		}
+		return nil
+	})
+	if tr := liveTrace(t, from, to, port); tr.Allowed != allowed {
+		t.Errorf("trace %s -> %s:%d says allowed=%v, datapath says %v", from.Key(), to.Key(), port, tr.Allowed, allowed)
+	}
+}
+
+func TestPrivilegedAgentPolicyOnTwoNodes(t *testing.T) {
+	l := startLab(t, "pol", 2)
+	ctx := context.Background()
+	a, err := l.AddPod(ctx, lab.PodSpec{Namespace: "x", Name: "a", Node: "node-1", Labels: map[string]string{"app": "a"}, Ports: web})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := l.AddPod(ctx, lab.PodSpec{Namespace: "x", Name: "b", Node: "node-1", Labels: map[string]string{"app": "b"}, Ports: web})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := l.AddPod(ctx, lab.PodSpec{Namespace: "y", Name: "c", Node: "node-2", Labels: map[string]string{"app": "c"}, Ports: web})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pair := range [][2]*lab.Pod{{a, b}, {b, a}, {a, c}, {c, a}, {b, c}, {c, b}} {
+		expect(t, pair[0], pair[1], 80, true)
+	}
+
+	// NetworkPolicy: b accepts only a, only on 80.
+	np := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "b-from-a"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "b"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "a"}}}},
+				Ports: []networkingv1.NetworkPolicyPort{{Port: ptr(intstr.FromString("http"))}},
+			}},
+		},
+	}
+	if _, err := l.Kube.NetworkingV1().NetworkPolicies("x").Create(ctx, np, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, a, b, 80, true)
+	expect(t, a, b, 81, false)
+	expect(t, c, b, 80, false) // across nodes: node-1 polices node-2's pod by identity
+	expect(t, b, a, 80, true)
+
+	// MeshPolicy: c refuses everything from namespace x, whatever allows it.
+	mp := &v1alpha1.MeshPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "y", Name: "no-x"},
+		Spec: v1alpha1.MeshPolicySpec{PolicyRules: v1alpha1.PolicyRules{
+			IngressDeny: []v1alpha1.IngressRule{{From: []v1alpha1.Peer{{NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"kubernetes.io/metadata.name": "x"}}}}}},
+		}},
+	}
+	if _, err := l.Veil.PolicyV1alpha1().MeshPolicies("y").Create(ctx, mp, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, a, c, 80, false)
+	expect(t, b, c, 81, false)
+	expect(t, c, a, 80, true)
+	eventually(t, "MeshPolicy y/no-x Accepted=True", 15*time.Second, func() error {
+		got, err := l.Veil.PolicyV1alpha1().MeshPolicies("y").Get(ctx, "no-x", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if !meta.IsStatusConditionTrue(got.Status.Conditions, v1alpha1.ConditionAccepted) {
+			return fmt.Errorf("conditions %+v", got.Status.Conditions)
+		}
+		return nil
+	})
+
+	// Relabelling a pod changes enforcement: a stops being "app=a".
+	pod, err := l.Kube.CoreV1().Pods("x").Get(ctx, "a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Labels["app"] = "z"
+	if _, err := l.Kube.CoreV1().Pods("x").Update(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, a, b, 80, false)
+
+	// Relabelling a namespace: y's MeshPolicy now names namespaces by a label.
+	mp2 := mp.DeepCopy()
+	mp2.Name = "no-team-red"
+	mp2.Spec.IngressDeny[0].From[0].NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"team": "red"}}
+	if err := l.Veil.PolicyV1alpha1().MeshPolicies("y").Delete(ctx, "no-x", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := l.Veil.PolicyV1alpha1().MeshPolicies("y").Create(ctx, mp2, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, a, c, 80, true)
+	if err := l.EnsureNamespace(ctx, "x", map[string]string{"team": "red"}); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, a, c, 80, false)
+}
+
+func ptr[T any](v T) *T { return &v }
