@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"maps"
 	"runtime"
 	"testing"
 
@@ -141,5 +142,23 @@ func BenchmarkCompileIncrementalPolicyChange(b *testing.B) {
 	for b.Loop() {
 		i++
 		c.UpsertNetworkPolicy(ps[i%2])
+	}
+}
+
+// BenchmarkCompileIncrementalPodRelabelExisting moves one pod between two
+// existing identities: only the pod and the ipcache change.
+func BenchmarkCompileIncrementalPodRelabelExisting(b *testing.B) {
+	in := benchInput()
+	c, err := Compile(in, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	pods := []*corev1.Pod{in.Pods[4321].DeepCopy(), in.Pods[4321].DeepCopy()}
+	pods[1].Labels = maps.Clone(in.Pods[4331].Labels)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		i++
+		c.UpsertPod(pods[i%2])
 	}
 }
