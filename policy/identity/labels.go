@@ -81,24 +81,3 @@ func quoteIfNeeded(s string) string {
 }
 
 func (ls Labels) String() string { return ls.Key() }
-
-// Get returns the value of source:key.
-func (ls Labels) Get(source, key string) (string, bool) {
-	for _, l := range ls {
-		if l.Source == source && l.Key == key {
-			return l.Value, true
-		}
-	}
-	return "", false
-}
-
-// Map returns the labels of one source as a map.
-func (ls Labels) Map(source string) map[string]string {
-	m := map[string]string{}
-	for _, l := range ls {
-		if l.Source == source {
-			m[l.Key] = l.Value
-		}
-	}
-	return m
-}
