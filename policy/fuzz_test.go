@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -56,10 +57,30 @@ func FuzzCompile(f *testing.F) {
 				}
 			}
 		}
-		c.Identities()
-		c.IPCache()
-		c.CIDRTable()
-		c.Rules()
+		// The same objects applied one at a time in the opposite order must
+		// reach the same state.
+		inc, err := New(Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range lastByKey(in.ClusterMeshPolicies, func(o *v1alpha1.ClusterMeshPolicy) string { return o.Name }) {
+			inc.UpsertClusterMeshPolicy(p)
+		}
+		for _, p := range lastByKey(in.MeshPolicies, func(o *v1alpha1.MeshPolicy) string { return o.Namespace + "/" + o.Name }) {
+			inc.UpsertMeshPolicy(p)
+		}
+		for _, p := range lastByKey(in.NetworkPolicies, func(o *networkingv1.NetworkPolicy) string { return o.Namespace + "/" + o.Name }) {
+			inc.UpsertNetworkPolicy(p)
+		}
+		for _, p := range lastByKey(in.Pods, func(o *corev1.Pod) string { return o.Namespace + "/" + o.Name }) {
+			inc.UpsertPod(p)
+		}
+		for _, n := range lastByKey(in.Namespaces, func(o *corev1.Namespace) string { return o.Name }) {
+			inc.UpsertNamespace(n)
+		}
+		if got, want := canonical(inc), canonical(c); !slices.Equal(got, want) {
+			t.Fatalf("incremental differs from scratch:\n%s", diffLines(got, want))
+		}
 		// Take everything away one object at a time.
 		for _, p := range in.NetworkPolicies {
 			if p != nil {
@@ -140,4 +161,18 @@ func FuzzTraceMatchesReference(f *testing.F) {
 			}
 		}
 	})
+}
+
+// lastByKey returns the non-nil objects, the last one of each key, in
+// reverse order of appearance.
+func lastByKey[T any](objs []*T, key func(*T) string) []*T {
+	seen := map[string]bool{}
+	var out []*T
+	for i := len(objs) - 1; i >= 0; i-- {
+		if o := objs[i]; o != nil && !seen[key(o)] {
+			seen[key(o)] = true
+			out = append(out, o)
+		}
+	}
+	return out
 }

@@ -390,9 +390,14 @@ func canonical(c *Compiled) []string {
 	for _, ce := range c.CIDRTable() {
 		out = append(out, "cidr "+ce.Prefix.String())
 	}
+	var ipcache []string
 	for _, ic := range c.IPCache() {
-		out = append(out, fmt.Sprintf("ipcache %s %s", ic.IP, name(uint32(ic.Identity))))
+		ipcache = append(ipcache, fmt.Sprintf("ipcache %s %s", ic.IP, name(uint32(ic.Identity))))
 	}
+	// Entries for a shared IP are ordered by identity number, which
+	// differs between histories.
+	slices.Sort(ipcache)
+	out = append(out, ipcache...)
 	for _, e := range c.Invalid() {
 		out = append(out, "invalid "+e.Error())
 	}
