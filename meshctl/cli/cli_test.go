@@ -160,7 +160,7 @@ func TestExitCodes(t *testing.T) {
 		{"no manifests", []string{"policy", "validate"}, ExitUsage, "no manifests"},
 		{"missing file", []string{"policy", "validate", "-f", "../testdata/nope.yaml"}, ExitUsage, "nope.yaml"},
 		{"bad output", []string{"policy", "validate", "-f", e2e, "-o", "xml"}, ExitUsage, "invalid output format"},
-		{"trace without -f", []string{"policy", "trace", "--from", "x/a", "--to", "x/b", "--port", "80"}, ExitUsage, "not available yet"},
+		{"trace without -f asks the agent", []string{"policy", "trace", "--socket", "../testdata/no-agent.sock", "--from", "x/a", "--to", "x/b", "--port", "80"}, ExitUnreachable, "cannot reach veil-agent at ../testdata/no-agent.sock"},
 		{"trace missing --to", []string{"policy", "trace", "-f", e2e, "--from", "x/a", "--port", "80"}, ExitUsage, `"to" not set`},
 		{"trace bad peer", []string{"policy", "trace", "-f", e2e, "--from", "a", "--to", "x/b", "--port", "80"}, ExitUsage, "--from"},
 		{"trace bad port", []string{"policy", "trace", "-f", e2e, "--from", "x/a", "--to", "x/b", "--port", "80/GRE"}, ExitUsage, "--port"},

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -12,7 +13,7 @@ import (
 	"github.com/veilmesh/veil/policy/identity"
 )
 
-func newPolicyTraceCommand() *cobra.Command {
+func newPolicyTraceCommand(agent *agentOptions) *cobra.Command {
 	var (
 		files      manifestFlags
 		out        outputFlag
@@ -21,7 +22,7 @@ func newPolicyTraceCommand() *cobra.Command {
 		exitOnDeny bool
 	)
 	cmd := &cobra.Command{
-		Use:   "trace -f FILE|DIR... --from NS/POD|IP --to NS/POD|IP --port N[/PROTO]",
+		Use:   "trace [-f FILE|DIR...] --from NS/POD|IP --to NS/POD|IP --port N[/PROTO]",
 		Short: "Explain whether one flow is allowed, and by which rules",
 		Long: `Decide whether a new flow from --from to --to on --port is allowed, as the
 datapath would: the source pod's egress policy and the destination pod's
@@ -37,17 +38,20 @@ any other IP is outside the mesh, so no Veil policy applies on its side).
 ICMP. For ICMP, N is the ICMP type (code 0): --port 8/ICMP is an echo
 request.
 
-The manifests must be valid: trace refuses input that 'meshctl policy
-validate' reports errors for. Without -f, trace will ask the agent of a
-live cluster; that is not available yet.
+With -f, the manifests must be valid: trace refuses input that 'meshctl
+policy validate' reports errors for. Without -f, trace asks the agent
+(--socket, --node) to explain the flow against its live compiled state;
+the answer is rendered exactly as an offline one.
 
 Exit codes:
   0  the trace ran, whatever the verdict (without --exit-code)
   1  with --exit-code: the flow is DENIED
-  2  usage or input error`,
+  2  usage or input error (a pod the agent does not know)
+  3  without -f: the agent could not be reached or did not answer`,
 		Example: `  meshctl policy trace -f manifests/ --from x/a --to y/b --port 80
   meshctl policy trace -f manifests/ --from 10.0.1.1 --to y/b --port 53/UDP -o json
-  meshctl policy trace -f manifests/ --from x/a --to y/b --port 8/ICMP --exit-code`,
+  meshctl policy trace -f manifests/ --from x/a --to y/b --port 8/ICMP --exit-code
+  meshctl policy trace --from x/a --to y/b --port 80          # live, local agent`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := out.check(); err != nil {
@@ -65,16 +69,26 @@ Exit codes:
 			if err != nil {
 				return err
 			}
-			if len(files.paths) == 0 {
-				return usageErrorf("no manifests: give -f FILE|DIR (tracing on a live cluster through the agent is not available yet)")
-			}
 			var src tracer
-			src, err = files.openSource(cmd.InOrStdin(), cmd.ErrOrStderr())
-			if err != nil {
-				return err
+			if len(files.paths) == 0 {
+				c, err := agent.connect(cmd.Context())
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				src = agentSource{c}
+			} else {
+				src, err = files.openSource(cmd.InOrStdin(), cmd.ErrOrStderr())
+				if err != nil {
+					return err
+				}
 			}
 			tr, err := src.Trace(cmd.Context(), fromPeer, toPeer, pp)
 			if err != nil {
+				var ee *exitError
+				if errors.As(err, &ee) {
+					return err
+				}
 				return usageError(err)
 			}
 			report := newTraceReport(tr)

@@ -8,10 +8,15 @@
 //	1  the check failed: `policy validate` found errors, or `policy trace
 //	   --exit-code` found the flow DENIED
 //	2  usage or input error: bad flags or arguments, unreadable files,
-//	   manifests that do not load or validate (for trace and matrix)
+//	   manifests that do not load or validate (for trace and matrix), a
+//	   pod or flow the agent does not know
+//	3  the agent could not be reached or did not answer: not running,
+//	   socket permissions, timeout, an API version this meshctl does not
+//	   speak
 package cli
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -24,12 +29,17 @@ const (
 	ExitOK      = 0
 	ExitFailure = 1
 	ExitUsage   = 2
+	// ExitUnreachable: the agent could not be reached or did not answer.
+	ExitUnreachable = 3
 )
 
 const exitCodesHelp = `Exit codes:
   0  success
   1  the check failed (validation errors; DENIED with trace --exit-code)
-  2  usage or input error (bad flags, unreadable or invalid manifests)`
+  2  usage or input error (bad flags, unreadable or invalid manifests,
+     a pod the agent does not know)
+  3  the agent could not be reached or did not answer (not running, socket
+     permissions, timeout, incompatible API version)`
 
 // Streams are the standard streams of a command run; tests pass buffers.
 type Streams struct {
@@ -68,13 +78,16 @@ func usageErrorf(format string, args ...any) error {
 func failed() error { return &exitError{code: ExitFailure} }
 
 // NewRootCommand returns the meshctl command tree writing to s.
-func NewRootCommand(s Streams) *cobra.Command {
+func NewRootCommand(s Streams) *cobra.Command { return newRootCommand(s, processEnv()) }
+
+func newRootCommand(s Streams, env agentEnv) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "meshctl",
 		Short: "Inspect and explain the Veil mesh",
 		Long: `meshctl inspects the Veil mesh: it explains what policy allows, before
-the policy is applied (offline, from manifest files) and, later, on a live
-cluster through the agent.
+the policy is applied (offline, from manifest files), and shows a node's
+live state through its agent: health, endpoints, identities, compiled
+policy, traces and flows.
 
 ` + exitCodesHelp,
 		SilenceErrors: true,
@@ -88,19 +101,25 @@ cluster through the agent.
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
 		return &exitError{code: ExitUsage, err: err, showUsage: true}
 	})
-	root.AddCommand(newVersionCommand(), newPolicyCommand())
+	agent := newAgentOptions(root, env)
+	root.AddCommand(newVersionCommand(), newPolicyCommand(agent), newStatusCommand(agent),
+		newEndpointsCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent))
 	return root
 }
 
 // Main runs meshctl with args and returns the exit code.
 func Main(args []string, s Streams) int {
-	root := NewRootCommand(s)
+	return mainWith(context.Background(), args, s, processEnv())
+}
+
+func mainWith(ctx context.Context, args []string, s Streams, env agentEnv) int {
+	root := newRootCommand(s, env)
 	// Cobra reads os.Args when given nil; args is the whole command line.
 	if args == nil {
 		args = []string{}
 	}
 	root.SetArgs(args)
-	err := root.Execute()
+	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return ExitOK
 	}

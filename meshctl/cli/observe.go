@@ -1,0 +1,388 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unicode/utf8"
+
+	"github.com/spf13/cobra"
+	"sigs.k8s.io/yaml"
+
+	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/identity"
+)
+
+// defaultLast is how many stored flows observe shows without --follow
+// and --last.
+const defaultLast = 20
+
+func newObserveCommand(agent *agentOptions) *cobra.Command {
+	var (
+		out            outputFlag
+		fromPod, toPod string
+		namespace      string
+		labels         []string
+		id             uint32
+		verdict        string
+		port           uint16
+		protocol       string
+		follow         bool
+		last           int
+	)
+	cmd := &cobra.Command{
+		Use:   "observe",
+		Short: "Show the flows the datapath saw, with verdicts, as they happen",
+		Long: `Show flow events of this node's datapath (or of --node): each new
+connection or packet the policy decided on, with source and destination
+(pod, IP, port, identity), protocol, verdict and why: the drop reason, the
+rule that decided, whether it was encrypted.
+
+Without --follow, observe prints the last --last (default 20) stored flows
+that match the filters, oldest first, and exits. With --follow it then
+waits for new flows until interrupted (Ctrl-C ends it with exit code 0);
+with --follow and no --last it shows only flows newer than its start.
+--last 0 means every stored flow.
+
+Filters are combined with AND:
+  --from-pod, --to-pod NS/POD   the source, the destination pod
+  --namespace NS                either side is a pod of NS
+  --label KEY=VALUE             either side's identity carries the label
+                                (pod, namespace or meta source; repeatable,
+                                every label must match; SOURCE:KEY=VALUE
+                                names the source)
+  --identity N                  either side has identity N
+  --verdict V                   ALLOWED, DENIED or AUDIT (allowed, but an
+                                audit-mode policy would deny it)
+  --port N, --protocol P        destination port, protocol (TCP, UDP,
+                                SCTP, ICMP)
+
+-o json prints one JSON object per line (JSON Lines) for scripts; -o yaml
+one YAML document per flow.
+
+Exit codes:
+  0  success (also when --follow is interrupted)
+  2  usage error
+  3  the agent could not be reached or did not answer`,
+		Example: `  meshctl observe --verdict DENIED
+  meshctl observe --to-pod x/a --port 80 --follow
+  meshctl observe --namespace x --label app=web --last 100 -o json | jq .dropReason`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := out.check(); err != nil {
+				return err
+			}
+			req := &agentv1.ObserveRequest{Namespace: namespace, Labels: labels, Identity: id, Port: uint32(port), Follow: follow}
+			for _, p := range []struct{ flag, value string }{{"--from-pod", fromPod}, {"--to-pod", toPod}} {
+				if p.value == "" {
+					continue
+				}
+				if peer, err := policy.ParsePeer(p.value); err != nil || peer.Name == "" {
+					return usageErrorf("%s %q: want NAMESPACE/POD", p.flag, p.value)
+				}
+			}
+			req.FromPod, req.ToPod = fromPod, toPod
+			for _, l := range labels {
+				if k, _, ok := strings.Cut(l, "="); !ok || k == "" {
+					return usageErrorf("--label %q: want KEY=VALUE", l)
+				}
+			}
+			if verdict != "" {
+				v := strings.ToUpper(verdict)
+				switch v {
+				case "ALLOWED", "DENIED", "AUDIT":
+				default:
+					return usageErrorf("--verdict %q: want ALLOWED, DENIED or AUDIT", verdict)
+				}
+				req.Verdict = v
+			}
+			if protocol != "" {
+				p, err := policy.ParseProto(protocol)
+				if err != nil {
+					return usageErrorf("--protocol: %w", err)
+				}
+				req.Protocol = policy.ProtoName(p)
+			}
+			if last < 0 {
+				return usageErrorf("--last %d: want 0 or more", last)
+			}
+			// The API's last=0 means every stored flow, so following from
+			// now on is done by skipping what happened before the start.
+			var notBefore int64
+			switch {
+			case cmd.Flags().Changed("last"):
+				req.Last = uint32(last)
+			case follow:
+				notBefore = agent.env.now().UnixNano()
+			default:
+				req.Last = defaultLast
+			}
+
+			ctx := cmd.Context()
+			if follow {
+				var stop context.CancelFunc
+				ctx, stop = signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+				defer stop()
+			}
+			c, err := agent.connect(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			defer c.Close()
+			streamCtx, cancel := context.WithCancel(ctx)
+			if !follow {
+				streamCtx, cancel = context.WithTimeout(ctx, c.timeout)
+			}
+			defer cancel()
+			stream, err := c.client.Observe(streamCtx, req)
+			if err != nil {
+				return c.callError("observe", err)
+			}
+			w := cmd.OutOrStdout()
+			p := newFlowPrinter(w, out.format, paletteFor(w), agent.env.loc)
+			for {
+				f, err := stream.Recv()
+				if errors.Is(err, io.EOF) {
+					return p.done()
+				}
+				if err != nil {
+					if ctx.Err() != nil {
+						// Interrupted: what was shown is the answer.
+						return p.done()
+					}
+					return c.callError("observe", err)
+				}
+				if f.TimeUnixNano < notBefore {
+					continue
+				}
+				if err := p.print(f); err != nil {
+					return err
+				}
+			}
+		},
+	}
+	addOutputFlag(cmd, &out)
+	fs := cmd.Flags()
+	fs.StringVar(&fromPod, "from-pod", "", "only flows from this pod (NAMESPACE/POD)")
+	fs.StringVar(&toPod, "to-pod", "", "only flows to this pod (NAMESPACE/POD)")
+	fs.StringVarP(&namespace, "namespace", "n", "", "only flows from or to a pod of this namespace")
+	fs.StringArrayVar(&labels, "label", nil, "only flows where either side's identity has label KEY=VALUE; repeatable")
+	fs.Uint32Var(&id, "identity", 0, "only flows where either side has this identity")
+	fs.StringVar(&verdict, "verdict", "", "only flows with this verdict: ALLOWED, DENIED or AUDIT")
+	fs.Uint16Var(&port, "port", 0, "only flows to this destination port")
+	fs.StringVar(&protocol, "protocol", "", "only flows of this protocol: TCP, UDP, SCTP, ICMP")
+	fs.BoolVarP(&follow, "follow", "f", false, "keep printing new flows until interrupted")
+	fs.IntVar(&last, "last", defaultLast, "show the last N stored flows (0: all; with --follow, default: none)")
+	return cmd
+}
+
+// flowReport is one flow in -o json (one object per line) and -o yaml.
+type flowReport struct {
+	Time             time.Time      `json:"time"`
+	Node             string         `json:"node"`
+	Source           flowPeerReport `json:"source"`
+	Destination      flowPeerReport `json:"destination"`
+	Protocol         string         `json:"protocol"`
+	Verdict          string         `json:"verdict"`
+	DropReason       string         `json:"dropReason,omitempty"`
+	Rule             string         `json:"rule,omitempty"`
+	ObservationPoint string         `json:"observationPoint,omitempty"`
+	Encrypted        bool           `json:"encrypted"`
+	Bytes            uint32         `json:"bytes"`
+}
+
+type flowPeerReport struct {
+	Pod      string   `json:"pod,omitempty"`
+	IP       string   `json:"ip"`
+	Port     uint32   `json:"port"`
+	Identity uint32   `json:"identity"`
+	Labels   []string `json:"labels"`
+}
+
+func newFlowReport(f *agentv1.Flow) flowReport {
+	peer := func(pod, ip string, port, id uint32, labels []string) flowPeerReport {
+		if labels == nil {
+			labels = []string{}
+		}
+		return flowPeerReport{Pod: pod, IP: ip, Port: port, Identity: id, Labels: labels}
+	}
+	return flowReport{
+		Time: time.Unix(0, f.TimeUnixNano).UTC(), Node: f.Node,
+		Source:      peer(f.SrcPod, f.SrcIp, f.SrcPort, f.SrcIdentity, f.SrcLabels),
+		Destination: peer(f.DstPod, f.DstIp, f.DstPort, f.DstIdentity, f.DstLabels),
+		Protocol:    f.Protocol, Verdict: f.Verdict, DropReason: f.DropReason, Rule: f.Rule,
+		ObservationPoint: f.ObservationPoint, Encrypted: f.Encrypted, Bytes: f.Bytes,
+	}
+}
+
+// flowPrinter writes flows as they arrive. Its table cannot wait for every
+// row to align columns, so a column widens when a wider cell comes and
+// stays that wide.
+type flowPrinter struct {
+	w       io.Writer
+	format  string
+	pal     palette
+	loc     *time.Location
+	widths  []int
+	printed int
+}
+
+func newFlowPrinter(w io.Writer, format string, pal palette, loc *time.Location) *flowPrinter {
+	return &flowPrinter{w: w, format: format, pal: pal, loc: loc}
+}
+
+var flowHeader = []string{"TIME", "SOURCE", "", "DESTINATION", "PROTO", "VERDICT", "SUMMARY"}
+
+func (p *flowPrinter) print(f *agentv1.Flow) error {
+	defer func() { p.printed++ }()
+	switch p.format {
+	case formatJSON:
+		b, err := json.Marshal(newFlowReport(f))
+		if err != nil {
+			return fmt.Errorf("encode flow: %w", err)
+		}
+		if _, err := fmt.Fprintf(p.w, "%s\n", b); err != nil {
+			return fmt.Errorf("write flow: %w", err)
+		}
+		return nil
+	case formatYAML:
+		b, err := yaml.Marshal(newFlowReport(f))
+		if err != nil {
+			return fmt.Errorf("encode flow: %w", err)
+		}
+		if _, err := fmt.Fprintf(p.w, "---\n%s", b); err != nil {
+			return fmt.Errorf("write flow: %w", err)
+		}
+		return nil
+	}
+	if p.printed == 0 {
+		if err := p.row(flowHeader, -1); err != nil {
+			return err
+		}
+	}
+	cells := []string{
+		time.Unix(0, f.TimeUnixNano).In(p.loc).Format("Jan _2 15:04:05.000"),
+		flowPeer(f.SrcPod, f.SrcIp, f.SrcPort, f.SrcIdentity, f.Protocol),
+		"→",
+		flowPeer(f.DstPod, f.DstIp, f.DstPort, f.DstIdentity, f.Protocol),
+		f.Protocol,
+		f.Verdict,
+		flowSummary(f),
+	}
+	return p.row(cells, 5)
+}
+
+// row writes cells padded to the column widths; cell painted (if >= 0) is
+// the verdict, coloured after padding so escapes do not count as width.
+func (p *flowPrinter) row(cells []string, painted int) error {
+	for len(p.widths) < len(cells) {
+		p.widths = append(p.widths, 0)
+	}
+	var b strings.Builder
+	for i, c := range cells {
+		n := utf8.RuneCountInString(c)
+		p.widths[i] = max(p.widths[i], n)
+		if i > 0 {
+			b.WriteString("  ")
+		}
+		pad := ""
+		if i < len(cells)-1 {
+			pad = strings.Repeat(" ", p.widths[i]-n)
+		}
+		if i == painted {
+			c = p.verdict(c)
+		}
+		b.WriteString(c + pad)
+	}
+	b.WriteString("\n")
+	if _, err := io.WriteString(p.w, strings.TrimRight(b.String(), " \n")+"\n"); err != nil {
+		return fmt.Errorf("write flow: %w", err)
+	}
+	return nil
+}
+
+func (p *flowPrinter) verdict(v string) string {
+	switch v {
+	case "ALLOWED":
+		return p.pal.green(v)
+	case "DENIED":
+		return p.pal.red(v)
+	case "AUDIT":
+		return p.pal.yellow(v)
+	}
+	return v
+}
+
+// done ends the output; a table says so when no flow matched.
+func (p *flowPrinter) done() error {
+	if p.printed == 0 && p.format == formatTable {
+		if _, err := io.WriteString(p.w, "No flows matched.\n"); err != nil {
+			return fmt.Errorf("write flows: %w", err)
+		}
+	}
+	return nil
+}
+
+// flowPeer renders one side of a flow: the pod (or the reserved identity
+// of a non-pod address) and IP:port.
+func flowPeer(pod, ip string, port, id uint32, proto string) string {
+	addr := ip
+	if port != 0 && proto != "ICMP" && proto != "ICMPv6" {
+		if a, err := netip.ParseAddr(ip); err == nil {
+			addr = netip.AddrPortFrom(a, uint16(port)).String()
+		} else {
+			addr = ip + ":" + strconv.FormatUint(uint64(port), 10)
+		}
+	}
+	switch {
+	case pod != "":
+		return pod + " " + addr
+	case identity.ID(id).ReservedName() != "":
+		return addr + " (" + identity.ID(id).ReservedName() + ")"
+	}
+	return addr
+}
+
+// flowSummary says why the flow got its verdict.
+func flowSummary(f *agentv1.Flow) string {
+	var parts []string
+	switch f.Verdict {
+	case "DENIED":
+		if f.DropReason != "" {
+			parts = append(parts, f.DropReason)
+		}
+		if f.Rule != "" {
+			parts = append(parts, "by "+f.Rule)
+		}
+	case "AUDIT":
+		s := "an audit-mode policy would deny it"
+		if f.Rule != "" {
+			s = "would be denied by " + f.Rule
+		}
+		parts = append(parts, s)
+	default:
+		if f.Rule != "" {
+			parts = append(parts, "by "+f.Rule)
+		}
+	}
+	if f.Encrypted {
+		parts = append(parts, "(encrypted)")
+	}
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, " ")
+}
