@@ -57,18 +57,21 @@ Exit codes:
 				return err
 			}
 			r := identitiesReport{Node: c.status.Node, Identities: []identityReport{}}
+			found := map[uint32]bool{}
 			for _, id := range resp.Identities {
 				if len(want) > 0 && !want[id.Id] {
 					continue
 				}
-				delete(want, id.Id)
+				found[id.Id] = true
 				r.Identities = append(r.Identities, identityReport{ID: id.Id, Labels: id.Labels, Endpoints: id.Endpoints, Reserved: id.Reserved})
 			}
-			if len(want) > 0 {
-				var missing []string
-				for id := range want {
+			var missing []string
+			for id := range want {
+				if !found[id] {
 					missing = append(missing, strconv.FormatUint(uint64(id), 10))
 				}
+			}
+			if len(missing) > 0 {
 				slices.Sort(missing)
 				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), orUnknown(c.status.Node))
 			}
