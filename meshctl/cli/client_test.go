@@ -401,7 +401,9 @@ func TestVersionMismatch(t *testing.T) {
 }
 
 // unimplementedAgent is an older agent: it has Status only.
-type unimplementedAgent struct{ agentv1.UnimplementedAgentServer }
+type unimplementedAgent struct {
+	agentv1.UnimplementedAgentServer
+}
 
 func (unimplementedAgent) Status(context.Context, *agentv1.StatusRequest) (*agentv1.StatusResponse, error) {
 	return healthyStatus(), nil

@@ -152,7 +152,7 @@ Exit codes:
 				return c.callError("observe", err)
 			}
 			w := cmd.OutOrStdout()
-			p := newFlowPrinter(w, out.format, paletteFor(w), agent.env.loc)
+			p := newFlowPrinter(w, out.format, paletteFor(w), agent.env.loc, follow)
 			for {
 				f, err := stream.Recv()
 				if errors.Is(err, io.EOF) {
@@ -228,23 +228,35 @@ func newFlowReport(f *agentv1.Flow) flowReport {
 	}
 }
 
-// flowPrinter writes flows as they arrive. Its table cannot wait for every
-// row to align columns, so a column widens when a wider cell comes and
-// stays that wide.
+// flowPrinter writes flows. A table of a bounded list is aligned once every
+// row is in; a followed table cannot wait for every row, so it starts with
+// typical widths and a column widens when a wider cell comes.
 type flowPrinter struct {
-	w       io.Writer
-	format  string
-	pal     palette
-	loc     *time.Location
-	widths  []int
+	w      io.Writer
+	format string
+	pal    palette
+	loc    *time.Location
+	follow bool
+	widths []int
+	// rows wait for done when not following.
+	rows    [][]string
 	printed int
 }
 
-func newFlowPrinter(w io.Writer, format string, pal palette, loc *time.Location) *flowPrinter {
-	return &flowPrinter{w: w, format: format, pal: pal, loc: loc}
+func newFlowPrinter(w io.Writer, format string, pal palette, loc *time.Location, follow bool) *flowPrinter {
+	p := &flowPrinter{w: w, format: format, pal: pal, loc: loc, follow: follow}
+	if follow {
+		p.widths = []int{len(flowTimeLayout), 24, 1, 24, 5, 7, 0}
+	}
+	return p
 }
 
+const flowTimeLayout = "Jan _2 15:04:05.000"
+
 var flowHeader = []string{"TIME", "SOURCE", "", "DESTINATION", "PROTO", "VERDICT", "SUMMARY"}
+
+// verdictColumn is the column painted by verdict.
+const verdictColumn = 5
 
 func (p *flowPrinter) print(f *agentv1.Flow) error {
 	defer func() { p.printed++ }()
@@ -268,13 +280,8 @@ func (p *flowPrinter) print(f *agentv1.Flow) error {
 		}
 		return nil
 	}
-	if p.printed == 0 {
-		if err := p.row(flowHeader, -1); err != nil {
-			return err
-		}
-	}
 	cells := []string{
-		time.Unix(0, f.TimeUnixNano).In(p.loc).Format("Jan _2 15:04:05.000"),
+		time.Unix(0, f.TimeUnixNano).In(p.loc).Format(flowTimeLayout),
 		flowPeer(f.SrcPod, f.SrcIp, f.SrcPort, f.SrcIdentity, f.Protocol),
 		"→",
 		flowPeer(f.DstPod, f.DstIp, f.DstPort, f.DstIdentity, f.Protocol),
@@ -282,19 +289,34 @@ func (p *flowPrinter) print(f *agentv1.Flow) error {
 		f.Verdict,
 		flowSummary(f),
 	}
-	return p.row(cells, 5)
+	if !p.follow {
+		p.rows = append(p.rows, cells)
+		return nil
+	}
+	if p.printed == 0 {
+		if err := p.row(flowHeader, false); err != nil {
+			return err
+		}
+	}
+	return p.row(cells, true)
 }
 
-// row writes cells padded to the column widths; cell painted (if >= 0) is
-// the verdict, coloured after padding so escapes do not count as width.
-func (p *flowPrinter) row(cells []string, painted int) error {
+func (p *flowPrinter) widen(cells []string) {
 	for len(p.widths) < len(cells) {
 		p.widths = append(p.widths, 0)
 	}
+	for i, c := range cells {
+		p.widths[i] = max(p.widths[i], utf8.RuneCountInString(c))
+	}
+}
+
+// row writes cells padded to the column widths. The verdict is coloured
+// after padding, so that escapes do not count as width.
+func (p *flowPrinter) row(cells []string, paint bool) error {
+	p.widen(cells)
 	var b strings.Builder
 	for i, c := range cells {
 		n := utf8.RuneCountInString(c)
-		p.widths[i] = max(p.widths[i], n)
 		if i > 0 {
 			b.WriteString("  ")
 		}
@@ -302,7 +324,7 @@ func (p *flowPrinter) row(cells []string, painted int) error {
 		if i < len(cells)-1 {
 			pad = strings.Repeat(" ", p.widths[i]-n)
 		}
-		if i == painted {
+		if paint && i == verdictColumn {
 			c = p.verdict(c)
 		}
 		b.WriteString(c + pad)
@@ -326,13 +348,33 @@ func (p *flowPrinter) verdict(v string) string {
 	return v
 }
 
-// done ends the output; a table says so when no flow matched.
+// done ends the output: it writes a table that waited for its rows, or
+// says that no flow matched.
 func (p *flowPrinter) done() error {
-	if p.printed == 0 && p.format == formatTable {
+	if p.format != formatTable {
+		return nil
+	}
+	if p.printed == 0 && len(p.rows) == 0 {
 		if _, err := io.WriteString(p.w, "No flows matched.\n"); err != nil {
 			return fmt.Errorf("write flows: %w", err)
 		}
+		return nil
 	}
+	p.widen(flowHeader)
+	for _, r := range p.rows {
+		p.widen(r)
+	}
+	if len(p.rows) > 0 {
+		if err := p.row(flowHeader, false); err != nil {
+			return err
+		}
+	}
+	for _, r := range p.rows {
+		if err := p.row(r, true); err != nil {
+			return err
+		}
+	}
+	p.rows = nil
 	return nil
 }
 
