@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -351,7 +352,20 @@ func (cp *ControlPlane) run(bin, name string, args ...string) (*process, error) 
 		Setpgid:   true,
 		Pdeathsig: syscall.SIGKILL,
 	}
-	if err := cmd.Start(); err != nil {
+	// Pdeathsig fires when the forking OS *thread* exits, and Go retires
+	// threads (tests that enter network namespaces do so on purpose). So the
+	// fork happens on a thread locked for the child's whole life.
+	started := make(chan error)
+	exited := make(chan struct{})
+	go func() {
+		runtime.LockOSThread()
+		err := cmd.Start()
+		started <- err
+		if err == nil {
+			<-exited
+		}
+	}()
+	if err := <-started; err != nil {
 		log.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
@@ -360,6 +374,7 @@ func (cp *ControlPlane) run(bin, name string, args ...string) (*process, error) 
 		p.waitErr = cmd.Wait()
 		log.Close()
 		close(p.done)
+		close(exited)
 	}()
 	cp.procs = append(cp.procs, p)
 	return p, nil

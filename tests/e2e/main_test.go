@@ -31,6 +31,11 @@ func requirePrivileged(t testing.TB) {
 // startLab builds the binaries and starts a lab that t tears down.
 func startLab(t *testing.T, name string, nodes int) *lab.Lab {
 	t.Helper()
+	return startLabWith(t, name, lab.Options{Nodes: nodes})
+}
+
+func startLabWith(t *testing.T, name string, opts lab.Options) *lab.Lab {
+	t.Helper()
 	requirePrivileged(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
@@ -39,10 +44,9 @@ func startLab(t *testing.T, name string, nodes int) *lab.Lab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := lab.Start(ctx, lab.Options{
-		Prefix: fmt.Sprintf("veile2e-%d-%s", os.Getpid(), name), Nodes: nodes, Dir: dir,
-		AgentBin: agentBin, CNIBin: cniBin,
-	})
+	opts.Prefix = fmt.Sprintf("veile2e-%d-%s", os.Getpid(), name)
+	opts.Dir, opts.AgentBin, opts.CNIBin = dir, agentBin, cniBin
+	l, err := lab.Start(ctx, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

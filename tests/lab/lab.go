@@ -68,6 +68,8 @@ type Options struct {
 	// AgentArgs returns the agent's command line for a node; nil means
 	// DefaultAgentArgs.
 	AgentArgs func(n *Node) []string
+	// PodCIDRBits is the prefix length of each node's pod CIDR (default 24).
+	PodCIDRBits int
 }
 
 // Lab is a running lab.
@@ -158,6 +160,12 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	if opts.AgentArgs == nil {
 		opts.AgentArgs = DefaultAgentArgs
 	}
+	if opts.PodCIDRBits == 0 {
+		opts.PodCIDRBits = 24
+	}
+	if opts.PodCIDRBits < 24 || opts.PodCIDRBits > 30 {
+		return nil, fmt.Errorf("lab: pod CIDR prefix length %d: want 24..30", opts.PodCIDRBits)
+	}
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create lab dir: %w", err)
 	}
@@ -213,7 +221,7 @@ func (l *Lab) AddNode(ctx context.Context) (*Node, error) {
 	n := &Node{
 		Name:    fmt.Sprintf("node-%d", i),
 		IP:      netip.AddrFrom4([4]byte{10, 99, 0, byte(10 + i)}),
-		PodCIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), 24),
+		PodCIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 244, byte(i), 0}), l.opts.PodCIDRBits),
 		lab:     l,
 	}
 	n.Dir = filepath.Join(l.opts.Dir, n.Name)
