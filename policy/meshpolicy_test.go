@@ -311,6 +311,9 @@ func TestNonPodPeersAndEntities(t *testing.T) {
 			if tt.fromID != 0 && tr.From.Identity != tt.fromID {
 				t.Errorf("from identity %v; want %v", tr.From.Identity, tt.fromID)
 			}
+			if tt.fromID != 0 && tt.fromID.Reserved() && (len(tr.From.Labels) != 1 || tr.From.Labels[0].Key != tt.fromID.ReservedName()) {
+				t.Errorf("from labels %v; want reserved:%s", tr.From.Labels, tt.fromID.ReservedName())
+			}
 			if tt.from.Name == "" && tt.from.IP != addr(e2eIP("x", "b")) && tr.Egress.Applicable {
 				t.Errorf("egress of a non-pod source applied")
 			}

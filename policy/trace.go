@@ -93,6 +93,8 @@ func (c *Compiled) tracePeer(peer resolvedPeer, node string) TracePeer {
 		id := peer.pod.id
 		tp.Pod = &id
 		tp.Labels = peer.pod.ident.labels
+	} else {
+		tp.Labels = identity.ReservedLabels(tp.Identity)
 	}
 	if pfx, id, ok := c.regionOf(peer.ip); ok {
 		tp.CIDR, tp.CIDRIdentity = pfx, id

@@ -14,6 +14,7 @@ const (
 	SourcePod       = "pod"  // the pod's own labels
 	SourceNamespace = "ns"   // the labels of the pod's namespace
 	SourceMeta      = "meta" // namespace name and service account
+	SourceReserved  = "reserved"
 
 	MetaNamespace      = "namespace"
 	MetaServiceAccount = "serviceaccount"
@@ -81,3 +82,12 @@ func quoteIfNeeded(s string) string {
 }
 
 func (ls Labels) String() string { return ls.Key() }
+
+// ReservedLabels returns the label set shown for a reserved identity, e.g.
+// "reserved:world=", or nil when id is not reserved.
+func ReservedLabels(id ID) Labels {
+	if n := id.ReservedName(); n != "" {
+		return Labels{{Source: SourceReserved, Key: n}}
+	}
+	return nil
+}
