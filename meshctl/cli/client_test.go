@@ -416,3 +416,17 @@ func TestOlderAgent(t *testing.T) {
 		t.Errorf("exit %d, stderr %q", code, stderr)
 	}
 }
+
+func TestAgentCommandsDocumentExitCodes(t *testing.T) {
+	for _, args := range [][]string{{"status"}, {"endpoints"}, {"identities"}, {"observe"}, {"policy", "get"}, {"policy", "trace"}, {}} {
+		out, _, code := runLive(t, t.Context(), testEnv(nil), append(args, "--help")...)
+		if code != ExitOK || !strings.Contains(out, "Exit codes:") || !strings.Contains(out, "3  ") {
+			t.Errorf("meshctl %s --help: exit %d, output lacks exit code 3:\n%s", strings.Join(args, " "), code, out)
+		}
+		for _, flag := range []string{"--socket", "--node", "--timeout"} {
+			if !strings.Contains(out, flag) {
+				t.Errorf("meshctl %s --help does not show %s", strings.Join(args, " "), flag)
+			}
+		}
+	}
+}

@@ -1,9 +1,12 @@
 package cli
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
+	"os"
+	"os/exec"
 	"strings"
 	"sync"
 	"testing"
@@ -268,5 +271,47 @@ func TestObserveNoFlows(t *testing.T) {
 	out, _, _ = runAgainst(t, serve(t, newFakeAgent(t)), "observe", "-o", "json")
 	if out != "" {
 		t.Errorf("-o json with no flows printed %q; want nothing", out)
+	}
+}
+
+// TestMain lets a test run meshctl as a process of its own (the test
+// binary re-executed), to send it real signals.
+func TestMain(m *testing.M) {
+	if os.Getenv("MESHCTL_TEST_MAIN") == "1" {
+		os.Exit(Main(os.Args[1:], Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr}))
+	}
+	os.Exit(m.Run())
+}
+
+// TestObserveFollowCtrlC interrupts a meshctl process following flows, as
+// Ctrl-C does: it ends cleanly, with exit code 0 and the flows it printed.
+func TestObserveFollowCtrlC(t *testing.T) {
+	socket := serve(t, flowAgent(t))
+	cmd := exec.CommandContext(t.Context(), os.Args[0], "observe", "--follow", "--last", "1", "-o", "json", "--socket", socket)
+	cmd.Env = append(os.Environ(), "MESHCTL_TEST_MAIN=1")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(stdout)
+	var lines int
+	for lines < 3 && sc.Scan() {
+		lines++
+	}
+	if lines < 3 {
+		t.Fatalf("got %d lines before the output ended; stderr: %s", lines, stderr.String())
+	}
+	if err := cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	for sc.Scan() {
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("meshctl observe --follow after Ctrl-C: %v; want exit code 0 (stderr %q)", err, stderr.String())
 	}
 }
