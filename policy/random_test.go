@@ -15,25 +15,28 @@ import (
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
-// gen builds random but valid clusters and policies. Pods of one app share
-// their named ports and live in one /24 per namespace, so pods that share
-// an identity share ports and CIDR membership for every generated CIDR up
-// to /24: the documented limit of identity-keyed entries (see the package
-// notes in the report) is not what these tests probe.
+// gen builds random but valid clusters and policies, IPv4 and IPv6. Pods
+// of one app share their named ports and live in one /24 (IPv6: /48) per
+// namespace, so pods that share an identity share ports and CIDR
+// membership for every generated CIDR: the documented limit of
+// identity-keyed entries (a named port with different numbers on pods of
+// one identity) is not what these tests probe.
 type gen struct{ r *rand.Rand }
 
 var (
 	genApps   = []string{"web", "db", "api", "cache"}
 	genNS     = []string{"n0", "n1", "n2"}
-	genCIDRs  = []string{"10.0.0.0/8", "10.1.0.0/16", "10.0.1.0/24", "10.2.0.0/16", "0.0.0.0/0", "8.8.8.0/24", "192.168.0.0/24"}
+	genCIDRs  = []string{"10.0.0.0/8", "10.1.0.0/16", "10.0.1.0/24", "10.2.0.0/16", "0.0.0.0/0", "8.8.8.0/24", "192.168.0.0/24", "fd00::/16", "::/0"}
 	genExcept = map[string][]string{
 		"10.0.0.0/8":     {"10.1.0.0/16", "10.0.2.0/24", "10.2.1.0/24"},
 		"10.1.0.0/16":    {"10.1.1.0/24", "10.1.3.0/24"},
 		"0.0.0.0/0":      {"10.0.0.0/8", "192.168.0.0/24", "8.8.8.0/24"},
 		"8.8.8.0/24":     {"8.8.8.8/32"},
 		"192.168.0.0/24": {"192.168.0.2/32"},
+		"fd00::/16":      {"fd00:1::/32", "fd00:2:1::/48"},
+		"::/0":           {"fd00::/16", "fd00:1::/32"},
 	}
-	genExtraIPs = []string{"192.168.0.1", "192.168.0.2", "8.8.8.8", "8.8.4.4", "10.9.9.9"}
+	genExtraIPs = []string{"192.168.0.1", "192.168.0.2", "8.8.8.8", "8.8.4.4", "10.9.9.9", "2001:db8::1", "fd00:9::9"}
 	genPorts    = []PortProto{{ProtoTCP, 80}, {ProtoTCP, 81}, {ProtoUDP, 53}, {ProtoTCP, 53}, {ProtoUDP, 8080}, {ProtoSCTP, 81}, {ProtoICMP, 8 << 8}, {ProtoICMP, 3<<8 | 1}, {ProtoICMPv6, 128 << 8}}
 )
 
@@ -71,6 +74,9 @@ func (g gen) pod(name string, seq int) *corev1.Pod {
 		lbl["tier"] = g.pick([]string{"front", "back"})
 	}
 	ip := fmt.Sprintf("10.%d.%d.%d", ns, app, seq+1)
+	if g.chance(0.2) {
+		ip = fmt.Sprintf("fd00:%d:%d::%d", ns, app, seq+1)
+	}
 	if g.chance(0.1) {
 		ip = ""
 	}
