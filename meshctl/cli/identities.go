@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -75,7 +76,7 @@ Exit codes:
 				slices.Sort(missing)
 				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), orUnknown(c.status.Node))
 			}
-			slices.SortFunc(r.Identities, func(a, b identityReport) int { return int(int64(a.ID) - int64(b.ID)) })
+			slices.SortFunc(r.Identities, func(a, b identityReport) int { return cmp.Compare(a.ID, b.ID) })
 			w := cmd.OutOrStdout()
 			done, err := out.structured(w, r)
 			if err != nil || done {

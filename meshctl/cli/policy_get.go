@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -189,7 +190,7 @@ func newPolicyReport(resp *agentv1.GetPolicyResponse, ids *agentv1.ListIdentitie
 			r.Peers = append(r.Peers, identityReport{ID: uint32(e.Identity), Labels: peerLabels(e.Identity, labels)})
 		}
 	}
-	slices.SortFunc(r.Peers, func(a, b identityReport) int { return int(int64(a.ID) - int64(b.ID)) })
+	slices.SortFunc(r.Peers, func(a, b identityReport) int { return cmp.Compare(a.ID, b.ID) })
 	return r, nil
 }
 
