@@ -381,6 +381,10 @@ func (p *flowPrinter) done() error {
 // flowPeer renders one side of a flow: the pod (or the reserved identity
 // of a non-pod address) and IP:port.
 func flowPeer(pod, ip string, port, id uint32, proto string) string {
+	// A packet that is not IP (an unsupported-l3 drop) has no addresses.
+	if a, err := netip.ParseAddr(ip); pod == "" && (err != nil || a.IsUnspecified()) && port == 0 {
+		return "-"
+	}
 	addr := ip
 	if port != 0 && proto != "ICMP" && proto != "ICMPv6" {
 		if a, err := netip.ParseAddr(ip); err == nil {

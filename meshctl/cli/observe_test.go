@@ -44,6 +44,9 @@ func storedFlows() []*agentv1.Flow {
 		{TimeUnixNano: at(-10 * time.Second), Node: "node-1", SrcIp: "10.9.9.9", DstIp: "10.0.2.2", SrcPort: 1234, DstPort: 80, Protocol: "TCP",
 			Verdict: "DENIED", DropReason: "spoofed-source", ObservationPoint: "from-pod", SrcIdentity: 256, DstIdentity: 260,
 			SrcLabels: xaLabels, DstLabels: ybLabels, DstPod: "y/b", Bytes: 60},
+		// Not IP: the datapath has no addresses to report.
+		{TimeUnixNano: at(-5 * time.Second), Node: "node-1", SrcIp: "0.0.0.0", DstIp: "0.0.0.0", Protocol: "any",
+			Verdict: "DENIED", DropReason: "unsupported-l3", ObservationPoint: "from-pod", Bytes: 42},
 	}
 }
 
