@@ -51,12 +51,11 @@ import (
 	"net/netip"
 	"strings"
 
-	"github.com/veilmesh/veil/policy/identity"
-
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/policy/identity"
 )
 
 // Input is a full set of objects to compile from scratch.
