@@ -136,6 +136,7 @@ func metaList[T metav1.Object](objs []T) []metav1.Object {
 }
 
 func (d *Daemon) worker(ctx context.Context) {
+	lastFlush := time.Now()
 	for {
 		k, shutdown := d.queue.Get()
 		if shutdown {
@@ -143,19 +144,46 @@ func (d *Daemon) worker(ctx context.Context) {
 		}
 		start := time.Now()
 		err := d.sync(ctx, k)
-		d.metrics.reconcile.Observe(time.Since(start).Seconds())
 		if err != nil {
 			d.log.Warn("sync failed; will retry", "kind", k.kind, "namespace", k.namespace, "name", k.name, "error", err)
 			d.queue.AddRateLimited(k)
 		} else {
 			d.queue.Forget(k)
-			d.lastSync.Store(time.Now().UnixNano())
 		}
 		d.queue.Done(k)
+		// The ipcache is rebuilt from the whole cluster, so a burst of pod
+		// events (a start, a scale-up) is flushed once when the queue
+		// drains, or at least every flushEvery, not once per event.
+		if d.queue.Len() == 0 || time.Since(lastFlush) > flushEvery {
+			if ferr := d.flushIPCache(); ferr != nil {
+				d.log.Warn("ipcache sync failed; will retry", "error", ferr)
+			}
+			lastFlush = time.Now()
+		}
+		d.metrics.reconcile.Observe(time.Since(start).Seconds())
+		if err == nil {
+			d.lastSync.Store(time.Now().UnixNano())
+		}
 		if d.queue.Len() == 0 {
 			d.synced.Store(true)
 		}
 	}
+}
+
+// flushEvery bounds how stale the ipcache may get during a burst of events.
+const flushEvery = 250 * time.Millisecond
+
+// flushIPCache writes the ipcache and re-checks connections when a mutation
+// since the last flush changed identities or addresses.
+func (d *Daemon) flushIPCache() error {
+	if !d.ipcacheDirty.Swap(false) {
+		return nil
+	}
+	if err := d.syncIPCache(); err != nil {
+		d.ipcacheDirty.Store(true)
+		return err
+	}
+	return d.evictRevoked(nil, true)
 }
 
 // sync converges one object: the compiler learns its current state from the
@@ -268,7 +296,7 @@ func (d *Daemon) apply(ch policy.Changes) error {
 		changedIPs = append(changedIPs, ep.IP)
 	}
 	if ch.IPCache || len(ch.Removed) > 0 {
-		errs = append(errs, d.syncIPCache())
+		d.ipcacheDirty.Store(true)
 	}
 	if ch.CIDRTable {
 		want := map[netip.Prefix]identity.ID{}
@@ -277,8 +305,10 @@ func (d *Daemon) apply(ch policy.Changes) error {
 		}
 		errs = append(errs, d.dp.SetCIDRs(want))
 	}
+	if len(changedIPs) > 0 {
+		errs = append(errs, d.evictRevoked(changedIPs, false))
+	}
 	if len(changedIPs) > 0 || ch.IPCache {
-		errs = append(errs, d.evictRevoked(changedIPs, ch.IPCache))
 		d.dirty.Store(true)
 	}
 	return errors.Join(errs...)

@@ -69,18 +69,22 @@ type Daemon struct {
 
 	// mu guards the local endpoint registry and what was written to the
 	// ipcache; compiler and datapath have locks of their own.
-	mu       sync.Mutex
-	local    map[policy.EndpointID]*localEndpoint
-	ipcache  map[netip.Prefix]datapath.IPCacheEntry
-	nextID   uint32
-	dirty    atomic.Bool
-	flows    *flowLog
-	metrics  *agentMetrics
-	started  time.Time
-	lastSync atomic.Int64
-	apiUp    atomic.Bool
-	synced   atomic.Bool
-	degraded sync.Map // component -> reason
+	mu      sync.Mutex
+	local   map[policy.EndpointID]*localEndpoint
+	ipcache map[netip.Prefix]datapath.IPCacheEntry
+	nextID  uint32
+	dirty   atomic.Bool
+	// ipcacheDirty: a mutation changed addresses or identities since the
+	// ipcache was last written.
+	ipcacheDirty atomic.Bool
+	flows        *flowLog
+	metrics      *agentMetrics
+	started      time.Time
+	lastSync     atomic.Int64
+	apiUp        atomic.Bool
+	synced       atomic.Bool
+	degraded     sync.Map // component -> reason
+	names        names
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni CNIService
 }

@@ -55,7 +55,7 @@ func (d *Daemon) RegisterEndpoint(ctx context.Context, info cni.EndpointInfo) er
 	if err := d.writeEndpoint(ep); err != nil {
 		return fmt.Errorf("register endpoint %s: %w", id, err)
 	}
-	return nil
+	return d.flushIPCache()
 }
 
 // UnregisterEndpoint forgets the endpoint of a container and removes it from
@@ -82,10 +82,13 @@ func (d *Daemon) UnregisterEndpoint(ctx context.Context, containerID string) err
 	}
 	// The pod keeps its API object for a while; without a local address the
 	// compiler drops it as an endpoint.
-	if pod, err := d.pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); err == nil {
-		return d.apply(d.compiler.UpsertPod(d.withLocalIP(pod)))
+	var err error
+	if pod, gerr := d.pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
+		err = d.apply(d.compiler.UpsertPod(d.withLocalIP(pod)))
+	} else {
+		err = d.apply(d.compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
 	}
-	return d.apply(d.compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
+	return errors.Join(err, d.flushIPCache())
 }
 
 // allocEndpointID returns an id no local endpoint holds. Callers hold d.mu.

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"time"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/datapath"
@@ -112,31 +113,55 @@ func (d *Daemon) describeFlow(ev datapath.FlowEvent) *agentv1.Flow {
 	return f
 }
 
-func (d *Daemon) identityLabels(id identity.ID) []string {
-	if n := id.ReservedName(); n != "" {
-		return []string{"reserved:" + n}
+// names caches what flow descriptions look up per event: labels of every
+// identity and the pod of every address. It is rebuilt at most once a second.
+type names struct {
+	mu     sync.Mutex
+	built  time.Time
+	labels map[identity.ID][]string
+	pods   map[netip.Addr]string
+}
+
+func (d *Daemon) namesNow() *names {
+	n := &d.names
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if time.Since(n.built) < time.Second && n.labels != nil {
+		return n
 	}
+	n.labels = map[identity.ID][]string{}
 	for _, info := range d.compiler.Identities() {
-		if info.ID == id {
-			out := make([]string, len(info.Labels))
-			for i, l := range info.Labels {
-				out[i] = l.String()
-			}
-			return out
+		out := make([]string, len(info.Labels))
+		for i, l := range info.Labels {
+			out[i] = l.String()
+		}
+		n.labels[info.ID] = out
+	}
+	n.pods = map[netip.Addr]string{}
+	for _, e := range d.compiler.Endpoints() {
+		for _, a := range e.IPs {
+			n.pods[a] = e.EndpointID.String()
 		}
 	}
-	return nil
+	n.built = time.Now()
+	return n
+}
+
+func (d *Daemon) identityLabels(id identity.ID) []string {
+	if name := id.ReservedName(); name != "" {
+		return []string{"reserved:" + name}
+	}
+	n := d.namesNow()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.labels[id]
 }
 
 func (d *Daemon) podOf(ip netip.Addr) string {
-	for _, e := range d.compiler.Endpoints() {
-		for _, a := range e.IPs {
-			if a == ip {
-				return e.EndpointID.String()
-			}
-		}
-	}
-	return ""
+	n := d.namesNow()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.pods[ip]
 }
 
 // matches applies an observe request's filters to a flow.

@@ -46,12 +46,17 @@ static __always_inline void flow_emit(struct __sk_buff *skb, struct packet *pkt,
 	bpf_ringbuf_submit(ev, 0);
 }
 
-/* drop() - count and report a drop, and tell TC to drop the packet. */
+/*
+ * drop() - count and report a drop, and tell TC to drop the packet. Frames
+ * that are not IPv4 have no flow to report (no addresses, no ports): they
+ * are counted only, so pods' IPv6 neighbour chatter cannot flood the log.
+ */
 static __always_inline int drop(struct __sk_buff *skb, struct packet *pkt, __u8 point, __u8 reason,
 				__u32 src_id, __u32 dst_id, __u32 rule_id, __u32 flags)
 {
 	metric_add(reason, skb->len);
-	flow_emit(skb, pkt, point, VERDICT_DENY, reason, src_id, dst_id, rule_id, flags);
+	if (reason != DROP_UNSUPPORTED_L3 && reason != DROP_INVALID_PACKET)
+		flow_emit(skb, pkt, point, VERDICT_DENY, reason, src_id, dst_id, rule_id, flags);
 	return TC_ACT_SHOT;
 }
 

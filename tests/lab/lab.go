@@ -111,6 +111,8 @@ type Pod struct {
 	Netns           *netlab.Netns
 	ContainerID     string
 	server          *netlab.Proc
+	// CNIAdd is how long veil-cni ADD took, as kubelet would see it.
+	CNIAdd time.Duration
 }
 
 // Key is "namespace/name".
@@ -256,7 +258,7 @@ func (l *Lab) AddNode(ctx context.Context) (*Node, error) {
 	if err := n.StartAgent(ctx); err != nil {
 		return nil, err
 	}
-	return n, nil
+	return n, l.writeState()
 }
 
 func (l *Lab) wireUnderlay(n *Node, i int) error {
@@ -520,7 +522,9 @@ func (l *Lab) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 	l.mu.Lock()
 	l.Pods[p.Key()] = p
 	l.mu.Unlock()
+	start := time.Now()
 	res, err := node.runCNI(ctx, "ADD", p)
+	p.CNIAdd = time.Since(start)
 	if err != nil {
 		return nil, err
 	}
@@ -564,7 +568,7 @@ func (l *Lab) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 			return nil, fmt.Errorf("test server of %s: %w", p.Key(), err)
 		}
 	}
-	return p, nil
+	return p, l.writeState()
 }
 
 // DeletePod does what kubelet does when a pod goes: CNI DEL, then the
@@ -582,7 +586,7 @@ func (l *Lab) DeletePod(ctx context.Context, p *Pod) error {
 	l.mu.Lock()
 	delete(l.Pods, p.Key())
 	l.mu.Unlock()
-	return p.Netns.Delete()
+	return errors.Join(p.Netns.Delete(), l.writeState())
 }
 
 // CNIConfig is the network configuration the lab's kubelet hands veil-cni.
