@@ -55,7 +55,7 @@ func (s *side) peer() Peer {
 }
 
 func testLogger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: testLogLevel()}))
 }
 
 type testWriter struct{ t *testing.T }
@@ -787,4 +787,11 @@ func TestPrivilegedOpenMode(t *testing.T) {
 			t.Errorf("config %+v accepted", bad)
 		}
 	}
+}
+
+func testLogLevel() slog.Level {
+	if os.Getenv("VEIL_WG_DEBUG") == "1" {
+		return slog.LevelDebug
+	}
+	return slog.LevelInfo
 }
