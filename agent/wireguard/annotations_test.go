@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"context"
 	"errors"
 	"net/netip"
 	"slices"
@@ -288,5 +289,32 @@ func TestKernelUnsupported(t *testing.T) {
 		if got := kernelUnsupported(tc.err); got != tc.want {
 			t.Errorf("kernelUnsupported(%v) = %v, want %v", tc.err, got, tc.want)
 		}
+	}
+}
+
+func TestSetPeersRejectsBadInput(t *testing.T) {
+	self, _ := GenerateKey()
+	d := &Device{cfg: Config{Interface: "wgtest"}, key: self} // no device: validation comes first
+	k1 := pubKey(t)
+	ep := netip.MustParseAddrPort("10.99.0.2:51820")
+	for _, tc := range []struct {
+		name  string
+		peers []Peer
+	}{
+		{"empty key", []Peer{{Endpoint: ep}}},
+		{"own key", []Peer{{PublicKey: self.PublicKey(), Endpoint: ep}}},
+		{"listed twice", []Peer{{PublicKey: k1, Endpoint: ep}, {PublicKey: k1, Endpoint: ep}}},
+		{"no endpoint", []Peer{{PublicKey: k1}}},
+		{"port zero", []Peer{{PublicKey: k1, Endpoint: netip.AddrPortFrom(ep.Addr(), 0)}}},
+		{"invalid allowed IP", []Peer{{PublicKey: k1, Endpoint: ep, AllowedIPs: []netip.Prefix{{}}}}},
+	} {
+		if err := d.SetPeers(t.Context(), tc.peers); err == nil || !strings.Contains(err.Error(), "wgtest") {
+			t.Errorf("%s: err %v, want a refusal naming the device", tc.name, err)
+		}
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if _, err := Open(ctx, Config{Interface: "wgtest", PrivateKey: self}); !errors.Is(err, context.Canceled) {
+		t.Errorf("Open with a cancelled context: %v", err)
 	}
 }

@@ -293,8 +293,13 @@ func (d *Device) SetPeers(ctx context.Context, peers []Peer) error {
 		if _, dup := want[p.PublicKey]; dup {
 			return fmt.Errorf("set wireguard peers on %s: peer %s listed twice", d.cfg.Interface, Fingerprint(p.PublicKey))
 		}
-		if !p.Endpoint.IsValid() {
+		if !p.Endpoint.IsValid() || p.Endpoint.Port() == 0 {
 			return fmt.Errorf("set wireguard peers on %s: peer %s has no endpoint", d.cfg.Interface, Fingerprint(p.PublicKey))
+		}
+		for _, a := range p.AllowedIPs {
+			if !a.IsValid() {
+				return fmt.Errorf("set wireguard peers on %s: peer %s has an invalid allowed IP", d.cfg.Interface, Fingerprint(p.PublicKey))
+			}
 		}
 		want[p.PublicKey] = p
 	}

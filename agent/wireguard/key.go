@@ -32,8 +32,13 @@ type Key struct {
 	pub     wgtypes.Key
 	created time.Time
 	path    string // "" for a key that lives only in memory
-	pending bool   // a previous key is kept beside path (see Rotate)
 }
+
+var (
+	_ fmt.Formatter  = Key{}
+	_ fmt.GoStringer = Key{}
+	_ slog.LogValuer = Key{}
+)
 
 // GenerateKey returns a fresh key that lives only in memory (tests, tools).
 func GenerateKey() (Key, error) {
@@ -99,11 +104,7 @@ func loadKey(path string) (Key, error) {
 	if priv == (wgtypes.Key{}) {
 		return Key{}, fmt.Errorf("load wireguard key %s: key is all zeros", path)
 	}
-	k := newKey(priv, fi.ModTime(), path)
-	if _, err := os.Lstat(prevPath(path)); err == nil {
-		k.pending = true
-	}
-	return k, nil
+	return newKey(priv, fi.ModTime(), path), nil
 }
 
 // writeKeyFile writes priv to path through a temporary file in the same
@@ -221,7 +222,7 @@ func (k Key) RollbackRotation() (Key, error) {
 	if err := syncDir(filepath.Dir(k.path)); err != nil {
 		return Key{}, err
 	}
-	prev.path, prev.pending = k.path, false
+	prev.path = k.path
 	return prev, nil
 }
 
@@ -247,9 +248,16 @@ func (k Key) Age(now time.Time) time.Duration { return now.Sub(k.created) }
 // Path is the key file ("" for an in-memory key).
 func (k Key) Path() string { return k.path }
 
-// RotationPending reports whether a previous key was kept by Rotate and not
-// yet confirmed (as seen when the key was loaded).
-func (k Key) RotationPending() bool { return k.pending }
+// RotationPending reports whether a previous key kept by Rotate is still
+// waiting for ConfirmRotation. It looks at the file system each time, so it
+// is true after an agent restart in the middle of a rotation.
+func (k Key) RotationPending() bool {
+	if k.path == "" {
+		return false
+	}
+	_, err := os.Lstat(prevPath(k.path))
+	return err == nil
+}
 
 // String shows the fingerprint, never the private key.
 func (k Key) String() string { return "wireguard-key:" + k.Fingerprint() }

@@ -192,6 +192,11 @@ type nsBind struct {
 	ns netns.NsHandle
 }
 
+var (
+	_ conn.Bind  = (*nsBind)(nil)
+	_ tun.Device = (*nsTUN)(nil)
+)
+
 func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
 	err = inNetns(b.ns, func() error {
 		var oerr error
