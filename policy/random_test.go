@@ -74,7 +74,9 @@ func (g gen) pod(name string, seq int) *corev1.Pod {
 		lbl["tier"] = g.pick([]string{"front", "back"})
 	}
 	ip := fmt.Sprintf("10.%d.%d.%d", ns, app, seq+1)
-	if g.chance(0.2) {
+	// The family follows the identity's namespace and app, so that pods of
+	// one identity never straddle a CIDR boundary.
+	if (ns+app)%4 == 3 {
 		ip = fmt.Sprintf("fd00:%d:%d::%d", ns, app, seq+1)
 	}
 	if g.chance(0.1) {
