@@ -36,6 +36,22 @@ int veil_from_netdev(struct __sk_buff *skb)
 	if (reason)
 		return drop(skb, &pkt, OBS_FROM_NETDEV, reason, 0, dst->identity, 0, 0);
 
+	/*
+	 * Strict mode: pods of other nodes reach ours only through the tunnel,
+	 * where WireGuard vouches for the source address. Plaintext claiming
+	 * to come from a remote pod is refused.
+	 */
+	if (wg_ifindex && strict_mode) {
+		struct lpm_v4_key k = { .prefixlen = 32, .addr = pkt.tuple.saddr };
+		struct ipcache_info *src = bpf_map_lookup_elem(&veil_ipcache, &k);
+
+		if (src && (src->flags & (IPCACHE_F_REMOTE_POD | IPCACHE_F_POD_CIDR))) {
+			leak_record(&pkt, dst->id, DROP_LEAK);
+			return drop(skb, &pkt, OBS_FROM_NETDEV, DROP_LEAK, src->identity, dst->identity,
+				    0, FLOW_F_LEAK | FLOW_F_INGRESS_DECIDED);
+		}
+	}
+
 	ct = ct_lookup(&pkt, &reply);
 	if (ct) {
 		metric_add(FWD_REPLY, pkt.len);

@@ -25,6 +25,7 @@ int veil_from_pod(struct __sk_buff *skb)
 	struct peer sp = {}, dp = {};
 	struct packet pkt = {};
 	struct ct_entry *ct;
+	struct route rt;
 	__u32 flags = 0, rule_id;
 	int is_arp, reply, reason;
 
@@ -39,10 +40,15 @@ int veil_from_pod(struct __sk_buff *skb)
 		return drop(skb, &pkt, OBS_FROM_POD, DROP_SPOOFED_SOURCE, 0, 0, 0, 0);
 	dst = bpf_map_lookup_elem(&veil_endpoints, &pkt.tuple.daddr);
 
+	route_of(pkt.tuple.daddr, dst, &rt);
 	ct = ct_lookup(&pkt, &reply);
 	if (ct) {
+		if (rt.kind == ROUTE_NO_TUNNEL) {
+			leak_record(&pkt, src->id, DROP_NO_TUNNEL);
+			return drop(skb, &pkt, OBS_FROM_POD, DROP_NO_TUNNEL, src->identity, 0, 0, FLOW_F_LEAK);
+		}
 		metric_add(FWD_REPLY, pkt.len);
-		return deliver(skb, pkt.tuple.daddr, dst);
+		return forward(skb, dst, &rt);
 	}
 
 	sp.identity = src->identity;
@@ -75,12 +81,19 @@ int veil_from_pod(struct __sk_buff *skb)
 		}
 	}
 
+	if (rt.kind == ROUTE_NO_TUNNEL) {
+		leak_record(&pkt, src->id, DROP_NO_TUNNEL);
+		return drop(skb, &pkt, OBS_FROM_POD, DROP_NO_TUNNEL, sp.identity, dp.identity, rule_id,
+			    flags | FLOW_F_LEAK);
+	}
+	if (rt.kind == ROUTE_TUNNEL)
+		flags |= FLOW_F_ENCRYPTED;
 	ct_create(&pkt, sp.identity, dp.identity, (flags & FLOW_F_AUDIT) ? CT_F_AUDIT : 0);
 	if (flags & FLOW_F_AUDIT)
 		metric_add(FWD_AUDIT, pkt.len);
 	flow_emit(skb, &pkt, OBS_FROM_POD, VERDICT_ALLOW, REASON_NONE, sp.identity, dp.identity,
 		  rule_id, flags);
-	return deliver(skb, pkt.tuple.daddr, dst);
+	return forward(skb, dst, &rt);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

@@ -41,8 +41,12 @@ func (d *Datapath) programFor(pinName string) *ebpf.Program {
 		return d.fromPod
 	case strings.HasPrefix(pinName, "ep_") && strings.HasSuffix(pinName, "_egress"):
 		return d.toPod
-	case strings.HasPrefix(pinName, "netdev_"):
+	case strings.HasPrefix(pinName, "netdev_") && strings.HasSuffix(pinName, "_ingress"):
 		return d.fromNetdev
+	case strings.HasPrefix(pinName, "netdev_") && strings.HasSuffix(pinName, "_egress"):
+		return d.toNetdev
+	case strings.HasPrefix(pinName, "tunnel_"):
+		return d.fromTunnel
 	}
 	return nil
 }
@@ -196,7 +200,10 @@ func (d *Datapath) detachLegacyAll() error {
 		errs = append(errs, detachClsact(ep.Ifindex, ingress), detachClsact(ep.Ifindex, egress))
 	}
 	if d.underlayIfindex != 0 {
-		errs = append(errs, detachClsact(d.underlayIfindex, ingress))
+		errs = append(errs, detachClsact(d.underlayIfindex, ingress), detachClsact(d.underlayIfindex, egress))
+	}
+	if d.wgIfindex != 0 {
+		errs = append(errs, detachClsact(d.wgIfindex, ingress))
 	}
 	return errors.Join(errs...)
 }

@@ -42,6 +42,14 @@ type Config struct {
 	UnderlayInterface string
 	// NodeIP is this node's address on the underlay.
 	NodeIP netip.Addr
+	// WireGuardInterface is the WireGuard device; traffic to remote pods of
+	// nodes marked Tunnel in the ipcache goes into it. Empty: no encryption.
+	WireGuardInterface string
+	// StrictMode never lets pod traffic reach another node unencrypted:
+	// without a tunnel to the destination node it is dropped and recorded
+	// as a leak, and a guard on the underlay's egress catches anything that
+	// routed around the tunnel.
+	StrictMode bool
 	// LegacyTC attaches with clsact filters even where TCX exists.
 	LegacyTC bool
 	// CTIdleTimeout is how long an idle connection keeps its verdict before
@@ -75,8 +83,9 @@ type Datapath struct {
 	// maps, opened from the pins; shared by every program.
 	endpoints, ipcache, cidrs, policy, ct, sockhash, events, metrics, sockstats *ebpf.Map
 	// programs, one per attach point.
-	fromPod, toPod, fromNetdev, sockops, skMsg *ebpf.Program
-	underlayIfindex                            int
+	fromPod, toPod, fromNetdev, fromTunnel, toNetdev, sockops, skMsg *ebpf.Program
+	leaks                                                            *ebpf.Map
+	underlayIfindex, wgIfindex                                       int
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
 	policySlots map[uint32][]fromPodPolicyKey
@@ -103,6 +112,16 @@ func Load(cfg Config) (*Datapath, error) {
 		}
 		d.underlayIfindex = l.Attrs().Index
 	}
+	if cfg.WireGuardInterface != "" {
+		l, err := netlink.LinkByName(cfg.WireGuardInterface)
+		if err != nil {
+			return nil, fmt.Errorf("find WireGuard interface %q: %w", cfg.WireGuardInterface, err)
+		}
+		d.wgIfindex = l.Attrs().Index
+	}
+	if cfg.StrictMode && cfg.WireGuardInterface == "" {
+		return nil, errors.New("strict mode needs a WireGuard interface")
+	}
 	if err := d.load(); err != nil {
 		d.Close()
 		return nil, err
@@ -115,11 +134,9 @@ func Load(cfg Config) (*Datapath, error) {
 		d.Close()
 		return nil, err
 	}
-	if d.underlayIfindex != 0 {
-		if err := d.attachTC(d.underlayIfindex, "netdev_"+cfg.UnderlayInterface, ingress, d.fromNetdev); err != nil {
-			d.Close()
-			return nil, err
-		}
+	if err := d.attachDevices(); err != nil {
+		d.Close()
+		return nil, err
 	}
 	if cfg.CgroupPath != "" {
 		if err := d.attachSockets(); err != nil {
@@ -178,6 +195,8 @@ func (d *Datapath) load() error {
 		"node_ip":           nodeIP,
 		"underlay_ifindex":  uint32(d.underlayIfindex),
 		"ct_idle_timeout_s": uint32(d.cfg.CTIdleTimeout / time.Second),
+		"wg_ifindex":        uint32(d.wgIfindex),
+		"strict_mode":       boolU32(d.cfg.StrictMode),
 	}
 	setConsts := func(spec *ebpf.CollectionSpec) error {
 		for name, v := range consts {
@@ -199,6 +218,7 @@ func (d *Datapath) load() error {
 	d.closers = append(d.closers, &fp)
 	d.endpoints, d.ipcache, d.cidrs, d.policy = fp.VeilEndpoints, fp.VeilIpcache, fp.VeilCidrs, fp.VeilPolicy
 	d.ct, d.sockhash, d.events, d.metrics, d.sockstats = fp.VeilCt, fp.VeilSockhash, fp.VeilEvents, fp.VeilMetrics, fp.VeilSockstats
+	d.leaks = fp.VeilLeaks
 	d.fromPod = fp.VeilFromPod
 
 	var tp toPodObjects
@@ -214,6 +234,20 @@ func (d *Datapath) load() error {
 	}
 	d.closers = append(d.closers, &fn)
 	d.fromNetdev = fn.VeilFromNetdev
+
+	var ft fromTunnelObjects
+	if err := loadObject(loadFromTunnel, setConsts, &ft, opts, "from_tunnel"); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, &ft)
+	d.fromTunnel = ft.VeilFromTunnel
+
+	var tn toNetdevObjects
+	if err := loadObject(loadToNetdev, setConsts, &tn, opts, "to_netdev"); err != nil {
+		return err
+	}
+	d.closers = append(d.closers, &tn)
+	d.toNetdev = tn.VeilToNetdev
 
 	var so sockopsObjects
 	if err := loadObject(loadSockops, setConsts, &so, opts, "sockops"); err != nil {
@@ -231,6 +265,7 @@ func (d *Datapath) load() error {
 
 	for name, p := range map[string]*ebpf.Program{
 		"from_pod": d.fromPod, "to_pod": d.toPod, "from_netdev": d.fromNetdev,
+		"from_tunnel": d.fromTunnel, "to_netdev": d.toNetdev,
 		"sockops": d.sockops, "sk_msg": d.skMsg,
 	} {
 		if err := repin(p, filepath.Join(progsDir(d.cfg.BPFFSRoot), name)); err != nil {
@@ -269,6 +304,39 @@ func repin(p *ebpf.Program, path string) error {
 	}
 	if err := p.Pin(path); err != nil {
 		return fmt.Errorf("pin program %s: %w", path, err)
+	}
+	return nil
+}
+
+func boolU32(b bool) uint32 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// attachDevices attaches the node-level programs: traffic from other nodes
+// on the underlay, decrypted traffic on the WireGuard device, and (strict
+// mode) the guard on the underlay's egress, which is removed when strict
+// mode is off.
+func (d *Datapath) attachDevices() error {
+	if d.underlayIfindex != 0 {
+		name := "netdev_" + d.cfg.UnderlayInterface
+		if err := d.attachTC(d.underlayIfindex, name, ingress, d.fromNetdev); err != nil {
+			return err
+		}
+		if d.cfg.StrictMode {
+			if err := d.attachTC(d.underlayIfindex, name, egress, d.toNetdev); err != nil {
+				return err
+			}
+		} else if err := d.detachTC(d.underlayIfindex, name, egress); err != nil {
+			return err
+		}
+	}
+	if d.wgIfindex != 0 {
+		if err := d.attachTC(d.wgIfindex, "tunnel_"+d.cfg.WireGuardInterface, ingress, d.fromTunnel); err != nil {
+			return err
+		}
 	}
 	return nil
 }

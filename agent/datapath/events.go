@@ -29,6 +29,8 @@ const (
 	DropNoRoute         DropReason = 7
 	DropRedirectFailed  DropReason = 8
 	DropUnknownEndpoint DropReason = 9
+	DropNoTunnel        DropReason = 10
+	DropLeak            DropReason = 11
 	maxDropReason                  = 31
 )
 
@@ -43,6 +45,8 @@ var dropReasonNames = map[DropReason]string{
 	DropNoRoute:         "no-route",
 	DropRedirectFailed:  "redirect-failed",
 	DropUnknownEndpoint: "unknown-endpoint",
+	DropNoTunnel:        "no-tunnel",
+	DropLeak:            "unencrypted-leak",
 }
 
 func (r DropReason) String() string {
@@ -59,6 +63,8 @@ const (
 	FromPod    ObservationPoint = 1
 	ToPod      ObservationPoint = 2
 	FromNetdev ObservationPoint = 3
+	FromTunnel ObservationPoint = 4
+	ToNetdev   ObservationPoint = 5
 )
 
 func (p ObservationPoint) String() string {
@@ -69,6 +75,10 @@ func (p ObservationPoint) String() string {
 		return "to-pod"
 	case FromNetdev:
 		return "from-network"
+	case FromTunnel:
+		return "from-tunnel"
+	case ToNetdev:
+		return "to-network"
 	}
 	return fmt.Sprintf("point-%d", uint8(p))
 }
@@ -79,6 +89,7 @@ const (
 	FlagAudit          = 1 << 1
 	FlagEncrypted      = 1 << 2
 	FlagIngressDecided = 1 << 3
+	FlagLeak           = 1 << 4
 )
 
 // FlowEvent is one verdict or drop reported by the datapath.

@@ -57,6 +57,15 @@ type fromNetdevIpcacheInfo struct {
 	Flags    uint32
 }
 
+type fromNetdevLeak struct {
+	_          structs.HostLayout
+	FirstNs    uint64
+	LastNs     uint64
+	Packets    uint64
+	EndpointId uint32
+	Reason     uint32
+}
+
 type fromNetdevLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -106,6 +115,7 @@ const (
 	fromNetdevMapVeilEndpoints   = "veil_endpoints"
 	fromNetdevMapVeilEvents      = "veil_events"
 	fromNetdevMapVeilIpcache     = "veil_ipcache"
+	fromNetdevMapVeilLeaks       = "veil_leaks"
 	fromNetdevMapVeilMetrics     = "veil_metrics"
 	fromNetdevMapVeilPolicy      = "veil_policy"
 	fromNetdevMapVeilSockhash    = "veil_sockhash"
@@ -113,7 +123,9 @@ const (
 	fromNetdevProgVeilFromNetdev = "veil_from_netdev"
 	fromNetdevVarCtIdleTimeoutS  = "ct_idle_timeout_s"
 	fromNetdevVarNodeIp          = "node_ip"
+	fromNetdevVarStrictMode      = "strict_mode"
 	fromNetdevVarUnderlayIfindex = "underlay_ifindex"
+	fromNetdevVarWgIfindex       = "wg_ifindex"
 )
 
 // loadFromNetdev returns the embedded CollectionSpec for fromNetdev.
@@ -170,6 +182,7 @@ type fromNetdevMapSpecs struct {
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
@@ -182,7 +195,9 @@ type fromNetdevMapSpecs struct {
 type fromNetdevVariableSpecs struct {
 	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
+	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
+	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // fromNetdevObjects contains all objects after they have been loaded into the kernel.
@@ -210,6 +225,7 @@ type fromNetdevMaps struct {
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
@@ -223,6 +239,7 @@ func (m *fromNetdevMaps) Close() error {
 		m.VeilEndpoints,
 		m.VeilEvents,
 		m.VeilIpcache,
+		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
 		m.VeilSockhash,
@@ -236,7 +253,9 @@ func (m *fromNetdevMaps) Close() error {
 type fromNetdevVariables struct {
 	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
+	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
+	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // fromNetdevPrograms contains all programs after they have been loaded into the kernel.

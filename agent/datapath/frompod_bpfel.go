@@ -78,6 +78,15 @@ type fromPodIpcacheInfo struct {
 	Flags    uint32
 }
 
+type fromPodLeak struct {
+	_          structs.HostLayout
+	FirstNs    uint64
+	LastNs     uint64
+	Packets    uint64
+	EndpointId uint32
+	Reason     uint32
+}
+
 type fromPodLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -127,6 +136,7 @@ const (
 	fromPodMapVeilEndpoints   = "veil_endpoints"
 	fromPodMapVeilEvents      = "veil_events"
 	fromPodMapVeilIpcache     = "veil_ipcache"
+	fromPodMapVeilLeaks       = "veil_leaks"
 	fromPodMapVeilMetrics     = "veil_metrics"
 	fromPodMapVeilPolicy      = "veil_policy"
 	fromPodMapVeilSockhash    = "veil_sockhash"
@@ -134,8 +144,10 @@ const (
 	fromPodProgVeilFromPod    = "veil_from_pod"
 	fromPodVarCtIdleTimeoutS  = "ct_idle_timeout_s"
 	fromPodVarNodeIp          = "node_ip"
+	fromPodVarStrictMode      = "strict_mode"
 	fromPodVarUnderlayIfindex = "underlay_ifindex"
 	fromPodVarUnusedFlowEvent = "unused_flow_event"
+	fromPodVarWgIfindex       = "wg_ifindex"
 )
 
 // loadFromPod returns the embedded CollectionSpec for fromPod.
@@ -192,6 +204,7 @@ type fromPodMapSpecs struct {
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
@@ -204,8 +217,10 @@ type fromPodMapSpecs struct {
 type fromPodVariableSpecs struct {
 	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
+	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
 	UnusedFlowEvent *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // fromPodObjects contains all objects after they have been loaded into the kernel.
@@ -233,6 +248,7 @@ type fromPodMaps struct {
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
@@ -246,6 +262,7 @@ func (m *fromPodMaps) Close() error {
 		m.VeilEndpoints,
 		m.VeilEvents,
 		m.VeilIpcache,
+		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
 		m.VeilSockhash,
@@ -259,8 +276,10 @@ func (m *fromPodMaps) Close() error {
 type fromPodVariables struct {
 	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
+	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
 	UnusedFlowEvent *ebpf.Variable `ebpf:"unused_flow_event"`
+	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // fromPodPrograms contains all programs after they have been loaded into the kernel.

@@ -30,6 +30,9 @@ const (
 	// PodCIDR is another node's pod CIDR: routed there even before its
 	// pods are known.
 	PodCIDR IPCacheKind = 1 << 2
+	// Tunnel marks a prefix whose node is a WireGuard peer: pod traffic to
+	// it is encrypted.
+	Tunnel IPCacheKind = 1 << 3
 )
 
 func lpmKey(p netip.Prefix) (fromPodLpmV4Key, error) {

@@ -16,6 +16,8 @@ type Counters struct {
 	// existing connection. Audit: would have been denied by an audit-mode
 	// policy.
 	Local, Remote, Stack, Established, Audit Counter
+	// Tunnel: sent into the WireGuard device.
+	Tunnel Counter
 	// EventsLost counts flow events dropped because the ring buffer was full.
 	EventsLost uint64
 	// SocketRedirected: messages sk_msg moved socket to socket;
@@ -31,6 +33,7 @@ const (
 	fwdReply  = 35
 	fwdAudit  = 36
 	eventLost = 37
+	fwdTunnel = 38
 )
 
 func (d *Datapath) sumPerCPU(m interface {
@@ -62,7 +65,7 @@ func (d *Datapath) Counters() (Counters, error) {
 	}
 	for idx, dst := range map[uint32]*Counter{
 		fwdLocal: &out.Local, fwdRemote: &out.Remote, fwdStack: &out.Stack,
-		fwdReply: &out.Established, fwdAudit: &out.Audit,
+		fwdReply: &out.Established, fwdAudit: &out.Audit, fwdTunnel: &out.Tunnel,
 	} {
 		c, err := d.sumPerCPU(d.metrics, idx)
 		if err != nil {

@@ -57,6 +57,15 @@ type skMsgIpcacheInfo struct {
 	Flags    uint32
 }
 
+type skMsgLeak struct {
+	_          structs.HostLayout
+	FirstNs    uint64
+	LastNs     uint64
+	Packets    uint64
+	EndpointId uint32
+	Reason     uint32
+}
+
 type skMsgLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -106,6 +115,7 @@ const (
 	skMsgMapVeilEndpoints = "veil_endpoints"
 	skMsgMapVeilEvents    = "veil_events"
 	skMsgMapVeilIpcache   = "veil_ipcache"
+	skMsgMapVeilLeaks     = "veil_leaks"
 	skMsgMapVeilMetrics   = "veil_metrics"
 	skMsgMapVeilPolicy    = "veil_policy"
 	skMsgMapVeilSockhash  = "veil_sockhash"
@@ -167,6 +177,7 @@ type skMsgMapSpecs struct {
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
@@ -204,6 +215,7 @@ type skMsgMaps struct {
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
@@ -217,6 +229,7 @@ func (m *skMsgMaps) Close() error {
 		m.VeilEndpoints,
 		m.VeilEvents,
 		m.VeilIpcache,
+		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
 		m.VeilSockhash,

@@ -57,6 +57,15 @@ type toPodIpcacheInfo struct {
 	Flags    uint32
 }
 
+type toPodLeak struct {
+	_          structs.HostLayout
+	FirstNs    uint64
+	LastNs     uint64
+	Packets    uint64
+	EndpointId uint32
+	Reason     uint32
+}
+
 type toPodLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -106,6 +115,7 @@ const (
 	toPodMapVeilEndpoints   = "veil_endpoints"
 	toPodMapVeilEvents      = "veil_events"
 	toPodMapVeilIpcache     = "veil_ipcache"
+	toPodMapVeilLeaks       = "veil_leaks"
 	toPodMapVeilMetrics     = "veil_metrics"
 	toPodMapVeilPolicy      = "veil_policy"
 	toPodMapVeilSockhash    = "veil_sockhash"
@@ -113,7 +123,9 @@ const (
 	toPodProgVeilToPod      = "veil_to_pod"
 	toPodVarCtIdleTimeoutS  = "ct_idle_timeout_s"
 	toPodVarNodeIp          = "node_ip"
+	toPodVarStrictMode      = "strict_mode"
 	toPodVarUnderlayIfindex = "underlay_ifindex"
+	toPodVarWgIfindex       = "wg_ifindex"
 )
 
 // loadToPod returns the embedded CollectionSpec for toPod.
@@ -170,6 +182,7 @@ type toPodMapSpecs struct {
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
@@ -182,7 +195,9 @@ type toPodMapSpecs struct {
 type toPodVariableSpecs struct {
 	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
+	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
+	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // toPodObjects contains all objects after they have been loaded into the kernel.
@@ -210,6 +225,7 @@ type toPodMaps struct {
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
@@ -223,6 +239,7 @@ func (m *toPodMaps) Close() error {
 		m.VeilEndpoints,
 		m.VeilEvents,
 		m.VeilIpcache,
+		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
 		m.VeilSockhash,
@@ -236,7 +253,9 @@ func (m *toPodMaps) Close() error {
 type toPodVariables struct {
 	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
+	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
+	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // toPodPrograms contains all programs after they have been loaded into the kernel.

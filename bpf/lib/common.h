@@ -43,6 +43,8 @@ enum drop_reason {
 	DROP_NO_ROUTE = 7,
 	DROP_REDIRECT_FAILED = 8,
 	DROP_UNKNOWN_ENDPOINT = 9,
+	DROP_NO_TUNNEL = 10,	/* encryption on, no tunnel to the destination node */
+	DROP_LEAK = 11,		/* strict mode: pod traffic on the underlay unencrypted */
 	/* Last drop reason; forwarding counters start after it. */
 	DROP_MAX = 31,
 };
@@ -55,6 +57,7 @@ enum forward_kind {
 	FWD_REPLY = 35,     /* matched an existing connection */
 	FWD_AUDIT = 36,     /* would have been denied by an audit-mode policy */
 	EVENT_LOST = 37,    /* flow event not written: ring buffer full */
+	FWD_TUNNEL = 38,    /* sent into the WireGuard device */
 	METRICS_MAX = 64,
 };
 
@@ -63,6 +66,8 @@ enum obs_point {
 	OBS_FROM_POD = 1,     /* host-side veth ingress: pod sends */
 	OBS_TO_POD = 2,       /* host-side veth egress: host stack sends to pod */
 	OBS_FROM_NETDEV = 3,  /* underlay ingress: another node sends */
+	OBS_FROM_TUNNEL = 4,  /* WireGuard device ingress: decrypted traffic */
+	OBS_TO_NETDEV = 5,    /* underlay egress: the strict-mode guard */
 };
 
 #endif /* __VEIL_COMMON_H */

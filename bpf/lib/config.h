@@ -11,5 +11,7 @@
 volatile const __u32 node_ip = 0;		/* underlay address, network byte order */
 volatile const __u32 underlay_ifindex = 0;	/* device toward other nodes */
 volatile const __u32 ct_idle_timeout_s = 21600;	/* re-check policy after this much idleness */
+volatile const __u32 wg_ifindex = 0;		/* WireGuard device; 0: encryption off */
+volatile const __u32 strict_mode = 0;		/* 1: never send pod traffic to another node unencrypted */
 
 #endif /* __VEIL_CONFIG_H */

@@ -36,6 +36,7 @@ struct lpm_v4_key {
 #define IPCACHE_F_REMOTE_POD (1 << 0)	/* a pod on another node */
 #define IPCACHE_F_NODE (1 << 1)		/* a node's own address */
 #define IPCACHE_F_POD_CIDR (1 << 2)	/* another node's pod CIDR */
+#define IPCACHE_F_TUNNEL (1 << 3)	/* the node is a WireGuard peer: encrypt */
 
 /* struct ipcache_info - what the datapath knows about an address. */
 struct ipcache_info {
@@ -129,6 +130,16 @@ struct flow_event {
 #define FLOW_F_AUDIT (1 << 1)
 #define FLOW_F_ENCRYPTED (1 << 2)
 #define FLOW_F_INGRESS_DECIDED (1 << 3)	/* the verdict came from the destination's ingress policy */
+#define FLOW_F_LEAK (1 << 4)	/* strict mode stopped plaintext toward another node */
+
+/* struct leak - pod traffic that strict mode kept off the underlay. */
+struct leak {
+	__u64 first_ns;
+	__u64 last_ns;
+	__u64 packets;
+	__u32 endpoint_id;	/* the sending endpoint, 0 when unknown */
+	__u32 reason;		/* DROP_NO_TUNNEL or DROP_LEAK */
+};
 
 /* struct metric - a packet and byte counter. */
 struct metric {
@@ -199,6 +210,15 @@ struct {
 	__uint(max_entries, 1 << 20);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_events SEC(".maps");
+
+/* Strict-mode leak records, by 5-tuple. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct ct_key);
+	__type(value, struct leak);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_leaks SEC(".maps");
 
 /* Drop and forwarding counters, indexed by enum drop_reason / forward_kind. */
 struct {

@@ -23,30 +23,15 @@ struct packet {
 #define TCP_FLAG_ACK 0x10
 
 /**
- * parse_ipv4() - parse Ethernet + IPv4 + the first bytes of L4.
- * Return: REASON_NONE, or the drop reason. Non-IPv4 frames return
- * DROP_UNSUPPORTED_L3; ARP is left to the caller via *is_arp.
+ * parse_ip_at() - parse IPv4 + the first bytes of L4, at @ip.
+ * Return: REASON_NONE, or the drop reason.
  */
-static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt, int *is_arp)
+static __always_inline int parse_ip_at(struct __sk_buff *skb, struct packet *pkt, struct iphdr *ip,
+				       void *data_end)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip;
 	__u8 *l4;
 	__u32 ihl;
 
-	*is_arp = 0;
-	if ((void *)(eth + 1) > data_end)
-		return DROP_INVALID_PACKET;
-	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
-		*is_arp = 1;
-		return REASON_NONE;
-	}
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return DROP_UNSUPPORTED_L3;
-
-	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > data_end)
 		return DROP_INVALID_PACKET;
 	ihl = ip->ihl * 4;
@@ -97,6 +82,43 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt,
 		break;
 	}
 	return REASON_NONE;
+}
+
+/**
+ * parse_ipv4() - parse Ethernet + IPv4 + the first bytes of L4.
+ * Return: REASON_NONE, or the drop reason. Non-IPv4 frames return
+ * DROP_UNSUPPORTED_L3; ARP is left to the caller via *is_arp.
+ */
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct packet *pkt, int *is_arp)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	*is_arp = 0;
+	if ((void *)(eth + 1) > data_end)
+		return DROP_INVALID_PACKET;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		*is_arp = 1;
+		return REASON_NONE;
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return DROP_UNSUPPORTED_L3;
+	return parse_ip_at(skb, pkt, (void *)(eth + 1), data_end);
+}
+
+/**
+ * parse_ipv4_l3() - parse a packet of an L3 device (no link-layer header),
+ * such as a WireGuard device.
+ */
+static __always_inline int parse_ipv4_l3(struct __sk_buff *skb, struct packet *pkt)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return DROP_UNSUPPORTED_L3;
+	return parse_ip_at(skb, pkt, data, data_end);
 }
 
 #endif /* __VEIL_PARSE_H */
