@@ -78,6 +78,9 @@ type Device struct {
 	key    Key
 	us     *userspace // nil in kernel mode
 	closed bool
+	// adopted: the kernel device existed before Open (an agent restart);
+	// a failed Open leaves it in place rather than cut its sessions.
+	adopted bool
 }
 
 // Open creates the device in the network namespace of the calling thread
@@ -138,7 +141,9 @@ func Open(ctx context.Context, cfg Config) (*Device, error) {
 		return nil, err
 	}
 	if err := d.configure(); err != nil {
-		d.removeLink()
+		if !d.adopted {
+			d.removeLink()
+		}
 		return nil, err
 	}
 	ok = true
@@ -211,7 +216,7 @@ func (d *Device) openKernel() error {
 			return fmt.Errorf("open wireguard device %s: an interface of type %q already has that name", name, existing.Type())
 		}
 		d.log.Info("adopting existing kernel wireguard device")
-		err = nil
+		d.adopted, err = true, nil
 	}
 	if err != nil {
 		return fmt.Errorf("open wireguard device %s: add kernel link: %w", name, err)

@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/binary"
@@ -11,6 +12,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -18,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -481,6 +484,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 
 	t.Run("TCP echo across the tunnel, only WireGuard on the wire", func(t *testing.T) {
 		capt := startCapture(t, a.ns, a.veth)
+		td := startTcpdump(t, b.ns, b.veth)
 		c, err := dial(a.ns, target, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
@@ -507,6 +511,9 @@ func TestPrivilegedTunnel(t *testing.T) {
 		t.Logf("capture on %s: %d frames, %d WireGuard data packets, marker never in plaintext", a.veth, len(frames), data)
 		if data == 0 {
 			t.Error("capture saw no WireGuard data packets: it did not see the tunnel")
+		}
+		if td != nil {
+			td.check(t, b.ns, marker, []int{a.port, b.port})
 		}
 	})
 
@@ -794,4 +801,109 @@ func testLogLevel() slog.Level {
 		return slog.LevelDebug
 	}
 	return slog.LevelInfo
+}
+
+// tcpdump is a second, independent witness on the other end of the veth.
+type tcpdump struct {
+	cmd  *exec.Cmd
+	file string
+	done chan error
+}
+
+func startTcpdump(t *testing.T, ns *netlab.Netns, ifname string) *tcpdump {
+	t.Helper()
+	if _, err := exec.LookPath("tcpdump"); err != nil {
+		t.Log("no tcpdump: AF_PACKET capture only")
+		return nil
+	}
+	td := &tcpdump{file: filepath.Join(t.TempDir(), "underlay.pcap"), done: make(chan error, 1)}
+	td.cmd = exec.Command("nsenter", "--net="+ns.Path(), "--", "tcpdump", "-i", ifname, "--immediate-mode", "-U", "-n", "-w", td.file)
+	stderr, err := td.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := td.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		signalled := false
+		for sc.Scan() {
+			if !signalled && strings.Contains(sc.Text(), "listening on") {
+				close(ready)
+				signalled = true
+			}
+		}
+		if !signalled {
+			close(ready)
+		}
+		td.done <- td.cmd.Wait()
+	}()
+	t.Cleanup(func() { td.stop() })
+	select {
+	case <-ready:
+	case <-time.After(5 * time.Second):
+		t.Fatal("tcpdump did not start")
+	}
+	return td
+}
+
+// stop ends tcpdump (the process this test started, by its PID) and waits.
+func (td *tcpdump) stop() {
+	if td.cmd.ProcessState != nil {
+		return
+	}
+	td.cmd.Process.Signal(syscall.SIGINT)
+	select {
+	case <-td.done:
+	case <-time.After(5 * time.Second):
+		td.cmd.Process.Kill()
+		<-td.done
+	}
+}
+
+func (td *tcpdump) check(t *testing.T, ns *netlab.Netns, marker []byte, ports []int) {
+	t.Helper()
+	td.stop()
+	raw, err := os.ReadFile(td.file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(raw, marker) {
+		t.Error("tcpdump capture holds the marker in plaintext")
+	}
+	out, err := exec.Command("tcpdump", "-nn", "-r", td.file).CombinedOutput()
+	if err != nil {
+		t.Fatalf("tcpdump -r: %v: %s", err, out)
+	}
+	var udp, other int
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		if line == "" || strings.HasPrefix(line, "reading from") {
+			continue
+		}
+		ok := strings.Contains(line, "UDP") || strings.Contains(line, "ARP")
+		portOK := false
+		for _, p := range ports {
+			portOK = portOK || strings.Contains(line, "."+strconv.Itoa(p)+" >") || strings.Contains(line, "."+strconv.Itoa(p)+":")
+		}
+		if strings.Contains(line, "UDP") && portOK {
+			udp++
+		} else if !strings.Contains(line, "ARP") || !ok {
+			other++
+			t.Errorf("tcpdump saw non-WireGuard traffic: %s", line)
+		}
+	}
+	if udp == 0 {
+		t.Error("tcpdump saw no WireGuard UDP")
+	}
+	t.Logf("tcpdump on %s: %d WireGuard UDP packets to/from ports %v, %d other, marker absent; first lines:\n%s", ns.Name, udp, ports, other, firstLines(string(out), 4))
+}
+
+func firstLines(s string, n int) string {
+	lines := strings.SplitN(s, "\n", n+1)
+	if len(lines) > n {
+		lines = lines[:n]
+	}
+	return strings.Join(lines, "\n")
 }
