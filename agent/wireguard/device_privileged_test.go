@@ -615,6 +615,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 				}
 			}
 		})
+		capt := startCapture(t, a.ns, a.veth)
 		c, err := dial(a.ns, "10.97.0.2:7001", 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
@@ -623,7 +624,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 		stop := make(chan struct{})
 		writeErr := make(chan error, 1)
 		go func() {
-			chunk := bytes.Repeat([]byte("s"), 4096)
+			chunk := bytes.Repeat(append(slices.Clone(marker), ' '), 4096/(len(marker)+1))
 			for {
 				select {
 				case <-stop:
@@ -668,6 +669,9 @@ func TestPrivilegedTunnel(t *testing.T) {
 			t.Fatal("reader did not see the stream end")
 		}
 		took := time.Since(start)
+		frames := capt.stop()
+		data := checkWire(t, frames, []int{a.port, b.port}, marker)
+		t.Logf("capture across the rotation: %d frames, %d WireGuard data packets, marker never in plaintext", len(frames), data)
 		if took > 20*time.Second {
 			t.Errorf("rotation took %v", took)
 		}
