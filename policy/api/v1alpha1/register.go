@@ -47,6 +47,8 @@ func addKnownTypes(scheme *runtime.Scheme) error {
 		&MeshPolicyList{},
 		&ClusterMeshPolicy{},
 		&ClusterMeshPolicyList{},
+		&MeshNode{},
+		&MeshNodeList{},
 	)
 	metav1.AddToGroupVersion(scheme, SchemeGroupVersion)
 	return nil

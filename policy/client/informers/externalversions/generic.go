@@ -41,6 +41,8 @@ func (f *sharedInformerFactory) ForResource(resource schema.GroupVersionResource
 	// Group=policy.veil.dev, Version=v1alpha1
 	case v1alpha1.SchemeGroupVersion.WithResource("clustermeshpolicies"):
 		return &genericInformer{resource: resource.GroupResource(), informer: f.Policy().V1alpha1().ClusterMeshPolicies().Informer()}, nil
+	case v1alpha1.SchemeGroupVersion.WithResource("meshnodes"):
+		return &genericInformer{resource: resource.GroupResource(), informer: f.Policy().V1alpha1().MeshNodes().Informer()}, nil
 	case v1alpha1.SchemeGroupVersion.WithResource("meshpolicies"):
 		return &genericInformer{resource: resource.GroupResource(), informer: f.Policy().V1alpha1().MeshPolicies().Informer()}, nil
 

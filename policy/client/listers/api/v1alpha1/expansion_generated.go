@@ -8,6 +8,10 @@ package v1alpha1
 // ClusterMeshPolicyLister.
 type ClusterMeshPolicyListerExpansion interface{}
 
+// MeshNodeListerExpansion allows custom methods to be added to
+// MeshNodeLister.
+type MeshNodeListerExpansion interface{}
+
 // MeshPolicyListerExpansion allows custom methods to be added to
 // MeshPolicyLister.
 type MeshPolicyListerExpansion interface{}

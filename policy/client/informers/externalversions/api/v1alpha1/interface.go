@@ -12,6 +12,8 @@ import (
 type Interface interface {
 	// ClusterMeshPolicies returns a ClusterMeshPolicyInformer.
 	ClusterMeshPolicies() TypedClusterMeshPolicyInformer
+	// MeshNodes returns a MeshNodeInformer.
+	MeshNodes() TypedMeshNodeInformer
 	// MeshPolicies returns a MeshPolicyInformer.
 	MeshPolicies() TypedMeshPolicyInformer
 }
@@ -30,6 +32,11 @@ func New(f internalinterfaces.SharedInformerFactory, namespace string, tweakList
 // ClusterMeshPolicies returns a TypedClusterMeshPolicyInformer.
 func (v *version) ClusterMeshPolicies() TypedClusterMeshPolicyInformer {
 	return &clusterMeshPolicyInformer{factory: v.factory, tweakListOptions: v.tweakListOptions}
+}
+
+// MeshNodes returns a TypedMeshNodeInformer.
+func (v *version) MeshNodes() TypedMeshNodeInformer {
+	return &meshNodeInformer{factory: v.factory, tweakListOptions: v.tweakListOptions}
 }
 
 // MeshPolicies returns a TypedMeshPolicyInformer.

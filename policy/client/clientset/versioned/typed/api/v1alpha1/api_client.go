@@ -15,6 +15,7 @@ import (
 type PolicyV1alpha1Interface interface {
 	RESTClient() rest.Interface
 	ClusterMeshPoliciesGetter
+	MeshNodesGetter
 	MeshPoliciesGetter
 }
 
@@ -25,6 +26,10 @@ type PolicyV1alpha1Client struct {
 
 func (c *PolicyV1alpha1Client) ClusterMeshPolicies() ClusterMeshPolicyInterface {
 	return newClusterMeshPolicies(c)
+}
+
+func (c *PolicyV1alpha1Client) MeshNodes() MeshNodeInterface {
+	return newMeshNodes(c)
 }
 
 func (c *PolicyV1alpha1Client) MeshPolicies(namespace string) MeshPolicyInterface {

@@ -6,4 +6,6 @@ package v1alpha1
 
 type ClusterMeshPolicyExpansion interface{}
 
+type MeshNodeExpansion interface{}
+
 type MeshPolicyExpansion interface{}

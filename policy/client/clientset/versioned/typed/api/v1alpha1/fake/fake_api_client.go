@@ -18,6 +18,10 @@ func (c *FakePolicyV1alpha1) ClusterMeshPolicies() v1alpha1.ClusterMeshPolicyInt
 	return newFakeClusterMeshPolicies(c)
 }
 
+func (c *FakePolicyV1alpha1) MeshNodes() v1alpha1.MeshNodeInterface {
+	return newFakeMeshNodes(c)
+}
+
 func (c *FakePolicyV1alpha1) MeshPolicies(namespace string) v1alpha1.MeshPolicyInterface {
 	return newFakeMeshPolicies(c, namespace)
 }
