@@ -1578,6 +1578,380 @@ func (x *CNIResponse) GetResultJson() []byte {
 	return nil
 }
 
+type RotateKeyRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RotateKeyRequest) Reset() {
+	*x = RotateKeyRequest{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKeyRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKeyRequest) ProtoMessage() {}
+
+func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
+func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{20}
+}
+
+type RotateKeyResponse struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	OldFingerprint string                 `protobuf:"bytes,1,opt,name=old_fingerprint,json=oldFingerprint,proto3" json:"old_fingerprint,omitempty"`
+	NewFingerprint string                 `protobuf:"bytes,2,opt,name=new_fingerprint,json=newFingerprint,proto3" json:"new_fingerprint,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *RotateKeyResponse) Reset() {
+	*x = RotateKeyResponse{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RotateKeyResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RotateKeyResponse) ProtoMessage() {}
+
+func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
+func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *RotateKeyResponse) GetOldFingerprint() string {
+	if x != nil {
+		return x.OldFingerprint
+	}
+	return ""
+}
+
+func (x *RotateKeyResponse) GetNewFingerprint() string {
+	if x != nil {
+		return x.NewFingerprint
+	}
+	return ""
+}
+
+type CaptureRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// marker is looked for in every frame.
+	Marker        string `protobuf:"bytes,1,opt,name=marker,proto3" json:"marker,omitempty"`
+	DurationMs    uint32 `protobuf:"varint,2,opt,name=duration_ms,json=durationMs,proto3" json:"duration_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CaptureRequest) Reset() {
+	*x = CaptureRequest{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CaptureRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CaptureRequest) ProtoMessage() {}
+
+func (x *CaptureRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CaptureRequest.ProtoReflect.Descriptor instead.
+func (*CaptureRequest) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *CaptureRequest) GetMarker() string {
+	if x != nil {
+		return x.Marker
+	}
+	return ""
+}
+
+func (x *CaptureRequest) GetDurationMs() uint32 {
+	if x != nil {
+		return x.DurationMs
+	}
+	return 0
+}
+
+type CaptureResponse struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	UnderlayInterface string                 `protobuf:"bytes,1,opt,name=underlay_interface,json=underlayInterface,proto3" json:"underlay_interface,omitempty"`
+	TunnelInterface   string                 `protobuf:"bytes,2,opt,name=tunnel_interface,json=tunnelInterface,proto3" json:"tunnel_interface,omitempty"`
+	UnderlayFrames    uint64                 `protobuf:"varint,3,opt,name=underlay_frames,json=underlayFrames,proto3" json:"underlay_frames,omitempty"`
+	// wireguard_frames: UDP frames to or from the WireGuard port.
+	WireguardFrames uint64 `protobuf:"varint,4,opt,name=wireguard_frames,json=wireguardFrames,proto3" json:"wireguard_frames,omitempty"`
+	// underlay_marker_frames must be 0: the marker in the clear on the wire.
+	UnderlayMarkerFrames uint64 `protobuf:"varint,5,opt,name=underlay_marker_frames,json=underlayMarkerFrames,proto3" json:"underlay_marker_frames,omitempty"`
+	// tunnel_marker_frames > 0 proves the marker arrived (decrypted).
+	TunnelMarkerFrames uint64 `protobuf:"varint,6,opt,name=tunnel_marker_frames,json=tunnelMarkerFrames,proto3" json:"tunnel_marker_frames,omitempty"`
+	// plaintext_pod_frames: IPv4 frames between pod addresses on the underlay.
+	PlaintextPodFrames uint64 `protobuf:"varint,7,opt,name=plaintext_pod_frames,json=plaintextPodFrames,proto3" json:"plaintext_pod_frames,omitempty"`
+	StartedUnixNano    int64  `protobuf:"varint,8,opt,name=started_unix_nano,json=startedUnixNano,proto3" json:"started_unix_nano,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *CaptureResponse) Reset() {
+	*x = CaptureResponse{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CaptureResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CaptureResponse) ProtoMessage() {}
+
+func (x *CaptureResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CaptureResponse.ProtoReflect.Descriptor instead.
+func (*CaptureResponse) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *CaptureResponse) GetUnderlayInterface() string {
+	if x != nil {
+		return x.UnderlayInterface
+	}
+	return ""
+}
+
+func (x *CaptureResponse) GetTunnelInterface() string {
+	if x != nil {
+		return x.TunnelInterface
+	}
+	return ""
+}
+
+func (x *CaptureResponse) GetUnderlayFrames() uint64 {
+	if x != nil {
+		return x.UnderlayFrames
+	}
+	return 0
+}
+
+func (x *CaptureResponse) GetWireguardFrames() uint64 {
+	if x != nil {
+		return x.WireguardFrames
+	}
+	return 0
+}
+
+func (x *CaptureResponse) GetUnderlayMarkerFrames() uint64 {
+	if x != nil {
+		return x.UnderlayMarkerFrames
+	}
+	return 0
+}
+
+func (x *CaptureResponse) GetTunnelMarkerFrames() uint64 {
+	if x != nil {
+		return x.TunnelMarkerFrames
+	}
+	return 0
+}
+
+func (x *CaptureResponse) GetPlaintextPodFrames() uint64 {
+	if x != nil {
+		return x.PlaintextPodFrames
+	}
+	return 0
+}
+
+func (x *CaptureResponse) GetStartedUnixNano() int64 {
+	if x != nil {
+		return x.StartedUnixNano
+	}
+	return 0
+}
+
+type SendMarkerRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// destination is an IPv4 address (a pod on another node).
+	Destination   string `protobuf:"bytes,1,opt,name=destination,proto3" json:"destination,omitempty"`
+	Port          uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	Marker        string `protobuf:"bytes,3,opt,name=marker,proto3" json:"marker,omitempty"`
+	Count         uint32 `protobuf:"varint,4,opt,name=count,proto3" json:"count,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendMarkerRequest) Reset() {
+	*x = SendMarkerRequest{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendMarkerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendMarkerRequest) ProtoMessage() {}
+
+func (x *SendMarkerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendMarkerRequest.ProtoReflect.Descriptor instead.
+func (*SendMarkerRequest) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *SendMarkerRequest) GetDestination() string {
+	if x != nil {
+		return x.Destination
+	}
+	return ""
+}
+
+func (x *SendMarkerRequest) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *SendMarkerRequest) GetMarker() string {
+	if x != nil {
+		return x.Marker
+	}
+	return ""
+}
+
+func (x *SendMarkerRequest) GetCount() uint32 {
+	if x != nil {
+		return x.Count
+	}
+	return 0
+}
+
+type SendMarkerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SourcePod     string                 `protobuf:"bytes,1,opt,name=source_pod,json=sourcePod,proto3" json:"source_pod,omitempty"`
+	SourceIp      string                 `protobuf:"bytes,2,opt,name=source_ip,json=sourceIp,proto3" json:"source_ip,omitempty"`
+	Sent          uint32                 `protobuf:"varint,3,opt,name=sent,proto3" json:"sent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SendMarkerResponse) Reset() {
+	*x = SendMarkerResponse{}
+	mi := &file_agent_api_v1_agent_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SendMarkerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SendMarkerResponse) ProtoMessage() {}
+
+func (x *SendMarkerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_api_v1_agent_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SendMarkerResponse.ProtoReflect.Descriptor instead.
+func (*SendMarkerResponse) Descriptor() ([]byte, []int) {
+	return file_agent_api_v1_agent_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *SendMarkerResponse) GetSourcePod() string {
+	if x != nil {
+		return x.SourcePod
+	}
+	return ""
+}
+
+func (x *SendMarkerResponse) GetSourceIp() string {
+	if x != nil {
+		return x.SourceIp
+	}
+	return ""
+}
+
+func (x *SendMarkerResponse) GetSent() uint32 {
+	if x != nil {
+		return x.Sent
+	}
+	return 0
+}
+
 var File_agent_api_v1_agent_proto protoreflect.FileDescriptor
 
 const file_agent_api_v1_agent_proto_rawDesc = "" +
@@ -1723,14 +2097,45 @@ const file_agent_api_v1_agent_proto_rawDesc = "" +
 	"\x06config\x18\x05 \x01(\fR\x06config\".\n" +
 	"\vCNIResponse\x12\x1f\n" +
 	"\vresult_json\x18\x01 \x01(\fR\n" +
-	"resultJson2\xa3\x05\n" +
+	"resultJson\"\x12\n" +
+	"\x10RotateKeyRequest\"e\n" +
+	"\x11RotateKeyResponse\x12'\n" +
+	"\x0fold_fingerprint\x18\x01 \x01(\tR\x0eoldFingerprint\x12'\n" +
+	"\x0fnew_fingerprint\x18\x02 \x01(\tR\x0enewFingerprint\"I\n" +
+	"\x0eCaptureRequest\x12\x16\n" +
+	"\x06marker\x18\x01 \x01(\tR\x06marker\x12\x1f\n" +
+	"\vduration_ms\x18\x02 \x01(\rR\n" +
+	"durationMs\"\x85\x03\n" +
+	"\x0fCaptureResponse\x12-\n" +
+	"\x12underlay_interface\x18\x01 \x01(\tR\x11underlayInterface\x12)\n" +
+	"\x10tunnel_interface\x18\x02 \x01(\tR\x0ftunnelInterface\x12'\n" +
+	"\x0funderlay_frames\x18\x03 \x01(\x04R\x0eunderlayFrames\x12)\n" +
+	"\x10wireguard_frames\x18\x04 \x01(\x04R\x0fwireguardFrames\x124\n" +
+	"\x16underlay_marker_frames\x18\x05 \x01(\x04R\x14underlayMarkerFrames\x120\n" +
+	"\x14tunnel_marker_frames\x18\x06 \x01(\x04R\x12tunnelMarkerFrames\x120\n" +
+	"\x14plaintext_pod_frames\x18\a \x01(\x04R\x12plaintextPodFrames\x12*\n" +
+	"\x11started_unix_nano\x18\b \x01(\x03R\x0fstartedUnixNano\"w\n" +
+	"\x11SendMarkerRequest\x12 \n" +
+	"\vdestination\x18\x01 \x01(\tR\vdestination\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x16\n" +
+	"\x06marker\x18\x03 \x01(\tR\x06marker\x12\x14\n" +
+	"\x05count\x18\x04 \x01(\rR\x05count\"d\n" +
+	"\x12SendMarkerResponse\x12\x1d\n" +
+	"\n" +
+	"source_pod\x18\x01 \x01(\tR\tsourcePod\x12\x1b\n" +
+	"\tsource_ip\x18\x02 \x01(\tR\bsourceIp\x12\x12\n" +
+	"\x04sent\x18\x03 \x01(\rR\x04sent2\x98\a\n" +
 	"\x05Agent\x12E\n" +
 	"\x06Status\x12\x1c.veil.agent.v1.StatusRequest\x1a\x1d.veil.agent.v1.StatusResponse\x12Z\n" +
 	"\rListEndpoints\x12#.veil.agent.v1.ListEndpointsRequest\x1a$.veil.agent.v1.ListEndpointsResponse\x12]\n" +
 	"\x0eListIdentities\x12$.veil.agent.v1.ListIdentitiesRequest\x1a%.veil.agent.v1.ListIdentitiesResponse\x12N\n" +
 	"\tGetPolicy\x12\x1f.veil.agent.v1.GetPolicyRequest\x1a .veil.agent.v1.GetPolicyResponse\x12B\n" +
 	"\x05Trace\x12\x1b.veil.agent.v1.TraceRequest\x1a\x1c.veil.agent.v1.TraceResponse\x12?\n" +
-	"\aObserve\x12\x1d.veil.agent.v1.ObserveRequest\x1a\x13.veil.agent.v1.Flow0\x01\x12?\n" +
+	"\aObserve\x12\x1d.veil.agent.v1.ObserveRequest\x1a\x13.veil.agent.v1.Flow0\x01\x12N\n" +
+	"\tRotateKey\x12\x1f.veil.agent.v1.RotateKeyRequest\x1a .veil.agent.v1.RotateKeyResponse\x12P\n" +
+	"\x0fCaptureUnderlay\x12\x1d.veil.agent.v1.CaptureRequest\x1a\x1e.veil.agent.v1.CaptureResponse\x12Q\n" +
+	"\n" +
+	"SendMarker\x12 .veil.agent.v1.SendMarkerRequest\x1a!.veil.agent.v1.SendMarkerResponse\x12?\n" +
 	"\x06CNIAdd\x12\x19.veil.agent.v1.CNIRequest\x1a\x1a.veil.agent.v1.CNIResponse\x12?\n" +
 	"\x06CNIDel\x12\x19.veil.agent.v1.CNIRequest\x1a\x1a.veil.agent.v1.CNIResponse\x12A\n" +
 	"\bCNICheck\x12\x19.veil.agent.v1.CNIRequest\x1a\x1a.veil.agent.v1.CNIResponseB/Z-github.com/veilmesh/veil/agent/api/v1;agentv1b\x06proto3"
@@ -1747,7 +2152,7 @@ func file_agent_api_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_api_v1_agent_proto_rawDescData
 }
 
-var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
+var file_agent_api_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*StatusRequest)(nil),          // 0: veil.agent.v1.StatusRequest
 	(*StatusResponse)(nil),         // 1: veil.agent.v1.StatusResponse
@@ -1769,13 +2174,19 @@ var file_agent_api_v1_agent_proto_goTypes = []any{
 	(*Flow)(nil),                   // 17: veil.agent.v1.Flow
 	(*CNIRequest)(nil),             // 18: veil.agent.v1.CNIRequest
 	(*CNIResponse)(nil),            // 19: veil.agent.v1.CNIResponse
-	nil,                            // 20: veil.agent.v1.Counters.DropsEntry
+	(*RotateKeyRequest)(nil),       // 20: veil.agent.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),      // 21: veil.agent.v1.RotateKeyResponse
+	(*CaptureRequest)(nil),         // 22: veil.agent.v1.CaptureRequest
+	(*CaptureResponse)(nil),        // 23: veil.agent.v1.CaptureResponse
+	(*SendMarkerRequest)(nil),      // 24: veil.agent.v1.SendMarkerRequest
+	(*SendMarkerResponse)(nil),     // 25: veil.agent.v1.SendMarkerResponse
+	nil,                            // 26: veil.agent.v1.Counters.DropsEntry
 }
 var file_agent_api_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: veil.agent.v1.StatusResponse.programs:type_name -> veil.agent.v1.Program
 	3,  // 1: veil.agent.v1.StatusResponse.degraded:type_name -> veil.agent.v1.Degraded
 	4,  // 2: veil.agent.v1.StatusResponse.counters:type_name -> veil.agent.v1.Counters
-	20, // 3: veil.agent.v1.Counters.drops:type_name -> veil.agent.v1.Counters.DropsEntry
+	26, // 3: veil.agent.v1.Counters.drops:type_name -> veil.agent.v1.Counters.DropsEntry
 	5,  // 4: veil.agent.v1.ListEndpointsResponse.endpoints:type_name -> veil.agent.v1.Endpoint
 	8,  // 5: veil.agent.v1.ListIdentitiesResponse.identities:type_name -> veil.agent.v1.Identity
 	13, // 6: veil.agent.v1.GetPolicyResponse.counters:type_name -> veil.agent.v1.PolicyCounter
@@ -1785,20 +2196,26 @@ var file_agent_api_v1_agent_proto_depIdxs = []int32{
 	11, // 10: veil.agent.v1.Agent.GetPolicy:input_type -> veil.agent.v1.GetPolicyRequest
 	14, // 11: veil.agent.v1.Agent.Trace:input_type -> veil.agent.v1.TraceRequest
 	16, // 12: veil.agent.v1.Agent.Observe:input_type -> veil.agent.v1.ObserveRequest
-	18, // 13: veil.agent.v1.Agent.CNIAdd:input_type -> veil.agent.v1.CNIRequest
-	18, // 14: veil.agent.v1.Agent.CNIDel:input_type -> veil.agent.v1.CNIRequest
-	18, // 15: veil.agent.v1.Agent.CNICheck:input_type -> veil.agent.v1.CNIRequest
-	1,  // 16: veil.agent.v1.Agent.Status:output_type -> veil.agent.v1.StatusResponse
-	7,  // 17: veil.agent.v1.Agent.ListEndpoints:output_type -> veil.agent.v1.ListEndpointsResponse
-	10, // 18: veil.agent.v1.Agent.ListIdentities:output_type -> veil.agent.v1.ListIdentitiesResponse
-	12, // 19: veil.agent.v1.Agent.GetPolicy:output_type -> veil.agent.v1.GetPolicyResponse
-	15, // 20: veil.agent.v1.Agent.Trace:output_type -> veil.agent.v1.TraceResponse
-	17, // 21: veil.agent.v1.Agent.Observe:output_type -> veil.agent.v1.Flow
-	19, // 22: veil.agent.v1.Agent.CNIAdd:output_type -> veil.agent.v1.CNIResponse
-	19, // 23: veil.agent.v1.Agent.CNIDel:output_type -> veil.agent.v1.CNIResponse
-	19, // 24: veil.agent.v1.Agent.CNICheck:output_type -> veil.agent.v1.CNIResponse
-	16, // [16:25] is the sub-list for method output_type
-	7,  // [7:16] is the sub-list for method input_type
+	20, // 13: veil.agent.v1.Agent.RotateKey:input_type -> veil.agent.v1.RotateKeyRequest
+	22, // 14: veil.agent.v1.Agent.CaptureUnderlay:input_type -> veil.agent.v1.CaptureRequest
+	24, // 15: veil.agent.v1.Agent.SendMarker:input_type -> veil.agent.v1.SendMarkerRequest
+	18, // 16: veil.agent.v1.Agent.CNIAdd:input_type -> veil.agent.v1.CNIRequest
+	18, // 17: veil.agent.v1.Agent.CNIDel:input_type -> veil.agent.v1.CNIRequest
+	18, // 18: veil.agent.v1.Agent.CNICheck:input_type -> veil.agent.v1.CNIRequest
+	1,  // 19: veil.agent.v1.Agent.Status:output_type -> veil.agent.v1.StatusResponse
+	7,  // 20: veil.agent.v1.Agent.ListEndpoints:output_type -> veil.agent.v1.ListEndpointsResponse
+	10, // 21: veil.agent.v1.Agent.ListIdentities:output_type -> veil.agent.v1.ListIdentitiesResponse
+	12, // 22: veil.agent.v1.Agent.GetPolicy:output_type -> veil.agent.v1.GetPolicyResponse
+	15, // 23: veil.agent.v1.Agent.Trace:output_type -> veil.agent.v1.TraceResponse
+	17, // 24: veil.agent.v1.Agent.Observe:output_type -> veil.agent.v1.Flow
+	21, // 25: veil.agent.v1.Agent.RotateKey:output_type -> veil.agent.v1.RotateKeyResponse
+	23, // 26: veil.agent.v1.Agent.CaptureUnderlay:output_type -> veil.agent.v1.CaptureResponse
+	25, // 27: veil.agent.v1.Agent.SendMarker:output_type -> veil.agent.v1.SendMarkerResponse
+	19, // 28: veil.agent.v1.Agent.CNIAdd:output_type -> veil.agent.v1.CNIResponse
+	19, // 29: veil.agent.v1.Agent.CNIDel:output_type -> veil.agent.v1.CNIResponse
+	19, // 30: veil.agent.v1.Agent.CNICheck:output_type -> veil.agent.v1.CNIResponse
+	19, // [19:31] is the sub-list for method output_type
+	7,  // [7:19] is the sub-list for method input_type
 	7,  // [7:7] is the sub-list for extension type_name
 	7,  // [7:7] is the sub-list for extension extendee
 	0,  // [0:7] is the sub-list for field type_name
@@ -1815,7 +2232,7 @@ func file_agent_api_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_api_v1_agent_proto_rawDesc), len(file_agent_api_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   21,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

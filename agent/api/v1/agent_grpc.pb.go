@@ -28,15 +28,18 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Agent_Status_FullMethodName         = "/veil.agent.v1.Agent/Status"
-	Agent_ListEndpoints_FullMethodName  = "/veil.agent.v1.Agent/ListEndpoints"
-	Agent_ListIdentities_FullMethodName = "/veil.agent.v1.Agent/ListIdentities"
-	Agent_GetPolicy_FullMethodName      = "/veil.agent.v1.Agent/GetPolicy"
-	Agent_Trace_FullMethodName          = "/veil.agent.v1.Agent/Trace"
-	Agent_Observe_FullMethodName        = "/veil.agent.v1.Agent/Observe"
-	Agent_CNIAdd_FullMethodName         = "/veil.agent.v1.Agent/CNIAdd"
-	Agent_CNIDel_FullMethodName         = "/veil.agent.v1.Agent/CNIDel"
-	Agent_CNICheck_FullMethodName       = "/veil.agent.v1.Agent/CNICheck"
+	Agent_Status_FullMethodName          = "/veil.agent.v1.Agent/Status"
+	Agent_ListEndpoints_FullMethodName   = "/veil.agent.v1.Agent/ListEndpoints"
+	Agent_ListIdentities_FullMethodName  = "/veil.agent.v1.Agent/ListIdentities"
+	Agent_GetPolicy_FullMethodName       = "/veil.agent.v1.Agent/GetPolicy"
+	Agent_Trace_FullMethodName           = "/veil.agent.v1.Agent/Trace"
+	Agent_Observe_FullMethodName         = "/veil.agent.v1.Agent/Observe"
+	Agent_RotateKey_FullMethodName       = "/veil.agent.v1.Agent/RotateKey"
+	Agent_CaptureUnderlay_FullMethodName = "/veil.agent.v1.Agent/CaptureUnderlay"
+	Agent_SendMarker_FullMethodName      = "/veil.agent.v1.Agent/SendMarker"
+	Agent_CNIAdd_FullMethodName          = "/veil.agent.v1.Agent/CNIAdd"
+	Agent_CNIDel_FullMethodName          = "/veil.agent.v1.Agent/CNIDel"
+	Agent_CNICheck_FullMethodName        = "/veil.agent.v1.Agent/CNICheck"
 )
 
 // AgentClient is the client API for Agent service.
@@ -55,6 +58,16 @@ type AgentClient interface {
 	Trace(ctx context.Context, in *TraceRequest, opts ...grpc.CallOption) (*TraceResponse, error)
 	// Observe streams flow events: the last N, then (with follow) new ones.
 	Observe(ctx context.Context, in *ObserveRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Flow], error)
+	// RotateKey replaces this node's WireGuard key and republishes its public
+	// half; peers pick it up from the Node annotation.
+	RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error)
+	// CaptureUnderlay watches this node's underlay device and its tunnel
+	// device for a while and reports what crossed them: the evidence of the
+	// active encryption audit.
+	CaptureUnderlay(ctx context.Context, in *CaptureRequest, opts ...grpc.CallOption) (*CaptureResponse, error)
+	// SendMarker sends a marker payload from one of this node's pods to an
+	// address (UDP), so the active audit can look for it on the wire.
+	SendMarker(ctx context.Context, in *SendMarkerRequest, opts ...grpc.CallOption) (*SendMarkerResponse, error)
 	// CNI calls, made by veil-cni on kubelet's behalf.
 	CNIAdd(ctx context.Context, in *CNIRequest, opts ...grpc.CallOption) (*CNIResponse, error)
 	CNIDel(ctx context.Context, in *CNIRequest, opts ...grpc.CallOption) (*CNIResponse, error)
@@ -138,6 +151,36 @@ func (c *agentClient) Observe(ctx context.Context, in *ObserveRequest, opts ...g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_ObserveClient = grpc.ServerStreamingClient[Flow]
 
+func (c *agentClient) RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RotateKeyResponse)
+	err := c.cc.Invoke(ctx, Agent_RotateKey_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) CaptureUnderlay(ctx context.Context, in *CaptureRequest, opts ...grpc.CallOption) (*CaptureResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CaptureResponse)
+	err := c.cc.Invoke(ctx, Agent_CaptureUnderlay_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) SendMarker(ctx context.Context, in *SendMarkerRequest, opts ...grpc.CallOption) (*SendMarkerResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SendMarkerResponse)
+	err := c.cc.Invoke(ctx, Agent_SendMarker_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *agentClient) CNIAdd(ctx context.Context, in *CNIRequest, opts ...grpc.CallOption) (*CNIResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(CNIResponse)
@@ -184,6 +227,16 @@ type AgentServer interface {
 	Trace(context.Context, *TraceRequest) (*TraceResponse, error)
 	// Observe streams flow events: the last N, then (with follow) new ones.
 	Observe(*ObserveRequest, grpc.ServerStreamingServer[Flow]) error
+	// RotateKey replaces this node's WireGuard key and republishes its public
+	// half; peers pick it up from the Node annotation.
+	RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error)
+	// CaptureUnderlay watches this node's underlay device and its tunnel
+	// device for a while and reports what crossed them: the evidence of the
+	// active encryption audit.
+	CaptureUnderlay(context.Context, *CaptureRequest) (*CaptureResponse, error)
+	// SendMarker sends a marker payload from one of this node's pods to an
+	// address (UDP), so the active audit can look for it on the wire.
+	SendMarker(context.Context, *SendMarkerRequest) (*SendMarkerResponse, error)
 	// CNI calls, made by veil-cni on kubelet's behalf.
 	CNIAdd(context.Context, *CNIRequest) (*CNIResponse, error)
 	CNIDel(context.Context, *CNIRequest) (*CNIResponse, error)
@@ -215,6 +268,15 @@ func (UnimplementedAgentServer) Trace(context.Context, *TraceRequest) (*TraceRes
 }
 func (UnimplementedAgentServer) Observe(*ObserveRequest, grpc.ServerStreamingServer[Flow]) error {
 	return status.Error(codes.Unimplemented, "method Observe not implemented")
+}
+func (UnimplementedAgentServer) RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RotateKey not implemented")
+}
+func (UnimplementedAgentServer) CaptureUnderlay(context.Context, *CaptureRequest) (*CaptureResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method CaptureUnderlay not implemented")
+}
+func (UnimplementedAgentServer) SendMarker(context.Context, *SendMarkerRequest) (*SendMarkerResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SendMarker not implemented")
 }
 func (UnimplementedAgentServer) CNIAdd(context.Context, *CNIRequest) (*CNIResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method CNIAdd not implemented")
@@ -347,6 +409,60 @@ func _Agent_Observe_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_ObserveServer = grpc.ServerStreamingServer[Flow]
 
+func _Agent_RotateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RotateKeyRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).RotateKey(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_RotateKey_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).RotateKey(ctx, req.(*RotateKeyRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_CaptureUnderlay_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CaptureRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).CaptureUnderlay(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_CaptureUnderlay_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).CaptureUnderlay(ctx, req.(*CaptureRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Agent_SendMarker_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SendMarkerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).SendMarker(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_SendMarker_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).SendMarker(ctx, req.(*SendMarkerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Agent_CNIAdd_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(CNIRequest)
 	if err := dec(in); err != nil {
@@ -427,6 +543,18 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Trace",
 			Handler:    _Agent_Trace_Handler,
+		},
+		{
+			MethodName: "RotateKey",
+			Handler:    _Agent_RotateKey_Handler,
+		},
+		{
+			MethodName: "CaptureUnderlay",
+			Handler:    _Agent_CaptureUnderlay_Handler,
+		},
+		{
+			MethodName: "SendMarker",
+			Handler:    _Agent_SendMarker_Handler,
 		},
 		{
 			MethodName: "CNIAdd",
