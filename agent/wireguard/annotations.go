@@ -50,9 +50,9 @@ var ErrOverlap = errors.New("allowed IPs overlap")
 // PeersFromNodes turns the published annotations of every node but self into
 // peers, sorted by node name. A node that published nothing yet is skipped
 // quietly (it is still starting); a node whose annotations are partial or
-// malformed, whose key another node also claims, or whose allowed IPs overlap
-// another node's (self included) is left out and reported as a *NodeError:
-// guessing would send traffic to the wrong place.
+// malformed, whose key another node (self included) also claims, or whose
+// allowed IPs overlap another node's (self included) is left out and
+// reported as a *NodeError: guessing would send traffic to the wrong place.
 //
 // AllowedIPs are the node's pod CIDRs (the annotation, else spec.podCIDRs)
 // and, with nodeToNode, its InternalIP addresses as host prefixes (else the
@@ -68,6 +68,7 @@ func PeersFromNodes(self string, nodes []*corev1.Node, nodeToNode bool) ([]Peer,
 		// Prefixes claimed by self: a peer claiming them would capture our
 		// own pods' traffic.
 		selfPrefixes []netip.Prefix
+		selfKey      wgtypes.Key
 	)
 	for _, n := range nodes {
 		if n == nil {
@@ -76,6 +77,9 @@ func PeersFromNodes(self string, nodes []*corev1.Node, nodeToNode bool) ([]Peer,
 		if n.Name == self {
 			if cidrs, err := nodePodCIDRs(n); err == nil {
 				selfPrefixes = cidrs
+			}
+			if k, err := wgtypes.ParseKey(strings.TrimSpace(n.Annotations[AnnotationPublicKey])); err == nil {
+				selfKey = k
 			}
 			continue
 		}
@@ -93,6 +97,10 @@ func PeersFromNodes(self string, nodes []*corev1.Node, nodeToNode bool) ([]Peer,
 	bad := make(map[int]error)
 	byKey := make(map[wgtypes.Key]int)
 	for i, c := range cands {
+		if selfKey != (wgtypes.Key{}) && c.peer.PublicKey == selfKey {
+			bad[i] = fmt.Errorf("public key %s is this node's own", Fingerprint(selfKey))
+			continue
+		}
 		if j, dup := byKey[c.peer.PublicKey]; dup {
 			bad[i] = fmt.Errorf("public key %s is also published by node %s", Fingerprint(c.peer.PublicKey), cands[j].name)
 			if _, already := bad[j]; !already {

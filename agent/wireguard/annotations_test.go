@@ -176,6 +176,15 @@ func TestPeersFromNodes(t *testing.T) {
 			want: want{peers: []string{"n3"}, errs: []string{"n1", "n2"}},
 		},
 		{
+			name: "a node publishing self's key is left out",
+			nodes: []*corev1.Node{
+				node("self", ann(kSelf, "10.99.0.1:51820", "10.244.0.0/24")),
+				node("n1", ann(kSelf, "10.99.0.2:51820", "10.244.1.0/24")),
+				node("n2", ann(k2, "10.99.0.3:51820", "10.244.2.0/24")),
+			},
+			want: want{peers: []string{"n2"}, errs: []string{"n1"}},
+		},
+		{
 			name: "overlapping CIDRs: both out, and none may take self's",
 			nodes: []*corev1.Node{
 				node("self", ann(kSelf, "10.99.0.1:51820", "10.244.0.0/24")),
