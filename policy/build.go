@@ -2,6 +2,7 @@ package policy
 
 import (
 	"cmp"
+	"net/netip"
 	"slices"
 
 	"github.com/veilmesh/veil/policy/identity"
@@ -358,9 +359,9 @@ func (f *firstPeers) fill(block []boundRule, nq, k int, only map[identity.ID]str
 }
 
 // namedTowardsCIDRs adds the contributions of an egress named port k
-// towards the CIDR peers of a rule. Only pods have named ports, so the
-// entries go to the identities of the pods inside the CIDR, each resolved
-// against its own pod rather than a whole region's pods.
+// towards the CIDR peers of a rule. Only pods have named ports: the entries
+// go to the host regions of the pod addresses the CIDR picks, each port
+// resolved against its own pod.
 func (c *Compiled) namedTowardsCIDRs(block []boundRule, nq, k int, only map[identity.ID]struct{}, audit bool, base int, out []contrib) []contrib {
 	for j := range len(block) / nq {
 		r := &block[j*nq+k]
@@ -409,8 +410,8 @@ type identPort struct {
 	port uint16
 }
 
-// namedInCIDR resolves a named port against every pod whose IP a CIDR
-// selector picks.
+// namedInCIDR resolves a named port against every pod address a CIDR
+// selector picks, keyed by the address's host region.
 func (c *Compiled) namedInCIDR(s *selector, name string, proto uint8) []identPort {
 	var out []identPort
 	var scratch []uint16
@@ -419,12 +420,13 @@ func (c *Compiled) namedInCIDR(s *selector, name string, proto uint8) []identPor
 			continue
 		}
 		for _, ip := range p.ips {
-			if _, rid, ok := c.regionOf(ip); ok {
-				if _, in := s.ids[rid]; in {
-					for _, n := range resolvePort(p.ports, name, proto, scratch[:0]) {
-						out = append(out, identPort{p.ident.id, n})
-					}
-					break
+			r := c.regions[netip.PrefixFrom(ip, ip.BitLen())]
+			if r == nil {
+				continue
+			}
+			if _, in := s.ids[r.id]; in {
+				for _, n := range resolvePort(p.ports, name, proto, scratch[:0]) {
+					out = append(out, identPort{r.id, n})
 				}
 			}
 		}

@@ -59,9 +59,14 @@ type Compiled struct {
 	removed        map[EndpointID]struct{}
 	ipcacheChanged bool
 	cidrChanged    bool
-	// regionsDirty: the region set changed since CIDR selectors were last
-	// recomputed (once per flush, not once per policy of a batch).
+	// regionsDirty: the region set changed in this mutation.
 	regionsDirty bool
+	// namedCIDRs counts, per CIDR selector, the egress named-port rules
+	// towards it. The IPs of the pods inside such a CIDR become host
+	// regions (/32, /128) of their own, so those rules can name exactly
+	// those addresses: keyed by pod identity they would also open the
+	// pod's other-family address and its identity's pods outside the CIDR.
+	namedCIDRs map[*selector]int
 	// Groups whose entries depend on pods' named ports: egress named ports
 	// towards pod peers, and towards CIDRs.
 	egressNamedGroups, cidrNamedGroups map[*group]struct{}
@@ -79,6 +84,9 @@ type policyState struct {
 	rules    []boundRule
 	sels     []*selector
 	prefixes []netip.Prefix
+	// namedCIDRs lists the CIDR selectors of its egress named-port rules,
+	// once per rule.
+	namedCIDRs []*selector
 }
 
 // boundRule is a parsedRule with its RuleID and shared selector.
@@ -112,7 +120,7 @@ func New(opts Options) (*Compiled, error) {
 		rules: map[uint32]*Rule{}, ruleByKey: map[string]uint32{}, nextRule: 1,
 		regions: map[netip.Prefix]*region{}, sels: map[string]*selector{},
 		groups: map[groupKey]*group{}, groupsByNS: map[string]map[*group]struct{}{},
-		egressNamedGroups: map[*group]struct{}{}, cidrNamedGroups: map[*group]struct{}{},
+		egressNamedGroups: map[*group]struct{}{}, cidrNamedGroups: map[*group]struct{}{}, namedCIDRs: map[*selector]int{},
 		dirty: map[*group]struct{}{}, dirtyIDs: map[*group]map[identity.ID]struct{}{}, changed: map[EndpointID]struct{}{}, removed: map[EndpointID]struct{}{},
 	}, nil
 }
@@ -558,6 +566,9 @@ func (c *Compiled) attach(p *podState) {
 	if ident.recomputePorts() {
 		c.dirtyPortsOf(ident.id)
 	}
+	for s := range c.namedCIDRs {
+		c.hostRegions(p, s, 1)
+	}
 	gk := groupKey{id: ident.id, ports: portsSignature(p.ports)}
 	g := c.groups[gk]
 	if g == nil {
@@ -593,6 +604,9 @@ func (c *Compiled) detach(p *podState) {
 			delete(c.egressNamedGroups, g)
 			delete(c.cidrNamedGroups, g)
 		}
+	}
+	for s := range c.namedCIDRs {
+		c.hostRegions(p, s, -1)
 	}
 	ident := p.ident
 	delete(ident.pods, p)
@@ -692,12 +706,18 @@ func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *Po
 			if spec.kind == selCIDR {
 				ps.prefixes = append(ps.prefixes, spec.cidr)
 				ps.prefixes = append(ps.prefixes, spec.except...)
+				if r.port.name != "" && r.dir == Egress {
+					ps.namedCIDRs = append(ps.namedCIDRs, br.sel)
+				}
 			}
 		}
 		ps.rules = append(ps.rules, br)
 	}
 	for _, p := range ps.prefixes {
 		c.refRegion(p)
+	}
+	for _, sel := range ps.namedCIDRs {
+		c.useNamedCIDR(sel, 1)
 	}
 	c.policies[ref] = ps
 	if ref.Kind == KindClusterMeshPolicy {
@@ -733,6 +753,9 @@ func (c *Compiled) uninstall(ps *policyState, keep map[uint32]bool) {
 			delete(c.ruleByKey, ruleKey(ps.ref, r.section))
 		}
 	}
+	for _, sel := range ps.namedCIDRs {
+		c.useNamedCIDR(sel, -1)
+	}
 	for _, s := range ps.sels {
 		s.refs--
 		if s.refs == 0 {
@@ -743,6 +766,39 @@ func (c *Compiled) uninstall(ps *policyState, keep map[uint32]bool) {
 		c.unrefRegion(p)
 	}
 	c.dirtySubjects(ps)
+}
+
+// useNamedCIDR counts one more (delta 1) or one less (-1) egress named-port
+// rule towards CIDR selector s; the first and the last one add or remove
+// the host regions of the pods inside it.
+func (c *Compiled) useNamedCIDR(s *selector, delta int) {
+	n := c.namedCIDRs[s]
+	c.namedCIDRs[s] = n + delta
+	if n+delta == 0 {
+		delete(c.namedCIDRs, s)
+	}
+	if (n == 0) == (delta > 0) {
+		for _, p := range c.pods {
+			if p.active && p.ident != nil {
+				c.hostRegions(p, s, delta)
+			}
+		}
+	}
+}
+
+// hostRegions adds (delta 1) or removes (-1) the host regions of pod p's
+// IPs inside the CIDR of s.
+func (c *Compiled) hostRegions(p *podState, s *selector, delta int) {
+	for _, ip := range p.ips {
+		if !s.cidr.Contains(ip) {
+			continue
+		}
+		if h := netip.PrefixFrom(ip, ip.BitLen()); delta > 0 {
+			c.refRegion(h)
+		} else {
+			c.unrefRegion(h)
+		}
+	}
 }
 
 func ruleKey(ref PolicyRef, section string) string { return ref.String() + "|" + section }
@@ -844,6 +900,13 @@ func (c *Compiled) refRegion(p netip.Prefix) {
 	}
 	c.regions[p] = &region{id: id, refs: 1}
 	c.cidrChanged, c.regionsDirty = true, true
+	// Whether a CIDR selector picks a region depends on that region alone,
+	// so a new region is simply offered to every CIDR selector.
+	for _, s := range c.sels {
+		if s.kind == selCIDR && s.matchesRegion(p) && s.set(id, true) {
+			c.dirtyUsers(s, id)
+		}
+	}
 }
 
 func (c *Compiled) unrefRegion(p netip.Prefix) {
@@ -856,45 +919,23 @@ func (c *Compiled) unrefRegion(p netip.Prefix) {
 		delete(c.regions, p)
 		c.cidrIDs.Release(p.String())
 		c.cidrChanged, c.regionsDirty = true, true
+		for _, s := range c.sels {
+			if s.kind == selCIDR && s.set(r.id, false) {
+				c.dirtyUsers(s, r.id)
+			}
+		}
 	}
 }
 
-// updateCIDRSelectors recomputes the regions each CIDR selector picks after
-// the region set changed: a new prefix inside a CIDR is a new region that
-// the CIDR's rules must cover too.
-func (c *Compiled) updateCIDRSelectors() {
+// regionsChanged dirties, once per flush, the groups whose entries depend
+// on which region each pod IP falls in: egress named ports towards CIDRs.
+func (c *Compiled) regionsChanged() {
 	if !c.regionsDirty {
 		return
 	}
 	c.regionsDirty = false
-	// Egress named ports towards a CIDR resolve against the pods whose
-	// region the CIDR picks.
 	for g := range c.cidrNamedGroups {
 		c.dirty[g] = struct{}{}
-	}
-	for _, s := range c.sels {
-		if s.kind != selCIDR {
-			continue
-		}
-		ids := map[identity.ID]struct{}{}
-		for p, r := range c.regions {
-			if s.matchesRegion(p) {
-				ids[r.id] = struct{}{}
-			}
-		}
-		if !maps.Equal(ids, s.ids) {
-			for id := range ids {
-				if _, had := s.ids[id]; !had {
-					c.dirtyUsers(s, id)
-				}
-			}
-			for id := range s.ids {
-				if _, has := ids[id]; !has {
-					c.dirtyUsers(s, id)
-				}
-			}
-			s.ids, s.sorted = ids, nil
-		}
 	}
 }
 
@@ -919,7 +960,7 @@ func (c *Compiled) groupChanged(g *group) {
 
 // flush recompiles the dirty groups and reports what changed.
 func (c *Compiled) flush() Changes {
-	c.updateCIDRSelectors()
+	c.regionsChanged()
 	for g := range c.dirty {
 		was := g.computed
 		var before []Entry

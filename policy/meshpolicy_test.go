@@ -486,3 +486,49 @@ func TestLocalHostIngress(t *testing.T) {
 		t.Errorf("reasons %+v", tr.Ingress.Reasons)
 	}
 }
+
+// An egress named port towards an ipBlock opens exactly the pod addresses
+// inside the block: not the other family of a dual-stack pod, nor a pod of
+// the same identity outside it.
+func TestNamedPortTowardsCIDRIsExact(t *testing.T) {
+	in := Input{Namespaces: []*corev1.Namespace{testNamespace("x")}}
+	web := []corev1.ContainerPort{containerPort("http", 8080, corev1.ProtocolTCP)}
+	dual := testPod("x", "dual", "10.0.0.2", map[string]string{"app": "web"}, web...)
+	dual.Status.PodIPs = []corev1.PodIP{{IP: "10.0.0.2"}, {IP: "fd00::2"}}
+	in.Pods = []*corev1.Pod{
+		testPod("x", "client", "10.0.0.1", map[string]string{"app": "client"}),
+		dual,
+		testPod("x", "outside", "10.9.0.3", map[string]string{"app": "web"}, web...),
+	}
+	in.NetworkPolicies = []*networkingv1.NetworkPolicy{np("x", "egress", matchLabels("app", "client"), func(s *networkingv1.NetworkPolicySpec) {
+		s.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}
+		s.Egress = []networkingv1.NetworkPolicyEgressRule{{
+			To:    []networkingv1.NetworkPolicyPeer{ipBlock("10.0.0.0/16")},
+			Ports: []networkingv1.NetworkPolicyPort{npPortOf(corev1.ProtocolTCP, "http")},
+		}}
+	})}
+	c := mustCompile(t, in)
+	client := PodPeer("x", "client")
+	for to, want := range map[string]bool{"10.0.0.2": true, "fd00::2": false, "10.9.0.3": false} {
+		tr, err := c.Trace(client, IPPeer(addr(to)), ProtoTCP, 8080)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tr.Allowed != want {
+			t.Errorf("client -> %s:8080: got %v; want %v", to, tr.Allowed, want)
+		}
+	}
+	// The pod's address became a region of its own in the CIDR table.
+	var host bool
+	for _, ce := range c.CIDRTable() {
+		host = host || ce.Prefix.String() == "10.0.0.2/32"
+	}
+	if !host {
+		t.Errorf("no host region for the pod inside the block: %v", c.CIDRTable())
+	}
+	// When the rule goes, so do the host regions.
+	c.DeleteNetworkPolicy("x", "egress")
+	if n := len(c.CIDRTable()); n != 0 {
+		t.Errorf("CIDR table keeps %d entries", n)
+	}
+}

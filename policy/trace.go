@@ -24,6 +24,9 @@ type resolvedPeer struct {
 	name string
 	pod  *podState
 	ip   netip.Addr
+	// byName: the pod was named, so its address may be picked to match
+	// the other end's family.
+	byName bool
 }
 
 func (c *Compiled) resolve(p Peer) (resolvedPeer, error) {
@@ -39,7 +42,7 @@ func (c *Compiled) resolve(p Peer) (resolvedPeer, error) {
 		if p.IP.IsValid() && slices.Contains(pod.ips, p.IP) {
 			ip = p.IP
 		}
-		return resolvedPeer{name: p.String(), pod: pod, ip: ip}, nil
+		return resolvedPeer{name: p.String(), pod: pod, ip: ip, byName: true}, nil
 	}
 	if !p.IP.IsValid() {
 		return resolvedPeer{}, fmt.Errorf("trace: empty peer")
@@ -58,7 +61,7 @@ func (c *Compiled) resolve(p Peer) (resolvedPeer, error) {
 
 // sameFamily picks q's IP of p's family when q is a dual-stack pod.
 func sameFamily(p resolvedPeer, q *resolvedPeer) {
-	if q.pod == nil || q.ip.Is4() == p.ip.Is4() {
+	if q.pod == nil || !q.byName || q.ip.Is4() == p.ip.Is4() {
 		return
 	}
 	for _, ip := range q.pod.ips {
