@@ -32,11 +32,13 @@
 //     longest prefix, so a rule picks exactly the regions inside its CIDR and
 //     outside its excepts. Pod IPs are matched too, as upstream expects.
 //   - Named ports resolve against the destination: for ingress the endpoint
-//     itself, for egress the peer pod's identity. Entries are keyed by
-//     identity, so if pods with one label set declare the same port name
-//     with different numbers, an egress rule allows the union of those
-//     numbers to each of them. A named port towards a non-pod peer matches
-//     nothing.
+//     itself, for egress the peer pod. Towards pod peers, entries are keyed
+//     by the peer's identity, so if pods with one label set declare the same
+//     port name with different numbers, the rule allows the union of those
+//     numbers to each of them. Towards CIDR peers, the addresses of the pods
+//     inside become host regions (/32, /128) of their own in the CIDR table
+//     and the entries name exactly those. A named port towards a non-pod
+//     peer matches nothing.
 //   - An ICMP rule without a type also covers ICMPv6; typed ICMP rules match
 //     IPv4 ICMP only (the type numbers differ).
 //   - A pod's own node may always reach it (kubelet probes), as upstream
