@@ -12,7 +12,7 @@
 //	   pod or flow the agent does not know
 //	3  the agent could not be reached or did not answer: not running,
 //	   socket permissions, timeout, an API version this meshctl does not
-//	   speak
+//	   speak; or the API server could not be reached or refused meshctl
 package cli
 
 import (
@@ -39,7 +39,8 @@ const exitCodesHelp = `Exit codes:
   2  usage or input error (bad flags, unreadable or invalid manifests,
      a pod the agent does not know)
   3  the agent could not be reached or did not answer (not running, socket
-     permissions, timeout, incompatible API version)`
+     permissions, timeout, incompatible API version), or the API server
+     could not be reached or refused meshctl`
 
 // Streams are the standard streams of a command run; tests pass buffers.
 type Streams struct {
@@ -78,9 +79,13 @@ func usageErrorf(format string, args ...any) error {
 func failed() error { return &exitError{code: ExitFailure} }
 
 // NewRootCommand returns the meshctl command tree writing to s.
-func NewRootCommand(s Streams) *cobra.Command { return newRootCommand(s, processEnv()) }
+func NewRootCommand(s Streams) *cobra.Command {
+	return newRootCommand(s, processEnv(), connectKubeconfig)
+}
 
-func newRootCommand(s Streams, env agentEnv) *cobra.Command {
+// newRootCommand builds the tree; kube makes the API server clients
+// (tests pass fake ones).
+func newRootCommand(s Streams, env agentEnv, kube kubeConnect) *cobra.Command {
 	root := &cobra.Command{
 		Use:   "meshctl",
 		Short: "Inspect and explain the Veil mesh",
@@ -102,8 +107,10 @@ policy, traces and flows.
 		return &exitError{code: ExitUsage, err: err, showUsage: true}
 	})
 	agent := newAgentOptions(root, env)
+	cluster := newKubeOptions(env, kube)
 	root.AddCommand(newVersionCommand(), newPolicyCommand(agent), newStatusCommand(agent),
-		newEndpointsCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent))
+		newEndpointsCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent),
+		newEncryptionCommand(agent, cluster), newAuditCommand(agent, cluster))
 	return root
 }
 
@@ -113,7 +120,11 @@ func Main(args []string, s Streams) int {
 }
 
 func mainWith(ctx context.Context, args []string, s Streams, env agentEnv) int {
-	root := newRootCommand(s, env)
+	return execute(ctx, newRootCommand(s, env, connectKubeconfig), args, s)
+}
+
+// execute runs root with args and turns its outcome into an exit code.
+func execute(ctx context.Context, root *cobra.Command, args []string, s Streams) int {
 	// Cobra reads os.Args when given nil; args is the whole command line.
 	if args == nil {
 		args = []string{}

@@ -1,0 +1,762 @@
+package cli
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+
+	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
+)
+
+func newAuditCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "audit",
+		Short: "Audit the mesh for compliance",
+		Long: `Audit the whole mesh from the API server (--kubeconfig) and give a
+PASS/FAIL verdict with a reason for every failure, fit for a compliance
+record with -o json.
+
+` + exitCodesHelp,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
+	}
+	kube.addFlags(cmd)
+	cmd.AddCommand(newAuditEncryptionCommand(agent, kube))
+	return cmd
+}
+
+// auditOptions are the thresholds and switches of audit encryption.
+type auditOptions struct {
+	maxHandshakeAge time.Duration
+	maxKeyAge       time.Duration
+	staleAfter      time.Duration
+	active          bool
+	captureDuration time.Duration
+	markerPort      uint32
+}
+
+func newAuditEncryptionCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command {
+	var (
+		out  outputFlag
+		opts auditOptions
+	)
+	cmd := &cobra.Command{
+		Use:   "encryption",
+		Short: "Prove that pod traffic between nodes is encrypted: PASS or FAIL, with reasons",
+		Long: `Audit transparent encryption across the cluster from the MeshNodes the
+agents write and the Nodes' WireGuard annotations. Every check is a row
+with its scope (a node, or an ordered node pair A→B), result and reason:
+
+  per node
+    status-fresh         the node has a MeshNode written within --stale-after
+    encryption-enabled   WireGuard is up (kernel or userspace), not disabled
+    key-present          the node has a public key
+    key-published        the key matches the Node's wireguard.veil.dev/public-key
+    key-age              the key is younger than --max-key-age
+    strict-mode          strict mode is on (fail closed)
+    leaks                strict mode dropped no pod packet headed out unencrypted
+    unencrypted-packets  no pod packet was sent to another node unencrypted
+  per ordered node pair A→B
+    peer                 A peers with B: B's current key, an endpoint, and
+                         allowed IPs covering B's pod CIDRs
+    handshake            A's last handshake with B is within --max-handshake-age
+    active               (--active) a marker sent from a pod on A to a pod on
+                         B arrives through the tunnel and is never seen in the
+                         clear on either node's underlay
+
+--active asks A's agent to send a fresh random marker (UDP, --marker-port)
+to a pod on B while both agents capture their underlay and tunnel devices
+for --capture-duration. It PASSes when neither underlay carries the marker
+or plaintext pod frames, both carry WireGuard, and B's tunnel shows the
+marker arrived. Pairs where a node runs no pod are listed as not tested.
+Agents are reached through the lab's state file (VEIL_LAB_STATE); in a
+cluster, reaching another node's agent goes through the API server, which
+meshctl does not implement yet: such pairs FAIL and say so.
+
+-o json is the evidence: verdict, generation time, meshctl version, API
+server, thresholds, every node's MeshNode status (with its update time and
+agent version), every check and the failures, in a stable order.
+
+Exit codes:
+  0  PASS: every check passed
+  1  FAIL: a check failed (each failure is listed with its reason)
+  2  usage error, no kubeconfig
+  3  the API server could not be reached or refused meshctl`,
+		Example: `  meshctl audit encryption
+  meshctl audit encryption -o json > encryption-audit.json
+  meshctl audit encryption --max-handshake-age 3m --max-key-age 720h
+  VEIL_LAB_STATE=/tmp/veil-lab/state.json meshctl audit encryption --active`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := out.check(); err != nil {
+				return err
+			}
+			if err := opts.check(); err != nil {
+				return err
+			}
+			kc, err := kube.connect()
+			if err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			timeout := withTimeout(agent.timeout)
+			cs, err := readCluster(ctx, kc, timeout)
+			if err != nil {
+				return err
+			}
+			now := agent.env.now()
+			r := newAuditReport(cs, now, opts)
+			if opts.active {
+				pods := map[string][]corev1.Pod{}
+				for _, n := range cs.nodes {
+					if pods[n.Name], err = nodePods(ctx, kc, timeout, n.Name); err != nil {
+						return err
+					}
+				}
+				a := &activeAudit{agent: agent, opts: opts, conns: map[string]*agentConn{}, errs: map[string]error{}}
+				defer a.close()
+				a.run(ctx, &r, cs, pods)
+			}
+			r.finish()
+			w := cmd.OutOrStdout()
+			done, err := out.structured(w, r)
+			if err != nil {
+				return err
+			}
+			if !done {
+				if err := writeAudit(w, paletteFor(w), r); err != nil {
+					return err
+				}
+			}
+			if r.Verdict != verdictPass {
+				return failed()
+			}
+			return nil
+		},
+	}
+	fs := cmd.Flags()
+	fs.DurationVar(&opts.maxHandshakeAge, "max-handshake-age", 5*time.Minute, "FAIL a node pair whose last WireGuard handshake is older")
+	fs.DurationVar(&opts.maxKeyAge, "max-key-age", 2160*time.Hour, "FAIL a node whose key is older (rotate it with meshctl encryption rotate-key)")
+	fs.DurationVar(&opts.staleAfter, "stale-after", defaultStaleAfter, "FAIL a node whose MeshNode status is older (its agent is not running)")
+	fs.BoolVar(&opts.active, "active", false, "also send a marker between pods on every node pair and have the agents capture the wire")
+	fs.DurationVar(&opts.captureDuration, "capture-duration", 2*time.Second, "how long each agent captures per node pair with --active")
+	fs.Uint32Var(&opts.markerPort, "marker-port", 9, "the UDP port the --active marker is sent to (the pod need not listen)")
+	addOutputFlag(cmd, &out)
+	return cmd
+}
+
+func (o auditOptions) check() error {
+	for _, f := range []struct {
+		name string
+		d    time.Duration
+	}{{"--max-handshake-age", o.maxHandshakeAge}, {"--max-key-age", o.maxKeyAge}, {"--stale-after", o.staleAfter}, {"--capture-duration", o.captureDuration}} {
+		if f.d <= 0 {
+			return usageErrorf("%s must be positive", f.name)
+		}
+	}
+	// The agent refuses captures longer than 10s.
+	if o.captureDuration > 10*time.Second {
+		return usageErrorf("--capture-duration must be at most 10s")
+	}
+	if o.markerPort == 0 || o.markerPort > 65535 {
+		return usageErrorf("--marker-port must be 1..65535")
+	}
+	return nil
+}
+
+// Results and verdicts of the audit.
+const (
+	resultPass  = "PASS"
+	resultFail  = "FAIL"
+	verdictPass = resultPass
+	verdictFail = resultFail
+)
+
+// auditReport is the audit's evidence, and its -o json|yaml output.
+type auditReport struct {
+	Verdict        string          `json:"verdict"`
+	GeneratedAt    string          `json:"generatedAt"`
+	MeshctlVersion string          `json:"meshctlVersion"`
+	Cluster        auditCluster    `json:"cluster"`
+	Thresholds     auditThresholds `json:"thresholds"`
+	// Nodes are the MeshNode status snapshots the checks judged.
+	Nodes    []nodeEncryptionReport `json:"nodes"`
+	Checks   []auditCheck           `json:"checks"`
+	Failures []auditCheck           `json:"failures"`
+	// NotTested are the active checks that had nothing to test.
+	NotTested []auditCheck `json:"notTested,omitempty"`
+	// Active is the evidence of each active check.
+	Active []activeEvidence `json:"active,omitempty"`
+}
+
+type auditCluster struct {
+	Server string `json:"server"`
+}
+
+type auditThresholds struct {
+	MaxHandshakeAge string `json:"maxHandshakeAge"`
+	MaxKeyAge       string `json:"maxKeyAge"`
+	StaleAfter      string `json:"staleAfter"`
+	Active          bool   `json:"active"`
+	CaptureDuration string `json:"captureDuration,omitempty"`
+	MarkerPort      uint32 `json:"markerPort,omitempty"`
+}
+
+// auditCheck is one row of the audit.
+type auditCheck struct {
+	// Scope is a node, or an ordered node pair "A→B".
+	Scope  string `json:"scope"`
+	Check  string `json:"check"`
+	Result string `json:"result"`
+	Reason string `json:"reason"`
+}
+
+func pass(scope, check, format string, args ...any) auditCheck {
+	return auditCheck{Scope: scope, Check: check, Result: resultPass, Reason: fmt.Sprintf(format, args...)}
+}
+
+func fail(scope, check, format string, args ...any) auditCheck {
+	return auditCheck{Scope: scope, Check: check, Result: resultFail, Reason: fmt.Sprintf(format, args...)}
+}
+
+func pairScope(a, b string) string { return a + "→" + b }
+
+// The node checks, in report order.
+var nodeChecks = []string{"status-fresh", "encryption-enabled", "key-present", "key-published", "key-age", "strict-mode", "leaks", "unencrypted-packets"}
+
+func newAuditReport(cs *clusterState, now time.Time, o auditOptions) auditReport {
+	nodes, _ := snapshots(cs, now, o.staleAfter)
+	r := auditReport{
+		GeneratedAt:    now.UTC().Format(time.RFC3339),
+		MeshctlVersion: buildVersion().Version,
+		Cluster:        auditCluster{Server: cs.server},
+		Thresholds: auditThresholds{
+			MaxHandshakeAge: o.maxHandshakeAge.String(), MaxKeyAge: o.maxKeyAge.String(),
+			StaleAfter: o.staleAfter.String(), Active: o.active,
+		},
+		Nodes:    append([]nodeEncryptionReport{}, nodes...),
+		Checks:   []auditCheck{},
+		Failures: []auditCheck{},
+	}
+	if o.active {
+		r.Thresholds.CaptureDuration = o.captureDuration.String()
+		r.Thresholds.MarkerPort = o.markerPort
+	}
+	byName := map[string]nodeEncryptionReport{}
+	podCIDRs := map[string][]netip.Prefix{}
+	for i, n := range nodes {
+		byName[n.Node] = n
+		podCIDRs[n.Node] = nodePodCIDRs(n, &cs.nodes[i])
+	}
+	if len(nodes) == 0 {
+		r.Checks = append(r.Checks, fail("cluster", "nodes", "the cluster has no Node to audit"))
+	}
+	for _, n := range nodes {
+		r.Checks = append(r.Checks, auditNode(n, now, o)...)
+	}
+	for _, a := range nodes {
+		for _, b := range nodes {
+			if a.Node != b.Node {
+				r.Checks = append(r.Checks, auditPair(a, b, podCIDRs[b.Node], now, o)...)
+			}
+		}
+	}
+	return r
+}
+
+// finish orders the checks and sets the verdict.
+func (r *auditReport) finish() {
+	order := map[string]int{}
+	for i, c := range append(nodeChecks, "peer", "handshake", "active") {
+		order[c] = i
+	}
+	// Node rows first, then pairs; within each, by scope, then check order.
+	key := func(c auditCheck) (bool, string, int) {
+		return strings.Contains(c.Scope, "→"), c.Scope, order[c.Check]
+	}
+	slices.SortStableFunc(r.Checks, func(x, y auditCheck) int {
+		px, sx, ox := key(x)
+		py, sy, oy := key(y)
+		switch {
+		case px != py:
+			if px {
+				return 1
+			}
+			return -1
+		case sx != sy:
+			return strings.Compare(sx, sy)
+		}
+		return ox - oy
+	})
+	r.Failures = []auditCheck{}
+	for _, c := range r.Checks {
+		if c.Result != resultPass {
+			r.Failures = append(r.Failures, c)
+		}
+	}
+	r.Verdict = verdictPass
+	if len(r.Failures) > 0 {
+		r.Verdict = verdictFail
+	}
+}
+
+// nodePodCIDRs are a node's pod prefixes: as its agent reports them, else
+// as it publishes them, else from the Node's spec.
+func nodePodCIDRs(n nodeEncryptionReport, node *corev1.Node) []netip.Prefix {
+	src := n.PodCIDRs
+	if len(src) == 0 && n.Annotations[annotationPodCIDRs] != "" {
+		src = strings.Split(n.Annotations[annotationPodCIDRs], ",")
+	}
+	if len(src) == 0 && node != nil {
+		src = node.Spec.PodCIDRs
+	}
+	var out []netip.Prefix
+	for _, s := range src {
+		if p, err := netip.ParsePrefix(strings.TrimSpace(s)); err == nil {
+			out = append(out, p.Masked())
+		}
+	}
+	return out
+}
+
+func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditCheck {
+	s := n.Node
+	if !n.Reported {
+		out := []auditCheck{fail(s, "status-fresh", "no MeshNode: the node's agent has never reported its encryption state (is veil-agent running on it?)")}
+		for _, c := range nodeChecks[1:] {
+			out = append(out, fail(s, c, "not checked: no MeshNode"))
+		}
+		return out
+	}
+	var out []auditCheck
+	switch {
+	case n.Updated == nil:
+		out = append(out, fail(s, "status-fresh", "the MeshNode has no status update time: its agent never wrote it"))
+	case n.Stale:
+		out = append(out, fail(s, "status-fresh", "MeshNode status is stale: last updated %s ago at %s, more than --stale-after %s (is veil-agent running on the node?)",
+			age(now, *n.Updated), n.Updated.Format(time.RFC3339), o.staleAfter))
+	default:
+		out = append(out, pass(s, "status-fresh", "updated %s ago by agent %s", age(now, *n.Updated), orUnknown(n.AgentVersion)))
+	}
+	switch n.Mode {
+	case modeKernel, modeUserspace:
+		out = append(out, pass(s, "encryption-enabled", "WireGuard (%s) on %s", n.Mode, dash(n.Interface)))
+	case modeDisabled, "":
+		out = append(out, fail(s, "encryption-enabled", "encryption is disabled: pod traffic to other nodes is not encrypted"))
+	default:
+		out = append(out, fail(s, "encryption-enabled", "unknown encryption mode %q", n.Mode))
+	}
+	fp := keyFingerprint(n.PublicKey)
+	switch {
+	case n.PublicKey == "":
+		out = append(out, fail(s, "key-present", "no public key: the node has no WireGuard key, so no peer can encrypt to it"))
+	case fp == "":
+		out = append(out, fail(s, "key-present", "public key %q is not a base64 WireGuard key", n.PublicKey))
+	default:
+		out = append(out, pass(s, "key-present", "key %s", fp))
+	}
+	ann, annOK := n.Annotations[annotationPublicKey]
+	switch {
+	case n.PublicKey == "":
+		out = append(out, fail(s, "key-published", "not checked: no public key"))
+	case !annOK || ann == "":
+		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", annotationPublicKey))
+	case ann != n.PublicKey:
+		out = append(out, fail(s, "key-published", "the Node's %s annotation is key %s, the node's device has key %s: peers encrypt to a key the node does not hold",
+			annotationPublicKey, dash(keyFingerprint(ann)), dash(fp)))
+	default:
+		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", annotationPublicKey))
+	}
+	switch {
+	case n.PublicKey == "":
+		out = append(out, fail(s, "key-age", "not checked: no public key"))
+	case n.KeyCreated == nil:
+		out = append(out, fail(s, "key-age", "the key's creation time is not recorded"))
+	case now.Sub(*n.KeyCreated) > o.maxKeyAge:
+		out = append(out, fail(s, "key-age", "key %s is %s old, more than --max-key-age %s: rotate it (meshctl encryption rotate-key --node %s)",
+			dash(fp), age(now, *n.KeyCreated), o.maxKeyAge, s))
+	default:
+		out = append(out, pass(s, "key-age", "created %s ago, at %s", age(now, *n.KeyCreated), n.KeyCreated.Format(time.RFC3339)))
+	}
+	if n.StrictMode {
+		out = append(out, pass(s, "strict-mode", "on"))
+	} else {
+		out = append(out, fail(s, "strict-mode", "strict mode is off: pod traffic to a node without a working tunnel would leave unencrypted"))
+	}
+	if n.Leaks == 0 {
+		out = append(out, pass(s, "leaks", "0"))
+	} else {
+		reason := fmt.Sprintf("strict mode dropped %s headed to other nodes unencrypted", plural(int(n.Leaks), "pod packet"))
+		if l, ok := latestLeak(n); ok {
+			reason += fmt.Sprintf("; latest: %s → %s %s", l.Source, l.Destination, l.Protocol)
+			if l.Endpoint != "" {
+				reason += " via " + l.Endpoint
+			}
+			reason += " (" + l.Reason + ")"
+			if !l.Last.IsZero() {
+				reason += " at " + l.Last.UTC().Format(time.RFC3339)
+			}
+		}
+		out = append(out, fail(s, "leaks", "%s", reason))
+	}
+	if n.UnencryptedPackets == 0 {
+		out = append(out, pass(s, "unencrypted-packets", "0"))
+	} else {
+		out = append(out, fail(s, "unencrypted-packets", "%s sent to other nodes unencrypted", plural(int(n.UnencryptedPackets), "pod packet")))
+	}
+	return out
+}
+
+// latestLeak is the most recent of a node's recorded leaks.
+func latestLeak(n nodeEncryptionReport) (meshv1alpha1.LeakRecord, bool) {
+	var (
+		l  meshv1alpha1.LeakRecord
+		ok bool
+	)
+	for _, r := range n.RecentLeaks {
+		if !ok || r.Last.After(l.Last.Time) {
+			l, ok = r, true
+		}
+	}
+	return l, ok
+}
+
+func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, o auditOptions) []auditCheck {
+	s := pairScope(a.Node, b.Node)
+	if !a.Reported {
+		return []auditCheck{
+			fail(s, "peer", "not checked: %s has no MeshNode", a.Node),
+			fail(s, "handshake", "not checked: %s has no MeshNode", a.Node),
+		}
+	}
+	i := slices.IndexFunc(a.Peers, func(p peerEncryptionReport) bool { return p.Node == b.Node })
+	if i < 0 {
+		return []auditCheck{
+			fail(s, "peer", "%s is not a peer of %s", b.Node, a.Node),
+			fail(s, "handshake", "not checked: %s is not a peer of %s", b.Node, a.Node),
+		}
+	}
+	p := a.Peers[i]
+	var out []auditCheck
+	// B's current key is the one its device holds; without a MeshNode,
+	// the one it published.
+	want := b.PublicKey
+	if want == "" && !b.Reported {
+		want = b.Annotations[annotationPublicKey]
+	}
+	var problems []string
+	switch {
+	case want == "":
+		problems = append(problems, fmt.Sprintf("%s has no public key to peer with", b.Node))
+	case p.PublicKey != want:
+		problems = append(problems, fmt.Sprintf("%s has %s with key %s, %s's key is %s", a.Node, b.Node, dash(keyFingerprint(p.PublicKey)), b.Node, dash(keyFingerprint(want))))
+	}
+	published := b.Annotations[annotationEndpoint]
+	switch {
+	case p.Endpoint == "":
+		problems = append(problems, fmt.Sprintf("no endpoint for %s", b.Node))
+	case published != "" && p.Endpoint != published:
+		problems = append(problems, fmt.Sprintf("endpoint %s, %s publishes %s", p.Endpoint, b.Node, published))
+	}
+	var allowed []netip.Prefix
+	for _, s := range p.AllowedIPs {
+		if pr, err := netip.ParsePrefix(strings.TrimSpace(s)); err == nil {
+			allowed = append(allowed, pr.Masked())
+		}
+	}
+	if len(bCIDRs) == 0 {
+		problems = append(problems, fmt.Sprintf("%s's pod CIDRs are unknown (no MeshNode podCIDRs, %s annotation or spec.podCIDRs)", b.Node, annotationPodCIDRs))
+	}
+	var uncovered []string
+	for _, c := range bCIDRs {
+		if !slices.ContainsFunc(allowed, func(a netip.Prefix) bool { return a.Bits() <= c.Bits() && a.Contains(c.Addr()) }) {
+			uncovered = append(uncovered, c.String())
+		}
+	}
+	if len(uncovered) > 0 {
+		problems = append(problems, fmt.Sprintf("allowed IPs %s do not cover %s's pod CIDRs %s", dash(strings.Join(p.AllowedIPs, ",")), b.Node, strings.Join(uncovered, ",")))
+	}
+	if len(problems) > 0 {
+		out = append(out, fail(s, "peer", "%s", strings.Join(problems, "; ")))
+	} else {
+		out = append(out, pass(s, "peer", "key %s, endpoint %s, allowed IPs %s", dash(keyFingerprint(p.PublicKey)), p.Endpoint, strings.Join(p.AllowedIPs, ",")))
+	}
+	switch {
+	case p.LastHandshake == nil:
+		out = append(out, fail(s, "handshake", "%s has never completed a handshake with %s", a.Node, b.Node))
+	case now.Sub(*p.LastHandshake) > o.maxHandshakeAge:
+		out = append(out, fail(s, "handshake", "last handshake %s ago at %s, more than --max-handshake-age %s",
+			age(now, *p.LastHandshake), p.LastHandshake.Format(time.RFC3339), o.maxHandshakeAge))
+	default:
+		out = append(out, pass(s, "handshake", "last handshake %s ago", age(now, *p.LastHandshake)))
+	}
+	return out
+}
+
+// activeEvidence is what one active check saw.
+type activeEvidence struct {
+	Scope          string           `json:"scope"`
+	Marker         string           `json:"marker"`
+	SourcePod      string           `json:"sourcePod,omitempty"`
+	SourceIP       string           `json:"sourceIP,omitempty"`
+	DestinationPod string           `json:"destinationPod"`
+	DestinationIP  string           `json:"destinationIP"`
+	Sent           uint32           `json:"sent"`
+	Source         *captureEvidence `json:"sourceCapture,omitempty"`
+	Destination    *captureEvidence `json:"destinationCapture,omitempty"`
+	Error          string           `json:"error,omitempty"`
+}
+
+type captureEvidence struct {
+	Node                 string    `json:"node"`
+	Started              time.Time `json:"started"`
+	UnderlayInterface    string    `json:"underlayInterface"`
+	TunnelInterface      string    `json:"tunnelInterface"`
+	UnderlayFrames       uint64    `json:"underlayFrames"`
+	WireGuardFrames      uint64    `json:"wireguardFrames"`
+	UnderlayMarkerFrames uint64    `json:"underlayMarkerFrames"`
+	TunnelMarkerFrames   uint64    `json:"tunnelMarkerFrames"`
+	PlaintextPodFrames   uint64    `json:"plaintextPodFrames"`
+}
+
+func newCaptureEvidence(node string, c *agentv1.CaptureResponse) *captureEvidence {
+	return &captureEvidence{
+		Node: node, Started: time.Unix(0, c.StartedUnixNano).UTC(),
+		UnderlayInterface: c.UnderlayInterface, TunnelInterface: c.TunnelInterface,
+		UnderlayFrames: c.UnderlayFrames, WireGuardFrames: c.WireguardFrames,
+		UnderlayMarkerFrames: c.UnderlayMarkerFrames, TunnelMarkerFrames: c.TunnelMarkerFrames,
+		PlaintextPodFrames: c.PlaintextPodFrames,
+	}
+}
+
+// activeAudit runs the active checks, one node pair at a time so that one
+// pair's traffic is not counted in another's capture.
+type activeAudit struct {
+	agent *agentOptions
+	opts  auditOptions
+	// conns and errs cache one connection (or why there is none) per node.
+	conns map[string]*agentConn
+	errs  map[string]error
+}
+
+func (a *activeAudit) close() {
+	for _, c := range a.conns {
+		c.Close()
+	}
+}
+
+// conn connects to a node's agent through the --node resolver.
+func (a *activeAudit) conn(ctx context.Context, node string) (*agentConn, error) {
+	if c, ok := a.conns[node]; ok {
+		return c, nil
+	}
+	if err, ok := a.errs[node]; ok {
+		return nil, err
+	}
+	o := *a.agent
+	o.node = node
+	o.socketSet = func() bool { return false }
+	c, err := o.connect(ctx)
+	if err != nil {
+		a.errs[node] = err
+		return nil, err
+	}
+	a.conns[node] = c
+	return c, nil
+}
+
+// podsOn are the pods of a node that have a pod address: not host
+// network, an IPv4 address inside the node's pod CIDRs when those are known.
+func podsOn(pods []corev1.Pod, cidrs []netip.Prefix) []corev1.Pod {
+	var out []corev1.Pod
+	for _, p := range pods {
+		ip, err := netip.ParseAddr(p.Status.PodIP)
+		if p.Spec.HostNetwork || err != nil || !ip.Is4() || p.DeletionTimestamp != nil {
+			continue
+		}
+		if len(cidrs) > 0 && !slices.ContainsFunc(cidrs, func(c netip.Prefix) bool { return c.Contains(ip) }) {
+			continue
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+func (a *activeAudit) run(ctx context.Context, r *auditReport, cs *clusterState, pods map[string][]corev1.Pod) {
+	withPods := map[string][]corev1.Pod{}
+	for i, n := range r.Nodes {
+		withPods[n.Node] = podsOn(pods[n.Node], nodePodCIDRs(n, &cs.nodes[i]))
+	}
+	for _, src := range r.Nodes {
+		for _, dst := range r.Nodes {
+			if src.Node == dst.Node {
+				continue
+			}
+			s := pairScope(src.Node, dst.Node)
+			switch {
+			case len(withPods[src.Node]) == 0:
+				r.NotTested = append(r.NotTested, auditCheck{Scope: s, Check: "active", Reason: src.Node + " runs no pod to send the marker from"})
+				continue
+			case len(withPods[dst.Node]) == 0:
+				r.NotTested = append(r.NotTested, auditCheck{Scope: s, Check: "active", Reason: dst.Node + " runs no pod to send the marker to"})
+				continue
+			}
+			c, ev := a.pair(ctx, src.Node, dst.Node, withPods[dst.Node][0])
+			r.Checks = append(r.Checks, c)
+			r.Active = append(r.Active, ev)
+		}
+	}
+}
+
+// pair sends a marker from a pod on src to dst's pod while both agents
+// capture, and judges what they saw.
+func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) (auditCheck, activeEvidence) {
+	s := pairScope(src, dst)
+	ev := activeEvidence{Scope: s, Marker: "veil-audit-" + rand.Text(), DestinationPod: to.Namespace + "/" + to.Name, DestinationIP: to.Status.PodIP}
+	failWith := func(format string, args ...any) (auditCheck, activeEvidence) {
+		c := fail(s, "active", format, args...)
+		ev.Error = c.Reason
+		return c, ev
+	}
+	sc, err := a.conn(ctx, src)
+	if err != nil {
+		return failWith("cannot reach the agent of %s: %v", src, err)
+	}
+	dc, err := a.conn(ctx, dst)
+	if err != nil {
+		return failWith("cannot reach the agent of %s: %v", dst, err)
+	}
+	req := &agentv1.CaptureRequest{Marker: ev.Marker, DurationMs: uint32(a.opts.captureDuration / time.Millisecond)}
+	type captured struct {
+		resp *agentv1.CaptureResponse
+		err  error
+	}
+	var (
+		wg           sync.WaitGroup
+		srcCap, dCap captured
+	)
+	capture := func(c *agentConn, node string, out *captured) {
+		defer wg.Done()
+		cctx, cancel := context.WithTimeout(ctx, a.opts.captureDuration+c.timeout)
+		defer cancel()
+		resp, err := c.client.CaptureUnderlay(cctx, req)
+		if err != nil {
+			err = c.callError("capture the underlay of "+node, err)
+		}
+		*out = captured{resp, err}
+	}
+	wg.Add(2)
+	go capture(sc, src, &srcCap)
+	go capture(dc, dst, &dCap)
+	// Give both captures a head start before the marker goes out.
+	lead := min(a.opts.captureDuration/4, 500*time.Millisecond)
+	select {
+	case <-time.After(lead):
+	case <-ctx.Done():
+	}
+	sent, sendErr := unary(ctx, sc, "send marker from "+src, func(ctx context.Context) (*agentv1.SendMarkerResponse, error) {
+		return sc.client.SendMarker(ctx, &agentv1.SendMarkerRequest{Destination: to.Status.PodIP, Port: a.opts.markerPort, Marker: ev.Marker, Count: 5})
+	})
+	wg.Wait()
+	if sendErr != nil {
+		return failWith("%v", sendErr)
+	}
+	ev.SourcePod, ev.SourceIP, ev.Sent = sent.SourcePod, sent.SourceIp, sent.Sent
+	if srcCap.err != nil {
+		return failWith("%v", srcCap.err)
+	}
+	if dCap.err != nil {
+		return failWith("%v", dCap.err)
+	}
+	ev.Source, ev.Destination = newCaptureEvidence(src, srcCap.resp), newCaptureEvidence(dst, dCap.resp)
+	var problems []string
+	if ev.Sent == 0 {
+		problems = append(problems, src+" sent no marker")
+	}
+	for _, c := range []*captureEvidence{ev.Source, ev.Destination} {
+		if c.UnderlayMarkerFrames > 0 {
+			problems = append(problems, fmt.Sprintf("the marker was seen in the clear on %s's underlay (%s): %s", c.Node, dash(c.UnderlayInterface), plural(int(c.UnderlayMarkerFrames), "frame")))
+		}
+		if c.PlaintextPodFrames > 0 {
+			problems = append(problems, fmt.Sprintf("%s on %s's underlay (%s)", plural(int(c.PlaintextPodFrames), "plaintext pod frame"), c.Node, dash(c.UnderlayInterface)))
+		}
+		if c.WireGuardFrames == 0 {
+			problems = append(problems, fmt.Sprintf("no WireGuard frames on %s's underlay (%s)", c.Node, dash(c.UnderlayInterface)))
+		}
+	}
+	if ev.Destination.TunnelMarkerFrames == 0 {
+		problems = append(problems, fmt.Sprintf("the marker never arrived: %s's tunnel (%s) did not see it", dst, dash(ev.Destination.TunnelInterface)))
+	}
+	if len(problems) > 0 {
+		return failWith("%s", strings.Join(problems, "; "))
+	}
+	return pass(s, "active", "marker sent %d× from %s (%s) to %s (%s) arrived through %s's tunnel %d×; never in the clear on %s (%s) or %s (%s), WireGuard frames %d and %d",
+		ev.Sent, dash(ev.SourcePod), dash(ev.SourceIP), ev.DestinationPod, ev.DestinationIP, dst, ev.Destination.TunnelMarkerFrames,
+		src, dash(ev.Source.UnderlayInterface), dst, dash(ev.Destination.UnderlayInterface),
+		ev.Source.WireGuardFrames, ev.Destination.WireGuardFrames), ev
+}
+
+func writeAudit(w io.Writer, pal palette, r auditReport) error {
+	var b strings.Builder
+	verdict := pal.green(r.Verdict)
+	if r.Verdict != verdictPass {
+		verdict = pal.red(r.Verdict)
+	}
+	pairs := max(len(r.Nodes)*(len(r.Nodes)-1), 0)
+	fmt.Fprintf(&b, "%s %s  %s, %s, %d/%d checks passed\n", pal.bold("Encryption audit:"), pal.bold(verdict),
+		plural(len(r.Nodes), "node"), plural(pairs, "node pair"), len(r.Checks)-len(r.Failures), len(r.Checks))
+	active := "off"
+	if r.Thresholds.Active {
+		active = fmt.Sprintf("on (capture %s, UDP port %d)", r.Thresholds.CaptureDuration, r.Thresholds.MarkerPort)
+	}
+	fmt.Fprintf(&b, "Generated %s by meshctl %s against %s\n", r.GeneratedAt, r.MeshctlVersion, dash(r.Cluster.Server))
+	fmt.Fprintf(&b, "Thresholds: handshake ≤ %s, key age ≤ %s, status age ≤ %s; active %s\n\n",
+		r.Thresholds.MaxHandshakeAge, r.Thresholds.MaxKeyAge, r.Thresholds.StaleAfter, active)
+	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "SCOPE\tCHECK\t%s\tREASON\n", pal.plain("RESULT"))
+	for _, c := range r.Checks {
+		res := pal.green(c.Result)
+		if c.Result != resultPass {
+			res = pal.red(c.Result)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.Scope, c.Check, res, c.Reason)
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write audit: %w", err)
+	}
+	if len(r.NotTested) > 0 {
+		b.WriteString("\nNot tested (active):\n")
+		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		for _, c := range r.NotTested {
+			fmt.Fprintf(tw, "  %s\t%s\n", c.Scope, c.Reason)
+		}
+		if err := tw.Flush(); err != nil {
+			return fmt.Errorf("write audit: %w", err)
+		}
+	}
+	if len(r.Failures) > 0 {
+		fmt.Fprintf(&b, "\n%s\n", pal.bold(pal.red(fmt.Sprintf("FAIL: %s", plural(len(r.Failures), "check")+" failed:"))))
+		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		for _, c := range r.Failures {
+			fmt.Fprintf(tw, "  %s\t%s\t%s\n", c.Scope, c.Check, c.Reason)
+		}
+		if err := tw.Flush(); err != nil {
+			return fmt.Errorf("write audit: %w", err)
+		}
+	}
+	if _, err := io.WriteString(w, b.String()); err != nil {
+		return fmt.Errorf("write audit: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,596 @@
+package cli
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
+)
+
+// The Node annotations through which every agent publishes what its peers
+// need (agent/wireguard: AnnotationPublicKey, …). meshctl reads them without
+// importing the agent.
+const (
+	annotationPublicKey = "wireguard.veil.dev/public-key"
+	annotationEndpoint  = "wireguard.veil.dev/endpoint"
+	annotationPodCIDRs  = "wireguard.veil.dev/pod-cidrs"
+)
+
+// Encryption modes a MeshNode reports.
+const (
+	modeKernel    = "kernel"
+	modeUserspace = "userspace"
+	modeDisabled  = "disabled"
+)
+
+// defaultStaleAfter is how old a MeshNode status may be before its agent is
+// taken for gone: agents rewrite it every few seconds.
+const defaultStaleAfter = 2 * time.Minute
+
+func newEncryptionCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "encryption",
+		Short: "Show and manage transparent encryption (WireGuard between nodes)",
+		Long: `Show and manage Veil's transparent encryption: every node's agent runs a
+WireGuard device, peers with every other node and records its state in
+the node's MeshNode (policy.veil.dev/v1alpha1), which meshctl reads from
+the API server (--kubeconfig).
+
+` + exitCodesHelp,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
+	}
+	kube.addFlags(cmd)
+	cmd.AddCommand(newEncryptionStatusCommand(agent, kube), newEncryptionRotateKeyCommand(agent))
+	return cmd
+}
+
+func newEncryptionStatusCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command {
+	var (
+		out        outputFlag
+		staleAfter time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show every node's encryption state, and a one-line cluster summary",
+		Long: `Show the encryption state of every node (or of --node) as its agent last
+recorded it in the node's MeshNode: WireGuard mode (kernel or userspace),
+interface, key fingerprint and age, listen port, strict mode, peers
+(configured / expected, one per other node) with the age of the last
+handshake with each, and leak counters. A one-line cluster summary comes
+first. Nodes without a MeshNode (their agent never reported) and nodes
+whose status is older than --stale-after (their agent is not running) are
+called out. With --node, each peer is shown too.
+
+Exit codes:
+  0  every node shown is encrypted (WireGuard up with a key, reported recently)
+  1  a node shown is not: no MeshNode, stale, disabled or without a key
+  2  usage error, no kubeconfig, a node the cluster does not have
+  3  the API server could not be reached or refused meshctl`,
+		Example: `  meshctl encryption status
+  meshctl encryption status --node node-2
+  meshctl encryption status -o json --kubeconfig ~/.kube/lab`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := out.check(); err != nil {
+				return err
+			}
+			if staleAfter <= 0 {
+				return usageErrorf("--stale-after must be positive")
+			}
+			kc, err := kube.connect()
+			if err != nil {
+				return err
+			}
+			cs, err := readCluster(cmd.Context(), kc, withTimeout(agent.timeout))
+			if err != nil {
+				return err
+			}
+			r, err := newEncryptionStatusReport(cs, agent.env.now(), staleAfter, agent.node)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			done, err := out.structured(w, r)
+			if err != nil {
+				return err
+			}
+			if !done {
+				if err := writeEncryptionStatus(w, paletteFor(w), r, agent.env.now()); err != nil {
+					return err
+				}
+			}
+			for _, n := range r.Nodes {
+				if !n.Encrypted {
+					return failed()
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&staleAfter, "stale-after", defaultStaleAfter, "a MeshNode status older than this means its agent is not running")
+	addOutputFlag(cmd, &out)
+	return cmd
+}
+
+// encryptionStatusReport is the -o json|yaml output of encryption status.
+type encryptionStatusReport struct {
+	Summary        string `json:"summary"`
+	TotalNodes     int    `json:"totalNodes"`
+	EncryptedNodes int    `json:"encryptedNodes"`
+	// Strict is true when every node is encrypted and in strict mode.
+	Strict bool                   `json:"strict"`
+	Nodes  []nodeEncryptionReport `json:"nodes"`
+	// Problems are what needs attention, per node.
+	Problems []nodeProblem `json:"problems"`
+	// detail is the node whose peers the table lists (--node).
+	detail string
+}
+
+type nodeProblem struct {
+	Node    string `json:"node"`
+	Problem string `json:"problem"`
+}
+
+// nodeEncryptionReport is one node's encryption state: its MeshNode status
+// as its agent wrote it, and the Node annotations its peers read.
+type nodeEncryptionReport struct {
+	Node string `json:"node"`
+	// Reported is true when the node has a MeshNode.
+	Reported bool `json:"reported"`
+	// Stale is true when the status is older than the stale threshold.
+	Stale bool `json:"stale"`
+	// Encrypted: reported recently, WireGuard up, with a key.
+	Encrypted          bool                      `json:"encrypted"`
+	Updated            *time.Time                `json:"updated,omitempty"`
+	AgentVersion       string                    `json:"agentVersion,omitempty"`
+	NodeIP             string                    `json:"nodeIP,omitempty"`
+	PodCIDRs           []string                  `json:"podCIDRs,omitempty"`
+	Mode               string                    `json:"mode,omitempty"`
+	Interface          string                    `json:"interface,omitempty"`
+	PublicKey          string                    `json:"publicKey,omitempty"`
+	Fingerprint        string                    `json:"fingerprint,omitempty"`
+	KeyCreated         *time.Time                `json:"keyCreated,omitempty"`
+	ListenPort         int32                     `json:"listenPort,omitempty"`
+	StrictMode         bool                      `json:"strictMode"`
+	ExpectedPeers      int                       `json:"expectedPeers"`
+	Peers              []peerEncryptionReport    `json:"peers"`
+	Leaks              int64                     `json:"leaks"`
+	RecentLeaks        []meshv1alpha1.LeakRecord `json:"recentLeaks,omitempty"`
+	UnencryptedPackets int64                     `json:"unencryptedPackets"`
+	// Annotations are the node's published WireGuard annotations.
+	Annotations map[string]string `json:"annotations,omitempty"`
+}
+
+type peerEncryptionReport struct {
+	Node          string     `json:"node"`
+	PublicKey     string     `json:"publicKey"`
+	Fingerprint   string     `json:"fingerprint,omitempty"`
+	Endpoint      string     `json:"endpoint,omitempty"`
+	AllowedIPs    []string   `json:"allowedIPs"`
+	LastHandshake *time.Time `json:"lastHandshake,omitempty"`
+	RxBytes       int64      `json:"rxBytes"`
+	TxBytes       int64      `json:"txBytes"`
+}
+
+// metaTime turns an API time into a UTC time, nil for "never".
+func metaTime(t *metav1.Time) *time.Time {
+	if t == nil || t.IsZero() {
+		return nil
+	}
+	u := t.UTC()
+	return &u
+}
+
+// keyFingerprint is the agent's fingerprint of a base64 public key: the
+// first 8 bytes of its SHA-256, in hex.
+func keyFingerprint(pub string) string {
+	k, err := base64.StdEncoding.DecodeString(pub)
+	if err != nil || len(k) != 32 {
+		return ""
+	}
+	sum := sha256.Sum256(k)
+	return hex.EncodeToString(sum[:8])
+}
+
+// nodeSnapshot is one node's report; node is nil for a MeshNode whose Node
+// is gone.
+func nodeSnapshot(name string, node *corev1.Node, mn *meshv1alpha1.MeshNode, nodes int, now time.Time, staleAfter time.Duration) nodeEncryptionReport {
+	r := nodeEncryptionReport{Node: name, Peers: []peerEncryptionReport{}, ExpectedPeers: max(nodes-1, 0)}
+	if node != nil {
+		for _, k := range []string{annotationPublicKey, annotationEndpoint, annotationPodCIDRs} {
+			if v, ok := node.Annotations[k]; ok {
+				if r.Annotations == nil {
+					r.Annotations = map[string]string{}
+				}
+				r.Annotations[k] = v
+			}
+		}
+	}
+	if mn == nil {
+		return r
+	}
+	st := mn.Status
+	e := st.Encryption
+	r.Reported = true
+	r.Updated = metaTime(&st.Updated)
+	r.Stale = r.Updated == nil || now.Sub(*r.Updated) > staleAfter
+	r.AgentVersion, r.NodeIP, r.PodCIDRs = st.AgentVersion, st.NodeIP, st.PodCIDRs
+	r.Mode, r.Interface, r.PublicKey, r.Fingerprint = e.Mode, e.Interface, e.PublicKey, e.Fingerprint
+	if r.Fingerprint == "" {
+		r.Fingerprint = keyFingerprint(e.PublicKey)
+	}
+	r.KeyCreated = metaTime(&e.KeyCreated)
+	r.ListenPort, r.StrictMode = e.ListenPort, e.StrictMode
+	r.Leaks, r.RecentLeaks, r.UnencryptedPackets = e.Leaks, e.RecentLeaks, e.UnencryptedPackets
+	for _, p := range e.Peers {
+		r.Peers = append(r.Peers, peerEncryptionReport{
+			Node: p.Node, PublicKey: p.PublicKey, Fingerprint: keyFingerprint(p.PublicKey), Endpoint: p.Endpoint,
+			AllowedIPs: append([]string{}, p.AllowedIPs...), LastHandshake: metaTime(p.LastHandshake),
+			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
+		})
+	}
+	slices.SortFunc(r.Peers, func(a, b peerEncryptionReport) int { return strings.Compare(a.Node, b.Node) })
+	r.Encrypted = !r.Stale && (r.Mode == modeKernel || r.Mode == modeUserspace) && r.PublicKey != ""
+	return r
+}
+
+// snapshots reports every Node, then every MeshNode whose Node is gone, in
+// name order.
+func snapshots(cs *clusterState, now time.Time, staleAfter time.Duration) (nodes, orphans []nodeEncryptionReport) {
+	known := map[string]bool{}
+	for i := range cs.nodes {
+		n := &cs.nodes[i]
+		known[n.Name] = true
+		nodes = append(nodes, nodeSnapshot(n.Name, n, cs.meshNodes[n.Name], len(cs.nodes), now, staleAfter))
+	}
+	for name, mn := range cs.meshNodes {
+		if !known[name] {
+			orphans = append(orphans, nodeSnapshot(name, nil, mn, len(cs.nodes), now, staleAfter))
+		}
+	}
+	slices.SortFunc(orphans, func(a, b nodeEncryptionReport) int { return strings.Compare(a.Node, b.Node) })
+	return nodes, orphans
+}
+
+// why says in a few words why a node is not encrypted or not strict, for
+// the summary; "" when it is both.
+func (n nodeEncryptionReport) why() string {
+	switch {
+	case !n.Reported:
+		return n.Node + " has no MeshNode"
+	case n.Stale:
+		return n.Node + " is stale"
+	case n.Mode == modeDisabled || n.Mode == "":
+		return n.Node + " has encryption disabled"
+	case n.Mode != modeKernel && n.Mode != modeUserspace:
+		return fmt.Sprintf("%s has unknown mode %q", n.Node, n.Mode)
+	case n.PublicKey == "":
+		return n.Node + " has no key"
+	case !n.StrictMode:
+		return n.Node + " has strict mode off"
+	}
+	return ""
+}
+
+// problems lists what needs attention on a node, most serious first.
+func (n nodeEncryptionReport) problems(now time.Time, staleAfter time.Duration, nodeNames []string) []string {
+	if !n.Reported {
+		return []string{"no MeshNode: its agent has never reported (is veil-agent running on the node?)"}
+	}
+	var out []string
+	if n.Stale {
+		if n.Updated == nil {
+			out = append(out, "stale: its agent never wrote the status")
+		} else {
+			out = append(out, fmt.Sprintf("stale: last updated %s ago (more than %s): is veil-agent running on the node?", age(now, *n.Updated), staleAfter))
+		}
+	}
+	switch {
+	case n.Mode == modeDisabled || n.Mode == "":
+		out = append(out, "encryption is disabled: pod traffic to other nodes is not encrypted")
+	case n.Mode != modeKernel && n.Mode != modeUserspace:
+		out = append(out, fmt.Sprintf("unknown encryption mode %q", n.Mode))
+	}
+	if n.PublicKey == "" {
+		out = append(out, "no key: peers cannot encrypt to this node")
+	}
+	if !n.StrictMode {
+		out = append(out, "strict mode is off: pod traffic may leave unencrypted when a tunnel is down")
+	}
+	if n.Leaks > 0 {
+		out = append(out, fmt.Sprintf("strict mode dropped %s bound for other nodes unencrypted", plural(int(n.Leaks), "packet")))
+	}
+	if n.UnencryptedPackets > 0 {
+		out = append(out, fmt.Sprintf("%s sent to other nodes unencrypted", plural(int(n.UnencryptedPackets), "pod packet")))
+	}
+	var missing []string
+	for _, name := range nodeNames {
+		if name != n.Node && !slices.ContainsFunc(n.Peers, func(p peerEncryptionReport) bool { return p.Node == name }) {
+			missing = append(missing, name)
+		}
+	}
+	if len(missing) > 0 {
+		out = append(out, "not peered with "+strings.Join(missing, ", "))
+	}
+	return out
+}
+
+func newEncryptionStatusReport(cs *clusterState, now time.Time, staleAfter time.Duration, only string) (encryptionStatusReport, error) {
+	nodes, orphans := snapshots(cs, now, staleAfter)
+	r := encryptionStatusReport{TotalNodes: len(nodes), Nodes: []nodeEncryptionReport{}, Problems: []nodeProblem{}, detail: only}
+	var names []string
+	modes := map[string]bool{}
+	var reasons []string
+	for _, n := range nodes {
+		names = append(names, n.Node)
+		if n.Encrypted {
+			r.EncryptedNodes++
+			modes[n.Mode] = true
+		}
+		if why := n.why(); why != "" {
+			reasons = append(reasons, why)
+		}
+	}
+	r.Strict = len(nodes) > 0 && len(reasons) == 0
+	r.Summary = summary(r.TotalNodes, r.EncryptedNodes, modes, reasons)
+	if only != "" && !slices.Contains(names, only) {
+		return r, usageErrorf("node %q is not in the cluster (nodes: %s)", only, strings.Join(names, ", "))
+	}
+	for _, n := range nodes {
+		if only != "" && n.Node != only {
+			continue
+		}
+		r.Nodes = append(r.Nodes, n)
+		for _, p := range n.problems(now, staleAfter, names) {
+			r.Problems = append(r.Problems, nodeProblem{Node: n.Node, Problem: p})
+		}
+	}
+	if only == "" {
+		for _, o := range orphans {
+			r.Problems = append(r.Problems, nodeProblem{Node: o.Node, Problem: "a MeshNode without a Node: left over from a deleted node (kubectl delete meshnode " + o.Node + ")"})
+		}
+	}
+	return r, nil
+}
+
+// summary is the one-line cluster summary, such as "Encryption: WireGuard
+// (userspace), 3/3 nodes, strict".
+func summary(total, encrypted int, modes map[string]bool, reasons []string) string {
+	if total == 0 {
+		return "Encryption: no nodes"
+	}
+	kind := "off"
+	if len(modes) > 0 {
+		var ms []string
+		for m := range modes {
+			ms = append(ms, m)
+		}
+		slices.Sort(ms)
+		kind = "WireGuard (" + strings.Join(ms, ", ") + ")"
+	}
+	s := fmt.Sprintf("Encryption: %s, %d/%d nodes", kind, encrypted, total)
+	if encrypted < total {
+		s += " encrypted"
+	}
+	if len(reasons) == 0 {
+		return s + ", strict"
+	}
+	return s + ", not strict: " + strings.Join(reasons, ", ")
+}
+
+func writeEncryptionStatus(w io.Writer, pal palette, r encryptionStatusReport, now time.Time) error {
+	var b strings.Builder
+	line := pal.green(r.Summary)
+	if !r.Strict {
+		line = pal.red(r.Summary)
+	}
+	fmt.Fprintf(&b, "%s\n\n", pal.bold(line))
+	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+	// Painted columns have painted headers, to stay aligned in colour.
+	fmt.Fprintf(tw, "NODE\t%s\tINTERFACE\t%s\tKEY AGE\tPORT\t%s\t%s\tHANDSHAKES\t%s\t%s\n",
+		pal.plain("MODE"), pal.plain("KEY"), pal.plain("STRICT"), pal.plain("PEERS"), pal.plain("LEAKS"), pal.plain("UPDATED"))
+	for _, n := range r.Nodes {
+		if !n.Reported {
+			none := pal.plain("-")
+			fmt.Fprintf(tw, "%s\t%s\t-\t%s\t-\t-\t%s\t%s\t-\t%s\t%s\n", n.Node, pal.red("no MeshNode"), none, none, none, none, pal.red("never"))
+			continue
+		}
+		mode := pal.green(dash(n.Mode))
+		if !n.Encrypted {
+			mode = pal.red(dash(n.Mode))
+		}
+		key, keyAge := pal.red("none"), "-"
+		if n.PublicKey != "" {
+			key = pal.plain(dash(n.Fingerprint))
+			if n.KeyCreated != nil {
+				keyAge = age(now, *n.KeyCreated)
+			}
+		}
+		port := "-"
+		if n.ListenPort != 0 {
+			port = fmt.Sprint(n.ListenPort)
+		}
+		strict := pal.green("on")
+		if !n.StrictMode {
+			strict = pal.red("off")
+		}
+		peers := fmt.Sprintf("%d/%d", len(n.Peers), n.ExpectedPeers)
+		if len(n.Peers) < n.ExpectedPeers {
+			peers = pal.red(peers)
+		} else {
+			peers = pal.plain(peers)
+		}
+		var hs []string
+		for _, p := range n.Peers {
+			if p.LastHandshake == nil {
+				hs = append(hs, p.Node+" never")
+			} else {
+				hs = append(hs, p.Node+" "+age(now, *p.LastHandshake))
+			}
+		}
+		leaks := fmt.Sprint(n.Leaks)
+		if n.UnencryptedPackets > 0 {
+			leaks += fmt.Sprintf(" (%d unencrypted)", n.UnencryptedPackets)
+		}
+		if n.Leaks > 0 || n.UnencryptedPackets > 0 {
+			leaks = pal.red(leaks)
+		} else {
+			leaks = pal.plain(leaks)
+		}
+		updated := "never"
+		if n.Updated != nil {
+			updated = age(now, *n.Updated) + " ago"
+		}
+		if n.Stale {
+			updated = pal.red(updated)
+		} else {
+			updated = pal.plain(updated)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Node, mode, dash(n.Interface), key, keyAge, port,
+			strict, peers, dash(strings.Join(hs, ", ")), leaks, updated)
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write encryption status: %w", err)
+	}
+	if r.detail != "" && len(r.Nodes) == 1 && r.Nodes[0].Reported {
+		n := r.Nodes[0]
+		fmt.Fprintf(&b, "\nPeers of %s:\n", n.Node)
+		if len(n.Peers) == 0 {
+			b.WriteString("  none\n")
+		} else {
+			tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+			fmt.Fprintln(tw, "  PEER\tKEY\tENDPOINT\tALLOWED IPS\tLAST HANDSHAKE\tRX\tTX")
+			for _, p := range n.Peers {
+				hs := "never"
+				if p.LastHandshake != nil {
+					hs = age(now, *p.LastHandshake) + " ago"
+				}
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, dash(p.Fingerprint), dash(p.Endpoint),
+					dash(strings.Join(p.AllowedIPs, ",")), hs, bytesString(uint64(max(p.RxBytes, 0))), bytesString(uint64(max(p.TxBytes, 0))))
+			}
+			if err := tw.Flush(); err != nil {
+				return fmt.Errorf("write encryption status: %w", err)
+			}
+		}
+	}
+	if len(r.Problems) > 0 {
+		fmt.Fprintf(&b, "\n%s\n", pal.bold(pal.red("Attention:")))
+		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		for _, p := range r.Problems {
+			fmt.Fprintf(tw, "  %s\t%s\n", p.Node, p.Problem)
+		}
+		if err := tw.Flush(); err != nil {
+			return fmt.Errorf("write encryption status: %w", err)
+		}
+	}
+	if _, err := io.WriteString(w, b.String()); err != nil {
+		return fmt.Errorf("write encryption status: %w", err)
+	}
+	return nil
+}
+
+// age renders how long ago t was, at most two units: 42s, 5m10s, 3h4m,
+// 90d, 12d3h.
+func age(now, t time.Time) string {
+	d := now.Sub(t)
+	if d < 0 {
+		d = 0
+	}
+	return shortDuration(d)
+}
+
+func shortDuration(d time.Duration) string {
+	d = d.Truncate(time.Second)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		m, s := int(d/time.Minute), int(d%time.Minute/time.Second)
+		if s == 0 {
+			return fmt.Sprintf("%dm", m)
+		}
+		return fmt.Sprintf("%dm%ds", m, s)
+	case d < 24*time.Hour:
+		h, m := int(d/time.Hour), int(d%time.Hour/time.Minute)
+		if m == 0 {
+			return fmt.Sprintf("%dh", h)
+		}
+		return fmt.Sprintf("%dh%dm", h, m)
+	}
+	days, h := int(d/(24*time.Hour)), int(d%(24*time.Hour)/time.Hour)
+	if h == 0 {
+		return fmt.Sprintf("%dd", days)
+	}
+	return fmt.Sprintf("%dd%dh", days, h)
+}
+
+func newEncryptionRotateKeyCommand(agent *agentOptions) *cobra.Command {
+	var out outputFlag
+	cmd := &cobra.Command{
+		Use:   "rotate-key",
+		Short: "Replace a node's WireGuard key",
+		Long: `Ask the agent of this node (or of --node) to replace its WireGuard key.
+The agent makes a new key, reconfigures its device and republishes the
+public half in its Node annotation; every other node's agent picks it up
+from there and re-peers, and established flows carry on across the
+rotation. Prints the old and the new key fingerprint; 'meshctl encryption
+status' then shows when the peers have handshaken with the new key.
+
+Exit codes:
+  0  the key was rotated
+  2  usage error, a node the lab does not know
+  3  the agent could not be reached, did not answer or failed`,
+		Example: `  sudo meshctl encryption rotate-key
+  meshctl encryption rotate-key --node node-2`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := out.check(); err != nil {
+				return err
+			}
+			c, err := agent.connect(cmd.Context())
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			resp, err := unary(cmd.Context(), c, "rotate key", func(ctx context.Context) (*agentv1.RotateKeyResponse, error) {
+				return c.client.RotateKey(ctx, &agentv1.RotateKeyRequest{})
+			})
+			if err != nil {
+				return err
+			}
+			r := rotateKeyReport{Node: c.status.Node, OldFingerprint: resp.OldFingerprint, NewFingerprint: resp.NewFingerprint}
+			w := cmd.OutOrStdout()
+			done, err := out.structured(w, r)
+			if err != nil || done {
+				return err
+			}
+			if _, err := fmt.Fprintf(w, "%s: key rotated: %s → %s\n", orUnknown(r.Node), dash(r.OldFingerprint), dash(r.NewFingerprint)); err != nil {
+				return fmt.Errorf("write rotate-key: %w", err)
+			}
+			return nil
+		},
+	}
+	addOutputFlag(cmd, &out)
+	return cmd
+}
+
+// rotateKeyReport is the -o json|yaml output of encryption rotate-key.
+type rotateKeyReport struct {
+	Node           string `json:"node"`
+	OldFingerprint string `json:"oldFingerprint"`
+	NewFingerprint string `json:"newFingerprint"`
+}
