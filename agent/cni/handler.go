@@ -44,6 +44,8 @@ type EndpointInfo struct {
 	HostIfindex     int
 	HostMAC         net.HardwareAddr
 	PodMAC          net.HardwareAddr
+	// Netns is the pod's network namespace path (CNI_NETNS).
+	Netns string
 }
 
 // EndpointRegistrar makes a wired pod a datapath endpoint and forgets it
@@ -194,6 +196,7 @@ func (h *Handler) Add(ctx context.Context, req *agentv1.CNIRequest) (resp *agent
 	if err := h.Endpoints.RegisterEndpoint(ctx, EndpointInfo{
 		Namespace: r.PodNamespace, Name: r.PodName, ContainerID: r.ContainerID, IP: ip,
 		HostVeth: pn.HostVeth, HostIfindex: pn.HostIfindex, HostMAC: pn.HostMAC, PodMAC: pn.PodMAC,
+		Netns: r.Netns,
 	}); err != nil {
 		return nil, toStatus(fmt.Errorf("register endpoint %s/%s (%s): %w", r.PodNamespace, r.PodName, ip, err))
 	}

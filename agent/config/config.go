@@ -28,6 +28,11 @@ type Config struct {
 	WireGuardIface    string
 	LegacyTC          bool
 
+	Encryption          string
+	StrictMode          bool
+	WireGuardPort       int
+	KeyRotationInterval time.Duration
+
 	StateDir    string
 	SocketPath  string
 	MetricsAddr string
@@ -46,6 +51,8 @@ func Default() Config {
 		CgroupRoot:     "/sys/fs/cgroup",
 		ClusterCIDR:    "10.244.0.0/16",
 		WireGuardIface: "veil-wg0",
+		Encryption:     "wireguard",
+		WireGuardPort:  51871,
 		StateDir:       "/var/lib/veil",
 		SocketPath:     "/var/run/veil/agent.sock",
 		MetricsAddr:    ":9962",
@@ -66,6 +73,10 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.ClusterCIDR, "cluster-cidr", c.ClusterCIDR, "IPv4 CIDR that holds every pod CIDR of the cluster")
 	fs.StringVar(&c.WireGuardIface, "wireguard-interface", c.WireGuardIface, "name of the WireGuard device")
 	fs.BoolVar(&c.LegacyTC, "legacy-tc", c.LegacyTC, "attach with clsact filters even where TCX exists")
+	fs.StringVar(&c.Encryption, "encryption", c.Encryption, "transparent encryption between nodes: wireguard or none")
+	fs.BoolVar(&c.StrictMode, "strict-mode", c.StrictMode, "never send pod traffic to another node unencrypted: without a tunnel it is dropped and recorded as a leak")
+	fs.IntVar(&c.WireGuardPort, "wireguard-port", c.WireGuardPort, "UDP port of the WireGuard device on the underlay")
+	fs.DurationVar(&c.KeyRotationInterval, "key-rotation-interval", c.KeyRotationInterval, "rotate the node's WireGuard key this often; 0 turns periodic rotation off")
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "directory for the agent's persistent state (IPAM, identities, endpoints)")
 	fs.StringVar(&c.SocketPath, "socket", c.SocketPath, "unix socket of the agent's API (mode 0600)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz; empty disables them")
@@ -136,6 +147,20 @@ func (c *Config) Validate() error {
 	case "text", "json":
 	default:
 		errs = append(errs, fmt.Errorf("--log-format %q: want text or json", c.LogFormat))
+	}
+	switch c.Encryption {
+	case "wireguard", "none":
+	default:
+		errs = append(errs, fmt.Errorf("--encryption %q: want wireguard or none", c.Encryption))
+	}
+	if c.StrictMode && c.Encryption != "wireguard" {
+		errs = append(errs, errors.New("--strict-mode needs --encryption=wireguard"))
+	}
+	if c.WireGuardPort < 1 || c.WireGuardPort > 65535 {
+		errs = append(errs, fmt.Errorf("--wireguard-port %d is not a port", c.WireGuardPort))
+	}
+	if c.KeyRotationInterval < 0 || (c.KeyRotationInterval > 0 && c.KeyRotationInterval < time.Minute) {
+		errs = append(errs, fmt.Errorf("--key-rotation-interval %s: 0 (off) or at least 1m", c.KeyRotationInterval))
 	}
 	if len(c.WireGuardIface) > 15 {
 		errs = append(errs, fmt.Errorf("--wireguard-interface %q is longer than 15 characters", c.WireGuardIface))

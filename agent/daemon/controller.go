@@ -164,8 +164,14 @@ func (d *Daemon) worker(ctx context.Context) {
 		if err == nil {
 			d.lastSync.Store(time.Now().UnixNano())
 		}
-		if d.queue.Len() == 0 {
+		if d.queue.Len() == 0 && !d.synced.Load() {
 			d.synced.Store(true)
+			d.log.Info("converged with the API server")
+			// Connections restored from pinned state are checked once,
+			// now that the state they are checked against is complete.
+			if err := d.evictRevoked(nil, true); err != nil {
+				d.log.Warn("re-check connections", "error", err)
+			}
 		}
 	}
 }
@@ -218,8 +224,11 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 		} else {
 			ch = d.compiler.UpsertNode(node)
 		}
-		// Node addresses and pod CIDRs live in the ipcache.
+		// Node addresses and pod CIDRs live in the ipcache; keys are peers.
 		ch.IPCache = true
+		if err := d.syncPeers(ctx); err != nil {
+			return err
+		}
 	case kindNetworkPolicy:
 		np, err := d.netpols.NetworkPolicies(k.namespace).Get(k.name)
 		if apierrors.IsNotFound(err) {
@@ -347,6 +356,16 @@ func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
 	return nil
 }
 
+// tunnelKind is the ipcache flag for prefixes hosted by the node at ip.
+func (d *Daemon) tunnelKind(ip netip.Addr) datapath.IPCacheKind {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.hasTunnel(ip) {
+		return datapath.Tunnel
+	}
+	return 0
+}
+
 // syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
 // addresses and pod CIDRs, and this node's own address.
 func (d *Daemon) syncIPCache() error {
@@ -367,7 +386,7 @@ func (d *Daemon) syncIPCache() error {
 		}
 		want[netip.PrefixFrom(ip, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
 		if cidr := nodePodCIDR(n); cidr.IsValid() {
-			want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR}
+			want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | d.tunnelKind(ip)}
 		}
 	}
 	want[netip.PrefixFrom(d.nodeIP, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
@@ -379,7 +398,7 @@ func (d *Daemon) syncIPCache() error {
 		if !ok {
 			continue
 		}
-		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod}
+		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | d.tunnelKind(nip)}
 	}
 
 	d.mu.Lock()
@@ -412,7 +431,14 @@ func (d *Daemon) syncIPCache() error {
 // conntrack nor socket acceleration lets them outlive their permission. Only
 // connections touching a changed endpoint are re-checked, unless identities
 // moved (ipcache changed), which can affect any connection.
+//
+// Never before the agent has converged: a half-rebuilt compiler traces
+// unknown peers as denied, and evicting an allowed accelerated pair loses
+// the data queued on the receiving socket (the kernel purges it).
 func (d *Daemon) evictRevoked(changed []netip.Addr, all bool) error {
+	if !d.synced.Load() {
+		return nil
+	}
 	touched := map[netip.Addr]bool{}
 	for _, ip := range changed {
 		touched[ip] = true

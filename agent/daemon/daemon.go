@@ -31,10 +31,13 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/workqueue"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/ipam"
+	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
@@ -85,6 +88,13 @@ type Daemon struct {
 	synced       atomic.Bool
 	degraded     sync.Map // component -> reason
 	names        names
+
+	// Encryption: the WireGuard device (nil when off), the MTU pods get,
+	// and the underlay addresses of nodes that are peers (guarded by mu).
+	wg          *wireguard.Device
+	podMTU      int
+	tunnels     map[netip.Addr]bool
+	statusDirty atomic.Bool
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni CNIService
 }
@@ -148,7 +158,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.learnNode(ctx, st); err != nil {
 		return err
 	}
-	if d.dp, err = d.loadDatapath(); err != nil {
+	underlay := d.cfg.UnderlayInterface
+	if underlay == "" {
+		if underlay, err = deviceWithAddr(d.nodeIP); err != nil {
+			return err
+		}
+	}
+	if d.cfg.Encryption == "wireguard" {
+		if err := d.startWireGuard(ctx, underlay); err != nil {
+			return err
+		}
+		// A userspace device ends with the process; a kernel one stays, so
+		// established sessions survive an agent restart.
+		defer d.wg.Release()
+	}
+	if d.dp, err = d.loadDatapath(underlay); err != nil {
 		return err
 	}
 	defer d.dp.Close()
@@ -164,7 +188,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("open IPAM: %w", err)
 		}
-		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d, Log: d.log}
+		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d, Log: d.log, MTU: d.podMTU}
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -189,7 +213,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		cancel() // on an error return too, so the goroutines end
 		wg.Wait()
 	}()
-	wg.Add(3)
+	wg.Add(4)
+	go func() { defer wg.Done(); d.encryptionLoop(ctx) }()
+	if d.wg != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); d.publishKey(ctx) }()
+	}
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.persistLoop(ctx) }()
@@ -283,21 +312,18 @@ func nodeInternalIP(n *corev1.Node) netip.Addr {
 	return netip.Addr{}
 }
 
-func (d *Daemon) loadDatapath() (*datapath.Datapath, error) {
+func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	cfg := datapath.Config{
 		BPFFSRoot:         d.cfg.BPFFSRoot,
 		CgroupPath:        d.cfg.CgroupRoot,
-		UnderlayInterface: d.cfg.UnderlayInterface,
+		UnderlayInterface: underlay,
 		NodeIP:            d.nodeIP,
 		LegacyTC:          d.cfg.LegacyTC,
+		StrictMode:        d.cfg.StrictMode,
 		Logger:            d.log,
 	}
-	if cfg.UnderlayInterface == "" {
-		dev, err := deviceWithAddr(d.nodeIP)
-		if err != nil {
-			return nil, err
-		}
-		cfg.UnderlayInterface = dev
+	if d.wg != nil {
+		cfg.WireGuardInterface = d.wg.Interface()
 	}
 	dp, err := datapath.Load(cfg)
 	if err != nil {
@@ -374,6 +400,11 @@ func (d *Daemon) saveState() error {
 func Cleanup(cfg config.Config) error {
 	var errs []error
 	errs = append(errs, datapath.RemovePins(cfg.BPFFSRoot))
+	if l, err := netlink.LinkByName(cfg.WireGuardIface); err == nil {
+		if err := netlink.LinkDel(l); err != nil {
+			errs = append(errs, fmt.Errorf("remove WireGuard device %s: %w", cfg.WireGuardIface, err))
+		}
+	}
 	if err := os.Remove(cfg.SocketPath); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("remove socket: %w", err))
 	}

@@ -33,6 +33,7 @@ func (d *Daemon) RegisterEndpoint(ctx context.Context, info cni.EndpointInfo) er
 	}
 	ep.IP, ep.HostVeth, ep.HostIfindex = info.IP, info.HostVeth, info.HostIfindex
 	ep.HostMAC, ep.PodMAC = info.HostMAC.String(), info.PodMAC.String()
+	ep.Netns = info.Netns
 	ep.Identity = 0 // force the datapath write below
 	d.mu.Unlock()
 	d.dirty.Store(true)

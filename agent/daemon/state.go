@@ -23,6 +23,7 @@ type localEndpoint struct {
 	HostIfindex int               `json:"hostIfindex"`
 	HostMAC     string            `json:"hostMAC"`
 	PodMAC      string            `json:"podMAC"`
+	Netns       string            `json:"netns,omitempty"`
 	// Identity last written to the datapath.
 	Identity identity.ID `json:"identity"`
 }

@@ -308,6 +308,9 @@ func repin(p *ebpf.Program, path string) error {
 	return nil
 }
 
+// Underlay is the name of the device toward other nodes.
+func (d *Datapath) Underlay() string { return d.cfg.UnderlayInterface }
+
 func boolU32(b bool) uint32 {
 	if b {
 		return 1

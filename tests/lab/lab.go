@@ -12,6 +12,7 @@ package lab
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -338,7 +339,20 @@ func DefaultAgentArgs(n *Node) []string {
 		"--socket=" + n.Socket,
 		"--metrics-addr=127.0.0.1:9962",
 		"--cluster-cidr=" + ClusterCIDR.String(),
+		"--wireguard-interface=" + n.WireGuardInterface(),
 	}
+}
+
+// WireGuardInterface names the node's WireGuard device. Userspace devices
+// keep their control socket in the host-wide /var/run/wireguard, so the name
+// must be unique on the host: a short hash of the lab prefix plus the node.
+func (n *Node) WireGuardInterface() string {
+	return wgName(n.lab.opts.Prefix, n.Name)
+}
+
+func wgName(prefix, node string) string {
+	h := sha256.Sum256([]byte(prefix))
+	return fmt.Sprintf("vw%x%s", h[:3], strings.TrimPrefix(node, "node-"))
 }
 
 // StartAgent starts the node's agent (only its network namespace switched)
@@ -655,6 +669,14 @@ func Cleanup(prefix string) error {
 		errs = append(errs, datapath.RemovePins(r))
 	}
 	errs = append(errs, netlab.CleanupPrefix(prefix))
+	// Userspace WireGuard control sockets of the lab's nodes (an agent
+	// killed hard leaves its socket behind).
+	socks, _ := filepath.Glob(filepath.Join("/var/run/wireguard", wgName(prefix, "")+"*.sock"))
+	for _, s := range socks {
+		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
 	if mount, err := netlab.Cgroup2Mount(); err == nil {
 		root := filepath.Join(mount, prefix)
 		subs, _ := filepath.Glob(filepath.Join(root, "*"))

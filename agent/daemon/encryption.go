@@ -1,0 +1,276 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"sort"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/v1alpha1"
+)
+
+// startWireGuard opens this node's WireGuard device with its persistent key.
+// Pods get the underlay MTU less WireGuard's overhead, so nothing fragments.
+func (d *Daemon) startWireGuard(ctx context.Context, underlay string) error {
+	key, err := wireguard.LoadOrCreateKey(filepath.Join(d.cfg.StateDir, "wireguard.key"))
+	if err != nil {
+		return err
+	}
+	link, err := netlink.LinkByName(underlay)
+	if err != nil {
+		return fmt.Errorf("find underlay %s: %w", underlay, err)
+	}
+	mtu, err := wireguard.PodMTU(link.Attrs().MTU)
+	if err != nil {
+		return err
+	}
+	dev, err := wireguard.Open(ctx, wireguard.Config{
+		Interface: d.cfg.WireGuardIface, ListenPort: d.cfg.WireGuardPort, PrivateKey: key, MTU: mtu, Logger: d.log,
+	})
+	if err != nil {
+		return fmt.Errorf("open WireGuard device: %w", err)
+	}
+	d.wg, d.podMTU = dev, mtu
+	d.log.Info("WireGuard up", "interface", d.cfg.WireGuardIface, "mode", dev.Mode(), "key", dev.Key(), "podMTU", mtu, "strict", d.cfg.StrictMode)
+	return nil
+}
+
+// publishKey writes the node's public key, WireGuard endpoint and pod CIDR
+// as annotations on its Node, retrying until the API server takes them.
+func (d *Daemon) publishKey(ctx context.Context) {
+	for {
+		err := d.patchNodeAnnotations(ctx)
+		if err == nil {
+			return
+		}
+		d.log.Warn("publish WireGuard key; retrying", "error", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+func (d *Daemon) patchNodeAnnotations(ctx context.Context) error {
+	var cidrs []netip.Prefix
+	if d.podCIDR.IsValid() {
+		cidrs = append(cidrs, d.podCIDR)
+	}
+	ann := wireguard.Annotations(d.wg.Key().PublicKey(), netip.AddrPortFrom(d.nodeIP, uint16(d.cfg.WireGuardPort)), cidrs)
+	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
+	if err != nil {
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err = d.kube.CoreV1().Nodes().Patch(cctx, d.cfg.NodeName, types.MergePatchType, patch, metav1.PatchOptions{})
+	if err != nil {
+		return fmt.Errorf("annotate node %s: %w", d.cfg.NodeName, err)
+	}
+	return nil
+}
+
+// syncPeers makes every node that published a key a peer, and marks the
+// nodes with a tunnel in the ipcache. Malformed annotations are logged, not
+// guessed at: that node gets no tunnel (and, in strict mode, no traffic).
+func (d *Daemon) syncPeers(ctx context.Context) error {
+	if d.wg == nil {
+		return nil
+	}
+	nodes, err := d.nodes.List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	peers, errs := wireguard.PeersFromNodes(d.cfg.NodeName, nodes, false)
+	for _, e := range errs {
+		d.log.Warn("node not peered", "error", e)
+	}
+	if err := d.wg.SetPeers(ctx, peers); err != nil {
+		return fmt.Errorf("set WireGuard peers: %w", err)
+	}
+	tunnels := map[netip.Addr]bool{}
+	for _, p := range peers {
+		tunnels[p.Endpoint.Addr()] = true
+	}
+	d.mu.Lock()
+	changed := len(tunnels) != len(d.tunnels)
+	for ip := range tunnels {
+		if !d.tunnels[ip] {
+			changed = true
+		}
+	}
+	d.tunnels = tunnels
+	d.mu.Unlock()
+	if changed {
+		d.ipcacheDirty.Store(true)
+		d.statusDirty.Store(true)
+	}
+	return nil
+}
+
+// hasTunnel reports whether the node at ip is a WireGuard peer. Callers
+// hold d.mu.
+func (d *Daemon) hasTunnel(ip netip.Addr) bool { return d.tunnels[ip] }
+
+// rotateKey replaces the node's key and republishes it; peers pick it up
+// from the Node annotation.
+func (d *Daemon) rotateKey(ctx context.Context) (old, cur string, err error) {
+	if d.wg == nil {
+		return "", "", fmt.Errorf("encryption is off on node %s", d.cfg.NodeName)
+	}
+	old = d.wg.Key().Fingerprint()
+	key, err := d.wg.RotateKey(ctx)
+	if err != nil {
+		return old, "", fmt.Errorf("rotate WireGuard key: %w", err)
+	}
+	if err := d.patchNodeAnnotations(ctx); err != nil {
+		return old, key.Fingerprint(), err
+	}
+	if err := key.ConfirmRotation(); err != nil {
+		return old, key.Fingerprint(), fmt.Errorf("confirm key rotation: %w", err)
+	}
+	d.statusDirty.Store(true)
+	d.log.Info("rotated WireGuard key", "old", old, "new", key.Fingerprint())
+	return old, key.Fingerprint(), nil
+}
+
+// encryptionLoop keeps the MeshNode status current and rotates the key on
+// schedule.
+func (d *Daemon) encryptionLoop(ctx context.Context) {
+	status := time.NewTicker(15 * time.Second)
+	defer status.Stop()
+	check := time.NewTicker(time.Second)
+	defer check.Stop()
+	var rotate <-chan time.Time
+	if d.cfg.KeyRotationInterval > 0 && d.wg != nil {
+		t := time.NewTicker(d.cfg.KeyRotationInterval)
+		defer t.Stop()
+		rotate = t.C
+	}
+	d.statusDirty.Store(true)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-status.C:
+			d.statusDirty.Store(true)
+		case <-rotate:
+			if _, _, err := d.rotateKey(ctx); err != nil {
+				d.log.Error("scheduled key rotation", "error", err)
+			}
+		case <-check.C:
+		}
+		if d.statusDirty.Swap(false) {
+			if err := d.writeMeshNode(ctx); err != nil {
+				d.log.Warn("record node status", "error", err)
+				d.statusDirty.Store(true)
+			}
+		}
+	}
+}
+
+// writeMeshNode records this node's state in its MeshNode.
+func (d *Daemon) writeMeshNode(ctx context.Context) error {
+	st := v1alpha1.MeshNodeStatus{AgentVersion: Version, NodeIP: d.nodeIP.String(), Updated: metav1.Now()}
+	if d.podCIDR.IsValid() {
+		st.PodCIDRs = []string{d.podCIDR.String()}
+	}
+	st.Encryption = v1alpha1.EncryptionStatus{Mode: "disabled"}
+	if d.wg != nil {
+		enc, err := d.encryptionStatus(ctx)
+		if err != nil {
+			return err
+		}
+		st.Encryption = enc
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	mn := d.veil.PolicyV1alpha1().MeshNodes()
+	obj, err := mn.Get(cctx, d.cfg.NodeName, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		obj, err = mn.Create(cctx, &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: d.cfg.NodeName}}, metav1.CreateOptions{})
+	}
+	if err != nil {
+		return fmt.Errorf("get MeshNode %s: %w", d.cfg.NodeName, err)
+	}
+	obj.Status = st
+	if _, err := mn.UpdateStatus(cctx, obj, metav1.UpdateOptions{}); err != nil {
+		return fmt.Errorf("write MeshNode %s status: %w", d.cfg.NodeName, err)
+	}
+	return nil
+}
+
+func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatus, error) {
+	ws, err := d.wg.Status(ctx)
+	if err != nil {
+		return v1alpha1.EncryptionStatus{}, fmt.Errorf("read WireGuard status: %w", err)
+	}
+	enc := v1alpha1.EncryptionStatus{
+		Mode: string(ws.Mode), Interface: ws.Interface, PublicKey: ws.PublicKey, Fingerprint: ws.Fingerprint,
+		KeyCreated: metav1.NewTime(ws.KeyCreated), ListenPort: int32(ws.ListenPort), StrictMode: d.cfg.StrictMode,
+	}
+	byIP := map[netip.Addr]string{}
+	if nodes, err := d.nodes.List(labels.Everything()); err == nil {
+		for _, n := range nodes {
+			if ip := nodeInternalIP(n); ip.IsValid() {
+				byIP[ip] = n.Name
+			}
+		}
+	}
+	for _, p := range ws.Peers {
+		ps := v1alpha1.PeerStatus{
+			Node: byIP[p.Endpoint.Addr()], PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(),
+			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
+		}
+		if ps.Node == "" {
+			ps.Node = p.Endpoint.Addr().String()
+		}
+		for _, a := range p.AllowedIPs {
+			ps.AllowedIPs = append(ps.AllowedIPs, a.String())
+		}
+		if !p.LastHandshake.IsZero() {
+			t := metav1.NewTime(p.LastHandshake)
+			ps.LastHandshake = &t
+		}
+		enc.Peers = append(enc.Peers, ps)
+	}
+	sort.Slice(enc.Peers, func(i, j int) bool { return enc.Peers[i].Node < enc.Peers[j].Node })
+	enc.PeerCount = int32(len(enc.Peers))
+	leaks, err := d.dp.Leaks()
+	if err != nil {
+		return enc, err
+	}
+	sort.Slice(leaks, func(i, j int) bool { return leaks[i].Last.After(leaks[j].Last) })
+	for i, l := range leaks {
+		enc.Leaks += int64(l.Packets)
+		if i < 10 {
+			rec := v1alpha1.LeakRecord{
+				Source: netip.AddrPortFrom(l.Src, l.SrcPort).String(), Destination: netip.AddrPortFrom(l.Dst, l.DstPort).String(),
+				Protocol: policy.ProtoName(l.Proto), Reason: l.Reason.String(), Packets: int64(l.Packets),
+				First: metav1.NewTime(l.First), Last: metav1.NewTime(l.Last),
+			}
+			rec.Endpoint = d.podOf(l.Src)
+			if rec.Endpoint == "" {
+				rec.Endpoint = d.podOf(l.Dst)
+			}
+			enc.RecentLeaks = append(enc.RecentLeaks, rec)
+		}
+	}
+	if cs, err := d.dp.Counters(); err == nil {
+		enc.UnencryptedPackets = int64(cs.Remote.Packets)
+	}
+	return enc, nil
+}

@@ -1,0 +1,157 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netns"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/agent/capture"
+)
+
+func (s *apiServer) RotateKey(ctx context.Context, _ *agentv1.RotateKeyRequest) (*agentv1.RotateKeyResponse, error) {
+	if s.d.wg == nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "encryption is off on node %s", s.d.cfg.NodeName)
+	}
+	old, cur, err := s.d.rotateKey(ctx)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return &agentv1.RotateKeyResponse{OldFingerprint: old, NewFingerprint: cur}, nil
+}
+
+// maxCapture bounds an audit capture.
+const maxCapture = 10 * time.Second
+
+func (s *apiServer) CaptureUnderlay(ctx context.Context, req *agentv1.CaptureRequest) (*agentv1.CaptureResponse, error) {
+	d := s.d
+	if req.Marker == "" {
+		return nil, status.Error(codes.InvalidArgument, "capture needs a marker to look for")
+	}
+	dur := time.Duration(req.DurationMs) * time.Millisecond
+	if dur <= 0 || dur > maxCapture {
+		return nil, status.Errorf(codes.InvalidArgument, "capture duration must be 1ms..%s", maxCapture)
+	}
+	opts := capture.Options{Marker: []byte(req.Marker), WireGuardPort: uint16(d.cfg.WireGuardPort)}
+	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
+		opts.PodRange = p
+	}
+	resp := &agentv1.CaptureResponse{UnderlayInterface: d.dp.Underlay(), StartedUnixNano: time.Now().UnixNano()}
+	var (
+		wg            sync.WaitGroup
+		under, tunnel capture.Summary
+		uErr, tErr    error
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		under, uErr = capture.For(ctx, resp.UnderlayInterface, dur, opts)
+	}()
+	if d.wg != nil {
+		resp.TunnelInterface = d.wg.Interface()
+		topts := opts
+		topts.L3 = true
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tunnel, tErr = capture.For(ctx, resp.TunnelInterface, dur, topts)
+		}()
+	}
+	wg.Wait()
+	if uErr != nil {
+		return nil, status.Error(codes.Internal, uErr.Error())
+	}
+	if tErr != nil {
+		return nil, status.Error(codes.Internal, tErr.Error())
+	}
+	resp.UnderlayFrames = uint64(under.Frames)
+	resp.WireguardFrames = uint64(under.WireGuard)
+	resp.UnderlayMarkerFrames = uint64(under.Marker)
+	resp.PlaintextPodFrames = uint64(under.PlainPod)
+	resp.TunnelMarkerFrames = uint64(tunnel.Marker)
+	return resp, nil
+}
+
+func (s *apiServer) SendMarker(ctx context.Context, req *agentv1.SendMarkerRequest) (*agentv1.SendMarkerResponse, error) {
+	d := s.d
+	dst, err := netip.ParseAddr(req.Destination)
+	if err != nil || !dst.Is4() {
+		return nil, status.Errorf(codes.InvalidArgument, "destination %q is not an IPv4 address", req.Destination)
+	}
+	if req.Marker == "" || req.Port == 0 || req.Port > 65535 {
+		return nil, status.Error(codes.InvalidArgument, "marker and port 1..65535 are required")
+	}
+	count := req.Count
+	if count == 0 {
+		count = 5
+	}
+	if count > 100 {
+		return nil, status.Error(codes.InvalidArgument, "at most 100 markers per call")
+	}
+	d.mu.Lock()
+	var src *localEndpoint
+	for _, e := range d.local {
+		if e.Netns != "" && (src == nil || e.Pod.String() < src.Pod.String()) {
+			cp := *e
+			src = &cp
+		}
+	}
+	d.mu.Unlock()
+	if src == nil {
+		return nil, status.Errorf(codes.FailedPrecondition, "node %s has no pod to send from", d.cfg.NodeName)
+	}
+	sent, err := sendFromNetns(src.Netns, netip.AddrPortFrom(dst, uint16(req.Port)), []byte(req.Marker), int(count))
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "send marker from %s: %v", src.Pod, err)
+	}
+	return &agentv1.SendMarkerResponse{SourcePod: src.Pod.String(), SourceIp: src.IP.String(), Sent: uint32(sent)}, nil
+}
+
+// sendFromNetns sends UDP datagrams from inside a pod's network namespace,
+// on a thread that is discarded afterwards.
+func sendFromNetns(path string, to netip.AddrPort, payload []byte, count int) (int, error) {
+	type result struct {
+		n   int
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		ns, err := netns.GetFromPath(path)
+		if err != nil {
+			ch <- result{err: fmt.Errorf("open netns %s: %w", path, err)}
+			return
+		}
+		defer ns.Close()
+		if err := netns.Set(ns); err != nil {
+			ch <- result{err: fmt.Errorf("enter netns %s: %w", path, err)}
+			return
+		}
+		conn, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(to))
+		if err != nil {
+			ch <- result{err: err}
+			return
+		}
+		defer conn.Close()
+		n := 0
+		for i := 0; i < count; i++ {
+			if _, err := conn.Write(payload); err != nil {
+				ch <- result{n: n, err: err}
+				return
+			}
+			n++
+			time.Sleep(50 * time.Millisecond)
+		}
+		ch <- result{n: n}
+	}()
+	r := <-ch
+	return r.n, r.err
+}
