@@ -344,16 +344,28 @@ func (f *firstPeers) fill(block []boundRule, nq, k int, only map[identity.ID]str
 		f.first = make([]int, len(f.ids))
 		return
 	}
-	seen := map[identity.ID]struct{}{}
+	// A patch asks about a handful of identities: a linear search beats
+	// allocating a set.
+	small := only != nil && len(only) <= 8
+	var seen map[identity.ID]struct{}
+	if !small {
+		seen = map[identity.ID]struct{}{}
+	}
 	var buf []identity.ID
 	for j := range np {
 		buf = block[j*nq+k].peers(only, buf[:0])
 		for _, id := range buf {
-			if _, dup := seen[id]; !dup {
+			if small {
+				if slices.Contains(f.ids, id) {
+					continue
+				}
+			} else if _, dup := seen[id]; dup {
+				continue
+			} else {
 				seen[id] = struct{}{}
-				f.ids = append(f.ids, id)
-				f.first = append(f.first, j)
 			}
+			f.ids = append(f.ids, id)
+			f.first = append(f.first, j)
 		}
 	}
 }
