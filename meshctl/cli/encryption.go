@@ -326,6 +326,15 @@ func (n nodeEncryptionReport) problems(now time.Time, staleAfter time.Duration, 
 	if len(missing) > 0 {
 		out = append(out, "not peered with "+strings.Join(missing, ", "))
 	}
+	var never []string
+	for _, p := range n.Peers {
+		if p.LastHandshake == nil {
+			never = append(never, p.Node)
+		}
+	}
+	if len(never) > 0 {
+		out = append(out, "no handshake yet with "+strings.Join(never, ", "))
+	}
 	return out
 }
 
