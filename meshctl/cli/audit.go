@@ -631,11 +631,11 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 	}
 	sc, err := a.conn(ctx, src)
 	if err != nil {
-		return failWith("cannot reach the agent of %s: %v", src, err)
+		return failWith("cannot reach the agent of %s: %s", src, oneLine(err))
 	}
 	dc, err := a.conn(ctx, dst)
 	if err != nil {
-		return failWith("cannot reach the agent of %s: %v", dst, err)
+		return failWith("cannot reach the agent of %s: %s", dst, oneLine(err))
 	}
 	req := &agentv1.CaptureRequest{Marker: ev.Marker, DurationMs: uint32(a.opts.captureDuration / time.Millisecond)}
 	type captured struct {
@@ -670,14 +670,14 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 	})
 	wg.Wait()
 	if sendErr != nil {
-		return failWith("%v", sendErr)
+		return failWith("%s", oneLine(sendErr))
 	}
 	ev.SourcePod, ev.SourceIP, ev.Sent = sent.SourcePod, sent.SourceIp, sent.Sent
 	if srcCap.err != nil {
-		return failWith("%v", srcCap.err)
+		return failWith("%s", oneLine(srcCap.err))
 	}
 	if dCap.err != nil {
-		return failWith("%v", dCap.err)
+		return failWith("%s", oneLine(dCap.err))
 	}
 	ev.Source, ev.Destination = newCaptureEvidence(src, srcCap.resp), newCaptureEvidence(dst, dCap.resp)
 	var problems []string
@@ -706,6 +706,10 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 		src, dash(ev.Source.UnderlayInterface), dst, dash(ev.Destination.UnderlayInterface),
 		ev.Source.WireGuardFrames, ev.Destination.WireGuardFrames), ev
 }
+
+// oneLine puts an error's message, which may carry hints on further
+// lines, on one line for a report row.
+func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
 
 func writeAudit(w io.Writer, pal palette, r auditReport) error {
 	var b strings.Builder

@@ -567,6 +567,25 @@ func TestAuditActiveFails(t *testing.T) {
 			}
 		}
 	})
+	t.Run("agent not running", func(t *testing.T) {
+		c := healthyCluster(2)
+		lab := labAgents(t, newLabWire(c), "node-1")
+		var st map[string][]map[string]string
+		b, _ := os.ReadFile(lab)
+		if err := json.Unmarshal(b, &st); err != nil {
+			t.Fatal(err)
+		}
+		st["nodes"] = append(st["nodes"], map[string]string{"name": "node-2", "socket": filepath.Join(t.TempDir(), "gone.sock")})
+		b, _ = json.Marshal(st)
+		if err := os.WriteFile(lab, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "100ms")
+		got := activeChecks(r)["node-1→node-2"]
+		if code != ExitFailure || !strings.Contains(got.Reason, "cannot reach the agent of node-2: cannot reach veil-agent at") || strings.Contains(got.Reason, "\n") {
+			t.Errorf("exit %d, %q; want one line naming the unreachable agent", code, got.Reason)
+		}
+	})
 	t.Run("cluster without lab", func(t *testing.T) {
 		r, code, _ := auditJSON(t, healthyCluster(2), nil, "--active", "--capture-duration", "100ms")
 		got := activeChecks(r)["node-1→node-2"]

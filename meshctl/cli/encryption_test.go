@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -379,6 +381,12 @@ func TestRotateKey(t *testing.T) {
 	}
 	if want := (rotateKeyReport{Node: "node-2", OldFingerprint: keyFingerprint(testKey(1)), NewFingerprint: keyFingerprint(testKey(7))}); r != want {
 		t.Errorf("got %+v; want %+v", r, want)
+	}
+
+	off := serve(t, &rotatingAgent{node: "node-3", err: status.Error(codes.FailedPrecondition, "encryption is off on node node-3")})
+	_, stderr, code = runAgainst(t, off, "encryption", "rotate-key")
+	if code != ExitUsage || stderr != "meshctl: rotate key: encryption is off on node node-3\n" {
+		t.Errorf("encryption off: exit %d, stderr %q", code, stderr)
 	}
 
 	_, stderr, code = runLive(t, t.Context(), testEnv(nil), "encryption", "rotate-key", "--socket", "/nonexistent/veil/agent.sock")
