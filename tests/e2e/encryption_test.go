@@ -1,0 +1,237 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/tests/netlab"
+)
+
+func strictArgs(n *lab.Node) []string {
+	return append(lab.DefaultAgentArgs(n), "--strict-mode")
+}
+
+// markerExchange sends marker over TCP from one pod to another (echoed
+// back), while both nodes' agents capture their underlay and tunnel.
+func markerExchange(t *testing.T, from, to *lab.Pod, marker string) (src, dst *agentv1.CaptureResponse, sendErr error) {
+	t.Helper()
+	var wg sync.WaitGroup
+	capture := func(n *lab.Node, out **agentv1.CaptureResponse) {
+		defer wg.Done()
+		conn, c, err := n.Dial()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		resp, err := c.CaptureUnderlay(ctx, &agentv1.CaptureRequest{Marker: marker, DurationMs: 2500})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		*out = resp
+	}
+	wg.Add(2)
+	go capture(from.Node, &src)
+	go capture(to.Node, &dst)
+	time.Sleep(300 * time.Millisecond)
+	for i := 0; i < 3 && sendErr == nil; i++ {
+		sendErr = sendTCPMarker(from, fmt.Sprintf("%s:80", to.IP), marker)
+	}
+	wg.Wait()
+	return src, dst, sendErr
+}
+
+func sendTCPMarker(p *lab.Pod, addr, marker string) error {
+	var c net.Conn
+	if err := p.Netns.Do(func() (err error) {
+		c, err = net.DialTimeout("tcp", addr, 2*time.Second)
+		return err
+	}); err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := c.Write([]byte(marker)); err != nil {
+		return err
+	}
+	buf := make([]byte, len(marker))
+	_, err := c.Read(buf)
+	return err
+}
+
+func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
+	l := startLabWith(t, "enc", lab.Options{Nodes: 3, AgentArgs: strictArgs})
+	ctx := context.Background()
+	pods := []*lab.Pod{
+		mustPod(t, l, "x", "a", "node-1", "a"),
+		mustPod(t, l, "x", "b", "node-2", "b"),
+		mustPod(t, l, "y", "c", "node-3", "c"),
+	}
+	// Every node peers with every other once the keys are published.
+	eventually(t, "every node has two peers", 30*time.Second, func() error {
+		for _, n := range l.Nodes {
+			mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			if mn.Status.Encryption.PeerCount != 2 || !mn.Status.Encryption.StrictMode || mn.Status.Encryption.Mode != "userspace" {
+				return fmt.Errorf("%s: %+v", n.Name, mn.Status.Encryption)
+			}
+		}
+		return nil
+	})
+	for _, from := range pods {
+		for _, to := range pods {
+			if from == to {
+				continue
+			}
+			expect(t, from, to, 80, true)
+			marker := fmt.Sprintf("VEIL-E2E-%s-%s-%d", from.Name, to.Name, time.Now().UnixNano())
+			src, dst, err := markerExchange(t, from, to, marker)
+			if err != nil {
+				t.Errorf("%s -> %s: %v", from.Key(), to.Key(), err)
+				continue
+			}
+			if src == nil || dst == nil {
+				continue
+			}
+			for side, c := range map[string]*agentv1.CaptureResponse{"source": src, "destination": dst} {
+				if c.UnderlayMarkerFrames != 0 || c.PlaintextPodFrames != 0 {
+					t.Errorf("%s -> %s, %s node: plaintext on the underlay: %+v", from.Key(), to.Key(), side, c)
+				}
+				if c.WireguardFrames == 0 {
+					t.Errorf("%s -> %s, %s node: no WireGuard on the underlay: %+v", from.Key(), to.Key(), side, c)
+				}
+			}
+			if dst.TunnelMarkerFrames == 0 {
+				t.Errorf("%s -> %s: the marker never came out of the destination's tunnel: %+v", from.Key(), to.Key(), dst)
+			}
+		}
+	}
+
+	// wg show (wireguard-tools) reads the userspace devices too.
+	for _, n := range l.Nodes {
+		out, err := n.Netns.Run("wg", "show", n.WireGuardInterface())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := strings.Count(out, "peer:"); got != 2 || !strings.Contains(out, "latest handshake") {
+			t.Errorf("wg show on %s: %d peers, want 2 with handshakes:\n%s", n.Name, got, out)
+		}
+	}
+
+	// A continuous stream survives a key rotation.
+	a, b, c := pods[0], pods[1], pods[2]
+	addr := fmt.Sprintf("%s:5001", b.IP)
+	sink, err := netlab.StartHelper(b.Netns, nil, -1, "sink", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sink.Kill)
+	if _, err := sink.WaitLine(ctxFor(t, 10*time.Second), "listening"); err != nil {
+		t.Fatal(err)
+	}
+	const size = 24 << 20
+	src, err := netlab.StartHelper(a.Netns, nil, -1, "source", addr, strconv.Itoa(size), "10ms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(src.Kill)
+	eventually(t, "stream started", 10*time.Second, func() error {
+		if sink.LastLine("progress") == "" {
+			return fmt.Errorf("no progress")
+		}
+		return nil
+	})
+	conn, client, err := l.Nodes[0].Dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rot, err := client.RotateKey(ctx, &agentv1.RotateKeyRequest{})
+	conn.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rot.OldFingerprint == rot.NewFingerprint {
+		t.Errorf("rotation kept the key: %+v", rot)
+	}
+	srcDone, err := src.WaitLine(ctxFor(t, 2*time.Minute), "done")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sinkDone, err := sink.WaitLine(ctxFor(t, 2*time.Minute), "done")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sf, kf := strings.Fields(srcDone), strings.Fields(sinkDone); kf[1] != strconv.Itoa(size) || kf[2] != sf[2] {
+		t.Errorf("stream across the key rotation: source %q, sink %q", srcDone, sinkDone)
+	}
+
+	// Break the tunnel to node-3 (its key disappears from the API): strict
+	// mode drops, records a leak, and sends nothing in the clear.
+	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{
+		"wireguard.veil.dev/public-key": nil, "wireguard.veil.dev/endpoint": nil, "wireguard.veil.dev/pod-cidrs": nil,
+	}}})
+	if _, err := l.Kube.CoreV1().Nodes().Patch(ctx, "node-3", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "node-1 drops node-3 as a peer", 30*time.Second, func() error {
+		mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if mn.Status.Encryption.PeerCount != 1 {
+			return fmt.Errorf("peers %d", mn.Status.Encryption.PeerCount)
+		}
+		return nil
+	})
+	marker := fmt.Sprintf("VEIL-E2E-BROKEN-%d", time.Now().UnixNano())
+	srcCap, _, err := markerExchange(t, a, c, marker)
+	if err == nil {
+		t.Errorf("a -> c passed with the tunnel broken in strict mode")
+	}
+	if srcCap != nil && (srcCap.UnderlayMarkerFrames != 0 || srcCap.PlaintextPodFrames != 0) {
+		t.Errorf("plaintext left node-1 with the tunnel broken: %+v", srcCap)
+	}
+	eventually(t, "node-1 records the leak", 40*time.Second, func() error {
+		mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if mn.Status.Encryption.Leaks == 0 || len(mn.Status.Encryption.RecentLeaks) == 0 {
+			return fmt.Errorf("no leaks recorded: %+v", mn.Status.Encryption)
+		}
+		return nil
+	})
+
+	// A node joins: its pod is reached through a tunnel of its own.
+	n4, err := l.AddNode(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := mustPod(t, l, "y", "d", n4.Name, "d")
+	expect(t, a, d, 80, true)
+	src4, dst4, err := markerExchange(t, a, d, fmt.Sprintf("VEIL-E2E-JOIN-%d", os.Getpid()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if src4.UnderlayMarkerFrames != 0 || dst4.UnderlayMarkerFrames != 0 || dst4.TunnelMarkerFrames == 0 || src4.WireguardFrames == 0 {
+		t.Errorf("a -> new node: source %+v, destination %+v", src4, dst4)
+	}
+}
