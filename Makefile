@@ -9,13 +9,15 @@ APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump ipr
 APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
-.PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane
+.PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane manifests image
 
 help:
 	@echo "make deps            install the toolchain (Debian packages) and mount bpffs"
 	@echo "make generate        regenerate bpf2go, deepcopy, clientset and CRD YAML"
 	@echo "make check-generate  fail when committed generated files are stale"
 	@echo "make build           static binaries in $(BIN)/"
+	@echo "make manifests       render deploy/manifests from the Helm chart in deploy/helm/veil"
+	@echo "make image           the agent image as an OCI tarball, $(BIN)/veil-image.tar (no Docker daemon)"
 	@echo "make test            unit + privileged tests (needs root)"
 	@echo "make controlplane    build the tests' etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
@@ -82,6 +84,23 @@ check-generate: generate
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/ ./agent/cmd/... ./meshctl/cmd/...
+
+# deploy/manifests, the chart's crds/ and deploy/kustomization.yaml are
+# generated from the chart and deploy/crds; a test checks they are current.
+manifests:
+	$(GO) run ./deploy/cmd/veil-manifests -deploy deploy
+
+# The agent image (veil-agent, veil-cni, veil-install-cni), built from static
+# binaries with go-containerregistry and written as an OCI image layout
+# tarball: load it with `ctr -n k8s.io images import` or `docker load`.
+VERSION ?= 0.1.0
+IMAGE ?= ghcr.io/veilmesh/veil:$(VERSION)
+IMAGE_BIN := $(BIN)/image
+image:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X github.com/veilmesh/veil/agent/daemon.Version=$(VERSION)" \
+		-o $(IMAGE_BIN)/ ./agent/cmd/veil-agent ./agent/cmd/veil-cni ./deploy/cmd/veil-install-cni
+	$(GO) run ./deploy/image -o $(BIN)/veil-image.tar --tag $(IMAGE) \
+		--agent $(IMAGE_BIN)/veil-agent --cni $(IMAGE_BIN)/veil-cni --install-cni $(IMAGE_BIN)/veil-install-cni
 
 test: deps
 	$(GO) vet ./...
