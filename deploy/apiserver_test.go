@@ -1,0 +1,321 @@
+package deploy
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	authorizationv1 "k8s.io/api/authorization/v1"
+	corev1 "k8s.io/api/core/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/restmapper"
+	"k8s.io/utils/ptr"
+
+	"github.com/veilmesh/veil/deploy/chart"
+	"github.com/veilmesh/veil/tests/controlplane"
+)
+
+// agentUser is who the agent is to the API server: its ServiceAccount.
+const agentUser = "system:serviceaccount:" + Namespace + ":" + ServiceAccountName
+
+var agentGroups = []string{"system:serviceaccounts", "system:serviceaccounts:" + Namespace, "system:authenticated"}
+
+func requireControlPlane(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("skipped under -short: starts etcd and kube-apiserver, built from source on the first run (several minutes)")
+	}
+	if os.Getenv("VEIL_PRIVILEGED") != "1" {
+		t.Skip("set VEIL_PRIVILEGED=1 to start a real etcd and kube-apiserver")
+	}
+}
+
+// applier applies objects with server-side apply through the dynamic
+// client, as `kubectl apply --server-side --force-conflicts` does.
+type applier struct {
+	cfg *rest.Config
+	dyn dynamic.Interface
+	dc  discovery.DiscoveryInterface
+}
+
+func (a *applier) apply(ctx context.Context, objs []*unstructured.Unstructured) error {
+	groups, err := restmapper.GetAPIGroupResources(a.dc)
+	if err != nil {
+		return fmt.Errorf("discover API resources: %w", err)
+	}
+	mapper := restmapper.NewDiscoveryRESTMapper(groups)
+	for _, o := range objs {
+		gvk := o.GroupVersionKind()
+		m, err := mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+		if err != nil {
+			return fmt.Errorf("map %s: %w", key(o), err)
+		}
+		data, err := json.Marshal(o.Object)
+		if err != nil {
+			return fmt.Errorf("encode %s: %w", key(o), err)
+		}
+		var ri dynamic.ResourceInterface = a.dyn.Resource(m.Resource)
+		if m.Scope.Name() == meta.RESTScopeNameNamespace {
+			ri = a.dyn.Resource(m.Resource).Namespace(o.GetNamespace())
+		} else if o.GetNamespace() != "" {
+			return fmt.Errorf("%s: cluster-scoped object with a namespace", key(o))
+		}
+		if _, err := ri.Patch(ctx, o.GetName(), types.ApplyPatchType, data, metav1.PatchOptions{
+			FieldManager: "veil-test",
+			Force:        ptr.To(true),
+		}); err != nil {
+			return fmt.Errorf("server-side apply %s: %w", key(o), err)
+		}
+	}
+	return nil
+}
+
+func crdObjects(t *testing.T) []*unstructured.Unstructured {
+	t.Helper()
+	paths, err := filepath.Glob("crds/*.yaml")
+	if err != nil || len(paths) == 0 {
+		t.Fatalf("deploy/crds: %v (%d files)", err, len(paths))
+	}
+	var out []*unstructured.Unstructured
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		objs, err := DecodeObjects(data)
+		if err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		out = append(out, objs...)
+	}
+	return out
+}
+
+// TestPrivilegedManifestsApply applies the CRDs and the plain manifests,
+// then the chart rendered with other values, to a real API server with
+// server-side apply, and checks that the API server accepted and stored
+// them; then it checks the agent's RBAC with the API server's own
+// authorizer.
+func TestPrivilegedManifestsApply(t *testing.T) {
+	requireControlPlane(t)
+	cp := controlplane.StartForTest(t, controlplane.Options{SkipCRDs: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+
+	kube := kubernetes.NewForConfigOrDie(cp.Config)
+	a := &applier{cfg: cp.Config, dyn: dynamic.NewForConfigOrDie(cp.Config), dc: kube.Discovery()}
+
+	crds := crdObjects(t)
+	if err := a.apply(ctx, crds); err != nil {
+		t.Fatalf("CRDs: %v", err)
+	}
+	for _, c := range crds {
+		if err := wait.PollUntilContextTimeout(ctx, 100*time.Millisecond, time.Minute, true, func(ctx context.Context) (bool, error) {
+			u, err := a.dyn.Resource(apiextensionsv1.SchemeGroupVersion.WithResource("customresourcedefinitions")).Get(ctx, c.GetName(), metav1.GetOptions{})
+			if err != nil {
+				return false, err
+			}
+			var crd apiextensionsv1.CustomResourceDefinition
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &crd); err != nil {
+				return false, err
+			}
+			for _, cond := range crd.Status.Conditions {
+				if cond.Type == apiextensionsv1.Established && cond.Status == apiextensionsv1.ConditionTrue {
+					return true, nil
+				}
+			}
+			return false, nil
+		}); err != nil {
+			t.Fatalf("CRD %s not established: %v", c.GetName(), err)
+		}
+	}
+
+	objs, err := Objects()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.apply(ctx, objs); err != nil {
+		t.Fatalf("deploy/manifests: %v", err)
+	}
+	// Applying again changes nothing and conflicts with nothing.
+	if err := a.apply(ctx, objs); err != nil {
+		t.Fatalf("deploy/manifests, second apply: %v", err)
+	}
+
+	stored, err := kube.AppsV1().DaemonSets(Namespace).Get(ctx, DaemonSetName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("get DaemonSet: %v", err)
+	}
+	want, err := AgentDaemonSet()
+	if err != nil {
+		t.Fatal(err)
+	}
+	gotSC := stored.Spec.Template.Spec.Containers[0].SecurityContext
+	if gotSC == nil || gotSC.Capabilities == nil || len(gotSC.Capabilities.Add) != len(want.Spec.Template.Spec.Containers[0].SecurityContext.Capabilities.Add) {
+		t.Errorf("stored agent security context %+v lost capabilities", gotSC)
+	}
+	if us := stored.Spec.UpdateStrategy.RollingUpdate; us == nil || us.MaxSurge.String() != "0" || us.MaxUnavailable.String() != "1" {
+		t.Errorf("stored update strategy %+v", stored.Spec.UpdateStrategy)
+	}
+
+	// The chart with non-default values, applied over the manifests, is
+	// accepted too.
+	files, err := chart.Render(chartDir, Namespace, map[string]any{
+		"encryption": map[string]any{"strictMode": true, "keyRotationInterval": "24h"},
+		"mtu":        1380,
+		"cgroupRoot": "",
+		"resources":  map[string]any{"requests": map[string]any{"cpu": "50m", "memory": "64Mi"}, "limits": map[string]any{"memory": "512Mi"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chartObjs []*unstructured.Unstructured
+	for _, f := range files {
+		o, err := DecodeObjects([]byte(f.Content))
+		if err != nil {
+			t.Fatal(err)
+		}
+		chartObjs = append(chartObjs, o...)
+	}
+	if err := a.apply(ctx, chartObjs); err != nil {
+		t.Fatalf("chart with non-default values: %v", err)
+	}
+	cm, err := kube.CoreV1().ConfigMaps(Namespace).Get(ctx, ConfigMapName, metav1.GetOptions{})
+	if err != nil || cm.Data["strict-mode"] != "true" || cm.Data["mtu"] != "1380" {
+		t.Errorf("ConfigMap after the chart's apply: %v, %v", cm.Data, err)
+	}
+
+	t.Run("rbac", func(t *testing.T) { checkAgentRBAC(ctx, t, kube) })
+	t.Run("as agent", func(t *testing.T) { checkAsAgent(ctx, t, cp, kube) })
+}
+
+// checkAgentRBAC asks the API server's authorizer (SubjectAccessReview)
+// whether the agent's ServiceAccount may do each thing.
+func checkAgentRBAC(ctx context.Context, t *testing.T, kube kubernetes.Interface) {
+	type access struct {
+		verb, group, resource, subresource, namespace, name string
+	}
+	can := []access{
+		{verb: "get", resource: "pods"}, {verb: "list", resource: "pods"}, {verb: "watch", resource: "pods"},
+		{verb: "get", resource: "pods", namespace: "default", name: "a"},
+		{verb: "list", resource: "namespaces"}, {verb: "watch", resource: "namespaces"}, {verb: "get", resource: "namespaces", name: "default"},
+		{verb: "list", resource: "nodes"}, {verb: "watch", resource: "nodes"}, {verb: "get", resource: "nodes", name: "node-1"},
+		{verb: "patch", resource: "nodes", name: "node-1"},
+		{verb: "list", group: "networking.k8s.io", resource: "networkpolicies"},
+		{verb: "watch", group: "networking.k8s.io", resource: "networkpolicies"},
+		{verb: "list", group: "policy.veil.dev", resource: "meshpolicies"},
+		{verb: "watch", group: "policy.veil.dev", resource: "meshpolicies"},
+		{verb: "list", group: "policy.veil.dev", resource: "clustermeshpolicies"},
+		{verb: "watch", group: "policy.veil.dev", resource: "clustermeshpolicies"},
+		{verb: "update", group: "policy.veil.dev", resource: "meshpolicies", subresource: "status", namespace: "default", name: "p"},
+		{verb: "update", group: "policy.veil.dev", resource: "clustermeshpolicies", subresource: "status", name: "p"},
+		{verb: "get", group: "policy.veil.dev", resource: "meshnodes", name: "node-1"},
+		{verb: "list", group: "policy.veil.dev", resource: "meshnodes"},
+		{verb: "watch", group: "policy.veil.dev", resource: "meshnodes"},
+		{verb: "create", group: "policy.veil.dev", resource: "meshnodes"},
+		{verb: "update", group: "policy.veil.dev", resource: "meshnodes", name: "node-1"},
+		{verb: "get", group: "policy.veil.dev", resource: "meshnodes", subresource: "status", name: "node-1"},
+		{verb: "update", group: "policy.veil.dev", resource: "meshnodes", subresource: "status", name: "node-1"},
+	}
+	cannot := []access{
+		{verb: "delete", resource: "pods", namespace: "default", name: "a"},
+		{verb: "create", resource: "pods", namespace: "default"},
+		{verb: "patch", resource: "pods", namespace: "default", name: "a"},
+		{verb: "create", resource: "pods", subresource: "exec", namespace: "default", name: "a"},
+		{verb: "get", resource: "secrets", namespace: "default", name: "s"},
+		{verb: "list", resource: "secrets"},
+		{verb: "get", resource: "configmaps", namespace: Namespace, name: ConfigMapName},
+		{verb: "create", resource: "serviceaccounts", subresource: "token", namespace: "default", name: "default"},
+		{verb: "update", resource: "nodes", name: "node-1"},
+		{verb: "delete", resource: "nodes", name: "node-1"},
+		{verb: "patch", resource: "nodes", subresource: "status", name: "node-1"},
+		{verb: "delete", resource: "namespaces", name: "default"},
+		{verb: "create", group: "networking.k8s.io", resource: "networkpolicies", namespace: "default"},
+		{verb: "delete", group: "networking.k8s.io", resource: "networkpolicies", namespace: "default", name: "p"},
+		{verb: "update", group: "policy.veil.dev", resource: "meshpolicies", namespace: "default", name: "p"},
+		{verb: "patch", group: "policy.veil.dev", resource: "meshpolicies", namespace: "default", name: "p"},
+		{verb: "create", group: "policy.veil.dev", resource: "meshpolicies", namespace: "default"},
+		{verb: "update", group: "policy.veil.dev", resource: "clustermeshpolicies", name: "p"},
+		{verb: "patch", group: "policy.veil.dev", resource: "meshpolicies", subresource: "status", namespace: "default", name: "p"},
+		{verb: "delete", group: "policy.veil.dev", resource: "meshnodes", name: "node-1"},
+		{verb: "patch", group: "apps", resource: "deployments", namespace: "default", name: "d"},
+		{verb: "patch", group: "apps", resource: "daemonsets", namespace: Namespace, name: DaemonSetName},
+		{verb: "create", group: "rbac.authorization.k8s.io", resource: "clusterrolebindings"},
+		{verb: "escalate", group: "rbac.authorization.k8s.io", resource: "clusterroles", name: "veil-agent"},
+		{verb: "impersonate", resource: "users", name: "admin"},
+		{verb: "create", group: "apiextensions.k8s.io", resource: "customresourcedefinitions"},
+	}
+	check := func(a access, want bool) {
+		sar := &authorizationv1.SubjectAccessReview{Spec: authorizationv1.SubjectAccessReviewSpec{
+			User:   agentUser,
+			Groups: agentGroups,
+			ResourceAttributes: &authorizationv1.ResourceAttributes{
+				Verb: a.verb, Group: a.group, Resource: a.resource, Subresource: a.subresource,
+				Namespace: a.namespace, Name: a.name,
+			},
+		}}
+		got, err := kube.AuthorizationV1().SubjectAccessReviews().Create(ctx, sar, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatalf("SubjectAccessReview %+v: %v", a, err)
+		}
+		if got.Status.Allowed != want {
+			t.Errorf("agent can %+v: %v; want %v (%s)", a, got.Status.Allowed, want, got.Status.Reason)
+		}
+	}
+	for _, a := range can {
+		check(a, true)
+	}
+	for _, a := range cannot {
+		check(a, false)
+	}
+}
+
+// checkAsAgent makes real calls with the agent's identity: what the agent
+// does works, and a sample of what it must not do is forbidden.
+func checkAsAgent(ctx context.Context, t *testing.T, cp *controlplane.ControlPlane, admin kubernetes.Interface) {
+	if _, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatalf("create node: %v", err)
+	}
+	cfg, err := cp.UserConfig(agentUser, agentGroups...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := kubernetes.NewForConfigOrDie(cfg)
+
+	if _, err := agent.CoreV1().Pods("").List(ctx, metav1.ListOptions{}); err != nil {
+		t.Errorf("agent lists pods: %v", err)
+	}
+	patch := []byte(`{"metadata":{"annotations":{"wireguard.veil.dev/public-key":"test"}}}`)
+	if _, err := agent.CoreV1().Nodes().Patch(ctx, "node-1", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
+		t.Errorf("agent patches its node's annotations: %v", err)
+	}
+	if _, err := agent.CoreV1().Secrets("default").List(ctx, metav1.ListOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("agent lists secrets: err %v; want forbidden", err)
+	}
+	if err := agent.CoreV1().Nodes().Delete(ctx, "node-1", metav1.DeleteOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("agent deletes a node: err %v; want forbidden", err)
+	}
+	ssar, err := agent.AuthorizationV1().SelfSubjectAccessReviews().Create(ctx, &authorizationv1.SelfSubjectAccessReview{
+		Spec: authorizationv1.SelfSubjectAccessReviewSpec{ResourceAttributes: &authorizationv1.ResourceAttributes{
+			Verb: "update", Group: "policy.veil.dev", Resource: "meshpolicies", Subresource: "status", Namespace: "default",
+		}},
+	}, metav1.CreateOptions{})
+	if err != nil || !ssar.Status.Allowed {
+		t.Errorf("agent's own can-i update meshpolicies/status: %+v, %v; want allowed", ssar, err)
+	}
+}
