@@ -315,6 +315,14 @@ current-context: lab
 `), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	lab := filepath.Join(home, "lab.json")
+	if err := os.WriteFile(lab, []byte(`{"kubeconfig": "`+cfg+`", "nodes": []}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	labNone := filepath.Join(home, "lab-none.json")
+	if err := os.WriteFile(labNone, []byte(`{"nodes": []}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		name     string
 		vars     map[string]string
@@ -322,6 +330,9 @@ current-context: lab
 		wantCode int
 		want     string
 	}{
+		{"lab state", map[string]string{envLabState: lab}, []string{"--timeout", "2s"}, ExitUnreachable, "list nodes at https://127.0.0.1:1"},
+		{"lab state without kubeconfig", map[string]string{envLabState: labNone}, nil, ExitUsage, "the lab state " + labNone + " names none"},
+		{"KUBECONFIG beats the lab", map[string]string{envLabState: labNone, envKubeconfig: missing}, nil, ExitUsage, "none of the files in KUBECONFIG="},
 		{"none", map[string]string{"HOME": home}, nil, ExitUsage, "no kubeconfig: --kubeconfig is not given, KUBECONFIG is not set and " + filepath.Join(home, ".kube", "config") + " does not exist"},
 		{"no home", nil, nil, ExitUsage, "~/.kube/config does not exist"},
 		{"KUBECONFIG missing", map[string]string{envKubeconfig: missing + string(filepath.ListSeparator) + missing + "2"}, nil, ExitUsage, "none of the files in KUBECONFIG="},

@@ -2,6 +2,7 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -54,7 +55,7 @@ func newKubeOptions(env agentEnv, connect kubeConnect) *kubeOptions {
 // addFlags adds the cluster flags to cmd and its subcommands.
 func (o *kubeOptions) addFlags(cmd *cobra.Command) {
 	fs := cmd.PersistentFlags()
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", default ~/.kube/config)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", else the lab's with "+envLabState+", else ~/.kube/config)")
 	fs.StringVar(&o.context, "context", "", "the kubeconfig context to use (default: its current context)")
 }
 
@@ -65,7 +66,8 @@ func (o *kubeOptions) connect() (*kubeClients, error) {
 
 // connectKubeconfig loads the kubeconfig as kubectl does (--kubeconfig,
 // else every file of $KUBECONFIG, else ~/.kube/config) and, when there is
-// none but meshctl runs in a pod, uses the pod's service account.
+// none but meshctl runs in a pod, uses the pod's service account. In the
+// lab ($VEIL_LAB_STATE), the lab's kubeconfig comes before ~/.kube/config.
 func connectKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*kubeClients, error) {
 	cfg, err := loadKubeconfig(kubeconfig, kubeContext, env)
 	if err != nil {
@@ -96,6 +98,24 @@ func loadKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*rest.Config,
 		if !slices.ContainsFunc(rules.Precedence, fileExists) {
 			return nil, usageErrorf("no kubeconfig: none of the files in %s exists", source)
 		}
+	case env.getenv(envLabState) != "":
+		// The lab's state file names the kubeconfig of its API server.
+		lab := env.getenv(envLabState)
+		b, err := os.ReadFile(lab)
+		if err != nil {
+			return nil, usageErrorf("read lab state (%s) for its kubeconfig: %w", envLabState, err)
+		}
+		var st struct {
+			Kubeconfig string `json:"kubeconfig"`
+		}
+		if err := json.Unmarshal(b, &st); err != nil {
+			return nil, usageErrorf("decode lab state %s: %w", lab, err)
+		}
+		if st.Kubeconfig == "" {
+			return nil, usageErrorf("no kubeconfig: --kubeconfig is not given, %s is not set and the lab state %s names none", envKubeconfig, lab)
+		}
+		rules.ExplicitPath = st.Kubeconfig
+		source = st.Kubeconfig + " (from the lab state " + lab + ")"
 	default:
 		var path string
 		if home := env.getenv("HOME"); home != "" {
