@@ -20,8 +20,8 @@ import (
 	"github.com/veilmesh/veil/tests/netlab"
 )
 
-func strictArgs(n *lab.Node) []string {
-	return append(lab.DefaultAgentArgs(n), "--strict-mode")
+func strictEnv(*lab.Node) map[string]string {
+	return map[string]string{"VEIL_STRICT_MODE": "true"}
 }
 
 // markerExchange sends marker over TCP from one pod to another (echoed
@@ -76,7 +76,7 @@ func sendTCPMarker(p *lab.Pod, addr, marker string) error {
 }
 
 func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
-	l := startLabWith(t, "enc", lab.Options{Nodes: 3, AgentArgs: strictArgs})
+	l := startLabWith(t, "enc", lab.Options{Nodes: 3, AgentEnv: strictEnv})
 	ctx := context.Background()
 	pods := []*lab.Pod{
 		mustPod(t, l, "x", "a", "node-1", "a"),

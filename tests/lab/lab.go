@@ -36,6 +36,7 @@ import (
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/deploy"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	"github.com/veilmesh/veil/tests/controlplane"
 	"github.com/veilmesh/veil/tests/netlab"
@@ -66,9 +67,9 @@ type Options struct {
 	Dir string
 	// AgentBin and CNIBin are the built binaries (see Build).
 	AgentBin, CNIBin string
-	// AgentArgs returns the agent's command line for a node; nil means
-	// DefaultAgentArgs.
-	AgentArgs func(n *Node) []string
+	// AgentEnv adds or replaces environment variables of a node's agent,
+	// on top of the DaemonSet's and the lab's own (see AgentOverrides).
+	AgentEnv func(n *Node) map[string]string
 	// PodCIDRBits is the prefix length of each node's pod CIDR (default 24).
 	PodCIDRBits int
 }
@@ -159,9 +160,6 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	}
 	if opts.Nodes > 200 {
 		return nil, fmt.Errorf("lab: %d nodes is more than the address plan holds", opts.Nodes)
-	}
-	if opts.AgentArgs == nil {
-		opts.AgentArgs = DefaultAgentArgs
 	}
 	if opts.PodCIDRBits == 0 {
 		opts.PodCIDRBits = 24
@@ -328,19 +326,37 @@ func (l *Lab) createNodeObject(ctx context.Context, n *Node) error {
 	return nil
 }
 
-// DefaultAgentArgs is the agent command line for a lab node.
-func DefaultAgentArgs(n *Node) []string {
-	return []string{
-		"--node-name=" + n.Name,
-		"--kubeconfig=" + n.Kubeconfig,
-		"--bpffs-root=" + n.BPFFSRoot,
-		"--cgroup-root=" + n.Cgroup.Path,
-		"--state-dir=" + filepath.Join(n.Dir, "state"),
-		"--socket=" + n.Socket,
-		"--metrics-addr=127.0.0.1:9962",
-		"--cluster-cidr=" + ClusterCIDR.String(),
-		"--wireguard-interface=" + n.WireGuardInterface(),
+// AgentOverrides are the lab's changes to the DaemonSet's agent environment:
+// only what must differ between nodes sharing one host (paths, socket,
+// interface names, metrics address) and how to reach the API server.
+func AgentOverrides(n *Node) map[string]string {
+	return map[string]string{
+		"VEIL_KUBECONFIG":          n.Kubeconfig,
+		"VEIL_BPFFS_ROOT":          n.BPFFSRoot,
+		"VEIL_CGROUP_ROOT":         n.Cgroup.Path,
+		"VEIL_STATE_DIR":           filepath.Join(n.Dir, "state"),
+		"VEIL_SOCKET":              n.Socket,
+		"VEIL_METRICS_ADDR":        "127.0.0.1:9962",
+		"VEIL_CLUSTER_CIDR":        ClusterCIDR.String(),
+		"VEIL_WIREGUARD_INTERFACE": n.WireGuardInterface(),
 	}
+}
+
+// agentCommand is what the node runs: the DaemonSet's agent container, with
+// the built binary for the image's and the lab's overrides.
+func (n *Node) agentCommand() (argv, env []string, err error) {
+	over := AgentOverrides(n)
+	if n.lab.opts.AgentEnv != nil {
+		for k, v := range n.lab.opts.AgentEnv(n) {
+			over[k] = v
+		}
+	}
+	argv, env, err = deploy.AgentInvocation(n.Name, over)
+	if err != nil {
+		return nil, nil, fmt.Errorf("agent command of %s from the DaemonSet: %w", n.Name, err)
+	}
+	argv = append([]string{n.lab.opts.AgentBin}, argv[1:]...)
+	return argv, append(env, "PATH="+os.Getenv("PATH")), nil
 }
 
 // WireGuardInterface names the node's WireGuard device. Userspace devices
@@ -362,8 +378,13 @@ func (n *Node) StartAgent(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	args := append([]string{"--net=" + n.Netns.Path(), "--", n.lab.opts.AgentBin}, n.lab.opts.AgentArgs(n)...)
-	cmd := exec.Command("nsenter", args...)
+	argv, env, err := n.agentCommand()
+	if err != nil {
+		logf.Close()
+		return err
+	}
+	cmd := exec.Command("nsenter", append([]string{"--net=" + n.Netns.Path(), "--"}, argv...)...)
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		logf.Close()
