@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -173,6 +174,22 @@ func TestPrivilegedManifestsApply(t *testing.T) {
 		t.Errorf("stored update strategy %+v", stored.Spec.UpdateStrategy)
 	}
 
+	// Why bpffs is mounted HostToContainer: the API server refuses
+	// Bidirectional propagation in a container that is not privileged.
+	bidi := want.DeepCopy()
+	bidi.Name = "bidirectional"
+	for i, m := range bidi.Spec.Template.Spec.Containers[0].VolumeMounts {
+		if m.MountPath == "/sys/fs/bpf" {
+			bidi.Spec.Template.Spec.Containers[0].VolumeMounts[i].MountPropagation = ptr.To(corev1.MountPropagationBidirectional)
+		}
+	}
+	_, err = kube.AppsV1().DaemonSets(Namespace).Create(ctx, bidi, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}})
+	if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), "Bidirectional") {
+		t.Errorf("dry-run DaemonSet with a Bidirectional bpffs mount: err %v; want invalid (privileged only)", err)
+	} else {
+		t.Logf("API server on a Bidirectional bpffs mount: %v", err)
+	}
+
 	// The chart with non-default values, applied over the manifests, is
 	// accepted too.
 	files, err := chart.Render(chartDir, Namespace, map[string]any{
@@ -317,5 +334,86 @@ func checkAsAgent(ctx context.Context, t *testing.T, cp *controlplane.ControlPla
 	}, metav1.CreateOptions{})
 	if err != nil || !ssar.Status.Allowed {
 		t.Errorf("agent's own can-i update meshpolicies/status: %+v, %v; want allowed", ssar, err)
+	}
+}
+
+// TestPrivilegedNodePatchPolicy checks the admission policy that narrows
+// the agent's Node patches: its own node's wireguard.veil.dev/* annotations
+// only.
+func TestPrivilegedNodePatchPolicy(t *testing.T) {
+	requireControlPlane(t)
+	cp := controlplane.StartForTest(t, controlplane.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	admin := kubernetes.NewForConfigOrDie(cp.Config)
+	objs, err := Objects()
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &applier{cfg: cp.Config, dyn: dynamic.NewForConfigOrDie(cp.Config), dc: admin.Discovery()}
+	if err := a.apply(ctx, objs); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []string{"node-1", "node-2"} {
+		if _, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{
+			Name: n, Labels: map[string]string{"zone": "a"}, Annotations: map[string]string{"other": "x"},
+		}}, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("create node: %v", err)
+		}
+	}
+
+	// The agent in a pod on node-1: a projected token carries the node.
+	onNode1 := rest.CopyConfig(cp.Config)
+	onNode1.Impersonate = rest.ImpersonationConfig{
+		UserName: agentUser, Groups: agentGroups,
+		Extra: map[string][]string{"authentication.kubernetes.io/node-name": {"node-1"}},
+	}
+	// The agent with a credential that does not say where it runs.
+	certCfg, err := cp.UserConfig(agentUser, agentGroups...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := kubernetes.NewForConfigOrDie(onNode1)
+	unbound := kubernetes.NewForConfigOrDie(certCfg)
+	patch := func(c kubernetes.Interface, node, p string) error {
+		_, err := c.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(p), metav1.PatchOptions{})
+		return err
+	}
+	const wgAnn = `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":"k"}}}`
+
+	// The policy takes effect once the API server has loaded it.
+	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		return patch(agent, "node-2", wgAnn) != nil, nil
+	}); err != nil {
+		t.Fatalf("the agent on node-1 can still patch node-2: %v", err)
+	}
+	for _, tc := range []struct {
+		name    string
+		client  kubernetes.Interface
+		node    string
+		patch   string
+		wantErr string
+	}{
+		{"own node, wireguard annotation", agent, "node-1", wgAnn, ""},
+		{"own node, remove wireguard annotation", agent, "node-1", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":null}}}`, ""},
+		{"other node", agent, "node-2", wgAnn, "only the Node it runs on"},
+		{"other annotation", agent, "node-1", `{"metadata":{"annotations":{"other":"y"}}}`, "only wireguard.veil.dev/* annotations"},
+		{"remove other annotation", agent, "node-1", `{"metadata":{"annotations":{"other":null}}}`, "only wireguard.veil.dev/* annotations"},
+		{"label", agent, "node-1", `{"metadata":{"labels":{"zone":"b"}}}`, "labels or spec"},
+		{"taint", agent, "node-1", `{"spec":{"taints":[{"key":"k","effect":"NoSchedule"}]}}`, "labels or spec"},
+		{"unschedulable", agent, "node-1", `{"spec":{"unschedulable":true}}`, "labels or spec"},
+		{"unbound credential, wireguard annotation", unbound, "node-2", wgAnn, ""},
+		{"unbound credential, label", unbound, "node-2", `{"metadata":{"labels":{"zone":"b"}}}`, "labels or spec"},
+		{"admin, label", admin, "node-2", `{"metadata":{"labels":{"zone":"c"}}}`, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := patch(tc.client, tc.node, tc.patch)
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("patch %s %s: %v", tc.node, tc.patch, err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Fatalf("patch %s %s: err %v; want one containing %q", tc.node, tc.patch, err, tc.wantErr)
+			}
+		})
 	}
 }
