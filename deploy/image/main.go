@@ -233,6 +233,10 @@ func WriteOCITar(path, tag string, img v1.Image) error {
 		return fmt.Errorf("create output: %w", err)
 	}
 	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return fmt.Errorf("chmod %s: %w", tmp.Name(), err)
+	}
 	if err := tarDir(tmp, dir); err != nil {
 		tmp.Close()
 		return fmt.Errorf("pack OCI layout: %w", err)
