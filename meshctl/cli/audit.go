@@ -75,8 +75,8 @@ with its scope (a node, or an ordered node pair A→B), result and reason:
                          B arrives through the tunnel and is never seen in the
                          clear on either node's underlay
 
---active asks A's agent to send a fresh random marker (UDP, --marker-port)
-to a pod on B while both agents capture their underlay and tunnel devices
+--active asks A's agent to send a fresh random marker (UDP, to --marker-port
+or a UDP port the pod declares, else 9) to a pod on B while both agents capture their underlay and tunnel devices
 for --capture-duration. It PASSes when neither underlay carries the marker
 or plaintext pod frames, both carry WireGuard, and B's tunnel shows the
 marker arrived. Pairs where a node runs no pod are listed as not tested.
@@ -151,7 +151,7 @@ Exit codes:
 	fs.DurationVar(&opts.staleAfter, "stale-after", defaultStaleAfter, "FAIL a node whose MeshNode status is older (its agent is not running)")
 	fs.BoolVar(&opts.active, "active", false, "also send a marker between pods on every node pair and have the agents capture the wire")
 	fs.DurationVar(&opts.captureDuration, "capture-duration", 2*time.Second, "how long each agent captures per node pair with --active")
-	fs.Uint32Var(&opts.markerPort, "marker-port", 9, "the UDP port the --active marker is sent to (the pod need not listen)")
+	fs.Uint32Var(&opts.markerPort, "marker-port", 0, "the UDP port the --active marker is sent to (default: a UDP port the destination pod declares, else 9; the pod need not listen)")
 	addOutputFlag(cmd, &out)
 	return cmd
 }
@@ -169,7 +169,7 @@ func (o auditOptions) check() error {
 	if o.captureDuration > 10*time.Second {
 		return usageErrorf("--capture-duration must be at most 10s")
 	}
-	if o.markerPort == 0 || o.markerPort > 65535 {
+	if o.markerPort > 65535 {
 		return usageErrorf("--marker-port must be 1..65535")
 	}
 	return nil
@@ -506,16 +506,18 @@ func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, 
 
 // activeEvidence is what one active check saw.
 type activeEvidence struct {
-	Scope          string           `json:"scope"`
-	Marker         string           `json:"marker"`
-	SourcePod      string           `json:"sourcePod,omitempty"`
-	SourceIP       string           `json:"sourceIP,omitempty"`
-	DestinationPod string           `json:"destinationPod"`
-	DestinationIP  string           `json:"destinationIP"`
-	Sent           uint32           `json:"sent"`
-	Source         *captureEvidence `json:"sourceCapture,omitempty"`
-	Destination    *captureEvidence `json:"destinationCapture,omitempty"`
-	Error          string           `json:"error,omitempty"`
+	Scope          string `json:"scope"`
+	Marker         string `json:"marker"`
+	SourcePod      string `json:"sourcePod,omitempty"`
+	SourceIP       string `json:"sourceIP,omitempty"`
+	DestinationPod string `json:"destinationPod"`
+	DestinationIP  string `json:"destinationIP"`
+	// DestinationPort is the UDP port the marker was sent to.
+	DestinationPort uint32           `json:"destinationPort"`
+	Sent            uint32           `json:"sent"`
+	Source          *captureEvidence `json:"sourceCapture,omitempty"`
+	Destination     *captureEvidence `json:"destinationCapture,omitempty"`
+	Error           string           `json:"error,omitempty"`
 }
 
 type captureEvidence struct {
@@ -538,6 +540,29 @@ func newCaptureEvidence(node string, c *agentv1.CaptureResponse) *captureEvidenc
 		UnderlayMarkerFrames: c.UnderlayMarkerFrames, TunnelMarkerFrames: c.TunnelMarkerFrames,
 		PlaintextPodFrames: c.PlaintextPodFrames,
 	}
+}
+
+// markerSends is how many markers each active check sends.
+const markerSends = 3
+
+// defaultMarkerPort is discard, for a pod that declares no UDP port.
+const defaultMarkerPort = 9
+
+// markerPort is the port to send a marker to pod on: the --marker-port
+// flag, else the first UDP port the pod declares, so that the marker is
+// delivered rather than answered with an ICMP port unreachable.
+func markerPort(flag uint32, pod corev1.Pod) uint32 {
+	if flag != 0 {
+		return flag
+	}
+	for _, c := range pod.Spec.Containers {
+		for _, p := range c.Ports {
+			if p.Protocol == corev1.ProtocolUDP && p.ContainerPort > 0 {
+				return uint32(p.ContainerPort)
+			}
+		}
+	}
+	return defaultMarkerPort
 }
 
 // activeAudit runs the active checks, one node pair at a time so that one
@@ -623,7 +648,8 @@ func (a *activeAudit) run(ctx context.Context, r *auditReport, cs *clusterState,
 // capture, and judges what they saw.
 func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) (auditCheck, activeEvidence) {
 	s := pairScope(src, dst)
-	ev := activeEvidence{Scope: s, Marker: "veil-audit-" + rand.Text(), DestinationPod: to.Namespace + "/" + to.Name, DestinationIP: to.Status.PodIP}
+	ev := activeEvidence{Scope: s, Marker: "veil-audit-" + rand.Text(), DestinationPod: to.Namespace + "/" + to.Name, DestinationIP: to.Status.PodIP,
+		DestinationPort: markerPort(a.opts.markerPort, to)}
 	failWith := func(format string, args ...any) (auditCheck, activeEvidence) {
 		c := fail(s, "active", format, args...)
 		ev.Error = c.Reason
@@ -665,14 +691,27 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 	case <-time.After(lead):
 	case <-ctx.Done():
 	}
-	sent, sendErr := unary(ctx, sc, "send marker from "+src, func(ctx context.Context) (*agentv1.SendMarkerResponse, error) {
-		return sc.client.SendMarker(ctx, &agentv1.SendMarkerRequest{Destination: to.Status.PodIP, Port: a.opts.markerPort, Marker: ev.Marker, Count: 5})
-	})
+	// One marker per call: the agent sends from a connected UDP socket,
+	// which an ICMP port unreachable from a pod that does not listen
+	// closes for the datagrams after the first.
+	var sendErr error
+	gap := min(a.opts.captureDuration/10, 100*time.Millisecond)
+	for i := 0; i < markerSends && sendErr == nil; i++ {
+		if i > 0 {
+			time.Sleep(gap)
+		}
+		var sent *agentv1.SendMarkerResponse
+		sent, sendErr = unary(ctx, sc, "send marker from "+src, func(ctx context.Context) (*agentv1.SendMarkerResponse, error) {
+			return sc.client.SendMarker(ctx, &agentv1.SendMarkerRequest{Destination: to.Status.PodIP, Port: ev.DestinationPort, Marker: ev.Marker, Count: 1})
+		})
+		if sendErr == nil {
+			ev.SourcePod, ev.SourceIP, ev.Sent = sent.SourcePod, sent.SourceIp, ev.Sent+sent.Sent
+		}
+	}
 	wg.Wait()
 	if sendErr != nil {
 		return failWith("%s", oneLine(sendErr))
 	}
-	ev.SourcePod, ev.SourceIP, ev.Sent = sent.SourcePod, sent.SourceIp, sent.Sent
 	if srcCap.err != nil {
 		return failWith("%s", oneLine(srcCap.err))
 	}
@@ -722,7 +761,11 @@ func writeAudit(w io.Writer, pal palette, r auditReport) error {
 		plural(len(r.Nodes), "node"), plural(pairs, "node pair"), len(r.Checks)-len(r.Failures), len(r.Checks))
 	active := "off"
 	if r.Thresholds.Active {
-		active = fmt.Sprintf("on (capture %s, UDP port %d)", r.Thresholds.CaptureDuration, r.Thresholds.MarkerPort)
+		port := "a UDP port the pod declares, else 9"
+		if r.Thresholds.MarkerPort != 0 {
+			port = fmt.Sprintf("UDP port %d", r.Thresholds.MarkerPort)
+		}
+		active = fmt.Sprintf("on (capture %s, markers to %s)", r.Thresholds.CaptureDuration, port)
 	}
 	fmt.Fprintf(&b, "Generated %s by meshctl %s against %s\n", r.GeneratedAt, r.MeshctlVersion, dash(r.Cluster.Server))
 	fmt.Fprintf(&b, "Thresholds: handshake ≤ %s, key age ≤ %s, status age ≤ %s; active %s\n\n",

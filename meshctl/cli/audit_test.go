@@ -518,9 +518,11 @@ func TestAuditActive(t *testing.T) {
 	c := healthyCluster(3)
 	// node-3 runs only its host-network agent pod: nothing to send to or from.
 	c.pods = slices.DeleteFunc(c.pods, func(p *corev1.Pod) bool { return p.Name == "a-3" })
+	// node-1's pod serves DNS: markers to it go to its UDP port.
+	c.pods[0].Spec.Containers = []corev1.Container{{Name: "dns", Ports: []corev1.ContainerPort{{ContainerPort: 8080}, {ContainerPort: 53, Protocol: corev1.ProtocolUDP}}}}
 	w := newLabWire(c)
 	lab := labAgents(t, w, "node-1", "node-2", "node-3")
-	r, code, stderr := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "200ms")
+	r, code, stderr := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "500ms")
 	if code != ExitOK || r.Verdict != verdictPass {
 		t.Fatalf("exit %d, verdict %s, stderr %q\n%s", code, r.Verdict, stderr, failuresString(r.Failures))
 	}
@@ -528,17 +530,18 @@ func TestAuditActive(t *testing.T) {
 	if len(active) != 2 || active["node-1→node-2"].Result != resultPass || active["node-2→node-1"].Result != resultPass {
 		t.Errorf("active checks = %+v; want node-1→node-2 and node-2→node-1 PASS", active)
 	}
-	if got := active["node-1→node-2"].Reason; !strings.Contains(got, "from x/a-1 (10.0.1.5) to x/a-2 (10.0.2.5) arrived through node-2's tunnel 5×") {
+	if got := active["node-1→node-2"].Reason; !strings.Contains(got, "marker sent 3× from x/a-1 (10.0.1.5) to x/a-2 (10.0.2.5) arrived through node-2's tunnel 3×") {
 		t.Errorf("reason = %q", got)
 	}
 	if len(r.NotTested) != 4 || r.NotTested[0] != (auditCheck{Scope: "node-1→node-3", Check: "active", Reason: "node-3 runs no pod to send the marker to"}) {
 		t.Errorf("not tested = %+v", r.NotTested)
 	}
 	if len(r.Active) != 2 || r.Active[0].Marker == r.Active[1].Marker || !strings.HasPrefix(r.Active[0].Marker, "veil-audit-") ||
-		r.Active[0].Destination == nil || r.Active[0].Destination.TunnelMarkerFrames != 5 || r.Active[0].DestinationPod != "x/a-2" {
+		r.Active[0].Destination == nil || r.Active[0].Destination.TunnelMarkerFrames != 3 || r.Active[0].DestinationPod != "x/a-2" ||
+		r.Active[0].DestinationPort != 9 || r.Active[1].DestinationPort != 53 {
 		t.Errorf("active evidence = %+v", r.Active)
 	}
-	if !r.Thresholds.Active || r.Thresholds.CaptureDuration != "200ms" || r.Thresholds.MarkerPort != 9 {
+	if !r.Thresholds.Active || r.Thresholds.CaptureDuration != "500ms" || r.Thresholds.MarkerPort != 0 {
 		t.Errorf("thresholds = %+v", r.Thresholds)
 	}
 }
@@ -549,15 +552,15 @@ func TestAuditActiveFails(t *testing.T) {
 		w := newLabWire(c)
 		w.clear = true
 		lab := labAgents(t, w, "node-1", "node-2")
-		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "200ms")
+		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "500ms")
 		if code != ExitFailure || r.Verdict != verdictFail || len(r.Failures) != 2 {
 			t.Fatalf("exit %d, verdict %s; want 1, FAIL with the 2 active checks\n%s", code, r.Verdict, failuresString(r.Failures))
 		}
 		got := activeChecks(r)["node-1→node-2"]
 		for _, want := range []string{
-			"the marker was seen in the clear on node-1's underlay (eth0): 5 frames",
-			"the marker was seen in the clear on node-2's underlay (eth0): 5 frames",
-			"5 plaintext pod frames on node-2's underlay (eth0)",
+			"the marker was seen in the clear on node-1's underlay (eth0): 3 frames",
+			"the marker was seen in the clear on node-2's underlay (eth0): 3 frames",
+			"3 plaintext pod frames on node-2's underlay (eth0)",
 		} {
 			if got.Result != resultFail || !strings.Contains(got.Reason, want) {
 				t.Errorf("node-1→node-2 = %s %q; want FAIL containing %q", got.Result, got.Reason, want)

@@ -92,7 +92,8 @@ func newRootCommand(s Streams, env agentEnv, kube kubeConnect) *cobra.Command {
 		Long: `meshctl inspects the Veil mesh: it explains what policy allows, before
 the policy is applied (offline, from manifest files), and shows a node's
 live state through its agent: health, endpoints, identities, compiled
-policy, traces and flows.
+policy, traces and flows. From the API server it shows and audits the
+whole cluster's transparent encryption.
 
 ` + exitCodesHelp,
 		SilenceErrors: true,
