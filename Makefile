@@ -33,7 +33,9 @@ deps:
 bpffs:
 	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
 
+# manifests come last: the chart carries copies of the CRDs.
 generate: generate-bpf generate-policy generate-api
+	$(MAKE) --no-print-directory manifests
 
 generate-bpf:
 	$(GO) generate ./agent/datapath/...

@@ -25,7 +25,7 @@ const wgPort = 51871
 
 // tunnel gives both test nodes a userspace WireGuard device peered with the
 // other, and reloads their datapaths with encryption on.
-func tunnel(t *testing.T, tn *testNet, strict bool) (dev1, dev2 *wireguard.Device) {
+func tunnel(t testing.TB, tn *testNet, strict bool) (dev1, dev2 *wireguard.Device) {
 	t.Helper()
 	open := func(n *netlab.Node, name string) *wireguard.Device {
 		key, err := wireguard.GenerateKey()
@@ -45,6 +45,20 @@ func tunnel(t *testing.T, tn *testNet, strict bool) (dev1, dev2 *wireguard.Devic
 	suffix := os.Getpid() % 100000
 	name1, name2 := fmt.Sprintf("vwg%da", suffix), fmt.Sprintf("vwg%db", suffix)
 	dev1, dev2 = open(tn.n1, name1), open(tn.n2, name2)
+	// As the agent does: pods get the tunnel's MTU, so nothing they send is
+	// too big for it.
+	mtu, err := wireguard.PodMTU(1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*netlab.Pod{tn.a, tn.b, tn.c} {
+		if _, err := p.Run("ip", "link", "set", "eth0", "mtu", fmt.Sprint(mtu)); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := p.Node.Run("ip", "link", "set", p.HostVeth, "mtu", fmt.Sprint(mtu)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	ctx := context.Background()
 	if err := dev1.SetPeers(ctx, []wireguard.Peer{{PublicKey: dev2.Key().PublicKey(), Endpoint: netip.AddrPortFrom(ip2, wgPort), AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.244.2.0/24")}}}); err != nil {
 		t.Fatal(err)
@@ -65,7 +79,7 @@ func tunnel(t *testing.T, tn *testNet, strict bool) (dev1, dev2 *wireguard.Devic
 
 // setTunnel marks the remote pods of each node as reachable through the
 // tunnel, or not (a peer that went away).
-func setTunnel(t *testing.T, tn *testNet, on bool) {
+func setTunnel(t testing.TB, tn *testNet, on bool) {
 	t.Helper()
 	kind := RemotePod
 	if on {
