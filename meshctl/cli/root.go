@@ -111,7 +111,7 @@ whole cluster's transparent encryption.
 	cluster := newKubeOptions(env, kube)
 	root.AddCommand(newVersionCommand(), newPolicyCommand(agent), newStatusCommand(agent),
 		newEndpointsCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent),
-		newEncryptionCommand(agent, cluster), newAuditCommand(agent, cluster))
+		newEncryptionCommand(agent, cluster), newAuditCommand(agent, cluster), newLabCommand(env))
 	return root
 }
 
