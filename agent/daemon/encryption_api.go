@@ -135,7 +135,9 @@ func sendFromNetns(path string, to netip.AddrPort, payload []byte, count int) (i
 			ch <- result{err: fmt.Errorf("enter netns %s: %w", path, err)}
 			return
 		}
-		conn, err := net.DialUDP("udp4", nil, net.UDPAddrFromAddrPort(to))
+		// Unconnected: an ICMP unreachable from the far pod must not turn
+		// the following sends into errors.
+		conn, err := net.ListenUDP("udp4", nil)
 		if err != nil {
 			ch <- result{err: err}
 			return
@@ -143,7 +145,7 @@ func sendFromNetns(path string, to netip.AddrPort, payload []byte, count int) (i
 		defer conn.Close()
 		n := 0
 		for i := 0; i < count; i++ {
-			if _, err := conn.Write(payload); err != nil {
+			if _, err := conn.WriteToUDPAddrPort(payload, to); err != nil {
 				ch <- result{n: n, err: err}
 				return
 			}

@@ -27,7 +27,13 @@ type Label struct {
 	Value  string `json:"value"`
 }
 
-func (l Label) String() string { return l.Source + ":" + l.Key + "=" + l.Value }
+func (l Label) String() string {
+	// A reserved identity is a name, not a key with a value.
+	if l.Source == SourceReserved && l.Value == "" {
+		return l.Source + ":" + l.Key
+	}
+	return l.Source + ":" + l.Key + "=" + l.Value
+}
 
 // Labels is a canonical label set, sorted by source, key.
 type Labels []Label
