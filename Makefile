@@ -21,6 +21,7 @@ help:
 	@echo "make test            unit + privileged tests (needs root)"
 	@echo "make controlplane    build the tests' etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
+	@echo "make lab             run Veil in the local lab as root (meshctl lab up; LAB_NODES, LAB_DIR)"
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -113,6 +114,13 @@ test-unit:
 
 bench: deps
 	VEIL_PRIVILEGED=1 $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+
+# The local lab, left running: control plane, nodes, agents from deploy/, demo
+# pods and policy (the first run builds the control plane: up to 30 min).
+# `$(BIN)/meshctl lab down` removes it.
+LAB_NODES ?= 2
+lab: deps build
+	$(BIN)/meshctl lab up --nodes $(LAB_NODES) $(if $(LAB_DIR),--dir $(LAB_DIR))
 
 clean:
 	rm -rf $(BIN)
