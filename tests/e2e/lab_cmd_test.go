@@ -1,0 +1,209 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/tests/netlab"
+)
+
+// TestPrivilegedMeshctlLab drives the lab as a user does, through the
+// meshctl binary: up, status, exec, env, down; then checks that nothing of
+// the lab is left on the host.
+func TestPrivilegedMeshctlLab(t *testing.T) {
+	requirePrivileged(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+	defer cancel()
+	tmp := t.TempDir()
+	meshctl := filepath.Join(tmp, "meshctl")
+	if out, err := exec.CommandContext(ctx, "go", "build", "-o", meshctl, "github.com/veilmesh/veil/meshctl/cmd/meshctl").CombinedOutput(); err != nil {
+		t.Fatalf("build meshctl: %v\n%s", err, out)
+	}
+	dir := filepath.Join(tmp, "lab")
+	prefix := fmt.Sprintf("veile2e-%d-lab", os.Getpid())
+	run := func(env []string, args ...string) (string, string, int) {
+		t.Helper()
+		cctx, cancel := context.WithTimeout(ctx, 35*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(cctx, meshctl, args...)
+		cmd.Env = append(os.Environ(), env...)
+		var out, errb bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if err != nil && !errors.As(err, &ee) {
+			t.Fatalf("meshctl %s: %v", strings.Join(args, " "), err)
+		}
+		return out.String(), errb.String(), cmd.ProcessState.ExitCode()
+	}
+	// Whatever happens, the lab goes.
+	t.Cleanup(func() {
+		if t.Failed() {
+			if b, err := os.ReadFile(filepath.Join(dir, lab.SupervisorLog)); err == nil {
+				t.Logf("supervisor log:\n%s", tailString(string(b), 6000))
+			}
+		}
+		if _, err := os.Stat(dir); err == nil {
+			run(nil, "lab", "down", "--dir", dir, "--prefix", prefix)
+		}
+	})
+
+	out, stderr, code := run(nil, "lab", "up", "--nodes", "2", "--dir", dir, "--prefix", prefix)
+	t.Logf("lab up:\n%s", out)
+	if code != 0 {
+		t.Fatalf("lab up: exit %d\n%s", code, stderr)
+	}
+	for _, want := range []string{"eval $(meshctl lab env", "meshctl policy trace --from demo/frontend --to demo/backend --port 80", "meshctl lab down"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("lab up does not say what to try next (%q)", want)
+		}
+	}
+	if _, stderr, code := run(nil, "lab", "up", "--dir", dir, "--prefix", prefix); code != 1 || !strings.Contains(stderr, "already up") {
+		t.Errorf("second lab up: exit %d, %q; want 1, already up", code, stderr)
+	}
+
+	out, _, code = run(nil, "lab", "status", "--dir", dir, "-o", "json")
+	var st struct {
+		Running bool `json:"running"`
+		lab.State
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil || code != 0 {
+		t.Fatalf("lab status -o json: exit %d, %v\n%s", code, err, out)
+	}
+	if !st.Running || st.Prefix != prefix || len(st.Nodes) != 2 || len(st.Pods) < 3 {
+		t.Fatalf("lab status: %+v; want running, 2 nodes, at least 3 pods", st)
+	}
+	pods := map[string]lab.PodState{}
+	for _, p := range st.Pods {
+		if p.IP == "" || p.Netns == "" || p.Node == "" {
+			t.Errorf("pod %+v: want node, IP and netns", p)
+		}
+		pods[p.Pod] = p
+	}
+	for _, n := range st.Nodes {
+		if n.AgentPID <= 0 || n.Socket == "" || n.Netns == "" || n.Underlay == "" || n.IP == "" {
+			t.Errorf("node %+v: want agent PID, socket, netns, underlay and address", n)
+		}
+	}
+	sup, err := lab.ReadSupervisor(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	procs := append([]lab.Process{sup.Process}, sup.Processes...)
+	names := map[string]bool{}
+	for _, p := range procs {
+		names[p.Name] = true
+	}
+	for _, want := range []string{"etcd", "kube-apiserver", "veil-agent"} {
+		if !names[want] {
+			t.Errorf("supervisor's processes %+v lack %s", sup.Processes, want)
+		}
+	}
+
+	// The policy on the datapath, probed from inside the pods.
+	backend := pods["demo/backend"].IP
+	probe := fmt.Sprintf(`exec 3<>/dev/tcp/%s/80 && echo veil >&3 && read -t 3 r <&3 && [ "$r" = veil ]`, backend)
+	for _, c := range []struct {
+		pod   string
+		allow bool
+	}{{"demo/frontend", true}, {"other/client", false}} {
+		_, stderr, code := run(nil, "lab", "exec", "--dir", dir, c.pod, "--", "timeout", "5", "bash", "-c", probe)
+		if (code == 0) != c.allow {
+			t.Errorf("%s -> demo/backend:80: exit %d (%s); want allowed=%v", c.pod, code, stderr, c.allow)
+		}
+	}
+	out, _, code = run(nil, "lab", "exec", "--dir", dir, "demo/frontend", "--", "sh", "-c", "cat /proc/self/cgroup; exit 7")
+	if code != 7 || !strings.Contains(out, "/"+prefix+"/node-1") {
+		t.Errorf("lab exec: exit %d, cgroup %q; want exit 7 in %s/node-1", code, out, prefix)
+	}
+
+	out, _, code = run(nil, "lab", "env", "--dir", dir)
+	wantEnv := []string{"export KUBECONFIG=" + st.Kubeconfig + ";", "export VEIL_LAB_STATE=" + filepath.Join(dir, lab.StateFile) + ";", "export VEIL_SOCKET=" + st.Nodes[0].Socket + ";"}
+	if code != 0 || strings.TrimSpace(out) != strings.Join(wantEnv, "\n") {
+		t.Errorf("lab env: exit %d\n%s\nwant\n%s", code, out, strings.Join(wantEnv, "\n"))
+	}
+	env := []string{"KUBECONFIG=" + st.Kubeconfig, "VEIL_LAB_STATE=" + filepath.Join(dir, lab.StateFile), "VEIL_SOCKET=" + st.Nodes[0].Socket}
+	if _, stderr, code := run(env, "--node", "node-2", "status"); code != 0 {
+		t.Errorf("meshctl --node node-2 status with the lab's env: exit %d, %s", code, stderr)
+	}
+	if out, stderr, code := run(env, "policy", "trace", "--from", "other/client", "--to", "demo/backend", "--port", "80"); code != 0 || !strings.HasPrefix(out, "DENIED") {
+		t.Errorf("policy trace with the lab's env: exit %d, %s%s; want DENIED", code, out, stderr)
+	}
+
+	out, stderr, code = run(nil, "lab", "down", "--dir", dir)
+	if code != 0 {
+		t.Fatalf("lab down: exit %d\n%s%s", code, out, stderr)
+	}
+	assertLabGone(t, prefix, dir, st.Nodes, procs)
+	if out, _, code := run(nil, "lab", "status", "--dir", dir, "-o", "json"); code != 1 || !strings.Contains(out, `"running": false`) {
+		t.Errorf("lab status after down: exit %d, %s; want 1, not running", code, out)
+	}
+}
+
+// assertLabGone checks that nothing of the lab is on the host.
+func assertLabGone(t *testing.T, prefix, dir string, nodes []lab.NodeState, procs []lab.Process) {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "list").Output()
+	if err != nil {
+		t.Fatalf("ip netns list: %v", err)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.HasPrefix(l, prefix+"-") {
+			t.Errorf("network namespace left: %s", l)
+		}
+	}
+	if pins, _ := filepath.Glob(filepath.Join("/sys/fs/bpf", prefix+"-*")); len(pins) > 0 {
+		t.Errorf("bpffs left: %v", pins)
+	}
+	mount, err := netlab.Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(mount, prefix)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("cgroup %s left (%v)", filepath.Join(mount, prefix), err)
+	}
+	for _, n := range nodes {
+		procs = append(procs, lab.Process{PID: n.AgentPID, Name: "veil-agent of " + n.Name})
+	}
+	for _, p := range procs {
+		// A reused PID is another process (its start time differs); an
+		// orphan's zombie may wait a moment for init.
+		deadline := time.Now().Add(5 * time.Second)
+		for p.Running() || (p.Start == 0 && syscall.Kill(p.PID, 0) == nil) {
+			if time.Now().After(deadline) {
+				t.Errorf("process %s (pid %d) still runs", p.Name, p.PID)
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	if left := lab.Leftovers(prefix); len(left) > 0 {
+		t.Errorf("left behind: %v", left)
+	}
+	for _, f := range []string{lab.StateFile, lab.SupervisorFile, lab.SupervisorLog, "bin", "node-1"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("file %s left in the lab dir (%v)", f, err)
+		}
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("lab dir %s left (%v)", dir, err)
+	}
+}
+
+func tailString(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
