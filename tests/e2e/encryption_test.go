@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -16,6 +17,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/agent/capture"
+	"github.com/veilmesh/veil/meshctl/cli"
 	"github.com/veilmesh/veil/tests/lab"
 	"github.com/veilmesh/veil/tests/netlab"
 )
@@ -75,6 +78,26 @@ func sendTCPMarker(p *lab.Pod, addr, marker string) error {
 	return err
 }
 
+// audit runs `meshctl audit encryption --active` against the lab, as a
+// user would after `eval $(meshctl lab env)`.
+func audit(t *testing.T, l *lab.Lab) (verdict, out string) {
+	t.Helper()
+	t.Setenv("VEIL_LAB_STATE", l.StatePath())
+	t.Setenv("KUBECONFIG", l.CP.Kubeconfig)
+	var stdout, stderr bytes.Buffer
+	code := cli.Main([]string{"audit", "encryption", "--active", "-o", "json"}, cli.Streams{In: strings.NewReader(""), Out: &stdout, Err: &stderr})
+	var report struct {
+		Verdict string `json:"verdict"`
+	}
+	if err := json.Unmarshal(stdout.Bytes(), &report); err != nil {
+		t.Fatalf("audit output (exit %d): %v\n%s\n%s", code, err, stdout.String(), stderr.String())
+	}
+	if (report.Verdict == "PASS") != (code == 0) {
+		t.Errorf("audit verdict %s with exit code %d", report.Verdict, code)
+	}
+	return report.Verdict, stdout.String()
+}
+
 func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 	l := startLabWith(t, "enc", lab.Options{Nodes: 3, AgentEnv: strictEnv})
 	ctx := context.Background()
@@ -123,6 +146,51 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 				t.Errorf("%s -> %s: the marker never came out of the destination's tunnel: %+v", from.Key(), to.Key(), dst)
 			}
 		}
+	}
+
+	// The audit passes on the healthy lab, active probes included.
+	if verdict, out := audit(t, l); verdict != "PASS" {
+		t.Errorf("audit encryption --active on a healthy lab: %s\n%s", verdict, out)
+	}
+
+	// An agent restarts while pods keep talking: the underlay never carries
+	// plaintext (the userspace device goes with the agent; strict mode drops
+	// meanwhile), and traffic resumes once it is back.
+	var under *capture.Capture
+	if err := l.Nodes[0].Netns.Do(func() (err error) {
+		under, err = capture.Start("eth0", capture.Options{Marker: []byte("VEIL-E2E-RESTART"), WireGuardPort: 51871, PodRange: lab.ClusterCIDR})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	stopTalking := make(chan struct{})
+	talked := make(chan struct{})
+	go func() {
+		defer close(talked)
+		for {
+			select {
+			case <-stopTalking:
+				return
+			default:
+			}
+			sendTCPMarker(pods[0], fmt.Sprintf("%s:80", pods[1].IP), "VEIL-E2E-RESTART")
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	l.Nodes[0].StopAgent(false)
+	if err := l.Nodes[0].StartAgent(ctx); err != nil {
+		t.Fatal(err)
+	}
+	expect(t, pods[0], pods[1], 80, true)
+	close(stopTalking)
+	<-talked
+	sum := under.Stop()
+	t.Logf("underlay of node-1 across its agent's restart: %+v", sum)
+	if sum.Marker != 0 || sum.PlainPod != 0 {
+		t.Errorf("plaintext on node-1's underlay during the agent restart: %+v", sum)
+	}
+	if sum.WireGuard == 0 {
+		t.Errorf("no WireGuard on node-1's underlay across the restart: %+v", sum)
 	}
 
 	// wg show (wireguard-tools) reads the userspace devices too.
@@ -208,6 +276,9 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 	}
 	if srcCap != nil && (srcCap.UnderlayMarkerFrames != 0 || srcCap.PlaintextPodFrames != 0) {
 		t.Errorf("plaintext left node-1 with the tunnel broken: %+v", srcCap)
+	}
+	if verdict, out := audit(t, l); verdict != "FAIL" || !strings.Contains(out, "node-3") {
+		t.Errorf("audit with node-3's key gone: verdict %s, want FAIL naming node-3:\n%s", verdict, out)
 	}
 	eventually(t, "node-1 records the leak", 40*time.Second, func() error {
 		mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})

@@ -18,6 +18,72 @@ import (
 	"github.com/veilmesh/veil/tests/netlab"
 )
 
+// labCLI runs the meshctl binary against one lab directory and prefix.
+type labCLI struct {
+	t           *testing.T
+	ctx         context.Context
+	bin         string
+	dir, prefix string
+}
+
+// newLabCLI builds meshctl and makes sure the lab of dir is gone when t
+// ends, whatever happened.
+func newLabCLI(t *testing.T, ctx context.Context, name string) *labCLI {
+	tmp := t.TempDir()
+	c := &labCLI{t: t, ctx: ctx, bin: filepath.Join(tmp, "meshctl"), dir: filepath.Join(tmp, "lab"), prefix: fmt.Sprintf("veile2e-%d-%s", os.Getpid(), name)}
+	if out, err := exec.CommandContext(ctx, "go", "build", "-o", c.bin, "github.com/veilmesh/veil/meshctl/cmd/meshctl").CombinedOutput(); err != nil {
+		t.Fatalf("build meshctl: %v\n%s", err, out)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			if b, err := os.ReadFile(filepath.Join(c.dir, lab.SupervisorLog)); err == nil {
+				t.Logf("supervisor log:\n%s", tailString(string(b), 6000))
+			}
+		}
+		if _, err := os.Stat(c.dir); err == nil {
+			c.run(nil, "lab", "down", "--dir", c.dir, "--prefix", c.prefix)
+		}
+	})
+	return c
+}
+
+// run runs meshctl with args and extra environment env.
+func (c *labCLI) run(env []string, args ...string) (stdout, stderr string, code int) {
+	c.t.Helper()
+	cctx, cancel := context.WithTimeout(c.ctx, 35*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(cctx, c.bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	var ee *exec.ExitError
+	if err != nil && !errors.As(err, &ee) {
+		c.t.Fatalf("meshctl %s: %v", strings.Join(args, " "), err)
+	}
+	return out.String(), errb.String(), cmd.ProcessState.ExitCode()
+}
+
+// up starts the lab and returns its status.
+func (c *labCLI) up(nodes int) (string, labStatusJSON) {
+	c.t.Helper()
+	out, stderr, code := c.run(nil, "lab", "up", "--nodes", fmt.Sprint(nodes), "--dir", c.dir, "--prefix", c.prefix)
+	if code != 0 {
+		c.t.Fatalf("lab up: exit %d\n%s%s", code, out, stderr)
+	}
+	js, _, code := c.run(nil, "lab", "status", "--dir", c.dir, "-o", "json")
+	var st labStatusJSON
+	if err := json.Unmarshal([]byte(js), &st); err != nil || code != 0 {
+		c.t.Fatalf("lab status -o json: exit %d, %v\n%s", code, err, js)
+	}
+	return out, st
+}
+
+type labStatusJSON struct {
+	Running bool `json:"running"`
+	lab.State
+}
+
 // TestPrivilegedMeshctlLab drives the lab as a user does, through the
 // meshctl binary: up, status, exec, env, down; then checks that nothing of
 // the lab is left on the host.
@@ -25,45 +91,11 @@ func TestPrivilegedMeshctlLab(t *testing.T) {
 	requirePrivileged(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
 	defer cancel()
-	tmp := t.TempDir()
-	meshctl := filepath.Join(tmp, "meshctl")
-	if out, err := exec.CommandContext(ctx, "go", "build", "-o", meshctl, "github.com/veilmesh/veil/meshctl/cmd/meshctl").CombinedOutput(); err != nil {
-		t.Fatalf("build meshctl: %v\n%s", err, out)
-	}
-	dir := filepath.Join(tmp, "lab")
-	prefix := fmt.Sprintf("veile2e-%d-lab", os.Getpid())
-	run := func(env []string, args ...string) (string, string, int) {
-		t.Helper()
-		cctx, cancel := context.WithTimeout(ctx, 35*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(cctx, meshctl, args...)
-		cmd.Env = append(os.Environ(), env...)
-		var out, errb bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &errb
-		err := cmd.Run()
-		var ee *exec.ExitError
-		if err != nil && !errors.As(err, &ee) {
-			t.Fatalf("meshctl %s: %v", strings.Join(args, " "), err)
-		}
-		return out.String(), errb.String(), cmd.ProcessState.ExitCode()
-	}
-	// Whatever happens, the lab goes.
-	t.Cleanup(func() {
-		if t.Failed() {
-			if b, err := os.ReadFile(filepath.Join(dir, lab.SupervisorLog)); err == nil {
-				t.Logf("supervisor log:\n%s", tailString(string(b), 6000))
-			}
-		}
-		if _, err := os.Stat(dir); err == nil {
-			run(nil, "lab", "down", "--dir", dir, "--prefix", prefix)
-		}
-	})
+	c := newLabCLI(t, ctx, "lab")
+	dir, prefix, run := c.dir, c.prefix, c.run
 
-	out, stderr, code := run(nil, "lab", "up", "--nodes", "2", "--dir", dir, "--prefix", prefix)
+	out, st := c.up(2)
 	t.Logf("lab up:\n%s", out)
-	if code != 0 {
-		t.Fatalf("lab up: exit %d\n%s", code, stderr)
-	}
 	for _, want := range []string{"eval $(meshctl lab env", "meshctl policy trace --from demo/frontend --to demo/backend --port 80", "meshctl lab down"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("lab up does not say what to try next (%q)", want)
@@ -73,14 +105,6 @@ func TestPrivilegedMeshctlLab(t *testing.T) {
 		t.Errorf("second lab up: exit %d, %q; want 1, already up", code, stderr)
 	}
 
-	out, _, code = run(nil, "lab", "status", "--dir", dir, "-o", "json")
-	var st struct {
-		Running bool `json:"running"`
-		lab.State
-	}
-	if err := json.Unmarshal([]byte(out), &st); err != nil || code != 0 {
-		t.Fatalf("lab status -o json: exit %d, %v\n%s", code, err, out)
-	}
 	if !st.Running || st.Prefix != prefix || len(st.Nodes) != 2 || len(st.Pods) < 3 {
 		t.Fatalf("lab status: %+v; want running, 2 nodes, at least 3 pods", st)
 	}
@@ -123,7 +147,7 @@ func TestPrivilegedMeshctlLab(t *testing.T) {
 			t.Errorf("%s -> demo/backend:80: exit %d (%s); want allowed=%v", c.pod, code, stderr, c.allow)
 		}
 	}
-	out, _, code = run(nil, "lab", "exec", "--dir", dir, "demo/frontend", "--", "sh", "-c", "cat /proc/self/cgroup; exit 7")
+	out, _, code := run(nil, "lab", "exec", "--dir", dir, "demo/frontend", "--", "sh", "-c", "cat /proc/self/cgroup; exit 7")
 	if code != 7 || !strings.Contains(out, "/"+prefix+"/node-1") {
 		t.Errorf("lab exec: exit %d, cgroup %q; want exit 7 in %s/node-1", code, out, prefix)
 	}
@@ -141,7 +165,7 @@ func TestPrivilegedMeshctlLab(t *testing.T) {
 		t.Errorf("policy trace with the lab's env: exit %d, %s%s; want DENIED", code, out, stderr)
 	}
 
-	out, stderr, code = run(nil, "lab", "down", "--dir", dir)
+	out, stderr, code := run(nil, "lab", "down", "--dir", dir)
 	if code != 0 {
 		t.Fatalf("lab down: exit %d\n%s%s", code, out, stderr)
 	}
@@ -149,6 +173,46 @@ func TestPrivilegedMeshctlLab(t *testing.T) {
 	if out, _, code := run(nil, "lab", "status", "--dir", dir, "-o", "json"); code != 1 || !strings.Contains(out, `"running": false`) {
 		t.Errorf("lab status after down: exit %d, %s; want 1, not running", code, out)
 	}
+}
+
+// TestPrivilegedMeshctlLabDownAfterCrash: when the supervisor dies hard,
+// the agents and pod servers outlive it; lab down still removes it all.
+func TestPrivilegedMeshctlLabDownAfterCrash(t *testing.T) {
+	requirePrivileged(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+	defer cancel()
+	c := newLabCLI(t, ctx, "crash")
+	_, st := c.up(1)
+	sup, err := lab.ReadSupervisor(c.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Kill(sup.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for sup.Running() && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	survivors := 0
+	for _, p := range sup.Processes {
+		if p.Running() {
+			survivors++
+		}
+	}
+	if survivors == 0 {
+		t.Fatal("nothing of the lab outlived its supervisor: the test proves nothing")
+	}
+	if out, _, code := c.run(nil, "lab", "status", "--dir", c.dir); code != 1 || !strings.Contains(out, "is gone") {
+		t.Errorf("lab status after a crash: exit %d\n%s; want 1, supervisor gone", code, out)
+	}
+	if _, stderr, code := c.run(nil, "lab", "up", "--dir", c.dir, "--prefix", c.prefix); code != 1 || !strings.Contains(stderr, "did not shut down cleanly") {
+		t.Errorf("lab up over a crashed lab: exit %d, %s; want 1, run lab down first", code, stderr)
+	}
+	if out, stderr, code := c.run(nil, "lab", "down", "--dir", c.dir); code != 0 {
+		t.Fatalf("lab down after a crash: exit %d\n%s%s", code, out, stderr)
+	}
+	assertLabGone(t, c.prefix, c.dir, st.Nodes, append([]lab.Process{sup.Process}, sup.Processes...))
 }
 
 // assertLabGone checks that nothing of the lab is on the host.
