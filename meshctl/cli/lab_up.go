@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -62,6 +63,9 @@ policy, and prints what runs and what to try next.`,
 			if err := checkLabFree(o.deps.netnsDir, dir, prefix); err != nil {
 				return err
 			}
+			if err := checkLabSources(); err != nil {
+				return err
+			}
 			return labUp(cmd, o, dir, prefix, nodes, wait)
 		},
 	}
@@ -103,6 +107,29 @@ func checkLabFree(netnsDir, dir, prefix string) error {
 		return &exitError{code: ExitFailure, err: fmt.Errorf("prefix %s is in use on this host (%s exists): take that lab down (meshctl lab down --dir ITS_DIR, or --prefix %s) or choose another --prefix", prefix, underlay, prefix)}
 	}
 	return nil
+}
+
+var veilModule = regexp.MustCompile(`(?m)^module\s+github\.com/veilmesh/veil\s*$`)
+
+// checkLabSources fails early when the lab cannot be built here: it builds
+// the agent and the control plane from the Veil checkout that holds the
+// working directory, with the go command.
+func checkLabSources() error {
+	if _, err := exec.LookPath("go"); err != nil {
+		return &exitError{code: ExitFailure, err: fmt.Errorf("lab up builds Veil from source and needs the go command in PATH (%w); sudo resets PATH: sudo env PATH=\"$PATH\" meshctl lab up, or make lab", err)}
+	}
+	wd, err := os.Getwd()
+	if err != nil {
+		return &exitError{code: ExitFailure, err: fmt.Errorf("lab up: working directory: %w", err)}
+	}
+	for d := wd; ; d = filepath.Dir(d) {
+		if mod, err := os.ReadFile(filepath.Join(d, "go.mod")); err == nil && veilModule.Match(mod) {
+			return nil
+		}
+		if filepath.Dir(d) == d {
+			return &exitError{code: ExitFailure, err: fmt.Errorf("lab up builds Veil from source: run it inside a Veil checkout (%s is not)", wd)}
+		}
+	}
 }
 
 // labUp starts the supervisor and waits until it is ready or failed.
