@@ -17,6 +17,7 @@ func newLabSuperviseCommand(o *labOptions) *cobra.Command {
 	var (
 		nodes  int
 		prefix string
+		strict bool
 	)
 	cmd := &cobra.Command{
 		Use:    "supervise --dir DIR --prefix P --nodes N",
@@ -37,7 +38,7 @@ func newLabSuperviseCommand(o *labOptions) *cobra.Command {
 			ctx, stop := signal.NotifyContext(cmd.Context(), syscall.SIGTERM, os.Interrupt)
 			defer stop()
 			log := slog.New(slog.NewTextHandler(cmd.ErrOrStderr(), nil))
-			if err := lab.Supervise(ctx, lab.SuperviseOptions{Prefix: prefix, Nodes: nodes, Dir: dir, Log: log}); err != nil {
+			if err := lab.Supervise(ctx, lab.SuperviseOptions{Prefix: prefix, Nodes: nodes, Dir: dir, StrictMode: strict, Log: log}); err != nil {
 				return &exitError{code: ExitFailure, err: err}
 			}
 			return nil
@@ -45,5 +46,6 @@ func newLabSuperviseCommand(o *labOptions) *cobra.Command {
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 2, "number of nodes")
 	cmd.Flags().StringVar(&prefix, "prefix", defaultLabPrefix, "names everything the lab creates")
+	cmd.Flags().BoolVar(&strict, "strict-mode", false, "run the agents in strict mode")
 	return cmd
 }

@@ -26,6 +26,7 @@ func newLabUpCommand(o *labOptions) *cobra.Command {
 		nodes  int
 		prefix string
 		wait   time.Duration
+		strict bool
 	)
 	cmd := &cobra.Command{
 		Use:   "up [--nodes N] [--dir DIR] [--prefix P]",
@@ -45,7 +46,11 @@ with one agent each, the demo pods
 each serving an echo server on 80/TCP and 81/UDP, and a sample policy: a
 NetworkPolicy by which demo/backend accepts only demo/frontend on 80/TCP,
 and an audit-mode MeshPolicy. up returns once the datapath enforces the
-policy, and prints what runs and what to try next.`,
+policy, and prints what runs and what to try next.
+
+The agents run with the DaemonSet's command, arguments and environment;
+the one setting the lab changes is the ConfigMap's strict-mode, set to true
+(--strict-mode=false keeps the chart's default, false).`,
 		Example: `  sudo meshctl lab up
   sudo meshctl lab up --nodes 3 --dir /tmp/lab --prefix veil-lab-b`,
 		Args: cobra.NoArgs,
@@ -66,11 +71,12 @@ policy, and prints what runs and what to try next.`,
 			if err := checkLabSources(); err != nil {
 				return err
 			}
-			return labUp(cmd, o, dir, prefix, nodes, wait)
+			return labUp(cmd, o, dir, prefix, nodes, strict, wait)
 		},
 	}
 	cmd.Flags().IntVar(&nodes, "nodes", 2, fmt.Sprintf("number of nodes (1 to %d)", labMaxNodes))
 	cmd.Flags().StringVar(&prefix, "prefix", defaultLabPrefix, "names everything the lab creates on the host (8 to 32 of a-z, 0-9, '-')")
+	cmd.Flags().BoolVar(&strict, "strict-mode", true, "run the agents with the ConfigMap's strict-mode set to true (Helm value encryption.strictMode), as 'audit encryption' expects; false keeps the chart's default")
 	cmd.Flags().DurationVar(&wait, "wait", 30*time.Minute, "how long to wait for the lab to be ready (the first run builds the control plane)")
 	return cmd
 }
@@ -133,7 +139,7 @@ func checkLabSources() error {
 }
 
 // labUp starts the supervisor and waits until it is ready or failed.
-func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, wait time.Duration) error {
+func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, strict bool, wait time.Duration) error {
 	out, errw := cmd.OutOrStdout(), cmd.ErrOrStderr()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return &exitError{code: ExitFailure, err: fmt.Errorf("create lab dir: %w", err)}
@@ -148,7 +154,7 @@ func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, wai
 		return &exitError{code: ExitFailure, err: fmt.Errorf("create supervisor log: %w", err)}
 	}
 	defer logf.Close()
-	sup := exec.Command(exe, "lab", "supervise", "--dir", dir, "--prefix", prefix, "--nodes", strconv.Itoa(nodes))
+	sup := exec.Command(exe, "lab", "supervise", "--dir", dir, "--prefix", prefix, "--nodes", strconv.Itoa(nodes), "--strict-mode="+strconv.FormatBool(strict))
 	sup.Stdout, sup.Stderr = logf, logf
 	// Its own session: the terminal's ^C and hang-up do not reach it, and
 	// it outlives this command.

@@ -165,6 +165,10 @@ func TestPrivilegedMeshctlLab(t *testing.T) {
 		t.Errorf("policy trace with the lab's env: exit %d, %s%s; want DENIED", code, out, stderr)
 	}
 
+	if out, stderr, code := run(env, "audit", "encryption", "--active"); code != 0 || !strings.HasPrefix(out, "Encryption audit: PASS") {
+		t.Errorf("audit encryption --active on the lab: exit %d\n%s%s", code, out, stderr)
+	}
+
 	out, stderr, code := run(nil, "lab", "down", "--dir", dir)
 	if code != 0 {
 		t.Fatalf("lab down: exit %d\n%s%s", code, out, stderr)

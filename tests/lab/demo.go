@@ -117,6 +117,29 @@ func (l *Lab) StartDemo(ctx context.Context) error {
 			return fmt.Errorf("demo policy not enforced: %w", err)
 		}
 	}
+	return l.waitMeshNodes(ctx, 60*time.Second)
+}
+
+// waitMeshNodes waits until every agent has published its encryption state
+// with a peer for every other node, which is what 'meshctl encryption
+// status' and 'audit encryption' read.
+func (l *Lab) waitMeshNodes(ctx context.Context, within time.Duration) error {
+	deadline := time.Now().Add(within)
+	for _, n := range l.Nodes {
+		for {
+			mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err == nil && (mn.Status.Encryption.Mode == "disabled" || int(mn.Status.Encryption.PeerCount) == len(l.Nodes)-1) {
+				break
+			}
+			if err == nil {
+				err = fmt.Errorf("encryption %q with %d of %d peers", mn.Status.Encryption.Mode, mn.Status.Encryption.PeerCount, len(l.Nodes)-1)
+			}
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				return fmt.Errorf("MeshNode %s not published within %s: %w", n.Name, within, err)
+			}
+			time.Sleep(250 * time.Millisecond)
+		}
+	}
 	return nil
 }
 

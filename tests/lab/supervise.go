@@ -115,7 +115,10 @@ type SuperviseOptions struct {
 	Nodes  int
 	// Dir is the lab directory; the binaries are built into Dir/bin.
 	Dir string
-	Log *slog.Logger
+	// StrictMode sets the ConfigMap's strict-mode (Helm value
+	// encryption.strictMode) to true for the agents.
+	StrictMode bool
+	Log        *slog.Logger
 }
 
 // Supervise builds the binaries, starts a lab with its demo and runs it
@@ -183,7 +186,11 @@ func superviseStart(ctx context.Context, opts SuperviseOptions, step func(string
 	if err := step(fmt.Sprintf("starting the control plane and %d nodes", opts.Nodes)); err != nil {
 		return nil, err
 	}
-	l, err := Start(ctx, Options{Prefix: opts.Prefix, Nodes: opts.Nodes, Dir: opts.Dir, AgentBin: agentBin, CNIBin: cniBin})
+	lo := Options{Prefix: opts.Prefix, Nodes: opts.Nodes, Dir: opts.Dir, AgentBin: agentBin, CNIBin: cniBin}
+	if opts.StrictMode {
+		lo.AgentEnv = func(*Node) map[string]string { return map[string]string{"VEIL_STRICT_MODE": "true"} }
+	}
+	l, err := Start(ctx, lo)
 	if err != nil {
 		return nil, err
 	}
