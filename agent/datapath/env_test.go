@@ -256,49 +256,11 @@ const probeTimeout = 700 * time.Millisecond
 // tcpEcho connects from pod p to addr, optionally from a given local
 // address, and checks that a message comes back.
 func tcpEcho(p *netlab.Pod, addr string, local netip.Addr) error {
-	var c net.Conn
-	err := p.Do(func() (err error) {
-		d := net.Dialer{Timeout: probeTimeout}
-		if local.IsValid() {
-			d.LocalAddr = &net.TCPAddr{IP: local.AsSlice()}
-		}
-		c, err = d.Dial("tcp", addr)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	return echo(c)
+	return netlab.TCPEchoFrom(&p.Netns, local, addr, probeTimeout)
 }
 
 func udpEcho(p *netlab.Pod, addr string) error {
-	var c net.Conn
-	err := p.Do(func() (err error) {
-		c, err = net.Dial("udp", addr)
-		return err
-	})
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	return echo(c)
-}
-
-func echo(c net.Conn) error {
-	c.SetDeadline(time.Now().Add(probeTimeout))
-	msg := []byte("veil-probe")
-	if _, err := c.Write(msg); err != nil {
-		return err
-	}
-	buf := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, buf); err != nil {
-		return err
-	}
-	if string(buf) != string(msg) {
-		return fmt.Errorf("echo mismatch: %q", buf)
-	}
-	return nil
+	return netlab.UDPEcho(&p.Netns, addr, probeTimeout)
 }
 
 // sctpReaches sends one raw SCTP packet from p to dst:port and reports

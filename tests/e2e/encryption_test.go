@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -20,7 +19,6 @@ import (
 	"github.com/veilmesh/veil/agent/capture"
 	"github.com/veilmesh/veil/meshctl/cli"
 	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 func strictEnv(*lab.Node) map[string]string {
@@ -206,27 +204,7 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 
 	// A continuous stream survives a key rotation.
 	a, b, c := pods[0], pods[1], pods[2]
-	addr := fmt.Sprintf("%s:5001", b.IP)
-	sink, err := netlab.StartHelper(b.Netns, nil, -1, "sink", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(sink.Kill)
-	if _, err := sink.WaitLine(ctxFor(t, 10*time.Second), "listening"); err != nil {
-		t.Fatal(err)
-	}
-	const size = 24 << 20
-	src, err := netlab.StartHelper(a.Netns, nil, -1, "source", addr, strconv.Itoa(size), "10ms")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(src.Kill)
-	eventually(t, "stream started", 10*time.Second, func() error {
-		if sink.LastLine("progress") == "" {
-			return fmt.Errorf("no progress")
-		}
-		return nil
-	})
+	st := startStream(t, a, b, 5001, 24<<20, 10*time.Millisecond, false)
 	conn, client, err := l.Nodes[0].Dial()
 	if err != nil {
 		t.Fatal(err)
@@ -239,17 +217,7 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 	if rot.OldFingerprint == rot.NewFingerprint {
 		t.Errorf("rotation kept the key: %+v", rot)
 	}
-	srcDone, err := src.WaitLine(ctxFor(t, 2*time.Minute), "done")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sinkDone, err := sink.WaitLine(ctxFor(t, 2*time.Minute), "done")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if sf, kf := strings.Fields(srcDone), strings.Fields(sinkDone); kf[1] != strconv.Itoa(size) || kf[2] != sf[2] {
-		t.Errorf("stream across the key rotation: source %q, sink %q", srcDone, sinkDone)
-	}
+	st.finish("across the key rotation")
 
 	// Break the tunnel to node-3 (its key disappears from the API): strict
 	// mode drops, records a leak, and sends nothing in the clear.

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -134,27 +133,7 @@ func TestPrivilegedAgentRestartAndAPIServerAway(t *testing.T) {
 	expect(t, c, b, 80, false)
 
 	// A long transfer a -> b crosses an agent crash and restart.
-	addr := fmt.Sprintf("%s:5001", b.IP)
-	sink, err := netlab.StartHelper(b.Netns, b.Node.Cgroup, -1, "sink", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(sink.Kill)
-	if _, err := sink.WaitLine(ctxFor(t, 10*time.Second), "listening"); err != nil {
-		t.Fatal(err)
-	}
-	const size = 64 << 20
-	src, err := netlab.StartHelper(a.Netns, a.Node.Cgroup, -1, "source", addr, strconv.Itoa(size), "3ms")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(src.Kill)
-	eventually(t, "transfer started", 10*time.Second, func() error {
-		if sink.LastLine("progress") == "" {
-			return fmt.Errorf("no progress yet")
-		}
-		return nil
-	})
+	st := startStream(t, a, b, 5001, 64<<20, 3*time.Millisecond, true)
 	l.Nodes[0].StopAgent(true)
 	if err := reach(c, b, 80); err == nil {
 		t.Errorf("denied flow passed while the agent was down")
@@ -168,17 +147,7 @@ func TestPrivilegedAgentRestartAndAPIServerAway(t *testing.T) {
 	if err := reach(c, b, 80); err == nil {
 		t.Errorf("denied flow passed after the restart")
 	}
-	srcDone, err := src.WaitLine(ctxFor(t, 2*time.Minute), "done")
-	if err != nil {
-		t.Fatal(err)
-	}
-	sinkDone, err := sink.WaitLine(ctxFor(t, 2*time.Minute), "done")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if sf, kf := strings.Fields(srcDone), strings.Fields(sinkDone); kf[1] != strconv.Itoa(size) || kf[2] != sf[2] {
-		t.Errorf("transfer across the agent restart: source %q, sink %q", srcDone, sinkDone)
-	}
+	st.finish("across the agent restart")
 
 	// The API server goes away: enforcement holds; a change made meanwhile
 	// is applied once it is back.

@@ -6,6 +6,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -80,4 +82,60 @@ func eventually(t *testing.T, what string, within time.Duration, cond func() err
 		time.Sleep(100 * time.Millisecond)
 	}
 	t.Fatalf("%s: not within %s: %v", what, within, err)
+}
+
+// stream is a checksummed TCP transfer between two pods, paced so that it
+// is still running while a test disturbs the mesh.
+type stream struct {
+	t         *testing.T
+	size      int
+	src, sink *netlab.Proc
+}
+
+// startStream starts sending size bytes from one pod to a port of another
+// (in their node cgroups when cgroup is set, so sockets may be accelerated)
+// and waits until data flows.
+func startStream(t *testing.T, from, to *lab.Pod, port, size int, pace time.Duration, cgroups bool) *stream {
+	t.Helper()
+	addr := fmt.Sprintf("%s:%d", to.IP, port)
+	var fromCG, toCG *netlab.Cgroup
+	if cgroups {
+		fromCG, toCG = from.Node.Cgroup, to.Node.Cgroup
+	}
+	sink, err := netlab.StartHelper(to.Netns, toCG, -1, "sink", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sink.Kill)
+	if _, err := sink.WaitLine(ctxFor(t, 10*time.Second), "listening"); err != nil {
+		t.Fatal(err)
+	}
+	src, err := netlab.StartHelper(from.Netns, fromCG, -1, "source", addr, strconv.Itoa(size), pace.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(src.Kill)
+	eventually(t, "stream started", 10*time.Second, func() error {
+		if sink.LastLine("progress") == "" {
+			return fmt.Errorf("no progress yet")
+		}
+		return nil
+	})
+	return &stream{t: t, size: size, src: src, sink: sink}
+}
+
+// finish waits for the transfer to end and checks every byte arrived.
+func (s *stream) finish(what string) {
+	s.t.Helper()
+	srcDone, err := s.src.WaitLine(ctxFor(s.t, 2*time.Minute), "done")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	sinkDone, err := s.sink.WaitLine(ctxFor(s.t, 2*time.Minute), "done")
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	if sf, kf := strings.Fields(srcDone), strings.Fields(sinkDone); kf[1] != strconv.Itoa(s.size) || kf[2] != sf[2] {
+		s.t.Errorf("stream %s: source %q, sink %q", what, srcDone, sinkDone)
+	}
 }

@@ -4,15 +4,26 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"time"
 )
 
 // TCPEcho connects from inside ns to addr, sends a message and checks that
 // the same comes back, all within timeout.
 func TCPEcho(ns *Netns, addr string, timeout time.Duration) error {
+	return TCPEchoFrom(ns, netip.Addr{}, addr, timeout)
+}
+
+// TCPEchoFrom is TCPEcho from a given local address (when valid), e.g. to
+// claim an address that is not the pod's own.
+func TCPEchoFrom(ns *Netns, local netip.Addr, addr string, timeout time.Duration) error {
 	var c net.Conn
 	if err := ns.Do(func() (err error) {
-		c, err = net.DialTimeout("tcp", addr, timeout)
+		d := net.Dialer{Timeout: timeout}
+		if local.IsValid() {
+			d.LocalAddr = &net.TCPAddr{IP: local.AsSlice()}
+		}
+		c, err = d.Dial("tcp", addr)
 		return err
 	}); err != nil {
 		return err
