@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -154,6 +155,9 @@ func (r labReading) phase() string {
 		return "no lab"
 	case r.sup == nil:
 		return "no supervisor record"
+	case r.sup.Phase == lab.PhaseFailed:
+		first, _, _ := strings.Cut(r.sup.Error, "\n")
+		return "failed to start: " + first + "; meshctl lab down cleans up"
 	case !r.sup.IsSupervisor():
 		return fmt.Sprintf("supervisor (pid %d) is gone; meshctl lab down cleans up", r.sup.PID)
 	case r.sup.Phase == lab.PhaseStarting && r.sup.Step != "":

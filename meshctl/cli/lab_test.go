@@ -153,6 +153,18 @@ func TestLabUpRefusesOverALab(t *testing.T) {
 			t.Errorf("exit %d, stderr %q; want 1 and prefix in use", code, stderr)
 		}
 	})
+	t.Run("prefix overlaps", func(t *testing.T) {
+		f := newFakeLabDeps(t)
+		if err := os.WriteFile(filepath.Join(f.netnsDir, "veil-lab-b-ul"), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range []string{"veil-lab", "veil-lab-b-2"} {
+			_, stderr, code := runLab(t, f, "up", "--dir", t.TempDir(), "--prefix", p)
+			if code != ExitFailure || !strings.Contains(stderr, "overlaps the prefix veil-lab-b") {
+				t.Errorf("--prefix %s: exit %d, stderr %q; want 1 and overlap", p, code, stderr)
+			}
+		}
+	})
 }
 
 func TestLabStatus(t *testing.T) {
@@ -200,6 +212,14 @@ func TestLabStatus(t *testing.T) {
 			t.Errorf("status -o json = %+v", s)
 		}
 	})
+}
+
+func TestLabDownWithoutLab(t *testing.T) {
+	dir := t.TempDir()
+	out, stderr, code := runLab(t, newFakeLabDeps(t), "down", "--dir", dir)
+	if code != ExitOK || out != "No lab in "+dir+": nothing to do.\n" {
+		t.Errorf("exit %d, out %q, stderr %q; want 0, nothing to do", code, out, stderr)
+	}
 }
 
 func TestLabTables(t *testing.T) {

@@ -108,9 +108,24 @@ func checkLabFree(netnsDir, dir, prefix string) error {
 	case r.exists():
 		return &exitError{code: ExitFailure, err: fmt.Errorf("the lab in %s did not shut down cleanly (%s): run meshctl lab down first", dir, r.phase())}
 	}
-	underlay := filepath.Join(netnsDir, prefix+"-ul")
-	if _, err := os.Stat(underlay); err == nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("prefix %s is in use on this host (%s exists): take that lab down (meshctl lab down --dir ITS_DIR, or --prefix %s) or choose another --prefix", prefix, underlay, prefix)}
+	// Every lab has an underlay namespace <prefix>-ul. Cleanup goes by
+	// prefix, so a prefix that extends another lab's (or that another
+	// lab's extends) would reach into that lab.
+	entries, err := os.ReadDir(netnsDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return &exitError{code: ExitFailure, err: fmt.Errorf("list network namespaces: %w", err)}
+	}
+	for _, e := range entries {
+		other, ok := strings.CutSuffix(e.Name(), "-ul")
+		if !ok {
+			continue
+		}
+		switch {
+		case other == prefix:
+			return &exitError{code: ExitFailure, err: fmt.Errorf("prefix %s is in use on this host (network namespace %s exists): take that lab down (meshctl lab down --dir ITS_DIR, or --prefix %s) or choose another --prefix", prefix, e.Name(), prefix)}
+		case strings.HasPrefix(other, prefix+"-") || strings.HasPrefix(prefix, other+"-"):
+			return &exitError{code: ExitFailure, err: fmt.Errorf("prefix %s overlaps the prefix %s of a lab on this host (network namespace %s): the lab removes what carries its prefix, so choose a --prefix that neither starts the other nor starts with it", prefix, other, e.Name())}
+		}
 	}
 	return nil
 }
@@ -171,8 +186,10 @@ func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, str
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
-	// abort stops a supervisor that up gives up on: it stops the lab.
-	abort := func(why error) error {
+	// abort stops a supervisor that up gives up on, which stops the lab.
+	// After a timeout the files stay for a look at the log; an interrupted
+	// up leaves nothing.
+	abort := func(why error, interrupted bool) error {
 		fmt.Fprintf(errw, "meshctl: %v; stopping the lab\n", why)
 		sup.Process.Signal(syscall.SIGTERM)
 		select {
@@ -180,6 +197,14 @@ func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, str
 		case <-time.After(3 * time.Minute):
 			sup.Process.Kill()
 			<-exited
+		}
+		if interrupted {
+			dctx, dcancel := context.WithTimeout(context.Background(), 2*time.Minute)
+			defer dcancel()
+			if err := lab.Down(dctx, dir, prefix, time.Minute); err != nil && !errors.Is(err, lab.ErrNoLab) {
+				return &exitError{code: ExitFailure, err: fmt.Errorf("lab up: %w; removing the lab: %w", why, err)}
+			}
+			return &exitError{code: ExitFailure, err: fmt.Errorf("lab up: %w; the lab was removed", why)}
 		}
 		fmt.Fprintf(errw, "last lines of %s:\n%s\n", logPath, fileTail(logPath, 40))
 		return &exitError{code: ExitFailure, err: fmt.Errorf("lab up: %w; meshctl lab down%s removes what is left", why, o.dirFlag(dir))}
@@ -193,15 +218,17 @@ func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, str
 			r, _ := readLab(dir)
 			why := fmt.Errorf("supervisor exited: %v", err)
 			if r.sup != nil && r.sup.Error != "" {
-				why = errors.New(r.sup.Error)
+				// Its first line; the log has the rest.
+				first, _, _ := strings.Cut(r.sup.Error, "\n")
+				why = errors.New(first)
 			}
 			fmt.Fprintf(errw, "last lines of %s:\n%s\n", logPath, fileTail(logPath, 40))
 			return &exitError{code: ExitFailure, err: fmt.Errorf("lab up failed: %w; meshctl lab down%s removes what is left", why, o.dirFlag(dir))}
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return abort(fmt.Errorf("the lab was not ready within %s (--wait)", wait))
+				return abort(fmt.Errorf("the lab was not ready within %s (--wait)", wait), false)
 			}
-			return abort(errors.New("interrupted"))
+			return abort(errors.New("interrupted"), true)
 		case <-tick.C:
 		}
 		r, err := readLab(dir)
