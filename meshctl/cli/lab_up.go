@@ -266,10 +266,11 @@ func writeLabSummary(w io.Writer, r labReading, dirFlag string) error {
 	fmt.Fprintf(w, `
 Try next (as root; the commands after 'lab exec --' come from this host):
   eval $(meshctl lab env%[1]s)
-  kubectl get pods -A -o wide
+  kubectl get pods,networkpolicies,meshpolicies -A
   meshctl --node node-1 status
-  meshctl policy trace --from demo/frontend --to demo/backend --port 80
-  meshctl policy trace --from other/client --to demo/backend --port 80
+  meshctl policy trace --from demo/frontend --to demo/backend --port 80    # ALLOWED by the NetworkPolicy
+  meshctl policy trace --from other/client --to demo/backend --port 80     # DENIED
+  meshctl policy trace --from other/client --to demo/frontend --port 80    # ALLOWED; the audit MeshPolicy would deny
   echo hi | meshctl lab exec%[1]s demo/frontend -- socat -T1 - TCP:%[2]s:80,connect-timeout=2   # allowed: echoes hi
   echo hi | meshctl lab exec%[1]s other/client -- socat -T1 - TCP:%[2]s:80,connect-timeout=2    # denied: times out
   meshctl observe --node %[3]s --verdict DENIED
