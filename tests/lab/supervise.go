@@ -132,6 +132,9 @@ func Supervise(ctx context.Context, opts SuperviseOptions) error {
 	if err != nil {
 		return err
 	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return fmt.Errorf("create lab dir: %w", err)
+	}
 	s := &SupervisorState{
 		Process: Process{PID: os.Getpid(), Start: self.start, Name: "supervisor"},
 		Prefix:  opts.Prefix, Dir: opts.Dir, Nodes: opts.Nodes, Phase: PhaseStarting,
