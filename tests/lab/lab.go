@@ -21,6 +21,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -678,6 +679,24 @@ func (l *Lab) Stop() error {
 	return errors.Join(errs...)
 }
 
+// labNetns reports whether name is one of the lab's namespaces:
+// <prefix>-ul, <prefix>-node-<n> or <prefix>-p-<namespace>-<pod>.
+func labNetns(prefix, name string) bool {
+	rest, ok := strings.CutPrefix(name, prefix+"-")
+	if !ok {
+		return false
+	}
+	if rest == "ul" || strings.HasPrefix(rest, "p-") {
+		return true
+	}
+	n, ok := strings.CutPrefix(rest, "node-")
+	if !ok || n == "" {
+		return false
+	}
+	_, err := strconv.Atoi(n)
+	return err == nil
+}
+
 // Cleanup removes, by exact prefix, what a lab with that prefix left behind
 // (also after a crash): pinned datapaths, namespaces, cgroups.
 func Cleanup(prefix string) error {
@@ -685,11 +704,15 @@ func Cleanup(prefix string) error {
 		return fmt.Errorf("cleanup: prefix %q is too short to be safe", prefix)
 	}
 	var errs []error
-	roots, _ := filepath.Glob(filepath.Join("/sys/fs/bpf", prefix+"-*"))
+	roots, _ := filepath.Glob(filepath.Join("/sys/fs/bpf", prefix+"-node-*"))
 	for _, r := range roots {
-		errs = append(errs, datapath.RemovePins(r))
+		if labNetns(prefix, filepath.Base(r)) {
+			errs = append(errs, datapath.RemovePins(r))
+		}
 	}
-	errs = append(errs, netlab.CleanupPrefix(prefix))
+	// The lab's namespaces have exactly three shapes; matching them (not a
+	// bare prefix) keeps a lab named veil-lab off one named veil-lab-b.
+	errs = append(errs, netlab.CleanupMatching(func(name string) bool { return labNetns(prefix, name) }))
 	// Userspace WireGuard control sockets of the lab's nodes (an agent
 	// killed hard leaves its socket behind).
 	socks, _ := filepath.Glob(filepath.Join("/var/run/wireguard", wgName(prefix, "")+"*.sock"))

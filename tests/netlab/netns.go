@@ -119,6 +119,11 @@ func CleanupPrefix(prefix string) error {
 	if len(prefix) < 8 {
 		return fmt.Errorf("cleanup: prefix %q is too short to be safe", prefix)
 	}
+	return CleanupMatching(func(name string) bool { return strings.HasPrefix(name, prefix) })
+}
+
+// CleanupMatching deletes every named namespace for which match is true.
+func CleanupMatching(match func(name string) bool) error {
 	entries, err := os.ReadDir(NetnsDir)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -128,7 +133,7 @@ func CleanupPrefix(prefix string) error {
 	}
 	var errs []error
 	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), prefix) {
+		if match(e.Name()) {
 			errs = append(errs, (&Netns{Name: e.Name()}).Delete())
 		}
 	}
