@@ -113,7 +113,11 @@ test-unit:
 	$(GO) test $(GO_TEST_FLAGS) ./...
 
 bench: deps
-	VEIL_PRIVILEGED=1 $(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+	@mkdir -p $(BIN)
+	@rm -f $(BIN)/bench.json
+	BENCH_JSON=$${BENCH_JSON:-$(CURDIR)/$(BIN)/bench.json} VEIL_PRIVILEGED=1 \
+		$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
+	@$(GO) run ./tests/benchreport/cmd/benchtable $${BENCH_JSON:-$(CURDIR)/$(BIN)/bench.json}
 
 # The local lab, left running: control plane, nodes, agents from deploy/, demo
 # pods and policy (the first run builds the control plane: up to 30 min).
