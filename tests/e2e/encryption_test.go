@@ -175,11 +175,14 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}()
+	// An established connection across nodes rides through the restart.
+	across := startStream(t, pods[0], pods[1], 5002, 16<<20, 10*time.Millisecond, false)
 	l.Nodes[0].StopAgent(false)
 	if err := l.Nodes[0].StartAgent(ctx); err != nil {
 		t.Fatal(err)
 	}
 	expect(t, pods[0], pods[1], 80, true)
+	across.finish("across node-1's agent restart")
 	close(stopTalking)
 	<-talked
 	sum := under.Stop()
