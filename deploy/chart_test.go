@@ -156,7 +156,7 @@ func TestChartRefuses(t *testing.T) {
 		values map[string]any
 		want   string
 	}{
-		{"node-to-node", map[string]any{"encryption": map[string]any{"nodeToNode": true}}, "node-to-node (host-network) encryption is not yet supported"},
+		{"node-to-node without wireguard", map[string]any{"encryption": map[string]any{"nodeToNode": true, "type": "none"}}, "encryption.nodeToNode=true needs encryption.type=wireguard"},
 		{"strict without encryption", map[string]any{"encryption": map[string]any{"type": "none", "strictMode": true}}, "strictMode=true needs encryption.type=wireguard"},
 		{"unknown encryption", map[string]any{"encryption": map[string]any{"type": "ipsec"}}, "encryption"},
 		{"mtu too small", map[string]any{"mtu": 100}, "mtu"},

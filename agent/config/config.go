@@ -30,6 +30,7 @@ type Config struct {
 
 	Encryption          string
 	StrictMode          bool
+	NodeToNode          bool
 	WireGuardPort       int
 	KeyRotationInterval time.Duration
 
@@ -75,6 +76,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.BoolVar(&c.LegacyTC, "legacy-tc", c.LegacyTC, "attach with clsact filters even where TCX exists")
 	fs.StringVar(&c.Encryption, "encryption", c.Encryption, "transparent encryption between nodes: wireguard or none")
 	fs.BoolVar(&c.StrictMode, "strict-mode", c.StrictMode, "never send pod traffic to another node unencrypted: without a tunnel it is dropped and recorded as a leak")
+	fs.BoolVar(&c.NodeToNode, "node-to-node-encryption", c.NodeToNode, "also encrypt host-network traffic between nodes (node addresses join each peer's allowed IPs and are routed through the tunnel)")
 	fs.IntVar(&c.WireGuardPort, "wireguard-port", c.WireGuardPort, "UDP port of the WireGuard device on the underlay")
 	fs.DurationVar(&c.KeyRotationInterval, "key-rotation-interval", c.KeyRotationInterval, "rotate the node's WireGuard key this often; 0 turns periodic rotation off")
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "directory for the agent's persistent state (IPAM, identities, endpoints)")
@@ -155,6 +157,9 @@ func (c *Config) Validate() error {
 	}
 	if c.StrictMode && c.Encryption != "wireguard" {
 		errs = append(errs, errors.New("--strict-mode needs --encryption=wireguard"))
+	}
+	if c.NodeToNode && c.Encryption != "wireguard" {
+		errs = append(errs, errors.New("--node-to-node-encryption needs --encryption=wireguard"))
 	}
 	if c.WireGuardPort < 1 || c.WireGuardPort > 65535 {
 		errs = append(errs, fmt.Errorf("--wireguard-port %d is not a port", c.WireGuardPort))

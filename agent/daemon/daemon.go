@@ -400,6 +400,7 @@ func (d *Daemon) saveState() error {
 func Cleanup(cfg config.Config) error {
 	var errs []error
 	errs = append(errs, datapath.RemovePins(cfg.BPFFSRoot))
+	errs = append(errs, removeHostTunnel())
 	if l, err := netlink.LinkByName(cfg.WireGuardIface); err == nil {
 		if err := netlink.LinkDel(l); err != nil {
 			errs = append(errs, fmt.Errorf("remove WireGuard device %s: %w", cfg.WireGuardIface, err))

@@ -3,7 +3,9 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"sort"
@@ -36,9 +38,15 @@ func (d *Daemon) startWireGuard(ctx context.Context, underlay string) error {
 	if err != nil {
 		return err
 	}
-	dev, err := wireguard.Open(ctx, wireguard.Config{
+	wcfg := wireguard.Config{
 		Interface: d.cfg.WireGuardIface, ListenPort: d.cfg.WireGuardPort, PrivateKey: key, MTU: mtu, Logger: d.log,
-	})
+	}
+	if d.cfg.NodeToNode {
+		// The device's own UDP packets carry the mark, so the rule that
+		// sends node traffic into the tunnel skips them.
+		wcfg.FirewallMark = hostTunnelMark
+	}
+	dev, err := wireguard.Open(ctx, wcfg)
 	if err != nil {
 		return fmt.Errorf("open WireGuard device: %w", err)
 	}
@@ -94,7 +102,7 @@ func (d *Daemon) syncPeers(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	peers, errs := wireguard.PeersFromNodes(d.cfg.NodeName, nodes, false)
+	peers, errs := wireguard.PeersFromNodes(d.cfg.NodeName, nodes, d.cfg.NodeToNode)
 	for _, e := range errs {
 		d.log.Warn("node not peered", "error", e)
 	}
@@ -104,6 +112,11 @@ func (d *Daemon) syncPeers(ctx context.Context) error {
 	tunnels := map[netip.Addr]bool{}
 	for _, p := range peers {
 		tunnels[p.Endpoint.Addr()] = true
+	}
+	if d.cfg.NodeToNode {
+		if err := d.routeNodesThroughTunnel(tunnels); err != nil {
+			return err
+		}
 	}
 	d.mu.Lock()
 	changed := len(tunnels) != len(d.tunnels)
@@ -273,4 +286,98 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 		enc.UnencryptedPackets = int64(cs.Remote.Packets)
 	}
 	return enc, nil
+}
+
+// Node-to-node encryption: host traffic to a peer node's address is routed
+// into the tunnel by a rule that every unmarked packet consults; WireGuard's
+// own packets carry hostTunnelMark and keep the main table (the underlay).
+const (
+	hostTunnelMark  = 0x5650
+	hostTunnelTable = 0x5650
+	hostTunnelPrio  = 5650
+)
+
+func hostTunnelRule() *netlink.Rule {
+	r := netlink.NewRule()
+	r.Family = netlink.FAMILY_V4
+	r.Priority = hostTunnelPrio
+	r.Mark = hostTunnelMark
+	mask := uint32(0xffffffff)
+	r.Mask = &mask
+	r.Invert = true
+	r.Table = hostTunnelTable
+	return r
+}
+
+// routeNodesThroughTunnel makes the tunnel table hold exactly the peer
+// nodes' addresses, and the rule that consults it exist.
+func (d *Daemon) routeNodesThroughTunnel(nodes map[netip.Addr]bool) error {
+	link, err := netlink.LinkByName(d.wg.Interface())
+	if err != nil {
+		return fmt.Errorf("find WireGuard device: %w", err)
+	}
+	rules, err := netlink.RuleList(netlink.FAMILY_V4)
+	if err != nil {
+		return fmt.Errorf("list routing rules: %w", err)
+	}
+	haveRule := false
+	for _, r := range rules {
+		if r.Priority == hostTunnelPrio && r.Table == hostTunnelTable {
+			haveRule = true
+		}
+	}
+	if !haveRule {
+		if err := netlink.RuleAdd(hostTunnelRule()); err != nil {
+			return fmt.Errorf("add node-to-node routing rule: %w", err)
+		}
+	}
+	have, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: hostTunnelTable}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return fmt.Errorf("list node-to-node routes: %w", err)
+	}
+	present := map[netip.Addr]bool{}
+	for _, r := range have {
+		ip, ok := netip.AddrFromSlice(r.Dst.IP)
+		if ok && nodes[ip.Unmap()] && r.LinkIndex == link.Attrs().Index {
+			present[ip.Unmap()] = true
+			continue
+		}
+		if err := netlink.RouteDel(&r); err != nil {
+			return fmt.Errorf("remove node-to-node route %s: %w", r.Dst, err)
+		}
+	}
+	for ip := range nodes {
+		if present[ip] {
+			continue
+		}
+		route := &netlink.Route{
+			LinkIndex: link.Attrs().Index, Table: hostTunnelTable, Scope: netlink.SCOPE_LINK,
+			Dst: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)},
+		}
+		if err := netlink.RouteReplace(route); err != nil {
+			return fmt.Errorf("route node %s through the tunnel: %w", ip, err)
+		}
+	}
+	return nil
+}
+
+// removeHostTunnel undoes routeNodesThroughTunnel (cleanup mode).
+func removeHostTunnel() error {
+	var errs []error
+	// One rule is installed; a few more passes catch duplicates of a crash.
+	for i := 0; i < 8; i++ {
+		if err := netlink.RuleDel(hostTunnelRule()); err != nil {
+			break
+		}
+	}
+	routes, err := netlink.RouteListFiltered(netlink.FAMILY_V4, &netlink.Route{Table: hostTunnelTable}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return fmt.Errorf("list node-to-node routes: %w", err)
+	}
+	for _, r := range routes {
+		if err := netlink.RouteDel(&r); err != nil {
+			errs = append(errs, fmt.Errorf("remove node-to-node route %s: %w", r.Dst, err))
+		}
+	}
+	return errors.Join(errs...)
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/veilmesh/veil/agent/capture"
 	"github.com/veilmesh/veil/meshctl/cli"
 	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/tests/netlab"
 )
 
 func strictEnv(*lab.Node) map[string]string {
@@ -275,5 +276,72 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 	}
 	if src4.UnderlayMarkerFrames != 0 || dst4.UnderlayMarkerFrames != 0 || dst4.TunnelMarkerFrames == 0 || src4.WireguardFrames == 0 {
 		t.Errorf("a -> new node: source %+v, destination %+v", src4, dst4)
+	}
+}
+
+// TestPrivilegedNodeToNodeEncryption: with node-to-node encryption, traffic
+// between the nodes' own addresses (host network) crosses the underlay only
+// inside WireGuard too, and pod traffic keeps working.
+func TestPrivilegedNodeToNodeEncryption(t *testing.T) {
+	l := startLabWith(t, "n2n", lab.Options{Nodes: 2, AgentEnv: func(*lab.Node) map[string]string {
+		return map[string]string{"VEIL_STRICT_MODE": "true", "VEIL_NODE_TO_NODE_ENCRYPTION": "true"}
+	}})
+	ctx := context.Background()
+	a := mustPod(t, l, "x", "a", "node-1", "a")
+	b := mustPod(t, l, "x", "b", "node-2", "b")
+	n1, n2 := l.Nodes[0], l.Nodes[1]
+	eventually(t, "node-1 peers with node-2, its address included", 30*time.Second, func() error {
+		mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, n1.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		for _, p := range mn.Status.Encryption.Peers {
+			for _, ip := range p.AllowedIPs {
+				if ip == n2.IP.String()+"/32" {
+					return nil
+				}
+			}
+		}
+		return fmt.Errorf("peers %+v", mn.Status.Encryption.Peers)
+	})
+	server, err := netlab.StartHelper(&n2.Netns.Netns, nil, -1, "serve", "tcp:7777")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(server.Kill)
+	if _, err := server.WaitLine(ctxFor(t, 10*time.Second), "listening"); err != nil {
+		t.Fatal(err)
+	}
+	marker := fmt.Sprintf("VEIL-E2E-N2N-%d", time.Now().UnixNano())
+	var under *capture.Capture
+	if err := n1.Netns.Do(func() (err error) {
+		under, err = capture.Start("eth0", capture.Options{Marker: []byte(marker), WireGuardPort: 51871, PodRange: lab.ClusterCIDR})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var sendErr error
+	for i := 0; i < 3; i++ {
+		var c net.Conn
+		if sendErr = n1.Netns.Do(func() (err error) {
+			c, err = net.DialTimeout("tcp", fmt.Sprintf("%s:7777", n2.IP), 2*time.Second)
+			return err
+		}); sendErr != nil {
+			break
+		}
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, sendErr = c.Write([]byte(marker)); sendErr == nil {
+			_, sendErr = c.Read(make([]byte, len(marker)))
+		}
+		c.Close()
+	}
+	expect(t, a, b, 80, true)
+	sum := under.Stop()
+	t.Logf("node-1 underlay during host-to-host traffic: %+v", sum)
+	if sendErr != nil {
+		t.Fatalf("node-1 -> node-2 host traffic through the tunnel: %v", sendErr)
+	}
+	if sum.Marker != 0 || sum.WireGuard == 0 {
+		t.Errorf("host traffic between nodes not encrypted: %+v", sum)
 	}
 }
