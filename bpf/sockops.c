@@ -14,6 +14,7 @@ SEC("sockops")
 int veil_sockops(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
+	struct endpoint_info *src, *dst;
 	__u32 family, l4, r4, l6[4], r6[4];
 
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
@@ -52,8 +53,12 @@ int veil_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 
-	if (!bpf_map_lookup_elem(&veil_endpoints, &key.sip) ||
-	    !bpf_map_lookup_elem(&veil_endpoints, &key.dip))
+	src = bpf_map_lookup_elem(&veil_endpoints, &key.sip);
+	dst = bpf_map_lookup_elem(&veil_endpoints, &key.dip);
+	if (!src || !dst)
+		return 1;
+	/* Either end may opt out (e.g. an application that splices). */
+	if ((src->flags | dst->flags) & EP_F_NO_ACCEL)
 		return 1;
 	bpf_sock_hash_update(skops, &veil_sockhash, &key, BPF_NOEXIST);
 	return 1;

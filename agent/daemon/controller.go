@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -205,6 +206,17 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 			return err
 		} else {
 			ch = d.compiler.UpsertPod(d.withLocalIP(pod))
+			// Annotations change no policy, so the compiler does not
+			// report them; a local pod's datapath record may still need
+			// its acceleration opt-out.
+			d.mu.Lock()
+			ep := d.local[policy.EndpointID{Namespace: k.namespace, Name: k.name}]
+			d.mu.Unlock()
+			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[AccelerationAnnotation]) {
+				if err := d.writeEndpoint(ep); err != nil {
+					return err
+				}
+			}
 		}
 	case kindNamespace:
 		ns, err := d.namespaces.Get(k.name)
@@ -335,14 +347,16 @@ func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
 	if err != nil {
 		return err
 	}
-	if ident != ep.Identity {
+	noAccel := d.accelerationOptOut(ep.Pod)
+	if ident != ep.Identity || noAccel != ep.NoAccel {
 		if err := d.dp.UpsertEndpoint(datapath.Endpoint{
 			IP: ep.IP, ID: ep.ID, Identity: ident, Ifindex: ep.HostIfindex, HostMAC: hostMAC, MAC: podMAC,
+			NoAcceleration: noAccel,
 		}); err != nil {
 			return fmt.Errorf("update endpoint %s: %w", ep.Pod, err)
 		}
 		d.mu.Lock()
-		ep.Identity = ident
+		ep.Identity, ep.NoAccel = ident, noAccel
 		d.mu.Unlock()
 	}
 	if !ok {
@@ -364,6 +378,27 @@ func (d *Daemon) tunnelKind(ip netip.Addr) datapath.IPCacheKind {
 		return datapath.Tunnel
 	}
 	return 0
+}
+
+// AccelerationAnnotation on a pod set to "false" keeps its TCP connections
+// off socket acceleration (for applications that splice(2) sockets).
+const AccelerationAnnotation = "veil.dev/socket-acceleration"
+
+// accelerationOptOut reports whether the pod opted out of acceleration.
+func (d *Daemon) accelerationOptOut(id policy.EndpointID) bool {
+	pod, err := d.pods.Pods(id.Namespace).Get(id.Name)
+	if err != nil {
+		return false
+	}
+	return optedOut(pod.Annotations[AccelerationAnnotation])
+}
+
+func optedOut(v string) bool {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "false", "off", "disabled", "no":
+		return true
+	}
+	return false
 }
 
 // syncIPCache makes the ipcache match the cluster: remote pods, other nodes'

@@ -99,3 +99,11 @@ func TestAcceptedConditionAndStatusUpdates(t *testing.T) {
 type errString string
 
 func (e errString) Error() string { return string(e) }
+
+func TestAccelerationOptOutValues(t *testing.T) {
+	for v, want := range map[string]bool{"false": true, "Off": true, " disabled ": true, "no": true, "true": false, "": false, "maybe": false} {
+		if got := optedOut(v); got != want {
+			t.Errorf("optedOut(%q) = %v, want %v", v, got, want)
+		}
+	}
+}

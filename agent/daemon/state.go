@@ -24,8 +24,9 @@ type localEndpoint struct {
 	HostMAC     string            `json:"hostMAC"`
 	PodMAC      string            `json:"podMAC"`
 	Netns       string            `json:"netns,omitempty"`
-	// Identity last written to the datapath.
+	// Identity and acceleration opt-out last written to the datapath.
 	Identity identity.ID `json:"identity"`
+	NoAccel  bool        `json:"noAcceleration,omitempty"`
 }
 
 func (e *localEndpoint) macs() (host, pod net.HardwareAddr, err error) {

@@ -312,6 +312,49 @@ func TestPrivilegedSocketAcceleration(t *testing.T) {
 	}
 }
 
+func TestPrivilegedAccelerationOptOut(t *testing.T) {
+	tn := newTestNet(t, "optout", netOpts{sockets: true})
+	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	// b opts out; a connection from a (which did not) stays on TCP too.
+	optOut := endpointOf(tn.b, 2, idB)
+	optOut.NoAcceleration = true
+	if err := tn.n1.Do(func() error { return tn.dp1.UpsertEndpoint(optOut) }); err != nil {
+		t.Fatal(err)
+	}
+	eps, err := tn.dp1.Endpoints()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ep := range eps {
+		if ep.IP == ipB && !ep.NoAcceleration {
+			t.Fatalf("endpoint b lost its opt-out: %+v", ep)
+		}
+	}
+	before, _ := tn.dp1.Counters()
+	const size = 16 << 20
+	src, sink := transfer(t, tn, 5004, size, 0)
+	srcDone, err := src.WaitLine(ctxT(t, time.Minute), "done")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sinkDone, err := sink.WaitLine(ctxT(t, time.Minute), "done")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sf, kf := strings.Fields(srcDone), strings.Fields(sinkDone); kf[1] != strconv.Itoa(size) || kf[2] != sf[2] {
+		t.Fatalf("data differs: source %q, sink %q", srcDone, sinkDone)
+	}
+	after, _ := tn.dp1.Counters()
+	if got := after.SocketRedirected.Bytes - before.SocketRedirected.Bytes; got != 0 {
+		t.Errorf("an opted-out pod's connection was accelerated: %d bytes redirected", got)
+	}
+	if n, _ := tn.dp1.AcceleratedSockets(); n != 0 {
+		t.Errorf("accelerated sockets = %d, want 0", n)
+	}
+}
+
 func TestPrivilegedRevokeStopsAcceleratedConnection(t *testing.T) {
 	tn := newTestNet(t, "rev", netOpts{sockets: true})
 	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {

@@ -21,7 +21,13 @@ type Endpoint struct {
 	HostMAC net.HardwareAddr
 	// MAC is the pod's own interface address.
 	MAC net.HardwareAddr
+	// NoAcceleration keeps this pod's TCP connections on the TCP path
+	// (never socket to socket), for applications that splice(2) sockets.
+	NoAcceleration bool
 }
+
+// Endpoint flags (bpf/lib/maps.h).
+const epFlagNoAccel = 1 << 0
 
 func epKey(ip netip.Addr) (uint32, error) {
 	if !ip.Is4() {
@@ -63,6 +69,10 @@ func (d *Datapath) UpsertEndpoint(ep Endpoint) error {
 	info.Identity = uint32(ep.Identity)
 	copy(info.Mac[:], ep.MAC)
 	copy(info.HostMac[:], ep.HostMAC)
+	info.Flags &^= epFlagNoAccel
+	if ep.NoAcceleration {
+		info.Flags |= epFlagNoAccel
+	}
 	// Attach before the endpoint is visible, so the pod's first packet is
 	// already policed by its own veth program.
 	name := "ep_" + ep.IP.String()
@@ -122,6 +132,8 @@ func (d *Datapath) Endpoints() ([]Endpoint, error) {
 			Ifindex:  int(info.Ifindex),
 			MAC:      append(net.HardwareAddr(nil), info.Mac[:]...),
 			HostMAC:  append(net.HardwareAddr(nil), info.HostMac[:]...),
+
+			NoAcceleration: info.Flags&epFlagNoAccel != 0,
 		})
 	}
 	if err := it.Err(); err != nil {

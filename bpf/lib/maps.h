@@ -23,8 +23,11 @@ struct endpoint_info {
 	__u8 ingress_audit;
 	__u8 egress_enforce;
 	__u8 egress_audit;
-	__u32 flags;
+	__u32 flags;		/* EP_F_* */
 };
+
+/* endpoint flags */
+#define EP_F_NO_ACCEL (1 << 0)	/* never join this pod's sockets socket to socket */
 
 /* struct lpm_v4_key - an IPv4 prefix for LPM tries. */
 struct lpm_v4_key {

@@ -271,3 +271,37 @@ func ctxFor(t *testing.T, d time.Duration) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// TestPrivilegedAccelerationOptOutAnnotation: a pod annotated
+// veil.dev/socket-acceleration=false keeps its connections off the sockmap
+// path; an unannotated pair on the same node is accelerated.
+func TestPrivilegedAccelerationOptOutAnnotation(t *testing.T) {
+	l := startLab(t, "accel", 1)
+	ctx := context.Background()
+	a := mustPod(t, l, "x", "a", "node-1", "a")
+	b := mustPod(t, l, "x", "b", "node-1", "b")
+	c, err := l.AddPod(ctx, lab.PodSpec{Namespace: "x", Name: "c", Node: "node-1", Labels: map[string]string{"app": "c"},
+		Annotations: map[string]string{"veil.dev/socket-acceleration": "false"}, Ports: web})
+	if err != nil {
+		t.Fatal(err)
+	}
+	redirected := func() uint64 {
+		st, err := l.Nodes[0].Status(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Counters.SocketRedirectedBytes
+	}
+	r0 := redirected()
+	startStream(t, a, c, 5005, 8<<20, 0, true).finish("to an opted-out pod")
+	r1 := redirected()
+	startStream(t, a, b, 5006, 8<<20, 0, true).finish("between accelerated pods")
+	r2 := redirected()
+	t.Logf("redirected bytes: to the opted-out pod %d, between accelerated pods %d", r1-r0, r2-r1)
+	if r1 != r0 {
+		t.Errorf("connection to an opted-out pod was accelerated: %d bytes redirected", r1-r0)
+	}
+	if r2-r1 < 8<<20 {
+		t.Errorf("connection between accelerated pods: only %d bytes redirected", r2-r1)
+	}
+}

@@ -497,6 +497,7 @@ type PodSpec struct {
 	Namespace, Name string
 	Node            string
 	Labels          map[string]string
+	Annotations     map[string]string
 	// Ports are served by the pod's test server: {Name, Port, Protocol}.
 	Ports []corev1.ContainerPort
 }
@@ -541,7 +542,7 @@ func (l *Lab) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		return nil, fmt.Errorf("namespace %s: %w", spec.Namespace, err)
 	}
 	obj := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: spec.Namespace, Name: spec.Name, Labels: spec.Labels},
+		ObjectMeta: metav1.ObjectMeta{Namespace: spec.Namespace, Name: spec.Name, Labels: spec.Labels, Annotations: spec.Annotations},
 		Spec: corev1.PodSpec{
 			NodeName:   node.Name,
 			Containers: []corev1.Container{{Name: "server", Image: "veil.dev/lab-server", Ports: spec.Ports}},
