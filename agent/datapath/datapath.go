@@ -89,6 +89,9 @@ type Datapath struct {
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
 	policySlots map[uint32][]fromPodPolicyKey
+	// retired: slots switched away from whose entries are deleted after a
+	// grace period (SetPolicy, reclaim).
+	retired map[uint32]bool
 	closers     []interface{ Close() error }
 }
 
@@ -104,7 +107,7 @@ func Load(cfg Config) (*Datapath, error) {
 			return nil, fmt.Errorf("create bpffs directory %s: %w", dir, err)
 		}
 	}
-	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]fromPodPolicyKey{}}
+	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]fromPodPolicyKey{}, retired: map[uint32]bool{}}
 	if cfg.UnderlayInterface != "" {
 		l, err := netlink.LinkByName(cfg.UnderlayInterface)
 		if err != nil {

@@ -1,0 +1,86 @@
+package datapath
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/veilmesh/veil/policy"
+)
+
+// fillPolicyMap writes entries of an endpoint id no test uses until the
+// policy map refuses one, and returns how many it wrote.
+func fillPolicyMap(t *testing.T, dp *Datapath) int {
+	t.Helper()
+	val := fromPodPolicyValue{Enforce: uint8(policy.Allow), Audit: uint8(policy.Allow)}
+	for n := 0; ; n++ {
+		k := fillerKey(n)
+		if err := dp.policy.Update(&k, &val, ebpf.UpdateNoExist); err != nil {
+			if n == 0 {
+				t.Fatalf("policy map refuses the first filler entry: %v", err)
+			}
+			return n
+		}
+	}
+}
+
+// fillerKey is the n-th filler entry: slot of endpoint id 0x7ffffff0.
+func fillerKey(n int) fromPodPolicyKey {
+	return fromPodPolicyKey{Prefixlen: prefixAnyProto, Slot: 0x7ffffff0 << 1, Identity: uint32(n), Direction: uint8(policy.Ingress)}
+}
+
+// A policy update that the map refuses (it is full) must not leave the old
+// policy in force: the new one may be a revocation. The endpoint denies both
+// ways and the error names the endpoint and the map.
+func TestPrivilegedPolicyMapFullFailsClosed(t *testing.T) {
+	tn := newTestNet(t, "full", netOpts{})
+	serveTCP(t, tn.a, 80)
+	serveTCP(t, tn.b, 80)
+	// a accepts b on TCP 80; its egress is open.
+	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{allow(policy.Ingress, idB, policy.ProtoTCP, 80, 16, 1)}, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	if err := tcpEcho(tn.b, "10.244.1.2:80", netip.Addr{}); err != nil {
+		t.Fatalf("b->a before the update: %v", err)
+	}
+	start := time.Now()
+	n := fillPolicyMap(t, tn.dp1)
+	t.Logf("policy map full after %d filler entries (%s)", n, time.Since(start).Round(time.Millisecond))
+
+	// The revocation: only c may reach a now.
+	err := tn.dp1.SetPolicy(ipA, []policy.Entry{
+		allow(policy.Ingress, idC, policy.ProtoTCP, 80, 16, 2),
+		allow(policy.Ingress, idC, policy.ProtoTCP, 81, 16, 3),
+	}, ingressDefaultDeny)
+	var perr *PolicyUpdateError
+	if !errors.As(err, &perr) {
+		t.Fatalf("SetPolicy into a full map: %v; want a *PolicyUpdateError", err)
+	}
+	if perr.Endpoint != ipA || perr.Map != PolicyMap || !perr.FailedClosed {
+		t.Errorf("error %+v; want endpoint %s, map %s, failed closed", perr, ipA, PolicyMap)
+	}
+	t.Logf("reported: %v", err)
+	if err := tcpEcho(tn.b, "10.244.1.2:80", netip.Addr{}); err == nil {
+		t.Error("b->a delivered after a failed revocation; want the endpoint to deny")
+	}
+	if err := tcpEcho(tn.a, "10.244.1.3:80", netip.Addr{}); err == nil {
+		t.Error("a->b delivered after a failed policy update; want a's egress denied too")
+	}
+
+	// Room again: the next update takes effect.
+	for i := range n {
+		k := fillerKey(i)
+		if err := tn.dp1.policy.Delete(&k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{allow(policy.Ingress, idB, policy.ProtoTCP, 80, 16, 4)}, ingressDefaultDeny); err != nil {
+		t.Fatalf("SetPolicy after making room: %v", err)
+	}
+	if err := tcpEcho(tn.b, "10.244.1.2:80", netip.Addr{}); err != nil {
+		t.Errorf("b->a after a successful update: %v", err)
+	}
+}
