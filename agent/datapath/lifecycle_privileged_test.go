@@ -3,6 +3,8 @@ package datapath
 import (
 	"errors"
 	"net/netip"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -82,5 +84,67 @@ func TestPrivilegedPolicyMapFullFailsClosed(t *testing.T) {
 	}
 	if err := tcpEcho(tn.b, "10.244.1.2:80", netip.Addr{}); err != nil {
 		t.Errorf("b->a after a successful update: %v", err)
+	}
+}
+
+// Opting a pod out of acceleration while it has accelerated connections
+// takes them out of the sockhash: the rest of their data goes through TCP
+// (where TC policy sees it), and nothing is lost on the way.
+func TestPrivilegedAccelerationOptOutEvictsSockets(t *testing.T) {
+	tn := newTestNet(t, "optev", netOpts{sockets: true})
+	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	const size = 48 << 20
+	// Paced, so the receiver keeps up: bytes still queued on a socket's
+	// sk_msg ingress queue when it leaves the sockhash are purged by the
+	// kernel (see UpsertEndpoint), which only the sk_msg program could
+	// prevent by stopping redirects before the eviction.
+	src, sink := transfer(t, tn, 5005, size, time.Millisecond)
+	ctx := ctxT(t, 20*time.Second)
+	for progress(sink) < 4<<20 {
+		if ctx.Err() != nil {
+			t.Fatalf("transfer did not start: %v", sink.Lines())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if n, _ := tn.dp1.AcceleratedSockets(); n != 2 {
+		t.Fatalf("accelerated sockets = %d, want 2", n)
+	}
+
+	optOut := endpointOf(tn.b, 2, idB)
+	optOut.NoAcceleration = true
+	if err := tn.n1.Do(func() error { return tn.dp1.UpsertEndpoint(optOut) }); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := tn.dp1.AcceleratedSockets(); n != 0 {
+		t.Errorf("accelerated sockets after the opt-out = %d, want 0", n)
+	}
+	before, _ := tn.dp1.Counters()
+	vethBefore, err := tn.n1.LinkStats("veth-a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srcDone, err := src.WaitLine(ctxT(t, time.Minute), "done")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sinkDone, err := sink.WaitLine(ctxT(t, time.Minute), "done")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sf, kf := strings.Fields(srcDone), strings.Fields(sinkDone); sf[1] != strconv.Itoa(size) || kf[1] != sf[1] || kf[2] != sf[2] {
+		t.Fatalf("data differs: source %q, sink %q", srcDone, sinkDone)
+	}
+	after, _ := tn.dp1.Counters()
+	vethAfter, _ := tn.n1.LinkStats("veth-a")
+	redirected := after.SocketRedirected.Bytes - before.SocketRedirected.Bytes
+	tcpBytes := vethAfter.RxBytes - vethBefore.RxBytes
+	t.Logf("after the opt-out: %d bytes redirected socket to socket, %d bytes over veth-a", redirected, tcpBytes)
+	if redirected != 0 {
+		t.Errorf("%d bytes still redirected socket to socket after the opt-out", redirected)
+	}
+	if tcpBytes < size/4 {
+		t.Errorf("only %d bytes went over TCP after the opt-out", tcpBytes)
 	}
 }
