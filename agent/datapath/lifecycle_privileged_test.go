@@ -148,3 +148,45 @@ func TestPrivilegedAccelerationOptOutEvictsSockets(t *testing.T) {
 		t.Errorf("only %d bytes went over TCP after the opt-out", tcpBytes)
 	}
 }
+
+// A swap leaves the replaced entries in the map until a grace period has
+// passed, so a program that read the endpoint record before the switch
+// never finds its policy half deleted; the next swap reclaims them.
+func TestPrivilegedPolicySwapDefersDeletion(t *testing.T) {
+	tn := newTestNet(t, "swap", netOpts{})
+	first := []policy.Entry{allow(policy.Ingress, idB, policy.ProtoTCP, 80, 16, 1)}
+	if err := tn.dp1.SetPolicy(ipA, first, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	// Endpoint a has id 1: its slots are 2 and 3, and it starts on 2.
+	old, err := policyKey(1<<1|1, first[0].Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v fromPodPolicyValue
+	if err := tn.dp1.policy.Lookup(&old, &v); err != nil {
+		t.Fatalf("first policy not written to slot 3: %v", err)
+	}
+	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{allow(policy.Ingress, idC, policy.ProtoTCP, 80, 16, 2)}, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	if err := tn.dp1.policy.Lookup(&old, &v); err != nil {
+		t.Errorf("replaced entry deleted right after the switch: %v", err)
+	}
+	start := time.Now()
+	if err := tn.dp1.SetPolicy(ipA, first, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("swap that waited for a grace period: %s", time.Since(start))
+	// Slot 3 holds the first policy again, written after the reclaim.
+	if err := tn.dp1.policy.Lookup(&old, &v); err != nil || v.RuleId != 1 {
+		t.Errorf("slot 3 after the third swap: %+v, %v", v, err)
+	}
+	stale, err := policyKey(1<<1, policy.Key{Direction: policy.Ingress, Identity: idC, Proto: policy.ProtoTCP, Port: 80, PortPrefixLen: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tn.dp1.policy.Lookup(&stale, &v); err != nil {
+		t.Errorf("second policy deleted right after the third switch: %v", err)
+	}
+}
