@@ -242,6 +242,21 @@ func (d *Datapath) indexPolicy() error {
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("index policy map: %w", err)
 	}
+	// Entries in an endpoint's idle slot were replaced by the previous
+	// process: retired, so a full map reclaims them before failing closed.
+	var (
+		ip   uint32
+		info fromPodEndpointInfo
+	)
+	eps := d.endpoints.Iterate()
+	for eps.Next(&ip, &info) {
+		if idle := info.PolicySlot ^ 1; len(d.policySlots[idle]) > 0 {
+			d.retired[idle] = true
+		}
+	}
+	if err := eps.Err(); err != nil {
+		return fmt.Errorf("index policy map: list endpoints: %w", err)
+	}
 	return nil
 }
 
