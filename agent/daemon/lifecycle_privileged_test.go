@@ -1,13 +1,20 @@
 package daemon
 
 import (
+	"encoding/binary"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/tests/controlplane"
 )
 
@@ -146,3 +153,80 @@ func TestPrivilegedAgentStartBeforePolicySyncFailsClosed(t *testing.T) {
 	l.expectReach("a", "b", deniedPort, false)
 	l.expectReach("a", "ghost", allowPort, false)
 }
+
+// fillPolicyMap fills the node's pinned policy map with entries of a slot no
+// endpoint uses (the key and value layouts of bpf/lib/maps.h), until it
+// refuses one.
+func (l *agentLab) fillPolicyMap() int {
+	l.t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(l.cfg.BPFFSRoot, datapath.PolicyMap), nil)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	defer m.Close()
+	key := make([]byte, m.KeySize())
+	val := make([]byte, m.ValueSize())
+	binary.LittleEndian.PutUint32(key[0:], 72) // slot, identity, direction
+	binary.LittleEndian.PutUint32(key[4:], 0xfffffff0)
+	for n := 0; ; n++ {
+		binary.LittleEndian.PutUint32(key[8:], uint32(n))
+		if err := m.Update(key, val, ebpf.UpdateNoExist); err != nil {
+			return n
+		}
+	}
+}
+
+// A revocation that the policy map cannot hold must not leave the old
+// policy in force: the endpoint denies, and the agent says which endpoint
+// and which map.
+func TestPrivilegedAgentPolicyMapFullFailsClosed(t *testing.T) {
+	l := newAgentLab(t, "full")
+	np, err := l.kube.NetworkingV1().NetworkPolicies(testNS).Create(l.ctx(10*time.Second), onlyFromA(), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.createPod("a", map[string]string{"app": "a"})
+	l.createPod("b", map[string]string{"app": "b"})
+	l.startAgent()
+	l.waitConverged(30 * time.Second)
+	l.cniAdd("a")
+	l.cniAdd("b")
+	l.serve("b", allowPort)
+	l.expectReach("a", "b", allowPort, true)
+
+	t.Logf("policy map full after %d filler entries", l.fillPolicyMap())
+	// Revoke allowPort; the new rule needs more entries than the old.
+	tcp := corev1.ProtocolTCP
+	np.Spec.Ingress[0].Ports = nil
+	for p := int32(9000); p < 9016; p++ {
+		np.Spec.Ingress[0].Ports = append(np.Spec.Ingress[0].Ports,
+			networkingv1.NetworkPolicyPort{Protocol: &tcp, Port: ptr(intstr.FromInt32(p))})
+	}
+	if _, err := l.kube.NetworkingV1().NetworkPolicies(testNS).Update(l.ctx(10*time.Second), np, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	var reason string
+	for reason == "" && time.Now().Before(deadline) {
+		st, err := l.status()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range st.Degraded {
+			if d.Component == failedClosedPrefix+testNS+"/b" {
+				reason = d.Reason
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if reason == "" {
+		t.Fatal("agent does not report endpoint b as degraded after its policy update failed")
+	}
+	t.Logf("degraded: %s", reason)
+	if !strings.Contains(reason, datapath.PolicyMap) || !strings.Contains(reason, l.ips["b"].String()) {
+		t.Errorf("degraded reason %q does not name the map %s and the endpoint %s", reason, datapath.PolicyMap, l.ips["b"])
+	}
+	l.expectReach("a", "b", allowPort, false)
+}
+
+func ptr[T any](v T) *T { return &v }
