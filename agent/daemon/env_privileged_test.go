@@ -333,6 +333,30 @@ func (l *agentLab) cniAdd(name string) netip.Addr {
 	return p.Addr()
 }
 
+// cniDel calls CNI DEL for the pod, as the runtime does when it stops it.
+func (l *agentLab) cniDel(name string) {
+	l.t.Helper()
+	c, done := l.client()
+	defer done()
+	if _, err := c.CNIDel(l.ctx(30*time.Second), l.cniRequest(name)); err != nil {
+		l.t.Fatalf("CNI DEL %s: %v", name, err)
+	}
+}
+
+// pinnedLinks lists the names of the datapath's pinned links.
+func (l *agentLab) pinnedLinks() []string {
+	l.t.Helper()
+	entries, err := os.ReadDir(filepath.Join(l.cfg.BPFFSRoot, "links"))
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
 // serve runs TCP echo servers in the pod on ports.
 func (l *agentLab) serve(name string, ports ...int) {
 	l.t.Helper()

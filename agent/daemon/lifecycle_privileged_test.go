@@ -72,6 +72,18 @@ func TestPrivilegedAgentCrashAfterCNIAddKeepsPodEnforced(t *testing.T) {
 			}
 			l.expectReach("a", "b", deniedPort, false)
 			l.expectReach("a", "b", allowPort, true)
+
+			// The adopted endpoint leaves cleanly with its pod.
+			l.cniDel("b")
+			if l.endpointIPs()[l.ips["b"].String()] {
+				t.Error("endpoint b still registered after CNI DEL")
+			}
+			pin := "ep_" + strings.ReplaceAll(l.ips["b"].String(), ".", "-")
+			for _, name := range l.pinnedLinks() {
+				if strings.HasPrefix(name, pin) {
+					t.Errorf("pinned link %s left after CNI DEL", name)
+				}
+			}
 		})
 	}
 }
