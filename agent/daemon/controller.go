@@ -178,26 +178,35 @@ func (d *Daemon) worker(ctx context.Context) {
 	}
 }
 
-// converged marks the agent converged and gives the endpoints wired before
-// that their compiled policy in place of deny-all.
+// converged marks the agent converged, gives the endpoints wired before
+// that their compiled policy in place of deny-all, and makes every endpoint
+// whose Pod the API server does not have (restored from the last run, the
+// Pod deleted meanwhile) deny-all instead of keeping its old policy.
 func (d *Daemon) converged() {
 	d.mu.Lock()
 	d.synced.Store(true)
-	var pending []*localEndpoint
+	var rewrite, rest []*localEndpoint
 	for _, ep := range d.local {
 		if ep.Pending {
 			ep.Pending = false
-			pending = append(pending, ep)
+			rewrite = append(rewrite, ep)
+		} else {
+			rest = append(rest, ep)
 		}
 	}
 	d.mu.Unlock()
-	for _, ep := range pending {
-		if err := d.writeEndpoint(ep); err != nil {
-			// It keeps denying; the next change of its pod retries.
-			d.log.Warn("write policy of endpoint wired before convergence", "pod", ep.Pod, "error", err)
+	for _, ep := range rest {
+		if _, ok := d.compiler.Endpoint(ep.Pod); !ok {
+			rewrite = append(rewrite, ep)
 		}
 	}
-	if len(pending) > 0 {
+	for _, ep := range rewrite {
+		if err := d.writeEndpoint(ep); err != nil {
+			// It keeps denying; the next change of its pod retries.
+			d.log.Warn("write policy of endpoint after convergence", "pod", ep.Pod, "error", err)
+		}
+	}
+	if len(rewrite) > 0 {
 		d.dirty.Store(true)
 	}
 }

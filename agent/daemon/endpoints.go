@@ -130,8 +130,8 @@ func (d *Daemon) allocEndpointID() uint32 {
 // exists and IPAM names the container that holds its address, and kept as
 // it is, still enforcing, when no owner is known. Only an endpoint whose
 // interface is gone is removed: nothing can send through it any more. The
-// API server has the last word after the informers sync: an adopted pod
-// that no longer exists gets no policy but deny-all (writeEndpoint).
+// API server has the last word once the agent has converged: an endpoint
+// whose Pod no longer exists gets deny-all (converged).
 func (d *Daemon) restoreEndpoints(st *persisted, alloc *ipam.Allocator) error {
 	known := map[netip.Addr]bool{}
 	d.mu.Lock()

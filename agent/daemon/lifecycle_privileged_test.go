@@ -52,15 +52,25 @@ func TestPrivilegedAgentCrashAfterCNIAddKeepsPodEnforced(t *testing.T) {
 			l.startAgent()
 			l.waitConverged(30 * time.Second)
 
+			l.createPod("gone", map[string]string{"app": "gone"})
+			l.cniAdd("gone")
 			l.cniAdd("a")
 			l.cniAdd("b")
 			l.killAgent()
 			if loseState {
 				l.dropSavedEndpoints()
 			}
+			// Its Pod goes while the agent is away; the runtime has not
+			// called DEL yet. No policy selects it, so it allowed all.
+			// (Grace period 0: no kubelet runs to finish a graceful delete.)
+			if err := l.kube.CoreV1().Pods(testNS).Delete(l.ctx(10*time.Second), "gone", metav1.DeleteOptions{GracePeriodSeconds: new(int64)}); err != nil {
+				t.Fatal(err)
+			}
 
 			l.serve("b", allowPort, deniedPort)
+			l.serve("gone", allowPort)
 			l.expectReach("a", "b", deniedPort, false)
+			l.expectReach("a", "gone", allowPort, true)
 
 			l.startAgent()
 			l.waitConverged(30 * time.Second)
@@ -72,6 +82,8 @@ func TestPrivilegedAgentCrashAfterCNIAddKeepsPodEnforced(t *testing.T) {
 			}
 			l.expectReach("a", "b", deniedPort, false)
 			l.expectReach("a", "b", allowPort, true)
+			// Unmanaged now: deny-all, not its last policy.
+			l.expectReach("a", "gone", allowPort, false)
 
 			// The adopted endpoint leaves cleanly with its pod.
 			l.cniDel("b")
