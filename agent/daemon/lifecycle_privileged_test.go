@@ -170,9 +170,36 @@ func TestPrivilegedAgentStartBeforePolicySyncFailsClosed(t *testing.T) {
 	l.expectReach("a", "b", deniedPort, false)
 	l.expectReach("a", "ghost", allowPort, false)
 
+	// Probe the denied flow all the way through convergence.
+	stop := make(chan struct{})
+	probed := make(chan [2]int)
+	go func() {
+		var tries, delivered int
+		for {
+			select {
+			case <-stop:
+				probed <- [2]int{tries, delivered}
+				return
+			default:
+			}
+			tries++
+			if l.reach("a", "b", deniedPort) == nil {
+				delivered++
+			}
+		}
+	}()
 	l.grant(user+"-netpol", user,
 		rbacv1.PolicyRule{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: []string{"get", "list", "watch"}})
+	granted := time.Now()
 	l.waitConverged(90 * time.Second)
+	t.Logf("converged %s after NetworkPolicies could be listed", time.Since(granted).Round(100*time.Millisecond))
+	time.Sleep(time.Second)
+	close(stop)
+	if n := <-probed; n[1] > 0 {
+		t.Errorf("denied flow a → b:%d delivered %d of %d times around convergence", deniedPort, n[1], n[0])
+	} else {
+		t.Logf("denied flow probed %d times around convergence, never delivered", n[0])
+	}
 	l.expectReach("a", "b", allowPort, true)
 	l.expectReach("a", "b", deniedPort, false)
 	l.expectReach("a", "ghost", allowPort, false)
