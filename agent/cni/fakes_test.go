@@ -16,7 +16,7 @@ import (
 
 // fakeNet is a PodNetwork that remembers what it wired.
 type fakeNet struct {
-	mu       sync.Mutex
+	mu          sync.Mutex
 	wired       map[string]podnet.Request
 	setupErr    error
 	teardownErr error

@@ -287,7 +287,7 @@ func (l *agentLab) createPod(name string, labels map[string]string) {
 	l.t.Helper()
 	_, err := l.kube.CoreV1().Pods(testNS).Create(l.ctx(10*time.Second), &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: testNS, Labels: labels},
-		Spec: corev1.PodSpec{NodeName: testNode, Containers: []corev1.Container{{Name: "c", Image: "none"}}},
+		Spec:       corev1.PodSpec{NodeName: testNode, Containers: []corev1.Container{{Name: "c", Image: "none"}}},
 	}, metav1.CreateOptions{})
 	if err != nil {
 		l.t.Fatal(err)

@@ -92,7 +92,7 @@ type Datapath struct {
 	// retired: slots switched away from whose entries are deleted after a
 	// grace period (SetPolicy, reclaim).
 	retired map[uint32]bool
-	closers     []interface{ Close() error }
+	closers []interface{ Close() error }
 }
 
 // Load checks the kernel, loads the programs, opens (or creates) the pinned
