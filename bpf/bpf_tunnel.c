@@ -13,6 +13,7 @@
 #include "lib/conntrack.h"
 #include "lib/events.h"
 #include "lib/forward.h"
+#include "lib/ingress.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
@@ -22,10 +23,8 @@ int veil_from_tunnel(struct __sk_buff *skb)
 {
 	struct endpoint_info *dst;
 	struct packet pkt = {};
-	struct decision in;
 	struct peer sp = {};
 	struct ct_entry *ct;
-	__u32 flags = FLOW_F_INGRESS_DECIDED | FLOW_F_ENCRYPTED;
 	int reply, reason;
 
 	reason = parse_ipv4_l3(skb, &pkt);
@@ -36,7 +35,12 @@ int veil_from_tunnel(struct __sk_buff *skb)
 	if (!dst)
 		return TC_ACT_OK;
 	if (reason)
-		return drop(skb, &pkt, OBS_FROM_TUNNEL, reason, 0, dst->identity, 0, flags);
+		return drop(skb, &pkt, OBS_FROM_TUNNEL, reason, 0, dst->identity, 0,
+			    FLOW_F_INGRESS_DECIDED | FLOW_F_ENCRYPTED);
+	reason = remote_peer(&pkt, 1, &sp);
+	if (reason)
+		return drop(skb, &pkt, OBS_FROM_TUNNEL, reason, 0, dst->identity, 0,
+			    FLOW_F_INGRESS_DECIDED | FLOW_F_ENCRYPTED);
 
 	ct = ct_lookup(&pkt, &reply);
 	if (ct) {
@@ -44,18 +48,8 @@ int veil_from_tunnel(struct __sk_buff *skb)
 		return deliver_local_l3(skb, dst);
 	}
 
-	peer_of(pkt.tuple.saddr, &sp);
-	policy_decide(dst, DIR_INGRESS, &sp, &pkt, &in);
-	if (in.enforce == VERDICT_DENY)
-		return drop(skb, &pkt, OBS_FROM_TUNNEL, DROP_POLICY_INGRESS, sp.identity,
-			    dst->identity, in.rule_id, flags);
-	if (in.audit == VERDICT_DENY) {
-		flags |= FLOW_F_AUDIT;
-		metric_add(FWD_AUDIT, pkt.len);
-	}
-	ct_create(&pkt, sp.identity, dst->identity, (flags & FLOW_F_AUDIT) ? CT_F_AUDIT : 0);
-	flow_emit(skb, &pkt, OBS_FROM_TUNNEL, VERDICT_ALLOW, REASON_NONE, sp.identity,
-		  dst->identity, in.rule_id, flags);
+	if (ingress_decide(skb, &pkt, dst, &sp, OBS_FROM_TUNNEL, FLOW_F_ENCRYPTED) != TC_ACT_OK)
+		return TC_ACT_SHOT;
 	return deliver_local_l3(skb, dst);
 }
 

@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type fromPodCtEntry struct {
+type tunnelCtEntry struct {
 	_           structs.HostLayout
 	CreatedNs   uint64
 	LastSeenNs  uint64
@@ -25,7 +25,7 @@ type fromPodCtEntry struct {
 	Pad         uint32
 }
 
-type fromPodCtKey struct {
+type tunnelCtKey struct {
 	_     structs.HostLayout
 	Saddr uint32
 	Daddr uint32
@@ -35,7 +35,7 @@ type fromPodCtKey struct {
 	Pad   [3]uint8
 }
 
-type fromPodEndpointInfo struct {
+type tunnelEndpointInfo struct {
 	_              structs.HostLayout
 	Ifindex        uint32
 	Id             uint32
@@ -50,35 +50,14 @@ type fromPodEndpointInfo struct {
 	Flags          uint32
 }
 
-type fromPodFlowEvent struct {
-	_           structs.HostLayout
-	TsNs        uint64
-	Saddr       uint32
-	Daddr       uint32
-	Sport       uint16
-	Dport       uint16
-	Proto       uint8
-	Verdict     uint8
-	Reason      uint8
-	Point       uint8
-	Flags       uint32
-	SrcIdentity uint32
-	DstIdentity uint32
-	Ifindex     uint32
-	Len         uint32
-	RuleId      uint32
-	Pad         uint32
-	_           [4]byte
-}
-
-type fromPodIpcacheInfo struct {
+type tunnelIpcacheInfo struct {
 	_        structs.HostLayout
 	Identity uint32
 	NodeIp   uint32
 	Flags    uint32
 }
 
-type fromPodLeak struct {
+type tunnelLeak struct {
 	_          structs.HostLayout
 	FirstNs    uint64
 	LastNs     uint64
@@ -87,19 +66,19 @@ type fromPodLeak struct {
 	Reason     uint32
 }
 
-type fromPodLpmV4Key struct {
+type tunnelLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Addr      uint32
 }
 
-type fromPodMetric struct {
+type tunnelMetric struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
 }
 
-type fromPodPolicyKey struct {
+type tunnelPolicyKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Slot      uint32
@@ -109,7 +88,7 @@ type fromPodPolicyKey struct {
 	Port      uint16
 }
 
-type fromPodPolicyValue struct {
+type tunnelPolicyValue struct {
 	_       structs.HostLayout
 	Enforce uint8
 	Audit   uint8
@@ -119,7 +98,7 @@ type fromPodPolicyValue struct {
 	Bytes   uint64
 }
 
-type fromPodSockKey struct {
+type tunnelSockKey struct {
 	_     structs.HostLayout
 	Sip   uint32
 	Dip   uint32
@@ -131,47 +110,46 @@ type fromPodSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	fromPodMapVeilCidrs       = "veil_cidrs"
-	fromPodMapVeilCt          = "veil_ct"
-	fromPodMapVeilEndpoints   = "veil_endpoints"
-	fromPodMapVeilEvents      = "veil_events"
-	fromPodMapVeilIpcache     = "veil_ipcache"
-	fromPodMapVeilLeaks       = "veil_leaks"
-	fromPodMapVeilMetrics     = "veil_metrics"
-	fromPodMapVeilPolicy      = "veil_policy"
-	fromPodMapVeilSockhash    = "veil_sockhash"
-	fromPodMapVeilSockstats   = "veil_sockstats"
-	fromPodProgVeilFromPod    = "veil_from_pod"
-	fromPodVarCtIdleTimeoutS  = "ct_idle_timeout_s"
-	fromPodVarNodeIp          = "node_ip"
-	fromPodVarStrictMode      = "strict_mode"
-	fromPodVarUnderlayIfindex = "underlay_ifindex"
-	fromPodVarUnusedFlowEvent = "unused_flow_event"
-	fromPodVarWgIfindex       = "wg_ifindex"
+	tunnelMapVeilCidrs       = "veil_cidrs"
+	tunnelMapVeilCt          = "veil_ct"
+	tunnelMapVeilEndpoints   = "veil_endpoints"
+	tunnelMapVeilEvents      = "veil_events"
+	tunnelMapVeilIpcache     = "veil_ipcache"
+	tunnelMapVeilLeaks       = "veil_leaks"
+	tunnelMapVeilMetrics     = "veil_metrics"
+	tunnelMapVeilPolicy      = "veil_policy"
+	tunnelMapVeilSockhash    = "veil_sockhash"
+	tunnelMapVeilSockstats   = "veil_sockstats"
+	tunnelProgVeilFromTunnel = "veil_from_tunnel"
+	tunnelVarCtIdleTimeoutS  = "ct_idle_timeout_s"
+	tunnelVarNodeIp          = "node_ip"
+	tunnelVarStrictMode      = "strict_mode"
+	tunnelVarUnderlayIfindex = "underlay_ifindex"
+	tunnelVarWgIfindex       = "wg_ifindex"
 )
 
-// loadFromPod returns the embedded CollectionSpec for fromPod.
-func loadFromPod() (*ebpf.CollectionSpec, error) {
-	reader := bytes.NewReader(_FromPodBytes)
+// loadTunnel returns the embedded CollectionSpec for tunnel.
+func loadTunnel() (*ebpf.CollectionSpec, error) {
+	reader := bytes.NewReader(_TunnelBytes)
 	spec, err := ebpf.LoadCollectionSpecFromReader(reader)
 	if err != nil {
-		return nil, fmt.Errorf("can't load fromPod: %w", err)
+		return nil, fmt.Errorf("can't load tunnel: %w", err)
 	}
 
 	return spec, err
 }
 
-// loadFromPodObjects loads fromPod and converts it into a struct.
+// loadTunnelObjects loads tunnel and converts it into a struct.
 //
 // The following types are suitable as obj argument:
 //
-//	*fromPodObjects
-//	*fromPodPrograms
-//	*fromPodMaps
+//	*tunnelObjects
+//	*tunnelPrograms
+//	*tunnelMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func loadFromPodObjects(obj any, opts *ebpf.CollectionOptions) error {
-	spec, err := loadFromPod()
+func loadTunnelObjects(obj any, opts *ebpf.CollectionOptions) error {
+	spec, err := loadTunnel()
 	if err != nil {
 		return err
 	}
@@ -179,26 +157,26 @@ func loadFromPodObjects(obj any, opts *ebpf.CollectionOptions) error {
 	return spec.LoadAndAssign(obj, opts)
 }
 
-// fromPodSpecs contains maps and programs before they are loaded into the kernel.
+// tunnelSpecs contains maps and programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromPodSpecs struct {
-	fromPodProgramSpecs
-	fromPodMapSpecs
-	fromPodVariableSpecs
+type tunnelSpecs struct {
+	tunnelProgramSpecs
+	tunnelMapSpecs
+	tunnelVariableSpecs
 }
 
-// fromPodProgramSpecs contains programs before they are loaded into the kernel.
+// tunnelProgramSpecs contains programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromPodProgramSpecs struct {
-	VeilFromPod *ebpf.ProgramSpec `ebpf:"veil_from_pod"`
+type tunnelProgramSpecs struct {
+	VeilFromTunnel *ebpf.ProgramSpec `ebpf:"veil_from_tunnel"`
 }
 
-// fromPodMapSpecs contains maps before they are loaded into the kernel.
+// tunnelMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromPodMapSpecs struct {
+type tunnelMapSpecs struct {
 	VeilCidrs     *ebpf.MapSpec `ebpf:"veil_cidrs"`
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
@@ -211,38 +189,37 @@ type fromPodMapSpecs struct {
 	VeilSockstats *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
-// fromPodVariableSpecs contains global variables before they are loaded into the kernel.
+// tunnelVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromPodVariableSpecs struct {
+type tunnelVariableSpecs struct {
 	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
 	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
-	UnusedFlowEvent *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
-// fromPodObjects contains all objects after they have been loaded into the kernel.
+// tunnelObjects contains all objects after they have been loaded into the kernel.
 //
-// It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromPodObjects struct {
-	fromPodPrograms
-	fromPodMaps
-	fromPodVariables
+// It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
+type tunnelObjects struct {
+	tunnelPrograms
+	tunnelMaps
+	tunnelVariables
 }
 
-func (o *fromPodObjects) Close() error {
-	return _FromPodClose(
-		&o.fromPodPrograms,
-		&o.fromPodMaps,
+func (o *tunnelObjects) Close() error {
+	return _TunnelClose(
+		&o.tunnelPrograms,
+		&o.tunnelMaps,
 	)
 }
 
-// fromPodMaps contains all maps after they have been loaded into the kernel.
+// tunnelMaps contains all maps after they have been loaded into the kernel.
 //
-// It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromPodMaps struct {
+// It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
+type tunnelMaps struct {
 	VeilCidrs     *ebpf.Map `ebpf:"veil_cidrs"`
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
@@ -255,8 +232,8 @@ type fromPodMaps struct {
 	VeilSockstats *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
-func (m *fromPodMaps) Close() error {
-	return _FromPodClose(
+func (m *tunnelMaps) Close() error {
+	return _TunnelClose(
 		m.VeilCidrs,
 		m.VeilCt,
 		m.VeilEndpoints,
@@ -270,32 +247,31 @@ func (m *fromPodMaps) Close() error {
 	)
 }
 
-// fromPodVariables contains all global variables after they have been loaded into the kernel.
+// tunnelVariables contains all global variables after they have been loaded into the kernel.
 //
-// It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromPodVariables struct {
+// It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
+type tunnelVariables struct {
 	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
 	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
-	UnusedFlowEvent *ebpf.Variable `ebpf:"unused_flow_event"`
 	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
-// fromPodPrograms contains all programs after they have been loaded into the kernel.
+// tunnelPrograms contains all programs after they have been loaded into the kernel.
 //
-// It can be passed to loadFromPodObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromPodPrograms struct {
-	VeilFromPod *ebpf.Program `ebpf:"veil_from_pod"`
+// It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
+type tunnelPrograms struct {
+	VeilFromTunnel *ebpf.Program `ebpf:"veil_from_tunnel"`
 }
 
-func (p *fromPodPrograms) Close() error {
-	return _FromPodClose(
-		p.VeilFromPod,
+func (p *tunnelPrograms) Close() error {
+	return _TunnelClose(
+		p.VeilFromTunnel,
 	)
 }
 
-func _FromPodClose(closers ...io.Closer) error {
+func _TunnelClose(closers ...io.Closer) error {
 	for _, closer := range closers {
 		if err := closer.Close(); err != nil {
 			return err
@@ -306,5 +282,5 @@ func _FromPodClose(closers ...io.Closer) error {
 
 // Do not access this directly.
 //
-//go:embed frompod_bpfel.o
-var _FromPodBytes []byte
+//go:embed tunnel_bpfel.o
+var _TunnelBytes []byte

@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type sockopsCtEntry struct {
+type sockCtEntry struct {
 	_           structs.HostLayout
 	CreatedNs   uint64
 	LastSeenNs  uint64
@@ -25,7 +25,7 @@ type sockopsCtEntry struct {
 	Pad         uint32
 }
 
-type sockopsCtKey struct {
+type sockCtKey struct {
 	_     structs.HostLayout
 	Saddr uint32
 	Daddr uint32
@@ -35,7 +35,7 @@ type sockopsCtKey struct {
 	Pad   [3]uint8
 }
 
-type sockopsEndpointInfo struct {
+type sockEndpointInfo struct {
 	_              structs.HostLayout
 	Ifindex        uint32
 	Id             uint32
@@ -50,14 +50,14 @@ type sockopsEndpointInfo struct {
 	Flags          uint32
 }
 
-type sockopsIpcacheInfo struct {
+type sockIpcacheInfo struct {
 	_        structs.HostLayout
 	Identity uint32
 	NodeIp   uint32
 	Flags    uint32
 }
 
-type sockopsLeak struct {
+type sockLeak struct {
 	_          structs.HostLayout
 	FirstNs    uint64
 	LastNs     uint64
@@ -66,19 +66,19 @@ type sockopsLeak struct {
 	Reason     uint32
 }
 
-type sockopsLpmV4Key struct {
+type sockLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Addr      uint32
 }
 
-type sockopsMetric struct {
+type sockMetric struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
 }
 
-type sockopsPolicyKey struct {
+type sockPolicyKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Slot      uint32
@@ -88,7 +88,7 @@ type sockopsPolicyKey struct {
 	Port      uint16
 }
 
-type sockopsPolicyValue struct {
+type sockPolicyValue struct {
 	_       structs.HostLayout
 	Enforce uint8
 	Audit   uint8
@@ -98,7 +98,7 @@ type sockopsPolicyValue struct {
 	Bytes   uint64
 }
 
-type sockopsSockKey struct {
+type sockSockKey struct {
 	_     structs.HostLayout
 	Sip   uint32
 	Dip   uint32
@@ -110,41 +110,42 @@ type sockopsSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockopsMapVeilCidrs     = "veil_cidrs"
-	sockopsMapVeilCt        = "veil_ct"
-	sockopsMapVeilEndpoints = "veil_endpoints"
-	sockopsMapVeilEvents    = "veil_events"
-	sockopsMapVeilIpcache   = "veil_ipcache"
-	sockopsMapVeilLeaks     = "veil_leaks"
-	sockopsMapVeilMetrics   = "veil_metrics"
-	sockopsMapVeilPolicy    = "veil_policy"
-	sockopsMapVeilSockhash  = "veil_sockhash"
-	sockopsMapVeilSockstats = "veil_sockstats"
-	sockopsProgVeilSockops  = "veil_sockops"
+	sockMapVeilCidrs     = "veil_cidrs"
+	sockMapVeilCt        = "veil_ct"
+	sockMapVeilEndpoints = "veil_endpoints"
+	sockMapVeilEvents    = "veil_events"
+	sockMapVeilIpcache   = "veil_ipcache"
+	sockMapVeilLeaks     = "veil_leaks"
+	sockMapVeilMetrics   = "veil_metrics"
+	sockMapVeilPolicy    = "veil_policy"
+	sockMapVeilSockhash  = "veil_sockhash"
+	sockMapVeilSockstats = "veil_sockstats"
+	sockProgVeilSkMsg    = "veil_sk_msg"
+	sockProgVeilSockops  = "veil_sockops"
 )
 
-// loadSockops returns the embedded CollectionSpec for sockops.
-func loadSockops() (*ebpf.CollectionSpec, error) {
-	reader := bytes.NewReader(_SockopsBytes)
+// loadSock returns the embedded CollectionSpec for sock.
+func loadSock() (*ebpf.CollectionSpec, error) {
+	reader := bytes.NewReader(_SockBytes)
 	spec, err := ebpf.LoadCollectionSpecFromReader(reader)
 	if err != nil {
-		return nil, fmt.Errorf("can't load sockops: %w", err)
+		return nil, fmt.Errorf("can't load sock: %w", err)
 	}
 
 	return spec, err
 }
 
-// loadSockopsObjects loads sockops and converts it into a struct.
+// loadSockObjects loads sock and converts it into a struct.
 //
 // The following types are suitable as obj argument:
 //
-//	*sockopsObjects
-//	*sockopsPrograms
-//	*sockopsMaps
+//	*sockObjects
+//	*sockPrograms
+//	*sockMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func loadSockopsObjects(obj any, opts *ebpf.CollectionOptions) error {
-	spec, err := loadSockops()
+func loadSockObjects(obj any, opts *ebpf.CollectionOptions) error {
+	spec, err := loadSock()
 	if err != nil {
 		return err
 	}
@@ -152,26 +153,27 @@ func loadSockopsObjects(obj any, opts *ebpf.CollectionOptions) error {
 	return spec.LoadAndAssign(obj, opts)
 }
 
-// sockopsSpecs contains maps and programs before they are loaded into the kernel.
+// sockSpecs contains maps and programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type sockopsSpecs struct {
-	sockopsProgramSpecs
-	sockopsMapSpecs
-	sockopsVariableSpecs
+type sockSpecs struct {
+	sockProgramSpecs
+	sockMapSpecs
+	sockVariableSpecs
 }
 
-// sockopsProgramSpecs contains programs before they are loaded into the kernel.
+// sockProgramSpecs contains programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type sockopsProgramSpecs struct {
+type sockProgramSpecs struct {
+	VeilSkMsg   *ebpf.ProgramSpec `ebpf:"veil_sk_msg"`
 	VeilSockops *ebpf.ProgramSpec `ebpf:"veil_sockops"`
 }
 
-// sockopsMapSpecs contains maps before they are loaded into the kernel.
+// sockMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type sockopsMapSpecs struct {
+type sockMapSpecs struct {
 	VeilCidrs     *ebpf.MapSpec `ebpf:"veil_cidrs"`
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
@@ -184,32 +186,32 @@ type sockopsMapSpecs struct {
 	VeilSockstats *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
-// sockopsVariableSpecs contains global variables before they are loaded into the kernel.
+// sockVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type sockopsVariableSpecs struct {
+type sockVariableSpecs struct {
 }
 
-// sockopsObjects contains all objects after they have been loaded into the kernel.
+// sockObjects contains all objects after they have been loaded into the kernel.
 //
-// It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
-type sockopsObjects struct {
-	sockopsPrograms
-	sockopsMaps
-	sockopsVariables
+// It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
+type sockObjects struct {
+	sockPrograms
+	sockMaps
+	sockVariables
 }
 
-func (o *sockopsObjects) Close() error {
-	return _SockopsClose(
-		&o.sockopsPrograms,
-		&o.sockopsMaps,
+func (o *sockObjects) Close() error {
+	return _SockClose(
+		&o.sockPrograms,
+		&o.sockMaps,
 	)
 }
 
-// sockopsMaps contains all maps after they have been loaded into the kernel.
+// sockMaps contains all maps after they have been loaded into the kernel.
 //
-// It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
-type sockopsMaps struct {
+// It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
+type sockMaps struct {
 	VeilCidrs     *ebpf.Map `ebpf:"veil_cidrs"`
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
@@ -222,8 +224,8 @@ type sockopsMaps struct {
 	VeilSockstats *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
-func (m *sockopsMaps) Close() error {
-	return _SockopsClose(
+func (m *sockMaps) Close() error {
+	return _SockClose(
 		m.VeilCidrs,
 		m.VeilCt,
 		m.VeilEndpoints,
@@ -237,26 +239,28 @@ func (m *sockopsMaps) Close() error {
 	)
 }
 
-// sockopsVariables contains all global variables after they have been loaded into the kernel.
+// sockVariables contains all global variables after they have been loaded into the kernel.
 //
-// It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
-type sockopsVariables struct {
+// It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
+type sockVariables struct {
 }
 
-// sockopsPrograms contains all programs after they have been loaded into the kernel.
+// sockPrograms contains all programs after they have been loaded into the kernel.
 //
-// It can be passed to loadSockopsObjects or ebpf.CollectionSpec.LoadAndAssign.
-type sockopsPrograms struct {
+// It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
+type sockPrograms struct {
+	VeilSkMsg   *ebpf.Program `ebpf:"veil_sk_msg"`
 	VeilSockops *ebpf.Program `ebpf:"veil_sockops"`
 }
 
-func (p *sockopsPrograms) Close() error {
-	return _SockopsClose(
+func (p *sockPrograms) Close() error {
+	return _SockClose(
+		p.VeilSkMsg,
 		p.VeilSockops,
 	)
 }
 
-func _SockopsClose(closers ...io.Closer) error {
+func _SockClose(closers ...io.Closer) error {
 	for _, closer := range closers {
 		if err := closer.Close(); err != nil {
 			return err
@@ -267,5 +271,5 @@ func _SockopsClose(closers ...io.Closer) error {
 
 // Do not access this directly.
 //
-//go:embed sockops_bpfel.o
-var _SockopsBytes []byte
+//go:embed sock_bpfel.o
+var _SockBytes []byte

@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type fromTunnelCtEntry struct {
+type netdevCtEntry struct {
 	_           structs.HostLayout
 	CreatedNs   uint64
 	LastSeenNs  uint64
@@ -25,7 +25,7 @@ type fromTunnelCtEntry struct {
 	Pad         uint32
 }
 
-type fromTunnelCtKey struct {
+type netdevCtKey struct {
 	_     structs.HostLayout
 	Saddr uint32
 	Daddr uint32
@@ -35,7 +35,7 @@ type fromTunnelCtKey struct {
 	Pad   [3]uint8
 }
 
-type fromTunnelEndpointInfo struct {
+type netdevEndpointInfo struct {
 	_              structs.HostLayout
 	Ifindex        uint32
 	Id             uint32
@@ -50,14 +50,14 @@ type fromTunnelEndpointInfo struct {
 	Flags          uint32
 }
 
-type fromTunnelIpcacheInfo struct {
+type netdevIpcacheInfo struct {
 	_        structs.HostLayout
 	Identity uint32
 	NodeIp   uint32
 	Flags    uint32
 }
 
-type fromTunnelLeak struct {
+type netdevLeak struct {
 	_          structs.HostLayout
 	FirstNs    uint64
 	LastNs     uint64
@@ -66,19 +66,19 @@ type fromTunnelLeak struct {
 	Reason     uint32
 }
 
-type fromTunnelLpmV4Key struct {
+type netdevLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Addr      uint32
 }
 
-type fromTunnelMetric struct {
+type netdevMetric struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
 }
 
-type fromTunnelPolicyKey struct {
+type netdevPolicyKey struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Slot      uint32
@@ -88,7 +88,7 @@ type fromTunnelPolicyKey struct {
 	Port      uint16
 }
 
-type fromTunnelPolicyValue struct {
+type netdevPolicyValue struct {
 	_       structs.HostLayout
 	Enforce uint8
 	Audit   uint8
@@ -98,7 +98,7 @@ type fromTunnelPolicyValue struct {
 	Bytes   uint64
 }
 
-type fromTunnelSockKey struct {
+type netdevSockKey struct {
 	_     structs.HostLayout
 	Sip   uint32
 	Dip   uint32
@@ -110,46 +110,47 @@ type fromTunnelSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	fromTunnelMapVeilCidrs       = "veil_cidrs"
-	fromTunnelMapVeilCt          = "veil_ct"
-	fromTunnelMapVeilEndpoints   = "veil_endpoints"
-	fromTunnelMapVeilEvents      = "veil_events"
-	fromTunnelMapVeilIpcache     = "veil_ipcache"
-	fromTunnelMapVeilLeaks       = "veil_leaks"
-	fromTunnelMapVeilMetrics     = "veil_metrics"
-	fromTunnelMapVeilPolicy      = "veil_policy"
-	fromTunnelMapVeilSockhash    = "veil_sockhash"
-	fromTunnelMapVeilSockstats   = "veil_sockstats"
-	fromTunnelProgVeilFromTunnel = "veil_from_tunnel"
-	fromTunnelVarCtIdleTimeoutS  = "ct_idle_timeout_s"
-	fromTunnelVarNodeIp          = "node_ip"
-	fromTunnelVarStrictMode      = "strict_mode"
-	fromTunnelVarUnderlayIfindex = "underlay_ifindex"
-	fromTunnelVarWgIfindex       = "wg_ifindex"
+	netdevMapVeilCidrs       = "veil_cidrs"
+	netdevMapVeilCt          = "veil_ct"
+	netdevMapVeilEndpoints   = "veil_endpoints"
+	netdevMapVeilEvents      = "veil_events"
+	netdevMapVeilIpcache     = "veil_ipcache"
+	netdevMapVeilLeaks       = "veil_leaks"
+	netdevMapVeilMetrics     = "veil_metrics"
+	netdevMapVeilPolicy      = "veil_policy"
+	netdevMapVeilSockhash    = "veil_sockhash"
+	netdevMapVeilSockstats   = "veil_sockstats"
+	netdevProgVeilFromNetdev = "veil_from_netdev"
+	netdevProgVeilToNetdev   = "veil_to_netdev"
+	netdevVarCtIdleTimeoutS  = "ct_idle_timeout_s"
+	netdevVarNodeIp          = "node_ip"
+	netdevVarStrictMode      = "strict_mode"
+	netdevVarUnderlayIfindex = "underlay_ifindex"
+	netdevVarWgIfindex       = "wg_ifindex"
 )
 
-// loadFromTunnel returns the embedded CollectionSpec for fromTunnel.
-func loadFromTunnel() (*ebpf.CollectionSpec, error) {
-	reader := bytes.NewReader(_FromTunnelBytes)
+// loadNetdev returns the embedded CollectionSpec for netdev.
+func loadNetdev() (*ebpf.CollectionSpec, error) {
+	reader := bytes.NewReader(_NetdevBytes)
 	spec, err := ebpf.LoadCollectionSpecFromReader(reader)
 	if err != nil {
-		return nil, fmt.Errorf("can't load fromTunnel: %w", err)
+		return nil, fmt.Errorf("can't load netdev: %w", err)
 	}
 
 	return spec, err
 }
 
-// loadFromTunnelObjects loads fromTunnel and converts it into a struct.
+// loadNetdevObjects loads netdev and converts it into a struct.
 //
 // The following types are suitable as obj argument:
 //
-//	*fromTunnelObjects
-//	*fromTunnelPrograms
-//	*fromTunnelMaps
+//	*netdevObjects
+//	*netdevPrograms
+//	*netdevMaps
 //
 // See ebpf.CollectionSpec.LoadAndAssign documentation for details.
-func loadFromTunnelObjects(obj any, opts *ebpf.CollectionOptions) error {
-	spec, err := loadFromTunnel()
+func loadNetdevObjects(obj any, opts *ebpf.CollectionOptions) error {
+	spec, err := loadNetdev()
 	if err != nil {
 		return err
 	}
@@ -157,26 +158,27 @@ func loadFromTunnelObjects(obj any, opts *ebpf.CollectionOptions) error {
 	return spec.LoadAndAssign(obj, opts)
 }
 
-// fromTunnelSpecs contains maps and programs before they are loaded into the kernel.
+// netdevSpecs contains maps and programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromTunnelSpecs struct {
-	fromTunnelProgramSpecs
-	fromTunnelMapSpecs
-	fromTunnelVariableSpecs
+type netdevSpecs struct {
+	netdevProgramSpecs
+	netdevMapSpecs
+	netdevVariableSpecs
 }
 
-// fromTunnelProgramSpecs contains programs before they are loaded into the kernel.
+// netdevProgramSpecs contains programs before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromTunnelProgramSpecs struct {
-	VeilFromTunnel *ebpf.ProgramSpec `ebpf:"veil_from_tunnel"`
+type netdevProgramSpecs struct {
+	VeilFromNetdev *ebpf.ProgramSpec `ebpf:"veil_from_netdev"`
+	VeilToNetdev   *ebpf.ProgramSpec `ebpf:"veil_to_netdev"`
 }
 
-// fromTunnelMapSpecs contains maps before they are loaded into the kernel.
+// netdevMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromTunnelMapSpecs struct {
+type netdevMapSpecs struct {
 	VeilCidrs     *ebpf.MapSpec `ebpf:"veil_cidrs"`
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
@@ -189,10 +191,10 @@ type fromTunnelMapSpecs struct {
 	VeilSockstats *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
-// fromTunnelVariableSpecs contains global variables before they are loaded into the kernel.
+// netdevVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
-type fromTunnelVariableSpecs struct {
+type netdevVariableSpecs struct {
 	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
 	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
@@ -200,26 +202,26 @@ type fromTunnelVariableSpecs struct {
 	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
-// fromTunnelObjects contains all objects after they have been loaded into the kernel.
+// netdevObjects contains all objects after they have been loaded into the kernel.
 //
-// It can be passed to loadFromTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromTunnelObjects struct {
-	fromTunnelPrograms
-	fromTunnelMaps
-	fromTunnelVariables
+// It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
+type netdevObjects struct {
+	netdevPrograms
+	netdevMaps
+	netdevVariables
 }
 
-func (o *fromTunnelObjects) Close() error {
-	return _FromTunnelClose(
-		&o.fromTunnelPrograms,
-		&o.fromTunnelMaps,
+func (o *netdevObjects) Close() error {
+	return _NetdevClose(
+		&o.netdevPrograms,
+		&o.netdevMaps,
 	)
 }
 
-// fromTunnelMaps contains all maps after they have been loaded into the kernel.
+// netdevMaps contains all maps after they have been loaded into the kernel.
 //
-// It can be passed to loadFromTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromTunnelMaps struct {
+// It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
+type netdevMaps struct {
 	VeilCidrs     *ebpf.Map `ebpf:"veil_cidrs"`
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
@@ -232,8 +234,8 @@ type fromTunnelMaps struct {
 	VeilSockstats *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
-func (m *fromTunnelMaps) Close() error {
-	return _FromTunnelClose(
+func (m *netdevMaps) Close() error {
+	return _NetdevClose(
 		m.VeilCidrs,
 		m.VeilCt,
 		m.VeilEndpoints,
@@ -247,10 +249,10 @@ func (m *fromTunnelMaps) Close() error {
 	)
 }
 
-// fromTunnelVariables contains all global variables after they have been loaded into the kernel.
+// netdevVariables contains all global variables after they have been loaded into the kernel.
 //
-// It can be passed to loadFromTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromTunnelVariables struct {
+// It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
+type netdevVariables struct {
 	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
 	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
@@ -258,20 +260,22 @@ type fromTunnelVariables struct {
 	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
-// fromTunnelPrograms contains all programs after they have been loaded into the kernel.
+// netdevPrograms contains all programs after they have been loaded into the kernel.
 //
-// It can be passed to loadFromTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
-type fromTunnelPrograms struct {
-	VeilFromTunnel *ebpf.Program `ebpf:"veil_from_tunnel"`
+// It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
+type netdevPrograms struct {
+	VeilFromNetdev *ebpf.Program `ebpf:"veil_from_netdev"`
+	VeilToNetdev   *ebpf.Program `ebpf:"veil_to_netdev"`
 }
 
-func (p *fromTunnelPrograms) Close() error {
-	return _FromTunnelClose(
-		p.VeilFromTunnel,
+func (p *netdevPrograms) Close() error {
+	return _NetdevClose(
+		p.VeilFromNetdev,
+		p.VeilToNetdev,
 	)
 }
 
-func _FromTunnelClose(closers ...io.Closer) error {
+func _NetdevClose(closers ...io.Closer) error {
 	for _, closer := range closers {
 		if err := closer.Close(); err != nil {
 			return err
@@ -282,5 +286,5 @@ func _FromTunnelClose(closers ...io.Closer) error {
 
 // Do not access this directly.
 //
-//go:embed fromtunnel_bpfel.o
-var _FromTunnelBytes []byte
+//go:embed netdev_bpfel.o
+var _NetdevBytes []byte
