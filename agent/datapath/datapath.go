@@ -51,6 +51,10 @@ type Config struct {
 	// as a leak, and a guard on the underlay's egress catches anything that
 	// routed around the tunnel.
 	StrictMode bool
+	// ClusterCIDR is the cluster's pod range. In strict mode, pod traffic
+	// to an address in it that the ipcache does not know yet is refused
+	// rather than sent: it may be a remote pod. Invalid: not known.
+	ClusterCIDR netip.Prefix
 	// LegacyTC attaches with clsact filters even where TCX exists.
 	LegacyTC bool
 	// CTIdleTimeout is how long an idle connection keeps its verdict before
@@ -216,12 +220,18 @@ func (d *Datapath) constants() map[string]any {
 	if d.cfg.NodeIP.Is4() {
 		nodeIP = ip4ToU32(d.cfg.NodeIP)
 	}
+	var clusterAddr, clusterBits uint32
+	if p := d.cfg.ClusterCIDR; p.IsValid() && p.Addr().Is4() {
+		clusterAddr, clusterBits = ip4ToU32(p.Masked().Addr()), uint32(p.Bits())
+	}
 	return map[string]any{
 		"node_ip":           nodeIP,
 		"underlay_ifindex":  uint32(d.underlayIfindex),
 		"ct_idle_timeout_s": uint32(d.cfg.CTIdleTimeout / time.Second),
 		"wg_ifindex":        uint32(d.wgIfindex),
 		"strict_mode":       boolU32(d.cfg.StrictMode),
+		"cluster_cidr":      clusterAddr,
+		"cluster_cidr_bits": clusterBits,
 	}
 }
 

@@ -122,6 +122,8 @@ const (
 	netdevMapVeilSockstats   = "veil_sockstats"
 	netdevProgVeilFromNetdev = "veil_from_netdev"
 	netdevProgVeilToNetdev   = "veil_to_netdev"
+	netdevVarClusterCidr     = "cluster_cidr"
+	netdevVarClusterCidrBits = "cluster_cidr_bits"
 	netdevVarCtIdleTimeoutS  = "ct_idle_timeout_s"
 	netdevVarNodeIp          = "node_ip"
 	netdevVarStrictMode      = "strict_mode"
@@ -195,6 +197,8 @@ type netdevMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type netdevVariableSpecs struct {
+	ClusterCidr     *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
 	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
 	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
@@ -253,6 +257,8 @@ func (m *netdevMaps) Close() error {
 //
 // It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type netdevVariables struct {
+	ClusterCidr     *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits *ebpf.Variable `ebpf:"cluster_cidr_bits"`
 	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
 	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`

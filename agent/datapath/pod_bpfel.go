@@ -164,6 +164,13 @@ type podLpmV4Key struct {
 	Addr      uint32
 }
 
+type podMark uint32
+
+const (
+	podMarkMARK_FROM_POD podMark = 512
+	podMarkMARK_MASK     podMark = 3840
+)
+
 type podMetric struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -261,6 +268,8 @@ const (
 	podMapVeilSockstats          = "veil_sockstats"
 	podProgVeilFromPod           = "veil_from_pod"
 	podProgVeilToPod             = "veil_to_pod"
+	podVarClusterCidr            = "cluster_cidr"
+	podVarClusterCidrBits        = "cluster_cidr_bits"
 	podVarCtIdleTimeoutS         = "ct_idle_timeout_s"
 	podVarNodeIp                 = "node_ip"
 	podVarStrictMode             = "strict_mode"
@@ -273,6 +282,7 @@ const (
 	podVarUnusedFlowFlags        = "unused_flow_flags"
 	podVarUnusedForwardKind      = "unused_forward_kind"
 	podVarUnusedIpcacheFlags     = "unused_ipcache_flags"
+	podVarUnusedMark             = "unused_mark"
 	podVarUnusedObsPoint         = "unused_obs_point"
 	podVarUnusedPolicyPrefix     = "unused_policy_prefix"
 	podVarUnusedReservedIdentity = "unused_reserved_identity"
@@ -347,6 +357,8 @@ type podMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type podVariableSpecs struct {
+	ClusterCidr            *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits        *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
 	CtIdleTimeoutS         *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp                 *ebpf.VariableSpec `ebpf:"node_ip"`
 	StrictMode             *ebpf.VariableSpec `ebpf:"strict_mode"`
@@ -359,6 +371,7 @@ type podVariableSpecs struct {
 	UnusedFlowFlags        *ebpf.VariableSpec `ebpf:"unused_flow_flags"`
 	UnusedForwardKind      *ebpf.VariableSpec `ebpf:"unused_forward_kind"`
 	UnusedIpcacheFlags     *ebpf.VariableSpec `ebpf:"unused_ipcache_flags"`
+	UnusedMark             *ebpf.VariableSpec `ebpf:"unused_mark"`
 	UnusedObsPoint         *ebpf.VariableSpec `ebpf:"unused_obs_point"`
 	UnusedPolicyPrefix     *ebpf.VariableSpec `ebpf:"unused_policy_prefix"`
 	UnusedReservedIdentity *ebpf.VariableSpec `ebpf:"unused_reserved_identity"`
@@ -418,6 +431,8 @@ func (m *podMaps) Close() error {
 //
 // It can be passed to loadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type podVariables struct {
+	ClusterCidr            *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits        *ebpf.Variable `ebpf:"cluster_cidr_bits"`
 	CtIdleTimeoutS         *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp                 *ebpf.Variable `ebpf:"node_ip"`
 	StrictMode             *ebpf.Variable `ebpf:"strict_mode"`
@@ -430,6 +445,7 @@ type podVariables struct {
 	UnusedFlowFlags        *ebpf.Variable `ebpf:"unused_flow_flags"`
 	UnusedForwardKind      *ebpf.Variable `ebpf:"unused_forward_kind"`
 	UnusedIpcacheFlags     *ebpf.Variable `ebpf:"unused_ipcache_flags"`
+	UnusedMark             *ebpf.Variable `ebpf:"unused_mark"`
 	UnusedObsPoint         *ebpf.Variable `ebpf:"unused_obs_point"`
 	UnusedPolicyPrefix     *ebpf.Variable `ebpf:"unused_policy_prefix"`
 	UnusedReservedIdentity *ebpf.Variable `ebpf:"unused_reserved_identity"`

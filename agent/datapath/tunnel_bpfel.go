@@ -121,6 +121,8 @@ const (
 	tunnelMapVeilSockhash    = "veil_sockhash"
 	tunnelMapVeilSockstats   = "veil_sockstats"
 	tunnelProgVeilFromTunnel = "veil_from_tunnel"
+	tunnelVarClusterCidr     = "cluster_cidr"
+	tunnelVarClusterCidrBits = "cluster_cidr_bits"
 	tunnelVarCtIdleTimeoutS  = "ct_idle_timeout_s"
 	tunnelVarNodeIp          = "node_ip"
 	tunnelVarStrictMode      = "strict_mode"
@@ -193,6 +195,8 @@ type tunnelMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelVariableSpecs struct {
+	ClusterCidr     *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
 	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
 	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
@@ -251,6 +255,8 @@ func (m *tunnelMaps) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelVariables struct {
+	ClusterCidr     *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits *ebpf.Variable `ebpf:"cluster_cidr_bits"`
 	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
 	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
 	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
