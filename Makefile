@@ -5,8 +5,8 @@ BIN := bin
 BPFFS ?= /sys/fs/bpf
 # Packages the tests need. --no-install-recommends keeps wireguard-tools from
 # pulling in a kernel image.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler
-APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc
+APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler nftables
+APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
 .PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane manifests image

@@ -76,12 +76,15 @@ int veil_from_netdev(struct __sk_buff *skb)
 /**
  * bound_elsewhere() - whether a packet to @daddr is headed for another node:
  * one of its pods, its pod range, its own addresses, or any address of the
- * cluster's pod range (known to the ipcache or not).
+ * cluster's pod range (known to the ipcache or not) but this node's pods.
  */
 static __always_inline int bound_elsewhere(__u32 daddr, struct ipcache_info **info)
 {
 	struct lpm_v4_key k = { .prefixlen = 32, .addr = daddr };
 
+	*info = NULL;
+	if (bpf_map_lookup_elem(&veil_endpoints, &daddr))
+		return 0;
 	*info = bpf_map_lookup_elem(&veil_ipcache, &k);
 	if (*info && (*info)->node_ip != node_ip &&
 	    ((*info)->flags & (IPCACHE_F_REMOTE_POD | IPCACHE_F_POD_CIDR | IPCACHE_F_NODE)))

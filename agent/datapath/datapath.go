@@ -55,6 +55,9 @@ type Config struct {
 	// to an address in it that the ipcache does not know yet is refused
 	// rather than sent: it may be a remote pod. Invalid: not known.
 	ClusterCIDR netip.Prefix
+	// PodDevice tells a pod's host-side veth by its name, so the strict-mode
+	// guard leaves it alone even before its endpoint is registered.
+	PodDevice func(name string) bool `json:"-"`
 	// LegacyTC attaches with clsact filters even where TCX exists.
 	LegacyTC bool
 	// CTIdleTimeout is how long an idle connection keeps its verdict before
@@ -361,21 +364,16 @@ func boolU32(b bool) uint32 {
 
 // attachDevices attaches the node-level programs: traffic from other nodes
 // on the underlay, decrypted traffic on the WireGuard device, and (strict
-// mode) the guard on the underlay's egress, which is removed when strict
-// mode is off.
+// mode) the guard on the egress of every device that leads off the node,
+// which is removed when strict mode is off.
 func (d *Datapath) attachDevices() error {
 	if d.underlayIfindex != 0 {
-		name := "netdev_" + d.cfg.UnderlayInterface
-		if err := d.attachTC(d.underlayIfindex, name, ingress, d.fromNetdev); err != nil {
+		if err := d.attachTC(d.underlayIfindex, guardPrefix+d.cfg.UnderlayInterface, ingress, d.fromNetdev); err != nil {
 			return err
 		}
-		if d.cfg.StrictMode {
-			if err := d.attachTC(d.underlayIfindex, name, egress, d.toNetdev); err != nil {
-				return err
-			}
-		} else if err := d.detachTC(d.underlayIfindex, name, egress); err != nil {
-			return err
-		}
+	}
+	if err := d.GuardDevices(); err != nil {
+		return err
 	}
 	if d.wgIfindex != 0 {
 		if err := d.attachTC(d.wgIfindex, "tunnel_"+d.cfg.WireGuardInterface, ingress, d.fromTunnel); err != nil {

@@ -97,3 +97,10 @@ func TestVerdictFromPodMarksAndTunnelClears(t *testing.T) {
 		}
 	}
 }
+
+func TestVerdictStrictGuardLetsLocalPodsBe(t *testing.T) {
+	p := strictCluster(t)
+	// The guard may sit on a pod's veth (attached before its endpoint was
+	// known): what leaves by it enters a local pod.
+	p.check(verdictCase{name: "pod to a local pod through the host stack", prog: "to_netdev", frame: udp(pA, pB, 53), mark: markFromPod, want: tcOK})
+}
