@@ -19,7 +19,7 @@ help:
 	@echo "make manifests       render deploy/manifests from the Helm chart in deploy/helm/veil"
 	@echo "make image           the agent image as an OCI tarball, $(BIN)/veil-image.tar (no Docker daemon)"
 	@echo "make test            unit + privileged tests (needs root)"
-	@echo "make controlplane    build the tests' etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
+	@echo "make controlplane    build the lab's etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local lab as root (meshctl lab up; LAB_NODES, LAB_DIR)"
 
@@ -74,11 +74,11 @@ generate-policy:
 		$(POLICY_API_PKG)
 	$(GO) tool controller-gen crd paths=./policy/api/... output:crd:artifacts:config=deploy/crds
 
-# The tests' etcd and kube-apiserver, built from the modules pinned in
-# tests/controlplane/build/ into $VEIL_CACHE/controlplane (default
+# The lab's and the tests' etcd and kube-apiserver, built from the modules
+# pinned in lab/controlplane/build/ into $VEIL_CACHE/controlplane (default
 # ~/.cache/veil/controlplane); a no-op when the cache is warm.
 controlplane:
-	$(GO) run ./tests/controlplane/cmd/veil-controlplane build
+	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
 
 check-generate: generate
 	@if [ -n "$$(git status --porcelain)" ]; then \

@@ -28,7 +28,7 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/veilmesh/veil/deploy/chart"
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/lab/controlplane"
 )
 
 // agentUser is who the agent is to the API server: its ServiceAccount.

@@ -11,12 +11,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 func TestMain(m *testing.M) {
-	netlab.MaybeRunHelper()
+	netns.MaybeRunHelper()
 	os.Exit(m.Run())
 }
 
@@ -89,7 +89,7 @@ func eventually(t *testing.T, what string, within time.Duration, cond func() err
 type stream struct {
 	t         *testing.T
 	size      int
-	src, sink *netlab.Proc
+	src, sink *netns.Proc
 }
 
 // startStream starts sending size bytes from one pod to a port of another
@@ -98,11 +98,11 @@ type stream struct {
 func startStream(t *testing.T, from, to *lab.Pod, port, size int, pace time.Duration, cgroups bool) *stream {
 	t.Helper()
 	addr := fmt.Sprintf("%s:%d", to.IP, port)
-	var fromCG, toCG *netlab.Cgroup
+	var fromCG, toCG *netns.Cgroup
 	if cgroups {
 		fromCG, toCG = from.Node.Cgroup, to.Node.Cgroup
 	}
-	sink, err := netlab.StartHelper(to.Netns, toCG, -1, "sink", addr)
+	sink, err := netns.StartHelper(to.Netns, toCG, -1, "sink", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +110,7 @@ func startStream(t *testing.T, from, to *lab.Pod, port, size int, pace time.Dura
 	if _, err := sink.WaitLine(ctxFor(t, 10*time.Second), "listening"); err != nil {
 		t.Fatal(err)
 	}
-	src, err := netlab.StartHelper(from.Netns, fromCG, -1, "source", addr, strconv.Itoa(size), pace.String())
+	src, err := netns.StartHelper(from.Netns, fromCG, -1, "source", addr, strconv.Itoa(size), pace.String())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,11 +5,11 @@ import (
 	"os"
 
 	"github.com/veilmesh/veil/meshctl/cli"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 func main() {
 	// The lab's pod servers are this binary re-executed (meshctl lab up).
-	netlab.MaybeRunHelper()
+	netns.MaybeRunHelper()
 	os.Exit(cli.Main(os.Args[1:], cli.Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr}))
 }

@@ -11,7 +11,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/lab/controlplane"
 )
 
 func main() {

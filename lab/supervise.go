@@ -14,8 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/veilmesh/veil/tests/controlplane"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 // A lab's relays and pod servers live in the process that started it, so a
@@ -426,7 +426,7 @@ func argv0(pid int) string {
 
 // cgroupProcesses lists the processes in the lab's cgroup tree.
 func cgroupProcesses(prefix string) []Process {
-	mount, err := netlab.Cgroup2Mount()
+	mount, err := netns.Cgroup2Mount()
 	if err != nil {
 		return nil
 	}
@@ -487,7 +487,7 @@ func removeFiles(dir string, st *State) error {
 // namespaces, bpffs roots, its cgroup, WireGuard control sockets.
 func Leftovers(prefix string) []string {
 	var left []string
-	if entries, err := os.ReadDir(netlab.NetnsDir); err == nil {
+	if entries, err := os.ReadDir(netns.NetnsDir); err == nil {
 		for _, e := range entries {
 			if strings.HasPrefix(e.Name(), prefix+"-") {
 				left = append(left, "netns "+e.Name())
@@ -498,7 +498,7 @@ func Leftovers(prefix string) []string {
 	for _, p := range pins {
 		left = append(left, "bpffs "+p)
 	}
-	if mount, err := netlab.Cgroup2Mount(); err == nil {
+	if mount, err := netns.Cgroup2Mount(); err == nil {
 		if _, err := os.Stat(filepath.Join(mount, prefix)); err == nil {
 			left = append(left, "cgroup "+filepath.Join(mount, prefix))
 		}

@@ -20,7 +20,7 @@ import (
 	v1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	"github.com/veilmesh/veil/policy/client/informers/externalversions"
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/lab/controlplane"
 )
 
 // subnets returns n CIDRs from a format with one %d, counting from 0.

@@ -8,6 +8,11 @@
 // Everything the lab creates carries its prefix and is removed by exact name;
 // no lab namespace gets a route out of the lab. Nodes reach the API server
 // through a relay listening on their own loopback.
+//
+// The lab is a product: `meshctl lab` runs it and the end-to-end tests in
+// tests/ drive it. It never imports test code, and it reaches the agent only
+// through its binaries and its API (an agent's pinned datapath is removed by
+// `veil-agent --cleanup`), so meshctl does not link the datapath.
 package lab
 
 import (
@@ -39,8 +44,8 @@ import (
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/deploy"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
-	"github.com/veilmesh/veil/tests/controlplane"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/lab/netns"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -81,8 +86,8 @@ type Lab struct {
 	CP       *controlplane.ControlPlane
 	Kube     kubernetes.Interface
 	Veil     versioned.Interface
-	underlay *netlab.Netns
-	cgroup   *netlab.Cgroup
+	underlay *netns.Netns
+	cgroup   *netns.Cgroup
 	Nodes    []*Node
 
 	mu   sync.Mutex
@@ -92,15 +97,15 @@ type Lab struct {
 // Node is one lab node.
 type Node struct {
 	Name       string
-	Netns      *netlab.Node
+	Netns      *netns.Node
 	IP         netip.Addr
 	PodCIDR    netip.Prefix
 	Dir        string
 	Kubeconfig string
 	Socket     string
 	BPFFSRoot  string
-	Cgroup     *netlab.Cgroup
-	relay      *netlab.Forwarder
+	Cgroup     *netns.Cgroup
+	relay      *netns.Forwarder
 	agent      *exec.Cmd
 	agentDone  chan struct{}
 	lab        *Lab
@@ -111,9 +116,9 @@ type Pod struct {
 	Namespace, Name string
 	Node            *Node
 	IP              netip.Addr
-	Netns           *netlab.Netns
+	Netns           *netns.Netns
 	ContainerID     string
-	server          *netlab.Proc
+	server          *netns.Proc
 	// CNIAdd is how long veil-cni ADD took, as kubelet would see it.
 	CNIAdd time.Duration
 }
@@ -193,7 +198,7 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	if l.Veil, err = versioned.NewForConfig(cp.Config); err != nil {
 		return nil, err
 	}
-	if l.underlay, err = netlab.NewNetns(opts.Prefix + "-ul"); err != nil {
+	if l.underlay, err = netns.NewNetns(opts.Prefix + "-ul"); err != nil {
 		return nil, err
 	}
 	if err := l.underlay.Do(func() error {
@@ -205,7 +210,7 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("create underlay bridge: %w", err)
 	}
-	if l.cgroup, err = netlab.NewCgroup(opts.Prefix); err != nil {
+	if l.cgroup, err = netns.NewCgroup(opts.Prefix); err != nil {
 		return nil, err
 	}
 	for range opts.Nodes {
@@ -234,20 +239,20 @@ func (l *Lab) AddNode(ctx context.Context) (*Node, error) {
 		return nil, err
 	}
 	var err error
-	if n.Netns, err = netlab.NewNode(l.opts.Prefix + "-" + n.Name); err != nil {
+	if n.Netns, err = netns.NewNode(l.opts.Prefix + "-" + n.Name); err != nil {
 		return nil, err
 	}
 	l.Nodes = append(l.Nodes, n)
 	if err := l.wireUnderlay(n, i); err != nil {
 		return nil, err
 	}
-	if n.Cgroup, err = netlab.NewCgroup(filepath.Join(filepath.Base(l.cgroup.Path), n.Name)); err != nil {
+	if n.Cgroup, err = netns.NewCgroup(filepath.Join(filepath.Base(l.cgroup.Path), n.Name)); err != nil {
 		return nil, err
 	}
 	if err := l.createNodeObject(ctx, n); err != nil {
 		return nil, err
 	}
-	if n.relay, err = netlab.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(l.CP.Server, "https://")); err != nil {
+	if n.relay, err = netns.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(l.CP.Server, "https://")); err != nil {
 		return nil, err
 	}
 	nodeCfg := rest.CopyConfig(l.CP.Config)
@@ -262,7 +267,7 @@ func (l *Lab) AddNode(ctx context.Context) (*Node, error) {
 }
 
 func (l *Lab) wireUnderlay(n *Node, i int) error {
-	ul, err := netns(l.underlay)
+	ul, err := l.underlay.Handle()
 	if err != nil {
 		return err
 	}
@@ -488,7 +493,7 @@ func (n *Node) CutAPIServer() {
 // RestoreAPIServer brings the node's path to the API server back.
 func (n *Node) RestoreAPIServer() error {
 	var err error
-	n.relay, err = netlab.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(n.lab.CP.Server, "https://"))
+	n.relay, err = netns.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(n.lab.CP.Server, "https://"))
 	return err
 }
 
@@ -553,7 +558,7 @@ func (l *Lab) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		return nil, fmt.Errorf("create pod %s/%s: %w", spec.Namespace, spec.Name, err)
 	}
 	p := &Pod{Namespace: spec.Namespace, Name: spec.Name, Node: node, ContainerID: "lab" + strings.ReplaceAll(string(created.UID), "-", "")}
-	if p.Netns, err = netlab.NewNetns(fmt.Sprintf("%s-p-%s-%s", l.opts.Prefix, spec.Namespace, spec.Name)); err != nil {
+	if p.Netns, err = netns.NewNetns(fmt.Sprintf("%s-p-%s-%s", l.opts.Prefix, spec.Namespace, spec.Name)); err != nil {
 		return nil, err
 	}
 	l.mu.Lock()
@@ -596,7 +601,7 @@ func (l *Lab) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		}
 	}
 	if len(serve) > 0 {
-		if p.server, err = netlab.StartHelper(p.Netns, node.Cgroup, -1, "serve", serve...); err != nil {
+		if p.server, err = netns.StartHelper(p.Netns, node.Cgroup, -1, "serve", serve...); err != nil {
 			return nil, err
 		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -713,7 +718,7 @@ func Cleanup(prefix string) error {
 	}
 	// The lab's namespaces have exactly three shapes; matching them (not a
 	// bare prefix) keeps a lab named veil-lab off one named veil-lab-b.
-	errs = append(errs, netlab.CleanupMatching(func(name string) bool { return labNetns(prefix, name) }))
+	errs = append(errs, netns.CleanupMatching(func(name string) bool { return labNetns(prefix, name) }))
 	// Userspace WireGuard control sockets of the lab's nodes (an agent
 	// killed hard leaves its socket behind).
 	socks, _ := filepath.Glob(filepath.Join("/var/run/wireguard", wgName(prefix, "")+"*.sock"))
@@ -722,16 +727,16 @@ func Cleanup(prefix string) error {
 			errs = append(errs, err)
 		}
 	}
-	if mount, err := netlab.Cgroup2Mount(); err == nil {
+	if mount, err := netns.Cgroup2Mount(); err == nil {
 		root := filepath.Join(mount, prefix)
 		subs, _ := filepath.Glob(filepath.Join(root, "*"))
 		for _, s := range subs {
 			if fi, err := os.Stat(s); err == nil && fi.IsDir() {
-				errs = append(errs, (&netlab.Cgroup{Path: s}).Delete())
+				errs = append(errs, (&netns.Cgroup{Path: s}).Delete())
 			}
 		}
 		if _, err := os.Stat(root); err == nil {
-			errs = append(errs, (&netlab.Cgroup{Path: root}).Delete())
+			errs = append(errs, (&netns.Cgroup{Path: root}).Delete())
 		}
 	}
 	return errors.Join(errs...)

@@ -1,6 +1,6 @@
-// Package controlplane runs a real etcd and kube-apiserver for Veil's
-// tests, built from the Go module sources pinned under build/ and cached
-// between runs (see Build and CacheDir).
+// Package controlplane runs a real etcd and kube-apiserver for the lab and
+// Veil's tests, built from the Go module sources pinned under build/ and
+// cached between runs (see Build and CacheDir).
 //
 // A test starts one, talks to it as cluster-admin and is done:
 //
