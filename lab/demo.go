@@ -11,8 +11,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
 // The demo is what `meshctl lab up` runs on a fresh lab: pods in two

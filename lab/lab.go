@@ -41,11 +41,10 @@ import (
 	"github.com/vishvananda/netlink"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/deploy"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -128,20 +127,28 @@ func (p *Pod) Key() string { return p.Namespace + "/" + p.Name }
 
 // Build compiles veil-agent and veil-cni into dir.
 func Build(ctx context.Context, dir string) (agentBin, cniBin string, err error) {
-	root, err := repoRoot(ctx)
-	if err != nil {
+	agentBin, cniBin = filepath.Join(dir, "veil-agent"), filepath.Join(dir, "veil-cni")
+	if err := build(ctx, map[string]string{agentBin: "./agent/cmd/veil-agent", cniBin: "./agent/cmd/veil-cni"}); err != nil {
 		return "", "", err
 	}
-	agentBin, cniBin = filepath.Join(dir, "veil-agent"), filepath.Join(dir, "veil-cni")
-	for bin, pkg := range map[string]string{agentBin: "./agent/cmd/veil-agent", cniBin: "./agent/cmd/veil-cni"} {
+	return agentBin, cniBin, nil
+}
+
+// build compiles each package (relative to the checkout) into its binary.
+func build(ctx context.Context, bins map[string]string) error {
+	root, err := repoRoot(ctx)
+	if err != nil {
+		return err
+	}
+	for bin, pkg := range bins {
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return "", "", fmt.Errorf("build %s: %w: %s", pkg, err, out)
+			return fmt.Errorf("build %s: %w: %s", pkg, err, out)
 		}
 	}
-	return agentBin, cniBin, nil
+	return nil
 }
 
 func repoRoot(ctx context.Context) (string, error) {
@@ -177,7 +184,7 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 		return nil, fmt.Errorf("create lab dir: %w", err)
 	}
 	// Leftovers of a crashed lab with the same prefix go first.
-	if err := Cleanup(opts.Prefix); err != nil {
+	if err := Cleanup(ctx, opts.Prefix, opts.AgentBin); err != nil {
 		return nil, err
 	}
 	l := &Lab{opts: opts, Pods: map[string]*Pod{}}
@@ -234,7 +241,7 @@ func (l *Lab) AddNode(ctx context.Context) (*Node, error) {
 	n.Dir = filepath.Join(l.opts.Dir, n.Name)
 	n.Socket = filepath.Join(n.Dir, "agent.sock")
 	n.Kubeconfig = filepath.Join(n.Dir, "kubeconfig")
-	n.BPFFSRoot = filepath.Join("/sys/fs/bpf", l.opts.Prefix+"-"+n.Name)
+	n.BPFFSRoot = nodeBPFFSRoot(l.opts.Prefix, n.Name)
 	if err := os.MkdirAll(n.Dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -681,7 +688,7 @@ func (l *Lab) Stop() error {
 	if l.CP != nil {
 		errs = append(errs, l.CP.Stop())
 	}
-	errs = append(errs, Cleanup(l.opts.Prefix))
+	errs = append(errs, Cleanup(context.Background(), l.opts.Prefix, l.opts.AgentBin))
 	return errors.Join(errs...)
 }
 
@@ -704,17 +711,16 @@ func labNetns(prefix, name string) bool {
 }
 
 // Cleanup removes, by exact prefix, what a lab with that prefix left behind
-// (also after a crash): pinned datapaths, namespaces, cgroups.
-func Cleanup(prefix string) error {
+// (also after a crash): pinned datapaths, namespaces, cgroups. agentBin is
+// the veil-agent binary that removes each node's pinned datapath (see
+// cleanupAgent); it may be empty when no node left a bpffs root.
+func Cleanup(ctx context.Context, prefix, agentBin string) error {
 	if len(prefix) < 8 {
 		return fmt.Errorf("cleanup: prefix %q is too short to be safe", prefix)
 	}
 	var errs []error
-	roots, _ := filepath.Glob(filepath.Join("/sys/fs/bpf", prefix+"-node-*"))
-	for _, r := range roots {
-		if labNetns(prefix, filepath.Base(r)) {
-			errs = append(errs, datapath.RemovePins(r))
-		}
+	for _, node := range pinnedNodes(prefix) {
+		errs = append(errs, cleanupAgent(ctx, agentBin, prefix, node))
 	}
 	// The lab's namespaces have exactly three shapes; matching them (not a
 	// bare prefix) keeps a lab named veil-lab off one named veil-lab-b.

@@ -4,8 +4,8 @@ package main
 import (
 	"os"
 
-	"github.com/veilmesh/veil/meshctl/cli"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/meshctl/cli"
 )
 
 func main() {
