@@ -17,9 +17,9 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/tests/benchreport"
-	"github.com/veilmesh/veil/lab/netns"
 )
 
 // bareTunnel hand-configures a second pair of WireGuard devices of the same

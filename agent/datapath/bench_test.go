@@ -9,9 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/tests/benchreport"
-	"github.com/veilmesh/veil/lab/netns"
 )
 
 // endpointRun is one side of a measurement: where a helper runs.

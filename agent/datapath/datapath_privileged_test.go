@@ -11,9 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
-	"github.com/veilmesh/veil/lab/netns"
 )
 
 func TestPrivilegedDelivery(t *testing.T) {

@@ -17,8 +17,8 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/agent/wireguard"
-	"github.com/veilmesh/veil/policy/identity"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy/identity"
 )
 
 const wgPort = 51871

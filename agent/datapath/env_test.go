@@ -14,9 +14,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
-	"github.com/veilmesh/veil/lab/netns"
 )
 
 func TestMain(m *testing.M) {

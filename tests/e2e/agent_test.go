@@ -14,10 +14,10 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
 var web = []corev1.ContainerPort{{Name: "http", ContainerPort: 80, Protocol: corev1.ProtocolTCP}, {Name: "alt", ContainerPort: 81, Protocol: corev1.ProtocolTCP}}

@@ -17,9 +17,9 @@ import (
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/capture"
-	"github.com/veilmesh/veil/meshctl/cli"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/meshctl/cli"
 )
 
 func strictEnv(*lab.Node) map[string]string {

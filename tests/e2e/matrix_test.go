@@ -19,9 +19,9 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
 
-	"github.com/veilmesh/veil/meshctl/cli"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/meshctl/cli"
 )
 
 // matrixPorts are probed for real; SCTP is predicted by meshctl but cannot
