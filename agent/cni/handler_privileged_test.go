@@ -19,14 +19,8 @@ import (
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
-
-func privileged(t testing.TB) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("changes network namespaces; set VEIL_PRIVILEGED=1 to run")
-	}
-}
 
 func testNetns(t testing.TB, suffix string) *netns.Netns {
 	t.Helper()
@@ -100,7 +94,7 @@ func (a *nodeAgent) CNICheck(ctx context.Context, req *agentv1.CNIRequest) (*age
 }
 
 func TestPrivilegedPluginOnRealNetwork(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	node := nodeNetns(t, "h-node")
 	pod := testNetns(t, "h-pod")
 	alloc, err := ipam.Open(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.244.6.0/24"))
@@ -176,7 +170,7 @@ func TestPrivilegedPluginOnRealNetwork(t *testing.T) {
 }
 
 func TestPrivilegedHandlerUndoesFailedAdd(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	node := nodeNetns(t, "u-node")
 	pod := testNetns(t, "u-pod")
 	alloc, err := ipam.Open(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.244.6.0/24"))

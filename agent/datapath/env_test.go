@@ -17,19 +17,13 @@ import (
 	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 func TestMain(m *testing.M) {
 	netns.MaybeRunHelper()
 	maybeRunLoader()
 	os.Exit(m.Run())
-}
-
-func requirePrivileged(t testing.TB) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("privileged test: set VEIL_PRIVILEGED=1 (root, bpffs, cgroup v2) to run")
-	}
 }
 
 // Identities used by the tests' pods.
@@ -67,7 +61,7 @@ type netOpts struct {
 
 func newTestNet(t testing.TB, name string, o netOpts) *testNet {
 	t.Helper()
-	requirePrivileged(t)
+	testenv.RequirePrivileged(t)
 	prefix := fmt.Sprintf("veiltest-%d-%s", os.Getpid(), name)
 	tn := &testNet{t: t,
 		root1: filepath.Join("/sys/fs/bpf", prefix+"-n1"),

@@ -14,14 +14,8 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
-
-func privileged(t *testing.T) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("changes network namespaces; set VEIL_PRIVILEGED=1 to run")
-	}
-}
 
 // testNetns creates a namespace named after this process and test, removed
 // by exact name when the test ends.
@@ -73,7 +67,7 @@ func node(t *testing.T, suffix string) *netns.Netns {
 }
 
 func TestPrivilegedSetupCheckTeardown(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	ctx := context.Background()
 	nodeNS := node(t, "pn-node")
 	pod := testNetns(t, "pn-pod")
@@ -176,7 +170,7 @@ func TestPrivilegedSetupCheckTeardown(t *testing.T) {
 }
 
 func TestPrivilegedSetupFailureLeavesNothing(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	ctx := context.Background()
 	nodeNS := node(t, "pf-node")
 	pod := testNetns(t, "pf-pod")

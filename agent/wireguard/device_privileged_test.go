@@ -28,14 +28,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
-
-func privileged(t *testing.T) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("creates network namespaces and WireGuard devices; set VEIL_PRIVILEGED=1 to run")
-	}
-}
 
 // side is one end of the lab: a namespace with an underlay veth and a
 // WireGuard device.
@@ -421,17 +415,6 @@ func wgHandshakes(t *testing.T, ns *netns.Netns, iface string) map[string]int64 
 	return m
 }
 
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // checkGoroutines fails the test if goroutines started during it are still
 // running shortly after its cleanups.
 func checkGoroutines(t *testing.T) {
@@ -451,7 +434,7 @@ func checkGoroutines(t *testing.T) {
 }
 
 func TestPrivilegedTunnel(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	checkGoroutines(t) // registered first, so it runs after every other cleanup
 	ctx := context.Background()
 	a, b := newLab(t, "")
@@ -640,7 +623,12 @@ func TestPrivilegedTunnel(t *testing.T) {
 			}
 		}()
 		start := time.Now()
-		waitFor(t, 5*time.Second, "stream to start", func() bool { return received.Load() > 64<<10 })
+		testenv.Eventually(t, 5*time.Second, 50*time.Millisecond, func() error {
+			if n := received.Load(); n <= 64<<10 {
+				return fmt.Errorf("stream to start: %d bytes received", n)
+			}
+			return nil
+		})
 		oldPub := a.dev.Key().PublicKey()
 		next, err := a.dev.RotateKey(ctx)
 		if err != nil {
@@ -654,7 +642,12 @@ func TestPrivilegedTunnel(t *testing.T) {
 		if err := b.dev.SetPeers(ctx, []Peer{a.peer()}); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 15*time.Second, "stream to resume after rotation", func() bool { return received.Load() > rotated+256<<10 })
+		testenv.Eventually(t, 15*time.Second, 50*time.Millisecond, func() error {
+			if n := received.Load(); n <= rotated+256<<10 {
+				return fmt.Errorf("stream to resume after rotation: %d bytes received, %d at rotation", n, rotated)
+			}
+			return nil
+		})
 		close(stop)
 		if err := <-writeErr; err != nil {
 			t.Fatalf("writer: %v", err)
@@ -734,7 +727,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 // TestPrivilegedOpenMode checks the kernel/userspace decision on this
 // machine's real kernel, whichever it is.
 func TestPrivilegedOpenMode(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	checkGoroutines(t)
 	ns := newNetns(t, "mode")
 	name := fmt.Sprintf("vwgt%dm", os.Getpid()%1000)

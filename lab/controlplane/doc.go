@@ -5,9 +5,7 @@
 // A test starts one, talks to it as cluster-admin and is done:
 //
 //	func TestPrivilegedSomething(t *testing.T) {
-//		if os.Getenv("VEIL_PRIVILEGED") != "1" {
-//			t.Skip("set VEIL_PRIVILEGED=1 to run against a real API server")
-//		}
+//		testenv.RequirePrivileged(t) // tests/testenv: VEIL_PRIVILEGED=1
 //		cp := controlplane.StartForTest(t, controlplane.Options{})
 //		clients := kubernetes.NewForConfigOrDie(cp.Config)
 //		…
