@@ -70,7 +70,8 @@ type Options struct {
 	Nodes int
 	// Dir holds kubeconfigs, agent state, sockets and logs.
 	Dir string
-	// AgentBin and CNIBin are the built binaries (see Build).
+	// AgentBin and CNIBin are the built binaries (see Build). AgentBin
+	// also removes the nodes' pinned datapaths (Cleanup).
 	AgentBin, CNIBin string
 	// AgentEnv adds or replaces environment variables of a node's agent,
 	// on top of the DaemonSet's and the lab's own (see AgentOverrides).
