@@ -17,8 +17,8 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy/identity"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 const wgPort = 51871
@@ -27,7 +27,7 @@ const wgPort = 51871
 // other, and reloads their datapaths with encryption on.
 func tunnel(t testing.TB, tn *testNet, strict bool) (dev1, dev2 *wireguard.Device) {
 	t.Helper()
-	open := func(n *netlab.Node, name string) *wireguard.Device {
+	open := func(n *netns.Node, name string) *wireguard.Device {
 		key, err := wireguard.GenerateKey()
 		if err != nil {
 			t.Fatal(err)
@@ -51,7 +51,7 @@ func tunnel(t testing.TB, tn *testNet, strict bool) (dev1, dev2 *wireguard.Devic
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []*netlab.Pod{tn.a, tn.b, tn.c} {
+	for _, p := range []*netns.Pod{tn.a, tn.b, tn.c} {
 		if _, err := p.Run("ip", "link", "set", "eth0", "mtu", fmt.Sprint(mtu)); err != nil {
 			t.Fatal(err)
 		}
@@ -105,7 +105,7 @@ type capture struct {
 	done   chan struct{}
 }
 
-func startCapture(t *testing.T, n *netlab.Node, dev string) *capture {
+func startCapture(t *testing.T, n *netns.Node, dev string) *capture {
 	t.Helper()
 	c := &capture{done: make(chan struct{})}
 	err := n.Do(func() error {
@@ -184,7 +184,7 @@ func (c *capture) summary(marker string) (wg, withMarker, plainPod int) {
 
 // sendMarker opens a TCP connection from p to addr and sends marker, then
 // reads it back (the server echoes).
-func sendMarker(p *netlab.Pod, addr, marker string) error {
+func sendMarker(p *netns.Pod, addr, marker string) error {
 	var conn net.Conn
 	if err := p.Do(func() (err error) {
 		conn, err = net.DialTimeout("tcp", addr, 2*time.Second)
