@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy/identity"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 // Strict mode on the wire (issue 11): each test sends a marker a way that
@@ -164,7 +164,7 @@ func TestPrivilegedStrictModeSecondDevice(t *testing.T) {
 	tn := newTestNet(t, "nic2", netOpts{})
 	tunnel(t, tn, true)
 	under1, underIP1, under2, underIP2 := tn.n1.Underlay, tn.n1.UnderlayIP, tn.n2.Underlay, tn.n2.UnderlayIP
-	if err := netlab.Connect(tn.n1, tn.n2, "nic2a", "nic2b", netip.MustParseAddr("10.98.0.1"), netip.MustParseAddr("10.98.0.2")); err != nil {
+	if err := netns.Connect(tn.n1, tn.n2, "nic2a", "nic2b", netip.MustParseAddr("10.98.0.1"), netip.MustParseAddr("10.98.0.2")); err != nil {
 		t.Fatal(err)
 	}
 	tn.n1.Underlay, tn.n1.UnderlayIP, tn.n2.Underlay, tn.n2.UnderlayIP = under1, underIP1, under2, underIP2
@@ -194,7 +194,7 @@ func TestPrivilegedStrictModeSecondDevice(t *testing.T) {
 // it, so that a packet the host stack is handed can leave.
 func forwarding(t *testing.T, tn *testNet) {
 	t.Helper()
-	for _, n := range []*netlab.Node{tn.n1, tn.n2} {
+	for _, n := range []*netns.Node{tn.n1, tn.n2} {
 		if err := n.Sysctl("net.ipv4.ip_forward", "1"); err != nil {
 			t.Fatal(err)
 		}
@@ -203,7 +203,7 @@ func forwarding(t *testing.T, tn *testNet) {
 
 // sendRaw makes node n's own stack send a UDP packet with a pod's source
 // address: traffic that something routed around the tunnel.
-func sendRaw(n *netlab.Node, src, dst netip.Addr, payload string) error {
+func sendRaw(n *netns.Node, src, dst netip.Addr, payload string) error {
 	return n.Do(func() error {
 		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
 		if err != nil {
