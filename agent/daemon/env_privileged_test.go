@@ -28,12 +28,13 @@ import (
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
-	"github.com/veilmesh/veil/tests/controlplane"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 func TestMain(m *testing.M) {
-	netlab.MaybeRunHelper()
+	netns.MaybeRunHelper()
 	maybeRunAgent()
 	os.Exit(m.Run())
 }
@@ -73,13 +74,6 @@ func maybeRunAgent() {
 	os.Exit(0)
 }
 
-func requirePrivileged(t testing.TB) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("privileged test: set VEIL_PRIVILEGED=1 (root, bpffs, a control-plane build) to run")
-	}
-}
-
 const (
 	testNode   = "node-1"
 	testNS     = "lc"
@@ -100,19 +94,19 @@ type agentLab struct {
 	prefix string
 	cp     *controlplane.ControlPlane
 	kube   kubernetes.Interface
-	node   *netlab.Node
+	node   *netns.Node
 	cfg    config.Config
-	agent  *netlab.Proc
-	pods   map[string]*netlab.Netns
+	agent  *netns.Proc
+	pods   map[string]*netns.Netns
 	ips    map[string]netip.Addr
 	logs   []string
 }
 
 func newAgentLab(t *testing.T, name string) *agentLab {
 	t.Helper()
-	requirePrivileged(t)
+	testenv.RequirePrivileged(t)
 	l := &agentLab{t: t, prefix: fmt.Sprintf("veiltest-%d-%s", os.Getpid(), name),
-		pods: map[string]*netlab.Netns{}, ips: map[string]netip.Addr{}}
+		pods: map[string]*netns.Netns{}, ips: map[string]netip.Addr{}}
 	l.cp = controlplane.StartForTest(t, controlplane.Options{})
 	l.kube = kubernetes.NewForConfigOrDie(l.cp.Config)
 	dir := t.TempDir()
@@ -128,7 +122,7 @@ func newAgentLab(t *testing.T, name string) *agentLab {
 	t.Cleanup(l.cleanup)
 
 	var err error
-	if l.node, err = netlab.NewNode(l.prefix + "-node"); err != nil {
+	if l.node, err = netns.NewNode(l.prefix + "-node"); err != nil {
 		t.Fatal(err)
 	}
 	for _, args := range [][]string{
@@ -150,7 +144,7 @@ func newAgentLab(t *testing.T, name string) *agentLab {
 	if err != nil {
 		t.Fatal(err)
 	}
-	fwd, err := netlab.Forward(&l.node.Netns, u.Host, u.Host)
+	fwd, err := netns.Forward(&l.node.Netns, u.Host, u.Host)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +190,7 @@ func (l *agentLab) cleanup() {
 	if l.node != nil {
 		l.node.Delete()
 	}
-	if err := netlab.CleanupPrefix(l.prefix); err != nil {
+	if err := netns.CleanupPrefix(l.prefix); err != nil {
 		l.t.Errorf("cleanup: %v", err)
 	}
 }
@@ -208,7 +202,7 @@ func (l *agentLab) startAgent() {
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	p, err := netlab.StartProc(&l.node.Netns, nil, -1, []string{agentEnv + "=" + string(raw)})
+	p, err := netns.StartProc(&l.node.Netns, nil, -1, []string{agentEnv + "=" + string(raw)})
 	if err != nil {
 		l.t.Fatal(err)
 	}
@@ -308,7 +302,7 @@ func (l *agentLab) cniRequest(name string) *agentv1.CNIRequest {
 // kubelet's runtime does; it returns the pod's address.
 func (l *agentLab) cniAdd(name string) netip.Addr {
 	l.t.Helper()
-	ns, err := netlab.NewNetns(l.prefix + "-" + name)
+	ns, err := netns.NewNetns(l.prefix + "-" + name)
 	if err != nil {
 		l.t.Fatal(err)
 	}
@@ -389,7 +383,7 @@ func (l *agentLab) serve(name string, ports ...int) {
 
 // reach reports whether a TCP echo from pod from to pod to:port succeeds.
 func (l *agentLab) reach(from, to string, port int) error {
-	return netlab.TCPEcho(l.pods[from], fmt.Sprintf("%s:%d", l.ips[to], port), 700*time.Millisecond)
+	return netns.TCPEcho(l.pods[from], fmt.Sprintf("%s:%d", l.ips[to], port), 700*time.Millisecond)
 }
 
 // onlyFromA is a NetworkPolicy: pods app=b accept TCP allowPort from app=a,

@@ -15,7 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/veilmesh/veil/agent/datapath"
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/lab/controlplane"
 )
 
 // expectReach fails the test unless pod from reaches to:port exactly when

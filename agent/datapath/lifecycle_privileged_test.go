@@ -17,7 +17,7 @@ import (
 // policy map refuses one, and returns how many it wrote.
 func fillPolicyMap(t *testing.T, dp *Datapath) int {
 	t.Helper()
-	val := fromPodPolicyValue{Enforce: uint8(policy.Allow), Audit: uint8(policy.Allow)}
+	val := podPolicyValue{Enforce: uint8(policy.Allow), Audit: uint8(policy.Allow)}
 	for n := 0; ; n++ {
 		k := fillerKey(n)
 		if err := dp.policy.Update(&k, &val, ebpf.UpdateNoExist); err != nil {
@@ -30,8 +30,8 @@ func fillPolicyMap(t *testing.T, dp *Datapath) int {
 }
 
 // fillerKey is the n-th filler entry: slot of endpoint id 0x7ffffff0.
-func fillerKey(n int) fromPodPolicyKey {
-	return fromPodPolicyKey{Prefixlen: prefixAnyProto, Slot: 0x7ffffff0 << 1, Identity: uint32(n), Direction: uint8(policy.Ingress)}
+func fillerKey(n int) podPolicyKey {
+	return podPolicyKey{Prefixlen: prefixAnyProto, Slot: 0x7ffffff0 << 1, Identity: uint32(n), Direction: uint8(policy.Ingress)}
 }
 
 // A policy update that the map refuses (it is full) must not leave the old
@@ -163,7 +163,7 @@ func TestPrivilegedPolicySwapDefersDeletion(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var v fromPodPolicyValue
+	var v podPolicyValue
 	if err := tn.dp1.policy.Lookup(&old, &v); err != nil {
 		t.Fatalf("first policy not written to slot 3: %v", err)
 	}

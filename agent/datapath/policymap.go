@@ -13,15 +13,15 @@ import (
 	"github.com/veilmesh/veil/policy/identity"
 )
 
-// Prefix lengths of veil_policy keys (bpf/lib/maps.h).
+// Prefix lengths of veil_policy keys (enum policy_prefix).
 const (
-	prefixAnyProto = 72 // slot, identity, direction
-	prefixProto    = 80 // + protocol
+	prefixAnyProto = uint32(podPolicyPrefixPOLICY_PREFIX_ANY_PROTO) // slot, identity, direction
+	prefixProto    = uint32(podPolicyPrefixPOLICY_PREFIX_PROTO)     // + protocol
 )
 
 // policyKey turns a compiled key into the map key of slot.
-func policyKey(slot uint32, k policy.Key) (fromPodPolicyKey, error) {
-	mk := fromPodPolicyKey{Slot: slot, Identity: uint32(k.Identity), Direction: uint8(k.Direction)}
+func policyKey(slot uint32, k policy.Key) (podPolicyKey, error) {
+	mk := podPolicyKey{Slot: slot, Identity: uint32(k.Identity), Direction: uint8(k.Direction)}
 	if k.Direction != policy.Ingress && k.Direction != policy.Egress {
 		return mk, fmt.Errorf("policy key: direction %d is neither ingress nor egress", k.Direction)
 	}
@@ -89,7 +89,7 @@ func (d *Datapath) SetPolicy(ip netip.Addr, entries []policy.Entry, defaults pol
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var info fromPodEndpointInfo
+	var info podEndpointInfo
 	if err := d.endpoints.Lookup(key, &info); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("set policy of %s: no such endpoint", ip)
@@ -135,21 +135,21 @@ func (d *Datapath) SetPolicy(ip netip.Addr, entries []policy.Entry, defaults pol
 // What it wrote is recorded in policySlots even when it fails, so that it
 // can be deleted.
 func (d *Datapath) writeSlot(slot, prev uint32, entries []policy.Entry) error {
-	oldKeys := make(map[fromPodPolicyKey]bool, len(d.policySlots[prev]))
+	oldKeys := make(map[podPolicyKey]bool, len(d.policySlots[prev]))
 	for _, k := range d.policySlots[prev] {
 		oldKeys[k] = true
 	}
-	keys := make([]fromPodPolicyKey, 0, len(entries))
+	keys := make([]podPolicyKey, 0, len(entries))
 	defer func() { d.policySlots[slot] = keys }()
 	for _, e := range entries {
 		mk, err := policyKey(slot, e.Key)
 		if err != nil {
 			return err
 		}
-		val := fromPodPolicyValue{Enforce: uint8(e.Enforce), Audit: uint8(e.Audit), RuleId: e.RuleID}
+		val := podPolicyValue{Enforce: uint8(e.Enforce), Audit: uint8(e.Audit), RuleId: e.RuleID}
 		oldKey := mk
 		oldKey.Slot = prev
-		var old fromPodPolicyValue
+		var old podPolicyValue
 		// An LPM lookup returns the longest match, so only a key known to
 		// exist in the old slot reads its own counters.
 		if oldKeys[oldKey] && d.policy.Lookup(&oldKey, &old) == nil {
@@ -165,7 +165,7 @@ func (d *Datapath) writeSlot(slot, prev uint32, entries []policy.Entry) error {
 
 // failClosed switches the endpoint to its idle slot, emptied, with deny
 // defaults both ways, after its policy could not be written.
-func (d *Datapath) failClosed(ip netip.Addr, key uint32, info fromPodEndpointInfo, idle uint32, cause error) error {
+func (d *Datapath) failClosed(ip netip.Addr, key uint32, info podEndpointInfo, idle uint32, cause error) error {
 	perr := &PolicyUpdateError{Endpoint: ip, Map: PolicyMap, Err: cause}
 	// The idle slot is not referenced, so its partial entries can go now.
 	if err := d.deleteSlot(idle); err != nil {
@@ -232,8 +232,8 @@ func (d *Datapath) deleteSlot(slot uint32) error {
 // indexPolicy rebuilds the slot index from the pinned map after a restart.
 func (d *Datapath) indexPolicy() error {
 	var (
-		k fromPodPolicyKey
-		v fromPodPolicyValue
+		k podPolicyKey
+		v podPolicyValue
 	)
 	it := d.policy.Iterate()
 	for it.Next(&k, &v) {
@@ -246,7 +246,7 @@ func (d *Datapath) indexPolicy() error {
 	// process: retired, so a full map reclaims them before failing closed.
 	var (
 		ip   uint32
-		info fromPodEndpointInfo
+		info podEndpointInfo
 	)
 	eps := d.endpoints.Iterate()
 	for eps.Next(&ip, &info) {
@@ -276,13 +276,13 @@ func (d *Datapath) PolicyCounters(ip netip.Addr) ([]PolicyCounter, error) {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var info fromPodEndpointInfo
+	var info podEndpointInfo
 	if err := d.endpoints.Lookup(key, &info); err != nil {
 		return nil, fmt.Errorf("policy counters of %s: %w", ip, err)
 	}
 	var out []PolicyCounter
 	for _, mk := range d.policySlots[info.PolicySlot] {
-		var v fromPodPolicyValue
+		var v podPolicyValue
 		if err := d.policy.Lookup(&mk, &v); err != nil {
 			return nil, fmt.Errorf("policy counters of %s: %w", ip, err)
 		}
