@@ -238,7 +238,7 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 		}
 		// Node addresses and pod CIDRs live in the ipcache; keys are peers.
 		ch.IPCache = true
-		if err := d.syncPeers(ctx); err != nil {
+		if err := d.syncNodes(ctx, node); err != nil {
 			return err
 		}
 	case kindNetworkPolicy:
@@ -370,11 +370,11 @@ func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
 	return nil
 }
 
-// tunnelKind is the ipcache flag for prefixes hosted by the node at ip.
-func (d *Daemon) tunnelKind(ip netip.Addr) datapath.IPCacheKind {
+// tunnelKind is the ipcache flag for prefixes hosted by the named node.
+func (d *Daemon) tunnelKind(node string) datapath.IPCacheKind {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.hasTunnel(ip) {
+	if d.tunnels[node] {
 		return datapath.Tunnel
 	}
 	return 0
@@ -401,30 +401,41 @@ func optedOut(v string) bool {
 	return false
 }
 
-// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
-// addresses and pod CIDRs, and this node's own address.
-func (d *Daemon) syncIPCache() error {
+// wantIPCache is what the ipcache should hold for these nodes and the
+// compiler's pods. Nodes are read through the same resolution as the
+// WireGuard peers, so a node's prefixes carry the tunnel flag exactly when
+// it is a peer, and are forwarded toward the address its tunnel uses.
+func (d *Daemon) wantIPCache(nodes []*corev1.Node) map[netip.Prefix]datapath.IPCacheEntry {
 	want := map[netip.Prefix]datapath.IPCacheEntry{}
 	nodeIPs := map[string]netip.Addr{}
-	nodes, err := d.nodes.List(labels.Everything())
-	if err != nil {
-		return fmt.Errorf("list nodes: %w", err)
-	}
-	for _, n := range nodes {
-		ip := nodeInternalIP(n)
+	self := netip.PrefixFrom(d.nodeIP, 32)
+	for _, n := range d.resolveNodes(nodes).Nodes {
+		if n.Name == d.cfg.NodeName {
+			nodeIPs[n.Name] = d.nodeIP
+			for _, a := range n.Addrs() {
+				if a.Is4() {
+					want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
+				}
+			}
+			continue
+		}
+		ip := n.IP()
 		if !ip.IsValid() {
 			continue
 		}
 		nodeIPs[n.Name] = ip
-		if n.Name == d.cfg.NodeName {
-			continue
+		for _, a := range n.Addrs() {
+			if a.Is4() && netip.PrefixFrom(a, 32) != self {
+				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
+			}
 		}
-		want[netip.PrefixFrom(ip, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
-		if cidr := nodePodCIDR(n); cidr.IsValid() {
-			want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | d.tunnelKind(ip)}
+		for _, cidr := range n.PodCIDRs {
+			if cidr.Addr().Is4() {
+				want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | d.tunnelKind(n.Name)}
+			}
 		}
 	}
-	want[netip.PrefixFrom(d.nodeIP, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
+	want[self] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
 	for _, e := range d.compiler.IPCache() {
 		if !e.IP.Is4() || e.Node == d.cfg.NodeName {
 			continue
@@ -433,8 +444,19 @@ func (d *Daemon) syncIPCache() error {
 		if !ok {
 			continue
 		}
-		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | d.tunnelKind(nip)}
+		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | d.tunnelKind(e.Node)}
 	}
+	return want
+}
+
+// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
+// addresses and pod CIDRs, and this node's own address.
+func (d *Daemon) syncIPCache() error {
+	nodes, err := d.nodes.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("list nodes: %w", err)
+	}
+	want := d.wantIPCache(nodes)
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

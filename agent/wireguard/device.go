@@ -61,6 +61,8 @@ type Peer struct {
 	PublicKey  wgtypes.Key
 	Endpoint   netip.AddrPort
 	AllowedIPs []netip.Prefix
+	// Node is the peer's node name (for status; WireGuard ignores it).
+	Node string
 }
 
 // Device is a WireGuard interface configured only through wgctrl, whichever

@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
@@ -315,8 +316,8 @@ func (r *auditReport) finish() {
 // as it publishes them, else from the Node's spec.
 func nodePodCIDRs(n nodeEncryptionReport, node *corev1.Node) []netip.Prefix {
 	src := n.PodCIDRs
-	if len(src) == 0 && n.Annotations[annotationPodCIDRs] != "" {
-		src = strings.Split(n.Annotations[annotationPodCIDRs], ",")
+	if len(src) == 0 && n.Annotations[nodeinfo.AnnotationPodCIDRs] != "" {
+		src = strings.Split(n.Annotations[nodeinfo.AnnotationPodCIDRs], ",")
 	}
 	if len(src) == 0 && node != nil {
 		src = node.Spec.PodCIDRs
@@ -357,7 +358,7 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	default:
 		out = append(out, fail(s, "encryption-enabled", "unknown encryption mode %q", n.Mode))
 	}
-	fp := keyFingerprint(n.PublicKey)
+	fp := nodeinfo.KeyFingerprint(n.PublicKey)
 	switch {
 	case n.PublicKey == "":
 		out = append(out, fail(s, "key-present", "no public key: the node has no WireGuard key, so no peer can encrypt to it"))
@@ -366,17 +367,17 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	default:
 		out = append(out, pass(s, "key-present", "key %s", fp))
 	}
-	ann, annOK := n.Annotations[annotationPublicKey]
+	ann, annOK := n.Annotations[nodeinfo.AnnotationPublicKey]
 	switch {
 	case n.PublicKey == "":
 		out = append(out, fail(s, "key-published", "not checked: no public key"))
 	case !annOK || ann == "":
-		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", annotationPublicKey))
+		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", nodeinfo.AnnotationPublicKey))
 	case ann != n.PublicKey:
 		out = append(out, fail(s, "key-published", "the Node's %s annotation is key %s, the node's device has key %s: peers encrypt to a key the node does not hold",
-			annotationPublicKey, dash(keyFingerprint(ann)), dash(fp)))
+			nodeinfo.AnnotationPublicKey, dash(nodeinfo.KeyFingerprint(ann)), dash(fp)))
 	default:
-		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", annotationPublicKey))
+		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", nodeinfo.AnnotationPublicKey))
 	}
 	switch {
 	case n.PublicKey == "":
@@ -453,16 +454,16 @@ func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, 
 	// the one it published.
 	want := b.PublicKey
 	if want == "" && !b.Reported {
-		want = b.Annotations[annotationPublicKey]
+		want = b.Annotations[nodeinfo.AnnotationPublicKey]
 	}
 	var problems []string
 	switch {
 	case want == "":
 		problems = append(problems, fmt.Sprintf("%s has no public key to peer with", b.Node))
 	case p.PublicKey != want:
-		problems = append(problems, fmt.Sprintf("%s has %s with key %s, %s's key is %s", a.Node, b.Node, dash(keyFingerprint(p.PublicKey)), b.Node, dash(keyFingerprint(want))))
+		problems = append(problems, fmt.Sprintf("%s has %s with key %s, %s's key is %s", a.Node, b.Node, dash(nodeinfo.KeyFingerprint(p.PublicKey)), b.Node, dash(nodeinfo.KeyFingerprint(want))))
 	}
-	published := b.Annotations[annotationEndpoint]
+	published := b.Annotations[nodeinfo.AnnotationEndpoint]
 	switch {
 	case p.Endpoint == "":
 		problems = append(problems, fmt.Sprintf("no endpoint for %s", b.Node))
@@ -476,7 +477,7 @@ func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, 
 		}
 	}
 	if len(bCIDRs) == 0 {
-		problems = append(problems, fmt.Sprintf("%s's pod CIDRs are unknown (no MeshNode podCIDRs, %s annotation or spec.podCIDRs)", b.Node, annotationPodCIDRs))
+		problems = append(problems, fmt.Sprintf("%s's pod CIDRs are unknown (no MeshNode podCIDRs, %s annotation or spec.podCIDRs)", b.Node, nodeinfo.AnnotationPodCIDRs))
 	}
 	var uncovered []string
 	for _, c := range bCIDRs {
@@ -490,7 +491,7 @@ func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, 
 	if len(problems) > 0 {
 		out = append(out, fail(s, "peer", "%s", strings.Join(problems, "; ")))
 	} else {
-		out = append(out, pass(s, "peer", "key %s, endpoint %s, allowed IPs %s", dash(keyFingerprint(p.PublicKey)), p.Endpoint, strings.Join(p.AllowedIPs, ",")))
+		out = append(out, pass(s, "peer", "key %s, endpoint %s, allowed IPs %s", dash(nodeinfo.KeyFingerprint(p.PublicKey)), p.Endpoint, strings.Join(p.AllowedIPs, ",")))
 	}
 	switch {
 	case p.LastHandshake == nil:
