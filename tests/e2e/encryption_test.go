@@ -224,7 +224,9 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 	st.finish("across the key rotation")
 
 	// Break the tunnel to node-3 (its key disappears from the API): strict
-	// mode drops, records a leak, and sends nothing in the clear.
+	// mode drops, records a leak, and sends nothing in the clear. node-3's
+	// agent is stopped first: it would re-assert its annotations at once.
+	l.Nodes[2].StopAgent(false)
 	patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]any{
 		"wireguard.veil.dev/public-key": nil, "wireguard.veil.dev/endpoint": nil, "wireguard.veil.dev/pod-cidrs": nil,
 	}}})
