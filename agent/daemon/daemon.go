@@ -105,10 +105,11 @@ type Daemon struct {
 	statusDirty atomic.Bool
 	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr); conflicts
 	// are the refused node claims last reported (guarded by mu); events
-	// records them on the Nodes.
+	// records them on the Nodes, through broadcaster.
 	clusterCIDRs []netip.Prefix
 	conflicts    map[nodeinfo.Conflict]bool
 	events       record.EventRecorder
+	broadcaster  record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni CNIService
 }
@@ -155,6 +156,7 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 		cfg: cfg, log: log, kube: kube, veil: veil,
 		clusterCIDRs: []netip.Prefix{clusterCIDR.Masked()},
 		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
+		broadcaster:  events,
 		local:        map[policy.EndpointID]*localEndpoint{},
 		ipcache:      map[netip.Prefix]datapath.IPCacheEntry{},
 		nextID:       1,
@@ -170,6 +172,8 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 
 // Run runs the agent until ctx is done. It leaves the datapath in place.
 func (d *Daemon) Run(ctx context.Context) error {
+	// Events queued while shutting down are sent before Run returns.
+	defer d.broadcaster.Shutdown()
 	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
