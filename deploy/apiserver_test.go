@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
@@ -546,5 +547,87 @@ func TestPrivilegedMeshNodeWritePolicy(t *testing.T) {
 	}
 	if got := mn.Status.Encryption.PublicKey; got != "mine" {
 		t.Errorf("node-1's MeshNode says key %q; want its agent's %q", got, "mine")
+	}
+}
+
+// TestPrivilegedAdmissionWithBoundTokens runs the admission policies with
+// the credentials agents really have: tokens bound to an agent Pod on a
+// node, which the API server issues with the node's name in them. The token
+// of node-2's agent cannot write node-1's annotations or MeshNode status; a
+// token bound to nothing cannot write either; node-1's agent can.
+func TestPrivilegedAdmissionWithBoundTokens(t *testing.T) {
+	cp, admin, ctx := admissionSetup(t)
+	token := func(node string) string {
+		t.Helper()
+		req := &authenticationv1.TokenRequest{}
+		if node != "" {
+			pod, err := admin.CoreV1().Pods(Namespace).Create(ctx, &corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: "agent-" + node},
+				Spec: corev1.PodSpec{
+					NodeName: node, ServiceAccountName: ServiceAccountName,
+					Containers: []corev1.Container{{Name: "agent", Image: "veil-agent"}},
+				},
+			}, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatalf("create agent pod on %s: %v", node, err)
+			}
+			req.Spec.BoundObjectRef = &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}
+		}
+		tr, err := admin.CoreV1().ServiceAccounts(Namespace).CreateToken(ctx, ServiceAccountName, req, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatalf("token for the agent on %q: %v", node, err)
+		}
+		return tr.Status.Token
+	}
+	config := func(tok string) *rest.Config {
+		return &rest.Config{Host: cp.Server, BearerToken: tok, TLSClientConfig: rest.TLSClientConfig{CAData: cp.Config.CAData}}
+	}
+	tok1, tok2, unbound := token("node-1"), token("node-2"), token("")
+
+	review, err := kubernetes.NewForConfigOrDie(config(tok1)).AuthenticationV1().SelfSubjectReviews().Create(ctx, &authenticationv1.SelfSubjectReview{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("authenticate with node-1's agent token: %v", err)
+	}
+	if got := review.Status.UserInfo.Extra["authentication.kubernetes.io/node-name"]; len(got) != 1 || got[0] != "node-1" {
+		t.Fatalf("the bound token's node name %v; want [node-1] (user %+v)", got, review.Status.UserInfo)
+	}
+
+	patch := func(tok, node, value string) error {
+		p := fmt.Sprintf(`{"metadata":{"annotations":{"wireguard.veil.dev/public-key":%q}}}`, value)
+		_, err := kubernetes.NewForConfigOrDie(config(tok)).CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(p), metav1.PatchOptions{})
+		return err
+	}
+	const onlyOwn = "only the node's own Veil agent"
+	// The policy takes effect once the API server has loaded it.
+	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		return patch(tok2, "node-1", "probe") != nil, nil
+	}); err != nil {
+		t.Fatalf("node-2's agent can still patch node-1: %v", err)
+	}
+	if err := patch(tok1, "node-1", "mine"); err != nil {
+		t.Errorf("node-1's agent publishes its key: %v", err)
+	}
+	if err := patch(tok2, "node-1", "forged"); err == nil || !strings.Contains(err.Error(), onlyOwn) {
+		t.Errorf("node-2's agent token on node-1: err %v; want refused", err)
+	}
+	if err := patch(unbound, "node-1", "forged"); err == nil || !strings.Contains(err.Error(), onlyOwn) {
+		t.Errorf("an agent token bound to no pod on node-1: err %v; want refused", err)
+	}
+
+	veil := func(tok string) versioned.Interface { return versioned.NewForConfigOrDie(config(tok)) }
+	mn, err := veil(tok1).PolicyV1alpha1().MeshNodes().Create(ctx, &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("node-1's agent creates its MeshNode: %v", err)
+	}
+	mn.Status.Encryption.PublicKey = "mine"
+	if mn, err = veil(tok1).PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, mn, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("node-1's agent writes its MeshNode status: %v", err)
+	}
+	for name, tok := range map[string]string{"node-2's agent": tok2, "an unbound agent token": unbound} {
+		forged := mn.DeepCopy()
+		forged.Status.Encryption.PublicKey = "forged"
+		if _, err := veil(tok).PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, forged, metav1.UpdateOptions{}); err == nil || !strings.Contains(err.Error(), "may write only the MeshNode of the node it runs on") {
+			t.Errorf("%s writes node-1's MeshNode status: err %v; want refused", name, err)
+		}
 	}
 }
