@@ -18,6 +18,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/policy/identity"
@@ -238,7 +239,7 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 		}
 		// Node addresses and pod CIDRs live in the ipcache; keys are peers.
 		ch.IPCache = true
-		if err := d.syncNodes(ctx, node); err != nil {
+		if err := d.syncNodes(ctx, k.name, node); err != nil {
 			return err
 		}
 	case kindNetworkPolicy:
@@ -401,15 +402,15 @@ func optedOut(v string) bool {
 	return false
 }
 
-// wantIPCache is what the ipcache should hold for these nodes and the
-// compiler's pods. Nodes are read through the same resolution as the
-// WireGuard peers, so a node's prefixes carry the tunnel flag exactly when
-// it is a peer, and are forwarded toward the address its tunnel uses.
-func (d *Daemon) wantIPCache(nodes []*corev1.Node) map[netip.Prefix]datapath.IPCacheEntry {
+// wantIPCache is what the ipcache should hold for the resolved nodes and
+// the compiler's pods. The WireGuard peers come from the same resolution,
+// so a node's prefixes carry the tunnel flag exactly when it is a peer, and
+// are forwarded toward the address its tunnel uses.
+func (d *Daemon) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
 	want := map[netip.Prefix]datapath.IPCacheEntry{}
 	nodeIPs := map[string]netip.Addr{}
 	self := netip.PrefixFrom(d.nodeIP, 32)
-	for _, n := range d.resolveNodes(nodes).Nodes {
+	for _, n := range c.Nodes {
 		if n.Name == d.cfg.NodeName {
 			nodeIPs[n.Name] = d.nodeIP
 			for _, a := range n.Addrs() {
@@ -452,11 +453,7 @@ func (d *Daemon) wantIPCache(nodes []*corev1.Node) map[netip.Prefix]datapath.IPC
 // syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
 // addresses and pod CIDRs, and this node's own address.
 func (d *Daemon) syncIPCache() error {
-	nodes, err := d.nodes.List(labels.Everything())
-	if err != nil {
-		return fmt.Errorf("list nodes: %w", err)
-	}
-	want := d.wantIPCache(nodes)
+	want := d.wantIPCache(d.resolvedCluster())
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -108,8 +108,13 @@ type Daemon struct {
 	// records them on the Nodes, through broadcaster.
 	clusterCIDRs []netip.Prefix
 	conflicts    map[nodeinfo.Conflict]bool
-	events       record.EventRecorder
-	broadcaster  record.EventBroadcaster
+	// cluster is the last resolution of every node's claims, which the
+	// ipcache and the peers are built from, and claims what each Node
+	// claimed then (both guarded by mu).
+	cluster     nodeinfo.Cluster
+	claims      map[string]nodeinfo.Node
+	events      record.EventRecorder
+	broadcaster record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni CNIService
 }

@@ -12,7 +12,6 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -233,11 +232,9 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 	// A peer is named by the node that holds its key: what this agent
 	// believes, which the audit compares with what that node says.
 	byKey := map[string]string{}
-	if nodes, err := d.nodes.List(labels.Everything()); err == nil {
-		for _, n := range d.resolveNodes(nodes).Nodes {
-			if n.Tunnel() {
-				byKey[wgtypes.Key(n.PublicKey).String()] = n.Name
-			}
+	for _, n := range d.resolvedCluster().Nodes {
+		if n.Tunnel() {
+			byKey[wgtypes.Key(n.PublicKey).String()] = n.Name
 		}
 	}
 	for _, p := range ws.Peers {

@@ -29,22 +29,58 @@ func (d *Daemon) resolveNodes(nodes []*corev1.Node) nodeinfo.Cluster {
 	return nodeinfo.Resolve(nodes, nodeinfo.Options{Self: d.cfg.NodeName, ClusterCIDRs: d.clusterCIDRs})
 }
 
-// syncNodes follows a Node change: it reports refused claims, re-asserts
-// this node's annotations when node is this node's and they drifted, and
-// re-derives the WireGuard peers.
-func (d *Daemon) syncNodes(ctx context.Context, node *corev1.Node) error {
+// syncNodes follows a change of the named Node (nil: deleted): it
+// re-asserts this node's annotations when they drifted, and, when what
+// some node claims changed, resolves the cluster again, reports refused
+// claims and re-derives the WireGuard peers.
+func (d *Daemon) syncNodes(ctx context.Context, name string, node *corev1.Node) error {
+	if node != nil && name == d.cfg.NodeName {
+		if err := d.reassertAnnotations(ctx, node); err != nil {
+			return err
+		}
+	}
+	if d.claimsUnchanged(name, node) {
+		return nil
+	}
 	nodes, err := d.nodes.List(labels.Everything())
 	if err != nil {
 		return fmt.Errorf("list nodes: %w", err)
 	}
 	c := d.resolveNodes(nodes)
 	d.reportConflicts(c)
-	if node != nil && node.Name == d.cfg.NodeName {
-		if err := d.reassertAnnotations(ctx, node); err != nil {
-			return err
-		}
+	if err := d.syncPeers(ctx, c); err != nil {
+		return err
 	}
-	return d.syncPeers(ctx, c)
+	claims := make(map[string]nodeinfo.Node, len(nodes))
+	for _, n := range nodes {
+		claims[n.Name], _ = nodeinfo.Parse(n) // errors were reported by resolveNodes
+	}
+	d.mu.Lock()
+	d.cluster, d.claims = c, claims
+	d.mu.Unlock()
+	d.ipcacheDirty.Store(true)
+	return nil
+}
+
+// claimsUnchanged reports whether node claims what it did at the last
+// resolution: most Node events are kubelet status updates that change
+// nothing Veil reads, and resolving thousands of nodes for each would cost.
+func (d *Daemon) claimsUnchanged(name string, node *corev1.Node) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	prev, known := d.claims[name]
+	if node == nil {
+		return !known && d.claims != nil
+	}
+	cur, _ := nodeinfo.Parse(node)
+	return known && prev.Equal(cur)
+}
+
+// resolvedCluster is the last resolution of the nodes' claims.
+func (d *Daemon) resolvedCluster() nodeinfo.Cluster {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.cluster
 }
 
 // Reasons of the Events the agent records on Nodes.

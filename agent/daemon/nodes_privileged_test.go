@@ -93,7 +93,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := d.syncNodes(ctx, self); err != nil {
+	if err := d.syncNodes(ctx, self.Name, self); err != nil {
 		t.Fatal(err)
 	}
 
@@ -117,7 +117,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 			}
 		}
 	}
-	want := d.wantIPCache(nodes)
+	want := d.wantIPCache(d.resolveNodes(nodes))
 	if e := want[netip.MustParsePrefix("10.244.1.0/24")]; e.NodeIP != netip.MustParseAddr("10.99.0.2") || e.Kind&datapath.Tunnel == 0 {
 		t.Errorf("ipcache for the victim's pod CIDR: %+v; want the victim's, tunnelled", e)
 	}
@@ -168,7 +168,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	if got, err = d.kube.CoreV1().Nodes().Update(ctx, got, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.syncNodes(ctx, got); err != nil {
+	if err := d.syncNodes(ctx, got.Name, got); err != nil {
 		t.Fatal(err)
 	}
 	got, err = d.kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})

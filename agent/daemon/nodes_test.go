@@ -79,7 +79,7 @@ func TestTunnelFlagWithSeveralInternalIPsAndExplicitEndpoint(t *testing.T) {
 		t.Fatalf("peers %v, errors %v", peers, errs)
 	}
 	d.recordTunnels(peers)
-	want := d.wantIPCache(nodes)
+	want := d.wantIPCache(d.resolveNodes(nodes))
 
 	endpoint := netip.MustParseAddr("10.98.0.2")
 	for _, p := range []string{"10.244.1.0/24", "10.244.1.5/32"} {
@@ -132,7 +132,7 @@ func TestClaimConflictsAreReported(t *testing.T) {
 	d.metrics = newAgentMetrics(d)
 
 	for range 2 { // the second sync reports nothing new
-		if err := d.syncNodes(t.Context(), victim); err != nil {
+		if err := d.syncNodes(t.Context(), victim.Name, victim); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -177,9 +177,21 @@ func TestClaimConflictsAreReported(t *testing.T) {
 		t.Errorf("veil_node_claim_conflicts series %q; want %q", got, want)
 	}
 
-	// The claims are gone: so are the series.
+	// A kubelet heartbeat changes nothing Veil reads: no new resolution.
+	beat := victim.DeepCopy()
+	beat.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+	if !d.claimsUnchanged(beat.Name, beat) {
+		t.Error("a status condition change counts as a change of claims")
+	}
+	moved := victim.DeepCopy()
+	moved.Status.Addresses = append(moved.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: "10.98.0.2"})
+	if d.claimsUnchanged(moved.Name, moved) {
+		t.Error("a new InternalIP does not count as a change of claims")
+	}
+
+	// The claims are gone with their node: so are the series.
 	d.nodes = nodeLister(t, self, victim)
-	if err := d.syncNodes(t.Context(), victim); err != nil {
+	if err := d.syncNodes(t.Context(), mallory.Name, nil); err != nil {
 		t.Fatal(err)
 	}
 	if n := testutil.CollectAndCount(collector{d}, "veil_node_claim_conflicts"); n != 0 {

@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -112,6 +113,14 @@ func (n Node) IP() netip.Addr {
 		}
 	}
 	return netip.Addr{}
+}
+
+// Equal reports whether n and o claim the same: callers skip resolving the
+// cluster again for Node updates (kubelet heartbeats) that change nothing
+// Veil reads.
+func (n Node) Equal(o Node) bool {
+	return n.Name == o.Name && n.Created.Equal(o.Created) && slices.Equal(n.InternalIPs, o.InternalIPs) &&
+		slices.Equal(n.PodCIDRs, o.PodCIDRs) && n.PublicKey == o.PublicKey && n.Endpoint == o.Endpoint
 }
 
 // Tunnel reports whether the node published what a WireGuard peer needs.

@@ -91,19 +91,8 @@ func Resolve(nodes []*corev1.Node, opts Options) Cluster {
 			cmp.Compare(a.Name, b.Name))
 	})
 
-	type held struct {
-		prefix netip.Prefix
-		owner  string
-	}
-	var space []held // pod CIDRs and node addresses granted so far
-	holder := func(p netip.Prefix) string {
-		for _, h := range space {
-			if h.prefix.Overlaps(p) {
-				return h.owner
-			}
-		}
-		return ""
-	}
+	granted := newSpace() // pod CIDRs and node addresses granted so far
+	holder := granted.holder
 	keys := map[[32]byte]string{}
 	for i := range c.Nodes {
 		n := &c.Nodes[i]
@@ -157,14 +146,50 @@ func Resolve(nodes []*corev1.Node, opts Options) Cluster {
 			}
 		}
 		for _, p := range n.PodCIDRs {
-			space = append(space, held{p, n.Name})
+			granted.grant(p, n.Name)
 		}
 		for _, a := range n.Addrs() {
-			space = append(space, held{netip.PrefixFrom(a, a.BitLen()), n.Name})
+			granted.grant(netip.PrefixFrom(a, a.BitLen()), n.Name)
 		}
 	}
 	slices.SortFunc(c.Nodes, func(a, b Node) int { return cmp.Compare(a.Name, b.Name) })
 	return c
+}
+
+// space is the address space granted to nodes so far, with each grant's
+// owner. Grants never overlap, so whether a prefix overlaps one is a
+// question about its ancestors and descendants: a lookup costs the prefix
+// length in map reads, not the number of nodes, and an agent resolves a
+// cluster of thousands of nodes on every Node event.
+type space struct {
+	held      map[netip.Prefix]string // granted prefix → owner
+	ancestors map[netip.Prefix]string // every prefix that holds a grant (the grant too) → an owner inside
+}
+
+func newSpace() *space {
+	return &space{held: map[netip.Prefix]string{}, ancestors: map[netip.Prefix]string{}}
+}
+
+// holder is the owner of a grant that overlaps p, "" when none does.
+func (s *space) holder(p netip.Prefix) string {
+	p = p.Masked()
+	for b := p.Bits(); b >= 0; b-- {
+		if o, ok := s.held[netip.PrefixFrom(p.Addr(), b).Masked()]; ok {
+			return o
+		}
+	}
+	return s.ancestors[p]
+}
+
+func (s *space) grant(p netip.Prefix, owner string) {
+	p = p.Masked()
+	s.held[p] = owner
+	for b := p.Bits(); b >= 0; b-- {
+		a := netip.PrefixFrom(p.Addr(), b).Masked()
+		if _, ok := s.ancestors[a]; !ok {
+			s.ancestors[a] = owner
+		}
+	}
 }
 
 // intersect cuts p to the cluster CIDR that overlaps it (prefixes either

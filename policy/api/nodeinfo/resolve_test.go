@@ -3,6 +3,7 @@ package nodeinfo
 import (
 	"bytes"
 	"encoding/base64"
+	"fmt"
 	"net/netip"
 	"slices"
 	"testing"
@@ -165,4 +166,20 @@ func mustKey(s string) [32]byte {
 		panic(err)
 	}
 	return k
+}
+
+// An agent resolves the whole cluster on every Node event.
+func BenchmarkResolve5000Nodes(b *testing.B) {
+	var nodes []*corev1.Node
+	for i := range 5000 {
+		ip := netip.AddrFrom4([4]byte{10, 99, byte(i >> 8), byte(i)})
+		n := mkNode(fmt.Sprintf("node-%d", i), int64(i), fmt.Sprintf("10.%d.%d.0/24", 100+i>>8, i&255), internalIPs(ip.String()))
+		n.Annotations = map[string]string{AnnotationPublicKey: key(byte(i)), AnnotationEndpoint: ip.String() + ":51871"}
+		nodes = append(nodes, n)
+	}
+	opts := Options{Self: "node-0", ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/11")}}
+	b.ReportAllocs()
+	for b.Loop() {
+		Resolve(nodes, opts)
+	}
 }
