@@ -103,18 +103,17 @@ type Daemon struct {
 	pub         wgtypes.Key
 	tunnels     map[string]bool
 	statusDirty atomic.Bool
-	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr); conflicts
-	// are the refused node claims last reported (guarded by mu); events
-	// records them on the Nodes, through broadcaster.
+	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr). Guarded
+	// by mu: cluster is the last resolution of every node's claims, which
+	// the ipcache and the peers are built from; claims is what each Node
+	// claimed then; conflicts are the refused claims last reported, which
+	// events records on the Nodes through broadcaster.
 	clusterCIDRs []netip.Prefix
+	cluster      nodeinfo.Cluster
+	claims       map[string]nodeinfo.Node
 	conflicts    map[nodeinfo.Conflict]bool
-	// cluster is the last resolution of every node's claims, which the
-	// ipcache and the peers are built from, and claims what each Node
-	// claimed then (both guarded by mu).
-	cluster     nodeinfo.Cluster
-	claims      map[string]nodeinfo.Node
-	events      record.EventRecorder
-	broadcaster record.EventBroadcaster
+	events       record.EventRecorder
+	broadcaster  record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni CNIService
 }
