@@ -237,8 +237,9 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 		} else {
 			ch = d.compiler.UpsertNode(node)
 		}
-		// Node addresses and pod CIDRs live in the ipcache; keys are peers.
-		ch.IPCache = true
+		// Node addresses and pod CIDRs live in the ipcache, keys in the
+		// peers: syncNodes marks the ipcache for rewriting when a node's
+		// claims changed, and only then (not on every kubelet heartbeat).
 		if err := d.syncNodes(ctx, k.name, node); err != nil {
 			return err
 		}
