@@ -48,17 +48,22 @@ func (d *Daemon) syncNodes(ctx context.Context, name string, node *corev1.Node) 
 	}
 	c := d.resolveNodes(nodes)
 	d.reportConflicts(c)
+	// The ipcache follows at once, even if the peers cannot be set now.
+	d.mu.Lock()
+	d.cluster = c
+	d.mu.Unlock()
+	d.ipcacheDirty.Store(true)
 	if err := d.syncPeers(ctx, c); err != nil {
 		return err
 	}
+	// Only once the peers are set may unchanged Nodes be skipped.
 	claims := make(map[string]nodeinfo.Node, len(nodes))
 	for _, n := range nodes {
 		claims[n.Name], _ = nodeinfo.Parse(n) // errors were reported by resolveNodes
 	}
 	d.mu.Lock()
-	d.cluster, d.claims = c, claims
+	d.claims = claims
 	d.mu.Unlock()
-	d.ipcacheDirty.Store(true)
 	return nil
 }
 
