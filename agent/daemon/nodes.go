@@ -116,9 +116,7 @@ func (d *Daemon) reportConflicts(c nodeinfo.Cluster) {
 	})
 	for _, x := range added {
 		d.log.Warn("node claim refused", "node", x.Node, "owner", x.Owner, "kind", x.Kind, "claim", x.Claim)
-		if d.events != nil {
-			d.events.Event(nodeRef(x.Node), corev1.EventTypeWarning, reasonClaimRefused, x.Error())
-		}
+		d.events.Event(nodeRef(x.Node), corev1.EventTypeWarning, reasonClaimRefused, x.Error())
 	}
 	for _, err := range c.Errors {
 		d.log.Warn("node fields ignored", "error", err)
@@ -181,9 +179,7 @@ func (d *Daemon) reassertAnnotations(ctx context.Context, n *corev1.Node) error 
 	}
 	slices.Sort(drifted)
 	d.log.Warn("node annotations drifted; re-asserting", "node", n.Name, "annotations", drifted)
-	if d.events != nil {
-		d.events.Eventf(nodeRef(n.Name), corev1.EventTypeWarning, reasonAnnotationsReset,
-			"annotations %v did not match what the node's Veil agent publishes; re-asserted", drifted)
-	}
+	d.events.Eventf(nodeRef(n.Name), corev1.EventTypeWarning, reasonAnnotationsReset,
+		"annotations %v did not match what the node's Veil agent publishes; re-asserted", drifted)
 	return d.patchNodeAnnotations(ctx)
 }

@@ -54,7 +54,8 @@ func testDaemon(t *testing.T, self string, selfIP string) *Daemon {
 	cfg := config.Default()
 	cfg.NodeName = self
 	return &Daemon{cfg: cfg, log: slog.New(slog.DiscardHandler), compiler: c, nodeIP: netip.MustParseAddr(selfIP),
-		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, clusterCIDRs: []netip.Prefix{netip.MustParsePrefix(cfg.ClusterCIDR)}}
+		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, clusterCIDRs: []netip.Prefix{netip.MustParsePrefix(cfg.ClusterCIDR)},
+		events: record.NewFakeRecorder(16)}
 }
 
 // A node whose agent runs with --node-ip on its second InternalIP: the
