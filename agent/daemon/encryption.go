@@ -94,7 +94,7 @@ func (d *Daemon) syncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 		addrs := map[netip.Addr]bool{}
 		for _, p := range peers {
 			n, _ := c.Node(p.Node)
-			for _, a := range n.Addrs() {
+			for _, a := range n.InternalIPs { // what its allowed IPs hold
 				if a.Is4() {
 					addrs[a] = true
 				}

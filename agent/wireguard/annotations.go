@@ -37,7 +37,8 @@ var ErrNoAllowedIPs = errors.New("no allowed IPs")
 // another node holds is not among a node's claims, and no two peers overlap.
 //
 // AllowedIPs are the node's pod CIDRs (spec.podCIDRs cut to the cluster
-// CIDR) and, with nodeToNode only, its own addresses as host prefixes.
+// CIDR) and, with nodeToNode only, its own InternalIPs (those no other node
+// holds) as host prefixes.
 func PeersFromNodes(c nodeinfo.Cluster, self string, nodeToNode bool) ([]Peer, []error) {
 	var (
 		peers []Peer
@@ -49,7 +50,7 @@ func PeersFromNodes(c nodeinfo.Cluster, self string, nodeToNode bool) ([]Peer, [
 		}
 		allowed := append([]netip.Prefix(nil), n.PodCIDRs...)
 		if nodeToNode {
-			for _, a := range n.Addrs() {
+			for _, a := range n.InternalIPs {
 				allowed = append(allowed, netip.PrefixFrom(a, a.BitLen()))
 			}
 		}

@@ -182,7 +182,7 @@ func TestPeersFromNodes(t *testing.T) {
 			want: want{peers: []string{"n1"}, allowed: map[string][]netip.Prefix{"n1": pfx("10.244.1.0/24", "fd10:244:1::/64")}},
 		},
 		{
-			name: "node-to-node adds the node's own addresses",
+			name: "node-to-node adds the node's own InternalIPs",
 			nodes: []*corev1.Node{
 				node("n1", 1, ann(k1, "10.99.0.2:51820"), cidr("10.244.1.0/24"), "10.99.0.2", "fd99::2"),
 				node("n2", 1, ann(k2, "10.99.0.3:51820"), cidr("10.244.2.0/24")),
@@ -190,7 +190,7 @@ func TestPeersFromNodes(t *testing.T) {
 			nodeToNode: true,
 			want: want{peers: []string{"n1", "n2"}, allowed: map[string][]netip.Prefix{
 				"n1": pfx("10.244.1.0/24", "10.99.0.2/32", "fd99::2/128"),
-				"n2": pfx("10.244.2.0/24", "10.99.0.3/32"),
+				"n2": pfx("10.244.2.0/24"),
 			}},
 		},
 		{

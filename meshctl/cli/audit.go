@@ -76,7 +76,7 @@ with its scope (a node, or an ordered node pair A→B), result and reason:
                          equals what B publishes (its Node's annotations) and
                          what B reports about itself (its MeshNode); A's
                          allowed IPs for B cover B's spec.podCIDRs and hold
-                         nothing else (but B's own addresses, with
+                         nothing else (but B's InternalIPs, with
                          node-to-node encryption)
     handshake            A's last handshake with B is within --max-handshake-age
     active               (--active) a marker sent from a pod on A to a pod on
@@ -329,8 +329,8 @@ func (r *auditReport) finish() {
 }
 
 // nodeClaims are what a Node says the node holds, from the sources Veil
-// trusts: its pod CIDRs from spec.podCIDRs (set by the control plane),
-// its addresses (InternalIPs and the endpoint its agent published).
+// trusts: its pod CIDRs from spec.podCIDRs (set by the control plane), its
+// InternalIPs (which peers route to it with node-to-node encryption).
 type nodeClaims struct {
 	podCIDRs []netip.Prefix
 	addrs    []netip.Addr
@@ -338,7 +338,7 @@ type nodeClaims struct {
 
 func claimsOf(node *corev1.Node) nodeClaims {
 	info, _ := nodeinfo.Parse(node) // malformed fields are left out, and fail the peer checks
-	return nodeClaims{podCIDRs: info.PodCIDRs, addrs: info.Addrs()}
+	return nodeClaims{podCIDRs: info.PodCIDRs, addrs: info.InternalIPs}
 }
 
 // auditClaims FAILs a node whose claim (pod CIDR, address, endpoint, key)
