@@ -81,11 +81,21 @@ func (d *Daemon) claimsUnchanged(name string, node *corev1.Node) bool {
 	return known && prev.Equal(cur)
 }
 
-// resolvedCluster is the last resolution of the nodes' claims.
+// resolvedCluster is the last resolution of the nodes' claims; before the
+// worker's first Node sync (a CNI call may write the ipcache that early),
+// a resolution of what the Node cache holds now.
 func (d *Daemon) resolvedCluster() nodeinfo.Cluster {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.cluster
+	c, resolved := d.cluster, d.claims != nil
+	d.mu.Unlock()
+	if resolved {
+		return c
+	}
+	nodes, err := d.nodes.List(labels.Everything())
+	if err != nil {
+		return c
+	}
+	return d.resolveNodes(nodes)
 }
 
 // Reasons of the Events the agent records on Nodes.

@@ -20,9 +20,10 @@ import (
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 // TestPrivilegedForgedNodeClaims runs the agent's Node handling against a
@@ -32,9 +33,7 @@ import (
 // Warning Event on the claiming Node that names the owner. The agent
 // publishes its own annotations and puts them back when someone edits them.
 func TestPrivilegedForgedNodeClaims(t *testing.T) {
-	if testing.Short() || os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("starts etcd and kube-apiserver; set VEIL_PRIVILEGED=1 to run")
-	}
+	testenv.RequirePrivileged(t)
 	cp := controlplane.StartForTest(t, controlplane.Options{SkipCRDs: true})
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()

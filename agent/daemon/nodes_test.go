@@ -25,8 +25,8 @@ import (
 	"github.com/veilmesh/veil/policy/identity"
 )
 
-// testNode is a Node as kubelet and the node's agent leave it.
-func testNode(t *testing.T, name string, created int64, podCIDR, endpoint string, internalIPs ...string) *corev1.Node {
+// agentNode is a Node as kubelet and the node's agent leave it.
+func agentNode(t *testing.T, name string, created int64, podCIDR, endpoint string, internalIPs ...string) *corev1.Node {
 	t.Helper()
 	n := &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{Name: name, CreationTimestamp: metav1.Unix(created, 0)},
@@ -64,8 +64,8 @@ func testDaemon(t *testing.T, self string, selfIP string) *Daemon {
 func TestTunnelFlagWithSeveralInternalIPsAndExplicitEndpoint(t *testing.T) {
 	d := testDaemon(t, "self", "10.99.0.1")
 	nodes := []*corev1.Node{
-		testNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1"),
-		testNode(t, "n1", 2, "10.244.1.0/24", "10.98.0.2:51871", "10.99.0.2", "10.98.0.2"),
+		agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1"),
+		agentNode(t, "n1", 2, "10.244.1.0/24", "10.98.0.2:51871", "10.99.0.2", "10.98.0.2"),
 	}
 	for _, n := range nodes {
 		d.compiler.UpsertNode(n)
@@ -121,9 +121,9 @@ func nodeLister(t *testing.T, nodes ...*corev1.Node) corelisters.NodeLister {
 // veil_node_claim_conflicts metric, and (once per conflict) a log line.
 func TestClaimConflictsAreReported(t *testing.T) {
 	d := testDaemon(t, "self", "10.99.0.1")
-	self := testNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1")
-	victim := testNode(t, "victim", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2")
-	mallory := testNode(t, "mallory", 3, "10.244.1.0/24", "10.99.0.3:51871", "10.99.0.3", "10.99.0.1")
+	self := agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1")
+	victim := agentNode(t, "victim", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2")
+	mallory := agentNode(t, "mallory", 3, "10.244.1.0/24", "10.99.0.3:51871", "10.99.0.3", "10.99.0.1")
 	mallory.Spec.PodCIDRs = append(mallory.Spec.PodCIDRs, "192.168.7.0/24")
 	mallory.Annotations[nodeinfo.AnnotationPublicKey] = victim.Annotations[nodeinfo.AnnotationPublicKey]
 	d.nodes = nodeLister(t, self, victim, mallory)
@@ -211,7 +211,7 @@ func TestOwnAnnotationsAreReasserted(t *testing.T) {
 		t.Fatal(err)
 	}
 	d.pub = k.PublicKey()
-	self := testNode(t, "self", 1, "10.244.0.0/24", "", "10.99.0.1")
+	self := agentNode(t, "self", 1, "10.244.0.0/24", "", "10.99.0.1")
 	self.Annotations = d.wantAnnotations()
 	kube := kubefake.NewClientset(self)
 	d.kube, d.events = kube, record.NewFakeRecorder(4)

@@ -19,6 +19,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -50,6 +51,13 @@ type Config struct {
 	// as a leak, and a guard on the underlay's egress catches anything that
 	// routed around the tunnel.
 	StrictMode bool
+	// ClusterCIDR is the cluster's pod range. In strict mode, pod traffic
+	// to an address in it that the ipcache does not know yet is refused
+	// rather than sent: it may be a remote pod. Invalid: not known.
+	ClusterCIDR netip.Prefix
+	// PodDevice tells a pod's host-side veth by its name, so the strict-mode
+	// guard leaves it alone even before its endpoint is registered.
+	PodDevice func(name string) bool `json:"-"`
 	// LegacyTC attaches with clsact filters even where TCX exists.
 	LegacyTC bool
 	// CTIdleTimeout is how long an idle connection keeps its verdict before
@@ -88,8 +96,11 @@ type Datapath struct {
 	underlayIfindex, wgIfindex                                       int
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
-	policySlots map[uint32][]fromPodPolicyKey
-	closers     []interface{ Close() error }
+	policySlots map[uint32][]podPolicyKey
+	// retired: slots switched away from whose entries are deleted after a
+	// grace period (SetPolicy, reclaim).
+	retired map[uint32]bool
+	closers []interface{ Close() error }
 }
 
 // Load checks the kernel, loads the programs, opens (or creates) the pinned
@@ -104,7 +115,7 @@ func Load(cfg Config) (*Datapath, error) {
 			return nil, fmt.Errorf("create bpffs directory %s: %w", dir, err)
 		}
 	}
-	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]fromPodPolicyKey{}}
+	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}, retired: map[uint32]bool{}}
 	if cfg.UnderlayInterface != "" {
 		l, err := netlink.LinkByName(cfg.UnderlayInterface)
 		if err != nil {
@@ -184,115 +195,151 @@ func checkKernel(cfg Config) error {
 	return nil
 }
 
-// load loads every object with its maps pinned by name under the root.
-func (d *Datapath) load() error {
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.cfg.BPFFSRoot}}
+// object is one compiled BPF object (one attach surface) and where its
+// programs go in a Datapath.
+type object struct {
+	name  string
+	spec  func() (*ebpf.CollectionSpec, error)
+	progs func(*Datapath) map[string]**ebpf.Program // program name in the object -> field
+}
+
+// objects lists the BPF objects by attach surface. The first one also
+// provides the map handles.
+var objects = []object{
+	{"pod", loadPod, func(d *Datapath) map[string]**ebpf.Program {
+		return map[string]**ebpf.Program{"veil_from_pod": &d.fromPod, "veil_to_pod": &d.toPod}
+	}},
+	{"netdev", loadNetdev, func(d *Datapath) map[string]**ebpf.Program {
+		return map[string]**ebpf.Program{"veil_from_netdev": &d.fromNetdev, "veil_to_netdev": &d.toNetdev}
+	}},
+	{"tunnel", loadTunnel, func(d *Datapath) map[string]**ebpf.Program {
+		return map[string]**ebpf.Program{"veil_from_tunnel": &d.fromTunnel}
+	}},
+	{"sock", loadSock, func(d *Datapath) map[string]**ebpf.Program {
+		return map[string]**ebpf.Program{"veil_sockops": &d.sockops, "veil_sk_msg": &d.skMsg}
+	}},
+}
+
+// constants are the node configuration the programs see as known values.
+func (d *Datapath) constants() map[string]any {
 	var nodeIP uint32
 	if d.cfg.NodeIP.Is4() {
 		nodeIP = ip4ToU32(d.cfg.NodeIP)
 	}
-	consts := map[string]any{
+	var clusterAddr, clusterBits uint32
+	if p := d.cfg.ClusterCIDR; p.IsValid() && p.Addr().Is4() {
+		clusterAddr, clusterBits = ip4ToU32(p.Masked().Addr()), uint32(p.Bits())
+	}
+	return map[string]any{
 		"node_ip":           nodeIP,
 		"underlay_ifindex":  uint32(d.underlayIfindex),
 		"ct_idle_timeout_s": uint32(d.cfg.CTIdleTimeout / time.Second),
 		"wg_ifindex":        uint32(d.wgIfindex),
 		"strict_mode":       boolU32(d.cfg.StrictMode),
+		"cluster_cidr":      clusterAddr,
+		"cluster_cidr_bits": clusterBits,
 	}
-	setConsts := func(spec *ebpf.CollectionSpec) error {
+}
+
+// load loads every object with its maps pinned by name under the root, and
+// pins the programs so their links can be re-pointed by the next load.
+func (d *Datapath) load() error {
+	if err := d.loadObjects(d.cfg.BPFFSRoot); err != nil {
+		return err
+	}
+	for _, o := range objects {
+		for name, p := range o.progs(d) {
+			if err := repin(*p, filepath.Join(progsDir(d.cfg.BPFFSRoot), strings.TrimPrefix(name, "veil_"))); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// loadObjects loads every object. With pinRoot set, maps are opened from (or
+// created at) their pins; without it, the first object creates private maps
+// and the others share them, which is what packet-level tests need.
+func (d *Datapath) loadObjects(pinRoot string) error {
+	consts := d.constants()
+	var shared map[string]*ebpf.Map
+	for _, o := range objects {
+		spec, err := o.spec()
+		if err != nil {
+			return fmt.Errorf("parse %s object: %w", o.name, err)
+		}
 		for name, v := range consts {
 			vs, ok := spec.Variables[name]
 			if !ok {
 				continue
 			}
 			if err := vs.Set(v); err != nil {
-				return fmt.Errorf("set %s: %w", name, err)
+				return fmt.Errorf("configure %s object: set %s: %w", o.name, name, err)
 			}
 		}
-		return nil
-	}
-
-	var fp fromPodObjects
-	if err := loadObject(loadFromPod, setConsts, &fp, opts, "from_pod"); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, &fp)
-	d.endpoints, d.ipcache, d.cidrs, d.policy = fp.VeilEndpoints, fp.VeilIpcache, fp.VeilCidrs, fp.VeilPolicy
-	d.ct, d.sockhash, d.events, d.metrics, d.sockstats = fp.VeilCt, fp.VeilSockhash, fp.VeilEvents, fp.VeilMetrics, fp.VeilSockstats
-	d.leaks = fp.VeilLeaks
-	d.fromPod = fp.VeilFromPod
-
-	var tp toPodObjects
-	if err := loadObject(loadToPod, setConsts, &tp, opts, "to_pod"); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, &tp)
-	d.toPod = tp.VeilToPod
-
-	var fn fromNetdevObjects
-	if err := loadObject(loadFromNetdev, setConsts, &fn, opts, "from_netdev"); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, &fn)
-	d.fromNetdev = fn.VeilFromNetdev
-
-	var ft fromTunnelObjects
-	if err := loadObject(loadFromTunnel, setConsts, &ft, opts, "from_tunnel"); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, &ft)
-	d.fromTunnel = ft.VeilFromTunnel
-
-	var tn toNetdevObjects
-	if err := loadObject(loadToNetdev, setConsts, &tn, opts, "to_netdev"); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, &tn)
-	d.toNetdev = tn.VeilToNetdev
-
-	var so sockopsObjects
-	if err := loadObject(loadSockops, setConsts, &so, opts, "sockops"); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, &so)
-	d.sockops = so.VeilSockops
-
-	var sm skMsgObjects
-	if err := loadObject(loadSkMsg, setConsts, &sm, opts, "sk_msg"); err != nil {
-		return err
-	}
-	d.closers = append(d.closers, &sm)
-	d.skMsg = sm.VeilSkMsg
-
-	for name, p := range map[string]*ebpf.Program{
-		"from_pod": d.fromPod, "to_pod": d.toPod, "from_netdev": d.fromNetdev,
-		"from_tunnel": d.fromTunnel, "to_netdev": d.toNetdev,
-		"sockops": d.sockops, "sk_msg": d.skMsg,
-	} {
-		if err := repin(p, filepath.Join(progsDir(d.cfg.BPFFSRoot), name)); err != nil {
-			return err
+		opts := &ebpf.CollectionOptions{}
+		if pinRoot != "" {
+			opts.Maps.PinPath = pinRoot
+		} else {
+			opts.MapReplacements = map[string]*ebpf.Map{}
+			for name, m := range spec.Maps {
+				m.Pinning = ebpf.PinNone
+				if sm, ok := shared[name]; ok && strings.HasPrefix(name, "veil_") {
+					opts.MapReplacements[name] = sm
+				}
+			}
+		}
+		coll, err := ebpf.NewCollectionWithOptions(spec, *opts)
+		if err != nil {
+			return explainLoadError(o.name, err)
+		}
+		d.closers = append(d.closers, closerFunc(func() error { coll.Close(); return nil }))
+		if shared == nil {
+			shared = coll.Maps
+			if err := d.assignMaps(coll.Maps); err != nil {
+				return err
+			}
+		}
+		for name, field := range o.progs(d) {
+			p, ok := coll.Programs[name]
+			if !ok {
+				return fmt.Errorf("%s object has no program %s", o.name, name)
+			}
+			*field = p
 		}
 	}
 	return nil
 }
 
-func loadObject(specFn func() (*ebpf.CollectionSpec, error), setConsts func(*ebpf.CollectionSpec) error,
-	objs any, opts *ebpf.CollectionOptions, name string) error {
-	spec, err := specFn()
-	if err != nil {
-		return fmt.Errorf("parse %s object: %w", name, err)
+// explainLoadError turns the load errors an operator can act on into advice.
+func explainLoadError(name string, err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("load %s object: verifier rejected a program: %+v", name, ve)
 	}
-	if err := setConsts(spec); err != nil {
-		return fmt.Errorf("configure %s: %w", name, err)
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		return fmt.Errorf("load %s object: a pinned map was made by an incompatible version; run the agent's cleanup mode: %w", name, err)
 	}
-	if err := spec.LoadAndAssign(objs, opts); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return fmt.Errorf("load %s: verifier rejected the program: %+v", name, ve)
+	return fmt.Errorf("load %s object: %w", name, err)
+}
+
+type closerFunc func() error
+
+func (f closerFunc) Close() error { return f() }
+
+// assignMaps takes the handles of the shared maps.
+func (d *Datapath) assignMaps(maps map[string]*ebpf.Map) error {
+	for name, field := range map[string]**ebpf.Map{
+		"veil_endpoints": &d.endpoints, "veil_ipcache": &d.ipcache, "veil_cidrs": &d.cidrs,
+		"veil_policy": &d.policy, "veil_ct": &d.ct, "veil_sockhash": &d.sockhash,
+		"veil_events": &d.events, "veil_metrics": &d.metrics, "veil_sockstats": &d.sockstats,
+		"veil_leaks": &d.leaks,
+	} {
+		m, ok := maps[name]
+		if !ok {
+			return fmt.Errorf("pod object has no map %s", name)
 		}
-		if errors.Is(err, ebpf.ErrMapIncompatible) {
-			return fmt.Errorf("load %s: a pinned map under %s was made by an incompatible version; run the agent's cleanup mode: %w", name, opts.Maps.PinPath, err)
-		}
-		return fmt.Errorf("load %s: %w", name, err)
+		*field = m
 	}
 	return nil
 }
@@ -320,21 +367,16 @@ func boolU32(b bool) uint32 {
 
 // attachDevices attaches the node-level programs: traffic from other nodes
 // on the underlay, decrypted traffic on the WireGuard device, and (strict
-// mode) the guard on the underlay's egress, which is removed when strict
-// mode is off.
+// mode) the guard on the egress of every device that leads off the node,
+// which is removed when strict mode is off.
 func (d *Datapath) attachDevices() error {
 	if d.underlayIfindex != 0 {
-		name := "netdev_" + d.cfg.UnderlayInterface
-		if err := d.attachTC(d.underlayIfindex, name, ingress, d.fromNetdev); err != nil {
+		if err := d.attachTC(d.underlayIfindex, guardPrefix+d.cfg.UnderlayInterface, ingress, d.fromNetdev); err != nil {
 			return err
 		}
-		if d.cfg.StrictMode {
-			if err := d.attachTC(d.underlayIfindex, name, egress, d.toNetdev); err != nil {
-				return err
-			}
-		} else if err := d.detachTC(d.underlayIfindex, name, egress); err != nil {
-			return err
-		}
+	}
+	if err := d.GuardDevices(); err != nil {
+		return err
 	}
 	if d.wgIfindex != 0 {
 		if err := d.attachTC(d.wgIfindex, "tunnel_"+d.cfg.WireGuardInterface, ingress, d.fromTunnel); err != nil {

@@ -26,8 +26,8 @@ type Endpoint struct {
 	NoAcceleration bool
 }
 
-// Endpoint flags (bpf/lib/maps.h).
-const epFlagNoAccel = 1 << 0
+// Endpoint flags (enum endpoint_flags).
+const epFlagNoAccel = uint32(podEndpointFlagsEP_F_NO_ACCEL)
 
 func epKey(ip netip.Addr) (uint32, error) {
 	if !ip.Is4() {
@@ -41,6 +41,12 @@ func epKey(ip netip.Addr) (uint32, error) {
 // traffic matters, or in the same breath. Updating an existing endpoint keeps
 // its policy.
 func (d *Datapath) UpsertEndpoint(ep Endpoint) error {
+	return d.putEndpoint(ep, true)
+}
+
+// putEndpoint writes the endpoint record; with attach, the pod's veth
+// programs are attached first. Packet-level tests write records only.
+func (d *Datapath) putEndpoint(ep Endpoint, attach bool) error {
 	key, err := epKey(ep.IP)
 	if err != nil {
 		return err
@@ -54,13 +60,13 @@ func (d *Datapath) UpsertEndpoint(ep Endpoint) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 
-	var info fromPodEndpointInfo
+	var info podEndpointInfo
 	err = d.endpoints.Lookup(key, &info)
 	switch {
 	case err == nil && info.Id != ep.ID:
 		return fmt.Errorf("endpoint %s: address already held by endpoint %d", ep.IP, info.Id)
 	case errors.Is(err, ebpf.ErrKeyNotExist):
-		info = fromPodEndpointInfo{PolicySlot: ep.ID << 1}
+		info = podEndpointInfo{PolicySlot: ep.ID << 1}
 	case err != nil:
 		return fmt.Errorf("look up endpoint %s: %w", ep.IP, err)
 	}
@@ -69,6 +75,7 @@ func (d *Datapath) UpsertEndpoint(ep Endpoint) error {
 	info.Identity = uint32(ep.Identity)
 	copy(info.Mac[:], ep.MAC)
 	copy(info.HostMac[:], ep.HostMAC)
+	wasAccelerated := err == nil && info.Flags&epFlagNoAccel == 0
 	info.Flags &^= epFlagNoAccel
 	if ep.NoAcceleration {
 		info.Flags |= epFlagNoAccel
@@ -76,14 +83,32 @@ func (d *Datapath) UpsertEndpoint(ep Endpoint) error {
 	// Attach before the endpoint is visible, so the pod's first packet is
 	// already policed by its own veth program.
 	name := "ep_" + ep.IP.String()
-	if err := d.attachTC(ep.Ifindex, name, ingress, d.fromPod); err != nil {
-		return err
-	}
-	if err := d.attachTC(ep.Ifindex, name, egress, d.toPod); err != nil {
-		return err
+	if attach {
+		if err := d.attachTC(ep.Ifindex, name, ingress, d.fromPod); err != nil {
+			return err
+		}
+		if err := d.attachTC(ep.Ifindex, name, egress, d.toPod); err != nil {
+			return err
+		}
 	}
 	if err := d.endpoints.Update(key, &info, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write endpoint %s: %w", ep.IP, err)
+	}
+	if wasAccelerated && ep.NoAcceleration {
+		// sockops honours the flag for new connections only; the ones
+		// already accelerated leave the sockhash, so their next message
+		// takes the TCP path. Caveat: bytes already redirected into a
+		// socket's sk_msg ingress queue and not yet read are purged by the
+		// kernel when the socket leaves the map; avoiding that needs
+		// sk_msg to stop redirecting for the flag first, so the queues
+		// drain before the eviction.
+		n, err := d.evictSockets(func(k FlowKey) bool { return k.Src == ep.IP || k.Dst == ep.IP })
+		if err != nil {
+			return fmt.Errorf("endpoint %s opted out of acceleration: %w", ep.IP, err)
+		}
+		if n > 0 {
+			d.log.Info("endpoint opted out of acceleration; its sockets left the sockhash", "endpoint", ep.IP, "sockets", n)
+		}
 	}
 	return nil
 }
@@ -97,7 +122,7 @@ func (d *Datapath) DeleteEndpoint(ip netip.Addr) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var info fromPodEndpointInfo
+	var info podEndpointInfo
 	if err := d.endpoints.Lookup(key, &info); err != nil {
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return nil
@@ -120,7 +145,7 @@ func (d *Datapath) DeleteEndpoint(ip netip.Addr) error {
 func (d *Datapath) Endpoints() ([]Endpoint, error) {
 	var (
 		key  uint32
-		info fromPodEndpointInfo
+		info podEndpointInfo
 		out  []Endpoint
 	)
 	it := d.endpoints.Iterate()

@@ -18,20 +18,22 @@ import (
 // DropReason says why the datapath dropped a packet (bpf/lib/common.h).
 type DropReason uint8
 
+// The values are generated from enum drop_reason.
 const (
-	ReasonNone          DropReason = 0
-	DropSpoofedSource   DropReason = 1
-	DropPolicyEgress    DropReason = 2
-	DropPolicyIngress   DropReason = 3
-	DropUnsupportedL3   DropReason = 4
-	DropInvalidPacket   DropReason = 5
-	DropFragment        DropReason = 6
-	DropNoRoute         DropReason = 7
-	DropRedirectFailed  DropReason = 8
-	DropUnknownEndpoint DropReason = 9
-	DropNoTunnel        DropReason = 10
-	DropLeak            DropReason = 11
-	maxDropReason                  = 31
+	ReasonNone          = DropReason(podDropReasonREASON_NONE)
+	DropSpoofedSource   = DropReason(podDropReasonDROP_SPOOFED_SOURCE)
+	DropPolicyEgress    = DropReason(podDropReasonDROP_POLICY_EGRESS)
+	DropPolicyIngress   = DropReason(podDropReasonDROP_POLICY_INGRESS)
+	DropUnsupportedL3   = DropReason(podDropReasonDROP_UNSUPPORTED_L3)
+	DropInvalidPacket   = DropReason(podDropReasonDROP_INVALID_PACKET)
+	DropFragment        = DropReason(podDropReasonDROP_FRAGMENT)
+	DropNoRoute         = DropReason(podDropReasonDROP_NO_ROUTE)
+	DropRedirectFailed  = DropReason(podDropReasonDROP_REDIRECT_FAILED)
+	DropUnknownEndpoint = DropReason(podDropReasonDROP_UNKNOWN_ENDPOINT)
+	DropNoTunnel        = DropReason(podDropReasonDROP_NO_TUNNEL)
+	DropLeak            = DropReason(podDropReasonDROP_LEAK)
+	DropUnencryptedPeer = DropReason(podDropReasonDROP_UNENCRYPTED_PEER)
+	maxDropReason       = uint32(podDropReasonDROP_MAX)
 )
 
 var dropReasonNames = map[DropReason]string{
@@ -47,6 +49,7 @@ var dropReasonNames = map[DropReason]string{
 	DropUnknownEndpoint: "unknown-endpoint",
 	DropNoTunnel:        "no-tunnel",
 	DropLeak:            "unencrypted-leak",
+	DropUnencryptedPeer: "unencrypted-from-peer",
 }
 
 func (r DropReason) String() string {
@@ -60,11 +63,11 @@ func (r DropReason) String() string {
 type ObservationPoint uint8
 
 const (
-	FromPod    ObservationPoint = 1
-	ToPod      ObservationPoint = 2
-	FromNetdev ObservationPoint = 3
-	FromTunnel ObservationPoint = 4
-	ToNetdev   ObservationPoint = 5
+	FromPod    = ObservationPoint(podObsPointOBS_FROM_POD)
+	ToPod      = ObservationPoint(podObsPointOBS_TO_POD)
+	FromNetdev = ObservationPoint(podObsPointOBS_FROM_NETDEV)
+	FromTunnel = ObservationPoint(podObsPointOBS_FROM_TUNNEL)
+	ToNetdev   = ObservationPoint(podObsPointOBS_TO_NETDEV)
 )
 
 func (p ObservationPoint) String() string {
@@ -83,13 +86,13 @@ func (p ObservationPoint) String() string {
 	return fmt.Sprintf("point-%d", uint8(p))
 }
 
-// Flow event flags (bpf/lib/maps.h).
+// Flow event flags (enum flow_flags).
 const (
-	FlagReply          = 1 << 0
-	FlagAudit          = 1 << 1
-	FlagEncrypted      = 1 << 2
-	FlagIngressDecided = 1 << 3
-	FlagLeak           = 1 << 4
+	FlagReply          = uint32(podFlowFlagsFLOW_F_REPLY)
+	FlagAudit          = uint32(podFlowFlagsFLOW_F_AUDIT)
+	FlagEncrypted      = uint32(podFlowFlagsFLOW_F_ENCRYPTED)
+	FlagIngressDecided = uint32(podFlowFlagsFLOW_F_INGRESS_DECIDED)
+	FlagLeak           = uint32(podFlowFlagsFLOW_F_LEAK)
 )
 
 // FlowEvent is one verdict or drop reported by the datapath.
@@ -130,7 +133,7 @@ func (d *Datapath) ReadEvents(ctx context.Context, fn func(FlowEvent)) error {
 	defer stop()
 	defer rd.Close()
 	boot := bootTime()
-	var raw fromPodFlowEvent
+	var raw podFlowEvent
 	for {
 		rec, err := rd.Read()
 		if err != nil {
@@ -142,7 +145,7 @@ func (d *Datapath) ReadEvents(ctx context.Context, fn func(FlowEvent)) error {
 		if len(rec.RawSample) < int(unsafe.Sizeof(raw)) {
 			continue
 		}
-		raw = *(*fromPodFlowEvent)(unsafe.Pointer(&rec.RawSample[0]))
+		raw = *(*podFlowEvent)(unsafe.Pointer(&rec.RawSample[0]))
 		fn(FlowEvent{
 			Time: boot.Add(time.Duration(raw.TsNs)),
 			Src:  u32ToIP4(raw.Saddr), Dst: u32ToIP4(raw.Daddr),

@@ -24,7 +24,7 @@ type Flow struct {
 	Created, LastSeen    time.Time
 }
 
-func flowFromCT(k fromPodCtKey, v fromPodCtEntry, boot time.Time) Flow {
+func flowFromCT(k podCtKey, v podCtEntry, boot time.Time) Flow {
 	return Flow{
 		Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr),
 		SrcPort: k.Sport, DstPort: k.Dport, Proto: k.Proto,
@@ -39,8 +39,8 @@ func flowFromCT(k fromPodCtKey, v fromPodCtEntry, boot time.Time) Flow {
 func (d *Datapath) Flows() ([]Flow, error) {
 	boot := bootTime()
 	var (
-		k   fromPodCtKey
-		v   fromPodCtEntry
+		k   podCtKey
+		v   podCtEntry
 		out []Flow
 	)
 	it := d.ct.Iterate()
@@ -71,9 +71,9 @@ type FlowKey struct {
 // about both orientations and either one evicts the pair.
 func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	var (
-		k    fromPodCtKey
-		v    fromPodCtEntry
-		dead []fromPodCtKey
+		k    podCtKey
+		v    podCtEntry
+		dead []podCtKey
 	)
 	it := d.ct.Iterate()
 	for it.Next(&k, &v) {
@@ -103,8 +103,8 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 
 func (d *Datapath) evictSockets(revoked func(FlowKey) bool) (int, error) {
 	var (
-		k    fromPodSockKey
-		dead []fromPodSockKey
+		k    podSockKey
+		dead []podSockKey
 	)
 	it := d.sockhash.Iterate()
 	var cookie uint64
@@ -112,7 +112,7 @@ func (d *Datapath) evictSockets(revoked func(FlowKey) bool) (int, error) {
 		src, dst := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
 		if revoked(FlowKey{Src: src, Dst: dst, Proto: 6, DstPort: uint16(k.Dport)}) ||
 			revoked(FlowKey{Src: dst, Dst: src, Proto: 6, DstPort: uint16(k.Sport)}) {
-			dead = append(dead, k, fromPodSockKey{Sip: k.Dip, Dip: k.Sip, Sport: k.Dport, Dport: k.Sport})
+			dead = append(dead, k, podSockKey{Sip: k.Dip, Dip: k.Sip, Sport: k.Dport, Dport: k.Sport})
 		}
 	}
 	if err := it.Err(); err != nil {
@@ -133,7 +133,7 @@ func (d *Datapath) evictSockets(revoked func(FlowKey) bool) (int, error) {
 // AcceleratedSockets returns how many sockets the sockhash holds.
 func (d *Datapath) AcceleratedSockets() (int, error) {
 	var (
-		k      fromPodSockKey
+		k      podSockKey
 		cookie uint64
 		n      int
 	)

@@ -24,23 +24,23 @@ type IPCacheKind uint32
 
 const (
 	// RemotePod is a pod on another node (a /32).
-	RemotePod IPCacheKind = 1 << 0
+	RemotePod = IPCacheKind(podIpcacheFlagsIPCACHE_F_REMOTE_POD)
 	// NodeAddr is a node's own address.
-	NodeAddr IPCacheKind = 1 << 1
+	NodeAddr = IPCacheKind(podIpcacheFlagsIPCACHE_F_NODE)
 	// PodCIDR is another node's pod CIDR: routed there even before its
 	// pods are known.
-	PodCIDR IPCacheKind = 1 << 2
+	PodCIDR = IPCacheKind(podIpcacheFlagsIPCACHE_F_POD_CIDR)
 	// Tunnel marks a prefix whose node is a WireGuard peer: pod traffic to
 	// it is encrypted.
-	Tunnel IPCacheKind = 1 << 3
+	Tunnel = IPCacheKind(podIpcacheFlagsIPCACHE_F_TUNNEL)
 )
 
-func lpmKey(p netip.Prefix) (fromPodLpmV4Key, error) {
+func lpmKey(p netip.Prefix) (podLpmV4Key, error) {
 	if !p.Addr().Is4() || !p.IsValid() {
-		return fromPodLpmV4Key{}, fmt.Errorf("prefix %s: only valid IPv4 prefixes are supported", p)
+		return podLpmV4Key{}, fmt.Errorf("prefix %s: only valid IPv4 prefixes are supported", p)
 	}
 	p = p.Masked()
-	return fromPodLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: ip4ToU32(p.Addr())}, nil
+	return podLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: ip4ToU32(p.Addr())}, nil
 }
 
 // UpsertIPCache writes one ipcache prefix.
@@ -49,7 +49,7 @@ func (d *Datapath) UpsertIPCache(p netip.Prefix, e IPCacheEntry) error {
 	if err != nil {
 		return err
 	}
-	v := fromPodIpcacheInfo{Identity: uint32(e.Identity), Flags: uint32(e.Kind)}
+	v := podIpcacheInfo{Identity: uint32(e.Identity), Flags: uint32(e.Kind)}
 	if e.NodeIP.IsValid() {
 		if !e.NodeIP.Is4() {
 			return fmt.Errorf("ipcache %s: node address %s is not IPv4", p, e.NodeIP)
@@ -78,8 +78,8 @@ func (d *Datapath) DeleteIPCache(p netip.Prefix) error {
 func (d *Datapath) IPCache() (map[netip.Prefix]IPCacheEntry, error) {
 	out := map[netip.Prefix]IPCacheEntry{}
 	var (
-		k fromPodLpmV4Key
-		v fromPodIpcacheInfo
+		k podLpmV4Key
+		v podIpcacheInfo
 	)
 	it := d.ipcache.Iterate()
 	for it.Next(&k, &v) {
@@ -100,9 +100,9 @@ func (d *Datapath) IPCache() (map[netip.Prefix]IPCacheEntry, error) {
 func (d *Datapath) SetCIDRs(want map[netip.Prefix]identity.ID) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	have := map[fromPodLpmV4Key]uint32{}
+	have := map[podLpmV4Key]uint32{}
 	var (
-		k fromPodLpmV4Key
+		k podLpmV4Key
 		v uint32
 	)
 	it := d.cidrs.Iterate()
@@ -112,7 +112,7 @@ func (d *Datapath) SetCIDRs(want map[netip.Prefix]identity.ID) error {
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("list CIDR identities: %w", err)
 	}
-	keep := map[fromPodLpmV4Key]bool{}
+	keep := map[podLpmV4Key]bool{}
 	for p, id := range want {
 		k, err := lpmKey(p)
 		if err != nil {

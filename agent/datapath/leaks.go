@@ -24,8 +24,8 @@ type Leak struct {
 func (d *Datapath) Leaks() ([]Leak, error) {
 	boot := bootTime()
 	var (
-		k   fromPodCtKey
-		v   fromPodLeak
+		k   podCtKey
+		v   podLeak
 		out []Leak
 	)
 	it := d.leaks.Iterate()

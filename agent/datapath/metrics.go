@@ -25,21 +25,21 @@ type Counters struct {
 	SocketRedirected, SocketPassed Counter
 }
 
-// Metric indexes of veil_metrics (bpf/lib/common.h).
+// Metric indexes of veil_metrics (enum forward_kind).
 const (
-	fwdLocal  = 32
-	fwdRemote = 33
-	fwdStack  = 34
-	fwdReply  = 35
-	fwdAudit  = 36
-	eventLost = 37
-	fwdTunnel = 38
+	fwdLocal  = uint32(podForwardKindFWD_LOCAL)
+	fwdRemote = uint32(podForwardKindFWD_REMOTE)
+	fwdStack  = uint32(podForwardKindFWD_STACK)
+	fwdReply  = uint32(podForwardKindFWD_REPLY)
+	fwdAudit  = uint32(podForwardKindFWD_AUDIT)
+	eventLost = uint32(podForwardKindEVENT_LOST)
+	fwdTunnel = uint32(podForwardKindFWD_TUNNEL)
 )
 
 func (d *Datapath) sumPerCPU(m interface {
 	Lookup(key, value any) error
 }, idx uint32) (Counter, error) {
-	var per []fromPodMetric
+	var per []podMetric
 	if err := m.Lookup(idx, &per); err != nil {
 		return Counter{}, fmt.Errorf("read counter %d: %w", idx, err)
 	}
@@ -78,10 +78,10 @@ func (d *Datapath) Counters() (Counters, error) {
 		return out, err
 	}
 	out.EventsLost = lost.Packets
-	if out.SocketRedirected, err = d.sumPerCPU(d.sockstats, 0); err != nil {
+	if out.SocketRedirected, err = d.sumPerCPU(d.sockstats, uint32(podSockstatSOCKSTAT_REDIRECTED)); err != nil {
 		return out, err
 	}
-	if out.SocketPassed, err = d.sumPerCPU(d.sockstats, 1); err != nil {
+	if out.SocketPassed, err = d.sumPerCPU(d.sockstats, uint32(podSockstatSOCKSTAT_PASSED)); err != nil {
 		return out, err
 	}
 	return out, nil

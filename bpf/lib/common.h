@@ -20,6 +20,8 @@
 
 #define IPPROTO_SCTP_ 132
 
+#include "identity.h"
+
 /* Verdicts of policy entries and defaults (policy/entry.go). */
 enum verdict {
 	VERDICT_NONE = 0,
@@ -45,6 +47,7 @@ enum drop_reason {
 	DROP_UNKNOWN_ENDPOINT = 9,
 	DROP_NO_TUNNEL = 10,	/* encryption on, no tunnel to the destination node */
 	DROP_LEAK = 11,		/* strict mode: pod traffic on the underlay unencrypted */
+	DROP_UNENCRYPTED_PEER = 12, /* plaintext from an address only a tunnel may bring */
 	/* Last drop reason; forwarding counters start after it. */
 	DROP_MAX = 31,
 };
@@ -68,6 +71,23 @@ enum obs_point {
 	OBS_FROM_NETDEV = 3,  /* underlay ingress: another node sends */
 	OBS_FROM_TUNNEL = 4,  /* WireGuard device ingress: decrypted traffic */
 	OBS_TO_NETDEV = 5,    /* underlay egress: the strict-mode guard */
+};
+
+/*
+ * Bits of skb->mark that Veil owns. from_pod marks every packet a pod sends,
+ * so the strict-mode guard on the way out recognises pod traffic after the
+ * host stack rewrote its source (masquerade). The mark survives forwarding
+ * within the host; crossing a namespace (the veth) clears it.
+ */
+enum mark {
+	MARK_FROM_POD = 0x00000200,
+	MARK_MASK = 0x00000f00,
+};
+
+/* Policy directions (the direction byte of struct policy_key). */
+enum direction {
+	DIR_INGRESS = 0,
+	DIR_EGRESS = 1,
 };
 
 #endif /* __VEIL_COMMON_H */

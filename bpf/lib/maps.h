@@ -26,8 +26,10 @@ struct endpoint_info {
 	__u32 flags;		/* EP_F_* */
 };
 
-/* endpoint flags */
-#define EP_F_NO_ACCEL (1 << 0)	/* never join this pod's sockets socket to socket */
+/* Flags of struct endpoint_info. */
+enum endpoint_flags {
+	EP_F_NO_ACCEL = 1 << 0,	/* never join this pod's sockets socket to socket */
+};
 
 /* struct lpm_v4_key - an IPv4 prefix for LPM tries. */
 struct lpm_v4_key {
@@ -35,11 +37,13 @@ struct lpm_v4_key {
 	__u32 addr;		/* network byte order */
 };
 
-/* ipcache flags */
-#define IPCACHE_F_REMOTE_POD (1 << 0)	/* a pod on another node */
-#define IPCACHE_F_NODE (1 << 1)		/* a node's own address */
-#define IPCACHE_F_POD_CIDR (1 << 2)	/* another node's pod CIDR */
-#define IPCACHE_F_TUNNEL (1 << 3)	/* the node is a WireGuard peer: encrypt */
+/* Flags of struct ipcache_info. */
+enum ipcache_flags {
+	IPCACHE_F_REMOTE_POD = 1 << 0,	/* a pod on another node */
+	IPCACHE_F_NODE = 1 << 1,	/* a node's own address */
+	IPCACHE_F_POD_CIDR = 1 << 2,	/* another node's pod CIDR */
+	IPCACHE_F_TUNNEL = 1 << 3,	/* the node is a WireGuard peer: encrypt */
+};
 
 /* struct ipcache_info - what the datapath knows about an address. */
 struct ipcache_info {
@@ -63,8 +67,12 @@ struct policy_key {
 	__be16 port;
 };
 
-#define POLICY_PREFIX_ANY_PROTO 72
-#define POLICY_PREFIX_FULL 96
+/* Prefix lengths of struct policy_key that the compiler writes. */
+enum policy_prefix {
+	POLICY_PREFIX_ANY_PROTO = 72,	/* slot, identity, direction: any protocol */
+	POLICY_PREFIX_PROTO = 80,	/* ... and protocol: any port */
+	POLICY_PREFIX_FULL = 96,	/* ... and one port */
+};
 
 /* struct policy_value - verdicts of an entry and how often it decided a flow. */
 struct policy_value {
@@ -86,8 +94,11 @@ struct ct_key {
 	__u8 pad[3];
 };
 
-#define CT_F_REPLY_SEEN (1 << 0)
-#define CT_F_AUDIT (1 << 1)	/* an audit-mode policy would have denied it */
+/* Flags of struct ct_entry. */
+enum ct_flags {
+	CT_F_REPLY_SEEN = 1 << 0,
+	CT_F_AUDIT = 1 << 1,	/* an audit-mode policy would have denied it */
+};
 
 /* struct ct_entry - a connection that policy allowed. */
 struct ct_entry {
@@ -129,11 +140,14 @@ struct flow_event {
 	__u32 pad;
 };
 
-#define FLOW_F_REPLY (1 << 0)
-#define FLOW_F_AUDIT (1 << 1)
-#define FLOW_F_ENCRYPTED (1 << 2)
-#define FLOW_F_INGRESS_DECIDED (1 << 3)	/* the verdict came from the destination's ingress policy */
-#define FLOW_F_LEAK (1 << 4)	/* strict mode stopped plaintext toward another node */
+/* Flags of struct flow_event. */
+enum flow_flags {
+	FLOW_F_REPLY = 1 << 0,
+	FLOW_F_AUDIT = 1 << 1,
+	FLOW_F_ENCRYPTED = 1 << 2,
+	FLOW_F_INGRESS_DECIDED = 1 << 3,	/* the verdict came from the destination's ingress policy */
+	FLOW_F_LEAK = 1 << 4,	/* strict mode stopped plaintext toward another node */
+};
 
 /* struct leak - pod traffic that strict mode kept off the underlay. */
 struct leak {
@@ -232,16 +246,21 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_metrics SEC(".maps");
 
-/* Per-endpoint socket-redirect counters (sk_msg), indexed by nothing: one slot. */
+/* Slots of veil_sockstats. */
+enum sockstat {
+	SOCKSTAT_REDIRECTED = 0,	/* messages redirected socket to socket */
+	SOCKSTAT_PASSED = 1,	/* messages left to the TCP stack (no peer) */
+	SOCKSTAT_MAX = 2,
+};
+
+/* Socket-redirect counters (sk_msg), indexed by enum sockstat. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, SOCKSTAT_MAX);
 	__type(key, __u32);
 	__type(value, struct metric);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_sockstats SEC(".maps");
 
-#define SOCKSTAT_REDIRECTED 0	/* messages redirected socket to socket */
-#define SOCKSTAT_PASSED 1	/* messages left to the TCP stack (no peer) */
 
 #endif /* __VEIL_MAPS_H */

@@ -6,9 +6,6 @@
 #include "maps.h"
 #include "parse.h"
 
-#define DIR_INGRESS 0
-#define DIR_EGRESS 1
-
 /* struct peer - the other end of a flow, as policy sees it. */
 struct peer {
 	__u32 identity;		/* label identity: pod, host, world, remote-node… */
@@ -33,7 +30,7 @@ static __always_inline void peer_of(__u32 addr, struct peer *p)
 	__u32 *cid;
 
 	info = bpf_map_lookup_elem(&veil_ipcache, &k);
-	p->identity = info ? info->identity : 2 /* world */;
+	p->identity = info ? info->identity : ID_WORLD;
 	cid = bpf_map_lookup_elem(&veil_cidrs, &k);
 	p->cidr_identity = cid ? *cid : 0;
 }

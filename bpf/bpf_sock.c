@@ -1,0 +1,126 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Socket programs.
+ *
+ * veil_sockops (cgroup sockops on the pods' cgroup): when a TCP connection
+ * between two local endpoints is established (so TC policy allowed its
+ * handshake both ways), both sockets join veil_sockhash.
+ *
+ * veil_sk_msg (sk_msg on veil_sockhash): payload sent on an accelerated
+ * socket goes straight into the peer socket's receive queue. Without a peer
+ * in the map (evicted, or not yet joined) the message takes the normal TCP
+ * path, where TC policy sees it.
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/sock.h"
+
+SEC("sockops")
+int veil_sockops(struct bpf_sock_ops *skops)
+{
+	struct sock_key key = {};
+	struct endpoint_info *src, *dst;
+	__u32 family, l4, r4, l6[4], r6[4];
+
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+
+	/*
+	 * Read every field once, unconditionally: clang otherwise merges the
+	 * IPv4 and IPv6 loads into one through a computed context pointer,
+	 * which the verifier refuses.
+	 */
+	family = skops->family;
+	l4 = skops->local_ip4;
+	r4 = skops->remote_ip4;
+	l6[0] = skops->local_ip6[0];
+	l6[1] = skops->local_ip6[1];
+	l6[2] = skops->local_ip6[2];
+	l6[3] = skops->local_ip6[3];
+	r6[0] = skops->remote_ip6[0];
+	r6[1] = skops->remote_ip6[1];
+	r6[2] = skops->remote_ip6[2];
+	r6[3] = skops->remote_ip6[3];
+	key.sport = skops->local_port;
+	key.dport = bpf_ntohl(skops->remote_port);
+
+	if (family == AF_INET) {
+		key.sip = l4;
+		key.dip = r4;
+	} else if (family == AF_INET6) {
+		/* Dual-stack sockets talking IPv4 carry IPv4-mapped addresses. */
+		if (!v4_mapped(l6[0], l6[1], l6[2]) || !v4_mapped(r6[0], r6[1], r6[2]))
+			return 1;
+		key.sip = l6[3];
+		key.dip = r6[3];
+	} else {
+		return 1;
+	}
+
+	src = bpf_map_lookup_elem(&veil_endpoints, &key.sip);
+	dst = bpf_map_lookup_elem(&veil_endpoints, &key.dip);
+	if (!src || !dst)
+		return 1;
+	/* Either end may opt out (e.g. an application that splices). */
+	if ((src->flags | dst->flags) & EP_F_NO_ACCEL)
+		return 1;
+	bpf_sock_hash_update(skops, &veil_sockhash, &key, BPF_NOEXIST);
+	return 1;
+}
+
+static __always_inline void sockstat_add(__u32 idx, __u32 len)
+{
+	struct metric *m = bpf_map_lookup_elem(&veil_sockstats, &idx);
+
+	if (m) {
+		m->packets++;
+		m->bytes += len;
+	}
+}
+
+SEC("sk_msg")
+int veil_sk_msg(struct sk_msg_md *msg)
+{
+	struct sock_key peer = {};
+	__u32 len = msg->size;
+	__u32 family, l4, r4, l6[4], r6[4];
+
+	/* Read every field once, unconditionally (see veil_sockops). */
+	family = msg->family;
+	l4 = msg->local_ip4;
+	r4 = msg->remote_ip4;
+	l6[0] = msg->local_ip6[0];
+	l6[1] = msg->local_ip6[1];
+	l6[2] = msg->local_ip6[2];
+	l6[3] = msg->local_ip6[3];
+	r6[0] = msg->remote_ip6[0];
+	r6[1] = msg->remote_ip6[1];
+	r6[2] = msg->remote_ip6[2];
+	r6[3] = msg->remote_ip6[3];
+	peer.sport = bpf_ntohl(msg->remote_port);
+	peer.dport = msg->local_port;
+
+	if (family == AF_INET) {
+		peer.sip = r4;
+		peer.dip = l4;
+	} else if (family == AF_INET6) {
+		if (!v4_mapped(r6[0], r6[1], r6[2]) || !v4_mapped(l6[0], l6[1], l6[2]))
+			return SK_PASS;
+		peer.sip = r6[3];
+		peer.dip = l6[3];
+	} else {
+		return SK_PASS;
+	}
+
+	if (bpf_msg_redirect_hash(msg, &veil_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+		sockstat_add(SOCKSTAT_REDIRECTED, len);
+		return SK_PASS;
+	}
+	sockstat_add(SOCKSTAT_PASSED, len);
+	return SK_PASS;
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

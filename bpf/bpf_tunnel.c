@@ -1,0 +1,56 @@
+//go:build ignore
+
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * TC ingress of the WireGuard device: decrypted traffic from other nodes'
+ * pods. The source identity comes from the ipcache by source address, which
+ * is trustworthy here because WireGuard only accepts from a peer the
+ * addresses its allowed-IPs bind to that peer's key. Then the destination's
+ * ingress policy, and delivery into the pod. The device is L3: packets start
+ * at the IP header.
+ */
+#include "lib/common.h"
+#include "lib/conntrack.h"
+#include "lib/events.h"
+#include "lib/forward.h"
+#include "lib/ingress.h"
+#include "lib/maps.h"
+#include "lib/parse.h"
+#include "lib/policy.h"
+
+SEC("tc")
+int veil_from_tunnel(struct __sk_buff *skb)
+{
+	struct endpoint_info *dst;
+	struct packet pkt = {};
+	struct peer sp = {};
+	struct ct_entry *ct;
+	int reply, reason;
+
+	reason = parse_ipv4_l3(skb, &pkt);
+	if (reason == DROP_UNSUPPORTED_L3)
+		return TC_ACT_OK;
+
+	dst = bpf_map_lookup_elem(&veil_endpoints, &pkt.tuple.daddr);
+	if (!dst)
+		return TC_ACT_OK;
+	if (reason)
+		return drop(skb, &pkt, OBS_FROM_TUNNEL, reason, 0, dst->identity, 0,
+			    FLOW_F_INGRESS_DECIDED | FLOW_F_ENCRYPTED);
+	reason = remote_peer(&pkt, 1, &sp);
+	if (reason)
+		return drop(skb, &pkt, OBS_FROM_TUNNEL, reason, 0, dst->identity, 0,
+			    FLOW_F_INGRESS_DECIDED | FLOW_F_ENCRYPTED);
+
+	ct = ct_lookup(&pkt, &reply);
+	if (ct) {
+		metric_add(FWD_REPLY, pkt.len);
+		return deliver_local_l3(skb, dst);
+	}
+
+	if (ingress_decide(skb, &pkt, dst, &sp, OBS_FROM_TUNNEL, FLOW_F_ENCRYPTED) != TC_ACT_OK)
+		return TC_ACT_SHOT;
+	return deliver_local_l3(skb, dst);
+}
+
+char __license[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,18 @@
+// Package controlplane runs a real etcd and kube-apiserver for the lab and
+// Veil's tests, built from the Go module sources pinned under build/ and
+// cached between runs (see Build and CacheDir).
+//
+// A test starts one, talks to it as cluster-admin and is done:
+//
+//	func TestPrivilegedSomething(t *testing.T) {
+//		testenv.RequirePrivileged(t) // tests/testenv: VEIL_PRIVILEGED=1
+//		cp := controlplane.StartForTest(t, controlplane.Options{})
+//		clients := kubernetes.NewForConfigOrDie(cp.Config)
+//		…
+//	}
+//
+// Veil's CRDs from deploy/crds are installed and Established before Start
+// returns. Everything listens on 127.0.0.1 only, on ports chosen at start,
+// so several control planes can run at once. A ControlPlane is safe for
+// concurrent use; Stop ends exactly the processes Start started.
+package controlplane
