@@ -44,20 +44,31 @@ func (c Cluster) Node(name string) (Node, bool) {
 }
 
 // A Conflict is a claim refused to Node: Owner already holds it, or (Owner
-// empty) it lies outside the cluster's pod address space.
+// empty) it does not fit the cluster's pod address space: a pod CIDR
+// outside the cluster CIDRs, a node address or endpoint inside them.
 type Conflict struct {
 	Node  string
 	Owner string
-	// Kind is what was claimed: "pod CIDR", "address", "public key" or
-	// "endpoint".
+	// Kind is what was claimed: one of the Kind constants.
 	Kind string
 	// Claim is the value as Node published it (a key by fingerprint).
 	Claim string
 }
 
+// What a Conflict is about.
+const (
+	KindPodCIDR   = "pod CIDR"
+	KindAddress   = "address"
+	KindEndpoint  = "endpoint"
+	KindPublicKey = "public key"
+)
+
 func (c Conflict) Error() string {
-	if c.Owner == "" {
+	switch {
+	case c.Owner == "" && c.Kind == KindPodCIDR:
 		return fmt.Sprintf("node %s claims %s %s outside the cluster CIDR", c.Node, c.Kind, c.Claim)
+	case c.Owner == "":
+		return fmt.Sprintf("node %s claims %s %s inside the cluster CIDR, where only pods live", c.Node, c.Kind, c.Claim)
 	}
 	return fmt.Sprintf("node %s claims %s %s, held by node %s", c.Node, c.Kind, c.Claim, c.Owner)
 }
@@ -103,11 +114,11 @@ func Resolve(nodes []*corev1.Node, opts Options) Cluster {
 		for _, p := range n.PodCIDRs {
 			in, ok := intersect(p, opts.ClusterCIDRs)
 			if !ok {
-				refuse("", "pod CIDR", p.String())
+				refuse("", KindPodCIDR, p.String())
 				continue
 			}
 			if owner := holder(in); owner != "" {
-				refuse(owner, "pod CIDR", p.String())
+				refuse(owner, KindPodCIDR, p.String())
 				continue
 			}
 			cidrs = append(cidrs, in)
@@ -116,10 +127,10 @@ func Resolve(nodes []*corev1.Node, opts Options) Cluster {
 		if n.Endpoint.IsValid() {
 			a := netip.PrefixFrom(n.Endpoint.Addr(), n.Endpoint.Addr().BitLen())
 			if owner := holder(a); owner != "" {
-				refuse(owner, "endpoint", n.Endpoint.String())
+				refuse(owner, KindEndpoint, n.Endpoint.String())
 				n.Endpoint, n.PublicKey = netip.AddrPort{}, [32]byte{}
 			} else if inAny(a, opts.ClusterCIDRs) {
-				refuse("", "endpoint", n.Endpoint.String())
+				refuse("", KindEndpoint, n.Endpoint.String())
 				n.Endpoint, n.PublicKey = netip.AddrPort{}, [32]byte{}
 			}
 		}
@@ -127,11 +138,11 @@ func Resolve(nodes []*corev1.Node, opts Options) Cluster {
 		for _, ip := range n.InternalIPs {
 			a := netip.PrefixFrom(ip, ip.BitLen())
 			if owner := holder(a); owner != "" {
-				refuse(owner, "address", ip.String())
+				refuse(owner, KindAddress, ip.String())
 				continue
 			}
 			if inAny(a, opts.ClusterCIDRs) {
-				refuse("", "address", ip.String())
+				refuse("", KindAddress, ip.String())
 				continue
 			}
 			ips = append(ips, ip)
@@ -139,7 +150,7 @@ func Resolve(nodes []*corev1.Node, opts Options) Cluster {
 		n.InternalIPs = ips
 		if n.PublicKey != ([32]byte{}) {
 			if owner, taken := keys[n.PublicKey]; taken {
-				refuse(owner, "public key", Fingerprint(n.PublicKey))
+				refuse(owner, KindPublicKey, Fingerprint(n.PublicKey))
 				n.Endpoint, n.PublicKey = netip.AddrPort{}, [32]byte{}
 			} else {
 				keys[n.PublicKey] = n.Name

@@ -183,3 +183,18 @@ func BenchmarkResolve5000Nodes(b *testing.B) {
 		Resolve(nodes, opts)
 	}
 }
+
+func TestConflictNamesBothNodes(t *testing.T) {
+	for _, tc := range []struct {
+		c    Conflict
+		want string
+	}{
+		{Conflict{Node: "b", Owner: "a", Kind: KindPublicKey, Claim: "0123"}, "node b claims public key 0123, held by node a"},
+		{Conflict{Node: "b", Kind: KindPodCIDR, Claim: "192.168.0.0/24"}, "node b claims pod CIDR 192.168.0.0/24 outside the cluster CIDR"},
+		{Conflict{Node: "b", Kind: KindAddress, Claim: "10.244.9.9"}, "node b claims address 10.244.9.9 inside the cluster CIDR, where only pods live"},
+	} {
+		if got := tc.c.Error(); got != tc.want {
+			t.Errorf("%+v: %q; want %q", tc.c, got, tc.want)
+		}
+	}
+}
