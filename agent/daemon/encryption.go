@@ -195,7 +195,7 @@ func (d *Daemon) writeMeshNode(ctx context.Context) error {
 	if d.podCIDR.IsValid() {
 		st.PodCIDRs = []string{d.podCIDR.String()}
 	}
-	st.Encryption = v1alpha1.EncryptionStatus{Mode: "disabled"}
+	st.Encryption = v1alpha1.EncryptionStatus{Mode: v1alpha1.EncryptionModeDisabled}
 	if d.wg != nil {
 		enc, err := d.encryptionStatus(ctx)
 		if err != nil {

@@ -386,9 +386,9 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 		out = append(out, pass(s, "status-fresh", "updated %s ago by agent %s", age(now, *n.Updated), orUnknown(n.AgentVersion)))
 	}
 	switch n.Mode {
-	case modeKernel, modeUserspace:
+	case meshv1alpha1.EncryptionModeKernel, meshv1alpha1.EncryptionModeUserspace:
 		out = append(out, pass(s, "encryption-enabled", "WireGuard (%s) on %s", n.Mode, dash(n.Interface)))
-	case modeDisabled, "":
+	case meshv1alpha1.EncryptionModeDisabled, "":
 		out = append(out, fail(s, "encryption-enabled", "encryption is disabled: pod traffic to other nodes is not encrypted"))
 	default:
 		out = append(out, fail(s, "encryption-enabled", "unknown encryption mode %q", n.Mode))

@@ -165,7 +165,7 @@ func TestAuditFaults(t *testing.T) {
 		{"old key", func(c *cluster) { c.enc(2).KeyCreated = ago(100 * 24 * time.Hour) }, []want{
 			{"node-2", "key-age", "key " + nodeinfo.KeyFingerprint(testKey(2)) + " is 100d old, more than --max-key-age 2160h0m0s: rotate it (meshctl encryption rotate-key --node node-2)"},
 		}},
-		{"encryption disabled", func(c *cluster) { c.enc(1).Mode = modeDisabled }, []want{
+		{"encryption disabled", func(c *cluster) { c.enc(1).Mode = meshv1alpha1.EncryptionModeDisabled }, []want{
 			{"node-1", "encryption-enabled", "encryption is disabled"},
 		}},
 		{"no MeshNode", func(c *cluster) { c.dropMeshNode(3) }, []want{

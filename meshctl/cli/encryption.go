@@ -18,13 +18,6 @@ import (
 	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
-// Encryption modes a MeshNode reports.
-const (
-	modeKernel    = "kernel"
-	modeUserspace = "userspace"
-	modeDisabled  = "disabled"
-)
-
 // defaultStaleAfter is how old a MeshNode status may be before its agent is
 // taken for gone: agents rewrite it every few seconds.
 const defaultStaleAfter = 2 * time.Minute
@@ -222,7 +215,7 @@ func nodeSnapshot(name string, node *corev1.Node, mn *meshv1alpha1.MeshNode, nod
 		})
 	}
 	slices.SortFunc(r.Peers, func(a, b peerEncryptionReport) int { return strings.Compare(a.Node, b.Node) })
-	r.Encrypted = !r.Stale && (r.Mode == modeKernel || r.Mode == modeUserspace) && r.PublicKey != ""
+	r.Encrypted = !r.Stale && (r.Mode == meshv1alpha1.EncryptionModeKernel || r.Mode == meshv1alpha1.EncryptionModeUserspace) && r.PublicKey != ""
 	return r
 }
 
@@ -252,9 +245,9 @@ func (n nodeEncryptionReport) why() string {
 		return n.Node + " has no MeshNode"
 	case n.Stale:
 		return n.Node + " is stale"
-	case n.Mode == modeDisabled || n.Mode == "":
+	case n.Mode == meshv1alpha1.EncryptionModeDisabled || n.Mode == "":
 		return n.Node + " has encryption disabled"
-	case n.Mode != modeKernel && n.Mode != modeUserspace:
+	case n.Mode != meshv1alpha1.EncryptionModeKernel && n.Mode != meshv1alpha1.EncryptionModeUserspace:
 		return fmt.Sprintf("%s has unknown mode %q", n.Node, n.Mode)
 	case n.PublicKey == "":
 		return n.Node + " has no key"
@@ -278,9 +271,9 @@ func (n nodeEncryptionReport) problems(now time.Time, staleAfter time.Duration, 
 		}
 	}
 	switch {
-	case n.Mode == modeDisabled || n.Mode == "":
+	case n.Mode == meshv1alpha1.EncryptionModeDisabled || n.Mode == "":
 		out = append(out, "encryption is disabled: pod traffic to other nodes is not encrypted")
-	case n.Mode != modeKernel && n.Mode != modeUserspace:
+	case n.Mode != meshv1alpha1.EncryptionModeKernel && n.Mode != meshv1alpha1.EncryptionModeUserspace:
 		out = append(out, fmt.Sprintf("unknown encryption mode %q", n.Mode))
 	}
 	if n.PublicKey == "" {

@@ -64,7 +64,7 @@ func healthyCluster(n int) *cluster {
 				AgentVersion: "v0.3.0", NodeIP: fmt.Sprintf("192.168.50.%d", i), PodCIDRs: []string{cidr},
 				Updated: ago(10 * time.Second),
 				Encryption: meshv1alpha1.EncryptionStatus{
-					Mode: modeUserspace, Interface: "veilwg0", PublicKey: testKey(i), Fingerprint: nodeinfo.KeyFingerprint(testKey(i)),
+					Mode: meshv1alpha1.EncryptionModeUserspace, Interface: "veilwg0", PublicKey: testKey(i), Fingerprint: nodeinfo.KeyFingerprint(testKey(i)),
 					KeyCreated: ago(30 * 24 * time.Hour), ListenPort: 51820, StrictMode: true,
 				},
 			},
@@ -238,13 +238,13 @@ func TestEncryptionSummary(t *testing.T) {
 		}, "Encryption: WireGuard (userspace), 2/3 nodes encrypted, not strict: node-3 has no key"},
 		{"strict off, mixed modes", func() *cluster {
 			c := healthyCluster(3)
-			c.enc(1).Mode = modeKernel
+			c.enc(1).Mode = meshv1alpha1.EncryptionModeKernel
 			c.enc(2).StrictMode = false
 			return c
 		}, "Encryption: WireGuard (kernel, userspace), 3/3 nodes, not strict: node-2 has strict mode off"},
 		{"all disabled", func() *cluster {
 			c := healthyCluster(2)
-			c.enc(1).Mode, c.enc(2).Mode = modeDisabled, modeDisabled
+			c.enc(1).Mode, c.enc(2).Mode = meshv1alpha1.EncryptionModeDisabled, meshv1alpha1.EncryptionModeDisabled
 			return c
 		}, "Encryption: off, 0/2 nodes encrypted, not strict: node-1 has encryption disabled, node-2 has encryption disabled"},
 		{"no nodes", func() *cluster { return &cluster{} }, "Encryption: no nodes"},
