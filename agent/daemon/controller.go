@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -494,9 +495,19 @@ func (d *Daemon) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCac
 			continue
 		}
 		nodeIPs[n.Name] = ip
+		// A peer's own addresses are in its allowed IPs when peerNodeAddrs:
+		// pods reach them through the tunnel then.
+		var nodeTunnel datapath.IPCacheKind
+		if d.peerNodeAddrs() {
+			nodeTunnel = d.tunnelKind(n.Name)
+		}
 		for _, a := range n.Addrs() {
 			if a.Is4() && netip.PrefixFrom(a, 32) != self {
-				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
+				kind := datapath.NodeAddr
+				if slices.Contains(n.InternalIPs, a) {
+					kind |= nodeTunnel
+				}
+				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: kind}
 			}
 		}
 		for _, cidr := range n.PodCIDRs {

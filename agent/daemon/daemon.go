@@ -42,6 +42,7 @@ import (
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/ipam"
+	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/nodeinfo"
@@ -255,6 +256,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.persistLoop(ctx) }()
+	if d.cfg.StrictMode {
+		wg.Add(1)
+		go func() { defer wg.Done(); d.guardLoop(ctx) }()
+	}
 
 	d.log.Info("waiting for informer caches")
 	if err := d.waitForCaches(ctx); err != nil {
@@ -339,7 +344,13 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 		NodeIP:            d.nodeIP,
 		LegacyTC:          d.cfg.LegacyTC,
 		StrictMode:        d.cfg.StrictMode,
+		PodDevice:         podnet.IsHostVethName,
 		Logger:            d.log,
+	}
+	// Validated at start (config.Validate): the range strict mode refuses
+	// to send unknown pod addresses of.
+	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
+		cfg.ClusterCIDR = p
 	}
 	if d.wg != nil {
 		cfg.WireGuardInterface = d.wg.Interface()

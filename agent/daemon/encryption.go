@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/veilmesh/veil/agent/wireguard"
@@ -74,6 +75,11 @@ func (d *Daemon) publishKey(ctx context.Context) {
 	}
 }
 
+// peerNodeAddrs says whether peers' own addresses join their allowed IPs:
+// for host traffic with node-to-node encryption, and in strict mode for pods'
+// traffic to other nodes' addresses, which may only leave through the tunnel.
+func (d *Daemon) peerNodeAddrs() bool { return d.cfg.NodeToNode || d.cfg.StrictMode }
+
 // syncPeers makes every other node that published a key a peer, and marks
 // the nodes with a tunnel in the ipcache. Malformed annotations and refused
 // claims are reported, not guessed at: such a node gets no tunnel (and, in
@@ -82,7 +88,7 @@ func (d *Daemon) syncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 	if d.wg == nil {
 		return nil
 	}
-	peers, errs := wireguard.PeersFromNodes(c, d.cfg.NodeName, d.cfg.NodeToNode)
+	peers, errs := wireguard.PeersFromNodes(c, d.cfg.NodeName, d.peerNodeAddrs())
 	for _, e := range errs {
 		d.log.Warn("node not peered", "error", e)
 	}
@@ -91,16 +97,18 @@ func (d *Daemon) syncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 	}
 	d.recordTunnels(peers)
 	if d.cfg.NodeToNode {
-		addrs := map[netip.Addr]bool{}
+		// Everything a peer's allowed IPs hold: its addresses, and its pod
+		// CIDRs, so a hostNetwork process reaching a remote pod is
+		// encrypted as a pod would be.
+		prefixes := map[netip.Prefix]bool{}
 		for _, p := range peers {
-			n, _ := c.Node(p.Node)
-			for _, a := range n.InternalIPs { // what its allowed IPs hold
-				if a.Is4() {
-					addrs[a] = true
+			for _, a := range p.AllowedIPs {
+				if a.Addr().Is4() {
+					prefixes[a.Masked()] = true
 				}
 			}
 		}
-		if err := d.routeNodesThroughTunnel(addrs); err != nil {
+		if err := d.routeNodesThroughTunnel(prefixes); err != nil {
 			return err
 		}
 	}
@@ -303,10 +311,22 @@ func hostTunnelRule() *netlink.Rule {
 	return r
 }
 
-// routeNodesThroughTunnel makes the tunnel table hold exactly the peer
-// nodes' addresses, and the rule that consults it exist.
-func (d *Daemon) routeNodesThroughTunnel(nodes map[netip.Addr]bool) error {
-	link, err := netlink.LinkByName(d.wg.Interface())
+// tunnelFallbackMetric orders the blackhole twin of every tunnel route after
+// the route through the device: while the device exists its route wins;
+// when a userspace device restarts (its TUN and routes vanish) the twin
+// stays, so host traffic to peers fails closed instead of taking the main
+// table's route over the underlay in plaintext.
+const tunnelFallbackMetric = 4096
+
+// routeNodesThroughTunnel makes the tunnel table hold exactly the peers'
+// prefixes — each through the device, each with a blackhole behind it — and
+// the rule that consults it exist.
+func (d *Daemon) routeNodesThroughTunnel(prefixes map[netip.Prefix]bool) error {
+	return routeThroughTunnel(d.wg.Interface(), prefixes)
+}
+
+func routeThroughTunnel(device string, prefixes map[netip.Prefix]bool) error {
+	link, err := netlink.LinkByName(device)
 	if err != nil {
 		return fmt.Errorf("find WireGuard device: %w", err)
 	}
@@ -329,30 +349,51 @@ func (d *Daemon) routeNodesThroughTunnel(nodes map[netip.Addr]bool) error {
 	if err != nil {
 		return fmt.Errorf("list node-to-node routes: %w", err)
 	}
-	present := map[netip.Addr]bool{}
+	type key struct {
+		p        netip.Prefix
+		fallback bool
+	}
+	present := map[key]bool{}
 	for _, r := range have {
-		ip, ok := netip.AddrFromSlice(r.Dst.IP)
-		if ok && nodes[ip.Unmap()] && r.LinkIndex == link.Attrs().Index {
-			present[ip.Unmap()] = true
+		p, ok := routePrefix(r)
+		fallback := r.Type == unix.RTN_BLACKHOLE && r.Priority == tunnelFallbackMetric
+		if ok && prefixes[p] && (fallback || r.LinkIndex == link.Attrs().Index) {
+			present[key{p, fallback}] = true
 			continue
 		}
 		if err := netlink.RouteDel(&r); err != nil {
 			return fmt.Errorf("remove node-to-node route %s: %w", r.Dst, err)
 		}
 	}
-	for ip := range nodes {
-		if present[ip] {
+	for p := range prefixes {
+		dst := &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}
+		if !present[key{p, true}] {
+			hole := &netlink.Route{Table: hostTunnelTable, Type: unix.RTN_BLACKHOLE, Priority: tunnelFallbackMetric, Dst: dst}
+			if err := netlink.RouteReplace(hole); err != nil {
+				return fmt.Errorf("fail-closed route for %s: %w", p, err)
+			}
+		}
+		if present[key{p, false}] {
 			continue
 		}
-		route := &netlink.Route{
-			LinkIndex: link.Attrs().Index, Table: hostTunnelTable, Scope: netlink.SCOPE_LINK,
-			Dst: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)},
-		}
+		route := &netlink.Route{LinkIndex: link.Attrs().Index, Table: hostTunnelTable, Scope: netlink.SCOPE_LINK, Dst: dst}
 		if err := netlink.RouteReplace(route); err != nil {
-			return fmt.Errorf("route node %s through the tunnel: %w", ip, err)
+			return fmt.Errorf("route %s through the tunnel: %w", p, err)
 		}
 	}
 	return nil
+}
+
+func routePrefix(r netlink.Route) (netip.Prefix, bool) {
+	if r.Dst == nil {
+		return netip.Prefix{}, false
+	}
+	ip, ok := netip.AddrFromSlice(r.Dst.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	bits, _ := r.Dst.Mask.Size()
+	return netip.PrefixFrom(ip.Unmap(), bits).Masked(), true
 }
 
 // removeHostTunnel undoes routeNodesThroughTunnel (cleanup mode).

@@ -37,9 +37,12 @@ var ErrNoAllowedIPs = errors.New("no allowed IPs")
 // another node holds is not among a node's claims, and no two peers overlap.
 //
 // AllowedIPs are the node's pod CIDRs (spec.podCIDRs cut to the cluster
-// CIDR) and, with nodeToNode only, its own InternalIPs (those no other node
-// holds) as host prefixes.
-func PeersFromNodes(c nodeinfo.Cluster, self string, nodeToNode bool) ([]Peer, []error) {
+// CIDR) and, with nodeAddrs only, its own InternalIPs (those no other node
+// holds) as host prefixes. The agent asks for node addresses with
+// node-to-node encryption (host traffic goes into the tunnel) and in strict
+// mode (a pod's traffic to another node's address may only leave through the
+// tunnel, and WireGuard picks the peer by destination).
+func PeersFromNodes(c nodeinfo.Cluster, self string, nodeAddrs bool) ([]Peer, []error) {
 	var (
 		peers []Peer
 		errs  []error
@@ -49,7 +52,7 @@ func PeersFromNodes(c nodeinfo.Cluster, self string, nodeToNode bool) ([]Peer, [
 			continue
 		}
 		allowed := append([]netip.Prefix(nil), n.PodCIDRs...)
-		if nodeToNode {
+		if nodeAddrs {
 			for _, a := range n.InternalIPs {
 				allowed = append(allowed, netip.PrefixFrom(a, a.BitLen()))
 			}
