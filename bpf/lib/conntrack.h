@@ -29,11 +29,20 @@ static __always_inline void ct_touch(struct ct_entry *e, struct packet *pkt, __u
 	__sync_fetch_and_add(&e->bytes, pkt->len);
 }
 
+/* ct_opens() - whether a packet is a new connection attempt. */
+static __always_inline int ct_opens(struct packet *pkt)
+{
+	return pkt->tuple.proto == IPPROTO_TCP &&
+	       (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+}
+
 /**
  * ct_lookup() - find the connection a packet belongs to.
  * @reply: set to 1 when the packet travels against the connection's direction.
- * Return: the entry, or NULL when the packet starts a new flow. A TCP SYN
- * without ACK always starts a new flow so that a reused tuple is re-checked.
+ * Return: the entry, or NULL when policy must judge the packet. A new
+ * connection attempt (TCP SYN without ACK) matches no entry in either
+ * direction: a reused tuple, and a peer opening toward a pod from the
+ * reply tuple of the pod's own connection, are judged by policy.
  */
 static __always_inline struct ct_entry *ct_lookup(struct packet *pkt, int *reply)
 {
@@ -42,16 +51,15 @@ static __always_inline struct ct_entry *ct_lookup(struct packet *pkt, int *reply
 	__u64 now = bpf_ktime_get_ns();
 
 	*reply = 0;
-	if (pkt->tuple.proto == IPPROTO_ICMP && !pkt->is_icmp_echo)
+	if (pkt->tuple.proto == IPPROTO_ICMP && pkt->icmp_kind == ICMP_K_OTHER)
+		return NULL;
+	if (ct_opens(pkt))
 		return NULL;
 
-	if (!(pkt->tuple.proto == IPPROTO_TCP &&
-	      (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)) {
-		e = bpf_map_lookup_elem(&veil_ct, &pkt->tuple);
-		if (e && ct_fresh(e, now)) {
-			ct_touch(e, pkt, now);
-			return e;
-		}
+	e = bpf_map_lookup_elem(&veil_ct, &pkt->tuple);
+	if (e && ct_fresh(e, now)) {
+		ct_touch(e, pkt, now);
+		return e;
 	}
 	ct_reverse(&pkt->tuple, &rev);
 	e = bpf_map_lookup_elem(&veil_ct, &rev);
@@ -65,12 +73,16 @@ static __always_inline struct ct_entry *ct_lookup(struct packet *pkt, int *reply
 	return NULL;
 }
 
-/* ct_create() - record a connection that policy has just allowed. */
+/*
+ * ct_create() - record a connection that policy has just allowed. Of ICMP,
+ * only an echo request opens one: an echo reply policy let through must
+ * not make its own reverse, a request, ride as a reply.
+ */
 static __always_inline void ct_create(struct packet *pkt, __u32 src_id, __u32 dst_id, __u32 flags)
 {
 	struct ct_entry e = {};
 
-	if (pkt->tuple.proto == IPPROTO_ICMP && !pkt->is_icmp_echo)
+	if (pkt->tuple.proto == IPPROTO_ICMP && pkt->icmp_kind != ICMP_K_ECHO)
 		return;
 	e.created_ns = bpf_ktime_get_ns();
 	e.last_seen_ns = e.created_ns;

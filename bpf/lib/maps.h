@@ -88,8 +88,8 @@ struct policy_value {
 struct ct_key {
 	__u32 saddr;
 	__u32 daddr;
-	__u16 sport;		/* host byte order; ICMP echo: the echo id */
-	__u16 dport;
+	__u16 sport;		/* host byte order; ICMP echo reply: the echo id */
+	__u16 dport;		/* ICMP echo request: the echo id */
 	__u8 proto;
 	__u8 pad[3];
 };

@@ -8,12 +8,17 @@
 #define ICMP_ECHOREPLY_ 0
 #define ICMP_ECHO_ 8
 
+/* What an ICMP message is to conntrack (struct packet's icmp_kind). */
+#define ICMP_K_OTHER 0		/* judged by policy, never tracked */
+#define ICMP_K_ECHO 1		/* echo request: may open a connection */
+#define ICMP_K_ECHO_REPLY 2	/* echo reply: only ever a reply */
+
 /* struct packet - the parsed headers of an IPv4 packet. */
 struct packet {
 	struct ct_key tuple;	/* as seen on the wire */
 	__u16 policy_port;	/* L4 destination port, or ICMP type << 8 | code */
 	__u8 tcp_flags;
-	__u8 is_icmp_echo;	/* echo or echo reply: tuple ports hold the echo id */
+	__u8 icmp_kind;		/* ICMP_K_* */
 	__u32 len;
 };
 
@@ -48,7 +53,7 @@ static __always_inline int parse_ip_at(struct __sk_buff *skb, struct packet *pkt
 	pkt->tuple.dport = 0;
 	pkt->policy_port = 0;
 	pkt->tcp_flags = 0;
-	pkt->is_icmp_echo = 0;
+	pkt->icmp_kind = ICMP_K_OTHER;
 	pkt->len = skb->len;
 
 	l4 = (void *)ip + ihl;
@@ -70,12 +75,18 @@ static __always_inline int parse_ip_at(struct __sk_buff *skb, struct packet *pkt
 		if ((void *)(l4 + 8) > data_end)
 			return DROP_INVALID_PACKET;
 		pkt->policy_port = ((__u16)l4[0] << 8) | l4[1];
-		if (l4[0] == ICMP_ECHO_ || l4[0] == ICMP_ECHOREPLY_) {
-			/* Echo and its reply share the id: key both on it. */
-			__u16 id = bpf_ntohs(*(__be16 *)(l4 + 4));
-			pkt->is_icmp_echo = 1;
-			pkt->tuple.sport = id;
-			pkt->tuple.dport = id;
+		/*
+		 * The echo id stands in for the pinger's port: a request is
+		 * keyed (0, id) and its reply (id, 0), so a reply is the
+		 * reverse of its request, and a request from the other side
+		 * with the same id matches nothing.
+		 */
+		if (l4[0] == ICMP_ECHO_) {
+			pkt->icmp_kind = ICMP_K_ECHO;
+			pkt->tuple.dport = bpf_ntohs(*(__be16 *)(l4 + 4));
+		} else if (l4[0] == ICMP_ECHOREPLY_) {
+			pkt->icmp_kind = ICMP_K_ECHO_REPLY;
+			pkt->tuple.sport = bpf_ntohs(*(__be16 *)(l4 + 4));
 		}
 		break;
 	default:
