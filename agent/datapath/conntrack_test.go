@@ -46,3 +46,30 @@ func TestConntrackEchoRequestDoesNotRideReplyEntry(t *testing.T) {
 	p.check(verdictCase{name: "c's echo reply rides", prog: "from_netdev", frame: icmpEcho(pC, pA, icmpEchoReply, 7), want: tcRedirect})
 	p.check(verdictCase{name: "an echo reply nobody asked for", prog: "from_netdev", frame: icmpEcho(pC, pA, icmpEchoReply, 8), want: tcShot, reason: DropPolicyIngress})
 }
+
+// Issue 12, item 6: a revocation re-check asks policy about an ICMP
+// connection by its ICMP type and code (what policy entries hold), never by
+// its echo id. Here the id, read as a port, would be type 3 code 0.
+func TestConntrackRecheckJudgesICMPByType(t *testing.T) {
+	p := cluster(t, false, false)
+	p.check(verdictCase{name: "a pings c", prog: "from_pod", frame: icmpEcho(pA, pC, icmpEchoRequest, icmpUnreachable<<8), want: tcRedirect})
+	var asked []FlowKey
+	n, err := p.d.EvictFlows(func(k FlowKey) bool {
+		asked = append(asked, k)
+		// The policy now allows pings only.
+		return !(k.Proto == protoICMP && k.DstPort == icmpEchoRequest<<8)
+	})
+	if err != nil {
+		t.Fatalf("EvictFlows: %v", err)
+	}
+	if n != 0 {
+		t.Errorf("EvictFlows removed %d connections, asked about %+v; want the allowed ping kept", n, asked)
+	}
+	flows, err := p.d.Flows()
+	if err != nil {
+		t.Fatalf("Flows: %v", err)
+	}
+	if len(flows) != 1 || flows[0].DstPort != icmpEchoRequest<<8 {
+		t.Errorf("flows %+v; want one ping, DstPort = echo request type << 8", flows)
+	}
+}

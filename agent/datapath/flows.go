@@ -8,6 +8,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 )
 
@@ -27,12 +28,24 @@ type Flow struct {
 func flowFromCT(k podCtKey, v podCtEntry, boot time.Time) Flow {
 	return Flow{
 		Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr),
-		SrcPort: k.Sport, DstPort: k.Dport, Proto: k.Proto,
+		SrcPort: k.Sport, DstPort: policyPort(k, v), Proto: k.Proto,
 		SrcIdentity: identity.ID(v.SrcIdentity), DstIdentity: identity.ID(v.DstIdentity),
 		Packets: v.Packets, Bytes: v.Bytes,
-		ReplySeen: v.Flags&1 != 0, AuditOnly: v.Flags&2 != 0,
-		Created: boot.Add(time.Duration(v.CreatedNs)), LastSeen: boot.Add(time.Duration(v.LastSeenNs)),
+		ReplySeen: v.Flags&uint16(podCtFlagsCT_F_REPLY_SEEN) != 0,
+		AuditOnly: v.Flags&uint16(podCtFlagsCT_F_AUDIT) != 0,
+		Created:   boot.Add(time.Duration(v.CreatedNs)), LastSeen: boot.Add(time.Duration(v.LastSeenNs)),
 	}
+}
+
+// policyPort is the port policy judged a connection by. The key of an ICMP
+// echo holds its echo id, which policy never sees: its entry records the
+// type and code. Other protocols' destination port is the key's, which
+// also holds for entries written before entries recorded it.
+func policyPort(k podCtKey, v podCtEntry) uint16 {
+	if k.Proto == policy.ProtoICMP {
+		return v.PolicyPort
+	}
+	return k.Dport
 }
 
 // Flows lists the connection table.
@@ -54,7 +67,8 @@ func (d *Datapath) Flows() ([]Flow, error) {
 }
 
 // FlowKey is what a revocation decision needs about a connection: who
-// opened it, toward which address, protocol and port.
+// opened it, toward which address, protocol and port (for ICMP, type << 8 |
+// code, as policy entries hold it).
 type FlowKey struct {
 	Src, Dst netip.Addr
 	Proto    uint8
@@ -77,7 +91,7 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	)
 	it := d.ct.Iterate()
 	for it.Next(&k, &v) {
-		if revoked(FlowKey{Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr), Proto: k.Proto, DstPort: k.Dport}) {
+		if revoked(FlowKey{Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr), Proto: k.Proto, DstPort: policyPort(k, v)}) {
 			dead = append(dead, k)
 		}
 	}

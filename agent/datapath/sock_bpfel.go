@@ -21,7 +21,8 @@ type sockCtEntry struct {
 	Bytes       uint64
 	SrcIdentity uint32
 	DstIdentity uint32
-	Flags       uint32
+	Flags       uint16
+	PolicyPort  uint16
 	Pad         uint32
 }
 

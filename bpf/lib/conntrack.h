@@ -91,6 +91,7 @@ static __always_inline void ct_create(struct packet *pkt, __u32 src_id, __u32 ds
 	e.src_identity = src_id;
 	e.dst_identity = dst_id;
 	e.flags = flags;
+	e.policy_port = pkt->policy_port;
 	bpf_map_update_elem(&veil_ct, &pkt->tuple, &e, BPF_ANY);
 }
 

@@ -108,7 +108,8 @@ struct ct_entry {
 	__u64 bytes;
 	__u32 src_identity;
 	__u32 dst_identity;
-	__u32 flags;
+	__u16 flags;		/* CT_F_* */
+	__u16 policy_port;	/* the port policy judged: ICMP type << 8 | code */
 	__u32 pad;
 };
 
