@@ -51,6 +51,24 @@ type netdevEndpointInfo struct {
 	Flags          uint32
 }
 
+type netdevFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type netdevFragL4 struct {
+	_          structs.HostLayout
+	Sport      uint16
+	Dport      uint16
+	PolicyPort uint16
+	TcpFlags   uint8
+	IcmpKind   uint8
+}
+
 type netdevIpcacheInfo struct {
 	_        structs.HostLayout
 	Identity uint32
@@ -115,6 +133,7 @@ const (
 	netdevMapVeilCt          = "veil_ct"
 	netdevMapVeilEndpoints   = "veil_endpoints"
 	netdevMapVeilEvents      = "veil_events"
+	netdevMapVeilFrags       = "veil_frags"
 	netdevMapVeilIpcache     = "veil_ipcache"
 	netdevMapVeilLeaks       = "veil_leaks"
 	netdevMapVeilMetrics     = "veil_metrics"
@@ -184,6 +203,7 @@ type netdevMapSpecs struct {
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
@@ -227,6 +247,7 @@ type netdevMaps struct {
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
@@ -241,6 +262,7 @@ func (m *netdevMaps) Close() error {
 		m.VeilCt,
 		m.VeilEndpoints,
 		m.VeilEvents,
+		m.VeilFrags,
 		m.VeilIpcache,
 		m.VeilLeaks,
 		m.VeilMetrics,

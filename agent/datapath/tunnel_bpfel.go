@@ -51,6 +51,24 @@ type tunnelEndpointInfo struct {
 	Flags          uint32
 }
 
+type tunnelFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type tunnelFragL4 struct {
+	_          structs.HostLayout
+	Sport      uint16
+	Dport      uint16
+	PolicyPort uint16
+	TcpFlags   uint8
+	IcmpKind   uint8
+}
+
 type tunnelIpcacheInfo struct {
 	_        structs.HostLayout
 	Identity uint32
@@ -115,6 +133,7 @@ const (
 	tunnelMapVeilCt          = "veil_ct"
 	tunnelMapVeilEndpoints   = "veil_endpoints"
 	tunnelMapVeilEvents      = "veil_events"
+	tunnelMapVeilFrags       = "veil_frags"
 	tunnelMapVeilIpcache     = "veil_ipcache"
 	tunnelMapVeilLeaks       = "veil_leaks"
 	tunnelMapVeilMetrics     = "veil_metrics"
@@ -182,6 +201,7 @@ type tunnelMapSpecs struct {
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
@@ -225,6 +245,7 @@ type tunnelMaps struct {
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
@@ -239,6 +260,7 @@ func (m *tunnelMaps) Close() error {
 		m.VeilCt,
 		m.VeilEndpoints,
 		m.VeilEvents,
+		m.VeilFrags,
 		m.VeilIpcache,
 		m.VeilLeaks,
 		m.VeilMetrics,

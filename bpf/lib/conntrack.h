@@ -37,8 +37,36 @@ static __always_inline int ct_opens(struct packet *pkt)
 }
 
 /**
+ * ct_related() - the connection an ICMP error is about.
+ * An error goes back to the sender of the packet it quotes: to the
+ * connection's originator when it quotes a packet of the original
+ * direction, to the responder when it quotes a reply. Quoting a packet its
+ * destination did not send relates it to nothing. Anyone on the path may
+ * send one (a router shrinking the path MTU), so the error's source is not
+ * checked, and an error does not keep a connection alive.
+ * Return: the entry, or NULL when policy must judge the error.
+ */
+static __always_inline struct ct_entry *ct_related(struct packet *pkt, __u64 now)
+{
+	struct ct_key rev;
+	struct ct_entry *e;
+
+	if (pkt->quoted.saddr != pkt->tuple.daddr)
+		return NULL;
+	e = bpf_map_lookup_elem(&veil_ct, &pkt->quoted);
+	if (e && ct_fresh(e, now))
+		return e;
+	ct_reverse(&pkt->quoted, &rev);
+	e = bpf_map_lookup_elem(&veil_ct, &rev);
+	if (e && ct_fresh(e, now))
+		return e;
+	return NULL;
+}
+
+/**
  * ct_lookup() - find the connection a packet belongs to.
  * @reply: set to 1 when the packet travels against the connection's direction.
+ * An ICMP error is matched to the connection it is about (ct_related()).
  * Return: the entry, or NULL when policy must judge the packet. A new
  * connection attempt (TCP SYN without ACK) matches no entry in either
  * direction: a reused tuple, and a peer opening toward a pod from the
@@ -51,6 +79,8 @@ static __always_inline struct ct_entry *ct_lookup(struct packet *pkt, int *reply
 	__u64 now = bpf_ktime_get_ns();
 
 	*reply = 0;
+	if (pkt->tuple.proto == IPPROTO_ICMP && pkt->icmp_kind == ICMP_K_ERROR)
+		return ct_related(pkt, now);
 	if (pkt->tuple.proto == IPPROTO_ICMP && pkt->icmp_kind == ICMP_K_OTHER)
 		return NULL;
 	if (ct_opens(pkt))

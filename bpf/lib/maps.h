@@ -94,6 +94,28 @@ struct ct_key {
 	__u8 pad[3];
 };
 
+/* struct frag_key - the fragments of one IPv4 datagram (RFC 791). */
+struct frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;		/* the IP identification, as on the wire */
+	__u8 proto;
+	__u8 pad;
+};
+
+/*
+ * struct frag_l4 - what a datagram's first fragment says about L4, which
+ * its later fragments lack: the fields of struct packet parse_ip_at() reads
+ * from the L4 header.
+ */
+struct frag_l4 {
+	__u16 sport;
+	__u16 dport;
+	__u16 policy_port;
+	__u8 tcp_flags;
+	__u8 icmp_kind;
+};
+
 /* Flags of struct ct_entry. */
 enum ct_flags {
 	CT_F_REPLY_SEEN = 1 << 0,
@@ -212,6 +234,19 @@ struct {
 	__type(value, struct ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_ct SEC(".maps");
+
+/*
+ * L4 of the datagrams whose first fragment was seen, so that the later
+ * ones get the same verdict. Reassembly takes the kernel well under a
+ * second, so a small LRU holds every datagram in flight.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct frag_key);
+	__type(value, struct frag_l4);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_frags SEC(".maps");
 
 /* Established TCP sockets between two local endpoints. */
 struct {
