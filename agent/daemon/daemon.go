@@ -213,7 +213,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		cancel() // on an error return too, so the goroutines end
 		wg.Wait()
 	}()
-	wg.Add(4)
+	wg.Add(5)
 	go func() { defer wg.Done(); d.encryptionLoop(ctx) }()
 	if d.wg != nil {
 		wg.Add(1)
@@ -222,6 +222,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.persistLoop(ctx) }()
+	go func() { defer wg.Done(); d.dp.RunConntrackGC(ctx) }()
 
 	d.log.Info("waiting for informer caches")
 	if err := d.waitForCaches(ctx); err != nil {

@@ -1,11 +1,14 @@
 package datapath
 
 import (
+	"fmt"
 	"net/netip"
+	"reflect"
+	"testing"
+	"time"
 
 	"github.com/veilmesh/veil/policy"
-
-	"testing"
+	"github.com/veilmesh/veil/policy/identity"
 )
 
 // Connection tracking (issue 12): what rides an entry and what policy judges.
@@ -165,4 +168,184 @@ func TestConntrackFragmentsFollowTheirFirst(t *testing.T) {
 	} {
 		p.check(c)
 	}
+}
+
+// flowSet renders the connection table as "src:sport>dst:dport/proto".
+func (p *progTest) flowSet() map[string]bool {
+	p.t.Helper()
+	flows, err := p.d.Flows()
+	if err != nil {
+		p.t.Fatalf("Flows: %v", err)
+	}
+	out := map[string]bool{}
+	for _, f := range flows {
+		out[fmt.Sprintf("%s:%d>%s:%d/%d", f.Src, f.SrcPort, f.Dst, f.DstPort, f.Proto)] = true
+	}
+	return out
+}
+
+// Issue 12, item 5: idle lifetimes by protocol and TCP state, and the
+// garbage collector that deletes what has expired. With two-second
+// lifetimes for everything but established TCP, after 2.5 s only the
+// established connection is alive; an expired UDP reply faces policy.
+func TestConntrackLifetimesAndGC(t *testing.T) {
+	const life = 2 * time.Second // the setup must take less
+	p := newProgTestCT(t, CTTimeouts{TCPEstablished: time.Hour, TCPOpening: life, TCPClosing: life, UDP: life, ICMP: life}, 0)
+	for _, c := range []verdictCase{
+		{name: "udp: a queries c", prog: "from_pod", frame: udp(pA, pC, 53), want: tcRedirect},
+		{name: "udp: c answers", prog: "from_netdev", frame: udp(pA, pC, 53).reply(), want: tcRedirect},
+		{name: "icmp: a pings c", prog: "from_pod", frame: icmpEcho(pA, pC, icmpEchoRequest, 5), want: tcRedirect},
+		{name: "tcp established: SYN", prog: "from_pod", frame: tcp(pA, pC, 40000, 80, tcpSYN), want: tcRedirect},
+		{name: "tcp established: SYN-ACK", prog: "from_netdev", frame: tcp(pC, pA, 80, 40000, tcpSYN|tcpACK), want: tcRedirect},
+		{name: "tcp closed: SYN", prog: "from_pod", frame: tcp(pA, pC, 40001, 80, tcpSYN), want: tcRedirect},
+		{name: "tcp closed: SYN-ACK", prog: "from_netdev", frame: tcp(pC, pA, 80, 40001, tcpSYN|tcpACK), want: tcRedirect},
+		{name: "tcp closed: FIN from a", prog: "from_pod", frame: tcp(pA, pC, 40001, 80, tcpFIN|tcpACK), want: tcRedirect},
+		{name: "tcp closed: FIN from c", prog: "from_netdev", frame: tcp(pC, pA, 80, 40001, tcpFIN|tcpACK), want: tcRedirect},
+		{name: "tcp reset: SYN", prog: "from_pod", frame: tcp(pA, pC, 40002, 80, tcpSYN), want: tcRedirect},
+		{name: "tcp reset: SYN-ACK", prog: "from_netdev", frame: tcp(pC, pA, 80, 40002, tcpSYN|tcpACK), want: tcRedirect},
+		{name: "tcp reset: RST from c", prog: "from_netdev", frame: tcp(pC, pA, 80, 40002, tcpRST|tcpACK), want: tcRedirect},
+		{name: "tcp opening: SYN nobody answers", prog: "from_pod", frame: tcp(pA, pC, 40003, 80, tcpSYN), want: tcRedirect},
+	} {
+		p.check(c)
+	}
+	if got := len(p.flowSet()); got != 6 {
+		t.Fatalf("%d connections before expiry; want 6: %v", got, p.flowSet())
+	}
+	if st, err := p.d.GCConntrack(1 << 20); err != nil || st.Deleted != 0 || !st.Wrapped {
+		t.Errorf("GC before expiry: %+v, %v; want nothing deleted, a whole pass", st, err)
+	}
+	time.Sleep(life + 500*time.Millisecond)
+	p.check(verdictCase{name: "udp: c answers after the lifetime", prog: "from_netdev", frame: udp(pA, pC, 53).reply(), want: tcShot, reason: DropPolicyIngress})
+	st, err := p.d.GCConntrack(1 << 20)
+	if err != nil {
+		t.Fatalf("GC: %v", err)
+	}
+	want := map[string]bool{fmt.Sprintf("%s:40000>%s:80/6", pA, pC): true}
+	if got := p.flowSet(); st.Deleted != 5 || !reflect.DeepEqual(got, want) {
+		t.Errorf("after GC (%+v): connections %v; want only %v", st, got, want)
+	}
+}
+
+// The GC does bounded work per pass and resumes where it stopped.
+func TestConntrackGCIsBounded(t *testing.T) {
+	p := newProgTestCT(t, CTTimeouts{UDP: time.Second}, 0)
+	for port := uint16(1); port <= 3000; port++ {
+		p.run(p.d.fromPod, udp(pA, pC, port).bytes(), ifA)
+	}
+	time.Sleep(1100 * time.Millisecond)
+	total, passes := 0, 0
+	for {
+		st, err := p.d.GCConntrack(1024)
+		if err != nil {
+			t.Fatalf("GC: %v", err)
+		}
+		if st.Scanned > 1024+gcBatch {
+			t.Errorf("one pass scanned %d entries; want at most about 1024", st.Scanned)
+		}
+		total += st.Deleted
+		passes++
+		if st.Wrapped {
+			break
+		}
+	}
+	if total != 3000 || passes < 3 {
+		t.Errorf("GC deleted %d in %d passes; want 3000 in at least 3", total, passes)
+	}
+}
+
+// Issue 12, item 5: a reply that finds no entry (the LRU evicted it, the
+// GC or an agent restart lost it) is judged as the connection it answers:
+// a TCP segment with ACK passes when policy allows the opposite direction
+// on the port it comes from, and its entry is written again. Not a SYN,
+// nor UDP, whose replies cannot be told from new datagrams.
+func TestConntrackLostEntryReplyIsRederived(t *testing.T) {
+	p := cluster(t, false, false)
+	p.policy(pA, []policy.Entry{allow(policy.Egress, idC, protoTCP, 80, 16, 1)}, policy.Defaults{
+		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
+		EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+	})
+	p.endpoint(pB, 2, idB, ifLoopback) // b sends in this test
+	p.policy(pB, []policy.Entry{allow(policy.Ingress, idC, protoTCP, 8080, 16, 2)}, policy.Defaults{
+		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
+		EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+	})
+	for _, c := range []verdictCase{
+		{name: "a opens to c:80", prog: "from_pod", frame: tcp(pA, pC, 40000, 80, tcpSYN), want: tcRedirect},
+		{name: "c opens to b:8080", prog: "from_netdev", frame: tcp(pC, pB, 41000, 8080, tcpSYN), want: tcRedirect},
+	} {
+		p.check(c)
+	}
+	if n, err := p.d.EvictFlows(func(FlowKey) bool { return true }); err != nil || n != 2 {
+		t.Fatalf("losing the entries: %d, %v", n, err)
+	}
+	for _, c := range []verdictCase{
+		{name: "c's SYN-ACK to a", prog: "from_netdev", frame: tcp(pC, pA, 80, 40000, tcpSYN|tcpACK), want: tcRedirect},
+		{name: "b's data to c", prog: "from_pod", frame: tcp(pB, pC, 8080, 41000, tcpACK), want: tcRedirect},
+		{name: "c's ACK from a port a may not reach", prog: "from_netdev", frame: tcp(pC, pA, 81, 40000, tcpACK), want: tcShot, reason: DropPolicyIngress},
+		{name: "c's SYN from a's peer port", prog: "from_netdev", frame: tcp(pC, pA, 80, 40001, tcpSYN), want: tcShot, reason: DropPolicyIngress},
+		{name: "b's data from a port c may not reach", prog: "from_pod", frame: tcp(pB, pC, 8081, 41000, tcpACK), want: tcShot, reason: DropPolicyEgress},
+		{name: "udp from a's peer port", prog: "from_netdev", frame: pkt{src: pC, dst: pA, proto: protoUDP, sport: 80, dport: 40000}, want: tcShot, reason: DropPolicyIngress},
+	} {
+		p.check(c)
+	}
+	want := map[string]bool{
+		fmt.Sprintf("%s:40000>%s:80/6", pA, pC):   true,
+		fmt.Sprintf("%s:41000>%s:8080/6", pC, pB): true,
+	}
+	if got := p.flowSet(); !reflect.DeepEqual(got, want) {
+		t.Errorf("connections %v; want the two written again as opened: %v", got, want)
+	}
+	p.check(verdictCase{name: "a's next segment rides the entry", prog: "from_pod", frame: tcp(pA, pC, 40000, 80, tcpACK), want: tcRedirect})
+}
+
+// Issue 12, item 5: one pod churning through far more connections than the
+// table holds does not break another pod's long-lived connection under
+// default deny, though the LRU evicts its entry.
+func TestConntrackChurnDoesNotBreakAnotherPodsConnection(t *testing.T) {
+	const size = 1024
+	p := newProgTestCT(t, CTTimeouts{}, size)
+	p.endpoint(pB, 2, idB, ifLoopback) // b sends in this test
+	p.check(verdictCase{name: "a opens to c", prog: "from_pod", frame: tcp(pA, pC, 40000, 80, tcpSYN), want: tcRedirect})
+	p.check(verdictCase{name: "c answers", prog: "from_netdev", frame: tcp(pC, pA, 80, 40000, tcpSYN|tcpACK), want: tcRedirect})
+	long := fmt.Sprintf("%s:40000>%s:80/6", pA, pC)
+	for i := 0; i < 8*size && p.flowSet()[long]; i += size {
+		for j := i; j < i+size; j++ {
+			syn := tcp(pB, pC, uint16(1024+j%60000), uint16(1+j/60000), tcpSYN)
+			synAck := syn.reply()
+			synAck.tcpFlags = tcpSYN | tcpACK
+			if got, _ := p.run(p.d.fromPod, syn.bytes(), ifLoopback); got != tcRedirect {
+				t.Fatalf("churn connection %d: SYN verdict %d", j, got)
+			}
+			if got, _ := p.run(p.d.fromNetdev, synAck.bytes(), ifLoopback); got != tcRedirect {
+				t.Fatalf("churn connection %d: SYN-ACK verdict %d", j, got)
+			}
+		}
+	}
+	if p.flowSet()[long] {
+		t.Fatalf("the churn did not evict a's entry: the test proves nothing")
+	}
+	p.check(verdictCase{name: "c's data to a after the churn", prog: "from_netdev", frame: tcp(pC, pA, 80, 40000, tcpACK), want: tcRedirect})
+	if !p.flowSet()[long] {
+		t.Errorf("a's connection was not written again")
+	}
+}
+
+// newProgTestCT is the cluster fixture with a isolated for ingress (a
+// client under default deny), and the given conntrack lifetimes and size.
+func newProgTestCT(t *testing.T, timeouts CTTimeouts, size uint32) *progTest {
+	t.Helper()
+	p := newProgTest(t, Config{NodeIP: pNode1, CTTimeouts: timeouts, CTMaxEntries: size}, true, false)
+	p.endpoint(pA, 1, idA, ifA)
+	p.ipcache("10.99.0.2/32", identity.RemoteNode, pNode2, NodeAddr)
+	p.ipcache("10.244.2.0/24", identity.World, pNode2, PodCIDR)
+	p.ipcache("10.244.2.2/32", idC, pNode2, RemotePod)
+	p.isolated(pA)
+	return p
+}
+
+// reply is k as its peer answers it.
+func (k pkt) reply() pkt {
+	k.src, k.dst = k.dst, k.src
+	k.sport, k.dport = k.dport, k.sport
+	return k
 }

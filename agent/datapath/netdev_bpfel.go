@@ -23,7 +23,7 @@ type netdevCtEntry struct {
 	DstIdentity uint32
 	Flags       uint16
 	PolicyPort  uint16
-	Pad         uint32
+	LifetimeS   uint32
 }
 
 type netdevCtKey struct {
@@ -129,24 +129,28 @@ type netdevSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	netdevMapVeilCidrs       = "veil_cidrs"
-	netdevMapVeilCt          = "veil_ct"
-	netdevMapVeilEndpoints   = "veil_endpoints"
-	netdevMapVeilEvents      = "veil_events"
-	netdevMapVeilFrags       = "veil_frags"
-	netdevMapVeilIpcache     = "veil_ipcache"
-	netdevMapVeilLeaks       = "veil_leaks"
-	netdevMapVeilMetrics     = "veil_metrics"
-	netdevMapVeilPolicy      = "veil_policy"
-	netdevMapVeilSockhash    = "veil_sockhash"
-	netdevMapVeilSockstats   = "veil_sockstats"
-	netdevProgVeilFromNetdev = "veil_from_netdev"
-	netdevProgVeilToNetdev   = "veil_to_netdev"
-	netdevVarCtIdleTimeoutS  = "ct_idle_timeout_s"
-	netdevVarNodeIp          = "node_ip"
-	netdevVarStrictMode      = "strict_mode"
-	netdevVarUnderlayIfindex = "underlay_ifindex"
-	netdevVarWgIfindex       = "wg_ifindex"
+	netdevMapVeilCidrs         = "veil_cidrs"
+	netdevMapVeilCt            = "veil_ct"
+	netdevMapVeilEndpoints     = "veil_endpoints"
+	netdevMapVeilEvents        = "veil_events"
+	netdevMapVeilFrags         = "veil_frags"
+	netdevMapVeilIpcache       = "veil_ipcache"
+	netdevMapVeilLeaks         = "veil_leaks"
+	netdevMapVeilMetrics       = "veil_metrics"
+	netdevMapVeilPolicy        = "veil_policy"
+	netdevMapVeilSockhash      = "veil_sockhash"
+	netdevMapVeilSockstats     = "veil_sockstats"
+	netdevProgVeilFromNetdev   = "veil_from_netdev"
+	netdevProgVeilToNetdev     = "veil_to_netdev"
+	netdevVarCtIcmpS           = "ct_icmp_s"
+	netdevVarCtTcpClosingS     = "ct_tcp_closing_s"
+	netdevVarCtTcpEstablishedS = "ct_tcp_established_s"
+	netdevVarCtTcpOpeningS     = "ct_tcp_opening_s"
+	netdevVarCtUdpS            = "ct_udp_s"
+	netdevVarNodeIp            = "node_ip"
+	netdevVarStrictMode        = "strict_mode"
+	netdevVarUnderlayIfindex   = "underlay_ifindex"
+	netdevVarWgIfindex         = "wg_ifindex"
 )
 
 // loadNetdev returns the embedded CollectionSpec for netdev.
@@ -216,11 +220,15 @@ type netdevMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type netdevVariableSpecs struct {
-	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
-	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
+	CtIcmpS           *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.VariableSpec `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.VariableSpec `ebpf:"node_ip"`
+	StrictMode        *ebpf.VariableSpec `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // netdevObjects contains all objects after they have been loaded into the kernel.
@@ -276,11 +284,15 @@ func (m *netdevMaps) Close() error {
 //
 // It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type netdevVariables struct {
-	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
-	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
+	CtIcmpS           *ebpf.Variable `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.Variable `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.Variable `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.Variable `ebpf:"node_ip"`
+	StrictMode        *ebpf.Variable `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.Variable `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // netdevPrograms contains all programs after they have been loaded into the kernel.

@@ -23,7 +23,7 @@ type podCtEntry struct {
 	DstIdentity uint32
 	Flags       uint16
 	PolicyPort  uint16
-	Pad         uint32
+	LifetimeS   uint32
 }
 
 type podCtFlags uint32
@@ -31,6 +31,9 @@ type podCtFlags uint32
 const (
 	podCtFlagsCT_F_REPLY_SEEN podCtFlags = 1
 	podCtFlagsCT_F_AUDIT      podCtFlags = 2
+	podCtFlagsCT_F_FIN_ORIG   podCtFlags = 4
+	podCtFlagsCT_F_FIN_REPLY  podCtFlags = 8
+	podCtFlagsCT_F_RST        podCtFlags = 16
 )
 
 type podCtKey struct {
@@ -281,7 +284,11 @@ const (
 	podMapVeilSockstats          = "veil_sockstats"
 	podProgVeilFromPod           = "veil_from_pod"
 	podProgVeilToPod             = "veil_to_pod"
-	podVarCtIdleTimeoutS         = "ct_idle_timeout_s"
+	podVarCtIcmpS                = "ct_icmp_s"
+	podVarCtTcpClosingS          = "ct_tcp_closing_s"
+	podVarCtTcpEstablishedS      = "ct_tcp_established_s"
+	podVarCtTcpOpeningS          = "ct_tcp_opening_s"
+	podVarCtUdpS                 = "ct_udp_s"
 	podVarNodeIp                 = "node_ip"
 	podVarStrictMode             = "strict_mode"
 	podVarUnderlayIfindex        = "underlay_ifindex"
@@ -368,7 +375,11 @@ type podMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type podVariableSpecs struct {
-	CtIdleTimeoutS         *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
+	CtIcmpS                *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
+	CtTcpClosingS          *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS      *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS          *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
+	CtUdpS                 *ebpf.VariableSpec `ebpf:"ct_udp_s"`
 	NodeIp                 *ebpf.VariableSpec `ebpf:"node_ip"`
 	StrictMode             *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex        *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
@@ -441,7 +452,11 @@ func (m *podMaps) Close() error {
 //
 // It can be passed to loadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type podVariables struct {
-	CtIdleTimeoutS         *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
+	CtIcmpS                *ebpf.Variable `ebpf:"ct_icmp_s"`
+	CtTcpClosingS          *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS      *ebpf.Variable `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS          *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
+	CtUdpS                 *ebpf.Variable `ebpf:"ct_udp_s"`
 	NodeIp                 *ebpf.Variable `ebpf:"node_ip"`
 	StrictMode             *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex        *ebpf.Variable `ebpf:"underlay_ifindex"`

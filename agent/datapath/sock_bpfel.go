@@ -23,7 +23,7 @@ type sockCtEntry struct {
 	DstIdentity uint32
 	Flags       uint16
 	PolicyPort  uint16
-	Pad         uint32
+	LifetimeS   uint32
 }
 
 type sockCtKey struct {

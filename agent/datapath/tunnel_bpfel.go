@@ -23,7 +23,7 @@ type tunnelCtEntry struct {
 	DstIdentity uint32
 	Flags       uint16
 	PolicyPort  uint16
-	Pad         uint32
+	LifetimeS   uint32
 }
 
 type tunnelCtKey struct {
@@ -129,23 +129,27 @@ type tunnelSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tunnelMapVeilCidrs       = "veil_cidrs"
-	tunnelMapVeilCt          = "veil_ct"
-	tunnelMapVeilEndpoints   = "veil_endpoints"
-	tunnelMapVeilEvents      = "veil_events"
-	tunnelMapVeilFrags       = "veil_frags"
-	tunnelMapVeilIpcache     = "veil_ipcache"
-	tunnelMapVeilLeaks       = "veil_leaks"
-	tunnelMapVeilMetrics     = "veil_metrics"
-	tunnelMapVeilPolicy      = "veil_policy"
-	tunnelMapVeilSockhash    = "veil_sockhash"
-	tunnelMapVeilSockstats   = "veil_sockstats"
-	tunnelProgVeilFromTunnel = "veil_from_tunnel"
-	tunnelVarCtIdleTimeoutS  = "ct_idle_timeout_s"
-	tunnelVarNodeIp          = "node_ip"
-	tunnelVarStrictMode      = "strict_mode"
-	tunnelVarUnderlayIfindex = "underlay_ifindex"
-	tunnelVarWgIfindex       = "wg_ifindex"
+	tunnelMapVeilCidrs         = "veil_cidrs"
+	tunnelMapVeilCt            = "veil_ct"
+	tunnelMapVeilEndpoints     = "veil_endpoints"
+	tunnelMapVeilEvents        = "veil_events"
+	tunnelMapVeilFrags         = "veil_frags"
+	tunnelMapVeilIpcache       = "veil_ipcache"
+	tunnelMapVeilLeaks         = "veil_leaks"
+	tunnelMapVeilMetrics       = "veil_metrics"
+	tunnelMapVeilPolicy        = "veil_policy"
+	tunnelMapVeilSockhash      = "veil_sockhash"
+	tunnelMapVeilSockstats     = "veil_sockstats"
+	tunnelProgVeilFromTunnel   = "veil_from_tunnel"
+	tunnelVarCtIcmpS           = "ct_icmp_s"
+	tunnelVarCtTcpClosingS     = "ct_tcp_closing_s"
+	tunnelVarCtTcpEstablishedS = "ct_tcp_established_s"
+	tunnelVarCtTcpOpeningS     = "ct_tcp_opening_s"
+	tunnelVarCtUdpS            = "ct_udp_s"
+	tunnelVarNodeIp            = "node_ip"
+	tunnelVarStrictMode        = "strict_mode"
+	tunnelVarUnderlayIfindex   = "underlay_ifindex"
+	tunnelVarWgIfindex         = "wg_ifindex"
 )
 
 // loadTunnel returns the embedded CollectionSpec for tunnel.
@@ -214,11 +218,15 @@ type tunnelMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelVariableSpecs struct {
-	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
-	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
+	CtIcmpS           *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.VariableSpec `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.VariableSpec `ebpf:"node_ip"`
+	StrictMode        *ebpf.VariableSpec `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // tunnelObjects contains all objects after they have been loaded into the kernel.
@@ -274,11 +282,15 @@ func (m *tunnelMaps) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelVariables struct {
-	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
-	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
+	CtIcmpS           *ebpf.Variable `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.Variable `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.Variable `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.Variable `ebpf:"node_ip"`
+	StrictMode        *ebpf.Variable `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.Variable `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // tunnelPrograms contains all programs after they have been loaded into the kernel.

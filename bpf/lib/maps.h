@@ -120,6 +120,9 @@ struct frag_l4 {
 enum ct_flags {
 	CT_F_REPLY_SEEN = 1 << 0,
 	CT_F_AUDIT = 1 << 1,	/* an audit-mode policy would have denied it */
+	CT_F_FIN_ORIG = 1 << 2,	/* TCP: the originator sent FIN */
+	CT_F_FIN_REPLY = 1 << 3,	/* TCP: the responder sent FIN */
+	CT_F_RST = 1 << 4,	/* TCP: either side sent RST */
 };
 
 /* struct ct_entry - a connection that policy allowed. */
@@ -132,7 +135,7 @@ struct ct_entry {
 	__u32 dst_identity;
 	__u16 flags;		/* CT_F_* */
 	__u16 policy_port;	/* the port policy judged: ICMP type << 8 | code */
-	__u32 pad;
+	__u32 lifetime_s;	/* idle time after which the entry is dead: by protocol and TCP state */
 };
 
 /* struct sock_key - an established local TCP socket, by its IPv4 4-tuple. */
