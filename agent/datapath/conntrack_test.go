@@ -275,9 +275,7 @@ func TestConntrackLostEntryReplyIsRederived(t *testing.T) {
 	} {
 		p.check(c)
 	}
-	if n, err := p.d.EvictFlows(func(FlowKey) bool { return true }); err != nil || n != 2 {
-		t.Fatalf("losing the entries: %d, %v", n, err)
-	}
+	p.loseEntries()
 	for _, c := range []verdictCase{
 		{name: "c's SYN-ACK to a", prog: "from_netdev", frame: tcp(pC, pA, 80, 40000, tcpSYN|tcpACK), want: tcRedirect},
 		{name: "b's data to c", prog: "from_pod", frame: tcp(pB, pC, 8080, 41000, tcpACK), want: tcRedirect},
@@ -348,4 +346,59 @@ func (k pkt) reply() pkt {
 	k.src, k.dst = k.dst, k.src
 	k.sport, k.dport = k.dport, k.sport
 	return k
+}
+
+// loseEntries deletes every conntrack entry, as LRU eviction or the garbage
+// collector would.
+func (p *progTest) loseEntries() {
+	p.t.Helper()
+	var (
+		k    podCtKey
+		v    podCtEntry
+		keys []podCtKey
+	)
+	it := p.d.ct.Iterate()
+	for it.Next(&k, &v) {
+		keys = append(keys, k)
+	}
+	for _, k := range keys {
+		if err := p.d.ct.Delete(&k); err != nil {
+			p.t.Fatalf("delete entry: %v", err)
+		}
+	}
+}
+
+// Issue 12, item 5: a revoked connection is not a lost one. Its segments
+// face policy and may not pass as replies of the opposite connection,
+// though policy would allow that one; nor may they ride an entry the peer
+// opens the other way.
+func TestConntrackRevokedConnectionIsNotRederived(t *testing.T) {
+	p := cluster(t, false, false)
+	p.endpoint(pB, 2, idB, ifLoopback) // b sends in this test
+	p.policy(pB, []policy.Entry{allow(policy.Ingress, idA, protoTCP, 5002, 16, 1)}, ingressDefaultDeny)
+	p.check(verdictCase{name: "a opens to b:5002", prog: "from_pod", frame: tcp(pA, pB, 40000, 5002, tcpSYN), want: tcRedirect})
+	p.check(verdictCase{name: "b answers", prog: "from_pod", frame: tcp(pB, pA, 5002, 40000, tcpSYN|tcpACK), want: tcRedirect})
+
+	p.policy(pB, nil, ingressDefaultDeny)
+	if n, err := p.d.EvictFlows(func(k FlowKey) bool { return k.Dst == pB && k.DstPort == 5002 }); err != nil || n != 1 {
+		t.Fatalf("EvictFlows: %d, %v; want one connection revoked", n, err)
+	}
+	for _, c := range []verdictCase{
+		{name: "a's data after the revocation", prog: "from_pod", frame: tcp(pA, pB, 40000, 5002, tcpACK), want: tcShot, reason: DropPolicyIngress},
+		{name: "b's ACK: b may reach a", prog: "from_pod", frame: tcp(pB, pA, 5002, 40000, tcpACK), want: tcRedirect},
+		{name: "a's data does not ride b's entry", prog: "from_pod", frame: tcp(pA, pB, 40000, 5002, tcpACK), want: tcShot, reason: DropPolicyIngress},
+	} {
+		p.check(c)
+	}
+	p.policy(pB, []policy.Entry{allow(policy.Ingress, idA, protoTCP, 5002, 16, 1)}, ingressDefaultDeny)
+	p.check(verdictCase{name: "allowed again: a's data", prog: "from_pod", frame: tcp(pA, pB, 40000, 5002, tcpACK), want: tcRedirect})
+	flows, err := p.d.Flows()
+	if err != nil {
+		t.Fatalf("Flows: %v", err)
+	}
+	for _, f := range flows {
+		if f.Revoked {
+			t.Errorf("connection %+v still revoked after policy allowed it again", f)
+		}
+	}
 }

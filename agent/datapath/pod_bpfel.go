@@ -34,6 +34,7 @@ const (
 	podCtFlagsCT_F_FIN_ORIG   podCtFlags = 4
 	podCtFlagsCT_F_FIN_REPLY  podCtFlags = 8
 	podCtFlagsCT_F_RST        podCtFlags = 16
+	podCtFlagsCT_F_REVOKED    podCtFlags = 32
 )
 
 type podCtKey struct {

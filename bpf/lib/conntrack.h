@@ -110,11 +110,11 @@ static __always_inline struct ct_entry *ct_related(struct packet *pkt, __u64 now
 		return NULL;
 	e = bpf_map_lookup_elem(&veil_ct, &pkt->quoted);
 	if (e && ct_fresh(e, now))
-		return e;
+		return (e->flags & CT_F_REVOKED) ? NULL : e;
 	ct_reverse(&pkt->quoted, &rev);
 	e = bpf_map_lookup_elem(&veil_ct, &rev);
 	if (e && ct_fresh(e, now))
-		return e;
+		return (e->flags & CT_F_REVOKED) ? NULL : e;
 	return NULL;
 }
 
@@ -122,6 +122,7 @@ static __always_inline struct ct_entry *ct_related(struct packet *pkt, __u64 now
  * ct_lookup() - find the connection a packet belongs to.
  * @reply: set to 1 when the packet travels against the connection's direction.
  * An ICMP error is matched to the connection it is about (ct_related()).
+ * A revoked connection matches nothing and marks the packet (ct_revoked).
  * Return: the entry, or NULL when policy must judge the packet. A new
  * connection attempt (TCP SYN without ACK) matches no entry in either
  * direction: a reused tuple, and a peer opening toward a pod from the
@@ -143,16 +144,30 @@ static __always_inline struct ct_entry *ct_lookup(struct packet *pkt, int *reply
 
 	e = bpf_map_lookup_elem(&veil_ct, &pkt->tuple);
 	if (e && ct_fresh(e, now)) {
+		if (e->flags & CT_F_REVOKED)
+			goto revoked;
 		ct_touch(e, pkt, 0, now);
 		return e;
 	}
 	ct_reverse(&pkt->tuple, &rev);
 	e = bpf_map_lookup_elem(&veil_ct, &rev);
 	if (e && ct_fresh(e, now)) {
+		if (e->flags & CT_F_REVOKED)
+			goto revoked;
 		*reply = 1;
 		ct_touch(e, pkt, 1, now);
 		return e;
 	}
+	return NULL;
+
+revoked:
+	/*
+	 * Policy judges the packet, and a denied one may not pass as the
+	 * reply of a lost connection: it is known not to be lost. A revoked
+	 * entry found in the packet's direction also stops the search, so
+	 * the packet cannot ride an entry its peer opened the other way.
+	 */
+	pkt->ct_revoked = 1;
 	return NULL;
 }
 

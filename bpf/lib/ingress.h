@@ -46,7 +46,9 @@ static __always_inline int remote_peer(struct packet *pkt, int from_tunnel, stru
  * allows the connection it would answer: the opposite direction, to the
  * port it comes from. Its entry is then written again as that connection
  * was opened, so a lost entry never breaks an allowed connection. UDP
- * replies cannot be told from new datagrams: they are not re-derived.
+ * replies cannot be told from new datagrams: they are not re-derived. Nor
+ * is a segment of a connection the agent revoked (CT_F_REVOKED): policy
+ * alone cannot tell which side opened it.
  * @src, @sp: the sender: its endpoint when local (else NULL), its identities.
  * @dst, @dp: the receiver, likewise.
  * Return: 1 when the segment passes as a reply, else 0.
@@ -58,7 +60,7 @@ static __always_inline int reply_rederive(struct packet *pkt, struct endpoint_in
 	struct decision d;
 	__u16 flags;
 
-	if (pkt->tuple.proto != IPPROTO_TCP || !(pkt->tcp_flags & TCP_FLAG_ACK))
+	if (pkt->tuple.proto != IPPROTO_TCP || !(pkt->tcp_flags & TCP_FLAG_ACK) || pkt->ct_revoked)
 		return 0;
 	ct_reverse(&pkt->tuple, &orig.tuple);
 	orig.policy_port = orig.tuple.dport;

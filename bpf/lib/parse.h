@@ -28,6 +28,7 @@ struct packet {
 	__u8 icmp_kind;		/* ICMP_K_* */
 	__u32 len;
 	struct ct_key quoted;	/* ICMP_K_ERROR: the tuple of the packet the error is about */
+	__u8 ct_revoked;	/* set by ct_lookup(): the packet's connection was revoked */
 };
 
 #define TCP_FLAG_FIN 0x01
