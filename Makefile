@@ -5,8 +5,8 @@ BIN := bin
 BPFFS ?= /sys/fs/bpf
 # Packages the tests need. --no-install-recommends keeps wireguard-tools from
 # pulling in a kernel image.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler
-APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc
+APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler nftables
+APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
 .PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane manifests image
@@ -18,8 +18,8 @@ help:
 	@echo "make build           static binaries in $(BIN)/"
 	@echo "make manifests       render deploy/manifests from the Helm chart in deploy/helm/veil"
 	@echo "make image           the agent image as an OCI tarball, $(BIN)/veil-image.tar (no Docker daemon)"
-	@echo "make test            unit + privileged tests (needs root)"
-	@echo "make controlplane    build the tests' etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
+	@echo "make test            unit + privileged tests (needs root), then unit tests of concurrent packages under -race"
+	@echo "make controlplane    build the lab's etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local lab as root (meshctl lab up; LAB_NODES, LAB_DIR)"
 
@@ -74,11 +74,11 @@ generate-policy:
 		$(POLICY_API_PKG)
 	$(GO) tool controller-gen crd paths=./policy/api/... output:crd:artifacts:config=deploy/crds
 
-# The tests' etcd and kube-apiserver, built from the modules pinned in
-# tests/controlplane/build/ into $VEIL_CACHE/controlplane (default
+# The lab's and the tests' etcd and kube-apiserver, built from the modules
+# pinned in lab/controlplane/build/ into $VEIL_CACHE/controlplane (default
 # ~/.cache/veil/controlplane); a no-op when the cache is warm.
 controlplane:
-	$(GO) run ./tests/controlplane/cmd/veil-controlplane build
+	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
 
 check-generate: generate
 	@if [ -n "$$(git status --porcelain)" ]; then \
@@ -105,9 +105,16 @@ image:
 	$(GO) run ./deploy/image -o $(BIN)/veil-image.tar --tag $(IMAGE) \
 		--agent $(IMAGE_BIN)/veil-agent --cni $(IMAGE_BIN)/veil-cni --install-cni $(IMAGE_BIN)/veil-install-cni
 
+# Packages whose code runs goroutines that share state (informer handlers,
+# workqueues, gRPC servers, readers beside updates): their unit tests run
+# again under the race detector. Without VEIL_PRIVILEGED, so only the fast
+# unit tests run (the privileged ones skip).
+RACE_PACKAGES := ./agent/daemon/... ./agent/cni/... ./agent/ipam/... ./meshctl/... ./policy/... ./lab/...
+
 test: deps
 	$(GO) vet ./...
 	VEIL_PRIVILEGED=1 $(GO) test $(GO_TEST_FLAGS) ./...
+	env -u VEIL_PRIVILEGED $(GO) test -race $(GO_TEST_FLAGS) $(RACE_PACKAGES)
 
 test-unit:
 	$(GO) test $(GO_TEST_FLAGS) ./...

@@ -73,27 +73,76 @@ int veil_from_netdev(struct __sk_buff *skb)
 	return deliver_local(skb, dst);
 }
 
+/**
+ * bound_elsewhere() - whether a packet to @daddr is headed for another node:
+ * one of its pods, its pod range, its own addresses, or any address of the
+ * cluster's pod range (known to the ipcache or not) but this node's pods.
+ */
+static __always_inline int bound_elsewhere(__u32 daddr, struct ipcache_info **info)
+{
+	struct lpm_v4_key k = { .prefixlen = 32, .addr = daddr };
+
+	*info = NULL;
+	if (bpf_map_lookup_elem(&veil_endpoints, &daddr))
+		return 0;
+	*info = bpf_map_lookup_elem(&veil_ipcache, &k);
+	if (*info && (*info)->node_ip != node_ip &&
+	    ((*info)->flags & (IPCACHE_F_REMOTE_POD | IPCACHE_F_POD_CIDR | IPCACHE_F_NODE)))
+		return 1;
+	return in_cluster_cidr(daddr);
+}
+
 SEC("tc")
 int veil_to_netdev(struct __sk_buff *skb)
 {
-	struct lpm_v4_key k = { .prefixlen = 32 };
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	int from_pod = (skb->mark & MARK_MASK) == MARK_FROM_POD;
 	struct endpoint_info *src;
 	struct ipcache_info *dst;
 	struct packet pkt = {};
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
 	int is_arp, reason;
 
+	/*
+	 * A packet is a pod's when from_pod marked it (its source may have been
+	 * rewritten since) or its source is a local pod. Anything of a pod's
+	 * that the guard cannot read is refused: it cannot be shown harmless.
+	 */
+	if ((void *)(eth + 1) > data_end)
+		return from_pod ? drop(skb, &pkt, OBS_TO_NETDEV, DROP_INVALID_PACKET, 0, 0, 0, FLOW_F_LEAK) :
+				  TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP))
+		return TC_ACT_OK;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return from_pod ? drop(skb, &pkt, OBS_TO_NETDEV, DROP_UNSUPPORTED_L3, 0, 0, 0, FLOW_F_LEAK) :
+				  TC_ACT_OK;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > data_end)
+		return from_pod ? drop(skb, &pkt, OBS_TO_NETDEV, DROP_INVALID_PACKET, 0, 0, 0, FLOW_F_LEAK) :
+				  TC_ACT_OK;
+	src = bpf_map_lookup_elem(&veil_endpoints, &ip->saddr);
+	if (!from_pod && !src)
+		return TC_ACT_OK;
+
 	reason = parse_ipv4(skb, &pkt, &is_arp);
-	if (is_arp || reason)
+	if (reason) {
+		/* Ports unknown (a later fragment, a cut header): the addresses
+		 * still say where it goes. */
+		pkt.tuple.saddr = ip->saddr;
+		pkt.tuple.daddr = ip->daddr;
+		pkt.tuple.proto = ip->protocol;
+		if (!bound_elsewhere(ip->daddr, &dst))
+			return TC_ACT_OK;
+		leak_record(&pkt, src ? src->id : 0, DROP_LEAK);
+		return drop(skb, &pkt, OBS_TO_NETDEV, reason, src ? src->identity : 0, 0, 0, FLOW_F_LEAK);
+	}
+	if (!bound_elsewhere(pkt.tuple.daddr, &dst))
 		return TC_ACT_OK;
-	src = bpf_map_lookup_elem(&veil_endpoints, &pkt.tuple.saddr);
-	if (!src)
-		return TC_ACT_OK;
-	k.addr = pkt.tuple.daddr;
-	dst = bpf_map_lookup_elem(&veil_ipcache, &k);
-	if (!dst || !(dst->flags & (IPCACHE_F_REMOTE_POD | IPCACHE_F_POD_CIDR)))
-		return TC_ACT_OK;
-	leak_record(&pkt, src->id, DROP_LEAK);
-	return drop(skb, &pkt, OBS_TO_NETDEV, DROP_LEAK, src->identity, dst->identity, 0, FLOW_F_LEAK);
+	leak_record(&pkt, src ? src->id : 0, DROP_LEAK);
+	return drop(skb, &pkt, OBS_TO_NETDEV, DROP_LEAK, src ? src->identity : 0,
+		    dst ? dst->identity : 0, 0, FLOW_F_LEAK);
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

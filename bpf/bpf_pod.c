@@ -40,6 +40,7 @@ const enum policy_prefix *unused_policy_prefix __attribute__((unused));
 const enum ct_flags *unused_ct_flags __attribute__((unused));
 const enum flow_flags *unused_flow_flags __attribute__((unused));
 const enum sockstat *unused_sockstat __attribute__((unused));
+const enum mark *unused_mark __attribute__((unused));
 
 SEC("tc")
 int veil_from_pod(struct __sk_buff *skb)
@@ -53,6 +54,7 @@ int veil_from_pod(struct __sk_buff *skb)
 	__u32 flags = 0, rule_id;
 	int is_arp, reply, reason;
 
+	skb->mark = (skb->mark & ~MARK_MASK) | MARK_FROM_POD;
 	reason = parse_ipv4(skb, &pkt, &is_arp);
 	if (is_arp)
 		return TC_ACT_OK;

@@ -28,7 +28,8 @@ import (
 	"k8s.io/utils/ptr"
 
 	"github.com/veilmesh/veil/deploy/chart"
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 // agentUser is who the agent is to the API server: its ServiceAccount.
@@ -38,11 +39,9 @@ var agentGroups = []string{"system:serviceaccounts", "system:serviceaccounts:" +
 
 func requireControlPlane(t *testing.T) {
 	t.Helper()
+	testenv.RequirePrivileged(t)
 	if testing.Short() {
 		t.Skip("skipped under -short: starts etcd and kube-apiserver, built from source on the first run (several minutes)")
-	}
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("set VEIL_PRIVILEGED=1 to start a real etcd and kube-apiserver")
 	}
 }
 

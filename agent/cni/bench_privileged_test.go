@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/agent/ipam"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 // BenchmarkPrivilegedPluginAdd measures CNI ADD as kubelet's runtime sees
@@ -18,7 +19,7 @@ import (
 // veth creation and pod-side configuration. DEL runs between iterations,
 // untimed. Reports p50/p99 of ADD.
 func BenchmarkPrivilegedPluginAdd(b *testing.B) {
-	privileged(b)
+	testenv.RequirePrivileged(b)
 	node := nodeNetns(b, "b-node")
 	pod := testNetns(b, "b-pod")
 	alloc, err := ipam.Open(filepath.Join(b.TempDir(), "ipam.json"), netip.MustParsePrefix("10.244.8.0/24"))

@@ -18,19 +18,13 @@ import (
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/podnet"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
-func privileged(t testing.TB) {
+func testNetns(t testing.TB, suffix string) *netns.Netns {
 	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("changes network namespaces; set VEIL_PRIVILEGED=1 to run")
-	}
-}
-
-func testNetns(t testing.TB, suffix string) *netlab.Netns {
-	t.Helper()
-	ns, err := netlab.NewNetns(fmt.Sprintf("veiltest-%d-cni-%s", os.Getpid(), suffix))
+	ns, err := netns.NewNetns(fmt.Sprintf("veiltest-%d-cni-%s", os.Getpid(), suffix))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,7 +38,7 @@ func testNetns(t testing.TB, suffix string) *netlab.Netns {
 
 // nodeNetns is a node namespace whose default route sits on underlay0
 // (MTU 1400, address 10.99.0.1/24).
-func nodeNetns(t testing.TB, suffix string) *netlab.Netns {
+func nodeNetns(t testing.TB, suffix string) *netns.Netns {
 	t.Helper()
 	ns := testNetns(t, suffix)
 	err := ns.Do(func() error {
@@ -77,7 +71,7 @@ func nodeNetns(t testing.TB, suffix string) *netlab.Netns {
 type nodeAgent struct {
 	agentv1.UnimplementedAgentServer
 	h    *Handler
-	node *netlab.Netns
+	node *netns.Netns
 }
 
 func (a *nodeAgent) in(fn func() (*agentv1.CNIResponse, error)) (resp *agentv1.CNIResponse, err error) {
@@ -100,7 +94,7 @@ func (a *nodeAgent) CNICheck(ctx context.Context, req *agentv1.CNIRequest) (*age
 }
 
 func TestPrivilegedPluginOnRealNetwork(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	node := nodeNetns(t, "h-node")
 	pod := testNetns(t, "h-pod")
 	alloc, err := ipam.Open(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.244.6.0/24"))
@@ -176,7 +170,7 @@ func TestPrivilegedPluginOnRealNetwork(t *testing.T) {
 }
 
 func TestPrivilegedHandlerUndoesFailedAdd(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	node := nodeNetns(t, "u-node")
 	pod := testNetns(t, "u-pod")
 	alloc, err := ipam.Open(filepath.Join(t.TempDir(), "ipam.json"), netip.MustParsePrefix("10.244.6.0/24"))
@@ -212,7 +206,7 @@ func TestPrivilegedHandlerUndoesFailedAdd(t *testing.T) {
 	}
 }
 
-func connect(t *testing.T, server, client *netlab.Netns, addr string) {
+func connect(t *testing.T, server, client *netns.Netns, addr string) {
 	t.Helper()
 	var ln net.Listener
 	if err := server.Do(func() (err error) { ln, err = net.Listen("tcp4", addr); return err }); err != nil {

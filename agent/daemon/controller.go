@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"sort"
 	"strings"
 	"time"
 
@@ -166,7 +167,7 @@ func (d *Daemon) worker(ctx context.Context) {
 			d.lastSync.Store(time.Now().UnixNano())
 		}
 		if d.queue.Len() == 0 && !d.synced.Load() {
-			d.synced.Store(true)
+			d.converged()
 			d.log.Info("converged with the API server")
 			// Connections restored from pinned state are checked once,
 			// now that the state they are checked against is complete.
@@ -174,6 +175,39 @@ func (d *Daemon) worker(ctx context.Context) {
 				d.log.Warn("re-check connections", "error", err)
 			}
 		}
+	}
+}
+
+// converged marks the agent converged, gives the endpoints wired before
+// that their compiled policy in place of deny-all, and makes every endpoint
+// whose Pod the API server does not have (restored from the last run, the
+// Pod deleted meanwhile) deny-all instead of keeping its old policy.
+func (d *Daemon) converged() {
+	d.mu.Lock()
+	d.synced.Store(true)
+	var rewrite, rest []*localEndpoint
+	for _, ep := range d.local {
+		if ep.Pending {
+			ep.Pending = false
+			rewrite = append(rewrite, ep)
+		} else {
+			rest = append(rest, ep)
+		}
+	}
+	d.mu.Unlock()
+	for _, ep := range rest {
+		if _, ok := d.compiler.Endpoint(ep.Pod); !ok {
+			rewrite = append(rewrite, ep)
+		}
+	}
+	for _, ep := range rewrite {
+		if err := d.writeEndpoint(ep); err != nil {
+			// It keeps denying; the next change of its pod retries.
+			d.log.Warn("write policy of endpoint after convergence", "pod", ep.Pod, "error", err)
+		}
+	}
+	if len(rewrite) > 0 {
+		d.dirty.Store(true)
 	}
 }
 
@@ -359,15 +393,49 @@ func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
 		ep.Identity, ep.NoAccel = ident, noAccel
 		d.mu.Unlock()
 	}
-	if !ok {
-		// Not compiled yet (the Pod is not in the cache): the endpoint
-		// keeps no-policy until its pod arrives.
-		return nil
+	d.mu.Lock()
+	pending := ep.Pending
+	d.mu.Unlock()
+	entries, defaults := cep.Entries, cep.Defaults
+	if !ok || pending {
+		// Unmanaged (its Pod is unknown) or compiled against a policy set
+		// that is not complete yet: deny both ways, never allow, until
+		// the pod is known and the agent has converged.
+		entries, defaults = nil, denyAll
 	}
-	if err := d.dp.SetPolicy(ep.IP, cep.Entries, cep.Defaults); err != nil {
+	component := failedClosedPrefix + ep.Pod.String()
+	if err := d.dp.SetPolicy(ep.IP, entries, defaults); err != nil {
+		var perr *datapath.PolicyUpdateError
+		if errors.As(err, &perr) && perr.FailedClosed {
+			d.setDegraded(component, err.Error())
+		}
 		return fmt.Errorf("set policy of %s: %w", ep.Pod, err)
 	}
+	d.clearDegraded(component)
 	return nil
+}
+
+// failedClosedPrefix starts the degraded component of an endpoint whose
+// policy could not be written and that therefore denies everything.
+const failedClosedPrefix = "policy of endpoint "
+
+// failedClosed lists the degraded reasons of endpoints that fail closed.
+func (d *Daemon) failedClosed() []string {
+	var out []string
+	d.degraded.Range(func(k, v any) bool {
+		if strings.HasPrefix(k.(string), failedClosedPrefix) {
+			out = append(out, v.(string))
+		}
+		return true
+	})
+	sort.Strings(out)
+	return out
+}
+
+// denyAll is the policy of an endpoint whose real policy is not known.
+var denyAll = policy.Defaults{
+	IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
+	EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
 }
 
 // tunnelKind is the ipcache flag for prefixes hosted by the node at ip.

@@ -77,6 +77,9 @@ type Daemon struct {
 	ipcache map[netip.Prefix]datapath.IPCacheEntry
 	nextID  uint32
 	dirty   atomic.Bool
+	// saveMu orders snapshots with their writes, so an older snapshot never
+	// replaces a newer file (CNI ADD saves while persistLoop may too).
+	saveMu sync.Mutex
 	// ipcacheDirty: a mutation changed addresses or identities since the
 	// ipcache was last written.
 	ipcacheDirty atomic.Bool
@@ -180,15 +183,15 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create policy compiler: %w", err)
 	}
-	if err := d.restoreEndpoints(st); err != nil {
-		return err
-	}
+	var alloc *ipam.Allocator
 	if d.podCIDR.IsValid() {
-		alloc, err := ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR)
-		if err != nil {
+		if alloc, err = ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR); err != nil {
 			return fmt.Errorf("open IPAM: %w", err)
 		}
 		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d, Log: d.log, MTU: d.podMTU}
+	}
+	if err := d.restoreEndpoints(st, alloc); err != nil {
+		return err
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -382,6 +385,8 @@ func (d *Daemon) persistLoop(ctx context.Context) {
 }
 
 func (d *Daemon) saveState() error {
+	d.saveMu.Lock()
+	defer d.saveMu.Unlock()
 	d.mu.Lock()
 	st := &persisted{NodeIP: d.nodeIP, PodCIDR: d.podCIDR}
 	for _, ep := range d.local {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -125,6 +126,10 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !d.synced.Load() {
 			http.Error(w, "not converged with the API server yet", http.StatusServiceUnavailable)
+			return
+		}
+		if failed := d.failedClosed(); len(failed) > 0 {
+			http.Error(w, strings.Join(failed, "\n"), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

@@ -17,9 +17,9 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/tests/benchreport"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 // bareTunnel hand-configures a second pair of WireGuard devices of the same
@@ -30,7 +30,7 @@ func bareTunnel(b *testing.B, tn *testNet) (tun1, tun2 netip.Addr) {
 	tun1, tun2 = netip.MustParseAddr("10.97.0.1"), netip.MustParseAddr("10.97.0.2")
 	suffix := os.Getpid() % 100000
 	type side struct {
-		node       *netlab.Node
+		node       *netns.Node
 		name       string
 		self, peer netip.Addr
 		underlay   netip.Addr

@@ -9,15 +9,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/tests/benchreport"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 // endpointRun is one side of a measurement: where a helper runs.
 type endpointRun struct {
-	ns *netlab.Netns
-	cg *netlab.Cgroup
+	ns *netns.Netns
+	cg *netns.Cgroup
 }
 
 // measure runs server mode in srv and client mode in cli and returns the
@@ -38,7 +38,7 @@ func measure(b *testing.B, kind string, cli, srv endpointRun, addr string, d tim
 	if kind == "rr" {
 		clientCPU = 1
 	}
-	server, err := netlab.StartHelper(srv.ns, srv.cg, 1, serverMode, addr)
+	server, err := netns.StartHelper(srv.ns, srv.cg, 1, serverMode, addr)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -46,7 +46,7 @@ func measure(b *testing.B, kind string, cli, srv endpointRun, addr string, d tim
 	if _, err := server.WaitLine(ctxT(b, 10*time.Second), "listening"); err != nil {
 		b.Fatal(err)
 	}
-	client, err := netlab.StartHelper(cli.ns, cli.cg, clientCPU, clientMode, args...)
+	client, err := netns.StartHelper(cli.ns, cli.cg, clientCPU, clientMode, args...)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -14,12 +14,12 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 // setMTU sets the MTU of dev inside ns.
-func setMTU(t *testing.T, ns *netlab.Netns, dev string, mtu int) {
+func setMTU(t *testing.T, ns *netns.Netns, dev string, mtu int) {
 	t.Helper()
 	if err := ns.Do(func() error {
 		l, err := netlink.LinkByName(dev)
@@ -32,13 +32,13 @@ func setMTU(t *testing.T, ns *netlab.Netns, dev string, mtu int) {
 	}
 }
 
-func addrPort(p *netlab.Pod, port int) string {
+func addrPort(p *netns.Pod, port int) string {
 	return netip.AddrPortFrom(p.IP, uint16(port)).String()
 }
 
 // udpDatagramArrives sends one datagram of size bytes from pod from to
 // to:port and reports whether it arrived whole.
-func udpDatagramArrives(t *testing.T, from, to *netlab.Pod, port, size int) bool {
+func udpDatagramArrives(t *testing.T, from, to *netns.Pod, port, size int) bool {
 	t.Helper()
 	var pc net.PacketConn
 	if err := to.Do(func() (err error) {
@@ -84,7 +84,7 @@ func TestPrivilegedLargeUDPIsFragmentedAndJudged(t *testing.T) {
 	c2, _ := tn.dp2.Counters()
 	for _, c := range []struct {
 		name  string
-		to    *netlab.Pod
+		to    *netns.Pod
 		port  int
 		allow bool
 	}{
@@ -112,7 +112,7 @@ func TestPrivilegedLargeUDPIsFragmentedAndJudged(t *testing.T) {
 
 // vethLink joins namespaces a and b with a veth pair, each end with its
 // address (in a /24) and its own MTU.
-func vethLink(t *testing.T, a *netlab.Netns, aDev, aIP string, aMTU int, b *netlab.Netns, bDev, bIP string, bMTU int) {
+func vethLink(t *testing.T, a *netns.Netns, aDev, aIP string, aMTU int, b *netns.Netns, bDev, bIP string, bMTU int) {
 	t.Helper()
 	bns, err := os.Open(b.Path())
 	if err != nil {
@@ -151,7 +151,7 @@ func vethLink(t *testing.T, a *netlab.Netns, aDev, aIP string, aMTU int, b *netl
 }
 
 // route adds a route to dst via gw inside ns.
-func route(t *testing.T, ns *netlab.Netns, dst, gw string) {
+func route(t *testing.T, ns *netns.Netns, dst, gw string) {
 	t.Helper()
 	if err := ns.Do(func() error {
 		_, d, err := net.ParseCIDR(dst)
@@ -173,12 +173,12 @@ func route(t *testing.T, ns *netlab.Netns, dst, gw string) {
 func TestPrivilegedPathMTUDiscoveryUnderDefaultDeny(t *testing.T) {
 	tn := newTestNet(t, "pmtu", netOpts{})
 	prefix := fmt.Sprintf("veiltest-%d-pmtu", os.Getpid())
-	r, err := netlab.NewNetns(prefix + "-r")
+	r, err := netns.NewNetns(prefix + "-r")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { r.Delete() })
-	w, err := netlab.NewNetns(prefix + "-w")
+	w, err := netns.NewNetns(prefix + "-w")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +188,7 @@ func TestPrivilegedPathMTUDiscoveryUnderDefaultDeny(t *testing.T) {
 	route(t, &tn.n1.Netns, "10.99.6.0/24", "10.99.5.2")
 	route(t, r, "10.244.1.0/24", "10.99.5.1")
 	route(t, w, "10.244.0.0/16", "10.99.6.1")
-	for _, ns := range []*netlab.Netns{&tn.n1.Netns, r} {
+	for _, ns := range []*netns.Netns{&tn.n1.Netns, r} {
 		if err := ns.Sysctl("net.ipv4.ip_forward", "1"); err != nil {
 			t.Fatal(err)
 		}
@@ -199,7 +199,7 @@ func TestPrivilegedPathMTUDiscoveryUnderDefaultDeny(t *testing.T) {
 
 	const size = 16 << 20
 	addr := "10.99.6.2:7000"
-	sink, err := netlab.StartHelper(w, nil, -1, "sink", addr)
+	sink, err := netns.StartHelper(w, nil, -1, "sink", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,7 +207,7 @@ func TestPrivilegedPathMTUDiscoveryUnderDefaultDeny(t *testing.T) {
 	if _, err := sink.WaitLine(ctxT(t, 10*time.Second), "listening"); err != nil {
 		t.Fatal(err)
 	}
-	src, err := netlab.StartHelper(&tn.a.Netns, nil, -1, "source", addr, strconv.Itoa(size), "0s")
+	src, err := netns.StartHelper(&tn.a.Netns, nil, -1, "source", addr, strconv.Itoa(size), "0s")
 	if err != nil {
 		t.Fatal(err)
 	}

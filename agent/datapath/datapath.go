@@ -51,6 +51,13 @@ type Config struct {
 	// as a leak, and a guard on the underlay's egress catches anything that
 	// routed around the tunnel.
 	StrictMode bool
+	// ClusterCIDR is the cluster's pod range. In strict mode, pod traffic
+	// to an address in it that the ipcache does not know yet is refused
+	// rather than sent: it may be a remote pod. Invalid: not known.
+	ClusterCIDR netip.Prefix
+	// PodDevice tells a pod's host-side veth by its name, so the strict-mode
+	// guard leaves it alone even before its endpoint is registered.
+	PodDevice func(name string) bool `json:"-"`
 	// LegacyTC attaches with clsact filters even where TCX exists.
 	LegacyTC bool
 	// CTTimeouts say how long an idle connection keeps its verdict before
@@ -137,7 +144,10 @@ type Datapath struct {
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
 	policySlots map[uint32][]podPolicyKey
-	closers     []interface{ Close() error }
+	// retired: slots switched away from whose entries are deleted after a
+	// grace period (SetPolicy, reclaim).
+	retired map[uint32]bool
+	closers []interface{ Close() error }
 
 	// gcMu serialises garbage-collection passes; gcCursor is where the
 	// next pass resumes.
@@ -157,7 +167,7 @@ func Load(cfg Config) (*Datapath, error) {
 			return nil, fmt.Errorf("create bpffs directory %s: %w", dir, err)
 		}
 	}
-	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}}
+	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}, retired: map[uint32]bool{}}
 	if cfg.UnderlayInterface != "" {
 		l, err := netlink.LinkByName(cfg.UnderlayInterface)
 		if err != nil {
@@ -268,6 +278,10 @@ func (d *Datapath) constants() map[string]any {
 	if d.cfg.NodeIP.Is4() {
 		nodeIP = ip4ToU32(d.cfg.NodeIP)
 	}
+	var clusterAddr, clusterBits uint32
+	if p := d.cfg.ClusterCIDR; p.IsValid() && p.Addr().Is4() {
+		clusterAddr, clusterBits = ip4ToU32(p.Masked().Addr()), uint32(p.Bits())
+	}
 	return map[string]any{
 		"node_ip":              nodeIP,
 		"underlay_ifindex":     uint32(d.underlayIfindex),
@@ -278,6 +292,8 @@ func (d *Datapath) constants() map[string]any {
 		"ct_icmp_s":            seconds(d.cfg.CTTimeouts.ICMP),
 		"wg_ifindex":           uint32(d.wgIfindex),
 		"strict_mode":          boolU32(d.cfg.StrictMode),
+		"cluster_cidr":         clusterAddr,
+		"cluster_cidr_bits":    clusterBits,
 	}
 }
 
@@ -410,21 +426,16 @@ func boolU32(b bool) uint32 {
 
 // attachDevices attaches the node-level programs: traffic from other nodes
 // on the underlay, decrypted traffic on the WireGuard device, and (strict
-// mode) the guard on the underlay's egress, which is removed when strict
-// mode is off.
+// mode) the guard on the egress of every device that leads off the node,
+// which is removed when strict mode is off.
 func (d *Datapath) attachDevices() error {
 	if d.underlayIfindex != 0 {
-		name := "netdev_" + d.cfg.UnderlayInterface
-		if err := d.attachTC(d.underlayIfindex, name, ingress, d.fromNetdev); err != nil {
+		if err := d.attachTC(d.underlayIfindex, guardPrefix+d.cfg.UnderlayInterface, ingress, d.fromNetdev); err != nil {
 			return err
 		}
-		if d.cfg.StrictMode {
-			if err := d.attachTC(d.underlayIfindex, name, egress, d.toNetdev); err != nil {
-				return err
-			}
-		} else if err := d.detachTC(d.underlayIfindex, name, egress); err != nil {
-			return err
-		}
+	}
+	if err := d.GuardDevices(); err != nil {
+		return err
 	}
 	if d.wgIfindex != 0 {
 		if err := d.attachTC(d.wgIfindex, "tunnel_"+d.cfg.WireGuardInterface, ingress, d.fromTunnel); err != nil {

@@ -11,9 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 func TestPrivilegedDelivery(t *testing.T) {
@@ -245,10 +245,10 @@ func TestPrivilegedFlowEvents(t *testing.T) {
 
 // transfer runs source (in a) -> sink (in b) of n bytes through the cgroup
 // and returns both processes; pace slows the source down.
-func transfer(t *testing.T, tn *testNet, port int, n int64, pace time.Duration) (src, sink *netlab.Proc) {
+func transfer(t *testing.T, tn *testNet, port int, n int64, pace time.Duration) (src, sink *netns.Proc) {
 	t.Helper()
 	addr := fmt.Sprintf("%s:%d", ipB, port)
-	sink, err := netlab.StartHelper(&tn.b.Netns, tn.cg, -1, "sink", addr)
+	sink, err := netns.StartHelper(&tn.b.Netns, tn.cg, -1, "sink", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -256,7 +256,7 @@ func transfer(t *testing.T, tn *testNet, port int, n int64, pace time.Duration) 
 	if _, err := sink.WaitLine(ctxT(t, 10*time.Second), "listening"); err != nil {
 		t.Fatal(err)
 	}
-	src, err = netlab.StartHelper(&tn.a.Netns, tn.cg, -1, "source", addr, strconv.FormatInt(n, 10), pace.String())
+	src, err = netns.StartHelper(&tn.a.Netns, tn.cg, -1, "source", addr, strconv.FormatInt(n, 10), pace.String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +264,7 @@ func transfer(t *testing.T, tn *testNet, port int, n int64, pace time.Duration) 
 	return src, sink
 }
 
-func progress(p *netlab.Proc) int64 {
+func progress(p *netns.Proc) int64 {
 	f := strings.Fields(p.LastLine("progress"))
 	if len(f) < 2 {
 		return 0
@@ -415,8 +415,8 @@ func TestPrivilegedRestartKeepsEnforcing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	startLoader := func() *netlab.Proc {
-		p, err := netlab.StartProc(&tn.n1.Netns, nil, -1, []string{loaderEnv + "=" + string(raw)})
+	startLoader := func() *netns.Proc {
+		p, err := netns.StartProc(&tn.n1.Netns, nil, -1, []string{loaderEnv + "=" + string(raw)})
 		if err != nil {
 			t.Fatal(err)
 		}

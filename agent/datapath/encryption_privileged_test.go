@@ -17,8 +17,8 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy/identity"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 const wgPort = 51871
@@ -27,7 +27,7 @@ const wgPort = 51871
 // other, and reloads their datapaths with encryption on.
 func tunnel(t testing.TB, tn *testNet, strict bool) (dev1, dev2 *wireguard.Device) {
 	t.Helper()
-	open := func(n *netlab.Node, name string) *wireguard.Device {
+	open := func(n *netns.Node, name string) *wireguard.Device {
 		key, err := wireguard.GenerateKey()
 		if err != nil {
 			t.Fatal(err)
@@ -51,7 +51,7 @@ func tunnel(t testing.TB, tn *testNet, strict bool) (dev1, dev2 *wireguard.Devic
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []*netlab.Pod{tn.a, tn.b, tn.c} {
+	for _, p := range []*netns.Pod{tn.a, tn.b, tn.c} {
 		if _, err := p.Run("ip", "link", "set", "eth0", "mtu", fmt.Sprint(mtu)); err != nil {
 			t.Fatal(err)
 		}
@@ -105,7 +105,7 @@ type capture struct {
 	done   chan struct{}
 }
 
-func startCapture(t *testing.T, n *netlab.Node, dev string) *capture {
+func startCapture(t *testing.T, n *netns.Node, dev string) *capture {
 	t.Helper()
 	c := &capture{done: make(chan struct{})}
 	err := n.Do(func() error {
@@ -184,7 +184,7 @@ func (c *capture) summary(marker string) (wg, withMarker, plainPod int) {
 
 // sendMarker opens a TCP connection from p to addr and sends marker, then
 // reads it back (the server echoes).
-func sendMarker(p *netlab.Pod, addr, marker string) error {
+func sendMarker(p *netns.Pod, addr, marker string) error {
 	var conn net.Conn
 	if err := p.Do(func() (err error) {
 		conn, err = net.DialTimeout("tcp", addr, 2*time.Second)
@@ -256,23 +256,7 @@ func TestPrivilegedStrictModeFailsClosed(t *testing.T) {
 	if _, err := tn.n1.Run("ip", "route", "add", "10.244.2.0/24", "via", "10.99.0.2"); err != nil {
 		t.Fatal(err)
 	}
-	if err := tn.n1.Do(func() error {
-		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
-		if err != nil {
-			return err
-		}
-		defer syscall.Close(fd)
-		pkt := make([]byte, 20+8+len(marker))
-		pkt[0], pkt[8], pkt[9] = 0x45, 64, 17
-		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-		copy(pkt[12:16], ipA.AsSlice())
-		copy(pkt[16:20], ipC.AsSlice())
-		binary.BigEndian.PutUint16(pkt[20:], 4000)
-		binary.BigEndian.PutUint16(pkt[22:], 80)
-		binary.BigEndian.PutUint16(pkt[24:], uint16(8+len(marker)))
-		copy(pkt[28:], marker)
-		return syscall.Sendto(fd, pkt, 0, &syscall.SockaddrInet4{Addr: ipC.As4()})
-	}); err != nil {
+	if err := sendRaw(tn.n1, ipA, ipC, marker); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(300 * time.Millisecond)

@@ -75,6 +75,7 @@ func (d *Datapath) putEndpoint(ep Endpoint, attach bool) error {
 	info.Identity = uint32(ep.Identity)
 	copy(info.Mac[:], ep.MAC)
 	copy(info.HostMac[:], ep.HostMAC)
+	wasAccelerated := err == nil && info.Flags&epFlagNoAccel == 0
 	info.Flags &^= epFlagNoAccel
 	if ep.NoAcceleration {
 		info.Flags |= epFlagNoAccel
@@ -92,6 +93,22 @@ func (d *Datapath) putEndpoint(ep Endpoint, attach bool) error {
 	}
 	if err := d.endpoints.Update(key, &info, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write endpoint %s: %w", ep.IP, err)
+	}
+	if wasAccelerated && ep.NoAcceleration {
+		// sockops honours the flag for new connections only; the ones
+		// already accelerated leave the sockhash, so their next message
+		// takes the TCP path. Caveat: bytes already redirected into a
+		// socket's sk_msg ingress queue and not yet read are purged by the
+		// kernel when the socket leaves the map; avoiding that needs
+		// sk_msg to stop redirecting for the flag first, so the queues
+		// drain before the eviction.
+		n, err := d.evictSockets(func(k FlowKey) bool { return k.Src == ep.IP || k.Dst == ep.IP })
+		if err != nil {
+			return fmt.Errorf("endpoint %s opted out of acceleration: %w", ep.IP, err)
+		}
+		if n > 0 {
+			d.log.Info("endpoint opted out of acceleration; its sockets left the sockhash", "endpoint", ep.IP, "sockets", n)
+		}
 	}
 	return nil
 }

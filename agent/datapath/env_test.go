@@ -14,22 +14,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 func TestMain(m *testing.M) {
-	netlab.MaybeRunHelper()
+	netns.MaybeRunHelper()
 	maybeRunLoader()
 	os.Exit(m.Run())
-}
-
-func requirePrivileged(t testing.TB) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("privileged test: set VEIL_PRIVILEGED=1 (root, bpffs, cgroup v2) to run")
-	}
 }
 
 // Identities used by the tests' pods.
@@ -51,12 +45,12 @@ var (
 // on node 2, each node with its own datapath.
 type testNet struct {
 	t        testing.TB
-	n1, n2   *netlab.Node
-	a, b, c  *netlab.Pod
+	n1, n2   *netns.Node
+	a, b, c  *netns.Pod
 	dp1, dp2 *Datapath
 	root1    string
 	root2    string
-	cg       *netlab.Cgroup
+	cg       *netns.Cgroup
 }
 
 type netOpts struct {
@@ -67,7 +61,7 @@ type netOpts struct {
 
 func newTestNet(t testing.TB, name string, o netOpts) *testNet {
 	t.Helper()
-	requirePrivileged(t)
+	testenv.RequirePrivileged(t)
 	prefix := fmt.Sprintf("veiltest-%d-%s", os.Getpid(), name)
 	tn := &testNet{t: t,
 		root1: filepath.Join("/sys/fs/bpf", prefix+"-n1"),
@@ -82,11 +76,11 @@ func newTestNet(t testing.TB, name string, o netOpts) *testNet {
 			t.Fatal(err)
 		}
 	}
-	tn.n1, err = netlab.NewNode(prefix + "-n1")
+	tn.n1, err = netns.NewNode(prefix + "-n1")
 	must(err)
-	tn.n2, err = netlab.NewNode(prefix + "-n2")
+	tn.n2, err = netns.NewNode(prefix + "-n2")
 	must(err)
-	must(netlab.Connect(tn.n1, tn.n2, "und1", "und2", ip1, ip2))
+	must(netns.Connect(tn.n1, tn.n2, "und1", "und2", ip1, ip2))
 	tn.a, err = tn.n1.AddPod(prefix+"-a", "veth-a", ipA)
 	must(err)
 	tn.b, err = tn.n1.AddPod(prefix+"-b", "veth-b", ipB)
@@ -94,7 +88,7 @@ func newTestNet(t testing.TB, name string, o netOpts) *testNet {
 	tn.c, err = tn.n2.AddPod(prefix+"-c", "veth-c", ipC)
 	must(err)
 	if o.sockets {
-		tn.cg, err = netlab.NewCgroup(prefix)
+		tn.cg, err = netns.NewCgroup(prefix)
 		must(err)
 	}
 
@@ -144,11 +138,11 @@ func (tn *testNet) register1(dp *Datapath) {
 	}
 }
 
-func endpointOf(p *netlab.Pod, id uint32, ident identity.ID) Endpoint {
+func endpointOf(p *netns.Pod, id uint32, ident identity.ID) Endpoint {
 	return Endpoint{IP: p.IP, ID: id, Identity: ident, Ifindex: p.HostIfindex, HostMAC: p.HostMAC, MAC: p.MAC}
 }
 
-func (tn *testNet) load(n *netlab.Node, cfg Config) *Datapath {
+func (tn *testNet) load(n *netns.Node, cfg Config) *Datapath {
 	tn.t.Helper()
 	var dp *Datapath
 	err := n.Do(func() error {
@@ -166,7 +160,7 @@ func (tn *testNet) cleanup(prefix string) func() {
 	return func() {
 		for _, x := range []struct {
 			dp   *Datapath
-			node *netlab.Node
+			node *netns.Node
 		}{{tn.dp1, tn.n1}, {tn.dp2, tn.n2}} {
 			if x.dp != nil && x.node != nil {
 				x.node.Do(func() error { return x.dp.Cleanup() })
@@ -177,12 +171,12 @@ func (tn *testNet) cleanup(prefix string) func() {
 				tn.t.Errorf("remove pins: %v", err)
 			}
 		}
-		for _, p := range []*netlab.Pod{tn.a, tn.b, tn.c} {
+		for _, p := range []*netns.Pod{tn.a, tn.b, tn.c} {
 			if p != nil {
 				p.Delete()
 			}
 		}
-		for _, n := range []*netlab.Node{tn.n1, tn.n2} {
+		for _, n := range []*netns.Node{tn.n1, tn.n2} {
 			if n != nil {
 				n.Delete()
 			}
@@ -192,14 +186,14 @@ func (tn *testNet) cleanup(prefix string) func() {
 				tn.t.Errorf("cleanup: %v", err)
 			}
 		}
-		if err := netlab.CleanupPrefix(prefix); err != nil {
+		if err := netns.CleanupPrefix(prefix); err != nil {
 			tn.t.Errorf("cleanup: %v", err)
 		}
 	}
 }
 
 // serveTCP runs an echo server on every port, inside the pod, until the test ends.
-func serveTCP(t testing.TB, p *netlab.Pod, ports ...int) {
+func serveTCP(t testing.TB, p *netns.Pod, ports ...int) {
 	t.Helper()
 	for _, port := range ports {
 		var ln net.Listener
@@ -226,7 +220,7 @@ func serveTCP(t testing.TB, p *netlab.Pod, ports ...int) {
 	}
 }
 
-func serveUDP(t testing.TB, p *netlab.Pod, ports ...int) {
+func serveUDP(t testing.TB, p *netns.Pod, ports ...int) {
 	t.Helper()
 	for _, port := range ports {
 		var pc net.PacketConn
@@ -255,18 +249,18 @@ const probeTimeout = 700 * time.Millisecond
 
 // tcpEcho connects from pod p to addr, optionally from a given local
 // address, and checks that a message comes back.
-func tcpEcho(p *netlab.Pod, addr string, local netip.Addr) error {
-	return netlab.TCPEchoFrom(&p.Netns, local, addr, probeTimeout)
+func tcpEcho(p *netns.Pod, addr string, local netip.Addr) error {
+	return netns.TCPEchoFrom(&p.Netns, local, addr, probeTimeout)
 }
 
-func udpEcho(p *netlab.Pod, addr string) error {
-	return netlab.UDPEcho(&p.Netns, addr, probeTimeout)
+func udpEcho(p *netns.Pod, addr string) error {
+	return netns.UDPEcho(&p.Netns, addr, probeTimeout)
 }
 
 // sctpReaches sends one raw SCTP packet from p to dst:port and reports
 // whether it arrived at the destination pod. The kernel here may have no
 // SCTP module, so both ends use raw sockets; the datapath only reads ports.
-func sctpReaches(t testing.TB, from, to *netlab.Pod, port uint16) bool {
+func sctpReaches(t testing.TB, from, to *netns.Pod, port uint16) bool {
 	t.Helper()
 	var rfd int
 	if err := to.Do(func() (err error) {

@@ -142,6 +142,8 @@ const (
 	netdevMapVeilSockstats     = "veil_sockstats"
 	netdevProgVeilFromNetdev   = "veil_from_netdev"
 	netdevProgVeilToNetdev     = "veil_to_netdev"
+	netdevVarClusterCidr       = "cluster_cidr"
+	netdevVarClusterCidrBits   = "cluster_cidr_bits"
 	netdevVarCtIcmpS           = "ct_icmp_s"
 	netdevVarCtTcpClosingS     = "ct_tcp_closing_s"
 	netdevVarCtTcpEstablishedS = "ct_tcp_established_s"
@@ -220,6 +222,8 @@ type netdevMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type netdevVariableSpecs struct {
+	ClusterCidr       *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
 	CtIcmpS           *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
 	CtTcpClosingS     *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
 	CtTcpEstablishedS *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
@@ -284,6 +288,8 @@ func (m *netdevMaps) Close() error {
 //
 // It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type netdevVariables struct {
+	ClusterCidr       *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.Variable `ebpf:"cluster_cidr_bits"`
 	CtIcmpS           *ebpf.Variable `ebpf:"ct_icmp_s"`
 	CtTcpClosingS     *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
 	CtTcpEstablishedS *ebpf.Variable `ebpf:"ct_tcp_established_s"`

@@ -187,6 +187,13 @@ type podLpmV4Key struct {
 	Addr      uint32
 }
 
+type podMark uint32
+
+const (
+	podMarkMARK_FROM_POD podMark = 512
+	podMarkMARK_MASK     podMark = 3840
+)
+
 type podMetric struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -285,6 +292,8 @@ const (
 	podMapVeilSockstats          = "veil_sockstats"
 	podProgVeilFromPod           = "veil_from_pod"
 	podProgVeilToPod             = "veil_to_pod"
+	podVarClusterCidr            = "cluster_cidr"
+	podVarClusterCidrBits        = "cluster_cidr_bits"
 	podVarCtIcmpS                = "ct_icmp_s"
 	podVarCtTcpClosingS          = "ct_tcp_closing_s"
 	podVarCtTcpEstablishedS      = "ct_tcp_established_s"
@@ -301,6 +310,7 @@ const (
 	podVarUnusedFlowFlags        = "unused_flow_flags"
 	podVarUnusedForwardKind      = "unused_forward_kind"
 	podVarUnusedIpcacheFlags     = "unused_ipcache_flags"
+	podVarUnusedMark             = "unused_mark"
 	podVarUnusedObsPoint         = "unused_obs_point"
 	podVarUnusedPolicyPrefix     = "unused_policy_prefix"
 	podVarUnusedReservedIdentity = "unused_reserved_identity"
@@ -376,6 +386,8 @@ type podMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type podVariableSpecs struct {
+	ClusterCidr            *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits        *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
 	CtIcmpS                *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
 	CtTcpClosingS          *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
 	CtTcpEstablishedS      *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
@@ -392,6 +404,7 @@ type podVariableSpecs struct {
 	UnusedFlowFlags        *ebpf.VariableSpec `ebpf:"unused_flow_flags"`
 	UnusedForwardKind      *ebpf.VariableSpec `ebpf:"unused_forward_kind"`
 	UnusedIpcacheFlags     *ebpf.VariableSpec `ebpf:"unused_ipcache_flags"`
+	UnusedMark             *ebpf.VariableSpec `ebpf:"unused_mark"`
 	UnusedObsPoint         *ebpf.VariableSpec `ebpf:"unused_obs_point"`
 	UnusedPolicyPrefix     *ebpf.VariableSpec `ebpf:"unused_policy_prefix"`
 	UnusedReservedIdentity *ebpf.VariableSpec `ebpf:"unused_reserved_identity"`
@@ -453,6 +466,8 @@ func (m *podMaps) Close() error {
 //
 // It can be passed to loadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type podVariables struct {
+	ClusterCidr            *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits        *ebpf.Variable `ebpf:"cluster_cidr_bits"`
 	CtIcmpS                *ebpf.Variable `ebpf:"ct_icmp_s"`
 	CtTcpClosingS          *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
 	CtTcpEstablishedS      *ebpf.Variable `ebpf:"ct_tcp_established_s"`
@@ -469,6 +484,7 @@ type podVariables struct {
 	UnusedFlowFlags        *ebpf.Variable `ebpf:"unused_flow_flags"`
 	UnusedForwardKind      *ebpf.Variable `ebpf:"unused_forward_kind"`
 	UnusedIpcacheFlags     *ebpf.Variable `ebpf:"unused_ipcache_flags"`
+	UnusedMark             *ebpf.Variable `ebpf:"unused_mark"`
 	UnusedObsPoint         *ebpf.Variable `ebpf:"unused_obs_point"`
 	UnusedPolicyPrefix     *ebpf.Variable `ebpf:"unused_policy_prefix"`
 	UnusedReservedIdentity *ebpf.Variable `ebpf:"unused_reserved_identity"`

@@ -53,7 +53,7 @@ type progTest struct {
 func newProgTest(t *testing.T, cfg Config, underlay, wg bool) *progTest {
 	t.Helper()
 	cfg.setDefaults()
-	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}}
+	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}, retired: map[uint32]bool{}}
 	if underlay {
 		d.underlayIfindex = ifUnderlay
 	}
@@ -113,8 +113,14 @@ type skbContext struct {
 // verdict and the frame as the program left it.
 func (p *progTest) run(prog *ebpf.Program, frame []byte, ifindex int) (uint32, []byte) {
 	p.t.Helper()
+	return p.runMark(prog, frame, ifindex, 0)
+}
+
+// runMark is run with skb->mark set, as the host stack hands a packet on.
+func (p *progTest) runMark(prog *ebpf.Program, frame []byte, ifindex int, mark uint32) (uint32, []byte) {
+	p.t.Helper()
 	out := make([]byte, len(frame)+256)
-	ctx := skbContext{Ifindex: uint32(ifindex)}
+	ctx := skbContext{Ifindex: uint32(ifindex), Mark: mark}
 	if ifindex == ifLoopback {
 		ctx.Ifindex = 0
 	}
@@ -124,6 +130,19 @@ func (p *progTest) run(prog *ebpf.Program, frame []byte, ifindex int) (uint32, [
 		p.t.Fatalf("BPF_PROG_RUN: %v", err)
 	}
 	return ret, out[:len(opts.DataOut)]
+}
+
+// runCtx runs prog on a frame from the loopback device and returns the
+// __sk_buff fields as the program left them (e.g. the mark it set).
+func (p *progTest) runCtx(prog *ebpf.Program, frame []byte, out *skbContext) error {
+	// The kernel hands back the whole __sk_buff: room for all of it.
+	var whole struct {
+		Head skbContext
+		Rest [256]byte
+	}
+	_, err := prog.Run(&ebpf.RunOptions{Data: frame, DataOut: make([]byte, len(frame)+256), Context: skbContext{}, ContextOut: &whole})
+	*out = whole.Head
+	return err
 }
 
 // dropCount is how many packets were dropped for reason so far.

@@ -141,6 +141,8 @@ const (
 	tunnelMapVeilSockhash      = "veil_sockhash"
 	tunnelMapVeilSockstats     = "veil_sockstats"
 	tunnelProgVeilFromTunnel   = "veil_from_tunnel"
+	tunnelVarClusterCidr       = "cluster_cidr"
+	tunnelVarClusterCidrBits   = "cluster_cidr_bits"
 	tunnelVarCtIcmpS           = "ct_icmp_s"
 	tunnelVarCtTcpClosingS     = "ct_tcp_closing_s"
 	tunnelVarCtTcpEstablishedS = "ct_tcp_established_s"
@@ -218,6 +220,8 @@ type tunnelMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelVariableSpecs struct {
+	ClusterCidr       *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
 	CtIcmpS           *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
 	CtTcpClosingS     *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
 	CtTcpEstablishedS *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
@@ -282,6 +286,8 @@ func (m *tunnelMaps) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelVariables struct {
+	ClusterCidr       *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.Variable `ebpf:"cluster_cidr_bits"`
 	CtIcmpS           *ebpf.Variable `ebpf:"ct_icmp_s"`
 	CtTcpClosingS     *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
 	CtTcpEstablishedS *ebpf.Variable `ebpf:"ct_tcp_established_s"`

@@ -40,7 +40,12 @@ var hostAllowed = policy.Entry{
 // and d isolated for ingress except from the host.
 func cluster(t *testing.T, strict, wg bool) *progTest {
 	t.Helper()
-	p := newProgTest(t, Config{NodeIP: pNode1, StrictMode: strict}, true, wg)
+	return clusterWith(t, Config{NodeIP: pNode1, StrictMode: strict}, wg)
+}
+
+func clusterWith(t *testing.T, cfg Config, wg bool) *progTest {
+	t.Helper()
+	p := newProgTest(t, cfg, true, wg)
 	p.endpoint(pA, 1, idA, ifA)
 	p.endpoint(pB, 2, idB, ifB)
 	p.endpoint(pD, 4, idB, ifD)
@@ -72,6 +77,7 @@ type verdictCase struct {
 	name    string
 	prog    string // from_pod, to_pod, from_netdev, to_netdev, from_tunnel
 	ifindex int
+	mark    uint32 // skb->mark as the program finds it
 	frame   pkt
 	want    uint32
 	reason  DropReason // for tcShot
@@ -94,7 +100,7 @@ func (p *progTest) check(c verdictCase) []byte {
 	if ifindex == 0 {
 		ifindex = ifLoopback
 	}
-	got, out := p.run(prog, c.frame.bytes(), ifindex)
+	got, out := p.runMark(prog, c.frame.bytes(), ifindex, c.mark)
 	if got != c.want {
 		p.t.Errorf("%s: %s returned %d; want %d", c.name, c.prog, got, c.want)
 	}

@@ -13,21 +13,15 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
-
-func privileged(t *testing.T) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("changes network namespaces; set VEIL_PRIVILEGED=1 to run")
-	}
-}
 
 // testNetns creates a namespace named after this process and test, removed
 // by exact name when the test ends.
-func testNetns(t *testing.T, suffix string) *netlab.Netns {
+func testNetns(t *testing.T, suffix string) *netns.Netns {
 	t.Helper()
-	ns, err := netlab.NewNetns(fmt.Sprintf("veiltest-%d-cni-%s", os.Getpid(), suffix))
+	ns, err := netns.NewNetns(fmt.Sprintf("veiltest-%d-cni-%s", os.Getpid(), suffix))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -43,7 +37,7 @@ func testNetns(t *testing.T, suffix string) *netlab.Netns {
 // the default route (MTU 1400) and the address 10.99.0.1. The device is one
 // end of a veth pair whose other end stays in the namespace too, so it has
 // carrier without any module beyond veth.
-func node(t *testing.T, suffix string) *netlab.Netns {
+func node(t *testing.T, suffix string) *netns.Netns {
 	t.Helper()
 	ns := testNetns(t, suffix)
 	err := ns.Do(func() error {
@@ -73,7 +67,7 @@ func node(t *testing.T, suffix string) *netlab.Netns {
 }
 
 func TestPrivilegedSetupCheckTeardown(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	ctx := context.Background()
 	nodeNS := node(t, "pn-node")
 	pod := testNetns(t, "pn-pod")
@@ -176,7 +170,7 @@ func TestPrivilegedSetupCheckTeardown(t *testing.T) {
 }
 
 func TestPrivilegedSetupFailureLeavesNothing(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	ctx := context.Background()
 	nodeNS := node(t, "pf-node")
 	pod := testNetns(t, "pf-pod")
@@ -209,7 +203,7 @@ func TestPrivilegedSetupFailureLeavesNothing(t *testing.T) {
 	}
 }
 
-func assertConnect(t *testing.T, server, client *netlab.Netns, addr string) {
+func assertConnect(t *testing.T, server, client *netns.Netns, addr string) {
 	t.Helper()
 	var ln net.Listener
 	if err := server.Do(func() (err error) { ln, err = net.Listen("tcp4", addr); return err }); err != nil {

@@ -27,20 +27,14 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
-
-func privileged(t *testing.T) {
-	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("creates network namespaces and WireGuard devices; set VEIL_PRIVILEGED=1 to run")
-	}
-}
 
 // side is one end of the lab: a namespace with an underlay veth and a
 // WireGuard device.
 type side struct {
-	ns       *netlab.Netns
+	ns       *netns.Netns
 	veth     string
 	underlay netip.Addr
 	wgName   string
@@ -71,9 +65,9 @@ func (w testWriter) Write(p []byte) (int, error) {
 
 // newNetns creates a uniquely named namespace without IPv6 (so that the
 // capture sees no neighbour discovery) and removes it by name on cleanup.
-func newNetns(t *testing.T, suffix string) *netlab.Netns {
+func newNetns(t *testing.T, suffix string) *netns.Netns {
 	t.Helper()
-	ns, err := netlab.NewNetns(fmt.Sprintf("veiltest-%d-wg-%s", os.Getpid(), suffix))
+	ns, err := netns.NewNetns(fmt.Sprintf("veiltest-%d-wg-%s", os.Getpid(), suffix))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,7 +144,7 @@ func keyFile(t *testing.T, name string) Key {
 // openIn opens a device from a thread switched into ns; Netns.Do throws that
 // thread away afterwards, so everything later proves the device does not
 // need it.
-func openIn(t *testing.T, ns *netlab.Netns, cfg Config) *Device {
+func openIn(t *testing.T, ns *netns.Netns, cfg Config) *Device {
 	t.Helper()
 	var d *Device
 	if err := ns.Do(func() (err error) {
@@ -198,7 +192,7 @@ func routeVia(t *testing.T, s, other *side) {
 }
 
 // listen starts a TCP server inside ns; handle runs per connection.
-func listen(t *testing.T, ns *netlab.Netns, addr string, handle func(net.Conn)) {
+func listen(t *testing.T, ns *netns.Netns, addr string, handle func(net.Conn)) {
 	t.Helper()
 	var ln net.Listener
 	if err := ns.Do(func() (err error) {
@@ -240,7 +234,7 @@ func listen(t *testing.T, ns *netlab.Netns, addr string, handle func(net.Conn)) 
 	})
 }
 
-func dial(ns *netlab.Netns, addr string, timeout time.Duration) (net.Conn, error) {
+func dial(ns *netns.Netns, addr string, timeout time.Duration) (net.Conn, error) {
 	var c net.Conn
 	err := ns.Do(func() (err error) {
 		c, err = net.DialTimeout("tcp", addr, timeout)
@@ -261,7 +255,7 @@ type capture struct {
 
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
-func startCapture(t *testing.T, ns *netlab.Netns, ifname string) *capture {
+func startCapture(t *testing.T, ns *netns.Netns, ifname string) *capture {
 	t.Helper()
 	c := &capture{done: make(chan struct{}), stopc: make(chan struct{})}
 	if err := ns.Do(func() error {
@@ -400,7 +394,7 @@ func echoHandler(marker []byte, sawMarker *atomic.Bool) func(net.Conn) {
 
 // wgHandshakes runs `wg show IFACE latest-handshakes` inside ns: public
 // key -> unix time (0 = never).
-func wgHandshakes(t *testing.T, ns *netlab.Netns, iface string) map[string]int64 {
+func wgHandshakes(t *testing.T, ns *netns.Netns, iface string) map[string]int64 {
 	t.Helper()
 	out, err := ns.Run("wg", "show", iface, "latest-handshakes")
 	if err != nil {
@@ -419,17 +413,6 @@ func wgHandshakes(t *testing.T, ns *netlab.Netns, iface string) map[string]int64
 		m[f[0]] = ts
 	}
 	return m
-}
-
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", d, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }
 
 // checkGoroutines fails the test if goroutines started during it are still
@@ -451,7 +434,7 @@ func checkGoroutines(t *testing.T) {
 }
 
 func TestPrivilegedTunnel(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	checkGoroutines(t) // registered first, so it runs after every other cleanup
 	ctx := context.Background()
 	a, b := newLab(t, "")
@@ -575,7 +558,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 		if len(after.Peers) != 1 || !after.Peers[0].LastHandshake.Equal(before.Peers[0].LastHandshake) || after.Peers[0].RxBytes < before.Peers[0].RxBytes {
 			t.Errorf("peer b was reset: before %+v after %+v", before.Peers, after.Peers)
 		}
-		if err := netlab.TCPEcho(a.ns, target, 5*time.Second); err != nil {
+		if err := netns.TCPEcho(a.ns, target, 5*time.Second); err != nil {
 			t.Error(err)
 		}
 	})
@@ -590,7 +573,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 			time.Sleep(1500 * time.Millisecond) // the TUN reports state once a second
 		}
 		routeVia(t, a, b) // the kernel dropped it with the link
-		if err := netlab.TCPEcho(a.ns, target, 10*time.Second); err != nil {
+		if err := netns.TCPEcho(a.ns, target, 10*time.Second); err != nil {
 			t.Error(err)
 		}
 		if out, err := a.ns.Run("ss", "-Hlun", "sport = :"+strconv.Itoa(a.port)); err != nil || !strings.Contains(out, strconv.Itoa(a.port)) {
@@ -640,7 +623,12 @@ func TestPrivilegedTunnel(t *testing.T) {
 			}
 		}()
 		start := time.Now()
-		waitFor(t, 5*time.Second, "stream to start", func() bool { return received.Load() > 64<<10 })
+		testenv.Eventually(t, 5*time.Second, 50*time.Millisecond, func() error {
+			if n := received.Load(); n <= 64<<10 {
+				return fmt.Errorf("stream to start: %d bytes received", n)
+			}
+			return nil
+		})
 		oldPub := a.dev.Key().PublicKey()
 		next, err := a.dev.RotateKey(ctx)
 		if err != nil {
@@ -654,7 +642,12 @@ func TestPrivilegedTunnel(t *testing.T) {
 		if err := b.dev.SetPeers(ctx, []Peer{a.peer()}); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 15*time.Second, "stream to resume after rotation", func() bool { return received.Load() > rotated+256<<10 })
+		testenv.Eventually(t, 15*time.Second, 50*time.Millisecond, func() error {
+			if n := received.Load(); n <= rotated+256<<10 {
+				return fmt.Errorf("stream to resume after rotation: %d bytes received, %d at rotation", n, rotated)
+			}
+			return nil
+		})
 		close(stop)
 		if err := <-writeErr; err != nil {
 			t.Fatalf("writer: %v", err)
@@ -703,7 +696,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 		if err := a.dev.SetPeers(ctx, []Peer{b.peer()}); err != nil {
 			t.Fatal(err)
 		}
-		if err := netlab.TCPEcho(a.ns, target, 10*time.Second); err != nil {
+		if err := netns.TCPEcho(a.ns, target, 10*time.Second); err != nil {
 			t.Errorf("after re-adding: %v", err)
 		}
 	})
@@ -734,7 +727,7 @@ func TestPrivilegedTunnel(t *testing.T) {
 // TestPrivilegedOpenMode checks the kernel/userspace decision on this
 // machine's real kernel, whichever it is.
 func TestPrivilegedOpenMode(t *testing.T) {
-	privileged(t)
+	testenv.RequirePrivileged(t)
 	checkGoroutines(t)
 	ns := newNetns(t, "mode")
 	name := fmt.Sprintf("vwgt%dm", os.Getpid()%1000)
@@ -814,7 +807,7 @@ type tcpdump struct {
 	done chan error
 }
 
-func startTcpdump(t *testing.T, ns *netlab.Netns, ifname string) *tcpdump {
+func startTcpdump(t *testing.T, ns *netns.Netns, ifname string) *tcpdump {
 	t.Helper()
 	if _, err := exec.LookPath("tcpdump"); err != nil {
 		t.Log("no tcpdump: AF_PACKET capture only")
@@ -867,7 +860,7 @@ func (td *tcpdump) stop() {
 	}
 }
 
-func (td *tcpdump) check(t *testing.T, ns *netlab.Netns, marker []byte, ports []int) {
+func (td *tcpdump) check(t *testing.T, ns *netns.Netns, marker []byte, ports []int) {
 	t.Helper()
 	td.stop()
 	raw, err := os.ReadFile(td.file)

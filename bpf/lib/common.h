@@ -73,6 +73,17 @@ enum obs_point {
 	OBS_TO_NETDEV = 5,    /* underlay egress: the strict-mode guard */
 };
 
+/*
+ * Bits of skb->mark that Veil owns. from_pod marks every packet a pod sends,
+ * so the strict-mode guard on the way out recognises pod traffic after the
+ * host stack rewrote its source (masquerade). The mark survives forwarding
+ * within the host; crossing a namespace (the veth) clears it.
+ */
+enum mark {
+	MARK_FROM_POD = 0x00000200,
+	MARK_MASK = 0x00000f00,
+};
+
 /* Policy directions (the direction byte of struct policy_key). */
 enum direction {
 	DIR_INGRESS = 0,

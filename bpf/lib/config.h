@@ -18,5 +18,18 @@ volatile const __u32 ct_udp_s = 60;		/* UDP, SCTP, protocols without ports */
 volatile const __u32 ct_icmp_s = 30;
 volatile const __u32 wg_ifindex = 0;		/* WireGuard device; 0: encryption off */
 volatile const __u32 strict_mode = 0;		/* 1: never send pod traffic to another node unencrypted */
+volatile const __u32 cluster_cidr = 0;		/* the cluster's pod range, network byte order */
+volatile const __u32 cluster_cidr_bits = 0;	/* its prefix length; 0: unknown */
+
+/* in_cluster_cidr() - whether @addr is in the cluster's pod range. */
+static __always_inline int in_cluster_cidr(__u32 addr)
+{
+	__u32 mask;
+
+	if (!cluster_cidr_bits || cluster_cidr_bits > 32)
+		return 0;
+	mask = bpf_htonl(~0U << (32 - cluster_cidr_bits));
+	return (addr & mask) == cluster_cidr;
+}
 
 #endif /* __VEIL_CONFIG_H */

@@ -62,8 +62,11 @@ struct route {
 
 /**
  * route_of() - decide where a packet to @daddr goes. With encryption on,
- * remote pods are reached through the tunnel when their node is a peer;
- * without a peer, strict mode refuses and permissive mode sends plaintext.
+ * remote pods, and other nodes' own addresses, are reached through the
+ * tunnel when their node is a peer; without a peer, strict mode refuses and
+ * permissive mode sends plaintext. In strict mode an address of the cluster's
+ * pod range that the ipcache does not know yet (before the first sync) is
+ * refused too: it may be a remote pod.
  */
 static __always_inline void route_of(__u32 daddr, struct endpoint_info *dst, struct route *r)
 {
@@ -76,8 +79,23 @@ static __always_inline void route_of(__u32 daddr, struct endpoint_info *dst, str
 		return;
 	}
 	info = bpf_map_lookup_elem(&veil_ipcache, &k);
-	if (!info || !info->node_ip || info->node_ip == node_ip ||
-	    !(info->flags & (IPCACHE_F_REMOTE_POD | IPCACHE_F_POD_CIDR))) {
+	if (!info || !info->node_ip || info->node_ip == node_ip) {
+		r->kind = (strict_mode && wg_ifindex && in_cluster_cidr(daddr)) ? ROUTE_NO_TUNNEL :
+										  ROUTE_STACK;
+		return;
+	}
+	if (info->flags & IPCACHE_F_NODE) {
+		/* Another node's own address: its host stack. Encrypted where
+		 * it is a peer; plain packets to it leave through the host. */
+		if (wg_ifindex && (info->flags & IPCACHE_F_TUNNEL))
+			r->kind = ROUTE_TUNNEL;
+		else if (wg_ifindex && strict_mode)
+			r->kind = ROUTE_NO_TUNNEL;
+		else
+			r->kind = ROUTE_STACK;
+		return;
+	}
+	if (!(info->flags & (IPCACHE_F_REMOTE_POD | IPCACHE_F_POD_CIDR))) {
 		r->kind = ROUTE_STACK;
 		return;
 	}
@@ -99,7 +117,10 @@ static __always_inline int forward(struct __sk_buff *skb, struct endpoint_info *
 	case ROUTE_LOCAL:
 		return deliver_local(skb, dst);
 	case ROUTE_TUNNEL:
-		/* The device is L3: the kernel strips the Ethernet header. */
+		/* The device is L3: the kernel strips the Ethernet header. The
+		 * pod mark stays behind: what leaves the device is the tunnel's
+		 * own UDP, which the guard must not take for a pod's. */
+		skb->mark &= ~MARK_MASK;
 		metric_add(FWD_TUNNEL, skb->len);
 		return bpf_redirect(wg_ifindex, 0);
 	case ROUTE_PLAIN:

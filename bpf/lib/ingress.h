@@ -29,7 +29,8 @@ static __always_inline int remote_peer(struct packet *pkt, int from_tunnel, stru
 
 	if (pkt->tuple.saddr == node_ip || (info && info->identity == ID_HOST))
 		return DROP_SPOOFED_SOURCE;
-	if (!from_tunnel && info && (info->flags & IPCACHE_F_TUNNEL))
+	if (!from_tunnel && info && (info->flags & IPCACHE_F_TUNNEL) &&
+	    (info->flags & (IPCACHE_F_REMOTE_POD | IPCACHE_F_POD_CIDR)))
 		return DROP_UNENCRYPTED_PEER;
 	p->identity = info ? info->identity : ID_WORLD;
 	cid = bpf_map_lookup_elem(&veil_cidrs, &k);

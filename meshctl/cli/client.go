@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/policy"
 )
 
@@ -94,32 +95,16 @@ func unixTarget(where, socket string) agentTarget {
 	}}
 }
 
-// labResolver reads the lab's state file, a JSON object listing each node
-// and its agent's socket:
-//
-//	{"nodes": [{"name": "veil-lab-1", "socket": "/tmp/veil-lab/node-1/agent.sock"}]}
+// labResolver reads the lab's state file (lab.State) and reaches a node's
+// agent through the socket it lists.
 type labResolver struct{ path string }
-
-// labState is the lab's state file.
-type labState struct {
-	Nodes []labNode `json:"nodes"`
-}
-
-type labNode struct {
-	Name   string `json:"name"`
-	Socket string `json:"socket"`
-}
 
 var _ NodeResolver = labResolver{}
 
 func (r labResolver) Resolve(_ context.Context, node string) (agentTarget, error) {
-	b, err := os.ReadFile(r.path)
+	st, err := lab.ReadStateFile(r.path)
 	if err != nil {
-		return agentTarget{}, usageErrorf("read lab state (%s): %w", envLabState, err)
-	}
-	var st labState
-	if err := json.Unmarshal(b, &st); err != nil {
-		return agentTarget{}, usageErrorf("decode lab state %s: %w", r.path, err)
+		return agentTarget{}, usageErrorf("%s: %w", envLabState, err)
 	}
 	var names []string
 	for _, n := range st.Nodes {

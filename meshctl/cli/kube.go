@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -19,6 +18,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/veilmesh/veil/lab"
 	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 )
@@ -100,22 +100,16 @@ func loadKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*rest.Config,
 		}
 	case env.getenv(envLabState) != "":
 		// The lab's state file names the kubeconfig of its API server.
-		lab := env.getenv(envLabState)
-		b, err := os.ReadFile(lab)
+		path := env.getenv(envLabState)
+		st, err := lab.ReadStateFile(path)
 		if err != nil {
-			return nil, usageErrorf("read lab state (%s) for its kubeconfig: %w", envLabState, err)
-		}
-		var st struct {
-			Kubeconfig string `json:"kubeconfig"`
-		}
-		if err := json.Unmarshal(b, &st); err != nil {
-			return nil, usageErrorf("decode lab state %s: %w", lab, err)
+			return nil, usageErrorf("%s, for its kubeconfig: %w", envLabState, err)
 		}
 		if st.Kubeconfig == "" {
-			return nil, usageErrorf("no kubeconfig: --kubeconfig is not given, %s is not set and the lab state %s names none", envKubeconfig, lab)
+			return nil, usageErrorf("no kubeconfig: --kubeconfig is not given, %s is not set and the lab state %s names none", envKubeconfig, path)
 		}
 		rules.ExplicitPath = st.Kubeconfig
-		source = st.Kubeconfig + " (from the lab state " + lab + ")"
+		source = st.Kubeconfig + " (from the lab state " + path + ")"
 	default:
 		var path string
 		if home := env.getenv("HOME"); home != "" {

@@ -11,8 +11,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 // Where the lab lives unless told otherwise.
@@ -52,8 +52,8 @@ func processLabDeps(env agentEnv) labDeps {
 		getenv:      env.getenv,
 		geteuid:     os.Geteuid,
 		executable:  os.Executable,
-		cgroupMount: netlab.Cgroup2Mount,
-		netnsDir:    netlab.NetnsDir,
+		cgroupMount: netns.Cgroup2Mount,
+		netnsDir:    netns.NetnsDir,
 		joinCgroup: func(path string) error {
 			procs := filepath.Join(path, "cgroup.procs")
 			if err := os.WriteFile(procs, []byte(fmt.Sprint(os.Getpid())), 0); err != nil {

@@ -8,7 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/lab"
 )
 
 func newLabDownCommand(o *labOptions) *cobra.Command {

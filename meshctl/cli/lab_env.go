@@ -7,7 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/lab"
 )
 
 func newLabEnvCommand(o *labOptions) *cobra.Command {

@@ -6,7 +6,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/lab"
 )
 
 // labStatus is 'lab status -o json': the lab's state file and whether the

@@ -13,7 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/lab"
 )
 
 // fakeLabDeps never touches the host: exec and cgroup joins are recorded.

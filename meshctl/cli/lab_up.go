@@ -18,7 +18,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/tests/lab"
+	"github.com/veilmesh/veil/lab"
 )
 
 func newLabUpCommand(o *labOptions) *cobra.Command {

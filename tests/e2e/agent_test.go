@@ -14,16 +14,16 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 var web = []corev1.ContainerPort{{Name: "http", ContainerPort: 80, Protocol: corev1.ProtocolTCP}, {Name: "alt", ContainerPort: 81, Protocol: corev1.ProtocolTCP}}
 
 func reach(from, to *lab.Pod, port int) error {
-	return netlab.TCPEcho(from.Netns, fmt.Sprintf("%s:%d", to.IP, port), probeTimeout)
+	return netns.TCPEcho(from.Netns, fmt.Sprintf("%s:%d", to.IP, port), probeTimeout)
 }
 
 // liveTrace asks the source pod's agent to explain a flow.

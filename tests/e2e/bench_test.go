@@ -18,8 +18,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 func percentile(ds []time.Duration, p float64) time.Duration {
@@ -87,7 +87,7 @@ func BenchmarkAgent(b *testing.B) {
 	}
 	src, dst := pods[0], pods[1]
 	probe := func() bool {
-		return netlab.TCPEcho(src.Netns, fmt.Sprintf("%s:80", dst.IP), 40*time.Millisecond) == nil
+		return netns.TCPEcho(src.Netns, fmt.Sprintf("%s:80", dst.IP), 40*time.Millisecond) == nil
 	}
 	waitFor := func(want bool) (time.Duration, error) {
 		start := time.Now()

@@ -17,9 +17,9 @@ import (
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/capture"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/meshctl/cli"
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 func strictEnv(*lab.Node) map[string]string {
@@ -304,7 +304,7 @@ func TestPrivilegedNodeToNodeEncryption(t *testing.T) {
 		}
 		return fmt.Errorf("peers %+v", mn.Status.Encryption.Peers)
 	})
-	server, err := netlab.StartHelper(&n2.Netns.Netns, nil, -1, "serve", "tcp:7777")
+	server, err := netns.StartHelper(&n2.Netns.Netns, nil, -1, "serve", "tcp:7777")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 // labCLI runs the meshctl binary against one lab directory and prefix.
@@ -234,7 +234,7 @@ func assertLabGone(t *testing.T, prefix, dir string, nodes []lab.NodeState, proc
 	if pins, _ := filepath.Glob(filepath.Join("/sys/fs/bpf", prefix+"-*")); len(pins) > 0 {
 		t.Errorf("bpffs left: %v", pins)
 	}
-	mount, err := netlab.Cgroup2Mount()
+	mount, err := netns.Cgroup2Mount()
 	if err != nil {
 		t.Fatal(err)
 	}

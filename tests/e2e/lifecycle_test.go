@@ -16,9 +16,9 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 func mustPod(t *testing.T, l *lab.Lab, ns, name, node, app string) *lab.Pod {
@@ -198,7 +198,7 @@ func TestPrivilegedAgentBadInput(t *testing.T) {
 
 	// Malformed CNI configuration: a CNI error that says what to fix, and
 	// nothing allocated or wired.
-	ns, err := netlab.NewNetns(fmt.Sprintf("veile2e-%d-badcni", os.Getpid()))
+	ns, err := netns.NewNetns(fmt.Sprintf("veile2e-%d-badcni", os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}

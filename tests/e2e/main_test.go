@@ -11,20 +11,21 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 func TestMain(m *testing.M) {
-	netlab.MaybeRunHelper()
+	netns.MaybeRunHelper()
 	os.Exit(m.Run())
 }
 
+// requirePrivileged is the gate of every e2e test: privileged, and not
+// under -short.
 func requirePrivileged(t testing.TB) {
 	t.Helper()
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("privileged test: set VEIL_PRIVILEGED=1 (root, bpffs, cgroup v2) to run")
-	}
+	testenv.RequirePrivileged(t)
 	if testing.Short() {
 		t.Skip("the lab builds a control plane from source: skipped with -short")
 	}
@@ -67,21 +68,16 @@ func startLabWith(t *testing.T, name string, opts lab.Options) *lab.Lab {
 
 const probeTimeout = 700 * time.Millisecond
 
-// eventually polls cond (bounded in count and time) until it holds.
+// eventually waits, polling every 100ms, until cond holds; a failure names
+// what was awaited.
 func eventually(t *testing.T, what string, within time.Duration, cond func() error) {
 	t.Helper()
-	deadline := time.Now().Add(within)
-	var err error
-	for tries := 0; tries < 200; tries++ {
-		if err = cond(); err == nil {
-			return
+	testenv.Eventually(t, within, 100*time.Millisecond, func() error {
+		if err := cond(); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
 		}
-		if time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("%s: not within %s: %v", what, within, err)
+		return nil
+	})
 }
 
 // stream is a checksummed TCP transfer between two pods, paced so that it
@@ -89,7 +85,7 @@ func eventually(t *testing.T, what string, within time.Duration, cond func() err
 type stream struct {
 	t         *testing.T
 	size      int
-	src, sink *netlab.Proc
+	src, sink *netns.Proc
 }
 
 // startStream starts sending size bytes from one pod to a port of another
@@ -98,11 +94,11 @@ type stream struct {
 func startStream(t *testing.T, from, to *lab.Pod, port, size int, pace time.Duration, cgroups bool) *stream {
 	t.Helper()
 	addr := fmt.Sprintf("%s:%d", to.IP, port)
-	var fromCG, toCG *netlab.Cgroup
+	var fromCG, toCG *netns.Cgroup
 	if cgroups {
 		fromCG, toCG = from.Node.Cgroup, to.Node.Cgroup
 	}
-	sink, err := netlab.StartHelper(to.Netns, toCG, -1, "sink", addr)
+	sink, err := netns.StartHelper(to.Netns, toCG, -1, "sink", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -110,7 +106,7 @@ func startStream(t *testing.T, from, to *lab.Pod, port, size int, pace time.Dura
 	if _, err := sink.WaitLine(ctxFor(t, 10*time.Second), "listening"); err != nil {
 		t.Fatal(err)
 	}
-	src, err := netlab.StartHelper(from.Netns, fromCG, -1, "source", addr, strconv.Itoa(size), pace.String())
+	src, err := netns.StartHelper(from.Netns, fromCG, -1, "source", addr, strconv.Itoa(size), pace.String())
 	if err != nil {
 		t.Fatal(err)
 	}

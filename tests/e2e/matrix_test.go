@@ -19,9 +19,9 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
 
+	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/meshctl/cli"
-	"github.com/veilmesh/veil/tests/lab"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 // matrixPorts are probed for real; SCTP is predicted by meshctl but cannot
@@ -132,9 +132,9 @@ func observe(pods []*lab.Pod) map[string]bool {
 				addr := fmt.Sprintf("%s:%s", j.to.IP, num)
 				var err error
 				if proto == "UDP" {
-					err = netlab.UDPEcho(j.from.Netns, addr, 500*time.Millisecond)
+					err = netns.UDPEcho(j.from.Netns, addr, 500*time.Millisecond)
 				} else {
-					err = netlab.TCPEcho(j.from.Netns, addr, 500*time.Millisecond)
+					err = netns.TCPEcho(j.from.Netns, addr, 500*time.Millisecond)
 				}
 				mu.Lock()
 				got[j.from.Key()+">"+j.to.Key()+"@"+j.port] = err == nil

@@ -4,12 +4,12 @@ package main
 import (
 	"os"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/meshctl/cli"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 func main() {
 	// The lab's pod servers are this binary re-executed (meshctl lab up).
-	netlab.MaybeRunHelper()
+	netns.MaybeRunHelper()
 	os.Exit(cli.Main(os.Args[1:], cli.Streams{In: os.Stdin, Out: os.Stdout, Err: os.Stderr}))
 }

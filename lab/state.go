@@ -9,10 +9,12 @@ import (
 )
 
 // StateFile is the name of the lab's state file in its directory. meshctl
-// reads it through VEIL_LAB_STATE to reach a node's agent by name.
+// reads it through VEIL_LAB_STATE to reach a node's agent by name and to
+// find the lab's kubeconfig.
 const StateFile = "lab-state.json"
 
-// State is what a script needs to drive the lab.
+// State is what a script needs to drive the lab: the schema of StateFile,
+// which meshctl lab writes and meshctl's --node resolver reads.
 type State struct {
 	Prefix     string      `json:"prefix"`
 	Kubeconfig string      `json:"kubeconfig"`
@@ -81,4 +83,24 @@ func (l *Lab) writeState() error {
 		return fmt.Errorf("write lab state: %w", err)
 	}
 	return nil
+}
+
+// ReadState reads the state file in dir; the error wraps os.ErrNotExist
+// when there is none.
+func ReadState(dir string) (*State, error) {
+	return ReadStateFile(filepath.Join(dir, StateFile))
+}
+
+// ReadStateFile reads a lab state file; the error wraps os.ErrNotExist
+// when there is none.
+func ReadStateFile(path string) (*State, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read lab state: %w", err)
+	}
+	var st State
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return nil, fmt.Errorf("decode lab state %s: %w", path, err)
+	}
+	return &st, nil
 }

@@ -14,8 +14,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/veilmesh/veil/tests/controlplane"
-	"github.com/veilmesh/veil/tests/netlab"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 // A lab's relays and pod servers live in the process that started it, so a
@@ -92,21 +92,6 @@ func ReadSupervisor(dir string) (*SupervisorState, error) {
 		return nil, fmt.Errorf("decode lab supervisor record %s: %w", filepath.Join(dir, SupervisorFile), err)
 	}
 	return &s, nil
-}
-
-// ReadState reads the state file in dir; the error wraps os.ErrNotExist
-// when there is none.
-func ReadState(dir string) (*State, error) {
-	path := filepath.Join(dir, StateFile)
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read lab state: %w", err)
-	}
-	var st State
-	if err := json.Unmarshal(raw, &st); err != nil {
-		return nil, fmt.Errorf("decode lab state %s: %w", path, err)
-	}
-	return &st, nil
 }
 
 // SuperviseOptions configure Supervise.
@@ -325,7 +310,7 @@ func Down(ctx context.Context, dir, prefix string, stopGrace time.Duration) erro
 		errs = append(errs, stopProcess(ctx, sup.Process, stopGrace))
 	}
 	errs = append(errs, killLeftovers(ctx, dir, prefix, sup, st))
-	errs = append(errs, Cleanup(prefix))
+	errs = append(errs, cleanupWithLabAgent(ctx, dir, prefix))
 	if sup != nil || st != nil {
 		errs = append(errs, removeFiles(dir, st))
 	}
@@ -333,6 +318,29 @@ func Down(ctx context.Context, dir, prefix string, stopGrace time.Duration) erro
 		errs = append(errs, fmt.Errorf("lab down: left behind: %s", strings.Join(left, ", ")))
 	}
 	return errors.Join(errs...)
+}
+
+// cleanupWithLabAgent runs Cleanup with the lab's own veil-agent binary
+// (DIR/bin). When that is gone (a lab that crashed before building it, or
+// down --prefix with another dir) and a node left pins, a veil-agent is
+// built from the checkout into a scratch directory for the cleanup.
+func cleanupWithLabAgent(ctx context.Context, dir, prefix string) error {
+	agentBin := filepath.Join(dir, "bin", "veil-agent")
+	if _, err := os.Stat(agentBin); err != nil {
+		agentBin = ""
+	}
+	if agentBin == "" && len(pinnedNodes(prefix)) > 0 {
+		scratch, err := os.MkdirTemp("", "veil-lab-agent-")
+		if err != nil {
+			return fmt.Errorf("lab down: build veil-agent for cleanup: %w", err)
+		}
+		defer os.RemoveAll(scratch)
+		agentBin = filepath.Join(scratch, "veil-agent")
+		if err := build(ctx, map[string]string{agentBin: "./agent/cmd/veil-agent"}); err != nil {
+			return fmt.Errorf("lab down: build veil-agent for cleanup: %w", err)
+		}
+	}
+	return Cleanup(ctx, prefix, agentBin)
 }
 
 // stopProcess sends SIGTERM and waits up to grace, then SIGKILLs.
@@ -426,7 +434,7 @@ func argv0(pid int) string {
 
 // cgroupProcesses lists the processes in the lab's cgroup tree.
 func cgroupProcesses(prefix string) []Process {
-	mount, err := netlab.Cgroup2Mount()
+	mount, err := netns.Cgroup2Mount()
 	if err != nil {
 		return nil
 	}
@@ -487,18 +495,18 @@ func removeFiles(dir string, st *State) error {
 // namespaces, bpffs roots, its cgroup, WireGuard control sockets.
 func Leftovers(prefix string) []string {
 	var left []string
-	if entries, err := os.ReadDir(netlab.NetnsDir); err == nil {
+	if entries, err := os.ReadDir(netns.NetnsDir); err == nil {
 		for _, e := range entries {
 			if strings.HasPrefix(e.Name(), prefix+"-") {
 				left = append(left, "netns "+e.Name())
 			}
 		}
 	}
-	pins, _ := filepath.Glob(filepath.Join("/sys/fs/bpf", prefix+"-*"))
+	pins, _ := filepath.Glob(filepath.Join(bpffsDir, prefix+"-*"))
 	for _, p := range pins {
 		left = append(left, "bpffs "+p)
 	}
-	if mount, err := netlab.Cgroup2Mount(); err == nil {
+	if mount, err := netns.Cgroup2Mount(); err == nil {
 		if _, err := os.Stat(filepath.Join(mount, prefix)); err == nil {
 			left = append(left, "cgroup "+filepath.Join(mount, prefix))
 		}

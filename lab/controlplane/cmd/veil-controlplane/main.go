@@ -1,4 +1,5 @@
-// Command veil-controlplane builds and runs the test control plane by hand.
+// Command veil-controlplane builds and runs the lab's control plane (etcd +
+// kube-apiserver, as the lab and the tests use it) by hand.
 //
 //	veil-controlplane build   build etcd and kube-apiserver into the cache, print their paths
 //	veil-controlplane up      start a control plane, print its kubeconfig path, run until ^C
@@ -11,7 +12,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/lab/controlplane"
 )
 
 func main() {

@@ -1,13 +1,11 @@
-// Package controlplane runs a real etcd and kube-apiserver for Veil's
-// tests, built from the Go module sources pinned under build/ and cached
-// between runs (see Build and CacheDir).
+// Package controlplane runs a real etcd and kube-apiserver for the lab and
+// Veil's tests, built from the Go module sources pinned under build/ and
+// cached between runs (see Build and CacheDir).
 //
 // A test starts one, talks to it as cluster-admin and is done:
 //
 //	func TestPrivilegedSomething(t *testing.T) {
-//		if os.Getenv("VEIL_PRIVILEGED") != "1" {
-//			t.Skip("set VEIL_PRIVILEGED=1 to run against a real API server")
-//		}
+//		testenv.RequirePrivileged(t) // tests/testenv: VEIL_PRIVILEGED=1
 //		cp := controlplane.StartForTest(t, controlplane.Options{})
 //		clients := kubernetes.NewForConfigOrDie(cp.Config)
 //		…

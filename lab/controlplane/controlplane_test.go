@@ -18,17 +18,17 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 // TestPrivilegedControlPlane checks what tests rely on: the kubeconfig, the
 // pinned version, RBAC enforcement, service-account tokens, and a Stop that
 // ends exactly the servers it started and removes its files.
 func TestPrivilegedControlPlane(t *testing.T) {
+	testenv.RequirePrivileged(t)
 	if testing.Short() {
 		t.Skip("skipped under -short: starts etcd and kube-apiserver, built from source on the first run (several minutes)")
-	}
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("set VEIL_PRIVILEGED=1 to start a real etcd and kube-apiserver")
 	}
 	cp := StartForTest(t, Options{SkipCRDs: true})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

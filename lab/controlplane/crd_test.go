@@ -3,7 +3,6 @@ package controlplane_test
 import (
 	"context"
 	"fmt"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -17,10 +16,11 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
+	"github.com/veilmesh/veil/lab/controlplane"
 	v1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	"github.com/veilmesh/veil/policy/client/informers/externalversions"
-	"github.com/veilmesh/veil/tests/controlplane"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 // subnets returns n CIDRs from a format with one %d, counting from 0.
@@ -36,11 +36,9 @@ func subnets(format string, n int) []string {
 // machine may run one.
 func requireControlPlane(t *testing.T) {
 	t.Helper()
+	testenv.RequirePrivileged(t)
 	if testing.Short() {
 		t.Skip("skipped under -short: starts etcd and kube-apiserver, built from source on the first run (several minutes)")
-	}
-	if os.Getenv("VEIL_PRIVILEGED") != "1" {
-		t.Skip("set VEIL_PRIVILEGED=1 to start a real etcd and kube-apiserver")
 	}
 }
 

@@ -8,6 +8,11 @@
 // Everything the lab creates carries its prefix and is removed by exact name;
 // no lab namespace gets a route out of the lab. Nodes reach the API server
 // through a relay listening on their own loopback.
+//
+// The lab is a product: `meshctl lab` runs it and the end-to-end tests in
+// tests/ drive it. It never imports test code, and it reaches the agent only
+// through its binaries and its API (an agent's pinned datapath is removed by
+// `veil-agent --cleanup`), so meshctl does not link the datapath.
 package lab
 
 import (
@@ -36,11 +41,10 @@ import (
 	"github.com/vishvananda/netlink"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/deploy"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
-	"github.com/veilmesh/veil/tests/controlplane"
-	"github.com/veilmesh/veil/tests/netlab"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -66,7 +70,8 @@ type Options struct {
 	Nodes int
 	// Dir holds kubeconfigs, agent state, sockets and logs.
 	Dir string
-	// AgentBin and CNIBin are the built binaries (see Build).
+	// AgentBin and CNIBin are the built binaries (see Build). AgentBin
+	// also removes the nodes' pinned datapaths (Cleanup).
 	AgentBin, CNIBin string
 	// AgentEnv adds or replaces environment variables of a node's agent,
 	// on top of the DaemonSet's and the lab's own (see AgentOverrides).
@@ -81,8 +86,8 @@ type Lab struct {
 	CP       *controlplane.ControlPlane
 	Kube     kubernetes.Interface
 	Veil     versioned.Interface
-	underlay *netlab.Netns
-	cgroup   *netlab.Cgroup
+	underlay *netns.Netns
+	cgroup   *netns.Cgroup
 	Nodes    []*Node
 
 	mu   sync.Mutex
@@ -92,15 +97,15 @@ type Lab struct {
 // Node is one lab node.
 type Node struct {
 	Name       string
-	Netns      *netlab.Node
+	Netns      *netns.Node
 	IP         netip.Addr
 	PodCIDR    netip.Prefix
 	Dir        string
 	Kubeconfig string
 	Socket     string
 	BPFFSRoot  string
-	Cgroup     *netlab.Cgroup
-	relay      *netlab.Forwarder
+	Cgroup     *netns.Cgroup
+	relay      *netns.Forwarder
 	agent      *exec.Cmd
 	agentDone  chan struct{}
 	lab        *Lab
@@ -111,9 +116,9 @@ type Pod struct {
 	Namespace, Name string
 	Node            *Node
 	IP              netip.Addr
-	Netns           *netlab.Netns
+	Netns           *netns.Netns
 	ContainerID     string
-	server          *netlab.Proc
+	server          *netns.Proc
 	// CNIAdd is how long veil-cni ADD took, as kubelet would see it.
 	CNIAdd time.Duration
 }
@@ -123,20 +128,28 @@ func (p *Pod) Key() string { return p.Namespace + "/" + p.Name }
 
 // Build compiles veil-agent and veil-cni into dir.
 func Build(ctx context.Context, dir string) (agentBin, cniBin string, err error) {
-	root, err := repoRoot(ctx)
-	if err != nil {
+	agentBin, cniBin = filepath.Join(dir, "veil-agent"), filepath.Join(dir, "veil-cni")
+	if err := build(ctx, map[string]string{agentBin: "./agent/cmd/veil-agent", cniBin: "./agent/cmd/veil-cni"}); err != nil {
 		return "", "", err
 	}
-	agentBin, cniBin = filepath.Join(dir, "veil-agent"), filepath.Join(dir, "veil-cni")
-	for bin, pkg := range map[string]string{agentBin: "./agent/cmd/veil-agent", cniBin: "./agent/cmd/veil-cni"} {
+	return agentBin, cniBin, nil
+}
+
+// build compiles each package (relative to the checkout) into its binary.
+func build(ctx context.Context, bins map[string]string) error {
+	root, err := repoRoot(ctx)
+	if err != nil {
+		return err
+	}
+	for bin, pkg := range bins {
 		cmd := exec.CommandContext(ctx, "go", "build", "-o", bin, pkg)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return "", "", fmt.Errorf("build %s: %w: %s", pkg, err, out)
+			return fmt.Errorf("build %s: %w: %s", pkg, err, out)
 		}
 	}
-	return agentBin, cniBin, nil
+	return nil
 }
 
 func repoRoot(ctx context.Context) (string, error) {
@@ -172,7 +185,7 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 		return nil, fmt.Errorf("create lab dir: %w", err)
 	}
 	// Leftovers of a crashed lab with the same prefix go first.
-	if err := Cleanup(opts.Prefix); err != nil {
+	if err := Cleanup(ctx, opts.Prefix, opts.AgentBin); err != nil {
 		return nil, err
 	}
 	l := &Lab{opts: opts, Pods: map[string]*Pod{}}
@@ -193,7 +206,7 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	if l.Veil, err = versioned.NewForConfig(cp.Config); err != nil {
 		return nil, err
 	}
-	if l.underlay, err = netlab.NewNetns(opts.Prefix + "-ul"); err != nil {
+	if l.underlay, err = netns.NewNetns(opts.Prefix + "-ul"); err != nil {
 		return nil, err
 	}
 	if err := l.underlay.Do(func() error {
@@ -205,7 +218,7 @@ func Start(ctx context.Context, opts Options) (*Lab, error) {
 	}); err != nil {
 		return nil, fmt.Errorf("create underlay bridge: %w", err)
 	}
-	if l.cgroup, err = netlab.NewCgroup(opts.Prefix); err != nil {
+	if l.cgroup, err = netns.NewCgroup(opts.Prefix); err != nil {
 		return nil, err
 	}
 	for range opts.Nodes {
@@ -229,25 +242,25 @@ func (l *Lab) AddNode(ctx context.Context) (*Node, error) {
 	n.Dir = filepath.Join(l.opts.Dir, n.Name)
 	n.Socket = filepath.Join(n.Dir, "agent.sock")
 	n.Kubeconfig = filepath.Join(n.Dir, "kubeconfig")
-	n.BPFFSRoot = filepath.Join("/sys/fs/bpf", l.opts.Prefix+"-"+n.Name)
+	n.BPFFSRoot = nodeBPFFSRoot(l.opts.Prefix, n.Name)
 	if err := os.MkdirAll(n.Dir, 0o700); err != nil {
 		return nil, err
 	}
 	var err error
-	if n.Netns, err = netlab.NewNode(l.opts.Prefix + "-" + n.Name); err != nil {
+	if n.Netns, err = netns.NewNode(l.opts.Prefix + "-" + n.Name); err != nil {
 		return nil, err
 	}
 	l.Nodes = append(l.Nodes, n)
 	if err := l.wireUnderlay(n, i); err != nil {
 		return nil, err
 	}
-	if n.Cgroup, err = netlab.NewCgroup(filepath.Join(filepath.Base(l.cgroup.Path), n.Name)); err != nil {
+	if n.Cgroup, err = netns.NewCgroup(filepath.Join(filepath.Base(l.cgroup.Path), n.Name)); err != nil {
 		return nil, err
 	}
 	if err := l.createNodeObject(ctx, n); err != nil {
 		return nil, err
 	}
-	if n.relay, err = netlab.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(l.CP.Server, "https://")); err != nil {
+	if n.relay, err = netns.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(l.CP.Server, "https://")); err != nil {
 		return nil, err
 	}
 	nodeCfg := rest.CopyConfig(l.CP.Config)
@@ -262,7 +275,7 @@ func (l *Lab) AddNode(ctx context.Context) (*Node, error) {
 }
 
 func (l *Lab) wireUnderlay(n *Node, i int) error {
-	ul, err := netns(l.underlay)
+	ul, err := l.underlay.Handle()
 	if err != nil {
 		return err
 	}
@@ -488,7 +501,7 @@ func (n *Node) CutAPIServer() {
 // RestoreAPIServer brings the node's path to the API server back.
 func (n *Node) RestoreAPIServer() error {
 	var err error
-	n.relay, err = netlab.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(n.lab.CP.Server, "https://"))
+	n.relay, err = netns.Forward(&n.Netns.Netns, apiRelay, strings.TrimPrefix(n.lab.CP.Server, "https://"))
 	return err
 }
 
@@ -553,7 +566,7 @@ func (l *Lab) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		return nil, fmt.Errorf("create pod %s/%s: %w", spec.Namespace, spec.Name, err)
 	}
 	p := &Pod{Namespace: spec.Namespace, Name: spec.Name, Node: node, ContainerID: "lab" + strings.ReplaceAll(string(created.UID), "-", "")}
-	if p.Netns, err = netlab.NewNetns(fmt.Sprintf("%s-p-%s-%s", l.opts.Prefix, spec.Namespace, spec.Name)); err != nil {
+	if p.Netns, err = netns.NewNetns(fmt.Sprintf("%s-p-%s-%s", l.opts.Prefix, spec.Namespace, spec.Name)); err != nil {
 		return nil, err
 	}
 	l.mu.Lock()
@@ -596,7 +609,7 @@ func (l *Lab) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		}
 	}
 	if len(serve) > 0 {
-		if p.server, err = netlab.StartHelper(p.Netns, node.Cgroup, -1, "serve", serve...); err != nil {
+		if p.server, err = netns.StartHelper(p.Netns, node.Cgroup, -1, "serve", serve...); err != nil {
 			return nil, err
 		}
 		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -676,7 +689,7 @@ func (l *Lab) Stop() error {
 	if l.CP != nil {
 		errs = append(errs, l.CP.Stop())
 	}
-	errs = append(errs, Cleanup(l.opts.Prefix))
+	errs = append(errs, Cleanup(context.Background(), l.opts.Prefix, l.opts.AgentBin))
 	return errors.Join(errs...)
 }
 
@@ -699,21 +712,20 @@ func labNetns(prefix, name string) bool {
 }
 
 // Cleanup removes, by exact prefix, what a lab with that prefix left behind
-// (also after a crash): pinned datapaths, namespaces, cgroups.
-func Cleanup(prefix string) error {
+// (also after a crash): pinned datapaths, namespaces, cgroups. agentBin is
+// the veil-agent binary that removes each node's pinned datapath (see
+// cleanupAgent); it may be empty when no node left a bpffs root.
+func Cleanup(ctx context.Context, prefix, agentBin string) error {
 	if len(prefix) < 8 {
 		return fmt.Errorf("cleanup: prefix %q is too short to be safe", prefix)
 	}
 	var errs []error
-	roots, _ := filepath.Glob(filepath.Join("/sys/fs/bpf", prefix+"-node-*"))
-	for _, r := range roots {
-		if labNetns(prefix, filepath.Base(r)) {
-			errs = append(errs, datapath.RemovePins(r))
-		}
+	for _, node := range pinnedNodes(prefix) {
+		errs = append(errs, cleanupAgent(ctx, agentBin, prefix, node))
 	}
 	// The lab's namespaces have exactly three shapes; matching them (not a
 	// bare prefix) keeps a lab named veil-lab off one named veil-lab-b.
-	errs = append(errs, netlab.CleanupMatching(func(name string) bool { return labNetns(prefix, name) }))
+	errs = append(errs, netns.CleanupMatching(func(name string) bool { return labNetns(prefix, name) }))
 	// Userspace WireGuard control sockets of the lab's nodes (an agent
 	// killed hard leaves its socket behind).
 	socks, _ := filepath.Glob(filepath.Join("/var/run/wireguard", wgName(prefix, "")+"*.sock"))
@@ -722,16 +734,16 @@ func Cleanup(prefix string) error {
 			errs = append(errs, err)
 		}
 	}
-	if mount, err := netlab.Cgroup2Mount(); err == nil {
+	if mount, err := netns.Cgroup2Mount(); err == nil {
 		root := filepath.Join(mount, prefix)
 		subs, _ := filepath.Glob(filepath.Join(root, "*"))
 		for _, s := range subs {
 			if fi, err := os.Stat(s); err == nil && fi.IsDir() {
-				errs = append(errs, (&netlab.Cgroup{Path: s}).Delete())
+				errs = append(errs, (&netns.Cgroup{Path: s}).Delete())
 			}
 		}
 		if _, err := os.Stat(root); err == nil {
-			errs = append(errs, (&netlab.Cgroup{Path: root}).Delete())
+			errs = append(errs, (&netns.Cgroup{Path: root}).Delete())
 		}
 	}
 	return errors.Join(errs...)

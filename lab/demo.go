@@ -11,8 +11,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	"github.com/veilmesh/veil/tests/netlab"
 )
 
 // The demo is what `meshctl lab up` runs on a fresh lab: pods in two
@@ -148,7 +148,7 @@ func waitReach(ctx context.Context, from, to *Pod, port int, allow bool, within 
 	deadline := time.Now().Add(within)
 	addr := fmt.Sprintf("%s:%d", to.IP, port)
 	for {
-		err := netlab.TCPEcho(from.Netns, addr, 700*time.Millisecond)
+		err := netns.TCPEcho(from.Netns, addr, 700*time.Millisecond)
 		if (err == nil) == allow {
 			return nil
 		}

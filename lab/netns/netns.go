@@ -1,9 +1,9 @@
-// Package netlab builds small networks out of network namespaces and veth
-// pairs for Veil's privileged tests and the local lab: nodes, pods, an
+// Package netns builds small networks out of network namespaces and veth
+// pairs for the local lab and Veil's privileged tests: nodes, pods, an
 // underlay between nodes, and helper processes that run inside a pod's
 // namespace and cgroup. Everything it creates carries a caller-chosen prefix
 // and is removed by exact name; nothing gets a route out of the lab.
-package netlab
+package netns
 
 import (
 	"errors"
@@ -15,7 +15,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
+	vnetns "github.com/vishvananda/netns"
 )
 
 // NetnsDir is where named namespaces are bind-mounted (as iproute2 does).
@@ -74,13 +74,13 @@ func (n *Netns) Do(fn func() error) error {
 	// left in another namespace must never serve other goroutines.
 	go func() {
 		runtime.LockOSThread()
-		target, err := netns.GetFromPath(n.Path())
+		target, err := vnetns.GetFromPath(n.Path())
 		if err != nil {
 			errc <- fmt.Errorf("open netns %q: %w", n.Name, err)
 			return
 		}
 		defer target.Close()
-		if err := netns.Set(target); err != nil {
+		if err := vnetns.Set(target); err != nil {
 			errc <- fmt.Errorf("enter netns %q: %w", n.Name, err)
 			return
 		}

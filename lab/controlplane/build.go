@@ -46,7 +46,7 @@ const recipe = "1: -trimpath -ldflags=-s -w +version, CGO_ENABLED=0"
 var keyFiles = []string{"go.mod", "go.sum", "main.go"}
 
 // Build returns the etcd and kube-apiserver binaries built from the modules
-// pinned under tests/controlplane/build/. They are built once per set of
+// pinned under lab/controlplane/build/. They are built once per set of
 // pins and Go toolchain into CacheDir()/<key>/; later calls, from any process,
 // return the cached binaries. Concurrent callers wait for one build.
 func Build(ctx context.Context) (Binaries, error) {
@@ -153,7 +153,7 @@ func cacheKey(src, toolchain string) (string, error) {
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
-// sourceDir finds tests/controlplane/build of the Veil checkout that holds
+// sourceDir finds lab/controlplane/build of the Veil checkout that holds
 // the working directory: go test runs in the package's dir, make in the
 // repository root.
 func sourceDir() (string, error) {
@@ -161,7 +161,7 @@ func sourceDir() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return filepath.Join(dir, "tests", "controlplane", "build"), nil
+	return filepath.Join(dir, "lab", "controlplane", "build"), nil
 }
 
 const modulePath = "github.com/veilmesh/veil"
