@@ -241,8 +241,8 @@ struct {
 
 /*
  * L4 of the datagrams whose first fragment was seen, so that the later
- * ones get the same verdict. Reassembly takes the kernel well under a
- * second, so a small LRU holds every datagram in flight.
+ * ones get the same verdict. The fragments of a datagram travel together,
+ * so a small LRU holds every datagram in flight.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

@@ -186,8 +186,8 @@ static __always_inline int frag_recall(struct iphdr *ip, struct packet *pkt)
 /**
  * parse_ip_at() - parse IPv4 + the first bytes of L4, at @ip.
  * A later fragment gets the L4 fields of its datagram's first fragment
- * (frag_recall()). The addresses are filled in for every drop reason but
- * DROP_INVALID_PACKET.
+ * (frag_recall()). The addresses are filled in whatever the reason, unless
+ * the IP header itself is cut short or malformed.
  * Return: REASON_NONE, or the drop reason.
  */
 static __always_inline int parse_ip_at(struct __sk_buff *skb, struct packet *pkt, struct iphdr *ip,
