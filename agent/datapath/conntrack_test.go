@@ -422,3 +422,19 @@ func TestConntrackRevokedConnectionIsNotRederived(t *testing.T) {
 		}
 	}
 }
+
+// Issue 12, item 2: ICMP errors the host stack routes to a pod (here from
+// a router in the world) are related too. (from_tunnel shares the lookup;
+// BPF_PROG_RUN cannot hand it an L3 packet.)
+func TestConntrackICMPErrorsFromTheHostStack(t *testing.T) {
+	p := cluster(t, false, false)
+	p.isolated(pA)
+	router := addr("198.51.100.1")
+	for _, c := range []verdictCase{
+		{name: "a opens to the world", prog: "from_pod", frame: tcp(pA, pWorld, 40001, 443, tcpSYN), want: tcOK},
+		{name: "a router's fragmentation needed", prog: "to_pod", frame: icmpError(router, pA, icmpUnreachable, codeFragNeeded, tcp(pA, pWorld, 40001, 443, tcpACK)), want: tcOK},
+		{name: "a router's error about nothing tracked", prog: "to_pod", frame: icmpError(router, pA, icmpUnreachable, codeFragNeeded, tcp(pA, pWorld, 40003, 443, tcpACK)), want: tcShot, reason: DropPolicyIngress},
+	} {
+		p.check(c)
+	}
+}
