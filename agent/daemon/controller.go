@@ -19,6 +19,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/policy/identity"
@@ -270,9 +271,10 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 		} else {
 			ch = d.compiler.UpsertNode(node)
 		}
-		// Node addresses and pod CIDRs live in the ipcache; keys are peers.
-		ch.IPCache = true
-		if err := d.syncPeers(ctx); err != nil {
+		// Node addresses and pod CIDRs live in the ipcache, keys in the
+		// peers: syncNodes marks the ipcache for rewriting when a node's
+		// claims changed, and only then (not on every kubelet heartbeat).
+		if err := d.syncNodes(ctx, k.name, node); err != nil {
 			return err
 		}
 	case kindNetworkPolicy:
@@ -438,11 +440,11 @@ var denyAll = policy.Defaults{
 	EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
 }
 
-// tunnelKind is the ipcache flag for prefixes hosted by the node at ip.
-func (d *Daemon) tunnelKind(ip netip.Addr) datapath.IPCacheKind {
+// tunnelKind is the ipcache flag for prefixes hosted by the named node.
+func (d *Daemon) tunnelKind(node string) datapath.IPCacheKind {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.hasTunnel(ip) {
+	if d.tunnels[node] {
 		return datapath.Tunnel
 	}
 	return 0
@@ -469,30 +471,41 @@ func optedOut(v string) bool {
 	return false
 }
 
-// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
-// addresses and pod CIDRs, and this node's own address.
-func (d *Daemon) syncIPCache() error {
+// wantIPCache is what the ipcache should hold for the resolved nodes and
+// the compiler's pods. The WireGuard peers come from the same resolution,
+// so a node's prefixes carry the tunnel flag exactly when it is a peer, and
+// are forwarded toward the address its tunnel uses.
+func (d *Daemon) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
 	want := map[netip.Prefix]datapath.IPCacheEntry{}
 	nodeIPs := map[string]netip.Addr{}
-	nodes, err := d.nodes.List(labels.Everything())
-	if err != nil {
-		return fmt.Errorf("list nodes: %w", err)
-	}
-	for _, n := range nodes {
-		ip := nodeInternalIP(n)
+	self := netip.PrefixFrom(d.nodeIP, 32)
+	for _, n := range c.Nodes {
+		if n.Name == d.cfg.NodeName {
+			nodeIPs[n.Name] = d.nodeIP
+			for _, a := range n.Addrs() {
+				if a.Is4() {
+					want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
+				}
+			}
+			continue
+		}
+		ip := n.IP()
 		if !ip.IsValid() {
 			continue
 		}
 		nodeIPs[n.Name] = ip
-		if n.Name == d.cfg.NodeName {
-			continue
+		for _, a := range n.Addrs() {
+			if a.Is4() && netip.PrefixFrom(a, 32) != self {
+				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
+			}
 		}
-		want[netip.PrefixFrom(ip, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
-		if cidr := nodePodCIDR(n); cidr.IsValid() {
-			want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | d.tunnelKind(ip)}
+		for _, cidr := range n.PodCIDRs {
+			if cidr.Addr().Is4() {
+				want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | d.tunnelKind(n.Name)}
+			}
 		}
 	}
-	want[netip.PrefixFrom(d.nodeIP, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
+	want[self] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
 	for _, e := range d.compiler.IPCache() {
 		if !e.IP.Is4() || e.Node == d.cfg.NodeName {
 			continue
@@ -501,8 +514,15 @@ func (d *Daemon) syncIPCache() error {
 		if !ok {
 			continue
 		}
-		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | d.tunnelKind(nip)}
+		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | d.tunnelKind(e.Node)}
 	}
+	return want
+}
+
+// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
+// addresses and pod CIDRs, and this node's own address.
+func (d *Daemon) syncIPCache() error {
+	want := d.wantIPCache(d.resolvedCluster())
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

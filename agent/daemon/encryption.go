@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -13,13 +12,13 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
@@ -51,6 +50,9 @@ func (d *Daemon) startWireGuard(ctx context.Context, underlay string) error {
 		return fmt.Errorf("open WireGuard device: %w", err)
 	}
 	d.wg, d.podMTU = dev, mtu
+	d.mu.Lock()
+	d.pub = key.PublicKey()
+	d.mu.Unlock()
 	d.log.Info("WireGuard up", "interface", d.cfg.WireGuardIface, "mode", dev.Mode(), "key", dev.Key(), "podMTU", mtu, "strict", d.cfg.StrictMode)
 	return nil
 }
@@ -72,56 +74,50 @@ func (d *Daemon) publishKey(ctx context.Context) {
 	}
 }
 
-func (d *Daemon) patchNodeAnnotations(ctx context.Context) error {
-	var cidrs []netip.Prefix
-	if d.podCIDR.IsValid() {
-		cidrs = append(cidrs, d.podCIDR)
-	}
-	ann := wireguard.Annotations(d.wg.Key().PublicKey(), netip.AddrPortFrom(d.nodeIP, uint16(d.cfg.WireGuardPort)), cidrs)
-	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
-	if err != nil {
-		return err
-	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	_, err = d.kube.CoreV1().Nodes().Patch(cctx, d.cfg.NodeName, types.MergePatchType, patch, metav1.PatchOptions{})
-	if err != nil {
-		return fmt.Errorf("annotate node %s: %w", d.cfg.NodeName, err)
-	}
-	return nil
-}
-
-// syncPeers makes every node that published a key a peer, and marks the
-// nodes with a tunnel in the ipcache. Malformed annotations are logged, not
-// guessed at: that node gets no tunnel (and, in strict mode, no traffic).
-func (d *Daemon) syncPeers(ctx context.Context) error {
+// syncPeers makes every other node that published a key a peer, and marks
+// the nodes with a tunnel in the ipcache. Malformed annotations and refused
+// claims are reported, not guessed at: such a node gets no tunnel (and, in
+// strict mode, no traffic), and never takes over another node's.
+func (d *Daemon) syncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 	if d.wg == nil {
 		return nil
 	}
-	nodes, err := d.nodes.List(labels.Everything())
-	if err != nil {
-		return err
-	}
-	peers, errs := wireguard.PeersFromNodes(d.cfg.NodeName, nodes, d.cfg.NodeToNode)
+	peers, errs := wireguard.PeersFromNodes(c, d.cfg.NodeName, d.cfg.NodeToNode)
 	for _, e := range errs {
 		d.log.Warn("node not peered", "error", e)
 	}
 	if err := d.wg.SetPeers(ctx, peers); err != nil {
 		return fmt.Errorf("set WireGuard peers: %w", err)
 	}
-	tunnels := map[netip.Addr]bool{}
-	for _, p := range peers {
-		tunnels[p.Endpoint.Addr()] = true
-	}
+	d.recordTunnels(peers)
 	if d.cfg.NodeToNode {
-		if err := d.routeNodesThroughTunnel(tunnels); err != nil {
+		addrs := map[netip.Addr]bool{}
+		for _, p := range peers {
+			n, _ := c.Node(p.Node)
+			for _, a := range n.InternalIPs { // what its allowed IPs hold
+				if a.Is4() {
+					addrs[a] = true
+				}
+			}
+		}
+		if err := d.routeNodesThroughTunnel(addrs); err != nil {
 			return err
 		}
 	}
+	return nil
+}
+
+// recordTunnels remembers which nodes are peers, marking the ipcache and
+// the MeshNode status for rewriting when that changed.
+func (d *Daemon) recordTunnels(peers []wireguard.Peer) {
+	tunnels := map[string]bool{}
+	for _, p := range peers {
+		tunnels[p.Node] = true
+	}
 	d.mu.Lock()
 	changed := len(tunnels) != len(d.tunnels)
-	for ip := range tunnels {
-		if !d.tunnels[ip] {
+	for n := range tunnels {
+		if !d.tunnels[n] {
 			changed = true
 		}
 	}
@@ -131,12 +127,7 @@ func (d *Daemon) syncPeers(ctx context.Context) error {
 		d.ipcacheDirty.Store(true)
 		d.statusDirty.Store(true)
 	}
-	return nil
 }
-
-// hasTunnel reports whether the node at ip is a WireGuard peer. Callers
-// hold d.mu.
-func (d *Daemon) hasTunnel(ip netip.Addr) bool { return d.tunnels[ip] }
 
 // rotateKey replaces the node's key and republishes it; peers pick it up
 // from the Node annotation.
@@ -149,6 +140,9 @@ func (d *Daemon) rotateKey(ctx context.Context) (old, cur string, err error) {
 	if err != nil {
 		return old, "", fmt.Errorf("rotate WireGuard key: %w", err)
 	}
+	d.mu.Lock()
+	d.pub = key.PublicKey()
+	d.mu.Unlock()
 	if err := d.patchNodeAnnotations(ctx); err != nil {
 		return old, key.Fingerprint(), err
 	}
@@ -201,7 +195,7 @@ func (d *Daemon) writeMeshNode(ctx context.Context) error {
 	if d.podCIDR.IsValid() {
 		st.PodCIDRs = []string{d.podCIDR.String()}
 	}
-	st.Encryption = v1alpha1.EncryptionStatus{Mode: "disabled"}
+	st.Encryption = v1alpha1.EncryptionStatus{Mode: v1alpha1.EncryptionModeDisabled}
 	if d.wg != nil {
 		enc, err := d.encryptionStatus(ctx)
 		if err != nil {
@@ -235,17 +229,17 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 		Mode: string(ws.Mode), Interface: ws.Interface, PublicKey: ws.PublicKey, Fingerprint: ws.Fingerprint,
 		KeyCreated: metav1.NewTime(ws.KeyCreated), ListenPort: int32(ws.ListenPort), StrictMode: d.cfg.StrictMode,
 	}
-	byIP := map[netip.Addr]string{}
-	if nodes, err := d.nodes.List(labels.Everything()); err == nil {
-		for _, n := range nodes {
-			if ip := nodeInternalIP(n); ip.IsValid() {
-				byIP[ip] = n.Name
-			}
+	// A peer is named by the node that holds its key: what this agent
+	// believes, which the audit compares with what that node says.
+	byKey := map[string]string{}
+	for _, n := range d.resolvedCluster().Nodes {
+		if n.Tunnel() {
+			byKey[wgtypes.Key(n.PublicKey).String()] = n.Name
 		}
 	}
 	for _, p := range ws.Peers {
 		ps := v1alpha1.PeerStatus{
-			Node: byIP[p.Endpoint.Addr()], PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(),
+			Node: byKey[p.PublicKey], PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(),
 			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
 		}
 		if ps.Node == "" {
