@@ -247,7 +247,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		cancel() // on an error return too, so the goroutines end
 		wg.Wait()
 	}()
-	wg.Add(4)
+	wg.Add(5)
 	go func() { defer wg.Done(); d.encryptionLoop(ctx) }()
 	if d.wg != nil {
 		wg.Add(1)
@@ -256,6 +256,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.persistLoop(ctx) }()
+	go func() { defer wg.Done(); d.dp.RunConntrackGC(ctx) }()
 	if d.cfg.StrictMode {
 		wg.Add(1)
 		go func() { defer wg.Done(); d.guardLoop(ctx) }()

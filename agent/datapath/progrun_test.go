@@ -48,7 +48,8 @@ type progTest struct {
 }
 
 // newProgTest loads every object with node configuration cfg (NodeIP,
-// StrictMode, CTIdleTimeout are honoured; encryption is on when wg is set).
+// StrictMode, CTTimeouts, CTMaxEntries are honoured; encryption is on when
+// wg is set).
 func newProgTest(t *testing.T, cfg Config, underlay, wg bool) *progTest {
 	t.Helper()
 	cfg.setDefaults()
