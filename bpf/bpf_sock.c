@@ -12,10 +12,19 @@
  * socket goes straight into the peer socket's receive queue. Without a peer
  * in the map (evicted, or not yet joined) the message takes the normal TCP
  * path, where TC policy sees it.
+ *
+ * veil_connect4/6, veil_sendmsg4/6, veil_recvmsg4/6, veil_getpeername4/6
+ * (cgroup sock_addr hooks): Services. A connect (TCP, connected UDP, SCTP)
+ * or an unconnected UDP send to a Service address goes to one of its
+ * backends instead; a datagram received from that backend, and getpeername,
+ * show the Service address again. IPv6 sockets are translated when they talk
+ * IPv4 through v4-mapped addresses (::ffff:a.b.c.d). A Service without
+ * backends refuses at once: connect and sendmsg fail with ECONNREFUSED.
  */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/sock.h"
+#include "lib/lb.h"
 
 SEC("sockops")
 int veil_sockops(struct bpf_sock_ops *skops)
@@ -121,6 +130,141 @@ int veil_sk_msg(struct sk_msg_md *msg)
 	}
 	sockstat_add(SOCKSTAT_PASSED, len);
 	return SK_PASS;
+}
+
+/* Referenced so that bpf2go generates the enum for Go. */
+const enum lb_backend_flags *unused_lb_backend_flags __attribute__((unused));
+
+/**
+ * sock_forward() - translate a connect's or sendmsg's destination.
+ * @ctx: the hook's context
+ * @ip: the destination (IPv4, network byte order), replaced by a backend's
+ * @port: the destination port (network byte order), replaced likewise
+ *
+ * A Service without backends refuses the call: returning 0 alone would fail
+ * it with EPERM, so the return value is set to ECONNREFUSED, what a client
+ * gets from an address where nothing listens.
+ *
+ * Return: an enum lb_result.
+ */
+static __always_inline int sock_forward(struct bpf_sock_addr *ctx, __be32 *ip, __be16 *port)
+{
+	int res = lb4_translate(bpf_get_socket_cookie(ctx), ip, port, ctx->protocol);
+
+	if (res == LB_NO_BACKEND)
+		bpf_set_retval(-ECONNREFUSED);
+	return res;
+}
+
+static __always_inline int sock4_forward(struct bpf_sock_addr *ctx)
+{
+	__be32 ip = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+
+	switch (sock_forward(ctx, &ip, &port)) {
+	case LB_NO_BACKEND:
+		return 0;
+	case LB_TRANSLATED:
+		ctx->user_ip4 = ip;
+		ctx->user_port = port;
+	}
+	return 1;
+}
+
+static __always_inline int sock6_forward(struct bpf_sock_addr *ctx)
+{
+	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
+	__be32 ip = ctx->user_ip6[3];
+	__be16 port = (__be16)ctx->user_port;
+
+	if (!v4_mapped(w0, w1, w2))
+		return 1;
+	switch (sock_forward(ctx, &ip, &port)) {
+	case LB_NO_BACKEND:
+		return 0;
+	case LB_TRANSLATED:
+		ctx->user_ip6[3] = ip;
+		ctx->user_port = port;
+	}
+	return 1;
+}
+
+/* sock4_reverse() - show the Service address in place of a backend's. */
+static __always_inline void sock4_reverse(struct bpf_sock_addr *ctx)
+{
+	__be32 ip = ctx->user_ip4;
+	__be16 port = (__be16)ctx->user_port;
+
+	if (lb4_reverse(bpf_get_socket_cookie(ctx), &ip, &port)) {
+		ctx->user_ip4 = ip;
+		ctx->user_port = port;
+	}
+}
+
+static __always_inline void sock6_reverse(struct bpf_sock_addr *ctx)
+{
+	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1], w2 = ctx->user_ip6[2];
+	__be32 ip = ctx->user_ip6[3];
+	__be16 port = (__be16)ctx->user_port;
+
+	if (!v4_mapped(w0, w1, w2))
+		return;
+	if (lb4_reverse(bpf_get_socket_cookie(ctx), &ip, &port)) {
+		ctx->user_ip6[3] = ip;
+		ctx->user_port = port;
+	}
+}
+
+SEC("cgroup/connect4")
+int veil_connect4(struct bpf_sock_addr *ctx)
+{
+	return sock4_forward(ctx);
+}
+
+SEC("cgroup/sendmsg4")
+int veil_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock4_forward(ctx);
+}
+
+SEC("cgroup/recvmsg4")
+int veil_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	sock4_reverse(ctx);
+	return 1;
+}
+
+SEC("cgroup/getpeername4")
+int veil_getpeername4(struct bpf_sock_addr *ctx)
+{
+	sock4_reverse(ctx);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int veil_connect6(struct bpf_sock_addr *ctx)
+{
+	return sock6_forward(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int veil_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return sock6_forward(ctx);
+}
+
+SEC("cgroup/recvmsg6")
+int veil_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	sock6_reverse(ctx);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int veil_getpeername6(struct bpf_sock_addr *ctx)
+{
+	sock6_reverse(ctx);
+	return 1;
 }
 
 char __license[] SEC("license") = "Dual BSD/GPL";

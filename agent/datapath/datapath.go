@@ -140,6 +140,8 @@ type Datapath struct {
 	// programs, one per attach point.
 	fromPod, toPod, fromNetdev, fromTunnel, toNetdev, sockops, skMsg *ebpf.Program
 	leaks                                                            *ebpf.Map
+	// lb holds the Services' maps and socket programs (services.go).
+	lb lbState
 	underlayIfindex, wgIfindex                                       int
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
@@ -253,6 +255,7 @@ type object struct {
 	name  string
 	spec  func() (*ebpf.CollectionSpec, error)
 	progs func(*Datapath) map[string]**ebpf.Program // program name in the object -> field
+	maps  func(*Datapath) map[string]**ebpf.Map     // maps only this object has -> field
 }
 
 // objects lists the BPF objects by attach surface. The first one also
@@ -260,16 +263,20 @@ type object struct {
 var objects = []object{
 	{"pod", loadPod, func(d *Datapath) map[string]**ebpf.Program {
 		return map[string]**ebpf.Program{"veil_from_pod": &d.fromPod, "veil_to_pod": &d.toPod}
-	}},
+	}, nil},
 	{"netdev", loadNetdev, func(d *Datapath) map[string]**ebpf.Program {
 		return map[string]**ebpf.Program{"veil_from_netdev": &d.fromNetdev, "veil_to_netdev": &d.toNetdev}
-	}},
+	}, nil},
 	{"tunnel", loadTunnel, func(d *Datapath) map[string]**ebpf.Program {
 		return map[string]**ebpf.Program{"veil_from_tunnel": &d.fromTunnel}
-	}},
+	}, nil},
 	{"sock", loadSock, func(d *Datapath) map[string]**ebpf.Program {
-		return map[string]**ebpf.Program{"veil_sockops": &d.sockops, "veil_sk_msg": &d.skMsg}
-	}},
+		progs := map[string]**ebpf.Program{"veil_sockops": &d.sockops, "veil_sk_msg": &d.skMsg}
+		for name, p := range d.lb.progs() {
+			progs[name] = p
+		}
+		return progs
+	}, func(d *Datapath) map[string]**ebpf.Map { return d.lb.maps() }},
 }
 
 // constants are the node configuration the programs see as known values.
@@ -357,6 +364,15 @@ func (d *Datapath) loadObjects(pinRoot string) error {
 			shared = coll.Maps
 			if err := d.assignMaps(coll.Maps); err != nil {
 				return err
+			}
+		}
+		if o.maps != nil {
+			for name, field := range o.maps(d) {
+				m, ok := coll.Maps[name]
+				if !ok {
+					return fmt.Errorf("%s object has no map %s", o.name, name)
+				}
+				*field = m
 			}
 		}
 		for name, field := range o.progs(d) {
@@ -464,6 +480,9 @@ func (d *Datapath) attachSockets() error {
 		if err != nil {
 			return fmt.Errorf("pin sockops link: %w", err)
 		}
+	}
+	if err := d.attachServices(); err != nil {
+		return err
 	}
 	// A map-attached program lives as long as the (pinned) sockhash; attaching
 	// again replaces the previous one.

@@ -23,6 +23,7 @@ import (
 func TestMain(m *testing.M) {
 	netns.MaybeRunHelper()
 	maybeRunLoader()
+	maybeRunSvcClient()
 	os.Exit(m.Run())
 }
 

@@ -76,6 +76,54 @@ type sockIpcacheInfo struct {
 	Flags    uint32
 }
 
+type sockLb4Backend struct {
+	_     structs.HostLayout
+	Ip    uint32
+	Port  uint16
+	Flags uint16
+}
+
+type sockLb4BackendKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Index uint32
+}
+
+type sockLb4Key struct {
+	_     structs.HostLayout
+	Vip   uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type sockLb4Revnat struct {
+	_    structs.HostLayout
+	Vip  uint32
+	Port uint16
+	Pad  uint16
+}
+
+type sockLb4RevnatKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Ip     uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type sockLb4Service struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Count uint32
+}
+
+type sockLbBackendFlags uint32
+
+const (
+	sockLbBackendFlagsLB_BACKEND_F_TERMINATING sockLbBackendFlags = 1
+)
+
 type sockLeak struct {
 	_          structs.HostLayout
 	FirstNs    uint64
@@ -129,19 +177,31 @@ type sockSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockMapVeilCidrs     = "veil_cidrs"
-	sockMapVeilCt        = "veil_ct"
-	sockMapVeilEndpoints = "veil_endpoints"
-	sockMapVeilEvents    = "veil_events"
-	sockMapVeilFrags     = "veil_frags"
-	sockMapVeilIpcache   = "veil_ipcache"
-	sockMapVeilLeaks     = "veil_leaks"
-	sockMapVeilMetrics   = "veil_metrics"
-	sockMapVeilPolicy    = "veil_policy"
-	sockMapVeilSockhash  = "veil_sockhash"
-	sockMapVeilSockstats = "veil_sockstats"
-	sockProgVeilSkMsg    = "veil_sk_msg"
-	sockProgVeilSockops  = "veil_sockops"
+	sockMapVeilCidrs            = "veil_cidrs"
+	sockMapVeilCt               = "veil_ct"
+	sockMapVeilEndpoints        = "veil_endpoints"
+	sockMapVeilEvents           = "veil_events"
+	sockMapVeilFrags            = "veil_frags"
+	sockMapVeilIpcache          = "veil_ipcache"
+	sockMapVeilLb4Backends      = "veil_lb4_backends"
+	sockMapVeilLb4Revnat        = "veil_lb4_revnat"
+	sockMapVeilLb4Services      = "veil_lb4_services"
+	sockMapVeilLeaks            = "veil_leaks"
+	sockMapVeilMetrics          = "veil_metrics"
+	sockMapVeilPolicy           = "veil_policy"
+	sockMapVeilSockhash         = "veil_sockhash"
+	sockMapVeilSockstats        = "veil_sockstats"
+	sockProgVeilConnect4        = "veil_connect4"
+	sockProgVeilConnect6        = "veil_connect6"
+	sockProgVeilGetpeername4    = "veil_getpeername4"
+	sockProgVeilGetpeername6    = "veil_getpeername6"
+	sockProgVeilRecvmsg4        = "veil_recvmsg4"
+	sockProgVeilRecvmsg6        = "veil_recvmsg6"
+	sockProgVeilSendmsg4        = "veil_sendmsg4"
+	sockProgVeilSendmsg6        = "veil_sendmsg6"
+	sockProgVeilSkMsg           = "veil_sk_msg"
+	sockProgVeilSockops         = "veil_sockops"
+	sockVarUnusedLbBackendFlags = "unused_lb_backend_flags"
 )
 
 // loadSock returns the embedded CollectionSpec for sock.
@@ -186,31 +246,43 @@ type sockSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockProgramSpecs struct {
-	VeilSkMsg   *ebpf.ProgramSpec `ebpf:"veil_sk_msg"`
-	VeilSockops *ebpf.ProgramSpec `ebpf:"veil_sockops"`
+	VeilConnect4     *ebpf.ProgramSpec `ebpf:"veil_connect4"`
+	VeilConnect6     *ebpf.ProgramSpec `ebpf:"veil_connect6"`
+	VeilGetpeername4 *ebpf.ProgramSpec `ebpf:"veil_getpeername4"`
+	VeilGetpeername6 *ebpf.ProgramSpec `ebpf:"veil_getpeername6"`
+	VeilRecvmsg4     *ebpf.ProgramSpec `ebpf:"veil_recvmsg4"`
+	VeilRecvmsg6     *ebpf.ProgramSpec `ebpf:"veil_recvmsg6"`
+	VeilSendmsg4     *ebpf.ProgramSpec `ebpf:"veil_sendmsg4"`
+	VeilSendmsg6     *ebpf.ProgramSpec `ebpf:"veil_sendmsg6"`
+	VeilSkMsg        *ebpf.ProgramSpec `ebpf:"veil_sk_msg"`
+	VeilSockops      *ebpf.ProgramSpec `ebpf:"veil_sockops"`
 }
 
 // sockMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockMapSpecs struct {
-	VeilCidrs     *ebpf.MapSpec `ebpf:"veil_cidrs"`
-	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
-	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
-	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
-	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
-	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
-	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
-	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
-	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
-	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
-	VeilSockstats *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilCidrs       *ebpf.MapSpec `ebpf:"veil_cidrs"`
+	VeilCt          *ebpf.MapSpec `ebpf:"veil_ct"`
+	VeilEndpoints   *ebpf.MapSpec `ebpf:"veil_endpoints"`
+	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
+	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
+	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
+	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
+	VeilSockhash    *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstats   *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
 // sockVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockVariableSpecs struct {
+	UnusedLbBackendFlags *ebpf.VariableSpec `ebpf:"unused_lb_backend_flags"`
 }
 
 // sockObjects contains all objects after they have been loaded into the kernel.
@@ -233,17 +305,20 @@ func (o *sockObjects) Close() error {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockMaps struct {
-	VeilCidrs     *ebpf.Map `ebpf:"veil_cidrs"`
-	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
-	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
-	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
-	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
-	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
-	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
-	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
-	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
-	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
-	VeilSockstats *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilCidrs       *ebpf.Map `ebpf:"veil_cidrs"`
+	VeilCt          *ebpf.Map `ebpf:"veil_ct"`
+	VeilEndpoints   *ebpf.Map `ebpf:"veil_endpoints"`
+	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
+	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
+	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
+	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
+	VeilSockhash    *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstats   *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
 func (m *sockMaps) Close() error {
@@ -254,6 +329,9 @@ func (m *sockMaps) Close() error {
 		m.VeilEvents,
 		m.VeilFrags,
 		m.VeilIpcache,
+		m.VeilLb4Backends,
+		m.VeilLb4Revnat,
+		m.VeilLb4Services,
 		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
@@ -266,18 +344,35 @@ func (m *sockMaps) Close() error {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockVariables struct {
+	UnusedLbBackendFlags *ebpf.Variable `ebpf:"unused_lb_backend_flags"`
 }
 
 // sockPrograms contains all programs after they have been loaded into the kernel.
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockPrograms struct {
-	VeilSkMsg   *ebpf.Program `ebpf:"veil_sk_msg"`
-	VeilSockops *ebpf.Program `ebpf:"veil_sockops"`
+	VeilConnect4     *ebpf.Program `ebpf:"veil_connect4"`
+	VeilConnect6     *ebpf.Program `ebpf:"veil_connect6"`
+	VeilGetpeername4 *ebpf.Program `ebpf:"veil_getpeername4"`
+	VeilGetpeername6 *ebpf.Program `ebpf:"veil_getpeername6"`
+	VeilRecvmsg4     *ebpf.Program `ebpf:"veil_recvmsg4"`
+	VeilRecvmsg6     *ebpf.Program `ebpf:"veil_recvmsg6"`
+	VeilSendmsg4     *ebpf.Program `ebpf:"veil_sendmsg4"`
+	VeilSendmsg6     *ebpf.Program `ebpf:"veil_sendmsg6"`
+	VeilSkMsg        *ebpf.Program `ebpf:"veil_sk_msg"`
+	VeilSockops      *ebpf.Program `ebpf:"veil_sockops"`
 }
 
 func (p *sockPrograms) Close() error {
 	return _SockClose(
+		p.VeilConnect4,
+		p.VeilConnect6,
+		p.VeilGetpeername4,
+		p.VeilGetpeername6,
+		p.VeilRecvmsg4,
+		p.VeilRecvmsg6,
+		p.VeilSendmsg4,
+		p.VeilSendmsg6,
 		p.VeilSkMsg,
 		p.VeilSockops,
 	)

@@ -1,0 +1,332 @@
+package datapath
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// Services: socket-level load balancing of ClusterIP Services. The cgroup
+// socket programs (bpf/bpf_sock.c, bpf/lib/lb.h) connect an application's
+// socket straight to a backend, so every packet after the connect is plain
+// pod-to-pod traffic that policy judges by the backend's identity.
+
+// ServiceKey is a Service address as clients use it.
+type ServiceKey struct {
+	VIP   netip.Addr // an IPv4 address
+	Port  uint16
+	Proto uint8 // IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP
+}
+
+func (k ServiceKey) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.VIP, k.Port), protoName(k.Proto))
+}
+
+// Service is a Service address and the endpoints that can serve it.
+type Service struct {
+	ServiceKey
+	// Backends that can serve. Terminating ones are used only while no
+	// other backend is left; without any, a client's connect or send
+	// fails at once with ECONNREFUSED.
+	Backends []Backend
+}
+
+// Backend is one endpoint of a Service.
+type Backend struct {
+	IP   netip.Addr // an IPv4 address
+	Port uint16
+	// Terminating: the endpoint still serves but is going away
+	// (EndpointSlice condition serving without ready).
+	Terminating bool
+}
+
+// lbState holds the Services' maps, programs and allocated service ids.
+type lbState struct {
+	services, backends, revnat *ebpf.Map
+	connect4, sendmsg4, recvmsg4, getpeername4 *ebpf.Program
+	connect6, sendmsg6, recvmsg6, getpeername6 *ebpf.Program
+
+	mu sync.Mutex
+	// ids are the service ids in use (a service's backend slots are
+	// id<<1 and id<<1|1); nil until read back from the pinned map.
+	ids map[uint32]bool
+	// next is where the search for a free id starts.
+	next uint32
+}
+
+func (lb *lbState) maps() map[string]**ebpf.Map {
+	return map[string]**ebpf.Map{
+		"veil_lb4_services": &lb.services, "veil_lb4_backends": &lb.backends, "veil_lb4_revnat": &lb.revnat,
+	}
+}
+
+// hooks lists the cgroup programs with their attach points; the name is
+// the program's in the object and, without its prefix, its link pin's.
+func (lb *lbState) hooks() []struct {
+	name   string
+	attach ebpf.AttachType
+	prog   **ebpf.Program
+} {
+	return []struct {
+		name   string
+		attach ebpf.AttachType
+		prog   **ebpf.Program
+	}{
+		{"veil_connect4", ebpf.AttachCGroupInet4Connect, &lb.connect4},
+		{"veil_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, &lb.sendmsg4},
+		{"veil_recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, &lb.recvmsg4},
+		{"veil_getpeername4", ebpf.AttachCgroupInet4GetPeername, &lb.getpeername4},
+		{"veil_connect6", ebpf.AttachCGroupInet6Connect, &lb.connect6},
+		{"veil_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, &lb.sendmsg6},
+		{"veil_recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, &lb.recvmsg6},
+		{"veil_getpeername6", ebpf.AttachCgroupInet6GetPeername, &lb.getpeername6},
+	}
+}
+
+func (lb *lbState) progs() map[string]**ebpf.Program {
+	m := map[string]**ebpf.Program{}
+	for _, h := range lb.hooks() {
+		m[h.name] = h.prog
+	}
+	return m
+}
+
+// attachServices attaches the Service hooks to the sockets' cgroup, or
+// re-points their pinned links at the freshly loaded programs, so the cgroup
+// is never without them across an agent restart.
+func (d *Datapath) attachServices() error {
+	for _, h := range d.lb.hooks() {
+		pin := filepath.Join(linksDir(d.cfg.BPFFSRoot), "cgroup_"+h.name[len("veil_"):])
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			err = l.Update(*h.prog)
+			l.Close()
+			if err != nil {
+				return fmt.Errorf("update pinned %s link: %w", h.name, err)
+			}
+			continue
+		}
+		l, err := link.AttachCgroup(link.CgroupOptions{Path: d.cfg.CgroupPath, Attach: h.attach, Program: *h.prog})
+		if err != nil {
+			return fmt.Errorf("attach %s to cgroup %s: %w", h.name, d.cfg.CgroupPath, err)
+		}
+		err = l.Pin(pin)
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("pin %s link: %w", h.name, err)
+		}
+	}
+	return nil
+}
+
+func lbKey(k ServiceKey) (sockLb4Key, error) {
+	if !k.VIP.Is4() {
+		return sockLb4Key{}, fmt.Errorf("service %s: only IPv4 service addresses are supported", k)
+	}
+	return sockLb4Key{Vip: ip4ToU32(k.VIP), Port: be16(k.Port), Proto: k.Proto}, nil
+}
+
+// activeBackends are the backends clients are sent to: the ready ones, or
+// the terminating ones when no ready one is left.
+func activeBackends(all []Backend) []Backend {
+	var ready, terminating []Backend
+	for _, b := range all {
+		if b.Terminating {
+			terminating = append(terminating, b)
+		} else {
+			ready = append(ready, b)
+		}
+	}
+	if len(ready) > 0 {
+		return ready
+	}
+	return terminating
+}
+
+// UpsertService creates or replaces a Service. The replacement is atomic
+// for the socket programs: the new backends are written to the generation
+// the service does not use, then the service entry switches to it in one
+// update. A connect sees the old set or the new one, never a mix.
+func (d *Datapath) UpsertService(s Service) error {
+	key, err := lbKey(s.ServiceKey)
+	if err != nil {
+		return err
+	}
+	backends := activeBackends(s.Backends)
+	for _, b := range backends {
+		if !b.IP.Is4() {
+			return fmt.Errorf("service %s: backend %s is not an IPv4 address", s.ServiceKey, b.IP)
+		}
+	}
+	lb := &d.lb
+	lb.mu.Lock()
+	defer lb.mu.Unlock()
+	if err := lb.loadIDs(); err != nil {
+		return err
+	}
+	var cur sockLb4Service
+	var slot uint32
+	switch err := lb.services.Lookup(&key, &cur); {
+	case err == nil:
+		slot = cur.Slot ^ 1
+	case errors.Is(err, ebpf.ErrKeyNotExist):
+		id, err := lb.allocID()
+		if err != nil {
+			return fmt.Errorf("upsert service %s: %w", s.ServiceKey, err)
+		}
+		slot = id << 1
+	default:
+		return fmt.Errorf("look up service %s: %w", s.ServiceKey, err)
+	}
+	for i, b := range backends {
+		v := sockLb4Backend{Ip: ip4ToU32(b.IP), Port: be16(b.Port)}
+		if b.Terminating {
+			v.Flags = uint16(sockLbBackendFlagsLB_BACKEND_F_TERMINATING)
+		}
+		if err := lb.backends.Put(sockLb4BackendKey{Slot: slot, Index: uint32(i)}, v); err != nil {
+			return fmt.Errorf("write backend %d of service %s: %w", i, s.ServiceKey, err)
+		}
+	}
+	if err := lb.trim(slot, len(backends)); err != nil {
+		return fmt.Errorf("upsert service %s: %w", s.ServiceKey, err)
+	}
+	if err := lb.services.Put(key, sockLb4Service{Slot: slot, Count: uint32(len(backends))}); err != nil {
+		return fmt.Errorf("write service %s: %w", s.ServiceKey, err)
+	}
+	return nil
+}
+
+// DeleteService removes a Service; its address is left to the network
+// again. Deleting a Service that does not exist is not an error.
+func (d *Datapath) DeleteService(k ServiceKey) error {
+	key, err := lbKey(k)
+	if err != nil {
+		return err
+	}
+	lb := &d.lb
+	lb.mu.Lock()
+	defer lb.mu.Unlock()
+	if err := lb.loadIDs(); err != nil {
+		return err
+	}
+	var cur sockLb4Service
+	if err := lb.services.Lookup(&key, &cur); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		return fmt.Errorf("look up service %s: %w", k, err)
+	}
+	if err := lb.services.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service %s: %w", k, err)
+	}
+	if err := errors.Join(lb.trim(cur.Slot, 0), lb.trim(cur.Slot^1, 0)); err != nil {
+		return fmt.Errorf("delete service %s: %w", k, err)
+	}
+	delete(lb.ids, cur.Slot>>1)
+	return nil
+}
+
+// Services reads back every Service with the backends clients are sent to,
+// ordered by address.
+func (d *Datapath) Services() ([]Service, error) {
+	lb := &d.lb
+	lb.mu.Lock()
+	defer lb.mu.Unlock()
+	var (
+		out []Service
+		key sockLb4Key
+		val sockLb4Service
+	)
+	it := lb.services.Iterate()
+	for it.Next(&key, &val) {
+		s := Service{ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto}}
+		for i := uint32(0); i < val.Count; i++ {
+			var b sockLb4Backend
+			if err := lb.backends.Lookup(sockLb4BackendKey{Slot: val.Slot, Index: i}, &b); err != nil {
+				return nil, fmt.Errorf("read backend %d of service %s: %w", i, s.ServiceKey, err)
+			}
+			s.Backends = append(s.Backends, Backend{
+				IP: u32ToIP4(b.Ip), Port: fromBE16(b.Port),
+				Terminating: b.Flags&uint16(sockLbBackendFlagsLB_BACKEND_F_TERMINATING) != 0,
+			})
+		}
+		out = append(out, s)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list services: %w", err)
+	}
+	slices.SortFunc(out, func(a, b Service) int {
+		return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port), cmp.Compare(a.Proto, b.Proto))
+	})
+	return out, nil
+}
+
+// loadIDs reads the ids in use from the pinned services map, once: a
+// restarted agent keeps the services it finds.
+func (lb *lbState) loadIDs() error {
+	if lb.ids != nil {
+		return nil
+	}
+	ids := map[uint32]bool{}
+	var (
+		key sockLb4Key
+		val sockLb4Service
+	)
+	it := lb.services.Iterate()
+	for it.Next(&key, &val) {
+		ids[val.Slot>>1] = true
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read service ids: %w", err)
+	}
+	lb.ids = ids
+	return nil
+}
+
+// maxServiceID keeps id<<1|1 within 32 bits.
+const maxServiceID = 1<<31 - 1
+
+func (lb *lbState) allocID() (uint32, error) {
+	if len(lb.ids) >= maxServiceID {
+		return 0, errors.New("no free service id")
+	}
+	for {
+		lb.next = lb.next%maxServiceID + 1
+		if !lb.ids[lb.next] {
+			lb.ids[lb.next] = true
+			return lb.next, nil
+		}
+	}
+}
+
+// trim deletes the backends of slot from index from on; a generation's
+// backends are contiguous from 0.
+func (lb *lbState) trim(slot uint32, from int) error {
+	for i := uint32(from); ; i++ {
+		err := lb.backends.Delete(sockLb4BackendKey{Slot: slot, Index: i})
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("delete backend %d of slot %d: %w", i, slot, err)
+		}
+	}
+}
+
+func protoName(p uint8) string {
+	switch p {
+	case 6:
+		return "TCP"
+	case 17:
+		return "UDP"
+	case 132:
+		return "SCTP"
+	}
+	return fmt.Sprint(p)
+}

@@ -1,0 +1,308 @@
+package datapath
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy"
+)
+
+// svcClientEnv makes the test binary a Service client: the socket programs
+// only see sockets created inside the test cgroup, so the client runs as a
+// helper process in pod a's namespace and the cgroup. Its one output line is
+// "ok <address the application saw>" or "err <error>".
+const svcClientEnv = "VEIL_TEST_SVC_CLIENT"
+
+func maybeRunSvcClient() {
+	mode := os.Getenv(svcClientEnv)
+	if mode == "" {
+		return
+	}
+	start := time.Now()
+	seen, err := svcClient(mode, os.Args[len(os.Args)-1])
+	if err != nil {
+		fmt.Printf("err %v (after %s)\n", err, time.Since(start).Round(time.Millisecond))
+	} else {
+		fmt.Println("ok", seen)
+	}
+	os.Exit(0)
+}
+
+// svcClient talks to addr once and returns the peer address the
+// application saw: getpeername for connected sockets (tcp, udpconn, tcp6 on
+// an IPv6 socket with a v4-mapped address), the reply's source for
+// unconnected UDP (udp).
+func svcClient(mode, addr string) (string, error) {
+	const timeout = time.Second
+	msg := []byte("veil-svc-" + mode)
+	switch mode {
+	case "tcp", "udpconn":
+		network := map[string]string{"tcp": "tcp4", "udpconn": "udp4"}[mode]
+		c, err := net.DialTimeout(network, addr, timeout)
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		peer, err := peerName(c.(syscall.Conn))
+		if err != nil {
+			return "", err
+		}
+		return peer, echoOnce(c, msg, timeout)
+	case "udp":
+		pc, err := net.ListenPacket("udp4", ":0")
+		if err != nil {
+			return "", err
+		}
+		defer pc.Close()
+		to, err := net.ResolveUDPAddr("udp4", addr)
+		if err != nil {
+			return "", err
+		}
+		if _, err := pc.WriteTo(msg, to); err != nil {
+			return "", err
+		}
+		pc.SetReadDeadline(time.Now().Add(timeout))
+		buf := make([]byte, 256)
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return "", err
+		}
+		if string(buf[:n]) != string(msg) {
+			return "", fmt.Errorf("echo: got %q", buf[:n])
+		}
+		return from.String(), nil
+	case "tcp6":
+		ap := netip.MustParseAddrPort(addr)
+		fd, err := syscall.Socket(syscall.AF_INET6, syscall.SOCK_STREAM, 0)
+		if err != nil {
+			return "", err
+		}
+		f := os.NewFile(uintptr(fd), "tcp6")
+		defer f.Close()
+		tv := syscall.NsecToTimeval(int64(timeout))
+		syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_SNDTIMEO, &tv)
+		syscall.SetsockoptTimeval(fd, syscall.SOL_SOCKET, syscall.SO_RCVTIMEO, &tv)
+		mapped := netip.AddrFrom16(ap.Addr().As16())
+		if err := syscall.Connect(fd, &syscall.SockaddrInet6{Addr: mapped.As16(), Port: int(ap.Port())}); err != nil {
+			return "", fmt.Errorf("connect %s: %w", mapped, err)
+		}
+		sa, err := syscall.Getpeername(fd)
+		if err != nil {
+			return "", err
+		}
+		peer := sa.(*syscall.SockaddrInet6)
+		if _, err := syscall.Write(fd, msg); err != nil {
+			return "", err
+		}
+		buf := make([]byte, 256)
+		n, err := syscall.Read(fd, buf)
+		if err != nil {
+			return "", err
+		}
+		if string(buf[:n]) != string(msg) {
+			return "", fmt.Errorf("echo: got %q", buf[:n])
+		}
+		return netip.AddrPortFrom(netip.AddrFrom16(peer.Addr).Unmap(), uint16(peer.Port)).String(), nil
+	}
+	return "", fmt.Errorf("unknown client mode %q", mode)
+}
+
+func peerName(c syscall.Conn) (string, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return "", err
+	}
+	var sa syscall.Sockaddr
+	var serr error
+	if err := raw.Control(func(fd uintptr) { sa, serr = syscall.Getpeername(int(fd)) }); err != nil {
+		return "", err
+	}
+	if serr != nil {
+		return "", fmt.Errorf("getpeername: %w", serr)
+	}
+	in, ok := sa.(*syscall.SockaddrInet4)
+	if !ok {
+		return "", fmt.Errorf("getpeername: %T", sa)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4(in.Addr), uint16(in.Port)).String(), nil
+}
+
+func echoOnce(c net.Conn, msg []byte, timeout time.Duration) error {
+	c.SetDeadline(time.Now().Add(timeout))
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	buf := make([]byte, 256)
+	n, err := c.Read(buf)
+	if err != nil {
+		return err
+	}
+	if string(buf[:n]) != string(msg) {
+		return fmt.Errorf("echo: got %q", buf[:n])
+	}
+	return nil
+}
+
+// svcCall runs one client in pod a and returns what it printed.
+func (tn *testNet) svcCall(t *testing.T, mode, addr string) string {
+	t.Helper()
+	p, err := netns.StartProc(&tn.a.Netns, tn.cg, -1, []string{svcClientEnv + "=" + mode}, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Wait(ctxT(t, 10*time.Second)); err != nil {
+		t.Fatalf("%s client to %s: %v", mode, addr, err)
+	}
+	return strings.Join(p.Lines(), "\n")
+}
+
+var (
+	vip        = netip.MustParseAddr("10.96.0.10")
+	vipEmpty   = netip.MustParseAddr("10.96.0.11")
+	backendB   = Backend{IP: ipB, Port: 8080}
+	backendC   = Backend{IP: ipC, Port: 8080}
+	svcTCP     = ServiceKey{VIP: vip, Port: 80, Proto: 6}
+	svcUDP     = ServiceKey{VIP: vip, Port: 53, Proto: 17}
+	svcTCPNone = ServiceKey{VIP: vipEmpty, Port: 80, Proto: 6}
+	svcUDPNone = ServiceKey{VIP: vipEmpty, Port: 53, Proto: 17}
+)
+
+// TestPrivilegedServiceClusterIP: pod a reaches a ClusterIP whose backends
+// are pod b (same node) and pod c (other node) over TCP, connected and
+// unconnected UDP, and an IPv6 socket with a v4-mapped address; the
+// application sees the Service address as its peer and as the source of
+// replies; a Service without backends refuses at once; and a's egress
+// policy judges the backend's identity.
+func TestPrivilegedServiceClusterIP(t *testing.T) {
+	tn := newTestNet(t, "svc", netOpts{sockets: true})
+	for _, p := range []*netns.Pod{tn.b, tn.c} {
+		serveTCP(t, p, 8080)
+		serveUDP(t, p, 8080)
+	}
+	set := func(k ServiceKey, bs ...Backend) {
+		t.Helper()
+		if err := tn.dp1.UpsertService(Service{ServiceKey: k, Backends: bs}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tcpAddr := netip.AddrPortFrom(vip, 80).String()
+	udpAddr := netip.AddrPortFrom(vip, 53).String()
+
+	for _, c := range []struct {
+		name    string
+		backend Backend
+	}{{"same-node", backendB}, {"cross-node", backendC}} {
+		set(svcTCP, c.backend)
+		set(svcUDP, c.backend)
+		for _, call := range []struct{ mode, addr string }{
+			{"tcp", tcpAddr}, {"udpconn", udpAddr}, {"udp", udpAddr}, {"tcp6", tcpAddr},
+		} {
+			if got, want := tn.svcCall(t, call.mode, call.addr), "ok "+call.addr; got != want {
+				t.Errorf("%s %s to %s: got %q; want %q", c.name, call.mode, call.addr, got, want)
+			}
+		}
+	}
+
+	// Both backends: every connect lands on one of them.
+	set(svcTCP, backendB, backendC)
+	for i := 0; i < 6; i++ {
+		if got := tn.svcCall(t, "tcp", tcpAddr); got != "ok "+tcpAddr {
+			t.Errorf("tcp to two backends, try %d: %s", i, got)
+		}
+	}
+
+	// No backends: refused at once, not a timeout.
+	set(svcTCPNone)
+	set(svcUDPNone)
+	for _, call := range []struct{ mode, addr string }{
+		{"tcp", netip.AddrPortFrom(vipEmpty, 80).String()},
+		{"udp", netip.AddrPortFrom(vipEmpty, 53).String()},
+		{"tcp6", netip.AddrPortFrom(vipEmpty, 80).String()},
+	} {
+		start := time.Now()
+		got := tn.svcCall(t, call.mode, call.addr)
+		if !strings.HasPrefix(got, "err") || !strings.Contains(got, "connection refused") {
+			t.Errorf("%s to a Service without backends: got %q; want connection refused", call.mode, got)
+		}
+		if d := time.Since(start); d > 500*time.Millisecond {
+			t.Errorf("%s to a Service without backends took %s", call.mode, d)
+		}
+	}
+
+	// Egress policy of a judges the backend: denying c's identity stops the
+	// Service's traffic to c, while b still answers.
+	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{deny(policy.Egress, idC, 0, 0, 0, 7)}, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	set(svcTCP, backendC)
+	if got := tn.svcCall(t, "tcp", tcpAddr); !strings.HasPrefix(got, "err") {
+		t.Errorf("tcp to the Service with backend c after denying c: %q", got)
+	}
+	set(svcTCP, backendB)
+	if got := tn.svcCall(t, "tcp", tcpAddr); got != "ok "+tcpAddr {
+		t.Errorf("tcp to the Service with backend b after denying c: %q", got)
+	}
+
+	// Deleted: the address is left to the network (nothing there).
+	if err := tn.dp1.DeleteService(svcTCP); err != nil {
+		t.Fatal(err)
+	}
+	if got := tn.svcCall(t, "tcp", tcpAddr); !strings.HasPrefix(got, "err") {
+		t.Errorf("tcp to a deleted Service: %q", got)
+	}
+}
+
+// TestPrivilegedServiceMaps: upserts switch generations atomically, readback
+// shows the active backends (terminating only without a ready one), and
+// deletes leave nothing behind.
+func TestPrivilegedServiceMaps(t *testing.T) {
+	tn := newTestNet(t, "svm", netOpts{sockets: true})
+	dp := tn.dp1
+	term := Backend{IP: ipC, Port: 8080, Terminating: true}
+	for _, c := range []struct {
+		name string
+		in   []Backend
+		want []Backend
+	}{
+		{"ready", []Backend{backendB, backendC}, []Backend{backendB, backendC}},
+		{"ready over terminating", []Backend{term, backendB}, []Backend{backendB}},
+		{"terminating only", []Backend{term}, []Backend{term}},
+		{"none", nil, nil},
+		{"again", []Backend{backendC}, []Backend{backendC}},
+	} {
+		if err := dp.UpsertService(Service{ServiceKey: svcTCP, Backends: c.in}); err != nil {
+			t.Fatal(err)
+		}
+		got, err := dp.Services()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != 1 || got[0].ServiceKey != svcTCP || fmt.Sprint(got[0].Backends) != fmt.Sprint(c.want) {
+			t.Errorf("%s: got %v; want %v %v", c.name, got, svcTCP, c.want)
+		}
+	}
+	if err := dp.DeleteService(svcTCP); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.DeleteService(svcTCP); err != nil {
+		t.Errorf("delete twice: %v", err)
+	}
+	if got, err := dp.Services(); err != nil || len(got) != 0 {
+		t.Errorf("after delete: %v %v", got, err)
+	}
+	var k sockLb4BackendKey
+	var v sockLb4Backend
+	if it := dp.lb.backends.Iterate(); it.Next(&k, &v) {
+		t.Errorf("backend left after delete: %+v", k)
+	}
+	if err := dp.UpsertService(Service{ServiceKey: ServiceKey{VIP: netip.MustParseAddr("fd00::1"), Port: 80, Proto: 6}}); err == nil {
+		t.Errorf("IPv6 service accepted")
+	}
+}
