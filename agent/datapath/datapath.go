@@ -141,8 +141,8 @@ type Datapath struct {
 	fromPod, toPod, fromNetdev, fromTunnel, toNetdev, sockops, skMsg *ebpf.Program
 	leaks                                                            *ebpf.Map
 	// lb holds the Services' maps and socket programs (services.go).
-	lb lbState
-	underlayIfindex, wgIfindex                                       int
+	lb                         lbState
+	underlayIfindex, wgIfindex int
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
 	policySlots map[uint32][]podPolicyKey

@@ -49,7 +49,7 @@ type Backend struct {
 
 // lbState holds the Services' maps, programs and allocated service ids.
 type lbState struct {
-	services, backends, revnat *ebpf.Map
+	services, backends, revnat                 *ebpf.Map
 	connect4, sendmsg4, recvmsg4, getpeername4 *ebpf.Program
 	connect6, sendmsg6, recvmsg6, getpeername6 *ebpf.Program
 
