@@ -140,9 +140,7 @@ type Datapath struct {
 	// programs, one per attach point.
 	fromPod, toPod, fromNetdev, fromTunnel, toNetdev, sockops, skMsg *ebpf.Program
 	leaks                                                            *ebpf.Map
-	// lb holds the Services' maps and socket programs (services.go).
-	lb                         lbState
-	underlayIfindex, wgIfindex int
+	underlayIfindex, wgIfindex                                       int
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
 	policySlots map[uint32][]podPolicyKey
@@ -150,6 +148,8 @@ type Datapath struct {
 	// grace period (SetPolicy, reclaim).
 	retired map[uint32]bool
 	closers []interface{ Close() error }
+	// lb holds the Services' maps and socket programs (services.go).
+	lb lbState
 
 	// gcMu serialises garbage-collection passes; gcCursor is where the
 	// next pass resumes.
