@@ -1,0 +1,336 @@
+// Package services keeps a node's Service map: it watches Services and
+// EndpointSlices (discovery.k8s.io/v1) and writes, for every ClusterIP
+// address, port and protocol, the backends that sockets on this node are
+// load-balanced to.
+//
+// A change to a Service or to one of its EndpointSlices queues that Service;
+// a worker recomputes only its entries and writes only what changed, so an
+// EndpointSlice update costs the node one Service's worth of map writes.
+//
+//	c := services.New(factory, dp, services.Config{NodeName: node})
+//	factory.Start(ctx.Done())
+//	go c.Run(ctx)
+package services
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/labels"
+	kubeinformers "k8s.io/client-go/informers"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/veilmesh/veil/agent/datapath"
+)
+
+// Writer is the part of the datapath the controller writes to.
+type Writer interface {
+	UpsertService(datapath.Service) error
+	DeleteService(datapath.ServiceKey) error
+}
+
+var _ Writer = (*datapath.Datapath)(nil)
+
+// Config configures a Controller.
+type Config struct {
+	// NodeName is this node's name: Services with internalTrafficPolicy
+	// Local use only endpoints on it.
+	NodeName string
+	// Workers is the number of Services synced in parallel. Default 2.
+	Workers int
+	// Logger receives structured logs. Default slog.Default().
+	Logger *slog.Logger
+}
+
+// Controller keeps the node's Service map in line with the API server.
+type Controller struct {
+	cfg      Config
+	log      *slog.Logger
+	w        Writer
+	services corelisters.ServiceLister
+	slices   discoverylisters.EndpointSliceLister
+	synced   []cache.InformerSynced
+	queue    workqueue.TypedRateLimitingInterface[string]
+
+	mu sync.Mutex
+	// written: per Service (namespace/name), the entries last written.
+	written map[string]map[datapath.ServiceKey][]datapath.Backend
+}
+
+// New registers the controller's informers with factory; start the factory
+// afterwards, then Run.
+func New(factory kubeinformers.SharedInformerFactory, w Writer, cfg Config) (*Controller, error) {
+	if cfg.Workers == 0 {
+		cfg.Workers = 2
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	c := &Controller{
+		cfg: cfg, log: cfg.Logger, w: w,
+		services: factory.Core().V1().Services().Lister(),
+		slices:   factory.Discovery().V1().EndpointSlices().Lister(),
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "services"}),
+		written: map[string]map[datapath.ServiceKey][]datapath.Backend{},
+	}
+	svcInf := factory.Core().V1().Services().Informer()
+	sliceInf := factory.Discovery().V1().EndpointSlices().Informer()
+	if _, err := svcInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc:    c.enqueueService,
+		UpdateFunc: func(_, obj any) { c.enqueueService(obj) },
+		DeleteFunc: c.enqueueService,
+	}); err != nil {
+		return nil, fmt.Errorf("watch services: %w", err)
+	}
+	if _, err := sliceInf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+		AddFunc: c.enqueueSlice,
+		UpdateFunc: func(old, obj any) {
+			// A slice moved to another Service (label change) updates both.
+			c.enqueueSlice(old)
+			c.enqueueSlice(obj)
+		},
+		DeleteFunc: c.enqueueSlice,
+	}); err != nil {
+		return nil, fmt.Errorf("watch endpointslices: %w", err)
+	}
+	c.synced = []cache.InformerSynced{svcInf.HasSynced, sliceInf.HasSynced}
+	return c, nil
+}
+
+func (c *Controller) enqueueService(obj any) {
+	if key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj); err == nil {
+		c.queue.Add(key)
+	}
+}
+
+func (c *Controller) enqueueSlice(obj any) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	s, ok := obj.(*discoveryv1.EndpointSlice)
+	if !ok {
+		return
+	}
+	if name := s.Labels[discoveryv1.LabelServiceName]; name != "" {
+		c.queue.Add(s.Namespace + "/" + name)
+	}
+}
+
+// Run syncs Services until ctx is done. It waits for the informers' first
+// list, so the first writes reflect the whole cluster.
+func (c *Controller) Run(ctx context.Context) error {
+	defer c.queue.ShutDown()
+	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
+		return fmt.Errorf("services: wait for informer caches: %w", ctx.Err())
+	}
+	c.log.Info("service map sync started", "workers", c.cfg.Workers)
+	var wg sync.WaitGroup
+	for range c.cfg.Workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for c.next(ctx) {
+			}
+		}()
+	}
+	<-ctx.Done()
+	c.queue.ShutDown()
+	wg.Wait()
+	return nil
+}
+
+func (c *Controller) next(ctx context.Context) bool {
+	key, quit := c.queue.Get()
+	if quit {
+		return false
+	}
+	defer c.queue.Done(key)
+	if err := c.sync(ctx, key); err != nil {
+		c.log.Warn("sync service", "service", key, "err", err)
+		c.queue.AddRateLimited(key)
+		return true
+	}
+	c.queue.Forget(key)
+	return true
+}
+
+// sync converges the map entries of one Service (namespace/name).
+func (c *Controller) sync(_ context.Context, key string) error {
+	ns, name, err := cache.SplitMetaNamespaceKey(key)
+	if err != nil {
+		return fmt.Errorf("parse key %q: %w", key, err)
+	}
+	want := map[datapath.ServiceKey][]datapath.Backend{}
+	svc, err := c.services.Services(ns).Get(name)
+	switch {
+	case apierrors.IsNotFound(err):
+	case err != nil:
+		return fmt.Errorf("get service %s: %w", key, err)
+	default:
+		sel := labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: name})
+		eps, err := c.slices.EndpointSlices(ns).List(sel)
+		if err != nil {
+			return fmt.Errorf("list endpointslices of %s: %w", key, err)
+		}
+		want = Entries(svc, eps, c.cfg.NodeName)
+	}
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	have := c.written[key]
+	var errs []error
+	for k, bs := range want {
+		if old, ok := have[k]; ok && slices.Equal(old, bs) {
+			continue
+		}
+		if err := c.w.UpsertService(datapath.Service{ServiceKey: k, Backends: bs}); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if have == nil {
+			have = map[datapath.ServiceKey][]datapath.Backend{}
+			c.written[key] = have
+		}
+		have[k] = bs
+	}
+	for k := range have {
+		if _, ok := want[k]; ok {
+			continue
+		}
+		if err := c.w.DeleteService(k); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		delete(have, k)
+	}
+	if len(have) == 0 {
+		delete(c.written, key)
+	}
+	return errors.Join(errs...)
+}
+
+// Entries computes a Service's map entries from its EndpointSlices: one per
+// IPv4 cluster IP and Service port, with the endpoints that can serve it.
+// Named target ports need nothing here: the EndpointSlice controller
+// resolves them per pod and publishes each slice's ports under the Service
+// port's name. An endpoint is a backend when it is ready, or (marked
+// terminating) when it is serving and terminating, which the datapath uses
+// only when no ready backend is left. With internalTrafficPolicy Local only
+// endpoints on node count. Headless and ExternalName Services have none.
+func Entries(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[datapath.ServiceKey][]datapath.Backend {
+	out := map[datapath.ServiceKey][]datapath.Backend{}
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return out
+	}
+	local := svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	for _, ipStr := range ips {
+		vip, err := netip.ParseAddr(ipStr)
+		if err != nil || !vip.Is4() {
+			continue // "None" (headless), or an IPv6 family
+		}
+		for _, sp := range svc.Spec.Ports {
+			proto := protocol(sp.Protocol)
+			if proto == 0 {
+				continue
+			}
+			k := datapath.ServiceKey{VIP: vip, Port: uint16(sp.Port), Proto: proto}
+			out[k] = backends(sp, eps, local, node)
+		}
+	}
+	return out
+}
+
+func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local bool, node string) []datapath.Backend {
+	seen := map[netip.AddrPort]int{}
+	var out []datapath.Backend
+	for _, s := range eps {
+		if s.AddressType != discoveryv1.AddressTypeIPv4 {
+			continue
+		}
+		port, ok := slicePort(s, sp)
+		if !ok {
+			continue
+		}
+		for _, ep := range s.Endpoints {
+			if len(ep.Addresses) == 0 || (local && (ep.NodeName == nil || *ep.NodeName != node)) {
+				continue
+			}
+			ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
+			// serving unset: older producers; it then means ready.
+			serving := ready
+			if ep.Conditions.Serving != nil {
+				serving = *ep.Conditions.Serving
+			}
+			terminating := ep.Conditions.Terminating != nil && *ep.Conditions.Terminating
+			if !ready && !(serving && terminating) {
+				continue
+			}
+			// Consumers use the first address (discovery/v1 API doc).
+			ip, err := netip.ParseAddr(ep.Addresses[0])
+			if err != nil || !ip.Is4() {
+				continue
+			}
+			b := datapath.Backend{IP: ip, Port: port, Terminating: !ready}
+			ap := netip.AddrPortFrom(ip, port)
+			// An endpoint may sit in two slices while it moves; ready wins.
+			if i, dup := seen[ap]; dup {
+				out[i].Terminating = out[i].Terminating && b.Terminating
+				continue
+			}
+			seen[ap] = len(out)
+			out = append(out, b)
+		}
+	}
+	slices.SortFunc(out, func(a, b datapath.Backend) int {
+		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
+	})
+	return out
+}
+
+// slicePort finds the slice's port for a Service port: the same name and
+// protocol (an unnamed Service port matches an unnamed slice port).
+func slicePort(s *discoveryv1.EndpointSlice, sp corev1.ServicePort) (uint16, bool) {
+	for _, p := range s.Ports {
+		name := ""
+		if p.Name != nil {
+			name = *p.Name
+		}
+		pr := corev1.ProtocolTCP
+		if p.Protocol != nil {
+			pr = *p.Protocol
+		}
+		if name == sp.Name && pr == cmp.Or(sp.Protocol, corev1.ProtocolTCP) && p.Port != nil && *p.Port > 0 {
+			return uint16(*p.Port), true
+		}
+	}
+	return 0, false
+}
+
+func protocol(p corev1.Protocol) uint8 {
+	switch cmp.Or(p, corev1.ProtocolTCP) {
+	case corev1.ProtocolTCP:
+		return 6
+	case corev1.ProtocolUDP:
+		return 17
+	case corev1.ProtocolSCTP:
+		return 132
+	}
+	return 0
+}

@@ -1,0 +1,245 @@
+package services
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	kubeinformers "k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/veilmesh/veil/agent/datapath"
+)
+
+// fakeMap is a datapath service map in memory.
+type fakeMap struct {
+	mu sync.Mutex
+	m  map[datapath.ServiceKey][]datapath.Backend
+}
+
+func (f *fakeMap) UpsertService(s datapath.Service) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.m[s.ServiceKey] = s.Backends
+	return nil
+}
+
+func (f *fakeMap) DeleteService(k datapath.ServiceKey) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.m, k)
+	return nil
+}
+
+func (f *fakeMap) String() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return fmt.Sprint(f.m)
+}
+
+var _ Writer = (*fakeMap)(nil)
+
+func ptr[T any](v T) *T { return &v }
+
+func key(vip string, port uint16, proto uint8) datapath.ServiceKey {
+	return datapath.ServiceKey{VIP: netip.MustParseAddr(vip), Port: port, Proto: proto}
+}
+
+func be(ip string, port uint16) datapath.Backend {
+	return datapath.Backend{IP: netip.MustParseAddr(ip), Port: port}
+}
+
+func term(ip string, port uint16) datapath.Backend {
+	b := be(ip, port)
+	b.Terminating = true
+	return b
+}
+
+func service(name, ip string, ports ...corev1.ServicePort) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: name},
+		Spec:       corev1.ServiceSpec{ClusterIP: ip, ClusterIPs: []string{ip}, Ports: ports},
+	}
+}
+
+func port(name string, proto corev1.Protocol, p int32, target intstr.IntOrString) corev1.ServicePort {
+	return corev1.ServicePort{Name: name, Protocol: proto, Port: p, TargetPort: target}
+}
+
+type ep struct {
+	ip, node                    string
+	ready, serving, terminating bool
+}
+
+func readyEP(ip, node string) ep { return ep{ip: ip, node: node, ready: true, serving: true} }
+
+func slice(svc, name string, ports []discoveryv1.EndpointPort, eps ...ep) *discoveryv1.EndpointSlice {
+	s := &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "demo", Name: name,
+			Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       ports,
+	}
+	for _, e := range eps {
+		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{
+			Addresses: []string{e.ip},
+			NodeName:  ptr(e.node),
+			Conditions: discoveryv1.EndpointConditions{
+				Ready: ptr(e.ready), Serving: ptr(e.serving), Terminating: ptr(e.terminating),
+			},
+		})
+	}
+	return s
+}
+
+func sport(name string, proto corev1.Protocol, p int32) discoveryv1.EndpointPort {
+	return discoveryv1.EndpointPort{Name: ptr(name), Protocol: ptr(proto), Port: ptr(p)}
+}
+
+func TestEntries(t *testing.T) {
+	web := service("web", "10.96.0.10",
+		port("http", corev1.ProtocolTCP, 80, intstr.FromString("http")),
+		port("dns", corev1.ProtocolUDP, 53, intstr.FromInt32(5353)))
+	for _, c := range []struct {
+		name string
+		svc  *corev1.Service
+		eps  []*discoveryv1.EndpointSlice
+		want string
+	}{
+		{
+			name: "named target port resolved per endpoint, two protocols",
+			svc:  web,
+			eps: []*discoveryv1.EndpointSlice{
+				// Pods that name port "http" differently land in different slices.
+				slice("web", "web-a", []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 8080), sport("dns", corev1.ProtocolUDP, 5353)},
+					readyEP("10.244.1.3", "n1")),
+				slice("web", "web-b", []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 9090), sport("dns", corev1.ProtocolUDP, 5353)},
+					readyEP("10.244.2.2", "n2")),
+			},
+			want: fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{
+				key("10.96.0.10", 80, 6):  {be("10.244.1.3", 8080), be("10.244.2.2", 9090)},
+				key("10.96.0.10", 53, 17): {be("10.244.1.3", 5353), be("10.244.2.2", 5353)},
+			}),
+		},
+		{
+			name: "not ready and not terminating is left out; terminating kept as such",
+			svc:  service("web", "10.96.0.10", port("", corev1.ProtocolTCP, 80, intstr.FromInt32(80))),
+			eps: []*discoveryv1.EndpointSlice{slice("web", "w", []discoveryv1.EndpointPort{{Port: ptr(int32(80))}},
+				ep{ip: "10.244.1.3"}, ep{ip: "10.244.1.4", serving: true, terminating: true}, ep{ip: "10.244.1.5", terminating: true}, readyEP("10.244.1.6", "n1"))},
+			want: fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{
+				key("10.96.0.10", 80, 6): {term("10.244.1.4", 80), be("10.244.1.6", 80)},
+			}),
+		},
+		{
+			name: "no endpoints: an entry without backends (refuse)",
+			svc:  service("web", "10.96.0.10", port("", corev1.ProtocolTCP, 80, intstr.FromInt32(80))),
+			want: fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{key("10.96.0.10", 80, 6): nil}),
+		},
+		{
+			name: "a port name no slice declares: no backends",
+			svc:  service("web", "10.96.0.10", port("metrics", corev1.ProtocolTCP, 9100, intstr.FromString("metrics"))),
+			eps:  []*discoveryv1.EndpointSlice{slice("web", "w", []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 8080)}, readyEP("10.244.1.3", "n1"))},
+			want: fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{key("10.96.0.10", 9100, 6): nil}),
+		},
+		{
+			name: "internalTrafficPolicy Local keeps this node's endpoints",
+			svc: func() *corev1.Service {
+				s := service("web", "10.96.0.10", port("", corev1.ProtocolTCP, 80, intstr.FromInt32(80)))
+				s.Spec.InternalTrafficPolicy = ptr(corev1.ServiceInternalTrafficPolicyLocal)
+				return s
+			}(),
+			eps: []*discoveryv1.EndpointSlice{slice("web", "w", []discoveryv1.EndpointPort{{Port: ptr(int32(80))}},
+				readyEP("10.244.1.3", "n1"), readyEP("10.244.2.2", "n2"))},
+			want: fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{key("10.96.0.10", 80, 6): {be("10.244.1.3", 80)}}),
+		},
+		{
+			name: "headless: nothing",
+			svc:  service("web", "None", port("", corev1.ProtocolTCP, 80, intstr.FromInt32(80))),
+			want: fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{}),
+		},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if got := fmt.Sprint(Entries(c.svc, c.eps, "n1")); got != c.want {
+				t.Errorf("got %v; want %v", got, c.want)
+			}
+		})
+	}
+}
+
+// TestController follows a Service through the fake API server: slices
+// appear, backends terminate, the Service is deleted.
+func TestController(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	kube := fake.NewClientset()
+	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
+	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
+	c, err := New(factory, fm, Config{NodeName: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	factory.Start(ctx.Done())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+
+	await := func(what string, want map[datapath.ServiceKey][]datapath.Backend) {
+		t.Helper()
+		for fm.String() != fmt.Sprint(want) {
+			select {
+			case <-ctx.Done():
+				t.Fatalf("%s: map %v; want %v", what, fm, want)
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	svcs := kube.CoreV1().Services("demo")
+	eps := kube.DiscoveryV1().EndpointSlices("demo")
+	http := key("10.96.0.10", 80, 6)
+
+	if _, err := svcs.Create(ctx, service("web", "10.96.0.10", port("http", corev1.ProtocolTCP, 80, intstr.FromString("http"))), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("service without slices", map[datapath.ServiceKey][]datapath.Backend{http: nil})
+
+	ports := []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 8080)}
+	s := slice("web", "web-1", ports, readyEP("10.244.1.3", "n1"), readyEP("10.244.2.2", "n2"))
+	if _, err := eps.Create(ctx, s, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("two ready", map[datapath.ServiceKey][]datapath.Backend{http: {be("10.244.1.3", 8080), be("10.244.2.2", 8080)}})
+
+	s = slice("web", "web-1", ports, ep{ip: "10.244.1.3", serving: true, terminating: true}, readyEP("10.244.2.2", "n2"))
+	if _, err := eps.Update(ctx, s, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("one terminating", map[datapath.ServiceKey][]datapath.Backend{http: {term("10.244.1.3", 8080), be("10.244.2.2", 8080)}})
+
+	// A second Service whose slice is unrelated to the first.
+	if _, err := svcs.Create(ctx, service("dns", "10.96.0.53", port("dns", corev1.ProtocolUDP, 53, intstr.FromInt32(53))), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dns := key("10.96.0.53", 53, 17)
+	await("second service", map[datapath.ServiceKey][]datapath.Backend{http: {term("10.244.1.3", 8080), be("10.244.2.2", 8080)}, dns: nil})
+
+	if err := eps.Delete(ctx, "web-1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("slice deleted", map[datapath.ServiceKey][]datapath.Backend{http: nil, dns: nil})
+
+	if err := svcs.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("service deleted", map[datapath.ServiceKey][]datapath.Backend{dns: nil})
+
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}
