@@ -74,6 +74,9 @@ func (d *Daemon) startInformers(ctx context.Context) {
 	d.netpols = d.kubeFactory.Networking().V1().NetworkPolicies().Lister()
 	d.meshpols = d.veilFactory.Policy().V1alpha1().MeshPolicies().Lister()
 	d.cmeshpols = d.veilFactory.Policy().V1alpha1().ClusterMeshPolicies().Lister()
+	if d.dp != nil {
+		d.startServices(ctx)
+	}
 	d.kubeFactory.Start(ctx.Done())
 	d.veilFactory.Start(ctx.Done())
 }
