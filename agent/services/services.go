@@ -39,6 +39,7 @@ import (
 type Writer interface {
 	UpsertService(datapath.Service) error
 	DeleteService(datapath.ServiceKey) error
+	Services() ([]datapath.Service, error)
 }
 
 var _ Writer = (*datapath.Datapath)(nil)
@@ -130,11 +131,16 @@ func (c *Controller) enqueueSlice(obj any) {
 }
 
 // Run syncs Services until ctx is done. It waits for the informers' first
-// list, so the first writes reflect the whole cluster.
+// list, so the first writes reflect the whole cluster, and first removes
+// what the pinned map holds for Services deleted while no agent ran.
 func (c *Controller) Run(ctx context.Context) error {
 	defer c.queue.ShutDown()
 	if !cache.WaitForCacheSync(ctx.Done(), c.synced...) {
 		return fmt.Errorf("services: wait for informer caches: %w", ctx.Err())
+	}
+	if err := c.prune(); err != nil {
+		// Not fatal: stale entries only answer for addresses no Service has.
+		c.log.Warn("remove stale services", "err", err)
 	}
 	c.log.Info("service map sync started", "workers", c.cfg.Workers)
 	var wg sync.WaitGroup
@@ -165,6 +171,33 @@ func (c *Controller) next(ctx context.Context) bool {
 	}
 	c.queue.Forget(key)
 	return true
+}
+
+// prune deletes the map's entries that no current Service wants.
+func (c *Controller) prune() error {
+	svcs, err := c.services.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("list services: %w", err)
+	}
+	want := map[datapath.ServiceKey]bool{}
+	for _, svc := range svcs {
+		// Only the keys matter here, so no slices are needed.
+		for k := range Entries(svc, nil, c.cfg.NodeName) {
+			want[k] = true
+		}
+	}
+	have, err := c.w.Services()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, s := range have {
+		if !want[s.ServiceKey] {
+			c.log.Info("removing stale service", "service", s.ServiceKey)
+			errs = append(errs, c.w.DeleteService(s.ServiceKey))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // sync converges the map entries of one Service (namespace/name).

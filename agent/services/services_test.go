@@ -38,6 +38,16 @@ func (f *fakeMap) DeleteService(k datapath.ServiceKey) error {
 	return nil
 }
 
+func (f *fakeMap) Services() ([]datapath.Service, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []datapath.Service
+	for k, bs := range f.m {
+		out = append(out, datapath.Service{ServiceKey: k, Backends: bs})
+	}
+	return out, nil
+}
+
 func (f *fakeMap) String() string {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -174,13 +184,15 @@ func TestEntries(t *testing.T) {
 }
 
 // TestController follows a Service through the fake API server: slices
-// appear, backends terminate, the Service is deleted.
+// appear, backends terminate, the Service is deleted; an entry left in the
+// map by an earlier agent for a Service that is gone is removed at start.
 func TestController(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	kube := fake.NewClientset()
 	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
-	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
+	stale := key("10.96.9.9", 80, 6)
+	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{stale: {be("10.244.9.9", 80)}}}
 	c, err := New(factory, fm, Config{NodeName: "n1"})
 	if err != nil {
 		t.Fatal(err)
