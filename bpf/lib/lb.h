@@ -128,14 +128,21 @@ static __always_inline int lb4_translate(__u64 cookie, __be32 *ip, __be16 *port,
 	struct lb4_revnat rev = {};
 	struct lb4_service *svc;
 	struct lb4_backend *be;
+	__u32 count;
 
 	svc = bpf_map_lookup_elem(&veil_lb4_services, &key);
 	if (!svc)
 		return LB_PASS;
-	if (svc->count == 0)
+	/*
+	 * The agent replaces the entry rather than writing into it (a hash
+	 * map update swaps in a new element; without preallocation the old
+	 * one is freed after RCU), so slot and count belong together.
+	 */
+	count = svc->count;
+	if (count == 0)
 		return LB_NO_BACKEND;
 	bkey.slot = svc->slot;
-	bkey.index = bpf_get_prandom_u32() % svc->count;
+	bkey.index = bpf_get_prandom_u32() % count;
 	be = bpf_map_lookup_elem(&veil_lb4_backends, &bkey);
 	if (!be)
 		return LB_NO_BACKEND;
