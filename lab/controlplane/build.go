@@ -433,3 +433,8 @@ func tail(b []byte, n int) string {
 	}
 	return string(b)
 }
+
+// RepoRoot returns the root of the Veil checkout that holds the working
+// directory, where the lab finds the chart, the CRDs and the packages of
+// its images.
+func RepoRoot() (string, error) { return repoRoot() }

@@ -1,0 +1,356 @@
+package realcluster
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/veilmesh/veil/deploy"
+	"github.com/veilmesh/veil/lab/cluster"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/tests/testenv"
+)
+
+// prefix names the test's cluster; a crashed run's leftovers are removed by
+// it at the next start.
+const prefix = "vrctest"
+
+// TestPrivilegedRealCluster brings up a 2-node cluster, installs Veil from
+// its chart, has the scheduler place a server and a client pod on different
+// nodes, checks that the client reaches the server through Veil's datapath
+// and that a NetworkPolicy stops it, and that tearing the cluster down
+// leaves the host as it was.
+func TestPrivilegedRealCluster(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	if testing.Short() {
+		t.Skip("skipped under -short: a 2-node Kubernetes cluster")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+
+	// Binaries first: a cold build is `make controlplane`'s, not the test's.
+	bins, err := controlplane.BuildCluster(ctx)
+	if err != nil {
+		t.Fatalf("build cluster binaries: %v", err)
+	}
+	agentImage := buildAgentImage(t, ctx)
+	before := snapshotHost(t)
+
+	began := time.Now()
+	c, err := cluster.Start(ctx, cluster.Options{
+		Prefix:   prefix,
+		Nodes:    2,
+		Binaries: bins,
+		Images:   []string{agentImage},
+		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
+	})
+	if err != nil {
+		t.Fatalf("start cluster: %v", err)
+	}
+	stopped := false
+	t.Cleanup(func() {
+		if t.Failed() {
+			for name, tail := range c.LogTails(3000) {
+				t.Logf("--- last lines of %s:\n%s", name, tail)
+			}
+		}
+		if !stopped {
+			if err := c.Stop(); err != nil {
+				t.Errorf("stop cluster: %v", err)
+			}
+		}
+	})
+	clusterUp := time.Since(began)
+	clients := kubernetes.NewForConfigOrDie(c.Config)
+
+	if err := c.InstallVeil(ctx, nil); err != nil {
+		t.Fatalf("install veil: %v", err)
+	}
+	if err := c.WaitNodesReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	testenv.Eventually(t, 2*time.Minute, time.Second, func() error {
+		ds, err := clients.AppsV1().DaemonSets(deploy.Namespace).Get(ctx, deploy.DaemonSetName, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if ds.Status.NumberReady != 2 {
+			return fmt.Errorf("daemonset %s: %d of %d ready", ds.Name, ds.Status.NumberReady, ds.Status.DesiredNumberScheduled)
+		}
+		return nil
+	})
+	ready := time.Since(began)
+	podCIDRs := map[string]netip.Prefix{}
+	for _, nd := range c.Nodes {
+		node, err := clients.CoreV1().Nodes().Get(ctx, nd.Name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		podCIDRs[nd.Name] = netip.MustParsePrefix(node.Spec.PodCIDR)
+	}
+	agents, err := clients.CoreV1().Pods(deploy.Namespace).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=veil-agent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	agentNodes := map[string]bool{}
+	for _, p := range agents.Items {
+		if p.Status.Phase == corev1.PodRunning {
+			agentNodes[p.Spec.NodeName] = true
+		}
+	}
+	if len(agentNodes) != 2 {
+		t.Fatalf("veil-agent pods running on %v; want both nodes", agentNodes)
+	}
+
+	// The namespace's default ServiceAccount comes from the controller
+	// manager; pods are refused until it exists.
+	testenv.Eventually(t, time.Minute, 200*time.Millisecond, func() error {
+		_, err := clients.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
+		return err
+	})
+	server := createPod(t, ctx, clients, "server", []string{"serve", ":8080"})
+	client := createPod(t, ctx, clients, "client", []string{"probe", server.Status.PodIP + ":8080"})
+	if server.Spec.NodeName == client.Spec.NodeName {
+		t.Fatalf("scheduler put both pods on %s despite the anti-affinity", server.Spec.NodeName)
+	}
+	for _, p := range []*corev1.Pod{server, client} {
+		ip := netip.MustParseAddr(p.Status.PodIP)
+		if cidr := podCIDRs[p.Spec.NodeName]; !cidr.Contains(ip) {
+			t.Errorf("pod %s on %s has IP %s, outside the node's pod CIDR %s", p.Name, p.Spec.NodeName, ip, cidr)
+		}
+		t.Logf("pod %s on %s: %s", p.Name, p.Spec.NodeName, ip)
+	}
+
+	waitProbe(t, ctx, clients, "ok")
+	np := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "deny-server", Namespace: "default"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "server"}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress},
+		},
+	}
+	if _, err := clients.NetworkingV1().NetworkPolicies("default").Create(ctx, np, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitProbe(t, ctx, clients, "fail")
+
+	mem, err := c.Memory()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	var parts []string
+	for _, name := range slices.Sorted(func(yield func(string) bool) {
+		for k := range mem {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		total += mem[name]
+		parts = append(parts, fmt.Sprintf("%s %d MB", name, mem[name]>>20))
+	}
+	t.Logf("bring-up: cluster %s, Veil installed and nodes Ready %s (cluster.Start %s)", clusterUp.Round(time.Millisecond), ready.Round(time.Millisecond), c.Startup.Round(time.Millisecond))
+	t.Logf("memory (RSS) of the 2-node cluster: %d MB: %s", total>>20, strings.Join(parts, ", "))
+
+	pids, err := c.PIDs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped = true
+	if err := c.Stop(); err != nil {
+		t.Fatalf("stop cluster: %v", err)
+	}
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, 0); err == nil {
+			t.Errorf("process %d (%s) of the cluster still runs", pid, comm(pid))
+		}
+	}
+	after := snapshotHost(t)
+	for _, k := range slices.Sorted(func(yield func(string) bool) {
+		for k := range before {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		if before[k] != after[k] {
+			t.Errorf("host %s changed:\nbefore:\n%s\nafter:\n%s", k, before[k], after[k])
+		}
+	}
+}
+
+// buildAgentImage runs `make image` into a temp dir.
+func buildAgentImage(t *testing.T, ctx context.Context) string {
+	t.Helper()
+	root, err := controlplane.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cmd := exec.CommandContext(ctx, "make", "--no-print-directory", "-C", root, "image", "BIN="+dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("make image: %v\n%s", err, out)
+	}
+	return filepath.Join(dir, "veil-image.tar")
+}
+
+// createPod creates a test-server pod that the scheduler must place away
+// from the other test pods, and waits until it runs.
+func createPod(t *testing.T, ctx context.Context, clients kubernetes.Interface, app string, args []string) *corev1.Pod {
+	t.Helper()
+	other := map[string]string{"server": "client", "client": "server"}[app]
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: app, Namespace: "default", Labels: map[string]string{"app": app}},
+		Spec: corev1.PodSpec{
+			Containers: []corev1.Container{{
+				Name:            app,
+				Image:           cluster.TestServerImage,
+				ImagePullPolicy: corev1.PullNever,
+				Args:            args,
+			}},
+			Affinity: &corev1.Affinity{PodAntiAffinity: &corev1.PodAntiAffinity{
+				RequiredDuringSchedulingIgnoredDuringExecution: []corev1.PodAffinityTerm{{
+					LabelSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": other}},
+					TopologyKey:   "kubernetes.io/hostname",
+				}},
+			}},
+			TerminationGracePeriodSeconds: new(int64),
+		},
+	}
+	if _, err := clients.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create pod %s: %v", app, err)
+	}
+	var got *corev1.Pod
+	testenv.Eventually(t, 2*time.Minute, 250*time.Millisecond, func() error {
+		p, err := clients.CoreV1().Pods("default").Get(ctx, app, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if p.Status.Phase != corev1.PodRunning || p.Status.PodIP == "" {
+			return fmt.Errorf("pod %s: %s on %q, conditions %v", app, p.Status.Phase, p.Spec.NodeName, p.Status.Conditions)
+		}
+		got = p
+		return nil
+	})
+	return got
+}
+
+// waitProbe waits until the client's last probe result starts with want.
+func waitProbe(t *testing.T, ctx context.Context, clients kubernetes.Interface, want string) {
+	t.Helper()
+	testenv.Eventually(t, time.Minute, 500*time.Millisecond, func() error {
+		out, err := clients.CoreV1().Pods("default").GetLogs("client", &corev1.PodLogOptions{TailLines: new(int64(1))}).DoRaw(ctx)
+		if err != nil {
+			return err
+		}
+		if last := strings.TrimSpace(string(out)); !strings.HasPrefix(last, want) {
+			return fmt.Errorf("client's last probe: %q; want %s", last, want)
+		}
+		return nil
+	})
+}
+
+// snapshotHost records what of the host a cluster must leave as it was.
+func snapshotHost(t *testing.T) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	cmds := map[string][]string{
+		"routes":          {"ip", "route", "show", "table", "all"},
+		"routes6":         {"ip", "-6", "route", "show", "table", "all"},
+		"rules":           {"ip", "rule"},
+		"links":           {"ip", "-o", "link", "show"},
+		"netns":           {"ip", "netns", "list"},
+		"nft ruleset":     {"nft", "list", "ruleset"},
+		"iptables rules":  {"iptables-save"},
+		"ip6tables rules": {"ip6tables-save"},
+	}
+	for k, argv := range cmds {
+		b, err := exec.Command(argv[0], argv[1:]...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s: %v: %s", strings.Join(argv, " "), err, b)
+		}
+		out[k] = dropComments(string(b))
+	}
+	for _, key := range []string{
+		"vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops",
+		"kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes",
+		"net/ipv4/ip_forward", "net/netfilter/nf_conntrack_max", "net/ipv4/conf/all/route_localnet",
+		"net/bridge/bridge-nf-call-iptables",
+	} {
+		b, err := os.ReadFile("/proc/sys/" + key)
+		if err != nil {
+			b = []byte("(absent)")
+		}
+		out["sysctl "+key] = strings.TrimSpace(string(b))
+	}
+	mi, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mounts []string
+	for _, line := range strings.Split(string(mi), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && !strings.HasPrefix(f[4], os.TempDir()+"/Test") {
+			mounts = append(mounts, f[4])
+		}
+	}
+	slices.Sort(mounts)
+	out["mounts"] = strings.Join(mounts, "\n")
+	var cgroups []string
+	for _, h := range []string{"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd", "unified"} {
+		entries, _ := os.ReadDir(filepath.Join("/sys/fs/cgroup", h))
+		for _, e := range entries {
+			if e.IsDir() {
+				cgroups = append(cgroups, h+"/"+e.Name())
+			}
+		}
+	}
+	out["cgroups"] = strings.Join(cgroups, "\n")
+	var pins []string
+	filepath.WalkDir("/sys/fs/bpf", func(path string, d os.DirEntry, err error) error {
+		if err == nil {
+			pins = append(pins, path)
+		}
+		return nil
+	})
+	out["bpffs"] = strings.Join(pins, "\n")
+	return out
+}
+
+// dropComments removes iptables-save's comment lines, which carry the time.
+func dropComments(s string) string {
+	var keep []string
+	for _, l := range strings.Split(s, "\n") {
+		if !strings.HasPrefix(l, "#") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
+}
+
+func comm(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return strings.TrimSpace(string(b))
+}
+
+// testWriter sends the cluster's log to the test's output.
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
