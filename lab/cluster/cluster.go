@@ -175,10 +175,11 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
+	began := time.Now()
 	if err := Cleanup(n.prefix, n.dir); err != nil {
 		return nil, fmt.Errorf("remove an earlier cluster %s: %w", n.prefix, err)
 	}
-	began := time.Now()
+	log.Info("leftovers of an earlier cluster removed", "took", time.Since(began).Round(time.Millisecond))
 	c := &Cluster{
 		Prefix: n.prefix,
 		Dir:    n.dir,
@@ -204,6 +205,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 func (c *Cluster) names() names { return names{prefix: c.Prefix, dir: c.Dir} }
 
 func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
+	began := time.Now()
 	for _, d := range []string{"logs", "pki", "images", "hub", "ns"} {
 		if err := os.MkdirAll(filepath.Join(c.Dir, d), 0o755); err != nil {
 			return fmt.Errorf("create cluster dir: %w", err)
@@ -226,12 +228,14 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 		return err
 	}
 	images = append(images, opts.Images...)
+	c.log.Info("lab images built", "took", time.Since(began).Round(time.Millisecond))
 	if err := c.writePKI(opts.Nodes); err != nil {
 		return err
 	}
 	if err := c.startHub(ctx, n); err != nil {
 		return err
 	}
+	c.log.Info("control plane up", "took", time.Since(began).Round(time.Millisecond))
 	c.Nodes = make([]*Node, opts.Nodes)
 	for i := range c.Nodes {
 		c.Nodes[i] = &Node{Index: i + 1, Name: NodeName(i + 1), IP: NodeIP(i + 1), c: c}

@@ -23,11 +23,13 @@ import (
 )
 
 // LabValues are the chart values the lab sets, as a user of a cluster like
-// it would with `helm install --set`. The hosts of this lab run cgroup v1
+// it would with `helm install --set`: the namespace comes with the chart
+// (as in deploy/manifests), and as the hosts of this lab run cgroup v1
 // (hybrid), where the chart's default cgroupRoot, /sys/fs/cgroup, is no
-// cgroup v2 root: socket acceleration is off.
+// cgroup v2 root, socket acceleration is off.
 func LabValues() map[string]any {
 	return map[string]any{
+		"namespace":   map[string]any{"create": true},
 		"cgroupRoot":  "",
 		"clusterCIDR": ClusterCIDR.String(),
 	}

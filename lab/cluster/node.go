@@ -71,6 +71,10 @@ mount -t bpf veil-bpf /sys/fs/bpf
 for f in "$D"/sysctl/*; do
 	mount --bind "$f" "/proc/sys/$(basename "$f" | tr . /)"
 done
+# As on a systemd host: kubelet's HostToContainer volumes (bpffs, cgroups,
+# /run/netns) need shared mounts. Still a slave of the host: nothing
+# mounted here propagates to it.
+mount --make-rshared /
 `
 
 func (nd *Node) start(ctx context.Context, n names, images []string) error {

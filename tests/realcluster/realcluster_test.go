@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -47,8 +46,11 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	if err != nil {
 		t.Fatalf("build cluster binaries: %v", err)
 	}
+	imageStart := time.Now()
 	agentImage := buildAgentImage(t, ctx)
+	t.Logf("make image: %s", time.Since(imageStart).Round(time.Millisecond))
 	before := snapshotHost(t)
+	t.Logf("host snapshot taken")
 
 	began := time.Now()
 	c, err := cluster.Start(ctx, cluster.Options{
@@ -63,12 +65,13 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	}
 	stopped := false
 	t.Cleanup(func() {
-		if t.Failed() {
-			for name, tail := range c.LogTails(3000) {
-				t.Logf("--- last lines of %s:\n%s", name, tail)
-			}
-		}
 		if !stopped {
+			if t.Failed() {
+				for name, tail := range c.LogTails(3000) {
+					t.Logf("--- last lines of %s:\n%s", name, tail)
+				}
+				dumpPodLogs(t, kubernetes.NewForConfigOrDie(c.Config))
+			}
 			if err := c.Stop(); err != nil {
 				t.Errorf("stop cluster: %v", err)
 			}
@@ -175,11 +178,16 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	if err := c.Stop(); err != nil {
 		t.Fatalf("stop cluster: %v", err)
 	}
-	for _, pid := range pids {
-		if err := syscall.Kill(pid, 0); err == nil {
-			t.Errorf("process %d (%s) of the cluster still runs", pid, comm(pid))
+	// Killed containers and shims were reparented to the host's init,
+	// which reaps them when it gets to it: a zombie has ended.
+	testenv.Eventually(t, 10*time.Second, 100*time.Millisecond, func() error {
+		for _, pid := range pids {
+			if running(pid) {
+				return fmt.Errorf("process %d (%s) of the cluster still runs", pid, comm(pid))
+			}
 		}
-	}
+		return nil
+	})
 	after := snapshotHost(t)
 	for _, k := range slices.Sorted(func(yield func(string) bool) {
 		for k := range before {
@@ -190,6 +198,31 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	}) {
 		if before[k] != after[k] {
 			t.Errorf("host %s changed:\nbefore:\n%s\nafter:\n%s", k, before[k], after[k])
+		}
+	}
+}
+
+// dumpPodLogs logs the last lines of every container of every pod, the
+// previous instance's too (a crash-looping agent's reason is there).
+func dumpPodLogs(t *testing.T, clients kubernetes.Interface) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	pods, err := clients.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
+	if err != nil {
+		t.Logf("list pods: %v", err)
+		return
+	}
+	for _, p := range pods.Items {
+		t.Logf("--- pod %s/%s on %s: %s %v", p.Namespace, p.Name, p.Spec.NodeName, p.Status.Phase, p.Status.ContainerStatuses)
+		for _, c := range append(p.Spec.InitContainers, p.Spec.Containers...) {
+			for _, previous := range []bool{true, false} {
+				out, err := clients.CoreV1().Pods(p.Namespace).GetLogs(p.Name, &corev1.PodLogOptions{
+					Container: c.Name, Previous: previous, TailLines: new(int64(20)),
+				}).DoRaw(ctx)
+				if err == nil && len(out) > 0 {
+					t.Logf("--- logs of %s/%s (previous %v):\n%s", p.Name, c.Name, previous, out)
+				}
+			}
 		}
 	}
 }
@@ -340,6 +373,17 @@ func dropComments(s string) string {
 		}
 	}
 	return strings.Join(keep, "\n")
+}
+
+// running reports whether pid exists and is not a zombie.
+func running(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// pid (comm) state …; comm may hold spaces and parentheses.
+	rest := string(b[strings.LastIndexByte(string(b), ')')+1:])
+	return !strings.HasPrefix(strings.TrimSpace(rest), "Z")
 }
 
 func comm(pid int) string {
