@@ -49,8 +49,11 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	imageStart := time.Now()
 	agentImage := buildAgentImage(t, ctx)
 	t.Logf("make image: %s", time.Since(imageStart).Round(time.Millisecond))
+	// A crashed run's leftovers are not this run's to account for.
+	if err := cluster.Cleanup(prefix, ""); err != nil {
+		t.Fatalf("remove leftovers of an earlier run: %v", err)
+	}
 	before := snapshotHost(t)
-	t.Logf("host snapshot taken")
 
 	began := time.Now()
 	c, err := cluster.Start(ctx, cluster.Options{
@@ -299,6 +302,12 @@ func waitProbe(t *testing.T, ctx context.Context, clients kubernetes.Interface, 
 }
 
 // snapshotHost records what of the host a cluster must leave as it was.
+// State that no test may change (the host's routes, rules, nft and
+// iptables rulesets, sysctls) is recorded whole; state that other
+// packages' privileged tests, running in parallel under go test ./..., add
+// and remove (network namespaces, mounts, cgroups, bpffs pins) only where
+// this cluster could have left something: its names, and the paths its
+// nodes mount over.
 func snapshotHost(t *testing.T) map[string]string {
 	t.Helper()
 	out := map[string]string{}
@@ -306,8 +315,6 @@ func snapshotHost(t *testing.T) map[string]string {
 		"routes":          {"ip", "route", "show", "table", "all"},
 		"routes6":         {"ip", "-6", "route", "show", "table", "all"},
 		"rules":           {"ip", "rule"},
-		"links":           {"ip", "-o", "link", "show"},
-		"netns":           {"ip", "netns", "list"},
 		"nft ruleset":     {"nft", "list", "ruleset"},
 		"iptables rules":  {"iptables-save"},
 		"ip6tables rules": {"ip6tables-save"},
@@ -331,36 +338,58 @@ func snapshotHost(t *testing.T) map[string]string {
 		}
 		out["sysctl "+key] = strings.TrimSpace(string(b))
 	}
+
+	netnsList, err := os.ReadDir("/run/netns")
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var ours []string
+	for _, e := range netnsList {
+		if strings.HasPrefix(e.Name(), prefix+"-") {
+			ours = append(ours, e.Name())
+		}
+	}
+	out["netns "+prefix+"-*"] = strings.Join(ours, "\n")
+
 	mi, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
 	}
 	var mounts []string
 	for _, line := range strings.Split(string(mi), "\n") {
-		if f := strings.Fields(line); len(f) > 4 && !strings.HasPrefix(f[4], os.TempDir()+"/Test") {
-			mounts = append(mounts, f[4])
+		f := strings.Fields(line)
+		if len(f) < 5 {
+			continue
+		}
+		mp := f[4]
+		nodeReplaced := mp == "/run" || mp == "/sys/fs/bpf" || slices.ContainsFunc(
+			[]string{"/var/lib", "/var/log", "/opt", "/etc"},
+			func(p string) bool { return mp == p || strings.HasPrefix(mp, p+"/") })
+		if nodeReplaced || strings.Contains(mp, prefix) {
+			mounts = append(mounts, strings.Join(f[4:], " "))
 		}
 	}
 	slices.Sort(mounts)
 	out["mounts"] = strings.Join(mounts, "\n")
+
+	hierarchies, _ := filepath.Glob("/sys/fs/cgroup/*")
 	var cgroups []string
-	for _, h := range []string{"cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids", "systemd", "unified"} {
-		entries, _ := os.ReadDir(filepath.Join("/sys/fs/cgroup", h))
-		for _, e := range entries {
-			if e.IsDir() {
-				cgroups = append(cgroups, h+"/"+e.Name())
-			}
+	for _, h := range hierarchies {
+		if _, err := os.Stat(filepath.Join(h, "veil-"+prefix)); err == nil {
+			cgroups = append(cgroups, h+"/veil-"+prefix)
 		}
 	}
 	out["cgroups"] = strings.Join(cgroups, "\n")
+
+	// The agents pin under /sys/fs/bpf/veil, in each node's own bpffs.
 	var pins []string
-	filepath.WalkDir("/sys/fs/bpf", func(path string, d os.DirEntry, err error) error {
+	filepath.WalkDir("/sys/fs/bpf/veil", func(path string, d os.DirEntry, err error) error {
 		if err == nil {
 			pins = append(pins, path)
 		}
 		return nil
 	})
-	out["bpffs"] = strings.Join(pins, "\n")
+	out["bpffs /sys/fs/bpf/veil"] = strings.Join(pins, "\n")
 	return out
 }
 
