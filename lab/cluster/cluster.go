@@ -227,7 +227,15 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 	if err != nil {
 		return err
 	}
-	images = append(images, opts.Images...)
+	for _, img := range opts.Images {
+		// Absolute: ctr runs in the node's mount namespace, where the
+		// working dir is /.
+		abs, err := filepath.Abs(img)
+		if err != nil {
+			return fmt.Errorf("image %s: %w", img, err)
+		}
+		images = append(images, abs)
+	}
 	c.log.Info("lab images built", "took", time.Since(began).Round(time.Millisecond))
 	if err := c.writePKI(opts.Nodes); err != nil {
 		return err
