@@ -23,5 +23,6 @@
 // Binaries come from lab/controlplane's cache (`make controlplane`); runc,
 // the CNI plugins, nft and conntrack from the host (`make deps`). Starting a
 // cluster needs root, and a machine where changing namespaces, mounts and
-// cgroups is allowed (VEIL_PRIVILEGED=1 in the tests).
+// cgroups is allowed (VEIL_PRIVILEGED=1 in the tests). By hand:
+// `go run ./lab/cluster/cmd/veil-cluster up` (see there).
 package cluster

@@ -15,4 +15,12 @@
 // returns. Everything listens on 127.0.0.1 only, on ports chosen at start,
 // so several control planes can run at once. A ControlPlane is safe for
 // concurrent use; Stop ends exactly the processes Start started.
+//
+// BuildCluster also builds what lab/cluster's real-kubelet lab runs:
+// kube-controller-manager, kube-scheduler, kubelet and kube-proxy (one
+// wrapper module, build/kubernetes, on kube-apiserver's pins) and
+// containerd, its runc shim and ctr (build/containerd). Each of the three
+// sets has its own cache key, so changing one set's pins rebuilds only that
+// set. `make controlplane` (which CI runs before the tests) builds all of
+// them; set GOFLAGS=-p=1 to build on one core.
 package controlplane
