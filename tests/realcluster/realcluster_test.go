@@ -142,6 +142,18 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	}
 
 	waitProbe(t, ctx, clients, "ok")
+	// Between nodes, pod traffic goes through the agents' WireGuard
+	// devices: `wg show` on each node (through the control socket the
+	// DaemonSet shares with the node) counts it.
+	for _, nd := range c.Nodes {
+		out, err := nd.Run(ctx, "wg", "show", "veil-wg0", "transfer")
+		if err != nil {
+			t.Fatalf("wg show on %s: %v", nd.Name, err)
+		}
+		if f := strings.Fields(out); len(f) != 3 || f[1] == "0" || f[2] == "0" {
+			t.Errorf("WireGuard transfer on %s: %q; want bytes received and sent from the peer", nd.Name, out)
+		}
+	}
 	np := &networkingv1.NetworkPolicy{
 		ObjectMeta: metav1.ObjectMeta{Name: "deny-server", Namespace: "default"},
 		Spec: networkingv1.NetworkPolicySpec{
