@@ -296,7 +296,7 @@ func (c *Cluster) startHub(ctx context.Context, n names) error {
 	ns := namespaces{net: hub.Path()}
 	pki := func(name string) string { return filepath.Join(c.Dir, "pki", name) }
 
-	etcd, err := c.startProc("etcd", ns, n.hubCgroup(), nil, c.bins.Etcd,
+	etcd, err := c.startProc("etcd", ns, n.hubCgroup(), c.bins.Etcd,
 		"--name=hub",
 		"--data-dir="+filepath.Join(c.Dir, "hub", "etcd"),
 		"--listen-client-urls=http://127.0.0.1:2379",
@@ -317,7 +317,7 @@ func (c *Cluster) startHub(ctx context.Context, n names) error {
 		return err
 	}
 
-	apiserver, err := c.startProc("kube-apiserver", ns, n.hubCgroup(), nil, c.bins.KubeAPIServer,
+	apiserver, err := c.startProc("kube-apiserver", ns, n.hubCgroup(), c.bins.KubeAPIServer,
 		"--etcd-servers=http://127.0.0.1:2379",
 		"--bind-address="+HubIP.String(),
 		"--advertise-address="+HubIP.String(),
@@ -358,7 +358,7 @@ func (c *Cluster) startHub(ctx context.Context, n names) error {
 		return err
 	}
 
-	kcm, err := c.startProc("kube-controller-manager", ns, n.hubCgroup(), nil, c.bins.KubeControllerManager,
+	kcm, err := c.startProc("kube-controller-manager", ns, n.hubCgroup(), c.bins.KubeControllerManager,
 		"--kubeconfig="+pki("kube-controller-manager.kubeconfig"),
 		"--authentication-kubeconfig="+pki("kube-controller-manager.kubeconfig"),
 		"--authorization-kubeconfig="+pki("kube-controller-manager.kubeconfig"),
@@ -376,7 +376,7 @@ func (c *Cluster) startHub(ctx context.Context, n names) error {
 	if err != nil {
 		return err
 	}
-	scheduler, err := c.startProc("kube-scheduler", ns, n.hubCgroup(), nil, c.bins.KubeScheduler,
+	scheduler, err := c.startProc("kube-scheduler", ns, n.hubCgroup(), c.bins.KubeScheduler,
 		"--kubeconfig="+pki("kube-scheduler.kubeconfig"),
 		"--authentication-kubeconfig="+pki("kube-scheduler.kubeconfig"),
 		"--authorization-kubeconfig="+pki("kube-scheduler.kubeconfig"),

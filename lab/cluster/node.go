@@ -31,11 +31,9 @@ type Node struct {
 	// /var/lib, /var/log and /opt, its configs and certificates.
 	Dir string
 
-	c          *Cluster
-	ns         namespaces
-	containerd *proc
-	kubelet    *proc
-	kubeProxy  *proc
+	c       *Cluster
+	ns      namespaces
+	kubelet *proc // whose exit ends waits for the node
 }
 
 // kernelTunables are the host-wide sysctls kubelet checks and, unless they
@@ -210,11 +208,10 @@ func (nd *Node) startContainerd(ctx context.Context, n names, images []string) e
 	if err := os.WriteFile(cfg, []byte(fmt.Sprintf(containerdConfig, PauseImage)), 0o644); err != nil {
 		return fmt.Errorf("node %s: %w", nd.Name, err)
 	}
-	p, err := nd.c.startProc(nd.Name+"-containerd", nd.ns, n.daemonCgroup(nd.Index), nil, nd.c.bins.Containerd, "--config="+cfg)
+	p, err := nd.c.startProc(nd.Name+"-containerd", nd.ns, n.daemonCgroup(nd.Index), nd.c.bins.Containerd, "--config="+cfg)
 	if err != nil {
 		return err
 	}
-	nd.containerd = p
 	ctr := func(ctx context.Context, args ...string) (string, error) {
 		return run(ctx, nd.ns, nd.c.path, append([]string{nd.c.bins.Ctr, "--address=" + containerdSocket, "--namespace=k8s.io"}, args...)...)
 	}
@@ -270,7 +267,7 @@ func (nd *Node) startKubelet(n names) error {
 	if err := os.WriteFile(cfg, []byte(data), 0o644); err != nil {
 		return fmt.Errorf("node %s: %w", nd.Name, err)
 	}
-	p, err := nd.c.startProc(nd.Name+"-kubelet", nd.ns, n.daemonCgroup(nd.Index), nil, nd.c.bins.Kubelet,
+	p, err := nd.c.startProc(nd.Name+"-kubelet", nd.ns, n.daemonCgroup(nd.Index), nd.c.bins.Kubelet,
 		"--config="+cfg,
 		"--kubeconfig="+pki(nd.Name+"-kubelet.kubeconfig"),
 		"--hostname-override="+nd.Name,
@@ -304,12 +301,8 @@ func (nd *Node) startKubeProxy(n names) error {
 	if err := os.WriteFile(cfg, []byte(data), 0o644); err != nil {
 		return fmt.Errorf("node %s: %w", nd.Name, err)
 	}
-	p, err := nd.c.startProc(nd.Name+"-kube-proxy", nd.ns, n.daemonCgroup(nd.Index), nil, nd.c.bins.KubeProxy, "--config="+cfg)
-	if err != nil {
-		return err
-	}
-	nd.kubeProxy = p
-	return nil
+	_, err := nd.c.startProc(nd.Name+"-kube-proxy", nd.ns, n.daemonCgroup(nd.Index), nd.c.bins.KubeProxy, "--config="+cfg)
+	return err
 }
 
 // Run runs argv to completion inside the node (its network, mount and UTS

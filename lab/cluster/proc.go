@@ -35,7 +35,7 @@ type proc struct {
 // (setns(2) refuses CLONE_NEWNS), and Go's SysProcAttr cannot join an
 // existing one, so processes start through nsenter, which execs the binary
 // after joining: the PID is the binary's.
-func (c *Cluster) startProc(name string, ns namespaces, cgroup string, env []string, argv ...string) (*proc, error) {
+func (c *Cluster) startProc(name string, ns namespaces, cgroup string, argv ...string) (*proc, error) {
 	logPath := filepath.Join(c.Dir, "logs", name+".log")
 	log, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
@@ -52,7 +52,7 @@ func (c *Cluster) startProc(name string, ns namespaces, cgroup string, env []str
 		args = append(args, "--uts="+ns.uts)
 	}
 	cmd := exec.Command("nsenter", append(append(args, "--"), argv...)...)
-	cmd.Env = append([]string{"PATH=" + c.path}, env...)
+	cmd.Env = []string{"PATH=" + c.path}
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own process group keeps a terminal's ^C for the caller, who
