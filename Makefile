@@ -84,7 +84,8 @@ generate-policy:
 # lab's kube-controller-manager, kube-scheduler, kubelet, kube-proxy and
 # containerd, built from the modules pinned in lab/controlplane/build/ into
 # $VEIL_CACHE/controlplane (default ~/.cache/veil/controlplane); a no-op when
-# the cache is warm. A cold build takes a while: see lab/controlplane/doc.go.
+# the cache is warm. A cold build takes about 15 minutes on one core (see
+# lab/controlplane/doc.go).
 controlplane:
 	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
 
