@@ -40,6 +40,10 @@ var (
 	ServiceCIDR = netip.MustParsePrefix("10.96.0.0/16")
 )
 
+// dirMarker marks a cluster's working dir: Cleanup removes only a dir that
+// has it, never one a caller pointed at by mistake.
+const dirMarker = ".veil-cluster"
+
 // apiPort is the API server's port on the hub.
 const apiPort = 6443
 
@@ -206,6 +210,12 @@ func (c *Cluster) names() names { return names{prefix: c.Prefix, dir: c.Dir} }
 
 func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 	began := time.Now()
+	if err := os.MkdirAll(c.Dir, 0o755); err != nil {
+		return fmt.Errorf("create cluster dir: %w", err)
+	}
+	if err := os.WriteFile(filepath.Join(c.Dir, dirMarker), []byte(c.Prefix+"\n"), 0o644); err != nil {
+		return fmt.Errorf("mark cluster dir: %w", err)
+	}
 	for _, d := range []string{"logs", "pki", "images", "hub", "ns"} {
 		if err := os.MkdirAll(filepath.Join(c.Dir, d), 0o755); err != nil {
 			return fmt.Errorf("create cluster dir: %w", err)
@@ -455,8 +465,18 @@ func Cleanup(prefix, dir string) error {
 	if len(errs) > 0 {
 		return errors.Join(errs...)
 	}
-	// Only with nothing mounted below it: RemoveAll would otherwise walk
-	// into whatever is mounted there.
+	// Only a dir a cluster made, and only with nothing mounted below it:
+	// RemoveAll would otherwise walk into whatever is mounted there.
+	if entries, err := os.ReadDir(n.dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("read cluster dir: %w", err)
+	} else if len(entries) == 0 {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(n.dir, dirMarker)); err != nil {
+		return fmt.Errorf("remove %s: not a cluster's dir (no %s), not touching it: %w", n.dir, dirMarker, err)
+	}
 	mounts, err := mountsBelow(n.dir)
 	if err != nil {
 		return err

@@ -134,3 +134,33 @@ func TestConfigs(t *testing.T) {
 		}
 	}
 }
+
+// TestCleanupKeepsForeignDir checks that Cleanup never deletes a dir that
+// no cluster made, and removes one that a cluster did.
+func TestCleanupKeepsForeignDir(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("Cleanup reads cgroups and network namespaces as root")
+	}
+	dir := filepath.Join(t.TempDir(), "precious")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "data"), []byte("keep"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := Cleanup("vrcunit", dir); err == nil || !strings.Contains(err.Error(), "not a cluster's dir") {
+		t.Fatalf("Cleanup of a foreign dir: %v; want a refusal", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "data")); err != nil {
+		t.Fatalf("Cleanup touched a foreign dir: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, dirMarker), []byte("vrcunit\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := Cleanup("vrcunit", dir); err != nil {
+		t.Fatalf("Cleanup of a cluster's dir: %v", err)
+	}
+	if _, err := os.Stat(dir); !os.IsNotExist(err) {
+		t.Fatalf("cluster dir still there after Cleanup: %v", err)
+	}
+}
