@@ -128,8 +128,12 @@ func TestPrivilegedRealCluster(t *testing.T) {
 		_, err := clients.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
 		return err
 	})
+	created := time.Now()
 	server := createPod(t, ctx, clients, "server", []string{"serve", ":8080"})
+	serverRunning := time.Since(created)
+	created = time.Now()
 	client := createPod(t, ctx, clients, "client", []string{"probe", server.Status.PodIP + ":8080"})
+	clientRunning := time.Since(created)
 	if server.Spec.NodeName == client.Spec.NodeName {
 		t.Fatalf("scheduler put both pods on %s despite the anti-affinity", server.Spec.NodeName)
 	}
@@ -142,6 +146,8 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	}
 
 	waitProbe(t, ctx, clients, "ok")
+	t.Logf("pod create → Running (seen by polling every 250 ms): server %s, client %s; client create → first allowed connection seen %s",
+		serverRunning.Round(time.Millisecond), clientRunning.Round(time.Millisecond), time.Since(created).Round(time.Millisecond))
 	// Between nodes, pod traffic goes through the agents' WireGuard
 	// devices: `wg show` on each node (through the control socket the
 	// DaemonSet shares with the node) counts it.
