@@ -44,7 +44,7 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	// Binaries first: a cold build is `make controlplane`'s, not the test's.
 	bins, err := controlplane.BuildCluster(ctx)
 	if err != nil {
-		t.Fatalf("build cluster binaries: %v", err)
+		t.Fatalf("build cluster binaries (make controlplane builds them ahead of the tests): %v", err)
 	}
 	imageStart := time.Now()
 	agentImage := buildAgentImage(t, ctx)
