@@ -4,9 +4,14 @@ GO ?= go
 BIN := bin
 BPFFS ?= /sys/fs/bpf
 # Packages the tests need. --no-install-recommends keeps wireguard-tools from
-# pulling in a kernel image.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler nftables
-APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft
+# pulling in a kernel image. runc, the CNI plugins (containerd sets up each
+# pod's loopback with one), conntrack and iptables serve the real-kubelet
+# lab's nodes.
+APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler nftables \
+	runc containernetworking-plugins conntrack iptables
+APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft runc conntrack iptables
+# Files of packages that put no tool on PATH.
+APT_FILES := /usr/lib/cni/loopback
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
 .PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane manifests image
@@ -19,12 +24,13 @@ help:
 	@echo "make manifests       render deploy/manifests from the Helm chart in deploy/helm/veil"
 	@echo "make image           the agent image as an OCI tarball, $(BIN)/veil-image.tar (no Docker daemon)"
 	@echo "make test            unit + privileged tests (needs root), then unit tests of concurrent packages under -race"
-	@echo "make controlplane    build the lab's etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
+	@echo "make controlplane    build the lab's Kubernetes and containerd binaries into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local lab as root (meshctl lab up; LAB_NODES, LAB_DIR)"
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	for f in $(APT_FILES); do test -e $$f || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing toolchain (missing:$$missing)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
@@ -74,9 +80,12 @@ generate-policy:
 		$(POLICY_API_PKG)
 	$(GO) tool controller-gen crd paths=./policy/api/... output:crd:artifacts:config=deploy/crds
 
-# The lab's and the tests' etcd and kube-apiserver, built from the modules
-# pinned in lab/controlplane/build/ into $VEIL_CACHE/controlplane (default
-# ~/.cache/veil/controlplane); a no-op when the cache is warm.
+# The lab's and the tests' etcd and kube-apiserver, and the real-kubelet
+# lab's kube-controller-manager, kube-scheduler, kubelet, kube-proxy and
+# containerd, built from the modules pinned in lab/controlplane/build/ into
+# $VEIL_CACHE/controlplane (default ~/.cache/veil/controlplane); a no-op when
+# the cache is warm. A cold build takes about 15 minutes on one core (see
+# lab/controlplane/doc.go).
 controlplane:
 	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
 
