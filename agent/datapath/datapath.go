@@ -90,6 +90,8 @@ type Datapath struct {
 	mu sync.Mutex
 	// maps, opened from the pins; shared by every program.
 	endpoints, ipcache, cidrs, policy, ct, sockhash, events, metrics, sockstats *ebpf.Map
+	// sockstate belongs to the socket programs alone.
+	sockstate *ebpf.Map
 	// programs, one per attach point.
 	fromPod, toPod, fromNetdev, fromTunnel, toNetdev, sockops, skMsg *ebpf.Program
 	leaks                                                            *ebpf.Map
@@ -193,11 +195,12 @@ func checkKernel(cfg Config) error {
 }
 
 // object is one compiled BPF object (one attach surface) and where its
-// programs go in a Datapath.
+// programs, and the maps only it has, go in a Datapath.
 type object struct {
 	name  string
 	spec  func() (*ebpf.CollectionSpec, error)
 	progs func(*Datapath) map[string]**ebpf.Program // program name in the object -> field
+	maps  func(*Datapath) map[string]**ebpf.Map     // map name in the object -> field; may be nil
 }
 
 // objects lists the BPF objects by attach surface. The first one also
@@ -205,15 +208,17 @@ type object struct {
 var objects = []object{
 	{"pod", loadPod, func(d *Datapath) map[string]**ebpf.Program {
 		return map[string]**ebpf.Program{"veil_from_pod": &d.fromPod, "veil_to_pod": &d.toPod}
-	}},
+	}, nil},
 	{"netdev", loadNetdev, func(d *Datapath) map[string]**ebpf.Program {
 		return map[string]**ebpf.Program{"veil_from_netdev": &d.fromNetdev, "veil_to_netdev": &d.toNetdev}
-	}},
+	}, nil},
 	{"tunnel", loadTunnel, func(d *Datapath) map[string]**ebpf.Program {
 		return map[string]**ebpf.Program{"veil_from_tunnel": &d.fromTunnel}
-	}},
+	}, nil},
 	{"sock", loadSock, func(d *Datapath) map[string]**ebpf.Program {
 		return map[string]**ebpf.Program{"veil_sockops": &d.sockops, "veil_sk_msg": &d.skMsg}
+	}, func(d *Datapath) map[string]**ebpf.Map {
+		return map[string]**ebpf.Map{"veil_sockstate": &d.sockstate}
 	}},
 }
 
@@ -303,6 +308,16 @@ func (d *Datapath) loadObjects(pinRoot string) error {
 				return fmt.Errorf("%s object has no program %s", o.name, name)
 			}
 			*field = p
+		}
+		if o.maps == nil {
+			continue
+		}
+		for name, field := range o.maps(d) {
+			m, ok := coll.Maps[name]
+			if !ok {
+				return fmt.Errorf("%s object has no map %s", o.name, name)
+			}
+			*field = m
 		}
 	}
 	return nil

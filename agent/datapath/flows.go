@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/veilmesh/veil/policy/identity"
 )
@@ -61,14 +62,27 @@ type FlowKey struct {
 	DstPort  uint16
 }
 
-// EvictFlows removes every connection for which revoked returns true: its
-// conntrack entry (so its next packet is checked against policy again) and,
-// for accelerated TCP, both of its sockets from the sockhash (so its payload
-// goes back through TC, where policy sees it). It returns how many
-// connections were removed.
+// conn names one connection in its opener's direction, to count
+// connections that both tables hold once.
+type conn struct {
+	src, dst     netip.Addr
+	sport, dport uint16
+	proto        uint8
+}
+
+// EvictFlows ends the permission of every connection for which revoked
+// returns true. revoked is asked about the direction that opened the
+// connection, never about its replies, and only about connections not
+// already revoked.
 //
-// For an accelerated socket pair the opener is not known; revoked is asked
-// about both orientations and either one evicts the pair.
+// A connection's conntrack entry is deleted, so its next packet is checked
+// against policy again. Its accelerated sockets are marked revoked: their
+// payload takes the TCP path from then on, where policy drops it. They stay
+// in the sockhash until they close, because removing a socket from it frees
+// the data already redirected into it and not yet read; so every byte
+// accepted before the revocation is still delivered, in order.
+//
+// It returns how many connections were revoked.
 func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	var (
 		k    podCtKey
@@ -77,6 +91,8 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	)
 	it := d.ct.Iterate()
 	for it.Next(&k, &v) {
+		// The entry is keyed in the direction of the connection's first
+		// packet.
 		if revoked(FlowKey{Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr), Proto: k.Proto, DstPort: k.Dport}) {
 			dead = append(dead, k)
 		}
@@ -84,62 +100,130 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	if err := it.Err(); err != nil {
 		return 0, fmt.Errorf("scan connections: %w", err)
 	}
-	// Sockets first: once the sockhash forgets them, payload takes the TC
-	// path, where the now-missing conntrack entry forces a policy check.
-	if _, err := d.evictSockets(revoked); err != nil {
+	gone := map[conn]bool{}
+	// Sockets first: once they are revoked, payload takes the TCP path,
+	// where the now-missing conntrack entry forces a policy check.
+	if err := d.revokeSockets(revoked, gone); err != nil {
 		return 0, err
 	}
-	n := 0
 	for _, k := range dead {
 		err := d.ct.Delete(&k)
 		if err == nil {
-			n++
+			gone[conn{src: u32ToIP4(k.Saddr), dst: u32ToIP4(k.Daddr), sport: k.Sport, dport: k.Dport, proto: k.Proto}] = true
 		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return n, fmt.Errorf("delete connection: %w", err)
+			return len(gone), fmt.Errorf("delete connection: %w", err)
 		}
 	}
-	return n, nil
+	return len(gone), nil
 }
 
-func (d *Datapath) evictSockets(revoked func(FlowKey) bool) (int, error) {
+// openerOf returns the connection of an accelerated socket in the direction
+// that opened it: the socket's own for the end that connected, the reverse
+// for the end that accepted.
+func openerOf(k podSockKey, st sockSockState) conn {
+	local, remote := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
+	if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_ACTIVE != 0 {
+		return conn{src: local, dst: remote, sport: uint16(k.Sport), dport: uint16(k.Dport), proto: unix.IPPROTO_TCP}
+	}
+	return conn{src: remote, dst: local, sport: uint16(k.Dport), dport: uint16(k.Sport), proto: unix.IPPROTO_TCP}
+}
+
+// sockKeys returns the sockhash keys of both ends of a local connection.
+func sockKeys(c conn) [2]podSockKey {
+	src, dst := ip4ToU32(c.src), ip4ToU32(c.dst)
+	return [2]podSockKey{
+		{Sip: src, Dip: dst, Sport: uint32(c.sport), Dport: uint32(c.dport)},
+		{Sip: dst, Dip: src, Sport: uint32(c.dport), Dport: uint32(c.sport)},
+	}
+}
+
+// revokeSockets marks both ends of every revoked accelerated connection, and
+// adds the connections to gone. On the way it forgets the state of sockets
+// that have left the sockhash (closed).
+func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool) error {
 	var (
-		k    podSockKey
-		dead []podSockKey
+		k      podSockKey
+		st     sockSockState
+		cookie uint64
+		closed []podSockKey
+		judged = map[conn]bool{}
 	)
-	it := d.sockhash.Iterate()
-	var cookie uint64
-	for it.Next(&k, &cookie) {
-		src, dst := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
-		if revoked(FlowKey{Src: src, Dst: dst, Proto: 6, DstPort: uint16(k.Dport)}) ||
-			revoked(FlowKey{Src: dst, Dst: src, Proto: 6, DstPort: uint16(k.Sport)}) {
-			dead = append(dead, k, podSockKey{Sip: k.Dip, Dip: k.Sip, Sport: k.Dport, Dport: k.Sport})
+	it := d.sockstate.Iterate()
+	for it.Next(&k, &st) {
+		if err := d.sockhash.Lookup(&k, &cookie); errors.Is(err, ebpf.ErrKeyNotExist) {
+			closed = append(closed, k)
+			continue
+		} else if err != nil {
+			return fmt.Errorf("look up accelerated socket: %w", err)
+		}
+		c := openerOf(k, st)
+		if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_REVOKED != 0 || judged[c] {
+			continue
+		}
+		judged[c] = true
+		if revoked(FlowKey{Src: c.src, Dst: c.dst, Proto: c.proto, DstPort: c.dport}) {
+			gone[c] = true
 		}
 	}
 	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("scan accelerated sockets: %w", err)
+		return fmt.Errorf("scan accelerated sockets: %w", err)
 	}
-	n := 0
-	for _, k := range dead {
-		err := d.sockhash.Delete(&k)
-		if err == nil {
-			n++
-		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return n, fmt.Errorf("evict accelerated socket: %w", err)
+	for c := range gone {
+		for _, k := range sockKeys(c) {
+			if err := d.revokeSocket(k); err != nil {
+				return err
+			}
 		}
 	}
-	return n, nil
+	for _, k := range closed {
+		if err := d.sockstate.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("forget closed socket: %w", err)
+		}
+	}
+	return nil
 }
 
-// AcceleratedSockets returns how many sockets the sockhash holds.
+// revokeSocket sets the revoked flag of one socket, if it is still known.
+func (d *Datapath) revokeSocket(k podSockKey) error {
+	var st sockSockState
+	if err := d.sockstate.Lookup(&k, &st); errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("read accelerated socket state: %w", err)
+	}
+	st.Flags |= uint32(sockSockFlagsSOCK_F_REVOKED)
+	// The agent is the only writer of an existing entry's flags (sk_msg
+	// writes only tcp_path, and a lost tcp_path store is harmless next to
+	// the revoked flag).
+	err := d.sockstate.Update(&k, &st, ebpf.UpdateExist)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("revoke accelerated socket: %w", err)
+	}
+	return nil
+}
+
+// AcceleratedSockets returns how many sockets sk_msg redirects payload for:
+// those in the sockhash that are neither revoked nor fallen back to the TCP
+// path.
 func (d *Datapath) AcceleratedSockets() (int, error) {
 	var (
 		k      podSockKey
 		cookie uint64
+		st     sockSockState
 		n      int
 	)
 	it := d.sockhash.Iterate()
 	for it.Next(&k, &cookie) {
-		n++
+		err := d.sockstate.Lookup(&k, &st)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("read accelerated socket state: %w", err)
+		}
+		if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_REVOKED == 0 && st.TcpPath == 0 {
+			n++
+		}
 	}
 	if err := it.Err(); err != nil {
 		return 0, fmt.Errorf("count accelerated sockets: %w", err)
