@@ -47,7 +47,7 @@ var (
 	descForwarded  = prometheus.NewDesc("veil_forwarded_packets_total", "Packets forwarded by the datapath, by path.", []string{"path"}, nil)
 	descDropped    = prometheus.NewDesc("veil_dropped_packets_total", "Packets dropped by the datapath, by reason.", []string{"reason"}, nil)
 	descSockmap    = prometheus.NewDesc("veil_sockmap_redirected_bytes_total", "Bytes moved socket to socket by sk_msg.", nil, nil)
-	descAccel      = prometheus.NewDesc("veil_accelerated_sockets", "Sockets in the sockhash.", nil, nil)
+	descAccel      = prometheus.NewDesc("veil_accelerated_sockets", "Sockets whose payload sk_msg redirects socket to socket (neither revoked nor fallen back to TCP).", nil, nil)
 	descEventsLost = prometheus.NewDesc("veil_flow_events_lost_total", "Flow events lost because the ring buffer was full.", nil, nil)
 	descMapUse     = prometheus.NewDesc("veil_map_entries", "Entries in a datapath map (map pressure).", []string{"map"}, nil)
 	descAPI        = prometheus.NewDesc("veil_api_server_connected", "1 when the API server answers.", nil, nil)
