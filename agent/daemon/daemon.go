@@ -322,12 +322,17 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 		StrictMode:        d.cfg.StrictMode,
 		Logger:            d.log,
 	}
+	cfg.SkipAccelerationSelfTest = d.cfg.SkipAccelSelfTest
 	if d.wg != nil {
 		cfg.WireGuardInterface = d.wg.Interface()
 	}
 	dp, err := datapath.Load(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	// The datapath logged the failure; status and readyz keep showing it.
+	if _, reason := dp.Acceleration(); reason != "" {
+		d.setDegraded("socket-acceleration", reason)
 	}
 	return dp, nil
 }

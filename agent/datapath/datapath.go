@@ -38,6 +38,10 @@ type Config struct {
 	// CgroupPath is a cgroup v2 directory whose sockets get socket-level
 	// acceleration. Empty disables acceleration.
 	CgroupPath string
+	// SkipAccelerationSelfTest accelerates without first checking, with a
+	// transfer of the datapath's own, that this kernel redirects sockets'
+	// data intact (see Acceleration).
+	SkipAccelerationSelfTest bool
 	// UnderlayInterface is the device toward other nodes; traffic arriving
 	// on it for local pods is policed. Empty means a single-node datapath.
 	UnderlayInterface string
@@ -65,6 +69,8 @@ type Config struct {
 	CTIdleTimeout time.Duration
 	// Logger receives structured logs. Default slog.Default().
 	Logger *slog.Logger
+
+	selfTest selfTest
 }
 
 // DefaultBPFFSRoot is where Veil pins its state unless told otherwise.
@@ -100,6 +106,10 @@ type Datapath struct {
 	// deletes exactly the previous generation.
 	policySlots map[uint32][]podPolicyKey
 	closers     []interface{ Close() error }
+
+	// accelOff says why acceleration is off although configured; empty
+	// when it is on. Set once by Load.
+	accelOff string
 }
 
 // Load checks the kernel, loads the programs, opens (or creates) the pinned
@@ -149,12 +159,34 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, err
 	}
 	if cfg.CgroupPath != "" {
-		if err := d.attachSockets(); err != nil {
+		if err := d.startAcceleration(); err != nil {
 			d.Close()
 			return nil, err
 		}
 	}
 	return d, nil
+}
+
+// startAcceleration attaches the socket programs, unless the self-test finds
+// that this kernel does not redirect sockets' data intact; then it makes
+// sure no socket is accelerated and records why.
+func (d *Datapath) startAcceleration() error {
+	if !d.cfg.SkipAccelerationSelfTest {
+		start := time.Now()
+		if err := d.testAcceleration(); err != nil {
+			d.accelOff = "kernel self-test failed: " + err.Error()
+			d.log.Error("socket acceleration is off: this kernel failed the self-test", "error", err)
+			return d.stopAcceleration()
+		}
+		d.log.Info("socket acceleration self-test passed", "duration", time.Since(start))
+	}
+	return d.attachSockets()
+}
+
+// Acceleration reports whether sockets of pods are accelerated, and when
+// they are not although a cgroup was configured, why.
+func (d *Datapath) Acceleration() (on bool, reason string) {
+	return d.cfg.CgroupPath != "" && d.accelOff == "", d.accelOff
 }
 
 func linksDir(root string) string { return filepath.Join(root, "links") }
@@ -424,6 +456,47 @@ func (d *Datapath) attachSockets() error {
 		Target: d.sockhash.FD(), Program: d.skMsg, Attach: ebpf.AttachSkMsgVerdict,
 	}); err != nil {
 		return fmt.Errorf("attach sk_msg to sockhash: %w", err)
+	}
+	return nil
+}
+
+// stopAcceleration detaches sockops (an earlier run may have pinned it), so
+// no socket joins the sockhash, and moves the sockets that did join to the
+// TCP path: each keeps what was already redirected to its peer, in order.
+func (d *Datapath) stopAcceleration() error {
+	pin := filepath.Join(linksDir(d.cfg.BPFFSRoot), "sockops")
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		err = l.Unpin()
+		// Closing the last reference to an unpinned link detaches it.
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("unpin sockops link: %w", err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("open pinned sockops link: %w", err)
+	}
+	var (
+		k     podSockKey
+		st    sockSockState
+		moved []podSockKey
+	)
+	it := d.sockstate.Iterate()
+	for it.Next(&k, &st) {
+		if st.TcpPath == 0 {
+			moved = append(moved, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("scan accelerated sockets: %w", err)
+	}
+	for _, k := range moved {
+		if err := d.sockstate.Lookup(&k, &st); err != nil {
+			continue // closed and collected meanwhile
+		}
+		st.TcpPath = 1
+		if err := d.sockstate.Update(&k, &st, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("move accelerated socket to the TCP path: %w", err)
+		}
 	}
 	return nil
 }

@@ -22,6 +22,7 @@ import (
 
 func TestMain(m *testing.M) {
 	netns.MaybeRunHelper()
+	MaybeRunSocketHelper()
 	maybeRunLoader()
 	os.Exit(m.Run())
 }
