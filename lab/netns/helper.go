@@ -59,6 +59,20 @@ func runHelper(mode string, args []string) error {
 	case "checked-sink":
 		pace, _ := time.ParseDuration(arg(1))
 		return helperCheckedSink(arg(0), pace)
+	case "soak-server":
+		return helperSoakServer(arg(0))
+	case "soak-client":
+		d, err := time.ParseDuration(arg(1))
+		if err != nil {
+			return fmt.Errorf("duration: %w", err)
+		}
+		var n [3]int
+		for i := range n {
+			if n[i], err = strconv.Atoi(arg(2 + i)); err != nil {
+				return fmt.Errorf("soak-client wants ADDR DURATION WORKERS LONG MAXCONNS: %w", err)
+			}
+		}
+		return helperSoakClient(arg(0), d, n[0], n[1], n[2])
 	case "rr-server":
 		return helperRRServer(arg(0))
 	case "discard":
