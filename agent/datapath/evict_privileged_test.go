@@ -192,3 +192,69 @@ func TestPrivilegedEvictKeepsAcceptedBytes(t *testing.T) {
 		t.Errorf("revoked connection's packets were not dropped by policy")
 	}
 }
+
+// Sockets that joined the sockhash before sockops recorded state (an
+// earlier Veil) are judged by their conntrack entry's direction too, and
+// taken out of the sockhash when revoked, since their sk_msg program knows
+// no revoked flag.
+func TestPrivilegedEvictLegacySockets(t *testing.T) {
+	tn := newTestNet(t, "evlegacy", netOpts{sockets: true})
+	const port = 5015
+	if err := tn.dp1.SetPolicy(ipA, nil, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
+		t.Fatal(err)
+	}
+	_, sink := checkedTransfer(t, tn, port, 1<<40, 2*time.Millisecond, 0)
+	ctx := ctxT(t, 20*time.Second)
+	for lineInt(sink, "progress", 1) < 1<<20 {
+		if ctx.Err() != nil {
+			t.Fatalf("transfer did not start: sink %v", sink.Lines())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	members := func() int {
+		var (
+			k      podSockKey
+			cookie uint64
+			n      int
+		)
+		for it := tn.dp1.sockhash.Iterate(); it.Next(&k, &cookie); {
+			n++
+		}
+		return n
+	}
+	var (
+		k    podSockKey
+		st   sockSockState
+		keys []podSockKey
+	)
+	for it := tn.dp1.sockstate.Iterate(); it.Next(&k, &st); {
+		keys = append(keys, k)
+	}
+	for _, k := range keys {
+		if err := tn.dp1.sockstate.Delete(&k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := members(); n != 2 || len(keys) != 2 {
+		t.Fatalf("sockhash holds %d sockets, state %d; want 2 and 2", n, len(keys))
+	}
+
+	if n, err := tn.dp1.EvictFlows(onlyAllowed(FlowKey{Src: ipA, Dst: ipB, Proto: policy.ProtoTCP, DstPort: port})); err != nil || n != 0 {
+		t.Fatalf("EvictFlows of an allowed connection = %d, %v; want 0", n, err)
+	}
+	if n := members(); n != 2 {
+		t.Fatalf("allowed legacy sockets evicted: sockhash holds %d, want 2", n)
+	}
+	if n, err := tn.dp1.EvictFlows(func(FlowKey) bool { return true }); err != nil || n != 1 {
+		t.Fatalf("EvictFlows of a revoked connection = %d, %v; want 1", n, err)
+	}
+	if n := members(); n != 0 {
+		t.Fatalf("revoked legacy sockets stay: sockhash holds %d", n)
+	}
+	if l := sink.LastLine("mismatch"); l != "" {
+		t.Errorf("sink: %s", l)
+	}
+}

@@ -168,6 +168,10 @@ func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool)
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("scan accelerated sockets: %w", err)
 	}
+	legacy, err := d.legacySockets(revoked, judged)
+	if err != nil {
+		return err
+	}
 	for c := range gone {
 		for _, k := range sockKeys(c) {
 			if err := d.revokeSocket(k); err != nil {
@@ -175,12 +179,81 @@ func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool)
 			}
 		}
 	}
+	// Sockets that joined under an earlier Veil keep the sk_msg program of
+	// that time, which knows no state: the only way to stop them is to take
+	// them out of the sockhash, at the risk of data queued at them.
+	for _, c := range legacy {
+		for _, k := range sockKeys(c) {
+			if err := d.sockhash.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("evict accelerated socket: %w", err)
+			}
+		}
+		gone[c] = true
+	}
 	for _, k := range closed {
 		if err := d.sockstate.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("forget closed socket: %w", err)
 		}
 	}
 	return nil
+}
+
+// legacySockets returns the revoked connections of sockhash members of
+// which neither end has state (they joined before sockops recorded it).
+// Their opener is found from their conntrack entry; when it is gone, either
+// direction being revoked revokes them.
+func (d *Datapath) legacySockets(revoked func(FlowKey) bool, judged map[conn]bool) ([]conn, error) {
+	var (
+		k      podSockKey
+		cookie uint64
+		st     sockSockState
+		out    []conn
+	)
+	it := d.sockhash.Iterate()
+	for it.Next(&k, &cookie) {
+		c, known := d.openerFromCT(k)
+		if judged[c] {
+			continue
+		}
+		stateless := true
+		for _, sk := range sockKeys(c) {
+			if err := d.sockstate.Lookup(&sk, &st); !errors.Is(err, ebpf.ErrKeyNotExist) {
+				stateless = false
+			}
+		}
+		if !stateless {
+			continue
+		}
+		judged[c] = true
+		r := conn{src: c.dst, dst: c.src, sport: c.dport, dport: c.sport, proto: c.proto}
+		if revoked(FlowKey{Src: c.src, Dst: c.dst, Proto: c.proto, DstPort: c.dport}) ||
+			(!known && revoked(FlowKey{Src: r.src, Dst: r.dst, Proto: r.proto, DstPort: r.dport})) {
+			out = append(out, c)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("scan accelerated sockets: %w", err)
+	}
+	return out, nil
+}
+
+// openerFromCT returns the connection of a socket in the direction of its
+// conntrack entry, and whether there is one.
+func (d *Datapath) openerFromCT(k podSockKey) (conn, bool) {
+	c := conn{src: u32ToIP4(k.Sip), dst: u32ToIP4(k.Dip), sport: uint16(k.Sport), dport: uint16(k.Dport), proto: unix.IPPROTO_TCP}
+	r := conn{src: c.dst, dst: c.src, sport: c.dport, dport: c.sport, proto: c.proto}
+	var v podCtEntry
+	for _, cand := range []conn{c, r} {
+		key := podCtKey{Saddr: ip4ToU32(cand.src), Daddr: ip4ToU32(cand.dst), Sport: cand.sport, Dport: cand.dport, Proto: cand.proto}
+		if d.ct.Lookup(&key, &v) == nil {
+			return cand, true
+		}
+	}
+	// Unknown: a canonical orientation, so both ends name one connection.
+	if c.sport < c.dport {
+		return r, false
+	}
+	return c, false
 }
 
 // revokeSocket sets the revoked flag of one socket, if it is still known.
