@@ -7,7 +7,8 @@
  * veil_sockops (cgroup sockops on the pods' cgroup): when a TCP connection
  * between two local endpoints is established (so TC policy allowed its
  * handshake both ways), both sockets join veil_sockhash, each with its state
- * (which end opened the connection) in veil_sockstate.
+ * (which end opened the connection) in veil_sockstate, which it forgets when
+ * the socket closes.
  *
  * veil_sk_msg (sk_msg on veil_sockhash): payload sent on an accelerated
  * socket goes straight into the peer socket's receive queue. When the
@@ -35,7 +36,8 @@ int veil_sockops(struct bpf_sock_ops *skops)
 	__u32 family, l4, r4, l6[4], r6[4];
 
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 
 	/*
@@ -70,6 +72,13 @@ int veil_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 
+	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
+		/* Connections close at a high rate; their state must not pile up. */
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			bpf_map_delete_elem(&veil_sockstate, &key);
+		return 1;
+	}
+
 	src = bpf_map_lookup_elem(&veil_endpoints, &key.sip);
 	dst = bpf_map_lookup_elem(&veil_endpoints, &key.dip);
 	if (!src || !dst)
@@ -82,6 +91,7 @@ int veil_sockops(struct bpf_sock_ops *skops)
 		st.flags = SOCK_F_ACTIVE;
 	if (bpf_map_update_elem(&veil_sockstate, &key, &st, BPF_ANY))
 		return 1;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	bpf_sock_hash_update(skops, &veil_sockhash, &key, BPF_NOEXIST);
 	return 1;
 }

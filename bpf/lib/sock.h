@@ -24,9 +24,10 @@ enum sock_flags {
  * @tcp_path: nonzero once a message of this socket took the TCP path (its
  *	peer was not in the sockhash); every later one must too, because the
  *	receiver reads its redirected queue before its TCP queue and a
- *	redirected message would overtake the earlier one. Written only by
- *	sk_msg, as a plain store: the program may not read-modify-write
- *	@flags while the agent replaces the value.
+ *	redirected message would overtake the earlier one. Set by sk_msg
+ *	with a plain store (the program may not read-modify-write @flags
+ *	while the agent replaces the value), and by the agent when it turns
+ *	acceleration off.
  */
 struct sock_state {
 	__u32 flags;
@@ -36,10 +37,10 @@ struct sock_state {
 /*
  * Per-socket state of veil_sockhash members, by the same key. sk_msg
  * redirects only for a socket that has state and no flag that forbids it, so
- * a missing entry (map full, removed) fails closed to the TCP path. The
- * entry outlives its socket until the agent collects it or the 4-tuple is
- * established again. Not an LRU: losing a REVOKED flag would re-accelerate a
- * connection behind the data it sent on the TCP path.
+ * a missing entry (map full, removed) fails closed to the TCP path. sockops
+ * deletes the entry when its socket closes; the agent collects what a
+ * socket that closed without (under an earlier program) left. Not an LRU:
+ * pressure would silently move live connections to the TCP path.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
