@@ -330,7 +330,8 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load datapath: %w", err)
 	}
-	// The datapath logged the failure; status and readyz keep showing it.
+	// The datapath logged it; status and readyz keep showing why
+	// acceleration is off, or runs untested.
 	if _, reason := dp.Acceleration(); reason != "" {
 		d.setDegraded("socket-acceleration", reason)
 	}

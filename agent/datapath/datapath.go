@@ -108,8 +108,8 @@ type Datapath struct {
 	closers     []interface{ Close() error }
 
 	// accelOff says why acceleration is off although configured; empty
-	// when it is on. Set once by Load.
-	accelOff string
+	// when it is on. accelNote says why it runs untested. Set once by Load.
+	accelOff, accelNote string
 }
 
 // Load checks the kernel, loads the programs, opens (or creates) the pinned
@@ -173,20 +173,32 @@ func Load(cfg Config) (*Datapath, error) {
 func (d *Datapath) startAcceleration() error {
 	if !d.cfg.SkipAccelerationSelfTest {
 		start := time.Now()
-		if err := d.testAcceleration(); err != nil {
+		err := d.testAcceleration()
+		switch {
+		case errors.Is(err, errSelfTestNotRun):
+			// Nothing is known against this kernel: accelerate, and say
+			// that it is untested.
+			d.accelNote = "accelerating untested: " + err.Error()
+			d.log.Warn("could not run the socket acceleration self-test; accelerating untested", "error", err)
+		case err != nil:
 			d.accelOff = "kernel self-test failed: " + err.Error()
 			d.log.Error("socket acceleration is off: this kernel failed the self-test", "error", err)
 			return d.stopAcceleration()
+		default:
+			d.log.Info("socket acceleration self-test passed", "duration", time.Since(start))
 		}
-		d.log.Info("socket acceleration self-test passed", "duration", time.Since(start))
 	}
 	return d.attachSockets()
 }
 
-// Acceleration reports whether sockets of pods are accelerated, and when
-// they are not although a cgroup was configured, why.
+// Acceleration reports whether sockets of pods are accelerated, and what an
+// operator should know about it: why it is off although a cgroup was
+// configured, or why it runs untested.
 func (d *Datapath) Acceleration() (on bool, reason string) {
-	return d.cfg.CgroupPath != "" && d.accelOff == "", d.accelOff
+	if d.accelOff != "" {
+		return false, d.accelOff
+	}
+	return d.cfg.CgroupPath != "", d.accelNote
 }
 
 func linksDir(root string) string { return filepath.Join(root, "links") }

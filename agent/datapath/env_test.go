@@ -377,6 +377,8 @@ func maybeRunLoader() {
 		fmt.Fprintln(os.Stderr, "loader:", err)
 		os.Exit(1)
 	}
+	on, reason := dp.Acceleration()
+	fmt.Printf("acceleration %v %s\n", on, reason)
 	fmt.Println("ready")
 	select {}
 }

@@ -5,11 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -96,8 +100,12 @@ const selfTestTimeout = 10 * time.Second
 // selfTestBytes is how much the self-test sends each way.
 const selfTestBytes = 4 << 20
 
+// errSelfTestNotRun marks a self-test that could not be set up: it says
+// nothing about the kernel.
+var errSelfTestNotRun = errors.New("the self-test could not run")
+
 // testAcceleration runs the self-test and returns why acceleration must stay
-// off, or nil.
+// off, or, wrapping errSelfTestNotRun, why it could not tell.
 func (d *Datapath) testAcceleration() error {
 	timeout := d.cfg.selfTest.timeout
 	if timeout == 0 {
@@ -105,51 +113,49 @@ func (d *Datapath) testAcceleration() error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-
-	cg := filepath.Join(d.cfg.CgroupPath, fmt.Sprintf("veil-selftest-%d", os.Getpid()))
-	if err := os.Mkdir(cg, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("create test cgroup: %w", err)
-	}
-	defer removeCgroup(cg, d.log)
+	notRun := func(err error) error { return fmt.Errorf("%w: %w", errSelfTestNotRun, err) }
 
 	spec, err := loadSock()
 	if err != nil {
-		return fmt.Errorf("parse sock object: %w", err)
+		return notRun(fmt.Errorf("parse sock object: %w", err))
 	}
 	for _, m := range spec.Maps {
 		m.Pinning = ebpf.PinNone
 	}
 	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
-		return explainLoadError("sock (self-test)", err)
+		return notRun(explainLoadError("sock (self-test)", err))
 	}
 	defer coll.Close()
 	loopback, err := epKey(netip.MustParseAddr("127.0.0.1"))
 	if err != nil {
-		return err
+		return notRun(err)
 	}
 	if err := coll.Maps["veil_endpoints"].Put(loopback, &podEndpointInfo{Id: 1}); err != nil {
-		return fmt.Errorf("register loopback endpoint: %w", err)
+		return notRun(fmt.Errorf("register loopback endpoint: %w", err))
 	}
 	// sk_msg first: a socket takes the map's programs when it joins.
 	sockhash := coll.Maps["veil_sockhash"]
 	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
 		Target: sockhash.FD(), Program: coll.Programs["veil_sk_msg"], Attach: ebpf.AttachSkMsgVerdict,
 	}); err != nil {
-		return fmt.Errorf("attach sk_msg to the test sockhash: %w", err)
+		return notRun(fmt.Errorf("attach sk_msg to the test sockhash: %w", err))
 	}
-	l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: ebpf.AttachCGroupSockOps, Program: coll.Programs["veil_sockops"]})
-	if err != nil {
-		return fmt.Errorf("attach sockops to test cgroup %s: %w", cg, err)
-	}
-	defer l.Close()
 
-	a, b, err := socketsInCgroup(ctx, cg)
+	// An agent in a cgroup namespace may place processes only below its
+	// own cgroup: then the test cgroup goes there, if that is inside the
+	// acceleration cgroup.
+	a, b, done, err := d.socketsInTestCgroup(ctx, d.cfg.CgroupPath, coll.Programs["veil_sockops"])
 	if err != nil {
-		return err
+		own, ownErr := ownCgroup(d.cfg.CgroupPath)
+		if ownErr != nil {
+			return notRun(fmt.Errorf("%w; and no cgroup of this process below %s: %w", err, d.cfg.CgroupPath, ownErr))
+		}
+		if a, b, done, err = d.socketsInTestCgroup(ctx, own, coll.Programs["veil_sockops"]); err != nil {
+			return notRun(err)
+		}
 	}
-	defer a.Close()
-	defer b.Close()
+	defer done()
 	var (
 		k      podSockKey
 		cookie uint64
@@ -166,12 +172,68 @@ func (d *Datapath) testAcceleration() error {
 	}
 	redirected, err := d.sumPerCPU(coll.Maps["veil_sockstats"], uint32(podSockstatSOCKSTAT_REDIRECTED))
 	if err != nil {
-		return err
+		return notRun(err)
 	}
 	if redirected.Bytes < 2*selfTestBytes {
 		return fmt.Errorf("sk_msg redirected %d of %d bytes: the kernel did not accelerate the test connection", redirected.Bytes, 2*selfTestBytes)
 	}
 	return nil
+}
+
+// socketsInTestCgroup creates the test cgroup below parent, attaches
+// sockops to it and returns a connection made in it; done closes the
+// connection and removes the cgroup.
+func (d *Datapath) socketsInTestCgroup(ctx context.Context, parent string, sockops *ebpf.Program) (a, b net.Conn, done func(), err error) {
+	cg := filepath.Join(parent, fmt.Sprintf("veil-selftest-%d", os.Getpid()))
+	if err := os.Mkdir(cg, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+		return nil, nil, nil, fmt.Errorf("create test cgroup: %w", err)
+	}
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cg, Attach: ebpf.AttachCGroupSockOps, Program: sockops})
+	if err != nil {
+		removeCgroup(cg, d.log)
+		return nil, nil, nil, fmt.Errorf("attach sockops to test cgroup %s: %w", cg, err)
+	}
+	a, b, err = socketsInCgroup(ctx, cg)
+	if err != nil {
+		l.Close()
+		removeCgroup(cg, d.log)
+		return nil, nil, nil, err
+	}
+	return a, b, func() {
+		a.Close()
+		b.Close()
+		l.Close()
+		removeCgroup(cg, d.log)
+	}, nil
+}
+
+// ownCgroup finds the cgroup of this process below root by its process
+// list: inside a cgroup namespace, /proc/self/cgroup names it only
+// relative to the namespace.
+func ownCgroup(root string) (string, error) {
+	pid := strconv.Itoa(os.Getpid())
+	var found string
+	err := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
+		if err != nil || !e.IsDir() {
+			return nil
+		}
+		procs, err := os.ReadFile(filepath.Join(path, "cgroup.procs"))
+		if err != nil {
+			return nil
+		}
+		if slices.Contains(strings.Fields(string(procs)), pid) {
+			found = path
+			return fs.SkipAll
+		}
+		return nil
+	})
+	if err != nil {
+		return "", fmt.Errorf("search cgroups: %w", err)
+	}
+	if found == "" {
+		return "", errors.New("not found")
+	}
+	return found, nil
 }
 
 // socketsInCgroup returns both ends of a TCP connection on loopback whose
@@ -365,10 +427,13 @@ func exchange(ctx context.Context, a, b net.Conn, n int, write func(context.Cont
 			b.SetDeadline(time.Now())
 		}
 	}
-	if len(all) > 0 {
-		return fmt.Errorf("accelerated transfer on loopback: %w", all[0])
+	if len(all) == 0 {
+		return nil
 	}
-	return nil
+	if ctx.Err() != nil || errors.Is(all[0], os.ErrDeadlineExceeded) {
+		return fmt.Errorf("accelerated transfer on loopback stalled until the deadline: %w", all[0])
+	}
+	return fmt.Errorf("accelerated transfer on loopback: %w", all[0])
 }
 
 // pattern returns n pseudo-random bytes (xorshift) that depend on seed.

@@ -1,14 +1,18 @@
 package datapath
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
 )
 
@@ -39,7 +43,7 @@ func TestPrivilegedAccelerationSelfTestFailure(t *testing.T) {
 			}
 			return len(p), nil
 		}}},
-		{"stall", "deadline", selfTest{timeout: 2 * time.Second, write: func(ctx context.Context, c net.Conn, p []byte) (int, error) {
+		{"stall", "stalled", selfTest{timeout: 2 * time.Second, write: func(ctx context.Context, c net.Conn, p []byte) (int, error) {
 			<-ctx.Done()
 			return 0, ctx.Err()
 		}}},
@@ -78,4 +82,73 @@ func TestPrivilegedAccelerationSelfTestFailure(t *testing.T) {
 			}
 		})
 	}
+}
+
+// An agent in a cgroup namespace (as container runtimes start it) passes
+// the self-test. Where cgroup2 is mounted with nsdelegate (systemd's
+// default; not this host's), it may place processes only below its own
+// cgroup, and the self-test falls back to a cgroup there (ownCgroup).
+func TestPrivilegedAccelerationSelfTestInCgroupNamespace(t *testing.T) {
+	tn := newTestNet(t, "stcgns", netOpts{sockets: true, noLoad: true})
+	agentCg, err := netns.NewCgroup(filepath.Join(filepath.Base(tn.cg.Path), "agent"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := agentCg.Delete(); err != nil {
+			t.Error(err)
+		}
+	})
+	spec := loaderSpec{Config: tn.config1(netOpts{})}
+	raw, err := json.Marshal(spec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("sh", "-c", `echo $$ > "$AGENT_CGROUP/cgroup.procs" && exec unshare --cgroup nsenter --net="$AGENT_NETNS" -- "$0"`, exe)
+	cmd.Env = append(os.Environ(), loaderEnv+"="+string(raw), "AGENT_CGROUP="+agentCg.Path, "AGENT_NETNS="+tn.n1.Path())
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 4)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	stop := func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	}
+	var state string
+	timeout := time.After(time.Minute)
+wait:
+	for {
+		select {
+		case l, ok := <-lines:
+			if !ok || strings.HasPrefix(l, "acceleration ") {
+				state = l
+				break wait
+			}
+		case <-timeout:
+			break wait
+		}
+	}
+	stop()
+	if state != "acceleration true " {
+		t.Errorf("agent in a cgroup namespace: %q (stderr %s), want acceleration on, tested", state, stderr.String())
+	}
+	// The test process adopts the datapath for cleanup.
+	tn.dp1 = tn.load(tn.n1, spec.Config)
 }
