@@ -68,14 +68,8 @@ int veil_from_pod(struct __sk_buff *skb)
 
 	route_of(pkt.tuple.daddr, dst, &rt);
 	ct = ct_lookup(&pkt, &reply);
-	if (ct) {
-		if (rt.kind == ROUTE_NO_TUNNEL) {
-			leak_record(&pkt, src->id, DROP_NO_TUNNEL);
-			return drop(skb, &pkt, OBS_FROM_POD, DROP_NO_TUNNEL, src->identity, 0, 0, FLOW_F_LEAK);
-		}
-		metric_add(FWD_REPLY, pkt.len);
-		return forward(skb, dst, &rt);
-	}
+	if (ct)
+		goto established;
 
 	sp.identity = src->identity;
 	peer_cidr(pkt.tuple.saddr, &sp);
@@ -87,18 +81,23 @@ int veil_from_pod(struct __sk_buff *skb)
 	}
 
 	policy_decide(src, DIR_EGRESS, &dp, &pkt, &eg);
-	if (eg.enforce == VERDICT_DENY)
-		return drop(skb, &pkt, OBS_FROM_POD, DROP_POLICY_EGRESS, sp.identity, dp.identity,
-			    eg.rule_id, 0);
+	if (eg.enforce == VERDICT_DENY) {
+		reason = DROP_POLICY_EGRESS;
+		rule_id = eg.rule_id;
+		goto denied;
+	}
 	if (eg.audit == VERDICT_DENY)
 		flags |= FLOW_F_AUDIT;
 	rule_id = eg.rule_id;
 
 	if (dst) {
 		policy_decide(dst, DIR_INGRESS, &sp, &pkt, &in);
-		if (in.enforce == VERDICT_DENY)
-			return drop(skb, &pkt, OBS_FROM_POD, DROP_POLICY_INGRESS, sp.identity,
-				    dp.identity, in.rule_id, FLOW_F_INGRESS_DECIDED);
+		if (in.enforce == VERDICT_DENY) {
+			reason = DROP_POLICY_INGRESS;
+			rule_id = in.rule_id;
+			flags = FLOW_F_INGRESS_DECIDED;
+			goto denied;
+		}
 		if (in.audit == VERDICT_DENY)
 			flags |= FLOW_F_AUDIT;
 		if (in.rule_id) {
@@ -119,6 +118,18 @@ int veil_from_pod(struct __sk_buff *skb)
 		metric_add(FWD_AUDIT, pkt.len);
 	flow_emit(skb, &pkt, OBS_FROM_POD, VERDICT_ALLOW, REASON_NONE, sp.identity, dp.identity,
 		  rule_id, flags);
+	return forward(skb, dst, &rt);
+
+denied:
+	/* A denied segment may answer a connection whose entry was lost. */
+	if (!reply_rederive(&pkt, src, &sp, dst, &dp))
+		return drop(skb, &pkt, OBS_FROM_POD, reason, sp.identity, dp.identity, rule_id, flags);
+established:
+	if (rt.kind == ROUTE_NO_TUNNEL) {
+		leak_record(&pkt, src->id, DROP_NO_TUNNEL);
+		return drop(skb, &pkt, OBS_FROM_POD, DROP_NO_TUNNEL, src->identity, 0, 0, FLOW_F_LEAK);
+	}
+	metric_add(FWD_REPLY, pkt.len);
 	return forward(skb, dst, &rt);
 }
 

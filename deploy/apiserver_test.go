@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	authenticationv1 "k8s.io/api/authentication/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
@@ -29,6 +30,8 @@ import (
 
 	"github.com/veilmesh/veil/deploy/chart"
 	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
@@ -232,6 +235,7 @@ func checkAgentRBAC(ctx context.Context, t *testing.T, kube kubernetes.Interface
 		{verb: "list", resource: "namespaces"}, {verb: "watch", resource: "namespaces"}, {verb: "get", resource: "namespaces", name: "default"},
 		{verb: "list", resource: "nodes"}, {verb: "watch", resource: "nodes"}, {verb: "get", resource: "nodes", name: "node-1"},
 		{verb: "patch", resource: "nodes", name: "node-1"},
+		{verb: "create", resource: "events", namespace: "default"}, {verb: "patch", resource: "events", namespace: "default", name: "e"},
 		{verb: "list", group: "networking.k8s.io", resource: "networkpolicies"},
 		{verb: "watch", group: "networking.k8s.io", resource: "networkpolicies"},
 		{verb: "list", group: "policy.veil.dev", resource: "meshpolicies"},
@@ -307,11 +311,9 @@ func checkAsAgent(ctx context.Context, t *testing.T, cp *controlplane.ControlPla
 	if _, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
 		t.Fatalf("create node: %v", err)
 	}
-	cfg, err := cp.UserConfig(agentUser, agentGroups...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	agent := kubernetes.NewForConfigOrDie(cfg)
+	// As the agent's bound token on node-1 says: the admission policy
+	// refuses the agent's credential without the node name.
+	agent := as(t, cp, "node-1", agentUser, agentGroups...)
 
 	if _, err := agent.CoreV1().Pods("").List(ctx, metav1.ListOptions{}); err != nil {
 		t.Errorf("agent lists pods: %v", err)
@@ -336,14 +338,14 @@ func checkAsAgent(ctx context.Context, t *testing.T, cp *controlplane.ControlPla
 	}
 }
 
-// TestPrivilegedNodePatchPolicy checks the admission policy that narrows
-// the agent's Node patches: its own node's wireguard.veil.dev/* annotations
-// only.
-func TestPrivilegedNodePatchPolicy(t *testing.T) {
+// admissionSetup starts a control plane with Veil's manifests applied and
+// Nodes node-1 and node-2, and returns its admin client.
+func admissionSetup(t *testing.T) (*controlplane.ControlPlane, kubernetes.Interface, context.Context) {
+	t.Helper()
 	requireControlPlane(t)
 	cp := controlplane.StartForTest(t, controlplane.Options{})
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
+	t.Cleanup(cancel)
 	admin := kubernetes.NewForConfigOrDie(cp.Config)
 	objs, err := Objects()
 	if err != nil {
@@ -360,25 +362,44 @@ func TestPrivilegedNodePatchPolicy(t *testing.T) {
 			t.Fatalf("create node: %v", err)
 		}
 	}
+	return cp, admin, ctx
+}
 
-	// The agent in a pod on node-1: a projected token carries the node.
-	onNode1 := rest.CopyConfig(cp.Config)
-	onNode1.Impersonate = rest.ImpersonationConfig{
-		UserName: agentUser, Groups: agentGroups,
-		Extra: map[string][]string{"authentication.kubernetes.io/node-name": {"node-1"}},
+// as is a client acting as user with groups and, when node is set, the
+// node name a bound ServiceAccount token of a pod on that node carries.
+func as(t *testing.T, cp *controlplane.ControlPlane, node, user string, groups ...string) kubernetes.Interface {
+	t.Helper()
+	cfg := rest.CopyConfig(cp.Config)
+	cfg.Impersonate = rest.ImpersonationConfig{UserName: user, Groups: groups}
+	if node != "" {
+		cfg.Impersonate.Extra = map[string][]string{"authentication.kubernetes.io/node-name": {node}}
 	}
+	return kubernetes.NewForConfigOrDie(cfg)
+}
+
+// TestPrivilegedNodePatchPolicy checks the admission policy on Nodes: only
+// a node's own agent (a bound token naming that node) may write its
+// wireguard.veil.dev/* annotations, and the agent nothing else.
+func TestPrivilegedNodePatchPolicy(t *testing.T) {
+	cp, admin, ctx := admissionSetup(t)
+
+	agent := as(t, cp, "node-1", agentUser, agentGroups...)
+	agentOnNode2 := as(t, cp, "node-2", agentUser, agentGroups...)
+	// Other identities with every right RBAC can give, so that what
+	// refuses them is the admission policy.
+	otherSA := as(t, cp, "node-1", "system:serviceaccount:default:other", "system:serviceaccounts", "system:masters", "system:authenticated")
 	// The agent with a credential that does not say where it runs.
 	certCfg, err := cp.UserConfig(agentUser, agentGroups...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	agent := kubernetes.NewForConfigOrDie(onNode1)
 	unbound := kubernetes.NewForConfigOrDie(certCfg)
 	patch := func(c kubernetes.Interface, node, p string) error {
 		_, err := c.CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(p), metav1.PatchOptions{})
 		return err
 	}
 	const wgAnn = `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":"k"}}}`
+	const onlyOwn = "only the node's own Veil agent"
 
 	// The policy takes effect once the API server has loaded it.
 	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
@@ -395,15 +416,24 @@ func TestPrivilegedNodePatchPolicy(t *testing.T) {
 	}{
 		{"own node, wireguard annotation", agent, "node-1", wgAnn, ""},
 		{"own node, remove wireguard annotation", agent, "node-1", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":null}}}`, ""},
-		{"other node", agent, "node-2", wgAnn, "only the Node it runs on"},
+		{"own node, wireguard annotation again", agent, "node-1", wgAnn, ""},
+		{"other node", agent, "node-2", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":"from-node-1"}}}`, onlyOwn},
+		{"agent on node-2, node-1's annotation", agentOnNode2, "node-1", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":"forged"}}}`, onlyOwn},
+		{"agent on node-2, remove node-1's annotation", agentOnNode2, "node-1", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":null}}}`, onlyOwn},
+		{"agent on node-2, node-1's label", agentOnNode2, "node-1", `{"metadata":{"labels":{"zone":"b"}}}`, "only the Node it runs on"},
 		{"other annotation", agent, "node-1", `{"metadata":{"annotations":{"other":"y"}}}`, "only wireguard.veil.dev/* annotations"},
 		{"remove other annotation", agent, "node-1", `{"metadata":{"annotations":{"other":null}}}`, "only wireguard.veil.dev/* annotations"},
 		{"label", agent, "node-1", `{"metadata":{"labels":{"zone":"b"}}}`, "labels or spec"},
 		{"taint", agent, "node-1", `{"spec":{"taints":[{"key":"k","effect":"NoSchedule"}]}}`, "labels or spec"},
 		{"unschedulable", agent, "node-1", `{"spec":{"unschedulable":true}}`, "labels or spec"},
-		{"unbound credential, wireguard annotation", unbound, "node-2", wgAnn, ""},
-		{"unbound credential, label", unbound, "node-2", `{"metadata":{"labels":{"zone":"b"}}}`, "labels or spec"},
+		{"unbound credential, wireguard annotation", unbound, "node-2", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":"unbound"}}}`, onlyOwn},
+		{"unbound credential, label", unbound, "node-2", `{"metadata":{"labels":{"zone":"b"}}}`, "does not name its node"},
+		{"other service account on node-1, wireguard annotation", otherSA, "node-1", `{"metadata":{"annotations":{"wireguard.veil.dev/endpoint":"10.0.0.9:51871"}}}`, onlyOwn},
+		{"other service account, label", otherSA, "node-1", `{"metadata":{"labels":{"zone":"d"}}}`, ""},
+		{"admin, wireguard annotation", admin, "node-1", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":"admin"}}}`, onlyOwn},
+		{"admin, remove wireguard annotation", admin, "node-1", `{"metadata":{"annotations":{"wireguard.veil.dev/public-key":null}}}`, onlyOwn},
 		{"admin, label", admin, "node-2", `{"metadata":{"labels":{"zone":"c"}}}`, ""},
+		{"admin, other annotation", admin, "node-1", `{"metadata":{"annotations":{"other":"z"}}}`, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := patch(tc.client, tc.node, tc.patch)
@@ -414,5 +444,189 @@ func TestPrivilegedNodePatchPolicy(t *testing.T) {
 				t.Fatalf("patch %s %s: err %v; want one containing %q", tc.node, tc.patch, err, tc.wantErr)
 			}
 		})
+	}
+
+	// Control-plane writers that leave the annotations alone keep working:
+	// a status update (as kubelet sends) and a Node created without them.
+	n, err := admin.CoreV1().Nodes().Get(ctx, "node-1", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n.Annotations["wireguard.veil.dev/public-key"] != "k" {
+		t.Errorf("node-1's key annotation %q after the refused writes; want the agent's %q", n.Annotations["wireguard.veil.dev/public-key"], "k")
+	}
+	n.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, LastHeartbeatTime: metav1.Now()}}
+	if _, err := admin.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Errorf("status update of a Node with the agent's annotations: %v", err)
+	}
+	if _, err := admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-3"}}, metav1.CreateOptions{}); err != nil {
+		t.Errorf("create a Node: %v", err)
+	}
+	_, err = admin.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{
+		Name: "node-4", Annotations: map[string]string{"wireguard.veil.dev/public-key": "pre-seeded"},
+	}}, metav1.CreateOptions{})
+	if err == nil || !strings.Contains(err.Error(), onlyOwn) {
+		t.Errorf("create a Node with a wireguard annotation: err %v; want refused", err)
+	}
+}
+
+// TestPrivilegedMeshNodeWritePolicy checks that a MeshNode, which the
+// audit believes, is written only by its own node's agent.
+func TestPrivilegedMeshNodeWritePolicy(t *testing.T) {
+	cp, _, ctx := admissionSetup(t)
+	veilFor := func(node, user string, groups ...string) versioned.Interface {
+		cfg := rest.CopyConfig(cp.Config)
+		cfg.Impersonate = rest.ImpersonationConfig{UserName: user, Groups: groups}
+		if node != "" {
+			cfg.Impersonate.Extra = map[string][]string{"authentication.kubernetes.io/node-name": {node}}
+		}
+		return versioned.NewForConfigOrDie(cfg)
+	}
+	admin := versioned.NewForConfigOrDie(cp.Config)
+	agent1 := veilFor("node-1", agentUser, agentGroups...)
+	agent2 := veilFor("node-2", agentUser, agentGroups...)
+	certCfg, err := cp.UserConfig(agentUser, agentGroups...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unbound := versioned.NewForConfigOrDie(certCfg)
+	otherSA := veilFor("node-1", "system:serviceaccount:default:other", "system:serviceaccounts", "system:masters", "system:authenticated")
+
+	create := func(c versioned.Interface, name string) error {
+		_, err := c.PolicyV1alpha1().MeshNodes().Create(ctx, &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+		return err
+	}
+	writeStatus := func(c versioned.Interface, name, key string) error {
+		mn, err := admin.PolicyV1alpha1().MeshNodes().Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		mn.Status.Encryption.PublicKey = key
+		_, err = c.PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, mn, metav1.UpdateOptions{})
+		return err
+	}
+	// The policy takes effect once the API server has loaded it.
+	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		err := create(agent2, "node-1")
+		if err == nil {
+			return false, admin.PolicyV1alpha1().MeshNodes().Delete(ctx, "node-1", metav1.DeleteOptions{})
+		}
+		return true, nil
+	}); err != nil {
+		t.Fatalf("the agent on node-2 can still create node-1's MeshNode: %v", err)
+	}
+	const ownOnly = "may write only the MeshNode of the node it runs on"
+	const statusOwnOnly = "only the node's own Veil agent may write a MeshNode's status"
+	for _, tc := range []struct {
+		name    string
+		do      func() error
+		wantErr string
+	}{
+		{"agent creates its node's MeshNode", func() error { return create(agent1, "node-1") }, ""},
+		{"agent writes its node's status", func() error { return writeStatus(agent1, "node-1", "mine") }, ""},
+		{"agent creates another node's MeshNode", func() error { return create(agent1, "node-2") }, ownOnly},
+		{"agent on node-2 writes node-1's status", func() error { return writeStatus(agent2, "node-1", "forged") }, ownOnly},
+		{"agent without a node name writes node-1's status", func() error { return writeStatus(unbound, "node-1", "forged") }, ownOnly},
+		{"other service account on node-1 writes its status", func() error { return writeStatus(otherSA, "node-1", "forged") }, statusOwnOnly},
+		{"admin writes node-1's status", func() error { return writeStatus(admin, "node-1", "forged") }, statusOwnOnly},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.do()
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatal(err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Fatalf("err %v; want one containing %q", err, tc.wantErr)
+			}
+		})
+	}
+	mn, err := admin.PolicyV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := mn.Status.Encryption.PublicKey; got != "mine" {
+		t.Errorf("node-1's MeshNode says key %q; want its agent's %q", got, "mine")
+	}
+}
+
+// TestPrivilegedAdmissionWithBoundTokens runs the admission policies with
+// the credentials agents really have: tokens bound to an agent Pod on a
+// node, which the API server issues with the node's name in them. The token
+// of node-2's agent cannot write node-1's annotations or MeshNode status; a
+// token bound to nothing cannot write either; node-1's agent can.
+func TestPrivilegedAdmissionWithBoundTokens(t *testing.T) {
+	cp, admin, ctx := admissionSetup(t)
+	token := func(node string) string {
+		t.Helper()
+		req := &authenticationv1.TokenRequest{}
+		if node != "" {
+			pod, err := admin.CoreV1().Pods(Namespace).Create(ctx, &corev1.Pod{
+				ObjectMeta: metav1.ObjectMeta{Name: "agent-" + node},
+				Spec: corev1.PodSpec{
+					NodeName: node, ServiceAccountName: ServiceAccountName,
+					Containers: []corev1.Container{{Name: "agent", Image: "veil-agent"}},
+				},
+			}, metav1.CreateOptions{})
+			if err != nil {
+				t.Fatalf("create agent pod on %s: %v", node, err)
+			}
+			req.Spec.BoundObjectRef = &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: pod.Name, UID: pod.UID}
+		}
+		tr, err := admin.CoreV1().ServiceAccounts(Namespace).CreateToken(ctx, ServiceAccountName, req, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatalf("token for the agent on %q: %v", node, err)
+		}
+		return tr.Status.Token
+	}
+	config := func(tok string) *rest.Config {
+		return &rest.Config{Host: cp.Server, BearerToken: tok, TLSClientConfig: rest.TLSClientConfig{CAData: cp.Config.CAData}}
+	}
+	tok1, tok2, unbound := token("node-1"), token("node-2"), token("")
+
+	review, err := kubernetes.NewForConfigOrDie(config(tok1)).AuthenticationV1().SelfSubjectReviews().Create(ctx, &authenticationv1.SelfSubjectReview{}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("authenticate with node-1's agent token: %v", err)
+	}
+	if got := review.Status.UserInfo.Extra["authentication.kubernetes.io/node-name"]; len(got) != 1 || got[0] != "node-1" {
+		t.Fatalf("the bound token's node name %v; want [node-1] (user %+v)", got, review.Status.UserInfo)
+	}
+
+	patch := func(tok, node, value string) error {
+		p := fmt.Sprintf(`{"metadata":{"annotations":{"wireguard.veil.dev/public-key":%q}}}`, value)
+		_, err := kubernetes.NewForConfigOrDie(config(tok)).CoreV1().Nodes().Patch(ctx, node, types.MergePatchType, []byte(p), metav1.PatchOptions{})
+		return err
+	}
+	const onlyOwn = "only the node's own Veil agent"
+	// The policy takes effect once the API server has loaded it.
+	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+		return patch(tok2, "node-1", "probe") != nil, nil
+	}); err != nil {
+		t.Fatalf("node-2's agent can still patch node-1: %v", err)
+	}
+	if err := patch(tok1, "node-1", "mine"); err != nil {
+		t.Errorf("node-1's agent publishes its key: %v", err)
+	}
+	if err := patch(tok2, "node-1", "forged"); err == nil || !strings.Contains(err.Error(), onlyOwn) {
+		t.Errorf("node-2's agent token on node-1: err %v; want refused", err)
+	}
+	if err := patch(unbound, "node-1", "forged"); err == nil || !strings.Contains(err.Error(), onlyOwn) {
+		t.Errorf("an agent token bound to no pod on node-1: err %v; want refused", err)
+	}
+
+	veil := func(tok string) versioned.Interface { return versioned.NewForConfigOrDie(config(tok)) }
+	mn, err := veil(tok1).PolicyV1alpha1().MeshNodes().Create(ctx, &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("node-1's agent creates its MeshNode: %v", err)
+	}
+	mn.Status.Encryption.PublicKey = "mine"
+	if mn, err = veil(tok1).PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, mn, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("node-1's agent writes its MeshNode status: %v", err)
+	}
+	for name, tok := range map[string]string{"node-2's agent": tok2, "an unbound agent token": unbound} {
+		forged := mn.DeepCopy()
+		forged.Status.Encryption.PublicKey = "forged"
+		if _, err := veil(tok).PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, forged, metav1.UpdateOptions{}); err == nil || !strings.Contains(err.Error(), "may write only the MeshNode of the node it runs on") {
+			t.Errorf("%s writes node-1's MeshNode status: err %v; want refused", name, err)
+		}
 	}
 }

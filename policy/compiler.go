@@ -12,6 +12,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
 )
@@ -461,17 +462,12 @@ func (c *Compiled) relabelNamespace(ns string) {
 	}
 }
 
+// upsertNode records the node's addresses as the agent's ipcache has them,
+// so Trace names a node address host or remote-node exactly where the
+// datapath does; malformed fields are the agent's to report.
 func (c *Compiled) upsertNode(n *corev1.Node) {
-	var ips []netip.Addr
-	for _, a := range n.Status.Addresses {
-		if a.Type != corev1.NodeInternalIP && a.Type != corev1.NodeExternalIP {
-			continue
-		}
-		if ip, err := netip.ParseAddr(a.Address); err == nil {
-			ips = append(ips, ip.Unmap())
-		}
-	}
-	c.nodes[n.Name] = ips
+	info, _ := nodeinfo.Parse(n)
+	c.nodes[n.Name] = info.Addrs()
 }
 
 // --- pods and identities ---

@@ -16,10 +16,11 @@ import (
 
 // fakeNet is a PodNetwork that remembers what it wired.
 type fakeNet struct {
-	mu       sync.Mutex
-	wired    map[string]podnet.Request
-	setupErr error
-	calls    []string
+	mu          sync.Mutex
+	wired       map[string]podnet.Request
+	setupErr    error
+	teardownErr error
+	calls       []string
 }
 
 func (f *fakeNet) Setup(ctx context.Context, req podnet.Request) (podnet.Result, error) {
@@ -47,6 +48,9 @@ func (f *fakeNet) Teardown(ctx context.Context, containerID, netnsPath, ifname s
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, "teardown "+containerID)
+	if f.teardownErr != nil {
+		return f.teardownErr
+	}
 	delete(f.wired, containerID)
 	return nil
 }

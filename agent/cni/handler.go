@@ -189,10 +189,14 @@ func (h *Handler) Add(ctx context.Context, req *agentv1.CNIRequest) (resp *agent
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	undo = append(undo, func(ctx context.Context) error { return h.Net.Teardown(ctx, r.ContainerID, r.Netns, r.IfName) })
-
-	// Unregister also after a failed register: it may have got halfway.
-	undo = append(undo, func(ctx context.Context) error { return h.Endpoints.UnregisterEndpoint(ctx, r.ContainerID) })
+	// Unregister also after a failed register (it may have got halfway),
+	// and, as in Del, only once the interface is gone.
+	undo = append(undo, func(ctx context.Context) error {
+		if err := h.Net.Teardown(ctx, r.ContainerID, r.Netns, r.IfName); err != nil {
+			return err
+		}
+		return h.Endpoints.UnregisterEndpoint(ctx, r.ContainerID)
+	})
 	if err := h.Endpoints.RegisterEndpoint(ctx, EndpointInfo{
 		Namespace: r.PodNamespace, Name: r.PodName, ContainerID: r.ContainerID, IP: ip,
 		HostVeth: pn.HostVeth, HostIfindex: pn.HostIfindex, HostMAC: pn.HostMAC, PodMAC: pn.PodMAC,
@@ -213,9 +217,11 @@ func (h *Handler) Add(ctx context.Context, req *agentv1.CNIRequest) (resp *agent
 }
 
 // Del removes what Add created. Missing pieces are fine, so DEL may be
-// repeated, also after a failed or partial ADD. The steps run in reverse
-// order of Add and stop at the first failure, so the address is released
-// only once nothing refers to it any more; the runtime retries DEL.
+// repeated, also after a failed or partial ADD. The interface goes first:
+// while it exists the pod can send, so its endpoint (programs and policy)
+// stays until the interface is gone, also when teardown fails and the
+// runtime retries. The steps stop at the first failure, so the address is
+// released only once nothing refers to it any more.
 func (h *Handler) Del(ctx context.Context, req *agentv1.CNIRequest) (*agentv1.CNIResponse, error) {
 	r, err := ParseRequest(req)
 	if err != nil {
@@ -227,11 +233,11 @@ func (h *Handler) Del(ctx context.Context, req *agentv1.CNIRequest) (*agentv1.CN
 		return nil, err
 	}
 	defer unlock()
-	if err := h.Endpoints.UnregisterEndpoint(ctx, r.ContainerID); err != nil {
-		return nil, toStatus(fmt.Errorf("unregister endpoint of container %s: %w", r.ContainerID, err))
-	}
 	if err := h.Net.Teardown(ctx, r.ContainerID, r.Netns, r.IfName); err != nil {
 		return nil, toStatus(err)
+	}
+	if err := h.Endpoints.UnregisterEndpoint(ctx, r.ContainerID); err != nil {
+		return nil, toStatus(fmt.Errorf("unregister endpoint of container %s: %w", r.ContainerID, err))
 	}
 	al, held := h.IPAM.Lookup(r.ContainerID)
 	if err := h.IPAM.Release(ctx, r.ContainerID); err != nil {

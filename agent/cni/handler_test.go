@@ -162,6 +162,39 @@ func TestHandlerDelStopsAtFirstFailure(t *testing.T) {
 	}
 }
 
+// A pod whose interface survives a failed DEL keeps running (the runtime
+// retries DEL), so it must stay an enforced endpoint until the interface is
+// gone.
+func TestHandlerDelKeepsEndpointWhileInterfaceExists(t *testing.T) {
+	f := newFixture(t, "10.244.1.0/24")
+	ctx := context.Background()
+	if _, err := f.h.Add(ctx, addReq("c1")); err != nil {
+		t.Fatal(err)
+	}
+	f.net.teardownErr = errBoom
+	_, err := f.h.Del(ctx, addReq("c1"))
+	wantCode(t, err, codes.Internal, "boom")
+	if !f.net.isWired("c1") {
+		t.Fatal("fake teardown removed the interface although it failed")
+	}
+	if _, ok := f.eps.get("c1"); !ok {
+		t.Fatal("endpoint unregistered (programs detached) while its interface still exists")
+	}
+	if _, ok := f.ip.Lookup("c1"); !ok {
+		t.Fatal("address released while the pod still holds it")
+	}
+	f.net.teardownErr = nil
+	if _, err := f.h.Del(ctx, addReq("c1")); err != nil {
+		t.Fatalf("retried DEL: %v", err)
+	}
+	if _, ok := f.eps.get("c1"); ok {
+		t.Fatal("endpoint kept after a successful DEL")
+	}
+	if _, ok := f.ip.Lookup("c1"); ok {
+		t.Fatal("address kept after a successful DEL")
+	}
+}
+
 func checkReq(t *testing.T, id string, addResult []byte) *agentv1.CNIRequest {
 	t.Helper()
 	var conf map[string]any

@@ -73,7 +73,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.BoolVar(&c.SkipAccelSelfTest, "skip-acceleration-self-test", c.SkipAccelSelfTest, "accelerate sockets without first checking, with a short transfer in a child cgroup of --cgroup-root, that this kernel redirects their data intact")
 	fs.StringVar(&c.UnderlayInterface, "underlay-interface", c.UnderlayInterface, "device toward other nodes; empty means the device that holds the node IP")
 	fs.StringVar(&c.NodeIP, "node-ip", c.NodeIP, "this node's underlay IPv4 address; empty means the Node's InternalIP")
-	fs.StringVar(&c.ClusterCIDR, "cluster-cidr", c.ClusterCIDR, "IPv4 CIDR that holds every pod CIDR of the cluster")
+	fs.StringVar(&c.ClusterCIDR, "cluster-cidr", c.ClusterCIDR, "IPv4 CIDR that holds every pod CIDR of the cluster: a node's spec.podCIDRs are cut to it before they become its WireGuard allowed IPs, and a node claiming a range outside it is refused")
 	fs.StringVar(&c.WireGuardIface, "wireguard-interface", c.WireGuardIface, "name of the WireGuard device")
 	fs.BoolVar(&c.LegacyTC, "legacy-tc", c.LegacyTC, "attach with clsact filters even where TCX exists")
 	fs.StringVar(&c.Encryption, "encryption", c.Encryption, "transparent encryption between nodes: wireguard or none")

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
+	"sort"
 	"strings"
 	"time"
 
@@ -18,6 +20,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/policy/identity"
@@ -166,7 +169,7 @@ func (d *Daemon) worker(ctx context.Context) {
 			d.lastSync.Store(time.Now().UnixNano())
 		}
 		if d.queue.Len() == 0 && !d.synced.Load() {
-			d.synced.Store(true)
+			d.converged()
 			d.log.Info("converged with the API server")
 			// Connections restored from pinned state are checked once,
 			// now that the state they are checked against is complete.
@@ -174,6 +177,39 @@ func (d *Daemon) worker(ctx context.Context) {
 				d.log.Warn("re-check connections", "error", err)
 			}
 		}
+	}
+}
+
+// converged marks the agent converged, gives the endpoints wired before
+// that their compiled policy in place of deny-all, and makes every endpoint
+// whose Pod the API server does not have (restored from the last run, the
+// Pod deleted meanwhile) deny-all instead of keeping its old policy.
+func (d *Daemon) converged() {
+	d.mu.Lock()
+	d.synced.Store(true)
+	var rewrite, rest []*localEndpoint
+	for _, ep := range d.local {
+		if ep.Pending {
+			ep.Pending = false
+			rewrite = append(rewrite, ep)
+		} else {
+			rest = append(rest, ep)
+		}
+	}
+	d.mu.Unlock()
+	for _, ep := range rest {
+		if _, ok := d.compiler.Endpoint(ep.Pod); !ok {
+			rewrite = append(rewrite, ep)
+		}
+	}
+	for _, ep := range rewrite {
+		if err := d.writeEndpoint(ep); err != nil {
+			// It keeps denying; the next change of its pod retries.
+			d.log.Warn("write policy of endpoint after convergence", "pod", ep.Pod, "error", err)
+		}
+	}
+	if len(rewrite) > 0 {
+		d.dirty.Store(true)
 	}
 }
 
@@ -236,9 +272,10 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 		} else {
 			ch = d.compiler.UpsertNode(node)
 		}
-		// Node addresses and pod CIDRs live in the ipcache; keys are peers.
-		ch.IPCache = true
-		if err := d.syncPeers(ctx); err != nil {
+		// Node addresses and pod CIDRs live in the ipcache, keys in the
+		// peers: syncNodes marks the ipcache for rewriting when a node's
+		// claims changed, and only then (not on every kubelet heartbeat).
+		if err := d.syncNodes(ctx, k.name, node); err != nil {
 			return err
 		}
 	case kindNetworkPolicy:
@@ -359,22 +396,56 @@ func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
 		ep.Identity, ep.NoAccel = ident, noAccel
 		d.mu.Unlock()
 	}
-	if !ok {
-		// Not compiled yet (the Pod is not in the cache): the endpoint
-		// keeps no-policy until its pod arrives.
-		return nil
+	d.mu.Lock()
+	pending := ep.Pending
+	d.mu.Unlock()
+	entries, defaults := cep.Entries, cep.Defaults
+	if !ok || pending {
+		// Unmanaged (its Pod is unknown) or compiled against a policy set
+		// that is not complete yet: deny both ways, never allow, until
+		// the pod is known and the agent has converged.
+		entries, defaults = nil, denyAll
 	}
-	if err := d.dp.SetPolicy(ep.IP, cep.Entries, cep.Defaults); err != nil {
+	component := failedClosedPrefix + ep.Pod.String()
+	if err := d.dp.SetPolicy(ep.IP, entries, defaults); err != nil {
+		var perr *datapath.PolicyUpdateError
+		if errors.As(err, &perr) && perr.FailedClosed {
+			d.setDegraded(component, err.Error())
+		}
 		return fmt.Errorf("set policy of %s: %w", ep.Pod, err)
 	}
+	d.clearDegraded(component)
 	return nil
 }
 
-// tunnelKind is the ipcache flag for prefixes hosted by the node at ip.
-func (d *Daemon) tunnelKind(ip netip.Addr) datapath.IPCacheKind {
+// failedClosedPrefix starts the degraded component of an endpoint whose
+// policy could not be written and that therefore denies everything.
+const failedClosedPrefix = "policy of endpoint "
+
+// failedClosed lists the degraded reasons of endpoints that fail closed.
+func (d *Daemon) failedClosed() []string {
+	var out []string
+	d.degraded.Range(func(k, v any) bool {
+		if strings.HasPrefix(k.(string), failedClosedPrefix) {
+			out = append(out, v.(string))
+		}
+		return true
+	})
+	sort.Strings(out)
+	return out
+}
+
+// denyAll is the policy of an endpoint whose real policy is not known.
+var denyAll = policy.Defaults{
+	IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
+	EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+}
+
+// tunnelKind is the ipcache flag for prefixes hosted by the named node.
+func (d *Daemon) tunnelKind(node string) datapath.IPCacheKind {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.hasTunnel(ip) {
+	if d.tunnels[node] {
 		return datapath.Tunnel
 	}
 	return 0
@@ -401,31 +472,51 @@ func optedOut(v string) bool {
 	return false
 }
 
-// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
-// addresses and pod CIDRs, and this node's own address. It returns the
-// prefixes it wrote or removed.
-func (d *Daemon) syncIPCache() ([]netip.Prefix, error) {
+// wantIPCache is what the ipcache should hold for the resolved nodes and
+// the compiler's pods. The WireGuard peers come from the same resolution,
+// so a node's prefixes carry the tunnel flag exactly when it is a peer, and
+// are forwarded toward the address its tunnel uses.
+func (d *Daemon) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
 	want := map[netip.Prefix]datapath.IPCacheEntry{}
 	nodeIPs := map[string]netip.Addr{}
-	nodes, err := d.nodes.List(labels.Everything())
-	if err != nil {
-		return nil, fmt.Errorf("list nodes: %w", err)
-	}
-	for _, n := range nodes {
-		ip := nodeInternalIP(n)
+	self := netip.PrefixFrom(d.nodeIP, 32)
+	for _, n := range c.Nodes {
+		if n.Name == d.cfg.NodeName {
+			nodeIPs[n.Name] = d.nodeIP
+			for _, a := range n.Addrs() {
+				if a.Is4() {
+					want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
+				}
+			}
+			continue
+		}
+		ip := n.IP()
 		if !ip.IsValid() {
 			continue
 		}
 		nodeIPs[n.Name] = ip
-		if n.Name == d.cfg.NodeName {
-			continue
+		// A peer's own addresses are in its allowed IPs when peerNodeAddrs:
+		// pods reach them through the tunnel then.
+		var nodeTunnel datapath.IPCacheKind
+		if d.peerNodeAddrs() {
+			nodeTunnel = d.tunnelKind(n.Name)
 		}
-		want[netip.PrefixFrom(ip, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: datapath.NodeAddr}
-		if cidr := nodePodCIDR(n); cidr.IsValid() {
-			want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | d.tunnelKind(ip)}
+		for _, a := range n.Addrs() {
+			if a.Is4() && netip.PrefixFrom(a, 32) != self {
+				kind := datapath.NodeAddr
+				if slices.Contains(n.InternalIPs, a) {
+					kind |= nodeTunnel
+				}
+				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: kind}
+			}
+		}
+		for _, cidr := range n.PodCIDRs {
+			if cidr.Addr().Is4() {
+				want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | d.tunnelKind(n.Name)}
+			}
 		}
 	}
-	want[netip.PrefixFrom(d.nodeIP, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
+	want[self] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: d.nodeIP, Kind: datapath.NodeAddr}
 	for _, e := range d.compiler.IPCache() {
 		if !e.IP.Is4() || e.Node == d.cfg.NodeName {
 			continue
@@ -434,8 +525,16 @@ func (d *Daemon) syncIPCache() ([]netip.Prefix, error) {
 		if !ok {
 			continue
 		}
-		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | d.tunnelKind(nip)}
+		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | d.tunnelKind(e.Node)}
 	}
+	return want
+}
+
+// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
+// addresses and pod CIDRs, and this node's own address. It returns the
+// prefixes it wrote or removed.
+func (d *Daemon) syncIPCache() ([]netip.Prefix, error) {
+	want := d.wantIPCache(d.resolvedCluster())
 
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,20 +26,26 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubeinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/vishvananda/netlink"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/ipam"
+	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	veillisters "github.com/veilmesh/veil/policy/client/listers/api/v1alpha1"
@@ -77,6 +84,9 @@ type Daemon struct {
 	ipcache map[netip.Prefix]datapath.IPCacheEntry
 	nextID  uint32
 	dirty   atomic.Bool
+	// saveMu orders snapshots with their writes, so an older snapshot never
+	// replaces a newer file (CNI ADD saves while persistLoop may too).
+	saveMu sync.Mutex
 	// ipcacheDirty: a mutation changed addresses or identities since the
 	// ipcache was last written.
 	ipcacheDirty atomic.Bool
@@ -90,11 +100,24 @@ type Daemon struct {
 	names        names
 
 	// Encryption: the WireGuard device (nil when off), the MTU pods get,
-	// and the underlay addresses of nodes that are peers (guarded by mu).
+	// and, guarded by mu, the public key published and the names of the
+	// nodes that are peers.
 	wg          *wireguard.Device
 	podMTU      int
-	tunnels     map[netip.Addr]bool
+	pub         wgtypes.Key
+	tunnels     map[string]bool
 	statusDirty atomic.Bool
+	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr). Guarded
+	// by mu: cluster is the last resolution of every node's claims, which
+	// the ipcache and the peers are built from; claims is what each Node
+	// claimed then; conflicts are the refused claims last reported, which
+	// events records on the Nodes through broadcaster.
+	clusterCIDRs []netip.Prefix
+	cluster      nodeinfo.Cluster
+	claims       map[string]nodeinfo.Node
+	conflicts    map[nodeinfo.Conflict]bool
+	events       record.EventRecorder
+	broadcaster  record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni CNIService
 }
@@ -131,13 +154,22 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 	if err != nil {
 		return nil, fmt.Errorf("create Veil client: %w", err)
 	}
+	clusterCIDR, err := netip.ParsePrefix(cfg.ClusterCIDR)
+	if err != nil {
+		return nil, fmt.Errorf("parse --cluster-cidr: %w", err)
+	}
+	events := record.NewBroadcaster()
+	events.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")})
 	d := &Daemon{
 		cfg: cfg, log: log, kube: kube, veil: veil,
-		local:   map[policy.EndpointID]*localEndpoint{},
-		ipcache: map[netip.Prefix]datapath.IPCacheEntry{},
-		nextID:  1,
-		flows:   newFlowLog(4096),
-		started: time.Now(),
+		clusterCIDRs: []netip.Prefix{clusterCIDR.Masked()},
+		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
+		broadcaster:  events,
+		local:        map[policy.EndpointID]*localEndpoint{},
+		ipcache:      map[netip.Prefix]datapath.IPCacheEntry{},
+		nextID:       1,
+		flows:        newFlowLog(4096),
+		started:      time.Now(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[objKey](),
 			workqueue.TypedRateLimitingQueueConfig[objKey]{Name: "veil-agent"}),
@@ -148,6 +180,8 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 
 // Run runs the agent until ctx is done. It leaves the datapath in place.
 func (d *Daemon) Run(ctx context.Context) error {
+	// Events queued while shutting down are sent before Run returns.
+	defer d.broadcaster.Shutdown()
 	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
@@ -180,15 +214,15 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create policy compiler: %w", err)
 	}
-	if err := d.restoreEndpoints(st); err != nil {
-		return err
-	}
+	var alloc *ipam.Allocator
 	if d.podCIDR.IsValid() {
-		alloc, err := ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR)
-		if err != nil {
+		if alloc, err = ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR); err != nil {
 			return fmt.Errorf("open IPAM: %w", err)
 		}
 		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d, Log: d.log, MTU: d.podMTU}
+	}
+	if err := d.restoreEndpoints(st, alloc); err != nil {
+		return err
 	}
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -213,7 +247,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		cancel() // on an error return too, so the goroutines end
 		wg.Wait()
 	}()
-	wg.Add(4)
+	wg.Add(5)
 	go func() { defer wg.Done(); d.encryptionLoop(ctx) }()
 	if d.wg != nil {
 		wg.Add(1)
@@ -222,6 +256,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.persistLoop(ctx) }()
+	go func() { defer wg.Done(); d.dp.RunConntrackGC(ctx) }()
+	if d.cfg.StrictMode {
+		wg.Add(1)
+		go func() { defer wg.Done(); d.guardLoop(ctx) }()
+	}
 
 	d.log.Info("waiting for informer caches")
 	if err := d.waitForCaches(ctx); err != nil {
@@ -271,8 +310,19 @@ func (d *Daemon) learnNode(ctx context.Context, st *persisted) error {
 	}
 	d.nodeIP, d.podCIDR = st.NodeIP, st.PodCIDR
 	if node != nil {
-		d.podCIDR = nodePodCIDR(node)
-		d.nodeIP = nodeInternalIP(node)
+		// Only the control plane's facts: the endpoint this agent published
+		// last time may be from an earlier --node-ip.
+		info, err := nodeinfo.Parse(node)
+		if err != nil {
+			d.log.Warn("parts of this node's Node are malformed", "error", err)
+		}
+		d.nodeIP, d.podCIDR = netip.Addr{}, netip.Prefix{}
+		if i := slices.IndexFunc(info.InternalIPs, netip.Addr.Is4); i >= 0 {
+			d.nodeIP = info.InternalIPs[i]
+		}
+		if i := slices.IndexFunc(info.PodCIDRs, func(p netip.Prefix) bool { return p.Addr().Is4() }); i >= 0 {
+			d.podCIDR = info.PodCIDRs[i]
+		}
 	}
 	if d.cfg.NodeIP != "" {
 		d.nodeIP = netip.MustParseAddr(d.cfg.NodeIP)
@@ -287,31 +337,6 @@ func (d *Daemon) learnNode(ctx context.Context, st *persisted) error {
 	return nil
 }
 
-func nodePodCIDR(n *corev1.Node) netip.Prefix {
-	cidrs := n.Spec.PodCIDRs
-	if len(cidrs) == 0 && n.Spec.PodCIDR != "" {
-		cidrs = []string{n.Spec.PodCIDR}
-	}
-	for _, c := range cidrs {
-		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is4() {
-			return p.Masked()
-		}
-	}
-	return netip.Prefix{}
-}
-
-func nodeInternalIP(n *corev1.Node) netip.Addr {
-	for _, a := range n.Status.Addresses {
-		if a.Type != corev1.NodeInternalIP {
-			continue
-		}
-		if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is4() {
-			return ip
-		}
-	}
-	return netip.Addr{}
-}
-
 func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	cfg := datapath.Config{
 		BPFFSRoot:         d.cfg.BPFFSRoot,
@@ -320,9 +345,15 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 		NodeIP:            d.nodeIP,
 		LegacyTC:          d.cfg.LegacyTC,
 		StrictMode:        d.cfg.StrictMode,
+		PodDevice:         podnet.IsHostVethName,
 		Logger:            d.log,
 	}
 	cfg.SkipAccelerationSelfTest = d.cfg.SkipAccelSelfTest
+	// Validated at start (config.Validate): the range strict mode refuses
+	// to send unknown pod addresses of.
+	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
+		cfg.ClusterCIDR = p
+	}
 	if d.wg != nil {
 		cfg.WireGuardInterface = d.wg.Interface()
 	}
@@ -387,6 +418,8 @@ func (d *Daemon) persistLoop(ctx context.Context) {
 }
 
 func (d *Daemon) saveState() error {
+	d.saveMu.Lock()
+	defer d.saveMu.Unlock()
 	d.mu.Lock()
 	st := &persisted{NodeIP: d.nodeIP, PodCIDR: d.podCIDR}
 	for _, ep := range d.local {

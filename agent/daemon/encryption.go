@@ -2,7 +2,6 @@ package daemon
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -13,13 +12,14 @@ import (
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
@@ -51,6 +51,9 @@ func (d *Daemon) startWireGuard(ctx context.Context, underlay string) error {
 		return fmt.Errorf("open WireGuard device: %w", err)
 	}
 	d.wg, d.podMTU = dev, mtu
+	d.mu.Lock()
+	d.pub = key.PublicKey()
+	d.mu.Unlock()
 	d.log.Info("WireGuard up", "interface", d.cfg.WireGuardIface, "mode", dev.Mode(), "key", dev.Key(), "podMTU", mtu, "strict", d.cfg.StrictMode)
 	return nil
 }
@@ -72,56 +75,57 @@ func (d *Daemon) publishKey(ctx context.Context) {
 	}
 }
 
-func (d *Daemon) patchNodeAnnotations(ctx context.Context) error {
-	var cidrs []netip.Prefix
-	if d.podCIDR.IsValid() {
-		cidrs = append(cidrs, d.podCIDR)
-	}
-	ann := wireguard.Annotations(d.wg.Key().PublicKey(), netip.AddrPortFrom(d.nodeIP, uint16(d.cfg.WireGuardPort)), cidrs)
-	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
-	if err != nil {
-		return err
-	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	_, err = d.kube.CoreV1().Nodes().Patch(cctx, d.cfg.NodeName, types.MergePatchType, patch, metav1.PatchOptions{})
-	if err != nil {
-		return fmt.Errorf("annotate node %s: %w", d.cfg.NodeName, err)
-	}
-	return nil
-}
+// peerNodeAddrs says whether peers' own addresses join their allowed IPs:
+// for host traffic with node-to-node encryption, and in strict mode for pods'
+// traffic to other nodes' addresses, which may only leave through the tunnel.
+func (d *Daemon) peerNodeAddrs() bool { return d.cfg.NodeToNode || d.cfg.StrictMode }
 
-// syncPeers makes every node that published a key a peer, and marks the
-// nodes with a tunnel in the ipcache. Malformed annotations are logged, not
-// guessed at: that node gets no tunnel (and, in strict mode, no traffic).
-func (d *Daemon) syncPeers(ctx context.Context) error {
+// syncPeers makes every other node that published a key a peer, and marks
+// the nodes with a tunnel in the ipcache. Malformed annotations and refused
+// claims are reported, not guessed at: such a node gets no tunnel (and, in
+// strict mode, no traffic), and never takes over another node's.
+func (d *Daemon) syncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 	if d.wg == nil {
 		return nil
 	}
-	nodes, err := d.nodes.List(labels.Everything())
-	if err != nil {
-		return err
-	}
-	peers, errs := wireguard.PeersFromNodes(d.cfg.NodeName, nodes, d.cfg.NodeToNode)
+	peers, errs := wireguard.PeersFromNodes(c, d.cfg.NodeName, d.peerNodeAddrs())
 	for _, e := range errs {
 		d.log.Warn("node not peered", "error", e)
 	}
 	if err := d.wg.SetPeers(ctx, peers); err != nil {
 		return fmt.Errorf("set WireGuard peers: %w", err)
 	}
-	tunnels := map[netip.Addr]bool{}
-	for _, p := range peers {
-		tunnels[p.Endpoint.Addr()] = true
-	}
+	d.recordTunnels(peers)
 	if d.cfg.NodeToNode {
-		if err := d.routeNodesThroughTunnel(tunnels); err != nil {
+		// Everything a peer's allowed IPs hold: its addresses, and its pod
+		// CIDRs, so a hostNetwork process reaching a remote pod is
+		// encrypted as a pod would be.
+		prefixes := map[netip.Prefix]bool{}
+		for _, p := range peers {
+			for _, a := range p.AllowedIPs {
+				if a.Addr().Is4() {
+					prefixes[a.Masked()] = true
+				}
+			}
+		}
+		if err := d.routeNodesThroughTunnel(prefixes); err != nil {
 			return err
 		}
 	}
+	return nil
+}
+
+// recordTunnels remembers which nodes are peers, marking the ipcache and
+// the MeshNode status for rewriting when that changed.
+func (d *Daemon) recordTunnels(peers []wireguard.Peer) {
+	tunnels := map[string]bool{}
+	for _, p := range peers {
+		tunnels[p.Node] = true
+	}
 	d.mu.Lock()
 	changed := len(tunnels) != len(d.tunnels)
-	for ip := range tunnels {
-		if !d.tunnels[ip] {
+	for n := range tunnels {
+		if !d.tunnels[n] {
 			changed = true
 		}
 	}
@@ -131,12 +135,7 @@ func (d *Daemon) syncPeers(ctx context.Context) error {
 		d.ipcacheDirty.Store(true)
 		d.statusDirty.Store(true)
 	}
-	return nil
 }
-
-// hasTunnel reports whether the node at ip is a WireGuard peer. Callers
-// hold d.mu.
-func (d *Daemon) hasTunnel(ip netip.Addr) bool { return d.tunnels[ip] }
 
 // rotateKey replaces the node's key and republishes it; peers pick it up
 // from the Node annotation.
@@ -149,6 +148,9 @@ func (d *Daemon) rotateKey(ctx context.Context) (old, cur string, err error) {
 	if err != nil {
 		return old, "", fmt.Errorf("rotate WireGuard key: %w", err)
 	}
+	d.mu.Lock()
+	d.pub = key.PublicKey()
+	d.mu.Unlock()
 	if err := d.patchNodeAnnotations(ctx); err != nil {
 		return old, key.Fingerprint(), err
 	}
@@ -201,7 +203,7 @@ func (d *Daemon) writeMeshNode(ctx context.Context) error {
 	if d.podCIDR.IsValid() {
 		st.PodCIDRs = []string{d.podCIDR.String()}
 	}
-	st.Encryption = v1alpha1.EncryptionStatus{Mode: "disabled"}
+	st.Encryption = v1alpha1.EncryptionStatus{Mode: v1alpha1.EncryptionModeDisabled}
 	if d.wg != nil {
 		enc, err := d.encryptionStatus(ctx)
 		if err != nil {
@@ -235,17 +237,17 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 		Mode: string(ws.Mode), Interface: ws.Interface, PublicKey: ws.PublicKey, Fingerprint: ws.Fingerprint,
 		KeyCreated: metav1.NewTime(ws.KeyCreated), ListenPort: int32(ws.ListenPort), StrictMode: d.cfg.StrictMode,
 	}
-	byIP := map[netip.Addr]string{}
-	if nodes, err := d.nodes.List(labels.Everything()); err == nil {
-		for _, n := range nodes {
-			if ip := nodeInternalIP(n); ip.IsValid() {
-				byIP[ip] = n.Name
-			}
+	// A peer is named by the node that holds its key: what this agent
+	// believes, which the audit compares with what that node says.
+	byKey := map[string]string{}
+	for _, n := range d.resolvedCluster().Nodes {
+		if n.Tunnel() {
+			byKey[wgtypes.Key(n.PublicKey).String()] = n.Name
 		}
 	}
 	for _, p := range ws.Peers {
 		ps := v1alpha1.PeerStatus{
-			Node: byIP[p.Endpoint.Addr()], PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(),
+			Node: byKey[p.PublicKey], PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(),
 			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
 		}
 		if ps.Node == "" {
@@ -309,10 +311,22 @@ func hostTunnelRule() *netlink.Rule {
 	return r
 }
 
-// routeNodesThroughTunnel makes the tunnel table hold exactly the peer
-// nodes' addresses, and the rule that consults it exist.
-func (d *Daemon) routeNodesThroughTunnel(nodes map[netip.Addr]bool) error {
-	link, err := netlink.LinkByName(d.wg.Interface())
+// tunnelFallbackMetric orders the blackhole twin of every tunnel route after
+// the route through the device: while the device exists its route wins;
+// when a userspace device restarts (its TUN and routes vanish) the twin
+// stays, so host traffic to peers fails closed instead of taking the main
+// table's route over the underlay in plaintext.
+const tunnelFallbackMetric = 4096
+
+// routeNodesThroughTunnel makes the tunnel table hold exactly the peers'
+// prefixes — each through the device, each with a blackhole behind it — and
+// the rule that consults it exist.
+func (d *Daemon) routeNodesThroughTunnel(prefixes map[netip.Prefix]bool) error {
+	return routeThroughTunnel(d.wg.Interface(), prefixes)
+}
+
+func routeThroughTunnel(device string, prefixes map[netip.Prefix]bool) error {
+	link, err := netlink.LinkByName(device)
 	if err != nil {
 		return fmt.Errorf("find WireGuard device: %w", err)
 	}
@@ -335,30 +349,51 @@ func (d *Daemon) routeNodesThroughTunnel(nodes map[netip.Addr]bool) error {
 	if err != nil {
 		return fmt.Errorf("list node-to-node routes: %w", err)
 	}
-	present := map[netip.Addr]bool{}
+	type key struct {
+		p        netip.Prefix
+		fallback bool
+	}
+	present := map[key]bool{}
 	for _, r := range have {
-		ip, ok := netip.AddrFromSlice(r.Dst.IP)
-		if ok && nodes[ip.Unmap()] && r.LinkIndex == link.Attrs().Index {
-			present[ip.Unmap()] = true
+		p, ok := routePrefix(r)
+		fallback := r.Type == unix.RTN_BLACKHOLE && r.Priority == tunnelFallbackMetric
+		if ok && prefixes[p] && (fallback || r.LinkIndex == link.Attrs().Index) {
+			present[key{p, fallback}] = true
 			continue
 		}
 		if err := netlink.RouteDel(&r); err != nil {
 			return fmt.Errorf("remove node-to-node route %s: %w", r.Dst, err)
 		}
 	}
-	for ip := range nodes {
-		if present[ip] {
+	for p := range prefixes {
+		dst := &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}
+		if !present[key{p, true}] {
+			hole := &netlink.Route{Table: hostTunnelTable, Type: unix.RTN_BLACKHOLE, Priority: tunnelFallbackMetric, Dst: dst}
+			if err := netlink.RouteReplace(hole); err != nil {
+				return fmt.Errorf("fail-closed route for %s: %w", p, err)
+			}
+		}
+		if present[key{p, false}] {
 			continue
 		}
-		route := &netlink.Route{
-			LinkIndex: link.Attrs().Index, Table: hostTunnelTable, Scope: netlink.SCOPE_LINK,
-			Dst: &net.IPNet{IP: ip.AsSlice(), Mask: net.CIDRMask(32, 32)},
-		}
+		route := &netlink.Route{LinkIndex: link.Attrs().Index, Table: hostTunnelTable, Scope: netlink.SCOPE_LINK, Dst: dst}
 		if err := netlink.RouteReplace(route); err != nil {
-			return fmt.Errorf("route node %s through the tunnel: %w", ip, err)
+			return fmt.Errorf("route %s through the tunnel: %w", p, err)
 		}
 	}
 	return nil
+}
+
+func routePrefix(r netlink.Route) (netip.Prefix, bool) {
+	if r.Dst == nil {
+		return netip.Prefix{}, false
+	}
+	ip, ok := netip.AddrFromSlice(r.Dst.IP)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	bits, _ := r.Dst.Mask.Size()
+	return netip.PrefixFrom(ip.Unmap(), bits).Masked(), true
 }
 
 // removeHostTunnel undoes routeNodesThroughTunnel (cleanup mode).

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/agent/cni"
+	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/policy"
 )
 
@@ -35,6 +37,9 @@ func (d *Daemon) RegisterEndpoint(ctx context.Context, info cni.EndpointInfo) er
 	ep.HostMAC, ep.PodMAC = info.HostMAC.String(), info.PodMAC.String()
 	ep.Netns = info.Netns
 	ep.Identity = 0 // force the datapath write below
+	// Read under mu: the worker flips synced and collects pending
+	// endpoints under mu, so none is left pending after convergence.
+	ep.Pending = !d.synced.Load()
 	d.mu.Unlock()
 	d.dirty.Store(true)
 
@@ -51,12 +56,20 @@ func (d *Daemon) RegisterEndpoint(ctx context.Context, info cni.EndpointInfo) er
 			return fmt.Errorf("register endpoint %s: %w", id, err)
 		}
 	} else {
-		d.log.Warn("pod of new endpoint unknown; it stays unmanaged until the pod appears", "pod", id, "error", err)
+		d.log.Warn("pod of new endpoint unknown; it denies all traffic until the pod appears", "pod", id, "error", err)
 	}
 	if err := d.writeEndpoint(ep); err != nil {
 		return fmt.Errorf("register endpoint %s: %w", id, err)
 	}
-	return d.flushIPCache()
+	if err := d.flushIPCache(); err != nil {
+		return fmt.Errorf("register endpoint %s: %w", id, err)
+	}
+	// Durable before ADD returns: an agent that dies from here on finds the
+	// endpoint in its state on restart instead of a stranger in its maps.
+	if err := d.saveState(); err != nil {
+		return fmt.Errorf("register endpoint %s: %w", id, err)
+	}
+	return nil
 }
 
 // UnregisterEndpoint forgets the endpoint of a container and removes it from
@@ -89,7 +102,7 @@ func (d *Daemon) UnregisterEndpoint(ctx context.Context, containerID string) err
 	} else {
 		err = d.apply(d.compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
 	}
-	return errors.Join(err, d.flushIPCache())
+	return errors.Join(err, d.flushIPCache(), d.saveState())
 }
 
 // allocEndpointID returns an id no local endpoint holds. Callers hold d.mu.
@@ -109,9 +122,17 @@ func (d *Daemon) allocEndpointID() uint32 {
 	return id
 }
 
-// restoreEndpoints re-adopts the endpoints of the previous run and removes
-// datapath endpoints nobody owns (left by a crash between two writes).
-func (d *Daemon) restoreEndpoints(st *persisted) error {
+// restoreEndpoints takes back the endpoints of the previous run. The pinned
+// maps are the truth of what is enforced, so they are reconciled with the
+// state file and the IPAM record rather than trusted to agree: an endpoint
+// in the maps that the state file does not know (the agent died between
+// writing the datapath and saving its state) is adopted when its veth still
+// exists and IPAM names the container that holds its address, and kept as
+// it is, still enforcing, when no owner is known. Only an endpoint whose
+// interface is gone is removed: nothing can send through it any more. The
+// API server has the last word once the agent has converged: an endpoint
+// whose Pod no longer exists gets deny-all (converged).
+func (d *Daemon) restoreEndpoints(st *persisted, alloc *ipam.Allocator) error {
 	known := map[netip.Addr]bool{}
 	d.mu.Lock()
 	for _, ep := range st.Endpoints {
@@ -122,19 +143,61 @@ func (d *Daemon) restoreEndpoints(st *persisted) error {
 		}
 	}
 	d.mu.Unlock()
+	owners := map[netip.Addr]ipam.Allocation{}
+	if alloc != nil {
+		for _, a := range alloc.List() {
+			owners[a.IP] = a
+		}
+	}
 	eps, err := d.dp.Endpoints()
 	if err != nil {
 		return err
 	}
 	var errs []error
+	adopted := 0
 	for _, ep := range eps {
-		if !known[ep.IP] {
-			d.log.Warn("removing datapath endpoint that no pod owns", "ip", ep.IP, "id", ep.ID)
-			errs = append(errs, d.dp.DeleteEndpoint(ep.IP))
+		if known[ep.IP] {
+			continue
 		}
+		veth, err := netlink.LinkByIndex(ep.Ifindex)
+		if err != nil || !bytes.Equal(veth.Attrs().HardwareAddr, ep.HostMAC) {
+			d.log.Warn("removing datapath endpoint whose interface is gone", "ip", ep.IP, "id", ep.ID, "ifindex", ep.Ifindex)
+			errs = append(errs, d.dp.DeleteEndpoint(ep.IP))
+			continue
+		}
+		owner, ok := owners[ep.IP]
+		if !ok || owner.Namespace == "" || owner.Name == "" {
+			d.log.Warn("datapath endpoint has a live interface but no known owner; leaving it enforcing as it is",
+				"ip", ep.IP, "id", ep.ID, "interface", veth.Attrs().Name)
+			d.setDegraded("endpoint "+ep.IP.String(), "pinned endpoint on "+veth.Attrs().Name+" has no owner in IPAM; its policy is frozen")
+			continue
+		}
+		le := &localEndpoint{
+			Pod: policy.EndpointID{Namespace: owner.Namespace, Name: owner.Name}, ContainerID: owner.ContainerID,
+			ID: ep.ID, IP: ep.IP, HostVeth: veth.Attrs().Name, HostIfindex: ep.Ifindex,
+			HostMAC: ep.HostMAC.String(), PodMAC: ep.MAC.String(),
+			Identity: ep.Identity, NoAccel: ep.NoAcceleration,
+		}
+		d.mu.Lock()
+		if _, taken := d.local[le.Pod]; taken {
+			d.mu.Unlock()
+			d.log.Warn("datapath endpoint claims a pod that the state file gives another address; leaving it enforcing as it is",
+				"ip", ep.IP, "pod", le.Pod)
+			continue
+		}
+		d.local[le.Pod] = le
+		if le.ID >= d.nextID {
+			d.nextID = le.ID + 1
+		}
+		d.mu.Unlock()
+		d.log.Info("adopted datapath endpoint missing from the state file", "ip", ep.IP, "pod", le.Pod, "container", le.ContainerID)
+		adopted++
 	}
-	if len(st.Endpoints) > 0 {
-		d.log.Info("restored endpoints", "count", len(st.Endpoints))
+	if adopted > 0 {
+		d.dirty.Store(true)
+	}
+	if len(st.Endpoints)+adopted > 0 {
+		d.log.Info("restored endpoints", "fromState", len(st.Endpoints), "adopted", adopted)
 	}
 	return errors.Join(errs...)
 }

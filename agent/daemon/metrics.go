@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,10 +55,13 @@ var (
 	descEventsLost = prometheus.NewDesc("veil_flow_events_lost_total", "Flow events lost because the ring buffer was full.", nil, nil)
 	descMapUse     = prometheus.NewDesc("veil_map_entries", "Entries in a datapath map (map pressure).", []string{"map"}, nil)
 	descAPI        = prometheus.NewDesc("veil_api_server_connected", "1 when the API server answers.", nil, nil)
+	descConflicts  = prometheus.NewDesc("veil_node_claim_conflicts",
+		"Claims this agent refuses a node because another node (owner; empty: the cluster CIDR) holds them, by kind (pod CIDR, address, endpoint, public key); 1 while the conflict lasts.",
+		[]string{"node", "owner", "kind", "claim"}, nil)
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descEndpoints, descIdentities, descEntries, descForwarded, descDropped, descSockmap, descAccel, descAccelOn, descEventsLost, descMapUse, descAPI} {
+	for _, d := range []*prometheus.Desc{descEndpoints, descIdentities, descEntries, descForwarded, descDropped, descSockmap, descAccel, descAccelOn, descEventsLost, descMapUse, descAPI, descConflicts} {
 		ch <- d
 	}
 }
@@ -71,7 +77,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	d.mu.Lock()
 	nLocal := len(d.local)
 	nIPCache := len(d.ipcache)
+	conflicts := slices.Collect(maps.Keys(d.conflicts))
 	d.mu.Unlock()
+	for _, c := range conflicts {
+		gauge(descConflicts, 1, c.Node, c.Owner, c.Kind, c.Claim)
+	}
 	gauge(descEndpoints, float64(nLocal))
 	gauge(descMapUse, float64(nIPCache), "ipcache")
 	api := 0.0
@@ -131,6 +141,10 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !d.synced.Load() {
 			http.Error(w, "not converged with the API server yet", http.StatusServiceUnavailable)
+			return
+		}
+		if failed := d.failedClosed(); len(failed) > 0 {
+			http.Error(w, strings.Join(failed, "\n"), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")

@@ -164,10 +164,15 @@ func (s *apiServer) ListEndpoints(ctx context.Context, _ *agentv1.ListEndpointsR
 			Namespace: e.Pod.Namespace, Name: e.Pod.Name, Ip: e.IP.String(), Id: e.ID,
 			Identity: uint32(e.Identity), Interface: e.HostVeth, ContainerId: e.ContainerID,
 		}
-		if ce, ok := d.compiler.Endpoint(e.Pod); ok {
+		ce, ok := d.compiler.Endpoint(e.Pod)
+		if ok {
 			out.PolicyEntries = int32(len(ce.Entries))
 			out.IngressEnforced = ce.Defaults.IngressEnforce == policy.Deny
 			out.EgressEnforced = ce.Defaults.EgressEnforce == policy.Deny
+		}
+		if !ok || e.Pending {
+			// writeEndpoint gave it deny-all.
+			out.PolicyEntries, out.IngressEnforced, out.EgressEnforced = 0, true, true
 		}
 		out.Labels = d.identityLabels(e.Identity)
 		resp.Endpoints = append(resp.Endpoints, out)

@@ -27,6 +27,10 @@ type localEndpoint struct {
 	// Identity and acceleration opt-out last written to the datapath.
 	Identity identity.ID `json:"identity"`
 	NoAccel  bool        `json:"noAcceleration,omitempty"`
+	// Pending: wired before the agent had converged with the API server,
+	// so its compiled policy may lack rules not listed yet; it denies both
+	// ways until convergence.
+	Pending bool `json:"pending,omitempty"`
 }
 
 func (e *localEndpoint) macs() (host, pod net.HardwareAddr, err error) {
@@ -67,7 +71,8 @@ func loadState(dir string) (*persisted, error) {
 	return &st, nil
 }
 
-// saveState writes atomically: a crash leaves the old or the new file.
+// saveState writes atomically and durably: a crash or a power loss leaves
+// the old or the new file, and once it returns the new one survives both.
 func saveState(dir string, st *persisted) error {
 	raw, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
@@ -91,6 +96,15 @@ func saveState(dir string, st *persisted) error {
 	}
 	if err := os.Rename(tmp.Name(), filepath.Join(dir, stateFile)); err != nil {
 		return fmt.Errorf("replace agent state: %w", err)
+	}
+	// The rename is durable only once the directory entry is.
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync agent state directory %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync agent state directory %s: %w", dir, err)
 	}
 	return nil
 }

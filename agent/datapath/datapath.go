@@ -64,9 +64,13 @@ type Config struct {
 	PodDevice func(name string) bool `json:"-"`
 	// LegacyTC attaches with clsact filters even where TCX exists.
 	LegacyTC bool
-	// CTIdleTimeout is how long an idle connection keeps its verdict before
-	// its next packet is checked against policy again. Default 6h.
-	CTIdleTimeout time.Duration
+	// CTTimeouts say how long an idle connection keeps its verdict before
+	// its next packet is checked against policy again.
+	CTTimeouts CTTimeouts
+	// CTMaxEntries is the size of the connection table. Default 262144.
+	// A table pinned by an agent with another size must be removed
+	// (cleanup mode) before the new size applies.
+	CTMaxEntries uint32
 	// Logger receives structured logs. Default slog.Default().
 	Logger *slog.Logger
 
@@ -76,12 +80,55 @@ type Config struct {
 // DefaultBPFFSRoot is where Veil pins its state unless told otherwise.
 const DefaultBPFFSRoot = "/sys/fs/bpf/veil"
 
+// DefaultCTMaxEntries is the default size of the connection table.
+const DefaultCTMaxEntries = 262144
+
+// CTTimeouts are the idle lifetimes of connections, by protocol and TCP
+// state, after which the next packet faces policy again and the garbage
+// collector (RunConntrackGC) may delete the entry. Zero fields take the
+// defaults, which are Cilium's (bpf/lib/conntrack.h, CT_*_LIFETIME_* and
+// CT_CLOSE_TIMEOUT), with ICMP's from Linux conntrack.
+type CTTimeouts struct {
+	// TCPEstablished: a TCP connection whose responder answered.
+	// Default 6h (Linux conntrack: 5 days).
+	TCPEstablished time.Duration
+	// TCPOpening: a TCP connection whose responder has not answered yet.
+	// Default 60s (Linux: SYN_SENT 120s).
+	TCPOpening time.Duration
+	// TCPClosing: after a FIN from each side, or a RST. Default 10s
+	// (Linux: CLOSE 10s, TIME_WAIT 120s).
+	TCPClosing time.Duration
+	// UDP: UDP, SCTP and every protocol without ports. Default 60s (Linux:
+	// 30s unanswered, 120s once answered).
+	UDP time.Duration
+	// ICMP: an echo request and its replies. Default 30s (Linux:
+	// nf_conntrack_icmp_timeout).
+	ICMP time.Duration
+}
+
+func (t *CTTimeouts) setDefaults() {
+	for _, f := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{
+		{&t.TCPEstablished, 6 * time.Hour}, {&t.TCPOpening, 60 * time.Second},
+		{&t.TCPClosing, 10 * time.Second}, {&t.UDP, 60 * time.Second}, {&t.ICMP, 30 * time.Second},
+	} {
+		if *f.v == 0 {
+			*f.v = f.def
+		}
+	}
+}
+
+func seconds(d time.Duration) uint32 { return uint32((d + time.Second - 1) / time.Second) }
+
 func (c *Config) setDefaults() {
 	if c.BPFFSRoot == "" {
 		c.BPFFSRoot = DefaultBPFFSRoot
 	}
-	if c.CTIdleTimeout == 0 {
-		c.CTIdleTimeout = 6 * time.Hour
+	c.CTTimeouts.setDefaults()
+	if c.CTMaxEntries == 0 {
+		c.CTMaxEntries = DefaultCTMaxEntries
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -105,7 +152,15 @@ type Datapath struct {
 	// policySlots remembers which policy keys each slot holds, so a replace
 	// deletes exactly the previous generation.
 	policySlots map[uint32][]podPolicyKey
-	closers     []interface{ Close() error }
+	// retired: slots switched away from whose entries are deleted after a
+	// grace period (SetPolicy, reclaim).
+	retired map[uint32]bool
+	closers []interface{ Close() error }
+
+	// gcMu serialises garbage-collection passes; gcCursor is where the
+	// next pass resumes.
+	gcMu     sync.Mutex
+	gcCursor ebpf.MapBatchCursor
 
 	// accelOff says why acceleration is off although configured; empty
 	// when it is on. accelNote says why it runs untested. Set once by Load.
@@ -124,7 +179,7 @@ func Load(cfg Config) (*Datapath, error) {
 			return nil, fmt.Errorf("create bpffs directory %s: %w", dir, err)
 		}
 	}
-	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}}
+	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}, retired: map[uint32]bool{}}
 	if cfg.UnderlayInterface != "" {
 		l, err := netlink.LinkByName(cfg.UnderlayInterface)
 		if err != nil {
@@ -277,13 +332,17 @@ func (d *Datapath) constants() map[string]any {
 		clusterAddr, clusterBits = ip4ToU32(p.Masked().Addr()), uint32(p.Bits())
 	}
 	return map[string]any{
-		"node_ip":           nodeIP,
-		"underlay_ifindex":  uint32(d.underlayIfindex),
-		"ct_idle_timeout_s": uint32(d.cfg.CTIdleTimeout / time.Second),
-		"wg_ifindex":        uint32(d.wgIfindex),
-		"strict_mode":       boolU32(d.cfg.StrictMode),
-		"cluster_cidr":      clusterAddr,
-		"cluster_cidr_bits": clusterBits,
+		"node_ip":              nodeIP,
+		"underlay_ifindex":     uint32(d.underlayIfindex),
+		"ct_tcp_established_s": seconds(d.cfg.CTTimeouts.TCPEstablished),
+		"ct_tcp_opening_s":     seconds(d.cfg.CTTimeouts.TCPOpening),
+		"ct_tcp_closing_s":     seconds(d.cfg.CTTimeouts.TCPClosing),
+		"ct_udp_s":             seconds(d.cfg.CTTimeouts.UDP),
+		"ct_icmp_s":            seconds(d.cfg.CTTimeouts.ICMP),
+		"wg_ifindex":           uint32(d.wgIfindex),
+		"strict_mode":          boolU32(d.cfg.StrictMode),
+		"cluster_cidr":         clusterAddr,
+		"cluster_cidr_bits":    clusterBits,
 	}
 }
 
@@ -322,6 +381,9 @@ func (d *Datapath) loadObjects(pinRoot string) error {
 			if err := vs.Set(v); err != nil {
 				return fmt.Errorf("configure %s object: set %s: %w", o.name, name, err)
 			}
+		}
+		if m, ok := spec.Maps["veil_ct"]; ok {
+			m.MaxEntries = d.cfg.CTMaxEntries
 		}
 		opts := &ebpf.CollectionOptions{}
 		if pinRoot != "" {
@@ -474,7 +536,7 @@ func (d *Datapath) attachSockets() error {
 
 // stopAcceleration detaches sockops (an earlier run may have pinned it), so
 // no socket joins the sockhash, and moves the sockets that did join to the
-// TCP path: each keeps what was already redirected to its peer, in order.
+// TCP path.
 func (d *Datapath) stopAcceleration() error {
 	pin := filepath.Join(linksDir(d.cfg.BPFFSRoot), "sockops")
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
@@ -487,30 +549,55 @@ func (d *Datapath) stopAcceleration() error {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("open pinned sockops link: %w", err)
 	}
+	_, err := d.fallBackToTCP(func(podSockKey) bool { return true })
+	return err
+}
+
+// fallBackToTCP moves the accelerated sockets that match to the TCP path for
+// the rest of their lives: each keeps what was already redirected to its
+// peer, in order. Sockets that joined under an earlier Veil (no state; their
+// sk_msg program knows none) leave the sockhash instead, which frees what
+// was redirected into them and not yet read. It returns how many sockets it
+// moved.
+func (d *Datapath) fallBackToTCP(match func(podSockKey) bool) (int, error) {
 	var (
-		k     podSockKey
-		st    sockSockState
-		moved []podSockKey
+		k      podSockKey
+		cookie uint64
+		keys   []podSockKey
 	)
-	it := d.sockstate.Iterate()
-	for it.Next(&k, &st) {
-		if st.TcpPath == 0 {
-			moved = append(moved, k)
+	it := d.sockhash.Iterate()
+	for it.Next(&k, &cookie) {
+		if match(k) {
+			keys = append(keys, k)
 		}
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("scan accelerated sockets: %w", err)
+		return 0, fmt.Errorf("scan accelerated sockets: %w", err)
 	}
-	for _, k := range moved {
-		if err := d.sockstate.Lookup(&k, &st); err != nil {
-			continue // closed and collected meanwhile
+	n := 0
+	for _, k := range keys {
+		var st sockSockState
+		err := d.sockstate.Lookup(&k, &st)
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			err = d.sockhash.Delete(&k)
+		case err != nil:
+			return n, fmt.Errorf("read accelerated socket state: %w", err)
+		case st.TcpPath != 0:
+			continue
+		default:
+			st.TcpPath = 1
+			err = d.sockstate.Update(&k, &st, ebpf.UpdateExist)
 		}
-		st.TcpPath = 1
-		if err := d.sockstate.Update(&k, &st, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("move accelerated socket to the TCP path: %w", err)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue // closed meanwhile
 		}
+		if err != nil {
+			return n, fmt.Errorf("move accelerated socket to the TCP path: %w", err)
+		}
+		n++
 	}
-	return nil
+	return n, nil
 }
 
 // Close releases this process's handles. Pinned state keeps enforcing.

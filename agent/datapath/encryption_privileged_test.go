@@ -256,23 +256,7 @@ func TestPrivilegedStrictModeFailsClosed(t *testing.T) {
 	if _, err := tn.n1.Run("ip", "route", "add", "10.244.2.0/24", "via", "10.99.0.2"); err != nil {
 		t.Fatal(err)
 	}
-	if err := tn.n1.Do(func() error {
-		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
-		if err != nil {
-			return err
-		}
-		defer syscall.Close(fd)
-		pkt := make([]byte, 20+8+len(marker))
-		pkt[0], pkt[8], pkt[9] = 0x45, 64, 17
-		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
-		copy(pkt[12:16], ipA.AsSlice())
-		copy(pkt[16:20], ipC.AsSlice())
-		binary.BigEndian.PutUint16(pkt[20:], 4000)
-		binary.BigEndian.PutUint16(pkt[22:], 80)
-		binary.BigEndian.PutUint16(pkt[24:], uint16(8+len(marker)))
-		copy(pkt[28:], marker)
-		return syscall.Sendto(fd, pkt, 0, &syscall.SockaddrInet4{Addr: ipC.As4()})
-	}); err != nil {
+	if err := sendRaw(tn.n1, ipA, ipC, marker); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(300 * time.Millisecond)

@@ -75,6 +75,7 @@ func (d *Datapath) putEndpoint(ep Endpoint, attach bool) error {
 	info.Identity = uint32(ep.Identity)
 	copy(info.Mac[:], ep.MAC)
 	copy(info.HostMac[:], ep.HostMAC)
+	wasAccelerated := err == nil && info.Flags&epFlagNoAccel == 0
 	info.Flags &^= epFlagNoAccel
 	if ep.NoAcceleration {
 		info.Flags |= epFlagNoAccel
@@ -92,6 +93,17 @@ func (d *Datapath) putEndpoint(ep Endpoint, attach bool) error {
 	}
 	if err := d.endpoints.Update(key, &info, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write endpoint %s: %w", ep.IP, err)
+	}
+	if wasAccelerated && ep.NoAcceleration {
+		// sockops honours the flag for new connections only; the ones
+		// already accelerated take the TCP path from their next message.
+		n, err := d.fallBackToTCP(func(k podSockKey) bool { return k.Sip == key || k.Dip == key })
+		if err != nil {
+			return fmt.Errorf("endpoint %s opted out of acceleration: %w", ep.IP, err)
+		}
+		if n > 0 {
+			d.log.Info("endpoint opted out of acceleration; its sockets take the TCP path", "endpoint", ep.IP, "sockets", n)
+		}
 	}
 	return nil
 }

@@ -7,8 +7,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
+	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 )
 
@@ -22,18 +22,34 @@ type Flow struct {
 	DstIdentity          identity.ID
 	Packets, Bytes       uint64
 	ReplySeen, AuditOnly bool
-	Created, LastSeen    time.Time
+	// Revoked: policy no longer allows it (EvictFlows); its packets face
+	// policy again.
+	Revoked           bool
+	Created, LastSeen time.Time
 }
 
 func flowFromCT(k podCtKey, v podCtEntry, boot time.Time) Flow {
 	return Flow{
 		Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr),
-		SrcPort: k.Sport, DstPort: k.Dport, Proto: k.Proto,
+		SrcPort: k.Sport, DstPort: policyPort(k, v), Proto: k.Proto,
 		SrcIdentity: identity.ID(v.SrcIdentity), DstIdentity: identity.ID(v.DstIdentity),
 		Packets: v.Packets, Bytes: v.Bytes,
-		ReplySeen: v.Flags&1 != 0, AuditOnly: v.Flags&2 != 0,
-		Created: boot.Add(time.Duration(v.CreatedNs)), LastSeen: boot.Add(time.Duration(v.LastSeenNs)),
+		ReplySeen: v.Flags&uint16(podCtFlagsCT_F_REPLY_SEEN) != 0,
+		AuditOnly: v.Flags&uint16(podCtFlagsCT_F_AUDIT) != 0,
+		Revoked:   v.Flags&revokedFlag != 0,
+		Created:   boot.Add(time.Duration(v.CreatedNs)), LastSeen: boot.Add(time.Duration(v.LastSeenNs)),
 	}
+}
+
+// policyPort is the port policy judged a connection by. The key of an ICMP
+// echo holds its echo id, which policy never sees: its entry records the
+// type and code. Other protocols' destination port is the key's, which
+// also holds for entries written before entries recorded it.
+func policyPort(k podCtKey, v podCtEntry) uint16 {
+	if k.Proto == policy.ProtoICMP {
+		return v.PolicyPort
+	}
+	return k.Dport
 }
 
 // Flows lists the connection table.
@@ -55,7 +71,8 @@ func (d *Datapath) Flows() ([]Flow, error) {
 }
 
 // FlowKey is what a revocation decision needs about a connection: who
-// opened it, toward which address, protocol and port.
+// opened it, toward which address, protocol and port (for ICMP, type << 8 |
+// code, as policy entries hold it).
 type FlowKey struct {
 	Src, Dst netip.Addr
 	Proto    uint8
@@ -70,17 +87,22 @@ type conn struct {
 	proto        uint8
 }
 
-// EvictFlows ends the permission of every connection for which revoked
-// returns true. revoked is asked about the direction that opened the
-// connection, never about its replies, and only about connections not
-// already revoked.
+// ctKey is the conntrack key of a connection.
+func (c conn) ctKey() podCtKey {
+	return podCtKey{Saddr: ip4ToU32(c.src), Daddr: ip4ToU32(c.dst), Sport: c.sport, Dport: c.dport, Proto: c.proto}
+}
+
+// EvictFlows revokes every connection for which revoked returns true.
+// revoked is asked about the direction that opened the connection, never
+// about its replies, and only about connections not already revoked.
 //
-// A connection's conntrack entry is deleted, so its next packet is checked
-// against policy again. Its accelerated sockets are marked revoked: their
-// payload takes the TCP path from then on, where policy drops it. They stay
-// in the sockhash until they close, because removing a socket from it frees
-// the data already redirected into it and not yet read; so every byte
-// accepted before the revocation is still delivered, in order.
+// A connection's conntrack entry is marked revoked, so its packets are
+// checked against policy again and may not pass as replies of a lost
+// connection. Its accelerated sockets are marked revoked too: their payload
+// takes the TCP path from then on, where policy drops it. They stay in the
+// sockhash until they close, because removing a socket from it frees the
+// data already redirected into it and not yet read; so every byte accepted
+// before the revocation is still delivered, in order.
 //
 // It returns how many connections were revoked.
 func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
@@ -91,9 +113,12 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	)
 	it := d.ct.Iterate()
 	for it.Next(&k, &v) {
+		if v.Flags&revokedFlag != 0 {
+			continue
+		}
 		// The entry is keyed in the direction of the connection's first
 		// packet.
-		if revoked(FlowKey{Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr), Proto: k.Proto, DstPort: k.Dport}) {
+		if revoked(FlowKey{Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr), Proto: k.Proto, DstPort: policyPort(k, v)}) {
 			dead = append(dead, k)
 		}
 	}
@@ -101,20 +126,56 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 		return 0, fmt.Errorf("scan connections: %w", err)
 	}
 	gone := map[conn]bool{}
-	// Sockets first: once they are revoked, payload takes the TCP path,
-	// where the now-missing conntrack entry forces a policy check.
-	if err := d.revokeSockets(revoked, gone); err != nil {
-		return 0, err
-	}
 	for _, k := range dead {
-		err := d.ct.Delete(&k)
-		if err == nil {
+		ok, err := d.revokeConnection(k)
+		if err != nil {
+			return len(gone), err
+		}
+		if ok {
 			gone[conn{src: u32ToIP4(k.Saddr), dst: u32ToIP4(k.Daddr), sport: k.Sport, dport: k.Dport, proto: k.Proto}] = true
-		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return len(gone), fmt.Errorf("delete connection: %w", err)
 		}
 	}
+	// Sockets last: once they are revoked, payload takes the TC path, where
+	// the revoked conntrack entry forces a policy check.
+	if err := d.revokeSockets(revoked, gone); err != nil {
+		return len(gone), err
+	}
 	return len(gone), nil
+}
+
+const revokedFlag = uint16(podCtFlagsCT_F_REVOKED)
+
+// revokeConnection marks the entry of k revoked, or writes a revoked entry
+// when there is none (an accelerated connection, whose packets TC has not
+// seen for longer than its lifetime). Its lifetime is left as it was, so a
+// connection that keeps sending keeps being judged as revoked.
+// It reports whether it revoked a live connection.
+func (d *Datapath) revokeConnection(k podCtKey) (bool, error) {
+	var v podCtEntry
+	err := d.ct.Lookup(&k, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		now, err := monotonicNow()
+		if err != nil {
+			return false, err
+		}
+		v = podCtEntry{CreatedNs: now, LastSeenNs: now, Flags: revokedFlag,
+			PolicyPort: k.Dport, LifetimeS: seconds(d.cfg.CTTimeouts.TCPEstablished)}
+		if err := d.ct.Update(&k, &v, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+			return false, fmt.Errorf("revoke connection: write: %w", err)
+		}
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("revoke connection: read: %w", err)
+	}
+	if v.Flags&revokedFlag != 0 {
+		return false, nil
+	}
+	v.Flags |= revokedFlag
+	if err := d.ct.Update(&k, &v, ebpf.UpdateExist); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return false, fmt.Errorf("revoke connection: write: %w", err)
+	}
+	return true, nil
 }
 
 // openerOf returns the connection of an accelerated socket in the direction
@@ -123,9 +184,9 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 func openerOf(k podSockKey, st sockSockState) conn {
 	local, remote := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
 	if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_ACTIVE != 0 {
-		return conn{src: local, dst: remote, sport: uint16(k.Sport), dport: uint16(k.Dport), proto: unix.IPPROTO_TCP}
+		return conn{src: local, dst: remote, sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policy.ProtoTCP}
 	}
-	return conn{src: remote, dst: local, sport: uint16(k.Dport), dport: uint16(k.Sport), proto: unix.IPPROTO_TCP}
+	return conn{src: remote, dst: local, sport: uint16(k.Dport), dport: uint16(k.Sport), proto: policy.ProtoTCP}
 }
 
 // sockKeys returns the sockhash keys of both ends of a local connection.
@@ -137,15 +198,18 @@ func sockKeys(c conn) [2]podSockKey {
 	}
 }
 
-// revokeSockets marks both ends of every revoked accelerated connection, and
-// adds the connections to gone. On the way it forgets the state of sockets
-// that have left the sockhash (closed).
+// revokeSockets marks both ends of every revoked accelerated connection (of
+// gone, which holds those revoked by their conntrack entry, and of those
+// revoked now, which it adds to gone), and the conntrack entries of the
+// latter, whose entries TC may have expired. On the way it forgets the state
+// of sockets that have left the sockhash (closed).
 func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool) error {
 	var (
 		k      podSockKey
 		st     sockSockState
 		cookie uint64
 		closed []podSockKey
+		now    []conn
 		judged = map[conn]bool{}
 	)
 	it := d.sockstate.Iterate()
@@ -162,7 +226,7 @@ func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool)
 		}
 		judged[c] = true
 		if revoked(FlowKey{Src: c.src, Dst: c.dst, Proto: c.proto, DstPort: c.dport}) {
-			gone[c] = true
+			now = append(now, c)
 		}
 	}
 	if err := it.Err(); err != nil {
@@ -171,6 +235,12 @@ func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool)
 	legacy, err := d.legacySockets(revoked, judged)
 	if err != nil {
 		return err
+	}
+	for _, c := range append(now, legacy...) {
+		if _, err := d.revokeConnection(c.ctKey()); err != nil {
+			return err
+		}
+		gone[c] = true
 	}
 	for c := range gone {
 		for _, k := range sockKeys(c) {
@@ -188,7 +258,6 @@ func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool)
 				return fmt.Errorf("evict accelerated socket: %w", err)
 			}
 		}
-		gone[c] = true
 	}
 	for _, k := range closed {
 		if err := d.sockstate.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
@@ -240,11 +309,11 @@ func (d *Datapath) legacySockets(revoked func(FlowKey) bool, judged map[conn]boo
 // openerFromCT returns the connection of a socket in the direction of its
 // conntrack entry, and whether there is one.
 func (d *Datapath) openerFromCT(k podSockKey) (conn, bool) {
-	c := conn{src: u32ToIP4(k.Sip), dst: u32ToIP4(k.Dip), sport: uint16(k.Sport), dport: uint16(k.Dport), proto: unix.IPPROTO_TCP}
+	c := conn{src: u32ToIP4(k.Sip), dst: u32ToIP4(k.Dip), sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policy.ProtoTCP}
 	r := conn{src: c.dst, dst: c.src, sport: c.dport, dport: c.sport, proto: c.proto}
 	var v podCtEntry
 	for _, cand := range []conn{c, r} {
-		key := podCtKey{Saddr: ip4ToU32(cand.src), Daddr: ip4ToU32(cand.dst), Sport: cand.sport, Dport: cand.dport, Proto: cand.proto}
+		key := cand.ctKey()
 		if d.ct.Lookup(&key, &v) == nil {
 			return cand, true
 		}

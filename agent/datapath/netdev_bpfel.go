@@ -21,8 +21,9 @@ type netdevCtEntry struct {
 	Bytes       uint64
 	SrcIdentity uint32
 	DstIdentity uint32
-	Flags       uint32
-	Pad         uint32
+	Flags       uint16
+	PolicyPort  uint16
+	LifetimeS   uint32
 }
 
 type netdevCtKey struct {
@@ -48,6 +49,24 @@ type netdevEndpointInfo struct {
 	EgressEnforce  uint8
 	EgressAudit    uint8
 	Flags          uint32
+}
+
+type netdevFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type netdevFragL4 struct {
+	_          structs.HostLayout
+	Sport      uint16
+	Dport      uint16
+	PolicyPort uint16
+	TcpFlags   uint8
+	IcmpKind   uint8
 }
 
 type netdevIpcacheInfo struct {
@@ -110,25 +129,30 @@ type netdevSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	netdevMapVeilCidrs       = "veil_cidrs"
-	netdevMapVeilCt          = "veil_ct"
-	netdevMapVeilEndpoints   = "veil_endpoints"
-	netdevMapVeilEvents      = "veil_events"
-	netdevMapVeilIpcache     = "veil_ipcache"
-	netdevMapVeilLeaks       = "veil_leaks"
-	netdevMapVeilMetrics     = "veil_metrics"
-	netdevMapVeilPolicy      = "veil_policy"
-	netdevMapVeilSockhash    = "veil_sockhash"
-	netdevMapVeilSockstats   = "veil_sockstats"
-	netdevProgVeilFromNetdev = "veil_from_netdev"
-	netdevProgVeilToNetdev   = "veil_to_netdev"
-	netdevVarClusterCidr     = "cluster_cidr"
-	netdevVarClusterCidrBits = "cluster_cidr_bits"
-	netdevVarCtIdleTimeoutS  = "ct_idle_timeout_s"
-	netdevVarNodeIp          = "node_ip"
-	netdevVarStrictMode      = "strict_mode"
-	netdevVarUnderlayIfindex = "underlay_ifindex"
-	netdevVarWgIfindex       = "wg_ifindex"
+	netdevMapVeilCidrs         = "veil_cidrs"
+	netdevMapVeilCt            = "veil_ct"
+	netdevMapVeilEndpoints     = "veil_endpoints"
+	netdevMapVeilEvents        = "veil_events"
+	netdevMapVeilFrags         = "veil_frags"
+	netdevMapVeilIpcache       = "veil_ipcache"
+	netdevMapVeilLeaks         = "veil_leaks"
+	netdevMapVeilMetrics       = "veil_metrics"
+	netdevMapVeilPolicy        = "veil_policy"
+	netdevMapVeilSockhash      = "veil_sockhash"
+	netdevMapVeilSockstats     = "veil_sockstats"
+	netdevProgVeilFromNetdev   = "veil_from_netdev"
+	netdevProgVeilToNetdev     = "veil_to_netdev"
+	netdevVarClusterCidr       = "cluster_cidr"
+	netdevVarClusterCidrBits   = "cluster_cidr_bits"
+	netdevVarCtIcmpS           = "ct_icmp_s"
+	netdevVarCtTcpClosingS     = "ct_tcp_closing_s"
+	netdevVarCtTcpEstablishedS = "ct_tcp_established_s"
+	netdevVarCtTcpOpeningS     = "ct_tcp_opening_s"
+	netdevVarCtUdpS            = "ct_udp_s"
+	netdevVarNodeIp            = "node_ip"
+	netdevVarStrictMode        = "strict_mode"
+	netdevVarUnderlayIfindex   = "underlay_ifindex"
+	netdevVarWgIfindex         = "wg_ifindex"
 )
 
 // loadNetdev returns the embedded CollectionSpec for netdev.
@@ -185,6 +209,7 @@ type netdevMapSpecs struct {
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
@@ -197,13 +222,17 @@ type netdevMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type netdevVariableSpecs struct {
-	ClusterCidr     *ebpf.VariableSpec `ebpf:"cluster_cidr"`
-	ClusterCidrBits *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
-	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
-	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
+	ClusterCidr       *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
+	CtIcmpS           *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.VariableSpec `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.VariableSpec `ebpf:"node_ip"`
+	StrictMode        *ebpf.VariableSpec `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // netdevObjects contains all objects after they have been loaded into the kernel.
@@ -230,6 +259,7 @@ type netdevMaps struct {
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
@@ -244,6 +274,7 @@ func (m *netdevMaps) Close() error {
 		m.VeilCt,
 		m.VeilEndpoints,
 		m.VeilEvents,
+		m.VeilFrags,
 		m.VeilIpcache,
 		m.VeilLeaks,
 		m.VeilMetrics,
@@ -257,13 +288,17 @@ func (m *netdevMaps) Close() error {
 //
 // It can be passed to loadNetdevObjects or ebpf.CollectionSpec.LoadAndAssign.
 type netdevVariables struct {
-	ClusterCidr     *ebpf.Variable `ebpf:"cluster_cidr"`
-	ClusterCidrBits *ebpf.Variable `ebpf:"cluster_cidr_bits"`
-	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
-	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
+	ClusterCidr       *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.Variable `ebpf:"cluster_cidr_bits"`
+	CtIcmpS           *ebpf.Variable `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.Variable `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.Variable `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.Variable `ebpf:"node_ip"`
+	StrictMode        *ebpf.Variable `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.Variable `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // netdevPrograms contains all programs after they have been loaded into the kernel.

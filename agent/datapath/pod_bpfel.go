@@ -21,8 +21,9 @@ type podCtEntry struct {
 	Bytes       uint64
 	SrcIdentity uint32
 	DstIdentity uint32
-	Flags       uint32
-	Pad         uint32
+	Flags       uint16
+	PolicyPort  uint16
+	LifetimeS   uint32
 }
 
 type podCtFlags uint32
@@ -30,6 +31,10 @@ type podCtFlags uint32
 const (
 	podCtFlagsCT_F_REPLY_SEEN podCtFlags = 1
 	podCtFlagsCT_F_AUDIT      podCtFlags = 2
+	podCtFlagsCT_F_FIN_ORIG   podCtFlags = 4
+	podCtFlagsCT_F_FIN_REPLY  podCtFlags = 8
+	podCtFlagsCT_F_RST        podCtFlags = 16
+	podCtFlagsCT_F_REVOKED    podCtFlags = 32
 )
 
 type podCtKey struct {
@@ -132,6 +137,24 @@ const (
 	podForwardKindFWD_TUNNEL  podForwardKind = 38
 	podForwardKindMETRICS_MAX podForwardKind = 64
 )
+
+type podFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type podFragL4 struct {
+	_          structs.HostLayout
+	Sport      uint16
+	Dport      uint16
+	PolicyPort uint16
+	TcpFlags   uint8
+	IcmpKind   uint8
+}
 
 type podIpcacheFlags uint32
 
@@ -260,6 +283,7 @@ const (
 	podMapVeilCt                 = "veil_ct"
 	podMapVeilEndpoints          = "veil_endpoints"
 	podMapVeilEvents             = "veil_events"
+	podMapVeilFrags              = "veil_frags"
 	podMapVeilIpcache            = "veil_ipcache"
 	podMapVeilLeaks              = "veil_leaks"
 	podMapVeilMetrics            = "veil_metrics"
@@ -270,7 +294,11 @@ const (
 	podProgVeilToPod             = "veil_to_pod"
 	podVarClusterCidr            = "cluster_cidr"
 	podVarClusterCidrBits        = "cluster_cidr_bits"
-	podVarCtIdleTimeoutS         = "ct_idle_timeout_s"
+	podVarCtIcmpS                = "ct_icmp_s"
+	podVarCtTcpClosingS          = "ct_tcp_closing_s"
+	podVarCtTcpEstablishedS      = "ct_tcp_established_s"
+	podVarCtTcpOpeningS          = "ct_tcp_opening_s"
+	podVarCtUdpS                 = "ct_udp_s"
 	podVarNodeIp                 = "node_ip"
 	podVarStrictMode             = "strict_mode"
 	podVarUnderlayIfindex        = "underlay_ifindex"
@@ -345,6 +373,7 @@ type podMapSpecs struct {
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
@@ -359,7 +388,11 @@ type podMapSpecs struct {
 type podVariableSpecs struct {
 	ClusterCidr            *ebpf.VariableSpec `ebpf:"cluster_cidr"`
 	ClusterCidrBits        *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
-	CtIdleTimeoutS         *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
+	CtIcmpS                *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
+	CtTcpClosingS          *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS      *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS          *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
+	CtUdpS                 *ebpf.VariableSpec `ebpf:"ct_udp_s"`
 	NodeIp                 *ebpf.VariableSpec `ebpf:"node_ip"`
 	StrictMode             *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex        *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
@@ -404,6 +437,7 @@ type podMaps struct {
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
@@ -418,6 +452,7 @@ func (m *podMaps) Close() error {
 		m.VeilCt,
 		m.VeilEndpoints,
 		m.VeilEvents,
+		m.VeilFrags,
 		m.VeilIpcache,
 		m.VeilLeaks,
 		m.VeilMetrics,
@@ -433,7 +468,11 @@ func (m *podMaps) Close() error {
 type podVariables struct {
 	ClusterCidr            *ebpf.Variable `ebpf:"cluster_cidr"`
 	ClusterCidrBits        *ebpf.Variable `ebpf:"cluster_cidr_bits"`
-	CtIdleTimeoutS         *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
+	CtIcmpS                *ebpf.Variable `ebpf:"ct_icmp_s"`
+	CtTcpClosingS          *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS      *ebpf.Variable `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS          *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
+	CtUdpS                 *ebpf.Variable `ebpf:"ct_udp_s"`
 	NodeIp                 *ebpf.Variable `ebpf:"node_ip"`
 	StrictMode             *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex        *ebpf.Variable `ebpf:"underlay_ifindex"`

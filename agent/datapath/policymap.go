@@ -4,8 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
@@ -43,11 +45,43 @@ func policyKey(slot uint32, k policy.Key) (podPolicyKey, error) {
 	return mk, nil
 }
 
+// PolicyMap is the name of the pinned map that holds every endpoint's
+// policy entries.
+const PolicyMap = "veil_policy"
+
+// PolicyUpdateError is returned by SetPolicy when the new policy could not
+// be written. Map names the pinned map that refused it. When FailedClosed is
+// set, the endpoint now denies all new flows both ways (no entries, deny
+// defaults) until a later SetPolicy succeeds: keeping the old policy would
+// leave a revocation unenforced.
+type PolicyUpdateError struct {
+	Endpoint     netip.Addr
+	Map          string
+	FailedClosed bool
+	Err          error
+}
+
+func (e *PolicyUpdateError) Error() string {
+	msg := fmt.Sprintf("set policy of endpoint %s: map %s: %v", e.Endpoint, e.Map, e.Err)
+	if e.FailedClosed {
+		msg += "; the endpoint denies all traffic until its policy can be written"
+	}
+	return msg
+}
+
+func (e *PolicyUpdateError) Unwrap() error { return e.Err }
+
 // SetPolicy replaces the whole policy of the endpoint at ip, atomically: the
 // new entries are written into the endpoint's idle slot, then one update of
-// the endpoint record switches to it (with the new defaults), then the old
-// slot is emptied. A packet sees either the old policy or the new one.
+// the endpoint record switches to it (with the new defaults). A packet sees
+// either the old policy or the new one. The old slot's entries are retired,
+// not deleted: a program that read the endpoint record just before the
+// switch may still be looking them up. They are deleted after an RCU grace
+// period (reclaim), at the latest before the slot is written again.
 // Per-entry counters carry over for keys present in both.
+//
+// When the map refuses an entry even after retired entries were reclaimed
+// (it is full), the endpoint fails closed and a *PolicyUpdateError says so.
 func (d *Datapath) SetPolicy(ip netip.Addr, entries []policy.Entry, defaults policy.Defaults) error {
 	key, err := epKey(ip)
 	if err != nil {
@@ -64,36 +98,26 @@ func (d *Datapath) SetPolicy(ip netip.Addr, entries []policy.Entry, defaults pol
 	}
 	oldSlot := info.PolicySlot
 	newSlot := oldSlot ^ 1
-
+	if d.retired[newSlot] {
+		if err := d.reclaim(); err != nil {
+			return fmt.Errorf("set policy of %s: %w", ip, err)
+		}
+	}
 	// Leftovers of an interrupted replace may sit in the idle slot.
 	if err := d.deleteSlot(newSlot); err != nil {
 		return err
 	}
-	oldKeys := make(map[podPolicyKey]bool, len(d.policySlots[oldSlot]))
-	for _, k := range d.policySlots[oldSlot] {
-		oldKeys[k] = true
-	}
-	keys := make([]podPolicyKey, 0, len(entries))
-	for _, e := range entries {
-		mk, err := policyKey(newSlot, e.Key)
-		if err != nil {
+	werr := d.writeSlot(newSlot, oldSlot, entries)
+	if werr != nil && len(d.retired) > 0 {
+		// Retired entries may be what fills the map.
+		if err := errors.Join(d.deleteSlot(newSlot), d.reclaim()); err != nil {
 			return fmt.Errorf("set policy of %s: %w", ip, err)
 		}
-		val := podPolicyValue{Enforce: uint8(e.Enforce), Audit: uint8(e.Audit), RuleId: e.RuleID}
-		oldKey := mk
-		oldKey.Slot = oldSlot
-		var old podPolicyValue
-		// An LPM lookup returns the longest match, so only a key known to
-		// exist in the old slot reads its own counters.
-		if oldKeys[oldKey] && d.policy.Lookup(&oldKey, &old) == nil {
-			val.Hits, val.Bytes = old.Hits, old.Bytes
-		}
-		if err := d.policy.Update(&mk, &val, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("set policy of %s: write entry %+v: %w", ip, e.Key, err)
-		}
-		keys = append(keys, mk)
+		werr = d.writeSlot(newSlot, oldSlot, entries)
 	}
-	d.policySlots[newSlot] = keys
+	if werr != nil {
+		return d.failClosed(ip, key, info, newSlot, werr)
+	}
 
 	info.PolicySlot = newSlot
 	info.IngressEnforce = uint8(defaults.IngressEnforce)
@@ -103,8 +127,95 @@ func (d *Datapath) SetPolicy(ip netip.Addr, entries []policy.Entry, defaults pol
 	if err := d.endpoints.Update(key, &info, ebpf.UpdateExist); err != nil {
 		return fmt.Errorf("set policy of %s: switch slot: %w", ip, err)
 	}
-	return d.deleteSlot(oldSlot)
+	d.retired[oldSlot] = true
+	return nil
 }
+
+// writeSlot writes entries into slot, carrying counters over from prev.
+// What it wrote is recorded in policySlots even when it fails, so that it
+// can be deleted.
+func (d *Datapath) writeSlot(slot, prev uint32, entries []policy.Entry) error {
+	oldKeys := make(map[podPolicyKey]bool, len(d.policySlots[prev]))
+	for _, k := range d.policySlots[prev] {
+		oldKeys[k] = true
+	}
+	keys := make([]podPolicyKey, 0, len(entries))
+	defer func() { d.policySlots[slot] = keys }()
+	for _, e := range entries {
+		mk, err := policyKey(slot, e.Key)
+		if err != nil {
+			return err
+		}
+		val := podPolicyValue{Enforce: uint8(e.Enforce), Audit: uint8(e.Audit), RuleId: e.RuleID}
+		oldKey := mk
+		oldKey.Slot = prev
+		var old podPolicyValue
+		// An LPM lookup returns the longest match, so only a key known to
+		// exist in the old slot reads its own counters.
+		if oldKeys[oldKey] && d.policy.Lookup(&oldKey, &old) == nil {
+			val.Hits, val.Bytes = old.Hits, old.Bytes
+		}
+		if err := d.policy.Update(&mk, &val, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("write entry %+v: %w", e.Key, err)
+		}
+		keys = append(keys, mk)
+	}
+	return nil
+}
+
+// failClosed switches the endpoint to its idle slot, emptied, with deny
+// defaults both ways, after its policy could not be written.
+func (d *Datapath) failClosed(ip netip.Addr, key uint32, info podEndpointInfo, idle uint32, cause error) error {
+	perr := &PolicyUpdateError{Endpoint: ip, Map: PolicyMap, Err: cause}
+	// The idle slot is not referenced, so its partial entries can go now.
+	if err := d.deleteSlot(idle); err != nil {
+		perr.Err = errors.Join(cause, err)
+		return perr
+	}
+	old := info.PolicySlot
+	info.PolicySlot = idle
+	info.IngressEnforce, info.IngressAudit = uint8(policy.Deny), uint8(policy.Deny)
+	info.EgressEnforce, info.EgressAudit = uint8(policy.Deny), uint8(policy.Deny)
+	if err := d.endpoints.Update(key, &info, ebpf.UpdateExist); err != nil {
+		perr.Err = errors.Join(cause, fmt.Errorf("switch to deny-all: %w", err))
+		return perr
+	}
+	d.retired[old] = true
+	perr.FailedClosed = true
+	d.log.Error("policy update failed; endpoint fails closed", "endpoint", ip, "map", PolicyMap, "error", cause)
+	return perr
+}
+
+// reclaim deletes the entries of every retired slot once no program can
+// still be reading them.
+//
+// Why one RCU grace period is enough: TC and socket programs run inside an
+// RCU read-side critical section (softirq or rcu_read_lock in the hook), and
+// a program's policy lookup happens within the same run as its read of the
+// endpoint record. synchronize_rcu returns only after every critical section
+// that began before it has ended, so every run that could have read the old
+// slot number is finished. membarrier(MEMBARRIER_CMD_GLOBAL) is the system
+// call that performs synchronize_rcu. Where it is refused (nohz_full kernels,
+// seccomp), reclaimFallback stands in: a program run is bounded by the
+// verifier's instruction limit to far less than that.
+func (d *Datapath) reclaim() error {
+	if len(d.retired) == 0 {
+		return nil
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); errno != 0 {
+		time.Sleep(reclaimFallback)
+	}
+	var errs []error
+	for slot := range d.retired {
+		errs = append(errs, d.deleteSlot(slot))
+	}
+	return errors.Join(errs...)
+}
+
+const (
+	membarrierCmdGlobal = 1 // MEMBARRIER_CMD_GLOBAL: synchronize_rcu()
+	reclaimFallback     = 50 * time.Millisecond
+)
 
 // deleteSlot removes every entry of a policy slot.
 func (d *Datapath) deleteSlot(slot uint32) error {
@@ -114,6 +225,7 @@ func (d *Datapath) deleteSlot(slot uint32) error {
 		}
 	}
 	delete(d.policySlots, slot)
+	delete(d.retired, slot)
 	return nil
 }
 
@@ -129,6 +241,21 @@ func (d *Datapath) indexPolicy() error {
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("index policy map: %w", err)
+	}
+	// Entries in an endpoint's idle slot were replaced by the previous
+	// process: retired, so a full map reclaims them before failing closed.
+	var (
+		ip   uint32
+		info podEndpointInfo
+	)
+	eps := d.endpoints.Iterate()
+	for eps.Next(&ip, &info) {
+		if idle := info.PolicySlot ^ 1; len(d.policySlots[idle]) > 0 {
+			d.retired[idle] = true
+		}
+	}
+	if err := eps.Err(); err != nil {
+		return fmt.Errorf("index policy map: list endpoints: %w", err)
 	}
 	return nil
 }

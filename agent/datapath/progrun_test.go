@@ -48,11 +48,12 @@ type progTest struct {
 }
 
 // newProgTest loads every object with node configuration cfg (NodeIP,
-// StrictMode, CTIdleTimeout are honoured; encryption is on when wg is set).
+// StrictMode, CTTimeouts, CTMaxEntries are honoured; encryption is on when
+// wg is set).
 func newProgTest(t *testing.T, cfg Config, underlay, wg bool) *progTest {
 	t.Helper()
 	cfg.setDefaults()
-	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}}
+	d := &Datapath{cfg: cfg, log: cfg.Logger, policySlots: map[uint32][]podPolicyKey{}, retired: map[uint32]bool{}}
 	if underlay {
 		d.underlayIfindex = ifUnderlay
 	}

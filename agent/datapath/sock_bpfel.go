@@ -21,8 +21,9 @@ type sockCtEntry struct {
 	Bytes       uint64
 	SrcIdentity uint32
 	DstIdentity uint32
-	Flags       uint32
-	Pad         uint32
+	Flags       uint16
+	PolicyPort  uint16
+	LifetimeS   uint32
 }
 
 type sockCtKey struct {
@@ -48,6 +49,24 @@ type sockEndpointInfo struct {
 	EgressEnforce  uint8
 	EgressAudit    uint8
 	Flags          uint32
+}
+
+type sockFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type sockFragL4 struct {
+	_          structs.HostLayout
+	Sport      uint16
+	Dport      uint16
+	PolicyPort uint16
+	TcpFlags   uint8
+	IcmpKind   uint8
 }
 
 type sockIpcacheInfo struct {
@@ -127,6 +146,7 @@ const (
 	sockMapVeilCt          = "veil_ct"
 	sockMapVeilEndpoints   = "veil_endpoints"
 	sockMapVeilEvents      = "veil_events"
+	sockMapVeilFrags       = "veil_frags"
 	sockMapVeilIpcache     = "veil_ipcache"
 	sockMapVeilLeaks       = "veil_leaks"
 	sockMapVeilMetrics     = "veil_metrics"
@@ -193,6 +213,7 @@ type sockMapSpecs struct {
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
@@ -233,6 +254,7 @@ type sockMaps struct {
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
@@ -248,6 +270,7 @@ func (m *sockMaps) Close() error {
 		m.VeilCt,
 		m.VeilEndpoints,
 		m.VeilEvents,
+		m.VeilFrags,
 		m.VeilIpcache,
 		m.VeilLeaks,
 		m.VeilMetrics,

@@ -21,8 +21,9 @@ type tunnelCtEntry struct {
 	Bytes       uint64
 	SrcIdentity uint32
 	DstIdentity uint32
-	Flags       uint32
-	Pad         uint32
+	Flags       uint16
+	PolicyPort  uint16
+	LifetimeS   uint32
 }
 
 type tunnelCtKey struct {
@@ -48,6 +49,24 @@ type tunnelEndpointInfo struct {
 	EgressEnforce  uint8
 	EgressAudit    uint8
 	Flags          uint32
+}
+
+type tunnelFragKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Id    uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type tunnelFragL4 struct {
+	_          structs.HostLayout
+	Sport      uint16
+	Dport      uint16
+	PolicyPort uint16
+	TcpFlags   uint8
+	IcmpKind   uint8
 }
 
 type tunnelIpcacheInfo struct {
@@ -110,24 +129,29 @@ type tunnelSockKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	tunnelMapVeilCidrs       = "veil_cidrs"
-	tunnelMapVeilCt          = "veil_ct"
-	tunnelMapVeilEndpoints   = "veil_endpoints"
-	tunnelMapVeilEvents      = "veil_events"
-	tunnelMapVeilIpcache     = "veil_ipcache"
-	tunnelMapVeilLeaks       = "veil_leaks"
-	tunnelMapVeilMetrics     = "veil_metrics"
-	tunnelMapVeilPolicy      = "veil_policy"
-	tunnelMapVeilSockhash    = "veil_sockhash"
-	tunnelMapVeilSockstats   = "veil_sockstats"
-	tunnelProgVeilFromTunnel = "veil_from_tunnel"
-	tunnelVarClusterCidr     = "cluster_cidr"
-	tunnelVarClusterCidrBits = "cluster_cidr_bits"
-	tunnelVarCtIdleTimeoutS  = "ct_idle_timeout_s"
-	tunnelVarNodeIp          = "node_ip"
-	tunnelVarStrictMode      = "strict_mode"
-	tunnelVarUnderlayIfindex = "underlay_ifindex"
-	tunnelVarWgIfindex       = "wg_ifindex"
+	tunnelMapVeilCidrs         = "veil_cidrs"
+	tunnelMapVeilCt            = "veil_ct"
+	tunnelMapVeilEndpoints     = "veil_endpoints"
+	tunnelMapVeilEvents        = "veil_events"
+	tunnelMapVeilFrags         = "veil_frags"
+	tunnelMapVeilIpcache       = "veil_ipcache"
+	tunnelMapVeilLeaks         = "veil_leaks"
+	tunnelMapVeilMetrics       = "veil_metrics"
+	tunnelMapVeilPolicy        = "veil_policy"
+	tunnelMapVeilSockhash      = "veil_sockhash"
+	tunnelMapVeilSockstats     = "veil_sockstats"
+	tunnelProgVeilFromTunnel   = "veil_from_tunnel"
+	tunnelVarClusterCidr       = "cluster_cidr"
+	tunnelVarClusterCidrBits   = "cluster_cidr_bits"
+	tunnelVarCtIcmpS           = "ct_icmp_s"
+	tunnelVarCtTcpClosingS     = "ct_tcp_closing_s"
+	tunnelVarCtTcpEstablishedS = "ct_tcp_established_s"
+	tunnelVarCtTcpOpeningS     = "ct_tcp_opening_s"
+	tunnelVarCtUdpS            = "ct_udp_s"
+	tunnelVarNodeIp            = "node_ip"
+	tunnelVarStrictMode        = "strict_mode"
+	tunnelVarUnderlayIfindex   = "underlay_ifindex"
+	tunnelVarWgIfindex         = "wg_ifindex"
 )
 
 // loadTunnel returns the embedded CollectionSpec for tunnel.
@@ -183,6 +207,7 @@ type tunnelMapSpecs struct {
 	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
@@ -195,13 +220,17 @@ type tunnelMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelVariableSpecs struct {
-	ClusterCidr     *ebpf.VariableSpec `ebpf:"cluster_cidr"`
-	ClusterCidrBits *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
-	CtIdleTimeoutS  *ebpf.VariableSpec `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.VariableSpec `ebpf:"node_ip"`
-	StrictMode      *ebpf.VariableSpec `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.VariableSpec `ebpf:"wg_ifindex"`
+	ClusterCidr       *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
+	CtIcmpS           *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.VariableSpec `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.VariableSpec `ebpf:"node_ip"`
+	StrictMode        *ebpf.VariableSpec `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // tunnelObjects contains all objects after they have been loaded into the kernel.
@@ -228,6 +257,7 @@ type tunnelMaps struct {
 	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
 	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
 	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
 	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
@@ -242,6 +272,7 @@ func (m *tunnelMaps) Close() error {
 		m.VeilCt,
 		m.VeilEndpoints,
 		m.VeilEvents,
+		m.VeilFrags,
 		m.VeilIpcache,
 		m.VeilLeaks,
 		m.VeilMetrics,
@@ -255,13 +286,17 @@ func (m *tunnelMaps) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelVariables struct {
-	ClusterCidr     *ebpf.Variable `ebpf:"cluster_cidr"`
-	ClusterCidrBits *ebpf.Variable `ebpf:"cluster_cidr_bits"`
-	CtIdleTimeoutS  *ebpf.Variable `ebpf:"ct_idle_timeout_s"`
-	NodeIp          *ebpf.Variable `ebpf:"node_ip"`
-	StrictMode      *ebpf.Variable `ebpf:"strict_mode"`
-	UnderlayIfindex *ebpf.Variable `ebpf:"underlay_ifindex"`
-	WgIfindex       *ebpf.Variable `ebpf:"wg_ifindex"`
+	ClusterCidr       *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits   *ebpf.Variable `ebpf:"cluster_cidr_bits"`
+	CtIcmpS           *ebpf.Variable `ebpf:"ct_icmp_s"`
+	CtTcpClosingS     *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS *ebpf.Variable `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS     *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
+	CtUdpS            *ebpf.Variable `ebpf:"ct_udp_s"`
+	NodeIp            *ebpf.Variable `ebpf:"node_ip"`
+	StrictMode        *ebpf.Variable `ebpf:"strict_mode"`
+	UnderlayIfindex   *ebpf.Variable `ebpf:"underlay_ifindex"`
+	WgIfindex         *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // tunnelPrograms contains all programs after they have been loaded into the kernel.

@@ -71,6 +71,17 @@ func HostVethName(containerID string) string {
 	return "veil" + hex.EncodeToString(sum[:])[:11]
 }
 
+// IsHostVethName reports whether name has the shape HostVethName gives, so
+// the datapath can tell a pod's veth before its endpoint is registered.
+func IsHostVethName(name string) bool {
+	rest, ok := strings.CutPrefix(name, "veil")
+	if !ok || len(rest) != 11 {
+		return false
+	}
+	_, err := hex.DecodeString(rest + "0")
+	return err == nil && strings.ToLower(rest) == rest
+}
+
 func (r *Request) validate() error {
 	switch {
 	case r.ContainerID == "":

@@ -46,3 +46,23 @@ func TestSetupRejectsBadRequests(t *testing.T) {
 		})
 	}
 }
+
+func TestIsHostVethName(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		want bool
+	}{
+		{HostVethName("abc"), true},
+		{HostVethName("another container"), true},
+		{"veil0", false},
+		{"veilwg0", false},
+		{"eth0", false},
+		{"veilABCDEF01234", false},
+		{"veil0123456789a", true},
+		{"veil0123456789ab", false},
+	} {
+		if got := IsHostVethName(c.name); got != c.want {
+			t.Errorf("IsHostVethName(%q) = %v; want %v", c.name, got, c.want)
+		}
+	}
+}

@@ -12,6 +12,8 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 )
 
 func pubKey(t *testing.T) wgtypes.Key {
@@ -23,11 +25,17 @@ func pubKey(t *testing.T) wgtypes.Key {
 	return k.PublicKey()
 }
 
-func node(name string, ann map[string]string, podCIDRs ...string) *corev1.Node {
-	return &corev1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: ann},
+// node is a Node created at second created, with the annotations of its
+// agent, spec.podCIDRs and InternalIPs.
+func node(name string, created int64, ann map[string]string, podCIDRs []string, internalIPs ...string) *corev1.Node {
+	n := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: ann, CreationTimestamp: metav1.Unix(created, 0)},
 		Spec:       corev1.NodeSpec{PodCIDRs: podCIDRs},
 	}
+	for _, ip := range internalIPs {
+		n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip})
+	}
+	return n
 }
 
 func pfx(ss ...string) []netip.Prefix {
@@ -38,28 +46,64 @@ func pfx(ss ...string) []netip.Prefix {
 	return out
 }
 
+var testClusterCIDRs = pfx("10.244.0.0/16", "fd10:244::/32")
+
+// peersOf is what an agent on self makes of nodes: its peers, and every
+// reported problem (malformed nodes, refused claims).
+func peersOf(self string, nodes []*corev1.Node, nodeToNode bool) ([]Peer, []error) {
+	c := nodeinfo.Resolve(nodes, nodeinfo.Options{Self: self, ClusterCIDRs: testClusterCIDRs})
+	peers, errs := PeersFromNodes(c, self, nodeToNode)
+	for _, x := range c.Conflicts {
+		errs = append(errs, x)
+	}
+	return peers, append(c.Errors, errs...)
+}
+
+// problemNodes lists the node each error is about, sorted.
+func problemNodes(t *testing.T, errs []error) []string {
+	t.Helper()
+	var out []string
+	for _, err := range errs {
+		var ne *nodeinfo.NodeError
+		var c nodeinfo.Conflict
+		switch {
+		case errors.As(err, &ne):
+			if !strings.HasPrefix(err.Error(), "node "+ne.Node+": ") {
+				t.Errorf("error %q does not name the node", err)
+			}
+			out = append(out, ne.Node)
+		case errors.As(err, &c):
+			out = append(out, c.Node)
+		default:
+			t.Fatalf("error %v names no node", err)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
 func TestAnnotationsRoundTrip(t *testing.T) {
 	pub := pubKey(t)
 	for _, tc := range []struct {
 		name  string
 		ep    string
-		cidrs []netip.Prefix
+		cidrs []string
 	}{
-		{"ipv4", "10.99.0.2:51820", pfx("10.244.1.0/24")},
-		{"dual stack", "[fd00::2]:51820", pfx("10.244.1.0/24", "fd10:244:1::/64")},
+		{"ipv4", "10.99.0.2:51820", []string{"10.244.1.0/24"}},
+		{"dual stack", "[fd00::2]:51820", []string{"10.244.1.0/24", "fd10:244:1::/64"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ep := netip.MustParseAddrPort(tc.ep)
-			ann := Annotations(pub, ep, tc.cidrs)
+			ann := Annotations(pub, ep, pfx(tc.cidrs...))
 			if len(ann) != 3 {
 				t.Fatalf("annotations %v", ann)
 			}
-			peers, errs := PeersFromNodes("self", []*corev1.Node{node("n1", ann)}, false)
+			peers, errs := peersOf("self", []*corev1.Node{node("n1", 1, ann, tc.cidrs)}, false)
 			if len(errs) != 0 || len(peers) != 1 {
 				t.Fatalf("peers %v errs %v", peers, errs)
 			}
 			p := peers[0]
-			if p.PublicKey != pub || p.Endpoint != ep || !slices.Equal(p.AllowedIPs, tc.cidrs) {
+			if p.Node != "n1" || p.PublicKey != pub || p.Endpoint != ep || !slices.Equal(p.AllowedIPs, pfx(tc.cidrs...)) {
 				t.Errorf("round trip: %+v", p)
 			}
 		})
@@ -68,15 +112,8 @@ func TestAnnotationsRoundTrip(t *testing.T) {
 
 func TestPeersFromNodes(t *testing.T) {
 	k1, k2, k3, kSelf := pubKey(t), pubKey(t), pubKey(t), pubKey(t)
-	ann := func(k wgtypes.Key, ep string, cidrs ...string) map[string]string {
-		return Annotations(k, netip.MustParseAddrPort(ep), pfx(cidrs...))
-	}
-	withInternalIP := func(n *corev1.Node, ips ...string) *corev1.Node {
-		for _, ip := range ips {
-			n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip})
-		}
-		n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeHostName, Address: n.Name})
-		return n
+	ann := func(k wgtypes.Key, ep string) map[string]string {
+		return Annotations(k, netip.MustParseAddrPort(ep), nil)
 	}
 	edit := func(m map[string]string, k, v string) map[string]string {
 		if v == "" {
@@ -86,12 +123,12 @@ func TestPeersFromNodes(t *testing.T) {
 		}
 		return m
 	}
+	cidr := func(s ...string) []string { return s }
 	type want struct {
-		peers   []string // node names, in order, identified by key
+		peers   []string // node names, in order
 		errs    []string // node names with errors
 		allowed map[string][]netip.Prefix
 	}
-	names := map[wgtypes.Key]string{k1: "n1", k2: "n2", k3: "n3", kSelf: "self"}
 	for _, tc := range []struct {
 		name       string
 		nodes      []*corev1.Node
@@ -101,9 +138,9 @@ func TestPeersFromNodes(t *testing.T) {
 		{
 			name: "self excluded, sorted by name",
 			nodes: []*corev1.Node{
-				node("n2", ann(k2, "10.99.0.3:51820", "10.244.2.0/24")),
-				node("self", ann(kSelf, "10.99.0.1:51820", "10.244.0.0/24")),
-				node("n1", ann(k1, "10.99.0.2:51820", "10.244.1.0/24")),
+				node("n2", 1, ann(k2, "10.99.0.3:51820"), cidr("10.244.2.0/24")),
+				node("self", 1, ann(kSelf, "10.99.0.1:51820"), cidr("10.244.0.0/24")),
+				node("n1", 1, ann(k1, "10.99.0.2:51820"), cidr("10.244.1.0/24")),
 				nil,
 			},
 			want: want{peers: []string{"n1", "n2"}, allowed: map[string][]netip.Prefix{"n1": pfx("10.244.1.0/24")}},
@@ -111,118 +148,92 @@ func TestPeersFromNodes(t *testing.T) {
 		{
 			name: "not yet published is skipped quietly",
 			nodes: []*corev1.Node{
-				node("n1", nil, "10.244.1.0/24"),
-				node("n2", ann(k2, "10.99.0.3:51820", "10.244.2.0/24")),
+				node("n1", 1, nil, cidr("10.244.1.0/24")),
+				node("n2", 1, ann(k2, "10.99.0.3:51820"), cidr("10.244.2.0/24")),
 			},
 			want: want{peers: []string{"n2"}},
 		},
 		{
 			name: "missing or malformed annotations are reported",
 			nodes: []*corev1.Node{
-				node("no-endpoint", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationEndpoint, "")),
-				node("no-key", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPublicKey, "")),
-				node("cidrs-only", map[string]string{AnnotationPodCIDRs: "10.244.9.0/24"}),
-				node("bad-key", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPublicKey, "c2hvcnQ=")),
-				node("zero-key", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPublicKey, wgtypes.Key{}.String())),
-				node("no-port", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationEndpoint, "10.99.0.2")),
-				node("port-zero", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationEndpoint, "10.99.0.2:0")),
-				node("unspecified", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationEndpoint, "0.0.0.0:51820")),
-				node("hostname", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationEndpoint, "node1:51820")),
-				node("bad-cidr", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPodCIDRs, "10.244.1.0/24,banana")),
-				node("host-bits", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPodCIDRs, "10.244.1.7/24")),
-				node("everything", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPodCIDRs, "0.0.0.0/0")),
-				node("empty-cidrs", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPodCIDRs, " , ")),
-				node("no-cidrs-anywhere", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPodCIDRs, "")),
-				node("n2", ann(k2, "10.99.0.3:51820", "10.244.2.0/24")),
+				node("no-endpoint", 1, edit(ann(pubKey(t), "10.99.0.11:51820"), nodeinfo.AnnotationEndpoint, ""), cidr("10.244.11.0/24")),
+				node("no-key", 1, edit(ann(pubKey(t), "10.99.0.12:51820"), nodeinfo.AnnotationPublicKey, ""), cidr("10.244.12.0/24")),
+				node("bad-key", 1, edit(ann(pubKey(t), "10.99.0.13:51820"), nodeinfo.AnnotationPublicKey, "c2hvcnQ="), cidr("10.244.13.0/24")),
+				node("zero-key", 1, edit(ann(pubKey(t), "10.99.0.14:51820"), nodeinfo.AnnotationPublicKey, wgtypes.Key{}.String()), cidr("10.244.14.0/24")),
+				node("no-port", 1, edit(ann(pubKey(t), "10.99.0.15:51820"), nodeinfo.AnnotationEndpoint, "10.99.0.2"), cidr("10.244.15.0/24")),
+				node("port-zero", 1, edit(ann(pubKey(t), "10.99.0.16:51820"), nodeinfo.AnnotationEndpoint, "10.99.0.2:0"), cidr("10.244.16.0/24")),
+				node("unspecified", 1, edit(ann(pubKey(t), "10.99.0.17:51820"), nodeinfo.AnnotationEndpoint, "0.0.0.0:51820"), cidr("10.244.17.0/24")),
+				node("hostname", 1, edit(ann(pubKey(t), "10.99.0.18:51820"), nodeinfo.AnnotationEndpoint, "node1:51820"), cidr("10.244.18.0/24")),
+				node("bad-cidr", 1, ann(pubKey(t), "10.99.0.4:51820"), cidr("banana")),
+				node("host-bits", 1, ann(pubKey(t), "10.99.0.5:51820"), cidr("10.244.3.7/24")),
+				node("no-cidrs-anywhere", 1, ann(k3, "10.99.0.6:51820"), nil),
+				node("n2", 1, ann(k2, "10.99.0.3:51820"), cidr("10.244.2.0/24")),
 			},
 			want: want{peers: []string{"n2"}, errs: []string{
-				"no-endpoint", "no-key", "cidrs-only", "bad-key", "zero-key", "no-port", "port-zero", "unspecified",
-				"hostname", "bad-cidr", "host-bits", "everything", "empty-cidrs", "no-cidrs-anywhere",
+				"bad-cidr", "bad-key", "host-bits", "hostname", "no-cidrs-anywhere", "no-endpoint", "no-key",
+				"no-port", "port-zero", "unspecified", "zero-key",
 			}},
 		},
 		{
-			name: "pod CIDRs fall back to spec.podCIDRs",
+			name: "pod CIDRs come from spec.podCIDRs, not the annotation",
 			nodes: []*corev1.Node{
-				node("n1", edit(ann(k1, "10.99.0.2:51820", "10.244.1.0/24"), AnnotationPodCIDRs, ""), "10.244.1.0/24", "fd10::/64"),
+				node("n1", 1, edit(ann(k1, "10.99.0.2:51820"), nodeinfo.AnnotationPodCIDRs, "10.244.9.0/24,10.99.0.1/32"), cidr("10.244.1.0/24", "fd10:244:1::/64")),
 			},
-			want: want{peers: []string{"n1"}, allowed: map[string][]netip.Prefix{"n1": pfx("10.244.1.0/24", "fd10::/64")}},
+			want: want{peers: []string{"n1"}, allowed: map[string][]netip.Prefix{"n1": pfx("10.244.1.0/24", "fd10:244:1::/64")}},
 		},
 		{
-			name: "node-to-node adds InternalIPs, else the endpoint address",
+			name: "node-to-node adds the node's own InternalIPs",
 			nodes: []*corev1.Node{
-				withInternalIP(node("n1", ann(k1, "10.99.0.2:51820", "10.244.1.0/24")), "10.99.0.2", "fd99::2"),
-				node("n2", ann(k2, "10.99.0.3:51820", "10.244.2.0/24")),
+				node("n1", 1, ann(k1, "10.99.0.2:51820"), cidr("10.244.1.0/24"), "10.99.0.2", "fd99::2"),
+				node("n2", 1, ann(k2, "10.99.0.3:51820"), cidr("10.244.2.0/24")),
 			},
 			nodeToNode: true,
 			want: want{peers: []string{"n1", "n2"}, allowed: map[string][]netip.Prefix{
 				"n1": pfx("10.244.1.0/24", "10.99.0.2/32", "fd99::2/128"),
-				"n2": pfx("10.244.2.0/24", "10.99.0.3/32"),
+				"n2": pfx("10.244.2.0/24"),
 			}},
 		},
 		{
-			name: "without node-to-node no node IPs",
+			name: "without node-to-node no node addresses",
 			nodes: []*corev1.Node{
-				withInternalIP(node("n1", ann(k1, "10.99.0.2:51820", "10.244.1.0/24")), "10.99.0.2"),
+				node("n1", 1, ann(k1, "10.99.0.2:51820"), cidr("10.244.1.0/24"), "10.99.0.2"),
 			},
 			want: want{peers: []string{"n1"}, allowed: map[string][]netip.Prefix{"n1": pfx("10.244.1.0/24")}},
 		},
 		{
-			name: "duplicate keys: both out",
+			name: "duplicate keys: the older node keeps it",
 			nodes: []*corev1.Node{
-				node("n1", ann(k1, "10.99.0.2:51820", "10.244.1.0/24")),
-				node("n2", ann(k1, "10.99.0.3:51820", "10.244.2.0/24")),
-				node("n3", ann(k3, "10.99.0.4:51820", "10.244.3.0/24")),
+				node("n2", 1, ann(k1, "10.99.0.3:51820"), cidr("10.244.2.0/24")),
+				node("n1", 2, ann(k1, "10.99.0.2:51820"), cidr("10.244.1.0/24")),
+				node("n3", 3, ann(k3, "10.99.0.4:51820"), cidr("10.244.3.0/24")),
 			},
-			want: want{peers: []string{"n3"}, errs: []string{"n1", "n2"}},
+			want: want{peers: []string{"n2", "n3"}, errs: []string{"n1"}},
 		},
 		{
-			name: "a node publishing self's key is left out",
+			name: "overlapping CIDRs: the older node keeps them, none may take self's",
 			nodes: []*corev1.Node{
-				node("self", ann(kSelf, "10.99.0.1:51820", "10.244.0.0/24")),
-				node("n1", ann(kSelf, "10.99.0.2:51820", "10.244.1.0/24")),
-				node("n2", ann(k2, "10.99.0.3:51820", "10.244.2.0/24")),
+				node("n3", 0, ann(k3, "10.99.0.4:51820"), cidr("10.244.0.0/16")),
+				node("self", 9, ann(kSelf, "10.99.0.1:51820"), cidr("10.244.0.0/24")),
+				node("n1", 1, ann(k1, "10.99.0.2:51820"), cidr("10.244.1.0/24")),
+				node("n2", 2, ann(k2, "10.99.0.3:51820"), cidr("10.244.1.128/25")),
 			},
-			want: want{peers: []string{"n2"}, errs: []string{"n1"}},
-		},
-		{
-			name: "overlapping CIDRs: both out, and none may take self's",
-			nodes: []*corev1.Node{
-				node("self", ann(kSelf, "10.99.0.1:51820", "10.244.0.0/24")),
-				node("n1", ann(k1, "10.99.0.2:51820", "10.244.1.0/24")),
-				node("n2", ann(k2, "10.99.0.3:51820", "10.244.1.128/25")),
-				node("n3", ann(k3, "10.99.0.4:51820", "10.244.0.0/16")),
-			},
-			want: want{errs: []string{"n1", "n2", "n3"}},
+			want: want{peers: []string{"n1"}, errs: []string{"n2", "n3"}},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			peers, errs := PeersFromNodes("self", tc.nodes, tc.nodeToNode)
+			peers, errs := peersOf("self", tc.nodes, tc.nodeToNode)
 			var got []string
 			for _, p := range peers {
-				got = append(got, names[p.PublicKey])
-				if w, ok := tc.want.allowed[names[p.PublicKey]]; ok && !slices.Equal(p.AllowedIPs, w) {
-					t.Errorf("%s allowed IPs %v, want %v", names[p.PublicKey], p.AllowedIPs, w)
+				got = append(got, p.Node)
+				if w, ok := tc.want.allowed[p.Node]; ok && !slices.Equal(p.AllowedIPs, w) {
+					t.Errorf("%s allowed IPs %v, want %v", p.Node, p.AllowedIPs, w)
 				}
 			}
 			if !slices.Equal(got, tc.want.peers) {
 				t.Errorf("peers %v, want %v", got, tc.want.peers)
 			}
-			var errNodes []string
-			for _, err := range errs {
-				var ne *NodeError
-				if !errors.As(err, &ne) {
-					t.Fatalf("error %v is not a *NodeError", err)
-				}
-				if !strings.HasPrefix(err.Error(), "node "+ne.Node+": ") {
-					t.Errorf("error %q does not name the node", err)
-				}
-				errNodes = append(errNodes, ne.Node)
-			}
-			slices.Sort(errNodes)
-			wantErrs := slices.Clone(tc.want.errs)
-			slices.Sort(wantErrs)
-			if !slices.Equal(errNodes, wantErrs) {
-				t.Errorf("errors for %v, want %v: %v", errNodes, wantErrs, errs)
+			if got := problemNodes(t, errs); !slices.Equal(got, tc.want.errs) {
+				t.Errorf("errors for %v, want %v: %v", got, tc.want.errs, errs)
 			}
 		})
 	}
@@ -242,16 +253,16 @@ func TestDiffPeers(t *testing.T) {
 		changes map[wgtypes.Key]string
 	}{
 		{"unchanged peers are not touched", []Peer{
-			{k2, netip.MustParseAddrPort("10.99.0.3:51820"), pfx("10.244.2.0/24")},
-			{k1, netip.MustParseAddrPort("10.99.0.2:51820"), pfx("10.244.1.0/24")},
+			{PublicKey: k2, Endpoint: netip.MustParseAddrPort("10.99.0.3:51820"), AllowedIPs: pfx("10.244.2.0/24")},
+			{PublicKey: k1, Endpoint: netip.MustParseAddrPort("10.99.0.2:51820"), AllowedIPs: pfx("10.244.1.0/24")},
 		}, nil},
 		{"vanished removed, new added", []Peer{
-			{k1, netip.MustParseAddrPort("10.99.0.2:51820"), pfx("10.244.1.0/24")},
-			{k3, netip.MustParseAddrPort("10.99.0.4:51820"), pfx("10.244.3.0/24")},
+			{PublicKey: k1, Endpoint: netip.MustParseAddrPort("10.99.0.2:51820"), AllowedIPs: pfx("10.244.1.0/24")},
+			{PublicKey: k3, Endpoint: netip.MustParseAddrPort("10.99.0.4:51820"), AllowedIPs: pfx("10.244.3.0/24")},
 		}, map[wgtypes.Key]string{k2: "remove", k3: "set"}},
 		{"changed endpoint or allowed IPs updated in place", []Peer{
-			{k1, netip.MustParseAddrPort("10.99.0.9:51820"), pfx("10.244.1.0/24")},
-			{k2, netip.MustParseAddrPort("10.99.0.3:51820"), pfx("10.244.2.0/24", "10.99.0.3/32")},
+			{PublicKey: k1, Endpoint: netip.MustParseAddrPort("10.99.0.9:51820"), AllowedIPs: pfx("10.244.1.0/24")},
+			{PublicKey: k2, Endpoint: netip.MustParseAddrPort("10.99.0.3:51820"), AllowedIPs: pfx("10.244.2.0/24", "10.99.0.3/32")},
 		}, map[wgtypes.Key]string{k1: "set", k2: "set"}},
 		{"empty removes all", nil, map[wgtypes.Key]string{k1: "remove", k2: "remove"}},
 	} {
@@ -278,7 +289,7 @@ func TestDiffPeers(t *testing.T) {
 			}
 		})
 	}
-	if got := diffPeers(cur, []Peer{{k1, netip.MustParseAddrPort("10.99.0.2:51820"), pfx("10.244.1.0/24")}, {k2, netip.MustParseAddrPort("10.99.0.3:51820"), pfx("10.244.2.0/24")}}, 10*time.Second); len(got) != 2 {
+	if got := diffPeers(cur, []Peer{{PublicKey: k1, Endpoint: netip.MustParseAddrPort("10.99.0.2:51820"), AllowedIPs: pfx("10.244.1.0/24")}, {PublicKey: k2, Endpoint: netip.MustParseAddrPort("10.99.0.3:51820"), AllowedIPs: pfx("10.244.2.0/24")}}, 10*time.Second); len(got) != 2 {
 		t.Errorf("keepalive change: %d changes, want 2", len(got))
 	}
 }

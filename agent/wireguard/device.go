@@ -17,15 +17,17 @@ import (
 	"golang.org/x/sys/unix"
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
 // Mode names which WireGuard implementation runs a device.
 type Mode string
 
 const (
-	ModeAuto      Mode = ""          // kernel if the kernel has WireGuard, else userspace
-	ModeKernel    Mode = "kernel"    // the kernel module
-	ModeUserspace Mode = "userspace" // golang.zx2c4.com/wireguard in this process
+	ModeAuto      Mode = ""                               // kernel if the kernel has WireGuard, else userspace
+	ModeKernel    Mode = v1alpha1.EncryptionModeKernel    // the kernel module
+	ModeUserspace Mode = v1alpha1.EncryptionModeUserspace // golang.zx2c4.com/wireguard in this process
 )
 
 const (
@@ -61,6 +63,8 @@ type Peer struct {
 	PublicKey  wgtypes.Key
 	Endpoint   netip.AddrPort
 	AllowedIPs []netip.Prefix
+	// Node is the peer's node name (for status; WireGuard ignores it).
+	Node string
 }
 
 // Device is a WireGuard interface configured only through wgctrl, whichever

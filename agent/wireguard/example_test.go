@@ -8,6 +8,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 )
 
 // How an agent uses the package: run from a thread in the node's network
@@ -35,9 +36,16 @@ func Example() {
 	_ = wireguard.Annotations(dev.Key().PublicKey(), netip.MustParseAddrPort("10.99.0.1:51820"),
 		[]netip.Prefix{netip.MustParsePrefix("10.244.0.0/24")})
 
-	// On every Node event: peers from everyone else's annotations.
+	// On every Node event: decide who holds what, then peer with everyone
+	// else that published a key.
 	var nodes []*corev1.Node // from the informer's lister
-	peers, errs := wireguard.PeersFromNodes("node-a", nodes, false)
+	cluster := nodeinfo.Resolve(nodes, nodeinfo.Options{
+		Self: "node-a", ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.0.0/16")},
+	})
+	for _, c := range cluster.Conflicts {
+		slog.Warn("claim refused", "err", c)
+	}
+	peers, errs := wireguard.PeersFromNodes(cluster, "node-a", false)
 	for _, e := range errs {
 		slog.Warn("node not peered", "err", e)
 	}

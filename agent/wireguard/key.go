@@ -1,8 +1,6 @@
 package wireguard
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -13,6 +11,8 @@ import (
 	"time"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 )
 
 // ErrRotationPending is returned by Rotate while the previous key of an
@@ -274,12 +274,6 @@ func (k Key) LogValue() slog.Value {
 	return slog.GroupValue(slog.String("fingerprint", k.Fingerprint()), slog.Time("created", k.created))
 }
 
-// Fingerprint is the first 8 bytes of the SHA-256 of a public key, in hex:
-// short enough for a table, long enough to tell keys apart.
-func Fingerprint(pub wgtypes.Key) string {
-	if pub == (wgtypes.Key{}) {
-		return ""
-	}
-	sum := sha256.Sum256(pub[:])
-	return hex.EncodeToString(sum[:8])
-}
+// Fingerprint identifies a public key in status and logs (see
+// nodeinfo.Fingerprint, which meshctl shares).
+func Fingerprint(pub wgtypes.Key) string { return nodeinfo.Fingerprint(pub) }

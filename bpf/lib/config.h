@@ -10,7 +10,12 @@
  */
 volatile const __u32 node_ip = 0;		/* underlay address, network byte order */
 volatile const __u32 underlay_ifindex = 0;	/* device toward other nodes */
-volatile const __u32 ct_idle_timeout_s = 21600;	/* re-check policy after this much idleness */
+/* Idle lifetimes of connections (agent/datapath CTTimeouts), in seconds. */
+volatile const __u32 ct_tcp_established_s = 21600;
+volatile const __u32 ct_tcp_opening_s = 60;	/* the responder has not answered yet */
+volatile const __u32 ct_tcp_closing_s = 10;	/* FIN from both sides, or RST */
+volatile const __u32 ct_udp_s = 60;		/* UDP, SCTP, protocols without ports */
+volatile const __u32 ct_icmp_s = 30;
 volatile const __u32 wg_ifindex = 0;		/* WireGuard device; 0: encryption off */
 volatile const __u32 strict_mode = 0;		/* 1: never send pod traffic to another node unencrypted */
 volatile const __u32 cluster_cidr = 0;		/* the cluster's pod range, network byte order */

@@ -88,16 +88,42 @@ struct policy_value {
 struct ct_key {
 	__u32 saddr;
 	__u32 daddr;
-	__u16 sport;		/* host byte order; ICMP echo: the echo id */
-	__u16 dport;
+	__u16 sport;		/* host byte order; ICMP echo reply: the echo id */
+	__u16 dport;		/* ICMP echo request: the echo id */
 	__u8 proto;
 	__u8 pad[3];
+};
+
+/* struct frag_key - the fragments of one IPv4 datagram (RFC 791). */
+struct frag_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 id;		/* the IP identification, as on the wire */
+	__u8 proto;
+	__u8 pad;
+};
+
+/*
+ * struct frag_l4 - what a datagram's first fragment says about L4, which
+ * its later fragments lack: the fields of struct packet parse_ip_at() reads
+ * from the L4 header.
+ */
+struct frag_l4 {
+	__u16 sport;
+	__u16 dport;
+	__u16 policy_port;
+	__u8 tcp_flags;
+	__u8 icmp_kind;
 };
 
 /* Flags of struct ct_entry. */
 enum ct_flags {
 	CT_F_REPLY_SEEN = 1 << 0,
 	CT_F_AUDIT = 1 << 1,	/* an audit-mode policy would have denied it */
+	CT_F_FIN_ORIG = 1 << 2,	/* TCP: the originator sent FIN */
+	CT_F_FIN_REPLY = 1 << 3,	/* TCP: the responder sent FIN */
+	CT_F_RST = 1 << 4,	/* TCP: either side sent RST */
+	CT_F_REVOKED = 1 << 5,	/* policy no longer allows it: nothing rides it (agent/datapath EvictFlows) */
 };
 
 /* struct ct_entry - a connection that policy allowed. */
@@ -108,8 +134,9 @@ struct ct_entry {
 	__u64 bytes;
 	__u32 src_identity;
 	__u32 dst_identity;
-	__u32 flags;
-	__u32 pad;
+	__u16 flags;		/* CT_F_* */
+	__u16 policy_port;	/* the port policy judged: ICMP type << 8 | code */
+	__u32 lifetime_s;	/* idle time after which the entry is dead: by protocol and TCP state */
 };
 
 /* struct sock_key - an established local TCP socket, by its IPv4 4-tuple. */
@@ -211,6 +238,19 @@ struct {
 	__type(value, struct ct_entry);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_ct SEC(".maps");
+
+/*
+ * L4 of the datagrams whose first fragment was seen, so that the later
+ * ones get the same verdict. The fragments of a datagram travel together,
+ * so a small LRU holds every datagram in flight.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct frag_key);
+	__type(value, struct frag_l4);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_frags SEC(".maps");
 
 /* Established TCP sockets between two local endpoints. */
 struct {

@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
@@ -63,13 +64,20 @@ with its scope (a node, or an ordered node pair A→B), result and reason:
     encryption-enabled   WireGuard is up (kernel or userspace), not disabled
     key-present          the node has a public key
     key-published        the key matches the Node's wireguard.veil.dev/public-key
+    claims               no other node already holds a pod CIDR, address,
+                         endpoint or key the node claims (the agents give it
+                         to the established owner; both nodes are named)
     key-age              the key is younger than --max-key-age
     strict-mode          strict mode is on (fail closed)
     leaks                strict mode dropped no pod packet headed out unencrypted
     unencrypted-packets  no pod packet was sent to another node unencrypted
   per ordered node pair A→B
-    peer                 A peers with B: B's current key, an endpoint, and
-                         allowed IPs covering B's pod CIDRs
+    peer                 A peers with B: A's view of B's key and endpoint
+                         equals what B publishes (its Node's annotations) and
+                         what B reports about itself (its MeshNode); A's
+                         allowed IPs for B cover B's spec.podCIDRs and hold
+                         nothing else (but B's InternalIPs, with
+                         node-to-node encryption)
     handshake            A's last handshake with B is within --max-handshake-age
     active               (--active) a marker sent from a pod on A to a pod on
                          B arrives through the tunnel and is never seen in the
@@ -83,6 +91,16 @@ marker arrived. Pairs where a node runs no pod are listed as not tested.
 Agents are reached through the lab's state file (VEIL_LAB_STATE); in a
 cluster, reaching another node's agent goes through the API server, which
 meshctl does not implement yet: such pairs FAIL and say so.
+
+What the audit trusts, as the agents do: the API server; spec.podCIDRs
+(the control plane sets them, not the node); a node's wireguard.veil.dev/*
+annotations and its MeshNode status only because admission policies let
+nobody but that node's own agent write them; and, for --active, the
+agents' captures. What it does not trust: one source alone. Every pair's
+view is cross-checked against what the other node publishes and reports,
+so a forged status or annotation FAILs, naming both nodes. (On the wire,
+likewise, a packet's source address is believed only when it comes out of
+the tunnel of the node that holds it.)
 
 -o json is the evidence: verdict, generation time, meshctl version, API
 server, thresholds, every node's MeshNode status (with its update time and
@@ -233,7 +251,7 @@ func fail(scope, check, format string, args ...any) auditCheck {
 func pairScope(a, b string) string { return a + "→" + b }
 
 // The node checks, in report order.
-var nodeChecks = []string{"status-fresh", "encryption-enabled", "key-present", "key-published", "key-age", "strict-mode", "leaks", "unencrypted-packets"}
+var nodeChecks = []string{"status-fresh", "encryption-enabled", "key-present", "key-published", "claims", "key-age", "strict-mode", "leaks", "unencrypted-packets"}
 
 func newAuditReport(cs *clusterState, now time.Time, o auditOptions) auditReport {
 	nodes, _ := snapshots(cs, now, o.staleAfter)
@@ -253,11 +271,9 @@ func newAuditReport(cs *clusterState, now time.Time, o auditOptions) auditReport
 		r.Thresholds.CaptureDuration = o.captureDuration.String()
 		r.Thresholds.MarkerPort = o.markerPort
 	}
-	byName := map[string]nodeEncryptionReport{}
-	podCIDRs := map[string][]netip.Prefix{}
+	claims := map[string]nodeClaims{}
 	for i, n := range nodes {
-		byName[n.Node] = n
-		podCIDRs[n.Node] = nodePodCIDRs(n, &cs.nodes[i])
+		claims[n.Node] = claimsOf(&cs.nodes[i])
 	}
 	if len(nodes) == 0 {
 		r.Checks = append(r.Checks, fail("cluster", "nodes", "the cluster has no Node to audit"))
@@ -265,10 +281,11 @@ func newAuditReport(cs *clusterState, now time.Time, o auditOptions) auditReport
 	for _, n := range nodes {
 		r.Checks = append(r.Checks, auditNode(n, now, o)...)
 	}
+	r.Checks = append(r.Checks, auditClaims(cs)...)
 	for _, a := range nodes {
 		for _, b := range nodes {
 			if a.Node != b.Node {
-				r.Checks = append(r.Checks, auditPair(a, b, podCIDRs[b.Node], now, o)...)
+				r.Checks = append(r.Checks, auditPair(a, b, claims[b.Node], now, o)...)
 			}
 		}
 	}
@@ -311,20 +328,37 @@ func (r *auditReport) finish() {
 	}
 }
 
-// nodePodCIDRs are a node's pod prefixes: as its agent reports them, else
-// as it publishes them, else from the Node's spec.
-func nodePodCIDRs(n nodeEncryptionReport, node *corev1.Node) []netip.Prefix {
-	src := n.PodCIDRs
-	if len(src) == 0 && n.Annotations[annotationPodCIDRs] != "" {
-		src = strings.Split(n.Annotations[annotationPodCIDRs], ",")
+// nodeClaims are what a Node says the node holds, from the sources Veil
+// trusts: its pod CIDRs from spec.podCIDRs (set by the control plane), its
+// InternalIPs (which peers route to it with node-to-node encryption).
+type nodeClaims struct {
+	podCIDRs []netip.Prefix
+	addrs    []netip.Addr
+}
+
+func claimsOf(node *corev1.Node) nodeClaims {
+	info, _ := nodeinfo.Parse(node) // malformed fields are left out, and fail the peer checks
+	return nodeClaims{podCIDRs: info.PodCIDRs, addrs: info.InternalIPs}
+}
+
+// auditClaims FAILs a node whose claim (pod CIDR, address, endpoint, key)
+// collides with one another node already holds, naming both: agents refuse
+// it (see nodeinfo.Resolve), so the node is not reachable as it says.
+func auditClaims(cs *clusterState) []auditCheck {
+	nodes := make([]*corev1.Node, len(cs.nodes))
+	for i := range cs.nodes {
+		nodes[i] = &cs.nodes[i]
 	}
-	if len(src) == 0 && node != nil {
-		src = node.Spec.PodCIDRs
+	byNode := map[string][]string{}
+	for _, c := range nodeinfo.Resolve(nodes, nodeinfo.Options{}).Conflicts {
+		byNode[c.Node] = append(byNode[c.Node], c.Error())
 	}
-	var out []netip.Prefix
-	for _, s := range src {
-		if p, err := netip.ParsePrefix(strings.TrimSpace(s)); err == nil {
-			out = append(out, p.Masked())
+	var out []auditCheck
+	for _, n := range cs.nodes {
+		if cs := byNode[n.Name]; len(cs) > 0 {
+			out = append(out, fail(n.Name, "claims", "%s; the owners keep them, and peers do not route them to %s", strings.Join(cs, "; "), n.Name))
+		} else {
+			out = append(out, pass(n.Name, "claims", "no other node holds its pod CIDRs, addresses or key"))
 		}
 	}
 	return out
@@ -335,7 +369,9 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	if !n.Reported {
 		out := []auditCheck{fail(s, "status-fresh", "no MeshNode: the node's agent has never reported its encryption state (is veil-agent running on it?)")}
 		for _, c := range nodeChecks[1:] {
-			out = append(out, fail(s, c, "not checked: no MeshNode"))
+			if c != "claims" { // from the Nodes, not the MeshNode
+				out = append(out, fail(s, c, "not checked: no MeshNode"))
+			}
 		}
 		return out
 	}
@@ -350,14 +386,14 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 		out = append(out, pass(s, "status-fresh", "updated %s ago by agent %s", age(now, *n.Updated), orUnknown(n.AgentVersion)))
 	}
 	switch n.Mode {
-	case modeKernel, modeUserspace:
+	case meshv1alpha1.EncryptionModeKernel, meshv1alpha1.EncryptionModeUserspace:
 		out = append(out, pass(s, "encryption-enabled", "WireGuard (%s) on %s", n.Mode, dash(n.Interface)))
-	case modeDisabled, "":
+	case meshv1alpha1.EncryptionModeDisabled, "":
 		out = append(out, fail(s, "encryption-enabled", "encryption is disabled: pod traffic to other nodes is not encrypted"))
 	default:
 		out = append(out, fail(s, "encryption-enabled", "unknown encryption mode %q", n.Mode))
 	}
-	fp := keyFingerprint(n.PublicKey)
+	fp := nodeinfo.KeyFingerprint(n.PublicKey)
 	switch {
 	case n.PublicKey == "":
 		out = append(out, fail(s, "key-present", "no public key: the node has no WireGuard key, so no peer can encrypt to it"))
@@ -366,17 +402,17 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	default:
 		out = append(out, pass(s, "key-present", "key %s", fp))
 	}
-	ann, annOK := n.Annotations[annotationPublicKey]
+	ann, annOK := n.Annotations[nodeinfo.AnnotationPublicKey]
 	switch {
 	case n.PublicKey == "":
 		out = append(out, fail(s, "key-published", "not checked: no public key"))
 	case !annOK || ann == "":
-		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", annotationPublicKey))
+		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", nodeinfo.AnnotationPublicKey))
 	case ann != n.PublicKey:
 		out = append(out, fail(s, "key-published", "the Node's %s annotation is key %s, the node's device has key %s: peers encrypt to a key the node does not hold",
-			annotationPublicKey, dash(keyFingerprint(ann)), dash(fp)))
+			nodeinfo.AnnotationPublicKey, dash(nodeinfo.KeyFingerprint(ann)), dash(fp)))
 	default:
-		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", annotationPublicKey))
+		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", nodeinfo.AnnotationPublicKey))
 	}
 	switch {
 	case n.PublicKey == "":
@@ -432,7 +468,7 @@ func latestLeak(n nodeEncryptionReport) (meshv1alpha1.LeakRecord, bool) {
 	return l, ok
 }
 
-func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, o auditOptions) []auditCheck {
+func auditPair(a, b nodeEncryptionReport, bClaims nodeClaims, now time.Time, o auditOptions) []auditCheck {
 	s := pairScope(a.Node, b.Node)
 	if !a.Reported {
 		return []auditCheck{
@@ -449,25 +485,25 @@ func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, 
 	}
 	p := a.Peers[i]
 	var out []auditCheck
-	// B's current key is the one its device holds; without a MeshNode,
-	// the one it published.
-	want := b.PublicKey
-	if want == "" && !b.Reported {
-		want = b.Annotations[annotationPublicKey]
+	// A's view of B must equal what B publishes (its Node's annotations,
+	// which only B's agent may write) and what B reports about itself
+	// (its MeshNode, which only B's agent may write): a view that matches
+	// one but not the other is a forgery or a split brain.
+	var reportedEP string
+	if ip, err := netip.ParseAddr(b.NodeIP); err == nil && b.ListenPort > 0 {
+		reportedEP = netip.AddrPortFrom(ip, uint16(b.ListenPort)).String()
 	}
 	var problems []string
-	switch {
-	case want == "":
+	if b.PublicKey == "" && b.Annotations[nodeinfo.AnnotationPublicKey] == "" {
 		problems = append(problems, fmt.Sprintf("%s has no public key to peer with", b.Node))
-	case p.PublicKey != want:
-		problems = append(problems, fmt.Sprintf("%s has %s with key %s, %s's key is %s", a.Node, b.Node, dash(keyFingerprint(p.PublicKey)), b.Node, dash(keyFingerprint(want))))
 	}
-	published := b.Annotations[annotationEndpoint]
-	switch {
-	case p.Endpoint == "":
+	problems = append(problems, viewProblems(a.Node, b.Node, "with", p.PublicKey,
+		b.Annotations[nodeinfo.AnnotationPublicKey], b.PublicKey, func(k string) string { return "key " + dash(nodeinfo.KeyFingerprint(k)) })...)
+	if p.Endpoint == "" {
 		problems = append(problems, fmt.Sprintf("no endpoint for %s", b.Node))
-	case published != "" && p.Endpoint != published:
-		problems = append(problems, fmt.Sprintf("endpoint %s, %s publishes %s", p.Endpoint, b.Node, published))
+	} else {
+		problems = append(problems, viewProblems(a.Node, b.Node, "at", p.Endpoint,
+			b.Annotations[nodeinfo.AnnotationEndpoint], reportedEP, func(e string) string { return "endpoint " + e })...)
 	}
 	var allowed []netip.Prefix
 	for _, s := range p.AllowedIPs {
@@ -475,22 +511,35 @@ func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, 
 			allowed = append(allowed, pr.Masked())
 		}
 	}
-	if len(bCIDRs) == 0 {
-		problems = append(problems, fmt.Sprintf("%s's pod CIDRs are unknown (no MeshNode podCIDRs, %s annotation or spec.podCIDRs)", b.Node, annotationPodCIDRs))
+	if len(bClaims.podCIDRs) == 0 {
+		problems = append(problems, fmt.Sprintf("%s's pod CIDRs are unknown (its Node has no spec.podCIDRs)", b.Node))
 	}
-	var uncovered []string
-	for _, c := range bCIDRs {
+	var uncovered, foreign []string
+	for _, c := range bClaims.podCIDRs {
 		if !slices.ContainsFunc(allowed, func(a netip.Prefix) bool { return a.Bits() <= c.Bits() && a.Contains(c.Addr()) }) {
 			uncovered = append(uncovered, c.String())
+		}
+	}
+	// Allowed IPs are the addresses A believes come from B: anything
+	// beyond B's pod CIDRs and (node-to-node) B's own addresses lets B
+	// send as someone else.
+	for _, a := range allowed {
+		ours := slices.ContainsFunc(bClaims.podCIDRs, func(c netip.Prefix) bool { return c.Bits() <= a.Bits() && c.Contains(a.Addr()) }) ||
+			(a.IsSingleIP() && slices.Contains(bClaims.addrs, a.Addr()))
+		if !ours {
+			foreign = append(foreign, a.String())
 		}
 	}
 	if len(uncovered) > 0 {
 		problems = append(problems, fmt.Sprintf("allowed IPs %s do not cover %s's pod CIDRs %s", dash(strings.Join(p.AllowedIPs, ",")), b.Node, strings.Join(uncovered, ",")))
 	}
+	if len(foreign) > 0 {
+		problems = append(problems, fmt.Sprintf("%s lets %s send from %s, which is not %s's", a.Node, b.Node, strings.Join(foreign, ","), b.Node))
+	}
 	if len(problems) > 0 {
 		out = append(out, fail(s, "peer", "%s", strings.Join(problems, "; ")))
 	} else {
-		out = append(out, pass(s, "peer", "key %s, endpoint %s, allowed IPs %s", dash(keyFingerprint(p.PublicKey)), p.Endpoint, strings.Join(p.AllowedIPs, ",")))
+		out = append(out, pass(s, "peer", "key %s, endpoint %s, allowed IPs %s", dash(nodeinfo.KeyFingerprint(p.PublicKey)), p.Endpoint, strings.Join(p.AllowedIPs, ",")))
 	}
 	switch {
 	case p.LastHandshake == nil:
@@ -502,6 +551,28 @@ func auditPair(a, b nodeEncryptionReport, bCIDRs []netip.Prefix, now time.Time, 
 		out = append(out, pass(s, "handshake", "last handshake %s ago", age(now, *p.LastHandshake)))
 	}
 	return out
+}
+
+// viewProblems compares A's view of a value of B (what) with what B
+// publishes and what B reports, either of which may be unknown (""); show
+// formats a value for the reason.
+func viewProblems(a, b, what, view, published, reported string, show func(string) string) []string {
+	badPub := published != "" && view != published
+	badRep := reported != "" && view != reported
+	switch {
+	case badPub && badRep && published == reported:
+		return []string{fmt.Sprintf("%s has %s %s %s, %s publishes and reports %s", a, b, what, show(view), b, show(published))}
+	case badPub && badRep:
+		return []string{
+			fmt.Sprintf("%s has %s %s %s, %s publishes %s", a, b, what, show(view), b, show(published)),
+			fmt.Sprintf("%s has %s %s %s, %s reports %s", a, b, what, show(view), b, show(reported)),
+		}
+	case badPub:
+		return []string{fmt.Sprintf("%s has %s %s %s, %s publishes %s", a, b, what, show(view), b, show(published))}
+	case badRep:
+		return []string{fmt.Sprintf("%s has %s %s %s, %s reports %s", a, b, what, show(view), b, show(reported))}
+	}
+	return nil
 }
 
 // activeEvidence is what one active check saw.
@@ -621,7 +692,7 @@ func podsOn(pods []corev1.Pod, cidrs []netip.Prefix) []corev1.Pod {
 func (a *activeAudit) run(ctx context.Context, r *auditReport, cs *clusterState, pods map[string][]corev1.Pod) {
 	withPods := map[string][]corev1.Pod{}
 	for i, n := range r.Nodes {
-		withPods[n.Node] = podsOn(pods[n.Node], nodePodCIDRs(n, &cs.nodes[i]))
+		withPods[n.Node] = podsOn(pods[n.Node], claimsOf(&cs.nodes[i]).podCIDRs)
 	}
 	for _, src := range r.Nodes {
 		for _, dst := range r.Nodes {

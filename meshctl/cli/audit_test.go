@@ -23,6 +23,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
@@ -89,7 +90,7 @@ func TestAuditFaults(t *testing.T) {
 		{"missing key", func(c *cluster) {
 			// The agent has no key, so it published none and nobody peers with it.
 			c.enc(3).PublicKey, c.enc(3).Fingerprint = "", ""
-			delete(c.nodes[2].Annotations, annotationPublicKey)
+			delete(c.nodes[2].Annotations, nodeinfo.AnnotationPublicKey)
 			c.dropPeer(1, 3)
 			c.dropPeer(2, 3)
 		}, []want{
@@ -104,22 +105,67 @@ func TestAuditFaults(t *testing.T) {
 		{"stale MeshNode", func(c *cluster) { c.meshNode(2).Status.Updated = ago(10 * time.Minute) }, []want{
 			{"node-2", "status-fresh", "MeshNode status is stale: last updated 10m ago at 2026-11-21T09:50:00Z, more than --stale-after 2m0s (is veil-agent running on the node?)"},
 		}},
-		{"key mismatch with the annotation", func(c *cluster) { c.nodes[0].Annotations[annotationPublicKey] = testKey(9) }, []want{
-			{"node-1", "key-published", "the Node's wireguard.veil.dev/public-key annotation is key " + keyFingerprint(testKey(9)) + ", the node's device has key " + keyFingerprint(testKey(1))},
+		{"key mismatch with the annotation", func(c *cluster) { c.nodes[0].Annotations[nodeinfo.AnnotationPublicKey] = testKey(9) }, []want{
+			{"node-1", "key-published", "the Node's wireguard.veil.dev/public-key annotation is key " + nodeinfo.KeyFingerprint(testKey(9)) + ", the node's device has key " + nodeinfo.KeyFingerprint(testKey(1))},
+			{"node-2→node-1", "peer", "node-2 has node-1 with key " + nodeinfo.KeyFingerprint(testKey(1)) + ", node-1 publishes key " + nodeinfo.KeyFingerprint(testKey(9))},
+			{"node-3→node-1", "peer", "node-3 has node-1 with key " + nodeinfo.KeyFingerprint(testKey(1)) + ", node-1 publishes key " + nodeinfo.KeyFingerprint(testKey(9))},
 		}},
 		{"peer with an old key", func(c *cluster) { c.peer(2, 1).PublicKey = testKey(8) }, []want{
-			{"node-2→node-1", "peer", "node-2 has node-1 with key " + keyFingerprint(testKey(8)) + ", node-1's key is " + keyFingerprint(testKey(1))},
+			{"node-2→node-1", "peer", "node-2 has node-1 with key " + nodeinfo.KeyFingerprint(testKey(8)) + ", node-1 publishes and reports key " + nodeinfo.KeyFingerprint(testKey(1))},
 		}},
 		{"allowed IPs miss the pod CIDR", func(c *cluster) { c.peer(1, 2).AllowedIPs = []string{"10.0.2.0/25"} }, []want{
 			{"node-1→node-2", "peer", "allowed IPs 10.0.2.0/25 do not cover node-2's pod CIDRs 10.0.2.0/24"},
 		}},
 		{"wrong endpoint", func(c *cluster) { c.peer(1, 2).Endpoint = "192.168.50.99:51820" }, []want{
-			{"node-1→node-2", "peer", "endpoint 192.168.50.99:51820, node-2 publishes 192.168.50.2:51820"},
+			{"node-1→node-2", "peer", "node-1 has node-2 at endpoint 192.168.50.99:51820, node-2 publishes and reports endpoint 192.168.50.2:51820"},
+		}},
+		// Forgeries: each view of a node must equal what the node publishes
+		// (its Node) and what it reports about itself (its MeshNode).
+		{"MeshNode and peer views forged to a key the node does not publish", func(c *cluster) {
+			c.enc(2).PublicKey = testKey(9)
+			c.peer(1, 2).PublicKey = testKey(9)
+			c.peer(3, 2).PublicKey = testKey(9)
+		}, []want{
+			{"node-2", "key-published", "annotation is key " + nodeinfo.KeyFingerprint(testKey(2))},
+			{"node-1→node-2", "peer", "node-1 has node-2 with key " + nodeinfo.KeyFingerprint(testKey(9)) + ", node-2 publishes key " + nodeinfo.KeyFingerprint(testKey(2))},
+			{"node-3→node-2", "peer", "node-3 has node-2 with key " + nodeinfo.KeyFingerprint(testKey(9)) + ", node-2 publishes key " + nodeinfo.KeyFingerprint(testKey(2))},
+		}},
+		{"a peer's key is what the node publishes but not what it reports", func(c *cluster) {
+			c.nodes[1].Annotations[nodeinfo.AnnotationPublicKey] = testKey(9)
+			c.peer(1, 2).PublicKey = testKey(9)
+		}, []want{
+			{"node-2", "key-published", "annotation is key " + nodeinfo.KeyFingerprint(testKey(9))},
+			{"node-1→node-2", "peer", "node-1 has node-2 with key " + nodeinfo.KeyFingerprint(testKey(9)) + ", node-2 reports key " + nodeinfo.KeyFingerprint(testKey(2))},
+			{"node-3→node-2", "peer", "node-3 has node-2 with key " + nodeinfo.KeyFingerprint(testKey(2)) + ", node-2 publishes key " + nodeinfo.KeyFingerprint(testKey(9))},
+		}},
+		{"endpoint the node does not report", func(c *cluster) { c.meshNode(2).Status.NodeIP = "192.168.50.77" }, []want{
+			{"node-1→node-2", "peer", "node-1 has node-2 at endpoint 192.168.50.2:51820, node-2 reports endpoint 192.168.50.77:51820"},
+			{"node-3→node-2", "peer", "node-3 has node-2 at endpoint 192.168.50.2:51820, node-2 reports endpoint 192.168.50.77:51820"},
+		}},
+		{"allowed IPs beyond the node's pod CIDRs", func(c *cluster) { c.peer(1, 2).AllowedIPs = []string{"10.0.2.0/24", "10.0.3.0/24"} }, []want{
+			{"node-1→node-2", "peer", "node-1 lets node-2 send from 10.0.3.0/24, which is not node-2's"},
+		}},
+		{"pod CIDRs forged in the MeshNode and the peers", func(c *cluster) {
+			c.meshNode(2).Status.PodCIDRs = []string{"10.0.9.0/24"}
+			c.peer(1, 2).AllowedIPs = []string{"10.0.9.0/24"}
+			c.peer(3, 2).AllowedIPs = []string{"10.0.9.0/24"}
+		}, []want{
+			{"node-1→node-2", "peer", "allowed IPs 10.0.9.0/24 do not cover node-2's pod CIDRs 10.0.2.0/24; node-1 lets node-2 send from 10.0.9.0/24, which is not node-2's"},
+			{"node-3→node-2", "peer", "allowed IPs 10.0.9.0/24 do not cover node-2's pod CIDRs 10.0.2.0/24; node-3 lets node-2 send from 10.0.9.0/24, which is not node-2's"},
+		}},
+		{"a node claims another's pod CIDR and key", func(c *cluster) {
+			c.nodes[2].Spec.PodCIDRs = append(c.nodes[2].Spec.PodCIDRs, "10.0.2.0/24")
+			c.nodes[2].Annotations[nodeinfo.AnnotationPublicKey] = testKey(2)
+		}, []want{
+			{"node-3", "key-published", "annotation is key " + nodeinfo.KeyFingerprint(testKey(2))},
+			{"node-3", "claims", "node node-3 claims pod CIDR 10.0.2.0/24, held by node node-2; node node-3 claims public key " + nodeinfo.KeyFingerprint(testKey(2)) + ", held by node node-2"},
+			{"node-1→node-3", "peer", "node-1 has node-3 with key " + nodeinfo.KeyFingerprint(testKey(3)) + ", node-3 publishes key " + nodeinfo.KeyFingerprint(testKey(2))},
+			{"node-2→node-3", "peer", "node-2 has node-3 with key " + nodeinfo.KeyFingerprint(testKey(3)) + ", node-3 publishes key " + nodeinfo.KeyFingerprint(testKey(2))},
 		}},
 		{"old key", func(c *cluster) { c.enc(2).KeyCreated = ago(100 * 24 * time.Hour) }, []want{
-			{"node-2", "key-age", "key " + keyFingerprint(testKey(2)) + " is 100d old, more than --max-key-age 2160h0m0s: rotate it (meshctl encryption rotate-key --node node-2)"},
+			{"node-2", "key-age", "key " + nodeinfo.KeyFingerprint(testKey(2)) + " is 100d old, more than --max-key-age 2160h0m0s: rotate it (meshctl encryption rotate-key --node node-2)"},
 		}},
-		{"encryption disabled", func(c *cluster) { c.enc(1).Mode = modeDisabled }, []want{
+		{"encryption disabled", func(c *cluster) { c.enc(1).Mode = meshv1alpha1.EncryptionModeDisabled }, []want{
 			{"node-1", "encryption-enabled", "encryption is disabled"},
 		}},
 		{"no MeshNode", func(c *cluster) { c.dropMeshNode(3) }, []want{

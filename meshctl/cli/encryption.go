@@ -2,9 +2,6 @@ package cli
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/base64"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"slices"
@@ -17,23 +14,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
-)
-
-// The Node annotations through which every agent publishes what its peers
-// need (agent/wireguard: AnnotationPublicKey, …). meshctl reads them without
-// importing the agent.
-const (
-	annotationPublicKey = "wireguard.veil.dev/public-key"
-	annotationEndpoint  = "wireguard.veil.dev/endpoint"
-	annotationPodCIDRs  = "wireguard.veil.dev/pod-cidrs"
-)
-
-// Encryption modes a MeshNode reports.
-const (
-	modeKernel    = "kernel"
-	modeUserspace = "userspace"
-	modeDisabled  = "disabled"
 )
 
 // defaultStaleAfter is how old a MeshNode status may be before its agent is
@@ -195,23 +177,12 @@ func metaTime(t *metav1.Time) *time.Time {
 	return &u
 }
 
-// keyFingerprint is the agent's fingerprint of a base64 public key: the
-// first 8 bytes of its SHA-256, in hex.
-func keyFingerprint(pub string) string {
-	k, err := base64.StdEncoding.DecodeString(pub)
-	if err != nil || len(k) != 32 {
-		return ""
-	}
-	sum := sha256.Sum256(k)
-	return hex.EncodeToString(sum[:8])
-}
-
 // nodeSnapshot is one node's report; node is nil for a MeshNode whose Node
 // is gone.
 func nodeSnapshot(name string, node *corev1.Node, mn *meshv1alpha1.MeshNode, nodes int, now time.Time, staleAfter time.Duration) nodeEncryptionReport {
 	r := nodeEncryptionReport{Node: name, Peers: []peerEncryptionReport{}, ExpectedPeers: max(nodes-1, 0)}
 	if node != nil {
-		for _, k := range []string{annotationPublicKey, annotationEndpoint, annotationPodCIDRs} {
+		for _, k := range []string{nodeinfo.AnnotationPublicKey, nodeinfo.AnnotationEndpoint, nodeinfo.AnnotationPodCIDRs} {
 			if v, ok := node.Annotations[k]; ok {
 				if r.Annotations == nil {
 					r.Annotations = map[string]string{}
@@ -231,20 +202,20 @@ func nodeSnapshot(name string, node *corev1.Node, mn *meshv1alpha1.MeshNode, nod
 	r.AgentVersion, r.NodeIP, r.PodCIDRs = st.AgentVersion, st.NodeIP, st.PodCIDRs
 	r.Mode, r.Interface, r.PublicKey, r.Fingerprint = e.Mode, e.Interface, e.PublicKey, e.Fingerprint
 	if r.Fingerprint == "" {
-		r.Fingerprint = keyFingerprint(e.PublicKey)
+		r.Fingerprint = nodeinfo.KeyFingerprint(e.PublicKey)
 	}
 	r.KeyCreated = metaTime(&e.KeyCreated)
 	r.ListenPort, r.StrictMode = e.ListenPort, e.StrictMode
 	r.Leaks, r.RecentLeaks, r.UnencryptedPackets = e.Leaks, e.RecentLeaks, e.UnencryptedPackets
 	for _, p := range e.Peers {
 		r.Peers = append(r.Peers, peerEncryptionReport{
-			Node: p.Node, PublicKey: p.PublicKey, Fingerprint: keyFingerprint(p.PublicKey), Endpoint: p.Endpoint,
+			Node: p.Node, PublicKey: p.PublicKey, Fingerprint: nodeinfo.KeyFingerprint(p.PublicKey), Endpoint: p.Endpoint,
 			AllowedIPs: append([]string{}, p.AllowedIPs...), LastHandshake: metaTime(p.LastHandshake),
 			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
 		})
 	}
 	slices.SortFunc(r.Peers, func(a, b peerEncryptionReport) int { return strings.Compare(a.Node, b.Node) })
-	r.Encrypted = !r.Stale && (r.Mode == modeKernel || r.Mode == modeUserspace) && r.PublicKey != ""
+	r.Encrypted = !r.Stale && (r.Mode == meshv1alpha1.EncryptionModeKernel || r.Mode == meshv1alpha1.EncryptionModeUserspace) && r.PublicKey != ""
 	return r
 }
 
@@ -274,9 +245,9 @@ func (n nodeEncryptionReport) why() string {
 		return n.Node + " has no MeshNode"
 	case n.Stale:
 		return n.Node + " is stale"
-	case n.Mode == modeDisabled || n.Mode == "":
+	case n.Mode == meshv1alpha1.EncryptionModeDisabled || n.Mode == "":
 		return n.Node + " has encryption disabled"
-	case n.Mode != modeKernel && n.Mode != modeUserspace:
+	case n.Mode != meshv1alpha1.EncryptionModeKernel && n.Mode != meshv1alpha1.EncryptionModeUserspace:
 		return fmt.Sprintf("%s has unknown mode %q", n.Node, n.Mode)
 	case n.PublicKey == "":
 		return n.Node + " has no key"
@@ -300,9 +271,9 @@ func (n nodeEncryptionReport) problems(now time.Time, staleAfter time.Duration, 
 		}
 	}
 	switch {
-	case n.Mode == modeDisabled || n.Mode == "":
+	case n.Mode == meshv1alpha1.EncryptionModeDisabled || n.Mode == "":
 		out = append(out, "encryption is disabled: pod traffic to other nodes is not encrypted")
-	case n.Mode != modeKernel && n.Mode != modeUserspace:
+	case n.Mode != meshv1alpha1.EncryptionModeKernel && n.Mode != meshv1alpha1.EncryptionModeUserspace:
 		out = append(out, fmt.Sprintf("unknown encryption mode %q", n.Mode))
 	}
 	if n.PublicKey == "" {

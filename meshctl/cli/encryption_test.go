@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	corev1 "k8s.io/api/core/v1"
@@ -21,7 +20,7 @@ import (
 	kubefake "k8s.io/client-go/kubernetes/fake"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
 	meshfake "github.com/veilmesh/veil/policy/client/clientset/versioned/fake"
 )
@@ -53,9 +52,9 @@ func healthyCluster(n int) *cluster {
 		cidr := fmt.Sprintf("10.0.%d.0/24", i)
 		c.nodes = append(c.nodes, &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: map[string]string{
-				annotationPublicKey: testKey(i),
-				annotationEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
-				annotationPodCIDRs:  cidr,
+				nodeinfo.AnnotationPublicKey: testKey(i),
+				nodeinfo.AnnotationEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
+				nodeinfo.AnnotationPodCIDRs:  cidr,
 			}},
 			Spec: corev1.NodeSpec{PodCIDR: cidr, PodCIDRs: []string{cidr}},
 		})
@@ -65,7 +64,7 @@ func healthyCluster(n int) *cluster {
 				AgentVersion: "v0.3.0", NodeIP: fmt.Sprintf("192.168.50.%d", i), PodCIDRs: []string{cidr},
 				Updated: ago(10 * time.Second),
 				Encryption: meshv1alpha1.EncryptionStatus{
-					Mode: modeUserspace, Interface: "veilwg0", PublicKey: testKey(i), Fingerprint: keyFingerprint(testKey(i)),
+					Mode: meshv1alpha1.EncryptionModeUserspace, Interface: "veilwg0", PublicKey: testKey(i), Fingerprint: nodeinfo.KeyFingerprint(testKey(i)),
 					KeyCreated: ago(30 * 24 * time.Hour), ListenPort: 51820, StrictMode: true,
 				},
 			},
@@ -183,7 +182,7 @@ func degradedCluster() *cluster {
 	c.enc(2).StrictMode = false
 	c.enc(2).UnencryptedPackets = 12
 	c.enc(3).PublicKey, c.enc(3).Fingerprint = "", ""
-	delete(c.nodes[2].Annotations, annotationPublicKey)
+	delete(c.nodes[2].Annotations, nodeinfo.AnnotationPublicKey)
 	for i := 1; i <= 5; i++ {
 		if i != 3 {
 			c.dropPeer(i, 3)
@@ -239,13 +238,13 @@ func TestEncryptionSummary(t *testing.T) {
 		}, "Encryption: WireGuard (userspace), 2/3 nodes encrypted, not strict: node-3 has no key"},
 		{"strict off, mixed modes", func() *cluster {
 			c := healthyCluster(3)
-			c.enc(1).Mode = modeKernel
+			c.enc(1).Mode = meshv1alpha1.EncryptionModeKernel
 			c.enc(2).StrictMode = false
 			return c
 		}, "Encryption: WireGuard (kernel, userspace), 3/3 nodes, not strict: node-2 has strict mode off"},
 		{"all disabled", func() *cluster {
 			c := healthyCluster(2)
-			c.enc(1).Mode, c.enc(2).Mode = modeDisabled, modeDisabled
+			c.enc(1).Mode, c.enc(2).Mode = meshv1alpha1.EncryptionModeDisabled, meshv1alpha1.EncryptionModeDisabled
 			return c
 		}, "Encryption: off, 0/2 nodes encrypted, not strict: node-1 has encryption disabled, node-2 has encryption disabled"},
 		{"no nodes", func() *cluster { return &cluster{} }, "Encryption: no nodes"},
@@ -305,27 +304,6 @@ func mustConnect(t *testing.T, c *cluster) *kubeClients {
 	return kc
 }
 
-// TestAgentContract: meshctl's copies of the agent's annotation names and
-// key fingerprint are the agent's.
-func TestAgentContract(t *testing.T) {
-	if annotationPublicKey != wireguard.AnnotationPublicKey || annotationEndpoint != wireguard.AnnotationEndpoint || annotationPodCIDRs != wireguard.AnnotationPodCIDRs {
-		t.Error("annotation names differ from agent/wireguard's")
-	}
-	k, err := wgtypes.GeneratePrivateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub := k.PublicKey()
-	if got, want := keyFingerprint(pub.String()), wireguard.Fingerprint(pub); got != want {
-		t.Errorf("keyFingerprint = %q; the agent's is %q", got, want)
-	}
-	for _, bad := range []string{"", "not base64!", base64.StdEncoding.EncodeToString([]byte("short"))} {
-		if got := keyFingerprint(bad); got != "" {
-			t.Errorf("keyFingerprint(%q) = %q; want empty", bad, got)
-		}
-	}
-}
-
 func TestShortDuration(t *testing.T) {
 	for d, want := range map[time.Duration]string{
 		0: "0s", 42 * time.Second: "42s", 5 * time.Minute: "5m", 5*time.Minute + 10*time.Second: "5m10s",
@@ -357,7 +335,7 @@ func (a *rotatingAgent) RotateKey(context.Context, *agentv1.RotateKeyRequest) (*
 	if a.err != nil {
 		return nil, a.err
 	}
-	return &agentv1.RotateKeyResponse{OldFingerprint: keyFingerprint(testKey(1)), NewFingerprint: keyFingerprint(testKey(7))}, nil
+	return &agentv1.RotateKeyResponse{OldFingerprint: nodeinfo.KeyFingerprint(testKey(1)), NewFingerprint: nodeinfo.KeyFingerprint(testKey(7))}, nil
 }
 
 func TestRotateKey(t *testing.T) {
@@ -379,7 +357,7 @@ func TestRotateKey(t *testing.T) {
 	if err := json.Unmarshal([]byte(out), &r); code != ExitOK || err != nil {
 		t.Fatalf("exit %d, %v, stdout %q, stderr %q", code, err, out, stderr)
 	}
-	if want := (rotateKeyReport{Node: "node-2", OldFingerprint: keyFingerprint(testKey(1)), NewFingerprint: keyFingerprint(testKey(7))}); r != want {
+	if want := (rotateKeyReport{Node: "node-2", OldFingerprint: nodeinfo.KeyFingerprint(testKey(1)), NewFingerprint: nodeinfo.KeyFingerprint(testKey(7))}); r != want {
 		t.Errorf("got %+v; want %+v", r, want)
 	}
 

@@ -51,6 +51,14 @@ type MeshNodeStatus struct {
 	Encryption EncryptionStatus `json:"encryption,omitempty"`
 }
 
+// Encryption modes a MeshNode reports (EncryptionStatus.Mode): the
+// WireGuard implementation that runs the node's device, or none.
+const (
+	EncryptionModeKernel    = "kernel"
+	EncryptionModeUserspace = "userspace"
+	EncryptionModeDisabled  = "disabled"
+)
+
 // EncryptionStatus is a node's transparent encryption state.
 type EncryptionStatus struct {
 	// Mode is "kernel" or "userspace" (the WireGuard implementation), or

@@ -1,0 +1,251 @@
+package daemon
+
+import (
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/veilmesh/veil/agent/config"
+	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
+	"github.com/veilmesh/veil/policy/identity"
+)
+
+// agentNode is a Node as kubelet and the node's agent leave it.
+func agentNode(t *testing.T, name string, created int64, podCIDR, endpoint string, internalIPs ...string) *corev1.Node {
+	t.Helper()
+	n := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name, CreationTimestamp: metav1.Unix(created, 0)},
+		Spec:       corev1.NodeSpec{PodCIDR: podCIDR, PodCIDRs: []string{podCIDR}},
+	}
+	for _, ip := range internalIPs {
+		n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip})
+	}
+	if endpoint != "" {
+		k, err := wgtypes.GeneratePrivateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.Annotations = wireguard.Annotations(k.PublicKey(), netip.MustParseAddrPort(endpoint), []netip.Prefix{netip.MustParsePrefix(podCIDR)})
+	}
+	return n
+}
+
+func testDaemon(t *testing.T, self string, selfIP string) *Daemon {
+	t.Helper()
+	c, err := policy.New(policy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := config.Default()
+	cfg.NodeName = self
+	return &Daemon{cfg: cfg, log: slog.New(slog.DiscardHandler), compiler: c, nodeIP: netip.MustParseAddr(selfIP),
+		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, clusterCIDRs: []netip.Prefix{netip.MustParsePrefix(cfg.ClusterCIDR)},
+		events: record.NewFakeRecorder(16)}
+}
+
+// A node whose agent runs with --node-ip on its second InternalIP: the
+// ipcache must flag its pods as behind the tunnel the peer list built, and
+// forward toward the address the tunnel uses.
+func TestTunnelFlagWithSeveralInternalIPsAndExplicitEndpoint(t *testing.T) {
+	d := testDaemon(t, "self", "10.99.0.1")
+	nodes := []*corev1.Node{
+		agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1"),
+		agentNode(t, "n1", 2, "10.244.1.0/24", "10.98.0.2:51871", "10.99.0.2", "10.98.0.2"),
+	}
+	for _, n := range nodes {
+		d.compiler.UpsertNode(n)
+	}
+	d.compiler.UpsertPod(&corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "a"},
+		Spec:       corev1.PodSpec{NodeName: "n1"},
+		Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.244.1.5", PodIPs: []corev1.PodIP{{IP: "10.244.1.5"}}},
+	})
+	peers, errs := wireguard.PeersFromNodes(d.resolveNodes(nodes), "self", false)
+	if len(errs) != 0 || len(peers) != 1 {
+		t.Fatalf("peers %v, errors %v", peers, errs)
+	}
+	d.recordTunnels(peers)
+	want := d.wantIPCache(d.resolveNodes(nodes))
+
+	endpoint := netip.MustParseAddr("10.98.0.2")
+	for _, p := range []string{"10.244.1.0/24", "10.244.1.5/32"} {
+		e, ok := want[netip.MustParsePrefix(p)]
+		if !ok {
+			t.Errorf("ipcache has no entry for %s: %v", p, want)
+			continue
+		}
+		if e.Kind&datapath.Tunnel == 0 {
+			t.Errorf("ipcache %s = %+v: not flagged as tunnelled, though n1 is a peer", p, e)
+		}
+		if e.NodeIP != endpoint {
+			t.Errorf("ipcache %s forwards to %s, want the tunnel endpoint %s", p, e.NodeIP, endpoint)
+		}
+	}
+	for _, ip := range []string{"10.99.0.2/32", "10.98.0.2/32"} {
+		if e := want[netip.MustParsePrefix(ip)]; e.Identity != identity.RemoteNode {
+			t.Errorf("ipcache %s = %+v, want remote-node", ip, e)
+		}
+	}
+}
+
+// nodeLister serves nodes the way the informer's lister does.
+func nodeLister(t *testing.T, nodes ...*corev1.Node) corelisters.NodeLister {
+	t.Helper()
+	idx := cache.NewIndexer(cache.MetaNamespaceKeyFunc, cache.Indexers{})
+	for _, n := range nodes {
+		if err := idx.Add(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return corelisters.NewNodeLister(idx)
+}
+
+// A node that claims another node's pod CIDR, this node's address, a range
+// outside the cluster CIDR or another node's key is reported three ways: a
+// Warning Event on the claiming Node that names the owner, the
+// veil_node_claim_conflicts metric, and (once per conflict) a log line.
+func TestClaimConflictsAreReported(t *testing.T) {
+	d := testDaemon(t, "self", "10.99.0.1")
+	self := agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1")
+	victim := agentNode(t, "victim", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2")
+	mallory := agentNode(t, "mallory", 3, "10.244.1.0/24", "10.99.0.3:51871", "10.99.0.3", "10.99.0.1")
+	mallory.Spec.PodCIDRs = append(mallory.Spec.PodCIDRs, "192.168.7.0/24")
+	mallory.Annotations[nodeinfo.AnnotationPublicKey] = victim.Annotations[nodeinfo.AnnotationPublicKey]
+	d.nodes = nodeLister(t, self, victim, mallory)
+	rec := record.NewFakeRecorder(16)
+	d.events = rec
+	d.kube = kubefake.NewClientset(self, victim, mallory)
+	d.metrics = newAgentMetrics(d)
+
+	for range 2 { // the second sync reports nothing new
+		if err := d.syncNodes(t.Context(), victim.Name, victim); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var events []string
+	for len(rec.Events) > 0 {
+		events = append(events, <-rec.Events)
+	}
+	for _, want := range []string{
+		"Warning VeilClaimRefused node mallory claims pod CIDR 10.244.1.0/24, held by node victim",
+		"Warning VeilClaimRefused node mallory claims pod CIDR 192.168.7.0/24 outside the cluster CIDR",
+		"Warning VeilClaimRefused node mallory claims address 10.99.0.1, held by node self",
+		"Warning VeilClaimRefused node mallory claims public key " + nodeinfo.KeyFingerprint(victim.Annotations[nodeinfo.AnnotationPublicKey]) + ", held by node victim",
+	} {
+		if !slices.Contains(events, want) {
+			t.Errorf("no event %q in %q", want, events)
+		}
+	}
+	if len(events) != 4 {
+		t.Errorf("%d events, want 4 (each conflict once): %q", len(events), events)
+	}
+
+	mfs, err := d.metrics.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, mf := range mfs {
+		if mf.GetName() != "veil_node_claim_conflicts" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			got = append(got, l["node"]+" "+l["kind"]+" "+l["owner"])
+		}
+	}
+	slices.Sort(got)
+	want := []string{"mallory address self", "mallory pod CIDR ", "mallory pod CIDR victim", "mallory public key victim"}
+	if !slices.Equal(got, want) {
+		t.Errorf("veil_node_claim_conflicts series %q; want %q", got, want)
+	}
+
+	// A kubelet heartbeat changes nothing Veil reads: no new resolution.
+	beat := victim.DeepCopy()
+	beat.Status.Conditions = []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}
+	if !d.claimsUnchanged(beat.Name, beat) {
+		t.Error("a status condition change counts as a change of claims")
+	}
+	moved := victim.DeepCopy()
+	moved.Status.Addresses = append(moved.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: "10.98.0.2"})
+	if d.claimsUnchanged(moved.Name, moved) {
+		t.Error("a new InternalIP does not count as a change of claims")
+	}
+
+	// The claims are gone with their node: so are the series.
+	d.nodes = nodeLister(t, self, victim)
+	if err := d.syncNodes(t.Context(), mallory.Name, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(collector{d}, "veil_node_claim_conflicts"); n != 0 {
+		t.Errorf("%d conflict series after the conflicts ended", n)
+	}
+}
+
+// The agent puts its annotations back when anyone changes them.
+func TestOwnAnnotationsAreReasserted(t *testing.T) {
+	d := testDaemon(t, "self", "10.99.0.1")
+	d.cfg.Encryption = "wireguard"
+	d.cfg.WireGuardPort = 51871
+	d.podCIDR = netip.MustParsePrefix("10.244.0.0/24")
+	k, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.pub = k.PublicKey()
+	self := agentNode(t, "self", 1, "10.244.0.0/24", "", "10.99.0.1")
+	self.Annotations = d.wantAnnotations()
+	kube := kubefake.NewClientset(self)
+	d.kube, d.events = kube, record.NewFakeRecorder(4)
+
+	if err := d.reassertAnnotations(t.Context(), self); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(kube.Actions()); n != 0 {
+		t.Fatalf("annotations as published: %d API calls, want none", n)
+	}
+
+	forged := self.DeepCopy()
+	other, err := wgtypes.GeneratePrivateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	forged.Annotations[nodeinfo.AnnotationPublicKey] = other.PublicKey().String()
+	delete(forged.Annotations, nodeinfo.AnnotationEndpoint)
+	if _, err := kube.CoreV1().Nodes().Update(t.Context(), forged, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.reassertAnnotations(t.Context(), forged); err != nil {
+		t.Fatal(err)
+	}
+	got, err := kube.CoreV1().Nodes().Get(t.Context(), "self", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range d.wantAnnotations() {
+		if got.Annotations[k] != v {
+			t.Errorf("after re-assertion %s = %q; want %q", k, got.Annotations[k], v)
+		}
+	}
+	if ev := <-d.events.(*record.FakeRecorder).Events; !strings.Contains(ev, reasonAnnotationsReset) {
+		t.Errorf("event %q; want %s", ev, reasonAnnotationsReset)
+	}
+}
