@@ -45,6 +45,22 @@ func lineInt(p *netns.Proc, prefix string, i int) int64 {
 	return n
 }
 
+// ended reports whether either helper printed "done" within wait.
+func ended(wait time.Duration, ps ...*netns.Proc) bool {
+	deadline := time.Now().Add(wait)
+	for {
+		for _, p := range ps {
+			if p.LastLine("done") != "" {
+				return true
+			}
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // onlyAllowed is a policy oracle for EvictFlows: a connection is revoked
 // unless it was opened along one of the allowed flows.
 func onlyAllowed(allowed ...FlowKey) func(FlowKey) bool {
@@ -99,7 +115,9 @@ func TestPrivilegedEvictKeepsIsolatedClient(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if n != 2 {
+			// The transfer may have just ended (its sockets close after
+			// the helpers print "done", which reaches us a little later).
+			if n != 2 && !ended(300*time.Millisecond, src, sink) {
 				t.Fatalf("after %d re-checks, accelerated sockets = %d, want 2", i+1, n)
 			}
 			accelerated = true
