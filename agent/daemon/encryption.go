@@ -264,6 +264,14 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 	}
 	sort.Slice(enc.Peers, func(i, j int) bool { return enc.Peers[i].Node < enc.Peers[j].Node })
 	enc.PeerCount = int32(len(enc.Peers))
+	if d.cfg.StrictMode {
+		if enc.GuardedDevices, err = d.dp.GuardedDevices(); err != nil {
+			return enc, err
+		}
+		if enc.UnguardedDevices, err = d.dp.UnguardedDevices(); err != nil {
+			return enc, err
+		}
+	}
 	leaks, err := d.dp.Leaks()
 	if err != nil {
 		return enc, err

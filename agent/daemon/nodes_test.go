@@ -249,3 +249,42 @@ func TestOwnAnnotationsAreReasserted(t *testing.T) {
 		t.Errorf("event %q; want %s", ev, reasonAnnotationsReset)
 	}
 }
+
+// Issue 10, item 7: every address of this node is the host, so a kubelet
+// probe from a second address is not judged as the world.
+func TestOwnAddressesAreHost(t *testing.T) {
+	d := testDaemon(t, "self", "10.99.0.1")
+	nodes := []*corev1.Node{agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1", "172.16.0.1")}
+	want := d.wantIPCache(d.resolveNodes(nodes))
+	for _, ip := range []string{"10.99.0.1/32", "172.16.0.1/32"} {
+		if e := want[netip.MustParsePrefix(ip)]; e.Identity != identity.Host {
+			t.Errorf("ipcache %s = %+v, want host", ip, e)
+		}
+	}
+}
+
+// Issue 11: in strict mode a pod's traffic to another node's address must
+// go through the tunnel, so a peer's own addresses are among its allowed IPs
+// and marked tunnelled in the ipcache; without strict mode (and without
+// node-to-node encryption) they are neither.
+func TestStrictModeTunnelsPeerNodeAddresses(t *testing.T) {
+	for _, strict := range []bool{false, true} {
+		d := testDaemon(t, "self", "10.99.0.1")
+		d.cfg.StrictMode = strict
+		nodes := []*corev1.Node{
+			agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1"),
+			agentNode(t, "n1", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2"),
+		}
+		c := d.resolveNodes(nodes)
+		peers, errs := wireguard.PeersFromNodes(c, "self", d.peerNodeAddrs())
+		if len(errs) != 0 || len(peers) != 1 {
+			t.Fatalf("peers %v, errors %v", peers, errs)
+		}
+		d.recordTunnels(peers)
+		hasNode := slices.Contains(peers[0].AllowedIPs, netip.MustParsePrefix("10.99.0.2/32"))
+		tunnelled := d.wantIPCache(c)[netip.MustParsePrefix("10.99.0.2/32")].Kind&datapath.Tunnel != 0
+		if hasNode != strict || tunnelled != strict {
+			t.Errorf("strict=%v: node address in allowed IPs %v, tunnelled in the ipcache %v; want both %v", strict, hasNode, tunnelled, strict)
+		}
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/vishvananda/netlink"
@@ -22,25 +23,9 @@ const guardPrefix = "netdev_"
 // Without strict mode every guard is removed. Call it again when devices
 // change; it is idempotent.
 func (d *Datapath) GuardDevices() error {
-	links, err := netlink.LinkList()
+	want, err := d.guardCandidates()
 	if err != nil {
-		return fmt.Errorf("list devices to guard: %w", err)
-	}
-	pods := map[int]bool{}
-	if eps, err := d.Endpoints(); err == nil {
-		for _, ep := range eps {
-			pods[ep.Ifindex] = true
-		}
-	}
-	want := map[string]int{}
-	for _, l := range links {
-		a := l.Attrs()
-		switch {
-		case a.Flags&net.FlagLoopback != 0, a.Index == d.wgIfindex, pods[a.Index],
-			d.cfg.PodDevice != nil && d.cfg.PodDevice(a.Name):
-			continue
-		}
-		want[a.Name] = a.Index
+		return err
 	}
 	// Pin names write dots as dashes (linkPinName): compare in that form.
 	pinned := make(map[string]int, len(want))
@@ -73,6 +58,55 @@ func (d *Datapath) GuardDevices() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// guardCandidates are the devices that could carry a pod's packet to another
+// node, by name.
+func (d *Datapath) guardCandidates() (map[string]int, error) {
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("list devices to guard: %w", err)
+	}
+	pods := map[int]bool{}
+	if eps, err := d.Endpoints(); err == nil {
+		for _, ep := range eps {
+			pods[ep.Ifindex] = true
+		}
+	}
+	want := map[string]int{}
+	for _, l := range links {
+		a := l.Attrs()
+		switch {
+		case a.Flags&net.FlagLoopback != 0, a.Index == d.wgIfindex, pods[a.Index],
+			d.cfg.PodDevice != nil && d.cfg.PodDevice(a.Name):
+			continue
+		}
+		want[a.Name] = a.Index
+	}
+	return want, nil
+}
+
+// UnguardedDevices lists the devices that lead off the node and that the
+// strict-mode guard does not hold (a device added since the last
+// GuardDevices, or one the guard could not attach to): ways around the
+// tunnel, which the encryption audit reports.
+func (d *Datapath) UnguardedDevices() ([]string, error) {
+	want, err := d.guardCandidates()
+	if err != nil {
+		return nil, err
+	}
+	guarded, err := d.GuardedDevices()
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for name := range want {
+		if !slices.Contains(guarded, strings.ReplaceAll(name, ".", "-")) {
+			out = append(out, name)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
 }
 
 // GuardedDevices lists the devices whose egress the strict-mode guard holds.

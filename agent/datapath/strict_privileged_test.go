@@ -168,6 +168,15 @@ func TestPrivilegedStrictModeSecondDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 	tn.n1.Underlay, tn.n1.UnderlayIP, tn.n2.Underlay, tn.n2.UnderlayIP = under1, underIP1, under2, underIP2
+	// Until the agent guards it, the audit sees the new device as a way
+	// around the tunnel.
+	var unguarded []string
+	if err := tn.n1.Do(func() (err error) { unguarded, err = tn.dp1.UnguardedDevices(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(unguarded, "nic2a") {
+		t.Errorf("unguarded devices before GuardDevices = %v; want nic2a", unguarded)
+	}
 	if err := tn.n1.Do(tn.dp1.GuardDevices); err != nil {
 		t.Fatalf("guard devices: %v", err)
 	}
@@ -177,6 +186,12 @@ func TestPrivilegedStrictModeSecondDevice(t *testing.T) {
 	}
 	if !slices.Contains(guarded, "nic2a") || !slices.Contains(guarded, "und1") {
 		t.Errorf("guarded devices = %v; want und1 and nic2a", guarded)
+	}
+	if err := tn.n1.Do(func() (err error) { unguarded, err = tn.dp1.UnguardedDevices(); return err }); err != nil {
+		t.Fatal(err)
+	}
+	if len(unguarded) != 0 {
+		t.Errorf("unguarded devices after GuardDevices = %v; want none", unguarded)
 	}
 	if _, err := tn.n1.Run("ip", "route", "replace", "10.244.2.0/24", "via", "10.98.0.2", "dev", "nic2a"); err != nil {
 		t.Fatal(err)

@@ -69,6 +69,9 @@ with its scope (a node, or an ordered node pair A→B), result and reason:
                          to the established owner; both nodes are named)
     key-age              the key is younger than --max-key-age
     strict-mode          strict mode is on (fail closed)
+    guard                in strict mode, every device that leads off the node
+                         has the guard that drops pod plaintext (a NIC or VLAN
+                         without it would be a way around the tunnel)
     leaks                strict mode dropped no pod packet headed out unencrypted
     unencrypted-packets  no pod packet was sent to another node unencrypted
   per ordered node pair A→B
@@ -77,7 +80,7 @@ with its scope (a node, or an ordered node pair A→B), result and reason:
                          what B reports about itself (its MeshNode); A's
                          allowed IPs for B cover B's spec.podCIDRs and hold
                          nothing else (but B's InternalIPs, with
-                         node-to-node encryption)
+                         node-to-node encryption or strict mode)
     handshake            A's last handshake with B is within --max-handshake-age
     active               (--active) a marker sent from a pod on A to a pod on
                          B arrives through the tunnel and is never seen in the
@@ -251,7 +254,7 @@ func fail(scope, check, format string, args ...any) auditCheck {
 func pairScope(a, b string) string { return a + "→" + b }
 
 // The node checks, in report order.
-var nodeChecks = []string{"status-fresh", "encryption-enabled", "key-present", "key-published", "claims", "key-age", "strict-mode", "leaks", "unencrypted-packets"}
+var nodeChecks = []string{"status-fresh", "encryption-enabled", "key-present", "key-published", "claims", "key-age", "strict-mode", "guard", "leaks", "unencrypted-packets"}
 
 func newAuditReport(cs *clusterState, now time.Time, o auditOptions) auditReport {
 	nodes, _ := snapshots(cs, now, o.staleAfter)
@@ -427,6 +430,15 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	}
 	if n.StrictMode {
 		out = append(out, pass(s, "strict-mode", "on"))
+		switch {
+		case len(n.UnguardedDevices) > 0:
+			out = append(out, fail(s, "guard", "%s lead%s off the node without the strict-mode guard: pod packets routed that way would not be stopped",
+				strings.Join(n.UnguardedDevices, ", "), map[bool]string{true: "s", false: ""}[len(n.UnguardedDevices) == 1]))
+		case len(n.GuardedDevices) == 0:
+			out = append(out, fail(s, "guard", "the agent reports no guarded device (an agent older than the guard, or none attached)"))
+		default:
+			out = append(out, pass(s, "guard", "on %s", strings.Join(n.GuardedDevices, ", ")))
+		}
 	} else {
 		out = append(out, fail(s, "strict-mode", "strict mode is off: pod traffic to a node without a working tunnel would leave unencrypted"))
 	}

@@ -64,6 +64,12 @@ func TestAuditFaults(t *testing.T) {
 		{"strict mode off", func(c *cluster) { c.enc(2).StrictMode = false }, []want{
 			{"node-2", "strict-mode", "strict mode is off: pod traffic to a node without a working tunnel would leave unencrypted"},
 		}},
+		{"unguarded device", func(c *cluster) { c.enc(2).UnguardedDevices = []string{"eth1.100"} }, []want{
+			{"node-2", "guard", "eth1.100 leads off the node without the strict-mode guard: pod packets routed that way would not be stopped"},
+		}},
+		{"no guard reported", func(c *cluster) { c.enc(3).GuardedDevices = nil }, []want{
+			{"node-3", "guard", "the agent reports no guarded device (an agent older than the guard, or none attached)"},
+		}},
 		{"missing peer", func(c *cluster) { c.dropPeer(1, 3) }, []want{
 			{"node-1→node-3", "peer", "node-3 is not a peer of node-1"},
 			{"node-1→node-3", "handshake", "not checked: node-3 is not a peer of node-1"},
@@ -175,6 +181,7 @@ func TestAuditFaults(t *testing.T) {
 			{"node-3", "key-published", "not checked: no MeshNode"},
 			{"node-3", "key-age", "not checked: no MeshNode"},
 			{"node-3", "strict-mode", "not checked: no MeshNode"},
+			{"node-3", "guard", "not checked: no MeshNode"},
 			{"node-3", "leaks", "not checked: no MeshNode"},
 			{"node-3", "unencrypted-packets", "not checked: no MeshNode"},
 			{"node-3→node-1", "peer", "not checked: node-3 has no MeshNode"},

@@ -153,6 +153,8 @@ type nodeEncryptionReport struct {
 	Leaks              int64                     `json:"leaks"`
 	RecentLeaks        []meshv1alpha1.LeakRecord `json:"recentLeaks,omitempty"`
 	UnencryptedPackets int64                     `json:"unencryptedPackets"`
+	GuardedDevices     []string                  `json:"guardedDevices,omitempty"`
+	UnguardedDevices   []string                  `json:"unguardedDevices,omitempty"`
 	// Annotations are the node's published WireGuard annotations.
 	Annotations map[string]string `json:"annotations,omitempty"`
 }
@@ -207,6 +209,7 @@ func nodeSnapshot(name string, node *corev1.Node, mn *meshv1alpha1.MeshNode, nod
 	r.KeyCreated = metaTime(&e.KeyCreated)
 	r.ListenPort, r.StrictMode = e.ListenPort, e.StrictMode
 	r.Leaks, r.RecentLeaks, r.UnencryptedPackets = e.Leaks, e.RecentLeaks, e.UnencryptedPackets
+	r.GuardedDevices, r.UnguardedDevices = e.GuardedDevices, e.UnguardedDevices
 	for _, p := range e.Peers {
 		r.Peers = append(r.Peers, peerEncryptionReport{
 			Node: p.Node, PublicKey: p.PublicKey, Fingerprint: nodeinfo.KeyFingerprint(p.PublicKey), Endpoint: p.Endpoint,

@@ -66,6 +66,7 @@ func healthyCluster(n int) *cluster {
 				Encryption: meshv1alpha1.EncryptionStatus{
 					Mode: meshv1alpha1.EncryptionModeUserspace, Interface: "veilwg0", PublicKey: testKey(i), Fingerprint: nodeinfo.KeyFingerprint(testKey(i)),
 					KeyCreated: ago(30 * 24 * time.Hour), ListenPort: 51820, StrictMode: true,
+					GuardedDevices: []string{"eth0"},
 				},
 			},
 		}

@@ -99,6 +99,15 @@ type EncryptionStatus struct {
 	// clear (only without strict mode, when a node has no tunnel).
 	// +optional
 	UnencryptedPackets int64 `json:"unencryptedPackets,omitempty"`
+	// GuardedDevices are the devices whose egress the strict-mode guard
+	// holds, and UnguardedDevices those that lead off the node without it
+	// (ways around the tunnel).
+	// +optional
+	// +kubebuilder:validation:MaxItems=64
+	GuardedDevices []string `json:"guardedDevices,omitempty"`
+	// +optional
+	// +kubebuilder:validation:MaxItems=64
+	UnguardedDevices []string `json:"unguardedDevices,omitempty"`
 }
 
 // PeerStatus is one WireGuard peer of a node.

@@ -192,6 +192,16 @@ func (in *EncryptionStatus) DeepCopyInto(out *EncryptionStatus) {
 			(*in)[i].DeepCopyInto(&(*out)[i])
 		}
 	}
+	if in.GuardedDevices != nil {
+		in, out := &in.GuardedDevices, &out.GuardedDevices
+		*out = make([]string, len(*in))
+		copy(*out, *in)
+	}
+	if in.UnguardedDevices != nil {
+		in, out := &in.UnguardedDevices, &out.UnguardedDevices
+		*out = make([]string, len(*in))
+		copy(*out, *in)
+	}
 	return
 }
 
