@@ -243,6 +243,11 @@ func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool)
 		gone[c] = true
 	}
 	for c := range gone {
+		// Sockhash keys name no protocol: a UDP flow must not revoke a TCP
+		// connection between the same ports.
+		if c.proto != policy.ProtoTCP {
+			continue
+		}
 		for _, k := range sockKeys(c) {
 			if err := d.revokeSocket(k); err != nil {
 				return err
