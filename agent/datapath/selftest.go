@@ -14,7 +14,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -32,7 +31,7 @@ import (
 // pinned state are not involved, and no other cgroup is touched.
 
 // socketHelperEnv marks a process started by the self-test to create its
-// sockets inside the test cgroup.
+// sockets inside the test cgroup, and names that cgroup.
 const socketHelperEnv = "VEIL_DATAPATH_SOCKET_HELPER"
 
 // MaybeRunSocketHelper serves the acceleration self-test and exits, when
@@ -40,20 +39,26 @@ const socketHelperEnv = "VEIL_DATAPATH_SOCKET_HELPER"
 // Every binary that loads a Datapath with acceleration calls it first thing
 // in main (a process is the only way to create sockets in another cgroup).
 func MaybeRunSocketHelper() {
-	if os.Getenv(socketHelperEnv) == "" {
+	cg := os.Getenv(socketHelperEnv)
+	if cg == "" {
 		return
 	}
-	if err := socketHelper(); err != nil {
+	if err := socketHelper(cg); err != nil {
 		fmt.Fprintf(os.Stderr, "socket helper: %v\n", err)
 		os.Exit(1)
 	}
 	os.Exit(0)
 }
 
-// socketHelper connects a TCP pair on loopback, so that both sockets belong
-// to this process's cgroup and join the test's sockhash, and sends both to
-// the parent over file descriptor 3.
-func socketHelper() error {
+// socketHelper joins cgroup cg, connects a TCP pair on loopback there, so
+// that both sockets join the test's sockhash, and sends both to the parent
+// over file descriptor 3. The process moves itself (rather than being
+// started in the cgroup with clone3, which container runtimes' default
+// seccomp profiles refuse).
+func socketHelper(cg string) error {
+	if err := os.WriteFile(filepath.Join(cg, "cgroup.procs"), []byte("0"), 0); err != nil {
+		return fmt.Errorf("join test cgroup: %w", err)
+	}
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -237,7 +242,7 @@ func ownCgroup(root string) (string, error) {
 }
 
 // socketsInCgroup returns both ends of a TCP connection on loopback whose
-// sockets were created in cgroup cg, by a helper process started in it.
+// sockets were created in cgroup cg, by a helper process that joined it.
 func socketsInCgroup(ctx context.Context, cg string) (net.Conn, net.Conn, error) {
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -246,23 +251,17 @@ func socketsInCgroup(ctx context.Context, cg string) (net.Conn, net.Conn, error)
 	ours, theirs := os.NewFile(uintptr(fds[0]), "self-test control"), os.NewFile(uintptr(fds[1]), "self-test control")
 	defer ours.Close()
 	defer theirs.Close()
-	cgDir, err := os.Open(cg)
-	if err != nil {
-		return nil, nil, fmt.Errorf("open test cgroup: %w", err)
-	}
-	defer cgDir.Close()
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, nil, fmt.Errorf("find own executable: %w", err)
 	}
 	cmd := exec.CommandContext(ctx, exe)
-	cmd.Env = append(os.Environ(), socketHelperEnv+"=1")
+	cmd.Env = append(os.Environ(), socketHelperEnv+"="+cg)
 	cmd.ExtraFiles = []*os.File{theirs}
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cgDir.Fd())}
 	var stderr limitedBuffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
-		return nil, nil, fmt.Errorf("start self-test helper in %s: %w", cg, err)
+		return nil, nil, fmt.Errorf("start self-test helper: %w", err)
 	}
 	theirs.Close()
 	waited := make(chan error, 1)
