@@ -348,6 +348,7 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 		PodDevice:         podnet.IsHostVethName,
 		Logger:            d.log,
 	}
+	cfg.SkipAccelerationSelfTest = d.cfg.SkipAccelSelfTest
 	// Validated at start (config.Validate): the range strict mode refuses
 	// to send unknown pod addresses of.
 	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
@@ -359,6 +360,11 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	dp, err := datapath.Load(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	// The datapath logged it; status and readyz keep showing why
+	// acceleration is off, or runs untested.
+	if _, reason := dp.Acceleration(); reason != "" {
+		d.setDegraded("socket-acceleration", reason)
 	}
 	return dp, nil
 }

@@ -35,6 +35,9 @@ import (
 
 func TestMain(m *testing.M) {
 	netns.MaybeRunHelper()
+	// An agent started here with acceleration re-executes this binary for
+	// its self-test.
+	datapath.MaybeRunSocketHelper()
 	maybeRunAgent()
 	os.Exit(m.Run())
 }

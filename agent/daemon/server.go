@@ -88,7 +88,7 @@ func (s *apiServer) Status(ctx context.Context, _ *agentv1.StatusRequest) (*agen
 		{Name: "to-pod", AttachPoint: "tc egress of pod veths", Attached: int32(len(eps))},
 		{Name: "from-netdev", AttachPoint: "tc ingress of the underlay", Attached: 1},
 	}
-	if d.cfg.CgroupRoot != "" {
+	if on, _ := d.dp.Acceleration(); on {
 		resp.Programs = append(resp.Programs,
 			&agentv1.Program{Name: "sockops", AttachPoint: "cgroup " + d.cfg.CgroupRoot, Attached: 1},
 			&agentv1.Program{Name: "sk_msg", AttachPoint: "veil_sockhash", Attached: 1})

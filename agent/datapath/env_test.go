@@ -22,6 +22,7 @@ import (
 
 func TestMain(m *testing.M) {
 	netns.MaybeRunHelper()
+	MaybeRunSocketHelper()
 	maybeRunLoader()
 	os.Exit(m.Run())
 }
@@ -376,6 +377,8 @@ func maybeRunLoader() {
 		fmt.Fprintln(os.Stderr, "loader:", err)
 		os.Exit(1)
 	}
+	on, reason := dp.Acceleration()
+	fmt.Printf("acceleration %v %s\n", on, reason)
 	fmt.Println("ready")
 	select {}
 }

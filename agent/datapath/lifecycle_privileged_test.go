@@ -88,7 +88,7 @@ func TestPrivilegedPolicyMapFullFailsClosed(t *testing.T) {
 }
 
 // Opting a pod out of acceleration while it has accelerated connections
-// takes them out of the sockhash: the rest of their data goes through TCP
+// moves them to the TCP path: the rest of their data goes through TCP
 // (where TC policy sees it), and nothing is lost on the way.
 func TestPrivilegedAccelerationOptOutEvictsSockets(t *testing.T) {
 	tn := newTestNet(t, "optev", netOpts{sockets: true})
@@ -96,10 +96,7 @@ func TestPrivilegedAccelerationOptOutEvictsSockets(t *testing.T) {
 		t.Fatal(err)
 	}
 	const size = 48 << 20
-	// Paced, so the receiver keeps up: bytes still queued on a socket's
-	// sk_msg ingress queue when it leaves the sockhash are purged by the
-	// kernel (see UpsertEndpoint), which only the sk_msg program could
-	// prevent by stopping redirects before the eviction.
+	// Paced, so the transfer is still running when the pod opts out.
 	src, sink := transfer(t, tn, 5005, size, time.Millisecond)
 	ctx := ctxT(t, 20*time.Second)
 	for progress(sink) < 4<<20 {

@@ -117,6 +117,13 @@ type sockPolicyValue struct {
 	Bytes   uint64
 }
 
+type sockSockFlags uint32
+
+const (
+	sockSockFlagsSOCK_F_ACTIVE  sockSockFlags = 1
+	sockSockFlagsSOCK_F_REVOKED sockSockFlags = 2
+)
+
 type sockSockKey struct {
 	_     structs.HostLayout
 	Sip   uint32
@@ -125,23 +132,31 @@ type sockSockKey struct {
 	Dport uint32
 }
 
+type sockSockState struct {
+	_       structs.HostLayout
+	Flags   uint32
+	TcpPath uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sockMapVeilCidrs     = "veil_cidrs"
-	sockMapVeilCt        = "veil_ct"
-	sockMapVeilEndpoints = "veil_endpoints"
-	sockMapVeilEvents    = "veil_events"
-	sockMapVeilFrags     = "veil_frags"
-	sockMapVeilIpcache   = "veil_ipcache"
-	sockMapVeilLeaks     = "veil_leaks"
-	sockMapVeilMetrics   = "veil_metrics"
-	sockMapVeilPolicy    = "veil_policy"
-	sockMapVeilSockhash  = "veil_sockhash"
-	sockMapVeilSockstats = "veil_sockstats"
-	sockProgVeilSkMsg    = "veil_sk_msg"
-	sockProgVeilSockops  = "veil_sockops"
+	sockMapVeilCidrs       = "veil_cidrs"
+	sockMapVeilCt          = "veil_ct"
+	sockMapVeilEndpoints   = "veil_endpoints"
+	sockMapVeilEvents      = "veil_events"
+	sockMapVeilFrags       = "veil_frags"
+	sockMapVeilIpcache     = "veil_ipcache"
+	sockMapVeilLeaks       = "veil_leaks"
+	sockMapVeilMetrics     = "veil_metrics"
+	sockMapVeilPolicy      = "veil_policy"
+	sockMapVeilSockhash    = "veil_sockhash"
+	sockMapVeilSockstate   = "veil_sockstate"
+	sockMapVeilSockstats   = "veil_sockstats"
+	sockProgVeilSkMsg      = "veil_sk_msg"
+	sockProgVeilSockops    = "veil_sockops"
+	sockVarUnusedSockFlags = "unused_sock_flags"
 )
 
 // loadSock returns the embedded CollectionSpec for sock.
@@ -204,6 +219,7 @@ type sockMapSpecs struct {
 	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstate *ebpf.MapSpec `ebpf:"veil_sockstate"`
 	VeilSockstats *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
@@ -211,6 +227,7 @@ type sockMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockVariableSpecs struct {
+	UnusedSockFlags *ebpf.VariableSpec `ebpf:"unused_sock_flags"`
 }
 
 // sockObjects contains all objects after they have been loaded into the kernel.
@@ -243,6 +260,7 @@ type sockMaps struct {
 	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
 	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstate *ebpf.Map `ebpf:"veil_sockstate"`
 	VeilSockstats *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
@@ -258,6 +276,7 @@ func (m *sockMaps) Close() error {
 		m.VeilMetrics,
 		m.VeilPolicy,
 		m.VeilSockhash,
+		m.VeilSockstate,
 		m.VeilSockstats,
 	)
 }
@@ -266,6 +285,7 @@ func (m *sockMaps) Close() error {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockVariables struct {
+	UnusedSockFlags *ebpf.Variable `ebpf:"unused_sock_flags"`
 }
 
 // sockPrograms contains all programs after they have been loaded into the kernel.
