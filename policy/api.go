@@ -56,7 +56,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
 )
 

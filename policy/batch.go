@@ -4,7 +4,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 )
 
 // Batch applies many changes and recompiles once, reporting their combined

@@ -12,8 +12,8 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
 )
 

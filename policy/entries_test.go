@@ -7,7 +7,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
 )
 

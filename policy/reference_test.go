@@ -9,7 +9,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 )
 
 // refEval is a deliberately naive evaluator written straight from the

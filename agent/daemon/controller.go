@@ -19,10 +19,10 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/agent/datapath"
+	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/policy/identity"
 )
 

@@ -9,8 +9,8 @@ import (
 	"sync"
 	"time"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/datapath"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 )

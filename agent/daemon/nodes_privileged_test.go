@@ -20,9 +20,9 @@ import (
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 

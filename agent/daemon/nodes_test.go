@@ -20,8 +20,8 @@ import (
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/identity"
 )
 

@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 )

@@ -8,7 +8,7 @@ import (
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 // Annotations returns the annotations that publish a node's public key, its

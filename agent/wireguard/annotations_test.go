@@ -13,7 +13,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 func pubKey(t *testing.T) wgtypes.Key {

@@ -15,9 +15,9 @@ import (
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 func newAuditCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command {

@@ -22,9 +22,9 @@ import (
 	kubefake "k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 // auditJSON runs audit encryption -o json on c and decodes the evidence.
@@ -335,7 +335,7 @@ func TestAuditAPIErrors(t *testing.T) {
 		})
 	}
 	_, stderr, code := runCluster(t, forbidden, nil, "audit", "encryption")
-	if code != ExitUnreachable || !strings.Contains(stderr, "list nodes at https://api.lab.example:6443") || !strings.Contains(stderr, "RBAC: meshctl needs get and list on nodes, pods and meshnodes.policy.veil.dev") {
+	if code != ExitUnreachable || !strings.Contains(stderr, "list nodes at https://api.lab.example:6443") || !strings.Contains(stderr, "RBAC: meshctl needs get and list on nodes, pods and meshnodes.mesh.veil.dev") {
 		t.Errorf("forbidden: exit %d, stderr %q", code, stderr)
 	}
 

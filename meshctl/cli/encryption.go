@@ -13,9 +13,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 // defaultStaleAfter is how old a MeshNode status may be before its agent is
@@ -28,7 +28,7 @@ func newEncryptionCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command
 		Short: "Show and manage transparent encryption (WireGuard between nodes)",
 		Long: `Show and manage Veil's transparent encryption: every node's agent runs a
 WireGuard device, peers with every other node and records its state in
-the node's MeshNode (policy.veil.dev/v1alpha1), which meshctl reads from
+the node's MeshNode (mesh.veil.dev/v1alpha1), which meshctl reads from
 the API server (--kubeconfig).
 
 ` + exitCodesHelp,
@@ -136,25 +136,25 @@ type nodeEncryptionReport struct {
 	// Stale is true when the status is older than the stale threshold.
 	Stale bool `json:"stale"`
 	// Encrypted: reported recently, WireGuard up, with a key.
-	Encrypted          bool                      `json:"encrypted"`
-	Updated            *time.Time                `json:"updated,omitempty"`
-	AgentVersion       string                    `json:"agentVersion,omitempty"`
-	NodeIP             string                    `json:"nodeIP,omitempty"`
-	PodCIDRs           []string                  `json:"podCIDRs,omitempty"`
-	Mode               string                    `json:"mode,omitempty"`
-	Interface          string                    `json:"interface,omitempty"`
-	PublicKey          string                    `json:"publicKey,omitempty"`
-	Fingerprint        string                    `json:"fingerprint,omitempty"`
-	KeyCreated         *time.Time                `json:"keyCreated,omitempty"`
-	ListenPort         int32                     `json:"listenPort,omitempty"`
-	StrictMode         bool                      `json:"strictMode"`
-	ExpectedPeers      int                       `json:"expectedPeers"`
-	Peers              []peerEncryptionReport    `json:"peers"`
-	Leaks              int64                     `json:"leaks"`
-	RecentLeaks        []meshv1alpha1.LeakRecord `json:"recentLeaks,omitempty"`
-	UnencryptedPackets int64                     `json:"unencryptedPackets"`
-	GuardedDevices     []string                  `json:"guardedDevices,omitempty"`
-	UnguardedDevices   []string                  `json:"unguardedDevices,omitempty"`
+	Encrypted          bool                        `json:"encrypted"`
+	Updated            *time.Time                  `json:"updated,omitempty"`
+	AgentVersion       string                      `json:"agentVersion,omitempty"`
+	NodeIP             string                      `json:"nodeIP,omitempty"`
+	PodCIDRs           []string                    `json:"podCIDRs,omitempty"`
+	Mode               meshv1alpha1.EncryptionMode `json:"mode,omitempty"`
+	Interface          string                      `json:"interface,omitempty"`
+	PublicKey          string                      `json:"publicKey,omitempty"`
+	Fingerprint        string                      `json:"fingerprint,omitempty"`
+	KeyCreated         *time.Time                  `json:"keyCreated,omitempty"`
+	ListenPort         int32                       `json:"listenPort,omitempty"`
+	StrictMode         bool                        `json:"strictMode"`
+	ExpectedPeers      int                         `json:"expectedPeers"`
+	Peers              []peerEncryptionReport      `json:"peers"`
+	Leaks              int64                       `json:"leaks"`
+	RecentLeaks        []meshv1alpha1.LeakRecord   `json:"recentLeaks,omitempty"`
+	UnencryptedPackets int64                       `json:"unencryptedPackets"`
+	GuardedDevices     []string                    `json:"guardedDevices,omitempty"`
+	UnguardedDevices   []string                    `json:"unguardedDevices,omitempty"`
 	// Annotations are the node's published WireGuard annotations.
 	Annotations map[string]string `json:"annotations,omitempty"`
 }
@@ -322,7 +322,7 @@ func newEncryptionStatusReport(cs *clusterState, now time.Time, staleAfter time.
 		names = append(names, n.Node)
 		if n.Encrypted {
 			r.EncryptedNodes++
-			modes[n.Mode] = true
+			modes[string(n.Mode)] = true
 		}
 		if why := n.why(); why != "" {
 			reasons = append(reasons, why)
@@ -392,9 +392,9 @@ func writeEncryptionStatus(w io.Writer, pal palette, r encryptionStatusReport, n
 			fmt.Fprintf(tw, "%s\t%s\t-\t%s\t-\t-\t%s\t%s\t-\t%s\t%s\n", n.Node, pal.red("no MeshNode"), none, none, none, none, pal.red("never"))
 			continue
 		}
-		mode := pal.green(dash(n.Mode))
+		mode := pal.green(dash(string(n.Mode)))
 		if !n.Encrypted {
-			mode = pal.red(dash(n.Mode))
+			mode = pal.red(dash(string(n.Mode)))
 		}
 		key, keyAge := pal.red("none"), "-"
 		if n.PublicKey != "" {

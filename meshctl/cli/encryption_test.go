@@ -19,10 +19,10 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
-	meshfake "github.com/veilmesh/veil/policy/client/clientset/versioned/fake"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	meshfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 // cluster is what the fake API server holds.

@@ -9,7 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
 func newEndpointsCommand(agent *agentOptions) *cobra.Command {

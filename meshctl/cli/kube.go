@@ -18,9 +18,9 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/lab"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 )
 
 // envKubeconfig lists kubeconfig files, as for kubectl.
@@ -155,7 +155,7 @@ func apiError(op, server string, err error) error {
 	case apierrors.IsUnauthorized(err):
 		hint = "the API server does not accept meshctl's credentials: check the kubeconfig's user"
 	case apierrors.IsForbidden(err):
-		hint = "RBAC: meshctl needs get and list on nodes, pods and meshnodes.policy.veil.dev"
+		hint = "RBAC: meshctl needs get and list on nodes, pods and meshnodes.mesh.veil.dev"
 	case apierrors.IsNotFound(err):
 		hint = "is the MeshNode CRD installed (deploy/crds)?"
 	case errors.Is(err, context.DeadlineExceeded), apierrors.IsTimeout(err), apierrors.IsServerTimeout(err):
@@ -188,10 +188,10 @@ func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*cl
 	st.nodes = nodes.Items
 	slices.SortFunc(st.nodes, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
 	mctx, cancel := timeout(ctx)
-	mns, err := kc.mesh.PolicyV1alpha1().MeshNodes().List(mctx, metav1.ListOptions{})
+	mns, err := kc.mesh.MeshV1alpha1().MeshNodes().List(mctx, metav1.ListOptions{})
 	cancel()
 	if err != nil {
-		return nil, apiError("list meshnodes.policy.veil.dev", kc.server, err)
+		return nil, apiError("list meshnodes.mesh.veil.dev", kc.server, err)
 	}
 	for i := range mns.Items {
 		st.meshNodes[mns.Items[i].Name] = &mns.Items[i]

@@ -18,7 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"sigs.k8s.io/yaml"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 )

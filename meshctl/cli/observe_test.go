@@ -14,7 +14,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
 var (

@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
 func TestStatusGolden(t *testing.T) {
