@@ -99,7 +99,7 @@ func TestInvalidPoliciesAreReportedAndSkipped(t *testing.T) {
 	})
 }
 
-func checkSkipped(t *testing.T, c *Compiled, ref PolicyRef, field string) {
+func checkSkipped(t *testing.T, c *Compiler, ref PolicyRef, field string) {
 	t.Helper()
 	errs := c.Invalid()
 	if len(errs) != 1 || errs[0].Policy != ref || errs[0].Field != field {

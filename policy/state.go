@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
@@ -62,12 +64,12 @@ func newPodState(pod *corev1.Pod) *podState {
 			if cp.Name == "" || cp.ContainerPort < 1 || cp.ContainerPort > 65535 {
 				continue
 			}
-			proto := ProtoTCP
+			proto := policytypes.ProtoTCP
 			switch cp.Protocol {
 			case corev1.ProtocolUDP:
-				proto = ProtoUDP
+				proto = policytypes.ProtoUDP
 			case corev1.ProtocolSCTP:
-				proto = ProtoSCTP
+				proto = policytypes.ProtoSCTP
 			}
 			p.ports = append(p.ports, namedPort{cp.Name, proto, uint16(cp.ContainerPort)})
 		}
@@ -165,11 +167,11 @@ type group struct {
 	// flat holds the entries as of the last full compile or fold, sorted;
 	// overlay the re-patched blocks of single peer identities since then
 	// (nil slice: no entries left); materialized the folded result.
-	flat         []Entry
-	overlay      map[identity.ID][]Entry
-	materialized []Entry
+	flat         []policytypes.Entry
+	overlay      map[identity.ID][]policytypes.Entry
+	materialized []policytypes.Entry
 	mu           sync.Mutex // guards the fold done by readers
-	defaults     Defaults
+	defaults     policytypes.Defaults
 	// pols are the policies selecting the group, in policy order.
 	pols []*policyState
 	// selectors this group's entries were built from.

@@ -4,6 +4,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -115,7 +117,7 @@ func TestConcurrentReadsAndUpdates(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range 200 {
-				c.Trace(PodPeer("y", e2ePods[(i+r)%3]), PodPeer("x", e2ePods[i%3]), ProtoTCP, 80)
+				c.Trace(PodPeer("y", e2ePods[(i+r)%3]), PodPeer("x", e2ePods[i%3]), policytypes.ProtoTCP, 80)
 				c.Endpoints()
 				c.IPCache()
 			}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -436,9 +438,9 @@ func (d *Daemon) failedClosed() []string {
 }
 
 // denyAll is the policy of an endpoint whose real policy is not known.
-var denyAll = policy.Defaults{
-	IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-	EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+var denyAll = policytypes.Defaults{
+	IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+	EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 }
 
 // tunnelKind is the ipcache flag for prefixes hosted by the named node.

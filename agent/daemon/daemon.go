@@ -62,7 +62,7 @@ type Daemon struct {
 	veil versioned.Interface
 
 	dp       *datapath.Datapath
-	compiler *policy.Compiled
+	compiler *policy.Compiler
 	nodeIP   netip.Addr
 	podCIDR  netip.Prefix
 

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	"github.com/veilmesh/veil/agent/datapath"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
@@ -93,7 +95,7 @@ func (d *Daemon) describeFlow(ev datapath.FlowEvent) *agentv1.Flow {
 		Bytes: ev.Len, Encrypted: ev.Flags&datapath.FlagEncrypted != 0,
 	}
 	switch {
-	case ev.Verdict == policy.Deny:
+	case ev.Verdict == policytypes.Deny:
 		f.Verdict = "DENIED"
 		f.DropReason = ev.Reason.String()
 	case ev.Flags&datapath.FlagAudit != 0:

@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"sort"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -167,8 +169,8 @@ func (s *apiServer) ListEndpoints(ctx context.Context, _ *agentv1.ListEndpointsR
 		ce, ok := d.compiler.Endpoint(e.Pod)
 		if ok {
 			out.PolicyEntries = int32(len(ce.Entries))
-			out.IngressEnforced = ce.Defaults.IngressEnforce == policy.Deny
-			out.EgressEnforced = ce.Defaults.EgressEnforce == policy.Deny
+			out.IngressEnforced = ce.Defaults.IngressEnforce == policytypes.Deny
+			out.EgressEnforced = ce.Defaults.EgressEnforce == policytypes.Deny
 		}
 		if !ok || e.Pending {
 			// writeEndpoint gave it deny-all.

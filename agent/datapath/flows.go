@@ -6,9 +6,10 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	"github.com/cilium/ebpf"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 )
 
@@ -46,7 +47,7 @@ func flowFromCT(k podCtKey, v podCtEntry, boot time.Time) Flow {
 // type and code. Other protocols' destination port is the key's, which
 // also holds for entries written before entries recorded it.
 func policyPort(k podCtKey, v podCtEntry) uint16 {
-	if k.Proto == policy.ProtoICMP {
+	if k.Proto == policytypes.ProtoICMP {
 		return v.PolicyPort
 	}
 	return k.Dport

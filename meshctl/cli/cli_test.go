@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	"github.com/veilmesh/veil/policy"
 )
 
@@ -238,11 +240,11 @@ func TestColourKeepsAlignment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := src.Matrix(t.Context(), []policy.PortProto{{Proto: policy.ProtoTCP, Port: 80}})
+	m, err := src.Matrix(t.Context(), []policy.PortProto{{Proto: policytypes.ProtoTCP, Port: 80}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr, err := src.Trace(t.Context(), policy.PodPeer("x", "b"), policy.PodPeer("x", "a"), policy.PortProto{Proto: policy.ProtoTCP, Port: 80})
+	tr, err := src.Trace(t.Context(), policy.PodPeer("x", "b"), policy.PodPeer("x", "a"), policy.PortProto{Proto: policytypes.ProtoTCP, Port: 80})
 	if err != nil {
 		t.Fatal(err)
 	}

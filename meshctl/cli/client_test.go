@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -31,7 +33,7 @@ var testNow = time.Date(2026, 11, 21, 10, 0, 0, 0, time.UTC)
 // that live answers are the compiler's, as a real agent's are.
 type fakeAgent struct {
 	agentv1.UnimplementedAgentServer
-	compiled *policy.Compiled
+	compiled *policy.Compiler
 	status   *agentv1.StatusResponse
 	flows    []*agentv1.Flow
 	// live flows are sent to a follower after the stored ones.
@@ -102,7 +104,7 @@ func (f *fakeAgent) ListEndpoints(context.Context, *agentv1.ListEndpointsRequest
 		resp.Endpoints = append(resp.Endpoints, &agentv1.Endpoint{
 			Namespace: ns, Name: pod, Ip: ep.IPs[0].String(), Id: uint32(100 + i), Identity: uint32(ep.Identity),
 			Labels: f.labels(ep.Identity), Interface: "veil" + ns + pod, PolicyEntries: int32(len(ep.Entries)),
-			IngressEnforced: ep.Defaults.IngressEnforce == policy.Deny, EgressEnforced: ep.Defaults.EgressEnforce == policy.Deny,
+			IngressEnforced: ep.Defaults.IngressEnforce == policytypes.Deny, EgressEnforced: ep.Defaults.EgressEnforce == policytypes.Deny,
 			ContainerId: "c0ffee" + ns + pod,
 		})
 	}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	"github.com/spf13/cobra"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
@@ -180,7 +182,7 @@ func newPolicyReport(resp *agentv1.GetPolicyResponse, ids *agentv1.ListIdentitie
 		if c := counters[counterKey{e.Direction.String(), uint32(e.Identity), policy.ProtoName(e.Proto), uint32(e.Port), uint32(e.PortPrefixLen)}]; c != nil {
 			er.Hits, er.Bytes = c.Hits, c.Bytes
 		}
-		if e.Direction == policy.Egress {
+		if e.Direction == policytypes.Egress {
 			r.Egress.Entries = append(r.Egress.Entries, er)
 		} else {
 			r.Ingress.Entries = append(r.Ingress.Entries, er)
@@ -209,19 +211,19 @@ func peerLabels(id identity.ID, labels map[uint32][]string) []string {
 	return []string{}
 }
 
-func defaultVerdict(v policy.Verdict) string {
-	if v == policy.Deny {
+func defaultVerdict(v policytypes.Verdict) string {
+	if v == policytypes.Deny {
 		return "deny"
 	}
 	return "allow"
 }
 
 // entryRule names the rule that made an entry.
-func entryRule(e policy.Entry, rules map[uint32]policy.Rule) string {
+func entryRule(e policytypes.Entry, rules map[uint32]policy.Rule) string {
 	if rl, ok := rules[e.RuleID]; ok {
 		return fmt.Sprintf("%s %s", rl.Policy, rl.Section)
 	}
-	if e.RuleID == policy.RuleLocalHost && e.Identity == identity.Host {
+	if e.RuleID == policytypes.RuleLocalHost && e.Identity == identity.Host {
 		return "built-in: the pod's own node may reach it"
 	}
 	return fmt.Sprintf("rule %d", e.RuleID)
@@ -230,14 +232,14 @@ func entryRule(e policy.Entry, rules map[uint32]policy.Rule) string {
 // entryPort renders an entry's port key: "80/TCP", a range
 // "8000-8191/TCP", "*/TCP" for every port, "any" for every protocol; for
 // ICMP the type (and code) the key holds as type<<8|code.
-func entryPort(k policy.Key) string {
+func entryPort(k policytypes.Key) string {
 	proto := policy.ProtoName(k.Proto)
 	switch {
-	case k.Proto == policy.ProtoAny:
+	case k.Proto == policytypes.ProtoAny:
 		return "any"
 	case k.PortPrefixLen == 0:
 		return "*/" + proto
-	case k.Proto == policy.ProtoICMP || k.Proto == policy.ProtoICMPv6:
+	case k.Proto == policytypes.ProtoICMP || k.Proto == policytypes.ProtoICMPv6:
 		if k.PortPrefixLen >= 16 {
 			return fmt.Sprintf("%d/%s code %d", k.Port>>8, proto, k.Port&0xff)
 		}

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	"github.com/spf13/cobra"
 
 	"github.com/veilmesh/veil/policy"
@@ -128,11 +130,11 @@ func parsePort(s string) (policy.PortProto, error) {
 		return policy.PortProto{}, usageErrorf("--port: %w", err)
 	}
 	switch pp.Proto {
-	case policy.ProtoTCP, policy.ProtoUDP, policy.ProtoSCTP:
+	case policytypes.ProtoTCP, policytypes.ProtoUDP, policytypes.ProtoSCTP:
 		if pp.Port == 0 {
 			return policy.PortProto{}, usageErrorf("--port %q: the port must be 1..65535", s)
 		}
-	case policy.ProtoICMP:
+	case policytypes.ProtoICMP:
 	default:
 		return policy.PortProto{}, usageErrorf("--port %q: the protocol must be TCP, UDP, SCTP or ICMP", s)
 	}
@@ -142,7 +144,7 @@ func parsePort(s string) (policy.PortProto, error) {
 // portString renders a port as the user wrote it: "80/TCP", and for ICMP
 // "8/ICMP" with the type rather than the compiler's type<<8|code.
 func portString(pp policy.PortProto) string {
-	if pp.Proto == policy.ProtoICMP || pp.Proto == policy.ProtoICMPv6 {
+	if pp.Proto == policytypes.ProtoICMP || pp.Proto == policytypes.ProtoICMPv6 {
 		return fmt.Sprintf("%d/%s", pp.Port>>8, policy.ProtoName(pp.Proto))
 	}
 	return pp.String()
@@ -211,11 +213,11 @@ func verdictWord(allowed bool) string {
 	return "DENIED"
 }
 
-func ruleVerdict(v policy.Verdict) string {
+func ruleVerdict(v policytypes.Verdict) string {
 	switch v {
-	case policy.Allow:
+	case policytypes.Allow:
 		return "allow"
-	case policy.Deny:
+	case policytypes.Deny:
 		return "deny"
 	}
 	return "none"

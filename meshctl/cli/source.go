@@ -26,7 +26,7 @@ type tracer interface {
 // manifestSource answers from manifest files, with the same compiler the
 // agent runs.
 type manifestSource struct {
-	compiled *policy.Compiled
+	compiled *policy.Compiler
 }
 
 var _ tracer = (*manifestSource)(nil)
@@ -54,7 +54,7 @@ func (f *manifestFlags) add(cmd *cobra.Command) {
 // finding, sorted by location: the loader's, validation's, lint warnings,
 // and any policy the compiler skipped that validation did not flag (so that
 // what validate accepts, trace and matrix accept).
-func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, *policy.Compiled, manifest.Problems, error) {
+func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, *policy.Compiler, manifest.Problems, error) {
 	if len(f.paths) == 0 {
 		return nil, nil, nil, usageErrorf("no manifests: give at least one -f FILE|DIR")
 	}

@@ -1,8 +1,9 @@
-package policy
-
-import "github.com/veilmesh/veil/policy/identity"
-
-// This file is the contract between the policy compiler and the datapath.
+// Package policytypes holds the contract between the policy compiler
+// (package policy) and the datapath (agent/datapath): the keys, entries,
+// verdicts, directions, protocol numbers and per-endpoint defaults of the
+// datapath policy map. It is a leaf, so the datapath can write and read
+// compiled entries without importing the compiler.
+//
 // The compiler's output is exactly the content of one endpoint's slice of the
 // datapath policy map (bpf/lib/policy.h): longest-prefix-match entries keyed
 // by (direction, peer identity, protocol, port prefix).
@@ -27,6 +28,9 @@ import "github.com/veilmesh/veil/policy/identity"
 // policies only, decides what happens to the packet; Audit, computed as if
 // every policy (including audit-mode ones) were enforced, is what the flow
 // log reports as "would be denied" when it differs.
+package policytypes
+
+import "github.com/veilmesh/veil/policy/identity"
 
 // Direction is relative to the endpoint that owns the policy.
 type Direction uint8
@@ -85,7 +89,7 @@ type Entry struct {
 	Key
 	Enforce Verdict
 	Audit   Verdict
-	// RuleID names the rule that decided the verdict (see Compiled.Rules),
+	// RuleID names the rule that decided the verdict (see policy.Compiler.Rules),
 	// so counters and flow events can say which rule matched.
 	RuleID uint32
 }
@@ -98,3 +102,9 @@ type Defaults struct {
 	IngressEnforce, IngressAudit Verdict
 	EgressEnforce, EgressAudit   Verdict
 }
+
+// RuleLocalHost is the RuleID of the built-in rule that lets a pod's own
+// node reach it whatever its ingress policy: upstream NetworkPolicy cannot
+// block it (kubelet probes come from there), and no mainstream plugin
+// does. Only an explicit deny rule stops it.
+const RuleLocalHost uint32 = 0

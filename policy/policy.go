@@ -1,6 +1,6 @@
 // Package policy compiles Kubernetes NetworkPolicies, MeshPolicies and
 // ClusterMeshPolicies into the datapath's per-endpoint policy map entries
-// (see entry.go), and answers "may A reach B on port P, and why?" from the
+// (the types of package policytypes), and answers "may A reach B on port P, and why?" from the
 // same compiled entries, so that what meshctl explains is what the datapath
 // enforces.
 //
@@ -9,13 +9,13 @@
 //	c, err := policy.Compile(policy.Input{Pods: pods, Namespaces: nss, NetworkPolicies: nps}, policy.Options{})
 //	if err != nil { … }
 //	for _, perr := range c.Invalid() { … } // policies that were skipped
-//	tr, err := c.Trace(policy.PodPeer("x", "a"), policy.PodPeer("y", "b"), policy.ProtoTCP, 80)
+//	tr, err := c.Trace(policy.PodPeer("x", "a"), policy.PodPeer("y", "b"), policytypes.ProtoTCP, 80)
 //
 // The agent instead starts from New and feeds informer events into the
 // Upsert*/Delete* methods; each returns the endpoints whose entries changed,
 // so only diffs are written to the datapath.
 //
-// A Compiled is safe for concurrent use: mutations take a write lock, queries
+// A Compiler is safe for concurrent use: mutations take a write lock, queries
 // a read lock. Objects passed in are not retained or modified.
 //
 // # Semantics worth knowing
@@ -53,6 +53,8 @@ import (
 	"net/netip"
 	"strings"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
@@ -73,10 +75,10 @@ type Input struct {
 // Options configure a compiler.
 type Options struct {
 	// Identities is the pod identity allocator state saved by a previous run
-	// (Compiled.IdentityState), so numbers survive agent restarts. Nil starts
+	// (Compiler.IdentityState), so numbers survive agent restarts. Nil starts
 	// afresh.
 	Identities map[string]identity.ID
-	// CIDRIdentities is the same for CIDR identities (Compiled.CIDRIdentityState).
+	// CIDRIdentities is the same for CIDR identities (Compiler.CIDRIdentityState).
 	CIDRIdentities map[string]identity.ID
 }
 
@@ -109,13 +111,13 @@ func (r PolicyRef) String() string {
 // rule on one port, e.g. Section "ingress[0].from[1].ports[0]" (the from/to
 // and ports parts are left out when the rule has none).
 type Rule struct {
-	ID        uint32    `json:"id"`
-	Policy    PolicyRef `json:"policy"`
-	Section   string    `json:"section"`
-	Direction Direction `json:"direction"`
+	ID        uint32                `json:"id"`
+	Policy    PolicyRef             `json:"policy"`
+	Section   string                `json:"section"`
+	Direction policytypes.Direction `json:"direction"`
 	// Verdict is Allow for ingress/egress rules and Deny for
 	// ingressDeny/egressDeny rules.
-	Verdict Verdict `json:"verdict"`
+	Verdict policytypes.Verdict `json:"verdict"`
 	// Audit is true for rules of an audit-mode policy.
 	Audit bool `json:"audit"`
 	// Peer and Port say in words what the rule matches
@@ -161,8 +163,8 @@ type Endpoint struct {
 	Identity identity.ID  `json:"identity"`
 	// Entries are sorted by Key (direction, identity, proto, port, prefix
 	// length). The slice is shared: callers must not modify it.
-	Entries  []Entry  `json:"entries"`
-	Defaults Defaults `json:"defaults"`
+	Entries  []policytypes.Entry  `json:"entries"`
+	Defaults policytypes.Defaults `json:"defaults"`
 }
 
 // IdentityInfo is one allocated pod identity and its canonical label set.
@@ -286,9 +288,9 @@ type DirectionTrace struct {
 type Reason struct {
 	// Rule is nil for a default verdict and for the built-in allow of the
 	// local node (RuleLocalHost).
-	Rule    *Rule   `json:"rule,omitempty"`
-	Verdict Verdict `json:"verdict"`
-	Message string  `json:"message"`
+	Rule    *Rule               `json:"rule,omitempty"`
+	Verdict policytypes.Verdict `json:"verdict"`
+	Message string              `json:"message"`
 }
 
 // PortProto is one port of a reachability matrix.
