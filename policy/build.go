@@ -5,9 +5,8 @@ import (
 	"net/netip"
 	"slices"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // contrib is one fact a rule contributes to a group: for this direction and

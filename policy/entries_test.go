@@ -4,13 +4,12 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // The entry-level contract of package policytypes: a deny on a shorter prefix is

@@ -5,8 +5,6 @@ import (
 	"net/netip"
 	"strconv"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -16,6 +14,7 @@ import (
 
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // parsedPolicy is a validated policy in the compiler's terms. Selectors are

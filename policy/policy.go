@@ -53,13 +53,12 @@ import (
 	"net/netip"
 	"strings"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Input is a full set of objects to compile from scratch.

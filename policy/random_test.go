@@ -7,14 +7,13 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // gen builds random but valid clusters and policies, IPv4 and IPv6. Pods

@@ -6,9 +6,8 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Trace decides a flow of protocol proto to destination port port (for ICMP:

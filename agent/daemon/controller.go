@@ -10,8 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -21,11 +19,13 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/api/annotations"
 	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
 	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // handler turns informer events into queue keys; it never touches objects.
@@ -250,7 +250,7 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 			d.mu.Lock()
 			ep := d.local[policy.EndpointID{Namespace: k.namespace, Name: k.name}]
 			d.mu.Unlock()
-			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[AccelerationAnnotation]) {
+			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[annotations.SocketAcceleration]) {
 				if err := d.writeEndpoint(ep); err != nil {
 					return err
 				}
@@ -453,17 +453,13 @@ func (d *Daemon) tunnelKind(node string) datapath.IPCacheKind {
 	return 0
 }
 
-// AccelerationAnnotation on a pod set to "false" keeps its TCP connections
-// off socket acceleration (for applications that splice(2) sockets).
-const AccelerationAnnotation = "veil.dev/socket-acceleration"
-
 // accelerationOptOut reports whether the pod opted out of acceleration.
 func (d *Daemon) accelerationOptOut(id policy.EndpointID) bool {
 	pod, err := d.pods.Pods(id.Namespace).Get(id.Name)
 	if err != nil {
 		return false
 	}
-	return optedOut(pod.Annotations[AccelerationAnnotation])
+	return optedOut(pod.Annotations[annotations.SocketAcceleration])
 }
 
 func optedOut(v string) bool {

@@ -9,12 +9,11 @@ import (
 	"sync"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/agent/datapath"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // flowLog keeps the last flows and fans new ones out to followers.

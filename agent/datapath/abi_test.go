@@ -3,9 +3,8 @@ package datapath
 import (
 	"testing"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // The leaf packages policy and policy/identity cannot import the generated

@@ -13,13 +13,12 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/google/pprof/profile"
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy/policytypes"
 	"github.com/veilmesh/veil/tests/benchreport"
 )
 

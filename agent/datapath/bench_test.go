@@ -9,9 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy/policytypes"
 	"github.com/veilmesh/veil/tests/benchreport"
 )
 

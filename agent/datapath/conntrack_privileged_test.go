@@ -12,11 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // setMTU sets the MTU of dev inside ns.

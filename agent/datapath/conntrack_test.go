@@ -7,9 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Connection tracking (issue 12): what rides an entry and what policy judges.

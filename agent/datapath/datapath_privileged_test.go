@@ -11,10 +11,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func TestPrivilegedDelivery(t *testing.T) {

@@ -8,12 +8,11 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // DropReason says why the datapath dropped a packet (bpf/lib/common.h).

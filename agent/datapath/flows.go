@@ -6,11 +6,10 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/cilium/ebpf"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Flow is a connection the datapath allowed, in the direction of its first

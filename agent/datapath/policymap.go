@@ -6,12 +6,11 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Prefix lengths of veil_policy keys (enum policy_prefix).

@@ -8,11 +8,10 @@ import (
 	"os"
 	"testing"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/cilium/ebpf"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Packet-level tests: the real programs, loaded with private (unpinned) maps

@@ -5,11 +5,10 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/cilium/ebpf"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // The node of these tests: node 1 (10.99.0.1) hosts pods a and b; node 2

@@ -1,6 +1,6 @@
 // Package nodeinfo reads what Veil needs from a Kubernetes Node: its
 // addresses, its pod CIDRs, and what its agent published in the
-// wireguard.veil.dev/* annotations. The agent (ipcache and WireGuard peers),
+// wireguard.veil.dev/* annotations (their keys are in api/annotations). The agent (ipcache and WireGuard peers),
 // the policy compiler and meshctl all read Nodes through it, so they agree
 // on which address belongs to which node.
 //
@@ -24,18 +24,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-)
 
-// Node annotations through which every agent publishes what its peers need.
-// Only the node's own agent may write them (the admission policy in
-// deploy/ enforces it).
-const (
-	AnnotationPrefix    = "wireguard.veil.dev/"
-	AnnotationPublicKey = AnnotationPrefix + "public-key"
-	AnnotationEndpoint  = AnnotationPrefix + "endpoint" // underlay ip:port
-	// AnnotationPodCIDRs is informational: peers take a node's pod CIDRs
-	// from spec.podCIDRs, which the control plane sets, never from here.
-	AnnotationPodCIDRs = AnnotationPrefix + "pod-cidrs" // comma-separated prefixes
+	"github.com/veilmesh/veil/api/annotations"
 )
 
 // Fingerprint identifies a public key in status, logs and audits: the first
@@ -161,28 +151,28 @@ func Parse(n *corev1.Node) (Node, error) {
 			out.PodCIDRs = append(out.PodCIDRs, netip.PrefixFrom(p.Addr().Unmap(), p.Bits()))
 		}
 	}
-	keyS, hasKey := n.Annotations[AnnotationPublicKey]
-	epS, hasEP := n.Annotations[AnnotationEndpoint]
+	keyS, hasKey := n.Annotations[annotations.WireGuardPublicKey]
+	epS, hasEP := n.Annotations[annotations.WireGuardEndpoint]
 	switch {
 	case !hasKey && !hasEP:
 		// Not published yet: the agent is still starting, or encryption is off.
 	case !hasKey:
-		errs = append(errs, fmt.Errorf("annotation %s missing", AnnotationPublicKey))
+		errs = append(errs, fmt.Errorf("annotation %s missing", annotations.WireGuardPublicKey))
 	case !hasEP:
-		errs = append(errs, fmt.Errorf("annotation %s missing", AnnotationEndpoint))
+		errs = append(errs, fmt.Errorf("annotation %s missing", annotations.WireGuardEndpoint))
 	default:
 		k, err := ParsePublicKey(keyS)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("annotation %s: %w", AnnotationPublicKey, err))
+			errs = append(errs, fmt.Errorf("annotation %s: %w", annotations.WireGuardPublicKey, err))
 			break
 		}
 		ep, err := netip.ParseAddrPort(strings.TrimSpace(epS))
 		if err != nil {
-			errs = append(errs, fmt.Errorf("annotation %s: %w", AnnotationEndpoint, err))
+			errs = append(errs, fmt.Errorf("annotation %s: %w", annotations.WireGuardEndpoint, err))
 			break
 		}
 		if ep.Port() == 0 || !usableUnicast(ep.Addr()) {
-			errs = append(errs, fmt.Errorf("annotation %s: %s is not a unicast address with a port", AnnotationEndpoint, ep))
+			errs = append(errs, fmt.Errorf("annotation %s: %s is not a unicast address with a port", annotations.WireGuardEndpoint, ep))
 			break
 		}
 		out.PublicKey, out.Endpoint = k, netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port())

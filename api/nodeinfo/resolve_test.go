@@ -10,6 +10,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/veilmesh/veil/api/annotations"
 )
 
 // key is a base64 public key of 32 bytes of b.
@@ -19,7 +21,7 @@ type nodeOpt func(*corev1.Node)
 
 func published(k byte, ep string) nodeOpt {
 	return func(n *corev1.Node) {
-		n.Annotations = map[string]string{AnnotationPublicKey: key(k), AnnotationEndpoint: ep}
+		n.Annotations = map[string]string{annotations.WireGuardPublicKey: key(k), annotations.WireGuardEndpoint: ep}
 	}
 }
 
@@ -174,7 +176,7 @@ func BenchmarkResolve5000Nodes(b *testing.B) {
 	for i := range 5000 {
 		ip := netip.AddrFrom4([4]byte{10, 99, byte(i >> 8), byte(i)})
 		n := mkNode(fmt.Sprintf("node-%d", i), int64(i), fmt.Sprintf("10.%d.%d.0/24", 100+i>>8, i&255), internalIPs(ip.String()))
-		n.Annotations = map[string]string{AnnotationPublicKey: key(byte(i)), AnnotationEndpoint: ip.String() + ":51871"}
+		n.Annotations = map[string]string{annotations.WireGuardPublicKey: key(byte(i)), annotations.WireGuardEndpoint: ip.String() + ":51871"}
 		nodes = append(nodes, n)
 	}
 	opts := Options{Self: "node-0", ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.96.0.0/11")}}

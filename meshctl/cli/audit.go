@@ -16,6 +16,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
 )
@@ -405,17 +406,17 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	default:
 		out = append(out, pass(s, "key-present", "key %s", fp))
 	}
-	ann, annOK := n.Annotations[nodeinfo.AnnotationPublicKey]
+	ann, annOK := n.Annotations[annotations.WireGuardPublicKey]
 	switch {
 	case n.PublicKey == "":
 		out = append(out, fail(s, "key-published", "not checked: no public key"))
 	case !annOK || ann == "":
-		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", nodeinfo.AnnotationPublicKey))
+		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", annotations.WireGuardPublicKey))
 	case ann != n.PublicKey:
 		out = append(out, fail(s, "key-published", "the Node's %s annotation is key %s, the node's device has key %s: peers encrypt to a key the node does not hold",
-			nodeinfo.AnnotationPublicKey, dash(nodeinfo.KeyFingerprint(ann)), dash(fp)))
+			annotations.WireGuardPublicKey, dash(nodeinfo.KeyFingerprint(ann)), dash(fp)))
 	default:
-		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", nodeinfo.AnnotationPublicKey))
+		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", annotations.WireGuardPublicKey))
 	}
 	switch {
 	case n.PublicKey == "":
@@ -506,16 +507,16 @@ func auditPair(a, b nodeEncryptionReport, bClaims nodeClaims, now time.Time, o a
 		reportedEP = netip.AddrPortFrom(ip, uint16(b.ListenPort)).String()
 	}
 	var problems []string
-	if b.PublicKey == "" && b.Annotations[nodeinfo.AnnotationPublicKey] == "" {
+	if b.PublicKey == "" && b.Annotations[annotations.WireGuardPublicKey] == "" {
 		problems = append(problems, fmt.Sprintf("%s has no public key to peer with", b.Node))
 	}
 	problems = append(problems, viewProblems(a.Node, b.Node, "with", p.PublicKey,
-		b.Annotations[nodeinfo.AnnotationPublicKey], b.PublicKey, func(k string) string { return "key " + dash(nodeinfo.KeyFingerprint(k)) })...)
+		b.Annotations[annotations.WireGuardPublicKey], b.PublicKey, func(k string) string { return "key " + dash(nodeinfo.KeyFingerprint(k)) })...)
 	if p.Endpoint == "" {
 		problems = append(problems, fmt.Sprintf("no endpoint for %s", b.Node))
 	} else {
 		problems = append(problems, viewProblems(a.Node, b.Node, "at", p.Endpoint,
-			b.Annotations[nodeinfo.AnnotationEndpoint], reportedEP, func(e string) string { return "endpoint " + e })...)
+			b.Annotations[annotations.WireGuardEndpoint], reportedEP, func(e string) string { return "endpoint " + e })...)
 	}
 	var allowed []netip.Prefix
 	for _, s := range p.AllowedIPs {

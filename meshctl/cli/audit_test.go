@@ -23,6 +23,7 @@ import (
 	k8stesting "k8s.io/client-go/testing"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
 )
@@ -96,7 +97,7 @@ func TestAuditFaults(t *testing.T) {
 		{"missing key", func(c *cluster) {
 			// The agent has no key, so it published none and nobody peers with it.
 			c.enc(3).PublicKey, c.enc(3).Fingerprint = "", ""
-			delete(c.nodes[2].Annotations, nodeinfo.AnnotationPublicKey)
+			delete(c.nodes[2].Annotations, annotations.WireGuardPublicKey)
 			c.dropPeer(1, 3)
 			c.dropPeer(2, 3)
 		}, []want{
@@ -111,7 +112,7 @@ func TestAuditFaults(t *testing.T) {
 		{"stale MeshNode", func(c *cluster) { c.meshNode(2).Status.Updated = ago(10 * time.Minute) }, []want{
 			{"node-2", "status-fresh", "MeshNode status is stale: last updated 10m ago at 2026-11-21T09:50:00Z, more than --stale-after 2m0s (is veil-agent running on the node?)"},
 		}},
-		{"key mismatch with the annotation", func(c *cluster) { c.nodes[0].Annotations[nodeinfo.AnnotationPublicKey] = testKey(9) }, []want{
+		{"key mismatch with the annotation", func(c *cluster) { c.nodes[0].Annotations[annotations.WireGuardPublicKey] = testKey(9) }, []want{
 			{"node-1", "key-published", "the Node's wireguard.veil.dev/public-key annotation is key " + nodeinfo.KeyFingerprint(testKey(9)) + ", the node's device has key " + nodeinfo.KeyFingerprint(testKey(1))},
 			{"node-2→node-1", "peer", "node-2 has node-1 with key " + nodeinfo.KeyFingerprint(testKey(1)) + ", node-1 publishes key " + nodeinfo.KeyFingerprint(testKey(9))},
 			{"node-3→node-1", "peer", "node-3 has node-1 with key " + nodeinfo.KeyFingerprint(testKey(1)) + ", node-1 publishes key " + nodeinfo.KeyFingerprint(testKey(9))},
@@ -137,7 +138,7 @@ func TestAuditFaults(t *testing.T) {
 			{"node-3→node-2", "peer", "node-3 has node-2 with key " + nodeinfo.KeyFingerprint(testKey(9)) + ", node-2 publishes key " + nodeinfo.KeyFingerprint(testKey(2))},
 		}},
 		{"a peer's key is what the node publishes but not what it reports", func(c *cluster) {
-			c.nodes[1].Annotations[nodeinfo.AnnotationPublicKey] = testKey(9)
+			c.nodes[1].Annotations[annotations.WireGuardPublicKey] = testKey(9)
 			c.peer(1, 2).PublicKey = testKey(9)
 		}, []want{
 			{"node-2", "key-published", "annotation is key " + nodeinfo.KeyFingerprint(testKey(9))},
@@ -161,7 +162,7 @@ func TestAuditFaults(t *testing.T) {
 		}},
 		{"a node claims another's pod CIDR and key", func(c *cluster) {
 			c.nodes[2].Spec.PodCIDRs = append(c.nodes[2].Spec.PodCIDRs, "10.0.2.0/24")
-			c.nodes[2].Annotations[nodeinfo.AnnotationPublicKey] = testKey(2)
+			c.nodes[2].Annotations[annotations.WireGuardPublicKey] = testKey(2)
 		}, []want{
 			{"node-3", "key-published", "annotation is key " + nodeinfo.KeyFingerprint(testKey(2))},
 			{"node-3", "claims", "node node-3 claims pod CIDR 10.0.2.0/24, held by node node-2; node node-3 claims public key " + nodeinfo.KeyFingerprint(testKey(2)) + ", held by node node-2"},

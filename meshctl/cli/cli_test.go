@@ -11,9 +11,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in ../testdata/golden")

@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -23,6 +21,7 @@ import (
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // testNow is the clock of the live tests: the fake agent's times are

@@ -14,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
 )
@@ -184,7 +185,7 @@ func metaTime(t *metav1.Time) *time.Time {
 func nodeSnapshot(name string, node *corev1.Node, mn *meshv1alpha1.MeshNode, nodes int, now time.Time, staleAfter time.Duration) nodeEncryptionReport {
 	r := nodeEncryptionReport{Node: name, Peers: []peerEncryptionReport{}, ExpectedPeers: max(nodes-1, 0)}
 	if node != nil {
-		for _, k := range []string{nodeinfo.AnnotationPublicKey, nodeinfo.AnnotationEndpoint, nodeinfo.AnnotationPodCIDRs} {
+		for _, k := range []string{annotations.WireGuardPublicKey, annotations.WireGuardEndpoint, annotations.WireGuardPodCIDRs} {
 			if v, ok := node.Annotations[k]; ok {
 				if r.Annotations == nil {
 					r.Annotations = map[string]string{}

@@ -20,6 +20,7 @@ import (
 	kubefake "k8s.io/client-go/kubernetes/fake"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/annotations"
 	meshfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
@@ -52,9 +53,9 @@ func healthyCluster(n int) *cluster {
 		cidr := fmt.Sprintf("10.0.%d.0/24", i)
 		c.nodes = append(c.nodes, &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: map[string]string{
-				nodeinfo.AnnotationPublicKey: testKey(i),
-				nodeinfo.AnnotationEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
-				nodeinfo.AnnotationPodCIDRs:  cidr,
+				annotations.WireGuardPublicKey: testKey(i),
+				annotations.WireGuardEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
+				annotations.WireGuardPodCIDRs:  cidr,
 			}},
 			Spec: corev1.NodeSpec{PodCIDR: cidr, PodCIDRs: []string{cidr}},
 		})
@@ -183,7 +184,7 @@ func degradedCluster() *cluster {
 	c.enc(2).StrictMode = false
 	c.enc(2).UnencryptedPackets = 12
 	c.enc(3).PublicKey, c.enc(3).Fingerprint = "", ""
-	delete(c.nodes[2].Annotations, nodeinfo.AnnotationPublicKey)
+	delete(c.nodes[2].Annotations, annotations.WireGuardPublicKey)
 	for i := 1; i <= 5; i++ {
 		if i != 3 {
 			c.dropPeer(i, 3)

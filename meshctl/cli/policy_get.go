@@ -10,13 +10,12 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/spf13/cobra"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func newPolicyGetCommand(agent *agentOptions) *cobra.Command {

@@ -7,9 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func TestPolicyGetGolden(t *testing.T) {

@@ -7,12 +7,11 @@ import (
 	"strings"
 	"text/tabwriter"
 
-	"github.com/veilmesh/veil/policy/policytypes"
-
 	"github.com/spf13/cobra"
 
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func newPolicyTraceCommand(agent *agentOptions) *cobra.Command {
