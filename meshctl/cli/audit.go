@@ -19,6 +19,7 @@ import (
 	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 func newAuditCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command {
@@ -157,7 +158,7 @@ Exit codes:
 				return err
 			}
 			if !done {
-				if err := writeAudit(w, paletteFor(w), r); err != nil {
+				if err := writeAudit(w, output.PaletteFor(w), r); err != nil {
 					return err
 				}
 			}
@@ -385,13 +386,13 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 		out = append(out, fail(s, "status-fresh", "the MeshNode has no status update time: its agent never wrote it"))
 	case n.Stale:
 		out = append(out, fail(s, "status-fresh", "MeshNode status is stale: last updated %s ago at %s, more than --stale-after %s (is veil-agent running on the node?)",
-			age(now, *n.Updated), n.Updated.Format(time.RFC3339), o.staleAfter))
+			output.Age(now, *n.Updated), n.Updated.Format(time.RFC3339), o.staleAfter))
 	default:
-		out = append(out, pass(s, "status-fresh", "updated %s ago by agent %s", age(now, *n.Updated), orUnknown(n.AgentVersion)))
+		out = append(out, pass(s, "status-fresh", "updated %s ago by agent %s", output.Age(now, *n.Updated), output.OrUnknown(n.AgentVersion)))
 	}
 	switch n.Mode {
 	case meshv1alpha1.EncryptionModeKernel, meshv1alpha1.EncryptionModeUserspace:
-		out = append(out, pass(s, "encryption-enabled", "WireGuard (%s) on %s", n.Mode, dash(n.Interface)))
+		out = append(out, pass(s, "encryption-enabled", "WireGuard (%s) on %s", n.Mode, output.Dash(n.Interface)))
 	case meshv1alpha1.EncryptionModeDisabled, "":
 		out = append(out, fail(s, "encryption-enabled", "encryption is disabled: pod traffic to other nodes is not encrypted"))
 	default:
@@ -414,7 +415,7 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 		out = append(out, fail(s, "key-published", "the Node has no %s annotation: peers cannot find the node's key", annotations.WireGuardPublicKey))
 	case ann != n.PublicKey:
 		out = append(out, fail(s, "key-published", "the Node's %s annotation is key %s, the node's device has key %s: peers encrypt to a key the node does not hold",
-			annotations.WireGuardPublicKey, dash(nodeinfo.KeyFingerprint(ann)), dash(fp)))
+			annotations.WireGuardPublicKey, output.Dash(nodeinfo.KeyFingerprint(ann)), output.Dash(fp)))
 	default:
 		out = append(out, pass(s, "key-published", "the Node's %s annotation matches", annotations.WireGuardPublicKey))
 	}
@@ -425,9 +426,9 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 		out = append(out, fail(s, "key-age", "the key's creation time is not recorded"))
 	case now.Sub(*n.KeyCreated) > o.maxKeyAge:
 		out = append(out, fail(s, "key-age", "key %s is %s old, more than --max-key-age %s: rotate it (meshctl encryption rotate-key --node %s)",
-			dash(fp), age(now, *n.KeyCreated), o.maxKeyAge, s))
+			output.Dash(fp), output.Age(now, *n.KeyCreated), o.maxKeyAge, s))
 	default:
-		out = append(out, pass(s, "key-age", "created %s ago, at %s", age(now, *n.KeyCreated), n.KeyCreated.Format(time.RFC3339)))
+		out = append(out, pass(s, "key-age", "created %s ago, at %s", output.Age(now, *n.KeyCreated), n.KeyCreated.Format(time.RFC3339)))
 	}
 	if n.StrictMode {
 		out = append(out, pass(s, "strict-mode", "on"))
@@ -446,7 +447,7 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	if n.Leaks == 0 {
 		out = append(out, pass(s, "leaks", "0"))
 	} else {
-		reason := fmt.Sprintf("strict mode dropped %s headed to other nodes unencrypted", plural(int(n.Leaks), "pod packet"))
+		reason := fmt.Sprintf("strict mode dropped %s headed to other nodes unencrypted", output.Plural(int(n.Leaks), "pod packet"))
 		if l, ok := latestLeak(n); ok {
 			reason += fmt.Sprintf("; latest: %s → %s %s", l.Source, l.Destination, l.Protocol)
 			if l.Endpoint != "" {
@@ -462,7 +463,7 @@ func auditNode(n nodeEncryptionReport, now time.Time, o auditOptions) []auditChe
 	if n.UnencryptedPackets == 0 {
 		out = append(out, pass(s, "unencrypted-packets", "0"))
 	} else {
-		out = append(out, fail(s, "unencrypted-packets", "%s sent to other nodes unencrypted", plural(int(n.UnencryptedPackets), "pod packet")))
+		out = append(out, fail(s, "unencrypted-packets", "%s sent to other nodes unencrypted", output.Plural(int(n.UnencryptedPackets), "pod packet")))
 	}
 	return out
 }
@@ -511,7 +512,7 @@ func auditPair(a, b nodeEncryptionReport, bClaims nodeClaims, now time.Time, o a
 		problems = append(problems, fmt.Sprintf("%s has no public key to peer with", b.Node))
 	}
 	problems = append(problems, viewProblems(a.Node, b.Node, "with", p.PublicKey,
-		b.Annotations[annotations.WireGuardPublicKey], b.PublicKey, func(k string) string { return "key " + dash(nodeinfo.KeyFingerprint(k)) })...)
+		b.Annotations[annotations.WireGuardPublicKey], b.PublicKey, func(k string) string { return "key " + output.Dash(nodeinfo.KeyFingerprint(k)) })...)
 	if p.Endpoint == "" {
 		problems = append(problems, fmt.Sprintf("no endpoint for %s", b.Node))
 	} else {
@@ -544,7 +545,7 @@ func auditPair(a, b nodeEncryptionReport, bClaims nodeClaims, now time.Time, o a
 		}
 	}
 	if len(uncovered) > 0 {
-		problems = append(problems, fmt.Sprintf("allowed IPs %s do not cover %s's pod CIDRs %s", dash(strings.Join(p.AllowedIPs, ",")), b.Node, strings.Join(uncovered, ",")))
+		problems = append(problems, fmt.Sprintf("allowed IPs %s do not cover %s's pod CIDRs %s", output.Dash(strings.Join(p.AllowedIPs, ",")), b.Node, strings.Join(uncovered, ",")))
 	}
 	if len(foreign) > 0 {
 		problems = append(problems, fmt.Sprintf("%s lets %s send from %s, which is not %s's", a.Node, b.Node, strings.Join(foreign, ","), b.Node))
@@ -552,16 +553,16 @@ func auditPair(a, b nodeEncryptionReport, bClaims nodeClaims, now time.Time, o a
 	if len(problems) > 0 {
 		out = append(out, fail(s, "peer", "%s", strings.Join(problems, "; ")))
 	} else {
-		out = append(out, pass(s, "peer", "key %s, endpoint %s, allowed IPs %s", dash(nodeinfo.KeyFingerprint(p.PublicKey)), p.Endpoint, strings.Join(p.AllowedIPs, ",")))
+		out = append(out, pass(s, "peer", "key %s, endpoint %s, allowed IPs %s", output.Dash(nodeinfo.KeyFingerprint(p.PublicKey)), p.Endpoint, strings.Join(p.AllowedIPs, ",")))
 	}
 	switch {
 	case p.LastHandshake == nil:
 		out = append(out, fail(s, "handshake", "%s has never completed a handshake with %s", a.Node, b.Node))
 	case now.Sub(*p.LastHandshake) > o.maxHandshakeAge:
 		out = append(out, fail(s, "handshake", "last handshake %s ago at %s, more than --max-handshake-age %s",
-			age(now, *p.LastHandshake), p.LastHandshake.Format(time.RFC3339), o.maxHandshakeAge))
+			output.Age(now, *p.LastHandshake), p.LastHandshake.Format(time.RFC3339), o.maxHandshakeAge))
 	default:
-		out = append(out, pass(s, "handshake", "last handshake %s ago", age(now, *p.LastHandshake)))
+		out = append(out, pass(s, "handshake", "last handshake %s ago", output.Age(now, *p.LastHandshake)))
 	}
 	return out
 }
@@ -809,24 +810,24 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 	}
 	for _, c := range []*captureEvidence{ev.Source, ev.Destination} {
 		if c.UnderlayMarkerFrames > 0 {
-			problems = append(problems, fmt.Sprintf("the marker was seen in the clear on %s's underlay (%s): %s", c.Node, dash(c.UnderlayInterface), plural(int(c.UnderlayMarkerFrames), "frame")))
+			problems = append(problems, fmt.Sprintf("the marker was seen in the clear on %s's underlay (%s): %s", c.Node, output.Dash(c.UnderlayInterface), output.Plural(int(c.UnderlayMarkerFrames), "frame")))
 		}
 		if c.PlaintextPodFrames > 0 {
-			problems = append(problems, fmt.Sprintf("%s on %s's underlay (%s)", plural(int(c.PlaintextPodFrames), "plaintext pod frame"), c.Node, dash(c.UnderlayInterface)))
+			problems = append(problems, fmt.Sprintf("%s on %s's underlay (%s)", output.Plural(int(c.PlaintextPodFrames), "plaintext pod frame"), c.Node, output.Dash(c.UnderlayInterface)))
 		}
 		if c.WireGuardFrames == 0 {
-			problems = append(problems, fmt.Sprintf("no WireGuard frames on %s's underlay (%s)", c.Node, dash(c.UnderlayInterface)))
+			problems = append(problems, fmt.Sprintf("no WireGuard frames on %s's underlay (%s)", c.Node, output.Dash(c.UnderlayInterface)))
 		}
 	}
 	if ev.Destination.TunnelMarkerFrames == 0 {
-		problems = append(problems, fmt.Sprintf("the marker never arrived: %s's tunnel (%s) did not see it", dst, dash(ev.Destination.TunnelInterface)))
+		problems = append(problems, fmt.Sprintf("the marker never arrived: %s's tunnel (%s) did not see it", dst, output.Dash(ev.Destination.TunnelInterface)))
 	}
 	if len(problems) > 0 {
 		return failWith("%s", strings.Join(problems, "; "))
 	}
 	return pass(s, "active", "marker sent %d× from %s (%s) to %s (%s) arrived through %s's tunnel %d×; never in the clear on %s (%s) or %s (%s), WireGuard frames %d and %d",
-		ev.Sent, dash(ev.SourcePod), dash(ev.SourceIP), ev.DestinationPod, ev.DestinationIP, dst, ev.Destination.TunnelMarkerFrames,
-		src, dash(ev.Source.UnderlayInterface), dst, dash(ev.Destination.UnderlayInterface),
+		ev.Sent, output.Dash(ev.SourcePod), output.Dash(ev.SourceIP), ev.DestinationPod, ev.DestinationIP, dst, ev.Destination.TunnelMarkerFrames,
+		src, output.Dash(ev.Source.UnderlayInterface), dst, output.Dash(ev.Destination.UnderlayInterface),
 		ev.Source.WireGuardFrames, ev.Destination.WireGuardFrames), ev
 }
 
@@ -834,15 +835,15 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 // lines, on one line for a report row.
 func oneLine(err error) string { return strings.Join(strings.Fields(err.Error()), " ") }
 
-func writeAudit(w io.Writer, pal palette, r auditReport) error {
+func writeAudit(w io.Writer, pal output.Palette, r auditReport) error {
 	var b strings.Builder
-	verdict := pal.green(r.Verdict)
+	verdict := pal.Green(r.Verdict)
 	if r.Verdict != verdictPass {
-		verdict = pal.red(r.Verdict)
+		verdict = pal.Red(r.Verdict)
 	}
 	pairs := max(len(r.Nodes)*(len(r.Nodes)-1), 0)
-	fmt.Fprintf(&b, "%s %s  %s, %s, %d/%d checks passed\n", pal.bold("Encryption audit:"), pal.bold(verdict),
-		plural(len(r.Nodes), "node"), plural(pairs, "node pair"), len(r.Checks)-len(r.Failures), len(r.Checks))
+	fmt.Fprintf(&b, "%s %s  %s, %s, %d/%d checks passed\n", pal.Bold("Encryption audit:"), pal.Bold(verdict),
+		output.Plural(len(r.Nodes), "node"), output.Plural(pairs, "node pair"), len(r.Checks)-len(r.Failures), len(r.Checks))
 	active := "off"
 	if r.Thresholds.Active {
 		port := "a UDP port the pod declares, else 9"
@@ -851,15 +852,15 @@ func writeAudit(w io.Writer, pal palette, r auditReport) error {
 		}
 		active = fmt.Sprintf("on (capture %s, markers to %s)", r.Thresholds.CaptureDuration, port)
 	}
-	fmt.Fprintf(&b, "Generated %s by meshctl %s against %s\n", r.GeneratedAt, r.MeshctlVersion, dash(r.Cluster.Server))
+	fmt.Fprintf(&b, "Generated %s by meshctl %s against %s\n", r.GeneratedAt, r.MeshctlVersion, output.Dash(r.Cluster.Server))
 	fmt.Fprintf(&b, "Thresholds: handshake ≤ %s, key age ≤ %s, status age ≤ %s; active %s\n\n",
 		r.Thresholds.MaxHandshakeAge, r.Thresholds.MaxKeyAge, r.Thresholds.StaleAfter, active)
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "SCOPE\tCHECK\t%s\tREASON\n", pal.plain("RESULT"))
+	fmt.Fprintf(tw, "SCOPE\tCHECK\t%s\tREASON\n", pal.Plain("RESULT"))
 	for _, c := range r.Checks {
-		res := pal.green(c.Result)
+		res := pal.Green(c.Result)
 		if c.Result != resultPass {
-			res = pal.red(c.Result)
+			res = pal.Red(c.Result)
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.Scope, c.Check, res, c.Reason)
 	}
@@ -877,7 +878,7 @@ func writeAudit(w io.Writer, pal palette, r auditReport) error {
 		}
 	}
 	if len(r.Failures) > 0 {
-		fmt.Fprintf(&b, "\n%s\n", pal.bold(pal.red(fmt.Sprintf("FAIL: %s", plural(len(r.Failures), "check")+" failed:"))))
+		fmt.Fprintf(&b, "\n%s\n", pal.Bold(pal.Red(fmt.Sprintf("FAIL: %s", output.Plural(len(r.Failures), "check")+" failed:"))))
 		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 		for _, c := range r.Failures {
 			fmt.Fprintf(tw, "  %s\t%s\t%s\n", c.Scope, c.Check, c.Reason)

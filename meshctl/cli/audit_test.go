@@ -26,6 +26,7 @@ import (
 	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 // auditJSON runs audit encryption -o json on c and decodes the evidence.
@@ -300,10 +301,10 @@ func TestAuditColourKeepsAlignment(t *testing.T) {
 	r := newAuditReport(cs, testNow, opts)
 	r.finish()
 	var plain, coloured strings.Builder
-	if err := writeAudit(&plain, palette{}, r); err != nil {
+	if err := writeAudit(&plain, output.Palette{}, r); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeAudit(&coloured, palette{on: true}, r); err != nil {
+	if err := writeAudit(&coloured, output.Palette{On: true}, r); err != nil {
 		t.Fatal(err)
 	}
 	if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() || !ansi.MatchString(coloured.String()) {

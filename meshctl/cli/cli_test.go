@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/policytypes"
 )
@@ -247,20 +248,20 @@ func TestColourKeepsAlignment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name, render := range map[string]func(io.Writer, palette) error{
-		"validate": func(w io.Writer, p palette) error { return writeProblemsTable(w, p, set, problems) },
-		"matrix":   func(w io.Writer, p palette) error { return writeMatrix(w, p, newMatrixReport(m)) },
-		"trace":    func(w io.Writer, p palette) error { return writeTrace(w, p, newTraceReport(tr)) },
+	for name, render := range map[string]func(io.Writer, output.Palette) error{
+		"validate": func(w io.Writer, p output.Palette) error { return writeProblemsTable(w, p, set, problems) },
+		"matrix":   func(w io.Writer, p output.Palette) error { return writeMatrix(w, p, newMatrixReport(m)) },
+		"trace":    func(w io.Writer, p output.Palette) error { return writeTrace(w, p, newTraceReport(tr)) },
 	} {
 		var plain, coloured bytes.Buffer
-		if err := render(&plain, palette{}); err != nil {
+		if err := render(&plain, output.Palette{}); err != nil {
 			t.Fatal(err)
 		}
-		if err := render(&coloured, palette{on: true}); err != nil {
+		if err := render(&coloured, output.Palette{On: true}); err != nil {
 			t.Fatal(err)
 		}
 		if !ansi.Match(coloured.Bytes()) {
-			t.Errorf("%s: no colour with the palette on", name)
+			t.Errorf("%s: no colour with the output.Palette on", name)
 		}
 		if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() {
 			t.Errorf("%s: coloured output differs from plain once uncoloured:\n%s\n---\n%s", name, got, plain.String())

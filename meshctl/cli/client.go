@@ -21,6 +21,7 @@ import (
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 )
 
@@ -209,7 +210,7 @@ func (o *agentOptions) connect(ctx context.Context) (*agentConn, error) {
 		}
 		return nil, &exitError{code: ExitUnreachable, err: fmt.Errorf(
 			"the agent at %s serves API version %s, this meshctl speaks %s: use the meshctl release that matches the agent (agent version %s)",
-			t.where, v, apiVersion, orUnknown(st.AgentVersion))}
+			t.where, v, apiVersion, output.OrUnknown(st.AgentVersion))}
 	}
 	c.status = st
 	return c, nil
@@ -253,7 +254,7 @@ func (c *agentConn) callError(op string, err error) error {
 	case codes.Unimplemented:
 		return &exitError{code: ExitUnreachable, err: fmt.Errorf(
 			"%s: the agent at %s does not implement it (agent version %s): use the meshctl release that matches the agent",
-			op, c.target.where, orUnknown(c.agentVersion()))}
+			op, c.target.where, output.OrUnknown(c.agentVersion()))}
 	case codes.Canceled:
 		return &exitError{code: ExitUnreachable, err: fmt.Errorf("%s: canceled", op)}
 	}
@@ -294,13 +295,6 @@ func unwrapOpError(err error) error {
 		return op.Err
 	}
 	return err
-}
-
-func orUnknown(s string) string {
-	if s == "" {
-		return "unknown"
-	}
-	return s
 }
 
 // agentSource answers trace questions from the agent's live compiled state.

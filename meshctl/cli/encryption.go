@@ -17,6 +17,7 @@ import (
 	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 // defaultStaleAfter is how old a MeshNode status may be before its agent is
@@ -92,7 +93,7 @@ Exit codes:
 				return err
 			}
 			if !done {
-				if err := writeEncryptionStatus(w, paletteFor(w), r, agent.env.now()); err != nil {
+				if err := writeEncryptionStatus(w, output.PaletteFor(w), r, agent.env.now()); err != nil {
 					return err
 				}
 			}
@@ -271,7 +272,7 @@ func (n nodeEncryptionReport) problems(now time.Time, staleAfter time.Duration, 
 		if n.Updated == nil {
 			out = append(out, "stale: its agent never wrote the status")
 		} else {
-			out = append(out, fmt.Sprintf("stale: last updated %s ago (more than %s): is veil-agent running on the node?", age(now, *n.Updated), staleAfter))
+			out = append(out, fmt.Sprintf("stale: last updated %s ago (more than %s): is veil-agent running on the node?", output.Age(now, *n.Updated), staleAfter))
 		}
 	}
 	switch {
@@ -287,10 +288,10 @@ func (n nodeEncryptionReport) problems(now time.Time, staleAfter time.Duration, 
 		out = append(out, "strict mode is off: pod traffic may leave unencrypted when a tunnel is down")
 	}
 	if n.Leaks > 0 {
-		out = append(out, fmt.Sprintf("strict mode dropped %s bound for other nodes unencrypted", plural(int(n.Leaks), "packet")))
+		out = append(out, fmt.Sprintf("strict mode dropped %s bound for other nodes unencrypted", output.Plural(int(n.Leaks), "packet")))
 	}
 	if n.UnencryptedPackets > 0 {
-		out = append(out, fmt.Sprintf("%s sent to other nodes unencrypted", plural(int(n.UnencryptedPackets), "pod packet")))
+		out = append(out, fmt.Sprintf("%s sent to other nodes unencrypted", output.Plural(int(n.UnencryptedPackets), "pod packet")))
 	}
 	var missing []string
 	for _, name := range nodeNames {
@@ -376,54 +377,54 @@ func summary(total, encrypted int, modes map[string]bool, reasons []string) stri
 	return s + ", not strict: " + strings.Join(reasons, ", ")
 }
 
-func writeEncryptionStatus(w io.Writer, pal palette, r encryptionStatusReport, now time.Time) error {
+func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusReport, now time.Time) error {
 	var b strings.Builder
-	line := pal.green(r.Summary)
+	line := pal.Green(r.Summary)
 	if !r.Strict {
-		line = pal.red(r.Summary)
+		line = pal.Red(r.Summary)
 	}
-	fmt.Fprintf(&b, "%s\n\n", pal.bold(line))
+	fmt.Fprintf(&b, "%s\n\n", pal.Bold(line))
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	// Painted columns have painted headers, to stay aligned in colour.
 	fmt.Fprintf(tw, "NODE\t%s\tINTERFACE\t%s\tKEY AGE\tPORT\t%s\t%s\tHANDSHAKES\t%s\t%s\n",
-		pal.plain("MODE"), pal.plain("KEY"), pal.plain("STRICT"), pal.plain("PEERS"), pal.plain("LEAKS"), pal.plain("UPDATED"))
+		pal.Plain("MODE"), pal.Plain("KEY"), pal.Plain("STRICT"), pal.Plain("PEERS"), pal.Plain("LEAKS"), pal.Plain("UPDATED"))
 	for _, n := range r.Nodes {
 		if !n.Reported {
-			none := pal.plain("-")
-			fmt.Fprintf(tw, "%s\t%s\t-\t%s\t-\t-\t%s\t%s\t-\t%s\t%s\n", n.Node, pal.red("no MeshNode"), none, none, none, none, pal.red("never"))
+			none := pal.Plain("-")
+			fmt.Fprintf(tw, "%s\t%s\t-\t%s\t-\t-\t%s\t%s\t-\t%s\t%s\n", n.Node, pal.Red("no MeshNode"), none, none, none, none, pal.Red("never"))
 			continue
 		}
-		mode := pal.green(dash(string(n.Mode)))
+		mode := pal.Green(output.Dash(string(n.Mode)))
 		if !n.Encrypted {
-			mode = pal.red(dash(string(n.Mode)))
+			mode = pal.Red(output.Dash(string(n.Mode)))
 		}
-		key, keyAge := pal.red("none"), "-"
+		key, keyAge := pal.Red("none"), "-"
 		if n.PublicKey != "" {
-			key = pal.plain(dash(n.Fingerprint))
+			key = pal.Plain(output.Dash(n.Fingerprint))
 			if n.KeyCreated != nil {
-				keyAge = age(now, *n.KeyCreated)
+				keyAge = output.Age(now, *n.KeyCreated)
 			}
 		}
 		port := "-"
 		if n.ListenPort != 0 {
 			port = fmt.Sprint(n.ListenPort)
 		}
-		strict := pal.green("on")
+		strict := pal.Green("on")
 		if !n.StrictMode {
-			strict = pal.red("off")
+			strict = pal.Red("off")
 		}
 		peers := fmt.Sprintf("%d/%d", len(n.Peers), n.ExpectedPeers)
 		if len(n.Peers) < n.ExpectedPeers {
-			peers = pal.red(peers)
+			peers = pal.Red(peers)
 		} else {
-			peers = pal.plain(peers)
+			peers = pal.Plain(peers)
 		}
 		var hs []string
 		for _, p := range n.Peers {
 			if p.LastHandshake == nil {
 				hs = append(hs, p.Node+" never")
 			} else {
-				hs = append(hs, p.Node+" "+age(now, *p.LastHandshake))
+				hs = append(hs, p.Node+" "+output.Age(now, *p.LastHandshake))
 			}
 		}
 		leaks := fmt.Sprint(n.Leaks)
@@ -431,21 +432,21 @@ func writeEncryptionStatus(w io.Writer, pal palette, r encryptionStatusReport, n
 			leaks += fmt.Sprintf(" (%d unencrypted)", n.UnencryptedPackets)
 		}
 		if n.Leaks > 0 || n.UnencryptedPackets > 0 {
-			leaks = pal.red(leaks)
+			leaks = pal.Red(leaks)
 		} else {
-			leaks = pal.plain(leaks)
+			leaks = pal.Plain(leaks)
 		}
 		updated := "never"
 		if n.Updated != nil {
-			updated = age(now, *n.Updated) + " ago"
+			updated = output.Age(now, *n.Updated) + " ago"
 		}
 		if n.Stale {
-			updated = pal.red(updated)
+			updated = pal.Red(updated)
 		} else {
-			updated = pal.plain(updated)
+			updated = pal.Plain(updated)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Node, mode, dash(n.Interface), key, keyAge, port,
-			strict, peers, dash(strings.Join(hs, ", ")), leaks, updated)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Node, mode, output.Dash(n.Interface), key, keyAge, port,
+			strict, peers, output.Dash(strings.Join(hs, ", ")), leaks, updated)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write encryption status: %w", err)
@@ -461,10 +462,10 @@ func writeEncryptionStatus(w io.Writer, pal palette, r encryptionStatusReport, n
 			for _, p := range n.Peers {
 				hs := "never"
 				if p.LastHandshake != nil {
-					hs = age(now, *p.LastHandshake) + " ago"
+					hs = output.Age(now, *p.LastHandshake) + " ago"
 				}
-				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, dash(p.Fingerprint), dash(p.Endpoint),
-					dash(strings.Join(p.AllowedIPs, ",")), hs, bytesString(uint64(max(p.RxBytes, 0))), bytesString(uint64(max(p.TxBytes, 0))))
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, output.Dash(p.Fingerprint), output.Dash(p.Endpoint),
+					output.Dash(strings.Join(p.AllowedIPs, ",")), hs, bytesString(uint64(max(p.RxBytes, 0))), bytesString(uint64(max(p.TxBytes, 0))))
 			}
 			if err := tw.Flush(); err != nil {
 				return fmt.Errorf("write encryption status: %w", err)
@@ -472,7 +473,7 @@ func writeEncryptionStatus(w io.Writer, pal palette, r encryptionStatusReport, n
 		}
 	}
 	if len(r.Problems) > 0 {
-		fmt.Fprintf(&b, "\n%s\n", pal.bold(pal.red("Attention:")))
+		fmt.Fprintf(&b, "\n%s\n", pal.Bold(pal.Red("Attention:")))
 		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 		for _, p := range r.Problems {
 			fmt.Fprintf(tw, "  %s\t%s\n", p.Node, p.Problem)
@@ -485,41 +486,6 @@ func writeEncryptionStatus(w io.Writer, pal palette, r encryptionStatusReport, n
 		return fmt.Errorf("write encryption status: %w", err)
 	}
 	return nil
-}
-
-// age renders how long ago t was, at most two units: 42s, 5m10s, 3h4m,
-// 90d, 12d3h.
-func age(now, t time.Time) string {
-	d := now.Sub(t)
-	if d < 0 {
-		d = 0
-	}
-	return shortDuration(d)
-}
-
-func shortDuration(d time.Duration) string {
-	d = d.Truncate(time.Second)
-	switch {
-	case d < time.Minute:
-		return fmt.Sprintf("%ds", int(d.Seconds()))
-	case d < time.Hour:
-		m, s := int(d/time.Minute), int(d%time.Minute/time.Second)
-		if s == 0 {
-			return fmt.Sprintf("%dm", m)
-		}
-		return fmt.Sprintf("%dm%ds", m, s)
-	case d < 24*time.Hour:
-		h, m := int(d/time.Hour), int(d%time.Hour/time.Minute)
-		if m == 0 {
-			return fmt.Sprintf("%dh", h)
-		}
-		return fmt.Sprintf("%dh%dm", h, m)
-	}
-	days, h := int(d/(24*time.Hour)), int(d%(24*time.Hour)/time.Hour)
-	if h == 0 {
-		return fmt.Sprintf("%dd", days)
-	}
-	return fmt.Sprintf("%dd%dh", days, h)
 }
 
 func newEncryptionRotateKeyCommand(agent *agentOptions) *cobra.Command {
@@ -562,7 +528,7 @@ Exit codes:
 			if err != nil || done {
 				return err
 			}
-			if _, err := fmt.Fprintf(w, "%s: key rotated: %s → %s\n", orUnknown(r.Node), dash(r.OldFingerprint), dash(r.NewFingerprint)); err != nil {
+			if _, err := fmt.Fprintf(w, "%s: key rotated: %s → %s\n", output.OrUnknown(r.Node), output.Dash(r.OldFingerprint), output.Dash(r.NewFingerprint)); err != nil {
 				return fmt.Errorf("write rotate-key: %w", err)
 			}
 			return nil

@@ -24,6 +24,7 @@ import (
 	meshfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 // cluster is what the fake API server holds.
@@ -282,14 +283,14 @@ func TestEncryptionStatusColourKeepsAlignment(t *testing.T) {
 			t.Fatal(err)
 		}
 		var plain, coloured bytes.Buffer
-		if err := writeEncryptionStatus(&plain, palette{}, r, testNow); err != nil {
+		if err := writeEncryptionStatus(&plain, output.Palette{}, r, testNow); err != nil {
 			t.Fatal(err)
 		}
-		if err := writeEncryptionStatus(&coloured, palette{on: true}, r, testNow); err != nil {
+		if err := writeEncryptionStatus(&coloured, output.Palette{On: true}, r, testNow); err != nil {
 			t.Fatal(err)
 		}
 		if !ansi.Match(coloured.Bytes()) {
-			t.Error("no colour with the palette on")
+			t.Error("no colour with the output.Palette on")
 		}
 		if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() {
 			t.Errorf("coloured output differs from plain once uncoloured:\n%s\n---\n%s", got, plain.String())
@@ -304,20 +305,6 @@ func mustConnect(t *testing.T, c *cluster) *kubeClients {
 		t.Fatal(err)
 	}
 	return kc
-}
-
-func TestShortDuration(t *testing.T) {
-	for d, want := range map[time.Duration]string{
-		0: "0s", 42 * time.Second: "42s", 5 * time.Minute: "5m", 5*time.Minute + 10*time.Second: "5m10s",
-		3*time.Hour + 4*time.Minute + 5*time.Second: "3h4m", 2 * time.Hour: "2h", 90 * 24 * time.Hour: "90d", 12*24*time.Hour + 3*time.Hour: "12d3h",
-	} {
-		if got := shortDuration(d); got != want {
-			t.Errorf("shortDuration(%s) = %q; want %q", d, got, want)
-		}
-	}
-	if got := age(testNow, testNow.Add(time.Hour)); got != "0s" {
-		t.Errorf("age of a future time = %q; want 0s", got)
-	}
 }
 
 // rotatingAgent answers RotateKey.

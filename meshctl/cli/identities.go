@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 func newIdentitiesCommand(agent *agentOptions) *cobra.Command {
@@ -74,7 +75,7 @@ Exit codes:
 			}
 			if len(missing) > 0 {
 				slices.Sort(missing)
-				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), orUnknown(c.status.Node))
+				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), output.OrUnknown(c.status.Node))
 			}
 			slices.SortFunc(r.Identities, func(a, b identityReport) int { return cmp.Compare(a.ID, b.ID) })
 			w := cmd.OutOrStdout()

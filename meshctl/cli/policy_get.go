@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 	"github.com/veilmesh/veil/policy/policytypes"
@@ -70,7 +71,7 @@ Exit codes:
 			if err != nil || done {
 				return err
 			}
-			return writePolicy(w, paletteFor(w), r)
+			return writePolicy(w, output.PaletteFor(w), r)
 		},
 	}
 	addOutputFlag(cmd, &out)
@@ -251,18 +252,18 @@ func entryPort(k policytypes.Key) string {
 	return fmt.Sprintf("%d-%d/%s", lo, lo|^mask, proto)
 }
 
-func writePolicy(w io.Writer, pal palette, r policyReport) error {
+func writePolicy(w io.Writer, pal output.Palette, r policyReport) error {
 	verdict := func(v string) string {
 		switch v {
 		case "allow":
-			return pal.green("ALLOW")
+			return pal.Green("ALLOW")
 		case "deny":
-			return pal.red("DENY")
+			return pal.Red("DENY")
 		}
-		return pal.plain("-")
+		return pal.Plain("-")
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s  %s", pal.bold(r.Endpoint), strings.Join(r.IPs, ","))
+	fmt.Fprintf(&b, "%s  %s", pal.Bold(r.Endpoint), strings.Join(r.IPs, ","))
 	if r.Node != "" {
 		fmt.Fprintf(&b, "  node %s", r.Node)
 	}
@@ -285,7 +286,7 @@ func writePolicy(w io.Writer, pal palette, r policyReport) error {
 			continue
 		}
 		tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-		fmt.Fprintf(tw, "  %s\tAUDIT\tPEER\tPORT\tRULE\tHITS\tBYTES\n", pal.plain("VERDICT"))
+		fmt.Fprintf(tw, "  %s\tAUDIT\tPEER\tPORT\tRULE\tHITS\tBYTES\n", pal.Plain("VERDICT"))
 		for _, e := range d.rep.Entries {
 			audit := "-"
 			if e.AuditVerdict != e.Verdict {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 	"github.com/veilmesh/veil/policy/policytypes"
@@ -99,7 +100,7 @@ Exit codes:
 				return err
 			}
 			if !done {
-				if err := writeTrace(w, paletteFor(w), report); err != nil {
+				if err := writeTrace(w, output.PaletteFor(w), report); err != nil {
 					return err
 				}
 			}
@@ -277,15 +278,15 @@ func newDirectionReport(d policy.DirectionTrace, owner policy.TracePeer) directi
 	return r
 }
 
-func writeTrace(w io.Writer, pal palette, r traceReport) error {
+func writeTrace(w io.Writer, pal output.Palette, r traceReport) error {
 	verdict := func(word string) string {
 		if word == "ALLOWED" {
-			return pal.green(word)
+			return pal.Green(word)
 		}
-		return pal.red(word)
+		return pal.Red(word)
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s  %s → %s  %s\n", pal.bold(verdict(r.Verdict)), r.From.Peer, r.To.Peer, r.Port)
+	fmt.Fprintf(&b, "%s  %s → %s  %s\n", pal.Bold(verdict(r.Verdict)), r.From.Peer, r.To.Peer, r.Port)
 	if r.AuditVerdict != r.Verdict {
 		fmt.Fprintf(&b, "audit: would be %s if audit-mode policies were enforced\n", verdict(r.AuditVerdict))
 	}

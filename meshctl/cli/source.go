@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/manifest"
 )
@@ -100,10 +101,10 @@ func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifest
 		for _, p := range errs {
 			fmt.Fprintln(stderr, p)
 		}
-		return nil, usageErrorf("the manifests have %s; 'meshctl policy validate' lists every problem", plural(len(errs), "error"))
+		return nil, usageErrorf("the manifests have %s; 'meshctl policy validate' lists every problem", output.Plural(len(errs), "error"))
 	}
 	if ws := problems.Warnings(); len(ws) > 0 {
-		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", plural(len(ws), "warning"))
+		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", output.Plural(len(ws), "warning"))
 	}
 	return &manifestSource{compiled: c}, nil
 }
@@ -181,14 +182,4 @@ func compareProblems(a, b manifest.Problem) int {
 		return 1
 	}
 	return 0
-}
-
-func plural(n int, word string) string {
-	if n == 1 {
-		return "1 " + word
-	}
-	if strings.HasSuffix(word, "y") {
-		return fmt.Sprintf("%d %sies", n, strings.TrimSuffix(word, "y"))
-	}
-	return fmt.Sprintf("%d %ss", n, word)
 }
