@@ -19,6 +19,7 @@ import (
 	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -147,7 +148,7 @@ Exit codes:
 						return err
 					}
 				}
-				a := &activeAudit{agent: agent, opts: opts, conns: map[string]*agentConn{}, errs: map[string]error{}}
+				a := &activeAudit{agent: agent, opts: opts, conns: map[string]*agentclient.Conn{}, errs: map[string]error{}}
 				defer a.close()
 				a.run(ctx, &r, cs, pods)
 			}
@@ -656,7 +657,7 @@ type activeAudit struct {
 	agent *agentOptions
 	opts  auditOptions
 	// conns and errs cache one connection (or why there is none) per node.
-	conns map[string]*agentConn
+	conns map[string]*agentclient.Conn
 	errs  map[string]error
 }
 
@@ -667,7 +668,7 @@ func (a *activeAudit) close() {
 }
 
 // conn connects to a node's agent through the --node resolver.
-func (a *activeAudit) conn(ctx context.Context, node string) (*agentConn, error) {
+func (a *activeAudit) conn(ctx context.Context, node string) (*agentclient.Conn, error) {
 	if c, ok := a.conns[node]; ok {
 		return c, nil
 	}
@@ -757,13 +758,13 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 		wg           sync.WaitGroup
 		srcCap, dCap captured
 	)
-	capture := func(c *agentConn, node string, out *captured) {
+	capture := func(c *agentclient.Conn, node string, out *captured) {
 		defer wg.Done()
-		cctx, cancel := context.WithTimeout(ctx, a.opts.captureDuration+c.timeout)
+		cctx, cancel := context.WithTimeout(ctx, a.opts.captureDuration+c.Timeout)
 		defer cancel()
-		resp, err := c.client.CaptureUnderlay(cctx, req)
+		resp, err := c.Client.CaptureUnderlay(cctx, req)
 		if err != nil {
-			err = c.callError("capture the underlay of "+node, err)
+			err = callError(c, "capture the underlay of "+node, err)
 		}
 		*out = captured{resp, err}
 	}
@@ -787,7 +788,7 @@ func (a *activeAudit) pair(ctx context.Context, src, dst string, to corev1.Pod) 
 		}
 		var sent *agentv1.SendMarkerResponse
 		sent, sendErr = unary(ctx, sc, "send marker from "+src, func(ctx context.Context) (*agentv1.SendMarkerResponse, error) {
-			return sc.client.SendMarker(ctx, &agentv1.SendMarkerRequest{Destination: to.Status.PodIP, Port: ev.DestinationPort, Marker: ev.Marker, Count: 1})
+			return sc.Client.SendMarker(ctx, &agentv1.SendMarkerRequest{Destination: to.Status.PodIP, Port: ev.DestinationPort, Marker: ev.Marker, Count: 1})
 		})
 		if sendErr == nil {
 			ev.SourcePod, ev.SourceIP, ev.Sent = sent.SourcePod, sent.SourceIp, ev.Sent+sent.Sent

@@ -26,6 +26,7 @@ import (
 	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -385,9 +386,9 @@ current-context: lab
 		wantCode int
 		want     string
 	}{
-		{"lab state", map[string]string{envLabState: lab}, []string{"--timeout", "2s"}, ExitUnreachable, "list nodes at https://127.0.0.1:1"},
-		{"lab state without kubeconfig", map[string]string{envLabState: labNone}, nil, ExitUsage, "the lab state " + labNone + " names none"},
-		{"KUBECONFIG beats the lab", map[string]string{envLabState: labNone, envKubeconfig: missing}, nil, ExitUsage, "none of the files in KUBECONFIG="},
+		{"lab state", map[string]string{agentclient.EnvLabState: lab}, []string{"--timeout", "2s"}, ExitUnreachable, "list nodes at https://127.0.0.1:1"},
+		{"lab state without kubeconfig", map[string]string{agentclient.EnvLabState: labNone}, nil, ExitUsage, "the lab state " + labNone + " names none"},
+		{"KUBECONFIG beats the lab", map[string]string{agentclient.EnvLabState: labNone, envKubeconfig: missing}, nil, ExitUsage, "none of the files in KUBECONFIG="},
 		{"none", map[string]string{"HOME": home}, nil, ExitUsage, "no kubeconfig: --kubeconfig is not given, KUBECONFIG is not set and " + filepath.Join(home, ".kube", "config") + " does not exist"},
 		{"no home", nil, nil, ExitUsage, "~/.kube/config does not exist"},
 		{"KUBECONFIG missing", map[string]string{envKubeconfig: missing + string(filepath.ListSeparator) + missing + "2"}, nil, ExitUsage, "none of the files in KUBECONFIG="},
@@ -577,7 +578,7 @@ func TestAuditActive(t *testing.T) {
 	c.pods[0].Spec.Containers = []corev1.Container{{Name: "dns", Ports: []corev1.ContainerPort{{ContainerPort: 8080}, {ContainerPort: 53, Protocol: corev1.ProtocolUDP}}}}
 	w := newLabWire(c)
 	lab := labAgents(t, w, "node-1", "node-2", "node-3")
-	r, code, stderr := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "500ms")
+	r, code, stderr := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
 	if code != ExitOK || r.Verdict != verdictPass {
 		t.Fatalf("exit %d, verdict %s, stderr %q\n%s", code, r.Verdict, stderr, failuresString(r.Failures))
 	}
@@ -607,7 +608,7 @@ func TestAuditActiveFails(t *testing.T) {
 		w := newLabWire(c)
 		w.clear = true
 		lab := labAgents(t, w, "node-1", "node-2")
-		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "500ms")
+		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
 		if code != ExitFailure || r.Verdict != verdictFail || len(r.Failures) != 2 {
 			t.Fatalf("exit %d, verdict %s; want 1, FAIL with the 2 active checks\n%s", code, r.Verdict, failuresString(r.Failures))
 		}
@@ -625,7 +626,7 @@ func TestAuditActiveFails(t *testing.T) {
 	t.Run("agent not in the lab", func(t *testing.T) {
 		c := healthyCluster(2)
 		lab := labAgents(t, newLabWire(c), "node-1")
-		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "100ms")
+		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "100ms")
 		got := activeChecks(r)
 		if code != ExitFailure || len(got) != 2 {
 			t.Fatalf("exit %d, active checks %+v", code, got)
@@ -649,7 +650,7 @@ func TestAuditActiveFails(t *testing.T) {
 		if err := os.WriteFile(lab, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "100ms")
+		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "100ms")
 		got := activeChecks(r)["node-1→node-2"]
 		if code != ExitFailure || !strings.Contains(got.Reason, "cannot reach the agent of node-2: cannot reach veil-agent at") || strings.Contains(got.Reason, "\n") {
 			t.Errorf("exit %d, %q; want one line naming the unreachable agent", code, got.Reason)

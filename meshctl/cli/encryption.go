@@ -517,12 +517,12 @@ Exit codes:
 			}
 			defer c.Close()
 			resp, err := unary(cmd.Context(), c, "rotate key", func(ctx context.Context) (*agentv1.RotateKeyResponse, error) {
-				return c.client.RotateKey(ctx, &agentv1.RotateKeyRequest{})
+				return c.Client.RotateKey(ctx, &agentv1.RotateKeyRequest{})
 			})
 			if err != nil {
 				return err
 			}
-			r := rotateKeyReport{Node: c.status.Node, OldFingerprint: resp.OldFingerprint, NewFingerprint: resp.NewFingerprint}
+			r := rotateKeyReport{Node: c.Status.Node, OldFingerprint: resp.OldFingerprint, NewFingerprint: resp.NewFingerprint}
 			w := cmd.OutOrStdout()
 			done, err := out.structured(w, r)
 			if err != nil || done {

@@ -24,6 +24,7 @@ import (
 	meshfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -341,7 +342,7 @@ func TestRotateKey(t *testing.T) {
 	}
 	golden(t, "encryption-rotate-key.txt", out)
 
-	out, stderr, code = runLive(t, t.Context(), testEnv(map[string]string{envLabState: lab}), "encryption", "rotate-key", "--node", "node-2", "-o", "json")
+	out, stderr, code = runLive(t, t.Context(), testEnv(map[string]string{agentclient.EnvLabState: lab}), "encryption", "rotate-key", "--node", "node-2", "-o", "json")
 	var r rotateKeyReport
 	if err := json.Unmarshal([]byte(out), &r); code != ExitOK || err != nil {
 		t.Fatalf("exit %d, %v, stdout %q, stderr %q", code, err, out, stderr)

@@ -44,12 +44,12 @@ Exit codes:
 			}
 			defer c.Close()
 			resp, err := unary(cmd.Context(), c, "list endpoints", func(ctx context.Context) (*agentv1.ListEndpointsResponse, error) {
-				return c.client.ListEndpoints(ctx, &agentv1.ListEndpointsRequest{})
+				return c.Client.ListEndpoints(ctx, &agentv1.ListEndpointsRequest{})
 			})
 			if err != nil {
 				return err
 			}
-			r := endpointsReport{Node: c.status.Node, Endpoints: []endpointReport{}}
+			r := endpointsReport{Node: c.Status.Node, Endpoints: []endpointReport{}}
 			for _, e := range resp.Endpoints {
 				if namespace != "" && e.Namespace != namespace {
 					continue

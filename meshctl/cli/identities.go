@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -58,7 +59,7 @@ Exit codes:
 			if err != nil {
 				return err
 			}
-			r := identitiesReport{Node: c.status.Node, Identities: []identityReport{}}
+			r := identitiesReport{Node: c.Status.Node, Identities: []identityReport{}}
 			found := map[uint32]bool{}
 			for _, id := range resp.Identities {
 				if len(want) > 0 && !want[id.Id] {
@@ -75,7 +76,7 @@ Exit codes:
 			}
 			if len(missing) > 0 {
 				slices.Sort(missing)
-				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), output.OrUnknown(c.status.Node))
+				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), output.OrUnknown(c.Status.Node))
 			}
 			slices.SortFunc(r.Identities, func(a, b identityReport) int { return cmp.Compare(a.ID, b.ID) })
 			w := cmd.OutOrStdout()
@@ -90,9 +91,9 @@ Exit codes:
 	return cmd
 }
 
-func listIdentities(ctx context.Context, c *agentConn) (*agentv1.ListIdentitiesResponse, error) {
+func listIdentities(ctx context.Context, c *agentclient.Conn) (*agentv1.ListIdentitiesResponse, error) {
 	return unary(ctx, c, "list identities", func(ctx context.Context) (*agentv1.ListIdentitiesResponse, error) {
-		return c.client.ListIdentities(ctx, &agentv1.ListIdentitiesRequest{})
+		return c.Client.ListIdentities(ctx, &agentv1.ListIdentitiesRequest{})
 	})
 }
 

@@ -21,6 +21,7 @@ import (
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 )
 
 // envKubeconfig lists kubeconfig files, as for kubectl.
@@ -55,7 +56,7 @@ func newKubeOptions(env agentEnv, connect kubeConnect) *kubeOptions {
 // addFlags adds the cluster flags to cmd and its subcommands.
 func (o *kubeOptions) addFlags(cmd *cobra.Command) {
 	fs := cmd.PersistentFlags()
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", else the lab's with "+envLabState+", else ~/.kube/config)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", else the lab's with "+agentclient.EnvLabState+", else ~/.kube/config)")
 	fs.StringVar(&o.context, "context", "", "the kubeconfig context to use (default: its current context)")
 }
 
@@ -98,12 +99,12 @@ func loadKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*rest.Config,
 		if !slices.ContainsFunc(rules.Precedence, fileExists) {
 			return nil, usageErrorf("no kubeconfig: none of the files in %s exists", source)
 		}
-	case env.getenv(envLabState) != "":
+	case env.getenv(agentclient.EnvLabState) != "":
 		// The lab's state file names the kubeconfig of its API server.
-		path := env.getenv(envLabState)
+		path := env.getenv(agentclient.EnvLabState)
 		st, err := lab.ReadStateFile(path)
 		if err != nil {
-			return nil, usageErrorf("%s, for its kubeconfig: %w", envLabState, err)
+			return nil, usageErrorf("%s, for its kubeconfig: %w", agentclient.EnvLabState, err)
 		}
 		if st.Kubeconfig == "" {
 			return nil, usageErrorf("no kubeconfig: --kubeconfig is not given, %s is not set and the lab state %s names none", envKubeconfig, path)

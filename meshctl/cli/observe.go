@@ -145,12 +145,12 @@ Exit codes:
 			defer c.Close()
 			streamCtx, cancel := context.WithCancel(ctx)
 			if !follow {
-				streamCtx, cancel = context.WithTimeout(ctx, c.timeout)
+				streamCtx, cancel = context.WithTimeout(ctx, c.Timeout)
 			}
 			defer cancel()
-			stream, err := c.client.Observe(streamCtx, req)
+			stream, err := c.Client.Observe(streamCtx, req)
 			if err != nil {
-				return c.callError("observe", err)
+				return callError(c, "observe", err)
 			}
 			w := cmd.OutOrStdout()
 			p := newFlowPrinter(w, out.format, output.PaletteFor(w), agent.env.loc, follow)
@@ -164,7 +164,7 @@ Exit codes:
 						// Interrupted: what was shown is the answer.
 						return p.done()
 					}
-					return c.callError("observe", err)
+					return callError(c, "observe", err)
 				}
 				if f.TimeUnixNano < notBefore {
 					continue

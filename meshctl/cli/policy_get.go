@@ -53,7 +53,7 @@ Exit codes:
 			}
 			defer c.Close()
 			resp, err := unary(cmd.Context(), c, "get policy of "+args[0], func(ctx context.Context) (*agentv1.GetPolicyResponse, error) {
-				return c.client.GetPolicy(ctx, &agentv1.GetPolicyRequest{Namespace: peer.Namespace, Name: peer.Name})
+				return c.Client.GetPolicy(ctx, &agentv1.GetPolicyRequest{Namespace: peer.Namespace, Name: peer.Name})
 			})
 			if err != nil {
 				return err
@@ -62,7 +62,7 @@ Exit codes:
 			if err != nil {
 				return err
 			}
-			r, err := newPolicyReport(resp, ids, c.status.Node)
+			r, err := newPolicyReport(resp, ids, c.Status.Node)
 			if err != nil {
 				return &exitError{code: ExitUnreachable, err: err}
 			}

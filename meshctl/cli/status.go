@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -32,7 +33,7 @@ Troubleshooting when the agent cannot be reached:
   - The socket is root-only (mode 0600): run meshctl as root on the node,
     or inside the veil-agent pod.
   - Is the socket where meshctl looks? --socket PATH or VEIL_SOCKET
-    (default ` + defaultSocket + `); the agent's --socket flag sets it.
+    (default ` + agentclient.DefaultSocket + `); the agent's --socket flag sets it.
   - --node NAME reaches another node's agent in the lab (VEIL_LAB_STATE);
     in a cluster, run meshctl on that node.
 
@@ -53,7 +54,7 @@ Exit codes:
 				return err
 			}
 			defer c.Close()
-			r := newStatusReport(c.status, c.target)
+			r := newStatusReport(c.Status, c.Target)
 			w := cmd.OutOrStdout()
 			done, err := out.structured(w, r)
 			if err != nil {
@@ -128,9 +129,9 @@ func unixTime(ns int64) *time.Time {
 	return &t
 }
 
-func newStatusReport(st *agentv1.StatusResponse, t agentTarget) statusReport {
+func newStatusReport(st *agentv1.StatusResponse, t agentclient.Target) statusReport {
 	r := statusReport{
-		Node: st.Node, Socket: t.socket, AgentVersion: st.AgentVersion, APIVersion: st.ApiVersion,
+		Node: st.Node, Socket: t.Socket, AgentVersion: st.AgentVersion, APIVersion: st.ApiVersion,
 		Healthy: st.Healthy, Started: unixTime(st.StartedUnixNano),
 		APIServerConnected: st.ApiServerConnected, LastSync: unixTime(st.LastSyncUnixNano),
 		Converged: st.Converged, PodCIDR: st.PodCidr,

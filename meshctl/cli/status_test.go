@@ -7,6 +7,7 @@ import (
 	"time"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -54,7 +55,7 @@ func TestStatusDegradedWithoutFlag(t *testing.T) {
 }
 
 func TestStatusColourKeepsAlignment(t *testing.T) {
-	r := newStatusReport(degradedStatus(), agentTarget{socket: "/run/veil/agent.sock"})
+	r := newStatusReport(degradedStatus(), agentclient.Target{Socket: "/run/veil/agent.sock"})
 	var plain, coloured bytes.Buffer
 	if err := writeStatus(&plain, output.Palette{}, r, testNow); err != nil {
 		t.Fatal(err)
