@@ -27,14 +27,15 @@ import (
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/audit"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
 // auditJSON runs audit encryption -o json on c and decodes the evidence.
-func auditJSON(t *testing.T, c *cluster, vars map[string]string, args ...string) (auditReport, int, string) {
+func auditJSON(t *testing.T, c *cluster, vars map[string]string, args ...string) (audit.Report, int, string) {
 	t.Helper()
 	out, stderr, code := runCluster(t, c, vars, append([]string{"audit", "encryption", "-o", "json"}, args...)...)
-	var r auditReport
+	var r audit.Report
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("decode audit JSON: %v\nstdout: %s\nstderr: %s", err, out, stderr)
 	}
@@ -43,11 +44,11 @@ func auditJSON(t *testing.T, c *cluster, vars map[string]string, args ...string)
 
 func TestAuditHealthyPasses(t *testing.T) {
 	r, code, stderr := auditJSON(t, healthyCluster(3), nil)
-	if code != ExitOK || r.Verdict != verdictPass || len(r.Failures) != 0 {
+	if code != ExitOK || r.Verdict != audit.Pass || len(r.Failures) != 0 {
 		t.Fatalf("exit %d, verdict %s, failures %+v, stderr %q; want PASS", code, r.Verdict, r.Failures, stderr)
 	}
 	// 8 checks per node, 2 per ordered pair.
-	if want := 3*len(nodeChecks) + 6*2; len(r.Checks) != want {
+	if want := 3*len(audit.NodeChecks()) + 6*2; len(r.Checks) != want {
 		t.Errorf("%d checks; want %d", len(r.Checks), want)
 	}
 	for _, c := range r.Checks {
@@ -197,7 +198,7 @@ func TestAuditFaults(t *testing.T) {
 			c := healthyCluster(3)
 			tc.fault(c)
 			r, code, stderr := auditJSON(t, c, nil)
-			if code != ExitFailure || r.Verdict != verdictFail {
+			if code != ExitFailure || r.Verdict != audit.Fail {
 				t.Errorf("exit %d, verdict %s, stderr %q; want exit 1, FAIL", code, r.Verdict, stderr)
 			}
 			var got []want
@@ -217,7 +218,7 @@ func TestAuditFaults(t *testing.T) {
 	}
 }
 
-func failuresString(fs []auditCheck) string {
+func failuresString(fs []audit.Check) string {
 	var b strings.Builder
 	for _, f := range fs {
 		b.WriteString("  " + f.Scope + " " + f.Check + " " + f.Reason + "\n")
@@ -239,7 +240,7 @@ func TestAuditThresholds(t *testing.T) {
 	if checks["handshake"] != 4 || checks["key-age"] != 3 || checks["status-fresh"] != 3 {
 		t.Errorf("failures by check = %v; want 4 handshake, 3 key-age, 3 status-fresh\n%s", checks, failuresString(r.Failures))
 	}
-	if r.Thresholds != (auditThresholds{MaxHandshakeAge: "15s", MaxKeyAge: "700h0m0s", StaleAfter: "5s"}) {
+	if r.Thresholds != (audit.Thresholds{MaxHandshakeAge: "15s", MaxKeyAge: "700h0m0s", StaleAfter: "5s"}) {
 		t.Errorf("thresholds = %+v", r.Thresholds)
 	}
 	for _, args := range [][]string{{"--max-handshake-age", "0s"}, {"--max-key-age", "-1h"}, {"--capture-duration", "11s"}, {"--marker-port", "70000"}, {"-o", "xml"}} {
@@ -298,14 +299,14 @@ func TestAuditColourKeepsAlignment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := auditOptions{maxHandshakeAge: 5 * time.Minute, maxKeyAge: 2160 * time.Hour, staleAfter: defaultStaleAfter}
-	r := newAuditReport(cs, testNow, opts)
-	r.finish()
+	opts := audit.Options{MaxHandshakeAge: 5 * time.Minute, MaxKeyAge: 2160 * time.Hour, StaleAfter: audit.DefaultStaleAfter}
+	r := audit.New(cs, testNow, opts, buildVersion().Version)
+	r.Finish()
 	var plain, coloured strings.Builder
-	if err := writeAudit(&plain, output.Palette{}, r); err != nil {
+	if err := audit.Write(&plain, output.Palette{}, r); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeAudit(&coloured, output.Palette{On: true}, r); err != nil {
+	if err := audit.Write(&coloured, output.Palette{On: true}, r); err != nil {
 		t.Fatal(err)
 	}
 	if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() || !ansi.MatchString(coloured.String()) {
@@ -560,8 +561,8 @@ func labAgents(t *testing.T, w *labWire, nodes ...string) string {
 	return path
 }
 
-func activeChecks(r auditReport) map[string]auditCheck {
-	out := map[string]auditCheck{}
+func activeChecks(r audit.Report) map[string]audit.Check {
+	out := map[string]audit.Check{}
 	for _, c := range r.Checks {
 		if c.Check == "active" {
 			out[c.Scope] = c
@@ -579,17 +580,17 @@ func TestAuditActive(t *testing.T) {
 	w := newLabWire(c)
 	lab := labAgents(t, w, "node-1", "node-2", "node-3")
 	r, code, stderr := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
-	if code != ExitOK || r.Verdict != verdictPass {
+	if code != ExitOK || r.Verdict != audit.Pass {
 		t.Fatalf("exit %d, verdict %s, stderr %q\n%s", code, r.Verdict, stderr, failuresString(r.Failures))
 	}
 	active := activeChecks(r)
-	if len(active) != 2 || active["node-1→node-2"].Result != resultPass || active["node-2→node-1"].Result != resultPass {
+	if len(active) != 2 || active["node-1→node-2"].Result != audit.Pass || active["node-2→node-1"].Result != audit.Pass {
 		t.Errorf("active checks = %+v; want node-1→node-2 and node-2→node-1 PASS", active)
 	}
 	if got := active["node-1→node-2"].Reason; !strings.Contains(got, "marker sent 3× from x/a-1 (10.0.1.5) to x/a-2 (10.0.2.5) arrived through node-2's tunnel 3×") {
 		t.Errorf("reason = %q", got)
 	}
-	if len(r.NotTested) != 4 || r.NotTested[0] != (auditCheck{Scope: "node-1→node-3", Check: "active", Reason: "node-3 runs no pod to send the marker to"}) {
+	if len(r.NotTested) != 4 || r.NotTested[0] != (audit.Check{Scope: "node-1→node-3", Check: "active", Reason: "node-3 runs no pod to send the marker to"}) {
 		t.Errorf("not tested = %+v", r.NotTested)
 	}
 	if len(r.Active) != 2 || r.Active[0].Marker == r.Active[1].Marker || !strings.HasPrefix(r.Active[0].Marker, "veil-audit-") ||
@@ -609,7 +610,7 @@ func TestAuditActiveFails(t *testing.T) {
 		w.clear = true
 		lab := labAgents(t, w, "node-1", "node-2")
 		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
-		if code != ExitFailure || r.Verdict != verdictFail || len(r.Failures) != 2 {
+		if code != ExitFailure || r.Verdict != audit.Fail || len(r.Failures) != 2 {
 			t.Fatalf("exit %d, verdict %s; want 1, FAIL with the 2 active checks\n%s", code, r.Verdict, failuresString(r.Failures))
 		}
 		got := activeChecks(r)["node-1→node-2"]
@@ -618,7 +619,7 @@ func TestAuditActiveFails(t *testing.T) {
 			"the marker was seen in the clear on node-2's underlay (eth0): 3 frames",
 			"3 plaintext pod frames on node-2's underlay (eth0)",
 		} {
-			if got.Result != resultFail || !strings.Contains(got.Reason, want) {
+			if got.Result != audit.Fail || !strings.Contains(got.Reason, want) {
 				t.Errorf("node-1→node-2 = %s %q; want FAIL containing %q", got.Result, got.Reason, want)
 			}
 		}

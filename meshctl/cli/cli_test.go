@@ -51,7 +51,7 @@ func golden(t *testing.T, name, got string) {
 const (
 	e2e      = "../testdata/e2e"
 	policies = "../testdata/policies"
-	audit    = "../testdata/audit"
+	auditDir = "../testdata/audit"
 	invalid  = "../testdata/invalid"
 )
 
@@ -61,17 +61,17 @@ func TestGolden(t *testing.T) {
 		args     []string
 		wantCode int
 	}{
-		{"validate-ok.txt", []string{"policy", "validate", "-f", e2e, "-f", policies, "-f", audit}, ExitOK},
+		{"validate-ok.txt", []string{"policy", "validate", "-f", e2e, "-f", policies, "-f", auditDir}, ExitOK},
 		{"validate-invalid.txt", []string{"policy", "validate", "-f", invalid}, ExitFailure},
 		{"validate-invalid.json", []string{"policy", "validate", "-f", invalid, "-o", "json"}, ExitFailure},
 		{"trace-allowed.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "y/b", "--to", "x/a", "--port", "80"}, ExitOK},
 		{"trace-denied.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "x/b", "--to", "x/a", "--port", "80/TCP"}, ExitOK},
 		{"trace-denied-exit-code.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "x/b", "--to", "x/a", "--port", "80", "--exit-code"}, ExitFailure},
 		{"trace-named-port-udp.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "10.0.2.3", "--to", "10.0.1.1", "--port", "80/UDP"}, ExitOK},
-		{"trace-audit.txt", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "z/a", "--to", "y/b", "--port", "81/UDP"}, ExitOK},
-		{"trace-icmp-world.json", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP", "-o", "json"}, ExitOK},
-		{"trace-icmp-world.txt", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP"}, ExitOK},
-		{"trace-audit.yaml", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "z/a", "--to", "y/b", "--port", "81/UDP", "-o", "yaml"}, ExitOK},
+		{"trace-audit.txt", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "z/a", "--to", "y/b", "--port", "81/UDP"}, ExitOK},
+		{"trace-icmp-world.json", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP", "-o", "json"}, ExitOK},
+		{"trace-icmp-world.txt", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP"}, ExitOK},
+		{"trace-audit.yaml", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "z/a", "--to", "y/b", "--port", "81/UDP", "-o", "yaml"}, ExitOK},
 		{"matrix.txt", []string{"policy", "matrix", "-f", e2e, "-f", policies, "--port", "80/TCP", "--port", "81/UDP"}, ExitOK},
 		{"matrix.json", []string{"policy", "matrix", "-f", e2e, "-f", policies, "--port", "80/TCP,81/UDP", "-o", "json"}, ExitOK},
 	} {

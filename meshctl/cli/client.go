@@ -62,6 +62,15 @@ func (o *agentOptions) connect(ctx context.Context) (*agentclient.Conn, error) {
 	return c, exitFor(err)
 }
 
+// connectNode dials the agent of node through the --node resolver, for
+// commands that talk to many agents.
+func (o *agentOptions) connectNode(ctx context.Context, node string) (*agentclient.Conn, error) {
+	n := *o
+	n.node = node
+	n.socketSet = func() bool { return false }
+	return n.connect(ctx)
+}
+
 // unary is agentclient.Unary with its error turned into meshctl's exit
 // code.
 func unary[T any](ctx context.Context, c *agentclient.Conn, op string, fn func(context.Context) (T, error)) (T, error) {

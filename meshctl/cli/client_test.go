@@ -44,7 +44,7 @@ type fakeAgent struct {
 
 func newFakeAgent(t *testing.T) *fakeAgent {
 	t.Helper()
-	src, err := (&manifestFlags{paths: []string{e2e, policies, audit}}).openSource(nil, io.Discard)
+	src, err := (&manifestFlags{paths: []string{e2e, policies, auditDir}}).openSource(nil, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}

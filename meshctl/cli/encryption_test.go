@@ -25,6 +25,7 @@ import (
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/audit"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -279,7 +280,7 @@ func TestEncryptionStatusColourKeepsAlignment(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, err := newEncryptionStatusReport(cs, testNow, defaultStaleAfter, "")
+		r, err := newEncryptionStatusReport(cs, testNow, audit.DefaultStaleAfter, "")
 		if err != nil {
 			t.Fatal(err)
 		}

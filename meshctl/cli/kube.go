@@ -22,6 +22,7 @@ import (
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/audit"
 )
 
 // envKubeconfig lists kubeconfig files, as for kubectl.
@@ -167,27 +168,17 @@ func apiError(op, server string, err error) error {
 	return &exitError{code: ExitUnreachable, err: fmt.Errorf("%s at %s: %w\n  %s", op, server, err, hint)}
 }
 
-// clusterState is what the encryption commands read from the API server.
-type clusterState struct {
-	server string
-	// nodes are sorted by name.
-	nodes []corev1.Node
-	// meshNodes by name; a node without one has never been reported by
-	// its agent.
-	meshNodes map[string]*meshv1alpha1.MeshNode
-}
-
 // readCluster lists Nodes and MeshNodes, each call bounded by timeout.
-func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*clusterState, error) {
-	st := &clusterState{server: kc.server, meshNodes: map[string]*meshv1alpha1.MeshNode{}}
+func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*audit.Cluster, error) {
+	st := &audit.Cluster{Server: kc.server, MeshNodes: map[string]*meshv1alpha1.MeshNode{}}
 	nctx, cancel := timeout(ctx)
 	nodes, err := kc.core.CoreV1().Nodes().List(nctx, metav1.ListOptions{})
 	cancel()
 	if err != nil {
 		return nil, apiError("list nodes", kc.server, err)
 	}
-	st.nodes = nodes.Items
-	slices.SortFunc(st.nodes, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	st.Nodes = nodes.Items
+	slices.SortFunc(st.Nodes, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
 	mctx, cancel := timeout(ctx)
 	mns, err := kc.mesh.MeshV1alpha1().MeshNodes().List(mctx, metav1.ListOptions{})
 	cancel()
@@ -195,7 +186,7 @@ func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*cl
 		return nil, apiError("list meshnodes.mesh.veil.dev", kc.server, err)
 	}
 	for i := range mns.Items {
-		st.meshNodes[mns.Items[i].Name] = &mns.Items[i]
+		st.MeshNodes[mns.Items[i].Name] = &mns.Items[i]
 	}
 	return st, nil
 }

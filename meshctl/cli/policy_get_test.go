@@ -125,7 +125,7 @@ func TestLiveTraceRendersAsOffline(t *testing.T) {
 			if code != ExitOK {
 				t.Fatalf("exit %d: %s", code, stderr)
 			}
-			offline, _, _ := run(t, "", append([]string{"policy", "trace", "-f", e2e, "-f", policies, "-f", audit}, tc.args...)...)
+			offline, _, _ := run(t, "", append([]string{"policy", "trace", "-f", e2e, "-f", policies, "-f", auditDir}, tc.args...)...)
 			if live != offline {
 				t.Errorf("live trace differs from offline:\n--- live\n%s\n--- offline\n%s", live, offline)
 			}
