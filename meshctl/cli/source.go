@@ -16,7 +16,7 @@ import (
 )
 
 // tracer answers trace questions. Today the only implementation compiles
-// manifest files (manifestSource); the agent's gRPC Trace (agent/api/v1),
+// manifest files (manifestSource); the agent's gRPC Trace (api/agent/v1),
 // which returns a policy.TraceResult from the live compiled state, will be
 // the other, so trace depends on this interface and not on where answers
 // come from.
