@@ -1,8 +1,9 @@
 // Package nodeinfo reads what Veil needs from a Kubernetes Node: its
 // addresses, its pod CIDRs, and what its agent published in the
-// wireguard.veil.dev/* annotations (their keys are in api/annotations). The agent (ipcache and WireGuard peers),
-// the policy compiler and meshctl all read Nodes through it, so they agree
-// on which address belongs to which node.
+// wireguard.veil.dev/* annotations (their keys are in api/annotations).
+// The agent (ipcache and WireGuard peers), the policy compiler and meshctl
+// all read Nodes through it, so they agree on which address belongs to
+// which node.
 //
 //	n, err := nodeinfo.Parse(node)   // what one Node says
 //	c := nodeinfo.Resolve(nodes, nodeinfo.Options{Self: me, ClusterCIDRs: cidrs})
