@@ -14,7 +14,7 @@ APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft runc
 APT_FILES := /usr/lib/cni/loopback
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
-.PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane manifests image
+.PHONY: help deps bpffs generate generate-bpf generate-api generate-crds check-generate build test test-unit bench lab clean controlplane manifests image
 
 help:
 	@echo "make deps            install the toolchain (Debian packages) and mount bpffs"
@@ -41,7 +41,7 @@ bpffs:
 	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
 
 # manifests come last: the chart carries copies of the CRDs.
-generate: generate-bpf generate-policy generate-api
+generate: generate-bpf generate-crds generate-api
 	$(MAKE) --no-print-directory manifests
 
 generate-bpf:
@@ -54,31 +54,34 @@ generate-api:
 		--plugin=protoc-gen-go-grpc="$$($(GO) tool -n protoc-gen-go-grpc)" \
 		--go_out=. --go_opt=paths=source_relative \
 		--go-grpc_out=. --go-grpc_opt=paths=source_relative \
-		agent/api/v1/agent.proto
+		api/agent/v1/agent.proto
 
-# Inputs of generate-policy: deepcopy, clientset, listers and informers from
-# k8s.io/code-generator, CRD YAML from controller-gen; all are go.mod tools.
-POLICY_API_PKG := github.com/veilmesh/veil/policy/api/v1alpha1
-POLICY_CLIENT_PKG := github.com/veilmesh/veil/policy/client
-POLICY_BOILERPLATE := policy/api/boilerplate.go.txt
+# The CRD APIs (api/policy: MeshPolicy, ClusterMeshPolicy; api/mesh:
+# MeshNode): deepcopy, one clientset with listers and informers for both
+# groups from k8s.io/code-generator, CRD YAML from controller-gen; all are
+# go.mod tools.
+CRD_API_PKGS := github.com/veilmesh/veil/api/policy/v1alpha1 github.com/veilmesh/veil/api/mesh/v1alpha1
+CRD_CLIENT_PKG := github.com/veilmesh/veil/api/client
+CRD_BOILERPLATE := api/boilerplate.go.txt
 
-generate-policy:
-	rm -rf policy/client
-	rm -f policy/api/v1alpha1/zz_generated.deepcopy.go deploy/crds/policy.veil.dev_*.yaml
-	$(GO) tool deepcopy-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--output-file zz_generated.deepcopy.go $(POLICY_API_PKG)
-	$(GO) tool client-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--clientset-name versioned --input-base "" --input $(POLICY_API_PKG) \
-		--output-dir policy/client/clientset --output-pkg $(POLICY_CLIENT_PKG)/clientset
-	$(GO) tool lister-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--output-dir policy/client/listers --output-pkg $(POLICY_CLIENT_PKG)/listers \
-		$(POLICY_API_PKG)
-	$(GO) tool informer-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--versioned-clientset-package $(POLICY_CLIENT_PKG)/clientset/versioned \
-		--listers-package $(POLICY_CLIENT_PKG)/listers \
-		--output-dir policy/client/informers --output-pkg $(POLICY_CLIENT_PKG)/informers \
-		$(POLICY_API_PKG)
-	$(GO) tool controller-gen crd paths=./policy/api/... output:crd:artifacts:config=deploy/crds
+generate-crds:
+	rm -rf api/client
+	rm -f api/policy/v1alpha1/zz_generated.deepcopy.go api/mesh/v1alpha1/zz_generated.deepcopy.go \
+		deploy/crds/policy.veil.dev_*.yaml deploy/crds/mesh.veil.dev_*.yaml
+	$(GO) tool deepcopy-gen --go-header-file $(CRD_BOILERPLATE) \
+		--output-file zz_generated.deepcopy.go $(CRD_API_PKGS)
+	$(GO) tool client-gen --go-header-file $(CRD_BOILERPLATE) \
+		--clientset-name versioned --input-base "" $(addprefix --input ,$(CRD_API_PKGS)) \
+		--output-dir api/client/clientset --output-pkg $(CRD_CLIENT_PKG)/clientset
+	$(GO) tool lister-gen --go-header-file $(CRD_BOILERPLATE) \
+		--output-dir api/client/listers --output-pkg $(CRD_CLIENT_PKG)/listers \
+		$(CRD_API_PKGS)
+	$(GO) tool informer-gen --go-header-file $(CRD_BOILERPLATE) \
+		--versioned-clientset-package $(CRD_CLIENT_PKG)/clientset/versioned \
+		--listers-package $(CRD_CLIENT_PKG)/listers \
+		--output-dir api/client/informers --output-pkg $(CRD_CLIENT_PKG)/informers \
+		$(CRD_API_PKGS)
+	$(GO) tool controller-gen crd paths=./api/policy/... paths=./api/mesh/... output:crd:artifacts:config=deploy/crds
 
 # The lab's and the tests' etcd and kube-apiserver, and the real-kubelet
 # lab's kube-controller-manager, kube-scheduler, kubelet, kube-proxy and

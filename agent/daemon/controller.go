@@ -19,11 +19,13 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/api/annotations"
+	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // handler turns informer events into queue keys; it never touches objects.
@@ -248,7 +250,7 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 			d.mu.Lock()
 			ep := d.local[policy.EndpointID{Namespace: k.namespace, Name: k.name}]
 			d.mu.Unlock()
-			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[AccelerationAnnotation]) {
+			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[annotations.SocketAcceleration]) {
 				if err := d.writeEndpoint(ep); err != nil {
 					return err
 				}
@@ -436,9 +438,9 @@ func (d *Daemon) failedClosed() []string {
 }
 
 // denyAll is the policy of an endpoint whose real policy is not known.
-var denyAll = policy.Defaults{
-	IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-	EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+var denyAll = policytypes.Defaults{
+	IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+	EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 }
 
 // tunnelKind is the ipcache flag for prefixes hosted by the named node.
@@ -451,17 +453,13 @@ func (d *Daemon) tunnelKind(node string) datapath.IPCacheKind {
 	return 0
 }
 
-// AccelerationAnnotation on a pod set to "false" keeps its TCP connections
-// off socket acceleration (for applications that splice(2) sockets).
-const AccelerationAnnotation = "veil.dev/socket-acceleration"
-
 // accelerationOptOut reports whether the pod opted out of acceleration.
 func (d *Daemon) accelerationOptOut(id policy.EndpointID) bool {
 	pod, err := d.pods.Pods(id.Namespace).Get(id.Name)
 	if err != nil {
 		return false
 	}
-	return optedOut(pod.Annotations[AccelerationAnnotation])
+	return optedOut(pod.Annotations[annotations.SocketAcceleration])
 }
 
 func optedOut(v string) bool {

@@ -44,11 +44,11 @@ import (
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
+	veillisters "github.com/veilmesh/veil/api/client/listers/policy/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
-	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
-	veillisters "github.com/veilmesh/veil/policy/client/listers/api/v1alpha1"
 )
 
 // Version is the agent's version, set at link time.
@@ -62,7 +62,7 @@ type Daemon struct {
 	veil versioned.Interface
 
 	dp       *datapath.Datapath
-	compiler *policy.Compiled
+	compiler *policy.Compiler
 	nodeIP   netip.Addr
 	podCIDR  netip.Prefix
 

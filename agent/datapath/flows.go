@@ -8,8 +8,8 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Flow is a connection the datapath allowed, in the direction of its first
@@ -46,7 +46,7 @@ func flowFromCT(k podCtKey, v podCtEntry, boot time.Time) Flow {
 // type and code. Other protocols' destination port is the key's, which
 // also holds for entries written before entries recorded it.
 func policyPort(k podCtKey, v podCtEntry) uint16 {
-	if k.Proto == policy.ProtoICMP {
+	if k.Proto == policytypes.ProtoICMP {
 		return v.PolicyPort
 	}
 	return k.Dport
