@@ -588,7 +588,7 @@ func (d *Daemon) evictRevoked(changed []netip.Prefix, all bool) error {
 // direction that opened it: whether policy now denies it. Connections with
 // no end in changed are not traced (a trace resolves peers by address among
 // every pod) and stay, unless all.
-func revocationCheck(c *policy.Compiled, changed []netip.Prefix, all bool) func(datapath.FlowKey) bool {
+func revocationCheck(c *policy.Compiler, changed []netip.Prefix, all bool) func(datapath.FlowKey) bool {
 	addrs := map[netip.Addr]bool{}
 	var wider []netip.Prefix
 	for _, p := range changed {

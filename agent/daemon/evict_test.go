@@ -11,6 +11,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // A frontend whose namespace denies all ingress talks to a backend that
@@ -50,9 +51,9 @@ func TestRevocationCheckJudgesTheOpenerOnlyWhenTouched(t *testing.T) {
 	})
 
 	web, api := netip.MustParseAddr("10.244.1.2"), netip.MustParseAddr("10.244.1.3")
-	opened := datapath.FlowKey{Src: web, Dst: api, Proto: policy.ProtoTCP, DstPort: 80}
-	reply := datapath.FlowKey{Src: api, Dst: web, Proto: policy.ProtoTCP, DstPort: 40000}
-	other := datapath.FlowKey{Src: web, Dst: api, Proto: policy.ProtoTCP, DstPort: 81}
+	opened := datapath.FlowKey{Src: web, Dst: api, Proto: policytypes.ProtoTCP, DstPort: 80}
+	reply := datapath.FlowKey{Src: api, Dst: web, Proto: policytypes.ProtoTCP, DstPort: 40000}
+	other := datapath.FlowKey{Src: web, Dst: api, Proto: policytypes.ProtoTCP, DstPort: 81}
 	unrelated := []netip.Prefix{netip.MustParsePrefix("10.244.2.9/32"), netip.MustParsePrefix("10.244.3.0/24")}
 	for _, tc := range []struct {
 		name    string

@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // checkedTransfer runs a source (in a) of n bytes, pausing srcPace between
@@ -84,10 +84,10 @@ func TestPrivilegedEvictKeepsIsolatedClient(t *testing.T) {
 	if err := tn.dp1.SetPolicy(ipA, nil, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
-	revoked := onlyAllowed(FlowKey{Src: ipA, Dst: ipB, Proto: policy.ProtoTCP, DstPort: port})
+	revoked := onlyAllowed(FlowKey{Src: ipA, Dst: ipB, Proto: policytypes.ProtoTCP, DstPort: port})
 	before, _ := tn.dp1.Counters()
 
 	const size = 64 << 20
@@ -145,7 +145,7 @@ func TestPrivilegedEvictKeepsIsolatedClient(t *testing.T) {
 func TestPrivilegedEvictKeepsAcceptedBytes(t *testing.T) {
 	tn := newTestNet(t, "evbytes", netOpts{sockets: true})
 	const port = 5012
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	// The source outpaces the sink (about 64 MB/s against 50 MB/s), so
@@ -221,7 +221,7 @@ func TestPrivilegedEvictLegacySockets(t *testing.T) {
 	if err := tn.dp1.SetPolicy(ipA, nil, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	_, sink := checkedTransfer(t, tn, port, 1<<40, 2*time.Millisecond, 0)
@@ -260,7 +260,7 @@ func TestPrivilegedEvictLegacySockets(t *testing.T) {
 		t.Fatalf("sockhash holds %d sockets, state %d; want 2 and 2", n, len(keys))
 	}
 
-	if n, err := tn.dp1.EvictFlows(onlyAllowed(FlowKey{Src: ipA, Dst: ipB, Proto: policy.ProtoTCP, DstPort: port})); err != nil || n != 0 {
+	if n, err := tn.dp1.EvictFlows(onlyAllowed(FlowKey{Src: ipA, Dst: ipB, Proto: policytypes.ProtoTCP, DstPort: port})); err != nil || n != 0 {
 		t.Fatalf("EvictFlows of an allowed connection = %d, %v; want 0", n, err)
 	}
 	if n := members(); n != 2 {

@@ -3,7 +3,7 @@ package datapath
 import (
 	"testing"
 
-	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Both ends of one accelerated connection name the same connection, in the
@@ -11,7 +11,7 @@ import (
 func TestOpenerOfSocketPair(t *testing.T) {
 	client := podSockKey{Sip: ip4ToU32(ipA), Dip: ip4ToU32(ipB), Sport: 40001, Dport: 80}
 	server := podSockKey{Sip: ip4ToU32(ipB), Dip: ip4ToU32(ipA), Sport: 80, Dport: 40001}
-	want := conn{src: ipA, dst: ipB, sport: 40001, dport: 80, proto: policy.ProtoTCP}
+	want := conn{src: ipA, dst: ipB, sport: 40001, dport: 80, proto: policytypes.ProtoTCP}
 	for _, c := range []struct {
 		name string
 		key  podSockKey

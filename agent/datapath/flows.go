@@ -184,9 +184,9 @@ func (d *Datapath) revokeConnection(k podCtKey) (bool, error) {
 func openerOf(k podSockKey, st sockSockState) conn {
 	local, remote := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
 	if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_ACTIVE != 0 {
-		return conn{src: local, dst: remote, sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policy.ProtoTCP}
+		return conn{src: local, dst: remote, sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policytypes.ProtoTCP}
 	}
-	return conn{src: remote, dst: local, sport: uint16(k.Dport), dport: uint16(k.Sport), proto: policy.ProtoTCP}
+	return conn{src: remote, dst: local, sport: uint16(k.Dport), dport: uint16(k.Sport), proto: policytypes.ProtoTCP}
 }
 
 // sockKeys returns the sockhash keys of both ends of a local connection.
@@ -245,7 +245,7 @@ func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool)
 	for c := range gone {
 		// Sockhash keys name no protocol: a UDP flow must not revoke a TCP
 		// connection between the same ports.
-		if c.proto != policy.ProtoTCP {
+		if c.proto != policytypes.ProtoTCP {
 			continue
 		}
 		for _, k := range sockKeys(c) {
@@ -314,7 +314,7 @@ func (d *Datapath) legacySockets(revoked func(FlowKey) bool, judged map[conn]boo
 // openerFromCT returns the connection of a socket in the direction of its
 // conntrack entry, and whether there is one.
 func (d *Datapath) openerFromCT(k podSockKey) (conn, bool) {
-	c := conn{src: u32ToIP4(k.Sip), dst: u32ToIP4(k.Dip), sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policy.ProtoTCP}
+	c := conn{src: u32ToIP4(k.Sip), dst: u32ToIP4(k.Dip), sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policytypes.ProtoTCP}
 	r := conn{src: c.dst, dst: c.src, sport: c.dport, dport: c.sport, proto: c.proto}
 	var v podCtEntry
 	for _, cand := range []conn{c, r} {

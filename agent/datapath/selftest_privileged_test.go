@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // The self-test passes on this kernel, and leaves no cgroup behind.
@@ -64,7 +64,7 @@ func TestPrivilegedAccelerationSelfTestFailure(t *testing.T) {
 				t.Errorf("sockops link pinned although acceleration is off: %v", err)
 			}
 
-			if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+			if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
 				t.Fatal(err)
 			}
 			before, _ := tn.dp1.Counters()

@@ -10,7 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Many accelerated connections at once for a bounded time: short ones with
@@ -27,7 +27,7 @@ func TestPrivilegedAccelerationSoak(t *testing.T) {
 		longConns = 3
 		maxConns  = "20000"
 	)
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, port, 16, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	before, _ := tn.dp1.Counters()
