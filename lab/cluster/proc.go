@@ -7,11 +7,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 // namespaces are what a process of the cluster runs in: paths of namespace
@@ -61,29 +62,15 @@ func (c *Cluster) startProc(name string, ns namespaces, cgroup string, argv ...s
 		Setpgid:   true,
 		Pdeathsig: syscall.SIGKILL,
 	}
-	// Pdeathsig fires when the forking OS *thread* exits, and Go retires
-	// threads, so the fork happens on a thread locked for the child's life.
-	started := make(chan error)
-	exited := make(chan struct{})
-	go func() {
-		runtime.LockOSThread()
-		err := cmd.Start()
-		started <- err
-		if err == nil {
-			<-exited
-		}
-	}()
-	if err := <-started; err != nil {
+	p := &proc{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	if err := netns.StartPinned(cmd, func(err error) {
+		p.waitErr = err
+		log.Close()
+		close(p.done)
+	}); err != nil {
 		log.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	p := &proc{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
-	go func() {
-		p.waitErr = cmd.Wait()
-		log.Close()
-		close(p.done)
-		close(exited)
-	}()
 	c.mu.Lock()
 	c.procs = append(c.procs, p)
 	c.mu.Unlock()
