@@ -12,13 +12,13 @@ import (
 	"runtime"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/veilmesh/veil/deploy/ociimage"
 )
 
 // Images the lab builds and imports into every node; pods refer to them
@@ -64,7 +64,7 @@ func buildImages(ctx context.Context, root, dir string) ([]string, error) {
 			return nil, fmt.Errorf("image %s: %w", im.tag, err)
 		}
 		path := filepath.Join(dir, filepath.Base(im.bin)+".tar")
-		if err := writeOCITar(path, im.tag, img); err != nil {
+		if err := ociimage.WriteOCITar(path, im.tag, img); err != nil {
 			return nil, err
 		}
 		paths = append(paths, path)
@@ -106,45 +106,4 @@ func singleBinaryImage(path string, data []byte) (v1.Image, error) {
 	cf.Created = v1.Time{Time: epoch}
 	cf.Config.Entrypoint = []string{path}
 	return mutate.ConfigFile(img, cf)
-}
-
-// writeOCITar writes img as an OCI image layout in a tarball, named as
-// `ctr images import` expects (see deploy/image).
-func writeOCITar(path, tag string, img v1.Image) error {
-	t, err := name.NewTag(tag, name.StrictValidation)
-	if err != nil {
-		return fmt.Errorf("image tag %q: %w", tag, err)
-	}
-	dir, err := os.MkdirTemp(filepath.Dir(path), ".layout-*")
-	if err != nil {
-		return fmt.Errorf("create layout directory: %w", err)
-	}
-	defer os.RemoveAll(dir)
-	p, err := layout.Write(dir, empty.Index)
-	if err != nil {
-		return fmt.Errorf("create OCI layout: %w", err)
-	}
-	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{
-		"io.containerd.image.name":          t.Name(),
-		"org.opencontainers.image.ref.name": t.TagStr(),
-	})); err != nil {
-		return fmt.Errorf("write image %s into OCI layout: %w", tag, err)
-	}
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("create %s: %w", path, err)
-	}
-	tw := tar.NewWriter(f)
-	if err := tw.AddFS(os.DirFS(dir)); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tw.Close(); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return nil
 }
