@@ -4,12 +4,17 @@ GO ?= go
 BIN := bin
 BPFFS ?= /sys/fs/bpf
 # Packages the tests need. --no-install-recommends keeps wireguard-tools from
-# pulling in a kernel image.
-APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler nftables
-APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft
+# pulling in a kernel image. runc, the CNI plugins (containerd sets up each
+# pod's loopback with one), conntrack and iptables serve the real-kubelet
+# lab's nodes.
+APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler nftables \
+	runc containernetworking-plugins conntrack iptables
+APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft runc conntrack iptables
+# Files of packages that put no tool on PATH.
+APT_FILES := /usr/lib/cni/loopback
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
-.PHONY: help deps bpffs generate generate-bpf generate-api generate-policy check-generate build test test-unit bench lab clean controlplane manifests image
+.PHONY: help deps bpffs generate generate-bpf generate-api generate-crds check-generate build test test-unit bench lab clean controlplane manifests image
 
 help:
 	@echo "make deps            install the toolchain (Debian packages) and mount bpffs"
@@ -19,12 +24,13 @@ help:
 	@echo "make manifests       render deploy/manifests from the Helm chart in deploy/helm/veil"
 	@echo "make image           the agent image as an OCI tarball, $(BIN)/veil-image.tar (no Docker daemon)"
 	@echo "make test            unit + privileged tests (needs root), then unit tests of concurrent packages under -race"
-	@echo "make controlplane    build the lab's etcd + kube-apiserver into the cache (\$$VEIL_CACHE)"
+	@echo "make controlplane    build the lab's Kubernetes and containerd binaries into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local lab as root (meshctl lab up; LAB_NODES, LAB_DIR)"
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	for f in $(APT_FILES); do test -e $$f || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing toolchain (missing:$$missing)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES); \
@@ -35,7 +41,7 @@ bpffs:
 	@mountpoint -q $(BPFFS) || mount -t bpf bpf $(BPFFS)
 
 # manifests come last: the chart carries copies of the CRDs.
-generate: generate-bpf generate-policy generate-api
+generate: generate-bpf generate-crds generate-api
 	$(MAKE) --no-print-directory manifests
 
 generate-bpf:
@@ -48,35 +54,41 @@ generate-api:
 		--plugin=protoc-gen-go-grpc="$$($(GO) tool -n protoc-gen-go-grpc)" \
 		--go_out=. --go_opt=paths=source_relative \
 		--go-grpc_out=. --go-grpc_opt=paths=source_relative \
-		agent/api/v1/agent.proto
+		api/agent/v1/agent.proto
 
-# Inputs of generate-policy: deepcopy, clientset, listers and informers from
-# k8s.io/code-generator, CRD YAML from controller-gen; all are go.mod tools.
-POLICY_API_PKG := github.com/veilmesh/veil/policy/api/v1alpha1
-POLICY_CLIENT_PKG := github.com/veilmesh/veil/policy/client
-POLICY_BOILERPLATE := policy/api/boilerplate.go.txt
+# The CRD APIs (api/policy: MeshPolicy, ClusterMeshPolicy; api/mesh:
+# MeshNode): deepcopy, one clientset with listers and informers for both
+# groups from k8s.io/code-generator, CRD YAML from controller-gen; all are
+# go.mod tools.
+CRD_API_PKGS := github.com/veilmesh/veil/api/policy/v1alpha1 github.com/veilmesh/veil/api/mesh/v1alpha1
+CRD_CLIENT_PKG := github.com/veilmesh/veil/api/client
+CRD_BOILERPLATE := api/boilerplate.go.txt
 
-generate-policy:
-	rm -rf policy/client
-	rm -f policy/api/v1alpha1/zz_generated.deepcopy.go deploy/crds/policy.veil.dev_*.yaml
-	$(GO) tool deepcopy-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--output-file zz_generated.deepcopy.go $(POLICY_API_PKG)
-	$(GO) tool client-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--clientset-name versioned --input-base "" --input $(POLICY_API_PKG) \
-		--output-dir policy/client/clientset --output-pkg $(POLICY_CLIENT_PKG)/clientset
-	$(GO) tool lister-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--output-dir policy/client/listers --output-pkg $(POLICY_CLIENT_PKG)/listers \
-		$(POLICY_API_PKG)
-	$(GO) tool informer-gen --go-header-file $(POLICY_BOILERPLATE) \
-		--versioned-clientset-package $(POLICY_CLIENT_PKG)/clientset/versioned \
-		--listers-package $(POLICY_CLIENT_PKG)/listers \
-		--output-dir policy/client/informers --output-pkg $(POLICY_CLIENT_PKG)/informers \
-		$(POLICY_API_PKG)
-	$(GO) tool controller-gen crd paths=./policy/api/... output:crd:artifacts:config=deploy/crds
+generate-crds:
+	rm -rf api/client
+	rm -f api/policy/v1alpha1/zz_generated.deepcopy.go api/mesh/v1alpha1/zz_generated.deepcopy.go \
+		deploy/crds/policy.veil.dev_*.yaml deploy/crds/mesh.veil.dev_*.yaml
+	$(GO) tool deepcopy-gen --go-header-file $(CRD_BOILERPLATE) \
+		--output-file zz_generated.deepcopy.go $(CRD_API_PKGS)
+	$(GO) tool client-gen --go-header-file $(CRD_BOILERPLATE) \
+		--clientset-name versioned --input-base "" $(addprefix --input ,$(CRD_API_PKGS)) \
+		--output-dir api/client/clientset --output-pkg $(CRD_CLIENT_PKG)/clientset
+	$(GO) tool lister-gen --go-header-file $(CRD_BOILERPLATE) \
+		--output-dir api/client/listers --output-pkg $(CRD_CLIENT_PKG)/listers \
+		$(CRD_API_PKGS)
+	$(GO) tool informer-gen --go-header-file $(CRD_BOILERPLATE) \
+		--versioned-clientset-package $(CRD_CLIENT_PKG)/clientset/versioned \
+		--listers-package $(CRD_CLIENT_PKG)/listers \
+		--output-dir api/client/informers --output-pkg $(CRD_CLIENT_PKG)/informers \
+		$(CRD_API_PKGS)
+	$(GO) tool controller-gen crd paths=./api/policy/... paths=./api/mesh/... output:crd:artifacts:config=deploy/crds
 
-# The lab's and the tests' etcd and kube-apiserver, built from the modules
-# pinned in lab/controlplane/build/ into $VEIL_CACHE/controlplane (default
-# ~/.cache/veil/controlplane); a no-op when the cache is warm.
+# The lab's and the tests' etcd and kube-apiserver, and the real-kubelet
+# lab's kube-controller-manager, kube-scheduler, kubelet, kube-proxy and
+# containerd, built from the modules pinned in lab/controlplane/build/ into
+# $VEIL_CACHE/controlplane (default ~/.cache/veil/controlplane); a no-op when
+# the cache is warm. A cold build takes about 15 minutes on one core (see
+# lab/controlplane/doc.go).
 controlplane:
 	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
 

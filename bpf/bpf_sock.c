@@ -6,12 +6,19 @@
  *
  * veil_sockops (cgroup sockops on the pods' cgroup): when a TCP connection
  * between two local endpoints is established (so TC policy allowed its
- * handshake both ways), both sockets join veil_sockhash.
+ * handshake both ways), both sockets join veil_sockhash, each with its state
+ * (which end opened the connection) in veil_sockstate, which it forgets when
+ * the socket closes.
  *
  * veil_sk_msg (sk_msg on veil_sockhash): payload sent on an accelerated
- * socket goes straight into the peer socket's receive queue. Without a peer
- * in the map (evicted, or not yet joined) the message takes the normal TCP
- * path, where TC policy sees it.
+ * socket goes straight into the peer socket's receive queue. When the
+ * connection is revoked, or the peer is not in the map (closed, or not yet
+ * joined), the message takes the normal TCP path, where TC policy sees it,
+ * and so does every later message of that socket.
+ *
+ * Revocation never removes a socket from veil_sockhash: the kernel would
+ * free the data already redirected into it and not yet read. The socket
+ * leaves the map when it closes.
  *
  * veil_connect4/6, veil_sendmsg4/6, veil_recvmsg4/6, veil_getpeername4/6
  * (cgroup sock_addr hooks): Services. A connect (TCP, connected UDP, SCTP)
@@ -26,15 +33,20 @@
 #include "lib/sock.h"
 #include "lib/lb.h"
 
+/* Referenced so that bpf2go generates the Go type of the socket flags. */
+const enum sock_flags *unused_sock_flags __attribute__((unused));
+
 SEC("sockops")
 int veil_sockops(struct bpf_sock_ops *skops)
 {
 	struct sock_key key = {};
+	struct sock_state st = {};
 	struct endpoint_info *src, *dst;
 	__u32 family, l4, r4, l6[4], r6[4];
 
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 
 	/*
@@ -69,6 +81,13 @@ int veil_sockops(struct bpf_sock_ops *skops)
 		return 1;
 	}
 
+	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
+		/* Connections close at a high rate; their state must not pile up. */
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			bpf_map_delete_elem(&veil_sockstate, &key);
+		return 1;
+	}
+
 	src = bpf_map_lookup_elem(&veil_endpoints, &key.sip);
 	dst = bpf_map_lookup_elem(&veil_endpoints, &key.dip);
 	if (!src || !dst)
@@ -76,6 +95,12 @@ int veil_sockops(struct bpf_sock_ops *skops)
 	/* Either end may opt out (e.g. an application that splices). */
 	if ((src->flags | dst->flags) & EP_F_NO_ACCEL)
 		return 1;
+	/* A new connection replaces whatever an old one of this 4-tuple left. */
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+		st.flags = SOCK_F_ACTIVE;
+	if (bpf_map_update_elem(&veil_sockstate, &key, &st, BPF_ANY))
+		return 1;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	bpf_sock_hash_update(skops, &veil_sockhash, &key, BPF_NOEXIST);
 	return 1;
 }
@@ -93,7 +118,8 @@ static __always_inline void sockstat_add(__u32 idx, __u32 len)
 SEC("sk_msg")
 int veil_sk_msg(struct sk_msg_md *msg)
 {
-	struct sock_key peer = {};
+	struct sock_key self = {}, peer = {};
+	struct sock_state *st;
 	__u32 len = msg->size;
 	__u32 family, l4, r4, l6[4], r6[4];
 
@@ -109,24 +135,32 @@ int veil_sk_msg(struct sk_msg_md *msg)
 	r6[1] = msg->remote_ip6[1];
 	r6[2] = msg->remote_ip6[2];
 	r6[3] = msg->remote_ip6[3];
-	peer.sport = bpf_ntohl(msg->remote_port);
-	peer.dport = msg->local_port;
+	self.sport = msg->local_port;
+	self.dport = bpf_ntohl(msg->remote_port);
 
 	if (family == AF_INET) {
-		peer.sip = r4;
-		peer.dip = l4;
+		self.sip = l4;
+		self.dip = r4;
 	} else if (family == AF_INET6) {
 		if (!v4_mapped(r6[0], r6[1], r6[2]) || !v4_mapped(l6[0], l6[1], l6[2]))
 			return SK_PASS;
-		peer.sip = r6[3];
-		peer.dip = l6[3];
+		self.sip = l6[3];
+		self.dip = r6[3];
 	} else {
 		return SK_PASS;
 	}
+	peer.sip = self.dip;
+	peer.dip = self.sip;
+	peer.sport = self.dport;
+	peer.dport = self.sport;
 
-	if (bpf_msg_redirect_hash(msg, &veil_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
-		sockstat_add(SOCKSTAT_REDIRECTED, len);
-		return SK_PASS;
+	st = bpf_map_lookup_elem(&veil_sockstate, &self);
+	if (st && !(st->flags & SOCK_F_REVOKED) && !st->tcp_path) {
+		if (bpf_msg_redirect_hash(msg, &veil_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+			sockstat_add(SOCKSTAT_REDIRECTED, len);
+			return SK_PASS;
+		}
+		st->tcp_path = 1;
 	}
 	sockstat_add(SOCKSTAT_PASSED, len);
 	return SK_PASS;

@@ -28,10 +28,10 @@ import (
 	"k8s.io/client-go/restmapper"
 	"k8s.io/utils/ptr"
 
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/deploy/chart"
 	"github.com/veilmesh/veil/lab/controlplane"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
@@ -247,13 +247,13 @@ func checkAgentRBAC(ctx context.Context, t *testing.T, kube kubernetes.Interface
 		{verb: "watch", group: "policy.veil.dev", resource: "clustermeshpolicies"},
 		{verb: "update", group: "policy.veil.dev", resource: "meshpolicies", subresource: "status", namespace: "default", name: "p"},
 		{verb: "update", group: "policy.veil.dev", resource: "clustermeshpolicies", subresource: "status", name: "p"},
-		{verb: "get", group: "policy.veil.dev", resource: "meshnodes", name: "node-1"},
-		{verb: "list", group: "policy.veil.dev", resource: "meshnodes"},
-		{verb: "watch", group: "policy.veil.dev", resource: "meshnodes"},
-		{verb: "create", group: "policy.veil.dev", resource: "meshnodes"},
-		{verb: "update", group: "policy.veil.dev", resource: "meshnodes", name: "node-1"},
-		{verb: "get", group: "policy.veil.dev", resource: "meshnodes", subresource: "status", name: "node-1"},
-		{verb: "update", group: "policy.veil.dev", resource: "meshnodes", subresource: "status", name: "node-1"},
+		{verb: "get", group: "mesh.veil.dev", resource: "meshnodes", name: "node-1"},
+		{verb: "list", group: "mesh.veil.dev", resource: "meshnodes"},
+		{verb: "watch", group: "mesh.veil.dev", resource: "meshnodes"},
+		{verb: "create", group: "mesh.veil.dev", resource: "meshnodes"},
+		{verb: "update", group: "mesh.veil.dev", resource: "meshnodes", name: "node-1"},
+		{verb: "get", group: "mesh.veil.dev", resource: "meshnodes", subresource: "status", name: "node-1"},
+		{verb: "update", group: "mesh.veil.dev", resource: "meshnodes", subresource: "status", name: "node-1"},
 	}
 	cannot := []access{
 		{verb: "delete", resource: "pods", namespace: "default", name: "a"},
@@ -277,7 +277,7 @@ func checkAgentRBAC(ctx context.Context, t *testing.T, kube kubernetes.Interface
 		{verb: "create", group: "policy.veil.dev", resource: "meshpolicies", namespace: "default"},
 		{verb: "update", group: "policy.veil.dev", resource: "clustermeshpolicies", name: "p"},
 		{verb: "patch", group: "policy.veil.dev", resource: "meshpolicies", subresource: "status", namespace: "default", name: "p"},
-		{verb: "delete", group: "policy.veil.dev", resource: "meshnodes", name: "node-1"},
+		{verb: "delete", group: "mesh.veil.dev", resource: "meshnodes", name: "node-1"},
 		{verb: "patch", group: "apps", resource: "deployments", namespace: "default", name: "d"},
 		{verb: "patch", group: "apps", resource: "daemonsets", namespace: Namespace, name: DaemonSetName},
 		{verb: "create", group: "rbac.authorization.k8s.io", resource: "clusterrolebindings"},
@@ -498,23 +498,23 @@ func TestPrivilegedMeshNodeWritePolicy(t *testing.T) {
 	otherSA := veilFor("node-1", "system:serviceaccount:default:other", "system:serviceaccounts", "system:masters", "system:authenticated")
 
 	create := func(c versioned.Interface, name string) error {
-		_, err := c.PolicyV1alpha1().MeshNodes().Create(ctx, &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+		_, err := c.MeshV1alpha1().MeshNodes().Create(ctx, &meshv1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
 		return err
 	}
 	writeStatus := func(c versioned.Interface, name, key string) error {
-		mn, err := admin.PolicyV1alpha1().MeshNodes().Get(ctx, name, metav1.GetOptions{})
+		mn, err := admin.MeshV1alpha1().MeshNodes().Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
 		mn.Status.Encryption.PublicKey = key
-		_, err = c.PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, mn, metav1.UpdateOptions{})
+		_, err = c.MeshV1alpha1().MeshNodes().UpdateStatus(ctx, mn, metav1.UpdateOptions{})
 		return err
 	}
 	// The policy takes effect once the API server has loaded it.
 	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
 		err := create(agent2, "node-1")
 		if err == nil {
-			return false, admin.PolicyV1alpha1().MeshNodes().Delete(ctx, "node-1", metav1.DeleteOptions{})
+			return false, admin.MeshV1alpha1().MeshNodes().Delete(ctx, "node-1", metav1.DeleteOptions{})
 		}
 		return true, nil
 	}); err != nil {
@@ -545,7 +545,7 @@ func TestPrivilegedMeshNodeWritePolicy(t *testing.T) {
 			}
 		})
 	}
-	mn, err := admin.PolicyV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
+	mn, err := admin.MeshV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -619,18 +619,18 @@ func TestPrivilegedAdmissionWithBoundTokens(t *testing.T) {
 	}
 
 	veil := func(tok string) versioned.Interface { return versioned.NewForConfigOrDie(config(tok)) }
-	mn, err := veil(tok1).PolicyV1alpha1().MeshNodes().Create(ctx, &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}, metav1.CreateOptions{})
+	mn, err := veil(tok1).MeshV1alpha1().MeshNodes().Create(ctx, &meshv1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatalf("node-1's agent creates its MeshNode: %v", err)
 	}
 	mn.Status.Encryption.PublicKey = "mine"
-	if mn, err = veil(tok1).PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, mn, metav1.UpdateOptions{}); err != nil {
+	if mn, err = veil(tok1).MeshV1alpha1().MeshNodes().UpdateStatus(ctx, mn, metav1.UpdateOptions{}); err != nil {
 		t.Fatalf("node-1's agent writes its MeshNode status: %v", err)
 	}
 	for name, tok := range map[string]string{"node-2's agent": tok2, "an unbound agent token": unbound} {
 		forged := mn.DeepCopy()
 		forged.Status.Encryption.PublicKey = "forged"
-		if _, err := veil(tok).PolicyV1alpha1().MeshNodes().UpdateStatus(ctx, forged, metav1.UpdateOptions{}); err == nil || !strings.Contains(err.Error(), "may write only the MeshNode of the node it runs on") {
+		if _, err := veil(tok).MeshV1alpha1().MeshNodes().UpdateStatus(ctx, forged, metav1.UpdateOptions{}); err == nil || !strings.Contains(err.Error(), "may write only the MeshNode of the node it runs on") {
 			t.Errorf("%s writes node-1's MeshNode status: err %v; want refused", name, err)
 		}
 	}

@@ -11,8 +11,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
 // The demo is what `meshctl lab up` runs on a fresh lab: pods in two
@@ -127,7 +127,7 @@ func (l *Lab) waitMeshNodes(ctx context.Context, within time.Duration) error {
 	deadline := time.Now().Add(within)
 	for _, n := range l.Nodes {
 		for {
-			mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, n.Name, metav1.GetOptions{})
+			mn, err := l.Veil.MeshV1alpha1().MeshNodes().Get(ctx, n.Name, metav1.GetOptions{})
 			if err == nil && (mn.Status.Encryption.Mode == "disabled" || int(mn.Status.Encryption.PeerCount) == len(l.Nodes)-1) {
 				break
 			}

@@ -40,11 +40,11 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
 	"github.com/veilmesh/veil/deploy"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"

@@ -6,13 +6,14 @@ import (
 	"slices"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // contrib is one fact a rule contributes to a group: for this direction and
 // peer identity, on this protocol/port prefix, this verdict.
 type contrib struct {
-	Key
-	verdict Verdict
+	policytypes.Key
+	verdict policytypes.Verdict
 	audit   bool
 	rule    uint32
 	// order is the position in policy order (policies sorted by kind,
@@ -31,7 +32,7 @@ type portKey struct {
 
 // covers reports whether prefix a includes prefix k.
 func (a portKey) covers(k portKey) bool {
-	if a.proto == ProtoAny {
+	if a.proto == policytypes.ProtoAny {
 		return true
 	}
 	if a.proto != k.proto || a.plen > k.plen {
@@ -48,7 +49,7 @@ func (a portKey) matches(proto uint8, port uint16) bool {
 
 // rank orders prefixes by specificity: the LPM winner has the highest.
 func (a portKey) rank() int {
-	if a.proto == ProtoAny {
+	if a.proto == policytypes.ProtoAny {
 		return 0
 	}
 	return 1 + int(a.plen)
@@ -61,7 +62,7 @@ func portMask(plen uint8) uint16 {
 	return ^uint16(0) << (16 - plen)
 }
 
-func keyPort(k Key) portKey { return portKey{k.Proto, k.Port, k.PortPrefixLen} }
+func keyPort(k policytypes.Key) portKey { return portKey{k.Proto, k.Port, k.PortPrefixLen} }
 
 // RangePrefixes returns the minimal list of port prefixes (port, prefix
 // length) that covers lo..hi exactly, in ascending order.
@@ -87,14 +88,14 @@ type PortPrefix struct {
 
 // compileGroup rebuilds a group from the policies selecting its identity:
 // policies, defaults, selector registrations and every entry.
-func (c *Compiled) compileGroup(g *group) {
+func (c *Compiler) compileGroup(g *group) {
 	for _, s := range g.sels {
 		delete(s.users, g)
 	}
 	g.sels = g.sels[:0]
 	g.selectedBy = [2][]PolicyRef{}
 	g.egressNamed, g.cidrNamed = false, false
-	g.defaults = Defaults{IngressEnforce: Allow, IngressAudit: Allow, EgressEnforce: Allow, EgressAudit: Allow}
+	g.defaults = policytypes.Defaults{IngressEnforce: policytypes.Allow, IngressAudit: policytypes.Allow, EgressEnforce: policytypes.Allow, EgressAudit: policytypes.Allow}
 	g.computed = true
 
 	g.pols = g.pols[:0]
@@ -111,18 +112,18 @@ func (c *Compiled) compileGroup(g *group) {
 	slices.SortFunc(g.pols, func(a, b *policyState) int { return compareRefs(a.ref, b.ref) })
 
 	for _, ps := range g.pols {
-		for dir := Ingress; dir <= Egress; dir++ {
+		for dir := policytypes.Ingress; dir <= policytypes.Egress; dir++ {
 			if !ps.defaultDeny[dir] {
 				continue
 			}
 			g.selectedBy[dir] = append(g.selectedBy[dir], ps.ref)
 			enf, aud := &g.defaults.IngressEnforce, &g.defaults.IngressAudit
-			if dir == Egress {
+			if dir == policytypes.Egress {
 				enf, aud = &g.defaults.EgressEnforce, &g.defaults.EgressAudit
 			}
-			*aud = Deny
+			*aud = policytypes.Deny
 			if !ps.audit {
-				*enf = Deny
+				*enf = policytypes.Deny
 			}
 		}
 		for i := range ps.rules {
@@ -133,7 +134,7 @@ func (c *Compiled) compileGroup(g *group) {
 					g.sels = append(g.sels, r.sel)
 				}
 			}
-			if r.port.name != "" && r.dir == Egress {
+			if r.port.name != "" && r.dir == policytypes.Egress {
 				if r.sel != nil && r.sel.kind == selCIDR {
 					g.cidrNamed = true
 				} else {
@@ -162,11 +163,11 @@ func setMember[K comparable](m map[K]struct{}, k K, in bool) {
 // identity, or a pod identity's named ports change, nothing else of the
 // group can change. The new blocks go to the overlay; it reports whether
 // any entry changed.
-func (c *Compiled) patchGroup(g *group, ids map[identity.ID]struct{}) bool {
+func (c *Compiler) patchGroup(g *group, ids map[identity.ID]struct{}) bool {
 	fresh := mergeContribs(c.contribs(g, ids, nil))
 	changed := false
 	for id := range ids {
-		var blk []Entry
+		var blk []policytypes.Entry
 		for _, e := range fresh {
 			if e.Identity == id {
 				blk = append(blk, e)
@@ -176,7 +177,7 @@ func (c *Compiled) patchGroup(g *group, ids map[identity.ID]struct{}) bool {
 			continue
 		}
 		if g.overlay == nil {
-			g.overlay = map[identity.ID][]Entry{}
+			g.overlay = map[identity.ID][]policytypes.Entry{}
 		}
 		g.overlay[id] = blk
 		g.materialized = nil
@@ -186,13 +187,13 @@ func (c *Compiled) patchGroup(g *group, ids map[identity.ID]struct{}) bool {
 }
 
 // block returns the current entries of one peer identity, both directions.
-func (g *group) block(id identity.ID) []Entry {
+func (g *group) block(id identity.ID) []policytypes.Entry {
 	if blk, ok := g.overlay[id]; ok {
 		return blk
 	}
-	var out []Entry
-	for dir := Ingress; dir <= Egress; dir++ {
-		i, _ := slices.BinarySearchFunc(g.flat, Key{Direction: dir, Identity: id}, func(e Entry, k Key) int { return compareKeys(e.Key, k) })
+	var out []policytypes.Entry
+	for dir := policytypes.Ingress; dir <= policytypes.Egress; dir++ {
+		i, _ := slices.BinarySearchFunc(g.flat, policytypes.Key{Direction: dir, Identity: id}, func(e policytypes.Entry, k policytypes.Key) int { return compareKeys(e.Key, k) })
 		for ; i < len(g.flat) && g.flat[i].Direction == dir && g.flat[i].Identity == id; i++ {
 			out = append(out, g.flat[i])
 		}
@@ -203,7 +204,7 @@ func (g *group) block(id identity.ID) []Entry {
 // entries returns the group's sorted entries, folding the overlay into the
 // flat list first. Folding is deferred to reads because a read is rare and
 // per endpoint, while an identity change may patch hundreds of groups.
-func (g *group) entries() []Entry {
+func (g *group) entries() []policytypes.Entry {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.materialized != nil {
@@ -213,7 +214,7 @@ func (g *group) entries() []Entry {
 		g.materialized = g.flat
 		return g.flat
 	}
-	out := make([]Entry, 0, len(g.flat))
+	out := make([]policytypes.Entry, 0, len(g.flat))
 	for _, e := range g.flat {
 		if _, patched := g.overlay[e.Identity]; !patched {
 			out = append(out, e)
@@ -222,7 +223,7 @@ func (g *group) entries() []Entry {
 	for _, blk := range g.overlay {
 		out = append(out, blk...)
 	}
-	slices.SortFunc(out, func(a, b Entry) int { return compareKeys(a.Key, b.Key) })
+	slices.SortFunc(out, func(a, b policytypes.Entry) int { return compareKeys(a.Key, b.Key) })
 	g.flat, g.materialized = out, out
 	clear(g.overlay)
 	return out
@@ -235,7 +236,7 @@ func (g *group) entries() []Entry {
 // would cost peers × ports × identities; instead each identity is credited
 // to the first peer that picks it, which is also the pair the entry would
 // name (the first in policy order), and the product never materialises.
-func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contrib) []contrib {
+func (c *Compiler) contribs(g *group, only map[identity.ID]struct{}, out []contrib) []contrib {
 	var scratch []uint16
 	base := 0
 	for _, ps := range g.pols {
@@ -247,7 +248,7 @@ func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contr
 			for k := range nq {
 				pt := block[k].port
 				idx := &plain
-				if pt.name != "" && dir == Egress {
+				if pt.name != "" && dir == policytypes.Egress {
 					// Towards any peer, a named port can only reach pods, so
 					// these pairs are bound to the all-pods selector.
 					idx = &named
@@ -259,7 +260,7 @@ func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contr
 					j := idx.first[n]
 					r := &block[j*nq+k]
 					out = append(out, contrib{
-						Key:     Key{Direction: dir, Identity: idx.ids[n], Proto: pk.proto, Port: pk.port, PortPrefixLen: pk.plen},
+						Key:     policytypes.Key{Direction: dir, Identity: idx.ids[n], Proto: pk.proto, Port: pk.port, PortPrefixLen: pk.plen},
 						verdict: r.verdict, audit: ps.audit, rule: r.id, order: base + gi + j*nq + k,
 					})
 				}
@@ -270,15 +271,15 @@ func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contr
 					}
 				case pt.icmp:
 					for n := range idx.ids {
-						add(n, portKey{ProtoICMP, pt.lo, pt.icmpLen})
+						add(n, portKey{policytypes.ProtoICMP, pt.lo, pt.icmpLen})
 						// Every ICMP type includes ICMPv6, so "allow ICMP"
 						// holds on IPv6 too; type numbers differ between the
 						// two, so a typed rule stays IPv4 only.
 						if pt.icmpLen == 0 {
-							add(n, portKey{ProtoICMPv6, 0, 0})
+							add(n, portKey{policytypes.ProtoICMPv6, 0, 0})
 						}
 					}
-				case pt.name != "" && dir == Ingress:
+				case pt.name != "" && dir == policytypes.Ingress:
 					// The destination of ingress is the endpoint itself.
 					scratch = resolvePort(g.ports, pt.name, pt.proto, scratch[:0])
 					for n := range idx.ids {
@@ -312,20 +313,14 @@ func (c *Compiled) contribs(g *group, only map[identity.ID]struct{}, out []contr
 		}
 		base += len(ps.rules)
 	}
-	if _, ok := only[identity.Host]; (ok || only == nil) && g.defaults.IngressAudit == Deny {
+	if _, ok := only[identity.Host]; (ok || only == nil) && g.defaults.IngressAudit == policytypes.Deny {
 		out = append(out, contrib{
-			Key:     Key{Direction: Ingress, Identity: identity.Host, Proto: ProtoAny},
-			verdict: Allow, rule: RuleLocalHost, order: base,
+			Key:     policytypes.Key{Direction: policytypes.Ingress, Identity: identity.Host, Proto: policytypes.ProtoAny},
+			verdict: policytypes.Allow, rule: policytypes.RuleLocalHost, order: base,
 		})
 	}
 	return out
 }
-
-// RuleLocalHost is the RuleID of the built-in rule that lets a pod's own
-// node reach it whatever its ingress policy: upstream NetworkPolicy cannot
-// block it (kubelet probes come from there), and no mainstream plugin
-// does. Only an explicit deny rule stops it.
-const RuleLocalHost uint32 = 0
 
 // firstPeers lists the identities the peers of one rule pick, each with
 // the first peer (index j) that picks it.
@@ -374,7 +369,7 @@ func (f *firstPeers) fill(block []boundRule, nq, k int, only map[identity.ID]str
 // towards the CIDR peers of a rule. Only pods have named ports: the entries
 // go to the host regions of the pod addresses the CIDR picks, each port
 // resolved against its own pod.
-func (c *Compiled) namedTowardsCIDRs(block []boundRule, nq, k int, only map[identity.ID]struct{}, audit bool, base int, out []contrib) []contrib {
+func (c *Compiler) namedTowardsCIDRs(block []boundRule, nq, k int, only map[identity.ID]struct{}, audit bool, base int, out []contrib) []contrib {
 	for j := range len(block) / nq {
 		r := &block[j*nq+k]
 		if r.sel == nil || r.sel.kind != selCIDR {
@@ -383,7 +378,7 @@ func (c *Compiled) namedTowardsCIDRs(block []boundRule, nq, k int, only map[iden
 		for _, pi := range c.namedInCIDR(r.sel, r.port.name, r.port.proto) {
 			if _, ok := only[pi.id]; ok || only == nil {
 				out = append(out, contrib{
-					Key:     Key{Direction: Egress, Identity: pi.id, Proto: r.port.proto, Port: pi.port, PortPrefixLen: 16},
+					Key:     policytypes.Key{Direction: policytypes.Egress, Identity: pi.id, Proto: r.port.proto, Port: pi.port, PortPrefixLen: 16},
 					verdict: r.verdict, audit: audit, rule: r.id, order: base + j*nq + k,
 				})
 			}
@@ -424,7 +419,7 @@ type identPort struct {
 
 // namedInCIDR resolves a named port against every pod address a CIDR
 // selector picks, keyed by the address's host region.
-func (c *Compiled) namedInCIDR(s *selector, name string, proto uint8) []identPort {
+func (c *Compiler) namedInCIDR(s *selector, name string, proto uint8) []identPort {
 	var out []identPort
 	var scratch []uint16
 	for _, p := range c.pods {
@@ -446,31 +441,31 @@ func (c *Compiled) namedInCIDR(s *selector, name string, proto uint8) []identPor
 	return out
 }
 
-func compareKeys(a, b Key) int { return cmp.Compare(a.packed(), b.packed()) }
+func compareKeys(a, b policytypes.Key) int { return cmp.Compare(packKey(a), packKey(b)) }
 
-// packed maps a Key to an integer with the same order as comparing
+// packKey maps a Key to an integer with the same order as comparing
 // (direction, identity, proto, port, prefix length) in turn, so that sorts
 // compare one number instead of five fields.
-func (k Key) packed() uint64 {
+func packKey(k policytypes.Key) uint64 {
 	return uint64(k.Direction&1)<<63 | uint64(k.Identity)<<31 | uint64(k.Proto)<<23 | uint64(k.Port)<<7 | uint64(k.PortPrefixLen&0x1f)
 }
 
 // mergeContribs turns contributions into LPM entries: one entry per distinct
 // key, carrying the merged verdict of every contribution of the same
 // direction and identity whose prefix covers it, because in the datapath
-// the longest prefix shadows the shorter ones (see entry.go).
+// the longest prefix shadows the shorter ones (see package policytypes).
 //
 // Sorted by key, a prefix comes before every prefix it covers, and the
 // prefixes covering a key form a chain; so one sweep with a stack of the
 // open prefixes sees each key's covering chain without any lookups.
-func mergeContribs(cs []contrib) []Entry {
+func mergeContribs(cs []contrib) []policytypes.Entry {
 	for i := range cs {
-		cs[i].packed = cs[i].Key.packed()
+		cs[i].packed = packKey(cs[i].Key)
 	}
 	slices.SortFunc(cs, func(a, b contrib) int {
 		return cmp.Or(cmp.Compare(a.packed, b.packed), cmp.Compare(a.order, b.order))
 	})
-	var out []Entry
+	var out []policytypes.Entry
 	var stack []openKey
 	for i := 0; i < len(cs); {
 		k := cs[i].Key
@@ -501,13 +496,13 @@ func mergeContribs(cs []contrib) []Entry {
 type openKey struct {
 	pk       portKey
 	facts    keyFacts
-	enf, aud Verdict
+	enf, aud policytypes.Verdict
 }
 
 // keyFacts aggregates the contributions of one exact key: the strongest
 // verdicts, and per verdict the first rule (in policy order) giving it.
 type keyFacts struct {
-	enf, aud Verdict
+	enf, aud policytypes.Verdict
 	// firstEnf[v] is the first enforce-mode rule with verdict v;
 	// firstAny[v] the first rule of any mode.
 	firstEnf, firstAny [3]uint32
@@ -531,16 +526,16 @@ func (f *keyFacts) add(c *contrib) {
 // prefixes covering it, outermost first). The deciding rule is the most
 // specific contribution with the verdict that counts (enforce, else
 // audit), the first in policy order among equals.
-func entryFor(k Key, chain []openKey) Entry {
+func entryFor(k policytypes.Key, chain []openKey) policytypes.Entry {
 	top := chain[len(chain)-1]
-	e := Entry{Key: k, Enforce: top.enf, Audit: top.aud}
+	e := policytypes.Entry{Key: k, Enforce: top.enf, Audit: top.aud}
 	for i := len(chain) - 1; i >= 0; i-- {
 		f := &chain[i].facts
-		if e.Enforce != None && f.hasEnf[e.Enforce] {
+		if e.Enforce != policytypes.None && f.hasEnf[e.Enforce] {
 			e.RuleID = f.firstEnf[e.Enforce]
 			break
 		}
-		if e.Enforce == None && f.hasAny[e.Audit] {
+		if e.Enforce == policytypes.None && f.hasAny[e.Audit] {
 			e.RuleID = f.firstAny[e.Audit]
 			break
 		}

@@ -12,19 +12,20 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
-// Compiled is the compiler's state: the objects it was given, the
-// identities it allocated and the entries of every endpoint. It is updated
-// in place by the Upsert*/Delete* methods.
+// Compiler holds the objects it was given, the identities it allocated and
+// the entries of every endpoint, and recompiles in place as the
+// Upsert*/Delete* methods change them.
 //
 // Internally endpoints with the same identity and the same named container
 // ports share one group, compiled once: the entries depend on nothing else
 // of the pod.
-type Compiled struct {
+type Compiler struct {
 	mu sync.RWMutex
 
 	ids, cidrIDs *identity.Allocator
@@ -101,7 +102,7 @@ type boundRule struct {
 }
 
 // New returns an empty compiler.
-func New(opts Options) (*Compiled, error) {
+func New(opts Options) (*Compiler, error) {
 	ids, err := identity.NewAllocator(identity.MinPod, identity.MinCIDR-1, opts.Identities)
 	if err != nil {
 		return nil, err
@@ -110,7 +111,7 @@ func New(opts Options) (*Compiled, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Compiled{
+	return &Compiler{
 		ids: ids, cidrIDs: cidrIDs,
 		namespaces: map[string]labels.Set{}, nodes: map[string][]netip.Addr{},
 		pods: map[EndpointID]*podState{}, podsByNS: map[string]map[*podState]struct{}{},
@@ -131,7 +132,7 @@ func New(opts Options) (*Compiled, error) {
 // error is only for unusable Options. The output is deterministic for a
 // given input and Options: objects are applied in name order whatever the
 // order of the slices.
-func Compile(in Input, opts Options) (*Compiled, error) {
+func Compile(in Input, opts Options) (*Compiler, error) {
 	c, err := New(opts)
 	if err != nil {
 		return nil, err
@@ -173,7 +174,7 @@ func sortedBy[T any](objs []*T, key func(*T) string) []*T {
 }
 
 // UpsertNamespace adds or updates a namespace.
-func (c *Compiled) UpsertNamespace(ns *corev1.Namespace) Changes {
+func (c *Compiler) UpsertNamespace(ns *corev1.Namespace) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if ns != nil {
@@ -184,14 +185,14 @@ func (c *Compiled) UpsertNamespace(ns *corev1.Namespace) Changes {
 
 // DeleteNamespace removes a namespace. Its pods stay until deleted, with
 // only the kubernetes.io/metadata.name label that every namespace has.
-func (c *Compiled) DeleteNamespace(name string) Changes {
+func (c *Compiler) DeleteNamespace(name string) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.deleteNamespace(name)
 	return c.flush()
 }
 
-func (c *Compiled) deleteNamespace(name string) {
+func (c *Compiler) deleteNamespace(name string) {
 	if _, ok := c.namespaces[name]; ok {
 		delete(c.namespaces, name)
 		c.relabelNamespace(name)
@@ -199,7 +200,7 @@ func (c *Compiled) deleteNamespace(name string) {
 }
 
 // UpsertPod adds or updates a pod.
-func (c *Compiled) UpsertPod(pod *corev1.Pod) Changes {
+func (c *Compiler) UpsertPod(pod *corev1.Pod) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if pod != nil {
@@ -209,7 +210,7 @@ func (c *Compiled) UpsertPod(pod *corev1.Pod) Changes {
 }
 
 // DeletePod removes a pod.
-func (c *Compiled) DeletePod(namespace, name string) Changes {
+func (c *Compiler) DeletePod(namespace, name string) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.deletePod(EndpointID{namespace, name})
@@ -218,7 +219,7 @@ func (c *Compiled) DeletePod(namespace, name string) Changes {
 
 // UpsertNode adds or updates a node (its addresses tell host and
 // remote-node peers apart in Trace).
-func (c *Compiled) UpsertNode(node *corev1.Node) Changes {
+func (c *Compiler) UpsertNode(node *corev1.Node) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if node != nil {
@@ -228,7 +229,7 @@ func (c *Compiled) UpsertNode(node *corev1.Node) Changes {
 }
 
 // DeleteNode removes a node.
-func (c *Compiled) DeleteNode(name string) Changes {
+func (c *Compiler) DeleteNode(name string) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.nodes, name)
@@ -237,7 +238,7 @@ func (c *Compiled) DeleteNode(name string) Changes {
 
 // UpsertNetworkPolicy adds or updates a NetworkPolicy. An invalid policy is
 // skipped (see PolicyError) and its previous version, if any, removed.
-func (c *Compiled) UpsertNetworkPolicy(np *networkingv1.NetworkPolicy) Changes {
+func (c *Compiler) UpsertNetworkPolicy(np *networkingv1.NetworkPolicy) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if np != nil {
@@ -247,12 +248,12 @@ func (c *Compiled) UpsertNetworkPolicy(np *networkingv1.NetworkPolicy) Changes {
 }
 
 // DeleteNetworkPolicy removes a NetworkPolicy.
-func (c *Compiled) DeleteNetworkPolicy(namespace, name string) Changes {
+func (c *Compiler) DeleteNetworkPolicy(namespace, name string) Changes {
 	return c.deletePolicy(PolicyRef{KindNetworkPolicy, namespace, name})
 }
 
 // UpsertMeshPolicy adds or updates a MeshPolicy.
-func (c *Compiled) UpsertMeshPolicy(mp *v1alpha1.MeshPolicy) Changes {
+func (c *Compiler) UpsertMeshPolicy(mp *v1alpha1.MeshPolicy) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if mp != nil {
@@ -262,12 +263,12 @@ func (c *Compiled) UpsertMeshPolicy(mp *v1alpha1.MeshPolicy) Changes {
 }
 
 // DeleteMeshPolicy removes a MeshPolicy.
-func (c *Compiled) DeleteMeshPolicy(namespace, name string) Changes {
+func (c *Compiler) DeleteMeshPolicy(namespace, name string) Changes {
 	return c.deletePolicy(PolicyRef{KindMeshPolicy, namespace, name})
 }
 
 // UpsertClusterMeshPolicy adds or updates a ClusterMeshPolicy.
-func (c *Compiled) UpsertClusterMeshPolicy(cmp *v1alpha1.ClusterMeshPolicy) Changes {
+func (c *Compiler) UpsertClusterMeshPolicy(cmp *v1alpha1.ClusterMeshPolicy) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if cmp != nil {
@@ -277,18 +278,18 @@ func (c *Compiled) UpsertClusterMeshPolicy(cmp *v1alpha1.ClusterMeshPolicy) Chan
 }
 
 // DeleteClusterMeshPolicy removes a ClusterMeshPolicy.
-func (c *Compiled) DeleteClusterMeshPolicy(name string) Changes {
+func (c *Compiler) DeleteClusterMeshPolicy(name string) Changes {
 	return c.deletePolicy(PolicyRef{KindClusterMeshPolicy, "", name})
 }
 
-func (c *Compiled) deletePolicy(ref PolicyRef) Changes {
+func (c *Compiler) deletePolicy(ref PolicyRef) Changes {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.removePolicy(ref)
 	return c.flush()
 }
 
-func (c *Compiled) removePolicy(ref PolicyRef) {
+func (c *Compiler) removePolicy(ref PolicyRef) {
 	delete(c.invalid, ref)
 	if old := c.policies[ref]; old != nil {
 		c.uninstall(old, nil)
@@ -296,7 +297,7 @@ func (c *Compiled) removePolicy(ref PolicyRef) {
 }
 
 // Invalid lists the policies that were skipped, sorted by policy.
-func (c *Compiled) Invalid() []*PolicyError {
+func (c *Compiler) Invalid() []*PolicyError {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	out := slices.Collect(maps.Values(c.invalid))
@@ -306,7 +307,7 @@ func (c *Compiled) Invalid() []*PolicyError {
 
 // PolicyError returns the error of one policy, or nil when it compiled (or
 // is unknown).
-func (c *Compiled) PolicyError(ref PolicyRef) *PolicyError {
+func (c *Compiler) PolicyError(ref PolicyRef) *PolicyError {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return c.invalid[ref]
@@ -317,7 +318,7 @@ func compareRefs(a, b PolicyRef) int {
 }
 
 // Endpoints lists every endpoint, sorted by namespace/name.
-func (c *Compiled) Endpoints() []Endpoint {
+func (c *Compiler) Endpoints() []Endpoint {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	out := make([]Endpoint, 0, len(c.pods))
@@ -335,7 +336,7 @@ func compareEndpointIDs(a, b EndpointID) int {
 }
 
 // Endpoint returns one endpoint.
-func (c *Compiled) Endpoint(id EndpointID) (Endpoint, bool) {
+func (c *Compiler) Endpoint(id EndpointID) (Endpoint, bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	p := c.pods[id]
@@ -353,7 +354,7 @@ func (p *podState) endpoint() Endpoint {
 }
 
 // Identities lists the allocated pod identities, sorted by number.
-func (c *Compiled) Identities() []IdentityInfo {
+func (c *Compiler) Identities() []IdentityInfo {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	out := make([]IdentityInfo, 0, len(c.idents))
@@ -365,7 +366,7 @@ func (c *Compiled) Identities() []IdentityInfo {
 }
 
 // IPCache lists pod IP → identity, sorted by IP.
-func (c *Compiled) IPCache() []IPCacheEntry {
+func (c *Compiler) IPCache() []IPCacheEntry {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	var out []IPCacheEntry
@@ -387,7 +388,7 @@ func (c *Compiled) IPCache() []IPCacheEntry {
 
 // CIDRTable lists CIDR prefix → CIDR identity (the datapath's CIDR LPM map),
 // sorted by prefix.
-func (c *Compiled) CIDRTable() []CIDREntry {
+func (c *Compiler) CIDRTable() []CIDREntry {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	out := make([]CIDREntry, 0, len(c.regions))
@@ -401,7 +402,7 @@ func (c *Compiled) CIDRTable() []CIDREntry {
 }
 
 // Rules lists every rule, sorted by ID.
-func (c *Compiled) Rules() []Rule {
+func (c *Compiler) Rules() []Rule {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	out := make([]Rule, 0, len(c.rules))
@@ -413,7 +414,7 @@ func (c *Compiled) Rules() []Rule {
 }
 
 // Rule returns the rule with the given ID (Entry.RuleID).
-func (c *Compiled) Rule(id uint32) (Rule, bool) {
+func (c *Compiler) Rule(id uint32) (Rule, bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	r, ok := c.rules[id]
@@ -425,14 +426,14 @@ func (c *Compiled) Rule(id uint32) (Rule, bool) {
 
 // IdentityState returns the pod identity allocator state to persist and pass
 // back as Options.Identities.
-func (c *Compiled) IdentityState() map[string]identity.ID { return c.ids.State() }
+func (c *Compiler) IdentityState() map[string]identity.ID { return c.ids.State() }
 
 // CIDRIdentityState is IdentityState for CIDR identities.
-func (c *Compiled) CIDRIdentityState() map[string]identity.ID { return c.cidrIDs.State() }
+func (c *Compiler) CIDRIdentityState() map[string]identity.ID { return c.cidrIDs.State() }
 
 // --- namespaces and nodes ---
 
-func (c *Compiled) upsertNamespace(ns *corev1.Namespace) {
+func (c *Compiler) upsertNamespace(ns *corev1.Namespace) {
 	ls := labels.Set{}
 	maps.Copy(ls, ns.Labels)
 	// The API server sets this label on every namespace; selectors rely on it.
@@ -444,7 +445,7 @@ func (c *Compiled) upsertNamespace(ns *corev1.Namespace) {
 	c.relabelNamespace(ns.Name)
 }
 
-func (c *Compiled) namespaceLabels(ns string) labels.Set {
+func (c *Compiler) namespaceLabels(ns string) labels.Set {
 	if ls, ok := c.namespaces[ns]; ok {
 		return ls
 	}
@@ -452,7 +453,7 @@ func (c *Compiled) namespaceLabels(ns string) labels.Set {
 }
 
 // relabelNamespace gives every pod of ns the identity of its new label set.
-func (c *Compiled) relabelNamespace(ns string) {
+func (c *Compiler) relabelNamespace(ns string) {
 	pods := slices.Collect(maps.Keys(c.podsByNS[ns]))
 	slices.SortFunc(pods, func(a, b *podState) int { return strings.Compare(a.id.Name, b.id.Name) })
 	for _, old := range pods {
@@ -465,14 +466,14 @@ func (c *Compiled) relabelNamespace(ns string) {
 // upsertNode records the node's addresses as the agent's ipcache has them,
 // so Trace names a node address host or remote-node exactly where the
 // datapath does; malformed fields are the agent's to report.
-func (c *Compiled) upsertNode(n *corev1.Node) {
+func (c *Compiler) upsertNode(n *corev1.Node) {
 	info, _ := nodeinfo.Parse(n)
 	c.nodes[n.Name] = info.Addrs()
 }
 
 // --- pods and identities ---
 
-func (c *Compiled) upsertPod(pod *corev1.Pod) {
+func (c *Compiler) upsertPod(pod *corev1.Pod) {
 	np := newPodState(pod)
 	old := c.pods[np.id]
 	if old != nil && old.active == np.active && old.serviceAccount == np.serviceAccount && old.node == np.node &&
@@ -482,7 +483,7 @@ func (c *Compiled) upsertPod(pod *corev1.Pod) {
 	c.replacePod(old, np)
 }
 
-func (c *Compiled) deletePod(id EndpointID) {
+func (c *Compiler) deletePod(id EndpointID) {
 	if old := c.pods[id]; old != nil {
 		c.replacePod(old, nil)
 	}
@@ -491,7 +492,7 @@ func (c *Compiled) deletePod(id EndpointID) {
 // replacePod swaps old for np (either may be nil). The new pod joins its
 // identity and group before the old one leaves, so an identity or group
 // that both share is never torn down and rebuilt (which would renumber it).
-func (c *Compiled) replacePod(old, np *podState) {
+func (c *Compiler) replacePod(old, np *podState) {
 	if np != nil {
 		c.pods[np.id] = np
 		if c.podsByNS[np.id.Namespace] == nil {
@@ -532,7 +533,7 @@ func (c *Compiled) replacePod(old, np *podState) {
 	}
 }
 
-func (c *Compiled) attach(p *podState) {
+func (c *Compiler) attach(p *podState) {
 	if !p.active {
 		return
 	}
@@ -580,7 +581,7 @@ func (c *Compiled) attach(p *podState) {
 	p.group = g
 }
 
-func (c *Compiled) detach(p *podState) {
+func (c *Compiler) detach(p *podState) {
 	if !p.active || p.ident == nil {
 		return
 	}
@@ -615,7 +616,7 @@ func (c *Compiled) detach(p *podState) {
 	}
 }
 
-func (c *Compiled) addIdentity(id *identState) {
+func (c *Compiler) addIdentity(id *identState) {
 	c.idents[id.id] = id
 	c.identByKey[id.key] = id
 	if c.identsByNS[id.namespace] == nil {
@@ -629,7 +630,7 @@ func (c *Compiled) addIdentity(id *identState) {
 	}
 }
 
-func (c *Compiled) removeIdentity(id *identState) {
+func (c *Compiler) removeIdentity(id *identState) {
 	delete(c.idents, id.id)
 	delete(c.identByKey, id.key)
 	delete(c.identsByNS[id.namespace], id)
@@ -646,13 +647,13 @@ func (c *Compiled) removeIdentity(id *identState) {
 
 // dirtyUsers marks the entries of peer identity id stale in the groups
 // using selector s.
-func (c *Compiled) dirtyUsers(s *selector, id identity.ID) {
+func (c *Compiler) dirtyUsers(s *selector, id identity.ID) {
 	for g := range s.users {
 		c.dirtyID(g, id)
 	}
 }
 
-func (c *Compiled) dirtyID(g *group, id identity.ID) {
+func (c *Compiler) dirtyID(g *group, id identity.ID) {
 	m := c.dirtyIDs[g]
 	if m == nil {
 		m = map[identity.ID]struct{}{}
@@ -663,7 +664,7 @@ func (c *Compiled) dirtyID(g *group, id identity.ID) {
 
 // dirtyPortsOf marks stale the entries of a pod identity whose named ports
 // changed, in the groups whose egress named ports resolve against peers.
-func (c *Compiled) dirtyPortsOf(id identity.ID) {
+func (c *Compiler) dirtyPortsOf(id identity.ID) {
 	for g := range c.egressNamedGroups {
 		c.dirtyID(g, id)
 	}
@@ -671,7 +672,7 @@ func (c *Compiled) dirtyPortsOf(id identity.ID) {
 
 // --- policies ---
 
-func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *PolicyError)) {
+func (c *Compiler) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *PolicyError)) {
 	old := c.policies[ref]
 	pp, perr := parse()
 	if perr != nil {
@@ -690,7 +691,7 @@ func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *Po
 		br := boundRule{parsedRule: r, id: c.ruleID(pp, r)}
 		keep[br.id] = true
 		spec := r.peer.sel
-		if r.peer.any && r.port.name != "" && r.dir == Egress {
+		if r.peer.any && r.port.name != "" && r.dir == policytypes.Egress {
 			spec, br.podsForAny = &selSpec{kind: selAllPods}, true
 		}
 		if spec != nil {
@@ -702,7 +703,7 @@ func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *Po
 			if spec.kind == selCIDR {
 				ps.prefixes = append(ps.prefixes, spec.cidr)
 				ps.prefixes = append(ps.prefixes, spec.except...)
-				if r.port.name != "" && r.dir == Egress {
+				if r.port.name != "" && r.dir == policytypes.Egress {
 					ps.namedCIDRs = append(ps.namedCIDRs, br.sel)
 				}
 			}
@@ -732,7 +733,7 @@ func (c *Compiled) installPolicy(ref PolicyRef, parse func() (*parsedPolicy, *Po
 
 // uninstall removes an installed policy; rule IDs in keep were taken over
 // by its new version.
-func (c *Compiled) uninstall(ps *policyState, keep map[uint32]bool) {
+func (c *Compiler) uninstall(ps *policyState, keep map[uint32]bool) {
 	if c.policies[ps.ref] == ps {
 		delete(c.policies, ps.ref)
 	}
@@ -767,7 +768,7 @@ func (c *Compiled) uninstall(ps *policyState, keep map[uint32]bool) {
 // useNamedCIDR counts one more (delta 1) or one less (-1) egress named-port
 // rule towards CIDR selector s; the first and the last one add or remove
 // the host regions of the pods inside it.
-func (c *Compiled) useNamedCIDR(s *selector, delta int) {
+func (c *Compiler) useNamedCIDR(s *selector, delta int) {
 	n := c.namedCIDRs[s]
 	c.namedCIDRs[s] = n + delta
 	if n+delta == 0 {
@@ -784,7 +785,7 @@ func (c *Compiled) useNamedCIDR(s *selector, delta int) {
 
 // hostRegions adds (delta 1) or removes (-1) the host regions of pod p's
 // IPs inside the CIDR of s.
-func (c *Compiled) hostRegions(p *podState, s *selector, delta int) {
+func (c *Compiler) hostRegions(p *podState, s *selector, delta int) {
 	for _, ip := range p.ips {
 		if !s.cidr.Contains(ip) {
 			continue
@@ -802,7 +803,7 @@ func ruleKey(ref PolicyRef, section string) string { return ref.String() + "|" +
 // ruleID returns the RuleID of a rule, keeping the ID of the same section of
 // an earlier version of the policy so that unchanged rules keep their
 // counters.
-func (c *Compiled) ruleID(pp *parsedPolicy, r *parsedRule) uint32 {
+func (c *Compiler) ruleID(pp *parsedPolicy, r *parsedRule) uint32 {
 	key := ruleKey(pp.ref, r.section)
 	id, ok := c.ruleByKey[key]
 	if !ok {
@@ -818,7 +819,7 @@ func (c *Compiled) ruleID(pp *parsedPolicy, r *parsedRule) uint32 {
 }
 
 // dirtySubjects marks the groups a policy selects.
-func (c *Compiled) dirtySubjects(ps *policyState) {
+func (c *Compiler) dirtySubjects(ps *policyState) {
 	if ps.ref.Kind == KindClusterMeshPolicy {
 		for _, g := range c.groups {
 			if ps.selects(g.ident) {
@@ -844,7 +845,7 @@ func (p *parsedPolicy) selects(id *identState) bool {
 	return p.subjectPod.Matches(id.podLabels)
 }
 
-func (c *Compiled) bindSelector(spec *selSpec) *selector {
+func (c *Compiler) bindSelector(spec *selSpec) *selector {
 	key := spec.key()
 	if s := c.sels[key]; s != nil {
 		s.refs++
@@ -883,7 +884,7 @@ func (c *Compiled) bindSelector(spec *selSpec) *selector {
 	return s
 }
 
-func (c *Compiled) refRegion(p netip.Prefix) {
+func (c *Compiler) refRegion(p netip.Prefix) {
 	if r := c.regions[p]; r != nil {
 		r.refs++
 		return
@@ -905,7 +906,7 @@ func (c *Compiled) refRegion(p netip.Prefix) {
 	}
 }
 
-func (c *Compiled) unrefRegion(p netip.Prefix) {
+func (c *Compiler) unrefRegion(p netip.Prefix) {
 	r := c.regions[p]
 	if r == nil {
 		return
@@ -925,7 +926,7 @@ func (c *Compiled) unrefRegion(p netip.Prefix) {
 
 // regionsChanged dirties, once per flush, the groups whose entries depend
 // on which region each pod IP falls in: egress named ports towards CIDRs.
-func (c *Compiled) regionsChanged() {
+func (c *Compiler) regionsChanged() {
 	if !c.regionsDirty {
 		return
 	}
@@ -936,7 +937,7 @@ func (c *Compiled) regionsChanged() {
 }
 
 // regionOf returns the longest named prefix holding ip.
-func (c *Compiled) regionOf(ip netip.Addr) (netip.Prefix, identity.ID, bool) {
+func (c *Compiler) regionOf(ip netip.Addr) (netip.Prefix, identity.ID, bool) {
 	var best netip.Prefix
 	var bestID identity.ID
 	found := false
@@ -948,18 +949,18 @@ func (c *Compiled) regionOf(ip netip.Addr) (netip.Prefix, identity.ID, bool) {
 	return best, bestID, found
 }
 
-func (c *Compiled) groupChanged(g *group) {
+func (c *Compiler) groupChanged(g *group) {
 	for p := range g.endpoints {
 		c.changed[p.id] = struct{}{}
 	}
 }
 
 // flush recompiles the dirty groups and reports what changed.
-func (c *Compiled) flush() Changes {
+func (c *Compiler) flush() Changes {
 	c.regionsChanged()
 	for g := range c.dirty {
 		was := g.computed
-		var before []Entry
+		var before []policytypes.Entry
 		if was {
 			before = g.entries()
 		}

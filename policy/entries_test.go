@@ -7,11 +7,12 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
-// The entry-level contract of entry.go: a deny on a shorter prefix is
+// The entry-level contract of package policytypes: a deny on a shorter prefix is
 // copied onto every longer prefix of the same identity, enforce and audit
 // verdicts are kept apart, and ranges become minimal prefixes.
 func TestEntriesCarryMergedVerdicts(t *testing.T) {
@@ -54,26 +55,29 @@ func TestEntriesCarryMergedVerdicts(t *testing.T) {
 	allow := ruleOf("allow", "ingress[0].from[0].ports[0]")
 	deny := ruleOf("deny-client", "ingressDeny[0].from[0]")
 	audit := ruleOf("audit-deny-81", "ingressDeny[0].ports[0]")
-	key := func(id identity.ID, proto uint8, port uint16, plen uint8) Key {
-		return Key{Direction: Ingress, Identity: id, Proto: proto, Port: port, PortPrefixLen: plen}
+	key := func(id identity.ID, proto uint8, port uint16, plen uint8) policytypes.Key {
+		return policytypes.Key{Direction: policytypes.Ingress, Identity: id, Proto: proto, Port: port, PortPrefixLen: plen}
 	}
-	want := []Entry{
+	entry := func(k policytypes.Key, enforce, audit policytypes.Verdict, rule uint32) policytypes.Entry {
+		return policytypes.Entry{Key: k, Enforce: enforce, Audit: audit, RuleID: rule}
+	}
+	want := []policytypes.Entry{
 		// Any peer: only the audit deny of 81.
-		{key(identity.Any, ProtoTCP, 81, 16), None, Deny, audit},
+		entry(key(identity.Any, policytypes.ProtoTCP, 81, 16), policytypes.None, policytypes.Deny, audit),
 		// The local node is always allowed in.
-		{key(identity.Host, ProtoAny, 0, 0), Allow, Allow, RuleLocalHost},
+		entry(key(identity.Host, policytypes.ProtoAny, 0, 0), policytypes.Allow, policytypes.Allow, policytypes.RuleLocalHost),
 		// The server's own identity: 80-81 is one /15 prefix.
-		{key(server, ProtoTCP, 80, 15), Allow, Allow, allow},
+		entry(key(server, policytypes.ProtoTCP, 80, 15), policytypes.Allow, policytypes.Allow, allow),
 		// The client: denied on every port, and the deny is copied onto
 		// the longer 80-81 prefix that would otherwise shadow it.
-		{key(client.Identity, ProtoAny, 0, 0), Deny, Deny, deny},
-		{key(client.Identity, ProtoTCP, 80, 15), Deny, Deny, deny},
+		entry(key(client.Identity, policytypes.ProtoAny, 0, 0), policytypes.Deny, policytypes.Deny, deny),
+		entry(key(client.Identity, policytypes.ProtoTCP, 80, 15), policytypes.Deny, policytypes.Deny, deny),
 	}
-	slices.SortFunc(want, func(a, b Entry) int { return compareKeys(a.Key, b.Key) })
+	slices.SortFunc(want, func(a, b policytypes.Entry) int { return compareKeys(a.Key, b.Key) })
 	if !slices.Equal(ep.Entries, want) {
 		t.Errorf("entries:\n got %+v\nwant %+v", ep.Entries, want)
 	}
-	if ep.Defaults != (Defaults{IngressEnforce: Deny, IngressAudit: Deny, EgressEnforce: Allow, EgressAudit: Allow}) {
+	if ep.Defaults != (policytypes.Defaults{IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny, EgressEnforce: policytypes.Allow, EgressAudit: policytypes.Allow}) {
 		t.Errorf("defaults %+v", ep.Defaults)
 	}
 }

@@ -10,7 +10,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // fuzzInput is the JSON shape the compiler fuzz target decodes.
@@ -52,7 +53,7 @@ func FuzzCompile(f *testing.F) {
 		}
 		for _, from := range peers {
 			for _, to := range peers {
-				for _, pp := range []PortProto{{ProtoTCP, 80}, {ProtoUDP, 53}, {ProtoICMP, 8 << 8}, {ProtoSCTP, 0}} {
+				for _, pp := range []PortProto{{policytypes.ProtoTCP, 80}, {policytypes.ProtoUDP, 53}, {policytypes.ProtoICMP, 8 << 8}, {policytypes.ProtoSCTP, 0}} {
 					c.Trace(from, to, pp.Proto, pp.Port)
 				}
 			}
@@ -98,7 +99,7 @@ func FuzzCompile(f *testing.F) {
 			}
 		}
 		for _, ep := range c.Endpoints() {
-			if len(ep.Entries) != 0 || ep.Defaults != (Defaults{Allow, Allow, Allow, Allow}) {
+			if len(ep.Entries) != 0 || ep.Defaults != (policytypes.Defaults{IngressEnforce: policytypes.Allow, IngressAudit: policytypes.Allow, EgressEnforce: policytypes.Allow, EgressAudit: policytypes.Allow}) {
 				t.Fatalf("%s keeps policy after every policy was deleted: %+v", ep.EndpointID, ep)
 			}
 		}

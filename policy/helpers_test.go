@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/veilmesh/veil/policy/policytypes"
+
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -135,7 +137,7 @@ func ipBlock(cidr string, except ...string) networkingv1.NetworkPolicyPeer {
 	return networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{CIDR: cidr, Except: except}}
 }
 
-func mustCompile(t testing.TB, in Input) *Compiled {
+func mustCompile(t testing.TB, in Input) *Compiler {
 	t.Helper()
 	c, err := Compile(in, Options{})
 	if err != nil {
@@ -149,7 +151,7 @@ func mustCompile(t testing.TB, in Input) *Compiled {
 
 // checkReach compares the trace of every ordered pair of distinct e2e pods
 // with want.
-func checkReach(t *testing.T, c *Compiled, pp PortProto, want reach) {
+func checkReach(t *testing.T, c *Compiler, pp PortProto, want reach) {
 	t.Helper()
 	var bad []string
 	for key, w := range want {
@@ -173,12 +175,12 @@ func checkReach(t *testing.T, c *Compiled, pp PortProto, want reach) {
 }
 
 var (
-	tcp80  = PortProto{ProtoTCP, 80}
-	tcp81  = PortProto{ProtoTCP, 81}
-	udp80  = PortProto{ProtoUDP, 80}
-	udp81  = PortProto{ProtoUDP, 81}
-	sctp80 = PortProto{ProtoSCTP, 80}
-	sctp81 = PortProto{ProtoSCTP, 81}
+	tcp80  = PortProto{policytypes.ProtoTCP, 80}
+	tcp81  = PortProto{policytypes.ProtoTCP, 81}
+	udp80  = PortProto{policytypes.ProtoUDP, 80}
+	udp81  = PortProto{policytypes.ProtoUDP, 81}
+	sctp80 = PortProto{policytypes.ProtoSCTP, 80}
+	sctp81 = PortProto{policytypes.ProtoSCTP, 81}
 )
 
 func addr(s string) netip.Addr { return netip.MustParseAddr(s) }

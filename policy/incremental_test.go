@@ -174,30 +174,3 @@ func TestRangePrefixes(t *testing.T) {
 		}
 	}
 }
-
-// A batch reaches the same state as from-scratch compilation and reports
-// every endpoint it touched.
-func TestBatch(t *testing.T) {
-	in := e2eInput()
-	c := mustCompile(t, Input{})
-	ch := c.Batch(func(b *Batch) {
-		for _, ns := range in.Namespaces {
-			b.UpsertNamespace(ns)
-		}
-		for _, p := range in.Pods {
-			b.UpsertPod(p)
-		}
-		b.UpsertNetworkPolicy(np("x", "p", &metav1.LabelSelector{}, nil))
-		b.DeletePod("z", "c")
-	})
-	// z/c came and went inside the batch: reporting it removed is harmless
-	// (deleting what is not there) and safe.
-	if len(ch.Endpoints) != 8 || !slices.Equal(ch.Removed, []EndpointID{{"z", "c"}}) || !ch.IPCache {
-		t.Fatalf("changes %+v", ch)
-	}
-	in.Pods = in.Pods[:8]
-	in.NetworkPolicies = []*networkingv1.NetworkPolicy{np("x", "p", &metav1.LabelSelector{}, nil)}
-	if got, want := canonical(c), canonical(mustCompile(t, in)); !slices.Equal(got, want) {
-		t.Fatalf("batch differs from scratch:\n%s", diffLines(got, want))
-	}
-}

@@ -10,7 +10,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 )
 
 // An invalid policy is reported with the offending field and skipped: it
@@ -99,7 +99,7 @@ func TestInvalidPoliciesAreReportedAndSkipped(t *testing.T) {
 	})
 }
 
-func checkSkipped(t *testing.T, c *Compiled, ref PolicyRef, field string) {
+func checkSkipped(t *testing.T, c *Compiler, ref PolicyRef, field string) {
 	t.Helper()
 	errs := c.Invalid()
 	if len(errs) != 1 || errs[0].Policy != ref || errs[0].Field != field {

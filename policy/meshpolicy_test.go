@@ -9,8 +9,9 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func mp(ns, name string, sel *metav1.LabelSelector, rules v1alpha1.PolicyRules) *v1alpha1.MeshPolicy {
@@ -228,7 +229,7 @@ func TestMeshPolicyFeatures(t *testing.T) {
 	}
 }
 
-func checkAuditReach(t *testing.T, c *Compiled, pp PortProto, want reach) {
+func checkAuditReach(t *testing.T, c *Compiler, pp PortProto, want reach) {
 	t.Helper()
 	for key, w := range want {
 		if key[0] == key[1] {
@@ -285,7 +286,7 @@ func TestNonPodPeersAndEntities(t *testing.T) {
 		{"remote node to NetworkPolicy-isolated y/a", ip("192.168.0.2"), ya, tcp80, false, identity.RemoteNode},
 		{"local host to x/b, allowed by entity all", ip("192.168.0.1"), xb, tcp80, true, identity.Host},
 		{"remote node to x/a", ip("192.168.0.2"), xa, tcp80, false, identity.RemoteNode},
-		{"world to x/a on 443", ip("8.8.8.8"), xa, PortProto{ProtoTCP, 443}, true, identity.World},
+		{"world to x/a on 443", ip("8.8.8.8"), xa, PortProto{policytypes.ProtoTCP, 443}, true, identity.World},
 		{"world to x/a on 80", ip("8.8.8.8"), xa, tcp80, false, identity.World},
 		{"x/a to remote node", xa, ip("192.168.0.2"), tcp80, true, 0},
 		{"x/a to local host", xa, ip("192.168.0.1"), tcp80, false, 0},
@@ -331,21 +332,21 @@ func TestICMP(t *testing.T) {
 		IngressDeny: []v1alpha1.IngressRule{{From: []v1alpha1.Peer{podPeer(matchLabels("ns", "z"), nil)}, Ports: []v1alpha1.PortRule{icmpRule(8, 1)}}},
 	})}
 	c := mustCompile(t, in)
-	icmp := func(typ, code uint16) PortProto { return PortProto{ProtoICMP, typ<<8 | code} }
+	icmp := func(typ, code uint16) PortProto { return PortProto{policytypes.ProtoICMP, typ<<8 | code} }
 	checkReach(t, c, icmp(8, 0), newReach(true))
 	checkReach(t, c, icmp(8, 1), newReach(true).set("z/*", "x/a", false))
 	checkReach(t, c, icmp(0, 0), newReach(true).set("*/*", "x/a", false))
 	checkReach(t, c, icmp(3, 4), newReach(true).set("*/*", "x/a", false).set("y/*", "x/a", true))
 	checkReach(t, c, icmp(3, 3), newReach(true).set("*/*", "x/a", false))
-	checkReach(t, c, PortProto{ProtoTCP, 8 << 8}, newReach(true).set("*/*", "x/a", false))
-	checkReach(t, c, PortProto{ProtoICMPv6, 128 << 8}, newReach(true).set("*/*", "x/a", false))
+	checkReach(t, c, PortProto{policytypes.ProtoTCP, 8 << 8}, newReach(true).set("*/*", "x/a", false))
+	checkReach(t, c, PortProto{policytypes.ProtoICMPv6, 128 << 8}, newReach(true).set("*/*", "x/a", false))
 
 	// An untyped ICMP rule covers ICMPv6 as well.
 	in.MeshPolicies = append(in.MeshPolicies, mp("x", "any-icmp", matchLabels("pod", "a"), v1alpha1.PolicyRules{
 		Ingress: []v1alpha1.IngressRule{{From: []v1alpha1.Peer{podPeer(matchLabels("ns", "y"), nil)}, Ports: []v1alpha1.PortRule{{Protocol: v1alpha1.ProtocolICMP}}}},
 	}))
 	c = mustCompile(t, in)
-	checkReach(t, c, PortProto{ProtoICMPv6, 128 << 8}, newReach(true).set("*/*", "x/a", false).set("y/*", "x/a", true))
+	checkReach(t, c, PortProto{policytypes.ProtoICMPv6, 128 << 8}, newReach(true).set("*/*", "x/a", false).set("y/*", "x/a", true))
 	checkReach(t, c, icmp(0, 0), newReach(true).set("*/*", "x/a", false).set("y/*", "x/a", true))
 }
 
@@ -379,13 +380,13 @@ func TestNamedPortsPerProtocol(t *testing.T) {
 		port     uint16
 		want     bool
 	}{
-		{server, server, ProtoUDP, 53, true},
-		{alt, server, ProtoUDP, 53, true},
-		{alt, server, ProtoUDP, 5353, false},
-		{alt, server, ProtoTCP, 53, false},
-		{alt, server, ProtoTCP, 5353, false},
-		{server, alt, ProtoUDP, 1053, true},
-		{server, alt, ProtoUDP, 53, false},
+		{server, server, policytypes.ProtoUDP, 53, true},
+		{alt, server, policytypes.ProtoUDP, 53, true},
+		{alt, server, policytypes.ProtoUDP, 5353, false},
+		{alt, server, policytypes.ProtoTCP, 53, false},
+		{alt, server, policytypes.ProtoTCP, 5353, false},
+		{server, alt, policytypes.ProtoUDP, 1053, true},
+		{server, alt, policytypes.ProtoUDP, 53, false},
 	}
 	for _, tt := range tests {
 		tr, err := c.Trace(tt.from, tt.to, tt.proto, tt.port)
@@ -403,12 +404,12 @@ func TestNamedPortsPerProtocol(t *testing.T) {
 		port  uint16
 		want  bool
 	}{
-		{server, ProtoTCP, 5353, true},
-		{server, ProtoTCP, 53, false},
-		{server, ProtoUDP, 53, false},
-		{alt, ProtoTCP, 1053, false},
-		{alt, ProtoUDP, 1053, false},
-		{IPPeer(addr("8.8.8.8")), ProtoTCP, 5353, false},
+		{server, policytypes.ProtoTCP, 5353, true},
+		{server, policytypes.ProtoTCP, 53, false},
+		{server, policytypes.ProtoUDP, 53, false},
+		{alt, policytypes.ProtoTCP, 1053, false},
+		{alt, policytypes.ProtoUDP, 1053, false},
+		{IPPeer(addr("8.8.8.8")), policytypes.ProtoTCP, 5353, false},
 	}
 	for _, tt := range egressTests {
 		tr, err := c.Trace(client, tt.to, tt.proto, tt.port)
@@ -430,7 +431,7 @@ func TestTraceExplains(t *testing.T) {
 		}}
 	})}
 	c := mustCompile(t, in)
-	tr, err := c.Trace(PodPeer("x", "b"), PodPeer("x", "a"), ProtoTCP, 80)
+	tr, err := c.Trace(PodPeer("x", "b"), PodPeer("x", "a"), policytypes.ProtoTCP, 80)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -441,7 +442,7 @@ func TestTraceExplains(t *testing.T) {
 	if got := tr.Ingress.Reasons[0].Message; got != want {
 		t.Errorf("reason %q; want %q", got, want)
 	}
-	tr, _ = c.Trace(PodPeer("x", "c"), PodPeer("x", "a"), ProtoTCP, 80)
+	tr, _ = c.Trace(PodPeer("x", "c"), PodPeer("x", "a"), policytypes.ProtoTCP, 80)
 	if tr.Allowed || len(tr.Ingress.Reasons) != 1 || !strings.Contains(tr.Ingress.Reasons[0].Message, "denied by default") {
 		t.Errorf("got %+v", tr.Ingress)
 	}
@@ -473,7 +474,7 @@ func TestLocalHostIngress(t *testing.T) {
 	c := mustCompile(t, in)
 	host := IPPeer(addr("192.168.0.1"))
 	for pod, want := range map[string]bool{"a": true, "b": false} {
-		tr, err := c.Trace(host, PodPeer("x", pod), ProtoTCP, 8080)
+		tr, err := c.Trace(host, PodPeer("x", pod), policytypes.ProtoTCP, 8080)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -481,7 +482,7 @@ func TestLocalHostIngress(t *testing.T) {
 			t.Errorf("host -> x/%s: got %v; want %v (%+v)", pod, tr.Allowed, want, tr.Ingress.Reasons)
 		}
 	}
-	tr, _ := c.Trace(host, PodPeer("x", "a"), ProtoTCP, 8080)
+	tr, _ := c.Trace(host, PodPeer("x", "a"), policytypes.ProtoTCP, 8080)
 	if len(tr.Ingress.Reasons) != 1 || !strings.Contains(tr.Ingress.Reasons[0].Message, "own node") {
 		t.Errorf("reasons %+v", tr.Ingress.Reasons)
 	}
@@ -510,7 +511,7 @@ func TestNamedPortTowardsCIDRIsExact(t *testing.T) {
 	c := mustCompile(t, in)
 	client := PodPeer("x", "client")
 	for to, want := range map[string]bool{"10.0.0.2": true, "fd00::2": false, "10.9.0.3": false} {
-		tr, err := c.Trace(client, IPPeer(addr(to)), ProtoTCP, 8080)
+		tr, err := c.Trace(client, IPPeer(addr(to)), policytypes.ProtoTCP, 8080)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -12,8 +12,9 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/validation"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // parsedPolicy is a validated policy in the compiler's terms. Selectors are
@@ -37,8 +38,8 @@ type parsedPolicy struct {
 // A rule with P peers and Q ports becomes P×Q consecutive parsedRules.
 type parsedRule struct {
 	section string
-	dir     Direction
-	verdict Verdict
+	dir     policytypes.Direction
+	verdict policytypes.Verdict
 	peer    peerSpec
 	port    portSpec
 	// peerText and portText describe the rule in words.
@@ -142,17 +143,17 @@ func parseNetworkPolicy(np *networkingv1.NetworkPolicy) (*parsedPolicy, *PolicyE
 			return nil, fieldErr(ref, fmt.Sprintf("spec.policyTypes[%d]", i), "unsupported value %q: want Ingress or Egress", t)
 		}
 	}
-	p.defaultDeny = [2]bool{Ingress: ingress, Egress: egress}
+	p.defaultDeny = [2]bool{policytypes.Ingress: ingress, policytypes.Egress: egress}
 	if ingress {
 		for i, r := range np.Spec.Ingress {
-			if err := p.addNPRule(Ingress, fmt.Sprintf("ingress[%d]", i), "from", r.From, r.Ports); err != nil {
+			if err := p.addNPRule(policytypes.Ingress, fmt.Sprintf("ingress[%d]", i), "from", r.From, r.Ports); err != nil {
 				return nil, err
 			}
 		}
 	}
 	if egress {
 		for i, r := range np.Spec.Egress {
-			if err := p.addNPRule(Egress, fmt.Sprintf("egress[%d]", i), "to", r.To, r.Ports); err != nil {
+			if err := p.addNPRule(policytypes.Egress, fmt.Sprintf("egress[%d]", i), "to", r.To, r.Ports); err != nil {
 				return nil, err
 			}
 		}
@@ -160,7 +161,7 @@ func parseNetworkPolicy(np *networkingv1.NetworkPolicy) (*parsedPolicy, *PolicyE
 	return p, nil
 }
 
-func (p *parsedPolicy) addNPRule(dir Direction, section, peerField string, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) *PolicyError {
+func (p *parsedPolicy) addNPRule(dir policytypes.Direction, section, peerField string, peers []networkingv1.NetworkPolicyPeer, ports []networkingv1.NetworkPolicyPort) *PolicyError {
 	var pspecs []peerSpec
 	var ptexts, psections []string
 	for j, peer := range peers {
@@ -187,11 +188,11 @@ func (p *parsedPolicy) addNPRule(dir Direction, section, peerField string, peers
 	if len(ports) == 0 {
 		ospecs, otexts, osections = []portSpec{{any: true}}, []string{"any port"}, []string{""}
 	}
-	p.cross(dir, Allow, section, pspecs, ptexts, psections, ospecs, otexts, osections)
+	p.cross(dir, policytypes.Allow, section, pspecs, ptexts, psections, ospecs, otexts, osections)
 	return nil
 }
 
-func (p *parsedPolicy) cross(dir Direction, v Verdict, section string, pspecs []peerSpec, ptexts, psections []string, ospecs []portSpec, otexts, osections []string) {
+func (p *parsedPolicy) cross(dir policytypes.Direction, v policytypes.Verdict, section string, pspecs []peerSpec, ptexts, psections []string, ospecs []portSpec, otexts, osections []string) {
 	for j := range pspecs {
 		for k := range ospecs {
 			p.rules = append(p.rules, parsedRule{
@@ -281,14 +282,14 @@ func parseCIDR(ref PolicyRef, field, cidr string, except []string, strict bool) 
 }
 
 func npPort(ref PolicyRef, field string, port networkingv1.NetworkPolicyPort) (portSpec, string, *PolicyError) {
-	proto := ProtoTCP
+	proto := policytypes.ProtoTCP
 	if port.Protocol != nil {
 		switch *port.Protocol {
 		case corev1.ProtocolTCP:
 		case corev1.ProtocolUDP:
-			proto = ProtoUDP
+			proto = policytypes.ProtoUDP
 		case corev1.ProtocolSCTP:
-			proto = ProtoSCTP
+			proto = policytypes.ProtoSCTP
 		default:
 			return portSpec{}, "", fieldErr(ref, field+".protocol", "unsupported protocol %q: want TCP, UDP or SCTP", *port.Protocol)
 		}
@@ -342,32 +343,32 @@ func parseMeshRules(p *parsedPolicy, r *v1alpha1.PolicyRules) *PolicyError {
 	default:
 		return fieldErr(p.ref, "spec.mode", "unsupported mode %q: want enforce or audit", r.Mode)
 	}
-	p.defaultDeny = [2]bool{Ingress: r.Ingress != nil, Egress: r.Egress != nil}
+	p.defaultDeny = [2]bool{policytypes.Ingress: r.Ingress != nil, policytypes.Egress: r.Egress != nil}
 	if r.DefaultDeny != nil {
 		if r.DefaultDeny.Ingress != nil {
-			p.defaultDeny[Ingress] = *r.DefaultDeny.Ingress
+			p.defaultDeny[policytypes.Ingress] = *r.DefaultDeny.Ingress
 		}
 		if r.DefaultDeny.Egress != nil {
-			p.defaultDeny[Egress] = *r.DefaultDeny.Egress
+			p.defaultDeny[policytypes.Egress] = *r.DefaultDeny.Egress
 		}
 	}
 	for i, rule := range r.Ingress {
-		if err := p.addMeshRule(Ingress, Allow, fmt.Sprintf("ingress[%d]", i), "from", rule.From, rule.Ports); err != nil {
+		if err := p.addMeshRule(policytypes.Ingress, policytypes.Allow, fmt.Sprintf("ingress[%d]", i), "from", rule.From, rule.Ports); err != nil {
 			return err
 		}
 	}
 	for i, rule := range r.IngressDeny {
-		if err := p.addMeshRule(Ingress, Deny, fmt.Sprintf("ingressDeny[%d]", i), "from", rule.From, rule.Ports); err != nil {
+		if err := p.addMeshRule(policytypes.Ingress, policytypes.Deny, fmt.Sprintf("ingressDeny[%d]", i), "from", rule.From, rule.Ports); err != nil {
 			return err
 		}
 	}
 	for i, rule := range r.Egress {
-		if err := p.addMeshRule(Egress, Allow, fmt.Sprintf("egress[%d]", i), "to", rule.To, rule.Ports); err != nil {
+		if err := p.addMeshRule(policytypes.Egress, policytypes.Allow, fmt.Sprintf("egress[%d]", i), "to", rule.To, rule.Ports); err != nil {
 			return err
 		}
 	}
 	for i, rule := range r.EgressDeny {
-		if err := p.addMeshRule(Egress, Deny, fmt.Sprintf("egressDeny[%d]", i), "to", rule.To, rule.Ports); err != nil {
+		if err := p.addMeshRule(policytypes.Egress, policytypes.Deny, fmt.Sprintf("egressDeny[%d]", i), "to", rule.To, rule.Ports); err != nil {
 			return err
 		}
 	}
@@ -405,7 +406,7 @@ func parseClusterMeshPolicy(cmp *v1alpha1.ClusterMeshPolicy) (*parsedPolicy, *Po
 	return p, nil
 }
 
-func (p *parsedPolicy) addMeshRule(dir Direction, v Verdict, section, peerField string, peers []v1alpha1.Peer, ports []v1alpha1.PortRule) *PolicyError {
+func (p *parsedPolicy) addMeshRule(dir policytypes.Direction, v policytypes.Verdict, section, peerField string, peers []v1alpha1.Peer, ports []v1alpha1.PortRule) *PolicyError {
 	var pspecs []peerSpec
 	var ptexts, psections []string
 	for j, peer := range peers {
@@ -483,11 +484,11 @@ func meshPort(ref PolicyRef, field string, port v1alpha1.PortRule) (portSpec, st
 	var proto uint8
 	switch port.Protocol {
 	case "", v1alpha1.ProtocolTCP:
-		proto = ProtoTCP
+		proto = policytypes.ProtoTCP
 	case v1alpha1.ProtocolUDP:
-		proto = ProtoUDP
+		proto = policytypes.ProtoUDP
 	case v1alpha1.ProtocolSCTP:
-		proto = ProtoSCTP
+		proto = policytypes.ProtoSCTP
 	case v1alpha1.ProtocolICMP:
 		return icmpPort(ref, field, port)
 	default:
@@ -503,7 +504,7 @@ func icmpPort(ref PolicyRef, field string, port v1alpha1.PortRule) (portSpec, st
 	if port.Port != nil || port.EndPort != nil {
 		return portSpec{}, "", fieldErr(ref, field+".port", "ICMP rules take icmpType/icmpCode, not port/endPort")
 	}
-	ps := portSpec{proto: ProtoICMP, icmp: true}
+	ps := portSpec{proto: policytypes.ProtoICMP, icmp: true}
 	if port.ICMPType == nil {
 		if port.ICMPCode != nil {
 			return portSpec{}, "", fieldErr(ref, field+".icmpCode", "icmpCode needs icmpType")

@@ -4,23 +4,25 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // ProtoName returns "TCP", "UDP", "SCTP", "ICMP", "ICMPv6", "any" or the
 // number.
 func ProtoName(p uint8) string {
 	switch p {
-	case ProtoAny:
+	case policytypes.ProtoAny:
 		return "any"
-	case ProtoTCP:
+	case policytypes.ProtoTCP:
 		return "TCP"
-	case ProtoUDP:
+	case policytypes.ProtoUDP:
 		return "UDP"
-	case ProtoSCTP:
+	case policytypes.ProtoSCTP:
 		return "SCTP"
-	case ProtoICMP:
+	case policytypes.ProtoICMP:
 		return "ICMP"
-	case ProtoICMPv6:
+	case policytypes.ProtoICMPv6:
 		return "ICMPv6"
 	}
 	return strconv.Itoa(int(p))
@@ -30,15 +32,15 @@ func ProtoName(p uint8) string {
 func ParseProto(s string) (uint8, error) {
 	switch strings.ToUpper(s) {
 	case "TCP":
-		return ProtoTCP, nil
+		return policytypes.ProtoTCP, nil
 	case "UDP":
-		return ProtoUDP, nil
+		return policytypes.ProtoUDP, nil
 	case "SCTP":
-		return ProtoSCTP, nil
+		return policytypes.ProtoSCTP, nil
 	case "ICMP":
-		return ProtoICMP, nil
+		return policytypes.ProtoICMP, nil
 	case "ICMPV6":
-		return ProtoICMPv6, nil
+		return policytypes.ProtoICMPv6, nil
 	}
 	n, err := strconv.ParseUint(s, 10, 8)
 	if err != nil || n == 0 {
@@ -49,7 +51,7 @@ func ParseProto(s string) (uint8, error) {
 
 func parsePortProto(s string) (PortProto, error) {
 	num, proto, hasProto := strings.Cut(s, "/")
-	pp := PortProto{Proto: ProtoTCP}
+	pp := PortProto{Proto: policytypes.ProtoTCP}
 	if hasProto {
 		p, err := ParseProto(proto)
 		if err != nil {
@@ -62,7 +64,7 @@ func parsePortProto(s string) (PortProto, error) {
 		return PortProto{}, fmt.Errorf("parse port %q: want N or N/PROTO with N in 0..65535", s)
 	}
 	pp.Port = uint16(n)
-	if pp.Proto == ProtoICMP || pp.Proto == ProtoICMPv6 {
+	if pp.Proto == policytypes.ProtoICMP || pp.Proto == policytypes.ProtoICMPv6 {
 		if n > 255 {
 			return PortProto{}, fmt.Errorf("parse port %q: ICMP type must be 0..255", s)
 		}

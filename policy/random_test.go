@@ -12,7 +12,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // gen builds random but valid clusters and policies, IPv4 and IPv6. Pods
@@ -36,7 +37,7 @@ var (
 		"::/0":           {"fd00::/16", "fd00:1::/32"},
 	}
 	genExtraIPs = []string{"192.168.0.1", "192.168.0.2", "8.8.8.8", "8.8.4.4", "10.9.9.9", "2001:db8::1", "fd00:9::9"}
-	genPorts    = []PortProto{{ProtoTCP, 80}, {ProtoTCP, 81}, {ProtoUDP, 53}, {ProtoTCP, 53}, {ProtoUDP, 8080}, {ProtoSCTP, 81}, {ProtoICMP, 8 << 8}, {ProtoICMP, 3<<8 | 1}, {ProtoICMPv6, 128 << 8}}
+	genPorts    = []PortProto{{policytypes.ProtoTCP, 80}, {policytypes.ProtoTCP, 81}, {policytypes.ProtoUDP, 53}, {policytypes.ProtoTCP, 53}, {policytypes.ProtoUDP, 8080}, {policytypes.ProtoSCTP, 81}, {policytypes.ProtoICMP, 8 << 8}, {policytypes.ProtoICMP, 3<<8 | 1}, {policytypes.ProtoICMPv6, 128 << 8}}
 )
 
 func (g gen) pick(s []string) string { return s[g.r.IntN(len(s))] }
@@ -366,7 +367,7 @@ func reasonsText(rs []Reason) []string {
 // canonical renders a compiled state without its arbitrary numbers
 // (identities by label set, CIDR identities by prefix, rules by policy and
 // section), so that states reached by different paths can be compared.
-func canonical(c *Compiled) []string {
+func canonical(c *Compiler) []string {
 	idName := map[uint32]string{}
 	for _, id := range c.Identities() {
 		idName[uint32(id.ID)] = id.Labels.Key()
@@ -503,7 +504,7 @@ func diffLines(got, want []string) string {
 }
 
 // mutate applies one random change to world and to c.
-func mutate(g gen, world *Input, c *Compiled) (string, Changes) {
+func mutate(g gen, world *Input, c *Compiler) (string, Changes) {
 	what, ch := mutateOnce(g, world, c)
 	// Two pods with one IP is a transient state whose ipcache owner is
 	// arbitrary; keep the generated worlds free of it.
@@ -524,7 +525,7 @@ func mutate(g gen, world *Input, c *Compiled) (string, Changes) {
 	return what, ch
 }
 
-func mutateOnce(g gen, world *Input, c *Compiled) (string, Changes) {
+func mutateOnce(g gen, world *Input, c *Compiler) (string, Changes) {
 	switch g.r.IntN(9) {
 	case 0, 1: // relabel or move a pod
 		if len(world.Pods) == 0 {

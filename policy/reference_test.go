@@ -9,7 +9,8 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // refEval is a deliberately naive evaluator written straight from the
@@ -83,15 +84,15 @@ func inBlock(ip netip.Addr, cidr string, except []string) bool {
 
 func protoOf(p *corev1.Protocol) uint8 {
 	if p == nil {
-		return ProtoTCP
+		return policytypes.ProtoTCP
 	}
 	switch *p {
 	case corev1.ProtocolUDP:
-		return ProtoUDP
+		return policytypes.ProtoUDP
 	case corev1.ProtocolSCTP:
-		return ProtoSCTP
+		return policytypes.ProtoSCTP
 	}
-	return ProtoTCP
+	return policytypes.ProtoTCP
 }
 
 // namedPortIs reports whether pod has a container port named name on proto
@@ -138,10 +139,10 @@ func (v verdicts) result() (enforce, audit bool) {
 }
 
 // side decides one endpoint's direction for a flow with peer.
-func (r *refEval) side(ep *corev1.Pod, dir Direction, peer refPeer, proto uint8, port uint16) (bool, bool) {
+func (r *refEval) side(ep *corev1.Pod, dir policytypes.Direction, peer refPeer, proto uint8, port uint16) (bool, bool) {
 	var v verdicts
 	dest := ep
-	if dir == Egress {
+	if dir == policytypes.Egress {
 		dest = peer.pod
 	}
 	epNS := r.nsLabels(ep.Namespace)
@@ -159,13 +160,13 @@ func (r *refEval) side(ep *corev1.Pod, dir Direction, peer refPeer, proto uint8,
 			ports []networkingv1.NetworkPolicyPort
 		}
 		var rules []rule
-		if dir == Ingress && ingress {
+		if dir == policytypes.Ingress && ingress {
 			v.isoEnf, v.isoAud = true, true
 			for _, ru := range np.Spec.Ingress {
 				rules = append(rules, rule{ru.From, ru.Ports})
 			}
 		}
-		if dir == Egress && egress {
+		if dir == policytypes.Egress && egress {
 			v.isoEnf, v.isoAud = true, true
 			for _, ru := range np.Spec.Egress {
 				rules = append(rules, rule{ru.To, ru.Ports})
@@ -198,7 +199,7 @@ func (r *refEval) side(ep *corev1.Pod, dir Direction, peer refPeer, proto uint8,
 		audit := rules.Mode == v1alpha1.ModeAudit
 		var allow, deny [][2]any
 		dd := false
-		if dir == Ingress {
+		if dir == policytypes.Ingress {
 			dd = rules.Ingress != nil
 			if rules.DefaultDeny != nil && rules.DefaultDeny.Ingress != nil {
 				dd = *rules.DefaultDeny.Ingress
@@ -230,16 +231,16 @@ func (r *refEval) side(ep *corev1.Pod, dir Direction, peer refPeer, proto uint8,
 			portOK := len(ports) == 0
 			for _, pt := range ports {
 				if pt.Protocol == v1alpha1.ProtocolICMP {
-					portOK = portOK || (proto == ProtoICMP && (pt.ICMPType == nil || int32(port>>8) == *pt.ICMPType) &&
-						(pt.ICMPCode == nil || int32(port&0xff) == *pt.ICMPCode)) || (proto == ProtoICMPv6 && pt.ICMPType == nil)
+					portOK = portOK || (proto == policytypes.ProtoICMP && (pt.ICMPType == nil || int32(port>>8) == *pt.ICMPType) &&
+						(pt.ICMPCode == nil || int32(port&0xff) == *pt.ICMPCode)) || (proto == policytypes.ProtoICMPv6 && pt.ICMPType == nil)
 					continue
 				}
-				rp := ProtoTCP
+				rp := policytypes.ProtoTCP
 				switch pt.Protocol {
 				case v1alpha1.ProtocolUDP:
-					rp = ProtoUDP
+					rp = policytypes.ProtoUDP
 				case v1alpha1.ProtocolSCTP:
-					rp = ProtoSCTP
+					rp = policytypes.ProtoSCTP
 				}
 				portOK = portOK || portMatches(pt.Port, pt.EndPort, rp, proto, port, dest)
 			}
@@ -262,7 +263,7 @@ func (r *refEval) side(ep *corev1.Pod, dir Direction, peer refPeer, proto uint8,
 			}
 		}
 	}
-	if node, isNode := r.nodeOf(peer.ip); dir == Ingress && peer.pod == nil && isNode && node == ep.Spec.NodeName {
+	if node, isNode := r.nodeOf(peer.ip); dir == policytypes.Ingress && peer.pod == nil && isNode && node == ep.Spec.NodeName {
 		// The pod's own node may always reach it, unless a rule denies it.
 		v.allowEnf, v.allowAud = true, true
 	}
@@ -313,10 +314,10 @@ func (r *refEval) decide(src, dst refPeer, proto uint8, port uint16) (allowed, a
 	egress, egressAudit := true, true
 	ingress, ingressAudit := true, true
 	if src.pod != nil {
-		egress, egressAudit = r.side(src.pod, Egress, dst, proto, port)
+		egress, egressAudit = r.side(src.pod, policytypes.Egress, dst, proto, port)
 	}
 	if dst.pod != nil {
-		ingress, ingressAudit = r.side(dst.pod, Ingress, src, proto, port)
+		ingress, ingressAudit = r.side(dst.pod, policytypes.Ingress, src, proto, port)
 	}
 	return egress && ingress, egressAudit && ingressAudit, egress, ingress
 }

@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // namedPort is one named container port of a pod.
@@ -62,12 +63,12 @@ func newPodState(pod *corev1.Pod) *podState {
 			if cp.Name == "" || cp.ContainerPort < 1 || cp.ContainerPort > 65535 {
 				continue
 			}
-			proto := ProtoTCP
+			proto := policytypes.ProtoTCP
 			switch cp.Protocol {
 			case corev1.ProtocolUDP:
-				proto = ProtoUDP
+				proto = policytypes.ProtoUDP
 			case corev1.ProtocolSCTP:
-				proto = ProtoSCTP
+				proto = policytypes.ProtoSCTP
 			}
 			p.ports = append(p.ports, namedPort{cp.Name, proto, uint16(cp.ContainerPort)})
 		}
@@ -165,11 +166,11 @@ type group struct {
 	// flat holds the entries as of the last full compile or fold, sorted;
 	// overlay the re-patched blocks of single peer identities since then
 	// (nil slice: no entries left); materialized the folded result.
-	flat         []Entry
-	overlay      map[identity.ID][]Entry
-	materialized []Entry
+	flat         []policytypes.Entry
+	overlay      map[identity.ID][]policytypes.Entry
+	materialized []policytypes.Entry
 	mu           sync.Mutex // guards the fold done by readers
-	defaults     Defaults
+	defaults     policytypes.Defaults
 	// pols are the policies selecting the group, in policy order.
 	pols []*policyState
 	// selectors this group's entries were built from.

@@ -7,13 +7,14 @@ import (
 	"strings"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Trace decides a flow of protocol proto to destination port port (for ICMP:
 // type<<8|code) from one peer to another, by looking up the compiled entries
 // exactly as the datapath does. The error reports an unknown pod or a peer
 // pod that is not an endpoint (no IP, host network, finished).
-func (c *Compiled) Trace(from, to Peer, proto uint8, port uint16) (TraceResult, error) {
+func (c *Compiler) Trace(from, to Peer, proto uint8, port uint16) (TraceResult, error) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	return c.trace(from, to, proto, port)
@@ -29,7 +30,7 @@ type resolvedPeer struct {
 	byName bool
 }
 
-func (c *Compiled) resolve(p Peer) (resolvedPeer, error) {
+func (c *Compiler) resolve(p Peer) (resolvedPeer, error) {
 	if p.Name != "" {
 		pod := c.pods[EndpointID{p.Namespace, p.Name}]
 		if pod == nil {
@@ -75,7 +76,7 @@ func sameFamily(p resolvedPeer, q *resolvedPeer) {
 // labelIdentity is the identity the datapath of an endpoint on node sees
 // for peer: the pod's identity, host for the endpoint's own node,
 // remote-node for other nodes, world for everything else.
-func (c *Compiled) labelIdentity(peer resolvedPeer, node string) identity.ID {
+func (c *Compiler) labelIdentity(peer resolvedPeer, node string) identity.ID {
 	if peer.pod != nil {
 		return peer.pod.ident.id
 	}
@@ -90,7 +91,7 @@ func (c *Compiled) labelIdentity(peer resolvedPeer, node string) identity.ID {
 	return identity.World
 }
 
-func (c *Compiled) tracePeer(peer resolvedPeer, node string) TracePeer {
+func (c *Compiler) tracePeer(peer resolvedPeer, node string) TracePeer {
 	tp := TracePeer{Peer: peer.name, IP: peer.ip, Identity: c.labelIdentity(peer, node)}
 	if peer.pod != nil {
 		id := peer.pod.id
@@ -105,7 +106,7 @@ func (c *Compiled) tracePeer(peer resolvedPeer, node string) TracePeer {
 	return tp
 }
 
-func (c *Compiled) trace(from, to Peer, proto uint8, port uint16) (TraceResult, error) {
+func (c *Compiler) trace(from, to Peer, proto uint8, port uint16) (TraceResult, error) {
 	src, err := c.resolve(from)
 	if err != nil {
 		return TraceResult{}, err
@@ -129,10 +130,10 @@ func (c *Compiled) trace(from, to Peer, proto uint8, port uint16) (TraceResult, 
 	res.Egress = DirectionTrace{Allowed: true, AuditAllowed: true}
 	res.Ingress = DirectionTrace{Allowed: true, AuditAllowed: true}
 	if src.pod != nil {
-		res.Egress = c.decide(src.pod.group, Egress, res.To, proto, port)
+		res.Egress = c.decide(src.pod.group, policytypes.Egress, res.To, proto, port)
 	}
 	if dst.pod != nil {
-		res.Ingress = c.decide(dst.pod.group, Ingress, res.From, proto, port)
+		res.Ingress = c.decide(dst.pod.group, policytypes.Ingress, res.From, proto, port)
 	}
 	res.Allowed = res.Egress.Allowed && res.Ingress.Allowed
 	res.AuditAllowed = res.Egress.AuditAllowed && res.Ingress.AuditAllowed
@@ -141,9 +142,9 @@ func (c *Compiled) trace(from, to Peer, proto uint8, port uint16) (TraceResult, 
 
 // lookup is the datapath's LPM lookup of one identity in an endpoint's
 // entries.
-func lookup(entries []Entry, dir Direction, id identity.ID, proto uint8, port uint16) (Entry, bool) {
-	i, _ := slices.BinarySearchFunc(entries, Key{Direction: dir, Identity: id}, func(e Entry, k Key) int { return compareKeys(e.Key, k) })
-	var best Entry
+func lookup(entries []policytypes.Entry, dir policytypes.Direction, id identity.ID, proto uint8, port uint16) (policytypes.Entry, bool) {
+	i, _ := slices.BinarySearchFunc(entries, policytypes.Key{Direction: dir, Identity: id}, func(e policytypes.Entry, k policytypes.Key) int { return compareKeys(e.Key, k) })
+	var best policytypes.Entry
 	bestRank := -1
 	for ; i < len(entries) && entries[i].Direction == dir && entries[i].Identity == id; i++ {
 		kp := keyPort(entries[i].Key)
@@ -165,27 +166,27 @@ func peerIdentities(peer TracePeer) []identity.ID {
 
 // decide simulates the datapath for one direction of one endpoint: deny
 // wins among the hits, then allow, then the default.
-func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, port uint16) DirectionTrace {
+func (c *Compiler) decide(g *group, dir policytypes.Direction, peer TracePeer, proto uint8, port uint16) DirectionTrace {
 	dt := DirectionTrace{Applicable: true}
 	enfDefault, audDefault := g.defaults.IngressEnforce, g.defaults.IngressAudit
-	if dir == Egress {
+	if dir == policytypes.Egress {
 		enfDefault, audDefault = g.defaults.EgressEnforce, g.defaults.EgressAudit
 	}
-	dt.Selected, dt.AuditSelected = enfDefault == Deny, audDefault == Deny
-	var enf, aud Verdict
+	dt.Selected, dt.AuditSelected = enfDefault == policytypes.Deny, audDefault == policytypes.Deny
+	var enf, aud policytypes.Verdict
 	ids := peerIdentities(peer)
 	for _, id := range ids {
 		if e, ok := lookup(g.entries(), dir, id, proto, port); ok {
 			enf, aud = max(enf, e.Enforce), max(aud, e.Audit)
 		}
 	}
-	if enf == None {
+	if enf == policytypes.None {
 		enf = enfDefault
 	}
-	if aud == None {
+	if aud == policytypes.None {
 		aud = audDefault
 	}
-	dt.Allowed, dt.AuditAllowed = enf == Allow, aud == Allow
+	dt.Allowed, dt.AuditAllowed = enf == policytypes.Allow, aud == policytypes.Allow
 
 	// Explanations: every rule that covers the flow for one of the looked-up
 	// identities.
@@ -199,8 +200,8 @@ func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, 
 			continue
 		}
 		seen[ct.rule] = true
-		if ct.rule == RuleLocalHost {
-			dt.Reasons = append(dt.Reasons, Reason{Verdict: Allow, Message: "allowed: a pod's own node may always reach it (kubelet probes); only a deny rule stops it"})
+		if ct.rule == policytypes.RuleLocalHost {
+			dt.Reasons = append(dt.Reasons, Reason{Verdict: policytypes.Allow, Message: "allowed: a pod's own node may always reach it (kubelet probes); only a deny rule stops it"})
 			continue
 		}
 		r := c.rules[ct.rule]
@@ -215,7 +216,7 @@ func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, 
 		}
 		return int(ruleIDOf(a)) - int(ruleIDOf(b))
 	})
-	if len(dt.Reasons) == 0 || (enf != Deny && !hasEnforcing(dt.Reasons)) {
+	if len(dt.Reasons) == 0 || (enf != policytypes.Deny && !hasEnforcing(dt.Reasons)) {
 		dt.Reasons = append(dt.Reasons, defaultReason(dir, g.selectedBy[dir], enfDefault, audDefault))
 	}
 	return dt
@@ -223,7 +224,7 @@ func (c *Compiled) decide(g *group, dir Direction, peer TracePeer, proto uint8, 
 
 func ruleIDOf(r Reason) uint32 {
 	if r.Rule == nil {
-		return RuleLocalHost
+		return policytypes.RuleLocalHost
 	}
 	return r.Rule.ID
 }
@@ -239,35 +240,35 @@ func hasEnforcing(rs []Reason) bool {
 
 func ruleMessage(r *Rule) string {
 	verb := "allowed"
-	if r.Verdict == Deny {
+	if r.Verdict == policytypes.Deny {
 		verb = "denied"
 	}
 	if r.Audit {
 		verb = "would be " + verb + " (audit)"
 	}
 	peer := "from "
-	if r.Direction == Egress {
+	if r.Direction == policytypes.Egress {
 		peer = "to "
 	}
 	return fmt.Sprintf("%s by %s %s: %s%s, %s", verb, r.Policy, r.Section, peer, r.Peer, r.Port)
 }
 
-func defaultReason(dir Direction, selectedBy []PolicyRef, enf, aud Verdict) Reason {
+func defaultReason(dir policytypes.Direction, selectedBy []PolicyRef, enf, aud policytypes.Verdict) Reason {
 	if len(selectedBy) == 0 {
-		return Reason{Verdict: Allow, Message: fmt.Sprintf("no policy selects the pod for %s: allowed by default", dir)}
+		return Reason{Verdict: policytypes.Allow, Message: fmt.Sprintf("no policy selects the pod for %s: allowed by default", dir)}
 	}
 	names := make([]string, len(selectedBy))
 	for i, r := range selectedBy {
 		names[i] = r.String()
 	}
-	if enf == Allow && aud == Deny {
-		return Reason{Verdict: Allow, Message: fmt.Sprintf("no rule matched; only audit-mode policies select the pod for %s (%s): would be denied by default, allowed", dir, strings.Join(names, ", "))}
+	if enf == policytypes.Allow && aud == policytypes.Deny {
+		return Reason{Verdict: policytypes.Allow, Message: fmt.Sprintf("no rule matched; only audit-mode policies select the pod for %s (%s): would be denied by default, allowed", dir, strings.Join(names, ", "))}
 	}
-	return Reason{Verdict: Deny, Message: fmt.Sprintf("no rule matched: denied by default, the pod is selected for %s by %s", dir, strings.Join(names, ", "))}
+	return Reason{Verdict: policytypes.Deny, Message: fmt.Sprintf("no rule matched: denied by default, the pod is selected for %s by %s", dir, strings.Join(names, ", "))}
 }
 
 // Matrix traces every ordered pair of distinct endpoints on every port.
-func (c *Compiled) Matrix(ports []PortProto) Matrix {
+func (c *Compiler) Matrix(ports []PortProto) Matrix {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	m := Matrix{Ports: slices.Clone(ports)}

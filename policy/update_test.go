@@ -9,6 +9,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // The upstream e2e scenarios that change objects under a policy, applied
@@ -115,7 +116,7 @@ func TestConcurrentReadsAndUpdates(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			for i := range 200 {
-				c.Trace(PodPeer("y", e2ePods[(i+r)%3]), PodPeer("x", e2ePods[i%3]), ProtoTCP, 80)
+				c.Trace(PodPeer("y", e2ePods[(i+r)%3]), PodPeer("x", e2ePods[i%3]), policytypes.ProtoTCP, 80)
 				c.Endpoints()
 				c.IPCache()
 			}

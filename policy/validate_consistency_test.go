@@ -31,7 +31,7 @@ func TestCompilerAcceptsWhatValidationAccepts(t *testing.T) {
 	}
 }
 
-func mustCompileAllowInvalid(t *testing.T, in Input) *Compiled {
+func mustCompileAllowInvalid(t *testing.T, in Input) *Compiler {
 	t.Helper()
 	c, err := Compile(in, Options{})
 	if err != nil {

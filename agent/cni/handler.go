@@ -15,9 +15,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/podnet"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
 // Allocator hands out pod addresses (package ipam).

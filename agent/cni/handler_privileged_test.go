@@ -15,9 +15,9 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/podnet"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/tests/testenv"
 )

@@ -13,8 +13,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/podnet"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
 const podArgs = "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_UID=u-1"

@@ -11,7 +11,7 @@ import (
 	types040 "github.com/containernetworking/cni/pkg/types/040"
 	types100 "github.com/containernetworking/cni/pkg/types/100"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
 const testConf = `{"cniVersion":"1.0.0","name":"veil","type":"veil-cni","routes":["10.244.0.0/16"]}`

@@ -22,6 +22,7 @@ type Config struct {
 
 	BPFFSRoot         string
 	CgroupRoot        string
+	SkipAccelSelfTest bool
 	UnderlayInterface string
 	NodeIP            string
 	ClusterCIDR       string
@@ -69,6 +70,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.Kubeconfig, "kubeconfig", c.Kubeconfig, "kubeconfig file; empty means in-cluster configuration")
 	fs.StringVar(&c.BPFFSRoot, "bpffs-root", c.BPFFSRoot, "bpffs directory for Veil's pinned maps and links")
 	fs.StringVar(&c.CgroupRoot, "cgroup-root", c.CgroupRoot, "cgroup v2 directory whose pods get socket acceleration; empty disables it")
+	fs.BoolVar(&c.SkipAccelSelfTest, "skip-acceleration-self-test", c.SkipAccelSelfTest, "accelerate sockets without first checking, with a short transfer in a child cgroup of --cgroup-root, that this kernel redirects their data intact")
 	fs.StringVar(&c.UnderlayInterface, "underlay-interface", c.UnderlayInterface, "device toward other nodes; empty means the device that holds the node IP")
 	fs.StringVar(&c.NodeIP, "node-ip", c.NodeIP, "this node's underlay IPv4 address; empty means the Node's InternalIP")
 	fs.StringVar(&c.ClusterCIDR, "cluster-cidr", c.ClusterCIDR, "IPv4 CIDR that holds every pod CIDR of the cluster: a node's spec.podCIDRs are cut to it before they become its WireGuard allowed IPs, and a node claiming a range outside it is refused")

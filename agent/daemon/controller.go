@@ -19,11 +19,13 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/api/annotations"
+	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // handler turns informer events into queue keys; it never touches objects.
@@ -219,17 +221,17 @@ func (d *Daemon) converged() {
 // flushEvery bounds how stale the ipcache may get during a burst of events.
 const flushEvery = 250 * time.Millisecond
 
-// flushIPCache writes the ipcache and re-checks connections when a mutation
-// since the last flush changed identities or addresses.
+// flushIPCache writes the ipcache and re-checks the connections whose peer
+// it changed.
 func (d *Daemon) flushIPCache() error {
 	if !d.ipcacheDirty.Swap(false) {
 		return nil
 	}
-	if err := d.syncIPCache(); err != nil {
+	changed, err := d.syncIPCache()
+	if err != nil {
 		d.ipcacheDirty.Store(true)
-		return err
 	}
-	return d.evictRevoked(nil, true)
+	return errors.Join(err, d.evictRevoked(changed, false))
 }
 
 // sync converges one object: the compiler learns its current state from the
@@ -251,7 +253,7 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 			d.mu.Lock()
 			ep := d.local[policy.EndpointID{Namespace: k.namespace, Name: k.name}]
 			d.mu.Unlock()
-			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[AccelerationAnnotation]) {
+			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[annotations.SocketAcceleration]) {
 				if err := d.writeEndpoint(ep); err != nil {
 					return err
 				}
@@ -342,7 +344,7 @@ func (d *Daemon) withLocalIP(pod *corev1.Pod) *corev1.Pod {
 // apply writes what a compiler mutation changed into the datapath.
 func (d *Daemon) apply(ch policy.Changes) error {
 	var errs []error
-	var changedIPs []netip.Addr
+	var changedIPs []netip.Prefix
 	for _, id := range ch.Endpoints {
 		d.mu.Lock()
 		ep := d.local[id]
@@ -354,7 +356,7 @@ func (d *Daemon) apply(ch policy.Changes) error {
 			errs = append(errs, err)
 			continue
 		}
-		changedIPs = append(changedIPs, ep.IP)
+		changedIPs = append(changedIPs, netip.PrefixFrom(ep.IP, ep.IP.BitLen()))
 	}
 	if ch.IPCache || len(ch.Removed) > 0 {
 		d.ipcacheDirty.Store(true)
@@ -439,9 +441,9 @@ func (d *Daemon) failedClosed() []string {
 }
 
 // denyAll is the policy of an endpoint whose real policy is not known.
-var denyAll = policy.Defaults{
-	IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-	EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+var denyAll = policytypes.Defaults{
+	IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+	EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 }
 
 // tunnelKind is the ipcache flag for prefixes hosted by the named node.
@@ -454,17 +456,13 @@ func (d *Daemon) tunnelKind(node string) datapath.IPCacheKind {
 	return 0
 }
 
-// AccelerationAnnotation on a pod set to "false" keeps its TCP connections
-// off socket acceleration (for applications that splice(2) sockets).
-const AccelerationAnnotation = "veil.dev/socket-acceleration"
-
 // accelerationOptOut reports whether the pod opted out of acceleration.
 func (d *Daemon) accelerationOptOut(id policy.EndpointID) bool {
 	pod, err := d.pods.Pods(id.Namespace).Get(id.Name)
 	if err != nil {
 		return false
 	}
-	return optedOut(pod.Annotations[AccelerationAnnotation])
+	return optedOut(pod.Annotations[annotations.SocketAcceleration])
 }
 
 func optedOut(v string) bool {
@@ -534,13 +532,17 @@ func (d *Daemon) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCac
 }
 
 // syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
-// addresses and pod CIDRs, and this node's own address.
-func (d *Daemon) syncIPCache() error {
+// addresses and pod CIDRs, and this node's own address. It returns the
+// prefixes it wrote or removed.
+func (d *Daemon) syncIPCache() ([]netip.Prefix, error) {
 	want := d.wantIPCache(d.resolvedCluster())
 
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var errs []error
+	var (
+		errs    []error
+		changed []netip.Prefix
+	)
 	for p, e := range want {
 		if old, ok := d.ipcache[p]; ok && old == e {
 			continue
@@ -550,6 +552,7 @@ func (d *Daemon) syncIPCache() error {
 			continue
 		}
 		d.ipcache[p] = e
+		changed = append(changed, p)
 	}
 	for p := range d.ipcache {
 		if _, ok := want[p]; ok {
@@ -560,37 +563,62 @@ func (d *Daemon) syncIPCache() error {
 			continue
 		}
 		delete(d.ipcache, p)
+		changed = append(changed, p)
 	}
-	return errors.Join(errs...)
+	return changed, errors.Join(errs...)
 }
 
 // evictRevoked removes connections that policy no longer allows, so neither
 // conntrack nor socket acceleration lets them outlive their permission. Only
-// connections touching a changed endpoint are re-checked, unless identities
-// moved (ipcache changed), which can affect any connection.
+// connections with an end in changed (a changed endpoint's address, an
+// ipcache prefix whose identity moved) are re-checked, unless all: nothing
+// any other connection's verdict depends on changed.
 //
 // Never before the agent has converged: a half-rebuilt compiler traces
-// unknown peers as denied, and evicting an allowed accelerated pair loses
-// the data queued on the receiving socket (the kernel purges it).
-func (d *Daemon) evictRevoked(changed []netip.Addr, all bool) error {
-	if !d.synced.Load() {
+// unknown peers as denied, and would revoke allowed connections.
+func (d *Daemon) evictRevoked(changed []netip.Prefix, all bool) error {
+	if !d.synced.Load() || (!all && len(changed) == 0) {
 		return nil
 	}
-	touched := map[netip.Addr]bool{}
-	for _, ip := range changed {
-		touched[ip] = true
-	}
-	n, err := d.dp.EvictFlows(func(k datapath.FlowKey) bool {
-		if !all && !touched[k.Src] && !touched[k.Dst] {
-			return false
-		}
-		tr, err := d.compiler.Trace(policy.IPPeer(k.Src), policy.IPPeer(k.Dst), k.Proto, k.DstPort)
-		return err == nil && !tr.Allowed
-	})
+	n, err := d.dp.EvictFlows(revocationCheck(d.compiler, changed, all))
 	if n > 0 {
 		d.log.Info("evicted connections that policy no longer allows", "count", n)
 	}
 	return err
+}
+
+// revocationCheck is what EvictFlows asks about a connection, in the
+// direction that opened it: whether policy now denies it. Connections with
+// no end in changed are not traced (a trace resolves peers by address among
+// every pod) and stay, unless all.
+func revocationCheck(c *policy.Compiler, changed []netip.Prefix, all bool) func(datapath.FlowKey) bool {
+	addrs := map[netip.Addr]bool{}
+	var wider []netip.Prefix
+	for _, p := range changed {
+		if p.IsSingleIP() {
+			addrs[p.Addr()] = true
+		} else {
+			wider = append(wider, p)
+		}
+	}
+	touched := func(ip netip.Addr) bool {
+		if addrs[ip] {
+			return true
+		}
+		for _, p := range wider {
+			if p.Contains(ip) {
+				return true
+			}
+		}
+		return false
+	}
+	return func(k datapath.FlowKey) bool {
+		if !all && !touched(k.Src) && !touched(k.Dst) {
+			return false
+		}
+		tr, err := c.Trace(policy.IPPeer(k.Src), policy.IPPeer(k.Dst), k.Proto, k.DstPort)
+		return err == nil && !tr.Allowed
+	}
 }
 
 func acceptedCondition(perr *policy.PolicyError, generation int64) metav1.Condition {

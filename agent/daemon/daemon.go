@@ -44,11 +44,11 @@ import (
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
+	veillisters "github.com/veilmesh/veil/api/client/listers/policy/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
-	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
-	veillisters "github.com/veilmesh/veil/policy/client/listers/api/v1alpha1"
 )
 
 // Version is the agent's version, set at link time.
@@ -62,7 +62,7 @@ type Daemon struct {
 	veil versioned.Interface
 
 	dp       *datapath.Datapath
-	compiler *policy.Compiled
+	compiler *policy.Compiler
 	nodeIP   netip.Addr
 	podCIDR  netip.Prefix
 
@@ -348,6 +348,7 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 		PodDevice:         podnet.IsHostVethName,
 		Logger:            d.log,
 	}
+	cfg.SkipAccelerationSelfTest = d.cfg.SkipAccelSelfTest
 	// Validated at start (config.Validate): the range strict mode refuses
 	// to send unknown pod addresses of.
 	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
@@ -359,6 +360,11 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	dp, err := datapath.Load(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("load datapath: %w", err)
+	}
+	// The datapath logged it; status and readyz keep showing why
+	// acceleration is off, or runs untested.
+	if _, reason := dp.Acceleration(); reason != "" {
+		d.setDegraded("socket-acceleration", reason)
 	}
 	return dp, nil
 }

@@ -18,9 +18,9 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/veilmesh/veil/agent/wireguard"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
 // startWireGuard opens this node's WireGuard device with its persistent key.
@@ -199,11 +199,11 @@ func (d *Daemon) encryptionLoop(ctx context.Context) {
 
 // writeMeshNode records this node's state in its MeshNode.
 func (d *Daemon) writeMeshNode(ctx context.Context) error {
-	st := v1alpha1.MeshNodeStatus{AgentVersion: Version, NodeIP: d.nodeIP.String(), Updated: metav1.Now()}
+	st := meshv1alpha1.MeshNodeStatus{AgentVersion: Version, NodeIP: d.nodeIP.String(), Updated: metav1.Now()}
 	if d.podCIDR.IsValid() {
 		st.PodCIDRs = []string{d.podCIDR.String()}
 	}
-	st.Encryption = v1alpha1.EncryptionStatus{Mode: v1alpha1.EncryptionModeDisabled}
+	st.Encryption = meshv1alpha1.EncryptionStatus{Mode: meshv1alpha1.EncryptionModeDisabled}
 	if d.wg != nil {
 		enc, err := d.encryptionStatus(ctx)
 		if err != nil {
@@ -213,10 +213,10 @@ func (d *Daemon) writeMeshNode(ctx context.Context) error {
 	}
 	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	mn := d.veil.PolicyV1alpha1().MeshNodes()
+	mn := d.veil.MeshV1alpha1().MeshNodes()
 	obj, err := mn.Get(cctx, d.cfg.NodeName, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		obj, err = mn.Create(cctx, &v1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: d.cfg.NodeName}}, metav1.CreateOptions{})
+		obj, err = mn.Create(cctx, &meshv1alpha1.MeshNode{ObjectMeta: metav1.ObjectMeta{Name: d.cfg.NodeName}}, metav1.CreateOptions{})
 	}
 	if err != nil {
 		return fmt.Errorf("get MeshNode %s: %w", d.cfg.NodeName, err)
@@ -228,13 +228,13 @@ func (d *Daemon) writeMeshNode(ctx context.Context) error {
 	return nil
 }
 
-func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatus, error) {
+func (d *Daemon) encryptionStatus(ctx context.Context) (meshv1alpha1.EncryptionStatus, error) {
 	ws, err := d.wg.Status(ctx)
 	if err != nil {
-		return v1alpha1.EncryptionStatus{}, fmt.Errorf("read WireGuard status: %w", err)
+		return meshv1alpha1.EncryptionStatus{}, fmt.Errorf("read WireGuard status: %w", err)
 	}
-	enc := v1alpha1.EncryptionStatus{
-		Mode: string(ws.Mode), Interface: ws.Interface, PublicKey: ws.PublicKey, Fingerprint: ws.Fingerprint,
+	enc := meshv1alpha1.EncryptionStatus{
+		Mode: meshv1alpha1.EncryptionMode(ws.Mode), Interface: ws.Interface, PublicKey: ws.PublicKey, Fingerprint: ws.Fingerprint,
 		KeyCreated: metav1.NewTime(ws.KeyCreated), ListenPort: int32(ws.ListenPort), StrictMode: d.cfg.StrictMode,
 	}
 	// A peer is named by the node that holds its key: what this agent
@@ -246,7 +246,7 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 		}
 	}
 	for _, p := range ws.Peers {
-		ps := v1alpha1.PeerStatus{
+		ps := meshv1alpha1.PeerStatus{
 			Node: byKey[p.PublicKey], PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(),
 			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
 		}
@@ -280,7 +280,7 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 	for i, l := range leaks {
 		enc.Leaks += int64(l.Packets)
 		if i < 10 {
-			rec := v1alpha1.LeakRecord{
+			rec := meshv1alpha1.LeakRecord{
 				Source: netip.AddrPortFrom(l.Src, l.SrcPort).String(), Destination: netip.AddrPortFrom(l.Dst, l.DstPort).String(),
 				Protocol: policy.ProtoName(l.Proto), Reason: l.Reason.String(), Packets: int64(l.Packets),
 				First: metav1.NewTime(l.First), Last: metav1.NewTime(l.Last),

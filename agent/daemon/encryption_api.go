@@ -13,8 +13,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/capture"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
 func (s *apiServer) RotateKey(ctx context.Context, _ *agentv1.RotateKeyRequest) (*agentv1.RotateKeyResponse, error) {

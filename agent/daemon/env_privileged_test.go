@@ -25,9 +25,9 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/tests/testenv"
@@ -35,6 +35,9 @@ import (
 
 func TestMain(m *testing.M) {
 	netns.MaybeRunHelper()
+	// An agent started here with acceleration re-executes this binary for
+	// its self-test.
+	datapath.MaybeRunSocketHelper()
 	maybeRunAgent()
 	os.Exit(m.Run())
 }

@@ -9,10 +9,11 @@ import (
 	"sync"
 	"time"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/datapath"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // flowLog keeps the last flows and fans new ones out to followers.
@@ -93,7 +94,7 @@ func (d *Daemon) describeFlow(ev datapath.FlowEvent) *agentv1.Flow {
 		Bytes: ev.Len, Encrypted: ev.Flags&datapath.FlagEncrypted != 0,
 	}
 	switch {
-	case ev.Verdict == policy.Deny:
+	case ev.Verdict == policytypes.Deny:
 		f.Verdict = "DENIED"
 		f.DropReason = ev.Reason.String()
 	case ev.Flags&datapath.FlagAudit != 0:

@@ -50,7 +50,8 @@ var (
 	descForwarded  = prometheus.NewDesc("veil_forwarded_packets_total", "Packets forwarded by the datapath, by path.", []string{"path"}, nil)
 	descDropped    = prometheus.NewDesc("veil_dropped_packets_total", "Packets dropped by the datapath, by reason.", []string{"reason"}, nil)
 	descSockmap    = prometheus.NewDesc("veil_sockmap_redirected_bytes_total", "Bytes moved socket to socket by sk_msg.", nil, nil)
-	descAccel      = prometheus.NewDesc("veil_accelerated_sockets", "Sockets in the sockhash.", nil, nil)
+	descAccel      = prometheus.NewDesc("veil_accelerated_sockets", "Sockets whose payload sk_msg redirects socket to socket (neither revoked nor fallen back to TCP).", nil, nil)
+	descAccelOn    = prometheus.NewDesc("veil_socket_acceleration_enabled", "1 when pods' sockets are accelerated; 0 when not configured or turned off (see status for why).", nil, nil)
 	descEventsLost = prometheus.NewDesc("veil_flow_events_lost_total", "Flow events lost because the ring buffer was full.", nil, nil)
 	descMapUse     = prometheus.NewDesc("veil_map_entries", "Entries in a datapath map (map pressure).", []string{"map"}, nil)
 	descAPI        = prometheus.NewDesc("veil_api_server_connected", "1 when the API server answers.", nil, nil)
@@ -60,7 +61,7 @@ var (
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descEndpoints, descIdentities, descEntries, descForwarded, descDropped, descSockmap, descAccel, descEventsLost, descMapUse, descAPI, descConflicts} {
+	for _, d := range []*prometheus.Desc{descEndpoints, descIdentities, descEntries, descForwarded, descDropped, descSockmap, descAccel, descAccelOn, descEventsLost, descMapUse, descAPI, descConflicts} {
 		ch <- d
 	}
 }
@@ -114,6 +115,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	if n, err := d.dp.AcceleratedSockets(); err == nil {
 		gauge(descAccel, float64(n))
 	}
+	accelOn := 0.0
+	if on, _ := d.dp.Acceleration(); on {
+		accelOn = 1
+	}
+	gauge(descAccelOn, accelOn)
 	if flows, err := d.dp.Flows(); err == nil {
 		gauge(descMapUse, float64(len(flows)), "conntrack")
 	}
@@ -142,6 +148,12 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 			return
 		}
 		fmt.Fprintln(w, "ok")
+		// Ready, but say what works worse than it should (e.g. socket
+		// acceleration turned off by its self-test).
+		d.degraded.Range(func(k, v any) bool {
+			fmt.Fprintf(w, "degraded %s: %s\n", k, v)
+			return true
+		})
 	})
 	ln, err := net.Listen("tcp", d.cfg.MetricsAddr)
 	if err != nil {

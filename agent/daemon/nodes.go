@@ -18,7 +18,7 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	"github.com/veilmesh/veil/agent/wireguard"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 // resolveNodes decides, from this node's point of view, which node holds

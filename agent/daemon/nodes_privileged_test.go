@@ -20,9 +20,10 @@ import (
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/api/annotations"
+	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
@@ -159,11 +160,11 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got.Annotations[nodeinfo.AnnotationPublicKey] != keys["self"].String() {
+	if got.Annotations[annotations.WireGuardPublicKey] != keys["self"].String() {
 		t.Fatalf("self's annotations %v; want its key published", got.Annotations)
 	}
-	got.Annotations[nodeinfo.AnnotationPublicKey] = keys["mallory"].String()
-	got.Annotations[nodeinfo.AnnotationEndpoint] = "10.99.0.3:51871"
+	got.Annotations[annotations.WireGuardPublicKey] = keys["mallory"].String()
+	got.Annotations[annotations.WireGuardEndpoint] = "10.99.0.3:51871"
 	if got, err = d.kube.CoreV1().Nodes().Update(ctx, got, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -179,7 +180,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 			t.Errorf("after re-assertion %s = %q; want %q", k, got.Annotations[k], v)
 		}
 	}
-	if !strings.HasPrefix(got.Annotations[nodeinfo.AnnotationEndpoint], "10.99.0.1:") {
-		t.Errorf("endpoint %q; want this node's address", got.Annotations[nodeinfo.AnnotationEndpoint])
+	if !strings.HasPrefix(got.Annotations[annotations.WireGuardEndpoint], "10.99.0.1:") {
+		t.Errorf("endpoint %q; want this node's address", got.Annotations[annotations.WireGuardEndpoint])
 	}
 }

@@ -20,8 +20,9 @@ import (
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/wireguard"
+	"github.com/veilmesh/veil/api/annotations"
+	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/identity"
 )
 
@@ -125,7 +126,7 @@ func TestClaimConflictsAreReported(t *testing.T) {
 	victim := agentNode(t, "victim", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2")
 	mallory := agentNode(t, "mallory", 3, "10.244.1.0/24", "10.99.0.3:51871", "10.99.0.3", "10.99.0.1")
 	mallory.Spec.PodCIDRs = append(mallory.Spec.PodCIDRs, "192.168.7.0/24")
-	mallory.Annotations[nodeinfo.AnnotationPublicKey] = victim.Annotations[nodeinfo.AnnotationPublicKey]
+	mallory.Annotations[annotations.WireGuardPublicKey] = victim.Annotations[annotations.WireGuardPublicKey]
 	d.nodes = nodeLister(t, self, victim, mallory)
 	rec := record.NewFakeRecorder(16)
 	d.events = rec
@@ -145,7 +146,7 @@ func TestClaimConflictsAreReported(t *testing.T) {
 		"Warning VeilClaimRefused node mallory claims pod CIDR 10.244.1.0/24, held by node victim",
 		"Warning VeilClaimRefused node mallory claims pod CIDR 192.168.7.0/24 outside the cluster CIDR",
 		"Warning VeilClaimRefused node mallory claims address 10.99.0.1, held by node self",
-		"Warning VeilClaimRefused node mallory claims public key " + nodeinfo.KeyFingerprint(victim.Annotations[nodeinfo.AnnotationPublicKey]) + ", held by node victim",
+		"Warning VeilClaimRefused node mallory claims public key " + nodeinfo.KeyFingerprint(victim.Annotations[annotations.WireGuardPublicKey]) + ", held by node victim",
 	} {
 		if !slices.Contains(events, want) {
 			t.Errorf("no event %q in %q", want, events)
@@ -228,8 +229,8 @@ func TestOwnAnnotationsAreReasserted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	forged.Annotations[nodeinfo.AnnotationPublicKey] = other.PublicKey().String()
-	delete(forged.Annotations, nodeinfo.AnnotationEndpoint)
+	forged.Annotations[annotations.WireGuardPublicKey] = other.PublicKey().String()
+	delete(forged.Annotations, annotations.WireGuardEndpoint)
 	if _, err := kube.CoreV1().Nodes().Update(t.Context(), forged, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -14,9 +14,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // APIVersion is the major version of the agent API this agent serves.
@@ -88,7 +89,7 @@ func (s *apiServer) Status(ctx context.Context, _ *agentv1.StatusRequest) (*agen
 		{Name: "to-pod", AttachPoint: "tc egress of pod veths", Attached: int32(len(eps))},
 		{Name: "from-netdev", AttachPoint: "tc ingress of the underlay", Attached: 1},
 	}
-	if d.cfg.CgroupRoot != "" {
+	if on, _ := d.dp.Acceleration(); on {
 		resp.Programs = append(resp.Programs,
 			&agentv1.Program{Name: "sockops", AttachPoint: "cgroup " + d.cfg.CgroupRoot, Attached: 1},
 			&agentv1.Program{Name: "sk_msg", AttachPoint: "veil_sockhash", Attached: 1})
@@ -167,8 +168,8 @@ func (s *apiServer) ListEndpoints(ctx context.Context, _ *agentv1.ListEndpointsR
 		ce, ok := d.compiler.Endpoint(e.Pod)
 		if ok {
 			out.PolicyEntries = int32(len(ce.Entries))
-			out.IngressEnforced = ce.Defaults.IngressEnforce == policy.Deny
-			out.EgressEnforced = ce.Defaults.EgressEnforce == policy.Deny
+			out.IngressEnforced = ce.Defaults.IngressEnforce == policytypes.Deny
+			out.EgressEnforced = ce.Defaults.EgressEnforce == policytypes.Deny
 		}
 		if !ok || e.Pending {
 			// writeEndpoint gave it deny-all.

@@ -3,8 +3,8 @@ package datapath
 import (
 	"testing"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // The leaf packages policy and policy/identity cannot import the generated
@@ -23,11 +23,11 @@ func TestSharedConstantsMatchC(t *testing.T) {
 		{"identity.RemoteNode", uint64(identity.RemoteNode), uint64(podReservedIdentityID_REMOTE_NODE)},
 		{"identity.MinPod", uint64(identity.MinPod), uint64(podReservedIdentityID_MIN_POD)},
 		{"identity.MinCIDR", uint64(identity.MinCIDR), uint64(podReservedIdentityID_MIN_CIDR)},
-		{"policy.None", uint64(policy.None), uint64(podVerdictVERDICT_NONE)},
-		{"policy.Allow", uint64(policy.Allow), uint64(podVerdictVERDICT_ALLOW)},
-		{"policy.Deny", uint64(policy.Deny), uint64(podVerdictVERDICT_DENY)},
-		{"policy.Ingress", uint64(policy.Ingress), uint64(podDirectionDIR_INGRESS)},
-		{"policy.Egress", uint64(policy.Egress), uint64(podDirectionDIR_EGRESS)},
+		{"policy.None", uint64(policytypes.None), uint64(podVerdictVERDICT_NONE)},
+		{"policy.Allow", uint64(policytypes.Allow), uint64(podVerdictVERDICT_ALLOW)},
+		{"policy.Deny", uint64(policytypes.Deny), uint64(podVerdictVERDICT_DENY)},
+		{"policy.Ingress", uint64(policytypes.Ingress), uint64(podDirectionDIR_INGRESS)},
+		{"policy.Egress", uint64(policytypes.Egress), uint64(podDirectionDIR_EGRESS)},
 	} {
 		if c.got != c.want {
 			t.Errorf("%s = %d; the C enum says %d", c.name, c.got, c.want)

@@ -18,7 +18,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 	"github.com/veilmesh/veil/tests/benchreport"
 )
 
@@ -116,7 +116,7 @@ func topFunctions(raw []byte, n int) string {
 // underlay; then profiles the encrypted bulk transfer.
 func BenchmarkEncryption(b *testing.B) {
 	tn := newTestNet(b, "benc", netOpts{})
-	if err := tn.dp2.SetPolicy(ipC, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp2.SetPolicy(ipC, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
 		b.Fatal(err)
 	}
 	tunnel(b, tn, false)

@@ -10,7 +10,7 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 	"github.com/veilmesh/veil/tests/benchreport"
 )
 
@@ -74,7 +74,7 @@ func median(xs []float64) float64 {
 // pair against the bare underlay between the two nodes. It prints ratios.
 func BenchmarkDatapath(b *testing.B) {
 	tn := newTestNet(b, "bench", netOpts{sockets: true})
-	allowAll := []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}
+	allowAll := []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 0, 0, 1)}
 	if err := tn.dp1.SetPolicy(ipB, allowAll, ingressDefaultDeny); err != nil {
 		b.Fatal(err)
 	}

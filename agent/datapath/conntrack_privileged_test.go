@@ -15,7 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // setMTU sets the MTU of dev inside ns.
@@ -73,7 +73,7 @@ func udpDatagramArrives(t *testing.T, from, to *netns.Pod, port, size int) bool 
 func TestPrivilegedLargeUDPIsFragmentedAndJudged(t *testing.T) {
 	tn := newTestNet(t, "frag", netOpts{})
 	setMTU(t, &tn.a.Netns, "eth0", 1400)
-	udp9000 := []policy.Entry{allow(policy.Ingress, idA, policy.ProtoUDP, 9000, 16, 1)}
+	udp9000 := []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoUDP, 9000, 16, 1)}
 	if err := tn.dp1.SetPolicy(ipB, udp9000, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}

@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Connection tracking (issue 12): what rides an entry and what policy judges.
@@ -119,12 +119,12 @@ func TestConntrackICMPErrorsAreRelated(t *testing.T) {
 // ingress- and egress-isolated pod that admits c on TCP 80 and UDP 53.
 func TestConntrackICMPErrorsToTheResponder(t *testing.T) {
 	p := cluster(t, false, false)
-	p.policy(pA, []policy.Entry{
-		allow(policy.Ingress, idC, protoTCP, 80, 16, 1),
-		allow(policy.Ingress, idC, protoUDP, 53, 16, 2),
-	}, policy.Defaults{
-		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-		EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+	p.policy(pA, []policytypes.Entry{
+		allow(policytypes.Ingress, idC, protoTCP, 80, 16, 1),
+		allow(policytypes.Ingress, idC, protoUDP, 53, 16, 2),
+	}, policytypes.Defaults{
+		IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+		EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 	})
 	query := pkt{src: pC, dst: pA, proto: protoUDP, sport: 33000, dport: 53, payload: []byte("q")}
 	for _, c := range []verdictCase{
@@ -151,7 +151,7 @@ func fragments(src, dst netip.Addr, dport, id uint16) (first, last pkt) {
 // it was not seen.
 func TestConntrackFragmentsFollowTheirFirst(t *testing.T) {
 	p := cluster(t, false, false)
-	p.policy(pB, []policy.Entry{allow(policy.Ingress, idC, protoUDP, 53, 16, 1)}, ingressDefaultDeny)
+	p.policy(pB, []policytypes.Entry{allow(policytypes.Ingress, idC, protoUDP, 53, 16, 1)}, ingressDefaultDeny)
 	okFirst, okLast := fragments(pA, pC, 53, 100)
 	inFirst, inLast := fragments(pC, pB, 53, 101)
 	badFirst, badLast := fragments(pC, pB, 54, 102)
@@ -260,14 +260,14 @@ func TestConntrackGCIsBounded(t *testing.T) {
 // nor UDP, whose replies cannot be told from new datagrams.
 func TestConntrackLostEntryReplyIsRederived(t *testing.T) {
 	p := cluster(t, false, false)
-	p.policy(pA, []policy.Entry{allow(policy.Egress, idC, protoTCP, 80, 16, 1)}, policy.Defaults{
-		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-		EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+	p.policy(pA, []policytypes.Entry{allow(policytypes.Egress, idC, protoTCP, 80, 16, 1)}, policytypes.Defaults{
+		IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+		EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 	})
 	p.endpoint(pB, 2, idB, ifLoopback) // b sends in this test
-	p.policy(pB, []policy.Entry{allow(policy.Ingress, idC, protoTCP, 8080, 16, 2)}, policy.Defaults{
-		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-		EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+	p.policy(pB, []policytypes.Entry{allow(policytypes.Ingress, idC, protoTCP, 8080, 16, 2)}, policytypes.Defaults{
+		IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+		EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 	})
 	for _, c := range []verdictCase{
 		{name: "a opens to c:80", prog: "from_pod", frame: tcp(pA, pC, 40000, 80, tcpSYN), want: tcRedirect},
@@ -395,7 +395,7 @@ func (p *progTest) loseEntries() {
 func TestConntrackRevokedConnectionIsNotRederived(t *testing.T) {
 	p := cluster(t, false, false)
 	p.endpoint(pB, 2, idB, ifLoopback) // b sends in this test
-	p.policy(pB, []policy.Entry{allow(policy.Ingress, idA, protoTCP, 5002, 16, 1)}, ingressDefaultDeny)
+	p.policy(pB, []policytypes.Entry{allow(policytypes.Ingress, idA, protoTCP, 5002, 16, 1)}, ingressDefaultDeny)
 	p.check(verdictCase{name: "a opens to b:5002", prog: "from_pod", frame: tcp(pA, pB, 40000, 5002, tcpSYN), want: tcRedirect})
 	p.check(verdictCase{name: "b answers", prog: "from_pod", frame: tcp(pB, pA, 5002, 40000, tcpSYN|tcpACK), want: tcRedirect})
 
@@ -410,7 +410,7 @@ func TestConntrackRevokedConnectionIsNotRederived(t *testing.T) {
 	} {
 		p.check(c)
 	}
-	p.policy(pB, []policy.Entry{allow(policy.Ingress, idA, protoTCP, 5002, 16, 1)}, ingressDefaultDeny)
+	p.policy(pB, []policytypes.Entry{allow(policytypes.Ingress, idA, protoTCP, 5002, 16, 1)}, ingressDefaultDeny)
 	p.check(verdictCase{name: "allowed again: a's data", prog: "from_pod", frame: tcp(pA, pB, 40000, 5002, tcpACK), want: tcRedirect})
 	flows, err := p.d.Flows()
 	if err != nil {

@@ -38,6 +38,10 @@ type Config struct {
 	// CgroupPath is a cgroup v2 directory whose sockets get socket-level
 	// acceleration. Empty disables acceleration.
 	CgroupPath string
+	// SkipAccelerationSelfTest accelerates without first checking, with a
+	// transfer of the datapath's own, that this kernel redirects sockets'
+	// data intact (see Acceleration).
+	SkipAccelerationSelfTest bool
 	// UnderlayInterface is the device toward other nodes; traffic arriving
 	// on it for local pods is policed. Empty means a single-node datapath.
 	UnderlayInterface string
@@ -69,6 +73,8 @@ type Config struct {
 	CTMaxEntries uint32
 	// Logger receives structured logs. Default slog.Default().
 	Logger *slog.Logger
+
+	selfTest selfTest
 }
 
 // DefaultBPFFSRoot is where Veil pins its state unless told otherwise.
@@ -137,6 +143,8 @@ type Datapath struct {
 	mu sync.Mutex
 	// maps, opened from the pins; shared by every program.
 	endpoints, ipcache, cidrs, policy, ct, sockhash, events, metrics, sockstats *ebpf.Map
+	// sockstate belongs to the socket programs alone.
+	sockstate *ebpf.Map
 	// programs, one per attach point.
 	fromPod, toPod, fromNetdev, fromTunnel, toNetdev, sockops, skMsg *ebpf.Program
 	leaks                                                            *ebpf.Map
@@ -155,6 +163,10 @@ type Datapath struct {
 	// next pass resumes.
 	gcMu     sync.Mutex
 	gcCursor ebpf.MapBatchCursor
+
+	// accelOff says why acceleration is off although configured; empty
+	// when it is on. accelNote says why it runs untested. Set once by Load.
+	accelOff, accelNote string
 }
 
 // Load checks the kernel, loads the programs, opens (or creates) the pinned
@@ -204,12 +216,52 @@ func Load(cfg Config) (*Datapath, error) {
 		return nil, err
 	}
 	if cfg.CgroupPath != "" {
-		if err := d.attachSockets(); err != nil {
+		if err := d.startAcceleration(); err != nil {
+			d.Close()
+			return nil, err
+		}
+		// Services do not depend on acceleration: a kernel that fails its
+		// self-test still load-balances.
+		if err := d.attachServices(); err != nil {
 			d.Close()
 			return nil, err
 		}
 	}
 	return d, nil
+}
+
+// startAcceleration attaches the socket programs, unless the self-test finds
+// that this kernel does not redirect sockets' data intact; then it makes
+// sure no socket is accelerated and records why.
+func (d *Datapath) startAcceleration() error {
+	if !d.cfg.SkipAccelerationSelfTest {
+		start := time.Now()
+		err := d.testAcceleration()
+		switch {
+		case errors.Is(err, errSelfTestNotRun):
+			// Nothing is known against this kernel: accelerate, and say
+			// that it is untested.
+			d.accelNote = "accelerating untested: " + err.Error()
+			d.log.Warn("could not run the socket acceleration self-test; accelerating untested", "error", err)
+		case err != nil:
+			d.accelOff = "kernel self-test failed: " + err.Error()
+			d.log.Error("socket acceleration is off: this kernel failed the self-test", "error", err)
+			return d.stopAcceleration()
+		default:
+			d.log.Info("socket acceleration self-test passed", "duration", time.Since(start))
+		}
+	}
+	return d.attachSockets()
+}
+
+// Acceleration reports whether sockets of pods are accelerated, and what an
+// operator should know about it: why it is off although a cgroup was
+// configured, or why it runs untested.
+func (d *Datapath) Acceleration() (on bool, reason string) {
+	if d.accelOff != "" {
+		return false, d.accelOff
+	}
+	return d.cfg.CgroupPath != "", d.accelNote
 }
 
 func linksDir(root string) string { return filepath.Join(root, "links") }
@@ -250,12 +302,12 @@ func checkKernel(cfg Config) error {
 }
 
 // object is one compiled BPF object (one attach surface) and where its
-// programs go in a Datapath.
+// programs, and the maps only it has, go in a Datapath.
 type object struct {
 	name  string
 	spec  func() (*ebpf.CollectionSpec, error)
 	progs func(*Datapath) map[string]**ebpf.Program // program name in the object -> field
-	maps  func(*Datapath) map[string]**ebpf.Map     // maps only this object has -> field
+	maps  func(*Datapath) map[string]**ebpf.Map     // map name in the object -> field; may be nil
 }
 
 // objects lists the BPF objects by attach surface. The first one also
@@ -276,7 +328,13 @@ var objects = []object{
 			progs[name] = p
 		}
 		return progs
-	}, func(d *Datapath) map[string]**ebpf.Map { return d.lb.maps() }},
+	}, func(d *Datapath) map[string]**ebpf.Map {
+		maps := map[string]**ebpf.Map{"veil_sockstate": &d.sockstate}
+		for name, m := range d.lb.maps() {
+			maps[name] = m
+		}
+		return maps
+	}},
 }
 
 // constants are the node configuration the programs see as known values.
@@ -366,21 +424,22 @@ func (d *Datapath) loadObjects(pinRoot string) error {
 				return err
 			}
 		}
-		if o.maps != nil {
-			for name, field := range o.maps(d) {
-				m, ok := coll.Maps[name]
-				if !ok {
-					return fmt.Errorf("%s object has no map %s", o.name, name)
-				}
-				*field = m
-			}
-		}
 		for name, field := range o.progs(d) {
 			p, ok := coll.Programs[name]
 			if !ok {
 				return fmt.Errorf("%s object has no program %s", o.name, name)
 			}
 			*field = p
+		}
+		if o.maps == nil {
+			continue
+		}
+		for name, field := range o.maps(d) {
+			m, ok := coll.Maps[name]
+			if !ok {
+				return fmt.Errorf("%s object has no map %s", o.name, name)
+			}
+			*field = m
 		}
 	}
 	return nil
@@ -481,9 +540,6 @@ func (d *Datapath) attachSockets() error {
 			return fmt.Errorf("pin sockops link: %w", err)
 		}
 	}
-	if err := d.attachServices(); err != nil {
-		return err
-	}
 	// A map-attached program lives as long as the (pinned) sockhash; attaching
 	// again replaces the previous one.
 	if err := link.RawAttachProgram(link.RawAttachProgramOptions{
@@ -492,6 +548,72 @@ func (d *Datapath) attachSockets() error {
 		return fmt.Errorf("attach sk_msg to sockhash: %w", err)
 	}
 	return nil
+}
+
+// stopAcceleration detaches sockops (an earlier run may have pinned it), so
+// no socket joins the sockhash, and moves the sockets that did join to the
+// TCP path.
+func (d *Datapath) stopAcceleration() error {
+	pin := filepath.Join(linksDir(d.cfg.BPFFSRoot), "sockops")
+	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+		err = l.Unpin()
+		// Closing the last reference to an unpinned link detaches it.
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("unpin sockops link: %w", err)
+		}
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("open pinned sockops link: %w", err)
+	}
+	_, err := d.fallBackToTCP(func(podSockKey) bool { return true })
+	return err
+}
+
+// fallBackToTCP moves the accelerated sockets that match to the TCP path for
+// the rest of their lives: each keeps what was already redirected to its
+// peer, in order. Sockets that joined under an earlier Veil (no state; their
+// sk_msg program knows none) leave the sockhash instead, which frees what
+// was redirected into them and not yet read. It returns how many sockets it
+// moved.
+func (d *Datapath) fallBackToTCP(match func(podSockKey) bool) (int, error) {
+	var (
+		k      podSockKey
+		cookie uint64
+		keys   []podSockKey
+	)
+	it := d.sockhash.Iterate()
+	for it.Next(&k, &cookie) {
+		if match(k) {
+			keys = append(keys, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("scan accelerated sockets: %w", err)
+	}
+	n := 0
+	for _, k := range keys {
+		var st sockSockState
+		err := d.sockstate.Lookup(&k, &st)
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			err = d.sockhash.Delete(&k)
+		case err != nil:
+			return n, fmt.Errorf("read accelerated socket state: %w", err)
+		case st.TcpPath != 0:
+			continue
+		default:
+			st.TcpPath = 1
+			err = d.sockstate.Update(&k, &st, ebpf.UpdateExist)
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue // closed meanwhile
+		}
+		if err != nil {
+			return n, fmt.Errorf("move accelerated socket to the TCP path: %w", err)
+		}
+		n++
+	}
+	return n, nil
 }
 
 // Close releases this process's handles. Pinned state keeps enforcing.

@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func TestPrivilegedDelivery(t *testing.T) {
@@ -71,24 +71,24 @@ func TestPrivilegedPolicy(t *testing.T) {
 	// b accepts from a: TCP 80, TCP 8000-8007 (one /13 prefix), UDP any
 	// port, SCTP 9000; from c: TCP 80 only. Default deny ingress.
 	// Its egress is default deny too: replies must still pass.
-	b := []policy.Entry{
-		allow(policy.Ingress, idA, policy.ProtoTCP, 80, 16, 1),
-		allow(policy.Ingress, idA, policy.ProtoTCP, 8000, 13, 2),
-		allow(policy.Ingress, idA, policy.ProtoUDP, 0, 0, 3),
-		allow(policy.Ingress, idA, policy.ProtoSCTP, 9000, 16, 4),
-		allow(policy.Ingress, idC, policy.ProtoTCP, 80, 16, 5),
+	b := []policytypes.Entry{
+		allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 80, 16, 1),
+		allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 8000, 13, 2),
+		allow(policytypes.Ingress, idA, policytypes.ProtoUDP, 0, 0, 3),
+		allow(policytypes.Ingress, idA, policytypes.ProtoSCTP, 9000, 16, 4),
+		allow(policytypes.Ingress, idC, policytypes.ProtoTCP, 80, 16, 5),
 	}
 	strict := ingressDefaultDeny
-	strict.EgressEnforce, strict.EgressAudit = policy.Deny, policy.Deny
+	strict.EgressEnforce, strict.EgressAudit = policytypes.Deny, policytypes.Deny
 	if err := tn.dp1.SetPolicy(ipB, b, strict); err != nil {
 		t.Fatal(err)
 	}
 	// c accepts TCP 80 from any identity but denies a on any port: deny wins
 	// across the identity and wildcard lookups.
-	cEntries := []policy.Entry{
-		allow(policy.Ingress, identity.Any, policy.ProtoTCP, 80, 16, 6),
-		allow(policy.Ingress, identity.Any, policy.ProtoTCP, 81, 16, 7),
-		deny(policy.Ingress, idA, policy.ProtoTCP, 81, 16, 8),
+	cEntries := []policytypes.Entry{
+		allow(policytypes.Ingress, identity.Any, policytypes.ProtoTCP, 80, 16, 6),
+		allow(policytypes.Ingress, identity.Any, policytypes.ProtoTCP, 81, 16, 7),
+		deny(policytypes.Ingress, idA, policytypes.ProtoTCP, 81, 16, 8),
 	}
 	if err := tn.dp2.SetPolicy(ipC, cEntries, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
@@ -134,8 +134,8 @@ func TestPrivilegedPolicy(t *testing.T) {
 	}
 
 	// Egress policy of the source: a may only send TCP 80.
-	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{allow(policy.Egress, identity.Any, policy.ProtoTCP, 80, 16, 9)},
-		policy.Defaults{EgressEnforce: policy.Deny, EgressAudit: policy.Deny}); err != nil {
+	if err := tn.dp1.SetPolicy(ipA, []policytypes.Entry{allow(policytypes.Egress, identity.Any, policytypes.ProtoTCP, 80, 16, 9)},
+		policytypes.Defaults{EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny}); err != nil {
 		t.Fatal(err)
 	}
 	if err := udpEcho(tn.a, "10.244.1.3:80"); err == nil {
@@ -192,7 +192,7 @@ func TestPrivilegedAntiSpoofing(t *testing.T) {
 func TestPrivilegedFlowEvents(t *testing.T) {
 	tn := newTestNet(t, "ev", netOpts{})
 	serveTCP(t, tn.b, 80, 81)
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 80, 16, 42)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 80, 16, 42)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -211,32 +211,32 @@ func TestPrivilegedFlowEvents(t *testing.T) {
 	tcpEcho(tn.a, "10.244.1.3:80", netip.Addr{})
 	tcpEcho(tn.a, "10.244.1.3:81", netip.Addr{})
 
-	find := func(port uint16, v policy.Verdict) *FlowEvent {
+	find := func(port uint16, v policytypes.Verdict) *FlowEvent {
 		mu.Lock()
 		defer mu.Unlock()
 		for i := range events {
 			ev := events[i]
-			if ev.Src == ipA && ev.Dst == ipB && ev.DstPort == port && ev.Proto == policy.ProtoTCP && ev.Verdict == v {
+			if ev.Src == ipA && ev.Dst == ipB && ev.DstPort == port && ev.Proto == policytypes.ProtoTCP && ev.Verdict == v {
 				return &ev
 			}
 		}
 		return nil
 	}
 	deadline := time.Now().Add(3 * time.Second)
-	for time.Now().Before(deadline) && (find(80, policy.Allow) == nil || find(81, policy.Deny) == nil) {
+	for time.Now().Before(deadline) && (find(80, policytypes.Allow) == nil || find(81, policytypes.Deny) == nil) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	cancel()
 	if err := <-done; err != context.Canceled {
 		t.Errorf("ReadEvents returned %v, want context.Canceled", err)
 	}
-	if ev := find(80, policy.Allow); ev == nil {
+	if ev := find(80, policytypes.Allow); ev == nil {
 		t.Errorf("no ALLOW event for a->b tcp/80")
 	} else if ev.SrcIdentity != idA || ev.DstIdentity != idB || ev.RuleID != 42 || ev.Point != FromPod ||
 		ev.Flags&FlagIngressDecided == 0 || time.Since(ev.Time) > time.Minute || time.Since(ev.Time) < 0 {
 		t.Errorf("ALLOW event fields wrong: %+v", *ev)
 	}
-	if ev := find(81, policy.Deny); ev == nil {
+	if ev := find(81, policytypes.Deny); ev == nil {
 		t.Errorf("no DENY event for a->b tcp/81")
 	} else if ev.Reason != DropPolicyIngress || ev.SrcIdentity != idA {
 		t.Errorf("DENY event fields wrong: %+v", *ev)
@@ -275,7 +275,7 @@ func progress(p *netns.Proc) int64 {
 
 func TestPrivilegedSocketAcceleration(t *testing.T) {
 	tn := newTestNet(t, "sock", netOpts{sockets: true})
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	vethBefore, err := tn.n1.LinkStats("veth-a")
@@ -314,7 +314,7 @@ func TestPrivilegedSocketAcceleration(t *testing.T) {
 
 func TestPrivilegedAccelerationOptOut(t *testing.T) {
 	tn := newTestNet(t, "optout", netOpts{sockets: true})
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	// b opts out; a connection from a (which did not) stays on TCP too.
@@ -357,7 +357,7 @@ func TestPrivilegedAccelerationOptOut(t *testing.T) {
 
 func TestPrivilegedRevokeStopsAcceleratedConnection(t *testing.T) {
 	tn := newTestNet(t, "rev", netOpts{sockets: true})
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	_, sink := transfer(t, tn, 5002, 1<<40, 2*time.Millisecond)
@@ -405,9 +405,9 @@ func TestPrivilegedRestartKeepsEnforcing(t *testing.T) {
 	spec := loaderSpec{
 		Config:    tn.config1(netOpts{}),
 		Endpoints: []Endpoint{endpointOf(tn.a, 1, idA), endpointOf(tn.b, 2, idB)},
-		Policy: map[netip.Addr][]policy.Entry{ipB: {
-			allow(policy.Ingress, idA, policy.ProtoTCP, 80, 16, 1),
-			allow(policy.Ingress, idA, policy.ProtoTCP, 5003, 16, 2),
+		Policy: map[netip.Addr][]policytypes.Entry{ipB: {
+			allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 80, 16, 1),
+			allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 5003, 16, 2),
 		}},
 		Defaults: ingressDefaultDeny,
 	}
@@ -481,18 +481,18 @@ func TestLoadNamesMissingBPFFS(t *testing.T) {
 
 func TestPolicyKeyPrefixes(t *testing.T) {
 	cases := []struct {
-		key  policy.Key
+		key  policytypes.Key
 		want uint32
 		port uint16
 		err  bool
 	}{
-		{policy.Key{Identity: 5}, prefixAnyProto, 0, false},
-		{policy.Key{Identity: 5, Proto: policy.ProtoTCP, Port: 80, PortPrefixLen: 16}, 96, 80, false},
-		{policy.Key{Identity: 5, Proto: policy.ProtoTCP, Port: 8007, PortPrefixLen: 13}, 93, 8000, false},
-		{policy.Key{Identity: 5, Proto: policy.ProtoUDP}, prefixProto, 0, false},
-		{policy.Key{Identity: 5, PortPrefixLen: 3}, 0, 0, true},
-		{policy.Key{Identity: 5, Proto: 6, PortPrefixLen: 17}, 0, 0, true},
-		{policy.Key{Direction: 7}, 0, 0, true},
+		{policytypes.Key{Identity: 5}, prefixAnyProto, 0, false},
+		{policytypes.Key{Identity: 5, Proto: policytypes.ProtoTCP, Port: 80, PortPrefixLen: 16}, 96, 80, false},
+		{policytypes.Key{Identity: 5, Proto: policytypes.ProtoTCP, Port: 8007, PortPrefixLen: 13}, 93, 8000, false},
+		{policytypes.Key{Identity: 5, Proto: policytypes.ProtoUDP}, prefixProto, 0, false},
+		{policytypes.Key{Identity: 5, PortPrefixLen: 3}, 0, 0, true},
+		{policytypes.Key{Identity: 5, Proto: 6, PortPrefixLen: 17}, 0, 0, true},
+		{policytypes.Key{Direction: 7}, 0, 0, true},
 	}
 	for _, c := range cases {
 		got, err := policyKey(3, c.key)

@@ -96,18 +96,13 @@ func (d *Datapath) putEndpoint(ep Endpoint, attach bool) error {
 	}
 	if wasAccelerated && ep.NoAcceleration {
 		// sockops honours the flag for new connections only; the ones
-		// already accelerated leave the sockhash, so their next message
-		// takes the TCP path. Caveat: bytes already redirected into a
-		// socket's sk_msg ingress queue and not yet read are purged by the
-		// kernel when the socket leaves the map; avoiding that needs
-		// sk_msg to stop redirecting for the flag first, so the queues
-		// drain before the eviction.
-		n, err := d.evictSockets(func(k FlowKey) bool { return k.Src == ep.IP || k.Dst == ep.IP })
+		// already accelerated take the TCP path from their next message.
+		n, err := d.fallBackToTCP(func(k podSockKey) bool { return k.Sip == key || k.Dip == key })
 		if err != nil {
 			return fmt.Errorf("endpoint %s opted out of acceleration: %w", ep.IP, err)
 		}
 		if n > 0 {
-			d.log.Info("endpoint opted out of acceleration; its sockets left the sockhash", "endpoint", ep.IP, "sockets", n)
+			d.log.Info("endpoint opted out of acceleration; its sockets take the TCP path", "endpoint", ep.IP, "sockets", n)
 		}
 	}
 	return nil

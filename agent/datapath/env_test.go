@@ -15,13 +15,14 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
 func TestMain(m *testing.M) {
 	netns.MaybeRunHelper()
+	MaybeRunSocketHelper()
 	maybeRunLoader()
 	maybeRunSvcClient()
 	os.Exit(m.Run())
@@ -314,20 +315,20 @@ func contains(b []byte, s string) bool {
 
 // Compiled-policy helpers: tiny constructors in the spirit of tailscale's
 // filter tests.
-func allow(dir policy.Direction, id identity.ID, proto uint8, port uint16, plen uint8, rule uint32) policy.Entry {
-	return policy.Entry{Key: policy.Key{Direction: dir, Identity: id, Proto: proto, Port: port, PortPrefixLen: plen},
-		Enforce: policy.Allow, Audit: policy.Allow, RuleID: rule}
+func allow(dir policytypes.Direction, id identity.ID, proto uint8, port uint16, plen uint8, rule uint32) policytypes.Entry {
+	return policytypes.Entry{Key: policytypes.Key{Direction: dir, Identity: id, Proto: proto, Port: port, PortPrefixLen: plen},
+		Enforce: policytypes.Allow, Audit: policytypes.Allow, RuleID: rule}
 }
 
-func deny(dir policy.Direction, id identity.ID, proto uint8, port uint16, plen uint8, rule uint32) policy.Entry {
+func deny(dir policytypes.Direction, id identity.ID, proto uint8, port uint16, plen uint8, rule uint32) policytypes.Entry {
 	e := allow(dir, id, proto, port, plen, rule)
-	e.Enforce, e.Audit = policy.Deny, policy.Deny
+	e.Enforce, e.Audit = policytypes.Deny, policytypes.Deny
 	return e
 }
 
-var ingressDefaultDeny = policy.Defaults{
-	IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-	EgressEnforce: policy.Allow, EgressAudit: policy.Allow,
+var ingressDefaultDeny = policytypes.Defaults{
+	IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+	EgressEnforce: policytypes.Allow, EgressAudit: policytypes.Allow,
 }
 
 func ctxT(t testing.TB, d time.Duration) context.Context {
@@ -344,8 +345,8 @@ type loaderSpec struct {
 	Netns     string
 	Config    Config
 	Endpoints []Endpoint
-	Policy    map[netip.Addr][]policy.Entry
-	Defaults  policy.Defaults
+	Policy    map[netip.Addr][]policytypes.Entry
+	Defaults  policytypes.Defaults
 }
 
 func maybeRunLoader() {
@@ -377,6 +378,8 @@ func maybeRunLoader() {
 		fmt.Fprintln(os.Stderr, "loader:", err)
 		os.Exit(1)
 	}
+	on, reason := dp.Acceleration()
+	fmt.Printf("acceleration %v %s\n", on, reason)
 	fmt.Println("ready")
 	select {}
 }

@@ -11,8 +11,8 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // DropReason says why the datapath dropped a packet (bpf/lib/common.h).
@@ -101,7 +101,7 @@ type FlowEvent struct {
 	Src, Dst         netip.Addr
 	SrcPort, DstPort uint16 // for ICMP, DstPort is type<<8 | code
 	Proto            uint8
-	Verdict          policy.Verdict
+	Verdict          policytypes.Verdict
 	Reason           DropReason
 	Point            ObservationPoint
 	Flags            uint32
@@ -150,7 +150,7 @@ func (d *Datapath) ReadEvents(ctx context.Context, fn func(FlowEvent)) error {
 			Time: boot.Add(time.Duration(raw.TsNs)),
 			Src:  u32ToIP4(raw.Saddr), Dst: u32ToIP4(raw.Daddr),
 			SrcPort: raw.Sport, DstPort: raw.Dport, Proto: raw.Proto,
-			Verdict: policy.Verdict(raw.Verdict), Reason: DropReason(raw.Reason),
+			Verdict: policytypes.Verdict(raw.Verdict), Reason: DropReason(raw.Reason),
 			Point: ObservationPoint(raw.Point), Flags: raw.Flags,
 			SrcIdentity: identity.ID(raw.SrcIdentity), DstIdentity: identity.ID(raw.DstIdentity),
 			Ifindex: int(raw.Ifindex), Len: raw.Len, RuleID: raw.RuleId,

@@ -8,8 +8,8 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Flow is a connection the datapath allowed, in the direction of its first
@@ -46,7 +46,7 @@ func flowFromCT(k podCtKey, v podCtEntry, boot time.Time) Flow {
 // type and code. Other protocols' destination port is the key's, which
 // also holds for entries written before entries recorded it.
 func policyPort(k podCtKey, v podCtEntry) uint16 {
-	if k.Proto == policy.ProtoICMP {
+	if k.Proto == policytypes.ProtoICMP {
 		return v.PolicyPort
 	}
 	return k.Dport
@@ -79,15 +79,32 @@ type FlowKey struct {
 	DstPort  uint16
 }
 
-// EvictFlows revokes every connection for which revoked returns true: its
-// conntrack entry is marked revoked (so its packets are checked against
-// policy again, and may not pass as replies of a lost connection) and,
-// for accelerated TCP, both of its sockets leave the sockhash (so its
-// payload goes back through TC, where policy sees it). It returns how many
-// connections were revoked.
+// conn names one connection in its opener's direction, to count
+// connections that both tables hold once.
+type conn struct {
+	src, dst     netip.Addr
+	sport, dport uint16
+	proto        uint8
+}
+
+// ctKey is the conntrack key of a connection.
+func (c conn) ctKey() podCtKey {
+	return podCtKey{Saddr: ip4ToU32(c.src), Daddr: ip4ToU32(c.dst), Sport: c.sport, Dport: c.dport, Proto: c.proto}
+}
+
+// EvictFlows revokes every connection for which revoked returns true.
+// revoked is asked about the direction that opened the connection, never
+// about its replies, and only about connections not already revoked.
 //
-// For an accelerated socket pair the opener is not known; revoked is asked
-// about both orientations and either one evicts the pair.
+// A connection's conntrack entry is marked revoked, so its packets are
+// checked against policy again and may not pass as replies of a lost
+// connection. Its accelerated sockets are marked revoked too: their payload
+// takes the TCP path from then on, where policy drops it. They stay in the
+// sockhash until they close, because removing a socket from it frees the
+// data already redirected into it and not yet read; so every byte accepted
+// before the revocation is still delivered, in order.
+//
+// It returns how many connections were revoked.
 func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	var (
 		k    podCtKey
@@ -99,6 +116,8 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 		if v.Flags&revokedFlag != 0 {
 			continue
 		}
+		// The entry is keyed in the direction of the connection's first
+		// packet.
 		if revoked(FlowKey{Src: u32ToIP4(k.Saddr), Dst: u32ToIP4(k.Daddr), Proto: k.Proto, DstPort: policyPort(k, v)}) {
 			dead = append(dead, k)
 		}
@@ -106,22 +125,22 @@ func (d *Datapath) EvictFlows(revoked func(FlowKey) bool) (int, error) {
 	if err := it.Err(); err != nil {
 		return 0, fmt.Errorf("scan connections: %w", err)
 	}
-	n := 0
+	gone := map[conn]bool{}
 	for _, k := range dead {
 		ok, err := d.revokeConnection(k)
 		if err != nil {
-			return n, err
+			return len(gone), err
 		}
 		if ok {
-			n++
+			gone[conn{src: u32ToIP4(k.Saddr), dst: u32ToIP4(k.Daddr), sport: k.Sport, dport: k.Dport, proto: k.Proto}] = true
 		}
 	}
-	// Sockets last: once the sockhash forgets them, payload takes the TC
-	// path, where the revoked conntrack entry forces a policy check.
-	if _, err := d.evictSockets(revoked); err != nil {
-		return n, err
+	// Sockets last: once they are revoked, payload takes the TC path, where
+	// the revoked conntrack entry forces a policy check.
+	if err := d.revokeSockets(revoked, gone); err != nil {
+		return len(gone), err
 	}
-	return n, nil
+	return len(gone), nil
 }
 
 const revokedFlag = uint16(podCtFlagsCT_F_REVOKED)
@@ -159,55 +178,199 @@ func (d *Datapath) revokeConnection(k podCtKey) (bool, error) {
 	return true, nil
 }
 
-func (d *Datapath) evictSockets(revoked func(FlowKey) bool) (int, error) {
+// openerOf returns the connection of an accelerated socket in the direction
+// that opened it: the socket's own for the end that connected, the reverse
+// for the end that accepted.
+func openerOf(k podSockKey, st sockSockState) conn {
+	local, remote := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
+	if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_ACTIVE != 0 {
+		return conn{src: local, dst: remote, sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policytypes.ProtoTCP}
+	}
+	return conn{src: remote, dst: local, sport: uint16(k.Dport), dport: uint16(k.Sport), proto: policytypes.ProtoTCP}
+}
+
+// sockKeys returns the sockhash keys of both ends of a local connection.
+func sockKeys(c conn) [2]podSockKey {
+	src, dst := ip4ToU32(c.src), ip4ToU32(c.dst)
+	return [2]podSockKey{
+		{Sip: src, Dip: dst, Sport: uint32(c.sport), Dport: uint32(c.dport)},
+		{Sip: dst, Dip: src, Sport: uint32(c.dport), Dport: uint32(c.sport)},
+	}
+}
+
+// revokeSockets marks both ends of every revoked accelerated connection (of
+// gone, which holds those revoked by their conntrack entry, and of those
+// revoked now, which it adds to gone), and the conntrack entries of the
+// latter, whose entries TC may have expired. On the way it forgets the state
+// of sockets that have left the sockhash (closed).
+func (d *Datapath) revokeSockets(revoked func(FlowKey) bool, gone map[conn]bool) error {
 	var (
-		k     podSockKey
-		dead  []podSockKey
-		conns []podCtKey // revoked orientations, whose entries TC may have expired
+		k      podSockKey
+		st     sockSockState
+		cookie uint64
+		closed []podSockKey
+		now    []conn
+		judged = map[conn]bool{}
 	)
-	it := d.sockhash.Iterate()
-	var cookie uint64
-	for it.Next(&k, &cookie) {
-		src, dst := u32ToIP4(k.Sip), u32ToIP4(k.Dip)
-		fwd := revoked(FlowKey{Src: src, Dst: dst, Proto: 6, DstPort: uint16(k.Dport)})
-		rev := revoked(FlowKey{Src: dst, Dst: src, Proto: 6, DstPort: uint16(k.Sport)})
-		if fwd || rev {
-			dead = append(dead, k, podSockKey{Sip: k.Dip, Dip: k.Sip, Sport: k.Dport, Dport: k.Sport})
+	it := d.sockstate.Iterate()
+	for it.Next(&k, &st) {
+		if err := d.sockhash.Lookup(&k, &cookie); errors.Is(err, ebpf.ErrKeyNotExist) {
+			closed = append(closed, k)
+			continue
+		} else if err != nil {
+			return fmt.Errorf("look up accelerated socket: %w", err)
 		}
-		if fwd {
-			conns = append(conns, podCtKey{Saddr: k.Sip, Daddr: k.Dip, Sport: uint16(k.Sport), Dport: uint16(k.Dport), Proto: 6})
+		c := openerOf(k, st)
+		if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_REVOKED != 0 || judged[c] {
+			continue
+		}
+		judged[c] = true
+		if revoked(FlowKey{Src: c.src, Dst: c.dst, Proto: c.proto, DstPort: c.dport}) {
+			now = append(now, c)
 		}
 	}
 	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("scan accelerated sockets: %w", err)
+		return fmt.Errorf("scan accelerated sockets: %w", err)
 	}
-	for _, c := range conns {
-		if _, err := d.revokeConnection(c); err != nil {
-			return 0, err
+	legacy, err := d.legacySockets(revoked, judged)
+	if err != nil {
+		return err
+	}
+	for _, c := range append(now, legacy...) {
+		if _, err := d.revokeConnection(c.ctKey()); err != nil {
+			return err
+		}
+		gone[c] = true
+	}
+	for c := range gone {
+		// Sockhash keys name no protocol: a UDP flow must not revoke a TCP
+		// connection between the same ports.
+		if c.proto != policytypes.ProtoTCP {
+			continue
+		}
+		for _, k := range sockKeys(c) {
+			if err := d.revokeSocket(k); err != nil {
+				return err
+			}
 		}
 	}
-	n := 0
-	for _, k := range dead {
-		err := d.sockhash.Delete(&k)
-		if err == nil {
-			n++
-		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return n, fmt.Errorf("evict accelerated socket: %w", err)
+	// Sockets that joined under an earlier Veil keep the sk_msg program of
+	// that time, which knows no state: the only way to stop them is to take
+	// them out of the sockhash, at the risk of data queued at them.
+	for _, c := range legacy {
+		for _, k := range sockKeys(c) {
+			if err := d.sockhash.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("evict accelerated socket: %w", err)
+			}
 		}
 	}
-	return n, nil
+	for _, k := range closed {
+		if err := d.sockstate.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("forget closed socket: %w", err)
+		}
+	}
+	return nil
 }
 
-// AcceleratedSockets returns how many sockets the sockhash holds.
+// legacySockets returns the revoked connections of sockhash members of
+// which neither end has state (they joined before sockops recorded it).
+// Their opener is found from their conntrack entry; when it is gone, either
+// direction being revoked revokes them.
+func (d *Datapath) legacySockets(revoked func(FlowKey) bool, judged map[conn]bool) ([]conn, error) {
+	var (
+		k      podSockKey
+		cookie uint64
+		st     sockSockState
+		out    []conn
+	)
+	it := d.sockhash.Iterate()
+	for it.Next(&k, &cookie) {
+		c, known := d.openerFromCT(k)
+		if judged[c] {
+			continue
+		}
+		stateless := true
+		for _, sk := range sockKeys(c) {
+			if err := d.sockstate.Lookup(&sk, &st); !errors.Is(err, ebpf.ErrKeyNotExist) {
+				stateless = false
+			}
+		}
+		if !stateless {
+			continue
+		}
+		judged[c] = true
+		r := conn{src: c.dst, dst: c.src, sport: c.dport, dport: c.sport, proto: c.proto}
+		if revoked(FlowKey{Src: c.src, Dst: c.dst, Proto: c.proto, DstPort: c.dport}) ||
+			(!known && revoked(FlowKey{Src: r.src, Dst: r.dst, Proto: r.proto, DstPort: r.dport})) {
+			out = append(out, c)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("scan accelerated sockets: %w", err)
+	}
+	return out, nil
+}
+
+// openerFromCT returns the connection of a socket in the direction of its
+// conntrack entry, and whether there is one.
+func (d *Datapath) openerFromCT(k podSockKey) (conn, bool) {
+	c := conn{src: u32ToIP4(k.Sip), dst: u32ToIP4(k.Dip), sport: uint16(k.Sport), dport: uint16(k.Dport), proto: policytypes.ProtoTCP}
+	r := conn{src: c.dst, dst: c.src, sport: c.dport, dport: c.sport, proto: c.proto}
+	var v podCtEntry
+	for _, cand := range []conn{c, r} {
+		key := cand.ctKey()
+		if d.ct.Lookup(&key, &v) == nil {
+			return cand, true
+		}
+	}
+	// Unknown: a canonical orientation, so both ends name one connection.
+	if c.sport < c.dport {
+		return r, false
+	}
+	return c, false
+}
+
+// revokeSocket sets the revoked flag of one socket, if it is still known.
+func (d *Datapath) revokeSocket(k podSockKey) error {
+	var st sockSockState
+	if err := d.sockstate.Lookup(&k, &st); errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("read accelerated socket state: %w", err)
+	}
+	st.Flags |= uint32(sockSockFlagsSOCK_F_REVOKED)
+	// The agent is the only writer of an existing entry's flags (sk_msg
+	// writes only tcp_path, and a lost tcp_path store is harmless next to
+	// the revoked flag).
+	err := d.sockstate.Update(&k, &st, ebpf.UpdateExist)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("revoke accelerated socket: %w", err)
+	}
+	return nil
+}
+
+// AcceleratedSockets returns how many sockets sk_msg redirects payload for:
+// those in the sockhash that are neither revoked nor fallen back to the TCP
+// path.
 func (d *Datapath) AcceleratedSockets() (int, error) {
 	var (
 		k      podSockKey
 		cookie uint64
+		st     sockSockState
 		n      int
 	)
 	it := d.sockhash.Iterate()
 	for it.Next(&k, &cookie) {
-		n++
+		err := d.sockstate.Lookup(&k, &st)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		if err != nil {
+			return 0, fmt.Errorf("read accelerated socket state: %w", err)
+		}
+		if sockSockFlags(st.Flags)&sockSockFlagsSOCK_F_REVOKED == 0 && st.TcpPath == 0 {
+			n++
+		}
 	}
 	if err := it.Err(); err != nil {
 		return 0, fmt.Errorf("count accelerated sockets: %w", err)

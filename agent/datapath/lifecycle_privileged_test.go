@@ -8,16 +8,16 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
+	"github.com/veilmesh/veil/policy/policytypes"
 
-	"github.com/veilmesh/veil/policy"
+	"github.com/cilium/ebpf"
 )
 
 // fillPolicyMap writes entries of an endpoint id no test uses until the
 // policy map refuses one, and returns how many it wrote.
 func fillPolicyMap(t *testing.T, dp *Datapath) int {
 	t.Helper()
-	val := podPolicyValue{Enforce: uint8(policy.Allow), Audit: uint8(policy.Allow)}
+	val := podPolicyValue{Enforce: uint8(policytypes.Allow), Audit: uint8(policytypes.Allow)}
 	for n := 0; ; n++ {
 		k := fillerKey(n)
 		if err := dp.policy.Update(&k, &val, ebpf.UpdateNoExist); err != nil {
@@ -31,7 +31,7 @@ func fillPolicyMap(t *testing.T, dp *Datapath) int {
 
 // fillerKey is the n-th filler entry: slot of endpoint id 0x7ffffff0.
 func fillerKey(n int) podPolicyKey {
-	return podPolicyKey{Prefixlen: prefixAnyProto, Slot: 0x7ffffff0 << 1, Identity: uint32(n), Direction: uint8(policy.Ingress)}
+	return podPolicyKey{Prefixlen: prefixAnyProto, Slot: 0x7ffffff0 << 1, Identity: uint32(n), Direction: uint8(policytypes.Ingress)}
 }
 
 // A policy update that the map refuses (it is full) must not leave the old
@@ -42,7 +42,7 @@ func TestPrivilegedPolicyMapFullFailsClosed(t *testing.T) {
 	serveTCP(t, tn.a, 80)
 	serveTCP(t, tn.b, 80)
 	// a accepts b on TCP 80; its egress is open.
-	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{allow(policy.Ingress, idB, policy.ProtoTCP, 80, 16, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipA, []policytypes.Entry{allow(policytypes.Ingress, idB, policytypes.ProtoTCP, 80, 16, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	if err := tcpEcho(tn.b, "10.244.1.2:80", netip.Addr{}); err != nil {
@@ -53,9 +53,9 @@ func TestPrivilegedPolicyMapFullFailsClosed(t *testing.T) {
 	t.Logf("policy map full after %d filler entries (%s)", n, time.Since(start).Round(time.Millisecond))
 
 	// The revocation: only c may reach a now.
-	err := tn.dp1.SetPolicy(ipA, []policy.Entry{
-		allow(policy.Ingress, idC, policy.ProtoTCP, 80, 16, 2),
-		allow(policy.Ingress, idC, policy.ProtoTCP, 81, 16, 3),
+	err := tn.dp1.SetPolicy(ipA, []policytypes.Entry{
+		allow(policytypes.Ingress, idC, policytypes.ProtoTCP, 80, 16, 2),
+		allow(policytypes.Ingress, idC, policytypes.ProtoTCP, 81, 16, 3),
 	}, ingressDefaultDeny)
 	var perr *PolicyUpdateError
 	if !errors.As(err, &perr) {
@@ -79,7 +79,7 @@ func TestPrivilegedPolicyMapFullFailsClosed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{allow(policy.Ingress, idB, policy.ProtoTCP, 80, 16, 4)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipA, []policytypes.Entry{allow(policytypes.Ingress, idB, policytypes.ProtoTCP, 80, 16, 4)}, ingressDefaultDeny); err != nil {
 		t.Fatalf("SetPolicy after making room: %v", err)
 	}
 	if err := tcpEcho(tn.b, "10.244.1.2:80", netip.Addr{}); err != nil {
@@ -88,18 +88,15 @@ func TestPrivilegedPolicyMapFullFailsClosed(t *testing.T) {
 }
 
 // Opting a pod out of acceleration while it has accelerated connections
-// takes them out of the sockhash: the rest of their data goes through TCP
+// moves them to the TCP path: the rest of their data goes through TCP
 // (where TC policy sees it), and nothing is lost on the way.
 func TestPrivilegedAccelerationOptOutEvictsSockets(t *testing.T) {
 	tn := newTestNet(t, "optev", netOpts{sockets: true})
-	if err := tn.dp1.SetPolicy(ipB, []policy.Entry{allow(policy.Ingress, idA, policy.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipB, []policytypes.Entry{allow(policytypes.Ingress, idA, policytypes.ProtoTCP, 0, 0, 1)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	const size = 48 << 20
-	// Paced, so the receiver keeps up: bytes still queued on a socket's
-	// sk_msg ingress queue when it leaves the sockhash are purged by the
-	// kernel (see UpsertEndpoint), which only the sk_msg program could
-	// prevent by stopping redirects before the eviction.
+	// Paced, so the transfer is still running when the pod opts out.
 	src, sink := transfer(t, tn, 5005, size, time.Millisecond)
 	ctx := ctxT(t, 20*time.Second)
 	for progress(sink) < 4<<20 {
@@ -154,7 +151,7 @@ func TestPrivilegedAccelerationOptOutEvictsSockets(t *testing.T) {
 // never finds its policy half deleted; the next swap reclaims them.
 func TestPrivilegedPolicySwapDefersDeletion(t *testing.T) {
 	tn := newTestNet(t, "swap", netOpts{})
-	first := []policy.Entry{allow(policy.Ingress, idB, policy.ProtoTCP, 80, 16, 1)}
+	first := []policytypes.Entry{allow(policytypes.Ingress, idB, policytypes.ProtoTCP, 80, 16, 1)}
 	if err := tn.dp1.SetPolicy(ipA, first, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +164,7 @@ func TestPrivilegedPolicySwapDefersDeletion(t *testing.T) {
 	if err := tn.dp1.policy.Lookup(&old, &v); err != nil {
 		t.Fatalf("first policy not written to slot 3: %v", err)
 	}
-	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{allow(policy.Ingress, idC, policy.ProtoTCP, 80, 16, 2)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipA, []policytypes.Entry{allow(policytypes.Ingress, idC, policytypes.ProtoTCP, 80, 16, 2)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	if err := tn.dp1.policy.Lookup(&old, &v); err != nil {
@@ -182,7 +179,7 @@ func TestPrivilegedPolicySwapDefersDeletion(t *testing.T) {
 	if err := tn.dp1.policy.Lookup(&old, &v); err != nil || v.RuleId != 1 {
 		t.Errorf("slot 3 after the third swap: %+v, %v", v, err)
 	}
-	stale, err := policyKey(1<<1, policy.Key{Direction: policy.Ingress, Identity: idC, Proto: policy.ProtoTCP, Port: 80, PortPrefixLen: 16})
+	stale, err := policyKey(1<<1, policytypes.Key{Direction: policytypes.Ingress, Identity: idC, Proto: policytypes.ProtoTCP, Port: 80, PortPrefixLen: 16})
 	if err != nil {
 		t.Fatal(err)
 	}

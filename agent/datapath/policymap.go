@@ -9,8 +9,8 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Prefix lengths of veil_policy keys (enum policy_prefix).
@@ -20,12 +20,12 @@ const (
 )
 
 // policyKey turns a compiled key into the map key of slot.
-func policyKey(slot uint32, k policy.Key) (podPolicyKey, error) {
+func policyKey(slot uint32, k policytypes.Key) (podPolicyKey, error) {
 	mk := podPolicyKey{Slot: slot, Identity: uint32(k.Identity), Direction: uint8(k.Direction)}
-	if k.Direction != policy.Ingress && k.Direction != policy.Egress {
+	if k.Direction != policytypes.Ingress && k.Direction != policytypes.Egress {
 		return mk, fmt.Errorf("policy key: direction %d is neither ingress nor egress", k.Direction)
 	}
-	if k.Proto == policy.ProtoAny {
+	if k.Proto == policytypes.ProtoAny {
 		if k.PortPrefixLen != 0 {
 			return mk, fmt.Errorf("policy key: a port prefix needs a protocol")
 		}
@@ -82,7 +82,7 @@ func (e *PolicyUpdateError) Unwrap() error { return e.Err }
 //
 // When the map refuses an entry even after retired entries were reclaimed
 // (it is full), the endpoint fails closed and a *PolicyUpdateError says so.
-func (d *Datapath) SetPolicy(ip netip.Addr, entries []policy.Entry, defaults policy.Defaults) error {
+func (d *Datapath) SetPolicy(ip netip.Addr, entries []policytypes.Entry, defaults policytypes.Defaults) error {
 	key, err := epKey(ip)
 	if err != nil {
 		return err
@@ -134,7 +134,7 @@ func (d *Datapath) SetPolicy(ip netip.Addr, entries []policy.Entry, defaults pol
 // writeSlot writes entries into slot, carrying counters over from prev.
 // What it wrote is recorded in policySlots even when it fails, so that it
 // can be deleted.
-func (d *Datapath) writeSlot(slot, prev uint32, entries []policy.Entry) error {
+func (d *Datapath) writeSlot(slot, prev uint32, entries []policytypes.Entry) error {
 	oldKeys := make(map[podPolicyKey]bool, len(d.policySlots[prev]))
 	for _, k := range d.policySlots[prev] {
 		oldKeys[k] = true
@@ -174,8 +174,8 @@ func (d *Datapath) failClosed(ip netip.Addr, key uint32, info podEndpointInfo, i
 	}
 	old := info.PolicySlot
 	info.PolicySlot = idle
-	info.IngressEnforce, info.IngressAudit = uint8(policy.Deny), uint8(policy.Deny)
-	info.EgressEnforce, info.EgressAudit = uint8(policy.Deny), uint8(policy.Deny)
+	info.IngressEnforce, info.IngressAudit = uint8(policytypes.Deny), uint8(policytypes.Deny)
+	info.EgressEnforce, info.EgressAudit = uint8(policytypes.Deny), uint8(policytypes.Deny)
 	if err := d.endpoints.Update(key, &info, ebpf.UpdateExist); err != nil {
 		perr.Err = errors.Join(cause, fmt.Errorf("switch to deny-all: %w", err))
 		return perr
@@ -262,7 +262,7 @@ func (d *Datapath) indexPolicy() error {
 
 // PolicyCounter is how often one policy entry decided a new flow.
 type PolicyCounter struct {
-	Key    policy.Key
+	Key    policytypes.Key
 	RuleID uint32
 	Hits   uint64
 	Bytes  uint64
@@ -286,7 +286,7 @@ func (d *Datapath) PolicyCounters(ip netip.Addr) ([]PolicyCounter, error) {
 		if err := d.policy.Lookup(&mk, &v); err != nil {
 			return nil, fmt.Errorf("policy counters of %s: %w", ip, err)
 		}
-		pk := policy.Key{Direction: policy.Direction(mk.Direction), Identity: identity.ID(mk.Identity), Proto: mk.Proto}
+		pk := policytypes.Key{Direction: policytypes.Direction(mk.Direction), Identity: identity.ID(mk.Identity), Proto: mk.Proto}
 		if mk.Prefixlen > prefixAnyProto {
 			pk.Port = fromBE16(mk.Port)
 			pk.PortPrefixLen = uint8(mk.Prefixlen - prefixProto)

@@ -10,8 +10,8 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // Packet-level tests: the real programs, loaded with private (unpinned) maps
@@ -87,7 +87,7 @@ func (p *progTest) ipcache(prefix string, ident identity.ID, node netip.Addr, ki
 	}
 }
 
-func (p *progTest) policy(ip netip.Addr, entries []policy.Entry, defaults policy.Defaults) {
+func (p *progTest) policy(ip netip.Addr, entries []policytypes.Entry, defaults policytypes.Defaults) {
 	p.t.Helper()
 	if err := p.d.SetPolicy(ip, entries, defaults); err != nil {
 		p.t.Fatalf("policy of %s: %v", ip, err)
@@ -96,9 +96,9 @@ func (p *progTest) policy(ip netip.Addr, entries []policy.Entry, defaults policy
 
 // denyAll makes ip default-deny in both directions.
 func (p *progTest) denyAll(ip netip.Addr) {
-	p.policy(ip, nil, policy.Defaults{
-		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-		EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+	p.policy(ip, nil, policytypes.Defaults{
+		IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+		EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 	})
 }
 

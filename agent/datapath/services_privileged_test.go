@@ -11,7 +11,7 @@ import (
 	"time"
 
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // svcClientEnv makes the test binary a Service client: the socket programs
@@ -238,7 +238,7 @@ func TestPrivilegedServiceClusterIP(t *testing.T) {
 
 	// Egress policy of a judges the backend: denying c's identity stops the
 	// Service's traffic to c, while b still answers.
-	if err := tn.dp1.SetPolicy(ipA, []policy.Entry{deny(policy.Egress, idC, 0, 0, 0, 7)}, ingressDefaultDeny); err != nil {
+	if err := tn.dp1.SetPolicy(ipA, []policytypes.Entry{deny(policytypes.Egress, idC, 0, 0, 0, 7)}, ingressDefaultDeny); err != nil {
 		t.Fatal(err)
 	}
 	set(svcTCP, backendC)

@@ -165,12 +165,25 @@ type sockPolicyValue struct {
 	Bytes   uint64
 }
 
+type sockSockFlags uint32
+
+const (
+	sockSockFlagsSOCK_F_ACTIVE  sockSockFlags = 1
+	sockSockFlagsSOCK_F_REVOKED sockSockFlags = 2
+)
+
 type sockSockKey struct {
 	_     structs.HostLayout
 	Sip   uint32
 	Dip   uint32
 	Sport uint32
 	Dport uint32
+}
+
+type sockSockState struct {
+	_       structs.HostLayout
+	Flags   uint32
+	TcpPath uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -190,6 +203,7 @@ const (
 	sockMapVeilMetrics          = "veil_metrics"
 	sockMapVeilPolicy           = "veil_policy"
 	sockMapVeilSockhash         = "veil_sockhash"
+	sockMapVeilSockstate        = "veil_sockstate"
 	sockMapVeilSockstats        = "veil_sockstats"
 	sockProgVeilConnect4        = "veil_connect4"
 	sockProgVeilConnect6        = "veil_connect6"
@@ -202,6 +216,7 @@ const (
 	sockProgVeilSkMsg           = "veil_sk_msg"
 	sockProgVeilSockops         = "veil_sockops"
 	sockVarUnusedLbBackendFlags = "unused_lb_backend_flags"
+	sockVarUnusedSockFlags      = "unused_sock_flags"
 )
 
 // loadSock returns the embedded CollectionSpec for sock.
@@ -275,6 +290,7 @@ type sockMapSpecs struct {
 	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
 	VeilSockhash    *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstate   *ebpf.MapSpec `ebpf:"veil_sockstate"`
 	VeilSockstats   *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
@@ -283,6 +299,7 @@ type sockMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockVariableSpecs struct {
 	UnusedLbBackendFlags *ebpf.VariableSpec `ebpf:"unused_lb_backend_flags"`
+	UnusedSockFlags      *ebpf.VariableSpec `ebpf:"unused_sock_flags"`
 }
 
 // sockObjects contains all objects after they have been loaded into the kernel.
@@ -318,6 +335,7 @@ type sockMaps struct {
 	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
 	VeilSockhash    *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstate   *ebpf.Map `ebpf:"veil_sockstate"`
 	VeilSockstats   *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
@@ -336,6 +354,7 @@ func (m *sockMaps) Close() error {
 		m.VeilMetrics,
 		m.VeilPolicy,
 		m.VeilSockhash,
+		m.VeilSockstate,
 		m.VeilSockstats,
 	)
 }
@@ -345,6 +364,7 @@ func (m *sockMaps) Close() error {
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockVariables struct {
 	UnusedLbBackendFlags *ebpf.Variable `ebpf:"unused_lb_backend_flags"`
+	UnusedSockFlags      *ebpf.Variable `ebpf:"unused_sock_flags"`
 }
 
 // sockPrograms contains all programs after they have been loaded into the kernel.

@@ -237,3 +237,87 @@ func sendRaw(n *netns.Node, src, dst netip.Addr, payload string) error {
 		return syscall.Sendto(fd, pkt, 0, &syscall.SockaddrInet4{Addr: dst.As4()})
 	})
 }
+
+// reloadWithClusterCIDR reloads node 1's strict datapath knowing the
+// cluster's pod range, as the agent configures it.
+func reloadWithClusterCIDR(t *testing.T, tn *testNet, wgName string) {
+	t.Helper()
+	tn.dp1.Close()
+	cfg := tn.config1(netOpts{})
+	cfg.WireGuardInterface, cfg.StrictMode = wgName, true
+	cfg.ClusterCIDR = netip.MustParsePrefix("10.244.0.0/16")
+	tn.dp1 = tn.load(tn.n1, cfg)
+}
+
+// Before the first sync after a reboot the ipcache does not know the remote
+// pods yet: a pod's packet to one is refused, not handed to a host route.
+func TestPrivilegedStrictModeUnknownClusterAddress(t *testing.T) {
+	tn := newTestNet(t, "unknown", netOpts{})
+	serveTCP(t, tn.c, 80)
+	dev1, _ := tunnel(t, tn, true)
+	forwarding(t, tn)
+	reloadWithClusterCIDR(t, tn, dev1.Interface())
+	// The ipcache forgets node 2's pods (pins gone after a reboot); the host
+	// has a plaintext route to them.
+	for _, p := range []string{"10.244.2.2/32", "10.244.2.0/24"} {
+		if err := tn.dp1.DeleteIPCache(netip.MustParsePrefix(p)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := tn.n1.Run("ip", "route", "replace", "10.244.2.0/24", "via", "10.99.0.2"); err != nil {
+		t.Fatal(err)
+	}
+	caps := map[string]*capture{"und1": startCapture(t, tn.n1, "und1")}
+	marker := markerOf("UNKNOWN")
+	if err := tn.a.Do(func() error {
+		c, err := net.Dial("udp", "10.244.2.2:80")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Write([]byte(marker))
+		return err
+	}); err != nil {
+		t.Logf("send: %v", err)
+	}
+	requireNoMarker(t, marker, caps)
+	c1, _ := tn.dp1.Counters()
+	if c1.Drops[DropNoTunnel].Packets == 0 {
+		t.Errorf("no no-tunnel drop counted: %+v", c1.Drops)
+	}
+}
+
+// A later fragment of a pod's datagram carries no ports; whatever routed
+// it around the tunnel, the guard refuses it by its addresses.
+func TestPrivilegedStrictModeLaterFragment(t *testing.T) {
+	tn := newTestNet(t, "frag", netOpts{})
+	tunnel(t, tn, true)
+	if _, err := tn.n1.Run("ip", "route", "replace", "10.244.2.0/24", "via", "10.99.0.2"); err != nil {
+		t.Fatal(err)
+	}
+	caps := map[string]*capture{"und1": startCapture(t, tn.n1, "und1")}
+	marker := markerOf("FRAG")
+	if err := tn.n1.Do(func() error {
+		fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_RAW, syscall.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer syscall.Close(fd)
+		pkt := make([]byte, 20+len(marker))
+		pkt[0], pkt[8], pkt[9] = 0x45, 64, 17
+		binary.BigEndian.PutUint16(pkt[2:], uint16(len(pkt)))
+		binary.BigEndian.PutUint16(pkt[4:], 0x4242)
+		binary.BigEndian.PutUint16(pkt[6:], 185) // offset 1480: a later fragment
+		copy(pkt[12:16], ipA.AsSlice())
+		copy(pkt[16:20], ipC.AsSlice())
+		copy(pkt[20:], marker)
+		return syscall.Sendto(fd, pkt, 0, &syscall.SockaddrInet4{Addr: ipC.As4()})
+	}); err != nil {
+		t.Fatal(err)
+	}
+	requireNoMarker(t, marker, caps)
+	c1, _ := tn.dp1.Counters()
+	if c1.Drops[DropFragment].Packets == 0 {
+		t.Errorf("no fragment drop counted: %+v", c1.Drops)
+	}
+}

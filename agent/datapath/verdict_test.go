@@ -7,8 +7,8 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 // The node of these tests: node 1 (10.99.0.1) hosts pods a and b; node 2
@@ -31,9 +31,9 @@ const (
 
 // hostAllowed is what the compiler gives every ingress-isolated pod: its
 // own node may always reach it (kubelet probes).
-var hostAllowed = policy.Entry{
-	Key:     policy.Key{Direction: policy.Ingress, Identity: identity.Host, Proto: policy.ProtoAny},
-	Enforce: policy.Allow, Audit: policy.Allow, RuleID: policy.RuleLocalHost,
+var hostAllowed = policytypes.Entry{
+	Key:     policytypes.Key{Direction: policytypes.Ingress, Identity: identity.Host, Proto: policytypes.ProtoAny},
+	Enforce: policytypes.Allow, Audit: policytypes.Allow, RuleID: policytypes.RuleLocalHost,
 }
 
 // cluster is the fixture: endpoints, the ipcache as the agent writes it,
@@ -57,8 +57,8 @@ func clusterWith(t *testing.T, cfg Config, wg bool) *progTest {
 	p.ipcache("10.99.0.2/32", identity.RemoteNode, pNode2, NodeAddr)
 	p.ipcache("10.244.2.0/24", identity.World, pNode2, PodCIDR|tunnel)
 	p.ipcache("10.244.2.2/32", idC, pNode2, RemotePod|tunnel)
-	p.policy(pD, []policy.Entry{hostAllowed}, policy.Defaults{
-		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
+	p.policy(pD, []policytypes.Entry{hostAllowed}, policytypes.Defaults{
+		IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
 	})
 	return p
 }
@@ -138,8 +138,8 @@ func TestVerdictRewritesMACsOnLocalDelivery(t *testing.T) {
 
 func TestVerdictsEgressPolicy(t *testing.T) {
 	p := cluster(t, false, false)
-	p.policy(pA, []policy.Entry{allow(policy.Egress, idB, protoTCP, 80, 16, 7)}, policy.Defaults{
-		EgressEnforce: policy.Deny, EgressAudit: policy.Deny,
+	p.policy(pA, []policytypes.Entry{allow(policytypes.Egress, idB, protoTCP, 80, 16, 7)}, policytypes.Defaults{
+		EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
 	})
 	for _, c := range []verdictCase{
 		{name: "allowed port", prog: "from_pod", frame: tcp(pA, pB, 40000, 80, tcpSYN), want: tcRedirect},
@@ -205,9 +205,9 @@ func TestVerdictInvalidPacket(t *testing.T) {
 
 func TestVerdictRepliesRideConntrack(t *testing.T) {
 	p := cluster(t, false, false)
-	p.policy(pA, nil, policy.Defaults{
-		IngressEnforce: policy.Deny, IngressAudit: policy.Deny,
-		EgressEnforce: policy.Allow, EgressAudit: policy.Allow,
+	p.policy(pA, nil, policytypes.Defaults{
+		IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+		EgressEnforce: policytypes.Allow, EgressAudit: policytypes.Allow,
 	})
 	// a opens a connection to remote pod c; c's reply from the underlay is
 	// established, although a denies all ingress.

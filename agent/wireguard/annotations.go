@@ -8,7 +8,8 @@ import (
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
+	"github.com/veilmesh/veil/api/annotations"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 // Annotations returns the annotations that publish a node's public key, its
@@ -20,9 +21,9 @@ func Annotations(pub wgtypes.Key, endpoint netip.AddrPort, cidrs []netip.Prefix)
 		parts = append(parts, c.Masked().String())
 	}
 	return map[string]string{
-		nodeinfo.AnnotationPublicKey: pub.String(),
-		nodeinfo.AnnotationEndpoint:  endpoint.String(),
-		nodeinfo.AnnotationPodCIDRs:  strings.Join(parts, ","),
+		annotations.WireGuardPublicKey: pub.String(),
+		annotations.WireGuardEndpoint:  endpoint.String(),
+		annotations.WireGuardPodCIDRs:  strings.Join(parts, ","),
 	}
 }
 

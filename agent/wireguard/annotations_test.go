@@ -13,7 +13,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
+	"github.com/veilmesh/veil/api/annotations"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 func pubKey(t *testing.T) wgtypes.Key {
@@ -156,14 +157,14 @@ func TestPeersFromNodes(t *testing.T) {
 		{
 			name: "missing or malformed annotations are reported",
 			nodes: []*corev1.Node{
-				node("no-endpoint", 1, edit(ann(pubKey(t), "10.99.0.11:51820"), nodeinfo.AnnotationEndpoint, ""), cidr("10.244.11.0/24")),
-				node("no-key", 1, edit(ann(pubKey(t), "10.99.0.12:51820"), nodeinfo.AnnotationPublicKey, ""), cidr("10.244.12.0/24")),
-				node("bad-key", 1, edit(ann(pubKey(t), "10.99.0.13:51820"), nodeinfo.AnnotationPublicKey, "c2hvcnQ="), cidr("10.244.13.0/24")),
-				node("zero-key", 1, edit(ann(pubKey(t), "10.99.0.14:51820"), nodeinfo.AnnotationPublicKey, wgtypes.Key{}.String()), cidr("10.244.14.0/24")),
-				node("no-port", 1, edit(ann(pubKey(t), "10.99.0.15:51820"), nodeinfo.AnnotationEndpoint, "10.99.0.2"), cidr("10.244.15.0/24")),
-				node("port-zero", 1, edit(ann(pubKey(t), "10.99.0.16:51820"), nodeinfo.AnnotationEndpoint, "10.99.0.2:0"), cidr("10.244.16.0/24")),
-				node("unspecified", 1, edit(ann(pubKey(t), "10.99.0.17:51820"), nodeinfo.AnnotationEndpoint, "0.0.0.0:51820"), cidr("10.244.17.0/24")),
-				node("hostname", 1, edit(ann(pubKey(t), "10.99.0.18:51820"), nodeinfo.AnnotationEndpoint, "node1:51820"), cidr("10.244.18.0/24")),
+				node("no-endpoint", 1, edit(ann(pubKey(t), "10.99.0.11:51820"), annotations.WireGuardEndpoint, ""), cidr("10.244.11.0/24")),
+				node("no-key", 1, edit(ann(pubKey(t), "10.99.0.12:51820"), annotations.WireGuardPublicKey, ""), cidr("10.244.12.0/24")),
+				node("bad-key", 1, edit(ann(pubKey(t), "10.99.0.13:51820"), annotations.WireGuardPublicKey, "c2hvcnQ="), cidr("10.244.13.0/24")),
+				node("zero-key", 1, edit(ann(pubKey(t), "10.99.0.14:51820"), annotations.WireGuardPublicKey, wgtypes.Key{}.String()), cidr("10.244.14.0/24")),
+				node("no-port", 1, edit(ann(pubKey(t), "10.99.0.15:51820"), annotations.WireGuardEndpoint, "10.99.0.2"), cidr("10.244.15.0/24")),
+				node("port-zero", 1, edit(ann(pubKey(t), "10.99.0.16:51820"), annotations.WireGuardEndpoint, "10.99.0.2:0"), cidr("10.244.16.0/24")),
+				node("unspecified", 1, edit(ann(pubKey(t), "10.99.0.17:51820"), annotations.WireGuardEndpoint, "0.0.0.0:51820"), cidr("10.244.17.0/24")),
+				node("hostname", 1, edit(ann(pubKey(t), "10.99.0.18:51820"), annotations.WireGuardEndpoint, "node1:51820"), cidr("10.244.18.0/24")),
 				node("bad-cidr", 1, ann(pubKey(t), "10.99.0.4:51820"), cidr("banana")),
 				node("host-bits", 1, ann(pubKey(t), "10.99.0.5:51820"), cidr("10.244.3.7/24")),
 				node("no-cidrs-anywhere", 1, ann(k3, "10.99.0.6:51820"), nil),
@@ -177,7 +178,7 @@ func TestPeersFromNodes(t *testing.T) {
 		{
 			name: "pod CIDRs come from spec.podCIDRs, not the annotation",
 			nodes: []*corev1.Node{
-				node("n1", 1, edit(ann(k1, "10.99.0.2:51820"), nodeinfo.AnnotationPodCIDRs, "10.244.9.0/24,10.99.0.1/32"), cidr("10.244.1.0/24", "fd10:244:1::/64")),
+				node("n1", 1, edit(ann(k1, "10.99.0.2:51820"), annotations.WireGuardPodCIDRs, "10.244.9.0/24,10.99.0.1/32"), cidr("10.244.1.0/24", "fd10:244:1::/64")),
 			},
 			want: want{peers: []string{"n1"}, allowed: map[string][]netip.Prefix{"n1": pfx("10.244.1.0/24", "fd10:244:1::/64")}},
 		},

@@ -18,16 +18,16 @@ import (
 	"golang.zx2c4.com/wireguard/wgctrl"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 )
 
 // Mode names which WireGuard implementation runs a device.
 type Mode string
 
 const (
-	ModeAuto      Mode = ""                               // kernel if the kernel has WireGuard, else userspace
-	ModeKernel    Mode = v1alpha1.EncryptionModeKernel    // the kernel module
-	ModeUserspace Mode = v1alpha1.EncryptionModeUserspace // golang.zx2c4.com/wireguard in this process
+	ModeAuto      Mode = ""                                         // kernel if the kernel has WireGuard, else userspace
+	ModeKernel    Mode = Mode(meshv1alpha1.EncryptionModeKernel)    // the kernel module
+	ModeUserspace Mode = Mode(meshv1alpha1.EncryptionModeUserspace) // golang.zx2c4.com/wireguard in this process
 )
 
 const (

@@ -8,7 +8,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/veilmesh/veil/agent/wireguard"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
+	"github.com/veilmesh/veil/api/nodeinfo"
 )
 
 // How an agent uses the package: run from a thread in the node's network

@@ -22,7 +22,7 @@
 
 #include "identity.h"
 
-/* Verdicts of policy entries and defaults (policy/entry.go). */
+/* Verdicts of policy entries and defaults (policy/policytypes). */
 enum verdict {
 	VERDICT_NONE = 0,
 	VERDICT_ALLOW = 1,

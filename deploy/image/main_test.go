@@ -15,6 +15,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+
+	"github.com/veilmesh/veil/deploy/ociimage"
 )
 
 const testVersion = "1.2.3-test"
@@ -98,7 +100,7 @@ func TestImage(t *testing.T) {
 		t.Fatalf("Build: %v", err)
 	}
 	out := filepath.Join(t.TempDir(), "veil-image.tar")
-	if err := WriteOCITar(out, o.Tag, img); err != nil {
+	if err := ociimage.WriteOCITar(out, o.Tag, img); err != nil {
 		t.Fatalf("WriteOCITar: %v", err)
 	}
 
@@ -106,7 +108,7 @@ func TestImage(t *testing.T) {
 	again := filepath.Join(t.TempDir(), "again.tar")
 	img2, err := Build(o)
 	if err == nil {
-		err = WriteOCITar(again, o.Tag, img2)
+		err = ociimage.WriteOCITar(again, o.Tag, img2)
 	}
 	if err != nil {
 		t.Fatal(err)

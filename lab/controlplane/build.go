@@ -25,91 +25,196 @@ type Binaries struct {
 	Dir string
 }
 
-// wrapper is a module under build/ whose main is one control-plane binary.
+// ClusterBinaries are the paths of everything a real-kubelet lab runs that
+// the project builds: the control plane, the node components from the same
+// Kubernetes pins, and containerd.
+type ClusterBinaries struct {
+	Binaries
+	KubeControllerManager string
+	KubeScheduler         string
+	Kubelet               string
+	KubeProxy             string
+	Containerd            string
+	ContainerdShim        string
+	Ctr                   string
+}
+
+// wrapper is one binary built from a module under build/.
 type wrapper struct {
+	// name is the binary's name in the cache dir.
 	name string
+	// module is the module's directory under build/.
+	module string
+	// pkg is the main package to build: a directory relative to the module,
+	// or the import path of a tool the module's go.mod declares.
+	pkg string
 	// ldflags beyond the defaults, computed from the module's pins.
 	ldflags func(ctx context.Context, dir string) (string, error)
 }
 
-var wrappers = []wrapper{
-	{name: "etcd"},
-	{name: "kube-apiserver", ldflags: kubeVersionLDFlags},
+// buildSet is a group of binaries cached together under one key. Each set
+// has its own key so that adding a set, or changing its pins, leaves the
+// others' caches valid.
+type buildSet struct {
+	// recipe is hashed into the cache key; bump it when the way the set is
+	// built (flags, environment) changes, so caches built the old way are
+	// not reused.
+	recipe   string
+	wrappers []wrapper
+	// keyFiles are hashed, in order, into the cache key: a change of a
+	// pinned version or of a wrapper's main means a new build. Paths are
+	// relative to build/.
+	keyFiles []string
+	tags     string
 }
 
-// recipe is hashed into the cache key; bump it when the way Build builds
-// (flags, environment) changes, so caches built the old way are not reused.
-const recipe = "1: -trimpath -ldflags=-s -w +version, CGO_ENABLED=0"
+// controlPlaneSet is etcd and kube-apiserver, one module each. Its key is
+// computed as it was before the other sets existed, so existing caches stay
+// valid.
+var controlPlaneSet = buildSet{
+	recipe: "1: -trimpath -ldflags=-s -w +version, CGO_ENABLED=0",
+	wrappers: []wrapper{
+		{name: "etcd", module: "etcd", pkg: "."},
+		{name: "kube-apiserver", module: "kube-apiserver", pkg: ".", ldflags: kubeVersionLDFlags},
+	},
+	keyFiles: []string{
+		"etcd/go.mod", "etcd/go.sum", "etcd/main.go",
+		"kube-apiserver/go.mod", "kube-apiserver/go.sum", "kube-apiserver/main.go",
+	},
+}
 
-// keyFiles are hashed, per wrapper module, into the cache key: a change of a
-// pinned version or of the wrapper's main means a new build.
-var keyFiles = []string{"go.mod", "go.sum", "main.go"}
+// kubernetesSet is the rest of Kubernetes a lab cluster runs, built from one
+// module that pins k8s.io/kubernetes as kube-apiserver's does.
+var kubernetesSet = buildSet{
+	recipe: "kubernetes 1: -trimpath -ldflags=-s -w +version, CGO_ENABLED=0",
+	wrappers: []wrapper{
+		{name: "kube-controller-manager", module: "kubernetes", pkg: "./kube-controller-manager", ldflags: kubeVersionLDFlags},
+		{name: "kube-scheduler", module: "kubernetes", pkg: "./kube-scheduler", ldflags: kubeVersionLDFlags},
+		{name: "kubelet", module: "kubernetes", pkg: "./kubelet", ldflags: kubeVersionLDFlags},
+		{name: "kube-proxy", module: "kubernetes", pkg: "./kube-proxy", ldflags: kubeVersionLDFlags},
+	},
+	keyFiles: []string{
+		"kubernetes/go.mod", "kubernetes/go.sum",
+		"kubernetes/kube-controller-manager/main.go", "kubernetes/kube-scheduler/main.go",
+		"kubernetes/kubelet/main.go", "kubernetes/kube-proxy/main.go",
+	},
+}
+
+// containerdSet is the lab nodes' container runtime. The tags leave out
+// snapshotters that need cgo or kernel features the lab does not use.
+var containerdSet = buildSet{
+	recipe: "containerd 1: -trimpath -ldflags=-s -w +version, CGO_ENABLED=0",
+	tags:   "no_btrfs no_devmapper no_zfs",
+	wrappers: []wrapper{
+		{name: "containerd", module: "containerd", pkg: "github.com/containerd/containerd/v2/cmd/containerd", ldflags: containerdVersionLDFlags},
+		{name: "containerd-shim-runc-v2", module: "containerd", pkg: "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2", ldflags: containerdVersionLDFlags},
+		{name: "ctr", module: "containerd", pkg: "github.com/containerd/containerd/v2/cmd/ctr", ldflags: containerdVersionLDFlags},
+	},
+	keyFiles: []string{"containerd/go.mod", "containerd/go.sum"},
+}
 
 // Build returns the etcd and kube-apiserver binaries built from the modules
 // pinned under lab/controlplane/build/. They are built once per set of
 // pins and Go toolchain into CacheDir()/<key>/; later calls, from any process,
 // return the cached binaries. Concurrent callers wait for one build.
 func Build(ctx context.Context) (Binaries, error) {
-	src, err := sourceDir()
+	dir, err := buildCached(ctx, controlPlaneSet)
 	if err != nil {
 		return Binaries{}, err
 	}
-	goVersion, err := goEnv(ctx, "GOVERSION")
-	if err != nil {
-		return Binaries{}, err
-	}
-	key, err := cacheKey(src, goVersion+" "+runtime.GOOS+"/"+runtime.GOARCH)
-	if err != nil {
-		return Binaries{}, err
-	}
-	root := CacheDir()
-	dir := filepath.Join(root, key)
-	bins := Binaries{
+	return Binaries{
 		Etcd:          filepath.Join(dir, "etcd"),
 		KubeAPIServer: filepath.Join(dir, "kube-apiserver"),
 		Dir:           dir,
+	}, nil
+}
+
+// BuildCluster returns, built and cached as Build does, everything a
+// real-kubelet lab runs that the project builds. The three sets (control
+// plane, Kubernetes node components, containerd) are cached separately.
+func BuildCluster(ctx context.Context) (ClusterBinaries, error) {
+	cp, err := Build(ctx)
+	if err != nil {
+		return ClusterBinaries{}, err
 	}
+	kube, err := buildCached(ctx, kubernetesSet)
+	if err != nil {
+		return ClusterBinaries{}, err
+	}
+	ctrd, err := buildCached(ctx, containerdSet)
+	if err != nil {
+		return ClusterBinaries{}, err
+	}
+	return ClusterBinaries{
+		Binaries:              cp,
+		KubeControllerManager: filepath.Join(kube, "kube-controller-manager"),
+		KubeScheduler:         filepath.Join(kube, "kube-scheduler"),
+		Kubelet:               filepath.Join(kube, "kubelet"),
+		KubeProxy:             filepath.Join(kube, "kube-proxy"),
+		Containerd:            filepath.Join(ctrd, "containerd"),
+		ContainerdShim:        filepath.Join(ctrd, "containerd-shim-runc-v2"),
+		Ctr:                   filepath.Join(ctrd, "ctr"),
+	}, nil
+}
+
+// buildCached builds set into CacheDir()/<key>/ unless a complete build is
+// there, and returns that dir.
+func buildCached(ctx context.Context, set buildSet) (string, error) {
+	src, err := sourceDir()
+	if err != nil {
+		return "", err
+	}
+	goVersion, err := goEnv(ctx, "GOVERSION")
+	if err != nil {
+		return "", err
+	}
+	key, err := cacheKey(src, set, goVersion+" "+runtime.GOOS+"/"+runtime.GOARCH)
+	if err != nil {
+		return "", err
+	}
+	root := CacheDir()
+	dir := filepath.Join(root, key)
 	if complete(dir) {
-		return bins, nil
+		return dir, nil
 	}
 
 	if err := os.MkdirAll(root, 0o755); err != nil {
-		return Binaries{}, fmt.Errorf("create control-plane cache %s: %w", root, err)
+		return "", fmt.Errorf("create control-plane cache %s: %w", root, err)
 	}
 	unlock, err := lockFile(ctx, filepath.Join(root, key+".lock"))
 	if err != nil {
-		return Binaries{}, err
+		return "", err
 	}
 	defer unlock()
 	if complete(dir) {
-		return bins, nil
+		return dir, nil
 	}
 
 	tmp, err := os.MkdirTemp(root, key+".tmp-")
 	if err != nil {
-		return Binaries{}, fmt.Errorf("create control-plane build dir: %w", err)
+		return "", fmt.Errorf("create control-plane build dir: %w", err)
 	}
 	defer os.RemoveAll(tmp)
 	// MkdirTemp's 0700 would hide a shared cache from other users.
 	if err := os.Chmod(tmp, 0o755); err != nil {
-		return Binaries{}, fmt.Errorf("create control-plane build dir: %w", err)
+		return "", fmt.Errorf("create control-plane build dir: %w", err)
 	}
-	for _, w := range wrappers {
-		if err := buildWrapper(ctx, filepath.Join(src, w.name), filepath.Join(tmp, w.name), w); err != nil {
-			return Binaries{}, err
+	for _, w := range set.wrappers {
+		if err := buildWrapper(ctx, filepath.Join(src, w.module), filepath.Join(tmp, w.name), w, set.tags); err != nil {
+			return "", err
 		}
 	}
 	if err := os.WriteFile(filepath.Join(tmp, completeMarker), []byte(goVersion+"\n"), 0o644); err != nil {
-		return Binaries{}, fmt.Errorf("mark control-plane build complete: %w", err)
+		return "", fmt.Errorf("mark control-plane build complete: %w", err)
 	}
 	// A leftover dir without the marker is a build that died half-way.
 	if err := os.RemoveAll(dir); err != nil {
-		return Binaries{}, fmt.Errorf("remove incomplete control-plane build %s: %w", dir, err)
+		return "", fmt.Errorf("remove incomplete control-plane build %s: %w", dir, err)
 	}
 	if err := os.Rename(tmp, dir); err != nil {
-		return Binaries{}, fmt.Errorf("publish control-plane build %s: %w", dir, err)
+		return "", fmt.Errorf("publish control-plane build %s: %w", dir, err)
 	}
-	return bins, nil
+	return dir, nil
 }
 
 // completeMarker is written last, so a cache dir that has it holds both
@@ -135,20 +240,17 @@ func CacheDir() string {
 	return filepath.Join(os.TempDir(), "veil-cache", "controlplane")
 }
 
-// cacheKey hashes the wrapper modules' key files and the toolchain.
-func cacheKey(src, toolchain string) (string, error) {
+// cacheKey hashes a set's recipe and key files and the toolchain.
+func cacheKey(src string, set buildSet, toolchain string) (string, error) {
 	h := sha256.New()
-	fmt.Fprintf(h, "recipe %s\ntoolchain %s\n", recipe, toolchain)
-	for _, w := range wrappers {
-		for _, name := range keyFiles {
-			path := filepath.Join(src, w.name, name)
-			data, err := os.ReadFile(path)
-			if err != nil {
-				return "", fmt.Errorf("hash control-plane pins: %w", err)
-			}
-			fmt.Fprintf(h, "%s/%s %d\n", w.name, name, len(data))
-			h.Write(data)
+	fmt.Fprintf(h, "recipe %s\ntoolchain %s\n", set.recipe, toolchain)
+	for _, name := range set.keyFiles {
+		data, err := os.ReadFile(filepath.Join(src, name))
+		if err != nil {
+			return "", fmt.Errorf("hash control-plane pins: %w", err)
 		}
+		fmt.Fprintf(h, "%s %d\n", name, len(data))
+		h.Write(data)
 	}
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
@@ -188,7 +290,7 @@ func repoRoot() (string, error) {
 	}
 }
 
-func buildWrapper(ctx context.Context, modDir, out string, w wrapper) error {
+func buildWrapper(ctx context.Context, modDir, out string, w wrapper, tags string) error {
 	ldflags := "-s -w"
 	if w.ldflags != nil {
 		extra, err := w.ldflags(ctx, modDir)
@@ -197,7 +299,11 @@ func buildWrapper(ctx context.Context, modDir, out string, w wrapper) error {
 		}
 		ldflags += " " + extra
 	}
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-ldflags", ldflags, "-o", out, ".")
+	args := []string{"build", "-trimpath", "-ldflags", ldflags}
+	if tags != "" {
+		args = append(args, "-tags", tags)
+	}
+	cmd := exec.CommandContext(ctx, "go", append(args, "-o", out, w.pkg)...)
 	cmd.Dir = modDir
 	cmd.Env = buildEnv()
 	var output bytes.Buffer
@@ -211,17 +317,36 @@ func buildWrapper(ctx context.Context, modDir, out string, w wrapper) error {
 
 // buildEnv makes the build independent of the caller's module settings: the
 // wrapper modules are built exactly as their go.mod and go.sum pin them, and
-// statically, as upstream ships these binaries.
+// statically, as upstream ships these binaries. Only the caller's -p is
+// kept, so a build on a shared machine can be told to use fewer cores.
 func buildEnv() []string {
 	env := make([]string, 0, len(os.Environ())+3)
+	goflags := "-mod=readonly -buildvcs=false"
 	for _, kv := range os.Environ() {
 		switch {
-		case strings.HasPrefix(kv, "GOFLAGS="), strings.HasPrefix(kv, "GOWORK="), strings.HasPrefix(kv, "CGO_ENABLED="):
+		case strings.HasPrefix(kv, "GOFLAGS="):
+			for _, f := range strings.Fields(strings.TrimPrefix(kv, "GOFLAGS=")) {
+				if strings.HasPrefix(f, "-p=") {
+					goflags += " " + f
+				}
+			}
+		case strings.HasPrefix(kv, "GOWORK="), strings.HasPrefix(kv, "CGO_ENABLED="):
 		default:
 			env = append(env, kv)
 		}
 	}
-	return append(env, "GOFLAGS=-mod=readonly -buildvcs=false", "GOWORK=off", "CGO_ENABLED=0")
+	return append(env, "GOFLAGS="+goflags, "GOWORK=off", "CGO_ENABLED=0")
+}
+
+// containerdVersionLDFlags stamps the pinned containerd release into the
+// binaries, as upstream's build does; kubelet logs the runtime's version.
+func containerdVersionLDFlags(ctx context.Context, modDir string) (string, error) {
+	version, err := pinnedVersion(ctx, modDir, "github.com/containerd/containerd/v2")
+	if err != nil {
+		return "", err
+	}
+	const pkg = "github.com/containerd/containerd/v2/version"
+	return fmt.Sprintf("-X %[1]s.Version=%[2]s -X %[1]s.Package=github.com/containerd/containerd/v2", pkg, version), nil
 }
 
 // kubeVersionLDFlags stamps the pinned k8s.io/kubernetes release into the
@@ -308,3 +433,8 @@ func tail(b []byte, n int) string {
 	}
 	return string(b)
 }
+
+// RepoRoot returns the root of the Veil checkout that holds the working
+// directory, where the lab finds the chart, the CRDs and the packages of
+// its images.
+func RepoRoot() (string, error) { return repoRoot() }

@@ -20,16 +20,16 @@ func copyPins(t *testing.T) string {
 		t.Fatal(err)
 	}
 	dst := t.TempDir()
-	for _, w := range wrappers {
-		if err := os.Mkdir(filepath.Join(dst, w.name), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		for _, name := range keyFiles {
-			data, err := os.ReadFile(filepath.Join(src, w.name, name))
+	for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet} {
+		for _, name := range set.keyFiles {
+			data, err := os.ReadFile(filepath.Join(src, name))
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := os.WriteFile(filepath.Join(dst, w.name, name), data, 0o644); err != nil {
+			if err := os.MkdirAll(filepath.Dir(filepath.Join(dst, name)), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dst, name), data, 0o644); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -41,7 +41,7 @@ func TestCacheKey(t *testing.T) {
 	dir := copyPins(t)
 	key := func(toolchain string) string {
 		t.Helper()
-		k, err := cacheKey(dir, toolchain)
+		k, err := cacheKey(dir, controlPlaneSet, toolchain)
 		if err != nil {
 			t.Fatalf("cacheKey: %v", err)
 		}
@@ -65,6 +65,44 @@ func TestCacheKey(t *testing.T) {
 	}
 	if changed := key("go1.26.8 linux/amd64"); changed == base {
 		t.Errorf("cacheKey ignores kube-apiserver/go.mod: %s before and after the change", base)
+	}
+}
+
+// TestCacheKeySets checks that the sets are cached apart: each has its own
+// key, and a change of one set's pins leaves the others' keys alone.
+func TestCacheKeySets(t *testing.T) {
+	dir := copyPins(t)
+	const toolchain = "go1.26.8 linux/amd64"
+	keys := func() []string {
+		t.Helper()
+		var out []string
+		for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet} {
+			k, err := cacheKey(dir, set, toolchain)
+			if err != nil {
+				t.Fatalf("cacheKey: %v", err)
+			}
+			out = append(out, k)
+		}
+		return out
+	}
+	before := keys()
+	if before[0] == before[1] || before[1] == before[2] || before[0] == before[2] {
+		t.Fatalf("sets share a cache key: %v", before)
+	}
+	gomod := filepath.Join(dir, "kubernetes", "go.mod")
+	data, err := os.ReadFile(gomod)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(gomod, append(data, "\n// a new pin\n"...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	after := keys()
+	if after[0] != before[0] || after[2] != before[2] {
+		t.Errorf("a kubernetes pin changed other sets' keys: %v, then %v", before, after)
+	}
+	if after[1] == before[1] {
+		t.Errorf("cacheKey ignores kubernetes/go.mod: %s before and after the change", before[1])
 	}
 }
 

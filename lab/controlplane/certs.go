@@ -158,3 +158,38 @@ func writeFiles(dir string, files map[string][]byte) error {
 	}
 	return nil
 }
+
+// CA is a lab certificate authority, for a lab that runs more of a cluster
+// than ControlPlane does (kubelets, controllers) and signs its components'
+// certificates itself. Certificates it signs live for a day.
+type CA struct{ a *authority }
+
+// NewCA creates a CA with a fresh key.
+func NewCA(name string) (*CA, error) {
+	a, err := newAuthority(name)
+	if err != nil {
+		return nil, err
+	}
+	return &CA{a: a}, nil
+}
+
+// CertPEM is the CA's certificate.
+func (c *CA) CertPEM() []byte { return c.a.certPEM }
+
+// Serving signs a server certificate for the given names and addresses and
+// returns it and its key, PEM-encoded.
+func (c *CA) Serving(cn string, dnsNames []string, ips []net.IP) (certPEM, keyPEM []byte, err error) {
+	p, err := c.a.serving(cn, dnsNames, ips)
+	return p.certPEM, p.keyPEM, err
+}
+
+// Client signs a client certificate for user in groups (CN and O, as the
+// API server reads them) and returns it and its key, PEM-encoded.
+func (c *CA) Client(user string, groups ...string) (certPEM, keyPEM []byte, err error) {
+	p, err := c.a.client(user, groups...)
+	return p.certPEM, p.keyPEM, err
+}
+
+// ServiceAccountKeys returns a fresh signing key for service-account tokens
+// and its public half, both PEM-encoded.
+func ServiceAccountKeys() (keyPEM, pubPEM []byte, err error) { return serviceAccountKeys() }

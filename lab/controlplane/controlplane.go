@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"sync"
 	"syscall"
@@ -21,6 +20,8 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/veilmesh/veil/lab/netns"
 )
 
 // Options tune Start. The zero value starts a control plane with Veil's
@@ -352,30 +353,15 @@ func (cp *ControlPlane) run(bin, name string, args ...string) (*process, error) 
 		Setpgid:   true,
 		Pdeathsig: syscall.SIGKILL,
 	}
-	// Pdeathsig fires when the forking OS *thread* exits, and Go retires
-	// threads (tests that enter network namespaces do so on purpose). So the
-	// fork happens on a thread locked for the child's whole life.
-	started := make(chan error)
-	exited := make(chan struct{})
-	go func() {
-		runtime.LockOSThread()
-		err := cmd.Start()
-		started <- err
-		if err == nil {
-			<-exited
-		}
-	}()
-	if err := <-started; err != nil {
+	p := &process{name: name, cmd: cmd, logPath: logPath, log: log, done: make(chan struct{})}
+	if err := netns.StartPinned(cmd, func(err error) {
+		p.waitErr = err
+		log.Close()
+		close(p.done)
+	}); err != nil {
 		log.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	p := &process{name: name, cmd: cmd, logPath: logPath, log: log, done: make(chan struct{})}
-	go func() {
-		p.waitErr = cmd.Wait()
-		log.Close()
-		close(p.done)
-		close(exited)
-	}()
 	cp.procs = append(cp.procs, p)
 	return p, nil
 }

@@ -16,10 +16,10 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	"github.com/veilmesh/veil/api/client/informers/externalversions"
+	v1alpha1 "github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/lab/controlplane"
-	v1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
-	"github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 

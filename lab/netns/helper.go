@@ -56,6 +56,23 @@ func runHelper(mode string, args []string) error {
 		}
 		pace, _ := time.ParseDuration(arg(2))
 		return helperSource(arg(0), n, pace)
+	case "checked-sink":
+		pace, _ := time.ParseDuration(arg(1))
+		return helperCheckedSink(arg(0), pace)
+	case "soak-server":
+		return helperSoakServer(arg(0))
+	case "soak-client":
+		d, err := time.ParseDuration(arg(1))
+		if err != nil {
+			return fmt.Errorf("duration: %w", err)
+		}
+		var n [3]int
+		for i := range n {
+			if n[i], err = strconv.Atoi(arg(2 + i)); err != nil {
+				return fmt.Errorf("soak-client wants ADDR DURATION WORKERS LONG MAXCONNS: %w", err)
+			}
+		}
+		return helperSoakClient(arg(0), d, n[0], n[1], n[2])
 	case "rr-server":
 		return helperRRServer(arg(0))
 	case "discard":
@@ -136,7 +153,8 @@ func helperSink(addr string) error {
 }
 
 // helperSource sends n bytes of the stream, pausing pace between 64 KiB
-// chunks when pace > 0, and prints "done N SHA256".
+// chunks when pace > 0, prints "sent N" about every 100 ms (N bytes were
+// accepted by the kernel before the line was printed) and "done N SHA256".
 func helperSource(addr string, n int64, pace time.Duration) error {
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
@@ -147,6 +165,7 @@ func helperSource(addr string, n int64, pace time.Duration) error {
 	var src io.Reader = io.LimitReader(NewStream(), n)
 	buf := make([]byte, 64<<10)
 	var sent int64
+	last := time.Now()
 	for {
 		k, rerr := io.ReadFull(src, buf)
 		if k > 0 {
@@ -155,6 +174,10 @@ func helperSource(addr string, n int64, pace time.Duration) error {
 				return fmt.Errorf("write after %d bytes: %w", sent, err)
 			}
 			sent += int64(k)
+			if time.Since(last) > 100*time.Millisecond {
+				fmt.Printf("sent %d\n", sent)
+				last = time.Now()
+			}
 		}
 		if rerr != nil {
 			break

@@ -22,16 +22,20 @@ import (
 	kubefake "k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/annotations"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/audit"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 // auditJSON runs audit encryption -o json on c and decodes the evidence.
-func auditJSON(t *testing.T, c *cluster, vars map[string]string, args ...string) (auditReport, int, string) {
+func auditJSON(t *testing.T, c *cluster, vars map[string]string, args ...string) (audit.Report, int, string) {
 	t.Helper()
 	out, stderr, code := runCluster(t, c, vars, append([]string{"audit", "encryption", "-o", "json"}, args...)...)
-	var r auditReport
+	var r audit.Report
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("decode audit JSON: %v\nstdout: %s\nstderr: %s", err, out, stderr)
 	}
@@ -40,11 +44,11 @@ func auditJSON(t *testing.T, c *cluster, vars map[string]string, args ...string)
 
 func TestAuditHealthyPasses(t *testing.T) {
 	r, code, stderr := auditJSON(t, healthyCluster(3), nil)
-	if code != ExitOK || r.Verdict != verdictPass || len(r.Failures) != 0 {
+	if code != ExitOK || r.Verdict != audit.Pass || len(r.Failures) != 0 {
 		t.Fatalf("exit %d, verdict %s, failures %+v, stderr %q; want PASS", code, r.Verdict, r.Failures, stderr)
 	}
 	// 8 checks per node, 2 per ordered pair.
-	if want := 3*len(nodeChecks) + 6*2; len(r.Checks) != want {
+	if want := 3*len(audit.NodeChecks()) + 6*2; len(r.Checks) != want {
 		t.Errorf("%d checks; want %d", len(r.Checks), want)
 	}
 	for _, c := range r.Checks {
@@ -96,7 +100,7 @@ func TestAuditFaults(t *testing.T) {
 		{"missing key", func(c *cluster) {
 			// The agent has no key, so it published none and nobody peers with it.
 			c.enc(3).PublicKey, c.enc(3).Fingerprint = "", ""
-			delete(c.nodes[2].Annotations, nodeinfo.AnnotationPublicKey)
+			delete(c.nodes[2].Annotations, annotations.WireGuardPublicKey)
 			c.dropPeer(1, 3)
 			c.dropPeer(2, 3)
 		}, []want{
@@ -111,7 +115,7 @@ func TestAuditFaults(t *testing.T) {
 		{"stale MeshNode", func(c *cluster) { c.meshNode(2).Status.Updated = ago(10 * time.Minute) }, []want{
 			{"node-2", "status-fresh", "MeshNode status is stale: last updated 10m ago at 2026-11-21T09:50:00Z, more than --stale-after 2m0s (is veil-agent running on the node?)"},
 		}},
-		{"key mismatch with the annotation", func(c *cluster) { c.nodes[0].Annotations[nodeinfo.AnnotationPublicKey] = testKey(9) }, []want{
+		{"key mismatch with the annotation", func(c *cluster) { c.nodes[0].Annotations[annotations.WireGuardPublicKey] = testKey(9) }, []want{
 			{"node-1", "key-published", "the Node's wireguard.veil.dev/public-key annotation is key " + nodeinfo.KeyFingerprint(testKey(9)) + ", the node's device has key " + nodeinfo.KeyFingerprint(testKey(1))},
 			{"node-2→node-1", "peer", "node-2 has node-1 with key " + nodeinfo.KeyFingerprint(testKey(1)) + ", node-1 publishes key " + nodeinfo.KeyFingerprint(testKey(9))},
 			{"node-3→node-1", "peer", "node-3 has node-1 with key " + nodeinfo.KeyFingerprint(testKey(1)) + ", node-1 publishes key " + nodeinfo.KeyFingerprint(testKey(9))},
@@ -137,7 +141,7 @@ func TestAuditFaults(t *testing.T) {
 			{"node-3→node-2", "peer", "node-3 has node-2 with key " + nodeinfo.KeyFingerprint(testKey(9)) + ", node-2 publishes key " + nodeinfo.KeyFingerprint(testKey(2))},
 		}},
 		{"a peer's key is what the node publishes but not what it reports", func(c *cluster) {
-			c.nodes[1].Annotations[nodeinfo.AnnotationPublicKey] = testKey(9)
+			c.nodes[1].Annotations[annotations.WireGuardPublicKey] = testKey(9)
 			c.peer(1, 2).PublicKey = testKey(9)
 		}, []want{
 			{"node-2", "key-published", "annotation is key " + nodeinfo.KeyFingerprint(testKey(9))},
@@ -161,7 +165,7 @@ func TestAuditFaults(t *testing.T) {
 		}},
 		{"a node claims another's pod CIDR and key", func(c *cluster) {
 			c.nodes[2].Spec.PodCIDRs = append(c.nodes[2].Spec.PodCIDRs, "10.0.2.0/24")
-			c.nodes[2].Annotations[nodeinfo.AnnotationPublicKey] = testKey(2)
+			c.nodes[2].Annotations[annotations.WireGuardPublicKey] = testKey(2)
 		}, []want{
 			{"node-3", "key-published", "annotation is key " + nodeinfo.KeyFingerprint(testKey(2))},
 			{"node-3", "claims", "node node-3 claims pod CIDR 10.0.2.0/24, held by node node-2; node node-3 claims public key " + nodeinfo.KeyFingerprint(testKey(2)) + ", held by node node-2"},
@@ -194,7 +198,7 @@ func TestAuditFaults(t *testing.T) {
 			c := healthyCluster(3)
 			tc.fault(c)
 			r, code, stderr := auditJSON(t, c, nil)
-			if code != ExitFailure || r.Verdict != verdictFail {
+			if code != ExitFailure || r.Verdict != audit.Fail {
 				t.Errorf("exit %d, verdict %s, stderr %q; want exit 1, FAIL", code, r.Verdict, stderr)
 			}
 			var got []want
@@ -214,7 +218,7 @@ func TestAuditFaults(t *testing.T) {
 	}
 }
 
-func failuresString(fs []auditCheck) string {
+func failuresString(fs []audit.Check) string {
 	var b strings.Builder
 	for _, f := range fs {
 		b.WriteString("  " + f.Scope + " " + f.Check + " " + f.Reason + "\n")
@@ -236,7 +240,7 @@ func TestAuditThresholds(t *testing.T) {
 	if checks["handshake"] != 4 || checks["key-age"] != 3 || checks["status-fresh"] != 3 {
 		t.Errorf("failures by check = %v; want 4 handshake, 3 key-age, 3 status-fresh\n%s", checks, failuresString(r.Failures))
 	}
-	if r.Thresholds != (auditThresholds{MaxHandshakeAge: "15s", MaxKeyAge: "700h0m0s", StaleAfter: "5s"}) {
+	if r.Thresholds != (audit.Thresholds{MaxHandshakeAge: "15s", MaxKeyAge: "700h0m0s", StaleAfter: "5s"}) {
 		t.Errorf("thresholds = %+v", r.Thresholds)
 	}
 	for _, args := range [][]string{{"--max-handshake-age", "0s"}, {"--max-key-age", "-1h"}, {"--capture-duration", "11s"}, {"--marker-port", "70000"}, {"-o", "xml"}} {
@@ -295,14 +299,14 @@ func TestAuditColourKeepsAlignment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := auditOptions{maxHandshakeAge: 5 * time.Minute, maxKeyAge: 2160 * time.Hour, staleAfter: defaultStaleAfter}
-	r := newAuditReport(cs, testNow, opts)
-	r.finish()
+	opts := audit.Options{MaxHandshakeAge: 5 * time.Minute, MaxKeyAge: 2160 * time.Hour, StaleAfter: audit.DefaultStaleAfter}
+	r := audit.New(cs, testNow, opts, buildVersion().Version)
+	r.Finish()
 	var plain, coloured strings.Builder
-	if err := writeAudit(&plain, palette{}, r); err != nil {
+	if err := audit.Write(&plain, output.Palette{}, r); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeAudit(&coloured, palette{on: true}, r); err != nil {
+	if err := audit.Write(&coloured, output.Palette{On: true}, r); err != nil {
 		t.Fatal(err)
 	}
 	if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() || !ansi.MatchString(coloured.String()) {
@@ -335,7 +339,7 @@ func TestAuditAPIErrors(t *testing.T) {
 		})
 	}
 	_, stderr, code := runCluster(t, forbidden, nil, "audit", "encryption")
-	if code != ExitUnreachable || !strings.Contains(stderr, "list nodes at https://api.lab.example:6443") || !strings.Contains(stderr, "RBAC: meshctl needs get and list on nodes, pods and meshnodes.policy.veil.dev") {
+	if code != ExitUnreachable || !strings.Contains(stderr, "list nodes at https://api.lab.example:6443") || !strings.Contains(stderr, "RBAC: meshctl needs get and list on nodes, pods and meshnodes.mesh.veil.dev") {
 		t.Errorf("forbidden: exit %d, stderr %q", code, stderr)
 	}
 
@@ -383,9 +387,9 @@ current-context: lab
 		wantCode int
 		want     string
 	}{
-		{"lab state", map[string]string{envLabState: lab}, []string{"--timeout", "2s"}, ExitUnreachable, "list nodes at https://127.0.0.1:1"},
-		{"lab state without kubeconfig", map[string]string{envLabState: labNone}, nil, ExitUsage, "the lab state " + labNone + " names none"},
-		{"KUBECONFIG beats the lab", map[string]string{envLabState: labNone, envKubeconfig: missing}, nil, ExitUsage, "none of the files in KUBECONFIG="},
+		{"lab state", map[string]string{agentclient.EnvLabState: lab}, []string{"--timeout", "2s"}, ExitUnreachable, "list nodes at https://127.0.0.1:1"},
+		{"lab state without kubeconfig", map[string]string{agentclient.EnvLabState: labNone}, nil, ExitUsage, "the lab state " + labNone + " names none"},
+		{"KUBECONFIG beats the lab", map[string]string{agentclient.EnvLabState: labNone, envKubeconfig: missing}, nil, ExitUsage, "none of the files in KUBECONFIG="},
 		{"none", map[string]string{"HOME": home}, nil, ExitUsage, "no kubeconfig: --kubeconfig is not given, KUBECONFIG is not set and " + filepath.Join(home, ".kube", "config") + " does not exist"},
 		{"no home", nil, nil, ExitUsage, "~/.kube/config does not exist"},
 		{"KUBECONFIG missing", map[string]string{envKubeconfig: missing + string(filepath.ListSeparator) + missing + "2"}, nil, ExitUsage, "none of the files in KUBECONFIG="},
@@ -557,8 +561,8 @@ func labAgents(t *testing.T, w *labWire, nodes ...string) string {
 	return path
 }
 
-func activeChecks(r auditReport) map[string]auditCheck {
-	out := map[string]auditCheck{}
+func activeChecks(r audit.Report) map[string]audit.Check {
+	out := map[string]audit.Check{}
 	for _, c := range r.Checks {
 		if c.Check == "active" {
 			out[c.Scope] = c
@@ -575,18 +579,18 @@ func TestAuditActive(t *testing.T) {
 	c.pods[0].Spec.Containers = []corev1.Container{{Name: "dns", Ports: []corev1.ContainerPort{{ContainerPort: 8080}, {ContainerPort: 53, Protocol: corev1.ProtocolUDP}}}}
 	w := newLabWire(c)
 	lab := labAgents(t, w, "node-1", "node-2", "node-3")
-	r, code, stderr := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "500ms")
-	if code != ExitOK || r.Verdict != verdictPass {
+	r, code, stderr := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
+	if code != ExitOK || r.Verdict != audit.Pass {
 		t.Fatalf("exit %d, verdict %s, stderr %q\n%s", code, r.Verdict, stderr, failuresString(r.Failures))
 	}
 	active := activeChecks(r)
-	if len(active) != 2 || active["node-1→node-2"].Result != resultPass || active["node-2→node-1"].Result != resultPass {
+	if len(active) != 2 || active["node-1→node-2"].Result != audit.Pass || active["node-2→node-1"].Result != audit.Pass {
 		t.Errorf("active checks = %+v; want node-1→node-2 and node-2→node-1 PASS", active)
 	}
 	if got := active["node-1→node-2"].Reason; !strings.Contains(got, "marker sent 3× from x/a-1 (10.0.1.5) to x/a-2 (10.0.2.5) arrived through node-2's tunnel 3×") {
 		t.Errorf("reason = %q", got)
 	}
-	if len(r.NotTested) != 4 || r.NotTested[0] != (auditCheck{Scope: "node-1→node-3", Check: "active", Reason: "node-3 runs no pod to send the marker to"}) {
+	if len(r.NotTested) != 4 || r.NotTested[0] != (audit.Check{Scope: "node-1→node-3", Check: "active", Reason: "node-3 runs no pod to send the marker to"}) {
 		t.Errorf("not tested = %+v", r.NotTested)
 	}
 	if len(r.Active) != 2 || r.Active[0].Marker == r.Active[1].Marker || !strings.HasPrefix(r.Active[0].Marker, "veil-audit-") ||
@@ -605,8 +609,8 @@ func TestAuditActiveFails(t *testing.T) {
 		w := newLabWire(c)
 		w.clear = true
 		lab := labAgents(t, w, "node-1", "node-2")
-		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "500ms")
-		if code != ExitFailure || r.Verdict != verdictFail || len(r.Failures) != 2 {
+		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
+		if code != ExitFailure || r.Verdict != audit.Fail || len(r.Failures) != 2 {
 			t.Fatalf("exit %d, verdict %s; want 1, FAIL with the 2 active checks\n%s", code, r.Verdict, failuresString(r.Failures))
 		}
 		got := activeChecks(r)["node-1→node-2"]
@@ -615,7 +619,7 @@ func TestAuditActiveFails(t *testing.T) {
 			"the marker was seen in the clear on node-2's underlay (eth0): 3 frames",
 			"3 plaintext pod frames on node-2's underlay (eth0)",
 		} {
-			if got.Result != resultFail || !strings.Contains(got.Reason, want) {
+			if got.Result != audit.Fail || !strings.Contains(got.Reason, want) {
 				t.Errorf("node-1→node-2 = %s %q; want FAIL containing %q", got.Result, got.Reason, want)
 			}
 		}
@@ -623,7 +627,7 @@ func TestAuditActiveFails(t *testing.T) {
 	t.Run("agent not in the lab", func(t *testing.T) {
 		c := healthyCluster(2)
 		lab := labAgents(t, newLabWire(c), "node-1")
-		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "100ms")
+		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "100ms")
 		got := activeChecks(r)
 		if code != ExitFailure || len(got) != 2 {
 			t.Fatalf("exit %d, active checks %+v", code, got)
@@ -647,7 +651,7 @@ func TestAuditActiveFails(t *testing.T) {
 		if err := os.WriteFile(lab, b, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		r, code, _ := auditJSON(t, c, map[string]string{envLabState: lab}, "--active", "--capture-duration", "100ms")
+		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "100ms")
 		got := activeChecks(r)["node-1→node-2"]
 		if code != ExitFailure || !strings.Contains(got.Reason, "cannot reach the agent of node-2: cannot reach veil-agent at") || strings.Contains(got.Reason, "\n") {
 			t.Errorf("exit %d, %q; want one line naming the unreachable agent", code, got.Reason)

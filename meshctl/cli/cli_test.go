@@ -11,7 +11,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in ../testdata/golden")
@@ -49,7 +51,7 @@ func golden(t *testing.T, name, got string) {
 const (
 	e2e      = "../testdata/e2e"
 	policies = "../testdata/policies"
-	audit    = "../testdata/audit"
+	auditDir = "../testdata/audit"
 	invalid  = "../testdata/invalid"
 )
 
@@ -59,17 +61,17 @@ func TestGolden(t *testing.T) {
 		args     []string
 		wantCode int
 	}{
-		{"validate-ok.txt", []string{"policy", "validate", "-f", e2e, "-f", policies, "-f", audit}, ExitOK},
+		{"validate-ok.txt", []string{"policy", "validate", "-f", e2e, "-f", policies, "-f", auditDir}, ExitOK},
 		{"validate-invalid.txt", []string{"policy", "validate", "-f", invalid}, ExitFailure},
 		{"validate-invalid.json", []string{"policy", "validate", "-f", invalid, "-o", "json"}, ExitFailure},
 		{"trace-allowed.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "y/b", "--to", "x/a", "--port", "80"}, ExitOK},
 		{"trace-denied.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "x/b", "--to", "x/a", "--port", "80/TCP"}, ExitOK},
 		{"trace-denied-exit-code.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "x/b", "--to", "x/a", "--port", "80", "--exit-code"}, ExitFailure},
 		{"trace-named-port-udp.txt", []string{"policy", "trace", "-f", e2e, "-f", policies, "--from", "10.0.2.3", "--to", "10.0.1.1", "--port", "80/UDP"}, ExitOK},
-		{"trace-audit.txt", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "z/a", "--to", "y/b", "--port", "81/UDP"}, ExitOK},
-		{"trace-icmp-world.json", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP", "-o", "json"}, ExitOK},
-		{"trace-icmp-world.txt", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP"}, ExitOK},
-		{"trace-audit.yaml", []string{"policy", "trace", "-f", e2e, "-f", audit, "--from", "z/a", "--to", "y/b", "--port", "81/UDP", "-o", "yaml"}, ExitOK},
+		{"trace-audit.txt", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "z/a", "--to", "y/b", "--port", "81/UDP"}, ExitOK},
+		{"trace-icmp-world.json", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP", "-o", "json"}, ExitOK},
+		{"trace-icmp-world.txt", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "192.0.2.1", "--to", "y/a", "--port", "8/ICMP"}, ExitOK},
+		{"trace-audit.yaml", []string{"policy", "trace", "-f", e2e, "-f", auditDir, "--from", "z/a", "--to", "y/b", "--port", "81/UDP", "-o", "yaml"}, ExitOK},
 		{"matrix.txt", []string{"policy", "matrix", "-f", e2e, "-f", policies, "--port", "80/TCP", "--port", "81/UDP"}, ExitOK},
 		{"matrix.json", []string{"policy", "matrix", "-f", e2e, "-f", policies, "--port", "80/TCP,81/UDP", "-o", "json"}, ExitOK},
 	} {
@@ -238,28 +240,28 @@ func TestColourKeepsAlignment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	m, err := src.Matrix(t.Context(), []policy.PortProto{{Proto: policy.ProtoTCP, Port: 80}})
+	m, err := src.Matrix(t.Context(), []policy.PortProto{{Proto: policytypes.ProtoTCP, Port: 80}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	tr, err := src.Trace(t.Context(), policy.PodPeer("x", "b"), policy.PodPeer("x", "a"), policy.PortProto{Proto: policy.ProtoTCP, Port: 80})
+	tr, err := src.Trace(t.Context(), policy.PodPeer("x", "b"), policy.PodPeer("x", "a"), policy.PortProto{Proto: policytypes.ProtoTCP, Port: 80})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for name, render := range map[string]func(io.Writer, palette) error{
-		"validate": func(w io.Writer, p palette) error { return writeProblemsTable(w, p, set, problems) },
-		"matrix":   func(w io.Writer, p palette) error { return writeMatrix(w, p, newMatrixReport(m)) },
-		"trace":    func(w io.Writer, p palette) error { return writeTrace(w, p, newTraceReport(tr)) },
+	for name, render := range map[string]func(io.Writer, output.Palette) error{
+		"validate": func(w io.Writer, p output.Palette) error { return writeProblemsTable(w, p, set, problems) },
+		"matrix":   func(w io.Writer, p output.Palette) error { return writeMatrix(w, p, newMatrixReport(m)) },
+		"trace":    func(w io.Writer, p output.Palette) error { return writeTrace(w, p, newTraceReport(tr)) },
 	} {
 		var plain, coloured bytes.Buffer
-		if err := render(&plain, palette{}); err != nil {
+		if err := render(&plain, output.Palette{}); err != nil {
 			t.Fatal(err)
 		}
-		if err := render(&coloured, palette{on: true}); err != nil {
+		if err := render(&coloured, output.Palette{On: true}); err != nil {
 			t.Fatal(err)
 		}
 		if !ansi.Match(coloured.Bytes()) {
-			t.Errorf("%s: no colour with the palette on", name)
+			t.Errorf("%s: no colour with the output.Palette on", name)
 		}
 		if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() {
 			t.Errorf("%s: coloured output differs from plain once uncoloured:\n%s\n---\n%s", name, got, plain.String())

@@ -19,10 +19,14 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
-	"github.com/veilmesh/veil/policy/api/nodeinfo"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
-	meshfake "github.com/veilmesh/veil/policy/client/clientset/versioned/fake"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/annotations"
+	meshfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/audit"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 // cluster is what the fake API server holds.
@@ -52,9 +56,9 @@ func healthyCluster(n int) *cluster {
 		cidr := fmt.Sprintf("10.0.%d.0/24", i)
 		c.nodes = append(c.nodes, &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: map[string]string{
-				nodeinfo.AnnotationPublicKey: testKey(i),
-				nodeinfo.AnnotationEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
-				nodeinfo.AnnotationPodCIDRs:  cidr,
+				annotations.WireGuardPublicKey: testKey(i),
+				annotations.WireGuardEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
+				annotations.WireGuardPodCIDRs:  cidr,
 			}},
 			Spec: corev1.NodeSpec{PodCIDR: cidr, PodCIDRs: []string{cidr}},
 		})
@@ -183,7 +187,7 @@ func degradedCluster() *cluster {
 	c.enc(2).StrictMode = false
 	c.enc(2).UnencryptedPackets = 12
 	c.enc(3).PublicKey, c.enc(3).Fingerprint = "", ""
-	delete(c.nodes[2].Annotations, nodeinfo.AnnotationPublicKey)
+	delete(c.nodes[2].Annotations, annotations.WireGuardPublicKey)
 	for i := 1; i <= 5; i++ {
 		if i != 3 {
 			c.dropPeer(i, 3)
@@ -276,19 +280,19 @@ func TestEncryptionStatusColourKeepsAlignment(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, err := newEncryptionStatusReport(cs, testNow, defaultStaleAfter, "")
+		r, err := newEncryptionStatusReport(cs, testNow, audit.DefaultStaleAfter, "")
 		if err != nil {
 			t.Fatal(err)
 		}
 		var plain, coloured bytes.Buffer
-		if err := writeEncryptionStatus(&plain, palette{}, r, testNow); err != nil {
+		if err := writeEncryptionStatus(&plain, output.Palette{}, r, testNow); err != nil {
 			t.Fatal(err)
 		}
-		if err := writeEncryptionStatus(&coloured, palette{on: true}, r, testNow); err != nil {
+		if err := writeEncryptionStatus(&coloured, output.Palette{On: true}, r, testNow); err != nil {
 			t.Fatal(err)
 		}
 		if !ansi.Match(coloured.Bytes()) {
-			t.Error("no colour with the palette on")
+			t.Error("no colour with the output.Palette on")
 		}
 		if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() {
 			t.Errorf("coloured output differs from plain once uncoloured:\n%s\n---\n%s", got, plain.String())
@@ -303,20 +307,6 @@ func mustConnect(t *testing.T, c *cluster) *kubeClients {
 		t.Fatal(err)
 	}
 	return kc
-}
-
-func TestShortDuration(t *testing.T) {
-	for d, want := range map[time.Duration]string{
-		0: "0s", 42 * time.Second: "42s", 5 * time.Minute: "5m", 5*time.Minute + 10*time.Second: "5m10s",
-		3*time.Hour + 4*time.Minute + 5*time.Second: "3h4m", 2 * time.Hour: "2h", 90 * 24 * time.Hour: "90d", 12*24*time.Hour + 3*time.Hour: "12d3h",
-	} {
-		if got := shortDuration(d); got != want {
-			t.Errorf("shortDuration(%s) = %q; want %q", d, got, want)
-		}
-	}
-	if got := age(testNow, testNow.Add(time.Hour)); got != "0s" {
-		t.Errorf("age of a future time = %q; want 0s", got)
-	}
 }
 
 // rotatingAgent answers RotateKey.
@@ -353,7 +343,7 @@ func TestRotateKey(t *testing.T) {
 	}
 	golden(t, "encryption-rotate-key.txt", out)
 
-	out, stderr, code = runLive(t, t.Context(), testEnv(map[string]string{envLabState: lab}), "encryption", "rotate-key", "--node", "node-2", "-o", "json")
+	out, stderr, code = runLive(t, t.Context(), testEnv(map[string]string{agentclient.EnvLabState: lab}), "encryption", "rotate-key", "--node", "node-2", "-o", "json")
 	var r rotateKeyReport
 	if err := json.Unmarshal([]byte(out), &r); code != ExitOK || err != nil {
 		t.Fatalf("exit %d, %v, stdout %q, stderr %q", code, err, out, stderr)

@@ -9,7 +9,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 func newEndpointsCommand(agent *agentOptions) *cobra.Command {
@@ -43,12 +44,12 @@ Exit codes:
 			}
 			defer c.Close()
 			resp, err := unary(cmd.Context(), c, "list endpoints", func(ctx context.Context) (*agentv1.ListEndpointsResponse, error) {
-				return c.client.ListEndpoints(ctx, &agentv1.ListEndpointsRequest{})
+				return c.Client.ListEndpoints(ctx, &agentv1.ListEndpointsRequest{})
 			})
 			if err != nil {
 				return err
 			}
-			r := endpointsReport{Node: c.status.Node, Endpoints: []endpointReport{}}
+			r := endpointsReport{Node: c.Status.Node, Endpoints: []endpointReport{}}
 			for _, e := range resp.Endpoints {
 				if namespace != "" && e.Namespace != namespace {
 					continue
@@ -65,7 +66,7 @@ Exit codes:
 			if err != nil || done {
 				return err
 			}
-			return writeEndpoints(w, paletteFor(w), r)
+			return writeEndpoints(w, output.PaletteFor(w), r)
 		},
 	}
 	addOutputFlag(cmd, &out)
@@ -93,23 +94,23 @@ type endpointReport struct {
 	ContainerID     string   `json:"containerID,omitempty"`
 }
 
-func writeEndpoints(w io.Writer, pal palette, r endpointsReport) error {
+func writeEndpoints(w io.Writer, pal output.Palette, r endpointsReport) error {
 	if len(r.Endpoints) == 0 {
-		_, err := fmt.Fprintf(w, "No endpoints on node %s.\n", orUnknown(r.Node))
+		_, err := fmt.Fprintf(w, "No endpoints on node %s.\n", output.OrUnknown(r.Node))
 		return err
 	}
 	enforced := func(on bool) string {
 		if on {
-			return pal.yellow("enforced")
+			return pal.Yellow("enforced")
 		}
-		return pal.plain("open")
+		return pal.Plain("open")
 	}
 	var b strings.Builder
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "ENDPOINT\tIP\tID\tIDENTITY\tINTERFACE\t%s\t%s\tENTRIES\tLABELS\n", pal.plain("INGRESS"), pal.plain("EGRESS"))
+	fmt.Fprintf(tw, "ENDPOINT\tIP\tID\tIDENTITY\tINTERFACE\t%s\t%s\tENTRIES\tLABELS\n", pal.Plain("INGRESS"), pal.Plain("EGRESS"))
 	for _, e := range r.Endpoints {
 		fmt.Fprintf(tw, "%s/%s\t%s\t%d\t%d\t%s\t%s\t%s\t%d\t%s\n", e.Namespace, e.Name, e.IP, e.ID, e.Identity,
-			dash(e.Interface), enforced(e.IngressEnforced), enforced(e.EgressEnforced), e.PolicyEntries, labelList(e.Labels))
+			output.Dash(e.Interface), enforced(e.IngressEnforced), enforced(e.EgressEnforced), e.PolicyEntries, labelList(e.Labels))
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write endpoints: %w", err)

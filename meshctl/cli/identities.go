@@ -12,7 +12,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 func newIdentitiesCommand(agent *agentOptions) *cobra.Command {
@@ -57,7 +59,7 @@ Exit codes:
 			if err != nil {
 				return err
 			}
-			r := identitiesReport{Node: c.status.Node, Identities: []identityReport{}}
+			r := identitiesReport{Node: c.Status.Node, Identities: []identityReport{}}
 			found := map[uint32]bool{}
 			for _, id := range resp.Identities {
 				if len(want) > 0 && !want[id.Id] {
@@ -74,7 +76,7 @@ Exit codes:
 			}
 			if len(missing) > 0 {
 				slices.Sort(missing)
-				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), orUnknown(c.status.Node))
+				return usageErrorf("no identity %s on node %s", strings.Join(missing, ", "), output.OrUnknown(c.Status.Node))
 			}
 			slices.SortFunc(r.Identities, func(a, b identityReport) int { return cmp.Compare(a.ID, b.ID) })
 			w := cmd.OutOrStdout()
@@ -89,9 +91,9 @@ Exit codes:
 	return cmd
 }
 
-func listIdentities(ctx context.Context, c *agentConn) (*agentv1.ListIdentitiesResponse, error) {
+func listIdentities(ctx context.Context, c *agentclient.Conn) (*agentv1.ListIdentitiesResponse, error) {
 	return unary(ctx, c, "list identities", func(ctx context.Context) (*agentv1.ListIdentitiesResponse, error) {
-		return c.client.ListIdentities(ctx, &agentv1.ListIdentitiesRequest{})
+		return c.Client.ListIdentities(ctx, &agentv1.ListIdentitiesRequest{})
 	})
 }
 

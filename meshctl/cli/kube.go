@@ -18,9 +18,11 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/lab"
-	meshv1alpha1 "github.com/veilmesh/veil/policy/api/v1alpha1"
-	"github.com/veilmesh/veil/policy/client/clientset/versioned"
+	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/audit"
 )
 
 // envKubeconfig lists kubeconfig files, as for kubectl.
@@ -55,7 +57,7 @@ func newKubeOptions(env agentEnv, connect kubeConnect) *kubeOptions {
 // addFlags adds the cluster flags to cmd and its subcommands.
 func (o *kubeOptions) addFlags(cmd *cobra.Command) {
 	fs := cmd.PersistentFlags()
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", else the lab's with "+envLabState+", else ~/.kube/config)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", else the lab's with "+agentclient.EnvLabState+", else ~/.kube/config)")
 	fs.StringVar(&o.context, "context", "", "the kubeconfig context to use (default: its current context)")
 }
 
@@ -98,12 +100,12 @@ func loadKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*rest.Config,
 		if !slices.ContainsFunc(rules.Precedence, fileExists) {
 			return nil, usageErrorf("no kubeconfig: none of the files in %s exists", source)
 		}
-	case env.getenv(envLabState) != "":
+	case env.getenv(agentclient.EnvLabState) != "":
 		// The lab's state file names the kubeconfig of its API server.
-		path := env.getenv(envLabState)
+		path := env.getenv(agentclient.EnvLabState)
 		st, err := lab.ReadStateFile(path)
 		if err != nil {
-			return nil, usageErrorf("%s, for its kubeconfig: %w", envLabState, err)
+			return nil, usageErrorf("%s, for its kubeconfig: %w", agentclient.EnvLabState, err)
 		}
 		if st.Kubeconfig == "" {
 			return nil, usageErrorf("no kubeconfig: --kubeconfig is not given, %s is not set and the lab state %s names none", envKubeconfig, path)
@@ -155,7 +157,7 @@ func apiError(op, server string, err error) error {
 	case apierrors.IsUnauthorized(err):
 		hint = "the API server does not accept meshctl's credentials: check the kubeconfig's user"
 	case apierrors.IsForbidden(err):
-		hint = "RBAC: meshctl needs get and list on nodes, pods and meshnodes.policy.veil.dev"
+		hint = "RBAC: meshctl needs get and list on nodes, pods and meshnodes.mesh.veil.dev"
 	case apierrors.IsNotFound(err):
 		hint = "is the MeshNode CRD installed (deploy/crds)?"
 	case errors.Is(err, context.DeadlineExceeded), apierrors.IsTimeout(err), apierrors.IsServerTimeout(err):
@@ -166,35 +168,25 @@ func apiError(op, server string, err error) error {
 	return &exitError{code: ExitUnreachable, err: fmt.Errorf("%s at %s: %w\n  %s", op, server, err, hint)}
 }
 
-// clusterState is what the encryption commands read from the API server.
-type clusterState struct {
-	server string
-	// nodes are sorted by name.
-	nodes []corev1.Node
-	// meshNodes by name; a node without one has never been reported by
-	// its agent.
-	meshNodes map[string]*meshv1alpha1.MeshNode
-}
-
 // readCluster lists Nodes and MeshNodes, each call bounded by timeout.
-func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*clusterState, error) {
-	st := &clusterState{server: kc.server, meshNodes: map[string]*meshv1alpha1.MeshNode{}}
+func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*audit.Cluster, error) {
+	st := &audit.Cluster{Server: kc.server, MeshNodes: map[string]*meshv1alpha1.MeshNode{}}
 	nctx, cancel := timeout(ctx)
 	nodes, err := kc.core.CoreV1().Nodes().List(nctx, metav1.ListOptions{})
 	cancel()
 	if err != nil {
 		return nil, apiError("list nodes", kc.server, err)
 	}
-	st.nodes = nodes.Items
-	slices.SortFunc(st.nodes, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	st.Nodes = nodes.Items
+	slices.SortFunc(st.Nodes, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
 	mctx, cancel := timeout(ctx)
-	mns, err := kc.mesh.PolicyV1alpha1().MeshNodes().List(mctx, metav1.ListOptions{})
+	mns, err := kc.mesh.MeshV1alpha1().MeshNodes().List(mctx, metav1.ListOptions{})
 	cancel()
 	if err != nil {
-		return nil, apiError("list meshnodes.policy.veil.dev", kc.server, err)
+		return nil, apiError("list meshnodes.mesh.veil.dev", kc.server, err)
 	}
 	for i := range mns.Items {
-		st.meshNodes[mns.Items[i].Name] = &mns.Items[i]
+		st.MeshNodes[mns.Items[i].Name] = &mns.Items[i]
 	}
 	return st, nil
 }

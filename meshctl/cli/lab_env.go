@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/veilmesh/veil/lab"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 )
 
 func newLabEnvCommand(o *labOptions) *cobra.Command {
@@ -15,8 +16,8 @@ func newLabEnvCommand(o *labOptions) *cobra.Command {
 		Use:   "env",
 		Short: "Print the shell exports that point kubectl and meshctl at the lab",
 		Long: `Print the shell exports that point kubectl and meshctl at the running lab:
-KUBECONFIG (the lab's API server, as cluster admin), ` + envLabState + ` (so that
---node NAME reaches that node's agent) and ` + envSocket + ` (node-1's agent, the
+KUBECONFIG (the lab's API server, as cluster admin), ` + agentclient.EnvLabState + ` (so that
+--node NAME reaches that node's agent) and ` + agentclient.EnvSocket + ` (node-1's agent, the
 default without --node).
 
 Exit codes:
@@ -50,8 +51,8 @@ func writeLabEnv(w io.Writer, dir string, st *lab.State) error {
 	}
 	for _, kv := range [][2]string{
 		{envKubeconfig, st.Kubeconfig},
-		{envLabState, filepath.Join(dir, lab.StateFile)},
-		{envSocket, st.Nodes[0].Socket},
+		{agentclient.EnvLabState, filepath.Join(dir, lab.StateFile)},
+		{agentclient.EnvSocket, st.Nodes[0].Socket},
 	} {
 		if _, err := fmt.Fprintf(w, "export %s=%s;\n", kv[0], shellQuote(kv[1])); err != nil {
 			return fmt.Errorf("write lab env: %w", err)

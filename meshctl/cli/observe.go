@@ -18,7 +18,8 @@ import (
 	"github.com/spf13/cobra"
 	"sigs.k8s.io/yaml"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 )
@@ -144,15 +145,15 @@ Exit codes:
 			defer c.Close()
 			streamCtx, cancel := context.WithCancel(ctx)
 			if !follow {
-				streamCtx, cancel = context.WithTimeout(ctx, c.timeout)
+				streamCtx, cancel = context.WithTimeout(ctx, c.Timeout)
 			}
 			defer cancel()
-			stream, err := c.client.Observe(streamCtx, req)
+			stream, err := c.Client.Observe(streamCtx, req)
 			if err != nil {
-				return c.callError("observe", err)
+				return callError(c, "observe", err)
 			}
 			w := cmd.OutOrStdout()
-			p := newFlowPrinter(w, out.format, paletteFor(w), agent.env.loc, follow)
+			p := newFlowPrinter(w, out.format, output.PaletteFor(w), agent.env.loc, follow)
 			for {
 				f, err := stream.Recv()
 				if errors.Is(err, io.EOF) {
@@ -163,7 +164,7 @@ Exit codes:
 						// Interrupted: what was shown is the answer.
 						return p.done()
 					}
-					return c.callError("observe", err)
+					return callError(c, "observe", err)
 				}
 				if f.TimeUnixNano < notBefore {
 					continue
@@ -234,7 +235,7 @@ func newFlowReport(f *agentv1.Flow) flowReport {
 type flowPrinter struct {
 	w      io.Writer
 	format string
-	pal    palette
+	pal    output.Palette
 	loc    *time.Location
 	follow bool
 	widths []int
@@ -243,7 +244,7 @@ type flowPrinter struct {
 	printed int
 }
 
-func newFlowPrinter(w io.Writer, format string, pal palette, loc *time.Location, follow bool) *flowPrinter {
+func newFlowPrinter(w io.Writer, format string, pal output.Palette, loc *time.Location, follow bool) *flowPrinter {
 	p := &flowPrinter{w: w, format: format, pal: pal, loc: loc, follow: follow}
 	if follow {
 		p.widths = []int{len(flowTimeLayout), 24, 1, 24, 5, 7, 0}
@@ -261,7 +262,7 @@ const verdictColumn = 5
 func (p *flowPrinter) print(f *agentv1.Flow) error {
 	defer func() { p.printed++ }()
 	switch p.format {
-	case formatJSON:
+	case output.JSON:
 		b, err := json.Marshal(newFlowReport(f))
 		if err != nil {
 			return fmt.Errorf("encode flow: %w", err)
@@ -270,7 +271,7 @@ func (p *flowPrinter) print(f *agentv1.Flow) error {
 			return fmt.Errorf("write flow: %w", err)
 		}
 		return nil
-	case formatYAML:
+	case output.YAML:
 		b, err := yaml.Marshal(newFlowReport(f))
 		if err != nil {
 			return fmt.Errorf("encode flow: %w", err)
@@ -339,11 +340,11 @@ func (p *flowPrinter) row(cells []string, paint bool) error {
 func (p *flowPrinter) verdict(v string) string {
 	switch v {
 	case "ALLOWED":
-		return p.pal.green(v)
+		return p.pal.Green(v)
 	case "DENIED":
-		return p.pal.red(v)
+		return p.pal.Red(v)
 	case "AUDIT":
-		return p.pal.yellow(v)
+		return p.pal.Yellow(v)
 	}
 	return v
 }
@@ -351,7 +352,7 @@ func (p *flowPrinter) verdict(v string) string {
 // done ends the output: it writes a table that waited for its rows, or
 // says that no flow matched.
 func (p *flowPrinter) done() error {
-	if p.format != formatTable {
+	if p.format != output.Table {
 		return nil
 	}
 	if p.printed == 0 && len(p.rows) == 0 {

@@ -14,7 +14,8 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 var (
@@ -243,9 +244,9 @@ func TestObserveFollow(t *testing.T) {
 
 func TestObserveColourKeepsAlignment(t *testing.T) {
 	for _, follow := range []bool{false, true} {
-		render := func(pal palette) string {
+		render := func(pal output.Palette) string {
 			var b bytes.Buffer
-			p := newFlowPrinter(&b, formatTable, pal, time.UTC, follow)
+			p := newFlowPrinter(&b, output.Table, pal, time.UTC, follow)
 			for _, f := range append(storedFlows(), liveFlows()...) {
 				if err := p.print(f); err != nil {
 					t.Fatal(err)
@@ -256,9 +257,9 @@ func TestObserveColourKeepsAlignment(t *testing.T) {
 			}
 			return b.String()
 		}
-		plain, coloured := render(palette{}), render(palette{on: true})
+		plain, coloured := render(output.Palette{}), render(output.Palette{On: true})
 		if !ansi.MatchString(coloured) {
-			t.Error("no colour with the palette on")
+			t.Error("no colour with the output.Palette on")
 		}
 		if got := ansi.ReplaceAllString(coloured, ""); got != plain {
 			t.Errorf("follow=%v: coloured output differs from plain once uncoloured:\n%s\n---\n%s", follow, got, plain)

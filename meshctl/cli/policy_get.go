@@ -12,9 +12,11 @@ import (
 
 	"github.com/spf13/cobra"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func newPolicyGetCommand(agent *agentOptions) *cobra.Command {
@@ -51,7 +53,7 @@ Exit codes:
 			}
 			defer c.Close()
 			resp, err := unary(cmd.Context(), c, "get policy of "+args[0], func(ctx context.Context) (*agentv1.GetPolicyResponse, error) {
-				return c.client.GetPolicy(ctx, &agentv1.GetPolicyRequest{Namespace: peer.Namespace, Name: peer.Name})
+				return c.Client.GetPolicy(ctx, &agentv1.GetPolicyRequest{Namespace: peer.Namespace, Name: peer.Name})
 			})
 			if err != nil {
 				return err
@@ -60,7 +62,7 @@ Exit codes:
 			if err != nil {
 				return err
 			}
-			r, err := newPolicyReport(resp, ids, c.status.Node)
+			r, err := newPolicyReport(resp, ids, c.Status.Node)
 			if err != nil {
 				return &exitError{code: ExitUnreachable, err: err}
 			}
@@ -69,7 +71,7 @@ Exit codes:
 			if err != nil || done {
 				return err
 			}
-			return writePolicy(w, paletteFor(w), r)
+			return writePolicy(w, output.PaletteFor(w), r)
 		},
 	}
 	addOutputFlag(cmd, &out)
@@ -180,7 +182,7 @@ func newPolicyReport(resp *agentv1.GetPolicyResponse, ids *agentv1.ListIdentitie
 		if c := counters[counterKey{e.Direction.String(), uint32(e.Identity), policy.ProtoName(e.Proto), uint32(e.Port), uint32(e.PortPrefixLen)}]; c != nil {
 			er.Hits, er.Bytes = c.Hits, c.Bytes
 		}
-		if e.Direction == policy.Egress {
+		if e.Direction == policytypes.Egress {
 			r.Egress.Entries = append(r.Egress.Entries, er)
 		} else {
 			r.Ingress.Entries = append(r.Ingress.Entries, er)
@@ -209,19 +211,19 @@ func peerLabels(id identity.ID, labels map[uint32][]string) []string {
 	return []string{}
 }
 
-func defaultVerdict(v policy.Verdict) string {
-	if v == policy.Deny {
+func defaultVerdict(v policytypes.Verdict) string {
+	if v == policytypes.Deny {
 		return "deny"
 	}
 	return "allow"
 }
 
 // entryRule names the rule that made an entry.
-func entryRule(e policy.Entry, rules map[uint32]policy.Rule) string {
+func entryRule(e policytypes.Entry, rules map[uint32]policy.Rule) string {
 	if rl, ok := rules[e.RuleID]; ok {
 		return fmt.Sprintf("%s %s", rl.Policy, rl.Section)
 	}
-	if e.RuleID == policy.RuleLocalHost && e.Identity == identity.Host {
+	if e.RuleID == policytypes.RuleLocalHost && e.Identity == identity.Host {
 		return "built-in: the pod's own node may reach it"
 	}
 	return fmt.Sprintf("rule %d", e.RuleID)
@@ -230,14 +232,14 @@ func entryRule(e policy.Entry, rules map[uint32]policy.Rule) string {
 // entryPort renders an entry's port key: "80/TCP", a range
 // "8000-8191/TCP", "*/TCP" for every port, "any" for every protocol; for
 // ICMP the type (and code) the key holds as type<<8|code.
-func entryPort(k policy.Key) string {
+func entryPort(k policytypes.Key) string {
 	proto := policy.ProtoName(k.Proto)
 	switch {
-	case k.Proto == policy.ProtoAny:
+	case k.Proto == policytypes.ProtoAny:
 		return "any"
 	case k.PortPrefixLen == 0:
 		return "*/" + proto
-	case k.Proto == policy.ProtoICMP || k.Proto == policy.ProtoICMPv6:
+	case k.Proto == policytypes.ProtoICMP || k.Proto == policytypes.ProtoICMPv6:
 		if k.PortPrefixLen >= 16 {
 			return fmt.Sprintf("%d/%s code %d", k.Port>>8, proto, k.Port&0xff)
 		}
@@ -250,18 +252,18 @@ func entryPort(k policy.Key) string {
 	return fmt.Sprintf("%d-%d/%s", lo, lo|^mask, proto)
 }
 
-func writePolicy(w io.Writer, pal palette, r policyReport) error {
+func writePolicy(w io.Writer, pal output.Palette, r policyReport) error {
 	verdict := func(v string) string {
 		switch v {
 		case "allow":
-			return pal.green("ALLOW")
+			return pal.Green("ALLOW")
 		case "deny":
-			return pal.red("DENY")
+			return pal.Red("DENY")
 		}
-		return pal.plain("-")
+		return pal.Plain("-")
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s  %s", pal.bold(r.Endpoint), strings.Join(r.IPs, ","))
+	fmt.Fprintf(&b, "%s  %s", pal.Bold(r.Endpoint), strings.Join(r.IPs, ","))
 	if r.Node != "" {
 		fmt.Fprintf(&b, "  node %s", r.Node)
 	}
@@ -284,7 +286,7 @@ func writePolicy(w io.Writer, pal palette, r policyReport) error {
 			continue
 		}
 		tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-		fmt.Fprintf(tw, "  %s\tAUDIT\tPEER\tPORT\tRULE\tHITS\tBYTES\n", pal.plain("VERDICT"))
+		fmt.Fprintf(tw, "  %s\tAUDIT\tPEER\tPORT\tRULE\tHITS\tBYTES\n", pal.Plain("VERDICT"))
 		for _, e := range d.rep.Entries {
 			audit := "-"
 			if e.AuditVerdict != e.Verdict {

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func TestPolicyGetGolden(t *testing.T) {
@@ -68,7 +69,7 @@ func TestPolicyGetMatchesCompiler(t *testing.T) {
 	ep, _ := fa.compiled.Endpoint(policy.EndpointID{Namespace: "x", Name: "a"})
 	var in, eg int
 	for _, e := range ep.Entries {
-		if e.Direction == policy.Egress {
+		if e.Direction == policytypes.Egress {
 			eg++
 		} else {
 			in++
@@ -89,15 +90,15 @@ func TestPolicyGetMatchesCompiler(t *testing.T) {
 
 func TestEntryPort(t *testing.T) {
 	for _, tc := range []struct {
-		key  policy.Key
+		key  policytypes.Key
 		want string
 	}{
-		{policy.Key{}, "any"},
-		{policy.Key{Proto: policy.ProtoTCP}, "*/TCP"},
-		{policy.Key{Proto: policy.ProtoUDP, Port: 53, PortPrefixLen: 16}, "53/UDP"},
-		{policy.Key{Proto: policy.ProtoTCP, Port: 8000, PortPrefixLen: 13}, "8000-8007/TCP"},
-		{policy.Key{Proto: policy.ProtoICMP, Port: 8 << 8, PortPrefixLen: 8}, "8/ICMP"},
-		{policy.Key{Proto: policy.ProtoICMP, Port: 3<<8 | 4, PortPrefixLen: 16}, "3/ICMP code 4"},
+		{policytypes.Key{}, "any"},
+		{policytypes.Key{Proto: policytypes.ProtoTCP}, "*/TCP"},
+		{policytypes.Key{Proto: policytypes.ProtoUDP, Port: 53, PortPrefixLen: 16}, "53/UDP"},
+		{policytypes.Key{Proto: policytypes.ProtoTCP, Port: 8000, PortPrefixLen: 13}, "8000-8007/TCP"},
+		{policytypes.Key{Proto: policytypes.ProtoICMP, Port: 8 << 8, PortPrefixLen: 8}, "8/ICMP"},
+		{policytypes.Key{Proto: policytypes.ProtoICMP, Port: 3<<8 | 4, PortPrefixLen: 16}, "3/ICMP code 4"},
 	} {
 		if got := entryPort(tc.key); got != tc.want {
 			t.Errorf("entryPort(%+v) = %q; want %q", tc.key, got, tc.want)
@@ -124,7 +125,7 @@ func TestLiveTraceRendersAsOffline(t *testing.T) {
 			if code != ExitOK {
 				t.Fatalf("exit %d: %s", code, stderr)
 			}
-			offline, _, _ := run(t, "", append([]string{"policy", "trace", "-f", e2e, "-f", policies, "-f", audit}, tc.args...)...)
+			offline, _, _ := run(t, "", append([]string{"policy", "trace", "-f", e2e, "-f", policies, "-f", auditDir}, tc.args...)...)
 			if live != offline {
 				t.Errorf("live trace differs from offline:\n--- live\n%s\n--- offline\n%s", live, offline)
 			}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 )
 
@@ -90,7 +91,7 @@ validate' reports errors for.
 			if err != nil || done {
 				return err
 			}
-			return writeMatrix(w, paletteFor(w), report)
+			return writeMatrix(w, output.PaletteFor(w), report)
 		},
 	}
 	files.add(cmd)
@@ -117,7 +118,7 @@ func newMatrixReport(m policy.Matrix) matrixReport {
 	return r
 }
 
-func writeMatrix(w io.Writer, pal palette, r matrixReport) error {
+func writeMatrix(w io.Writer, pal output.Palette, r matrixReport) error {
 	allowed := map[[3]string]bool{}
 	for _, c := range r.Cells {
 		allowed[[3]string{c.Port, c.From, c.To}] = c.Allowed
@@ -133,22 +134,22 @@ func writeMatrix(w io.Writer, pal palette, r matrixReport) error {
 				n++
 			}
 		}
-		fmt.Fprintf(&b, "%s  %d/%d allowed\n", pal.bold(port), n, len(r.Pods)*(len(r.Pods)-1))
+		fmt.Fprintf(&b, "%s  %d/%d allowed\n", pal.Bold(port), n, len(r.Pods)*(len(r.Pods)-1))
 		tw := tabwriter.NewWriter(&b, 0, 0, 1, ' ', 0)
 		fmt.Fprint(tw, "from \\ to")
 		for _, to := range r.Pods {
-			fmt.Fprintf(tw, "\t%s", pal.plain(to))
+			fmt.Fprintf(tw, "\t%s", pal.Plain(to))
 		}
 		fmt.Fprintln(tw)
 		for _, from := range r.Pods {
 			fmt.Fprint(tw, from)
 			for _, to := range r.Pods {
-				cell := pal.grey("-")
+				cell := pal.Grey("-")
 				if from != to {
 					if allowed[[3]string{port, from, to}] {
-						cell = pal.green(".")
+						cell = pal.Green(".")
 					} else {
-						cell = pal.red("X")
+						cell = pal.Red("X")
 					}
 				}
 				fmt.Fprintf(tw, "\t%s", cell)

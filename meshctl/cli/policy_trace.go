@@ -9,8 +9,10 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
 )
 
 func newPolicyTraceCommand(agent *agentOptions) *cobra.Command {
@@ -98,7 +100,7 @@ Exit codes:
 				return err
 			}
 			if !done {
-				if err := writeTrace(w, paletteFor(w), report); err != nil {
+				if err := writeTrace(w, output.PaletteFor(w), report); err != nil {
 					return err
 				}
 			}
@@ -128,11 +130,11 @@ func parsePort(s string) (policy.PortProto, error) {
 		return policy.PortProto{}, usageErrorf("--port: %w", err)
 	}
 	switch pp.Proto {
-	case policy.ProtoTCP, policy.ProtoUDP, policy.ProtoSCTP:
+	case policytypes.ProtoTCP, policytypes.ProtoUDP, policytypes.ProtoSCTP:
 		if pp.Port == 0 {
 			return policy.PortProto{}, usageErrorf("--port %q: the port must be 1..65535", s)
 		}
-	case policy.ProtoICMP:
+	case policytypes.ProtoICMP:
 	default:
 		return policy.PortProto{}, usageErrorf("--port %q: the protocol must be TCP, UDP, SCTP or ICMP", s)
 	}
@@ -142,7 +144,7 @@ func parsePort(s string) (policy.PortProto, error) {
 // portString renders a port as the user wrote it: "80/TCP", and for ICMP
 // "8/ICMP" with the type rather than the compiler's type<<8|code.
 func portString(pp policy.PortProto) string {
-	if pp.Proto == policy.ProtoICMP || pp.Proto == policy.ProtoICMPv6 {
+	if pp.Proto == policytypes.ProtoICMP || pp.Proto == policytypes.ProtoICMPv6 {
 		return fmt.Sprintf("%d/%s", pp.Port>>8, policy.ProtoName(pp.Proto))
 	}
 	return pp.String()
@@ -211,11 +213,11 @@ func verdictWord(allowed bool) string {
 	return "DENIED"
 }
 
-func ruleVerdict(v policy.Verdict) string {
+func ruleVerdict(v policytypes.Verdict) string {
 	switch v {
-	case policy.Allow:
+	case policytypes.Allow:
 		return "allow"
-	case policy.Deny:
+	case policytypes.Deny:
 		return "deny"
 	}
 	return "none"
@@ -276,15 +278,15 @@ func newDirectionReport(d policy.DirectionTrace, owner policy.TracePeer) directi
 	return r
 }
 
-func writeTrace(w io.Writer, pal palette, r traceReport) error {
+func writeTrace(w io.Writer, pal output.Palette, r traceReport) error {
 	verdict := func(word string) string {
 		if word == "ALLOWED" {
-			return pal.green(word)
+			return pal.Green(word)
 		}
-		return pal.red(word)
+		return pal.Red(word)
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "%s  %s → %s  %s\n", pal.bold(verdict(r.Verdict)), r.From.Peer, r.To.Peer, r.Port)
+	fmt.Fprintf(&b, "%s  %s → %s  %s\n", pal.Bold(verdict(r.Verdict)), r.From.Peer, r.To.Peer, r.Port)
 	if r.AuditVerdict != r.Verdict {
 		fmt.Fprintf(&b, "audit: would be %s if audit-mode policies were enforced\n", verdict(r.AuditVerdict))
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy/manifest"
 )
 
@@ -65,7 +66,7 @@ Exit codes:
 				return err
 			}
 			if !done {
-				if err := writeProblemsTable(w, paletteFor(w), set, problems); err != nil {
+				if err := writeProblemsTable(w, output.PaletteFor(w), set, problems); err != nil {
 					return err
 				}
 			}
@@ -80,35 +81,28 @@ Exit codes:
 	return cmd
 }
 
-func writeProblemsTable(w io.Writer, pal palette, set *manifest.Set, problems manifest.Problems) error {
+func writeProblemsTable(w io.Writer, pal output.Palette, set *manifest.Set, problems manifest.Problems) error {
 	objects := len(set.Namespaces) + len(set.Pods) + len(set.Nodes) + len(set.NetworkPolicies) + len(set.MeshPolicies) + len(set.ClusterMeshPolicies)
 	if len(problems) == 0 {
-		_, err := fmt.Fprintf(w, "%s: %s, no problems\n", pal.green("OK"), plural(objects, "object"))
+		_, err := fmt.Fprintf(w, "%s: %s, no problems\n", pal.Green("OK"), output.Plural(objects, "object"))
 		return err
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintf(tw, "%s\tLOCATION\tOBJECT\tFIELD\tMESSAGE\n", pal.plain("SEVERITY"))
+	fmt.Fprintf(tw, "%s\tLOCATION\tOBJECT\tFIELD\tMESSAGE\n", pal.Plain("SEVERITY"))
 	for _, p := range problems {
-		sev := pal.yellow("warning")
+		sev := pal.Yellow("warning")
 		if p.Severity == manifest.SeverityError {
-			sev = pal.red("error  ")
+			sev = pal.Red("error  ")
 		}
 		loc := p.File
 		if p.Line > 0 {
 			loc += ":" + strconv.Itoa(p.Line)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", sev, dash(loc), dash(p.Object), dash(p.Field), p.Message)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", sev, output.Dash(loc), output.Dash(p.Object), output.Dash(p.Field), p.Message)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write problems: %w", err)
 	}
-	_, err := fmt.Fprintf(w, "\n%s, %s in %s\n", plural(len(problems.Errors()), "error"), plural(len(problems.Warnings()), "warning"), plural(objects, "object"))
+	_, err := fmt.Fprintf(w, "\n%s, %s in %s\n", output.Plural(len(problems.Errors()), "error"), output.Plural(len(problems.Warnings()), "warning"), output.Plural(objects, "object"))
 	return err
-}
-
-func dash(s string) string {
-	if s == "" {
-		return "-"
-	}
-	return s
 }

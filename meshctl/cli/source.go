@@ -10,12 +10,13 @@ import (
 	"github.com/spf13/cobra"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 
+	"github.com/veilmesh/veil/meshctl/output"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/manifest"
 )
 
 // tracer answers trace questions. Today the only implementation compiles
-// manifest files (manifestSource); the agent's gRPC Trace (agent/api/v1),
+// manifest files (manifestSource); the agent's gRPC Trace (api/agent/v1),
 // which returns a policy.TraceResult from the live compiled state, will be
 // the other, so trace depends on this interface and not on where answers
 // come from.
@@ -26,7 +27,7 @@ type tracer interface {
 // manifestSource answers from manifest files, with the same compiler the
 // agent runs.
 type manifestSource struct {
-	compiled *policy.Compiled
+	compiled *policy.Compiler
 }
 
 var _ tracer = (*manifestSource)(nil)
@@ -54,7 +55,7 @@ func (f *manifestFlags) add(cmd *cobra.Command) {
 // finding, sorted by location: the loader's, validation's, lint warnings,
 // and any policy the compiler skipped that validation did not flag (so that
 // what validate accepts, trace and matrix accept).
-func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, *policy.Compiled, manifest.Problems, error) {
+func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, *policy.Compiler, manifest.Problems, error) {
 	if len(f.paths) == 0 {
 		return nil, nil, nil, usageErrorf("no manifests: give at least one -f FILE|DIR")
 	}
@@ -100,10 +101,10 @@ func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifest
 		for _, p := range errs {
 			fmt.Fprintln(stderr, p)
 		}
-		return nil, usageErrorf("the manifests have %s; 'meshctl policy validate' lists every problem", plural(len(errs), "error"))
+		return nil, usageErrorf("the manifests have %s; 'meshctl policy validate' lists every problem", output.Plural(len(errs), "error"))
 	}
 	if ws := problems.Warnings(); len(ws) > 0 {
-		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", plural(len(ws), "warning"))
+		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", output.Plural(len(ws), "warning"))
 	}
 	return &manifestSource{compiled: c}, nil
 }
@@ -181,14 +182,4 @@ func compareProblems(a, b manifest.Problem) int {
 		return 1
 	}
 	return 0
-}
-
-func plural(n int, word string) string {
-	if n == 1 {
-		return "1 " + word
-	}
-	if strings.HasSuffix(word, "y") {
-		return fmt.Sprintf("%d %sies", n, strings.TrimSuffix(word, "y"))
-	}
-	return fmt.Sprintf("%d %ss", n, word)
 }

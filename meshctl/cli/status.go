@@ -11,7 +11,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 func newStatusCommand(agent *agentOptions) *cobra.Command {
@@ -31,7 +33,7 @@ Troubleshooting when the agent cannot be reached:
   - The socket is root-only (mode 0600): run meshctl as root on the node,
     or inside the veil-agent pod.
   - Is the socket where meshctl looks? --socket PATH or VEIL_SOCKET
-    (default ` + defaultSocket + `); the agent's --socket flag sets it.
+    (default ` + agentclient.DefaultSocket + `); the agent's --socket flag sets it.
   - --node NAME reaches another node's agent in the lab (VEIL_LAB_STATE);
     in a cluster, run meshctl on that node.
 
@@ -52,14 +54,14 @@ Exit codes:
 				return err
 			}
 			defer c.Close()
-			r := newStatusReport(c.status, c.target)
+			r := newStatusReport(c.Status, c.Target)
 			w := cmd.OutOrStdout()
 			done, err := out.structured(w, r)
 			if err != nil {
 				return err
 			}
 			if !done {
-				if err := writeStatus(w, paletteFor(w), r, agent.env.now()); err != nil {
+				if err := writeStatus(w, output.PaletteFor(w), r, agent.env.now()); err != nil {
 					return err
 				}
 			}
@@ -127,9 +129,9 @@ func unixTime(ns int64) *time.Time {
 	return &t
 }
 
-func newStatusReport(st *agentv1.StatusResponse, t agentTarget) statusReport {
+func newStatusReport(st *agentv1.StatusResponse, t agentclient.Target) statusReport {
 	r := statusReport{
-		Node: st.Node, Socket: t.socket, AgentVersion: st.AgentVersion, APIVersion: st.ApiVersion,
+		Node: st.Node, Socket: t.Socket, AgentVersion: st.AgentVersion, APIVersion: st.ApiVersion,
 		Healthy: st.Healthy, Started: unixTime(st.StartedUnixNano),
 		APIServerConnected: st.ApiServerConnected, LastSync: unixTime(st.LastSyncUnixNano),
 		Converged: st.Converged, PodCIDR: st.PodCidr,
@@ -164,22 +166,22 @@ func newStatusReport(st *agentv1.StatusResponse, t agentTarget) statusReport {
 	return r
 }
 
-func writeStatus(w io.Writer, pal palette, r statusReport, now time.Time) error {
+func writeStatus(w io.Writer, pal output.Palette, r statusReport, now time.Time) error {
 	yes := func(ok bool, good, bad string) string {
 		if ok {
-			return pal.green(good)
+			return pal.Green(good)
 		}
-		return pal.red(bad)
+		return pal.Red(bad)
 	}
 	var b strings.Builder
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-	health := pal.green("OK")
+	health := pal.Green("OK")
 	if !r.Healthy {
-		health = pal.red("DEGRADED")
+		health = pal.Red("DEGRADED")
 	}
-	fmt.Fprintf(tw, "Node:\t%s\n", orUnknown(r.Node))
+	fmt.Fprintf(tw, "Node:\t%s\n", output.OrUnknown(r.Node))
 	fmt.Fprintf(tw, "Health:\t%s\n", health)
-	agent := fmt.Sprintf("%s (API %s)", orUnknown(r.AgentVersion), r.APIVersion)
+	agent := fmt.Sprintf("%s (API %s)", output.OrUnknown(r.AgentVersion), r.APIVersion)
 	if r.Started != nil {
 		agent += ", up " + since(now, *r.Started)
 	}
@@ -202,14 +204,14 @@ func writeStatus(w io.Writer, pal palette, r statusReport, now time.Time) error 
 	fmt.Fprintf(tw, "Identities:\t%d\n", r.Identities)
 	policies := fmt.Sprintf("%d", r.Policies)
 	if r.InvalidPolicies > 0 {
-		policies += ", " + pal.red(plural(int(r.InvalidPolicies), "invalid policy")+" (not enforced)")
+		policies += ", " + pal.Red(output.Plural(int(r.InvalidPolicies), "invalid policy")+" (not enforced)")
 	}
 	fmt.Fprintf(tw, "Policies:\t%s\n", policies)
 	accel := "off"
 	if r.SocketAcceleration {
 		accel = "on"
 		if r.Counters != nil {
-			accel += fmt.Sprintf(", %s, %s redirected", plural(int(r.Counters.AcceleratedSockets), "socket"), bytesString(r.Counters.SocketRedirectedBytes))
+			accel += fmt.Sprintf(", %s, %s redirected", output.Plural(int(r.Counters.AcceleratedSockets), "socket"), bytesString(r.Counters.SocketRedirectedBytes))
 		}
 	}
 	fmt.Fprintf(tw, "Socket acceleration:\t%s\n", accel)
@@ -237,7 +239,7 @@ func writeStatus(w io.Writer, pal palette, r statusReport, now time.Time) error 
 		fmt.Fprintf(tw, "  audit\t%d (allowed, an audit-mode policy would deny)\n", c.Audit)
 		lost := fmt.Sprintf("%d", c.EventsLost)
 		if c.EventsLost > 0 {
-			lost = pal.yellow(lost)
+			lost = pal.Yellow(lost)
 		}
 		fmt.Fprintf(tw, "  events lost\t%s\n", lost)
 		if err := tw.Flush(); err != nil {
@@ -268,7 +270,7 @@ func writeStatus(w io.Writer, pal palette, r statusReport, now time.Time) error 
 	}
 
 	if len(r.Degraded) > 0 {
-		fmt.Fprintf(&b, "\n%s\n", pal.bold(pal.red("Degraded:")))
+		fmt.Fprintf(&b, "\n%s\n", pal.Bold(pal.Red("Degraded:")))
 		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 		for _, d := range r.Degraded {
 			fmt.Fprintf(tw, "  %s\t%s\n", d.Component, d.Reason)

@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/meshctl/agentclient"
+	"github.com/veilmesh/veil/meshctl/output"
 )
 
 func TestStatusGolden(t *testing.T) {
@@ -53,16 +55,16 @@ func TestStatusDegradedWithoutFlag(t *testing.T) {
 }
 
 func TestStatusColourKeepsAlignment(t *testing.T) {
-	r := newStatusReport(degradedStatus(), agentTarget{socket: "/run/veil/agent.sock"})
+	r := newStatusReport(degradedStatus(), agentclient.Target{Socket: "/run/veil/agent.sock"})
 	var plain, coloured bytes.Buffer
-	if err := writeStatus(&plain, palette{}, r, testNow); err != nil {
+	if err := writeStatus(&plain, output.Palette{}, r, testNow); err != nil {
 		t.Fatal(err)
 	}
-	if err := writeStatus(&coloured, palette{on: true}, r, testNow); err != nil {
+	if err := writeStatus(&coloured, output.Palette{On: true}, r, testNow); err != nil {
 		t.Fatal(err)
 	}
 	if !ansi.Match(coloured.Bytes()) {
-		t.Error("no colour with the palette on")
+		t.Error("no colour with the output.Palette on")
 	}
 	if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() {
 		t.Errorf("coloured output differs from plain once uncoloured:\n%s\n---\n%s", got, plain.String())

@@ -15,25 +15,27 @@ import (
 
 const module = "github.com/veilmesh/veil"
 
-// shippedRules are the shipped binaries' packages (go list patterns) and
-// the import paths (a trailing "/" means the whole tree) none of their
-// dependencies may be.
-var shippedRules = []struct {
+// depRules are packages (go list patterns) and the import paths (a
+// trailing "/" means the whole tree) none of their dependencies may be: the
+// shipped binaries' packages, and the datapath, which takes compiled
+// entries from the leaf policy/policytypes and never links the compiler.
+var depRules = []struct {
 	pattern   string
 	forbidden []string
 }{
 	{"./meshctl/...", []string{module + "/agent/datapath", module + "/tests/"}},
 	{"./agent/cmd/...", []string{module + "/tests/"}},
 	{"./deploy/cmd/...", []string{module + "/tests/"}},
+	{"./agent/datapath/...", []string{module + "/policy"}},
 }
 
-func TestShippedBinaryDeps(t *testing.T) {
+func TestDeps(t *testing.T) {
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		t.Fatalf("find the go command in PATH: %v", err)
 	}
 	root := moduleRoot(t, goBin)
-	for _, rule := range shippedRules {
+	for _, rule := range depRules {
 		t.Run(rule.pattern, func(t *testing.T) {
 			imports := listDeps(t, goBin, root, rule.pattern)
 			if len(imports) == 0 {
@@ -42,7 +44,7 @@ func TestShippedBinaryDeps(t *testing.T) {
 			for _, pkg := range slices.Sorted(maps.Keys(imports)) {
 				for _, bad := range rule.forbidden {
 					if pkg == bad || (strings.HasSuffix(bad, "/") && strings.HasPrefix(pkg, bad)) {
-						t.Errorf("%s depends on %s (imported by %s); shipped binaries must not link it",
+						t.Errorf("%s depends on %s (imported by %s), which it must not",
 							rule.pattern, pkg, strings.Join(importers(imports, pkg), ", "))
 					}
 				}

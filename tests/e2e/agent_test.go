@@ -13,11 +13,11 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/policy"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
 var web = []corev1.ContainerPort{{Name: "http", ContainerPort: 80, Protocol: corev1.ProtocolTCP}, {Name: "alt", ContainerPort: 81, Protocol: corev1.ProtocolTCP}}

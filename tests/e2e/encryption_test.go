@@ -15,8 +15,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/capture"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/meshctl/cli"
@@ -111,7 +111,7 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 	// Every node peers with every other once the keys are published.
 	eventually(t, "every node has two peers", 30*time.Second, func() error {
 		for _, n := range l.Nodes {
-			mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, n.Name, metav1.GetOptions{})
+			mn, err := l.Veil.MeshV1alpha1().MeshNodes().Get(ctx, n.Name, metav1.GetOptions{})
 			if err != nil {
 				return err
 			}
@@ -237,7 +237,7 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "node-1 drops node-3 as a peer", 30*time.Second, func() error {
-		mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
+		mn, err := l.Veil.MeshV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
@@ -258,7 +258,7 @@ func TestPrivilegedEncryptionOnThreeNodes(t *testing.T) {
 		t.Errorf("audit with node-3's key gone: verdict %s, want FAIL naming node-3:\n%s", verdict, out)
 	}
 	eventually(t, "node-1 records the leak", 40*time.Second, func() error {
-		mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
+		mn, err := l.Veil.MeshV1alpha1().MeshNodes().Get(ctx, "node-1", metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
@@ -296,7 +296,7 @@ func TestPrivilegedNodeToNodeEncryption(t *testing.T) {
 	b := mustPod(t, l, "x", "b", "node-2", "b")
 	n1, n2 := l.Nodes[0], l.Nodes[1]
 	eventually(t, "node-1 peers with node-2, its address included", 30*time.Second, func() error {
-		mn, err := l.Veil.PolicyV1alpha1().MeshNodes().Get(ctx, n1.Name, metav1.GetOptions{})
+		mn, err := l.Veil.MeshV1alpha1().MeshNodes().Get(ctx, n1.Name, metav1.GetOptions{})
 		if err != nil {
 			return err
 		}

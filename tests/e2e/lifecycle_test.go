@@ -15,10 +15,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/lab/netns"
-	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
 
 func mustPod(t *testing.T, l *lab.Lab, ns, name, node, app string) *lab.Pod {

@@ -18,10 +18,12 @@ import (
 
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/daemon"
+	"github.com/veilmesh/veil/agent/datapath"
 )
 
 // Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration.
 func main() {
+	datapath.MaybeRunSocketHelper()
 	os.Exit(run(os.Args[1:]))
 }
 

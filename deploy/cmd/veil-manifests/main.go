@@ -58,7 +58,7 @@ func run(args []string) error {
 		return fmt.Errorf("list CRDs: %w", err)
 	}
 	if len(crds) == 0 {
-		return fmt.Errorf("no CRDs in %s: run make generate-policy", filepath.Join(*deployDir, "crds"))
+		return fmt.Errorf("no CRDs in %s: run make generate-crds", filepath.Join(*deployDir, "crds"))
 	}
 	chartCRDs := filepath.Join(chartDir, "crds")
 	if err := os.RemoveAll(chartCRDs); err != nil {

@@ -1,7 +1,7 @@
 // Command veil-controlplane builds and runs the lab's control plane (etcd +
 // kube-apiserver, as the lab and the tests use it) by hand.
 //
-//	veil-controlplane build   build etcd and kube-apiserver into the cache, print their paths
+//	veil-controlplane build   build the control plane, the node components and containerd into the cache, print their paths
 //	veil-controlplane up      start a control plane, print its kubeconfig path, run until ^C
 package main
 
@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/veilmesh/veil/lab/controlplane"
 )
@@ -39,11 +40,25 @@ func main() {
 }
 
 func build(ctx context.Context) error {
-	bins, err := controlplane.Build(ctx)
+	start := time.Now()
+	bins, err := controlplane.BuildCluster(ctx)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("etcd           %s\nkube-apiserver %s\n", bins.Etcd, bins.KubeAPIServer)
+	for _, b := range []struct{ name, path string }{
+		{"etcd", bins.Etcd},
+		{"kube-apiserver", bins.KubeAPIServer},
+		{"kube-controller-manager", bins.KubeControllerManager},
+		{"kube-scheduler", bins.KubeScheduler},
+		{"kubelet", bins.Kubelet},
+		{"kube-proxy", bins.KubeProxy},
+		{"containerd", bins.Containerd},
+		{"containerd-shim-runc-v2", bins.ContainerdShim},
+		{"ctr", bins.Ctr},
+	} {
+		fmt.Printf("%-24s %s\n", b.name, b.path)
+	}
+	fmt.Printf("(%s)\n", time.Since(start).Round(time.Second))
 	return nil
 }
 

@@ -1,0 +1,28 @@
+// Package cluster runs a real Kubernetes cluster inside the lab: a hub
+// network namespace with etcd, kube-apiserver, kube-controller-manager and
+// kube-scheduler, and nodes that are each a network namespace on the hub's
+// bridge plus a mount and UTS namespace, running containerd, runc, a real
+// kubelet and kube-proxy. There is no registry: the images a cluster runs
+// (the pause image, the test server, Veil's agent image) are OCI tarballs
+// imported into every node's containerd.
+//
+//	c, err := cluster.Start(ctx, cluster.Options{Nodes: 2, Images: []string{"bin/veil-image.tar"}})
+//	if err != nil { … }
+//	defer c.Stop()
+//	err = c.InstallVeil(ctx, nil) // Veil's Helm chart, applied as users apply it
+//	err = c.WaitNodesReady(ctx)
+//
+// Everything a cluster creates carries its prefix: network namespaces
+// <prefix>-hub and <prefix>-node-N, the cgroup veil-<prefix> in every
+// hierarchy (kubelet's cgroupRoot of node N is veil-<prefix>/node-N), and
+// the working dir. Stop removes all of it, and Cleanup does the same by
+// those exact names after a run that crashed. Nothing reaches out of the
+// lab: the hub has no link to the host, and the host reaches the API server
+// only through a relay on its loopback.
+//
+// Binaries come from lab/controlplane's cache (`make controlplane`); runc,
+// the CNI plugins, nft and conntrack from the host (`make deps`). Starting a
+// cluster needs root, and a machine where changing namespaces, mounts and
+// cgroups is allowed (VEIL_PRIVILEGED=1 in the tests). By hand:
+// `go run ./lab/cluster/cmd/veil-cluster up` (see there).
+package cluster

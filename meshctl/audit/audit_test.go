@@ -1,0 +1,174 @@
+package audit
+
+import (
+	"bytes"
+	"encoding/base64"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/veilmesh/veil/api/annotations"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
+	"github.com/veilmesh/veil/meshctl/output"
+)
+
+// The engine's own tests, without cobra or an API server; meshctl/cli's
+// tests run the same engine through the commands and golden files.
+
+var now = time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
+
+var opts = Options{MaxHandshakeAge: 5 * time.Minute, MaxKeyAge: 2160 * time.Hour, StaleAfter: DefaultStaleAfter}
+
+func key(i int) string { return base64.StdEncoding.EncodeToString(bytes.Repeat([]byte{byte(i)}, 32)) }
+
+func ago(d time.Duration) metav1.Time { return metav1.NewTime(now.Add(-d)) }
+
+// healthy is n nodes, encrypted, strict, peered with recent handshakes.
+func healthy(n int) *Cluster {
+	cs := &Cluster{Server: "https://api.example:6443", MeshNodes: map[string]*meshv1alpha1.MeshNode{}}
+	name := func(i int) string { return fmt.Sprintf("node-%d", i) }
+	for i := 1; i <= n; i++ {
+		cidr := fmt.Sprintf("10.0.%d.0/24", i)
+		cs.Nodes = append(cs.Nodes, corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: name(i), Annotations: map[string]string{
+				annotations.WireGuardPublicKey: key(i),
+				annotations.WireGuardEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
+			}},
+			Spec: corev1.NodeSpec{PodCIDRs: []string{cidr}},
+		})
+		enc := meshv1alpha1.EncryptionStatus{
+			Mode: meshv1alpha1.EncryptionModeKernel, Interface: "veilwg0", PublicKey: key(i),
+			KeyCreated: ago(24 * time.Hour), ListenPort: 51820, StrictMode: true, GuardedDevices: []string{"eth0"},
+		}
+		for j := 1; j <= n; j++ {
+			if j != i {
+				hs := ago(time.Minute)
+				enc.Peers = append(enc.Peers, meshv1alpha1.PeerStatus{
+					Node: name(j), PublicKey: key(j), Endpoint: fmt.Sprintf("192.168.50.%d:51820", j),
+					AllowedIPs: []string{fmt.Sprintf("10.0.%d.0/24", j)}, LastHandshake: &hs,
+				})
+			}
+		}
+		cs.MeshNodes[name(i)] = &meshv1alpha1.MeshNode{
+			ObjectMeta: metav1.ObjectMeta{Name: name(i)},
+			Status: meshv1alpha1.MeshNodeStatus{
+				NodeIP: fmt.Sprintf("192.168.50.%d", i), Updated: ago(10 * time.Second), Encryption: enc,
+			},
+		}
+	}
+	return cs
+}
+
+func TestHealthyClusterPasses(t *testing.T) {
+	r := New(healthy(3), now, opts, "test")
+	r.Finish()
+	if r.Verdict != Pass || len(r.Failures) != 0 {
+		t.Fatalf("verdict %s, failures %+v; want PASS", r.Verdict, r.Failures)
+	}
+	if got, want := len(r.Checks), 3*len(NodeChecks())+6*2; got != want {
+		t.Errorf("%d checks; want %d", got, want)
+	}
+}
+
+func TestFaults(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		spoil func(cs *Cluster)
+		scope string
+		check string
+	}{
+		{"no MeshNode", func(cs *Cluster) { delete(cs.MeshNodes, "node-2") }, "node-2", "status-fresh"},
+		{"stale", func(cs *Cluster) { cs.MeshNodes["node-1"].Status.Updated = ago(time.Hour) }, "node-1", "status-fresh"},
+		{"disabled", func(cs *Cluster) {
+			cs.MeshNodes["node-1"].Status.Encryption.Mode = meshv1alpha1.EncryptionModeDisabled
+		}, "node-1", "encryption-enabled"},
+		{"key not published", func(cs *Cluster) { cs.Nodes[1].Annotations[annotations.WireGuardPublicKey] = key(9) }, "node-2", "key-published"},
+		{"old handshake", func(cs *Cluster) {
+			hs := ago(time.Hour)
+			cs.MeshNodes["node-1"].Status.Encryption.Peers[0].LastHandshake = &hs
+		}, "node-1→node-2", "handshake"},
+		{"foreign allowed IPs", func(cs *Cluster) {
+			p := &cs.MeshNodes["node-1"].Status.Encryption.Peers[0]
+			p.AllowedIPs = append(p.AllowedIPs, "10.0.1.0/24")
+		}, "node-1→node-2", "peer"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cs := healthy(2)
+			tc.spoil(cs)
+			r := New(cs, now, opts, "test")
+			r.Finish()
+			if r.Verdict != Fail {
+				t.Fatalf("verdict %s; want FAIL", r.Verdict)
+			}
+			for _, f := range r.Failures {
+				if f.Scope == tc.scope && f.Check == tc.check {
+					return
+				}
+			}
+			t.Errorf("failures %+v; want %s %s among them", r.Failures, tc.scope, tc.check)
+		})
+	}
+}
+
+func TestFinishOrdersNodesBeforePairs(t *testing.T) {
+	r := Report{Checks: []Check{
+		fail(pairScope("a", "b"), "peer", "x"),
+		pass("b", "key-age", "x"),
+		pass("a", "strict-mode", "x"),
+		pass("a", "status-fresh", "x"),
+	}}
+	r.Finish()
+	var got []string
+	for _, c := range r.Checks {
+		got = append(got, c.Scope+" "+c.Check)
+	}
+	want := "a status-fresh|a strict-mode|b key-age|a→b peer"
+	if strings.Join(got, "|") != want {
+		t.Errorf("order %q; want %q", strings.Join(got, "|"), want)
+	}
+	if r.Verdict != Fail || len(r.Failures) != 1 {
+		t.Errorf("verdict %s with %d failures; want FAIL with 1", r.Verdict, len(r.Failures))
+	}
+}
+
+func TestMarkerPort(t *testing.T) {
+	udp := corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{{Ports: []corev1.ContainerPort{
+		{Protocol: corev1.ProtocolTCP, ContainerPort: 80}, {Protocol: corev1.ProtocolUDP, ContainerPort: 53},
+	}}}}}
+	for _, tc := range []struct {
+		name string
+		flag uint32
+		pod  corev1.Pod
+		want uint32
+	}{
+		{"flag wins", 4000, udp, 4000},
+		{"declared UDP port", 0, udp, 53},
+		{"discard", 0, corev1.Pod{}, defaultMarkerPort},
+	} {
+		if got := markerPort(tc.flag, tc.pod); got != tc.want {
+			t.Errorf("%s: got %d; want %d", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestWriteColourOnlyWithPalette(t *testing.T) {
+	r := New(healthy(2), now, opts, "test")
+	r.Finish()
+	var plain, coloured strings.Builder
+	if err := Write(&plain, output.Palette{}, r); err != nil {
+		t.Fatal(err)
+	}
+	if err := Write(&coloured, output.Palette{On: true}, r); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(plain.String(), "\x1b[") || !strings.Contains(coloured.String(), "\x1b[") {
+		t.Errorf("colour in plain output or none in coloured output")
+	}
+	if !strings.HasPrefix(plain.String(), "Encryption audit: PASS") {
+		t.Errorf("output starts %q; want the verdict", strings.SplitN(plain.String(), "\n", 2)[0])
+	}
+}

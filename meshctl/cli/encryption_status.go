@@ -1,0 +1,276 @@
+package cli
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/veilmesh/veil/meshctl/audit"
+	"github.com/veilmesh/veil/meshctl/output"
+)
+
+func newEncryptionStatusCommand(agent *agentOptions, kube *kubeOptions) *cobra.Command {
+	var (
+		out        outputFlag
+		staleAfter time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show every node's encryption state, and a one-line cluster summary",
+		Long: `Show the encryption state of every node (or of --node) as its agent last
+recorded it in the node's MeshNode: WireGuard mode (kernel or userspace),
+interface, key fingerprint and age, listen port, strict mode, peers
+(configured / expected, one per other node) with the age of the last
+handshake with each, and leak counters. A one-line cluster summary comes
+first. Nodes without a MeshNode (their agent never reported) and nodes
+whose status is older than --stale-after (their agent is not running) are
+called out. With --node, each peer is shown too.
+
+Exit codes:
+  0  every node shown is encrypted (WireGuard up with a key, reported recently)
+  1  a node shown is not: no MeshNode, stale, disabled or without a key
+  2  usage error, no kubeconfig, a node the cluster does not have
+  3  the API server could not be reached or refused meshctl`,
+		Example: `  meshctl encryption status
+  meshctl encryption status --node node-2
+  meshctl encryption status -o json --kubeconfig ~/.kube/lab`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := out.check(); err != nil {
+				return err
+			}
+			if staleAfter <= 0 {
+				return usageErrorf("--stale-after must be positive")
+			}
+			kc, err := kube.connect()
+			if err != nil {
+				return err
+			}
+			cs, err := readCluster(cmd.Context(), kc, withTimeout(agent.timeout))
+			if err != nil {
+				return err
+			}
+			r, err := newEncryptionStatusReport(cs, agent.env.now(), staleAfter, agent.node)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			done, err := out.structured(w, r)
+			if err != nil {
+				return err
+			}
+			if !done {
+				if err := writeEncryptionStatus(w, output.PaletteFor(w), r, agent.env.now()); err != nil {
+					return err
+				}
+			}
+			for _, n := range r.Nodes {
+				if !n.Encrypted {
+					return failed()
+				}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&staleAfter, "stale-after", audit.DefaultStaleAfter, "a MeshNode status older than this means its agent is not running")
+	addOutputFlag(cmd, &out)
+	return cmd
+}
+
+// encryptionStatusReport is the -o json|yaml output of encryption status.
+type encryptionStatusReport struct {
+	Summary        string `json:"summary"`
+	TotalNodes     int    `json:"totalNodes"`
+	EncryptedNodes int    `json:"encryptedNodes"`
+	// Strict is true when every node is encrypted and in strict mode.
+	Strict bool               `json:"strict"`
+	Nodes  []audit.NodeReport `json:"nodes"`
+	// Problems are what needs attention, per node.
+	Problems []nodeProblem `json:"problems"`
+	// detail is the node whose peers the table lists (--node).
+	detail string
+}
+
+type nodeProblem struct {
+	Node    string `json:"node"`
+	Problem string `json:"problem"`
+}
+
+func newEncryptionStatusReport(cs *audit.Cluster, now time.Time, staleAfter time.Duration, only string) (encryptionStatusReport, error) {
+	nodes, orphans := audit.Snapshots(cs, now, staleAfter)
+	r := encryptionStatusReport{TotalNodes: len(nodes), Nodes: []audit.NodeReport{}, Problems: []nodeProblem{}, detail: only}
+	var names []string
+	modes := map[string]bool{}
+	var reasons []string
+	for _, n := range nodes {
+		names = append(names, n.Node)
+		if n.Encrypted {
+			r.EncryptedNodes++
+			modes[string(n.Mode)] = true
+		}
+		if why := n.Why(); why != "" {
+			reasons = append(reasons, why)
+		}
+	}
+	r.Strict = len(nodes) > 0 && len(reasons) == 0
+	r.Summary = summary(r.TotalNodes, r.EncryptedNodes, modes, reasons)
+	if only != "" && !slices.Contains(names, only) {
+		return r, usageErrorf("node %q is not in the cluster (nodes: %s)", only, strings.Join(names, ", "))
+	}
+	for _, n := range nodes {
+		if only != "" && n.Node != only {
+			continue
+		}
+		r.Nodes = append(r.Nodes, n)
+		for _, p := range n.Problems(now, staleAfter, names) {
+			r.Problems = append(r.Problems, nodeProblem{Node: n.Node, Problem: p})
+		}
+	}
+	if only == "" {
+		for _, o := range orphans {
+			r.Problems = append(r.Problems, nodeProblem{Node: o.Node, Problem: "a MeshNode without a Node: left over from a deleted node (kubectl delete meshnode " + o.Node + ")"})
+		}
+	}
+	return r, nil
+}
+
+// summary is the one-line cluster summary, such as "Encryption: WireGuard
+// (userspace), 3/3 nodes, strict".
+func summary(total, encrypted int, modes map[string]bool, reasons []string) string {
+	if total == 0 {
+		return "Encryption: no nodes"
+	}
+	kind := "off"
+	if len(modes) > 0 {
+		var ms []string
+		for m := range modes {
+			ms = append(ms, m)
+		}
+		slices.Sort(ms)
+		kind = "WireGuard (" + strings.Join(ms, ", ") + ")"
+	}
+	s := fmt.Sprintf("Encryption: %s, %d/%d nodes", kind, encrypted, total)
+	if encrypted < total {
+		s += " encrypted"
+	}
+	if len(reasons) == 0 {
+		return s + ", strict"
+	}
+	return s + ", not strict: " + strings.Join(reasons, ", ")
+}
+
+func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusReport, now time.Time) error {
+	var b strings.Builder
+	line := pal.Green(r.Summary)
+	if !r.Strict {
+		line = pal.Red(r.Summary)
+	}
+	fmt.Fprintf(&b, "%s\n\n", pal.Bold(line))
+	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+	// Painted columns have painted headers, to stay aligned in colour.
+	fmt.Fprintf(tw, "NODE\t%s\tINTERFACE\t%s\tKEY AGE\tPORT\t%s\t%s\tHANDSHAKES\t%s\t%s\n",
+		pal.Plain("MODE"), pal.Plain("KEY"), pal.Plain("STRICT"), pal.Plain("PEERS"), pal.Plain("LEAKS"), pal.Plain("UPDATED"))
+	for _, n := range r.Nodes {
+		if !n.Reported {
+			none := pal.Plain("-")
+			fmt.Fprintf(tw, "%s\t%s\t-\t%s\t-\t-\t%s\t%s\t-\t%s\t%s\n", n.Node, pal.Red("no MeshNode"), none, none, none, none, pal.Red("never"))
+			continue
+		}
+		mode := pal.Green(output.Dash(string(n.Mode)))
+		if !n.Encrypted {
+			mode = pal.Red(output.Dash(string(n.Mode)))
+		}
+		key, keyAge := pal.Red("none"), "-"
+		if n.PublicKey != "" {
+			key = pal.Plain(output.Dash(n.Fingerprint))
+			if n.KeyCreated != nil {
+				keyAge = output.Age(now, *n.KeyCreated)
+			}
+		}
+		port := "-"
+		if n.ListenPort != 0 {
+			port = fmt.Sprint(n.ListenPort)
+		}
+		strict := pal.Green("on")
+		if !n.StrictMode {
+			strict = pal.Red("off")
+		}
+		peers := fmt.Sprintf("%d/%d", len(n.Peers), n.ExpectedPeers)
+		if len(n.Peers) < n.ExpectedPeers {
+			peers = pal.Red(peers)
+		} else {
+			peers = pal.Plain(peers)
+		}
+		var hs []string
+		for _, p := range n.Peers {
+			if p.LastHandshake == nil {
+				hs = append(hs, p.Node+" never")
+			} else {
+				hs = append(hs, p.Node+" "+output.Age(now, *p.LastHandshake))
+			}
+		}
+		leaks := fmt.Sprint(n.Leaks)
+		if n.UnencryptedPackets > 0 {
+			leaks += fmt.Sprintf(" (%d unencrypted)", n.UnencryptedPackets)
+		}
+		if n.Leaks > 0 || n.UnencryptedPackets > 0 {
+			leaks = pal.Red(leaks)
+		} else {
+			leaks = pal.Plain(leaks)
+		}
+		updated := "never"
+		if n.Updated != nil {
+			updated = output.Age(now, *n.Updated) + " ago"
+		}
+		if n.Stale {
+			updated = pal.Red(updated)
+		} else {
+			updated = pal.Plain(updated)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", n.Node, mode, output.Dash(n.Interface), key, keyAge, port,
+			strict, peers, output.Dash(strings.Join(hs, ", ")), leaks, updated)
+	}
+	if err := tw.Flush(); err != nil {
+		return fmt.Errorf("write encryption status: %w", err)
+	}
+	if r.detail != "" && len(r.Nodes) == 1 && r.Nodes[0].Reported {
+		n := r.Nodes[0]
+		fmt.Fprintf(&b, "\nPeers of %s:\n", n.Node)
+		if len(n.Peers) == 0 {
+			b.WriteString("  none\n")
+		} else {
+			tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+			fmt.Fprintln(tw, "  PEER\tKEY\tENDPOINT\tALLOWED IPS\tLAST HANDSHAKE\tRX\tTX")
+			for _, p := range n.Peers {
+				hs := "never"
+				if p.LastHandshake != nil {
+					hs = output.Age(now, *p.LastHandshake) + " ago"
+				}
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, output.Dash(p.Fingerprint), output.Dash(p.Endpoint),
+					output.Dash(strings.Join(p.AllowedIPs, ",")), hs, bytesString(uint64(max(p.RxBytes, 0))), bytesString(uint64(max(p.TxBytes, 0))))
+			}
+			if err := tw.Flush(); err != nil {
+				return fmt.Errorf("write encryption status: %w", err)
+			}
+		}
+	}
+	if len(r.Problems) > 0 {
+		fmt.Fprintf(&b, "\n%s\n", pal.Bold(pal.Red("Attention:")))
+		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		for _, p := range r.Problems {
+			fmt.Fprintf(tw, "  %s\t%s\n", p.Node, p.Problem)
+		}
+		if err := tw.Flush(); err != nil {
+			return fmt.Errorf("write encryption status: %w", err)
+		}
+	}
+	if _, err := io.WriteString(w, b.String()); err != nil {
+		return fmt.Errorf("write encryption status: %w", err)
+	}
+	return nil
+}
