@@ -168,7 +168,7 @@ func (d *Daemon) worker(ctx context.Context) {
 		if err == nil {
 			d.lastSync.Store(time.Now().UnixNano())
 		}
-		if d.queue.Len() == 0 && !d.synced.Load() {
+		if d.queue.Len() == 0 && !d.endpoints.Converged() {
 			d.converged()
 			d.log.Info("converged with the API server")
 			// Connections restored from pinned state are checked once,
@@ -185,31 +185,20 @@ func (d *Daemon) worker(ctx context.Context) {
 // whose Pod the API server does not have (restored from the last run, the
 // Pod deleted meanwhile) deny-all instead of keeping its old policy.
 func (d *Daemon) converged() {
-	d.mu.Lock()
-	d.synced.Store(true)
-	var rewrite, rest []*localEndpoint
-	for _, ep := range d.local {
-		if ep.Pending {
-			ep.Pending = false
-			rewrite = append(rewrite, ep)
-		} else {
-			rest = append(rest, ep)
-		}
-	}
-	d.mu.Unlock()
+	rewrite, rest := d.endpoints.Converge()
 	for _, ep := range rest {
 		if _, ok := d.compiler.Endpoint(ep.Pod); !ok {
 			rewrite = append(rewrite, ep)
 		}
 	}
 	for _, ep := range rewrite {
-		if err := d.writeEndpoint(ep); err != nil {
+		if err := d.writeEndpoint(ep.Pod); err != nil {
 			// It keeps denying; the next change of its pod retries.
 			d.log.Warn("write policy of endpoint after convergence", "pod", ep.Pod, "error", err)
 		}
 	}
 	if len(rewrite) > 0 {
-		d.dirty.Store(true)
+		d.endpoints.Changed()
 	}
 }
 
@@ -245,11 +234,9 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 			// Annotations change no policy, so the compiler does not
 			// report them; a local pod's datapath record may still need
 			// its acceleration opt-out.
-			d.mu.Lock()
-			ep := d.local[policy.EndpointID{Namespace: k.namespace, Name: k.name}]
-			d.mu.Unlock()
-			if ep != nil && ep.NoAccel != optedOut(pod.Annotations[AccelerationAnnotation]) {
-				if err := d.writeEndpoint(ep); err != nil {
+			ep, ok := d.endpoints.Get(policy.EndpointID{Namespace: k.namespace, Name: k.name})
+			if ok && ep.NoAccel != optedOut(pod.Annotations[AccelerationAnnotation]) {
+				if err := d.writeEndpoint(ep.Pod); err != nil {
 					return err
 				}
 			}
@@ -324,10 +311,8 @@ func (d *Daemon) withLocalIP(pod *corev1.Pod) *corev1.Pod {
 	if pod.Spec.NodeName != d.cfg.NodeName || pod.Spec.HostNetwork || pod.Status.PodIP != "" {
 		return pod
 	}
-	d.mu.Lock()
-	ep := d.local[policy.EndpointID{Namespace: pod.Namespace, Name: pod.Name}]
-	d.mu.Unlock()
-	if ep == nil {
+	ep, ok := d.endpoints.Get(policy.EndpointID{Namespace: pod.Namespace, Name: pod.Name})
+	if !ok {
 		return pod
 	}
 	cp := pod.DeepCopy()
@@ -341,13 +326,11 @@ func (d *Daemon) apply(ch policy.Changes) error {
 	var errs []error
 	var changedIPs []netip.Prefix
 	for _, id := range ch.Endpoints {
-		d.mu.Lock()
-		ep := d.local[id]
-		d.mu.Unlock()
-		if ep == nil {
+		ep, ok := d.endpoints.Get(id)
+		if !ok {
 			continue
 		}
-		if err := d.writeEndpoint(ep); err != nil {
+		if err := d.writeEndpoint(id); err != nil {
 			errs = append(errs, err)
 			continue
 		}
@@ -367,20 +350,24 @@ func (d *Daemon) apply(ch policy.Changes) error {
 		errs = append(errs, d.evictRevoked(changedIPs, false))
 	}
 	if len(changedIPs) > 0 || ch.IPCache {
-		d.dirty.Store(true)
+		d.endpoints.Changed()
 	}
 	return errors.Join(errs...)
 }
 
 // writeEndpoint brings one local endpoint's datapath record and policy in
-// line with the compiler.
-func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
+// line with the compiler. An endpoint no longer registered is left alone.
+func (d *Daemon) writeEndpoint(id policy.EndpointID) error {
+	ep, ok := d.endpoints.Get(id)
+	if !ok {
+		return nil
+	}
 	cep, ok := d.compiler.Endpoint(ep.Pod)
 	ident := identity.Unmanaged
 	if ok {
 		ident = cep.Identity
 	}
-	hostMAC, podMAC, err := ep.macs()
+	hostMAC, podMAC, err := ep.MACs()
 	if err != nil {
 		return err
 	}
@@ -392,15 +379,10 @@ func (d *Daemon) writeEndpoint(ep *localEndpoint) error {
 		}); err != nil {
 			return fmt.Errorf("update endpoint %s: %w", ep.Pod, err)
 		}
-		d.mu.Lock()
-		ep.Identity, ep.NoAccel = ident, noAccel
-		d.mu.Unlock()
+		d.endpoints.Recorded(ep.Pod, ident, noAccel)
 	}
-	d.mu.Lock()
-	pending := ep.Pending
-	d.mu.Unlock()
 	entries, defaults := cep.Entries, cep.Defaults
-	if !ok || pending {
+	if !ok || ep.Pending {
 		// Unmanaged (its Pod is unknown) or compiled against a policy set
 		// that is not complete yet: deny both ways, never allow, until
 		// the pod is known and the agent has converged.
@@ -576,7 +558,7 @@ func (d *Daemon) syncIPCache() ([]netip.Prefix, error) {
 // Never before the agent has converged: a half-rebuilt compiler traces
 // unknown peers as denied, and would revoke allowed connections.
 func (d *Daemon) evictRevoked(changed []netip.Prefix, all bool) error {
-	if !d.synced.Load() || (!all && len(changed) == 0) {
+	if !d.endpoints.Converged() || (!all && len(changed) == 0) {
 		return nil
 	}
 	n, err := d.dp.EvictFlows(revocationCheck(d.compiler, changed, all))

@@ -41,6 +41,7 @@ import (
 	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/wireguard"
@@ -77,16 +78,13 @@ type Daemon struct {
 	cmeshpols   veillisters.ClusterMeshPolicyLister
 	queue       workqueue.TypedRateLimitingInterface[objKey]
 
-	// mu guards the local endpoint registry and what was written to the
-	// ipcache; compiler and datapath have locks of their own.
+	// endpoints is the local endpoint registry; it also says whether the
+	// agent has converged.
+	endpoints *endpoints.Registry
+	// mu guards what was written to the ipcache; compiler, datapath and
+	// endpoints have locks of their own.
 	mu      sync.Mutex
-	local   map[policy.EndpointID]*localEndpoint
 	ipcache map[netip.Prefix]datapath.IPCacheEntry
-	nextID  uint32
-	dirty   atomic.Bool
-	// saveMu orders snapshots with their writes, so an older snapshot never
-	// replaces a newer file (CNI ADD saves while persistLoop may too).
-	saveMu sync.Mutex
 	// ipcacheDirty: a mutation changed addresses or identities since the
 	// ipcache was last written.
 	ipcacheDirty atomic.Bool
@@ -95,7 +93,6 @@ type Daemon struct {
 	started      time.Time
 	lastSync     atomic.Int64
 	apiUp        atomic.Bool
-	synced       atomic.Bool
 	degraded     sync.Map // component -> reason
 	names        names
 
@@ -165,15 +162,14 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 		clusterCIDRs: []netip.Prefix{clusterCIDR.Masked()},
 		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
 		broadcaster:  events,
-		local:        map[policy.EndpointID]*localEndpoint{},
 		ipcache:      map[netip.Prefix]datapath.IPCacheEntry{},
-		nextID:       1,
 		flows:        newFlowLog(4096),
 		started:      time.Now(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[objKey](),
 			workqueue.TypedRateLimitingQueueConfig[objKey]{Name: "veil-agent"}),
 	}
+	d.endpoints = endpoints.New(endpoints.Config{StateDir: cfg.StateDir, Enforcer: d, Fill: d.fillState, Log: log})
 	d.metrics = newAgentMetrics(d)
 	return d, nil
 }
@@ -185,7 +181,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
-	st, err := loadState(d.cfg.StateDir)
+	st, err := endpoints.LoadState(d.cfg.StateDir)
 	if err != nil {
 		return err
 	}
@@ -219,7 +215,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if alloc, err = ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR); err != nil {
 			return fmt.Errorf("open IPAM: %w", err)
 		}
-		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d, Log: d.log, MTU: d.podMTU}
+		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d.endpoints, Log: d.log, MTU: d.podMTU}
 	}
 	if err := d.restoreEndpoints(st, alloc); err != nil {
 		return err
@@ -255,7 +251,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
-	go func() { defer wg.Done(); d.persistLoop(ctx) }()
+	go func() { defer wg.Done(); d.endpoints.Run(ctx) }()
 	go func() { defer wg.Done(); d.dp.RunConntrackGC(ctx) }()
 	if d.cfg.StrictMode {
 		wg.Add(1)
@@ -279,12 +275,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	<-ctx.Done()
 	d.log.Info("shutting down; the datapath keeps enforcing")
-	return d.saveState()
+	return d.endpoints.Save()
 }
 
 // learnNode finds this node's address and pod CIDR from its Node object, or
 // from the last saved state when the API server cannot be reached.
-func (d *Daemon) learnNode(ctx context.Context, st *persisted) error {
+func (d *Daemon) learnNode(ctx context.Context, st *endpoints.State) error {
 	var node *corev1.Node
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -398,40 +394,14 @@ func (d *Daemon) probeAPIServer(ctx context.Context) {
 	}
 }
 
-// persistLoop saves identities and endpoints when they changed.
-func (d *Daemon) persistLoop(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if d.dirty.Swap(false) {
-				if err := d.saveState(); err != nil {
-					d.log.Error("save state", "error", err)
-					d.dirty.Store(true)
-				}
-			}
-		}
-	}
-}
-
-func (d *Daemon) saveState() error {
-	d.saveMu.Lock()
-	defer d.saveMu.Unlock()
-	d.mu.Lock()
-	st := &persisted{NodeIP: d.nodeIP, PodCIDR: d.podCIDR}
-	for _, ep := range d.local {
-		cp := *ep
-		st.Endpoints = append(st.Endpoints, &cp)
-	}
-	d.mu.Unlock()
+// fillState adds the identity numbers and node facts to a state about to
+// be saved.
+func (d *Daemon) fillState(st *endpoints.State) {
+	st.NodeIP, st.PodCIDR = d.nodeIP, d.podCIDR
 	if d.compiler != nil {
 		st.Identities = d.compiler.IdentityState()
 		st.CIDRIdentities = d.compiler.CIDRIdentityState()
 	}
-	return saveState(d.cfg.StateDir, st)
 }
 
 // Cleanup removes what Veil installed on this node: pinned programs, links

@@ -15,6 +15,7 @@ import (
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/capture"
+	"github.com/veilmesh/veil/agent/endpoints"
 )
 
 func (s *apiServer) RotateKey(ctx context.Context, _ *agentv1.RotateKeyRequest) (*agentv1.RotateKeyResponse, error) {
@@ -96,15 +97,12 @@ func (s *apiServer) SendMarker(ctx context.Context, req *agentv1.SendMarkerReque
 	if count > 100 {
 		return nil, status.Error(codes.InvalidArgument, "at most 100 markers per call")
 	}
-	d.mu.Lock()
-	var src *localEndpoint
-	for _, e := range d.local {
+	var src *endpoints.Endpoint
+	for _, e := range d.endpoints.List() {
 		if e.Netns != "" && (src == nil || e.Pod.String() < src.Pod.String()) {
-			cp := *e
-			src = &cp
+			src = &e
 		}
 	}
-	d.mu.Unlock()
 	if src == nil {
 		return nil, status.Errorf(codes.FailedPrecondition, "node %s has no pod to send from", d.cfg.NodeName)
 	}

@@ -74,8 +74,8 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter := func(desc *prometheus.Desc, v float64, lv ...string) {
 		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, v, lv...)
 	}
+	nLocal := d.endpoints.Len()
 	d.mu.Lock()
-	nLocal := len(d.local)
 	nIPCache := len(d.ipcache)
 	conflicts := slices.Collect(maps.Keys(d.conflicts))
 	d.mu.Unlock()
@@ -139,7 +139,7 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
-		if !d.synced.Load() {
+		if !d.endpoints.Converged() {
 			http.Error(w, "not converged with the API server yet", http.StatusServiceUnavailable)
 			return
 		}

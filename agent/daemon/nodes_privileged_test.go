@@ -19,6 +19,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/policy"
@@ -84,7 +85,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	d.nodes = factory.Core().V1().Nodes().Lister()
 	factory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
-	if err := d.learnNode(ctx, &persisted{}); err != nil {
+	if err := d.learnNode(ctx, &endpoints.State{}); err != nil {
 		t.Fatal(err)
 	}
 	d.pub = keys["self"]

@@ -19,6 +19,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/nodeinfo"
@@ -55,7 +56,7 @@ func testDaemon(t *testing.T, self string, selfIP string) *Daemon {
 	cfg.NodeName = self
 	return &Daemon{cfg: cfg, log: slog.New(slog.DiscardHandler), compiler: c, nodeIP: netip.MustParseAddr(selfIP),
 		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, clusterCIDRs: []netip.Prefix{netip.MustParsePrefix(cfg.ClusterCIDR)},
-		events: record.NewFakeRecorder(16)}
+		events: record.NewFakeRecorder(16), endpoints: endpoints.New(endpoints.Config{StateDir: t.TempDir()})}
 }
 
 // A node whose agent runs with --node-ip on its second InternalIP: the

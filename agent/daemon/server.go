@@ -67,14 +67,12 @@ func (s *apiServer) Status(ctx context.Context, _ *agentv1.StatusRequest) (*agen
 		ApiVersion: APIVersion, AgentVersion: Version, Node: d.cfg.NodeName,
 		ApiServerConnected: d.apiUp.Load(), LastSyncUnixNano: d.lastSync.Load(),
 		StartedUnixNano: d.started.UnixNano(), SocketAcceleration: d.cfg.CgroupRoot != "",
-		Converged: d.synced.Load(),
+		Converged: d.endpoints.Converged(),
 	}
 	if d.podCIDR.IsValid() {
 		resp.PodCidr = d.podCIDR.String()
 	}
-	d.mu.Lock()
-	resp.Endpoints = int32(len(d.local))
-	d.mu.Unlock()
+	resp.Endpoints = int32(d.endpoints.Len())
 	resp.Identities = int32(len(d.compiler.Identities()))
 	resp.InvalidPolicies = int32(len(d.compiler.Invalid()))
 	policies := map[policy.PolicyRef]bool{}
@@ -93,7 +91,7 @@ func (s *apiServer) Status(ctx context.Context, _ *agentv1.StatusRequest) (*agen
 			&agentv1.Program{Name: "sockops", AttachPoint: "cgroup " + d.cfg.CgroupRoot, Attached: 1},
 			&agentv1.Program{Name: "sk_msg", AttachPoint: "veil_sockhash", Attached: 1})
 	}
-	if !d.synced.Load() {
+	if !d.endpoints.Converged() {
 		d.setDegraded("sync", "not converged with the API server yet")
 	} else {
 		d.clearDegraded("sync")
@@ -127,15 +125,9 @@ func (s *apiServer) Status(ctx context.Context, _ *agentv1.StatusRequest) (*agen
 
 // localCompiled returns the compiled endpoints of this node's pods.
 func (d *Daemon) localCompiled() []policy.Endpoint {
-	d.mu.Lock()
-	ids := make([]policy.EndpointID, 0, len(d.local))
-	for id := range d.local {
-		ids = append(ids, id)
-	}
-	d.mu.Unlock()
 	var out []policy.Endpoint
-	for _, id := range ids {
-		if ep, ok := d.compiler.Endpoint(id); ok {
+	for _, local := range d.endpoints.List() {
+		if ep, ok := d.compiler.Endpoint(local.Pod); ok {
 			out = append(out, ep)
 		}
 	}
@@ -152,14 +144,8 @@ func labelStrings(ls identity.Labels) []string {
 
 func (s *apiServer) ListEndpoints(ctx context.Context, _ *agentv1.ListEndpointsRequest) (*agentv1.ListEndpointsResponse, error) {
 	d := s.d
-	d.mu.Lock()
-	locals := make([]localEndpoint, 0, len(d.local))
-	for _, e := range d.local {
-		locals = append(locals, *e)
-	}
-	d.mu.Unlock()
 	resp := &agentv1.ListEndpointsResponse{}
-	for _, e := range locals {
+	for _, e := range d.endpoints.List() {
 		out := &agentv1.Endpoint{
 			Namespace: e.Pod.Namespace, Name: e.Pod.Name, Ip: e.IP.String(), Id: e.ID,
 			Identity: uint32(e.Identity), Interface: e.HostVeth, ContainerId: e.ContainerID,
@@ -187,11 +173,9 @@ func (s *apiServer) ListEndpoints(ctx context.Context, _ *agentv1.ListEndpointsR
 func (s *apiServer) ListIdentities(ctx context.Context, _ *agentv1.ListIdentitiesRequest) (*agentv1.ListIdentitiesResponse, error) {
 	d := s.d
 	count := map[identity.ID]int32{}
-	d.mu.Lock()
-	for _, e := range d.local {
+	for _, e := range d.endpoints.List() {
 		count[e.Identity]++
 	}
-	d.mu.Unlock()
 	resp := &agentv1.ListIdentitiesResponse{}
 	for _, id := range []identity.ID{identity.Host, identity.World, identity.Unmanaged, identity.Health, identity.RemoteNode} {
 		resp.Identities = append(resp.Identities, &agentv1.Identity{
@@ -233,10 +217,7 @@ func (s *apiServer) GetPolicy(ctx context.Context, req *agentv1.GetPolicyRequest
 		return nil, status.Errorf(codes.Internal, "encode rules: %v", err)
 	}
 	resp := &agentv1.GetPolicyResponse{EndpointJson: epJSON, RulesJson: rulesJSON}
-	d.mu.Lock()
-	local := d.local[id]
-	d.mu.Unlock()
-	if local != nil {
+	if local, ok := d.endpoints.Get(id); ok {
 		counters, err := d.dp.PolicyCounters(local.IP)
 		if err != nil {
 			return nil, status.Errorf(codes.Internal, "read counters: %v", err)
