@@ -38,6 +38,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/veilmesh/veil/agent/apiserver"
 	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
@@ -116,7 +117,7 @@ type Daemon struct {
 	events       record.EventRecorder
 	broadcaster  record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
-	cni CNIService
+	cni apiserver.CNIService
 }
 
 // objKind says which informer an objKey came from.
@@ -225,8 +226,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer cancel()
 	// Listers must exist before the first CNI call can arrive.
 	d.startInformers(ctx)
-	srv, err := d.serveAPI()
-	if err != nil {
+	srv := d.newAPIServer()
+	if err := srv.Start(); err != nil {
 		return err
 	}
 	defer srv.Stop()
@@ -366,6 +367,16 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 }
 
 func (d *Daemon) setDegraded(component, reason string) { d.degraded.Store(component, reason) }
+
+// degradedNow returns every degraded component with its reason.
+func (d *Daemon) degradedNow() map[string]string {
+	out := map[string]string{}
+	d.degraded.Range(func(k, v any) bool {
+		out[k.(string)] = v.(string)
+		return true
+	})
+	return out
+}
 func (d *Daemon) clearDegraded(component string)       { d.degraded.Delete(component) }
 
 // probeAPIServer keeps apiUp current, so status can say whether the agent is

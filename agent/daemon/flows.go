@@ -5,8 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"strings"
-	"sync"
+		"sync"
 	"time"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
@@ -44,9 +43,9 @@ func (l *flowLog) add(f *agentv1.Flow) {
 	}
 }
 
-// snapshot returns the stored flows, oldest first, and (when follow) a
+// Snapshot returns the stored flows, oldest first, and (when follow) a
 // channel of new ones registered atomically with the snapshot.
-func (l *flowLog) snapshot(follow bool) ([]*agentv1.Flow, chan *agentv1.Flow) {
+func (l *flowLog) Snapshot(follow bool) ([]*agentv1.Flow, chan *agentv1.Flow) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var out []*agentv1.Flow
@@ -62,7 +61,8 @@ func (l *flowLog) snapshot(follow bool) ([]*agentv1.Flow, chan *agentv1.Flow) {
 	return out, ch
 }
 
-func (l *flowLog) unfollow(ch chan *agentv1.Flow) {
+// Unfollow stops sending new flows to ch.
+func (l *flowLog) Unfollow(ch chan *agentv1.Flow) {
 	l.mu.Lock()
 	delete(l.followers, ch)
 	l.mu.Unlock()
@@ -162,49 +162,4 @@ func (d *Daemon) podOf(ip netip.Addr) string {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.pods[ip]
-}
-
-// matches applies an observe request's filters to a flow.
-func matches(req *agentv1.ObserveRequest, f *agentv1.Flow) bool {
-	if req.FromPod != "" && f.SrcPod != req.FromPod {
-		return false
-	}
-	if req.ToPod != "" && f.DstPod != req.ToPod {
-		return false
-	}
-	if req.Namespace != "" && !strings.HasPrefix(f.SrcPod, req.Namespace+"/") && !strings.HasPrefix(f.DstPod, req.Namespace+"/") {
-		return false
-	}
-	if req.Identity != 0 && f.SrcIdentity != req.Identity && f.DstIdentity != req.Identity {
-		return false
-	}
-	if req.Verdict != "" && !strings.EqualFold(req.Verdict, f.Verdict) {
-		return false
-	}
-	if req.Port != 0 && f.DstPort != req.Port {
-		return false
-	}
-	if req.Protocol != "" && !strings.EqualFold(req.Protocol, f.Protocol) {
-		return false
-	}
-	for _, want := range req.Labels {
-		if !hasLabel(f.SrcLabels, want) && !hasLabel(f.DstLabels, want) {
-			return false
-		}
-	}
-	return true
-}
-
-// hasLabel matches "key=value" against "source:key=value" labels, or a full
-// "source:key=value".
-func hasLabel(labels []string, want string) bool {
-	for _, l := range labels {
-		if l == want {
-			return true
-		}
-		if _, rest, ok := strings.Cut(l, ":"); ok && rest == want {
-			return true
-		}
-	}
-	return false
 }

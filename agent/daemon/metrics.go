@@ -13,6 +13,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/veilmesh/veil/policy"
 )
 
 // agentMetrics are the agent's Prometheus metrics. Datapath counters are read
@@ -170,4 +172,15 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 		defer cancel()
 		srv.Shutdown(ctx)
 	}, nil
+}
+
+// localCompiled returns the compiled endpoints of this node's pods.
+func (d *Daemon) localCompiled() []policy.Endpoint {
+	var out []policy.Endpoint
+	for _, local := range d.endpoints.List() {
+		if ep, ok := d.compiler.Endpoint(local.Pod); ok {
+			out = append(out, ep)
+		}
+	}
+	return out
 }

@@ -1,0 +1,55 @@
+package daemon
+
+import (
+	"context"
+	"net/netip"
+
+	"github.com/veilmesh/veil/agent/apiserver"
+	"github.com/veilmesh/veil/policy/identity"
+)
+
+// newAPIServer hands the API server its views of the agent.
+func (d *Daemon) newAPIServer() *apiserver.Server {
+	cfg := apiserver.Config{
+		SocketPath: d.cfg.SocketPath, NodeName: d.cfg.NodeName, AgentVersion: Version,
+		PodCIDR: d.podCIDR, CgroupRoot: d.cfg.CgroupRoot, WireGuardPort: d.cfg.WireGuardPort,
+		StartedUnixNano: d.started.UnixNano(),
+		Endpoints:       d.endpoints, Policy: d.compiler, Datapath: d.dp, Flows: d.flows,
+		Health: (*apiHealth)(d), Encryption: (*apiEncryption)(d), CNI: d.cni, Log: d.log,
+	}
+	// Validated at start (config.Validate).
+	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
+		cfg.ClusterCIDR = p
+	}
+	return apiserver.New(cfg)
+}
+
+// apiHealth is the Daemon as the API server's Health.
+type apiHealth Daemon
+
+func (h *apiHealth) APIServerConnected() bool    { return h.apiUp.Load() }
+func (h *apiHealth) LastSync() int64             { return h.lastSync.Load() }
+func (h *apiHealth) Converged() bool             { return h.endpoints.Converged() }
+func (h *apiHealth) Degraded() map[string]string { return (*Daemon)(h).degradedNow() }
+func (h *apiHealth) IdentityLabels(id identity.ID) []string {
+	return (*Daemon)(h).identityLabels(id)
+}
+
+// apiEncryption is the Daemon as the API server's Encryption.
+type apiEncryption Daemon
+
+func (e *apiEncryption) TunnelInterface() string {
+	if e.wg == nil {
+		return ""
+	}
+	return e.wg.Interface()
+}
+
+func (e *apiEncryption) RotateKey(ctx context.Context) (string, string, error) {
+	return (*Daemon)(e).rotateKey(ctx)
+}
+
+var (
+	_ apiserver.Health     = (*apiHealth)(nil)
+	_ apiserver.Encryption = (*apiEncryption)(nil)
+)
