@@ -14,130 +14,14 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
-	kubeinformers "k8s.io/client-go/informers"
-	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/k8s"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
-	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
 	"github.com/veilmesh/veil/policy/identity"
 )
-
-// handler turns informer events into queue keys; it never touches objects.
-type handler struct {
-	d    *Daemon
-	kind objKind
-}
-
-func (h handler) key(obj any) (objKey, bool) {
-	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
-		obj = t.Obj
-	}
-	m, err := meta.Accessor(obj)
-	if err != nil {
-		return objKey{}, false
-	}
-	return objKey{kind: h.kind, namespace: m.GetNamespace(), name: m.GetName()}, true
-}
-
-func (h handler) OnAdd(obj any, _ bool) {
-	if k, ok := h.key(obj); ok {
-		h.d.queue.Add(k)
-	}
-}
-func (h handler) OnUpdate(_, obj any) { h.OnAdd(obj, false) }
-func (h handler) OnDelete(obj any)    { h.OnAdd(obj, false) }
-
-var _ cache.ResourceEventHandler = handler{}
-
-func (d *Daemon) startInformers(ctx context.Context) {
-	d.kubeFactory = kubeinformers.NewSharedInformerFactory(d.kube, d.cfg.ResyncPeriod)
-	d.veilFactory = veilinformers.NewSharedInformerFactory(d.veil, d.cfg.ResyncPeriod)
-	core := d.kubeFactory.Core().V1()
-	d.informers = map[objKind]cache.SharedIndexInformer{
-		kindPod:               core.Pods().Informer(),
-		kindNamespace:         core.Namespaces().Informer(),
-		kindNode:              core.Nodes().Informer(),
-		kindNetworkPolicy:     d.kubeFactory.Networking().V1().NetworkPolicies().Informer(),
-		kindMeshPolicy:        d.veilFactory.Policy().V1alpha1().MeshPolicies().Informer(),
-		kindClusterMeshPolicy: d.veilFactory.Policy().V1alpha1().ClusterMeshPolicies().Informer(),
-	}
-	for kind, inf := range d.informers {
-		inf.AddEventHandler(handler{d: d, kind: kind})
-	}
-	d.pods = core.Pods().Lister()
-	d.namespaces = core.Namespaces().Lister()
-	d.nodes = core.Nodes().Lister()
-	d.netpols = d.kubeFactory.Networking().V1().NetworkPolicies().Lister()
-	d.meshpols = d.veilFactory.Policy().V1alpha1().MeshPolicies().Lister()
-	d.cmeshpols = d.veilFactory.Policy().V1alpha1().ClusterMeshPolicies().Lister()
-	d.kubeFactory.Start(ctx.Done())
-	d.veilFactory.Start(ctx.Done())
-}
-
-// waitForCaches waits until every informer has listed, saying every 10 s
-// which ones are still waiting (an API server that is away, RBAC that
-// forbids a list, a CRD that is not installed).
-func (d *Daemon) waitForCaches(ctx context.Context) error {
-	t := time.NewTicker(100 * time.Millisecond)
-	defer t.Stop()
-	lastReport := time.Now()
-	for {
-		var waiting []string
-		for kind, inf := range d.informers {
-			if !inf.HasSynced() {
-				waiting = append(waiting, kind.String())
-			}
-		}
-		if len(waiting) == 0 {
-			d.clearDegraded("informers")
-			return nil
-		}
-		if time.Since(lastReport) > 10*time.Second {
-			d.log.Warn("informer caches still waiting", "types", waiting)
-			d.setDegraded("informers", "waiting for the first list of "+fmt.Sprint(waiting))
-			lastReport = time.Now()
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("informer caches %v did not sync: %w", waiting, ctx.Err())
-		case <-t.C:
-		}
-	}
-}
-
-// enqueueAll queues every cached object: the first convergence after start.
-// Namespaces and nodes go first so pods compile with their namespace labels.
-func (d *Daemon) enqueueAll() {
-	add := func(kind objKind, objs []metav1.Object) {
-		for _, o := range objs {
-			d.queue.Add(objKey{kind: kind, namespace: o.GetNamespace(), name: o.GetName()})
-		}
-	}
-	nss, _ := d.namespaces.List(labels.Everything())
-	add(kindNamespace, metaList(nss))
-	nodes, _ := d.nodes.List(labels.Everything())
-	add(kindNode, metaList(nodes))
-	nps, _ := d.netpols.List(labels.Everything())
-	add(kindNetworkPolicy, metaList(nps))
-	mps, _ := d.meshpols.List(labels.Everything())
-	add(kindMeshPolicy, metaList(mps))
-	cmps, _ := d.cmeshpols.List(labels.Everything())
-	add(kindClusterMeshPolicy, metaList(cmps))
-	pods, _ := d.pods.List(labels.Everything())
-	add(kindPod, metaList(pods))
-}
-
-func metaList[T metav1.Object](objs []T) []metav1.Object {
-	out := make([]metav1.Object, len(objs))
-	for i, o := range objs {
-		out[i] = o
-	}
-	return out
-}
 
 func (d *Daemon) worker(ctx context.Context) {
 	lastFlush := time.Now()
@@ -149,7 +33,7 @@ func (d *Daemon) worker(ctx context.Context) {
 		start := time.Now()
 		err := d.sync(ctx, k)
 		if err != nil {
-			d.log.Warn("sync failed; will retry", "kind", k.kind, "namespace", k.namespace, "name", k.name, "error", err)
+			d.log.Warn("sync failed; will retry", "kind", k.Kind, "namespace", k.Namespace, "name", k.Name, "error", err)
 			d.queue.AddRateLimited(k)
 		} else {
 			d.queue.Forget(k)
@@ -220,13 +104,13 @@ func (d *Daemon) flushIPCache() error {
 
 // sync converges one object: the compiler learns its current state from the
 // cache, and what changed reaches the datapath.
-func (d *Daemon) sync(ctx context.Context, k objKey) error {
+func (d *Daemon) sync(ctx context.Context, k k8s.Key) error {
 	var ch policy.Changes
-	switch k.kind {
-	case kindPod:
-		pod, err := d.pods.Pods(k.namespace).Get(k.name)
+	switch k.Kind {
+	case k8s.Pod:
+		pod, err := d.listers.Pods.Pods(k.Namespace).Get(k.Name)
 		if apierrors.IsNotFound(err) {
-			ch = d.compiler.DeletePod(k.namespace, k.name)
+			ch = d.compiler.DeletePod(k.Namespace, k.Name)
 		} else if err != nil {
 			return err
 		} else {
@@ -234,26 +118,26 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 			// Annotations change no policy, so the compiler does not
 			// report them; a local pod's datapath record may still need
 			// its acceleration opt-out.
-			ep, ok := d.endpoints.Get(policy.EndpointID{Namespace: k.namespace, Name: k.name})
+			ep, ok := d.endpoints.Get(policy.EndpointID{Namespace: k.Namespace, Name: k.Name})
 			if ok && ep.NoAccel != optedOut(pod.Annotations[AccelerationAnnotation]) {
 				if err := d.writeEndpoint(ep.Pod); err != nil {
 					return err
 				}
 			}
 		}
-	case kindNamespace:
-		ns, err := d.namespaces.Get(k.name)
+	case k8s.Namespace:
+		ns, err := d.listers.Namespaces.Get(k.Name)
 		if apierrors.IsNotFound(err) {
-			ch = d.compiler.DeleteNamespace(k.name)
+			ch = d.compiler.DeleteNamespace(k.Name)
 		} else if err != nil {
 			return err
 		} else {
 			ch = d.compiler.UpsertNamespace(ns)
 		}
-	case kindNode:
-		node, err := d.nodes.Get(k.name)
+	case k8s.Node:
+		node, err := d.listers.Nodes.Get(k.Name)
 		if apierrors.IsNotFound(err) {
-			ch = d.compiler.DeleteNode(k.name)
+			ch = d.compiler.DeleteNode(k.Name)
 		} else if err != nil {
 			return err
 		} else {
@@ -262,22 +146,22 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 		// Node addresses and pod CIDRs live in the ipcache, keys in the
 		// peers: syncNodes marks the ipcache for rewriting when a node's
 		// claims changed, and only then (not on every kubelet heartbeat).
-		if err := d.syncNodes(ctx, k.name, node); err != nil {
+		if err := d.syncNodes(ctx, k.Name, node); err != nil {
 			return err
 		}
-	case kindNetworkPolicy:
-		np, err := d.netpols.NetworkPolicies(k.namespace).Get(k.name)
+	case k8s.NetworkPolicy:
+		np, err := d.listers.NetworkPolicies.NetworkPolicies(k.Namespace).Get(k.Name)
 		if apierrors.IsNotFound(err) {
-			ch = d.compiler.DeleteNetworkPolicy(k.namespace, k.name)
+			ch = d.compiler.DeleteNetworkPolicy(k.Namespace, k.Name)
 		} else if err != nil {
 			return err
 		} else {
 			ch = d.compiler.UpsertNetworkPolicy(np)
 		}
-	case kindMeshPolicy:
-		mp, err := d.meshpols.MeshPolicies(k.namespace).Get(k.name)
+	case k8s.MeshPolicy:
+		mp, err := d.listers.MeshPolicies.MeshPolicies(k.Namespace).Get(k.Name)
 		if apierrors.IsNotFound(err) {
-			ch = d.compiler.DeleteMeshPolicy(k.namespace, k.name)
+			ch = d.compiler.DeleteMeshPolicy(k.Namespace, k.Name)
 		} else if err != nil {
 			return err
 		} else {
@@ -287,10 +171,10 @@ func (d *Daemon) sync(ctx context.Context, k objKey) error {
 			}
 			return d.writeMeshPolicyStatus(ctx, mp)
 		}
-	case kindClusterMeshPolicy:
-		cmp, err := d.cmeshpols.Get(k.name)
+	case k8s.ClusterMeshPolicy:
+		cmp, err := d.listers.ClusterMeshPolicies.Get(k.Name)
 		if apierrors.IsNotFound(err) {
-			ch = d.compiler.DeleteClusterMeshPolicy(k.name)
+			ch = d.compiler.DeleteClusterMeshPolicy(k.Name)
 		} else if err != nil {
 			return err
 		} else {
@@ -439,7 +323,7 @@ const AccelerationAnnotation = "veil.dev/socket-acceleration"
 
 // accelerationOptOut reports whether the pod opted out of acceleration.
 func (d *Daemon) accelerationOptOut(id policy.EndpointID) bool {
-	pod, err := d.pods.Pods(id.Namespace).Get(id.Name)
+	pod, err := d.listers.Pods.Pods(id.Namespace).Get(id.Name)
 	if err != nil {
 		return false
 	}

@@ -24,14 +24,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kubeinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
-	corelisters "k8s.io/client-go/listers/core/v1"
-	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
 
@@ -44,13 +40,12 @@ import (
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/ipam"
+	"github.com/veilmesh/veil/agent/k8s"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/nodeinfo"
 	"github.com/veilmesh/veil/policy/client/clientset/versioned"
-	veilinformers "github.com/veilmesh/veil/policy/client/informers/externalversions"
-	veillisters "github.com/veilmesh/veil/policy/client/listers/api/v1alpha1"
 )
 
 // Version is the agent's version, set at link time.
@@ -68,22 +63,18 @@ type Daemon struct {
 	nodeIP   netip.Addr
 	podCIDR  netip.Prefix
 
-	kubeFactory kubeinformers.SharedInformerFactory
-	veilFactory veilinformers.SharedInformerFactory
-	informers   map[objKind]cache.SharedIndexInformer
-	pods        corelisters.PodLister
-	namespaces  corelisters.NamespaceLister
-	nodes       corelisters.NodeLister
-	netpols     networkinglisters.NetworkPolicyLister
-	meshpols    veillisters.MeshPolicyLister
-	cmeshpols   veillisters.ClusterMeshPolicyLister
-	queue       workqueue.TypedRateLimitingInterface[objKey]
+	// watch holds the informers; listers read their caches; queue holds
+	// the keys of changed objects until the worker syncs them.
+	watch   *k8s.Watcher
+	listers k8s.Listers
+	queue   workqueue.TypedRateLimitingInterface[k8s.Key]
 
 	// endpoints is the local endpoint registry; it also says whether the
 	// agent has converged.
 	endpoints *endpoints.Registry
-	// mu guards what was written to the ipcache; compiler, datapath and
-	// endpoints have locks of their own.
+	// mu guards what was written to the ipcache, and the encryption and
+	// node-claim state below; compiler, datapath and endpoints have locks
+	// of their own.
 	mu      sync.Mutex
 	ipcache map[netip.Prefix]datapath.IPCacheEntry
 	// ipcacheDirty: a mutation changed addresses or identities since the
@@ -120,28 +111,6 @@ type Daemon struct {
 	cni apiserver.CNIService
 }
 
-// objKind says which informer an objKey came from.
-type objKind int
-
-const (
-	kindPod objKind = iota
-	kindNamespace
-	kindNode
-	kindNetworkPolicy
-	kindMeshPolicy
-	kindClusterMeshPolicy
-)
-
-func (k objKind) String() string {
-	return [...]string{"Pod", "Namespace", "Node", "NetworkPolicy", "MeshPolicy", "ClusterMeshPolicy"}[k]
-}
-
-type objKey struct {
-	kind      objKind
-	namespace string
-	name      string
-}
-
 // New connects to the API server and prepares the agent; Run starts it.
 func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, error) {
 	kube, err := kubernetes.NewForConfig(restCfg)
@@ -167,9 +136,11 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 		flows:        newFlowLog(4096),
 		started:      time.Now(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
-			workqueue.DefaultTypedControllerRateLimiter[objKey](),
-			workqueue.TypedRateLimitingQueueConfig[objKey]{Name: "veil-agent"}),
+			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
+			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
+		watch: k8s.New(kube, veil, cfg.ResyncPeriod),
 	}
+	d.listers = d.watch.Listers
 	d.endpoints = endpoints.New(endpoints.Config{StateDir: cfg.StateDir, Enforcer: d, Fill: d.fillState, Log: log})
 	d.metrics = newAgentMetrics(d)
 	return d, nil
@@ -224,8 +195,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// Listers must exist before the first CNI call can arrive.
-	d.startInformers(ctx)
+	// Informers start before the first CNI call can arrive, so its
+	// lister lookups see the cluster as soon as they have listed.
+	if err := d.watch.OnChange(d.queue.Add); err != nil {
+		return err
+	}
+	d.watch.Start(ctx)
 	srv := d.newAPIServer()
 	if err := srv.Start(); err != nil {
 		return err
@@ -260,11 +235,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	d.log.Info("waiting for informer caches")
-	if err := d.waitForCaches(ctx); err != nil {
+	err = d.watch.WaitForCacheSync(ctx, 10*time.Second, func(waiting []string) {
+		if waiting == nil {
+			d.clearDegraded("informers")
+			return
+		}
+		d.log.Warn("informer caches still waiting", "types", waiting)
+		d.setDegraded("informers", "waiting for the first list of "+fmt.Sprint(waiting))
+	})
+	if err != nil {
 		return err
 	}
 	d.log.Info("informer caches synced; converging")
-	d.enqueueAll()
+	for _, k := range d.watch.Keys() {
+		d.queue.Add(k)
+	}
 	go func() {
 		<-ctx.Done()
 		d.queue.ShutDown()

@@ -24,7 +24,7 @@ import (
 func (d *Daemon) Enforce(ctx context.Context, ep endpoints.Endpoint) error {
 	// The informer may not have the Pod yet: ask the API server once, so
 	// the policy is right from the first packet.
-	pod, err := d.pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name)
+	pod, err := d.listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name)
 	if apierrors.IsNotFound(err) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		pod, err = d.kube.CoreV1().Pods(ep.Pod.Namespace).Get(cctx, ep.Pod.Name, metav1.GetOptions{})
@@ -52,7 +52,7 @@ func (d *Daemon) Withdraw(ctx context.Context, ep endpoints.Endpoint) error {
 	// The pod keeps its API object for a while; without a local address the
 	// compiler drops it as an endpoint.
 	var err error
-	if pod, gerr := d.pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
+	if pod, gerr := d.listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
 		err = d.apply(d.compiler.UpsertPod(d.withLocalIP(pod)))
 	} else {
 		err = d.apply(d.compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))

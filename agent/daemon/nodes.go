@@ -42,7 +42,7 @@ func (d *Daemon) syncNodes(ctx context.Context, name string, node *corev1.Node) 
 	if d.claimsUnchanged(name, node) {
 		return nil
 	}
-	nodes, err := d.nodes.List(labels.Everything())
+	nodes, err := d.listers.Nodes.List(labels.Everything())
 	if err != nil {
 		return fmt.Errorf("list nodes: %w", err)
 	}
@@ -91,7 +91,7 @@ func (d *Daemon) resolvedCluster() nodeinfo.Cluster {
 	if resolved {
 		return c
 	}
-	nodes, err := d.nodes.List(labels.Everything())
+	nodes, err := d.listers.Nodes.List(labels.Everything())
 	if err != nil {
 		return c
 	}

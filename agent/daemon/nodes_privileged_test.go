@@ -82,7 +82,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	mk("mallory-self-ip", "10.99.0.1/32", publish("victim", "10.99.0.5:51871"), "10.99.0.5", "10.99.0.1")
 
 	factory := kubeinformers.NewSharedInformerFactory(d.kube, 0)
-	d.nodes = factory.Core().V1().Nodes().Lister()
+	d.listers.Nodes = factory.Core().V1().Nodes().Lister()
 	factory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
 	if err := d.learnNode(ctx, &endpoints.State{}); err != nil {
@@ -97,7 +97,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	nodes, err := d.nodes.List(labels.Everything())
+	nodes, err := d.listers.Nodes.List(labels.Everything())
 	if err != nil {
 		t.Fatal(err)
 	}

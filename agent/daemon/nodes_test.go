@@ -127,7 +127,7 @@ func TestClaimConflictsAreReported(t *testing.T) {
 	mallory := agentNode(t, "mallory", 3, "10.244.1.0/24", "10.99.0.3:51871", "10.99.0.3", "10.99.0.1")
 	mallory.Spec.PodCIDRs = append(mallory.Spec.PodCIDRs, "192.168.7.0/24")
 	mallory.Annotations[nodeinfo.AnnotationPublicKey] = victim.Annotations[nodeinfo.AnnotationPublicKey]
-	d.nodes = nodeLister(t, self, victim, mallory)
+	d.listers.Nodes = nodeLister(t, self, victim, mallory)
 	rec := record.NewFakeRecorder(16)
 	d.events = rec
 	d.kube = kubefake.NewClientset(self, victim, mallory)
@@ -192,7 +192,7 @@ func TestClaimConflictsAreReported(t *testing.T) {
 	}
 
 	// The claims are gone with their node: so are the series.
-	d.nodes = nodeLister(t, self, victim)
+	d.listers.Nodes = nodeLister(t, self, victim)
 	if err := d.syncNodes(t.Context(), mallory.Name, nil); err != nil {
 		t.Fatal(err)
 	}
