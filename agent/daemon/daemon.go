@@ -353,6 +353,8 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 
 func (d *Daemon) setDegraded(component, reason string) { d.degraded.Store(component, reason) }
 
+func (d *Daemon) clearDegraded(component string) { d.degraded.Delete(component) }
+
 // degradedNow returns every degraded component with its reason.
 func (d *Daemon) degradedNow() map[string]string {
 	out := map[string]string{}
@@ -362,7 +364,6 @@ func (d *Daemon) degradedNow() map[string]string {
 	})
 	return out
 }
-func (d *Daemon) clearDegraded(component string)       { d.degraded.Delete(component) }
 
 // probeAPIServer keeps apiUp current, so status can say whether the agent is
 // enforcing live or last-known state.

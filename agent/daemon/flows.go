@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-		"sync"
+	"sync"
 	"time"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
