@@ -91,11 +91,12 @@ type Daemon struct {
 	// Encryption: the WireGuard device (nil when off), the MTU pods get,
 	// and, guarded by mu, the public key published and the names of the
 	// nodes that are peers.
-	wg          *wireguard.Device
-	podMTU      int
-	pub         wgtypes.Key
-	tunnels     map[string]bool
-	statusDirty atomic.Bool
+	wg      *wireguard.Device
+	podMTU  int
+	pub     wgtypes.Key
+	tunnels map[string]bool
+	// statusChanged holds a token while the MeshNode status is stale.
+	statusChanged chan struct{}
 	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr). Guarded
 	// by mu: cluster is the last resolution of every node's claims, which
 	// the ipcache and the peers are built from; claims is what each Node
@@ -129,12 +130,13 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 	events.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")})
 	d := &Daemon{
 		cfg: cfg, log: log, kube: kube, veil: veil,
-		clusterCIDRs: []netip.Prefix{clusterCIDR.Masked()},
-		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
-		broadcaster:  events,
-		ipcache:      map[netip.Prefix]datapath.IPCacheEntry{},
-		flows:        newFlowLog(4096),
-		started:      time.Now(),
+		clusterCIDRs:  []netip.Prefix{clusterCIDR.Masked()},
+		events:        events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
+		broadcaster:   events,
+		ipcache:       map[netip.Prefix]datapath.IPCacheEntry{},
+		statusChanged: make(chan struct{}, 1),
+		flows:         newFlowLog(4096),
+		started:       time.Now(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
 			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),

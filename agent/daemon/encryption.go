@@ -133,7 +133,7 @@ func (d *Daemon) recordTunnels(peers []wireguard.Peer) {
 	d.mu.Unlock()
 	if changed {
 		d.ipcacheDirty.Store(true)
-		d.statusDirty.Store(true)
+		d.meshNodeChanged()
 	}
 }
 
@@ -157,43 +157,55 @@ func (d *Daemon) rotateKey(ctx context.Context) (old, cur string, err error) {
 	if err := key.ConfirmRotation(); err != nil {
 		return old, key.Fingerprint(), fmt.Errorf("confirm key rotation: %w", err)
 	}
-	d.statusDirty.Store(true)
+	d.meshNodeChanged()
 	d.log.Info("rotated WireGuard key", "old", old, "new", key.Fingerprint())
 	return old, key.Fingerprint(), nil
 }
 
 // encryptionLoop keeps the MeshNode status current and rotates the key on
-// schedule.
+// schedule. The status is written at start, when statusChanged says the
+// peers or the key changed, and every 15 s for the counters; a failed write
+// is retried after a second.
 func (d *Daemon) encryptionLoop(ctx context.Context) {
 	status := time.NewTicker(15 * time.Second)
 	defer status.Stop()
-	check := time.NewTicker(time.Second)
-	defer check.Stop()
 	var rotate <-chan time.Time
 	if d.cfg.KeyRotationInterval > 0 && d.wg != nil {
 		t := time.NewTicker(d.cfg.KeyRotationInterval)
 		defer t.Stop()
 		rotate = t.C
 	}
-	d.statusDirty.Store(true)
-	for {
+	var retry <-chan time.Time
+	for write := true; ; {
+		if write {
+			retry = nil
+			if err := d.writeMeshNode(ctx); err != nil {
+				d.log.Warn("record node status", "error", err)
+				retry = time.After(time.Second)
+			}
+		}
+		write = true
 		select {
 		case <-ctx.Done():
 			return
 		case <-status.C:
-			d.statusDirty.Store(true)
+		case <-d.statusChanged:
+		case <-retry:
 		case <-rotate:
 			if _, _, err := d.rotateKey(ctx); err != nil {
 				d.log.Error("scheduled key rotation", "error", err)
 			}
-		case <-check.C:
+			// rotateKey announced a change of its own when it took.
+			write = false
 		}
-		if d.statusDirty.Swap(false) {
-			if err := d.writeMeshNode(ctx); err != nil {
-				d.log.Warn("record node status", "error", err)
-				d.statusDirty.Store(true)
-			}
-		}
+	}
+}
+
+// meshNodeChanged asks encryptionLoop to write the MeshNode status now.
+func (d *Daemon) meshNodeChanged() {
+	select {
+	case d.statusChanged <- struct{}{}:
+	default:
 	}
 }
 
