@@ -32,7 +32,7 @@ func (h *apiHealth) LastSync() int64             { return h.lastSync.Load() }
 func (h *apiHealth) Converged() bool             { return h.endpoints.Converged() }
 func (h *apiHealth) Degraded() map[string]string { return (*Daemon)(h).degradedNow() }
 func (h *apiHealth) IdentityLabels(id identity.ID) []string {
-	return (*Daemon)(h).identityLabels(id)
+	return h.flows.IdentityLabels(id)
 }
 
 // apiEncryption is the Daemon as the API server's Encryption.

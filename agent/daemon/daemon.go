@@ -34,11 +34,13 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/apiserver"
 	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/endpoints"
+	"github.com/veilmesh/veil/agent/flows"
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/k8s"
 	"github.com/veilmesh/veil/agent/podnet"
@@ -80,13 +82,13 @@ type Daemon struct {
 	// ipcacheDirty: a mutation changed addresses or identities since the
 	// ipcache was last written.
 	ipcacheDirty atomic.Bool
-	flows        *flowLog
-	metrics      *agentMetrics
-	started      time.Time
-	lastSync     atomic.Int64
-	apiUp        atomic.Bool
-	degraded     sync.Map // component -> reason
-	names        names
+	// flows is created with the compiler it names flows from.
+	flows    *flows.Log
+	metrics  *agentMetrics
+	started  time.Time
+	lastSync atomic.Int64
+	apiUp    atomic.Bool
+	degraded sync.Map // component -> reason
 
 	// Encryption: the WireGuard device (nil when off), the MTU pods get,
 	// and, guarded by mu, the public key published and the names of the
@@ -135,7 +137,6 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 		broadcaster:   events,
 		ipcache:       map[netip.Prefix]datapath.IPCacheEntry{},
 		statusChanged: make(chan struct{}, 1),
-		flows:         newFlowLog(4096),
 		started:       time.Now(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
@@ -184,6 +185,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create policy compiler: %w", err)
 	}
+	d.flows = flows.New(flows.Config{NodeName: d.cfg.NodeName, Policy: d.compiler, Observed: func(f *agentv1.Flow) {
+		d.metrics.verdicts.WithLabelValues(f.Verdict).Inc()
+	}})
 	var alloc *ipam.Allocator
 	if d.podCIDR.IsValid() {
 		if alloc, err = ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR); err != nil {
@@ -365,6 +369,14 @@ func (d *Daemon) degradedNow() map[string]string {
 		return true
 	})
 	return out
+}
+
+// readFlows describes the datapath's flow events until ctx is done.
+func (d *Daemon) readFlows(ctx context.Context) {
+	if err := d.flows.Run(ctx, d.dp); err != nil && !errors.Is(err, context.Canceled) {
+		d.log.Error("flow events stopped", "error", err)
+		d.setDegraded("flow-events", err.Error())
+	}
 }
 
 // probeAPIServer keeps apiUp current, so status can say whether the agent is

@@ -5,40 +5,9 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/v1alpha1"
 )
-
-func TestFlowLogKeepsTheNewestAndFansOut(t *testing.T) {
-	l := newFlowLog(3)
-	for i := 1; i <= 2; i++ {
-		l.add(&agentv1.Flow{SrcPort: uint32(i)})
-	}
-	past, ch := l.Snapshot(true)
-	if len(past) != 2 || past[0].SrcPort != 1 {
-		t.Fatalf("snapshot = %v", past)
-	}
-	for i := 3; i <= 5; i++ {
-		l.add(&agentv1.Flow{SrcPort: uint32(i)})
-	}
-	past, _ = l.Snapshot(false)
-	if len(past) != 3 || past[0].SrcPort != 3 || past[2].SrcPort != 5 {
-		t.Errorf("after wrapping: %v, want ports 3,4,5", past)
-	}
-	for want := uint32(3); want <= 5; want++ {
-		if f := <-ch; f.SrcPort != want {
-			t.Errorf("follower got %d, want %d", f.SrcPort, want)
-		}
-	}
-	l.Unfollow(ch)
-	l.add(&agentv1.Flow{SrcPort: 6})
-	select {
-	case f := <-ch:
-		t.Errorf("unfollowed channel still receives: %v", f)
-	default:
-	}
-}
 
 func TestAcceptedConditionAndStatusUpdates(t *testing.T) {
 	ok := acceptedCondition(nil, 3)

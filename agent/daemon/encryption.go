@@ -297,9 +297,9 @@ func (d *Daemon) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStatu
 				Protocol: policy.ProtoName(l.Proto), Reason: l.Reason.String(), Packets: int64(l.Packets),
 				First: metav1.NewTime(l.First), Last: metav1.NewTime(l.Last),
 			}
-			rec.Endpoint = d.podOf(l.Src)
+			rec.Endpoint = d.flows.PodOf(l.Src)
 			if rec.Endpoint == "" {
-				rec.Endpoint = d.podOf(l.Dst)
+				rec.Endpoint = d.flows.PodOf(l.Dst)
 			}
 			enc.RecentLeaks = append(enc.RecentLeaks, rec)
 		}

@@ -1,8 +1,9 @@
-package daemon
+// Package flows turns the datapath's flow events into API flows, naming
+// their pods, identities and rules, and keeps the newest ones for Observe.
+package flows
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net/netip"
 	"sync"
@@ -14,8 +15,34 @@ import (
 	"github.com/veilmesh/veil/policy/identity"
 )
 
-// flowLog keeps the last flows and fans new ones out to followers.
-type flowLog struct {
+// Policy is what flows are named from.
+type Policy interface {
+	Identities() []policy.IdentityInfo
+	Endpoints() []policy.Endpoint
+	Rule(id uint32) (policy.Rule, bool)
+}
+
+// Source delivers the datapath's flow events until ctx is done.
+type Source interface {
+	ReadEvents(ctx context.Context, fn func(datapath.FlowEvent)) error
+}
+
+// Config is what a Log needs.
+type Config struct {
+	// NodeName is the node every flow is observed on.
+	NodeName string
+	Policy   Policy
+	// Size is how many flows are kept; 0 means 4096.
+	Size int
+	// Observed, when set, is called with every new flow.
+	Observed func(*agentv1.Flow)
+}
+
+// Log describes flows and keeps the newest ones.
+type Log struct {
+	cfg   Config
+	names names
+
 	mu        sync.Mutex
 	ring      []*agentv1.Flow
 	next      int
@@ -23,11 +50,29 @@ type flowLog struct {
 	followers map[chan *agentv1.Flow]struct{}
 }
 
-func newFlowLog(size int) *flowLog {
-	return &flowLog{ring: make([]*agentv1.Flow, size), followers: map[chan *agentv1.Flow]struct{}{}}
+// New returns an empty log.
+func New(cfg Config) *Log {
+	if cfg.Size == 0 {
+		cfg.Size = 4096
+	}
+	return &Log{cfg: cfg, ring: make([]*agentv1.Flow, cfg.Size), followers: map[chan *agentv1.Flow]struct{}{}}
 }
 
-func (l *flowLog) add(f *agentv1.Flow) {
+// Run describes and keeps every event of src until ctx is done or src
+// fails.
+func (l *Log) Run(ctx context.Context, src Source) error {
+	return src.ReadEvents(ctx, func(ev datapath.FlowEvent) {
+		f := l.Describe(ev)
+		if l.cfg.Observed != nil {
+			l.cfg.Observed(f)
+		}
+		l.Add(f)
+	})
+}
+
+// Add keeps f, dropping the oldest flow when full, and hands it to every
+// follower.
+func (l *Log) Add(f *agentv1.Flow) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.ring[l.next] = f
@@ -45,7 +90,7 @@ func (l *flowLog) add(f *agentv1.Flow) {
 
 // Snapshot returns the stored flows, oldest first, and (when follow) a
 // channel of new ones registered atomically with the snapshot.
-func (l *flowLog) Snapshot(follow bool) ([]*agentv1.Flow, chan *agentv1.Flow) {
+func (l *Log) Snapshot(follow bool) ([]*agentv1.Flow, chan *agentv1.Flow) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	var out []*agentv1.Flow
@@ -62,30 +107,18 @@ func (l *flowLog) Snapshot(follow bool) ([]*agentv1.Flow, chan *agentv1.Flow) {
 }
 
 // Unfollow stops sending new flows to ch.
-func (l *flowLog) Unfollow(ch chan *agentv1.Flow) {
+func (l *Log) Unfollow(ch chan *agentv1.Flow) {
 	l.mu.Lock()
 	delete(l.followers, ch)
 	l.mu.Unlock()
 }
 
-// readFlows turns datapath flow events into API flows.
-func (d *Daemon) readFlows(ctx context.Context) {
-	err := d.dp.ReadEvents(ctx, func(ev datapath.FlowEvent) {
-		f := d.describeFlow(ev)
-		d.metrics.verdicts.WithLabelValues(f.Verdict).Inc()
-		d.flows.add(f)
-	})
-	if err != nil && !errors.Is(err, context.Canceled) {
-		d.log.Error("flow events stopped", "error", err)
-		d.setDegraded("flow-events", err.Error())
-	}
-}
-
 func protoName(p uint8) string { return policy.ProtoName(p) }
 
-func (d *Daemon) describeFlow(ev datapath.FlowEvent) *agentv1.Flow {
+// Describe turns a datapath event into an API flow.
+func (l *Log) Describe(ev datapath.FlowEvent) *agentv1.Flow {
 	f := &agentv1.Flow{
-		TimeUnixNano: ev.Time.UnixNano(), Node: d.cfg.NodeName,
+		TimeUnixNano: ev.Time.UnixNano(), Node: l.cfg.NodeName,
 		SrcIp: ev.Src.String(), DstIp: ev.Dst.String(),
 		SrcPort: uint32(ev.SrcPort), DstPort: uint32(ev.DstPort),
 		Protocol: protoName(ev.Proto), ObservationPoint: ev.Point.String(),
@@ -101,12 +134,12 @@ func (d *Daemon) describeFlow(ev datapath.FlowEvent) *agentv1.Flow {
 	default:
 		f.Verdict = "ALLOWED"
 	}
-	f.SrcLabels = d.identityLabels(ev.SrcIdentity)
-	f.DstLabels = d.identityLabels(ev.DstIdentity)
-	f.SrcPod = d.podOf(ev.Src)
-	f.DstPod = d.podOf(ev.Dst)
+	f.SrcLabels = l.IdentityLabels(ev.SrcIdentity)
+	f.DstLabels = l.IdentityLabels(ev.DstIdentity)
+	f.SrcPod = l.PodOf(ev.Src)
+	f.DstPod = l.PodOf(ev.Dst)
 	if ev.RuleID != 0 {
-		if r, ok := d.compiler.Rule(ev.RuleID); ok {
+		if r, ok := l.cfg.Policy.Rule(ev.RuleID); ok {
 			f.Rule = fmt.Sprintf("%s %s", r.Policy, r.Section)
 		}
 	}
@@ -122,15 +155,15 @@ type names struct {
 	pods   map[netip.Addr]string
 }
 
-func (d *Daemon) namesNow() *names {
-	n := &d.names
+func (l *Log) namesNow() *names {
+	n := &l.names
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if time.Since(n.built) < time.Second && n.labels != nil {
 		return n
 	}
 	n.labels = map[identity.ID][]string{}
-	for _, info := range d.compiler.Identities() {
+	for _, info := range l.cfg.Policy.Identities() {
 		out := make([]string, len(info.Labels))
 		for i, l := range info.Labels {
 			out[i] = l.String()
@@ -138,7 +171,7 @@ func (d *Daemon) namesNow() *names {
 		n.labels[info.ID] = out
 	}
 	n.pods = map[netip.Addr]string{}
-	for _, e := range d.compiler.Endpoints() {
+	for _, e := range l.cfg.Policy.Endpoints() {
 		for _, a := range e.IPs {
 			n.pods[a] = e.EndpointID.String()
 		}
@@ -147,18 +180,20 @@ func (d *Daemon) namesNow() *names {
 	return n
 }
 
-func (d *Daemon) identityLabels(id identity.ID) []string {
+// IdentityLabels names an identity's labels.
+func (l *Log) IdentityLabels(id identity.ID) []string {
 	if name := id.ReservedName(); name != "" {
 		return []string{"reserved:" + name}
 	}
-	n := d.namesNow()
+	n := l.namesNow()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.labels[id]
 }
 
-func (d *Daemon) podOf(ip netip.Addr) string {
-	n := d.namesNow()
+// PodOf names the pod that holds ip, "" when none does.
+func (l *Log) PodOf(ip netip.Addr) string {
+	n := l.namesNow()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	return n.pods[ip]
