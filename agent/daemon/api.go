@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"context"
 	"net/netip"
 
 	"github.com/veilmesh/veil/agent/apiserver"
@@ -15,7 +14,7 @@ func (d *Daemon) newAPIServer() *apiserver.Server {
 		PodCIDR: d.podCIDR, CgroupRoot: d.cfg.CgroupRoot, WireGuardPort: d.cfg.WireGuardPort,
 		StartedUnixNano: d.started.UnixNano(),
 		Endpoints:       d.endpoints, Policy: d.compiler, Datapath: d.dp, Flows: d.flows,
-		Health: (*apiHealth)(d), Encryption: (*apiEncryption)(d), CNI: d.cni, Log: d.log,
+		Health: (*apiHealth)(d), Encryption: d.enc, CNI: d.cni, Log: d.log,
 	}
 	// Validated at start (config.Validate).
 	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
@@ -35,21 +34,4 @@ func (h *apiHealth) IdentityLabels(id identity.ID) []string {
 	return h.flows.IdentityLabels(id)
 }
 
-// apiEncryption is the Daemon as the API server's Encryption.
-type apiEncryption Daemon
-
-func (e *apiEncryption) TunnelInterface() string {
-	if e.wg == nil {
-		return ""
-	}
-	return e.wg.Interface()
-}
-
-func (e *apiEncryption) RotateKey(ctx context.Context) (string, string, error) {
-	return (*Daemon)(e).rotateKey(ctx)
-}
-
-var (
-	_ apiserver.Health     = (*apiHealth)(nil)
-	_ apiserver.Encryption = (*apiEncryption)(nil)
-)
+var _ apiserver.Health = (*apiHealth)(nil)

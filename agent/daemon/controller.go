@@ -309,9 +309,7 @@ var denyAll = policy.Defaults{
 
 // tunnelKind is the ipcache flag for prefixes hosted by the named node.
 func (d *Daemon) tunnelKind(node string) datapath.IPCacheKind {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.tunnels[node] {
+	if d.enc.Tunnelled(node) {
 		return datapath.Tunnel
 	}
 	return 0
@@ -364,7 +362,7 @@ func (d *Daemon) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCac
 		// A peer's own addresses are in its allowed IPs when peerNodeAddrs:
 		// pods reach them through the tunnel then.
 		var nodeTunnel datapath.IPCacheKind
-		if d.peerNodeAddrs() {
+		if d.enc.PeerNodeAddrs() {
 			nodeTunnel = d.tunnelKind(n.Name)
 		}
 		for _, a := range n.Addrs() {

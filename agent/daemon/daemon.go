@@ -32,13 +32,13 @@ import (
 	"k8s.io/client-go/util/workqueue"
 
 	"github.com/vishvananda/netlink"
-	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 	"github.com/veilmesh/veil/agent/apiserver"
 	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/encryption"
 	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/flows"
 	"github.com/veilmesh/veil/agent/ipam"
@@ -90,15 +90,8 @@ type Daemon struct {
 	apiUp    atomic.Bool
 	degraded sync.Map // component -> reason
 
-	// Encryption: the WireGuard device (nil when off), the MTU pods get,
-	// and, guarded by mu, the public key published and the names of the
-	// nodes that are peers.
-	wg      *wireguard.Device
-	podMTU  int
-	pub     wgtypes.Key
-	tunnels map[string]bool
-	// statusChanged holds a token while the MeshNode status is stale.
-	statusChanged chan struct{}
+	// enc is the node's encryption; created once the datapath is loaded.
+	enc *encryption.Manager
 	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr). Guarded
 	// by mu: cluster is the last resolution of every node's claims, which
 	// the ipcache and the peers are built from; claims is what each Node
@@ -132,12 +125,11 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 	events.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")})
 	d := &Daemon{
 		cfg: cfg, log: log, kube: kube, veil: veil,
-		clusterCIDRs:  []netip.Prefix{clusterCIDR.Masked()},
-		events:        events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
-		broadcaster:   events,
-		ipcache:       map[netip.Prefix]datapath.IPCacheEntry{},
-		statusChanged: make(chan struct{}, 1),
-		started:       time.Now(),
+		clusterCIDRs: []netip.Prefix{clusterCIDR.Masked()},
+		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
+		broadcaster:  events,
+		ipcache:      map[netip.Prefix]datapath.IPCacheEntry{},
+		started:      time.Now(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
 			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
@@ -169,15 +161,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 	}
+	var dev *wireguard.Device
+	podMTU := 0
 	if d.cfg.Encryption == "wireguard" {
-		if err := d.startWireGuard(ctx, underlay); err != nil {
+		dev, podMTU, err = encryption.OpenDevice(ctx, encryption.DeviceConfig{
+			StateDir: d.cfg.StateDir, Interface: d.cfg.WireGuardIface, Port: d.cfg.WireGuardPort,
+			NodeToNode: d.cfg.NodeToNode, StrictMode: d.cfg.StrictMode, Underlay: underlay, Log: d.log,
+		})
+		if err != nil {
 			return err
 		}
 		// A userspace device ends with the process; a kernel one stays, so
 		// established sessions survive an agent restart.
-		defer d.wg.Release()
+		defer dev.Release()
 	}
-	if d.dp, err = d.loadDatapath(underlay); err != nil {
+	if d.dp, err = d.loadDatapath(underlay, dev); err != nil {
 		return err
 	}
 	defer d.dp.Close()
@@ -188,12 +186,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.flows = flows.New(flows.Config{NodeName: d.cfg.NodeName, Policy: d.compiler, Observed: func(f *agentv1.Flow) {
 		d.metrics.verdicts.WithLabelValues(f.Verdict).Inc()
 	}})
+	d.enc = d.newEncryption(dev)
 	var alloc *ipam.Allocator
 	if d.podCIDR.IsValid() {
 		if alloc, err = ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR); err != nil {
 			return fmt.Errorf("open IPAM: %w", err)
 		}
-		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d.endpoints, Log: d.log, MTU: d.podMTU}
+		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d.endpoints, Log: d.log, MTU: podMTU}
 	}
 	if err := d.restoreEndpoints(st, alloc); err != nil {
 		return err
@@ -226,11 +225,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		wg.Wait()
 	}()
 	wg.Add(5)
-	go func() { defer wg.Done(); d.encryptionLoop(ctx) }()
-	if d.wg != nil {
-		wg.Add(1)
-		go func() { defer wg.Done(); d.publishKey(ctx) }()
-	}
+	go func() { defer wg.Done(); d.enc.Run(ctx) }()
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.endpoints.Run(ctx) }()
@@ -325,7 +320,7 @@ func (d *Daemon) learnNode(ctx context.Context, st *endpoints.State) error {
 	return nil
 }
 
-func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
+func (d *Daemon) loadDatapath(underlay string, dev *wireguard.Device) (*datapath.Datapath, error) {
 	cfg := datapath.Config{
 		BPFFSRoot:         d.cfg.BPFFSRoot,
 		CgroupPath:        d.cfg.CgroupRoot,
@@ -342,8 +337,8 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
 		cfg.ClusterCIDR = p
 	}
-	if d.wg != nil {
-		cfg.WireGuardInterface = d.wg.Interface()
+	if dev != nil {
+		cfg.WireGuardInterface = dev.Interface()
 	}
 	dp, err := datapath.Load(cfg)
 	if err != nil {
@@ -405,6 +400,25 @@ func (d *Daemon) probeAPIServer(ctx context.Context) {
 	}
 }
 
+// newEncryption hands the encryption manager its view of the agent; dev is
+// nil when encryption is off.
+func (d *Daemon) newEncryption(dev *wireguard.Device) *encryption.Manager {
+	cfg := encryption.Config{
+		NodeName: d.cfg.NodeName, NodeIP: d.nodeIP, PodCIDR: d.podCIDR, Port: d.cfg.WireGuardPort,
+		NodeToNode: d.cfg.NodeToNode, StrictMode: d.cfg.StrictMode,
+		KeyRotationInterval: d.cfg.KeyRotationInterval, AgentVersion: Version,
+		Datapath: d.dp, Kube: d.kube, Veil: d.veil, Events: d.events,
+		Cluster: d.resolvedCluster, PodOf: d.flows.PodOf,
+		TunnelsChanged: func() { d.ipcacheDirty.Store(true) },
+		Log:            d.log,
+	}
+	// Only a device that exists: a nil *Device would be a non-nil Device.
+	if dev != nil {
+		cfg.Device = dev
+	}
+	return encryption.New(cfg)
+}
+
 // fillState adds the identity numbers and node facts to a state about to
 // be saved.
 func (d *Daemon) fillState(st *endpoints.State) {
@@ -420,7 +434,7 @@ func (d *Daemon) fillState(st *endpoints.State) {
 func Cleanup(cfg config.Config) error {
 	var errs []error
 	errs = append(errs, datapath.RemovePins(cfg.BPFFSRoot))
-	errs = append(errs, removeHostTunnel())
+	errs = append(errs, encryption.RemoveHostTunnel())
 	if l, err := netlink.LinkByName(cfg.WireGuardIface); err == nil {
 		if err := netlink.LinkDel(l); err != nil {
 			errs = append(errs, fmt.Errorf("remove WireGuard device %s: %w", cfg.WireGuardIface, err))

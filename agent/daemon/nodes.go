@@ -3,21 +3,14 @@ package daemon
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"fmt"
-	"net/netip"
 	"slices"
 	"strings"
-	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
 
-	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
-
-	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy/api/nodeinfo"
 )
 
@@ -35,7 +28,7 @@ func (d *Daemon) resolveNodes(nodes []*corev1.Node) nodeinfo.Cluster {
 // claims and re-derives the WireGuard peers.
 func (d *Daemon) syncNodes(ctx context.Context, name string, node *corev1.Node) error {
 	if node != nil && name == d.cfg.NodeName {
-		if err := d.reassertAnnotations(ctx, node); err != nil {
+		if err := d.enc.Reassert(ctx, node); err != nil {
 			return err
 		}
 	}
@@ -53,7 +46,7 @@ func (d *Daemon) syncNodes(ctx context.Context, name string, node *corev1.Node) 
 	d.cluster = c
 	d.mu.Unlock()
 	d.ipcacheDirty.Store(true)
-	if err := d.syncPeers(ctx, c); err != nil {
+	if err := d.enc.SyncPeers(ctx, c); err != nil {
 		return err
 	}
 	// Only once the peers are set may unchanged Nodes be skipped.
@@ -100,8 +93,7 @@ func (d *Daemon) resolvedCluster() nodeinfo.Cluster {
 
 // Reasons of the Events the agent records on Nodes.
 const (
-	reasonClaimRefused     = "VeilClaimRefused"
-	reasonAnnotationsReset = "VeilAnnotationsReasserted"
+	reasonClaimRefused = "VeilClaimRefused"
 )
 
 // reportConflicts makes refused claims visible: a Warning Event on the
@@ -136,60 +128,4 @@ func (d *Daemon) reportConflicts(c nodeinfo.Cluster) {
 // nodeRef is how kubelet refers to a Node in Events (its UID is its name).
 func nodeRef(name string) *corev1.ObjectReference {
 	return &corev1.ObjectReference{Kind: "Node", Name: name, UID: types.UID(name)}
-}
-
-// wantAnnotations are the wireguard.veil.dev/* annotations this node's
-// agent publishes; nil while encryption is off or the key is not loaded.
-func (d *Daemon) wantAnnotations() map[string]string {
-	d.mu.Lock()
-	pub := d.pub
-	d.mu.Unlock()
-	if d.cfg.Encryption != "wireguard" || pub == (wgtypes.Key{}) {
-		return nil
-	}
-	var cidrs []netip.Prefix
-	if d.podCIDR.IsValid() {
-		cidrs = append(cidrs, d.podCIDR)
-	}
-	return wireguard.Annotations(pub, netip.AddrPortFrom(d.nodeIP, uint16(d.cfg.WireGuardPort)), cidrs)
-}
-
-// patchNodeAnnotations writes this node's annotations.
-func (d *Daemon) patchNodeAnnotations(ctx context.Context) error {
-	ann := d.wantAnnotations()
-	if ann == nil {
-		return nil
-	}
-	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": ann}})
-	if err != nil {
-		return fmt.Errorf("encode annotations of node %s: %w", d.cfg.NodeName, err)
-	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	_, err = d.kube.CoreV1().Nodes().Patch(cctx, d.cfg.NodeName, types.MergePatchType, patch, metav1.PatchOptions{})
-	if err != nil {
-		return fmt.Errorf("annotate node %s: %w", d.cfg.NodeName, err)
-	}
-	return nil
-}
-
-// reassertAnnotations puts this node's annotations back when the Node
-// shows something else (someone edited or removed them): peers must only
-// ever learn this node's key and address from this node's agent.
-func (d *Daemon) reassertAnnotations(ctx context.Context, n *corev1.Node) error {
-	want := d.wantAnnotations()
-	var drifted []string
-	for k, v := range want {
-		if n.Annotations[k] != v {
-			drifted = append(drifted, k)
-		}
-	}
-	if len(drifted) == 0 {
-		return nil
-	}
-	slices.Sort(drifted)
-	d.log.Warn("node annotations drifted; re-asserting", "node", n.Name, "annotations", drifted)
-	d.events.Eventf(nodeRef(n.Name), corev1.EventTypeWarning, reasonAnnotationsReset,
-		"annotations %v did not match what the node's Veil agent publishes; re-asserted", drifted)
-	return d.patchNodeAnnotations(ctx)
 }

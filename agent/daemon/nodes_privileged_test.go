@@ -88,7 +88,10 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	if err := d.learnNode(ctx, &endpoints.State{}); err != nil {
 		t.Fatal(err)
 	}
-	d.pub = keys["self"]
+	d.enc = testEncryption(t, d)
+	if keys["self"], err = wgtypes.ParseKey(d.enc.Annotations()[nodeinfo.AnnotationPublicKey]); err != nil {
+		t.Fatal(err)
+	}
 	self, err := d.kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
@@ -102,7 +105,9 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 		t.Fatal(err)
 	}
 	peers, _ := wireguard.PeersFromNodes(d.resolveNodes(nodes), "self", false)
-	d.recordTunnels(peers)
+	if err := d.enc.SyncPeers(ctx, d.resolveNodes(nodes)); err != nil {
+		t.Fatal(err)
+	}
 	i := slices.IndexFunc(peers, func(p wireguard.Peer) bool { return p.Node == "victim" })
 	if i < 0 || peers[i].PublicKey != keys["victim"] || !slices.Equal(peers[i].AllowedIPs, []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}) {
 		t.Fatalf("victim's peer changed: %+v", peers)
@@ -175,7 +180,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for k, v := range d.wantAnnotations() {
+	for k, v := range d.enc.Annotations() {
 		if got.Annotations[k] != v {
 			t.Errorf("after re-assertion %s = %q; want %q", k, got.Annotations[k], v)
 		}

@@ -1,10 +1,11 @@
 package daemon
 
 import (
+	"context"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"slices"
-	"strings"
 	"testing"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/encryption"
 	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
@@ -54,9 +56,11 @@ func testDaemon(t *testing.T, self string, selfIP string) *Daemon {
 	}
 	cfg := config.Default()
 	cfg.NodeName = self
-	return &Daemon{cfg: cfg, log: slog.New(slog.DiscardHandler), compiler: c, nodeIP: netip.MustParseAddr(selfIP),
+	d := &Daemon{cfg: cfg, log: slog.New(slog.DiscardHandler), compiler: c, nodeIP: netip.MustParseAddr(selfIP),
 		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, clusterCIDRs: []netip.Prefix{netip.MustParsePrefix(cfg.ClusterCIDR)},
 		events: record.NewFakeRecorder(16), endpoints: endpoints.New(endpoints.Config{StateDir: t.TempDir()})}
+	d.enc = testEncryption(t, d)
+	return d
 }
 
 // A node whose agent runs with --node-ip on its second InternalIP: the
@@ -76,11 +80,12 @@ func TestTunnelFlagWithSeveralInternalIPsAndExplicitEndpoint(t *testing.T) {
 		Spec:       corev1.PodSpec{NodeName: "n1"},
 		Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.244.1.5", PodIPs: []corev1.PodIP{{IP: "10.244.1.5"}}},
 	})
-	peers, errs := wireguard.PeersFromNodes(d.resolveNodes(nodes), "self", false)
-	if len(errs) != 0 || len(peers) != 1 {
-		t.Fatalf("peers %v, errors %v", peers, errs)
+	if err := d.enc.SyncPeers(t.Context(), d.resolveNodes(nodes)); err != nil {
+		t.Fatal(err)
 	}
-	d.recordTunnels(peers)
+	if !d.enc.Tunnelled("n1") {
+		t.Fatal("n1 is not a peer")
+	}
 	want := d.wantIPCache(d.resolveNodes(nodes))
 
 	endpoint := netip.MustParseAddr("10.98.0.2")
@@ -201,56 +206,6 @@ func TestClaimConflictsAreReported(t *testing.T) {
 	}
 }
 
-// The agent puts its annotations back when anyone changes them.
-func TestOwnAnnotationsAreReasserted(t *testing.T) {
-	d := testDaemon(t, "self", "10.99.0.1")
-	d.cfg.Encryption = "wireguard"
-	d.cfg.WireGuardPort = 51871
-	d.podCIDR = netip.MustParsePrefix("10.244.0.0/24")
-	k, err := wgtypes.GeneratePrivateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.pub = k.PublicKey()
-	self := agentNode(t, "self", 1, "10.244.0.0/24", "", "10.99.0.1")
-	self.Annotations = d.wantAnnotations()
-	kube := kubefake.NewClientset(self)
-	d.kube, d.events = kube, record.NewFakeRecorder(4)
-
-	if err := d.reassertAnnotations(t.Context(), self); err != nil {
-		t.Fatal(err)
-	}
-	if n := len(kube.Actions()); n != 0 {
-		t.Fatalf("annotations as published: %d API calls, want none", n)
-	}
-
-	forged := self.DeepCopy()
-	other, err := wgtypes.GeneratePrivateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	forged.Annotations[nodeinfo.AnnotationPublicKey] = other.PublicKey().String()
-	delete(forged.Annotations, nodeinfo.AnnotationEndpoint)
-	if _, err := kube.CoreV1().Nodes().Update(t.Context(), forged, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.reassertAnnotations(t.Context(), forged); err != nil {
-		t.Fatal(err)
-	}
-	got, err := kube.CoreV1().Nodes().Get(t.Context(), "self", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range d.wantAnnotations() {
-		if got.Annotations[k] != v {
-			t.Errorf("after re-assertion %s = %q; want %q", k, got.Annotations[k], v)
-		}
-	}
-	if ev := <-d.events.(*record.FakeRecorder).Events; !strings.Contains(ev, reasonAnnotationsReset) {
-		t.Errorf("event %q; want %s", ev, reasonAnnotationsReset)
-	}
-}
-
 // Issue 10, item 7: every address of this node is the host, so a kubelet
 // probe from a second address is not judged as the world.
 func TestOwnAddressesAreHost(t *testing.T) {
@@ -272,20 +227,50 @@ func TestStrictModeTunnelsPeerNodeAddresses(t *testing.T) {
 	for _, strict := range []bool{false, true} {
 		d := testDaemon(t, "self", "10.99.0.1")
 		d.cfg.StrictMode = strict
+		d.enc = testEncryption(t, d)
 		nodes := []*corev1.Node{
 			agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1"),
 			agentNode(t, "n1", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2"),
 		}
 		c := d.resolveNodes(nodes)
-		peers, errs := wireguard.PeersFromNodes(c, "self", d.peerNodeAddrs())
+		peers, errs := wireguard.PeersFromNodes(c, "self", d.enc.PeerNodeAddrs())
 		if len(errs) != 0 || len(peers) != 1 {
 			t.Fatalf("peers %v, errors %v", peers, errs)
 		}
-		d.recordTunnels(peers)
+		if err := d.enc.SyncPeers(t.Context(), c); err != nil {
+			t.Fatal(err)
+		}
 		hasNode := slices.Contains(peers[0].AllowedIPs, netip.MustParsePrefix("10.99.0.2/32"))
 		tunnelled := d.wantIPCache(c)[netip.MustParsePrefix("10.99.0.2/32")].Kind&datapath.Tunnel != 0
 		if hasNode != strict || tunnelled != strict {
 			t.Errorf("strict=%v: node address in allowed IPs %v, tunnelled in the ipcache %v; want both %v", strict, hasNode, tunnelled, strict)
 		}
 	}
+}
+
+// testEncryption is encryption over a device that only remembers its
+// peers, configured as d is.
+func testEncryption(t *testing.T, d *Daemon) *encryption.Manager {
+	t.Helper()
+	k, err := wireguard.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return encryption.New(encryption.Config{
+		NodeName: d.cfg.NodeName, NodeIP: d.nodeIP, PodCIDR: d.podCIDR, Port: d.cfg.WireGuardPort,
+		NodeToNode: d.cfg.NodeToNode, StrictMode: d.cfg.StrictMode, Device: &fakeDevice{key: k},
+		Kube: d.kube, Events: d.events, Cluster: d.resolvedCluster, Log: d.log,
+	})
+}
+
+type fakeDevice struct{ key wireguard.Key }
+
+func (f *fakeDevice) Interface() string                                { return "veil-wg-test" }
+func (f *fakeDevice) Key() wireguard.Key                               { return f.key }
+func (f *fakeDevice) SetPeers(context.Context, []wireguard.Peer) error { return nil }
+func (f *fakeDevice) RotateKey(context.Context) (wireguard.Key, error) {
+	return f.key, errors.ErrUnsupported
+}
+func (f *fakeDevice) Status(context.Context) (wireguard.Status, error) {
+	return wireguard.Status{}, errors.ErrUnsupported
 }
