@@ -1,8 +1,9 @@
-// Package daemon is veil-agent: it watches the API server (Pods,
-// Namespaces, Nodes, NetworkPolicies, MeshPolicies, ClusterMeshPolicies),
-// feeds every change to the incremental policy compiler, and writes only what
-// changed into the node's datapath. It serves the agent API on a unix socket
-// and Prometheus metrics with health endpoints over HTTP.
+// Package daemon is veil-agent: it wires the agent's components (k8s,
+// endpoints, encryption, flows, apiserver) and runs them in the order the
+// node needs, and it syncs policy: every change the informers report is fed
+// to the incremental policy compiler, and only what changed is written into
+// the node's datapath. It serves Prometheus metrics with health endpoints
+// over HTTP.
 //
 // The datapath keeps enforcing the last state it was given whenever the API
 // server, or the agent itself, is away; on return the agent converges.
