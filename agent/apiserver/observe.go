@@ -6,6 +6,42 @@ import (
 	agentv1 "github.com/veilmesh/veil/agent/api/v1"
 )
 
+func (s *Server) Observe(req *agentv1.ObserveRequest, stream agentv1.Agent_ObserveServer) error {
+	past, ch := s.cfg.Flows.Snapshot(req.Follow)
+	if ch != nil {
+		defer s.cfg.Flows.Unfollow(ch)
+	}
+	var selected []*agentv1.Flow
+	for _, f := range past {
+		if matches(req, f) {
+			selected = append(selected, f)
+		}
+	}
+	if req.Last > 0 && int(req.Last) < len(selected) {
+		selected = selected[len(selected)-int(req.Last):]
+	}
+	for _, f := range selected {
+		if err := stream.Send(f); err != nil {
+			return err
+		}
+	}
+	if ch == nil {
+		return nil
+	}
+	for {
+		select {
+		case <-stream.Context().Done():
+			return nil
+		case f := <-ch:
+			if matches(req, f) {
+				if err := stream.Send(f); err != nil {
+					return err
+				}
+			}
+		}
+	}
+}
+
 // matches applies an observe request's filters to a flow.
 func matches(req *agentv1.ObserveRequest, f *agentv1.Flow) bool {
 	if req.FromPod != "" && f.SrcPod != req.FromPod {

@@ -351,42 +351,6 @@ func (s *Server) Trace(ctx context.Context, req *agentv1.TraceRequest) (*agentv1
 	return &agentv1.TraceResponse{ResultJson: raw}, nil
 }
 
-func (s *Server) Observe(req *agentv1.ObserveRequest, stream agentv1.Agent_ObserveServer) error {
-	past, ch := s.cfg.Flows.Snapshot(req.Follow)
-	if ch != nil {
-		defer s.cfg.Flows.Unfollow(ch)
-	}
-	var selected []*agentv1.Flow
-	for _, f := range past {
-		if matches(req, f) {
-			selected = append(selected, f)
-		}
-	}
-	if req.Last > 0 && int(req.Last) < len(selected) {
-		selected = selected[len(selected)-int(req.Last):]
-	}
-	for _, f := range selected {
-		if err := stream.Send(f); err != nil {
-			return err
-		}
-	}
-	if ch == nil {
-		return nil
-	}
-	for {
-		select {
-		case <-stream.Context().Done():
-			return nil
-		case f := <-ch:
-			if matches(req, f) {
-				if err := stream.Send(f); err != nil {
-					return err
-				}
-			}
-		}
-	}
-}
-
 func (s *Server) cniService() (CNIService, error) {
 	if s.cfg.CNI == nil {
 		return nil, status.Error(codes.Unavailable, "the agent's CNI service is not running yet")
