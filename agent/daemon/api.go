@@ -27,9 +27,9 @@ func (d *Daemon) newAPIServer() *apiserver.Server {
 type apiHealth Daemon
 
 func (h *apiHealth) APIServerConnected() bool    { return h.apiUp.Load() }
-func (h *apiHealth) LastSync() int64             { return h.lastSync.Load() }
+func (h *apiHealth) LastSync() int64             { return h.policy.LastSync() }
 func (h *apiHealth) Converged() bool             { return h.endpoints.Converged() }
-func (h *apiHealth) Degraded() map[string]string { return (*Daemon)(h).degradedNow() }
+func (h *apiHealth) Degraded() map[string]string { return h.degraded.All() }
 func (h *apiHealth) IdentityLabels(id identity.ID) []string {
 	return h.flows.IdentityLabels(id)
 }

@@ -1,9 +1,8 @@
-// Package daemon is veil-agent: it wires the agent's components (k8s,
-// endpoints, encryption, flows, apiserver) and runs them in the order the
-// node needs, and it syncs policy: every change the informers report is fed
-// to the incremental policy compiler, and only what changed is written into
-// the node's datapath. It serves Prometheus metrics with health endpoints
-// over HTTP.
+// Package daemon is veil-agent: it learns this node's facts, loads the
+// datapath, wires the agent's components (k8s, endpoints, encryption,
+// policysync, flows, apiserver) and runs them in the order the node needs,
+// and it keeps the registry of degraded components that Status, /readyz and
+// the Prometheus metrics report.
 //
 // The datapath keeps enforcing the last state it was given whenever the API
 // server, or the agent itself, is away; on return the agent converges.
@@ -30,7 +29,6 @@ import (
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
-	"k8s.io/client-go/util/workqueue"
 
 	"github.com/vishvananda/netlink"
 
@@ -45,6 +43,7 @@ import (
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/k8s"
 	"github.com/veilmesh/veil/agent/podnet"
+	"github.com/veilmesh/veil/agent/policysync"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/api/nodeinfo"
@@ -66,44 +65,27 @@ type Daemon struct {
 	nodeIP   netip.Addr
 	podCIDR  netip.Prefix
 
-	// watch holds the informers; listers read their caches; queue holds
-	// the keys of changed objects until the worker syncs them.
+	// watch holds the informers; listers read their caches.
 	watch   *k8s.Watcher
 	listers k8s.Listers
-	queue   workqueue.TypedRateLimitingInterface[k8s.Key]
-
 	// endpoints is the local endpoint registry; it also says whether the
 	// agent has converged.
 	endpoints *endpoints.Registry
-	// mu guards what was written to the ipcache, and the encryption and
-	// node-claim state below; compiler, datapath and endpoints have locks
-	// of their own.
-	mu      sync.Mutex
-	ipcache map[netip.Prefix]datapath.IPCacheEntry
-	// ipcacheDirty: a mutation changed addresses or identities since the
-	// ipcache was last written.
-	ipcacheDirty atomic.Bool
+	// enc is the node's encryption, policy the sync of policy into the
+	// datapath; both are created once the datapath is loaded.
+	enc    *encryption.Manager
+	policy *policysync.Syncer
 	// flows is created with the compiler it names flows from.
 	flows    *flows.Log
 	metrics  *agentMetrics
 	started  time.Time
-	lastSync atomic.Int64
 	apiUp    atomic.Bool
-	degraded sync.Map // component -> reason
-
-	// enc is the node's encryption; created once the datapath is loaded.
-	enc *encryption.Manager
-	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr). Guarded
-	// by mu: cluster is the last resolution of every node's claims, which
-	// the ipcache and the peers are built from; claims is what each Node
-	// claimed then; conflicts are the refused claims last reported, which
-	// events records on the Nodes through broadcaster.
+	degraded degradedSet
+	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr).
 	clusterCIDRs []netip.Prefix
-	cluster      nodeinfo.Cluster
-	claims       map[string]nodeinfo.Node
-	conflicts    map[nodeinfo.Conflict]bool
-	events       record.EventRecorder
-	broadcaster  record.EventBroadcaster
+	// events records on Nodes through broadcaster.
+	events      record.EventRecorder
+	broadcaster record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni apiserver.CNIService
 }
@@ -129,12 +111,8 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 		clusterCIDRs: []netip.Prefix{clusterCIDR.Masked()},
 		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
 		broadcaster:  events,
-		ipcache:      map[netip.Prefix]datapath.IPCacheEntry{},
 		started:      time.Now(),
-		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
-			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
-			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
-		watch: k8s.New(kube, veil, cfg.ResyncPeriod),
+		watch:        k8s.New(kube, veil, cfg.ResyncPeriod),
 	}
 	d.listers = d.watch.Listers
 	d.endpoints = endpoints.New(endpoints.Config{StateDir: cfg.StateDir, Enforcer: d, Fill: d.fillState, Log: log})
@@ -188,6 +166,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.metrics.verdicts.WithLabelValues(f.Verdict).Inc()
 	}})
 	d.enc = d.newEncryption(dev)
+	d.policy = policysync.New(policysync.Config{
+		NodeName: d.cfg.NodeName, NodeIP: d.nodeIP, ClusterCIDRs: d.clusterCIDRs,
+		Compiler: d.compiler, Datapath: d.dp, Endpoints: d.endpoints, Encryption: d.enc,
+		Listers: d.listers, Kube: d.kube, Veil: d.veil, Events: d.events, Degraded: &d.degraded,
+		Synced: func(took time.Duration) { d.metrics.reconcile.Observe(took.Seconds()) },
+		Log:    d.log,
+	})
 	var alloc *ipam.Allocator
 	if d.podCIDR.IsValid() {
 		if alloc, err = ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR); err != nil {
@@ -203,7 +188,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer cancel()
 	// Informers start before the first CNI call can arrive, so its
 	// lister lookups see the cluster as soon as they have listed.
-	if err := d.watch.OnChange(d.queue.Add); err != nil {
+	if err := d.watch.OnChange(d.policy.Enqueue); err != nil {
 		return err
 	}
 	d.watch.Start(ctx)
@@ -239,28 +224,22 @@ func (d *Daemon) Run(ctx context.Context) error {
 	d.log.Info("waiting for informer caches")
 	err = d.watch.WaitForCacheSync(ctx, 10*time.Second, func(waiting []string) {
 		if waiting == nil {
-			d.clearDegraded("informers")
+			d.degraded.Clear("informers")
 			return
 		}
 		d.log.Warn("informer caches still waiting", "types", waiting)
-		d.setDegraded("informers", "waiting for the first list of "+fmt.Sprint(waiting))
+		d.degraded.Set("informers", "waiting for the first list of "+fmt.Sprint(waiting))
 	})
 	if err != nil {
 		return err
 	}
 	d.log.Info("informer caches synced; converging")
 	for _, k := range d.watch.Keys() {
-		d.queue.Add(k)
+		d.policy.Enqueue(k)
 	}
-	go func() {
-		<-ctx.Done()
-		d.queue.ShutDown()
-	}()
-	const workers = 1 // the compiler serialises mutations anyway
-	for i := 0; i < workers; i++ {
-		wg.Add(1)
-		go func() { defer wg.Done(); d.worker(ctx) }()
-	}
+	// One worker: the compiler serialises mutations anyway.
+	wg.Add(1)
+	go func() { defer wg.Done(); d.policy.Run(ctx) }()
 	<-ctx.Done()
 	d.log.Info("shutting down; the datapath keeps enforcing")
 	return d.endpoints.Save()
@@ -287,7 +266,7 @@ func (d *Daemon) learnNode(ctx context.Context, st *endpoints.State) error {
 				return fmt.Errorf("get node %q: %w", d.cfg.NodeName, err)
 			}
 			d.log.Warn("API server unreachable; starting from saved node state", "error", err)
-			d.setDegraded("api-server", "unreachable at start: "+err.Error())
+			d.degraded.Set("api-server", "unreachable at start: "+err.Error())
 			break
 		}
 		time.Sleep(time.Second)
@@ -315,7 +294,7 @@ func (d *Daemon) learnNode(ctx context.Context, st *endpoints.State) error {
 		return fmt.Errorf("node %q has no IPv4 InternalIP: set --node-ip", d.cfg.NodeName)
 	}
 	if !d.podCIDR.IsValid() {
-		d.setDegraded("ipam", "node "+d.cfg.NodeName+" has no spec.podCIDRs; pods cannot get addresses")
+		d.degraded.Set("ipam", "node "+d.cfg.NodeName+" has no spec.podCIDRs; pods cannot get addresses")
 	}
 	d.log.Info("node", "name", d.cfg.NodeName, "ip", d.nodeIP, "podCIDR", d.podCIDR)
 	return nil
@@ -348,30 +327,16 @@ func (d *Daemon) loadDatapath(underlay string, dev *wireguard.Device) (*datapath
 	// The datapath logged it; status and readyz keep showing why
 	// acceleration is off, or runs untested.
 	if _, reason := dp.Acceleration(); reason != "" {
-		d.setDegraded("socket-acceleration", reason)
+		d.degraded.Set("socket-acceleration", reason)
 	}
 	return dp, nil
-}
-
-func (d *Daemon) setDegraded(component, reason string) { d.degraded.Store(component, reason) }
-
-func (d *Daemon) clearDegraded(component string) { d.degraded.Delete(component) }
-
-// degradedNow returns every degraded component with its reason.
-func (d *Daemon) degradedNow() map[string]string {
-	out := map[string]string{}
-	d.degraded.Range(func(k, v any) bool {
-		out[k.(string)] = v.(string)
-		return true
-	})
-	return out
 }
 
 // readFlows describes the datapath's flow events until ctx is done.
 func (d *Daemon) readFlows(ctx context.Context) {
 	if err := d.flows.Run(ctx, d.dp); err != nil && !errors.Is(err, context.Canceled) {
 		d.log.Error("flow events stopped", "error", err)
-		d.setDegraded("flow-events", err.Error())
+		d.degraded.Set("flow-events", err.Error())
 	}
 }
 
@@ -389,9 +354,9 @@ func (d *Daemon) probeAPIServer(ctx context.Context) {
 			d.log.Info("API server connectivity changed", "connected", up)
 		}
 		if up {
-			d.clearDegraded("api-server")
+			d.degraded.Clear("api-server")
 		} else if ctx.Err() == nil {
-			d.setDegraded("api-server", "unreachable: enforcing the last known state")
+			d.degraded.Set("api-server", "unreachable: enforcing the last known state")
 		}
 		select {
 		case <-ctx.Done():
@@ -409,8 +374,10 @@ func (d *Daemon) newEncryption(dev *wireguard.Device) *encryption.Manager {
 		NodeToNode: d.cfg.NodeToNode, StrictMode: d.cfg.StrictMode,
 		KeyRotationInterval: d.cfg.KeyRotationInterval, AgentVersion: Version,
 		Datapath: d.dp, Kube: d.kube, Veil: d.veil, Events: d.events,
-		Cluster: d.resolvedCluster, PodOf: d.flows.PodOf,
-		TunnelsChanged: func() { d.ipcacheDirty.Store(true) },
+		// policy is created right after, and asked only once both run.
+		Cluster:        func() nodeinfo.Cluster { return d.policy.ResolvedCluster() },
+		PodOf:          d.flows.PodOf,
+		TunnelsChanged: func() { d.policy.IPCacheStale() },
 		Log:            d.log,
 	}
 	// Only a device that exists: a nil *Device would be a non-nil Device.
@@ -419,6 +386,19 @@ func (d *Daemon) newEncryption(dev *wireguard.Device) *encryption.Manager {
 	}
 	return encryption.New(cfg)
 }
+
+// Enforce hands the registry's CNI ADD to policy sync, which exists only
+// once the compiler does.
+func (d *Daemon) Enforce(ctx context.Context, ep endpoints.Endpoint) error {
+	return d.policy.Enforce(ctx, ep)
+}
+
+// Withdraw hands the registry's CNI DEL to policy sync.
+func (d *Daemon) Withdraw(ctx context.Context, ep endpoints.Endpoint) error {
+	return d.policy.Withdraw(ctx, ep)
+}
+
+var _ endpoints.Enforcer = (*Daemon)(nil)
 
 // fillState adds the identity numbers and node facts to a state about to
 // be saved.

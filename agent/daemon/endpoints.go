@@ -2,14 +2,9 @@ package daemon
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"net/netip"
-	"time"
-
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vishvananda/netlink"
 
@@ -17,50 +12,6 @@ import (
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/policy"
 )
-
-// Enforce writes a freshly claimed endpoint into the compiler and the
-// datapath: the compiler learns its address, and its datapath record and
-// policy are written before this returns.
-func (d *Daemon) Enforce(ctx context.Context, ep endpoints.Endpoint) error {
-	// The informer may not have the Pod yet: ask the API server once, so
-	// the policy is right from the first packet.
-	pod, err := d.listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name)
-	if apierrors.IsNotFound(err) {
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		pod, err = d.kube.CoreV1().Pods(ep.Pod.Namespace).Get(cctx, ep.Pod.Name, metav1.GetOptions{})
-		cancel()
-	}
-	if err == nil {
-		if err := d.apply(d.compiler.UpsertPod(d.withLocalIP(pod))); err != nil {
-			return err
-		}
-	} else {
-		d.log.Warn("pod of new endpoint unknown; it denies all traffic until the pod appears", "pod", ep.Pod, "error", err)
-	}
-	if err := d.writeEndpoint(ep.Pod); err != nil {
-		return err
-	}
-	return d.flushIPCache()
-}
-
-// Withdraw removes a released endpoint from the datapath and tells the
-// compiler its pod is no longer an endpoint here.
-func (d *Daemon) Withdraw(ctx context.Context, ep endpoints.Endpoint) error {
-	if err := d.dp.DeleteEndpoint(ep.IP); err != nil {
-		return fmt.Errorf("unregister endpoint %s: %w", ep.Pod, err)
-	}
-	// The pod keeps its API object for a while; without a local address the
-	// compiler drops it as an endpoint.
-	var err error
-	if pod, gerr := d.listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
-		err = d.apply(d.compiler.UpsertPod(d.withLocalIP(pod)))
-	} else {
-		err = d.apply(d.compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
-	}
-	return errors.Join(err, d.flushIPCache())
-}
-
-var _ endpoints.Enforcer = (*Daemon)(nil)
 
 // restoreEndpoints takes back the endpoints of the previous run. The pinned
 // maps are the truth of what is enforced, so they are reconciled with the
@@ -104,7 +55,7 @@ func (d *Daemon) restoreEndpoints(st *endpoints.State, alloc *ipam.Allocator) er
 		if !ok || owner.Namespace == "" || owner.Name == "" {
 			d.log.Warn("datapath endpoint has a live interface but no known owner; leaving it enforcing as it is",
 				"ip", ep.IP, "id", ep.ID, "interface", veth.Attrs().Name)
-			d.setDegraded("endpoint "+ep.IP.String(), "pinned endpoint on "+veth.Attrs().Name+" has no owner in IPAM; its policy is frozen")
+			d.degraded.Set("endpoint "+ep.IP.String(), "pinned endpoint on "+veth.Attrs().Name+" has no owner in IPAM; its policy is frozen")
 			continue
 		}
 		le := endpoints.Endpoint{

@@ -16,6 +16,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/endpoints"
+	"github.com/veilmesh/veil/agent/policysync"
 	"github.com/veilmesh/veil/lab/controlplane"
 )
 
@@ -265,7 +266,7 @@ func TestPrivilegedAgentPolicyMapFullFailsClosed(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, d := range st.Degraded {
-			if d.Component == failedClosedPrefix+testNS+"/b" {
+			if d.Component == policysync.FailedClosedPrefix+testNS+"/b" {
 				reason = d.Reason
 			}
 		}

@@ -4,10 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
@@ -15,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/api/nodeinfo"
 )
 
 // agentMetrics are the agent's Prometheus metrics. Datapath counters are read
@@ -77,10 +76,11 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, v, lv...)
 	}
 	nLocal := d.endpoints.Len()
-	d.mu.Lock()
-	nIPCache := len(d.ipcache)
-	conflicts := slices.Collect(maps.Keys(d.conflicts))
-	d.mu.Unlock()
+	var nIPCache int
+	var conflicts []nodeinfo.Conflict
+	if d.policy != nil {
+		nIPCache, conflicts = d.policy.IPCacheSize(), d.policy.Conflicts()
+	}
 	for _, c := range conflicts {
 		gauge(descConflicts, 1, c.Node, c.Owner, c.Kind, c.Claim)
 	}
@@ -145,17 +145,16 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 			http.Error(w, "not converged with the API server yet", http.StatusServiceUnavailable)
 			return
 		}
-		if failed := d.failedClosed(); len(failed) > 0 {
+		if failed := d.degraded.failedClosed(); len(failed) > 0 {
 			http.Error(w, strings.Join(failed, "\n"), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")
 		// Ready, but say what works worse than it should (e.g. socket
 		// acceleration turned off by its self-test).
-		d.degraded.Range(func(k, v any) bool {
+		for k, v := range d.degraded.All() {
 			fmt.Fprintf(w, "degraded %s: %s\n", k, v)
-			return true
-		})
+		}
 	})
 	ln, err := net.Listen("tcp", d.cfg.MetricsAddr)
 	if err != nil {
