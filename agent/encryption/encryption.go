@@ -283,10 +283,15 @@ func (m *Manager) RotateKey(ctx context.Context) (old, cur string, err error) {
 	return old, key.Fingerprint(), nil
 }
 
+// statusSettle is how long a status write waits after what asked for it,
+// so that changes arriving together (new peers, then the handshakes their
+// first packets complete) land in one write that shows them all.
+const statusSettle = time.Second
+
 // statusLoop keeps the MeshNode status current and rotates the key on
-// schedule. The status is written at start, when statusChanged says the
-// peers or the key changed, and every 15 s for the counters; a failed write
-// is retried after a second.
+// schedule. The status is written shortly after start, after the peers or
+// the key changed, and every 15 s for the counters; a failed write is
+// retried.
 func (m *Manager) statusLoop(ctx context.Context) {
 	status := time.NewTicker(15 * time.Second)
 	defer status.Stop()
@@ -296,33 +301,36 @@ func (m *Manager) statusLoop(ctx context.Context) {
 		defer t.Stop()
 		rotate = t.C
 	}
-	var retry <-chan time.Time
-	for write := true; ; {
-		if write {
-			retry = nil
-			if err := m.writeMeshNode(ctx); err != nil {
-				m.cfg.Log.Warn("record node status", "error", err)
-				retry = time.After(time.Second)
-			}
+	due := time.After(statusSettle)
+	soon := func() {
+		if due == nil {
+			due = time.After(statusSettle)
 		}
-		write = true
+	}
+	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-status.C:
+			soon()
 		case <-m.statusChanged:
-		case <-retry:
+			soon()
 		case <-rotate:
+			// RotateKey announces the change when it takes.
 			if _, _, err := m.RotateKey(ctx); err != nil {
 				m.cfg.Log.Error("scheduled key rotation", "error", err)
 			}
-			// RotateKey announced a change of its own when it took.
-			write = false
+		case <-due:
+			due = nil
+			if err := m.writeMeshNode(ctx); err != nil {
+				m.cfg.Log.Warn("record node status", "error", err)
+				soon()
+			}
 		}
 	}
 }
 
-// statusChangedNow asks statusLoop to write the MeshNode status now.
+// statusChangedNow asks statusLoop to write the MeshNode status soon.
 func (m *Manager) statusChangedNow() {
 	select {
 	case m.statusChanged <- struct{}{}:

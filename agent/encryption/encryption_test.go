@@ -24,8 +24,9 @@ import (
 	veilfake "github.com/veilmesh/veil/policy/client/clientset/versioned/fake"
 )
 
-// The MeshNode status is written at start, retried when a write fails, and
-// written again as soon as a change is announced, not on the next tick.
+// The MeshNode status is written shortly after start, retried when a write
+// fails, and written again shortly after a change is announced, not on the
+// next 15 s tick.
 func TestMeshNodeStatusFollowsChanges(t *testing.T) {
 	veil := veilfake.NewSimpleClientset()
 	var updates, failures atomic.Int32
