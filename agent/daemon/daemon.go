@@ -1,8 +1,8 @@
-// Package daemon is veil-agent: it watches the API server (Pods,
-// Namespaces, Nodes, NetworkPolicies, MeshPolicies, ClusterMeshPolicies),
-// feeds every change to the incremental policy compiler, and writes only what
-// changed into the node's datapath. It serves the agent API on a unix socket
-// and Prometheus metrics with health endpoints over HTTP.
+// Package daemon is veil-agent: it learns this node's facts, loads the
+// datapath, wires the agent's components (k8s, endpoints, encryption,
+// policysync, flows, apiserver) and runs them in the order the node needs,
+// and it keeps the registry of degraded components that Status, /readyz and
+// the Prometheus metrics report.
 //
 // The datapath keeps enforcing the last state it was given whenever the API
 // server, or the agent itself, is away; on return the agent converges.
@@ -24,29 +24,28 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	kubeinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
-	corelisters "k8s.io/client-go/listers/core/v1"
-	networkinglisters "k8s.io/client-go/listers/networking/v1"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
-	"k8s.io/client-go/util/workqueue"
 
 	"github.com/vishvananda/netlink"
-	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 
+	"github.com/veilmesh/veil/agent/apiserver"
 	"github.com/veilmesh/veil/agent/cni"
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/encryption"
+	"github.com/veilmesh/veil/agent/endpoints"
+	"github.com/veilmesh/veil/agent/flows"
 	"github.com/veilmesh/veil/agent/ipam"
+	"github.com/veilmesh/veil/agent/k8s"
 	"github.com/veilmesh/veil/agent/podnet"
+	"github.com/veilmesh/veil/agent/policysync"
 	"github.com/veilmesh/veil/agent/wireguard"
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
-	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
-	veillisters "github.com/veilmesh/veil/api/client/listers/policy/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/policy"
 )
@@ -66,82 +65,29 @@ type Daemon struct {
 	nodeIP   netip.Addr
 	podCIDR  netip.Prefix
 
-	kubeFactory kubeinformers.SharedInformerFactory
-	veilFactory veilinformers.SharedInformerFactory
-	informers   map[objKind]cache.SharedIndexInformer
-	pods        corelisters.PodLister
-	namespaces  corelisters.NamespaceLister
-	nodes       corelisters.NodeLister
-	netpols     networkinglisters.NetworkPolicyLister
-	meshpols    veillisters.MeshPolicyLister
-	cmeshpols   veillisters.ClusterMeshPolicyLister
-	queue       workqueue.TypedRateLimitingInterface[objKey]
-
-	// mu guards the local endpoint registry and what was written to the
-	// ipcache; compiler and datapath have locks of their own.
-	mu      sync.Mutex
-	local   map[policy.EndpointID]*localEndpoint
-	ipcache map[netip.Prefix]datapath.IPCacheEntry
-	nextID  uint32
-	dirty   atomic.Bool
-	// saveMu orders snapshots with their writes, so an older snapshot never
-	// replaces a newer file (CNI ADD saves while persistLoop may too).
-	saveMu sync.Mutex
-	// ipcacheDirty: a mutation changed addresses or identities since the
-	// ipcache was last written.
-	ipcacheDirty atomic.Bool
-	flows        *flowLog
-	metrics      *agentMetrics
-	started      time.Time
-	lastSync     atomic.Int64
-	apiUp        atomic.Bool
-	synced       atomic.Bool
-	degraded     sync.Map // component -> reason
-	names        names
-
-	// Encryption: the WireGuard device (nil when off), the MTU pods get,
-	// and, guarded by mu, the public key published and the names of the
-	// nodes that are peers.
-	wg          *wireguard.Device
-	podMTU      int
-	pub         wgtypes.Key
-	tunnels     map[string]bool
-	statusDirty atomic.Bool
-	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr). Guarded
-	// by mu: cluster is the last resolution of every node's claims, which
-	// the ipcache and the peers are built from; claims is what each Node
-	// claimed then; conflicts are the refused claims last reported, which
-	// events records on the Nodes through broadcaster.
+	// watch holds the informers; listers read their caches.
+	watch   *k8s.Watcher
+	listers k8s.Listers
+	// endpoints is the local endpoint registry; it also says whether the
+	// agent has converged.
+	endpoints *endpoints.Registry
+	// enc is the node's encryption, policy the sync of policy into the
+	// datapath; both are created once the datapath is loaded.
+	enc    *encryption.Manager
+	policy *policysync.Syncer
+	// flows is created with the compiler it names flows from.
+	flows    *flows.Log
+	metrics  *agentMetrics
+	started  time.Time
+	apiUp    atomic.Bool
+	degraded degradedSet
+	// clusterCIDRs hold every node's pod CIDR (--cluster-cidr).
 	clusterCIDRs []netip.Prefix
-	cluster      nodeinfo.Cluster
-	claims       map[string]nodeinfo.Node
-	conflicts    map[nodeinfo.Conflict]bool
-	events       record.EventRecorder
-	broadcaster  record.EventBroadcaster
+	// events records on Nodes through broadcaster.
+	events      record.EventRecorder
+	broadcaster record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
-	cni CNIService
-}
-
-// objKind says which informer an objKey came from.
-type objKind int
-
-const (
-	kindPod objKind = iota
-	kindNamespace
-	kindNode
-	kindNetworkPolicy
-	kindMeshPolicy
-	kindClusterMeshPolicy
-)
-
-func (k objKind) String() string {
-	return [...]string{"Pod", "Namespace", "Node", "NetworkPolicy", "MeshPolicy", "ClusterMeshPolicy"}[k]
-}
-
-type objKey struct {
-	kind      objKind
-	namespace string
-	name      string
+	cni apiserver.CNIService
 }
 
 // New connects to the API server and prepares the agent; Run starts it.
@@ -165,15 +111,11 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 		clusterCIDRs: []netip.Prefix{clusterCIDR.Masked()},
 		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
 		broadcaster:  events,
-		local:        map[policy.EndpointID]*localEndpoint{},
-		ipcache:      map[netip.Prefix]datapath.IPCacheEntry{},
-		nextID:       1,
-		flows:        newFlowLog(4096),
 		started:      time.Now(),
-		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
-			workqueue.DefaultTypedControllerRateLimiter[objKey](),
-			workqueue.TypedRateLimitingQueueConfig[objKey]{Name: "veil-agent"}),
+		watch:        k8s.New(kube, veil, cfg.ResyncPeriod),
 	}
+	d.listers = d.watch.Listers
+	d.endpoints = endpoints.New(endpoints.Config{StateDir: cfg.StateDir, Enforcer: d, Fill: d.fillState, Log: log})
 	d.metrics = newAgentMetrics(d)
 	return d, nil
 }
@@ -185,7 +127,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state directory: %w", err)
 	}
-	st, err := loadState(d.cfg.StateDir)
+	st, err := endpoints.LoadState(d.cfg.StateDir)
 	if err != nil {
 		return err
 	}
@@ -198,15 +140,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 	}
+	var dev *wireguard.Device
+	podMTU := 0
 	if d.cfg.Encryption == "wireguard" {
-		if err := d.startWireGuard(ctx, underlay); err != nil {
+		dev, podMTU, err = encryption.OpenDevice(ctx, encryption.DeviceConfig{
+			StateDir: d.cfg.StateDir, Interface: d.cfg.WireGuardIface, Port: d.cfg.WireGuardPort,
+			NodeToNode: d.cfg.NodeToNode, StrictMode: d.cfg.StrictMode, Underlay: underlay, Log: d.log,
+		})
+		if err != nil {
 			return err
 		}
 		// A userspace device ends with the process; a kernel one stays, so
 		// established sessions survive an agent restart.
-		defer d.wg.Release()
+		defer dev.Release()
 	}
-	if d.dp, err = d.loadDatapath(underlay); err != nil {
+	if d.dp, err = d.loadDatapath(underlay, dev); err != nil {
 		return err
 	}
 	defer d.dp.Close()
@@ -214,12 +162,23 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create policy compiler: %w", err)
 	}
+	d.flows = flows.New(flows.Config{NodeName: d.cfg.NodeName, Policy: d.compiler, Observed: func(f *agentv1.Flow) {
+		d.metrics.verdicts.WithLabelValues(f.Verdict).Inc()
+	}})
+	d.enc = d.newEncryption(dev)
+	d.policy = policysync.New(policysync.Config{
+		NodeName: d.cfg.NodeName, NodeIP: d.nodeIP, ClusterCIDRs: d.clusterCIDRs,
+		Compiler: d.compiler, Datapath: d.dp, Endpoints: d.endpoints, Encryption: d.enc,
+		Listers: d.listers, Kube: d.kube, Veil: d.veil, Events: d.events, Degraded: &d.degraded,
+		Synced: func(took time.Duration) { d.metrics.reconcile.Observe(took.Seconds()) },
+		Log:    d.log,
+	})
 	var alloc *ipam.Allocator
 	if d.podCIDR.IsValid() {
 		if alloc, err = ipam.Open(filepath.Join(d.cfg.StateDir, "ipam.json"), d.podCIDR); err != nil {
 			return fmt.Errorf("open IPAM: %w", err)
 		}
-		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d, Log: d.log, MTU: d.podMTU}
+		d.cni = &cni.Handler{IPAM: alloc, Net: cni.NodeNetwork{}, Endpoints: d.endpoints, Log: d.log, MTU: podMTU}
 	}
 	if err := d.restoreEndpoints(st, alloc); err != nil {
 		return err
@@ -227,10 +186,18 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	// Listers must exist before the first CNI call can arrive.
-	d.startInformers(ctx)
-	srv, err := d.serveAPI()
-	if err != nil {
+	// Informers start before the first CNI call can arrive, so its
+	// lister lookups see the cluster as soon as they have listed.
+	if err := d.watch.OnChange(d.policy.Enqueue); err != nil {
+		return err
+	}
+	// The Service map sync registers its informers before the factory starts.
+	if d.dp != nil {
+		d.startServices(ctx)
+	}
+	d.watch.Start(ctx)
+	srv := d.newAPIServer()
+	if err := srv.Start(); err != nil {
 		return err
 	}
 	defer srv.Stop()
@@ -248,14 +215,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		wg.Wait()
 	}()
 	wg.Add(5)
-	go func() { defer wg.Done(); d.encryptionLoop(ctx) }()
-	if d.wg != nil {
-		wg.Add(1)
-		go func() { defer wg.Done(); d.publishKey(ctx) }()
-	}
+	go func() { defer wg.Done(); d.enc.Run(ctx) }()
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
-	go func() { defer wg.Done(); d.persistLoop(ctx) }()
+	go func() { defer wg.Done(); d.endpoints.Run(ctx) }()
 	go func() { defer wg.Done(); d.dp.RunConntrackGC(ctx) }()
 	if d.cfg.StrictMode {
 		wg.Add(1)
@@ -263,28 +226,32 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	d.log.Info("waiting for informer caches")
-	if err := d.waitForCaches(ctx); err != nil {
+	err = d.watch.WaitForCacheSync(ctx, 10*time.Second, func(waiting []string) {
+		if waiting == nil {
+			d.degraded.Clear("informers")
+			return
+		}
+		d.log.Warn("informer caches still waiting", "types", waiting)
+		d.degraded.Set("informers", "waiting for the first list of "+fmt.Sprint(waiting))
+	})
+	if err != nil {
 		return err
 	}
 	d.log.Info("informer caches synced; converging")
-	d.enqueueAll()
-	go func() {
-		<-ctx.Done()
-		d.queue.ShutDown()
-	}()
-	const workers = 1 // the compiler serialises mutations anyway
-	for i := 0; i < workers; i++ {
-		wg.Add(1)
-		go func() { defer wg.Done(); d.worker(ctx) }()
+	for _, k := range d.watch.Keys() {
+		d.policy.Enqueue(k)
 	}
+	// One worker: the compiler serialises mutations anyway.
+	wg.Add(1)
+	go func() { defer wg.Done(); d.policy.Run(ctx) }()
 	<-ctx.Done()
 	d.log.Info("shutting down; the datapath keeps enforcing")
-	return d.saveState()
+	return d.endpoints.Save()
 }
 
 // learnNode finds this node's address and pod CIDR from its Node object, or
 // from the last saved state when the API server cannot be reached.
-func (d *Daemon) learnNode(ctx context.Context, st *persisted) error {
+func (d *Daemon) learnNode(ctx context.Context, st *endpoints.State) error {
 	var node *corev1.Node
 	deadline := time.Now().Add(30 * time.Second)
 	for {
@@ -303,7 +270,7 @@ func (d *Daemon) learnNode(ctx context.Context, st *persisted) error {
 				return fmt.Errorf("get node %q: %w", d.cfg.NodeName, err)
 			}
 			d.log.Warn("API server unreachable; starting from saved node state", "error", err)
-			d.setDegraded("api-server", "unreachable at start: "+err.Error())
+			d.degraded.Set("api-server", "unreachable at start: "+err.Error())
 			break
 		}
 		time.Sleep(time.Second)
@@ -331,13 +298,13 @@ func (d *Daemon) learnNode(ctx context.Context, st *persisted) error {
 		return fmt.Errorf("node %q has no IPv4 InternalIP: set --node-ip", d.cfg.NodeName)
 	}
 	if !d.podCIDR.IsValid() {
-		d.setDegraded("ipam", "node "+d.cfg.NodeName+" has no spec.podCIDRs; pods cannot get addresses")
+		d.degraded.Set("ipam", "node "+d.cfg.NodeName+" has no spec.podCIDRs; pods cannot get addresses")
 	}
 	d.log.Info("node", "name", d.cfg.NodeName, "ip", d.nodeIP, "podCIDR", d.podCIDR)
 	return nil
 }
 
-func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
+func (d *Daemon) loadDatapath(underlay string, dev *wireguard.Device) (*datapath.Datapath, error) {
 	cfg := datapath.Config{
 		BPFFSRoot:         d.cfg.BPFFSRoot,
 		CgroupPath:        d.cfg.CgroupRoot,
@@ -354,8 +321,8 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
 		cfg.ClusterCIDR = p
 	}
-	if d.wg != nil {
-		cfg.WireGuardInterface = d.wg.Interface()
+	if dev != nil {
+		cfg.WireGuardInterface = dev.Interface()
 	}
 	dp, err := datapath.Load(cfg)
 	if err != nil {
@@ -364,13 +331,18 @@ func (d *Daemon) loadDatapath(underlay string) (*datapath.Datapath, error) {
 	// The datapath logged it; status and readyz keep showing why
 	// acceleration is off, or runs untested.
 	if _, reason := dp.Acceleration(); reason != "" {
-		d.setDegraded("socket-acceleration", reason)
+		d.degraded.Set("socket-acceleration", reason)
 	}
 	return dp, nil
 }
 
-func (d *Daemon) setDegraded(component, reason string) { d.degraded.Store(component, reason) }
-func (d *Daemon) clearDegraded(component string)       { d.degraded.Delete(component) }
+// readFlows describes the datapath's flow events until ctx is done.
+func (d *Daemon) readFlows(ctx context.Context) {
+	if err := d.flows.Run(ctx, d.dp); err != nil && !errors.Is(err, context.Canceled) {
+		d.log.Error("flow events stopped", "error", err)
+		d.degraded.Set("flow-events", err.Error())
+	}
+}
 
 // probeAPIServer keeps apiUp current, so status can say whether the agent is
 // enforcing live or last-known state.
@@ -386,9 +358,9 @@ func (d *Daemon) probeAPIServer(ctx context.Context) {
 			d.log.Info("API server connectivity changed", "connected", up)
 		}
 		if up {
-			d.clearDegraded("api-server")
+			d.degraded.Clear("api-server")
 		} else if ctx.Err() == nil {
-			d.setDegraded("api-server", "unreachable: enforcing the last known state")
+			d.degraded.Set("api-server", "unreachable: enforcing the last known state")
 		}
 		select {
 		case <-ctx.Done():
@@ -398,40 +370,48 @@ func (d *Daemon) probeAPIServer(ctx context.Context) {
 	}
 }
 
-// persistLoop saves identities and endpoints when they changed.
-func (d *Daemon) persistLoop(ctx context.Context) {
-	t := time.NewTicker(2 * time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			if d.dirty.Swap(false) {
-				if err := d.saveState(); err != nil {
-					d.log.Error("save state", "error", err)
-					d.dirty.Store(true)
-				}
-			}
-		}
+// newEncryption hands the encryption manager its view of the agent; dev is
+// nil when encryption is off.
+func (d *Daemon) newEncryption(dev *wireguard.Device) *encryption.Manager {
+	cfg := encryption.Config{
+		NodeName: d.cfg.NodeName, NodeIP: d.nodeIP, PodCIDR: d.podCIDR, Port: d.cfg.WireGuardPort,
+		NodeToNode: d.cfg.NodeToNode, StrictMode: d.cfg.StrictMode,
+		KeyRotationInterval: d.cfg.KeyRotationInterval, AgentVersion: Version,
+		Datapath: d.dp, Kube: d.kube, Veil: d.veil, Events: d.events,
+		// policy is created right after, and asked only once both run.
+		Cluster:        func() nodeinfo.Cluster { return d.policy.ResolvedCluster() },
+		PodOf:          d.flows.PodOf,
+		TunnelsChanged: func() { d.policy.IPCacheStale() },
+		Log:            d.log,
 	}
+	// Only a device that exists: a nil *Device would be a non-nil Device.
+	if dev != nil {
+		cfg.Device = dev
+	}
+	return encryption.New(cfg)
 }
 
-func (d *Daemon) saveState() error {
-	d.saveMu.Lock()
-	defer d.saveMu.Unlock()
-	d.mu.Lock()
-	st := &persisted{NodeIP: d.nodeIP, PodCIDR: d.podCIDR}
-	for _, ep := range d.local {
-		cp := *ep
-		st.Endpoints = append(st.Endpoints, &cp)
-	}
-	d.mu.Unlock()
+// Enforce hands the registry's CNI ADD to policy sync, which exists only
+// once the compiler does.
+func (d *Daemon) Enforce(ctx context.Context, ep endpoints.Endpoint) error {
+	return d.policy.Enforce(ctx, ep)
+}
+
+// Withdraw hands the registry's CNI DEL to policy sync.
+func (d *Daemon) Withdraw(ctx context.Context, ep endpoints.Endpoint) error {
+	return d.policy.Withdraw(ctx, ep)
+}
+
+var _ endpoints.Enforcer = (*Daemon)(nil)
+
+// fillState adds the identity numbers and node facts to a state about to
+// be saved.
+func (d *Daemon) fillState(st *endpoints.State) {
+	st.NodeIP, st.PodCIDR = d.nodeIP, d.podCIDR
 	if d.compiler != nil {
 		st.Identities = d.compiler.IdentityState()
 		st.CIDRIdentities = d.compiler.CIDRIdentityState()
 	}
-	return saveState(d.cfg.StateDir, st)
 }
 
 // Cleanup removes what Veil installed on this node: pinned programs, links
@@ -439,7 +419,7 @@ func (d *Daemon) saveState() error {
 func Cleanup(cfg config.Config) error {
 	var errs []error
 	errs = append(errs, datapath.RemovePins(cfg.BPFFSRoot))
-	errs = append(errs, removeHostTunnel())
+	errs = append(errs, encryption.RemoveHostTunnel())
 	if l, err := netlink.LinkByName(cfg.WireGuardIface); err == nil {
 		if err := netlink.LinkDel(l); err != nil {
 			errs = append(errs, fmt.Errorf("remove WireGuard device %s: %w", cfg.WireGuardIface, err))

@@ -2,125 +2,16 @@ package daemon
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"net/netip"
-	"time"
-
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/veilmesh/veil/agent/cni"
+	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/policy"
 )
-
-// RegisterEndpoint makes a freshly wired pod an endpoint: the compiler
-// learns its address, and its datapath record and policy are written before
-// this returns, so the pod's first packet is already policed.
-func (d *Daemon) RegisterEndpoint(ctx context.Context, info cni.EndpointInfo) error {
-	id := policy.EndpointID{Namespace: info.Namespace, Name: info.Name}
-	d.mu.Lock()
-	if old, ok := d.local[id]; ok && old.ContainerID != info.ContainerID {
-		d.mu.Unlock()
-		return fmt.Errorf("register endpoint %s: already wired for container %s", id, old.ContainerID)
-	}
-	ep := d.local[id]
-	if ep == nil {
-		ep = &localEndpoint{Pod: id, ContainerID: info.ContainerID, ID: d.allocEndpointID()}
-		d.local[id] = ep
-	}
-	ep.IP, ep.HostVeth, ep.HostIfindex = info.IP, info.HostVeth, info.HostIfindex
-	ep.HostMAC, ep.PodMAC = info.HostMAC.String(), info.PodMAC.String()
-	ep.Netns = info.Netns
-	ep.Identity = 0 // force the datapath write below
-	// Read under mu: the worker flips synced and collects pending
-	// endpoints under mu, so none is left pending after convergence.
-	ep.Pending = !d.synced.Load()
-	d.mu.Unlock()
-	d.dirty.Store(true)
-
-	// The informer may not have the Pod yet: ask the API server once, so
-	// the policy is right from the first packet.
-	pod, err := d.pods.Pods(info.Namespace).Get(info.Name)
-	if apierrors.IsNotFound(err) {
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		pod, err = d.kube.CoreV1().Pods(info.Namespace).Get(cctx, info.Name, metav1.GetOptions{})
-		cancel()
-	}
-	if err == nil {
-		if err := d.apply(d.compiler.UpsertPod(d.withLocalIP(pod))); err != nil {
-			return fmt.Errorf("register endpoint %s: %w", id, err)
-		}
-	} else {
-		d.log.Warn("pod of new endpoint unknown; it denies all traffic until the pod appears", "pod", id, "error", err)
-	}
-	if err := d.writeEndpoint(ep); err != nil {
-		return fmt.Errorf("register endpoint %s: %w", id, err)
-	}
-	if err := d.flushIPCache(); err != nil {
-		return fmt.Errorf("register endpoint %s: %w", id, err)
-	}
-	// Durable before ADD returns: an agent that dies from here on finds the
-	// endpoint in its state on restart instead of a stranger in its maps.
-	if err := d.saveState(); err != nil {
-		return fmt.Errorf("register endpoint %s: %w", id, err)
-	}
-	return nil
-}
-
-// UnregisterEndpoint forgets the endpoint of a container and removes it from
-// the datapath. An unknown container is not an error (CNI DEL is idempotent).
-func (d *Daemon) UnregisterEndpoint(ctx context.Context, containerID string) error {
-	d.mu.Lock()
-	var ep *localEndpoint
-	for _, e := range d.local {
-		if e.ContainerID == containerID {
-			ep = e
-			break
-		}
-	}
-	if ep != nil {
-		delete(d.local, ep.Pod)
-	}
-	d.mu.Unlock()
-	if ep == nil {
-		return nil
-	}
-	d.dirty.Store(true)
-	if err := d.dp.DeleteEndpoint(ep.IP); err != nil {
-		return fmt.Errorf("unregister endpoint %s: %w", ep.Pod, err)
-	}
-	// The pod keeps its API object for a while; without a local address the
-	// compiler drops it as an endpoint.
-	var err error
-	if pod, gerr := d.pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
-		err = d.apply(d.compiler.UpsertPod(d.withLocalIP(pod)))
-	} else {
-		err = d.apply(d.compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
-	}
-	return errors.Join(err, d.flushIPCache(), d.saveState())
-}
-
-// allocEndpointID returns an id no local endpoint holds. Callers hold d.mu.
-func (d *Daemon) allocEndpointID() uint32 {
-	used := map[uint32]bool{}
-	for _, e := range d.local {
-		used[e.ID] = true
-	}
-	for used[d.nextID] || d.nextID == 0 || d.nextID >= 1<<31 {
-		d.nextID++
-		if d.nextID >= 1<<31 {
-			d.nextID = 1
-		}
-	}
-	id := d.nextID
-	d.nextID++
-	return id
-}
 
 // restoreEndpoints takes back the endpoints of the previous run. The pinned
 // maps are the truth of what is enforced, so they are reconciled with the
@@ -132,17 +23,12 @@ func (d *Daemon) allocEndpointID() uint32 {
 // interface is gone is removed: nothing can send through it any more. The
 // API server has the last word once the agent has converged: an endpoint
 // whose Pod no longer exists gets deny-all (converged).
-func (d *Daemon) restoreEndpoints(st *persisted, alloc *ipam.Allocator) error {
+func (d *Daemon) restoreEndpoints(st *endpoints.State, alloc *ipam.Allocator) error {
 	known := map[netip.Addr]bool{}
-	d.mu.Lock()
+	d.endpoints.Restore(st.Endpoints)
 	for _, ep := range st.Endpoints {
-		d.local[ep.Pod] = ep
 		known[ep.IP] = true
-		if ep.ID >= d.nextID {
-			d.nextID = ep.ID + 1
-		}
 	}
-	d.mu.Unlock()
 	owners := map[netip.Addr]ipam.Allocation{}
 	if alloc != nil {
 		for _, a := range alloc.List() {
@@ -169,32 +55,25 @@ func (d *Daemon) restoreEndpoints(st *persisted, alloc *ipam.Allocator) error {
 		if !ok || owner.Namespace == "" || owner.Name == "" {
 			d.log.Warn("datapath endpoint has a live interface but no known owner; leaving it enforcing as it is",
 				"ip", ep.IP, "id", ep.ID, "interface", veth.Attrs().Name)
-			d.setDegraded("endpoint "+ep.IP.String(), "pinned endpoint on "+veth.Attrs().Name+" has no owner in IPAM; its policy is frozen")
+			d.degraded.Set("endpoint "+ep.IP.String(), "pinned endpoint on "+veth.Attrs().Name+" has no owner in IPAM; its policy is frozen")
 			continue
 		}
-		le := &localEndpoint{
+		le := endpoints.Endpoint{
 			Pod: policy.EndpointID{Namespace: owner.Namespace, Name: owner.Name}, ContainerID: owner.ContainerID,
 			ID: ep.ID, IP: ep.IP, HostVeth: veth.Attrs().Name, HostIfindex: ep.Ifindex,
 			HostMAC: ep.HostMAC.String(), PodMAC: ep.MAC.String(),
 			Identity: ep.Identity, NoAccel: ep.NoAcceleration,
 		}
-		d.mu.Lock()
-		if _, taken := d.local[le.Pod]; taken {
-			d.mu.Unlock()
+		if !d.endpoints.Adopt(le) {
 			d.log.Warn("datapath endpoint claims a pod that the state file gives another address; leaving it enforcing as it is",
 				"ip", ep.IP, "pod", le.Pod)
 			continue
 		}
-		d.local[le.Pod] = le
-		if le.ID >= d.nextID {
-			d.nextID = le.ID + 1
-		}
-		d.mu.Unlock()
 		d.log.Info("adopted datapath endpoint missing from the state file", "ip", ep.IP, "pod", le.Pod, "container", le.ContainerID)
 		adopted++
 	}
 	if adopted > 0 {
-		d.dirty.Store(true)
+		d.endpoints.Changed()
 	}
 	if len(st.Endpoints)+adopted > 0 {
 		d.log.Info("restored endpoints", "fromState", len(st.Endpoints), "adopted", adopted)
@@ -219,5 +98,3 @@ func deviceWithAddr(ip netip.Addr) (string, error) {
 	}
 	return "", fmt.Errorf("no interface holds the node IP %s: set --underlay-interface or --node-ip", ip)
 }
-
-var _ cni.EndpointRegistrar = (*Daemon)(nil)

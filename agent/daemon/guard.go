@@ -47,9 +47,9 @@ func (d *Daemon) guardLoop(ctx context.Context) {
 		}
 		if err := d.dp.GuardDevices(); err != nil {
 			d.log.Error("guard devices", "error", err)
-			d.setDegraded("strict-guard", err.Error())
+			d.degraded.Set("strict-guard", err.Error())
 			continue
 		}
-		d.clearDegraded("strict-guard")
+		d.degraded.Clear("strict-guard")
 	}
 }

@@ -15,6 +15,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/endpoints"
+	"github.com/veilmesh/veil/agent/policysync"
 	"github.com/veilmesh/veil/lab/controlplane"
 )
 
@@ -103,7 +105,7 @@ func TestPrivilegedAgentCrashAfterCNIAddKeepsPodEnforced(t *testing.T) {
 // dropSavedEndpoints removes every endpoint from the agent's state file.
 func (l *agentLab) dropSavedEndpoints() {
 	l.t.Helper()
-	st, err := loadState(l.cfg.StateDir)
+	st, err := endpoints.LoadState(l.cfg.StateDir)
 	if err != nil {
 		l.t.Fatal(err)
 	}
@@ -111,7 +113,7 @@ func (l *agentLab) dropSavedEndpoints() {
 		l.t.Fatal("the state file holds no endpoint after CNI ADD returned")
 	}
 	st.Endpoints = nil
-	if err := saveState(l.cfg.StateDir, st); err != nil {
+	if err := endpoints.SaveState(l.cfg.StateDir, st); err != nil {
 		l.t.Fatal(err)
 	}
 }
@@ -264,7 +266,7 @@ func TestPrivilegedAgentPolicyMapFullFailsClosed(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, d := range st.Degraded {
-			if d.Component == failedClosedPrefix+testNS+"/b" {
+			if d.Component == policysync.FailedClosedPrefix+testNS+"/b" {
 				reason = d.Reason
 			}
 		}

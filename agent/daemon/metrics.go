@@ -4,15 +4,16 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"net/http"
-	"slices"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/policy"
 )
 
 // agentMetrics are the agent's Prometheus metrics. Datapath counters are read
@@ -74,11 +75,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	counter := func(desc *prometheus.Desc, v float64, lv ...string) {
 		ch <- prometheus.MustNewConstMetric(desc, prometheus.CounterValue, v, lv...)
 	}
-	d.mu.Lock()
-	nLocal := len(d.local)
-	nIPCache := len(d.ipcache)
-	conflicts := slices.Collect(maps.Keys(d.conflicts))
-	d.mu.Unlock()
+	nLocal := d.endpoints.Len()
+	var nIPCache int
+	var conflicts []nodeinfo.Conflict
+	if d.policy != nil {
+		nIPCache, conflicts = d.policy.IPCacheSize(), d.policy.Conflicts()
+	}
 	for _, c := range conflicts {
 		gauge(descConflicts, 1, c.Node, c.Owner, c.Kind, c.Claim)
 	}
@@ -139,21 +141,20 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
-		if !d.synced.Load() {
+		if !d.endpoints.Converged() {
 			http.Error(w, "not converged with the API server yet", http.StatusServiceUnavailable)
 			return
 		}
-		if failed := d.failedClosed(); len(failed) > 0 {
+		if failed := d.degraded.failedClosed(); len(failed) > 0 {
 			http.Error(w, strings.Join(failed, "\n"), http.StatusServiceUnavailable)
 			return
 		}
 		fmt.Fprintln(w, "ok")
 		// Ready, but say what works worse than it should (e.g. socket
 		// acceleration turned off by its self-test).
-		d.degraded.Range(func(k, v any) bool {
+		for k, v := range d.degraded.All() {
 			fmt.Fprintf(w, "degraded %s: %s\n", k, v)
-			return true
-		})
+		}
 	})
 	ln, err := net.Listen("tcp", d.cfg.MetricsAddr)
 	if err != nil {
@@ -170,4 +171,15 @@ func (d *Daemon) serveMetrics() (stop func(), err error) {
 		defer cancel()
 		srv.Shutdown(ctx)
 	}, nil
+}
+
+// localCompiled returns the compiled endpoints of this node's pods.
+func (d *Daemon) localCompiled() []policy.Endpoint {
+	var out []policy.Endpoint
+	for _, local := range d.endpoints.List() {
+		if ep, ok := d.compiler.Endpoint(local.Pod); ok {
+			out = append(out, ep)
+		}
+	}
+	return out
 }

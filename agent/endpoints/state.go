@@ -1,4 +1,4 @@
-package daemon
+package endpoints
 
 import (
 	"encoding/json"
@@ -13,8 +13,8 @@ import (
 	"github.com/veilmesh/veil/policy/identity"
 )
 
-// localEndpoint is a pod on this node that CNI ADD wired up.
-type localEndpoint struct {
+// Endpoint is a pod on this node that CNI ADD wired up.
+type Endpoint struct {
 	Pod         policy.EndpointID `json:"pod"`
 	ContainerID string            `json:"containerID"`
 	ID          uint32            `json:"id"`
@@ -33,7 +33,8 @@ type localEndpoint struct {
 	Pending bool `json:"pending,omitempty"`
 }
 
-func (e *localEndpoint) macs() (host, pod net.HardwareAddr, err error) {
+// MACs parses the endpoint's host-side and pod-side MAC addresses.
+func (e *Endpoint) MACs() (host, pod net.HardwareAddr, err error) {
 	if host, err = net.ParseMAC(e.HostMAC); err != nil {
 		return nil, nil, fmt.Errorf("endpoint %s host MAC: %w", e.Pod, err)
 	}
@@ -43,11 +44,11 @@ func (e *localEndpoint) macs() (host, pod net.HardwareAddr, err error) {
 	return host, pod, nil
 }
 
-// persisted is what the agent keeps across restarts besides pinned maps:
-// its endpoints, identity numbers, and the last known node facts (so it can
+// State is what the agent keeps across restarts besides pinned maps: its
+// endpoints, identity numbers, and the last known node facts (so it can
 // come up while the API server is away).
-type persisted struct {
-	Endpoints      []*localEndpoint       `json:"endpoints"`
+type State struct {
+	Endpoints      []*Endpoint            `json:"endpoints"`
 	Identities     map[string]identity.ID `json:"identities"`
 	CIDRIdentities map[string]identity.ID `json:"cidrIdentities"`
 	NodeIP         netip.Addr             `json:"nodeIP,omitzero"`
@@ -56,24 +57,25 @@ type persisted struct {
 
 const stateFile = "agent-state.json"
 
-func loadState(dir string) (*persisted, error) {
+// LoadState reads the state file in dir; a missing file is an empty state.
+func LoadState(dir string) (*State, error) {
 	raw, err := os.ReadFile(filepath.Join(dir, stateFile))
 	if errors.Is(err, os.ErrNotExist) {
-		return &persisted{}, nil
+		return &State{}, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read agent state: %w", err)
 	}
-	var st persisted
+	var st State
 	if err := json.Unmarshal(raw, &st); err != nil {
 		return nil, fmt.Errorf("parse agent state %s (move it aside to start afresh): %w", filepath.Join(dir, stateFile), err)
 	}
 	return &st, nil
 }
 
-// saveState writes atomically and durably: a crash or a power loss leaves
+// SaveState writes atomically and durably: a crash or a power loss leaves
 // the old or the new file, and once it returns the new one survives both.
-func saveState(dir string, st *persisted) error {
+func SaveState(dir string, st *State) error {
 	raw, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode agent state: %w", err)

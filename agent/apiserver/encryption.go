@@ -1,4 +1,4 @@
-package daemon
+package apiserver
 
 import (
 	"context"
@@ -14,14 +14,15 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/veilmesh/veil/agent/capture"
+	"github.com/veilmesh/veil/agent/endpoints"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
-func (s *apiServer) RotateKey(ctx context.Context, _ *agentv1.RotateKeyRequest) (*agentv1.RotateKeyResponse, error) {
-	if s.d.wg == nil {
-		return nil, status.Errorf(codes.FailedPrecondition, "encryption is off on node %s", s.d.cfg.NodeName)
+func (s *Server) RotateKey(ctx context.Context, _ *agentv1.RotateKeyRequest) (*agentv1.RotateKeyResponse, error) {
+	if s.cfg.Encryption.TunnelInterface() == "" {
+		return nil, status.Errorf(codes.FailedPrecondition, "encryption is off on node %s", s.cfg.NodeName)
 	}
-	old, cur, err := s.d.rotateKey(ctx)
+	old, cur, err := s.cfg.Encryption.RotateKey(ctx)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -31,8 +32,8 @@ func (s *apiServer) RotateKey(ctx context.Context, _ *agentv1.RotateKeyRequest) 
 // maxCapture bounds an audit capture.
 const maxCapture = 10 * time.Second
 
-func (s *apiServer) CaptureUnderlay(ctx context.Context, req *agentv1.CaptureRequest) (*agentv1.CaptureResponse, error) {
-	d := s.d
+func (s *Server) CaptureUnderlay(ctx context.Context, req *agentv1.CaptureRequest) (*agentv1.CaptureResponse, error) {
+	c := s.cfg
 	if req.Marker == "" {
 		return nil, status.Error(codes.InvalidArgument, "capture needs a marker to look for")
 	}
@@ -40,11 +41,8 @@ func (s *apiServer) CaptureUnderlay(ctx context.Context, req *agentv1.CaptureReq
 	if dur <= 0 || dur > maxCapture {
 		return nil, status.Errorf(codes.InvalidArgument, "capture duration must be 1ms..%s", maxCapture)
 	}
-	opts := capture.Options{Marker: []byte(req.Marker), WireGuardPort: uint16(d.cfg.WireGuardPort)}
-	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
-		opts.PodRange = p
-	}
-	resp := &agentv1.CaptureResponse{UnderlayInterface: d.dp.Underlay(), StartedUnixNano: time.Now().UnixNano()}
+	opts := capture.Options{Marker: []byte(req.Marker), WireGuardPort: uint16(c.WireGuardPort), PodRange: c.ClusterCIDR}
+	resp := &agentv1.CaptureResponse{UnderlayInterface: c.Datapath.Underlay(), StartedUnixNano: time.Now().UnixNano()}
 	var (
 		wg            sync.WaitGroup
 		under, tunnel capture.Summary
@@ -55,8 +53,8 @@ func (s *apiServer) CaptureUnderlay(ctx context.Context, req *agentv1.CaptureReq
 		defer wg.Done()
 		under, uErr = capture.For(ctx, resp.UnderlayInterface, dur, opts)
 	}()
-	if d.wg != nil {
-		resp.TunnelInterface = d.wg.Interface()
+	if tun := c.Encryption.TunnelInterface(); tun != "" {
+		resp.TunnelInterface = tun
 		topts := opts
 		topts.L3 = true
 		wg.Add(1)
@@ -80,8 +78,7 @@ func (s *apiServer) CaptureUnderlay(ctx context.Context, req *agentv1.CaptureReq
 	return resp, nil
 }
 
-func (s *apiServer) SendMarker(ctx context.Context, req *agentv1.SendMarkerRequest) (*agentv1.SendMarkerResponse, error) {
-	d := s.d
+func (s *Server) SendMarker(ctx context.Context, req *agentv1.SendMarkerRequest) (*agentv1.SendMarkerResponse, error) {
 	dst, err := netip.ParseAddr(req.Destination)
 	if err != nil || !dst.Is4() {
 		return nil, status.Errorf(codes.InvalidArgument, "destination %q is not an IPv4 address", req.Destination)
@@ -96,17 +93,14 @@ func (s *apiServer) SendMarker(ctx context.Context, req *agentv1.SendMarkerReque
 	if count > 100 {
 		return nil, status.Error(codes.InvalidArgument, "at most 100 markers per call")
 	}
-	d.mu.Lock()
-	var src *localEndpoint
-	for _, e := range d.local {
+	var src *endpoints.Endpoint
+	for _, e := range s.cfg.Endpoints.List() {
 		if e.Netns != "" && (src == nil || e.Pod.String() < src.Pod.String()) {
-			cp := *e
-			src = &cp
+			src = &e
 		}
 	}
-	d.mu.Unlock()
 	if src == nil {
-		return nil, status.Errorf(codes.FailedPrecondition, "node %s has no pod to send from", d.cfg.NodeName)
+		return nil, status.Errorf(codes.FailedPrecondition, "node %s has no pod to send from", s.cfg.NodeName)
 	}
 	sent, err := sendFromNetns(src.Netns, netip.AddrPortFrom(dst, uint16(req.Port)), []byte(req.Marker), int(count))
 	if err != nil {

@@ -1,4 +1,4 @@
-package daemon
+package policysync
 
 import (
 	"net/netip"

@@ -1,10 +1,10 @@
-package daemon
+package policysync
 
 import (
-	"log/slog"
+	"context"
+	"errors"
 	"net/netip"
 	"slices"
-	"strings"
 	"testing"
 
 	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
@@ -15,10 +15,10 @@ import (
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/encryption"
+	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/api/annotations"
 	"github.com/veilmesh/veil/api/nodeinfo"
@@ -46,41 +46,54 @@ func agentNode(t *testing.T, name string, created int64, podCIDR, endpoint strin
 	return n
 }
 
-func testDaemon(t *testing.T, self string, selfIP string) *Daemon {
+func testSyncer(t *testing.T, self string, selfIP string) *Syncer {
 	t.Helper()
 	c, err := policy.New(policy.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := config.Default()
-	cfg.NodeName = self
-	return &Daemon{cfg: cfg, log: slog.New(slog.DiscardHandler), compiler: c, nodeIP: netip.MustParseAddr(selfIP),
-		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, clusterCIDRs: []netip.Prefix{netip.MustParsePrefix(cfg.ClusterCIDR)},
-		events: record.NewFakeRecorder(16)}
+	d := New(Config{
+		NodeName: self, NodeIP: netip.MustParseAddr(selfIP), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(config.Default().ClusterCIDR)},
+		Compiler: c, Endpoints: endpoints.New(endpoints.Config{StateDir: t.TempDir()}),
+		Events: record.NewFakeRecorder(16), Degraded: &fakeDegraded{},
+	})
+	d.cfg.Encryption = testEncryption(t, d, false)
+	return d
 }
+
+type fakeDegraded map[string]string
+
+func (f *fakeDegraded) Set(component, reason string) {
+	if *f == nil {
+		*f = map[string]string{}
+	}
+	(*f)[component] = reason
+}
+func (f *fakeDegraded) Clear(component string) { delete(*f, component) }
 
 // A node whose agent runs with --node-ip on its second InternalIP: the
 // ipcache must flag its pods as behind the tunnel the peer list built, and
 // forward toward the address the tunnel uses.
 func TestTunnelFlagWithSeveralInternalIPsAndExplicitEndpoint(t *testing.T) {
-	d := testDaemon(t, "self", "10.99.0.1")
+	d := testSyncer(t, "self", "10.99.0.1")
 	nodes := []*corev1.Node{
 		agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1"),
 		agentNode(t, "n1", 2, "10.244.1.0/24", "10.98.0.2:51871", "10.99.0.2", "10.98.0.2"),
 	}
 	for _, n := range nodes {
-		d.compiler.UpsertNode(n)
+		d.cfg.Compiler.UpsertNode(n)
 	}
-	d.compiler.UpsertPod(&corev1.Pod{
+	d.cfg.Compiler.UpsertPod(&corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "a"},
 		Spec:       corev1.PodSpec{NodeName: "n1"},
 		Status:     corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.244.1.5", PodIPs: []corev1.PodIP{{IP: "10.244.1.5"}}},
 	})
-	peers, errs := wireguard.PeersFromNodes(d.resolveNodes(nodes), "self", false)
-	if len(errs) != 0 || len(peers) != 1 {
-		t.Fatalf("peers %v, errors %v", peers, errs)
+	if err := d.cfg.Encryption.SyncPeers(t.Context(), d.resolveNodes(nodes)); err != nil {
+		t.Fatal(err)
 	}
-	d.recordTunnels(peers)
+	if !d.cfg.Encryption.Tunnelled("n1") {
+		t.Fatal("n1 is not a peer")
+	}
 	want := d.wantIPCache(d.resolveNodes(nodes))
 
 	endpoint := netip.MustParseAddr("10.98.0.2")
@@ -121,17 +134,16 @@ func nodeLister(t *testing.T, nodes ...*corev1.Node) corelisters.NodeLister {
 // Warning Event on the claiming Node that names the owner, the
 // veil_node_claim_conflicts metric, and (once per conflict) a log line.
 func TestClaimConflictsAreReported(t *testing.T) {
-	d := testDaemon(t, "self", "10.99.0.1")
+	d := testSyncer(t, "self", "10.99.0.1")
 	self := agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1")
 	victim := agentNode(t, "victim", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2")
 	mallory := agentNode(t, "mallory", 3, "10.244.1.0/24", "10.99.0.3:51871", "10.99.0.3", "10.99.0.1")
 	mallory.Spec.PodCIDRs = append(mallory.Spec.PodCIDRs, "192.168.7.0/24")
 	mallory.Annotations[annotations.WireGuardPublicKey] = victim.Annotations[annotations.WireGuardPublicKey]
-	d.nodes = nodeLister(t, self, victim, mallory)
+	d.cfg.Listers.Nodes = nodeLister(t, self, victim, mallory)
 	rec := record.NewFakeRecorder(16)
-	d.events = rec
-	d.kube = kubefake.NewClientset(self, victim, mallory)
-	d.metrics = newAgentMetrics(d)
+	d.cfg.Events = rec
+	d.cfg.Kube = kubefake.NewClientset(self, victim, mallory)
 
 	for range 2 { // the second sync reports nothing new
 		if err := d.syncNodes(t.Context(), victim.Name, victim); err != nil {
@@ -156,22 +168,9 @@ func TestClaimConflictsAreReported(t *testing.T) {
 		t.Errorf("%d events, want 4 (each conflict once): %q", len(events), events)
 	}
 
-	mfs, err := d.metrics.reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
 	var got []string
-	for _, mf := range mfs {
-		if mf.GetName() != "veil_node_claim_conflicts" {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			l := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				l[lp.GetName()] = lp.GetValue()
-			}
-			got = append(got, l["node"]+" "+l["kind"]+" "+l["owner"])
-		}
+	for _, c := range d.Conflicts() {
+		got = append(got, c.Node+" "+c.Kind+" "+c.Owner)
 	}
 	slices.Sort(got)
 	want := []string{"mallory address self", "mallory pod CIDR ", "mallory pod CIDR victim", "mallory public key victim"}
@@ -192,69 +191,19 @@ func TestClaimConflictsAreReported(t *testing.T) {
 	}
 
 	// The claims are gone with their node: so are the series.
-	d.nodes = nodeLister(t, self, victim)
+	d.cfg.Listers.Nodes = nodeLister(t, self, victim)
 	if err := d.syncNodes(t.Context(), mallory.Name, nil); err != nil {
 		t.Fatal(err)
 	}
-	if n := testutil.CollectAndCount(collector{d}, "veil_node_claim_conflicts"); n != 0 {
-		t.Errorf("%d conflict series after the conflicts ended", n)
-	}
-}
-
-// The agent puts its annotations back when anyone changes them.
-func TestOwnAnnotationsAreReasserted(t *testing.T) {
-	d := testDaemon(t, "self", "10.99.0.1")
-	d.cfg.Encryption = "wireguard"
-	d.cfg.WireGuardPort = 51871
-	d.podCIDR = netip.MustParsePrefix("10.244.0.0/24")
-	k, err := wgtypes.GeneratePrivateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.pub = k.PublicKey()
-	self := agentNode(t, "self", 1, "10.244.0.0/24", "", "10.99.0.1")
-	self.Annotations = d.wantAnnotations()
-	kube := kubefake.NewClientset(self)
-	d.kube, d.events = kube, record.NewFakeRecorder(4)
-
-	if err := d.reassertAnnotations(t.Context(), self); err != nil {
-		t.Fatal(err)
-	}
-	if n := len(kube.Actions()); n != 0 {
-		t.Fatalf("annotations as published: %d API calls, want none", n)
-	}
-
-	forged := self.DeepCopy()
-	other, err := wgtypes.GeneratePrivateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	forged.Annotations[annotations.WireGuardPublicKey] = other.PublicKey().String()
-	delete(forged.Annotations, annotations.WireGuardEndpoint)
-	if _, err := kube.CoreV1().Nodes().Update(t.Context(), forged, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.reassertAnnotations(t.Context(), forged); err != nil {
-		t.Fatal(err)
-	}
-	got, err := kube.CoreV1().Nodes().Get(t.Context(), "self", metav1.GetOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range d.wantAnnotations() {
-		if got.Annotations[k] != v {
-			t.Errorf("after re-assertion %s = %q; want %q", k, got.Annotations[k], v)
-		}
-	}
-	if ev := <-d.events.(*record.FakeRecorder).Events; !strings.Contains(ev, reasonAnnotationsReset) {
-		t.Errorf("event %q; want %s", ev, reasonAnnotationsReset)
+	if n := len(d.Conflicts()); n != 0 {
+		t.Errorf("%d conflicts after the conflicts ended", n)
 	}
 }
 
 // Issue 10, item 7: every address of this node is the host, so a kubelet
 // probe from a second address is not judged as the world.
 func TestOwnAddressesAreHost(t *testing.T) {
-	d := testDaemon(t, "self", "10.99.0.1")
+	d := testSyncer(t, "self", "10.99.0.1")
 	nodes := []*corev1.Node{agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1", "172.16.0.1")}
 	want := d.wantIPCache(d.resolveNodes(nodes))
 	for _, ip := range []string{"10.99.0.1/32", "172.16.0.1/32"} {
@@ -270,22 +219,50 @@ func TestOwnAddressesAreHost(t *testing.T) {
 // node-to-node encryption) they are neither.
 func TestStrictModeTunnelsPeerNodeAddresses(t *testing.T) {
 	for _, strict := range []bool{false, true} {
-		d := testDaemon(t, "self", "10.99.0.1")
-		d.cfg.StrictMode = strict
+		d := testSyncer(t, "self", "10.99.0.1")
+		d.cfg.Encryption = testEncryption(t, d, strict)
 		nodes := []*corev1.Node{
 			agentNode(t, "self", 1, "10.244.0.0/24", "10.99.0.1:51871", "10.99.0.1"),
 			agentNode(t, "n1", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2"),
 		}
 		c := d.resolveNodes(nodes)
-		peers, errs := wireguard.PeersFromNodes(c, "self", d.peerNodeAddrs())
+		peers, errs := wireguard.PeersFromNodes(c, "self", d.cfg.Encryption.PeerNodeAddrs())
 		if len(errs) != 0 || len(peers) != 1 {
 			t.Fatalf("peers %v, errors %v", peers, errs)
 		}
-		d.recordTunnels(peers)
+		if err := d.cfg.Encryption.SyncPeers(t.Context(), c); err != nil {
+			t.Fatal(err)
+		}
 		hasNode := slices.Contains(peers[0].AllowedIPs, netip.MustParsePrefix("10.99.0.2/32"))
 		tunnelled := d.wantIPCache(c)[netip.MustParsePrefix("10.99.0.2/32")].Kind&datapath.Tunnel != 0
 		if hasNode != strict || tunnelled != strict {
 			t.Errorf("strict=%v: node address in allowed IPs %v, tunnelled in the ipcache %v; want both %v", strict, hasNode, tunnelled, strict)
 		}
 	}
+}
+
+// testEncryption is encryption over a device that only remembers its
+// peers, for d's node.
+func testEncryption(t *testing.T, d *Syncer, strict bool) *encryption.Manager {
+	t.Helper()
+	k, err := wireguard.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return encryption.New(encryption.Config{
+		NodeName: d.cfg.NodeName, NodeIP: d.cfg.NodeIP, Port: 51871, StrictMode: strict, Device: &fakeDevice{key: k},
+		Kube: d.cfg.Kube, Events: d.cfg.Events, Cluster: d.ResolvedCluster,
+	})
+}
+
+type fakeDevice struct{ key wireguard.Key }
+
+func (f *fakeDevice) Interface() string                                { return "veil-wg-test" }
+func (f *fakeDevice) Key() wireguard.Key                               { return f.key }
+func (f *fakeDevice) SetPeers(context.Context, []wireguard.Peer) error { return nil }
+func (f *fakeDevice) RotateKey(context.Context) (wireguard.Key, error) {
+	return f.key, errors.ErrUnsupported
+}
+func (f *fakeDevice) Status(context.Context) (wireguard.Status, error) {
+	return wireguard.Status{}, errors.ErrUnsupported
 }

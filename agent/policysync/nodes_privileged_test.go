@@ -1,10 +1,8 @@
-package daemon
+package policysync
 
 import (
 	"context"
-	"log/slog"
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -16,14 +14,16 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/util/wait"
 	kubeinformers "k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/record"
 
-	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/wireguard"
 	"github.com/veilmesh/veil/api/annotations"
 	"github.com/veilmesh/veil/api/nodeinfo"
 	"github.com/veilmesh/veil/lab/controlplane"
-	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
@@ -39,15 +39,17 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
 
-	cfg := config.Default()
-	cfg.NodeName, cfg.Encryption, cfg.WireGuardPort = "self", "wireguard", 51871
-	d, err := New(cfg, cp.Config, slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	kube, err := kubernetes.NewForConfig(cp.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.compiler, err = policy.New(policy.Options{}); err != nil {
-		t.Fatal(err)
-	}
+	// Events reach the API server as the agent's do.
+	broadcaster := record.NewBroadcaster()
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: kube.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	d := testSyncer(t, "self", "10.99.0.1")
+	d.cfg.Kube = kube
+	d.cfg.Events = broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: "self"})
 	keys := map[string]wgtypes.Key{}
 	for _, n := range []string{"self", "victim", "mallory"} {
 		k, err := wgtypes.GeneratePrivateKey()
@@ -59,14 +61,14 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	mk := func(name, podCIDR string, ann map[string]string, ips ...string) {
 		t.Helper()
 		n := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: ann}, Spec: corev1.NodeSpec{PodCIDR: podCIDR, PodCIDRs: []string{podCIDR}}}
-		n, err := d.kube.CoreV1().Nodes().Create(ctx, n, metav1.CreateOptions{})
+		n, err := d.cfg.Kube.CoreV1().Nodes().Create(ctx, n, metav1.CreateOptions{})
 		if err != nil {
 			t.Fatalf("create node %s: %v", name, err)
 		}
 		for _, ip := range ips {
 			n.Status.Addresses = append(n.Status.Addresses, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip})
 		}
-		if _, err := d.kube.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
+		if _, err := d.cfg.Kube.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{}); err != nil {
 			t.Fatalf("node %s status: %v", name, err)
 		}
 	}
@@ -81,15 +83,16 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	mk("mallory-outside", "192.168.7.0/24", wireguard.Annotations(keys["mallory"], netip.MustParseAddrPort("10.99.0.4:51871"), nil), "10.99.0.4")
 	mk("mallory-self-ip", "10.99.0.1/32", publish("victim", "10.99.0.5:51871"), "10.99.0.5", "10.99.0.1")
 
-	factory := kubeinformers.NewSharedInformerFactory(d.kube, 0)
-	d.nodes = factory.Core().V1().Nodes().Lister()
+	factory := kubeinformers.NewSharedInformerFactory(d.cfg.Kube, 0)
+	d.cfg.Listers.Nodes = factory.Core().V1().Nodes().Lister()
 	factory.Start(ctx.Done())
 	factory.WaitForCacheSync(ctx.Done())
-	if err := d.learnNode(ctx, &persisted{}); err != nil {
+	enc := testEncryption(t, d, false)
+	d.cfg.Encryption = enc
+	if keys["self"], err = wgtypes.ParseKey(enc.Annotations()[annotations.WireGuardPublicKey]); err != nil {
 		t.Fatal(err)
 	}
-	d.pub = keys["self"]
-	self, err := d.kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})
+	self, err := d.cfg.Kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,12 +100,14 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	nodes, err := d.nodes.List(labels.Everything())
+	nodes, err := d.cfg.Listers.Nodes.List(labels.Everything())
 	if err != nil {
 		t.Fatal(err)
 	}
 	peers, _ := wireguard.PeersFromNodes(d.resolveNodes(nodes), "self", false)
-	d.recordTunnels(peers)
+	if err := enc.SyncPeers(ctx, d.resolveNodes(nodes)); err != nil {
+		t.Fatal(err)
+	}
 	i := slices.IndexFunc(peers, func(p wireguard.Peer) bool { return p.Node == "victim" })
 	if i < 0 || peers[i].PublicKey != keys["victim"] || !slices.Equal(peers[i].AllowedIPs, []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}) {
 		t.Fatalf("victim's peer changed: %+v", peers)
@@ -134,7 +139,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	wantKey := "node mallory-self-ip claims public key " + fp + ", held by node victim"
 	var seen []string
 	if err := wait.PollUntilContextTimeout(ctx, 200*time.Millisecond, 30*time.Second, true, func(ctx context.Context) (bool, error) {
-		evs, err := d.kube.CoreV1().Events("default").List(ctx, metav1.ListOptions{})
+		evs, err := d.cfg.Kube.CoreV1().Events("default").List(ctx, metav1.ListOptions{})
 		if err != nil {
 			return false, err
 		}
@@ -156,7 +161,7 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 
 	// This node's annotations were published; edited by someone else, they
 	// come back.
-	got, err := d.kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})
+	got, err := d.cfg.Kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -165,17 +170,17 @@ func TestPrivilegedForgedNodeClaims(t *testing.T) {
 	}
 	got.Annotations[annotations.WireGuardPublicKey] = keys["mallory"].String()
 	got.Annotations[annotations.WireGuardEndpoint] = "10.99.0.3:51871"
-	if got, err = d.kube.CoreV1().Nodes().Update(ctx, got, metav1.UpdateOptions{}); err != nil {
+	if got, err = d.cfg.Kube.CoreV1().Nodes().Update(ctx, got, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if err := d.syncNodes(ctx, got.Name, got); err != nil {
 		t.Fatal(err)
 	}
-	got, err = d.kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})
+	got, err = d.cfg.Kube.CoreV1().Nodes().Get(ctx, "self", metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for k, v := range d.wantAnnotations() {
+	for k, v := range enc.Annotations() {
 		if got.Annotations[k] != v {
 			t.Errorf("after re-assertion %s = %q; want %q", k, got.Annotations[k], v)
 		}

@@ -1,4 +1,4 @@
-package daemon
+package encryption
 
 import (
 	"fmt"

@@ -1,0 +1,206 @@
+// Package k8s is the agent's one reader of the API server: the shared
+// informers for the objects the agent follows, their listers, and the wait
+// for their first list. Its handlers only turn events into Keys.
+package k8s
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	kubeinformers "k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	networkinglisters "k8s.io/client-go/listers/networking/v1"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	veilinformers "github.com/veilmesh/veil/api/client/informers/externalversions"
+	veillisters "github.com/veilmesh/veil/api/client/listers/policy/v1alpha1"
+)
+
+// Kind says which informer a Key came from.
+type Kind int
+
+// The kinds of object the agent follows.
+const (
+	Pod Kind = iota
+	Namespace
+	Node
+	NetworkPolicy
+	MeshPolicy
+	ClusterMeshPolicy
+)
+
+func (k Kind) String() string {
+	return [...]string{"Pod", "Namespace", "Node", "NetworkPolicy", "MeshPolicy", "ClusterMeshPolicy"}[k]
+}
+
+// Key names one object of one kind.
+type Key struct {
+	Kind      Kind
+	Namespace string
+	Name      string
+}
+
+// Listers read the informers' caches.
+type Listers struct {
+	Pods                corelisters.PodLister
+	Namespaces          corelisters.NamespaceLister
+	Nodes               corelisters.NodeLister
+	NetworkPolicies     networkinglisters.NetworkPolicyLister
+	MeshPolicies        veillisters.MeshPolicyLister
+	ClusterMeshPolicies veillisters.ClusterMeshPolicyLister
+}
+
+// Watcher owns the agent's informers.
+type Watcher struct {
+	Listers
+	kubeFactory kubeinformers.SharedInformerFactory
+	veilFactory veilinformers.SharedInformerFactory
+	informers   map[Kind]cache.SharedIndexInformer
+}
+
+// KubeInformers is the shared informer factory of Kubernetes' own kinds, for
+// components that watch kinds of their own (Services, EndpointSlices): they
+// register their informers on it before Start, and share its connection.
+func (w *Watcher) KubeInformers() kubeinformers.SharedInformerFactory { return w.kubeFactory }
+
+// New prepares informers for every kind, resyncing every resync (0:
+// never); Start starts them.
+func New(kube kubernetes.Interface, veil versioned.Interface, resync time.Duration) *Watcher {
+	w := &Watcher{
+		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, resync),
+		veilFactory: veilinformers.NewSharedInformerFactory(veil, resync),
+	}
+	core := w.kubeFactory.Core().V1()
+	netpols := w.kubeFactory.Networking().V1().NetworkPolicies()
+	mesh := w.veilFactory.Policy().V1alpha1()
+	w.informers = map[Kind]cache.SharedIndexInformer{
+		Pod:               core.Pods().Informer(),
+		Namespace:         core.Namespaces().Informer(),
+		Node:              core.Nodes().Informer(),
+		NetworkPolicy:     netpols.Informer(),
+		MeshPolicy:        mesh.MeshPolicies().Informer(),
+		ClusterMeshPolicy: mesh.ClusterMeshPolicies().Informer(),
+	}
+	w.Listers = Listers{
+		Pods: core.Pods().Lister(), Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
+		NetworkPolicies: netpols.Lister(), MeshPolicies: mesh.MeshPolicies().Lister(),
+		ClusterMeshPolicies: mesh.ClusterMeshPolicies().Lister(),
+	}
+	return w
+}
+
+// OnChange calls fn with the key of every object added, updated or
+// deleted. Call it before Start.
+func (w *Watcher) OnChange(fn func(Key)) error {
+	for kind, inf := range w.informers {
+		if _, err := inf.AddEventHandler(handler{kind: kind, fn: fn}); err != nil {
+			return fmt.Errorf("watch %s: %w", kind, err)
+		}
+	}
+	return nil
+}
+
+// Start starts the informers; they stop when ctx is done.
+func (w *Watcher) Start(ctx context.Context) {
+	w.kubeFactory.Start(ctx.Done())
+	w.veilFactory.Start(ctx.Done())
+}
+
+// WaitForCacheSync waits until every informer has listed. While some are
+// still waiting it calls waiting with their kinds every report (an API
+// server that is away, RBAC that forbids a list, a CRD that is not
+// installed), and with nil once all have listed.
+func (w *Watcher) WaitForCacheSync(ctx context.Context, report time.Duration, waiting func([]string)) error {
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	lastReport := time.Now()
+	for {
+		var left []string
+		for kind, inf := range w.informers {
+			if !inf.HasSynced() {
+				left = append(left, kind.String())
+			}
+		}
+		if len(left) == 0 {
+			waiting(nil)
+			return nil
+		}
+		slices.Sort(left)
+		if time.Since(lastReport) > report {
+			waiting(left)
+			lastReport = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("informer caches %v did not sync: %w", left, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// Keys returns the key of every cached object, for the first convergence
+// after start: namespaces and nodes first so pods compile with their
+// namespace labels, pods last.
+func (w *Watcher) Keys() []Key {
+	var out []Key
+	add := func(kind Kind, objs []metav1.Object) {
+		for _, o := range objs {
+			out = append(out, Key{Kind: kind, Namespace: o.GetNamespace(), Name: o.GetName()})
+		}
+	}
+	nss, _ := w.Namespaces.List(labels.Everything())
+	add(Namespace, metaList(nss))
+	nodes, _ := w.Nodes.List(labels.Everything())
+	add(Node, metaList(nodes))
+	nps, _ := w.NetworkPolicies.List(labels.Everything())
+	add(NetworkPolicy, metaList(nps))
+	mps, _ := w.MeshPolicies.List(labels.Everything())
+	add(MeshPolicy, metaList(mps))
+	cmps, _ := w.ClusterMeshPolicies.List(labels.Everything())
+	add(ClusterMeshPolicy, metaList(cmps))
+	pods, _ := w.Pods.List(labels.Everything())
+	add(Pod, metaList(pods))
+	return out
+}
+
+func metaList[T metav1.Object](objs []T) []metav1.Object {
+	out := make([]metav1.Object, len(objs))
+	for i, o := range objs {
+		out[i] = o
+	}
+	return out
+}
+
+// handler turns informer events into keys; it never touches objects.
+type handler struct {
+	kind Kind
+	fn   func(Key)
+}
+
+func (h handler) key(obj any) (Key, bool) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	m, err := meta.Accessor(obj)
+	if err != nil {
+		return Key{}, false
+	}
+	return Key{Kind: h.kind, Namespace: m.GetNamespace(), Name: m.GetName()}, true
+}
+
+func (h handler) OnAdd(obj any, _ bool) {
+	if k, ok := h.key(obj); ok {
+		h.fn(k)
+	}
+}
+func (h handler) OnUpdate(_, obj any) { h.OnAdd(obj, false) }
+func (h handler) OnDelete(obj any)    { h.OnAdd(obj, false) }
+
+var _ cache.ResourceEventHandler = handler{}

@@ -1,0 +1,828 @@
+// Package policysync keeps the node's datapath in line with the cluster: a
+// workqueue controller feeds every changed object to the policy compiler and
+// writes what changed (endpoint records and policy, the ipcache built from
+// the nodes' resolved claims, the CIDR table), evicts connections policy no
+// longer allows, and reports policy status conditions.
+package policysync
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/endpoints"
+	"github.com/veilmesh/veil/agent/k8s"
+	"github.com/veilmesh/veil/api/annotations"
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	"github.com/veilmesh/veil/api/nodeinfo"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
+)
+
+// Datapath is what policy sync writes.
+type Datapath interface {
+	UpsertEndpoint(datapath.Endpoint) error
+	DeleteEndpoint(ip netip.Addr) error
+	SetPolicy(ip netip.Addr, entries []policytypes.Entry, defaults policytypes.Defaults) error
+	SetCIDRs(map[netip.Prefix]identity.ID) error
+	UpsertIPCache(netip.Prefix, datapath.IPCacheEntry) error
+	DeleteIPCache(netip.Prefix) error
+	EvictFlows(deny func(datapath.FlowKey) bool) (int, error)
+}
+
+// Encryption is what the nodes' claims are handed to (agent/encryption).
+type Encryption interface {
+	Reassert(ctx context.Context, self *corev1.Node) error
+	SyncPeers(ctx context.Context, c nodeinfo.Cluster) error
+	PeerNodeAddrs() bool
+	Tunnelled(node string) bool
+}
+
+// Degraded records why a part of the agent works worse than it should.
+type Degraded interface {
+	Set(component, reason string)
+	Clear(component string)
+}
+
+// Config is what a Syncer needs.
+type Config struct {
+	NodeName string
+	NodeIP   netip.Addr
+	// ClusterCIDRs hold every node's pod CIDR (--cluster-cidr).
+	ClusterCIDRs []netip.Prefix
+	Compiler     *policy.Compiler
+	Datapath     Datapath
+	Endpoints    *endpoints.Registry
+	Encryption   Encryption
+	Listers      k8s.Listers
+	// Kube reads a new endpoint's Pod the informer does not have yet.
+	Kube kubernetes.Interface
+	// Veil writes policy status conditions.
+	Veil versioned.Interface
+	// Events records refused node claims on the claiming Nodes.
+	Events   record.EventRecorder
+	Degraded Degraded
+	// Synced, when set, is called with how long each sync took.
+	Synced func(time.Duration)
+	Log    *slog.Logger
+}
+
+// Syncer is the controller.
+type Syncer struct {
+	cfg   Config
+	log   *slog.Logger
+	queue workqueue.TypedRateLimitingInterface[k8s.Key]
+	// ipcacheDirty: a mutation changed addresses or identities since the
+	// ipcache was last written.
+	ipcacheDirty atomic.Bool
+	lastSync     atomic.Int64
+
+	// mu guards what was written to the ipcache and the node claims:
+	// cluster is the last resolution of every node's claims, which the
+	// ipcache and the peers are built from; claims is what each Node
+	// claimed then; conflicts are the refused claims last reported.
+	mu        sync.Mutex
+	ipcache   map[netip.Prefix]datapath.IPCacheEntry
+	cluster   nodeinfo.Cluster
+	claims    map[string]nodeinfo.Node
+	conflicts map[nodeinfo.Conflict]bool
+}
+
+// New returns a syncer with an empty queue; Run runs it.
+func New(cfg Config) *Syncer {
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	return &Syncer{
+		cfg: cfg, log: cfg.Log,
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
+			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
+		ipcache: map[netip.Prefix]datapath.IPCacheEntry{},
+	}
+}
+
+// Enqueue asks for the object of k to be synced.
+func (s *Syncer) Enqueue(k k8s.Key) { s.queue.Add(k) }
+
+// Run syncs queued objects until ctx is done. Start it once the informers'
+// caches have synced and every cached object is queued: the first time the
+// queue drains, the agent has converged.
+func (s *Syncer) Run(ctx context.Context) {
+	go func() {
+		<-ctx.Done()
+		s.queue.ShutDown()
+	}()
+	s.worker(ctx)
+}
+
+// IPCacheStale marks the ipcache for rewriting: something it is built from
+// (which nodes are tunnelled) changed.
+func (s *Syncer) IPCacheStale() { s.ipcacheDirty.Store(true) }
+
+// LastSync is when an object last synced, in Unix nanoseconds.
+func (s *Syncer) LastSync() int64 { return s.lastSync.Load() }
+
+// IPCacheSize is the number of ipcache entries written.
+func (s *Syncer) IPCacheSize() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.ipcache)
+}
+
+// Conflicts are the node claims refused at the last resolution.
+func (s *Syncer) Conflicts() []nodeinfo.Conflict {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]nodeinfo.Conflict, 0, len(s.conflicts))
+	for c := range s.conflicts {
+		out = append(out, c)
+	}
+	return out
+}
+
+func (s *Syncer) worker(ctx context.Context) {
+	lastFlush := time.Now()
+	for {
+		k, shutdown := s.queue.Get()
+		if shutdown {
+			return
+		}
+		start := time.Now()
+		err := s.sync(ctx, k)
+		if err != nil {
+			s.log.Warn("sync failed; will retry", "kind", k.Kind, "namespace", k.Namespace, "name", k.Name, "error", err)
+			s.queue.AddRateLimited(k)
+		} else {
+			s.queue.Forget(k)
+		}
+		s.queue.Done(k)
+		// The ipcache is rebuilt from the whole cluster, so a burst of pod
+		// events (a start, a scale-up) is flushed once when the queue
+		// drains, or at least every flushEvery, not once per event.
+		if s.queue.Len() == 0 || time.Since(lastFlush) > flushEvery {
+			if ferr := s.flushIPCache(); ferr != nil {
+				s.log.Warn("ipcache sync failed; will retry", "error", ferr)
+			}
+			lastFlush = time.Now()
+		}
+		if s.cfg.Synced != nil {
+			s.cfg.Synced(time.Since(start))
+		}
+		if err == nil {
+			s.lastSync.Store(time.Now().UnixNano())
+		}
+		if s.queue.Len() == 0 && !s.cfg.Endpoints.Converged() {
+			s.converged()
+			s.log.Info("converged with the API server")
+			// Connections restored from pinned state are checked once,
+			// now that the state they are checked against is complete.
+			if err := s.evictRevoked(nil, true); err != nil {
+				s.log.Warn("re-check connections", "error", err)
+			}
+		}
+	}
+}
+
+// converged marks the agent converged, gives the endpoints wired before
+// that their compiled policy in place of deny-all, and makes every endpoint
+// whose Pod the API server does not have (restored from the last run, the
+// Pod deleted meanwhile) deny-all instead of keeping its old policy.
+func (s *Syncer) converged() {
+	rewrite, rest := s.cfg.Endpoints.Converge()
+	for _, ep := range rest {
+		if _, ok := s.cfg.Compiler.Endpoint(ep.Pod); !ok {
+			rewrite = append(rewrite, ep)
+		}
+	}
+	for _, ep := range rewrite {
+		if err := s.writeEndpoint(ep.Pod); err != nil {
+			// It keeps denying; the next change of its pod retries.
+			s.log.Warn("write policy of endpoint after convergence", "pod", ep.Pod, "error", err)
+		}
+	}
+	if len(rewrite) > 0 {
+		s.cfg.Endpoints.Changed()
+	}
+}
+
+// flushEvery bounds how stale the ipcache may get during a burst of events.
+const flushEvery = 250 * time.Millisecond
+
+// flushIPCache writes the ipcache and re-checks the connections whose peer
+// it changed.
+func (s *Syncer) flushIPCache() error {
+	if !s.ipcacheDirty.Swap(false) {
+		return nil
+	}
+	changed, err := s.syncIPCache()
+	if err != nil {
+		s.ipcacheDirty.Store(true)
+	}
+	return errors.Join(err, s.evictRevoked(changed, false))
+}
+
+// sync converges one object: the compiler learns its current state from the
+// cache, and what changed reaches the datapath.
+func (s *Syncer) sync(ctx context.Context, k k8s.Key) error {
+	var ch policy.Changes
+	switch k.Kind {
+	case k8s.Pod:
+		pod, err := s.cfg.Listers.Pods.Pods(k.Namespace).Get(k.Name)
+		if apierrors.IsNotFound(err) {
+			ch = s.cfg.Compiler.DeletePod(k.Namespace, k.Name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = s.cfg.Compiler.UpsertPod(s.withLocalIP(pod))
+			// Annotations change no policy, so the compiler does not
+			// report them; a local pod's datapath record may still need
+			// its acceleration opt-out.
+			ep, ok := s.cfg.Endpoints.Get(policy.EndpointID{Namespace: k.Namespace, Name: k.Name})
+			if ok && ep.NoAccel != optedOut(pod.Annotations[annotations.SocketAcceleration]) {
+				if err := s.writeEndpoint(ep.Pod); err != nil {
+					return err
+				}
+			}
+		}
+	case k8s.Namespace:
+		ns, err := s.cfg.Listers.Namespaces.Get(k.Name)
+		if apierrors.IsNotFound(err) {
+			ch = s.cfg.Compiler.DeleteNamespace(k.Name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = s.cfg.Compiler.UpsertNamespace(ns)
+		}
+	case k8s.Node:
+		node, err := s.cfg.Listers.Nodes.Get(k.Name)
+		if apierrors.IsNotFound(err) {
+			ch = s.cfg.Compiler.DeleteNode(k.Name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = s.cfg.Compiler.UpsertNode(node)
+		}
+		// Node addresses and pod CIDRs live in the ipcache, keys in the
+		// peers: syncNodes marks the ipcache for rewriting when a node's
+		// claims changed, and only then (not on every kubelet heartbeat).
+		if err := s.syncNodes(ctx, k.Name, node); err != nil {
+			return err
+		}
+	case k8s.NetworkPolicy:
+		np, err := s.cfg.Listers.NetworkPolicies.NetworkPolicies(k.Namespace).Get(k.Name)
+		if apierrors.IsNotFound(err) {
+			ch = s.cfg.Compiler.DeleteNetworkPolicy(k.Namespace, k.Name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = s.cfg.Compiler.UpsertNetworkPolicy(np)
+		}
+	case k8s.MeshPolicy:
+		mp, err := s.cfg.Listers.MeshPolicies.MeshPolicies(k.Namespace).Get(k.Name)
+		if apierrors.IsNotFound(err) {
+			ch = s.cfg.Compiler.DeleteMeshPolicy(k.Namespace, k.Name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = s.cfg.Compiler.UpsertMeshPolicy(mp)
+			if err := s.apply(ch); err != nil {
+				return err
+			}
+			return s.writeMeshPolicyStatus(ctx, mp)
+		}
+	case k8s.ClusterMeshPolicy:
+		cmp, err := s.cfg.Listers.ClusterMeshPolicies.Get(k.Name)
+		if apierrors.IsNotFound(err) {
+			ch = s.cfg.Compiler.DeleteClusterMeshPolicy(k.Name)
+		} else if err != nil {
+			return err
+		} else {
+			ch = s.cfg.Compiler.UpsertClusterMeshPolicy(cmp)
+			if err := s.apply(ch); err != nil {
+				return err
+			}
+			return s.writeClusterMeshPolicyStatus(ctx, cmp)
+		}
+	}
+	return s.apply(ch)
+}
+
+// withLocalIP returns pod with the address this node's IPAM gave it, when
+// the API server does not know it yet (kubelet writes the pod IP only after
+// CNI ADD returns, and policy must be in place before the pod runs).
+func (s *Syncer) withLocalIP(pod *corev1.Pod) *corev1.Pod {
+	if pod.Spec.NodeName != s.cfg.NodeName || pod.Spec.HostNetwork || pod.Status.PodIP != "" {
+		return pod
+	}
+	ep, ok := s.cfg.Endpoints.Get(policy.EndpointID{Namespace: pod.Namespace, Name: pod.Name})
+	if !ok {
+		return pod
+	}
+	cp := pod.DeepCopy()
+	cp.Status.PodIP = ep.IP.String()
+	cp.Status.PodIPs = []corev1.PodIP{{IP: ep.IP.String()}}
+	return cp
+}
+
+// apply writes what a compiler mutation changed into the datapath.
+func (s *Syncer) apply(ch policy.Changes) error {
+	var errs []error
+	var changedIPs []netip.Prefix
+	for _, id := range ch.Endpoints {
+		ep, ok := s.cfg.Endpoints.Get(id)
+		if !ok {
+			continue
+		}
+		if err := s.writeEndpoint(id); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		changedIPs = append(changedIPs, netip.PrefixFrom(ep.IP, ep.IP.BitLen()))
+	}
+	if ch.IPCache || len(ch.Removed) > 0 {
+		s.ipcacheDirty.Store(true)
+	}
+	if ch.CIDRTable {
+		want := map[netip.Prefix]identity.ID{}
+		for _, e := range s.cfg.Compiler.CIDRTable() {
+			want[e.Prefix] = e.ID
+		}
+		errs = append(errs, s.cfg.Datapath.SetCIDRs(want))
+	}
+	if len(changedIPs) > 0 {
+		errs = append(errs, s.evictRevoked(changedIPs, false))
+	}
+	if len(changedIPs) > 0 || ch.IPCache {
+		s.cfg.Endpoints.Changed()
+	}
+	return errors.Join(errs...)
+}
+
+// writeEndpoint brings one local endpoint's datapath record and policy in
+// line with the compiler. An endpoint no longer registered is left alone.
+func (s *Syncer) writeEndpoint(id policy.EndpointID) error {
+	ep, ok := s.cfg.Endpoints.Get(id)
+	if !ok {
+		return nil
+	}
+	cep, ok := s.cfg.Compiler.Endpoint(ep.Pod)
+	ident := identity.Unmanaged
+	if ok {
+		ident = cep.Identity
+	}
+	hostMAC, podMAC, err := ep.MACs()
+	if err != nil {
+		return err
+	}
+	noAccel := s.accelerationOptOut(ep.Pod)
+	if ident != ep.Identity || noAccel != ep.NoAccel {
+		if err := s.cfg.Datapath.UpsertEndpoint(datapath.Endpoint{
+			IP: ep.IP, ID: ep.ID, Identity: ident, Ifindex: ep.HostIfindex, HostMAC: hostMAC, MAC: podMAC,
+			NoAcceleration: noAccel,
+		}); err != nil {
+			return fmt.Errorf("update endpoint %s: %w", ep.Pod, err)
+		}
+		s.cfg.Endpoints.Recorded(ep.Pod, ident, noAccel)
+	}
+	entries, defaults := cep.Entries, cep.Defaults
+	if !ok || ep.Pending {
+		// Unmanaged (its Pod is unknown) or compiled against a policy set
+		// that is not complete yet: deny both ways, never allow, until
+		// the pod is known and the agent has converged.
+		entries, defaults = nil, denyAll
+	}
+	component := FailedClosedPrefix + ep.Pod.String()
+	if err := s.cfg.Datapath.SetPolicy(ep.IP, entries, defaults); err != nil {
+		var perr *datapath.PolicyUpdateError
+		if errors.As(err, &perr) && perr.FailedClosed {
+			s.cfg.Degraded.Set(component, err.Error())
+		}
+		return fmt.Errorf("set policy of %s: %w", ep.Pod, err)
+	}
+	s.cfg.Degraded.Clear(component)
+	return nil
+}
+
+// FailedClosedPrefix starts the degraded component of an endpoint whose
+// policy could not be written and that therefore denies everything.
+const FailedClosedPrefix = "policy of endpoint "
+
+// denyAll is the policy of an endpoint whose real policy is not known.
+var denyAll = policytypes.Defaults{
+	IngressEnforce: policytypes.Deny, IngressAudit: policytypes.Deny,
+	EgressEnforce: policytypes.Deny, EgressAudit: policytypes.Deny,
+}
+
+// tunnelKind is the ipcache flag for prefixes hosted by the named node.
+func (s *Syncer) tunnelKind(node string) datapath.IPCacheKind {
+	if s.cfg.Encryption.Tunnelled(node) {
+		return datapath.Tunnel
+	}
+	return 0
+}
+
+// accelerationOptOut reports whether the pod opted out of acceleration.
+func (s *Syncer) accelerationOptOut(id policy.EndpointID) bool {
+	pod, err := s.cfg.Listers.Pods.Pods(id.Namespace).Get(id.Name)
+	if err != nil {
+		return false
+	}
+	return optedOut(pod.Annotations[annotations.SocketAcceleration])
+}
+
+func optedOut(v string) bool {
+	switch strings.ToLower(strings.TrimSpace(v)) {
+	case "false", "off", "disabled", "no":
+		return true
+	}
+	return false
+}
+
+// wantIPCache is what the ipcache should hold for the resolved nodes and
+// the compiler's pods. The WireGuard peers come from the same resolution,
+// so a node's prefixes carry the tunnel flag exactly when it is a peer, and
+// are forwarded toward the address its tunnel uses.
+func (s *Syncer) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
+	want := map[netip.Prefix]datapath.IPCacheEntry{}
+	nodeIPs := map[string]netip.Addr{}
+	self := netip.PrefixFrom(s.cfg.NodeIP, 32)
+	for _, n := range c.Nodes {
+		if n.Name == s.cfg.NodeName {
+			nodeIPs[n.Name] = s.cfg.NodeIP
+			for _, a := range n.Addrs() {
+				if a.Is4() {
+					want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: s.cfg.NodeIP, Kind: datapath.NodeAddr}
+				}
+			}
+			continue
+		}
+		ip := n.IP()
+		if !ip.IsValid() {
+			continue
+		}
+		nodeIPs[n.Name] = ip
+		// A peer's own addresses are in its allowed IPs when peerNodeAddrs:
+		// pods reach them through the tunnel then.
+		var nodeTunnel datapath.IPCacheKind
+		if s.cfg.Encryption.PeerNodeAddrs() {
+			nodeTunnel = s.tunnelKind(n.Name)
+		}
+		for _, a := range n.Addrs() {
+			if a.Is4() && netip.PrefixFrom(a, 32) != self {
+				kind := datapath.NodeAddr
+				if slices.Contains(n.InternalIPs, a) {
+					kind |= nodeTunnel
+				}
+				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: kind}
+			}
+		}
+		for _, cidr := range n.PodCIDRs {
+			if cidr.Addr().Is4() {
+				want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | s.tunnelKind(n.Name)}
+			}
+		}
+	}
+	want[self] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: s.cfg.NodeIP, Kind: datapath.NodeAddr}
+	for _, e := range s.cfg.Compiler.IPCache() {
+		if !e.IP.Is4() || e.Node == s.cfg.NodeName {
+			continue
+		}
+		nip, ok := nodeIPs[e.Node]
+		if !ok {
+			continue
+		}
+		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | s.tunnelKind(e.Node)}
+	}
+	return want
+}
+
+// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
+// addresses and pod CIDRs, and this node's own address. It returns the
+// prefixes it wrote or removed.
+func (s *Syncer) syncIPCache() ([]netip.Prefix, error) {
+	want := s.wantIPCache(s.ResolvedCluster())
+
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var (
+		errs    []error
+		changed []netip.Prefix
+	)
+	for p, e := range want {
+		if old, ok := s.ipcache[p]; ok && old == e {
+			continue
+		}
+		if err := s.cfg.Datapath.UpsertIPCache(p, e); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.ipcache[p] = e
+		changed = append(changed, p)
+	}
+	for p := range s.ipcache {
+		if _, ok := want[p]; ok {
+			continue
+		}
+		if err := s.cfg.Datapath.DeleteIPCache(p); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		delete(s.ipcache, p)
+		changed = append(changed, p)
+	}
+	return changed, errors.Join(errs...)
+}
+
+// evictRevoked removes connections that policy no longer allows, so neither
+// conntrack nor socket acceleration lets them outlive their permission. Only
+// connections with an end in changed (a changed endpoint's address, an
+// ipcache prefix whose identity moved) are re-checked, unless all: nothing
+// any other connection's verdict depends on changed.
+//
+// Never before the agent has converged: a half-rebuilt compiler traces
+// unknown peers as denied, and would revoke allowed connections.
+func (s *Syncer) evictRevoked(changed []netip.Prefix, all bool) error {
+	if !s.cfg.Endpoints.Converged() || (!all && len(changed) == 0) {
+		return nil
+	}
+	n, err := s.cfg.Datapath.EvictFlows(revocationCheck(s.cfg.Compiler, changed, all))
+	if n > 0 {
+		s.log.Info("evicted connections that policy no longer allows", "count", n)
+	}
+	return err
+}
+
+// revocationCheck is what EvictFlows asks about a connection, in the
+// direction that opened it: whether policy now denies it. Connections with
+// no end in changed are not traced (a trace resolves peers by address among
+// every pod) and stay, unless all.
+func revocationCheck(c *policy.Compiler, changed []netip.Prefix, all bool) func(datapath.FlowKey) bool {
+	addrs := map[netip.Addr]bool{}
+	var wider []netip.Prefix
+	for _, p := range changed {
+		if p.IsSingleIP() {
+			addrs[p.Addr()] = true
+		} else {
+			wider = append(wider, p)
+		}
+	}
+	touched := func(ip netip.Addr) bool {
+		if addrs[ip] {
+			return true
+		}
+		for _, p := range wider {
+			if p.Contains(ip) {
+				return true
+			}
+		}
+		return false
+	}
+	return func(k datapath.FlowKey) bool {
+		if !all && !touched(k.Src) && !touched(k.Dst) {
+			return false
+		}
+		tr, err := c.Trace(policy.IPPeer(k.Src), policy.IPPeer(k.Dst), k.Proto, k.DstPort)
+		return err == nil && !tr.Allowed
+	}
+}
+
+func acceptedCondition(perr *policy.PolicyError, generation int64) metav1.Condition {
+	c := metav1.Condition{
+		Type: v1alpha1.ConditionAccepted, Status: metav1.ConditionTrue,
+		Reason: "Compiled", Message: "the policy is enforced", ObservedGeneration: generation,
+	}
+	if perr != nil {
+		c.Status, c.Reason, c.Message = metav1.ConditionFalse, "Invalid", perr.Error()
+	}
+	return c
+}
+
+func statusNeedsUpdate(st *v1alpha1.PolicyStatus, c metav1.Condition) bool {
+	old := meta.FindStatusCondition(st.Conditions, c.Type)
+	return old == nil || old.Status != c.Status || old.Reason != c.Reason || old.Message != c.Message ||
+		old.ObservedGeneration != c.ObservedGeneration
+}
+
+func (s *Syncer) writeMeshPolicyStatus(ctx context.Context, mp *v1alpha1.MeshPolicy) error {
+	ref := policy.PolicyRef{Kind: policy.KindMeshPolicy, Namespace: mp.Namespace, Name: mp.Name}
+	c := acceptedCondition(s.cfg.Compiler.PolicyError(ref), mp.Generation)
+	if !statusNeedsUpdate(&mp.Status, c) {
+		return nil
+	}
+	cp := mp.DeepCopy()
+	meta.SetStatusCondition(&cp.Status.Conditions, c)
+	cp.Status.ObservedGeneration = mp.Generation
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err := s.cfg.Veil.PolicyV1alpha1().MeshPolicies(mp.Namespace).UpdateStatus(cctx, cp, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+		return nil // a newer version is on its way through the informer
+	}
+	if err != nil {
+		return fmt.Errorf("write status of MeshPolicy %s/%s: %w", mp.Namespace, mp.Name, err)
+	}
+	return nil
+}
+
+func (s *Syncer) writeClusterMeshPolicyStatus(ctx context.Context, cmp *v1alpha1.ClusterMeshPolicy) error {
+	ref := policy.PolicyRef{Kind: policy.KindClusterMeshPolicy, Name: cmp.Name}
+	c := acceptedCondition(s.cfg.Compiler.PolicyError(ref), cmp.Generation)
+	if !statusNeedsUpdate(&cmp.Status, c) {
+		return nil
+	}
+	cp := cmp.DeepCopy()
+	meta.SetStatusCondition(&cp.Status.Conditions, c)
+	cp.Status.ObservedGeneration = cmp.Generation
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	_, err := s.cfg.Veil.PolicyV1alpha1().ClusterMeshPolicies().UpdateStatus(cctx, cp, metav1.UpdateOptions{})
+	if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("write status of ClusterMeshPolicy %s: %w", cmp.Name, err)
+	}
+	return nil
+}
+
+// Enforce writes a freshly claimed endpoint into the compiler and the
+// datapath: the compiler learns its address, and its datapath record and
+// policy are written before this returns.
+func (s *Syncer) Enforce(ctx context.Context, ep endpoints.Endpoint) error {
+	// The informer may not have the Pod yet: ask the API server once, so
+	// the policy is right from the first packet.
+	pod, err := s.cfg.Listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name)
+	if apierrors.IsNotFound(err) {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		pod, err = s.cfg.Kube.CoreV1().Pods(ep.Pod.Namespace).Get(cctx, ep.Pod.Name, metav1.GetOptions{})
+		cancel()
+	}
+	if err == nil {
+		if err := s.apply(s.cfg.Compiler.UpsertPod(s.withLocalIP(pod))); err != nil {
+			return err
+		}
+	} else {
+		s.log.Warn("pod of new endpoint unknown; it denies all traffic until the pod appears", "pod", ep.Pod, "error", err)
+	}
+	if err := s.writeEndpoint(ep.Pod); err != nil {
+		return err
+	}
+	return s.flushIPCache()
+}
+
+// Withdraw removes a released endpoint from the datapath and tells the
+// compiler its pod is no longer an endpoint here.
+func (s *Syncer) Withdraw(ctx context.Context, ep endpoints.Endpoint) error {
+	if err := s.cfg.Datapath.DeleteEndpoint(ep.IP); err != nil {
+		return fmt.Errorf("unregister endpoint %s: %w", ep.Pod, err)
+	}
+	// The pod keeps its API object for a while; without a local address the
+	// compiler drops it as an endpoint.
+	var err error
+	if pod, gerr := s.cfg.Listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
+		err = s.apply(s.cfg.Compiler.UpsertPod(s.withLocalIP(pod)))
+	} else {
+		err = s.apply(s.cfg.Compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
+	}
+	return errors.Join(err, s.flushIPCache())
+}
+
+var _ endpoints.Enforcer = (*Syncer)(nil)
+
+// resolveNodes decides, from this node's point of view, which node holds
+// which pod CIDR, address and key (see nodeinfo.Resolve for the rule). The
+// ipcache and the WireGuard peers are both built from its answer, so a node
+// is tunnelled exactly where its prefixes are.
+func (s *Syncer) resolveNodes(nodes []*corev1.Node) nodeinfo.Cluster {
+	return nodeinfo.Resolve(nodes, nodeinfo.Options{Self: s.cfg.NodeName, ClusterCIDRs: s.cfg.ClusterCIDRs})
+}
+
+// syncNodes follows a change of the named Node (nil: deleted): it
+// re-asserts this node's annotations when they drifted, and, when what
+// some node claims changed, resolves the cluster again, reports refused
+// claims and re-derives the WireGuard peers.
+func (s *Syncer) syncNodes(ctx context.Context, name string, node *corev1.Node) error {
+	if node != nil && name == s.cfg.NodeName {
+		if err := s.cfg.Encryption.Reassert(ctx, node); err != nil {
+			return err
+		}
+	}
+	if s.claimsUnchanged(name, node) {
+		return nil
+	}
+	nodes, err := s.cfg.Listers.Nodes.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("list nodes: %w", err)
+	}
+	c := s.resolveNodes(nodes)
+	s.reportConflicts(c)
+	// The ipcache follows at once, even if the peers cannot be set now.
+	s.mu.Lock()
+	s.cluster = c
+	s.mu.Unlock()
+	s.ipcacheDirty.Store(true)
+	if err := s.cfg.Encryption.SyncPeers(ctx, c); err != nil {
+		return err
+	}
+	// Only once the peers are set may unchanged Nodes be skipped.
+	claims := make(map[string]nodeinfo.Node, len(nodes))
+	for _, n := range nodes {
+		claims[n.Name], _ = nodeinfo.Parse(n) // errors were reported by resolveNodes
+	}
+	s.mu.Lock()
+	s.claims = claims
+	s.mu.Unlock()
+	return nil
+}
+
+// claimsUnchanged reports whether node claims what it did at the last
+// resolution: most Node events are kubelet status updates that change
+// nothing Veil reads, and resolving thousands of nodes for each would cost.
+func (s *Syncer) claimsUnchanged(name string, node *corev1.Node) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	prev, known := s.claims[name]
+	if node == nil {
+		return !known && s.claims != nil
+	}
+	cur, _ := nodeinfo.Parse(node)
+	return known && prev.Equal(cur)
+}
+
+// ResolvedCluster is the last resolution of the nodes' claims; before the
+// worker's first Node sync (a CNI call may write the ipcache that early),
+// a resolution of what the Node cache holds now.
+func (s *Syncer) ResolvedCluster() nodeinfo.Cluster {
+	s.mu.Lock()
+	c, resolved := s.cluster, s.claims != nil
+	s.mu.Unlock()
+	if resolved {
+		return c
+	}
+	nodes, err := s.cfg.Listers.Nodes.List(labels.Everything())
+	if err != nil {
+		return c
+	}
+	return s.resolveNodes(nodes)
+}
+
+// Reasons of the Events the agent records on Nodes.
+const (
+	reasonClaimRefused = "VeilClaimRefused"
+)
+
+// reportConflicts makes refused claims visible: a Warning Event on the
+// claiming Node naming the owner (once per conflict while it lasts), a
+// log line, and the veil_node_claim_conflicts metric.
+func (s *Syncer) reportConflicts(c nodeinfo.Cluster) {
+	cur := map[nodeinfo.Conflict]bool{}
+	for _, x := range c.Conflicts {
+		cur[x] = true
+	}
+	s.mu.Lock()
+	var added []nodeinfo.Conflict
+	for x := range cur {
+		if !s.conflicts[x] {
+			added = append(added, x)
+		}
+	}
+	s.conflicts = cur
+	s.mu.Unlock()
+	slices.SortFunc(added, func(a, b nodeinfo.Conflict) int {
+		return cmp.Or(strings.Compare(a.Node, b.Node), strings.Compare(a.Kind, b.Kind), strings.Compare(a.Claim, b.Claim))
+	})
+	for _, x := range added {
+		s.log.Warn("node claim refused", "node", x.Node, "owner", x.Owner, "kind", x.Kind, "claim", x.Claim)
+		s.cfg.Events.Event(nodeRef(x.Node), corev1.EventTypeWarning, reasonClaimRefused, x.Error())
+	}
+	for _, err := range c.Errors {
+		s.log.Warn("node fields ignored", "error", err)
+	}
+}
+
+// nodeRef is how kubelet refers to a Node in Events (its UID is its name).
+func nodeRef(name string) *corev1.ObjectReference {
+	return &corev1.ObjectReference{Kind: "Node", Name: name, UID: types.UID(name)}
+}
