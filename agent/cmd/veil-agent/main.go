@@ -1,12 +1,17 @@
 // Command veil-agent is Veil's node agent, run by the DaemonSet on every
 // node. `veil-agent --help` lists its settings; each can also be set from
 // the environment (VEIL_<FLAG>, and NODE_NAME).
+//
+// `veil-agent api-bridge` does not run an agent: it connects its stdin and
+// stdout to the running agent's API socket (see api/agent/bridge), for
+// meshctl, which runs it in the agent's pod through the API server.
 package main
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -17,6 +22,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/veilmesh/veil/agent/config"
+	"github.com/veilmesh/veil/api/agent/bridge"
 	"github.com/veilmesh/veil/agent/daemon"
 	"github.com/veilmesh/veil/agent/datapath"
 )
@@ -28,6 +34,9 @@ func main() {
 }
 
 func run(args []string) int {
+	if len(args) > 0 && args[0] == bridge.Subcommand {
+		return runBridge(args[1:], os.LookupEnv, os.Stdin, os.Stdout, os.Stderr)
+	}
 	cfg, _, err := config.Parse(args, os.LookupEnv)
 	if errors.Is(err, pflag.ErrHelp) {
 		return 0
@@ -63,6 +72,38 @@ func run(args []string) int {
 	defer stop()
 	if err := d.Run(ctx); err != nil {
 		log.Error("agent stopped", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// runBridge is `veil-agent api-bridge [--socket PATH]`: the socket is the
+// agent's (--socket, else VEIL_SOCKET, which the DaemonSet sets, else the
+// default). Exit codes: 0 the caller or the agent ended the session, 1 the
+// socket could not be reached, 2 bad arguments.
+func runBridge(args []string, lookupEnv func(string) (string, bool), in io.Reader, out, errOut io.Writer) int {
+	fs := pflag.NewFlagSet("veil-agent "+bridge.Subcommand, pflag.ContinueOnError)
+	fs.SetOutput(errOut)
+	socket := config.Default().SocketPath
+	if v, ok := lookupEnv("VEIL_SOCKET"); ok && v != "" {
+		socket = v
+	}
+	fs.StringVar(&socket, "socket", socket, "the agent's API socket (env VEIL_SOCKET)")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, pflag.ErrHelp) {
+			return 0
+		}
+		fmt.Fprintf(errOut, "veil-agent %s: %v\n", bridge.Subcommand, err)
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(errOut, "veil-agent %s: unexpected arguments %q\n", bridge.Subcommand, fs.Args())
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := bridge.Serve(ctx, socket, in, out); err != nil {
+		fmt.Fprintf(errOut, "veil-agent %s: %v\n", bridge.Subcommand, err)
 		return 1
 	}
 	return 0
