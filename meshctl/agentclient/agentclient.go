@@ -58,6 +58,9 @@ const (
 	// Unreachable: the agent could not be reached or did not answer, or
 	// speaks an API this meshctl does not.
 	Unreachable
+	// Forbidden: the API server's RBAC does not let the caller reach the
+	// agent (see ForbiddenError).
+	Forbidden
 )
 
 // Error is an error of reaching or asking an agent.
@@ -93,10 +96,10 @@ func UnixTarget(where, socket string) Target {
 
 // NodeResolver finds the agent API of a node by the node's name.
 //
-// The lab resolves a node to its agent's socket on the same host
-// (LabResolver). In a cluster the agent of another node is reached through
-// the API server, by a port-forward to that node's veil-agent pod; that
-// resolver is not implemented yet (ClusterResolver says so).
+// In a cluster the agent of a node is reached through the API server, by
+// an exec into that node's veil-agent pod (ClusterResolver). The old
+// simulated lab resolves a node to its agent's socket on the same host
+// (LabResolver).
 type NodeResolver interface {
 	Resolve(ctx context.Context, node string) (Target, error)
 }
@@ -126,17 +129,6 @@ func (r LabResolver) Resolve(_ context.Context, node string) (Target, error) {
 	return Target{}, usageErrorf("node %q is not in the lab (%s lists: %s)", node, r.Path, strings.Join(names, ", "))
 }
 
-// ClusterResolver would reach another node's agent through the API server.
-type ClusterResolver struct{}
-
-var _ NodeResolver = ClusterResolver{}
-
-func (ClusterResolver) Resolve(_ context.Context, node string) (Target, error) {
-	return Target{}, usageErrorf("--node %s: reaching another node's agent in a cluster goes through the API server to that node's veil-agent pod, "+
-		"which meshctl does not implement yet; run meshctl on that node (e.g. kubectl exec into its veil-agent pod), "+
-		"or set %s to a lab state file", node, EnvLabState)
-}
-
 // Selection is how the user chose the agent: the --socket and --node flags
 // and the environment.
 type Selection struct {
@@ -146,19 +138,35 @@ type Selection struct {
 	SocketSet bool
 	Node      string
 	Getenv    func(string) string
+	// Cluster makes the resolver of the cluster the kubeconfig names; nil,
+	// or an error, when there is none.
+	Cluster func(ctx context.Context) (NodeResolver, error)
 }
 
 // Target resolves the selection to the agent to talk to: --node through
-// the lab's state file when VEIL_LAB_STATE names one, else the local
-// socket (--socket, else VEIL_SOCKET, else the default).
+// the old simulated lab's state file when VEIL_LAB_STATE names one that
+// lists agent sockets, else through the cluster (the API server
+// of the kubeconfig); without --node, the local socket (--socket, else
+// VEIL_SOCKET, else the default).
 func (s Selection) Target(ctx context.Context) (Target, error) {
 	if s.Node != "" {
 		if s.SocketSet {
 			return Target{}, usageErrorf("give --node or --socket, not both")
 		}
-		var r NodeResolver = ClusterResolver{}
 		if p := s.Getenv(EnvLabState); p != "" {
-			r = LabResolver{Path: p}
+			// The simulated lab's agents are host processes with sockets;
+			// a lab of real nodes lists none, and goes through its API
+			// server like any cluster.
+			if st, err := lab.ReadStateFile(p); err != nil || s.Cluster == nil || slices.ContainsFunc(st.Nodes, func(n lab.NodeState) bool { return n.Socket != "" }) {
+				return LabResolver{Path: p}.Resolve(ctx, s.Node)
+			}
+		}
+		if s.Cluster == nil {
+			return Target{}, usageErrorf("--node %s: no cluster to find the node's agent in", s.Node)
+		}
+		r, err := s.Cluster(ctx)
+		if err != nil {
+			return Target{}, err
 		}
 		return r.Resolve(ctx, s.Node)
 	}
@@ -289,6 +297,9 @@ func (c *Conn) agentVersion() string {
 // unreachable explains why the agent's socket could not be reached, and
 // what to check.
 func unreachable(t Target, dialErr error) error {
+	if isBridgeError(dialErr) {
+		return fmt.Errorf("cannot reach veil-agent: %w\n  See 'meshctl status --help' for troubleshooting.", dialErr)
+	}
 	var hint string
 	switch {
 	case errors.Is(dialErr, os.ErrNotExist):

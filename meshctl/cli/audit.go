@@ -14,7 +14,6 @@ record with -o json.
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	kube.addFlags(cmd)
 	cmd.AddCommand(newAuditEncryptionCommand(agent, kube))
 	return cmd
 }

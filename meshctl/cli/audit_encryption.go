@@ -1,11 +1,16 @@
 package cli
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/audit"
 	"github.com/veilmesh/veil/meshctl/output"
 )
@@ -54,9 +59,10 @@ or a UDP port the pod declares, else 9) to a pod on B while both agents capture 
 for --capture-duration. It PASSes when neither underlay carries the marker
 or plaintext pod frames, both carry WireGuard, and B's tunnel shows the
 marker arrived. Pairs where a node runs no pod are listed as not tested.
-Agents are reached through the lab's state file (VEIL_LAB_STATE); in a
-cluster, reaching another node's agent goes through the API server, which
-meshctl does not implement yet: such pairs FAIL and say so.
+Each node's agent is reached through the API server, as --node does (an
+exec into its veil-agent pod, which your RBAC must allow: the veil-meshctl
+role), several nodes at a time; a pair whose agent cannot be reached
+FAILs and says why.
 
 What the audit trusts, as the agents do: the API server; spec.podCIDRs
 (the control plane sets them, not the node); a node's wireguard.veil.dev/*
@@ -76,11 +82,12 @@ Exit codes:
   0  PASS: every check passed
   1  FAIL: a check failed (each failure is listed with its reason)
   2  usage error, no kubeconfig
-  3  the API server could not be reached or refused meshctl`,
+  3  the API server could not be reached or refused meshctl (with
+     --active: RBAC forbids reaching the agents)`,
 		Example: `  meshctl audit encryption
   meshctl audit encryption -o json > encryption-audit.json
   meshctl audit encryption --max-handshake-age 3m --max-key-age 720h
-  VEIL_LAB_STATE=/tmp/veil-lab/state.json meshctl audit encryption --active`,
+  meshctl audit encryption --active`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := out.check(); err != nil {
@@ -108,7 +115,17 @@ Exit codes:
 						return err
 					}
 				}
-				a := audit.NewActive(opts, agent.connectNode)
+				agent.purpose = "audit encryption --active"
+				names := make([]string, len(cs.Nodes))
+				for i, n := range cs.Nodes {
+					names[i] = n.Name
+				}
+				conns := connectNodes(ctx, agent, names)
+				defer conns.close()
+				if err := conns.refused(); err != nil {
+					return err
+				}
+				a := audit.NewActive(opts, conns.dial)
 				defer a.Close()
 				a.Run(ctx, &r, cs, pods)
 			}
@@ -158,4 +175,68 @@ func checkAuditOptions(o audit.Options) error {
 		return usageErrorf("--marker-port must be 1..65535")
 	}
 	return nil
+}
+
+// nodeConns are the connections to many nodes' agents, dialled a few at a
+// time, or why each could not be made.
+type nodeConns struct {
+	conns map[string]*agentclient.Conn
+	errs  map[string]error
+	nodes []string
+}
+
+// connectNodes dials the agents of nodes, at most maxParallelAgents at once.
+func connectNodes(ctx context.Context, agent *agentOptions, nodes []string) *nodeConns {
+	nc := &nodeConns{conns: map[string]*agentclient.Conn{}, errs: map[string]error{}, nodes: nodes}
+	var (
+		mu  sync.Mutex
+		wg  sync.WaitGroup
+		sem = make(chan struct{}, maxParallelAgents)
+	)
+	for _, n := range nodes {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			c, err := agent.connectNode(ctx, n)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				nc.errs[n] = err
+				return
+			}
+			nc.conns[n] = c
+		})
+	}
+	wg.Wait()
+	return nc
+}
+
+// dial is an audit.Dialer over the connections made.
+func (nc *nodeConns) dial(_ context.Context, node string) (*agentclient.Conn, error) {
+	if c, ok := nc.conns[node]; ok {
+		return c, nil
+	}
+	if err, ok := nc.errs[node]; ok {
+		return nil, err
+	}
+	return nil, fmt.Errorf("node %s was not dialled", node)
+}
+
+// refused is the refusal by RBAC that kept meshctl from every agent: one
+// fact about the caller, not a finding about the nodes.
+func (nc *nodeConns) refused() error {
+	if len(nc.nodes) == 0 || len(nc.errs) != len(nc.nodes) {
+		return nil
+	}
+	var forbidden *agentclient.ForbiddenError
+	if err := nc.errs[nc.nodes[0]]; errors.As(err, &forbidden) {
+		return err
+	}
+	return nil
+}
+
+func (nc *nodeConns) close() {
+	for _, c := range nc.conns {
+		c.Close()
+	}
 }

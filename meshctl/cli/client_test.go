@@ -296,7 +296,7 @@ func TestSocketSelection(t *testing.T) {
 		{"lab node", map[string]string{agentclient.EnvLabState: lab}, []string{"--node", "node-2"}, ExitOK, "node-2", ""},
 		{"lab unknown node", map[string]string{agentclient.EnvLabState: lab}, []string{"--node", "node-9"}, ExitUsage, "", `node "node-9" is not in the lab`},
 		{"lab state missing", map[string]string{agentclient.EnvLabState: lab + ".nope"}, []string{"--node", "node-2"}, ExitUsage, "", "read lab state"},
-		{"cluster node", nil, []string{"--node", "node-2"}, ExitUsage, "", "through the API server to that node's veil-agent pod, which meshctl does not implement yet"},
+		{"cluster node without kubeconfig", nil, []string{"--node", "node-2"}, ExitUsage, "", "reaches other nodes' agents through the API server, so point --kubeconfig at the cluster's kubeconfig"},
 		{"--node and --socket", map[string]string{agentclient.EnvLabState: lab}, []string{"--node", "node-2", "--socket", a}, ExitUsage, "", "not both"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

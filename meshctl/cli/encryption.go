@@ -15,7 +15,6 @@ the API server (--kubeconfig).
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	kube.addFlags(cmd)
 	cmd.AddCommand(newEncryptionStatusCommand(agent, kube), newEncryptionRotateKeyCommand(agent))
 	return cmd
 }

@@ -24,8 +24,9 @@ status' then shows when the peers have handshaken with the new key.
 
 Exit codes:
   0  the key was rotated
-  2  usage error, a node the lab does not know, encryption is off on the node
-  3  the agent could not be reached, did not answer or failed`,
+  2  usage error, a node the cluster does not have, encryption is off on the node
+  3  the agent could not be reached, did not answer or failed, or RBAC
+     forbids reaching it through the API server`,
 		Example: `  sudo meshctl encryption rotate-key
   meshctl encryption rotate-key --node node-2`,
 		Args: cobra.NoArgs,

@@ -36,6 +36,8 @@ type cluster struct {
 	pods  []*corev1.Pod
 	// onCore, when set, adjusts the fake core clientset (reactors).
 	onCore func(*kubefake.Clientset)
+	// exec plays the API server's pods/exec (see withAgents).
+	exec agentclient.Exec
 }
 
 // testKey is node i's public key: 32 bytes of i.
@@ -166,7 +168,7 @@ func (c *cluster) connect() kubeConnect {
 		if c.onCore != nil {
 			c.onCore(cs)
 		}
-		return &kubeClients{core: cs, mesh: meshfake.NewSimpleClientset(mesh...), server: "https://api.lab.example:6443"}, nil
+		return &kubeClients{core: cs, mesh: meshfake.NewSimpleClientset(mesh...), server: "https://api.lab.example:6443", exec: c.exec}, nil
 	}
 }
 

@@ -35,6 +35,9 @@ type kubeClients struct {
 	mesh versioned.Interface
 	// server is the API server's address, for reports.
 	server string
+	// exec runs a command in a pod, as kubectl exec does: it reaches
+	// other nodes' agents.
+	exec agentclient.Exec
 }
 
 // kubeConnect makes the clients from the --kubeconfig and --context flags.
@@ -84,7 +87,11 @@ func connectKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*kubeClien
 	if err != nil {
 		return nil, usageErrorf("create Veil client for %s: %w", cfg.Host, err)
 	}
-	return &kubeClients{core: core, mesh: mesh, server: cfg.Host}, nil
+	exec, err := agentclient.RemoteExec(cfg)
+	if err != nil {
+		return nil, usageErrorf("create exec client for %s: %w", cfg.Host, err)
+	}
+	return &kubeClients{core: core, mesh: mesh, server: cfg.Host, exec: exec}, nil
 }
 
 func loadKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*rest.Config, error) {
@@ -130,7 +137,7 @@ func loadKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*rest.Config,
 				where = path + " does not exist"
 			}
 			return nil, usageErrorf("no kubeconfig: --kubeconfig is not given, %s is not set and %s; "+
-				"meshctl reads the encryption state from the API server, so point --kubeconfig at the cluster's kubeconfig", envKubeconfig, where)
+				"meshctl reads the cluster's state and reaches other nodes' agents through the API server, so point --kubeconfig at the cluster's kubeconfig", envKubeconfig, where)
 		}
 		rules.Precedence = []string{path}
 		source = path
@@ -157,7 +164,7 @@ func apiError(op, server string, err error) error {
 	case apierrors.IsUnauthorized(err):
 		hint = "the API server does not accept meshctl's credentials: check the kubeconfig's user"
 	case apierrors.IsForbidden(err):
-		hint = "RBAC: meshctl needs get and list on nodes, pods and meshnodes.mesh.veil.dev"
+		hint = "RBAC: meshctl needs get and list on nodes, pods and meshnodes.mesh.veil.dev: ask for the " + agentclient.MeshctlRole + " role"
 	case apierrors.IsNotFound(err):
 		hint = "is the MeshNode CRD installed (deploy/crds)?"
 	case errors.Is(err, context.DeadlineExceeded), apierrors.IsTimeout(err), apierrors.IsServerTimeout(err):

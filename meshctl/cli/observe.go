@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -40,6 +41,7 @@ func newObserveCommand(agent *agentOptions) *cobra.Command {
 		protocol       string
 		follow         bool
 		last           int
+		allNodes       bool
 	)
 	cmd := &cobra.Command{
 		Use:   "observe",
@@ -48,6 +50,12 @@ func newObserveCommand(agent *agentOptions) *cobra.Command {
 connection or packet the policy decided on, with source and destination
 (pod, IP, port, identity), protocol, verdict and why: the drop reason, the
 rule that decided, whether it was encrypted.
+
+With --all-nodes, observe asks every node's agent (the nodes the API
+server lists, each reached through it as --node is, several at a time)
+and shows their flows merged by time with a NODE column. A node whose
+agent cannot be reached is named on stderr with why, the other nodes'
+flows are still shown, and the exit code is 3.
 
 Without --follow, observe prints the last --last (default 20) stored flows
 that match the filters, oldest first, and exits. With --follow it then
@@ -77,7 +85,8 @@ Exit codes:
   3  the agent could not be reached or did not answer`,
 		Example: `  meshctl observe --verdict DENIED
   meshctl observe --to-pod x/a --port 80 --follow
-  meshctl observe --namespace x --label app=web --last 100 -o json | jq .dropReason`,
+  meshctl observe --namespace x --label app=web --last 100 -o json | jq .dropReason
+  meshctl observe --all-nodes --verdict DENIED --follow`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := out.check(); err != nil {
@@ -135,6 +144,14 @@ Exit codes:
 				ctx, stop = signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 				defer stop()
 			}
+			w := cmd.OutOrStdout()
+			if allNodes {
+				if agent.node != "" || agent.socketSet() {
+					return usageErrorf("give --all-nodes or --node/--socket, not both")
+				}
+				p := newFlowPrinter(w, out.format, output.PaletteFor(w), agent.env.loc, follow, true)
+				return observeNodes(ctx, agent, req, notBefore, p, cmd.ErrOrStderr())
+			}
 			c, err := agent.connect(ctx)
 			if err != nil {
 				if ctx.Err() != nil {
@@ -152,8 +169,7 @@ Exit codes:
 			if err != nil {
 				return callError(c, "observe", err)
 			}
-			w := cmd.OutOrStdout()
-			p := newFlowPrinter(w, out.format, output.PaletteFor(w), agent.env.loc, follow)
+			p := newFlowPrinter(w, out.format, output.PaletteFor(w), agent.env.loc, follow, false)
 			for {
 				f, err := stream.Recv()
 				if errors.Is(err, io.EOF) {
@@ -187,6 +203,7 @@ Exit codes:
 	fs.StringVar(&protocol, "protocol", "", "only flows of this protocol: TCP, UDP, SCTP, ICMP")
 	fs.BoolVarP(&follow, "follow", "f", false, "keep printing new flows until interrupted")
 	fs.IntVar(&last, "last", defaultLast, "show the last N stored flows (0: all; with --follow, default: none)")
+	fs.BoolVar(&allNodes, "all-nodes", false, "observe every node's agent (through the API server), merged by time")
 	return cmd
 }
 
@@ -238,16 +255,21 @@ type flowPrinter struct {
 	pal    output.Palette
 	loc    *time.Location
 	follow bool
+	// nodes adds a NODE column: the flows come from many agents.
+	nodes  bool
 	widths []int
 	// rows wait for done when not following.
 	rows    [][]string
 	printed int
 }
 
-func newFlowPrinter(w io.Writer, format string, pal output.Palette, loc *time.Location, follow bool) *flowPrinter {
-	p := &flowPrinter{w: w, format: format, pal: pal, loc: loc, follow: follow}
+func newFlowPrinter(w io.Writer, format string, pal output.Palette, loc *time.Location, follow, nodes bool) *flowPrinter {
+	p := &flowPrinter{w: w, format: format, pal: pal, loc: loc, follow: follow, nodes: nodes}
 	if follow {
 		p.widths = []int{len(flowTimeLayout), 24, 1, 24, 5, 7, 0}
+		if nodes {
+			p.widths = slices.Insert(p.widths, 1, 8)
+		}
 	}
 	return p
 }
@@ -256,8 +278,26 @@ const flowTimeLayout = "Jan _2 15:04:05.000"
 
 var flowHeader = []string{"TIME", "SOURCE", "", "DESTINATION", "PROTO", "VERDICT", "SUMMARY"}
 
-// verdictColumn is the column painted by verdict.
+// verdictColumn is the column painted by verdict, without a NODE column.
 const verdictColumn = 5
+
+// withNode inserts the NODE column after the time when the flows come
+// from many nodes.
+func (p *flowPrinter) withNode(cells []string, node string) []string {
+	if !p.nodes {
+		return cells
+	}
+	return slices.Insert(slices.Clone(cells), 1, node)
+}
+
+func (p *flowPrinter) header() []string { return p.withNode(flowHeader, "NODE") }
+
+func (p *flowPrinter) verdictColumn() int {
+	if p.nodes {
+		return verdictColumn + 1
+	}
+	return verdictColumn
+}
 
 func (p *flowPrinter) print(f *agentv1.Flow) error {
 	defer func() { p.printed++ }()
@@ -290,12 +330,13 @@ func (p *flowPrinter) print(f *agentv1.Flow) error {
 		f.Verdict,
 		flowSummary(f),
 	}
+	cells = p.withNode(cells, f.Node)
 	if !p.follow {
 		p.rows = append(p.rows, cells)
 		return nil
 	}
 	if p.printed == 0 {
-		if err := p.row(flowHeader, false); err != nil {
+		if err := p.row(p.header(), false); err != nil {
 			return err
 		}
 	}
@@ -325,7 +366,7 @@ func (p *flowPrinter) row(cells []string, paint bool) error {
 		if i < len(cells)-1 {
 			pad = strings.Repeat(" ", p.widths[i]-n)
 		}
-		if paint && i == verdictColumn {
+		if paint && i == p.verdictColumn() {
 			c = p.verdict(c)
 		}
 		b.WriteString(c + pad)
@@ -361,12 +402,12 @@ func (p *flowPrinter) done() error {
 		}
 		return nil
 	}
-	p.widen(flowHeader)
+	p.widen(p.header())
 	for _, r := range p.rows {
 		p.widen(r)
 	}
 	if len(p.rows) > 0 {
-		if err := p.row(flowHeader, false); err != nil {
+		if err := p.row(p.header(), false); err != nil {
 			return err
 		}
 	}

@@ -246,7 +246,7 @@ func TestObserveColourKeepsAlignment(t *testing.T) {
 	for _, follow := range []bool{false, true} {
 		render := func(pal output.Palette) string {
 			var b bytes.Buffer
-			p := newFlowPrinter(&b, output.Table, pal, time.UTC, follow)
+			p := newFlowPrinter(&b, output.Table, pal, time.UTC, follow, false)
 			for _, f := range append(storedFlows(), liveFlows()...) {
 				if err := p.print(f); err != nil {
 					t.Fatal(err)

@@ -13,6 +13,7 @@
 //	3  the agent could not be reached or did not answer: not running,
 //	   socket permissions, timeout, an API version this meshctl does not
 //	   speak; or the API server could not be reached or refused meshctl
+//	   (also RBAC that forbids reaching another node's agent)
 package cli
 
 import (
@@ -40,7 +41,7 @@ const exitCodesHelp = `Exit codes:
      a pod the agent does not know)
   3  the agent could not be reached or did not answer (not running, socket
      permissions, timeout, incompatible API version), or the API server
-     could not be reached or refused meshctl`
+     could not be reached or refused meshctl (RBAC)`
 
 // Streams are the standard streams of a command run; tests pass buffers.
 type Streams struct {
@@ -107,8 +108,9 @@ whole cluster's transparent encryption.
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error {
 		return &exitError{code: ExitUsage, err: err, showUsage: true}
 	})
-	agent := newAgentOptions(root, env)
 	cluster := newKubeOptions(env, kube)
+	cluster.addFlags(root)
+	agent := newAgentOptions(root, env, cluster)
 	root.AddCommand(newVersionCommand(), newPolicyCommand(agent), newStatusCommand(agent),
 		newEndpointsCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent),
 		newEncryptionCommand(agent, cluster), newAuditCommand(agent, cluster), newLabCommand(env))

@@ -34,15 +34,22 @@ Troubleshooting when the agent cannot be reached:
     or inside the veil-agent pod.
   - Is the socket where meshctl looks? --socket PATH or VEIL_SOCKET
     (default ` + agentclient.DefaultSocket + `); the agent's --socket flag sets it.
-  - --node NAME reaches another node's agent in the lab (VEIL_LAB_STATE);
-    in a cluster, run meshctl on that node.
+  - --node NAME reaches another node's agent through the API server: an
+    exec into that node's veil-agent pod runs 'veil-agent api-bridge',
+    which carries the API over the exec's stdin and stdout. It needs a
+    kubeconfig (--kubeconfig, KUBECONFIG or ~/.kube/config) whose user may
+    list pods and create pods/exec in the agents' namespace (the
+    veil-meshctl role); meshctl asks the API server first and names what
+    is missing.
 
 Exit codes:
   0  the agent is healthy
   1  the agent answered and is degraded (the reasons are listed)
   2  usage error
-  3  the agent could not be reached or did not answer`,
+  3  the agent could not be reached or did not answer, or RBAC forbids
+     reaching it through the API server`,
 		Example: `  sudo meshctl status
+  meshctl status --node node-2
   meshctl status --socket /run/veil/agent.sock -o json`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
