@@ -3,11 +3,13 @@ package cli
 import (
 	"bytes"
 	"context"
-	"encoding/json"
+	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +19,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/veilmesh/veil/agent/apiserver"
+	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/endpoints"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/policy"
@@ -29,9 +34,12 @@ import (
 var testNow = time.Date(2026, 11, 21, 10, 0, 0, 0, time.UTC)
 
 // fakeAgent serves the agent API from a policy compiled from testdata, so
-// that live answers are the compiler's, as a real agent's are.
+// that live answers are the compiler's, as a real agent's are. Trace and
+// GetPolicy are the agent's own code (agent/apiserver) over that compiler,
+// this node's pods and fake datapath counters.
 type fakeAgent struct {
 	agentv1.UnimplementedAgentServer
+	real     *apiserver.Server
 	compiled *policy.Compiler
 	status   *agentv1.StatusResponse
 	flows    []*agentv1.Flow
@@ -48,8 +56,69 @@ func newFakeAgent(t *testing.T) *fakeAgent {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fakeAgent{compiled: src.compiled, status: healthyStatus()}
+	f := &fakeAgent{compiled: src.compiled, status: healthyStatus()}
+	f.real = apiserver.New(apiserver.Config{
+		NodeName: "node-1", Policy: src.compiled,
+		Endpoints: localEndpoints{src.compiled}, Datapath: countingDatapath{src.compiled},
+	})
+	return f
 }
+
+// localEndpoints are the fake node's pods (localPods) as the agent's
+// endpoint registry holds them.
+type localEndpoints struct{ compiled *policy.Compiler }
+
+var _ apiserver.Endpoints = localEndpoints{}
+
+func (l localEndpoints) List() []endpoints.Endpoint {
+	var out []endpoints.Endpoint
+	for _, name := range localPods {
+		ns, pod, _ := strings.Cut(name, "/")
+		if ep, ok := l.Get(policy.EndpointID{Namespace: ns, Name: pod}); ok {
+			out = append(out, ep)
+		}
+	}
+	return out
+}
+
+func (l localEndpoints) Get(id policy.EndpointID) (endpoints.Endpoint, bool) {
+	if !slices.Contains(localPods, id.String()) {
+		return endpoints.Endpoint{}, false
+	}
+	ep, ok := l.compiled.Endpoint(id)
+	if !ok || len(ep.IPs) == 0 {
+		return endpoints.Endpoint{}, false
+	}
+	return endpoints.Endpoint{Pod: id, IP: ep.IPs[0], Identity: ep.Identity}, true
+}
+
+// countingDatapath counts 10 hits and 640 bytes per entry position of a
+// local endpoint's compiled policy (the i-th entry 10·i hits).
+type countingDatapath struct{ compiled *policy.Compiler }
+
+var _ apiserver.Datapath = countingDatapath{}
+
+func (d countingDatapath) PolicyCounters(ip netip.Addr) ([]datapath.PolicyCounter, error) {
+	for _, name := range localPods {
+		ns, pod, _ := strings.Cut(name, "/")
+		ep, ok := d.compiled.Endpoint(policy.EndpointID{Namespace: ns, Name: pod})
+		if !ok || !slices.Contains(ep.IPs, ip) {
+			continue
+		}
+		var out []datapath.PolicyCounter
+		for i, e := range ep.Entries {
+			out = append(out, datapath.PolicyCounter{Key: e.Key, RuleID: e.RuleID, Hits: uint64(10 * (i + 1)), Bytes: uint64(640 * (i + 1))})
+		}
+		return out, nil
+	}
+	return nil, fmt.Errorf("no endpoint with address %s", ip)
+}
+
+func (countingDatapath) Endpoints() ([]datapath.Endpoint, error) { return nil, nil }
+func (countingDatapath) Acceleration() (bool, string)            { return false, "" }
+func (countingDatapath) Counters() (datapath.Counters, error)    { return datapath.Counters{}, nil }
+func (countingDatapath) AcceleratedSockets() (int, error)        { return 0, nil }
+func (countingDatapath) Underlay() string                        { return "eth0" }
 
 func healthyStatus() *agentv1.StatusResponse {
 	return &agentv1.StatusResponse{
@@ -140,63 +209,12 @@ func (f *fakeAgent) ListIdentities(context.Context, *agentv1.ListIdentitiesReque
 	return resp, nil
 }
 
-// GetPolicy answers as the agent does: the compiler's endpoint and rules
-// as JSON, and counters for the entries of a local pod.
-func (f *fakeAgent) GetPolicy(_ context.Context, req *agentv1.GetPolicyRequest) (*agentv1.GetPolicyResponse, error) {
-	id := policy.EndpointID{Namespace: req.Namespace, Name: req.Name}
-	ep, ok := f.compiled.Endpoint(id)
-	if !ok {
-		return nil, status.Errorf(codes.NotFound, "no endpoint %s known to this agent", id)
-	}
-	local := false
-	for _, p := range localPods {
-		local = local || p == id.String()
-	}
-	if local {
-		ep.Node = f.status.Node
-	}
-	var rules []policy.Rule
-	seen := map[uint32]bool{}
-	for _, e := range ep.Entries {
-		if r, ok := f.compiled.Rule(e.RuleID); ok && !seen[e.RuleID] {
-			seen[e.RuleID] = true
-			rules = append(rules, r)
-		}
-	}
-	epJSON, _ := json.Marshal(ep)
-	rulesJSON, _ := json.Marshal(rules)
-	resp := &agentv1.GetPolicyResponse{EndpointJson: epJSON, RulesJson: rulesJSON}
-	if local {
-		for i, e := range ep.Entries {
-			resp.Counters = append(resp.Counters, &agentv1.PolicyCounter{
-				RuleId: e.RuleID, Direction: e.Direction.String(), Identity: uint32(e.Identity),
-				Protocol: policy.ProtoName(e.Proto), Port: uint32(e.Port), PortPrefixLen: uint32(e.PortPrefixLen),
-				Hits: uint64(10 * (i + 1)), Bytes: uint64(640 * (i + 1)),
-			})
-		}
-	}
-	return resp, nil
+func (f *fakeAgent) GetPolicy(ctx context.Context, req *agentv1.GetPolicyRequest) (*agentv1.GetPolicyResponse, error) {
+	return f.real.GetPolicy(ctx, req)
 }
 
-func (f *fakeAgent) Trace(_ context.Context, req *agentv1.TraceRequest) (*agentv1.TraceResponse, error) {
-	from, err := policy.ParsePeer(req.From)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	to, err := policy.ParsePeer(req.To)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	pp, err := policy.ParsePortProto(req.Port)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	tr, err := f.compiled.Trace(from, to, pp.Proto, pp.Port)
-	if err != nil {
-		return nil, status.Error(codes.InvalidArgument, err.Error())
-	}
-	raw, _ := json.Marshal(tr)
-	return &agentv1.TraceResponse{ResultJson: raw}, nil
+func (f *fakeAgent) Trace(ctx context.Context, req *agentv1.TraceRequest) (*agentv1.TraceResponse, error) {
+	return f.real.Trace(ctx, req)
 }
 
 // Observe records the request and sends the stored flows (the last N),

@@ -42,7 +42,7 @@ func withAgents(t *testing.T, c *cluster, agents map[string]agentv1.AgentServer,
 		c.pods = append(c.pods, &corev1.Pod{
 			ObjectMeta: metav1.ObjectMeta{Namespace: deploy.Namespace, Name: pod, Labels: map[string]string{"app.kubernetes.io/name": "veil-agent"}},
 			Spec:       corev1.PodSpec{NodeName: node, HostNetwork: true},
-			Status: corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
+			Status:     corev1.PodStatus{Phase: corev1.PodRunning, Conditions: []corev1.PodCondition{{Type: corev1.PodReady, Status: corev1.ConditionTrue}}},
 		})
 	}
 	c.exec = func(ctx context.Context, namespace, pod, container string, command []string, stdin io.Reader, stdout, stderr io.Writer) error {

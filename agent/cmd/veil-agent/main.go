@@ -22,9 +22,9 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/veilmesh/veil/agent/config"
-	"github.com/veilmesh/veil/api/agent/bridge"
 	"github.com/veilmesh/veil/agent/daemon"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/api/agent/bridge"
 )
 
 // Exit codes: 0 clean stop, 1 runtime failure, 2 bad configuration.
