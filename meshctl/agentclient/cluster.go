@@ -290,10 +290,14 @@ func (r *ClusterResolver) dialBridge(ctx context.Context, namespace, pod, where 
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	stderr := &limitedBuffer{max: maxStderr}
 	done := make(chan error, 1)
+	finished := make(chan struct{})
 	go func() {
-		err := r.exec(sctx, namespace, pod, AgentContainer, []string{AgentBinary, bridge.Subcommand}, remote, remote, stderr)
+		// What the agent still sends after the caller hung up is dropped
+		// rather than failing the exec's copy (client-go would log it).
+		err := r.exec(sctx, namespace, pod, AgentContainer, []string{AgentBinary, bridge.Subcommand}, remote, dropAfterClose{remote}, stderr)
 		remote.Close()
 		done <- err
+		close(finished)
 	}()
 	hello := make(chan error, 1)
 	go func() { hello <- bridge.ReadHello(local) }()
@@ -305,7 +309,7 @@ func (r *ClusterResolver) dialBridge(ctx context.Context, namespace, pod, where 
 	select {
 	case err := <-hello:
 		if err == nil {
-			return &bridgeConn{Conn: local, cancel: cancel}, nil
+			return &bridgeConn{Conn: local, cancel: cancel, finished: finished}, nil
 		}
 		// The exec ended before the bridge said hello, whose error says
 		// why; or something else answered, and the exec is ended.
@@ -327,13 +331,34 @@ func (r *ClusterResolver) dialBridge(ctx context.Context, namespace, pod, where 
 // bridgeConn is the caller's end of a bridge; closing it ends the exec.
 type bridgeConn struct {
 	net.Conn
-	cancel context.CancelFunc
+	cancel   context.CancelFunc
+	finished <-chan struct{}
 }
 
+// closeGrace bounds how long Close waits for the exec to end by itself.
+const closeGrace = 2 * time.Second
+
+// Close ends the exec the way `kubectl exec -i` ends when its stdin does:
+// the bridge sees end of input, passes it to the agent, and exits; only
+// an exec that does not end within closeGrace is torn down.
 func (c *bridgeConn) Close() error {
 	err := c.Conn.Close()
+	select {
+	case <-c.finished:
+	case <-time.After(closeGrace):
+	}
 	c.cancel()
 	return err
+}
+
+// dropAfterClose writes to a pipe whose reader may have gone: writes after
+// that are dropped.
+type dropAfterClose struct{ w io.Writer }
+
+func (d dropAfterClose) Write(p []byte) (int, error) {
+	// An error here only means the caller closed its end.
+	d.w.Write(p)
+	return len(p), nil
 }
 
 // limitedBuffer keeps the first max bytes written to it; it is safe for

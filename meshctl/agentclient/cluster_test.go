@@ -173,9 +173,17 @@ func serveAgent(t *testing.T, node string) string {
 
 // bridgeExec plays the API server's exec: it runs the real bridge against
 // the socket of the pod's node, as veil-agent api-bridge does in the pod.
-func bridgeExec(sockets map[string]string, execs *atomic.Int32) Exec {
+// ended receives, for each exec, whether it ended by itself (nil) or was
+// torn down (its context's error).
+func bridgeExec(sockets map[string]string, execs *atomic.Int32, ended chan<- error) Exec {
 	return func(ctx context.Context, namespace, pod, container string, command []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		execs.Add(1)
+		defer func() {
+			select {
+			case ended <- ctx.Err():
+			default:
+			}
+		}()
 		if container != AgentContainer || strings.Join(command, " ") != AgentBinary+" "+bridge.Subcommand {
 			return fmt.Errorf("exec of %v in container %s", command, container)
 		}
@@ -198,10 +206,11 @@ func TestClusterTargetDialsThroughTheBridge(t *testing.T) {
 	access(c, "alice", allowAll)
 	missing := filepath.Join(t.TempDir(), "agent.sock")
 	var execs atomic.Int32
+	ended := make(chan error, 2)
 	r := NewClusterResolver(c, bridgeExec(map[string]string{
 		"veil-agent-aaaaa": serveAgent(t, "node-1"),
 		"veil-agent-bbbbb": missing,
-	}, &execs), ns, "--node")
+	}, &execs, ended), ns, "--node")
 	ctx := context.Background()
 
 	tgt, err := r.Resolve(ctx, "node-1")
@@ -223,6 +232,16 @@ func TestClusterTargetDialsThroughTheBridge(t *testing.T) {
 	conn.Close()
 	if n := execs.Load(); n != 1 {
 		t.Errorf("%d execs for one connection; want 1", n)
+	}
+	// Closing the connection ends the exec as end of input does, not by
+	// tearing the stream down (which client-go reports as errors).
+	select {
+	case err := <-ended:
+		if err != nil {
+			t.Errorf("after Close the exec was torn down (%v); want it to end by itself", err)
+		}
+	default:
+		t.Error("Close returned before the exec ended")
 	}
 
 	// The pod is there but its agent's socket is not: the bridge's own
