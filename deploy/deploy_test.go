@@ -54,7 +54,7 @@ func TestAgentDaemonSet(t *testing.T) {
 	if sc == nil || sc.Privileged == nil || *sc.Privileged || sc.Capabilities == nil {
 		t.Fatalf("agent security context %+v; want privileged false and capabilities", sc)
 	}
-	wantCaps := []corev1.Capability{"BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"}
+	wantCaps := []corev1.Capability{"BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_ADMIN"}
 	gotCaps := slices.Sorted(slices.Values(sc.Capabilities.Add))
 	if !slices.Equal(gotCaps, wantCaps) || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
 		t.Errorf("capabilities add %v drop %v; want add %v drop [ALL]", gotCaps, sc.Capabilities.Drop, wantCaps)
