@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,7 @@ import (
 	"io"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -179,5 +181,57 @@ func TestAuditActiveForbidden(t *testing.T) {
 	out, stderr, code := runCluster(t, c, nil, "audit", "encryption", "--active", "--capture-duration", "100ms")
 	if code != ExitUnreachable || out != "" || !strings.Contains(stderr, fmt.Sprintf(forbiddenExec, "audit encryption --active")) {
 		t.Errorf("audit --active without exec: exit %d, stdout %q, stderr %q; want 3, no report, the missing permission", code, out, stderr)
+	}
+}
+
+// syncBuffer is a bytes.Buffer safe for a command writing while the test
+// reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func TestObserveAllNodesFollow(t *testing.T) {
+	c := healthyCluster(2)
+	one, two := nodeAgent(t, "node-1"), nodeAgent(t, "node-2")
+	one.live = []*agentv1.Flow{flowAt("node-1", 1, "x/one")}
+	two.live = []*agentv1.Flow{flowAt("node-2", 2, "x/two")}
+	withAgents(t, c, map[string]agentv1.AgentServer{"node-1": one, "node-2": two}, allowed)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	var out, errb syncBuffer
+	s := Streams{In: strings.NewReader(""), Out: &out, Err: &errb}
+	code := make(chan int, 1)
+	go func() {
+		code <- execute(ctx, newRootCommand(s, testEnv(nil), c.connect()), []string{"observe", "--all-nodes", "--follow"}, s)
+	}()
+	deadline := time.After(10 * time.Second)
+	for !strings.Contains(out.String(), "x/one") || !strings.Contains(out.String(), "x/two") {
+		select {
+		case <-deadline:
+			t.Fatalf("observe --all-nodes --follow printed %q, stderr %q; want both nodes' live flows", out.String(), errb.String())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	// Interrupted: what was shown is the answer.
+	cancel()
+	if got := <-code; got != ExitOK || errb.String() != "" {
+		t.Errorf("exit %d, stderr %q after the interrupt; want 0 and nothing", got, errb.String())
+	}
+	flat := strings.Join(strings.Fields(out.String()), " ")
+	if n := strings.Count(flat, "TIME NODE"); n != 1 || !strings.Contains(flat, "node-1 x/one") || !strings.Contains(flat, "node-2 x/two") {
+		t.Errorf("stdout:\n%s\nwant one header and each flow with its node", out.String())
 	}
 }
