@@ -97,6 +97,8 @@ type Syncer struct {
 	// ipcache was last written.
 	ipcacheDirty atomic.Bool
 	lastSync     atomic.Int64
+	// busy: the worker holds a key it has not finished.
+	busy atomic.Bool
 
 	// mu guards what was written to the ipcache and the node claims:
 	// cluster is the last resolution of every node's claims, which the
@@ -137,6 +139,10 @@ func (s *Syncer) Run(ctx context.Context) {
 	s.worker(ctx)
 }
 
+// Idle reports whether every key queued so far has been synced (or
+// given up on for now and queued again with a delay).
+func (s *Syncer) Idle() bool { return s.queue.Len() == 0 && !s.busy.Load() }
+
 // IPCacheStale marks the ipcache for rewriting: something it is built from
 // (which nodes are tunnelled) changed.
 func (s *Syncer) IPCacheStale() { s.ipcacheDirty.Store(true) }
@@ -169,6 +175,7 @@ func (s *Syncer) worker(ctx context.Context) {
 		if shutdown {
 			return
 		}
+		s.busy.Store(true)
 		start := time.Now()
 		err := s.sync(ctx, k)
 		if err != nil {
@@ -202,6 +209,7 @@ func (s *Syncer) worker(ctx context.Context) {
 				s.log.Warn("re-check connections", "error", err)
 			}
 		}
+		s.busy.Store(false)
 	}
 }
 
