@@ -560,6 +560,8 @@ func (c *Compiler) attach(p *podState) {
 	}
 	ident.pods[p] = struct{}{}
 	p.ident = ident
+	// Pods of one identity have equal labels: keep one copy.
+	p.labels = ident.podLabels
 	if ident.recomputePorts() {
 		c.dirtyPortsOf(ident.id)
 	}

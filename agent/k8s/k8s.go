@@ -70,12 +70,27 @@ type Watcher struct {
 // register their informers on it before Start, and share its connection.
 func (w *Watcher) KubeInformers() kubeinformers.SharedInformerFactory { return w.kubeFactory }
 
+// Options tune the informers.
+type Options struct {
+	// Resync resyncs every informer that often; 0 never.
+	Resync time.Duration
+	// FullObjects keeps whole objects in the caches instead of only the
+	// fields Veil reads (see transform.go): for measuring what slimming
+	// saves, and for nothing else.
+	FullObjects bool
+}
+
 // New prepares informers for every kind, resyncing every resync (0:
 // never); Start starts them.
 func New(kube kubernetes.Interface, veil versioned.Interface, resync time.Duration) *Watcher {
+	return NewWithOptions(kube, veil, Options{Resync: resync})
+}
+
+// NewWithOptions is New with every option.
+func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Options) *Watcher {
 	w := &Watcher{
-		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, resync),
-		veilFactory: veilinformers.NewSharedInformerFactory(veil, resync),
+		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, opts.Resync),
+		veilFactory: veilinformers.NewSharedInformerFactory(veil, opts.Resync),
 	}
 	core := w.kubeFactory.Core().V1()
 	netpols := w.kubeFactory.Networking().V1().NetworkPolicies()
@@ -87,6 +102,13 @@ func New(kube kubernetes.Interface, veil versioned.Interface, resync time.Durati
 		NetworkPolicy:     netpols.Informer(),
 		MeshPolicy:        mesh.MeshPolicies().Informer(),
 		ClusterMeshPolicy: mesh.ClusterMeshPolicies().Informer(),
+	}
+	if !opts.FullObjects {
+		t := &transformer{}
+		for _, inf := range w.informers {
+			// Only fails once started, and nothing has started yet.
+			_ = inf.SetTransform(t.transform)
+		}
 	}
 	w.Listers = Listers{
 		Pods: core.Pods().Lister(), Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),

@@ -188,6 +188,7 @@ func runAgent(kubeconfig string) error {
 	start := time.Now()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
+	flags := os.Getenv(modeEnv)
 	local, _ := strconv.Atoi(os.Getenv(podsEnv))
 
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
@@ -206,7 +207,7 @@ func runAgent(kubeconfig string) error {
 		return fmt.Errorf("veil client: %w", err)
 	}
 
-	w := k8s.New(kube, veil, 0)
+	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects")})
 	compiler, err := policy.New(policy.Options{})
 	if err != nil {
 		return err

@@ -25,7 +25,8 @@ import (
 
 // modes are measured side by side at every size: today's agent first.
 var modes = []mode{
-	{Name: "baseline", Flags: ""},
+	{Name: "baseline", Flags: "full-objects"},
+	{Name: "slim-informers", Flags: ""},
 }
 
 // localEndpoints is how many of the local node's pods the agent restores
