@@ -158,7 +158,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	defer d.dp.Close()
-	d.compiler, err = policy.New(policy.Options{Identities: st.Identities, CIDRIdentities: st.CIDRIdentities})
+	// Other nodes' endpoints are enforced by their own agents: compile ours.
+	d.compiler, err = policy.New(policy.Options{Identities: st.Identities, CIDRIdentities: st.CIDRIdentities, Node: d.cfg.NodeName})
 	if err != nil {
 		return fmt.Errorf("create policy compiler: %w", err)
 	}

@@ -208,7 +208,11 @@ func runAgent(kubeconfig string) error {
 	}
 
 	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects")})
-	compiler, err := policy.New(policy.Options{})
+	opts := policy.Options{Node: localNode}
+	if hasFlag(flags, "whole-cluster") {
+		opts.Node = ""
+	}
+	compiler, err := policy.New(opts)
 	if err != nil {
 		return err
 	}

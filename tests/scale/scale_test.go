@@ -25,8 +25,9 @@ import (
 
 // modes are measured side by side at every size: today's agent first.
 var modes = []mode{
-	{Name: "baseline", Flags: "full-objects"},
-	{Name: "slim-informers", Flags: ""},
+	{Name: "baseline", Flags: "full-objects,whole-cluster"},
+	{Name: "slim-informers", Flags: "whole-cluster"},
+	{Name: "node-local", Flags: ""},
 }
 
 // localEndpoints is how many of the local node's pods the agent restores
