@@ -386,14 +386,30 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 			continue
 		}
 		for _, ip := range p.ips {
-			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node})
+			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 		}
 	}
 	// Two pods may briefly share an IP (one terminating); the order of
 	// such entries must not depend on map iteration.
 	slices.SortFunc(out, func(a, b IPCacheEntry) int {
-		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Identity, b.Identity), strings.Compare(a.Node, b.Node))
+		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Identity, b.Identity), strings.Compare(a.Node, b.Node), compareEndpointIDs(a.Pod, b.Pod))
 	})
+	return out
+}
+
+// PodIPCache lists the ipcache entries of one pod: none unless it is an
+// endpoint. IPCache lists every pod's; this is for following one change.
+func (c *Compiler) PodIPCache(id EndpointID) []IPCacheEntry {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	p := c.pods[id]
+	if p == nil || !p.active {
+		return nil
+	}
+	out := make([]IPCacheEntry, 0, len(p.ips))
+	for _, ip := range p.ips {
+		out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
+	}
 	return out
 }
 

@@ -194,6 +194,8 @@ type IPCacheEntry struct {
 	IP       netip.Addr  `json:"ip"`
 	Identity identity.ID `json:"identity"`
 	Node     string      `json:"node,omitempty"`
+	// Pod holds the address.
+	Pod EndpointID `json:"pod"`
 }
 
 // Changes lists what one mutation changed, so the datapath writes only
