@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,6 +45,9 @@ const (
 	agentEnv = "VEIL_SCALE_AGENT" // the kubeconfig path
 	modeEnv  = "VEIL_SCALE_MODE"  // a mode's flags, comma-separated
 	podsEnv  = "VEIL_SCALE_LOCAL" // how many local endpoints to restore
+	// profileEnv, when set, is where the child writes a CPU profile of the
+	// pod changes (one file per mode).
+	profileEnv = "VEIL_SCALE_PROFILE"
 )
 
 // mode is one configuration of the agent under measurement.
@@ -264,16 +268,33 @@ func runAgent(kubeconfig string) error {
 		for ctx.Err() == nil && !(reg.Converged() && s.Idle()) {
 			time.Sleep(2 * time.Millisecond)
 		}
-		readyWall.Store(time.Since(start).Nanoseconds())
+		// CPU first: a reader takes a wall time as the sign both are set.
 		readyCPU.Store(cpuNS())
+		readyWall.Store(time.Since(start).Nanoseconds())
 	}()
 
 	out := json.NewEncoder(os.Stdout)
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		cmd := in.Text()
-		if cmd == "gc" {
+		switch cmd {
+		case "gc":
 			runtime.GC()
+		case "profile":
+			// VEIL_SCALE_PROFILE names a file for a CPU profile of what
+			// follows, until "stop-profile".
+			if path := os.Getenv(profileEnv); path != "" {
+				f, err := os.Create(fmt.Sprintf("%s.%s.%d", path, strings.ReplaceAll(flags, ",", "+"), local))
+				if err != nil {
+					return fmt.Errorf("create profile: %w", err)
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return fmt.Errorf("start profile: %w", err)
+				}
+			}
+		case "stop-profile":
+			pprof.StopCPUProfile()
 		}
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)

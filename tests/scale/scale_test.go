@@ -151,6 +151,9 @@ func measure(ctx context.Context, b *testing.B, p *populator, kubeconfig string,
 		return r, err
 	}
 	n := min(changes, p.pods-podsPerNode)
+	if _, err := c.ask("profile"); err != nil {
+		return r, err
+	}
 	if err := bulk(ctx, "relabels", 0, n, b.Logf, func(ctx context.Context, i int) error { return p.relabel(ctx, remote(i), *version) }); err != nil {
 		return r, err
 	}
@@ -158,6 +161,9 @@ func measure(ctx context.Context, b *testing.B, p *populator, kubeconfig string,
 		return s.PodEvents >= before.PodEvents+int64(n) && s.Idle
 	})
 	if err != nil {
+		return r, err
+	}
+	if _, err := c.ask("stop-profile"); err != nil {
 		return r, err
 	}
 	r.cpuPer1000 = time.Duration(float64(after.CPUNS-before.CPUNS) * 1000 / float64(n))
