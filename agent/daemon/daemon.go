@@ -315,6 +315,8 @@ func (d *Daemon) loadDatapath(underlay string, dev *wireguard.Device) (*datapath
 		StrictMode:        d.cfg.StrictMode,
 		PodDevice:         podnet.IsHostVethName,
 		Logger:            d.log,
+		CTMaxEntries:      d.cfg.ConntrackMaxEntries,
+		Maps:              datapath.MapSizes{Endpoints: d.cfg.EndpointsMaxEntries, IPCache: d.cfg.IPCacheMaxEntries, Policy: d.cfg.PolicyMaxEntries},
 	}
 	cfg.SkipAccelerationSelfTest = d.cfg.SkipAccelSelfTest
 	// Validated at start (config.Validate): the range strict mode refuses
