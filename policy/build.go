@@ -249,16 +249,26 @@ func (g *group) entries() []policytypes.Entry {
 		g.materialized = g.flat
 		return g.flat
 	}
-	out := make([]policytypes.Entry, 0, len(g.flat))
-	for _, e := range g.flat {
-		if _, patched := g.overlay[e.Identity]; !patched {
-			out = append(out, e)
-		}
-	}
+	// Only the patched blocks are sorted; the rest of flat is in order
+	// already, and the two never share a key (they hold other identities).
+	var patch []policytypes.Entry
 	for _, blk := range g.overlay {
-		out = append(out, blk...)
+		patch = append(patch, blk...)
 	}
-	slices.SortFunc(out, func(a, b policytypes.Entry) int { return compareKeys(a.Key, b.Key) })
+	slices.SortFunc(patch, func(a, b policytypes.Entry) int { return compareKeys(a.Key, b.Key) })
+	out := make([]policytypes.Entry, 0, len(g.flat)+len(patch))
+	i := 0
+	for _, e := range g.flat {
+		if _, patched := g.overlay[e.Identity]; patched {
+			continue
+		}
+		for i < len(patch) && compareKeys(patch[i].Key, e.Key) < 0 {
+			out = append(out, patch[i])
+			i++
+		}
+		out = append(out, e)
+	}
+	out = append(out, patch[i:]...)
 	g.flat, g.materialized = out, out
 	clear(g.overlay)
 	return out
