@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/netip"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -215,6 +216,11 @@ func (s *Syncer) worker(ctx context.Context) {
 		if s.queue.Len() == 0 && !s.cfg.Endpoints.Converged() {
 			s.converged()
 			s.log.Info("converged with the API server")
+			// The first lists (every pod of the cluster, decoded whole
+			// before the informers slimmed them) leave hundreds of MiB of
+			// garbage in a large cluster: give it back to the system once,
+			// rather than keep it as the agent's resident size.
+			debug.FreeOSMemory()
 			// Connections restored from pinned state are checked once,
 			// now that the state they are checked against is complete.
 			if err := s.evictRevoked(nil, true); err != nil {

@@ -280,6 +280,17 @@ func runAgent(kubeconfig string) error {
 		switch cmd {
 		case "gc":
 			runtime.GC()
+			if path := os.Getenv(profileEnv); path != "" {
+				f, err := os.Create(fmt.Sprintf("%s.heap.%s.%d", path, strings.ReplaceAll(flags, ",", "+"), local))
+				if err != nil {
+					return fmt.Errorf("create heap profile: %w", err)
+				}
+				err = pprof.Lookup("heap").WriteTo(f, 0)
+				f.Close()
+				if err != nil {
+					return fmt.Errorf("write heap profile: %w", err)
+				}
+			}
 		case "profile":
 			// VEIL_SCALE_PROFILE names a file for a CPU profile of what
 			// follows, until "stop-profile".

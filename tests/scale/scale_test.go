@@ -24,11 +24,15 @@ import (
 )
 
 // modes are measured side by side at every size: today's agent first.
+// The modes that compile the whole cluster need about 100 KiB per pod,
+// so they run only up to wholeClusterMax pods (VEIL_SCALE_WHOLE_MAX).
 var modes = []mode{
 	{Name: "baseline", Flags: "full-objects,whole-cluster"},
 	{Name: "slim-informers", Flags: "whole-cluster"},
 	{Name: "node-local", Flags: ""},
 }
+
+const defaultWholeClusterMax = 10000
 
 // localEndpoints is how many of the local node's pods the agent restores
 // as endpoints (the first ones, which every size has).
@@ -226,6 +230,14 @@ func BenchmarkScale(b *testing.B) {
 	if err := p.policies(ctx); err != nil {
 		b.Fatal(err)
 	}
+	wholeMax := defaultWholeClusterMax
+	if v := os.Getenv("VEIL_SCALE_WHOLE_MAX"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil {
+			b.Fatalf("VEIL_SCALE_WHOLE_MAX: %v", err)
+		}
+		wholeMax = n
+	}
 	var results []result
 	version := 1
 	for b.Loop() {
@@ -236,6 +248,10 @@ func BenchmarkScale(b *testing.B) {
 			}
 			b.Logf("cluster at %d pods on %d nodes (%s to create)", p.pods, p.nodes, time.Since(start).Round(time.Second))
 			for _, m := range modes {
+				if hasFlag(m.Flags, "whole-cluster") && size > wholeMax {
+					b.Logf("%d pods, %s: skipped (above VEIL_SCALE_WHOLE_MAX=%d)", size, m.Name, wholeMax)
+					continue
+				}
 				r, err := measure(ctx, b, p, cp.Kubeconfig, m, &version)
 				if err != nil {
 					b.Fatalf("%d pods, %s: %v", size, m.Name, err)
