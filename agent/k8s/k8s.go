@@ -63,6 +63,9 @@ type Watcher struct {
 	kubeFactory kubeinformers.SharedInformerFactory
 	veilFactory veilinformers.SharedInformerFactory
 	informers   map[Kind]cache.SharedIndexInformer
+	// slim: the caches hold slimmed objects, so an update that leaves
+	// them equal changed nothing Veil reads.
+	slim bool
 }
 
 // KubeInformers is the shared informer factory of Kubernetes' own kinds, for
@@ -104,6 +107,7 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		ClusterMeshPolicy: mesh.ClusterMeshPolicies().Informer(),
 	}
 	if !opts.FullObjects {
+		w.slim = true
 		t := &transformer{}
 		for _, inf := range w.informers {
 			// Only fails once started, and nothing has started yet.
@@ -122,7 +126,7 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 // deleted. Call it before Start.
 func (w *Watcher) OnChange(fn func(Key)) error {
 	for kind, inf := range w.informers {
-		if _, err := inf.AddEventHandler(handler{kind: kind, fn: fn}); err != nil {
+		if _, err := inf.AddEventHandler(handler{kind: kind, fn: fn, skipUnread: w.slim}); err != nil {
 			return fmt.Errorf("watch %s: %w", kind, err)
 		}
 	}
@@ -204,6 +208,10 @@ func metaList[T metav1.Object](objs []T) []metav1.Object {
 type handler struct {
 	kind Kind
 	fn   func(Key)
+	// skipUnread drops updates that changed only what the transforms
+	// dropped (kubelet heartbeats, pod conditions, managed fields): at
+	// 5,000 nodes heartbeats alone are hundreds of events a second.
+	skipUnread bool
 }
 
 func (h handler) key(obj any) (Key, bool) {
@@ -222,7 +230,12 @@ func (h handler) OnAdd(obj any, _ bool) {
 		h.fn(k)
 	}
 }
-func (h handler) OnUpdate(_, obj any) { h.OnAdd(obj, false) }
-func (h handler) OnDelete(obj any)    { h.OnAdd(obj, false) }
+func (h handler) OnUpdate(old, obj any) {
+	if h.skipUnread && unreadChange(old, obj) {
+		return
+	}
+	h.OnAdd(obj, false)
+}
+func (h handler) OnDelete(obj any) { h.OnAdd(obj, false) }
 
 var _ cache.ResourceEventHandler = handler{}

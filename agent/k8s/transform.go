@@ -8,6 +8,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/cache"
 
@@ -169,4 +170,30 @@ func (in *labelInterner) intern(ls map[string]string) map[string]string {
 	}
 	in.cur[key] = m
 	return m
+}
+
+// unreadChange reports whether an update between two slimmed objects
+// changed nothing but the resource version: nothing Veil reads. A resync
+// (the same version delivered again) is not such a change, so it still
+// reaches the handlers.
+func unreadChange(old, cur any) bool {
+	switch o := old.(type) {
+	case *corev1.Pod:
+		c, ok := cur.(*corev1.Pod)
+		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(p *corev1.Pod) *metav1.ObjectMeta { return &p.ObjectMeta })
+	case *corev1.Node:
+		c, ok := cur.(*corev1.Node)
+		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(n *corev1.Node) *metav1.ObjectMeta { return &n.ObjectMeta })
+	case *corev1.Namespace:
+		c, ok := cur.(*corev1.Namespace)
+		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(n *corev1.Namespace) *metav1.ObjectMeta { return &n.ObjectMeta })
+	}
+	return false
+}
+
+// equalButVersion compares shallow copies of two objects with their
+// resource versions cleared.
+func equalButVersion[T any](a, b T, meta func(*T) *metav1.ObjectMeta) bool {
+	meta(&a).ResourceVersion, meta(&b).ResourceVersion = "", ""
+	return equality.Semantic.DeepEqual(&a, &b)
 }

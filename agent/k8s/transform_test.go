@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"reflect"
+	"sync"
 	"testing"
 	"time"
 
@@ -212,6 +213,64 @@ func TestWatcherCachesSlimObjects(t *testing.T) {
 			}
 			if shared := mapID(a.Labels) == mapID(b.Labels); shared == fullObjects {
 				t.Errorf("equal labels of two cached pods shared=%v with FullObjects=%v", shared, fullObjects)
+			}
+		})
+	}
+}
+
+// With slim caches, an update that changes only what Veil never reads
+// (a pod's conditions, a node's heartbeat) queues nothing; one that
+// changes what it reads does, and so does a resync (same version). With
+// FullObjects every update queues.
+func TestUpdatesOfUnreadFieldsQueueNothing(t *testing.T) {
+	for _, fullObjects := range []bool{false, true} {
+		t.Run(fmt.Sprintf("FullObjects=%v", fullObjects), func(t *testing.T) {
+			pod := fullPod("a", "n1", "10.244.1.5", map[string]string{"app": "a"})
+			pod.ResourceVersion = "1"
+			node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1", ResourceVersion: "1"},
+				Status: corev1.NodeStatus{Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue}}}}
+			var (
+				mu   sync.Mutex
+				keys []Key
+			)
+			// The handlers as OnChange registers them.
+			w := NewWithOptions(kubefake.NewClientset(), veilfake.NewSimpleClientset(), Options{FullObjects: fullObjects})
+			h := handler{kind: Pod, fn: func(k Key) { mu.Lock(); keys = append(keys, k); mu.Unlock() }, skipUnread: w.slim}
+			hn := handler{kind: Node, fn: h.fn, skipUnread: w.slim}
+			tr := &transformer{}
+			slim := func(o any) any {
+				if fullObjects {
+					return o
+				}
+				s, _ := tr.transform(o)
+				return s
+			}
+			count := func() int { mu.Lock(); defer mu.Unlock(); return len(keys) }
+
+			conds := pod.DeepCopy()
+			conds.ResourceVersion = "2"
+			conds.Status.Conditions[0].Status = corev1.ConditionFalse
+			h.OnUpdate(slim(pod.DeepCopy()), slim(conds))
+			beat := node.DeepCopy()
+			beat.ResourceVersion = "2"
+			beat.Status.Conditions[0].LastHeartbeatTime = metav1.Now()
+			hn.OnUpdate(slim(node.DeepCopy()), slim(beat))
+			want := 0
+			if fullObjects {
+				want = 2
+			}
+			if n := count(); n != want {
+				t.Errorf("updates of unread fields queued %d keys, want %d", n, want)
+			}
+
+			relabel := conds.DeepCopy()
+			relabel.ResourceVersion = "3"
+			relabel.Labels = map[string]string{"app": "b"}
+			h.OnUpdate(slim(conds), slim(relabel))
+			resync := slim(relabel.DeepCopy())
+			h.OnUpdate(resync, resync)
+			if n := count(); n != want+2 {
+				t.Errorf("a relabel and a resync queued %d keys, want %d", n-want, 2)
 			}
 		})
 	}
