@@ -608,6 +608,8 @@ func (c *Compiler) attach(p *podState) {
 	}
 	g.endpoints[p] = struct{}{}
 	p.group = g
+	// Equal by the group's key: keep one copy.
+	p.ports = g.ports
 	if c.isLocal(p) {
 		g.local++
 		if !g.computed {
