@@ -5,6 +5,7 @@ import (
 	"maps"
 	"runtime"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -161,4 +162,58 @@ func BenchmarkCompileIncrementalPodRelabelExisting(b *testing.B) {
 		i++
 		c.UpsertPod(pods[i%2])
 	}
+}
+
+// BenchmarkCompileNodeLocal compiles the bench input for one of its 50
+// nodes (Options.Node) and for the whole cluster side by side, and
+// relabels a pod of another node to a new identity on each: it reports
+// the node-local figures and their ratio to the whole cluster's.
+func BenchmarkCompileNodeLocal(b *testing.B) {
+	in := benchInput()
+	pods := []*corev1.Pod{in.Pods[4321].DeepCopy(), in.Pods[4321].DeepCopy()}
+	pods[1].Labels = map[string]string{"app": "app-3", "tier": "web", "canary": "true"}
+	if pods[0].Spec.NodeName == "node-7" {
+		b.Fatal("the relabelled pod must be on another node")
+	}
+	type figures struct {
+		compile, relabel time.Duration
+		state            uint64
+		entries          int
+	}
+	measure := func(opts Options) figures {
+		var f figures
+		before := heapInUse()
+		start := time.Now()
+		c, err := Compile(in, opts)
+		if err != nil {
+			b.Fatal(err)
+		}
+		f.compile = time.Since(start)
+		f.state = heapInUse() - before
+		for _, ep := range c.Endpoints() {
+			if ep.Node == "node-7" {
+				f.entries += len(ep.Entries)
+			}
+		}
+		start = time.Now()
+		for i := range 20 {
+			c.UpsertPod(pods[i%2])
+		}
+		f.relabel = time.Since(start) / 20
+		runtime.KeepAlive(c)
+		return f
+	}
+	var local, whole figures
+	for b.Loop() {
+		local, whole = measure(Options{Node: "node-7"}), measure(Options{})
+	}
+	if local.entries != whole.entries {
+		b.Fatalf("node-7's endpoints have %d entries node-locally, %d compiled with the whole cluster", local.entries, whole.entries)
+	}
+	b.ReportMetric(float64(local.compile.Nanoseconds()), "local-compile-ns")
+	b.ReportMetric(float64(local.state)/(1<<20), "local-state-MiB")
+	b.ReportMetric(float64(local.relabel.Nanoseconds()), "local-relabel-ns")
+	b.ReportMetric(float64(whole.compile)/float64(local.compile), "compile-whole/local")
+	b.ReportMetric(float64(whole.state)/float64(local.state), "state-whole/local")
+	b.ReportMetric(float64(whole.relabel)/float64(local.relabel), "relabel-whole/local")
 }

@@ -92,11 +92,23 @@ func (c *Compiler) compileGroup(g *group) {
 	for _, s := range g.sels {
 		delete(s.users, g)
 	}
+	c.evaluate(g)
+	for _, s := range g.sels {
+		s.users[g] = struct{}{}
+	}
+	g.computed = true
+	setMember(c.egressNamedGroups, g, g.egressNamed)
+	setMember(c.cidrNamedGroups, g, g.cidrNamed)
+}
+
+// evaluate computes g's policies, defaults, selectors and entries from the
+// compiler's state, registering nothing: compileGroup registers them, and
+// view evaluates groups a node-local compiler does not keep.
+func (c *Compiler) evaluate(g *group) {
 	g.sels = g.sels[:0]
 	g.selectedBy = [2][]PolicyRef{}
 	g.egressNamed, g.cidrNamed = false, false
 	g.defaults = policytypes.Defaults{IngressEnforce: policytypes.Allow, IngressAudit: policytypes.Allow, EgressEnforce: policytypes.Allow, EgressAudit: policytypes.Allow}
-	g.computed = true
 
 	g.pols = g.pols[:0]
 	for ps := range c.policiesByNS[g.ident.namespace] {
@@ -128,11 +140,8 @@ func (c *Compiler) compileGroup(g *group) {
 		}
 		for i := range ps.rules {
 			r := &ps.rules[i]
-			if r.sel != nil {
-				if _, used := r.sel.users[g]; !used {
-					r.sel.users[g] = struct{}{}
-					g.sels = append(g.sels, r.sel)
-				}
+			if r.sel != nil && !slices.Contains(g.sels, r.sel) {
+				g.sels = append(g.sels, r.sel)
 			}
 			if r.port.name != "" && r.dir == policytypes.Egress {
 				if r.sel != nil && r.sel.kind == selCIDR {
@@ -143,11 +152,37 @@ func (c *Compiler) compileGroup(g *group) {
 			}
 		}
 	}
-	setMember(c.egressNamedGroups, g, g.egressNamed)
-	setMember(c.cidrNamedGroups, g, g.cidrNamed)
 	g.flat = mergeContribs(c.contribs(g, nil, nil))
 	g.materialized = nil
 	clear(g.overlay)
+}
+
+// forgetGroup stops keeping the entries of a group that has no endpoint
+// on a node-local compiler's node.
+func (c *Compiler) forgetGroup(g *group) {
+	for _, s := range g.sels {
+		delete(s.users, g)
+	}
+	g.sels, g.pols, g.flat, g.overlay, g.materialized = nil, nil, nil, nil, nil
+	g.selectedBy = [2][]PolicyRef{}
+	g.defaults = policytypes.Defaults{}
+	g.computed = false
+	delete(c.egressNamedGroups, g)
+	delete(c.cidrNamedGroups, g)
+	delete(c.dirtyIDs, g)
+}
+
+// view returns g when its entries are kept, else a copy evaluated now
+// (another node's endpoint on a node-local compiler). It changes nothing,
+// so readers may call it.
+func (c *Compiler) view(g *group) *group {
+	if g.computed {
+		return g
+	}
+	v := &group{key: g.key, ident: g.ident, ports: g.ports, endpoints: g.endpoints}
+	c.evaluate(v)
+	v.computed = true
+	return v
 }
 
 func setMember[K comparable](m map[K]struct{}, k K, in bool) {
@@ -214,16 +249,26 @@ func (g *group) entries() []policytypes.Entry {
 		g.materialized = g.flat
 		return g.flat
 	}
-	out := make([]policytypes.Entry, 0, len(g.flat))
-	for _, e := range g.flat {
-		if _, patched := g.overlay[e.Identity]; !patched {
-			out = append(out, e)
-		}
-	}
+	// Only the patched blocks are sorted; the rest of flat is in order
+	// already, and the two never share a key (they hold other identities).
+	var patch []policytypes.Entry
 	for _, blk := range g.overlay {
-		out = append(out, blk...)
+		patch = append(patch, blk...)
 	}
-	slices.SortFunc(out, func(a, b policytypes.Entry) int { return compareKeys(a.Key, b.Key) })
+	slices.SortFunc(patch, func(a, b policytypes.Entry) int { return compareKeys(a.Key, b.Key) })
+	out := make([]policytypes.Entry, 0, len(g.flat)+len(patch))
+	i := 0
+	for _, e := range g.flat {
+		if _, patched := g.overlay[e.Identity]; patched {
+			continue
+		}
+		for i < len(patch) && compareKeys(patch[i].Key, e.Key) < 0 {
+			out = append(out, patch[i])
+			i++
+		}
+		out = append(out, e)
+	}
+	out = append(out, patch[i:]...)
 	g.flat, g.materialized = out, out
 	clear(g.overlay)
 	return out

@@ -28,6 +28,10 @@ import (
 type Compiler struct {
 	mu sync.RWMutex
 
+	// node is Options.Node: when set, only groups with an endpoint there
+	// are compiled.
+	node string
+
 	ids, cidrIDs *identity.Allocator
 
 	namespaces map[string]labels.Set
@@ -112,7 +116,8 @@ func New(opts Options) (*Compiler, error) {
 		return nil, err
 	}
 	return &Compiler{
-		ids: ids, cidrIDs: cidrIDs,
+		node: opts.Node,
+		ids:  ids, cidrIDs: cidrIDs,
 		namespaces: map[string]labels.Set{}, nodes: map[string][]netip.Addr{},
 		pods: map[EndpointID]*podState{}, podsByNS: map[string]map[*podState]struct{}{},
 		idents: map[identity.ID]*identState{}, identByKey: map[string]*identState{},
@@ -323,9 +328,14 @@ func (c *Compiler) Endpoints() []Endpoint {
 	defer c.mu.RUnlock()
 	out := make([]Endpoint, 0, len(c.pods))
 	for _, p := range c.pods {
-		if p.active {
-			out = append(out, p.endpoint())
+		if !p.active {
+			continue
 		}
+		if !p.group.computed {
+			out = append(out, Endpoint{EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id, NotCompiled: true})
+			continue
+		}
+		out = append(out, p.endpoint(p.group))
 	}
 	slices.SortFunc(out, func(a, b Endpoint) int { return compareEndpointIDs(a.EndpointID, b.EndpointID) })
 	return out
@@ -343,13 +353,14 @@ func (c *Compiler) Endpoint(id EndpointID) (Endpoint, bool) {
 	if p == nil || !p.active {
 		return Endpoint{}, false
 	}
-	return p.endpoint(), true
+	return p.endpoint(c.view(p.group)), true
 }
 
-func (p *podState) endpoint() Endpoint {
+// endpoint describes p with the entries of g (its group, or a view of it).
+func (p *podState) endpoint(g *group) Endpoint {
 	return Endpoint{
 		EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id,
-		Entries: p.group.entries(), Defaults: p.group.defaults,
+		Entries: g.entries(), Defaults: g.defaults,
 	}
 }
 
@@ -375,14 +386,30 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 			continue
 		}
 		for _, ip := range p.ips {
-			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node})
+			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 		}
 	}
 	// Two pods may briefly share an IP (one terminating); the order of
 	// such entries must not depend on map iteration.
 	slices.SortFunc(out, func(a, b IPCacheEntry) int {
-		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Identity, b.Identity), strings.Compare(a.Node, b.Node))
+		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Identity, b.Identity), strings.Compare(a.Node, b.Node), compareEndpointIDs(a.Pod, b.Pod))
 	})
+	return out
+}
+
+// PodIPCache lists the ipcache entries of one pod: none unless it is an
+// endpoint. IPCache lists every pod's; this is for following one change.
+func (c *Compiler) PodIPCache(id EndpointID) []IPCacheEntry {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	p := c.pods[id]
+	if p == nil || !p.active {
+		return nil
+	}
+	out := make([]IPCacheEntry, 0, len(p.ips))
+	for _, ip := range p.ips {
+		out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
+	}
 	return out
 }
 
@@ -560,6 +587,8 @@ func (c *Compiler) attach(p *podState) {
 	}
 	ident.pods[p] = struct{}{}
 	p.ident = ident
+	// Pods of one identity have equal labels: keep one copy.
+	p.labels = ident.podLabels
 	if ident.recomputePorts() {
 		c.dirtyPortsOf(ident.id)
 	}
@@ -579,7 +608,23 @@ func (c *Compiler) attach(p *podState) {
 	}
 	g.endpoints[p] = struct{}{}
 	p.group = g
+	// Equal by the group's key: keep one copy.
+	p.ports = g.ports
+	if c.isLocal(p) {
+		g.local++
+		if !g.computed {
+			c.dirty[g] = struct{}{}
+		}
+	}
 }
+
+// isLocal reports whether p is an endpoint on the compiler's node; every
+// endpoint is when the compiler is not node-local.
+func (c *Compiler) isLocal(p *podState) bool { return c.node == "" || p.node == c.node }
+
+// wanted reports whether g's entries are kept: it has an endpoint on the
+// compiler's node, or the compiler is not node-local.
+func (c *Compiler) wanted(g *group) bool { return c.node == "" || g.local > 0 }
 
 func (c *Compiler) detach(p *podState) {
 	if !p.active || p.ident == nil {
@@ -587,6 +632,13 @@ func (c *Compiler) detach(p *podState) {
 	}
 	if g := p.group; g != nil {
 		delete(g.endpoints, p)
+		if c.isLocal(p) {
+			g.local--
+			if !c.wanted(g) && g.computed {
+				// Its last local endpoint left: stop keeping it.
+				c.dirty[g] = struct{}{}
+			}
+		}
 		if len(g.endpoints) == 0 {
 			for _, s := range g.sels {
 				delete(s.users, g)
@@ -959,6 +1011,10 @@ func (c *Compiler) groupChanged(g *group) {
 func (c *Compiler) flush() Changes {
 	c.regionsChanged()
 	for g := range c.dirty {
+		if !c.wanted(g) {
+			c.forgetGroup(g)
+			continue
+		}
 		was := g.computed
 		var before []policytypes.Entry
 		if was {
@@ -971,7 +1027,7 @@ func (c *Compiler) flush() Changes {
 		}
 	}
 	for g, ids := range c.dirtyIDs {
-		if _, full := c.dirty[g]; full || c.groups[g.key] != g {
+		if _, full := c.dirty[g]; full || c.groups[g.key] != g || !g.computed {
 			continue
 		}
 		if c.patchGroup(g, ids) {

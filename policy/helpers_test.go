@@ -139,7 +139,7 @@ func ipBlock(cidr string, except ...string) networkingv1.NetworkPolicyPeer {
 
 func mustCompile(t testing.TB, in Input) *Compiler {
 	t.Helper()
-	c, err := Compile(in, Options{})
+	c, err := Compile(in, Options{Node: *testNode})
 	if err != nil {
 		t.Fatalf("Compile: %v", err)
 	}

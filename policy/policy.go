@@ -79,6 +79,12 @@ type Options struct {
 	Identities map[string]identity.ID
 	// CIDRIdentities is the same for CIDR identities (Compiler.CIDRIdentityState).
 	CIDRIdentities map[string]identity.ID
+	// Node, when set, compiles node-locally: only the endpoints on that node
+	// get their entries kept up to date, and a mutation costs work only for
+	// them. Every pod still gets its identity (the ipcache needs them all);
+	// Endpoint and Trace compute another node's endpoint on demand.
+	// Empty compiles every endpoint (offline trace and matrix).
+	Node string
 }
 
 // PolicyKind names the kind of policy object a rule comes from.
@@ -164,6 +170,10 @@ type Endpoint struct {
 	// length). The slice is shared: callers must not modify it.
 	Entries  []policytypes.Entry  `json:"entries"`
 	Defaults policytypes.Defaults `json:"defaults"`
+	// NotCompiled: a node-local compiler (Options.Node) listed an endpoint
+	// of another node, whose Entries and Defaults it does not keep; ask
+	// Endpoint for them.
+	NotCompiled bool `json:"notCompiled,omitempty"`
 }
 
 // IdentityInfo is one allocated pod identity and its canonical label set.
@@ -184,6 +194,8 @@ type IPCacheEntry struct {
 	IP       netip.Addr  `json:"ip"`
 	Identity identity.ID `json:"identity"`
 	Node     string      `json:"node,omitempty"`
+	// Pod holds the address.
+	Pod EndpointID `json:"pod"`
 }
 
 // Changes lists what one mutation changed, so the datapath writes only

@@ -181,4 +181,6 @@ type group struct {
 	// cidrNamed: on the named ports and IPs of pods inside CIDR regions.
 	egressNamed, cidrNamed bool
 	computed               bool
+	// local counts the endpoints on the compiler's node (Options.Node).
+	local int
 }

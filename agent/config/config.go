@@ -28,6 +28,8 @@ type Config struct {
 	ClusterCIDR       string
 	WireGuardIface    string
 	LegacyTC          bool
+	// Sizes of the maps that grow with the cluster; 0 keeps the default.
+	EndpointsMaxEntries, IPCacheMaxEntries, PolicyMaxEntries, ConntrackMaxEntries uint32
 
 	Encryption          string
 	StrictMode          bool
@@ -76,6 +78,10 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.ClusterCIDR, "cluster-cidr", c.ClusterCIDR, "IPv4 CIDR that holds every pod CIDR of the cluster: a node's spec.podCIDRs are cut to it before they become its WireGuard allowed IPs, and a node claiming a range outside it is refused")
 	fs.StringVar(&c.WireGuardIface, "wireguard-interface", c.WireGuardIface, "name of the WireGuard device")
 	fs.BoolVar(&c.LegacyTC, "legacy-tc", c.LegacyTC, "attach with clsact filters even where TCX exists")
+	fs.Uint32Var(&c.EndpointsMaxEntries, "endpoints-max-entries", c.EndpointsMaxEntries, "size of the local endpoints map; 0 means 1024")
+	fs.Uint32Var(&c.IPCacheMaxEntries, "ipcache-max-entries", c.IPCacheMaxEntries, "size of the ipcache map (every remote pod, node address and pod CIDR); 0 means 65536")
+	fs.Uint32Var(&c.PolicyMaxEntries, "policy-max-entries", c.PolicyMaxEntries, "size of the policy map (every local endpoint's entries, twice while one is replaced); 0 means 262144")
+	fs.Uint32Var(&c.ConntrackMaxEntries, "conntrack-max-entries", c.ConntrackMaxEntries, "size of the connection table; 0 means 262144")
 	fs.StringVar(&c.Encryption, "encryption", c.Encryption, "transparent encryption between nodes: wireguard or none")
 	fs.BoolVar(&c.StrictMode, "strict-mode", c.StrictMode, "never send pod traffic to another node unencrypted: without a tunnel it is dropped and recorded as a leak")
 	fs.BoolVar(&c.NodeToNode, "node-to-node-encryption", c.NodeToNode, "also encrypt host-network traffic between nodes (node addresses join each peer's allowed IPs and are routed through the tunnel)")

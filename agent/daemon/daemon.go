@@ -158,7 +158,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	defer d.dp.Close()
-	d.compiler, err = policy.New(policy.Options{Identities: st.Identities, CIDRIdentities: st.CIDRIdentities})
+	// Other nodes' endpoints are enforced by their own agents: compile ours.
+	d.compiler, err = policy.New(policy.Options{Identities: st.Identities, CIDRIdentities: st.CIDRIdentities, Node: d.cfg.NodeName})
 	if err != nil {
 		return fmt.Errorf("create policy compiler: %w", err)
 	}
@@ -314,6 +315,8 @@ func (d *Daemon) loadDatapath(underlay string, dev *wireguard.Device) (*datapath
 		StrictMode:        d.cfg.StrictMode,
 		PodDevice:         podnet.IsHostVethName,
 		Logger:            d.log,
+		CTMaxEntries:      d.cfg.ConntrackMaxEntries,
+		Maps:              datapath.MapSizes{Endpoints: d.cfg.EndpointsMaxEntries, IPCache: d.cfg.IPCacheMaxEntries, Policy: d.cfg.PolicyMaxEntries},
 	}
 	cfg.SkipAccelerationSelfTest = d.cfg.SkipAccelSelfTest
 	// Validated at start (config.Validate): the range strict mode refuses

@@ -55,6 +55,9 @@ var (
 	descAccelOn    = prometheus.NewDesc("veil_socket_acceleration_enabled", "1 when pods' sockets are accelerated; 0 when not configured or turned off (see status for why).", nil, nil)
 	descEventsLost = prometheus.NewDesc("veil_flow_events_lost_total", "Flow events lost because the ring buffer was full.", nil, nil)
 	descMapUse     = prometheus.NewDesc("veil_map_entries", "Entries in a datapath map (map pressure).", []string{"map"}, nil)
+	descMapCap     = prometheus.NewDesc("veil_map_capacity", "Entries a datapath map can hold (--<map>-max-entries).", []string{"map"}, nil)
+	descMapFill    = prometheus.NewDesc("veil_map_fill_ratio", "Entries over capacity of a datapath map; the agent warns from 0.9.", []string{"map"}, nil)
+	descMapFull    = prometheus.NewDesc("veil_map_full_errors_total", "Writes a datapath map refused because it was full.", []string{"map"}, nil)
 	descAPI        = prometheus.NewDesc("veil_api_server_connected", "1 when the API server answers.", nil, nil)
 	descConflicts  = prometheus.NewDesc("veil_node_claim_conflicts",
 		"Claims this agent refuses a node because another node (owner; empty: the cluster CIDR) holds them, by kind (pod CIDR, address, endpoint, public key); 1 while the conflict lasts.",
@@ -62,7 +65,7 @@ var (
 )
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descEndpoints, descIdentities, descEntries, descForwarded, descDropped, descSockmap, descAccel, descAccelOn, descEventsLost, descMapUse, descAPI, descConflicts} {
+	for _, d := range []*prometheus.Desc{descEndpoints, descIdentities, descEntries, descForwarded, descDropped, descSockmap, descAccel, descAccelOn, descEventsLost, descMapUse, descMapCap, descMapFill, descMapFull, descAPI, descConflicts} {
 		ch <- d
 	}
 }
@@ -124,6 +127,13 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(descAccelOn, accelOn)
 	if flows, err := d.dp.Flows(); err == nil {
 		gauge(descMapUse, float64(len(flows)), "conntrack")
+	}
+	if us, err := d.dp.MapUsage(); err == nil {
+		for _, u := range us {
+			gauge(descMapCap, float64(u.Capacity), u.Map)
+			gauge(descMapFill, u.Fill(), u.Map)
+			counter(descMapFull, float64(u.FullErrors), u.Map)
+		}
 	}
 }
 

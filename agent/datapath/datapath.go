@@ -71,6 +71,8 @@ type Config struct {
 	// A table pinned by an agent with another size must be removed
 	// (cleanup mode) before the new size applies.
 	CTMaxEntries uint32
+	// Maps size the maps that grow with the cluster (capacity.go).
+	Maps MapSizes
 	// Logger receives structured logs. Default slog.Default().
 	Logger *slog.Logger
 
@@ -163,6 +165,9 @@ type Datapath struct {
 	// next pass resumes.
 	gcMu     sync.Mutex
 	gcCursor ebpf.MapBatchCursor
+
+	// capacity follows how full the maps are (capacity.go).
+	capacity capacity
 
 	// accelOff says why acceleration is off although configured; empty
 	// when it is on. accelNote says why it runs untested. Set once by Load.
@@ -401,6 +406,7 @@ func (d *Datapath) loadObjects(pinRoot string) error {
 		if m, ok := spec.Maps["veil_ct"]; ok {
 			m.MaxEntries = d.cfg.CTMaxEntries
 		}
+		d.cfg.Maps.apply(spec)
 		opts := &ebpf.CollectionOptions{}
 		if pinRoot != "" {
 			opts.Maps.PinPath = pinRoot

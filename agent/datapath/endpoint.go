@@ -92,7 +92,7 @@ func (d *Datapath) putEndpoint(ep Endpoint, attach bool) error {
 		}
 	}
 	if err := d.endpoints.Update(key, &info, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("write endpoint %s: %w", ep.IP, err)
+		return fmt.Errorf("write endpoint %s: %w", ep.IP, d.mapFull(MapEndpoints, d.endpoints, err))
 	}
 	if wasAccelerated && ep.NoAcceleration {
 		// sockops honours the flag for new connections only; the ones

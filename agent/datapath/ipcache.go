@@ -57,7 +57,7 @@ func (d *Datapath) UpsertIPCache(p netip.Prefix, e IPCacheEntry) error {
 		v.NodeIp = ip4ToU32(e.NodeIP)
 	}
 	if err := d.ipcache.Update(&k, &v, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("write ipcache %s: %w", p, err)
+		return fmt.Errorf("write ipcache %s: %w", p, d.mapFull(MapIPCache, d.ipcache, err))
 	}
 	return nil
 }

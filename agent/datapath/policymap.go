@@ -156,7 +156,7 @@ func (d *Datapath) writeSlot(slot, prev uint32, entries []policytypes.Entry) err
 			val.Hits, val.Bytes = old.Hits, old.Bytes
 		}
 		if err := d.policy.Update(&mk, &val, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("write entry %+v: %w", e.Key, err)
+			return fmt.Errorf("write entry %+v: %w", e.Key, d.mapFull(MapPolicy, d.policy, err))
 		}
 		keys = append(keys, mk)
 	}

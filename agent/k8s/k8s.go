@@ -63,6 +63,9 @@ type Watcher struct {
 	kubeFactory kubeinformers.SharedInformerFactory
 	veilFactory veilinformers.SharedInformerFactory
 	informers   map[Kind]cache.SharedIndexInformer
+	// slim: the caches hold slimmed objects, so an update that leaves
+	// them equal changed nothing Veil reads.
+	slim bool
 }
 
 // KubeInformers is the shared informer factory of Kubernetes' own kinds, for
@@ -70,12 +73,27 @@ type Watcher struct {
 // register their informers on it before Start, and share its connection.
 func (w *Watcher) KubeInformers() kubeinformers.SharedInformerFactory { return w.kubeFactory }
 
+// Options tune the informers.
+type Options struct {
+	// Resync resyncs every informer that often; 0 never.
+	Resync time.Duration
+	// FullObjects keeps whole objects in the caches instead of only the
+	// fields Veil reads (see transform.go): for measuring what slimming
+	// saves, and for nothing else.
+	FullObjects bool
+}
+
 // New prepares informers for every kind, resyncing every resync (0:
 // never); Start starts them.
 func New(kube kubernetes.Interface, veil versioned.Interface, resync time.Duration) *Watcher {
+	return NewWithOptions(kube, veil, Options{Resync: resync})
+}
+
+// NewWithOptions is New with every option.
+func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Options) *Watcher {
 	w := &Watcher{
-		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, resync),
-		veilFactory: veilinformers.NewSharedInformerFactory(veil, resync),
+		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, opts.Resync),
+		veilFactory: veilinformers.NewSharedInformerFactory(veil, opts.Resync),
 	}
 	core := w.kubeFactory.Core().V1()
 	netpols := w.kubeFactory.Networking().V1().NetworkPolicies()
@@ -87,6 +105,14 @@ func New(kube kubernetes.Interface, veil versioned.Interface, resync time.Durati
 		NetworkPolicy:     netpols.Informer(),
 		MeshPolicy:        mesh.MeshPolicies().Informer(),
 		ClusterMeshPolicy: mesh.ClusterMeshPolicies().Informer(),
+	}
+	if !opts.FullObjects {
+		w.slim = true
+		t := &transformer{}
+		for _, inf := range w.informers {
+			// Only fails once started, and nothing has started yet.
+			_ = inf.SetTransform(t.transform)
+		}
 	}
 	w.Listers = Listers{
 		Pods: core.Pods().Lister(), Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
@@ -100,7 +126,7 @@ func New(kube kubernetes.Interface, veil versioned.Interface, resync time.Durati
 // deleted. Call it before Start.
 func (w *Watcher) OnChange(fn func(Key)) error {
 	for kind, inf := range w.informers {
-		if _, err := inf.AddEventHandler(handler{kind: kind, fn: fn}); err != nil {
+		if _, err := inf.AddEventHandler(handler{kind: kind, fn: fn, skipUnread: w.slim}); err != nil {
 			return fmt.Errorf("watch %s: %w", kind, err)
 		}
 	}
@@ -182,6 +208,10 @@ func metaList[T metav1.Object](objs []T) []metav1.Object {
 type handler struct {
 	kind Kind
 	fn   func(Key)
+	// skipUnread drops updates that changed only what the transforms
+	// dropped (kubelet heartbeats, pod conditions, managed fields): at
+	// 5,000 nodes heartbeats alone are hundreds of events a second.
+	skipUnread bool
 }
 
 func (h handler) key(obj any) (Key, bool) {
@@ -200,7 +230,12 @@ func (h handler) OnAdd(obj any, _ bool) {
 		h.fn(k)
 	}
 }
-func (h handler) OnUpdate(_, obj any) { h.OnAdd(obj, false) }
-func (h handler) OnDelete(obj any)    { h.OnAdd(obj, false) }
+func (h handler) OnUpdate(old, obj any) {
+	if h.skipUnread && unreadChange(old, obj) {
+		return
+	}
+	h.OnAdd(obj, false)
+}
+func (h handler) OnDelete(obj any) { h.OnAdd(obj, false) }
 
 var _ cache.ResourceEventHandler = handler{}

@@ -11,7 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -93,10 +95,13 @@ type Syncer struct {
 	cfg   Config
 	log   *slog.Logger
 	queue workqueue.TypedRateLimitingInterface[k8s.Key]
-	// ipcacheDirty: a mutation changed addresses or identities since the
-	// ipcache was last written.
+	// ipcacheDirty: what the whole ipcache is built from (the nodes, which
+	// are tunnelled) changed since it was last written; podsDirty (under
+	// mu) names the pods whose own entries may have changed since.
 	ipcacheDirty atomic.Bool
 	lastSync     atomic.Int64
+	// busy: the worker holds a key it has not finished.
+	busy atomic.Bool
 
 	// mu guards what was written to the ipcache and the node claims:
 	// cluster is the last resolution of every node's claims, which the
@@ -104,9 +109,19 @@ type Syncer struct {
 	// claimed then; conflicts are the refused claims last reported.
 	mu        sync.Mutex
 	ipcache   map[netip.Prefix]datapath.IPCacheEntry
-	cluster   nodeinfo.Cluster
-	claims    map[string]nodeinfo.Node
-	conflicts map[nodeinfo.Conflict]bool
+	podsDirty map[policy.EndpointID]struct{}
+	// What the last full build derived, for following single pods:
+	// nodeEntries are the nodes' own prefixes; nodeIPs each node's
+	// underlay address; podAddrs the addresses each remote pod holds in the
+	// ipcache, and owners the pods holding each address (two while one
+	// terminates).
+	nodeEntries map[netip.Prefix]datapath.IPCacheEntry
+	nodeIPs     map[string]netip.Addr
+	podAddrs    map[policy.EndpointID][]netip.Addr
+	owners      map[netip.Addr][]podEntry
+	cluster     nodeinfo.Cluster
+	claims      map[string]nodeinfo.Node
+	conflicts   map[nodeinfo.Conflict]bool
 }
 
 // New returns a syncer with an empty queue; Run runs it.
@@ -119,7 +134,7 @@ func New(cfg Config) *Syncer {
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
 			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
-		ipcache: map[netip.Prefix]datapath.IPCacheEntry{},
+		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, podsDirty: map[policy.EndpointID]struct{}{},
 	}
 }
 
@@ -136,6 +151,10 @@ func (s *Syncer) Run(ctx context.Context) {
 	}()
 	s.worker(ctx)
 }
+
+// Idle reports whether every key queued so far has been synced (or
+// given up on for now and queued again with a delay).
+func (s *Syncer) Idle() bool { return s.queue.Len() == 0 && !s.busy.Load() }
 
 // IPCacheStale marks the ipcache for rewriting: something it is built from
 // (which nodes are tunnelled) changed.
@@ -169,6 +188,7 @@ func (s *Syncer) worker(ctx context.Context) {
 		if shutdown {
 			return
 		}
+		s.busy.Store(true)
 		start := time.Now()
 		err := s.sync(ctx, k)
 		if err != nil {
@@ -196,12 +216,18 @@ func (s *Syncer) worker(ctx context.Context) {
 		if s.queue.Len() == 0 && !s.cfg.Endpoints.Converged() {
 			s.converged()
 			s.log.Info("converged with the API server")
+			// The first lists (every pod of the cluster, decoded whole
+			// before the informers slimmed them) leave hundreds of MiB of
+			// garbage in a large cluster: give it back to the system once,
+			// rather than keep it as the agent's resident size.
+			debug.FreeOSMemory()
 			// Connections restored from pinned state are checked once,
 			// now that the state they are checked against is complete.
 			if err := s.evictRevoked(nil, true); err != nil {
 				s.log.Warn("re-check connections", "error", err)
 			}
 		}
+		s.busy.Store(false)
 	}
 }
 
@@ -231,14 +257,24 @@ func (s *Syncer) converged() {
 const flushEvery = 250 * time.Millisecond
 
 // flushIPCache writes the ipcache and re-checks the connections whose peer
-// it changed.
+// it changed: all of it when the nodes changed, else only the entries of
+// the pods that changed, so a pod change elsewhere costs work for that pod
+// alone, whatever the size of the cluster.
 func (s *Syncer) flushIPCache() error {
-	if !s.ipcacheDirty.Swap(false) {
-		return nil
-	}
-	changed, err := s.syncIPCache()
-	if err != nil {
-		s.ipcacheDirty.Store(true)
+	var (
+		changed []netip.Prefix
+		err     error
+	)
+	s.mu.Lock()
+	built := s.owners != nil
+	s.mu.Unlock()
+	if s.ipcacheDirty.Swap(false) || !built {
+		changed, err = s.syncIPCache()
+		if err != nil {
+			s.ipcacheDirty.Store(true)
+		}
+	} else {
+		changed, err = s.syncPodIPCache()
 	}
 	return errors.Join(err, s.evictRevoked(changed, false))
 }
@@ -361,8 +397,18 @@ func (s *Syncer) apply(ch policy.Changes) error {
 		}
 		changedIPs = append(changedIPs, netip.PrefixFrom(ep.IP, ep.IP.BitLen()))
 	}
-	if ch.IPCache || len(ch.Removed) > 0 {
-		s.ipcacheDirty.Store(true)
+	if ch.IPCache || len(ch.Removed) > 0 || len(ch.Endpoints) > 0 {
+		// Every pod whose ipcache entry changed is among them: its
+		// identity, addresses or node changed, or it stopped being an
+		// endpoint.
+		s.mu.Lock()
+		for _, id := range ch.Endpoints {
+			s.podsDirty[id] = struct{}{}
+		}
+		for _, id := range ch.Removed {
+			s.podsDirty[id] = struct{}{}
+		}
+		s.mu.Unlock()
 	}
 	if ch.CIDRTable {
 		want := map[netip.Prefix]identity.ID{}
@@ -460,11 +506,26 @@ func optedOut(v string) bool {
 	return false
 }
 
-// wantIPCache is what the ipcache should hold for the resolved nodes and
-// the compiler's pods. The WireGuard peers come from the same resolution,
-// so a node's prefixes carry the tunnel flag exactly when it is a peer, and
-// are forwarded toward the address its tunnel uses.
-func (s *Syncer) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
+// podEntry is a remote pod's claim on an ipcache address.
+type podEntry struct {
+	pod   policy.EndpointID
+	ip    netip.Addr
+	entry datapath.IPCacheEntry
+}
+
+// wins reports whether a beats b for an address both hold; the full build
+// lets the compiler's order (identity, then node) decide, the last winning.
+func (a podEntry) wins(b podEntry) bool {
+	return cmp.Or(cmp.Compare(a.entry.Identity, b.entry.Identity), a.entry.NodeIP.Compare(b.entry.NodeIP),
+		strings.Compare(a.pod.Namespace, b.pod.Namespace), strings.Compare(a.pod.Name, b.pod.Name)) > 0
+}
+
+// nodeIPCache is what the ipcache holds for the resolved nodes themselves:
+// their addresses and pod CIDRs, and this node's own address. The
+// WireGuard peers come from the same resolution, so a node's prefixes
+// carry the tunnel flag exactly when it is a peer, and are forwarded
+// toward the address its tunnel uses. It also returns each node's address.
+func (s *Syncer) nodeIPCache(c nodeinfo.Cluster) (map[netip.Prefix]datapath.IPCacheEntry, map[string]netip.Addr) {
 	want := map[netip.Prefix]datapath.IPCacheEntry{}
 	nodeIPs := map[string]netip.Addr{}
 	self := netip.PrefixFrom(s.cfg.NodeIP, 32)
@@ -505,7 +566,13 @@ func (s *Syncer) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCac
 		}
 	}
 	want[self] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: s.cfg.NodeIP, Kind: datapath.NodeAddr}
-	for _, e := range s.cfg.Compiler.IPCache() {
+	return want, nodeIPs
+}
+
+// podIPCache converts compiler entries into ipcache claims: IPv4
+// addresses of pods on other nodes whose address is known.
+func (s *Syncer) podIPCache(es []policy.IPCacheEntry, nodeIPs map[string]netip.Addr, out []podEntry) []podEntry {
+	for _, e := range es {
 		if !e.IP.Is4() || e.Node == s.cfg.NodeName {
 			continue
 		}
@@ -513,44 +580,156 @@ func (s *Syncer) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCac
 		if !ok {
 			continue
 		}
-		want[netip.PrefixFrom(e.IP, 32)] = datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | s.tunnelKind(e.Node)}
+		out = append(out, podEntry{pod: e.Pod, ip: e.IP, entry: datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | s.tunnelKind(e.Node)}})
 	}
+	return out
+}
+
+// wantIPCache is what the ipcache should hold for the resolved nodes and
+// the compiler's pods.
+func (s *Syncer) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
+	want, _, _, _ := s.buildIPCache(c)
 	return want
+}
+
+// buildIPCache is wantIPCache with what it was derived from: the nodes'
+// own entries and addresses, and the pods' claims by address.
+func (s *Syncer) buildIPCache(c nodeinfo.Cluster) (want, nodes map[netip.Prefix]datapath.IPCacheEntry, nodeIPs map[string]netip.Addr, owners map[netip.Addr][]podEntry) {
+	nodes, nodeIPs = s.nodeIPCache(c)
+	owners = map[netip.Addr][]podEntry{}
+	for _, pe := range s.podIPCache(s.cfg.Compiler.IPCache(), nodeIPs, nil) {
+		owners[pe.ip] = append(owners[pe.ip], pe)
+	}
+	want = maps.Clone(nodes)
+	for ip, os := range owners {
+		want[netip.PrefixFrom(ip, 32)] = winner(os).entry
+	}
+	return want, nodes, nodeIPs, owners
+}
+
+func winner(os []podEntry) podEntry {
+	best := os[0]
+	for _, o := range os[1:] {
+		if o.wins(best) {
+			best = o
+		}
+	}
+	return best
 }
 
 // syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
 // addresses and pod CIDRs, and this node's own address. It returns the
 // prefixes it wrote or removed.
 func (s *Syncer) syncIPCache() ([]netip.Prefix, error) {
-	want := s.wantIPCache(s.ResolvedCluster())
+	c := s.ResolvedCluster()
+	s.mu.Lock()
+	// Every pod is rebuilt below: pods marked until now need nothing more.
+	clear(s.podsDirty)
+	s.mu.Unlock()
+	want, nodes, nodeIPs, owners := s.buildIPCache(c)
 
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.nodeEntries, s.nodeIPs, s.owners = nodes, nodeIPs, owners
+	s.podAddrs = map[policy.EndpointID][]netip.Addr{}
+	for ip, os := range owners {
+		for _, o := range os {
+			s.podAddrs[o.pod] = append(s.podAddrs[o.pod], ip)
+		}
+	}
 	var (
 		errs    []error
 		changed []netip.Prefix
 	)
 	for p, e := range want {
-		if old, ok := s.ipcache[p]; ok && old == e {
-			continue
-		}
-		if err := s.cfg.Datapath.UpsertIPCache(p, e); err != nil {
+		old, had := s.ipcache[p]
+		if err := s.writeIPCache(p, e, true); err != nil {
 			errs = append(errs, err)
-			continue
+		} else if !had || old != e {
+			changed = append(changed, p)
 		}
-		s.ipcache[p] = e
-		changed = append(changed, p)
 	}
 	for p := range s.ipcache {
 		if _, ok := want[p]; ok {
 			continue
 		}
-		if err := s.cfg.Datapath.DeleteIPCache(p); err != nil {
+		if err := s.writeIPCache(p, datapath.IPCacheEntry{}, false); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		delete(s.ipcache, p)
 		changed = append(changed, p)
+	}
+	return changed, errors.Join(errs...)
+}
+
+// writeIPCache makes one prefix hold e (or nothing), writing only what
+// differs from what was written. Call with mu held.
+func (s *Syncer) writeIPCache(p netip.Prefix, e datapath.IPCacheEntry, present bool) error {
+	old, had := s.ipcache[p]
+	switch {
+	case present && had && old == e, !present && !had:
+		return nil
+	case present:
+		if err := s.cfg.Datapath.UpsertIPCache(p, e); err != nil {
+			return err
+		}
+		s.ipcache[p] = e
+	default:
+		if err := s.cfg.Datapath.DeleteIPCache(p); err != nil {
+			return err
+		}
+		delete(s.ipcache, p)
+	}
+	return nil
+}
+
+// syncPodIPCache brings the entries of the pods marked since the last
+// write in line with the compiler, leaving the rest alone.
+func (s *Syncer) syncPodIPCache() ([]netip.Prefix, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.podsDirty) == 0 {
+		return nil, nil
+	}
+	touched := map[netip.Addr]struct{}{}
+	var claims []podEntry
+	for id := range s.podsDirty {
+		for _, ip := range s.podAddrs[id] {
+			touched[ip] = struct{}{}
+			os := slices.DeleteFunc(s.owners[ip], func(o podEntry) bool { return o.pod == id })
+			if len(os) == 0 {
+				delete(s.owners, ip)
+			} else {
+				s.owners[ip] = os
+			}
+		}
+		delete(s.podAddrs, id)
+		claims = s.podIPCache(s.cfg.Compiler.PodIPCache(id), s.nodeIPs, claims[:0])
+		for _, pe := range claims {
+			touched[pe.ip] = struct{}{}
+			s.owners[pe.ip] = append(s.owners[pe.ip], pe)
+			s.podAddrs[id] = append(s.podAddrs[id], pe.ip)
+		}
+	}
+	clear(s.podsDirty)
+	var (
+		errs    []error
+		changed []netip.Prefix
+	)
+	for ip := range touched {
+		p := netip.PrefixFrom(ip, 32)
+		e, present := s.nodeEntries[p]
+		if os := s.owners[ip]; len(os) > 0 {
+			e, present = winner(os).entry, true
+		}
+		old, had := s.ipcache[p]
+		if err := s.writeIPCache(p, e, present); err != nil {
+			errs = append(errs, err)
+			// Retried by the next full build.
+			s.ipcacheDirty.Store(true)
+		} else if had != present || old != e {
+			changed = append(changed, p)
+		}
 	}
 	return changed, errors.Join(errs...)
 }

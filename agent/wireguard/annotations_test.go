@@ -250,7 +250,7 @@ func TestDiffPeers(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		want []Peer
-		// expected changes: key -> "remove" | "set"
+		// expected changes: key -> "remove" | "add" | "update" (in place)
 		changes map[wgtypes.Key]string
 	}{
 		{"unchanged peers are not touched", []Peer{
@@ -260,11 +260,11 @@ func TestDiffPeers(t *testing.T) {
 		{"vanished removed, new added", []Peer{
 			{PublicKey: k1, Endpoint: netip.MustParseAddrPort("10.99.0.2:51820"), AllowedIPs: pfx("10.244.1.0/24")},
 			{PublicKey: k3, Endpoint: netip.MustParseAddrPort("10.99.0.4:51820"), AllowedIPs: pfx("10.244.3.0/24")},
-		}, map[wgtypes.Key]string{k2: "remove", k3: "set"}},
+		}, map[wgtypes.Key]string{k2: "remove", k3: "add"}},
 		{"changed endpoint or allowed IPs updated in place", []Peer{
 			{PublicKey: k1, Endpoint: netip.MustParseAddrPort("10.99.0.9:51820"), AllowedIPs: pfx("10.244.1.0/24")},
 			{PublicKey: k2, Endpoint: netip.MustParseAddrPort("10.99.0.3:51820"), AllowedIPs: pfx("10.244.2.0/24", "10.99.0.3/32")},
-		}, map[wgtypes.Key]string{k1: "set", k2: "set"}},
+		}, map[wgtypes.Key]string{k1: "update", k2: "update"}},
 		{"empty removes all", nil, map[wgtypes.Key]string{k1: "remove", k2: "remove"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -279,10 +279,13 @@ func TestDiffPeers(t *testing.T) {
 					if !pc.Remove || seenSet {
 						t.Errorf("peer %s: want removal before any set", Fingerprint(pc.PublicKey))
 					}
-				case "set":
+				case "add", "update":
 					seenSet = true
 					if pc.Remove || !pc.ReplaceAllowedIPs || pc.PersistentKeepaliveInterval == nil || *pc.PersistentKeepaliveInterval != ka {
 						t.Errorf("peer %s: bad update %+v", Fingerprint(pc.PublicKey), pc)
+					}
+					if pc.UpdateOnly != (tc.changes[pc.PublicKey] == "update") {
+						t.Errorf("peer %s: UpdateOnly=%v for an %s", Fingerprint(pc.PublicKey), pc.UpdateOnly, tc.changes[pc.PublicKey])
 					}
 				default:
 					t.Errorf("unexpected change for %s", Fingerprint(pc.PublicKey))

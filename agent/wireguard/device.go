@@ -357,6 +357,10 @@ func diffPeers(cur []wgtypes.Peer, want []Peer, keepalive time.Duration) []wgtyp
 			PersistentKeepaliveInterval: &ka,
 			ReplaceAllowedIPs:           true,
 			AllowedIPs:                  toIPNets(p.AllowedIPs),
+			// A peer that exists is changed in place (its session and
+			// counters stay); should it vanish meanwhile it is not
+			// re-created from a stale view.
+			UpdateOnly: exists,
 		}
 		out = append(out, pc)
 	}

@@ -1,0 +1,199 @@
+package k8s
+
+import (
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/veilmesh/veil/api/annotations"
+	"github.com/veilmesh/veil/api/policy/v1alpha1"
+)
+
+// The informers keep only what Veil reads. A pod object from the API
+// server is mostly spec and status the kubelet needs (containers' images,
+// env, probes, volumes, conditions) and managed fields; at 150,000 pods
+// those would dominate the agent's memory. The transforms run before an
+// object enters the cache, so the rest is never retained; they return
+// objects that are equal for what Veil reads (see transform_test.go for the
+// list each kind keeps).
+
+// veilAnnotation reports whether an annotation key is Veil's to read.
+func veilAnnotation(k string) bool {
+	return strings.HasPrefix(k, annotations.WireGuardPrefix) || k == annotations.SocketAcceleration
+}
+
+func veilAnnotations(in map[string]string) map[string]string {
+	var out map[string]string
+	for k, v := range in {
+		if veilAnnotation(k) {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// slimMeta keeps the identity of an object, its labels and Veil's
+// annotations.
+func slimMeta(in *metav1.ObjectMeta, labels map[string]string) metav1.ObjectMeta {
+	return metav1.ObjectMeta{
+		Name: in.Name, Namespace: in.Namespace, UID: in.UID, ResourceVersion: in.ResourceVersion,
+		Generation: in.Generation, CreationTimestamp: in.CreationTimestamp, DeletionTimestamp: in.DeletionTimestamp,
+		Labels: labels, Annotations: veilAnnotations(in.Annotations),
+	}
+}
+
+// slimPod keeps a pod's labels (interned), service account, node, host
+// network, named container ports, phase and IPs.
+func (t *transformer) slimPod(in *corev1.Pod) *corev1.Pod {
+	out := &corev1.Pod{
+		ObjectMeta: slimMeta(&in.ObjectMeta, t.labels.intern(in.Labels)),
+		Spec: corev1.PodSpec{
+			NodeName: in.Spec.NodeName, ServiceAccountName: in.Spec.ServiceAccountName, HostNetwork: in.Spec.HostNetwork,
+		},
+		Status: corev1.PodStatus{Phase: in.Status.Phase, PodIP: in.Status.PodIP, PodIPs: in.Status.PodIPs, HostIP: in.Status.HostIP},
+	}
+	for _, c := range in.Spec.Containers {
+		var ports []corev1.ContainerPort
+		for _, p := range c.Ports {
+			if p.Name != "" {
+				ports = append(ports, corev1.ContainerPort{Name: p.Name, ContainerPort: p.ContainerPort, Protocol: p.Protocol})
+			}
+		}
+		out.Spec.Containers = append(out.Spec.Containers, corev1.Container{Name: c.Name, Ports: ports})
+	}
+	return out
+}
+
+// slimNode keeps a node's creation time, Veil's annotations, pod CIDRs and
+// addresses: what api/nodeinfo parses.
+func slimNode(in *corev1.Node) *corev1.Node {
+	return &corev1.Node{
+		ObjectMeta: slimMeta(&in.ObjectMeta, nil),
+		Spec:       corev1.NodeSpec{PodCIDR: in.Spec.PodCIDR, PodCIDRs: in.Spec.PodCIDRs},
+		Status:     corev1.NodeStatus{Addresses: in.Status.Addresses},
+	}
+}
+
+// slimNamespace keeps a namespace's name and labels.
+func slimNamespace(in *corev1.Namespace) *corev1.Namespace {
+	return &corev1.Namespace{ObjectMeta: slimMeta(&in.ObjectMeta, in.Labels)}
+}
+
+// transformer holds what the transforms share: the interned label sets.
+type transformer struct {
+	labels labelInterner
+}
+
+// transform slims the objects of the kinds it knows and drops the managed
+// fields of the rest (policies: their status is written back with an
+// update, and an update without managed fields keeps them). Tombstones
+// are left as they are.
+func (t *transformer) transform(obj any) (any, error) {
+	switch o := obj.(type) {
+	case *corev1.Pod:
+		return t.slimPod(o), nil
+	case *corev1.Node:
+		return slimNode(o), nil
+	case *corev1.Namespace:
+		return slimNamespace(o), nil
+	case *networkingv1.NetworkPolicy:
+		o.ManagedFields = nil
+		o.Annotations = veilAnnotations(o.Annotations)
+		return o, nil
+	case *v1alpha1.MeshPolicy:
+		o.ManagedFields = nil
+		return o, nil
+	case *v1alpha1.ClusterMeshPolicy:
+		o.ManagedFields = nil
+		return o, nil
+	}
+	return obj, nil
+}
+
+var _ cache.TransformFunc = (&transformer{}).transform
+
+// labelInterner hands out one shared map per distinct label set, so pods
+// of one deployment (equal labels) share it. Interned maps must never be
+// written, like every object in an informer's cache.
+//
+// It forgets sets no pod has been interned with for two generations: a
+// generation ends when the current one holds as many sets as the last,
+// so the interner stays within twice the label sets in recent use, and a
+// set forgotten while pods still hold it only loses sharing with pods
+// that arrive later.
+type labelInterner struct {
+	mu        sync.Mutex
+	cur, prev map[string]map[string]string
+	buf       []string
+}
+
+const minGeneration = 4096
+
+func (in *labelInterner) intern(ls map[string]string) map[string]string {
+	if len(ls) == 0 {
+		return nil
+	}
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.buf = in.buf[:0]
+	for k := range ls {
+		in.buf = append(in.buf, k)
+	}
+	slices.Sort(in.buf)
+	var b strings.Builder
+	for _, k := range in.buf {
+		b.WriteString(k)
+		b.WriteByte(0)
+		b.WriteString(ls[k])
+		b.WriteByte(0)
+	}
+	key := b.String()
+	if m, ok := in.cur[key]; ok {
+		return m
+	}
+	m, ok := in.prev[key]
+	if !ok {
+		m = maps.Clone(ls)
+	}
+	if in.cur == nil || len(in.cur) >= max(minGeneration, len(in.prev)) {
+		in.prev, in.cur = in.cur, map[string]map[string]string{}
+	}
+	in.cur[key] = m
+	return m
+}
+
+// unreadChange reports whether an update between two slimmed objects
+// changed nothing but the resource version: nothing Veil reads. A resync
+// (the same version delivered again) is not such a change, so it still
+// reaches the handlers.
+func unreadChange(old, cur any) bool {
+	switch o := old.(type) {
+	case *corev1.Pod:
+		c, ok := cur.(*corev1.Pod)
+		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(p *corev1.Pod) *metav1.ObjectMeta { return &p.ObjectMeta })
+	case *corev1.Node:
+		c, ok := cur.(*corev1.Node)
+		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(n *corev1.Node) *metav1.ObjectMeta { return &n.ObjectMeta })
+	case *corev1.Namespace:
+		c, ok := cur.(*corev1.Namespace)
+		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(n *corev1.Namespace) *metav1.ObjectMeta { return &n.ObjectMeta })
+	}
+	return false
+}
+
+// equalButVersion compares shallow copies of two objects with their
+// resource versions cleared.
+func equalButVersion[T any](a, b T, meta func(*T) *metav1.ObjectMeta) bool {
+	meta(&a).ResourceVersion, meta(&b).ResourceVersion = "", ""
+	return equality.Semantic.DeepEqual(&a, &b)
+}

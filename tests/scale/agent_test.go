@@ -1,0 +1,328 @@
+package scale
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"runtime"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/flowcontrol"
+
+	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/encryption"
+	"github.com/veilmesh/veil/agent/endpoints"
+	"github.com/veilmesh/veil/agent/k8s"
+	"github.com/veilmesh/veil/agent/policysync"
+	"github.com/veilmesh/veil/api/client/clientset/versioned"
+	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/policy/policytypes"
+)
+
+// The benchmark runs the agent's components in a child process (this test
+// binary again, with agentEnv set), so that the RSS, heap, CPU and watch
+// bytes measured are the agent's alone. The child reads one command a line
+// on stdin and answers each with one JSON line on stdout.
+const (
+	agentEnv = "VEIL_SCALE_AGENT" // the kubeconfig path
+	modeEnv  = "VEIL_SCALE_MODE"  // a mode's flags, comma-separated
+	podsEnv  = "VEIL_SCALE_LOCAL" // how many local endpoints to restore
+	// profileEnv, when set, is where the child writes a CPU profile of the
+	// pod changes (one file per mode).
+	profileEnv = "VEIL_SCALE_PROFILE"
+)
+
+// mode is one configuration of the agent under measurement.
+type mode struct {
+	Name string
+	// Flags switch on what the agent may do to scale.
+	Flags string
+}
+
+// agentStats is the child's answer to "stats".
+type agentStats struct {
+	// ReadyWallNS and ReadyCPUNS: from process start to the first
+	// convergence.
+	ReadyWallNS int64 `json:"readyWallNs"`
+	ReadyCPUNS  int64 `json:"readyCpuNs"`
+	Converged   bool  `json:"converged"`
+	Idle        bool  `json:"idle"`
+	CPUNS       int64 `json:"cpuNs"`
+	RSS         int64 `json:"rss"`
+	PeakRSS     int64 `json:"peakRss"`
+	HeapInuse   int64 `json:"heapInuse"`
+	WatchBytes  int64 `json:"watchBytes"`
+	PodEvents   int64 `json:"podEvents"`
+	IPCache     int   `json:"ipcache"`
+	// Syncs are the durations of the syncs since the last "reset".
+	Syncs []int64 `json:"syncs"`
+	// PolicyEntries is the sum over local endpoints of their entries.
+	PolicyEntries int    `json:"policyEntries"`
+	Error         string `json:"error,omitempty"`
+}
+
+func TestMain(m *testing.M) {
+	if kc := os.Getenv(agentEnv); kc != "" {
+		if err := runAgent(kc); err != nil {
+			fmt.Fprintln(os.Stderr, "scale agent:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// countingBody counts what the API server sent.
+type countingBody struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (b countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n.Add(int64(n))
+	return n, err
+}
+
+type countingTransport struct {
+	rt http.RoundTripper
+	n  *atomic.Int64
+}
+
+func (t countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	resp, err := t.rt.RoundTrip(r)
+	if resp != nil && resp.Body != nil {
+		resp.Body = countingBody{resp.Body, t.n}
+	}
+	return resp, err
+}
+
+// recordingDatapath keeps only what the measurement reports, not the
+// entries: in the real agent they live in BPF maps, outside its heap.
+type recordingDatapath struct {
+	mu      sync.Mutex
+	entries map[netip.Addr]int
+	ipcache atomic.Int64
+}
+
+func (d *recordingDatapath) UpsertEndpoint(datapath.Endpoint) error { return nil }
+func (d *recordingDatapath) DeleteEndpoint(netip.Addr) error        { return nil }
+func (d *recordingDatapath) SetPolicy(ip netip.Addr, e []policytypes.Entry, _ policytypes.Defaults) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.entries[ip] = len(e)
+	return nil
+}
+func (d *recordingDatapath) SetCIDRs(map[netip.Prefix]identity.ID) error { return nil }
+func (d *recordingDatapath) UpsertIPCache(netip.Prefix, datapath.IPCacheEntry) error {
+	d.ipcache.Add(1)
+	return nil
+}
+func (d *recordingDatapath) DeleteIPCache(netip.Prefix) error                    { return nil }
+func (d *recordingDatapath) EvictFlows(func(datapath.FlowKey) bool) (int, error) { return 0, nil }
+
+func (d *recordingDatapath) policyEntries() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for _, e := range d.entries {
+		n += e
+	}
+	return n
+}
+
+type noDegraded struct{}
+
+func (noDegraded) Set(string, string) {}
+func (noDegraded) Clear(string)       {}
+
+func cpuNS() int64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return ru.Utime.Nano() + ru.Stime.Nano()
+}
+
+// procStatus reads a kB field of /proc/self/status in bytes.
+func procStatus(field string) int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, field+":"); ok {
+			kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb * 1024
+		}
+	}
+	return 0
+}
+
+func hasFlag(flags, f string) bool {
+	for _, x := range strings.Split(flags, ",") {
+		if x == f {
+			return true
+		}
+	}
+	return false
+}
+
+// runAgent wires the components as the daemon does, for node localNode,
+// with the first local pods restored as endpoints.
+func runAgent(kubeconfig string) error {
+	start := time.Now()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	flags := os.Getenv(modeEnv)
+	local, _ := strconv.Atoi(os.Getenv(podsEnv))
+
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return fmt.Errorf("load kubeconfig: %w", err)
+	}
+	cfg.RateLimiter = flowcontrol.NewFakeAlwaysRateLimiter()
+	var watchBytes atomic.Int64
+	cfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return countingTransport{rt, &watchBytes} }
+	kube, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("kube client: %w", err)
+	}
+	veil, err := versioned.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("veil client: %w", err)
+	}
+
+	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects")})
+	opts := policy.Options{Node: localNode}
+	if hasFlag(flags, "whole-cluster") {
+		opts.Node = ""
+	}
+	compiler, err := policy.New(opts)
+	if err != nil {
+		return err
+	}
+	reg := endpoints.New(endpoints.Config{StateDir: os.TempDir()})
+	var eps []*endpoints.Endpoint
+	for j := range local {
+		s := spot(j)
+		eps = append(eps, &endpoints.Endpoint{
+			Pod: policy.EndpointID{Namespace: nsName(s.ns), Name: s.name()}, ContainerID: s.name(), ID: uint32(j + 1),
+			IP: podIP(s.node, s.slot), HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:00:02",
+		})
+	}
+	reg.Restore(eps)
+	dp := &recordingDatapath{entries: map[netip.Addr]int{}}
+	var (
+		syncMu sync.Mutex
+		syncs  []int64
+	)
+	s := policysync.New(policysync.Config{
+		NodeName: localNode, NodeIP: netip.MustParseAddr(localNodeIP), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(clusterCIDR)},
+		Compiler: compiler, Datapath: dp, Endpoints: reg, Encryption: encryption.New(encryption.Config{NodeName: localNode}),
+		Listers: w.Listers, Kube: kube, Veil: veil, Events: &record.FakeRecorder{}, Degraded: noDegraded{},
+		Synced: func(d time.Duration) {
+			syncMu.Lock()
+			syncs = append(syncs, d.Nanoseconds())
+			syncMu.Unlock()
+		},
+		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	var podEvents atomic.Int64
+	if err := w.OnChange(func(k k8s.Key) {
+		s.Enqueue(k)
+		if k.Kind == k8s.Pod {
+			podEvents.Add(1)
+		}
+	}); err != nil {
+		return err
+	}
+	w.Start(ctx)
+	if err := w.WaitForCacheSync(ctx, time.Minute, func([]string) {}); err != nil {
+		return err
+	}
+	for _, k := range w.Keys() {
+		s.Enqueue(k)
+	}
+	go s.Run(ctx)
+	var readyWall, readyCPU atomic.Int64
+	go func() {
+		for ctx.Err() == nil && !(reg.Converged() && s.Idle()) {
+			time.Sleep(2 * time.Millisecond)
+		}
+		// CPU first: a reader takes a wall time as the sign both are set.
+		readyCPU.Store(cpuNS())
+		readyWall.Store(time.Since(start).Nanoseconds())
+	}()
+
+	out := json.NewEncoder(os.Stdout)
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		cmd := in.Text()
+		switch cmd {
+		case "gc":
+			runtime.GC()
+			if path := os.Getenv(profileEnv); path != "" {
+				f, err := os.Create(fmt.Sprintf("%s.heap.%s.%d", path, strings.ReplaceAll(flags, ",", "+"), local))
+				if err != nil {
+					return fmt.Errorf("create heap profile: %w", err)
+				}
+				err = pprof.Lookup("heap").WriteTo(f, 0)
+				f.Close()
+				if err != nil {
+					return fmt.Errorf("write heap profile: %w", err)
+				}
+			}
+		case "profile":
+			// VEIL_SCALE_PROFILE names a file for a CPU profile of what
+			// follows, until "stop-profile".
+			if path := os.Getenv(profileEnv); path != "" {
+				f, err := os.Create(fmt.Sprintf("%s.%s.%d", path, strings.ReplaceAll(flags, ",", "+"), local))
+				if err != nil {
+					return fmt.Errorf("create profile: %w", err)
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return fmt.Errorf("start profile: %w", err)
+				}
+			}
+		case "stop-profile":
+			pprof.StopCPUProfile()
+		}
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		syncMu.Lock()
+		st := agentStats{
+			ReadyWallNS: readyWall.Load(), ReadyCPUNS: readyCPU.Load(), Converged: readyWall.Load() > 0, Idle: s.Idle(),
+			CPUNS: cpuNS(), RSS: procStatus("VmRSS"), PeakRSS: procStatus("VmHWM"), HeapInuse: int64(ms.HeapInuse),
+			WatchBytes: watchBytes.Load(), PodEvents: podEvents.Load(), IPCache: s.IPCacheSize(), Syncs: syncs,
+			PolicyEntries: dp.policyEntries(),
+		}
+		if cmd == "reset" {
+			syncs = nil
+		}
+		syncMu.Unlock()
+		if err := out.Encode(st); err != nil {
+			return fmt.Errorf("answer %q: %w", cmd, err)
+		}
+	}
+	return in.Err()
+}
