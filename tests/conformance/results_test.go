@@ -128,7 +128,7 @@ func TestAnyOf(t *testing.T) {
 
 func TestKindOf(t *testing.T) {
 	for ref, want := range map[string]imageKind{
-		"example.test/e2e-test-images/agnhost:2.66.1":  kindAgnhost,
+		"example.test/e2e-test-images/agnhost:2.66.1":   kindAgnhost,
 		"example.test/e2e-test-images/busybox:1.37.0-2": kindBusyBox,
 		"example.test/pause:3.10.2":                     kindPause,
 		"example.test/e2e-test-images/nginx:1.27.0-2":   kindNone,
