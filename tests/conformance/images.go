@@ -308,6 +308,27 @@ func kindOf(ref string) imageKind {
 	return kindNone
 }
 
+// standIns returns, for each of refs, the image the lab builds for it. The
+// test images live in one repository (busybox's); an agnhost elsewhere is
+// one the tests expect to be unpullable (a private registry's), so it gets
+// no stand-in.
+func standIns(refs []string) []imageKind {
+	testRepo := ""
+	for _, ref := range refs {
+		if kindOf(ref) == kindBusyBox {
+			testRepo = path.Dir(ref)
+		}
+	}
+	kinds := make([]imageKind, len(refs))
+	for i, ref := range refs {
+		kinds[i] = kindOf(ref)
+		if testRepo != "" && (kinds[i] == kindAgnhost || kinds[i] == kindBusyBox) && path.Dir(ref) != testRepo {
+			kinds[i] = kindNone
+		}
+	}
+	return kinds
+}
+
 // ListImages returns the images the e2e binary's tests run, as its
 // --list-images prints them: the names its pods use, which the lab must
 // hold under exactly those names since it has no registry.
@@ -358,9 +379,11 @@ func BuildImages(ctx context.Context, dir, agnhost, pause string, refs []string)
 	if err != nil {
 		return nil, nil, err
 	}
+	kinds := standIns(refs)
 	for i, ref := range refs {
 		var img v1.Image
-		switch kindOf(ref) {
+		kind := kinds[i]
+		switch kind {
 		case kindAgnhost:
 			img, err = image(treeLayer, []string{"/agnhost"}, []string{"pause"})
 		case kindBusyBox:

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -115,9 +116,9 @@ func TestAnyOf(t *testing.T) {
 	for name, want := range map[string]bool{
 		"[sig-network] Services should serve a basic endpoint from pods [Conformance]": true,
 		"a (b) c": true,
-		"[sig-network] Services should serve a basic endpoint from pods with a twist": true,
-		"x [sig-network] Services should serve a basic endpoint from pods":            false,
-		"s Services should serve a basic endpoint from pods":                          false,
+		"[sig-network] Services should serve a basic endpoint from pods with a twist":         true,
+		"Kubernetes e2e suite [sig-network] Services should serve a basic endpoint from pods": true,
+		"s Services should serve a basic endpoint from pods":                                  false,
 		"a b c": false,
 	} {
 		if got := re.MatchString(name); got != want {
@@ -138,6 +139,22 @@ func TestKindOf(t *testing.T) {
 		if got := kindOf(ref); got != want {
 			t.Errorf("kindOf(%q) = %d; want %d", ref, got, want)
 		}
+	}
+}
+
+func TestStandIns(t *testing.T) {
+	refs := []string{
+		"example.test/e2e-test-images/agnhost:2.55",
+		"example.test/pause:3.10.2",
+		"example.test/e2e-test-images/busybox:1.37.0-2",
+		"private.example.test/authenticated/agnhost:2.6",
+		"example.test/e2e-test-images/agnhost:2.66.1",
+		"example.test/e2e-test-images/nginx:1.27.0-2",
+	}
+	got := standIns(refs)
+	want := []imageKind{kindAgnhost, kindPause, kindBusyBox, kindNone, kindAgnhost, kindNone}
+	if !slices.Equal(got, want) {
+		t.Errorf("standIns = %v; want %v", got, want)
 	}
 }
 
