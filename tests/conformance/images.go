@@ -38,7 +38,10 @@ type hostTool struct {
 }
 
 var hostTools = []hostTool{
-	// sh, wget, nslookup, … : the tests' shell and its tools.
+	// The tests' shell. Not busybox's: Debian builds it to prefer its own
+	// applets to PATH, so its sh would run busybox's nc, not netcat's.
+	{src: "/usr/bin/dash", dst: "/bin/sh", pkg: "dash"},
+	// wget, nslookup, … : the small tools.
 	{src: "/usr/bin/busybox", dst: "/bin/busybox", pkg: "busybox-static"},
 	// The e2e framework's probes: curl for HTTP, nc -u/-t -v -w for
 	// UDP and TCP (busybox's nc has neither -u nor -v).
@@ -173,8 +176,12 @@ func agnhostRootfs(ctx context.Context, agnhost string) (rootfs, error) {
 		if _, ok := r["/usr/bin/"+a]; ok {
 			continue
 		}
+		if _, ok := r["/bin/"+a]; ok {
+			continue
+		}
 		r.symlink("/bin/"+a, "busybox")
 	}
+	r.dir("/proc", 0o555)
 	r.dir("/tmp", os.ModeSticky|0o777)
 	r.dir("/uploads", 0o755)
 	r.dir("/var/run", 0o755)
