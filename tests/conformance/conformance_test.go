@@ -21,18 +21,39 @@ import (
 // by it at the next start.
 const prefix = "vconf"
 
-// modes are the lab set-ups the suites run in. Today's lab runs kube-proxy
-// (nftables) on every node; a mode without kube-proxy, Veil replacing it,
-// joins when lab/cluster can start nodes without it.
+// modes are the lab set-ups the suites run in, by ID. Today's lab runs
+// kube-proxy (nftables) on every node; a mode without kube-proxy, Veil
+// replacing it, joins when lab/cluster can start nodes without it.
 var modes = []Mode{
-	{Name: "kube-proxy nftables, Veil strict WireGuard", Values: StrictValues()},
+	{ID: "strict", Name: "kube-proxy nftables, Veil strict WireGuard", Values: StrictValues()},
+	{ID: "strict-n2n", Name: "kube-proxy nftables, Veil strict WireGuard + node-to-node", Values: StrictNodeToNodeValues()},
+}
+
+// selectedModes are the modes VEIL_CONFORMANCE_MODES names (IDs, comma
+// separated), or all of them.
+func selectedModes(t *testing.T) []Mode {
+	env := os.Getenv("VEIL_CONFORMANCE_MODES")
+	if env == "" {
+		return modes
+	}
+	var out []Mode
+	for _, id := range strings.Split(env, ",") {
+		i := slices.IndexFunc(modes, func(m Mode) bool { return m.ID == strings.TrimSpace(id) })
+		if i < 0 {
+			t.Fatalf("VEIL_CONFORMANCE_MODES: no mode %q (modes: strict, strict-n2n)", id)
+		}
+		out = append(out, modes[i])
+	}
+	return out
 }
 
 // TestPrivilegedConformance is `make conformance`: the [sig-network]
 // [Conformance] tests and the NetworkPolicy subset, on a 2-node lab with
 // Veil installed (strict encryption), in every mode. VEIL_CONFORMANCE
-// picks the suites (all, conformance, netpol: one lab, one run each);
-// results go to VEIL_CONFORMANCE_OUT (default bin/conformance), one dir per
+// picks the suites (all, conformance, netpol: one lab, one run each),
+// VEIL_CONFORMANCE_MODES the modes; VEIL_CONFORMANCE_FOCUS runs instead the
+// upstream tests its ginkgo regexp selects (one test while debugging).
+// Results go to VEIL_CONFORMANCE_OUT (default bin/conformance), one dir per
 // suite and mode, and results.md sums up every run there. Any failed test
 // fails this test.
 func TestPrivilegedConformance(t *testing.T) {
@@ -49,8 +70,11 @@ func TestPrivilegedConformance(t *testing.T) {
 	if suites == nil {
 		t.Fatalf("VEIL_CONFORMANCE=%q: want all, conformance or netpol", which)
 	}
+	if focus := os.Getenv("VEIL_CONFORMANCE_FOCUS"); focus != "" {
+		suites = []SuiteSpec{{ID: "focus", Name: "focus " + focus, Focus: focus, Timeout: 25 * time.Minute}}
+	}
 	out := outDir(t)
-	for _, mode := range modes {
+	for _, mode := range selectedModes(t) {
 		runSuites(t, mode, suites, out)
 	}
 }
@@ -132,7 +156,7 @@ func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite 
 		if !dns {
 			skips = append(skips, DNSSkip)
 		}
-		dir := filepath.Join(out, spec.ID, modeID(mode.Name))
+		dir := filepath.Join(out, spec.ID, mode.ID)
 		if err := os.RemoveAll(dir); err != nil {
 			t.Fatal(err)
 		}
@@ -172,19 +196,6 @@ func writeResults(t *testing.T, out string) {
 	if err := os.WriteFile(filepath.Join(out, "results.md"), b.Bytes(), 0o644); err != nil {
 		t.Fatal(err)
 	}
-}
-
-func modeID(name string) string {
-	var b strings.Builder
-	for _, r := range strings.ToLower(name) {
-		switch {
-		case r >= 'a' && r <= 'z', r >= '0' && r <= '9':
-			b.WriteRune(r)
-		case b.Len() > 0 && !strings.HasSuffix(b.String(), "-"):
-			b.WriteByte('-')
-		}
-	}
-	return strings.TrimSuffix(b.String(), "-")
 }
 
 func buildAgentImage(t *testing.T, ctx context.Context, dir string) string {

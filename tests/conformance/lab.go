@@ -20,6 +20,8 @@ import (
 
 // Mode is one way the lab's cluster is set up for a run.
 type Mode struct {
+	// ID names the mode's results dirs.
+	ID string
 	// Name is the results table's.
 	Name string
 	// Values are Veil's chart values (on top of cluster.LabValues).
@@ -30,6 +32,13 @@ type Mode struct {
 // nodes outside the tunnel, which is how the tests must pass.
 func StrictValues() map[string]any {
 	return map[string]any{"encryption": map[string]any{"type": "wireguard", "strictMode": true}}
+}
+
+// StrictNodeToNodeValues are StrictValues with node-to-node encryption:
+// host traffic between nodes, and from a node to another node's pods, is
+// routed into the tunnel too.
+func StrictNodeToNodeValues() map[string]any {
+	return map[string]any{"encryption": map[string]any{"type": "wireguard", "strictMode": true, "nodeToNode": true}}
 }
 
 // Lab is a running cluster with Veil installed and the e2e images

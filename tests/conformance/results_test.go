@@ -158,12 +158,6 @@ func TestStandIns(t *testing.T) {
 	}
 }
 
-func TestModeID(t *testing.T) {
-	if got, want := modeID("kube-proxy nftables, Veil strict WireGuard"), "kube-proxy-nftables-veil-strict-wireguard"; got != want {
-		t.Errorf("modeID = %q; want %q", got, want)
-	}
-}
-
 // TestPrivilegedAgnhostRootfs lays out the agnhost image's tree and runs,
 // chrooted into it with its own /proc, the commands the e2e framework runs in agnhost pods:
 // the shell, curl, nc with -u/-v, ss and dig must all start.
