@@ -2,7 +2,10 @@ package controlplane
 
 import (
 	"context"
+	"fmt"
+	"os/exec"
 	"path/filepath"
+	"strings"
 )
 
 // E2EBinaries are the upstream Kubernetes end-to-end test binary, its test
@@ -18,6 +21,9 @@ type E2EBinaries struct {
 	Kubectl string
 	// Dir is the cache directory that holds all three.
 	Dir string
+	// Source is the pinned k8s.io/kubernetes module's directory in the
+	// module cache: agnhost's image takes files from there.
+	Source string
 }
 
 // e2eSet is built only for conformance runs (make conformance and its CI
@@ -41,10 +47,36 @@ func BuildE2E(ctx context.Context) (E2EBinaries, error) {
 	if err != nil {
 		return E2EBinaries{}, err
 	}
+	src, err := sourceDir()
+	if err != nil {
+		return E2EBinaries{}, err
+	}
+	modDir, err := moduleDir(ctx, filepath.Join(src, "e2e"), "k8s.io/kubernetes")
+	if err != nil {
+		return E2EBinaries{}, err
+	}
 	return E2EBinaries{
+		Source:  modDir,
 		E2ETest: filepath.Join(dir, "e2e.test"),
 		Agnhost: filepath.Join(dir, "agnhost"),
 		Kubectl: filepath.Join(dir, "kubectl"),
 		Dir:     dir,
 	}, nil
+}
+
+// moduleDir returns where the module that the wrapper module in modDir
+// builds with is in the module cache (downloaded by the build).
+func moduleDir(ctx context.Context, modDir, module string) (string, error) {
+	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", module)
+	cmd.Dir = modDir
+	cmd.Env = buildEnv()
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("find the pinned %s sources: %w%s", module, err, exitStderr(err))
+	}
+	dir := strings.TrimSpace(string(out))
+	if dir == "" {
+		return "", fmt.Errorf("find the pinned %s sources: not in the module cache", module)
+	}
+	return dir, nil
 }

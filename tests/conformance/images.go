@@ -129,9 +129,9 @@ func sharedLibs(ctx context.Context, bin string) ([]string, error) {
 
 // agnhostRootfs is agnhost's file tree: agnhost at /agnhost (and
 // /agnhost-2, which entrypoint tests use), busybox's applets in /bin, the
-// host tools with their libraries, and the directories and users
-// upstream's image has.
-func agnhostRootfs(ctx context.Context, agnhost string) (rootfs, error) {
+// host tools with their libraries, and the files, directories and users
+// upstream's image has; source is the k8s.io/kubernetes module's dir.
+func agnhostRootfs(ctx context.Context, agnhost, source string) (rootfs, error) {
 	r := rootfs{}
 	var missing []string
 	for _, t := range hostTools {
@@ -147,6 +147,14 @@ func agnhostRootfs(ctx context.Context, agnhost string) (rootfs, error) {
 		return nil, err
 	}
 	r.symlink("/agnhost-2", "agnhost")
+	// agnhost porter serves TLS with these when asked to (the proxy tests).
+	for _, name := range []string{"localhost.crt", "localhost.key"} {
+		data, err := os.ReadFile(filepath.Join(source, "test", "images", "agnhost", "porter", name))
+		if err != nil {
+			return nil, fmt.Errorf("agnhost porter's %s: %w", name, err)
+		}
+		r.file("/"+name, data, 0o644)
+	}
 	for _, t := range hostTools {
 		if err := r.copyHost(t.src, t.dst); err != nil {
 			return nil, err
@@ -366,9 +374,10 @@ func stderrOf(err error) string {
 // BuildImages writes into dir one OCI image tarball per image of refs the
 // lab can stand in for (agnhost, busybox, pause), tagged with the name the
 // tests use, and returns their paths and the names it has no stand-in for.
-// agnhost is the binary to pack, pause the lab's pause binary.
-func BuildImages(ctx context.Context, dir, agnhost, pause string, refs []string) (paths, unsupported []string, err error) {
-	tree, err := agnhostRootfs(ctx, agnhost)
+// agnhost is the binary to pack, source the k8s.io/kubernetes module's
+// dir, pause the lab's pause binary.
+func BuildImages(ctx context.Context, dir, agnhost, source, pause string, refs []string) (paths, unsupported []string, err error) {
+	tree, err := agnhostRootfs(ctx, agnhost, source)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -102,7 +102,7 @@ func StartLab(ctx context.Context, opts LabOptions) (*Lab, error) {
 	if out, err := build.CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("build the pause binary: %w: %s", err, out)
 	}
-	images, unsupported, err := BuildImages(ctx, imgDir, bins.Agnhost, pause, refs)
+	images, unsupported, err := BuildImages(ctx, imgDir, bins.Agnhost, bins.Source, pause, refs)
 	if err != nil {
 		return nil, err
 	}

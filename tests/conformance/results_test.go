@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -165,7 +166,17 @@ func TestPrivilegedAgnhostRootfs(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	// Any static binary stands in for agnhost: the test is about the
 	// tools around it.
-	r, err := agnhostRootfs(t.Context(), "/usr/bin/busybox")
+	source := t.TempDir()
+	porter := filepath.Join(source, "test", "images", "agnhost", "porter")
+	if err := os.MkdirAll(porter, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"localhost.crt", "localhost.key"} {
+		if err := os.WriteFile(filepath.Join(porter, name), []byte(name), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := agnhostRootfs(t.Context(), "/usr/bin/busybox", source)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,6 +198,7 @@ func TestPrivilegedAgnhostRootfs(t *testing.T) {
 		{"dig -v 2>&1", "DiG"},
 		{"wget --help 2>&1; true", "wget"},
 		{"test -L /agnhost-2 && test -d /uploads && test -k /tmp && echo layout ok", "layout ok"},
+		{"cat /localhost.crt /localhost.key", "localhost.crtlocalhost.key"},
 	} {
 		// With /proc, as in a container: busybox finds itself there and,
 		// built to prefer its applets, would run its own nc.
