@@ -161,8 +161,8 @@ func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite 
 			t.Fatal(err)
 		}
 		began := time.Now()
-		specs, runErr := lab.Run(spec.Focus, SkipRegexp(skips), spec.Timeout, dir).Execute(ctx)
-		res := Suite{Name: spec.Name, Mode: mode.Name, Specs: specs, RunTime: time.Since(began), Skips: skips}
+		specs, planned, runErr := lab.Run(spec.Focus, SkipRegexp(skips), spec.Timeout, dir).Execute(ctx)
+		res := Suite{Name: spec.Name, Mode: mode.Name, Specs: specs, RunTime: time.Since(began), Skips: skips, Planned: planned}
 		if runErr != nil {
 			res.Err = runErr.Error()
 			t.Errorf("%s: %v", spec.Name, runErr)
@@ -171,8 +171,11 @@ func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite 
 			t.Fatal(err)
 		}
 		p, f, s := res.Counts()
-		t.Logf("%s, %s: %d passed, %d failed, %d skipped in %s (log: %s)", spec.Name, mode.Name, p, f, s,
-			res.RunTime.Round(time.Second), filepath.Join(dir, "e2e.log"))
+		t.Logf("%s, %s: %d passed, %d failed, %d skipped, %d not reached in %s (log: %s)", spec.Name, mode.Name, p, f, s,
+			max(0, planned-len(specs)), res.RunTime.Round(time.Second), filepath.Join(dir, "e2e.log"))
+		if planned > len(specs) {
+			t.Errorf("%s: %d of %d specs not reached in %s", spec.Name, planned-len(specs), planned, spec.Timeout)
+		}
 		for _, sp := range specs {
 			if sp.Failed() {
 				t.Errorf("%s FAILED (%s): %s", sp.Name, sp.Location, sp.Message)

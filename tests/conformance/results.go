@@ -42,6 +42,9 @@ type Suite struct {
 	Err string
 	// Skips are the specs the harness left out, with why.
 	Skips []Skip
+	// Planned is how many specs the focus selected; more than ran when
+	// the run hit its timeout.
+	Planned int
 }
 
 // Skip is a ginkgo skip pattern and its reason.
@@ -114,6 +117,7 @@ func (s Suite) Counts() (passed, failed, skipped int) {
 // ginkgoReport is the part of ginkgo v2's JSON report (--ginkgo.json-report)
 // that the results need.
 type ginkgoReport struct {
+	PreRunStats struct{ SpecsThatWillRun int }
 	SpecReports []struct {
 		ContainerHierarchyTexts []string
 		LeafNodeText            string
@@ -130,17 +134,18 @@ type ginkgoReport struct {
 	}
 }
 
-// ParseReport reads ginkgo's JSON report of one run. Specs the run's focus
-// left out are not in the result: ginkgo reports them as skipped with no
-// message, whereas a spec that ran and skipped itself (e2eskipper) says
-// why.
-func ParseReport(r io.Reader) ([]Spec, error) {
+// ParseReport reads ginkgo's JSON report of one run, and how many specs
+// the run's focus selected. Specs the focus left out, or that a timeout
+// kept from running, are not in the result: ginkgo reports them as skipped
+// with no message, whereas a spec that ran and skipped itself (e2eskipper)
+// says why.
+func ParseReport(r io.Reader) (specs []Spec, planned int, err error) {
 	var reports []ginkgoReport
 	if err := json.NewDecoder(r).Decode(&reports); err != nil {
-		return nil, fmt.Errorf("decode ginkgo report: %w", err)
+		return nil, 0, fmt.Errorf("decode ginkgo report: %w", err)
 	}
-	var specs []Spec
 	for _, rep := range reports {
+		planned += rep.PreRunStats.SpecsThatWillRun
 		for _, sr := range rep.SpecReports {
 			if sr.LeafNodeType != "It" {
 				// Suite setup and teardown: their failure fails the
@@ -169,14 +174,14 @@ func ParseReport(r io.Reader) ([]Spec, error) {
 			specs = append(specs, s)
 		}
 	}
-	return specs, nil
+	return specs, planned, nil
 }
 
 // ReadReport is ParseReport of a file.
-func ReadReport(path string) ([]Spec, error) {
+func ReadReport(path string) ([]Spec, int, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, fmt.Errorf("read ginkgo report: %w", err)
+		return nil, 0, fmt.Errorf("read ginkgo report: %w", err)
 	}
 	defer f.Close()
 	return ParseReport(f)
@@ -210,10 +215,11 @@ func trimModPath(p string) string {
 // reasons.
 func WriteMarkdown(w io.Writer, suites []Suite) error {
 	var b strings.Builder
-	b.WriteString("| suite | mode | passed | failed | skipped | run time |\n|---|---|---:|---:|---:|---:|\n")
+	b.WriteString("| suite | mode | passed | failed | skipped | not reached | run time |\n|---|---|---:|---:|---:|---:|---:|\n")
 	for _, s := range suites {
 		p, f, sk := s.Counts()
-		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %s |\n", mdEscape(s.Name), mdEscape(s.Mode), p, f, sk, s.RunTime.Round(time.Second))
+		fmt.Fprintf(&b, "| %s | %s | %d | %d | %d | %d | %s |\n", mdEscape(s.Name), mdEscape(s.Mode), p, f, sk,
+			max(0, s.Planned-len(s.Specs)), s.RunTime.Round(time.Second))
 	}
 	for _, s := range suites {
 		if s.Err != "" {

@@ -19,6 +19,7 @@ import (
 // the focus left out, and a failed suite setup.
 const report = `[{
   "SuitePath": "/tmp",
+  "PreRunStats": {"TotalSpecs": 3206, "SpecsThatWillRun": 5},
   "SpecReports": [
     {"ContainerHierarchyTexts": ["[sig-network] Services"], "LeafNodeText": "should serve a basic endpoint from pods", "LeafNodeType": "It", "State": "passed", "RunTime": 12000000000},
     {"ContainerHierarchyTexts": ["[sig-network] Services"], "LeafNodeText": "should be able to create a functioning NodePort service", "LeafNodeType": "It", "State": "failed", "RunTime": 3000000000,
@@ -32,9 +33,12 @@ const report = `[{
 }]`
 
 func TestParseReport(t *testing.T) {
-	specs, err := ParseReport(strings.NewReader(report))
+	specs, planned, err := ParseReport(strings.NewReader(report))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if planned != 5 {
+		t.Errorf("planned %d; want 5", planned)
 	}
 	type row struct{ name, state, msg, loc string }
 	var got []row
@@ -67,19 +71,19 @@ func TestParseReport(t *testing.T) {
 }
 
 func TestParseReportRejectsGarbage(t *testing.T) {
-	if _, err := ParseReport(strings.NewReader("<testsuites/>")); err == nil {
+	if _, _, err := ParseReport(strings.NewReader("<testsuites/>")); err == nil {
 		t.Error("ParseReport of XML: no error")
 	}
 }
 
 func TestSuitesRoundTripAndMarkdown(t *testing.T) {
-	specs, err := ParseReport(strings.NewReader(report))
+	specs, planned, err := ParseReport(strings.NewReader(report))
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
 	in := Suite{Name: "[sig-network] [Conformance]", Mode: "kube-proxy | Veil", Specs: specs, RunTime: 90 * time.Second,
-		Skips: []Skip{DNSSkip}}
+		Skips: []Skip{DNSSkip}, Planned: planned}
 	if err := SaveSuite(dir+"/a/m", in); err != nil {
 		t.Fatal(err)
 	}
@@ -99,8 +103,8 @@ func TestSuitesRoundTripAndMarkdown(t *testing.T) {
 	}
 	md := b.String()
 	for _, want := range []string{
-		`| [sig-network] [Conformance] | kube-proxy \| Veil | 1 | 2 | 1 | 1m30s |`,
-		"| netpol | m | 0 | 0 | 0 | 0s |",
+		`| [sig-network] [Conformance] | kube-proxy \| Veil | 1 | 2 | 1 | 1 | 1m30s |`,
+		"| netpol | m | 0 | 0 | 0 | 0 | 0s |",
 		"- [sig-network] Services should be able to create a functioning NodePort service (failed, test/e2e/network/service.go:1290): service is not reachable",
 		"- [sig-network] LoadBalancers should be able to change the type: Only supported for providers",
 		"`" + DNSSkip.Pattern + "`: " + DNSSkip.Reason,

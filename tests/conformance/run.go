@@ -61,13 +61,13 @@ func (r Run) Args() []string {
 // Execute runs e2e.test and returns the specs that ran. A run whose specs
 // failed is no error: the specs say so; an error means there are no
 // results (the binary could not start, or wrote no report).
-func (r Run) Execute(ctx context.Context) ([]Spec, error) {
+func (r Run) Execute(ctx context.Context) (specs []Spec, planned int, err error) {
 	if err := os.MkdirAll(r.ReportDir, 0o755); err != nil {
-		return nil, fmt.Errorf("create report dir: %w", err)
+		return nil, 0, fmt.Errorf("create report dir: %w", err)
 	}
 	logf, err := os.Create(filepath.Join(r.ReportDir, "e2e.log"))
 	if err != nil {
-		return nil, fmt.Errorf("create e2e log: %w", err)
+		return nil, 0, fmt.Errorf("create e2e log: %w", err)
 	}
 	defer logf.Close()
 	ctx, cancel := context.WithTimeout(ctx, r.Timeout+time.Minute)
@@ -84,15 +84,15 @@ func (r Run) Execute(ctx context.Context) ([]Spec, error) {
 	cmd.Cancel = func() error { return cmd.Process.Signal(os.Interrupt) }
 	cmd.WaitDelay = 30 * time.Second
 	runErr := cmd.Run()
-	specs, err := ReadReport(filepath.Join(r.ReportDir, "report.json"))
+	specs, planned, err = ReadReport(filepath.Join(r.ReportDir, "report.json"))
 	if err != nil {
 		var exit *exec.ExitError
 		if runErr != nil && !errors.As(runErr, &exit) {
-			return nil, fmt.Errorf("run e2e.test: %w", runErr)
+			return nil, 0, fmt.Errorf("run e2e.test: %w", runErr)
 		}
-		return nil, fmt.Errorf("e2e.test (%v) wrote no report: %w; its log: %s", runErr, err, tailFile(logf.Name(), 2000))
+		return nil, 0, fmt.Errorf("e2e.test (%v) wrote no report: %w; its log: %s", runErr, err, tailFile(logf.Name(), 2000))
 	}
-	return specs, nil
+	return specs, planned, nil
 }
 
 func tailFile(path string, n int64) string {
