@@ -27,6 +27,7 @@ help:
 	@echo "make controlplane    build the lab's Kubernetes and containerd binaries into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local lab as root (meshctl lab up; LAB_NODES, LAB_DIR)"
+	@echo "make conformance     upstream [sig-network] e2e tests on a 2-node lab with Veil (CONFORMANCE=all|conformance|netpol)"
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -144,6 +145,22 @@ bench: deps
 LAB_NODES ?= 2
 lab: deps build
 	$(BIN)/meshctl lab up --nodes $(LAB_NODES) $(if $(LAB_DIR),--dir $(LAB_DIR))
+
+# The upstream Kubernetes e2e tests of [sig-network] tagged [Conformance],
+# and a NetworkPolicy subset, on a 2-node lab with Veil (strict encryption),
+# as root; results in $(BIN)/conformance/results.md (see tests/conformance).
+# The first run builds e2e.test, agnhost and kubectl into the control-plane
+# cache; the agnhost image is put together from Debian's busybox, curl,
+# netcat, iproute2 and dig.
+.PHONY: conformance
+CONFORMANCE ?= all
+CONFORMANCE_APT := busybox-static curl netcat-openbsd iproute2 bind9-dnsutils
+conformance: deps
+	@for f in /usr/bin/busybox /usr/bin/curl /usr/bin/nc.openbsd /usr/bin/ss /usr/bin/dig; do test -e $$f || missing=1; done; \
+	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CONFORMANCE_APT); fi
+	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
+	$(GO) run ./lab/controlplane/cmd/veil-controlplane e2e
+	VEIL_PRIVILEGED=1 VEIL_CONFORMANCE=$(CONFORMANCE) $(GO) test -count=1 -timeout 150m -v -run '^TestPrivilegedConformance$$' ./tests/conformance
 
 clean:
 	rm -rf $(BIN)

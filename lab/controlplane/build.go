@@ -50,6 +50,8 @@ type wrapper struct {
 	pkg string
 	// ldflags beyond the defaults, computed from the module's pins.
 	ldflags func(ctx context.Context, dir string) (string, error)
+	// test builds pkg's test binary (go test -c) instead of a command.
+	test bool
 }
 
 // buildSet is a group of binaries cached together under one key. Each set
@@ -300,6 +302,9 @@ func buildWrapper(ctx context.Context, modDir, out string, w wrapper, tags strin
 		ldflags += " " + extra
 	}
 	args := []string{"build", "-trimpath", "-ldflags", ldflags}
+	if w.test {
+		args = []string{"test", "-c", "-trimpath", "-ldflags", ldflags}
+	}
 	if tags != "" {
 		args = append(args, "-tags", tags)
 	}

@@ -20,7 +20,7 @@ func copyPins(t *testing.T) string {
 		t.Fatal(err)
 	}
 	dst := t.TempDir()
-	for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet} {
+	for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet, e2eSet} {
 		for _, name := range set.keyFiles {
 			data, err := os.ReadFile(filepath.Join(src, name))
 			if err != nil {
@@ -76,7 +76,7 @@ func TestCacheKeySets(t *testing.T) {
 	keys := func() []string {
 		t.Helper()
 		var out []string
-		for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet} {
+		for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet, e2eSet} {
 			k, err := cacheKey(dir, set, toolchain)
 			if err != nil {
 				t.Fatalf("cacheKey: %v", err)
@@ -86,8 +86,12 @@ func TestCacheKeySets(t *testing.T) {
 		return out
 	}
 	before := keys()
-	if before[0] == before[1] || before[1] == before[2] || before[0] == before[2] {
-		t.Fatalf("sets share a cache key: %v", before)
+	for i := range before {
+		for j := i + 1; j < len(before); j++ {
+			if before[i] == before[j] {
+				t.Fatalf("sets %d and %d share a cache key: %v", i, j, before)
+			}
+		}
 	}
 	gomod := filepath.Join(dir, "kubernetes", "go.mod")
 	data, err := os.ReadFile(gomod)
@@ -98,7 +102,7 @@ func TestCacheKeySets(t *testing.T) {
 		t.Fatal(err)
 	}
 	after := keys()
-	if after[0] != before[0] || after[2] != before[2] {
+	if after[0] != before[0] || after[2] != before[2] || after[3] != before[3] {
 		t.Errorf("a kubernetes pin changed other sets' keys: %v, then %v", before, after)
 	}
 	if after[1] == before[1] {

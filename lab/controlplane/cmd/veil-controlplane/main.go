@@ -2,6 +2,7 @@
 // kube-apiserver, as the lab and the tests use it) by hand.
 //
 //	veil-controlplane build   build the control plane, the node components and containerd into the cache, print their paths
+//	veil-controlplane e2e     build the upstream e2e test binary, agnhost and kubectl into the cache (for conformance runs), print their paths
 //	veil-controlplane up      start a control plane, print its kubeconfig path, run until ^C
 package main
 
@@ -18,7 +19,7 @@ import (
 
 func main() {
 	if len(os.Args) != 2 {
-		fmt.Fprintln(os.Stderr, "usage: veil-controlplane build|up")
+		fmt.Fprintln(os.Stderr, "usage: veil-controlplane build|e2e|up")
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -27,10 +28,12 @@ func main() {
 	switch os.Args[1] {
 	case "build":
 		err = build(ctx)
+	case "e2e":
+		err = buildE2E(ctx)
 	case "up":
 		err = up(ctx)
 	default:
-		fmt.Fprintf(os.Stderr, "veil-controlplane: unknown command %q (want build or up)\n", os.Args[1])
+		fmt.Fprintf(os.Stderr, "veil-controlplane: unknown command %q (want build, e2e or up)\n", os.Args[1])
 		os.Exit(2)
 	}
 	if err != nil {
@@ -58,6 +61,17 @@ func build(ctx context.Context) error {
 	} {
 		fmt.Printf("%-24s %s\n", b.name, b.path)
 	}
+	fmt.Printf("(%s)\n", time.Since(start).Round(time.Second))
+	return nil
+}
+
+func buildE2E(ctx context.Context) error {
+	start := time.Now()
+	bins, err := controlplane.BuildE2E(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%-24s %s\n%-24s %s\n%-24s %s\n", "e2e.test", bins.E2ETest, "agnhost", bins.Agnhost, "kubectl", bins.Kubectl)
 	fmt.Printf("(%s)\n", time.Since(start).Round(time.Second))
 	return nil
 }

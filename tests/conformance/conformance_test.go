@@ -1,0 +1,222 @@
+package conformance
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/veilmesh/veil/lab/cluster"
+	"github.com/veilmesh/veil/lab/controlplane"
+	"github.com/veilmesh/veil/tests/testenv"
+)
+
+// prefix names the tests' cluster; a crashed run's leftovers are removed
+// by it at the next start.
+const prefix = "vconf"
+
+// modes are the lab set-ups the suites run in, by ID. Today's lab runs
+// kube-proxy (nftables) on every node; a mode without kube-proxy, Veil
+// replacing it, joins when lab/cluster can start nodes without it.
+var modes = []Mode{
+	{ID: "strict", Name: "kube-proxy nftables, Veil strict WireGuard", Values: StrictValues()},
+	{ID: "strict-n2n", Name: "kube-proxy nftables, Veil strict WireGuard + node-to-node", Values: StrictNodeToNodeValues()},
+}
+
+// selectedModes are the modes VEIL_CONFORMANCE_MODES names (IDs, comma
+// separated), or all of them.
+func selectedModes(t *testing.T) []Mode {
+	env := os.Getenv("VEIL_CONFORMANCE_MODES")
+	if env == "" {
+		return modes
+	}
+	var out []Mode
+	for _, id := range strings.Split(env, ",") {
+		i := slices.IndexFunc(modes, func(m Mode) bool { return m.ID == strings.TrimSpace(id) })
+		if i < 0 {
+			t.Fatalf("VEIL_CONFORMANCE_MODES: no mode %q (modes: strict, strict-n2n)", id)
+		}
+		out = append(out, modes[i])
+	}
+	return out
+}
+
+// TestPrivilegedConformance is `make conformance`: the [sig-network]
+// [Conformance] tests and the NetworkPolicy subset, on a 2-node lab with
+// Veil installed (strict encryption), in every mode. VEIL_CONFORMANCE
+// picks the suites (all, conformance, netpol: one lab, one run each),
+// VEIL_CONFORMANCE_MODES the modes; VEIL_CONFORMANCE_FOCUS runs instead the
+// upstream tests its ginkgo regexp selects (one test while debugging).
+// Results go to VEIL_CONFORMANCE_OUT (default bin/conformance), one dir per
+// suite and mode, and results.md sums up every run there. Any failed test
+// fails this test.
+func TestPrivilegedConformance(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	which := os.Getenv("VEIL_CONFORMANCE")
+	if which == "" {
+		t.Skip("VEIL_CONFORMANCE unset: `make conformance` runs the upstream e2e suites (about an hour)")
+	}
+	suites := map[string][]SuiteSpec{
+		"all":         {ConformanceSuite, NetpolSuite},
+		"conformance": {ConformanceSuite},
+		"netpol":      {NetpolSuite},
+	}[which]
+	if suites == nil {
+		t.Fatalf("VEIL_CONFORMANCE=%q: want all, conformance or netpol", which)
+	}
+	if focus := os.Getenv("VEIL_CONFORMANCE_FOCUS"); focus != "" {
+		suites = []SuiteSpec{{ID: "focus", Name: "focus " + focus, Focus: focus, Timeout: 25 * time.Minute}}
+	}
+	out := outDir(t)
+	for _, mode := range selectedModes(t) {
+		runSuites(t, mode, suites, out)
+	}
+}
+
+// TestPrivilegedConformanceSlice runs CI's slice of the upstream e2e tests
+// (SliceSuite) on a 2-node lab with Veil (strict encryption) and fails
+// unless every one of them ran and passed.
+func TestPrivilegedConformanceSlice(t *testing.T) {
+	testenv.RequirePrivileged(t)
+	if testing.Short() {
+		t.Skip("skipped under -short: a 2-node Kubernetes cluster and upstream e2e tests")
+	}
+	results := runSuites(t, modes[0], []SuiteSpec{SliceSuite}, outDir(t))
+	if len(results) != 1 {
+		t.Fatalf("slice: %d results; want 1", len(results))
+	}
+	if ran := len(results[0].Specs); ran != SliceSpecs {
+		names := make([]string, 0, ran)
+		for _, s := range results[0].Specs {
+			names = append(names, s.Name)
+		}
+		t.Errorf("slice: %d specs ran; want %d (did an upstream test change its name?): %s", ran, SliceSpecs, strings.Join(names, "; "))
+	}
+}
+
+func outDir(t *testing.T) string {
+	if dir := os.Getenv("VEIL_CONFORMANCE_OUT"); dir != "" {
+		return dir
+	}
+	root, err := controlplane.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(root, "bin", "conformance")
+}
+
+// runSuites starts a lab in mode, runs suites on it one after the other,
+// saves each one's results under out and rewrites out/results.md.
+func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite {
+	var budget time.Duration
+	for _, s := range suites {
+		budget += s.Timeout + 2*time.Minute
+	}
+	// Lab start-up, and a cold build of e2e.test when CI had none cached.
+	ctx, cancel := context.WithTimeout(context.Background(), budget+25*time.Minute)
+	defer cancel()
+
+	if err := cluster.Cleanup(prefix, ""); err != nil {
+		t.Fatalf("remove leftovers of an earlier run: %v", err)
+	}
+	work := t.TempDir()
+	agentImage := buildAgentImage(t, ctx, work)
+	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	lab, err := StartLab(ctx, LabOptions{Prefix: prefix, Nodes: 2, AgentImage: agentImage, Mode: mode, WorkDir: work, Logger: log})
+	if err != nil {
+		t.Fatalf("start the lab: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for name, tail := range lab.Cluster.LogTails(2000) {
+				if strings.Contains(name, "veil") || strings.Contains(name, "kubelet") {
+					t.Logf("--- last lines of %s:\n%s", name, tail)
+				}
+			}
+		}
+		if err := lab.Cluster.Stop(); err != nil {
+			t.Errorf("stop the lab: %v", err)
+		}
+	})
+	t.Logf("lab up in %s (mode %s); images without a stand-in: %d", lab.Startup.Round(time.Second), mode.Name, len(lab.Unsupported))
+	dns, err := lab.HasClusterDNS(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	var results []Suite
+	for _, spec := range suites {
+		skips := slices.Clone(spec.Skips)
+		if !dns {
+			skips = append(skips, DNSSkip)
+		}
+		dir := filepath.Join(out, spec.ID, mode.ID)
+		if err := os.RemoveAll(dir); err != nil {
+			t.Fatal(err)
+		}
+		began := time.Now()
+		specs, planned, runErr := lab.Run(spec.Focus, SkipRegexp(skips), spec.Timeout, dir).Execute(ctx)
+		res := Suite{Name: spec.Name, Mode: mode.Name, Specs: specs, RunTime: time.Since(began), Skips: skips, Planned: planned}
+		if runErr != nil {
+			res.Err = runErr.Error()
+			t.Errorf("%s: %v", spec.Name, runErr)
+		}
+		if err := SaveSuite(dir, res); err != nil {
+			t.Fatal(err)
+		}
+		p, f, s := res.Counts()
+		t.Logf("%s, %s: %d passed, %d failed, %d skipped, %d not reached in %s (log: %s)", spec.Name, mode.Name, p, f, s,
+			max(0, planned-len(specs)), res.RunTime.Round(time.Second), filepath.Join(dir, "e2e.log"))
+		if planned > len(specs) {
+			t.Errorf("%s: %d of %d specs not reached in %s", spec.Name, planned-len(specs), planned, spec.Timeout)
+		}
+		for _, sp := range specs {
+			if sp.Failed() {
+				t.Errorf("%s FAILED (%s): %s", sp.Name, sp.Location, sp.Message)
+			}
+		}
+		results = append(results, res)
+		writeResults(t, out)
+	}
+	return results
+}
+
+func writeResults(t *testing.T, out string) {
+	all, err := LoadSuites(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	if err := WriteMarkdown(&b, all); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(out, "results.md"), b.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func buildAgentImage(t *testing.T, ctx context.Context, dir string) string {
+	t.Helper()
+	root, err := controlplane.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(ctx, "make", "--no-print-directory", "-C", root, "image", "BIN="+dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("make image: %v\n%s", err, out)
+	}
+	return filepath.Join(dir, "veil-image.tar")
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
