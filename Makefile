@@ -8,10 +8,10 @@ BPFFS ?= /sys/fs/bpf
 # pod's loopback with one), conntrack and iptables serve the real-kubelet
 # lab's nodes.
 APT_PACKAGES := clang llvm libbpf-dev bpftool iperf3 wireguard-tools tcpdump iproute2 socat protobuf-compiler nftables \
-	runc containernetworking-plugins conntrack iptables
-APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft runc conntrack iptables
-# Files of packages that put no tool on PATH.
-APT_FILES := /usr/lib/cni/loopback
+	runc containernetworking-plugins conntrack iptables busybox-static netcat-openbsd bind9-dnsutils curl
+APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft runc conntrack iptables dig curl
+# Files of packages that put no tool on PATH (or not under their own name).
+APT_FILES := /usr/lib/cni/loopback /usr/bin/busybox /usr/bin/nc.openbsd
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
 .PHONY: help deps bpffs generate generate-bpf generate-api generate-crds check-generate build test test-unit bench lab clean controlplane manifests image
@@ -86,12 +86,14 @@ generate-crds:
 
 # The lab's and the tests' etcd and kube-apiserver, and the real-kubelet
 # lab's kube-controller-manager, kube-scheduler, kubelet, kube-proxy and
-# containerd, built from the modules pinned in lab/controlplane/build/ into
+# containerd, and the upstream conformance set (e2e.test, agnhost, kubectl),
+# built from the modules pinned in lab/controlplane/build/ into
 # $VEIL_CACHE/controlplane (default ~/.cache/veil/controlplane); a no-op when
-# the cache is warm. A cold build takes about 15 minutes on one core (see
+# the cache is warm. A cold build takes about 25 minutes on two cores (see
 # lab/controlplane/doc.go).
 controlplane:
 	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
+	$(GO) run ./lab/controlplane/cmd/veil-controlplane e2e
 
 check-generate: generate
 	@if [ -n "$$(git status --porcelain)" ]; then \
@@ -150,16 +152,11 @@ lab: deps build
 # and a NetworkPolicy subset, on a 2-node lab with Veil (strict encryption),
 # as root; results in $(BIN)/conformance/results.md (see tests/conformance).
 # The first run builds e2e.test, agnhost and kubectl into the control-plane
-# cache; the agnhost image is put together from Debian's busybox, curl,
-# netcat, iproute2 and dig.
+# cache (make controlplane); the agnhost image is put together from Debian's
+# busybox, curl, netcat, iproute2 and dig (make deps).
 .PHONY: conformance
 CONFORMANCE ?= all
-CONFORMANCE_APT := busybox-static curl netcat-openbsd iproute2 bind9-dnsutils
-conformance: deps
-	@for f in /usr/bin/busybox /usr/bin/curl /usr/bin/nc.openbsd /usr/bin/ss /usr/bin/dig; do test -e $$f || missing=1; done; \
-	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(CONFORMANCE_APT); fi
-	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
-	$(GO) run ./lab/controlplane/cmd/veil-controlplane e2e
+conformance: deps controlplane
 	VEIL_PRIVILEGED=1 VEIL_CONFORMANCE=$(CONFORMANCE) $(GO) test -count=1 -timeout 150m -v -run '^TestPrivilegedConformance$$' ./tests/conformance
 
 clean:
