@@ -200,23 +200,44 @@ func (m *Manager) SyncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 		return fmt.Errorf("set WireGuard peers: %w", err)
 	}
 	m.recordTunnels(peers)
-	if m.cfg.NodeToNode {
-		// Everything a peer's allowed IPs hold: its addresses, and its pod
-		// CIDRs, so a hostNetwork process reaching a remote pod is
-		// encrypted as a pod would be.
-		prefixes := map[netip.Prefix]bool{}
-		for _, p := range peers {
-			for _, a := range p.AllowedIPs {
-				if a.Addr().Is4() {
-					prefixes[a.Masked()] = true
-				}
-			}
-		}
+	if prefixes := hostTunnelPrefixes(peers, c, m.cfg.NodeToNode, m.cfg.StrictMode); prefixes != nil {
 		if err := routeThroughTunnel(m.cfg.Device.Interface(), prefixes); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// hostTunnelPrefixes is what the node's own traffic must reach through the
+// tunnel; nil means the host routes nothing into it.
+//
+// With node-to-node encryption it is everything a peer's allowed IPs hold:
+// its addresses and its pod CIDRs. In strict mode it is the peers' pod
+// CIDRs, so that what the host sends to a remote pod — a hostNetwork
+// process, a probe, a pod's packet that kube-proxy translated to a remote
+// backend — is encrypted as a pod's own traffic is, and fails closed with
+// the tunnel (the peer accepts the node's address from the tunnel: in
+// strict mode its allowed IPs hold it). Otherwise the host's traffic keeps
+// the underlay, as configured.
+func hostTunnelPrefixes(peers []wireguard.Peer, c nodeinfo.Cluster, nodeToNode, strict bool) map[netip.Prefix]bool {
+	if !nodeToNode && !strict {
+		return nil
+	}
+	podCIDRs := map[netip.Prefix]bool{}
+	for _, n := range c.Nodes {
+		for _, p := range n.PodCIDRs {
+			podCIDRs[p.Masked()] = true
+		}
+	}
+	prefixes := map[netip.Prefix]bool{}
+	for _, p := range peers {
+		for _, a := range p.AllowedIPs {
+			if a.Addr().Is4() && (nodeToNode || podCIDRs[a.Masked()]) {
+				prefixes[a.Masked()] = true
+			}
+		}
+	}
+	return prefixes
 }
 
 // recordTunnels remembers which nodes are peers, announcing a change to

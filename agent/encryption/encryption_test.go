@@ -163,3 +163,41 @@ func TestOffPublishesNothing(t *testing.T) {
 		t.Error("rotated a key with encryption off")
 	}
 }
+
+func TestHostTunnelPrefixes(t *testing.T) {
+	pods2 := netip.MustParsePrefix("10.244.2.0/24")
+	node2 := netip.MustParsePrefix("10.99.0.12/32")
+	c := nodeinfo.Cluster{Nodes: []nodeinfo.Node{
+		{Name: "node-1", PodCIDRs: []netip.Prefix{netip.MustParsePrefix("10.244.1.0/24")}},
+		{Name: "node-2", PodCIDRs: []netip.Prefix{pods2}, InternalIPs: []netip.Addr{node2.Addr()}},
+	}}
+	peers := []wireguard.Peer{{Node: "node-2", AllowedIPs: []netip.Prefix{pods2, node2}}}
+	for _, tc := range []struct {
+		name               string
+		nodeToNode, strict bool
+		want               []netip.Prefix
+	}{
+		{"permissive: the host keeps the underlay", false, false, nil},
+		{"strict: the peers' pod CIDRs", false, true, []netip.Prefix{pods2}},
+		{"node-to-node: everything the peers hold", true, false, []netip.Prefix{pods2, node2}},
+		{"both", true, true, []netip.Prefix{pods2, node2}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := hostTunnelPrefixes(peers, c, tc.nodeToNode, tc.strict)
+			if tc.want == nil {
+				if got != nil {
+					t.Fatalf("got %v, want nil (no host routes)", got)
+				}
+				return
+			}
+			if len(got) != len(tc.want) {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+			for _, p := range tc.want {
+				if !got[p] {
+					t.Errorf("got %v, want %v in it", got, p)
+				}
+			}
+		})
+	}
+}
