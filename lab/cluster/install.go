@@ -35,13 +35,27 @@ func LabValues() map[string]any {
 	}
 }
 
+// Values are the chart values for this cluster: LabValues, and, on a
+// cluster without kube-proxy, the API server's address on the hub
+// (k8sServiceHost/k8sServicePort), which the agents reach directly: the
+// kubernetes Service's cluster IP is translated only once an agent has
+// loaded its Service load-balancing, which needs the API server.
+func (c *Cluster) Values() map[string]any {
+	v := LabValues()
+	if c.KubeProxy == KubeProxyNone {
+		v["k8sServiceHost"] = HubIP.String()
+		v["k8sServicePort"] = apiPort
+	}
+	return v
+}
+
 // InstallVeil installs Veil as `helm install` does: the chart's CRDs
 // (deploy/crds), then the chart in deploy/helm/veil rendered with values
-// (nil means LabValues) and applied server-side. The agent image must have
+// (nil means c.Values()) and applied server-side. The agent image must have
 // been imported (Options.Images).
 func (c *Cluster) InstallVeil(ctx context.Context, values map[string]any) error {
 	if values == nil {
-		values = LabValues()
+		values = c.Values()
 	}
 	if err := controlplane.InstallCRDs(ctx, c.Config, filepath.Join(c.root, "deploy", "crds")); err != nil {
 		return err
