@@ -134,13 +134,16 @@ type Cluster struct {
 	// Phases are Start's steps, in order, with how long each took.
 	Phases []Phase
 
-	log   *slog.Logger
-	bins  controlplane.ClusterBinaries
-	path  string // PATH of the cluster's processes
-	root  string // the Veil checkout
-	hub   *netns.Netns
-	ca    *controlplane.CA
-	relay net.Listener
+	log  *slog.Logger
+	bins controlplane.ClusterBinaries
+	path string // PATH of the cluster's processes
+	root string // the Veil checkout
+	// cgroup2 is the host's cgroup v2 mount, "" when there is none: then
+	// the nodes have no NodeCgroupRoot.
+	cgroup2 string
+	hub     *netns.Netns
+	ca      *controlplane.CA
+	relay   net.Listener
 
 	mu    sync.Mutex
 	procs []*proc
@@ -234,8 +237,8 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		Dir:       n.dir,
 		KubeProxy: kubeProxy,
 		log:       log,
-		bins:   opts.Binaries,
-		root:   root,
+		bins:      opts.Binaries,
+		root:      root,
 		path: strings.Join([]string{
 			filepath.Dir(opts.Binaries.Containerd), // the shim, found on PATH
 			"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin",
@@ -280,6 +283,11 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 	if err := makeCgroup(n.hubCgroup()); err != nil {
 		return err
 	}
+	cg2, err := cgroup2Mount()
+	if err != nil {
+		return err
+	}
+	c.cgroup2 = cg2
 	images, err := buildImages(ctx, c.root, filepath.Join(c.Dir, "images"), c.bins)
 	if err != nil {
 		return err

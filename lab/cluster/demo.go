@@ -213,21 +213,7 @@ func (c *Cluster) StartDemo(ctx context.Context) error {
 // AppPod returns the running pod of a Deployment whose pods carry
 // app=name in namespace ns (the demo's and the tests' convention).
 func (c *Cluster) AppPod(ctx context.Context, ns, name string) (*corev1.Pod, error) {
-	clients, err := kubernetes.NewForConfig(c.Config)
-	if err != nil {
-		return nil, fmt.Errorf("create client: %w", err)
-	}
-	pods, err := clients.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: labels.Set{"app": name}.String()})
-	if err != nil {
-		return nil, fmt.Errorf("list pods of %s/%s: %w", ns, name, err)
-	}
-	for i := range pods.Items {
-		p := &pods.Items[i]
-		if p.Status.Phase == corev1.PodRunning && p.DeletionTimestamp == nil && p.Status.PodIP != "" {
-			return p, nil
-		}
-	}
-	return nil, fmt.Errorf("no running pod of %s/%s (%d pods)", ns, name, len(pods.Items))
+	return c.AppPodBySelector(ctx, ns, labels.Set{"app": name}.String())
 }
 
 // waitDeploymentsReady waits until Deployment ns/name has all its
@@ -291,4 +277,24 @@ func (c *Cluster) WaitMeshNodes(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// AppPodBySelector returns a running pod in ns matching the label
+// selector.
+func (c *Cluster) AppPodBySelector(ctx context.Context, ns, selector string) (*corev1.Pod, error) {
+	clients, err := kubernetes.NewForConfig(c.Config)
+	if err != nil {
+		return nil, fmt.Errorf("create client: %w", err)
+	}
+	pods, err := clients.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: selector})
+	if err != nil {
+		return nil, fmt.Errorf("list pods %s in %s: %w", selector, ns, err)
+	}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		if p.Status.Phase == corev1.PodRunning && p.DeletionTimestamp == nil && p.Status.PodIP != "" {
+			return p, nil
+		}
+	}
+	return nil, fmt.Errorf("no running pod %s in %s (%d pods)", selector, ns, len(pods.Items))
 }

@@ -142,7 +142,10 @@ func (c *Cluster) InstallDNS(ctx context.Context) error {
 		what string
 		do   func() error
 	}{
-		{"ServiceAccount", func() error { _, err := clients.CoreV1().ServiceAccounts(DNSNamespace).Create(ctx, sa, create); return err }},
+		{"ServiceAccount", func() error {
+			_, err := clients.CoreV1().ServiceAccounts(DNSNamespace).Create(ctx, sa, create)
+			return err
+		}},
 		{"ClusterRole", func() error { _, err := clients.RbacV1().ClusterRoles().Create(ctx, role, create); return err }},
 		{"ClusterRoleBinding", func() error {
 			_, err := clients.RbacV1().ClusterRoleBindings().Create(ctx, binding, create)
@@ -150,7 +153,10 @@ func (c *Cluster) InstallDNS(ctx context.Context) error {
 		}},
 		{"ConfigMap", func() error { _, err := clients.CoreV1().ConfigMaps(DNSNamespace).Create(ctx, cm, create); return err }},
 		{"Service", func() error { _, err := clients.CoreV1().Services(DNSNamespace).Create(ctx, svc, create); return err }},
-		{"Deployment", func() error { _, err := clients.AppsV1().Deployments(DNSNamespace).Create(ctx, dep, create); return err }},
+		{"Deployment", func() error {
+			_, err := clients.AppsV1().Deployments(DNSNamespace).Create(ctx, dep, create)
+			return err
+		}},
 	}
 	for _, s := range steps {
 		if err := s.do(); err != nil {

@@ -57,6 +57,14 @@ var kernelTunables = map[string]string{
 // loopback with "loopback"; the pod network is Veil's.
 var cniPlugins = []string{"/usr/lib/cni/loopback"}
 
+// NodeCgroupRoot is where each node's mount namespace shows the node's own
+// cgroup v2 subtree (veil-<prefix>/node-N of the host's cgroup2 mount),
+// below which kubelet runs the node's pods: the chart's cgroupRoot in a lab
+// (Cluster.Values), so that each agent attaches its socket programs to its
+// own node's pods only, never to the host's cgroups. It is on the node's
+// private /run.
+const NodeCgroupRoot = "/run/veil-cgroup2"
+
 // nodeMountScript builds the node's mount namespace; it runs in the new
 // namespace (unshare), with NODE and D (the node's dir) set.
 const nodeMountScript = `
@@ -72,6 +80,13 @@ mount -t bpf veil-bpf /sys/fs/bpf
 for f in "$D"/sysctl/*; do
 	mount --bind "$f" "/proc/sys/$(basename "$f" | tr . /)"
 done
+# The node's own cgroup v2 subtree, where kubelet puts its pods, at one path
+# on every node: the chart's cgroupRoot (one value for all nodes), under
+# which the agent attaches its socket programs.
+if [ -n "$CG2" ]; then
+	mkdir -p ` + NodeCgroupRoot + `
+	mount --bind "$CG2" ` + NodeCgroupRoot + `
+fi
 # As on a systemd host: kubelet's HostToContainer volumes (bpffs, cgroups,
 # /run/netns) need shared mounts. Still a slave of the host: nothing
 # mounted here propagates to it.
@@ -117,7 +132,11 @@ func (nd *Node) start(ctx context.Context, n names, images []string) error {
 	}
 	// slave: the host's later mounts still show in the node, nothing the
 	// node mounts shows on the host.
-	if _, err := run(ctx, namespaces{}, c.path, "env", "NODE="+nd.Name, "D="+nd.Dir,
+	cg2 := ""
+	if c.cgroup2 != "" {
+		cg2 = filepath.Join(c.cgroup2, n.nodeCgroup(nd.Index))
+	}
+	if _, err := run(ctx, namespaces{}, c.path, "env", "NODE="+nd.Name, "D="+nd.Dir, "CG2="+cg2,
 		"unshare", "--mount="+nd.ns.mnt, "--uts="+nd.ns.uts, "--propagation=slave",
 		"sh", "-ec", nodeMountScript); err != nil {
 		return fmt.Errorf("node %s: mount namespace: %w", nd.Name, err)
