@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/veilmesh/veil/deploy"
@@ -14,6 +15,9 @@ type UpOptions struct {
 	Options
 	// StrictMode sets the chart's encryption.strictMode.
 	StrictMode bool
+	// Values are chart values set over Cluster.Values (top-level keys
+	// replace the lab's), as `helm install --set` would.
+	Values map[string]any
 	// NoDNS leaves the cluster DNS out; NoDemo the demo.
 	NoDNS, NoDemo bool
 	// Progress, when set, is called as each phase ends.
@@ -59,6 +63,7 @@ func (c *Cluster) up(ctx context.Context, opts UpOptions, phase func(string)) er
 	if opts.StrictMode {
 		values["encryption"] = map[string]any{"strictMode": true}
 	}
+	maps.Copy(values, opts.Values)
 	if err := c.InstallVeil(ctx, values); err != nil {
 		return err
 	}

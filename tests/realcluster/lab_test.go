@@ -24,8 +24,8 @@ import (
 const labPrefix = "vrclab"
 
 // TestPrivilegedLabUp brings up the lab as `meshctl lab up` does
-// (cluster.Up: cluster, Veil in strict mode, cluster DNS, demo), once with
-// kube-proxy in nftables mode and once without kube-proxy, and checks the
+// (cluster.Up: cluster, Veil in strict mode, cluster DNS, demo) with
+// kube-proxy in nftables mode, in iptables mode, and without, and checks the
 // demo's placement, DNS over UDP and TCP, connections by name and by
 // Service, the demo policy, and that tearing it down leaves the host as it
 // was. The nftables run also measures memory and pod start latency.
@@ -41,7 +41,7 @@ func TestPrivilegedLabUp(t *testing.T) {
 		t.Fatalf("build cluster binaries (make controlplane builds them ahead of the tests): %v", err)
 	}
 	agentImage := buildAgentImage(t, ctx)
-	for _, mode := range []cluster.KubeProxyMode{cluster.KubeProxyNFTables, cluster.KubeProxyNone} {
+	for _, mode := range []cluster.KubeProxyMode{cluster.KubeProxyNFTables, cluster.KubeProxyIPTables, cluster.KubeProxyNone} {
 		t.Run("kube-proxy="+string(mode), func(t *testing.T) {
 			testLabUp(t, ctx, bins, agentImage, mode)
 		})
