@@ -111,7 +111,7 @@ func ParseKubeProxyMode(s string) (KubeProxyMode, error) {
 // Phase is a step of a bring-up and how long it took.
 type Phase struct {
 	Name string        `json:"name"`
-	Took time.Duration `json:"took"`
+	Took time.Duration `json:"tookNs"`
 }
 
 // Cluster is a running lab cluster. Its methods are safe for concurrent use.

@@ -56,7 +56,7 @@ type LabState struct {
 	Error string `json:"error,omitempty"`
 	// Phases are the bring-up's steps so far; Total the whole bring-up.
 	Phases []Phase        `json:"phases"`
-	Total  time.Duration  `json:"total,omitempty"`
+	Total  time.Duration  `json:"totalNs,omitempty"`
 	Nodes  []LabNodeState `json:"nodes,omitempty"`
 }
 

@@ -260,11 +260,10 @@ func writeLabSummary(ctx context.Context, w io.Writer, dirFlag string, s *labclu
 Try next (as root):
   eval $(meshctl lab env%[1]s)
   kubectl get pods,services,networkpolicies,meshpolicies -A
-  meshctl policy trace --from demo/frontend --to demo/backend --port 80    # ALLOWED by the NetworkPolicy
-  meshctl policy trace --from other/client --to demo/backend --port 80     # DENIED
   meshctl lab exec%[1]s demo/frontend -- /client connect backend.demo:80   # allowed: ok
   meshctl lab exec%[1]s other/client -- /client connect backend.demo:80    # denied: times out
   meshctl lab exec%[1]s demo/frontend -- /client resolve backend.demo.svc.cluster.local
+  meshctl encryption status
   meshctl audit encryption
   meshctl lab status%[1]s
   meshctl lab down%[1]s
