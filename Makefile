@@ -26,7 +26,7 @@ help:
 	@echo "make test            unit + privileged tests (needs root), then unit tests of concurrent packages under -race"
 	@echo "make controlplane    build the lab's Kubernetes and containerd binaries into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
-	@echo "make lab             run Veil in the local lab as root (meshctl lab up; LAB_NODES, LAB_DIR)"
+	@echo "make lab             run Veil in the local real-cluster lab as root (meshctl lab up; LAB_NODES, LAB_KUBE_PROXY, LAB_DIR)"
 	@echo "make conformance     upstream [sig-network] e2e tests on a 2-node lab with Veil (CONFORMANCE=all|conformance|netpol)"
 
 deps:
@@ -141,12 +141,16 @@ bench: deps
 		$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
 	@$(GO) run ./tests/benchreport/cmd/benchtable $${BENCH_JSON:-$(CURDIR)/$(BIN)/bench.json}
 
-# The local lab, left running: control plane, nodes, agents from deploy/, demo
-# pods and policy (the first run builds the control plane: up to 30 min).
-# `$(BIN)/meshctl lab down` removes it.
+# The local lab, left running: a real Kubernetes cluster (control plane,
+# nodes with kubelet, containerd and kube-proxy), Veil installed from its
+# chart with the image of `make image`, cluster DNS, and the demo
+# (Deployments, Services, policies). The first run builds the cluster's
+# binaries (make controlplane: up to 30 min); later runs take about 30 s.
+# `$(BIN)/meshctl lab down` removes it. LAB_KUBE_PROXY: none or nftables.
 LAB_NODES ?= 2
-lab: deps build
-	$(BIN)/meshctl lab up --nodes $(LAB_NODES) $(if $(LAB_DIR),--dir $(LAB_DIR))
+LAB_KUBE_PROXY ?= nftables
+lab: deps build image controlplane
+	$(BIN)/meshctl lab up --nodes $(LAB_NODES) --kube-proxy $(LAB_KUBE_PROXY) --image $(BIN)/veil-image.tar $(if $(LAB_DIR),--dir $(LAB_DIR))
 
 # The upstream Kubernetes e2e tests of [sig-network] tagged [Conformance],
 # and a NetworkPolicy subset, on a 2-node lab with Veil (strict encryption),

@@ -148,6 +148,45 @@ func TestChartValues(t *testing.T) {
 	}
 }
 
+// TestChartAPIServerAddress checks that k8sServiceHost and k8sServicePort
+// reach the agent as KUBERNETES_SERVICE_HOST/PORT (client-go's in-cluster
+// config reads them), so that an agent on a cluster without kube-proxy
+// reaches the API server before its own Service load-balancing is loaded,
+// and that the defaults leave the kubelet's values alone.
+func TestChartAPIServerAddress(t *testing.T) {
+	agentEnv := func(values map[string]any) map[string]string {
+		t.Helper()
+		ds := renderObjects(t, values)["apps/v1/DaemonSet veil-system/veil-agent"]
+		if ds == nil {
+			t.Fatal("no DaemonSet")
+		}
+		containers, _, _ := unstructured.NestedSlice(ds.Object, "spec", "template", "spec", "containers")
+		out := map[string]string{}
+		for _, c := range containers {
+			env, _, _ := unstructured.NestedSlice(c.(map[string]any), "env")
+			for _, e := range env {
+				m := e.(map[string]any)
+				v, _ := m["value"].(string)
+				out[m["name"].(string)] = v
+			}
+		}
+		return out
+	}
+	env := agentEnv(map[string]any{"k8sServiceHost": "10.250.0.1", "k8sServicePort": 6443})
+	if env["KUBERNETES_SERVICE_HOST"] != "10.250.0.1" || env["KUBERNETES_SERVICE_PORT"] != "6443" {
+		t.Errorf("agent env with k8sServiceHost/Port set: KUBERNETES_SERVICE_HOST=%q KUBERNETES_SERVICE_PORT=%q; want 10.250.0.1 and 6443",
+			env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"])
+	}
+	for k := range agentEnv(nil) {
+		if strings.HasPrefix(k, "KUBERNETES_SERVICE_") {
+			t.Errorf("agent env with the defaults sets %s; want the kubelet's value", k)
+		}
+	}
+	if _, err := chart.Render(chartDir, Namespace, map[string]any{"k8sServicePort": 6443}); err == nil || !strings.Contains(err.Error(), "k8sServicePort needs k8sServiceHost") {
+		t.Errorf("render with only k8sServicePort: %v; want an error naming k8sServiceHost", err)
+	}
+}
+
 // TestChartRefuses checks that values the agent cannot honour fail the
 // render with a message that says why.
 func TestChartRefuses(t *testing.T) {

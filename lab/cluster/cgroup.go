@@ -45,6 +45,29 @@ func hierarchies() ([]string, error) {
 	return out, nil
 }
 
+// cgroup2Mount returns the mount point of the cgroup v2 hierarchy: the
+// whole tree on a unified host, the (usually empty) one beside the v1
+// hierarchies on a hybrid host; "" when none is mounted.
+func cgroup2Mount() (string, error) {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return "", fmt.Errorf("read mountinfo: %w", err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		sep := slices.Index(fields, "-")
+		if sep >= 5 && sep+1 < len(fields) && fields[sep+1] == "cgroup2" {
+			return fields[4], nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return "", fmt.Errorf("read mountinfo: %w", err)
+	}
+	return "", nil
+}
+
 // makeCgroup creates rel (e.g. "veil-x/node-1") and its parents in every
 // hierarchy. cpuset cgroups start with no CPUs and memory nodes, which
 // forbids adding a process, so they get their parent's.

@@ -38,6 +38,9 @@ var (
 	ClusterCIDR = netip.MustParsePrefix("10.244.0.0/16")
 	// ServiceCIDR is the Service cluster IP range.
 	ServiceCIDR = netip.MustParsePrefix("10.96.0.0/16")
+	// DNSServiceIP is the cluster IP of Service kube-system/kube-dns, the
+	// kubelets' clusterDNS, by convention the tenth address of ServiceCIDR.
+	DNSServiceIP = netip.MustParseAddr("10.96.0.10")
 )
 
 // dirMarker marks a cluster's working dir: Cleanup removes only a dir that
@@ -74,8 +77,41 @@ type Options struct {
 	// Images are OCI image tarballs imported into every node besides the
 	// lab's own (PauseImage, TestServerImage), e.g. `make image`'s.
 	Images []string
+	// KubeProxy is how Services are translated besides Veil's own socket
+	// load-balancing: kube-proxy in nftables mode (the default, also
+	// ""), in iptables mode, or no kube-proxy at all. Either mode runs
+	// inside the node's network namespace: the host's rulesets stay as
+	// they are.
+	KubeProxy KubeProxyMode
 	// Logger receives progress; nil discards it.
 	Logger *slog.Logger
+}
+
+// KubeProxyMode says whether and how the nodes run kube-proxy.
+type KubeProxyMode string
+
+// The kube-proxy modes a lab runs.
+const (
+	KubeProxyNone     KubeProxyMode = "none"
+	KubeProxyIPTables KubeProxyMode = "iptables"
+	KubeProxyNFTables KubeProxyMode = "nftables"
+)
+
+// ParseKubeProxyMode parses none, iptables or nftables; "" is nftables.
+func ParseKubeProxyMode(s string) (KubeProxyMode, error) {
+	switch m := KubeProxyMode(s); m {
+	case "":
+		return KubeProxyNFTables, nil
+	case KubeProxyNone, KubeProxyIPTables, KubeProxyNFTables:
+		return m, nil
+	}
+	return "", fmt.Errorf("kube-proxy mode %q: want none, iptables or nftables", s)
+}
+
+// Phase is a step of a bring-up and how long it took.
+type Phase struct {
+	Name string        `json:"name"`
+	Took time.Duration `json:"tookNs"`
 }
 
 // Cluster is a running lab cluster. Its methods are safe for concurrent use.
@@ -93,14 +129,21 @@ type Cluster struct {
 	Nodes []*Node
 	// Startup is how long Start took, builds excluded.
 	Startup time.Duration
+	// KubeProxy is the nodes' kube-proxy mode.
+	KubeProxy KubeProxyMode
+	// Phases are Start's steps, in order, with how long each took.
+	Phases []Phase
 
-	log   *slog.Logger
-	bins  controlplane.ClusterBinaries
-	path  string // PATH of the cluster's processes
-	root  string // the Veil checkout
-	hub   *netns.Netns
-	ca    *controlplane.CA
-	relay net.Listener
+	log  *slog.Logger
+	bins controlplane.ClusterBinaries
+	path string // PATH of the cluster's processes
+	root string // the Veil checkout
+	// cgroup2 is the host's cgroup v2 mount, "" when there is none: then
+	// the nodes have no NodeCgroupRoot.
+	cgroup2 string
+	hub     *netns.Netns
+	ca      *controlplane.CA
+	relay   net.Listener
 
 	mu    sync.Mutex
 	procs []*proc
@@ -166,6 +209,10 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if opts.Nodes < 1 || opts.Nodes > 200 {
 		return nil, fmt.Errorf("cluster of %d nodes: want 1 to 200", opts.Nodes)
 	}
+	kubeProxy, err := ParseKubeProxyMode(string(opts.KubeProxy))
+	if err != nil {
+		return nil, err
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -184,12 +231,14 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, fmt.Errorf("remove an earlier cluster %s: %w", n.prefix, err)
 	}
 	log.Info("leftovers of an earlier cluster removed", "took", time.Since(began).Round(time.Millisecond))
+	cleaned := time.Since(began)
 	c := &Cluster{
-		Prefix: n.prefix,
-		Dir:    n.dir,
-		log:    log,
-		bins:   opts.Binaries,
-		root:   root,
+		Prefix:    n.prefix,
+		Dir:       n.dir,
+		KubeProxy: kubeProxy,
+		log:       log,
+		bins:      opts.Binaries,
+		root:      root,
 		path: strings.Join([]string{
 			filepath.Dir(opts.Binaries.Containerd), // the shim, found on PATH
 			"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin",
@@ -202,6 +251,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 		return nil, err
 	}
 	c.Startup = time.Since(began)
+	c.Phases = append([]Phase{{Name: "leftovers removed", Took: cleaned}}, c.Phases...)
 	log.Info("cluster up", "prefix", n.prefix, "nodes", len(c.Nodes), "took", c.Startup.Round(time.Millisecond))
 	return c, nil
 }
@@ -233,7 +283,12 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 	if err := makeCgroup(n.hubCgroup()); err != nil {
 		return err
 	}
-	images, err := buildImages(ctx, c.root, filepath.Join(c.Dir, "images"))
+	cg2, err := cgroup2Mount()
+	if err != nil {
+		return err
+	}
+	c.cgroup2 = cg2
+	images, err := buildImages(ctx, c.root, filepath.Join(c.Dir, "images"), c.bins)
 	if err != nil {
 		return err
 	}
@@ -247,6 +302,7 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 		images = append(images, abs)
 	}
 	c.log.Info("lab images built", "took", time.Since(began).Round(time.Millisecond))
+	c.phase("lab images built", &began)
 	if err := c.writePKI(opts.Nodes); err != nil {
 		return err
 	}
@@ -254,6 +310,7 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 		return err
 	}
 	c.log.Info("control plane up", "took", time.Since(began).Round(time.Millisecond))
+	c.phase("control plane up", &began)
 	c.Nodes = make([]*Node, opts.Nodes)
 	for i := range c.Nodes {
 		c.Nodes[i] = &Node{Index: i + 1, Name: NodeName(i + 1), IP: NodeIP(i + 1), c: c}
@@ -272,15 +329,37 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("create client: %w", err)
 	}
+	// The hub is the underlay's router, as a cloud network's route table
+	// is: it routes each node's pod CIDR to the node, so that pods reach
+	// the API server on the hub and its replies find them.
 	for _, node := range c.Nodes {
-		if err := waitFor(ctx, node.kubelet, "node "+node.Name+" registered", func(ctx context.Context) error {
-			_, err := clients.CoreV1().Nodes().Get(ctx, node.Name, metav1.GetOptions{})
+		if err := waitFor(ctx, node.kubelet, "node "+node.Name+" registered with a pod CIDR", func(ctx context.Context) error {
+			k, err := clients.CoreV1().Nodes().Get(ctx, node.Name, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			if k.Spec.PodCIDR == "" {
+				return errors.New("no pod CIDR yet")
+			}
+			node.PodCIDR, err = netip.ParsePrefix(k.Spec.PodCIDR)
 			return err
 		}); err != nil {
 			return err
 		}
+		if err := c.hub.Do(func() error {
+			return netlink.RouteAdd(&netlink.Route{Dst: prefixNet(node.PodCIDR), Gw: node.IP.AsSlice()})
+		}); err != nil {
+			return fmt.Errorf("hub route to %s's pod CIDR %s: %w", node.Name, node.PodCIDR, err)
+		}
 	}
+	c.phase("nodes registered", &began)
 	return nil
+}
+
+// phase records that a step ended now, and restarts its clock.
+func (c *Cluster) phase(name string, since *time.Time) {
+	c.Phases = append(c.Phases, Phase{Name: name, Took: time.Since(*since)})
+	*since = time.Now()
 }
 
 // startHub creates the hub namespace with the underlay bridge and starts

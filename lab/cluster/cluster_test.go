@@ -118,8 +118,9 @@ func TestConfigs(t *testing.T) {
 	for _, tc := range []struct {
 		name, data, kind string
 	}{
-		{"kubelet", fmt.Sprintf(kubeletConfig, "veil-vrc/node-1", containerdSocket, "10.250.0.11", "/p/k.crt", "/p/k.key", "/p/ca.crt"), "KubeletConfiguration"},
-		{"kube-proxy", fmt.Sprintf(kubeProxyConfig, "/p/kp.kubeconfig", "node-1", ClusterCIDR), "KubeProxyConfiguration"},
+		{"kubelet", fmt.Sprintf(kubeletConfig, "veil-vrc/node-1", containerdSocket, "10.250.0.11", "/p/k.crt", "/p/k.key", "/p/ca.crt", DNSServiceIP), "KubeletConfiguration"},
+		{"kube-proxy nftables", fmt.Sprintf(kubeProxyConfig, "/p/kp.kubeconfig", "node-1", ClusterCIDR, KubeProxyNFTables), "KubeProxyConfiguration"},
+		{"kube-proxy iptables", fmt.Sprintf(kubeProxyConfig, "/p/kp.kubeconfig", "node-1", ClusterCIDR, KubeProxyIPTables), "KubeProxyConfiguration"},
 	} {
 		var m map[string]any
 		if err := yaml.Unmarshal([]byte(tc.data), &m); err != nil {
@@ -131,6 +132,19 @@ func TestConfigs(t *testing.T) {
 		}
 		if strings.Contains(tc.data, "%!") {
 			t.Errorf("%s config has a formatting error:\n%s", tc.name, tc.data)
+		}
+	}
+}
+
+func TestParseKubeProxyMode(t *testing.T) {
+	for in, want := range map[string]KubeProxyMode{"": KubeProxyNFTables, "none": KubeProxyNone, "iptables": KubeProxyIPTables, "nftables": KubeProxyNFTables} {
+		if got, err := ParseKubeProxyMode(in); err != nil || got != want {
+			t.Errorf("ParseKubeProxyMode(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"ipvs", "NFTABLES", "off"} {
+		if got, err := ParseKubeProxyMode(in); err == nil || !strings.Contains(err.Error(), "want none, iptables or nftables") {
+			t.Errorf("ParseKubeProxyMode(%q) = %q, %v; want an error naming the modes", in, got, err)
 		}
 	}
 }

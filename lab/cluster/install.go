@@ -22,11 +22,12 @@ import (
 	"github.com/veilmesh/veil/lab/controlplane"
 )
 
-// LabValues are the chart values the lab sets, as a user of a cluster like
-// it would with `helm install --set`: the namespace comes with the chart
-// (as in deploy/manifests), and as the hosts of this lab run cgroup v1
-// (hybrid), where the chart's default cgroupRoot, /sys/fs/cgroup, is no
-// cgroup v2 root, socket acceleration is off.
+// LabValues are the chart values every lab sets, as a user of a cluster
+// like it would with `helm install --set`: the namespace comes with the
+// chart (as in deploy/manifests), and as the hosts of this lab may run
+// cgroup v1 (hybrid), where the chart's default cgroupRoot, /sys/fs/cgroup,
+// is no cgroup v2 root, cgroupRoot is off; Cluster.Values turns it on
+// where the nodes have one.
 func LabValues() map[string]any {
 	return map[string]any{
 		"namespace":   map[string]any{"create": true},
@@ -35,13 +36,32 @@ func LabValues() map[string]any {
 	}
 }
 
+// Values are the chart values for this cluster: LabValues; cgroupRoot
+// NodeCgroupRoot when the host has a cgroup v2 hierarchy (each node's own
+// subtree of it, where its pods run: socket load-balancing and
+// acceleration on); and, on a cluster without kube-proxy, the API server's address on the hub
+// (k8sServiceHost/k8sServicePort), which the agents reach directly: the
+// kubernetes Service's cluster IP is translated only once an agent has
+// loaded its Service load-balancing, which needs the API server.
+func (c *Cluster) Values() map[string]any {
+	v := LabValues()
+	if c.cgroup2 != "" {
+		v["cgroupRoot"] = NodeCgroupRoot
+	}
+	if c.KubeProxy == KubeProxyNone {
+		v["k8sServiceHost"] = HubIP.String()
+		v["k8sServicePort"] = apiPort
+	}
+	return v
+}
+
 // InstallVeil installs Veil as `helm install` does: the chart's CRDs
 // (deploy/crds), then the chart in deploy/helm/veil rendered with values
-// (nil means LabValues) and applied server-side. The agent image must have
+// (nil means c.Values()) and applied server-side. The agent image must have
 // been imported (Options.Images).
 func (c *Cluster) InstallVeil(ctx context.Context, values map[string]any) error {
 	if values == nil {
-		values = LabValues()
+		values = c.Values()
 	}
 	if err := controlplane.InstallCRDs(ctx, c.Config, filepath.Join(c.root, "deploy", "crds")); err != nil {
 		return err

@@ -25,6 +25,9 @@ type Node struct {
 	Name string
 	// IP is the node's underlay address, its InternalIP.
 	IP netip.Addr
+	// PodCIDR is the node's spec.podCIDR, allocated by the controller
+	// manager.
+	PodCIDR netip.Prefix
 	// Netns is the node's network namespace.
 	Netns *netns.Netns
 	// Dir holds the node's state: what its mount namespace shows as
@@ -54,6 +57,14 @@ var kernelTunables = map[string]string{
 // loopback with "loopback"; the pod network is Veil's.
 var cniPlugins = []string{"/usr/lib/cni/loopback"}
 
+// NodeCgroupRoot is where each node's mount namespace shows the node's own
+// cgroup v2 subtree (veil-<prefix>/node-N of the host's cgroup2 mount),
+// below which kubelet runs the node's pods: the chart's cgroupRoot in a lab
+// (Cluster.Values), so that each agent attaches its socket programs to its
+// own node's pods only, never to the host's cgroups. It is on the node's
+// private /run.
+const NodeCgroupRoot = "/run/veil-cgroup2"
+
 // nodeMountScript builds the node's mount namespace; it runs in the new
 // namespace (unshare), with NODE and D (the node's dir) set.
 const nodeMountScript = `
@@ -69,6 +80,13 @@ mount -t bpf veil-bpf /sys/fs/bpf
 for f in "$D"/sysctl/*; do
 	mount --bind "$f" "/proc/sys/$(basename "$f" | tr . /)"
 done
+# The node's own cgroup v2 subtree, where kubelet puts its pods, at one path
+# on every node: the chart's cgroupRoot (one value for all nodes), under
+# which the agent attaches its socket programs.
+if [ -n "$CG2" ]; then
+	mkdir -p ` + NodeCgroupRoot + `
+	mount --bind "$CG2" ` + NodeCgroupRoot + `
+fi
 # As on a systemd host: kubelet's HostToContainer volumes (bpffs, cgroups,
 # /run/netns) need shared mounts. Still a slave of the host: nothing
 # mounted here propagates to it.
@@ -114,7 +132,11 @@ func (nd *Node) start(ctx context.Context, n names, images []string) error {
 	}
 	// slave: the host's later mounts still show in the node, nothing the
 	// node mounts shows on the host.
-	if _, err := run(ctx, namespaces{}, c.path, "env", "NODE="+nd.Name, "D="+nd.Dir,
+	cg2 := ""
+	if c.cgroup2 != "" {
+		cg2 = filepath.Join(c.cgroup2, n.nodeCgroup(nd.Index))
+	}
+	if _, err := run(ctx, namespaces{}, c.path, "env", "NODE="+nd.Name, "D="+nd.Dir, "CG2="+cg2,
 		"unshare", "--mount="+nd.ns.mnt, "--uts="+nd.ns.uts, "--propagation=slave",
 		"sh", "-ec", nodeMountScript); err != nil {
 		return fmt.Errorf("node %s: mount namespace: %w", nd.Name, err)
@@ -124,6 +146,9 @@ func (nd *Node) start(ctx context.Context, n names, images []string) error {
 	}
 	if err := nd.startKubelet(n); err != nil {
 		return err
+	}
+	if c.KubeProxy == KubeProxyNone {
+		return nil
 	}
 	return nd.startKubeProxy(n)
 }
@@ -172,6 +197,11 @@ func (nd *Node) network(n names) error {
 		}
 		if err := netlink.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: HubIP.AsSlice()}); err != nil {
 			return fmt.Errorf("default route: %w", err)
+		}
+		// A node forwards its pods' traffic, as every Kubernetes node's OS
+		// is set up to. The sysctl is the node's network namespace's own.
+		if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644); err != nil {
+			return fmt.Errorf("enable forwarding: %w", err)
 		}
 		return nil
 	})
@@ -251,6 +281,7 @@ authentication:
   x509: {clientCAFile: %[6]s}
 authorization: {mode: Webhook}
 clusterDomain: cluster.local
+clusterDNS: [%[7]s]
 evictionHard: {memory.available: 100Mi, nodefs.available: "1%%", imagefs.available: "1%%", nodefs.inodesFree: "1%%"}
 # The images were imported, not pulled: they must never be collected.
 imageGCHighThresholdPercent: 100
@@ -263,7 +294,7 @@ func (nd *Node) startKubelet(n names) error {
 	pki := func(name string) string { return filepath.Join(nd.c.Dir, "pki", name) }
 	cfg := filepath.Join(nd.Dir, "kubelet.yaml")
 	data := fmt.Sprintf(kubeletConfig, n.nodeCgroup(nd.Index), containerdSocket, nd.IP,
-		pki(nd.Name+"-kubelet.crt"), pki(nd.Name+"-kubelet.key"), pki("ca.crt"))
+		pki(nd.Name+"-kubelet.crt"), pki(nd.Name+"-kubelet.key"), pki("ca.crt"), DNSServiceIP)
 	if err := os.WriteFile(cfg, []byte(data), 0o644); err != nil {
 		return fmt.Errorf("node %s: %w", nd.Name, err)
 	}
@@ -280,14 +311,15 @@ func (nd *Node) startKubelet(n names) error {
 	return nil
 }
 
-// kubeProxyConfig: nftables mode, inside the node's namespace. oomScoreAdj
+// kubeProxyConfig: iptables or nftables mode, inside the node's network
+// namespace (iptables and nft act on the namespace they run in). oomScoreAdj
 // 0 because the sandbox may not lower it; conntrack values 0 leave the
 // host-wide conntrack limits alone.
 const kubeProxyConfig = `apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: %[1]s}
 hostnameOverride: %[2]s
-mode: nftables
+mode: %[4]s
 clusterCIDR: %[3]s
 oomScoreAdj: 0
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
@@ -297,7 +329,7 @@ healthzBindAddress: 127.0.0.1:10256
 
 func (nd *Node) startKubeProxy(n names) error {
 	cfg := filepath.Join(nd.Dir, "kube-proxy.yaml")
-	data := fmt.Sprintf(kubeProxyConfig, filepath.Join(nd.c.Dir, "pki", "kube-proxy.kubeconfig"), nd.Name, ClusterCIDR)
+	data := fmt.Sprintf(kubeProxyConfig, filepath.Join(nd.c.Dir, "pki", "kube-proxy.kubeconfig"), nd.Name, ClusterCIDR, nd.c.KubeProxy)
 	if err := os.WriteFile(cfg, []byte(data), 0o644); err != nil {
 		return fmt.Errorf("node %s: %w", nd.Name, err)
 	}

@@ -37,6 +37,8 @@ type ClusterBinaries struct {
 	Containerd            string
 	ContainerdShim        string
 	Ctr                   string
+	// CoreDNS is the cluster DNS server, which the lab packs as an image.
+	CoreDNS string
 }
 
 // wrapper is one binary built from a module under build/.
@@ -115,6 +117,14 @@ var containerdSet = buildSet{
 	keyFiles: []string{"containerd/go.mod", "containerd/go.sum"},
 }
 
+// corednsSet is the lab clusters' DNS: a main that imports CoreDNS's server
+// and only the plugins a lab uses.
+var corednsSet = buildSet{
+	recipe:   "coredns 1: -trimpath -ldflags=-s -w, CGO_ENABLED=0",
+	wrappers: []wrapper{{name: "coredns", module: "coredns", pkg: "."}},
+	keyFiles: []string{"coredns/go.mod", "coredns/go.sum", "coredns/main.go"},
+}
+
 // Build returns the etcd and kube-apiserver binaries built from the modules
 // pinned under lab/controlplane/build/. They are built once per set of
 // pins and Go toolchain into CacheDir()/<key>/; later calls, from any process,
@@ -132,8 +142,9 @@ func Build(ctx context.Context) (Binaries, error) {
 }
 
 // BuildCluster returns, built and cached as Build does, everything a
-// real-kubelet lab runs that the project builds. The three sets (control
-// plane, Kubernetes node components, containerd) are cached separately.
+// real-kubelet lab runs that the project builds. The four sets (control
+// plane, Kubernetes node components, containerd, CoreDNS) are cached
+// separately.
 func BuildCluster(ctx context.Context) (ClusterBinaries, error) {
 	cp, err := Build(ctx)
 	if err != nil {
@@ -147,6 +158,10 @@ func BuildCluster(ctx context.Context) (ClusterBinaries, error) {
 	if err != nil {
 		return ClusterBinaries{}, err
 	}
+	dns, err := buildCached(ctx, corednsSet)
+	if err != nil {
+		return ClusterBinaries{}, err
+	}
 	return ClusterBinaries{
 		Binaries:              cp,
 		KubeControllerManager: filepath.Join(kube, "kube-controller-manager"),
@@ -156,6 +171,7 @@ func BuildCluster(ctx context.Context) (ClusterBinaries, error) {
 		Containerd:            filepath.Join(ctrd, "containerd"),
 		ContainerdShim:        filepath.Join(ctrd, "containerd-shim-runc-v2"),
 		Ctr:                   filepath.Join(ctrd, "ctr"),
+		CoreDNS:               filepath.Join(dns, "coredns"),
 	}, nil
 }
 

@@ -20,7 +20,7 @@ func copyPins(t *testing.T) string {
 		t.Fatal(err)
 	}
 	dst := t.TempDir()
-	for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet, e2eSet} {
+	for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet, corednsSet, e2eSet} {
 		for _, name := range set.keyFiles {
 			data, err := os.ReadFile(filepath.Join(src, name))
 			if err != nil {
@@ -76,7 +76,7 @@ func TestCacheKeySets(t *testing.T) {
 	keys := func() []string {
 		t.Helper()
 		var out []string
-		for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet, e2eSet} {
+		for _, set := range []buildSet{controlPlaneSet, kubernetesSet, containerdSet, corednsSet, e2eSet} {
 			k, err := cacheKey(dir, set, toolchain)
 			if err != nil {
 				t.Fatalf("cacheKey: %v", err)

@@ -8,7 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/lab"
+	labcluster "github.com/veilmesh/veil/lab/cluster"
 )
 
 func newLabDownCommand(o *labOptions) *cobra.Command {
@@ -20,13 +20,14 @@ func newLabDownCommand(o *labOptions) *cobra.Command {
 		Use:   "down [--dir DIR]",
 		Short: "Stop the lab and remove everything it created",
 		Long: `Stop the lab's supervisor (SIGTERM; SIGKILL after --grace), which stops
-the agents, the pods' servers and the control plane; then kill, by PID, any
-process of the lab that outlived it, and remove by exact name everything
-that carries the lab's prefix: network namespaces, cgroups, bpffs pins,
-WireGuard control sockets, and the lab's files in DIR.
+the cluster: every process (control plane, kubelets, containerd and every
+container), then, by exact name, the nodes' mount namespaces and everything
+mounted in them, the network namespaces, the cgroups in every hierarchy and
+the cluster's files. down then removes whatever a crashed supervisor left,
+and the lab's record and log.
 
-down also cleans up after a crashed 'lab up' or supervisor. With --prefix
-and no lab in DIR, it removes what a lab with that prefix left on the host.
+With --prefix and no record in DIR, it removes what a lab with that prefix
+left there after a crash before it wrote its record.
 
 Exit codes:
   0  nothing of the lab is left (also when there was no lab)
@@ -38,7 +39,7 @@ Exit codes:
 				return err
 			}
 			if prefix != "" && !labPrefixRE.MatchString(prefix) {
-				return usageErrorf("--prefix %q: not a lab prefix (8 to 32 of a-z, 0-9, '-')", prefix)
+				return usageErrorf("--prefix %q: not a lab prefix (3 to 12 of a-z, 0-9)", prefix)
 			}
 			if grace <= 0 {
 				return usageErrorf("--grace must be positive")
@@ -47,28 +48,29 @@ Exit codes:
 			if err != nil {
 				return err
 			}
-			r, err := readLab(dir)
+			s, err := readLab(dir)
 			if err != nil {
-				return &exitError{code: ExitFailure, err: err}
+				return err
 			}
-			if r.sup.IsSupervisor() {
-				fmt.Fprintf(cmd.OutOrStdout(), "Stopping the lab in %s (supervisor pid %d)…\n", dir, r.sup.PID)
+			if s.SupervisorRunning() {
+				fmt.Fprintf(cmd.OutOrStdout(), "Stopping the lab in %s (supervisor pid %d)…\n", dir, s.Supervisor)
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), grace+time.Minute)
 			defer cancel()
-			err = lab.Down(ctx, dir, prefix, grace)
-			if errors.Is(err, lab.ErrNoLab) {
+			began := time.Now()
+			err = labcluster.Down(ctx, dir, prefix, grace)
+			if errors.Is(err, labcluster.ErrNoLab) {
 				fmt.Fprintf(cmd.OutOrStdout(), "No lab in %s: nothing to do.\n", dir)
 				return nil
 			}
 			if err != nil {
 				return &exitError{code: ExitFailure, err: err}
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "The lab in %s is down; nothing of it is left.\n", dir)
+			fmt.Fprintf(cmd.OutOrStdout(), "The lab in %s is down (%s); nothing of it is left.\n", dir, time.Since(began).Round(100*time.Millisecond))
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&prefix, "prefix", "", "the lab's prefix, when DIR does not say (after a crash before the lab recorded it)")
-	cmd.Flags().DurationVar(&grace, "grace", 3*time.Minute, "how long the supervisor gets to stop the lab before it is killed")
+	cmd.Flags().StringVar(&prefix, "prefix", "", "the lab's prefix, when DIR has no record (after a crash before the lab wrote it)")
+	cmd.Flags().DurationVar(&grace, "grace", 2*time.Minute, "how long the supervisor gets to stop the lab before it is killed")
 	return cmd
 }

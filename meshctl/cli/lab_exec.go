@@ -1,54 +1,68 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/tools/clientcmd"
+
+	labcluster "github.com/veilmesh/veil/lab/cluster"
 )
 
 func newLabExecCommand(o *labOptions) *cobra.Command {
+	var stdin, tty bool
+	var container string
 	cmd := &cobra.Command{
 		Use:   "exec NS/POD -- CMD [ARG...]",
-		Short: "Run a command inside a lab pod (its network namespace and cgroup)",
-		Long: `Run CMD inside the lab pod NS/POD: in its network namespace and in its
-node's cgroup (where the node's agent attaches its socket programs), with
-stdin, stdout and stderr attached. meshctl exits with CMD's exit code.
+		Short: "Run a command in a lab pod, through the API server (as kubectl exec)",
+		Long: `Run CMD in a container of the lab pod NS/POD through the lab's API
+server, as 'kubectl exec' does, and exit with CMD's exit code. POD is a
+pod's name, or the name of a Deployment of the demo (its pods carry
+app=POD): demo/frontend, demo/backend, other/client.
 
-The lab's pods run no container image: CMD is a program of this host (for
-example socat, curl, bash or ip), and only the network is the
-pod's. Every demo pod runs an echo server on 80/TCP and 81/UDP.`,
-		Example: `  echo hi | meshctl lab exec demo/frontend -- socat -T1 - TCP:10.244.2.2:80,connect-timeout=2
-  meshctl lab exec other/client -- timeout 2 bash -c 'exec 3<>/dev/tcp/10.244.2.2/80'
-  meshctl lab exec demo/backend -- ip addr`,
+The demo's pods run the lab's echo server; their image also holds /client
+(connect [-udp] HOST:PORT, resolve [-tcp] NAME). -i attaches stdin, -t a
+terminal.`,
+		Example: `  meshctl lab exec demo/frontend -- /client connect backend.demo:80
+  meshctl lab exec other/client -- /client connect -udp frontend.demo:81
+  meshctl lab exec demo/frontend -- /client resolve -tcp backend.demo.svc.cluster.local`,
 		Args: cobra.MinimumNArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ns, pod, argv, err := parseLabExecArgs(args)
 			if err != nil {
 				return err
 			}
-			if err := o.requireRoot("exec"); err != nil {
-				return err
-			}
 			dir, err := o.labDir()
 			if err != nil {
 				return err
 			}
-			r, err := readLab(dir)
+			s, err := requireRunningLab(dir)
 			if err != nil {
-				return &exitError{code: ExitFailure, err: err}
-			}
-			if err := r.requireRunning(); err != nil {
 				return err
 			}
-			return labExec(o.deps, r, ns+"/"+pod, argv)
+			streams := labcluster.ExecIO{Stdout: cmd.OutOrStdout(), Stderr: cmd.ErrOrStderr(), TTY: tty}
+			if stdin {
+				streams.Stdin = cmd.InOrStdin()
+			}
+			if tty && !term.IsTerminal(int(os.Stdin.Fd())) {
+				return usageErrorf("lab exec -t: stdin is not a terminal")
+			}
+			return labExec(cmd.Context(), s, ns, pod, container, argv, streams)
 		},
 	}
 	// Everything after NS/POD is CMD's, flags included.
 	cmd.Flags().SetInterspersed(false)
+	cmd.Flags().BoolVarP(&stdin, "stdin", "i", false, "pass stdin to the command")
+	cmd.Flags().BoolVarP(&tty, "tty", "t", false, "allocate a terminal for the command (with -i)")
+	cmd.Flags().StringVarP(&container, "container", "c", "", "the container (default: the pod's first)")
 	return cmd
 }
 
@@ -71,43 +85,41 @@ func parseLabExecArgs(args []string) (ns, pod string, argv []string, err error) 
 	return ns, pod, argv, nil
 }
 
-// labExec joins the pod's node cgroup and replaces meshctl with
-// nsenter --net=POD_NETNS -- CMD…, so CMD's exit code, signals and
-// terminal are meshctl's.
-func labExec(d labDeps, r labReading, key string, argv []string) error {
-	var netns, node string
-	var pods []string
-	for _, p := range r.state.Pods {
-		if p.Pod == key {
-			netns, node = p.Netns, p.Node
+// labExec finds the pod (by name, else by app=name) and runs argv in it.
+func labExec(ctx context.Context, s *labcluster.LabState, ns, name, container string, argv []string, streams labcluster.ExecIO) error {
+	cfg, err := clientcmd.BuildConfigFromFlags("", s.Kubeconfig)
+	if err != nil {
+		return &exitError{code: ExitFailure, err: fmt.Errorf("read the lab's kubeconfig: %w", err)}
+	}
+	clients, err := labClients(s.Kubeconfig)
+	if err != nil {
+		return &exitError{code: ExitFailure, err: err}
+	}
+	pod := name
+	if _, err := clients.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+		pods, err := clients.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: labels.Set{"app": name}.String()})
+		if err != nil {
+			return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec: list pods of %s/%s: %w", ns, name, err)}
 		}
-		pods = append(pods, p.Pod)
+		pod = ""
+		for _, p := range pods.Items {
+			if p.Status.Phase == corev1.PodRunning && p.DeletionTimestamp == nil {
+				pod = p.Name
+				break
+			}
+		}
+		if pod == "" {
+			return usageErrorf("lab exec: no pod %s/%s, and no running pod with app=%s in %s", ns, name, name, ns)
+		}
+	} else if err != nil {
+		return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec: get pod %s/%s: %w", ns, name, err)}
 	}
-	if netns == "" {
-		return usageErrorf("lab exec: no pod %s in the lab (pods: %s)", key, strings.Join(pods, ", "))
-	}
-	nsPath := filepath.Join(d.netnsDir, netns)
-	if _, err := os.Stat(nsPath); err != nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec %s: network namespace: %w", key, err)}
-	}
-	mount, err := d.cgroupMount()
+	code, err := labcluster.ExecStreams(ctx, cfg, ns, pod, container, argv, streams)
 	if err != nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec %s: %w", key, err)}
+		return &exitError{code: ExitFailure, err: err}
 	}
-	cg := filepath.Join(mount, r.state.Prefix, node)
-	if _, err := os.Stat(cg); err != nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec %s: cgroup of node %s: %w", key, node, err)}
-	}
-	nsenter, err := exec.LookPath("nsenter")
-	if err != nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec: find nsenter (util-linux): %w", err)}
-	}
-	if err := d.joinCgroup(cg); err != nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec %s: %w", key, err)}
-	}
-	full := append([]string{"nsenter", "--net=" + nsPath, "--"}, argv...)
-	if err := d.execve(nsenter, full, os.Environ()); err != nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab exec %s: run nsenter: %w", key, err)}
+	if code != 0 {
+		return &exitError{code: code}
 	}
 	return nil
 }

@@ -18,44 +18,53 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/veilmesh/veil/lab"
+	labcluster "github.com/veilmesh/veil/lab/cluster"
 )
 
-func newLabUpCommand(o *labOptions) *cobra.Command {
-	var (
-		nodes  int
-		prefix string
-		wait   time.Duration
-		strict bool
-	)
-	cmd := &cobra.Command{
-		Use:   "up [--nodes N] [--dir DIR] [--prefix P]",
-		Short: "Start the lab: control plane, nodes, agents, demo pods and policy",
-		Long: `Start the lab and leave it running in the background: a supervisor
-process (its log is DIR/` + lab.SupervisorLog + `) owns it until 'meshctl lab down'.
+// labPrefixRE is lab/cluster's: names of namespaces and cgroups derive
+// from it.
+var labPrefixRE = regexp.MustCompile(`^[a-z0-9]{3,12}$`)
 
-up builds veil-agent and veil-cni from the checkout it runs in and, on the
-first run only, etcd and kube-apiserver from source (up to 30 minutes on two
-cores; later runs take seconds). It then starts the control plane, N nodes
-with one agent each, the demo pods
+// labUpFlags are lab up's flags.
+type labUpFlags struct {
+	nodes     int
+	prefix    string
+	kubeProxy string
+	strict    bool
+	image     string
+	wait      time.Duration
+}
+
+func newLabUpCommand(o *labOptions) *cobra.Command {
+	f := labUpFlags{}
+	cmd := &cobra.Command{
+		Use:   "up [--nodes N] [--kube-proxy none|nftables] [--strict-mode] [--dir DIR]",
+		Short: "Start the lab: a real cluster with Veil, cluster DNS and the demo",
+		Long: `Start the lab and leave it running in the background: a supervisor
+process (its log is DIR/` + labcluster.SupervisorLog + `) owns it until 'meshctl lab down'.
+
+up brings up the control plane and N nodes (kubelet, containerd and, unless
+--kube-proxy none, kube-proxy in the given mode), imports the lab's images
+and Veil's (--image, which 'make image' builds), installs Veil from its
+Helm chart in deploy/ (strict mode on unless --strict-mode=false), the
+cluster DNS (CoreDNS, Service kube-system/kube-dns at ` + labcluster.DNSServiceIP.String() + `), and the demo:
 
   demo/frontend  on node-1
   demo/backend   on node-2 (node-1 with --nodes 1)
   other/client   on node-1
 
-each serving an echo server on 80/TCP and 81/UDP, and a sample policy: a
+Deployments of an echo server on 80/TCP and 81/UDP with a Service each, a
 NetworkPolicy by which demo/backend accepts only demo/frontend on 80/TCP,
-and an audit-mode MeshPolicy. up returns once the datapath enforces the
-policy, and prints what runs and what to try next.
+and an audit-mode MeshPolicy. up returns once the agents are ready, the DNS
+answers and the datapath enforces the policy; it prints each phase's time.
 
-The agents run with the DaemonSet's command, arguments and environment;
-the one setting the lab changes is the ConfigMap's strict-mode, set to true
-(--strict-mode=false keeps the chart's default, false).`,
+The first run builds Kubernetes, containerd and CoreDNS from source (make
+controlplane; up to 30 minutes on two cores); later runs take a minute.`,
 		Example: `  sudo meshctl lab up
-  sudo meshctl lab up --nodes 3 --dir /tmp/lab --prefix veil-lab-b`,
+  sudo meshctl lab up --nodes 3 --kube-proxy none --dir /tmp/lab-b --prefix labb`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := checkLabUpFlags(nodes, prefix, wait); err != nil {
+			if err := f.check(); err != nil {
 				return err
 			}
 			if err := o.requireRoot("up"); err != nil {
@@ -65,67 +74,69 @@ the one setting the lab changes is the ConfigMap's strict-mode, set to true
 			if err != nil {
 				return err
 			}
-			if err := checkLabFree(o.deps.netnsDir, dir, prefix); err != nil {
+			if err := checkLabFree(dir, f.prefix); err != nil {
 				return err
 			}
 			if err := checkLabSources(); err != nil {
 				return err
 			}
-			return labUp(cmd, o, dir, prefix, nodes, strict, wait)
+			image, err := filepath.Abs(f.image)
+			if err != nil {
+				return usageErrorf("--image %q: %w", f.image, err)
+			}
+			if _, err := os.Stat(image); err != nil {
+				return usageErrorf("--image: %v: build it with make image (make lab does)", err)
+			}
+			f.image = image
+			return labUp(cmd, o, dir, f)
 		},
 	}
-	cmd.Flags().IntVar(&nodes, "nodes", 2, fmt.Sprintf("number of nodes (1 to %d)", labMaxNodes))
-	cmd.Flags().StringVar(&prefix, "prefix", defaultLabPrefix, "names everything the lab creates on the host (8 to 32 of a-z, 0-9, '-')")
-	cmd.Flags().BoolVar(&strict, "strict-mode", true, "run the agents with the ConfigMap's strict-mode set to true (Helm value encryption.strictMode), as 'audit encryption' expects; false keeps the chart's default")
-	cmd.Flags().DurationVar(&wait, "wait", 30*time.Minute, "how long to wait for the lab to be ready (the first run builds the control plane)")
+	cmd.Flags().IntVar(&f.nodes, "nodes", 2, fmt.Sprintf("number of nodes (1 to %d)", labMaxNodes))
+	cmd.Flags().StringVar(&f.prefix, "prefix", defaultLabPrefix, "names everything the lab creates on the host (3 to 12 of a-z, 0-9)")
+	cmd.Flags().StringVar(&f.kubeProxy, "kube-proxy", string(labcluster.KubeProxyNFTables), "kube-proxy on the nodes: none or nftables (inside each node's network namespace)")
+	cmd.Flags().BoolVar(&f.strict, "strict-mode", true, "install Veil with encryption.strictMode=true, as 'audit encryption' expects; false keeps the chart's default")
+	cmd.Flags().StringVar(&f.image, "image", filepath.Join("bin", "veil-image.tar"), "Veil's image, an OCI tarball (make image)")
+	cmd.Flags().DurationVar(&f.wait, "wait", 30*time.Minute, "how long to wait for the lab to be ready (the first run builds the cluster's binaries)")
 	return cmd
 }
 
-func checkLabUpFlags(nodes int, prefix string, wait time.Duration) error {
-	if nodes < 1 || nodes > labMaxNodes {
-		return usageErrorf("--nodes %d: want 1 to %d", nodes, labMaxNodes)
+func (f labUpFlags) check() error {
+	if f.nodes < 1 || f.nodes > labMaxNodes {
+		return usageErrorf("--nodes %d: want 1 to %d", f.nodes, labMaxNodes)
 	}
-	if !labPrefixRE.MatchString(prefix) {
-		return usageErrorf("--prefix %q: want 8 to 32 of a-z, 0-9 and '-', starting with a letter and not ending with '-'", prefix)
+	if !labPrefixRE.MatchString(f.prefix) {
+		return usageErrorf("--prefix %q: want 3 to 12 of a-z and 0-9", f.prefix)
 	}
-	if wait <= 0 {
+	mode, err := labcluster.ParseKubeProxyMode(f.kubeProxy)
+	if err != nil || f.kubeProxy == "" {
+		return usageErrorf("--kube-proxy %q: want none or nftables", f.kubeProxy)
+	}
+	if mode == labcluster.KubeProxyIPTables {
+		// lab/cluster runs it, but the lab's DNS cannot come up with it.
+		return usageErrorf("--kube-proxy iptables: not yet: with it, a pod's connections to addresses outside the cluster (CoreDNS's to the API server) hang, as Veil delivers their replies past netfilter's conntrack and kube-proxy drops the pod's next packets as invalid; want none or nftables")
+	}
+	if f.wait <= 0 {
 		return usageErrorf("--wait must be positive")
 	}
 	return nil
 }
 
 // checkLabFree refuses to start over a lab: one running in dir, one that
-// crashed there, or any lab on the host with the same prefix (starting
-// would remove its namespaces).
-func checkLabFree(netnsDir, dir, prefix string) error {
-	r, err := readLab(dir)
+// failed or crashed there, or a cluster on the host with the same prefix
+// (starting would remove it).
+func checkLabFree(dir, prefix string) error {
+	s, err := readLab(dir)
 	if err != nil {
-		return &exitError{code: ExitFailure, err: err}
+		return err
 	}
 	switch {
-	case r.sup.IsSupervisor():
-		return &exitError{code: ExitFailure, err: fmt.Errorf("a lab is already up in %s (prefix %s, supervisor pid %d): see meshctl lab status, or take it down with meshctl lab down", dir, r.sup.Prefix, r.sup.PID)}
-	case r.exists():
-		return &exitError{code: ExitFailure, err: fmt.Errorf("the lab in %s did not shut down cleanly (%s): run meshctl lab down first", dir, r.phase())}
+	case s != nil && s.SupervisorRunning():
+		return &exitError{code: ExitFailure, err: fmt.Errorf("a lab is already up in %s (prefix %s, supervisor pid %d): see meshctl lab status, or take it down with meshctl lab down", dir, s.Prefix, s.Supervisor)}
+	case s != nil:
+		return &exitError{code: ExitFailure, err: fmt.Errorf("the lab in %s did not shut down cleanly (%s): run meshctl lab down first", dir, labPhase(s))}
 	}
-	// Every lab has an underlay namespace <prefix>-ul. Cleanup goes by
-	// prefix, so a prefix that extends another lab's (or that another
-	// lab's extends) would reach into that lab.
-	entries, err := os.ReadDir(netnsDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("list network namespaces: %w", err)}
-	}
-	for _, e := range entries {
-		other, ok := strings.CutSuffix(e.Name(), "-ul")
-		if !ok {
-			continue
-		}
-		switch {
-		case other == prefix:
-			return &exitError{code: ExitFailure, err: fmt.Errorf("prefix %s is in use on this host (network namespace %s exists): take that lab down (meshctl lab down --dir ITS_DIR, or --prefix %s) or choose another --prefix", prefix, e.Name(), prefix)}
-		case strings.HasPrefix(other, prefix+"-") || strings.HasPrefix(prefix, other+"-"):
-			return &exitError{code: ExitFailure, err: fmt.Errorf("prefix %s overlaps the prefix %s of a lab on this host (network namespace %s): the lab removes what carries its prefix, so choose a --prefix that neither starts the other nor starts with it", prefix, other, e.Name())}
-		}
+	if _, err := os.Stat(filepath.Join("/run/netns", prefix+"-hub")); err == nil {
+		return &exitError{code: ExitFailure, err: fmt.Errorf("prefix %s is in use on this host (network namespace %s-hub exists): take that lab down (meshctl lab down --dir ITS_DIR) or choose another --prefix", prefix, prefix)}
 	}
 	return nil
 }
@@ -133,11 +144,11 @@ func checkLabFree(netnsDir, dir, prefix string) error {
 var veilModule = regexp.MustCompile(`(?m)^module\s+github\.com/veilmesh/veil\s*$`)
 
 // checkLabSources fails early when the lab cannot be built here: it builds
-// the agent and the control plane from the Veil checkout that holds the
-// working directory, with the go command.
+// the lab's images and the cluster's binaries from the Veil checkout that
+// holds the working directory, with the go command.
 func checkLabSources() error {
 	if _, err := exec.LookPath("go"); err != nil {
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab up builds Veil from source and needs the go command in PATH (%w); sudo resets PATH: sudo env PATH=\"$PATH\" meshctl lab up, or make lab", err)}
+		return &exitError{code: ExitFailure, err: fmt.Errorf("lab up builds the lab's images from source and needs the go command in PATH (%w); sudo resets PATH: sudo env PATH=\"$PATH\" meshctl lab up, or make lab", err)}
 	}
 	wd, err := os.Getwd()
 	if err != nil {
@@ -148,13 +159,14 @@ func checkLabSources() error {
 			return nil
 		}
 		if filepath.Dir(d) == d {
-			return &exitError{code: ExitFailure, err: fmt.Errorf("lab up builds Veil from source: run it inside a Veil checkout (%s is not)", wd)}
+			return &exitError{code: ExitFailure, err: fmt.Errorf("lab up builds the lab from source: run it inside a Veil checkout (%s is not)", wd)}
 		}
 	}
 }
 
-// labUp starts the supervisor and waits until it is ready or failed.
-func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, strict bool, wait time.Duration) error {
+// labUp starts the supervisor and reports its phases until the lab is
+// ready or failed.
+func labUp(cmd *cobra.Command, o *labOptions, dir string, f labUpFlags) error {
 	out, errw := cmd.OutOrStdout(), cmd.ErrOrStderr()
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return &exitError{code: ExitFailure, err: fmt.Errorf("create lab dir: %w", err)}
@@ -163,156 +175,114 @@ func labUp(cmd *cobra.Command, o *labOptions, dir, prefix string, nodes int, str
 	if err != nil {
 		return &exitError{code: ExitFailure, err: fmt.Errorf("find the meshctl binary: %w", err)}
 	}
-	logPath := filepath.Join(dir, lab.SupervisorLog)
+	logPath := filepath.Join(dir, labcluster.SupervisorLog)
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		return &exitError{code: ExitFailure, err: fmt.Errorf("create supervisor log: %w", err)}
 	}
 	defer logf.Close()
-	sup := exec.Command(exe, "lab", "supervise", "--dir", dir, "--prefix", prefix, "--nodes", strconv.Itoa(nodes), "--strict-mode="+strconv.FormatBool(strict))
+	sup := exec.Command(exe, "lab", "supervise", "--dir", dir, "--prefix", f.prefix, "--nodes", strconv.Itoa(f.nodes),
+		"--kube-proxy", f.kubeProxy, "--strict-mode="+strconv.FormatBool(f.strict), "--image", f.image)
 	sup.Stdout, sup.Stderr = logf, logf
 	// Its own session: the terminal's ^C and hang-up do not reach it, and
 	// it outlives this command.
 	sup.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	began := time.Now()
 	if err := sup.Start(); err != nil {
 		return &exitError{code: ExitFailure, err: fmt.Errorf("start lab supervisor: %w", err)}
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- sup.Wait() }()
-	fmt.Fprintf(out, "Starting lab %s in %s (supervisor pid %d, log %s).\n", prefix, dir, sup.Process.Pid, logPath)
-	fmt.Fprintf(out, "The first run builds etcd and kube-apiserver from source: up to 30 minutes; later runs take seconds.\n")
+	fmt.Fprintf(out, "Starting lab %s in %s: %d nodes, kube-proxy %s, strict mode %v (supervisor pid %d, log %s).\n",
+		f.prefix, dir, f.nodes, f.kubeProxy, f.strict, sup.Process.Pid, logPath)
 
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	ctx, cancel := context.WithTimeout(ctx, wait)
+	ctx, cancel := context.WithTimeout(ctx, f.wait)
 	defer cancel()
-	// abort stops a supervisor that up gives up on, which stops the lab.
-	// After a timeout the files stay for a look at the log; an interrupted
-	// up leaves nothing.
-	abort := func(why error, interrupted bool) error {
+	// abort stops a supervisor that up gives up on, and whatever it left.
+	abort := func(why error) error {
 		fmt.Fprintf(errw, "meshctl: %v; stopping the lab\n", why)
-		sup.Process.Signal(syscall.SIGTERM)
+		dctx, dcancel := context.WithTimeout(context.Background(), 3*time.Minute)
+		defer dcancel()
+		if err := labcluster.Down(dctx, dir, f.prefix, 2*time.Minute); err != nil && !errors.Is(err, labcluster.ErrNoLab) {
+			fmt.Fprintf(errw, "meshctl: lab down: %v\n", err)
+		}
 		select {
 		case <-exited:
-		case <-time.After(3 * time.Minute):
-			sup.Process.Kill()
-			<-exited
+		case <-time.After(5 * time.Second):
 		}
-		if interrupted {
-			dctx, dcancel := context.WithTimeout(context.Background(), 2*time.Minute)
-			defer dcancel()
-			if err := lab.Down(dctx, dir, prefix, time.Minute); err != nil && !errors.Is(err, lab.ErrNoLab) {
-				return &exitError{code: ExitFailure, err: fmt.Errorf("lab up: %w; removing the lab: %w", why, err)}
-			}
-			return &exitError{code: ExitFailure, err: fmt.Errorf("lab up: %w; the lab was removed", why)}
-		}
-		fmt.Fprintf(errw, "last lines of %s:\n%s\n", logPath, fileTail(logPath, 40))
-		return &exitError{code: ExitFailure, err: fmt.Errorf("lab up: %w; meshctl lab down%s removes what is left", why, o.dirFlag(dir))}
+		return &exitError{code: ExitFailure, err: why}
 	}
-	lastStep := ""
-	tick := time.NewTicker(500 * time.Millisecond)
+	shown := 0
+	tick := time.NewTicker(250 * time.Millisecond)
 	defer tick.Stop()
 	for {
+		s, err := labcluster.ReadLabState(dir)
+		if err == nil {
+			for ; shown < len(s.Phases); shown++ {
+				p := s.Phases[shown]
+				fmt.Fprintf(out, "  %-34s %8s\n", p.Name, p.Took.Round(100*time.Millisecond))
+			}
+			switch s.Phase {
+			case labcluster.LabReady:
+				fmt.Fprintf(out, "  %-34s %8s\n", "total", s.Total.Round(100*time.Millisecond))
+				return writeLabSummary(ctx, out, o.dirFlag(dir), s)
+			case labcluster.LabFailed:
+				return abort(fmt.Errorf("lab up failed after %s: %s\n--- last lines of %s:\n%s",
+					time.Since(began).Round(time.Second), s.Error, logPath, fileTail(logPath, 20)))
+			}
+		}
 		select {
 		case err := <-exited:
-			r, _ := readLab(dir)
-			why := fmt.Errorf("supervisor exited: %v", err)
-			if r.sup != nil && r.sup.Error != "" {
-				// Its first line; the log has the rest.
-				first, _, _ := strings.Cut(r.sup.Error, "\n")
-				why = errors.New(first)
-			}
-			fmt.Fprintf(errw, "last lines of %s:\n%s\n", logPath, fileTail(logPath, 40))
-			return &exitError{code: ExitFailure, err: fmt.Errorf("lab up failed: %w; meshctl lab down%s removes what is left", why, o.dirFlag(dir))}
+			return abort(fmt.Errorf("the lab supervisor exited (%v) before the lab was ready\n--- last lines of %s:\n%s", err, logPath, fileTail(logPath, 20)))
 		case <-ctx.Done():
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return abort(fmt.Errorf("the lab was not ready within %s (--wait)", wait), false)
+				return abort(fmt.Errorf("the lab was not ready within --wait %s (see %s)", f.wait, logPath))
 			}
-			return abort(errors.New("interrupted"), true)
+			return abort(errors.New("interrupted"))
 		case <-tick.C:
-		}
-		r, err := readLab(dir)
-		if err != nil || r.sup == nil {
-			continue
-		}
-		if r.sup.Step != "" && r.sup.Step != lastStep {
-			lastStep = r.sup.Step
-			fmt.Fprintf(out, "  … %s\n", lastStep)
-		}
-		if r.sup.Phase == lab.PhaseReady && r.state != nil {
-			fmt.Fprintln(out)
-			return writeLabSummary(out, r, o.dirFlag(dir))
 		}
 	}
 }
 
-// writeLabSummary says what runs and what to try next.
-func writeLabSummary(w io.Writer, r labReading, dirFlag string) error {
-	st := r.state
-	fmt.Fprintf(w, "Lab %s is up (supervisor pid %d). Kubeconfig: %s\n\n", st.Prefix, r.sup.PID, st.Kubeconfig)
-	if err := writeLabTables(w, st, nil); err != nil {
+// writeLabSummary prints what runs and what to try next.
+func writeLabSummary(ctx context.Context, w io.Writer, dirFlag string, s *labcluster.LabState) error {
+	fmt.Fprintf(w, "\nLab %s is up: %d nodes, kube-proxy %s, Veil strict mode %v.\n\n", s.Prefix, len(s.Nodes), s.KubeProxy, s.StrictMode)
+	if err := writeLabTables(ctx, w, s); err != nil {
 		return err
 	}
-	fmt.Fprintln(w, "\nPolicy:")
-	for _, p := range lab.DemoPolicies() {
+	fmt.Fprintln(w, "\nDemo policy:")
+	for _, p := range labcluster.DemoPolicies() {
 		fmt.Fprintf(w, "  %s %s: %s\n", p.Kind, p.Name, p.Says)
 	}
-	backend := "BACKEND_IP"
-	for _, p := range st.Pods {
-		if p.Pod == "demo/backend" && p.IP != "" {
-			backend = p.IP
-		}
-	}
 	fmt.Fprintf(w, `
-Try next (as root; the commands after 'lab exec --' come from this host):
+Try next (as root):
   eval $(meshctl lab env%[1]s)
-  kubectl get pods,networkpolicies,meshpolicies -A
-  meshctl --node node-1 status
-  meshctl policy trace --from demo/frontend --to demo/backend --port 80    # ALLOWED by the NetworkPolicy
-  meshctl policy trace --from other/client --to demo/backend --port 80     # DENIED
-  meshctl policy trace --from other/client --to demo/frontend --port 80    # ALLOWED; the audit MeshPolicy would deny
-  echo hi | meshctl lab exec%[1]s demo/frontend -- socat -T1 - TCP:%[2]s:80,connect-timeout=2   # allowed: echoes hi
-  echo hi | meshctl lab exec%[1]s other/client -- socat -T1 - TCP:%[2]s:80,connect-timeout=2    # denied: times out
-  meshctl observe --node %[3]s --verdict DENIED
-  meshctl audit encryption --active
+  kubectl get pods,services,networkpolicies,meshpolicies -A
+  meshctl lab exec%[1]s demo/frontend -- /client connect backend.demo:80   # allowed: ok
+  meshctl lab exec%[1]s other/client -- /client connect backend.demo:80    # denied: times out
+  meshctl lab exec%[1]s demo/frontend -- /client resolve backend.demo.svc.cluster.local
+  meshctl encryption status
+  meshctl audit encryption
   meshctl lab status%[1]s
   meshctl lab down%[1]s
-`, dirFlag, backend, backendNode(st))
+`, dirFlag)
 	return nil
 }
 
-func backendNode(st *lab.State) string {
-	for _, p := range st.Pods {
-		if p.Pod == "demo/backend" {
-			return p.Node
-		}
-	}
-	return "node-1"
-}
-
-// writeLabTables renders the nodes and pods; alive, when set, says
-// whether a process runs.
-func writeLabTables(w io.Writer, st *lab.State, alive func(pid int) bool) error {
+// labPhasesTable renders a lab's bring-up phases.
+func labPhasesTable(w io.Writer, s *labcluster.LabState) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NODE\tNETNS\tUNDERLAY\tPOD CIDR\tAGENT PID\tSOCKET")
-	for _, n := range st.Nodes {
-		pid := strconv.Itoa(n.AgentPID)
-		if alive != nil && !alive(n.AgentPID) {
-			pid += " (gone)"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%s %s\t%s\t%s\t%s\n", n.Name, n.Netns, n.Underlay, n.IP, n.PodCIDR, pid, n.Socket)
+	fmt.Fprintln(tw, "PHASE\tTOOK")
+	for _, p := range s.Phases {
+		fmt.Fprintf(tw, "%s\t%s\n", p.Name, p.Took.Round(100*time.Millisecond))
+	}
+	if s.Total > 0 {
+		fmt.Fprintf(tw, "total\t%s\n", s.Total.Round(100*time.Millisecond))
 	}
 	if err := tw.Flush(); err != nil {
-		return fmt.Errorf("write lab nodes: %w", err)
-	}
-	fmt.Fprintln(w)
-	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "POD\tNODE\tIP\tNETNS")
-	for _, p := range st.Pods {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", p.Pod, p.Node, p.IP, p.Netns)
-	}
-	if err := tw.Flush(); err != nil {
-		return fmt.Errorf("write lab pods: %w", err)
+		return fmt.Errorf("write lab phases: %w", err)
 	}
 	return nil
 }

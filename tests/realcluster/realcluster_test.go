@@ -53,7 +53,7 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	if err := cluster.Cleanup(prefix, ""); err != nil {
 		t.Fatalf("remove leftovers of an earlier run: %v", err)
 	}
-	before := snapshotHost(t)
+	before := snapshotHost(t, prefix)
 
 	began := time.Now()
 	c, err := cluster.Start(ctx, cluster.Options{
@@ -209,7 +209,7 @@ func TestPrivilegedRealCluster(t *testing.T) {
 		}
 		return nil
 	})
-	after := snapshotHost(t)
+	after := snapshotHost(t, prefix)
 	for _, k := range slices.Sorted(func(yield func(string) bool) {
 		for k := range before {
 			if !yield(k) {
@@ -326,7 +326,7 @@ func waitProbe(t *testing.T, ctx context.Context, clients kubernetes.Interface, 
 // and remove (network namespaces, mounts, cgroups, bpffs pins) only where
 // this cluster could have left something: its names, and the paths its
 // nodes mount over.
-func snapshotHost(t *testing.T) map[string]string {
+func snapshotHost(t *testing.T, prefix string) map[string]string {
 	t.Helper()
 	out := map[string]string{}
 	cmds := map[string][]string{

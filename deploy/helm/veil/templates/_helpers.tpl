@@ -19,4 +19,7 @@ than its values say.
 {{- if and .Values.encryption.strictMode (ne .Values.encryption.type "wireguard") -}}
 {{- fail (printf "encryption.strictMode=true needs encryption.type=wireguard, not %q: strict mode drops pod traffic between nodes that is not in a WireGuard tunnel." .Values.encryption.type) -}}
 {{- end -}}
+{{- if and .Values.k8sServicePort (not .Values.k8sServiceHost) -}}
+{{- fail "k8sServicePort needs k8sServiceHost: the agent takes the API server's address and port together." -}}
+{{- end -}}
 {{- end -}}

@@ -1,32 +1,39 @@
 // Command testserver is the lab's test workload, one static binary for the
 // test image:
 //
-//	testserver serve ADDR   echo every line back on TCP ADDR
-//	testserver probe ADDR   every 250 ms, dial ADDR, send a line, expect it
-//	                        back; print "ok N" or "fail N: why" per attempt
+//	testserver serve SPEC...  echo on every SPEC: "tcp/ADDR" echoes every
+//	                          line back on a TCP connection, "udp/ADDR"
+//	                          every datagram back to its sender; a bare
+//	                          ADDR is tcp/ADDR
+//	testserver probe ADDR     every 100 ms, dial ADDR, send a line, expect it
+//	                          back; print "ok N t=UNIXNANO" (when the echo
+//	                          came) or "fail N: why" per attempt
 //
 // A probe's log is what a test reads (through the API server) to see whether
 // a pod reaches another, so each attempt is bounded by a 1 s timeout and
-// printed on one line.
+// printed on one line. There is no SCTP: Go's standard library has none, and
+// the lab's kernels are built without it.
 package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"strings"
 	"time"
 )
 
 func main() {
-	if len(os.Args) != 3 {
-		fmt.Fprintln(os.Stderr, "usage: testserver serve|probe ADDR")
+	if len(os.Args) < 3 {
+		fmt.Fprintln(os.Stderr, "usage: testserver serve SPEC... | probe ADDR")
 		os.Exit(2)
 	}
 	var err error
 	switch os.Args[1] {
 	case "serve":
-		err = serve(os.Args[2])
+		err = serve(os.Args[2:])
 	case "probe":
 		probe(os.Args[2])
 	default:
@@ -38,16 +45,41 @@ func main() {
 	}
 }
 
-func serve(addr string) error {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return fmt.Errorf("listen on %s: %w", addr, err)
+// serve echoes on every spec until one of them fails.
+func serve(specs []string) error {
+	errs := make(chan error, len(specs))
+	for _, spec := range specs {
+		proto, addr, ok := strings.Cut(spec, "/")
+		if !ok {
+			proto, addr = "tcp", spec
+		}
+		switch proto {
+		case "tcp":
+			ln, err := net.Listen("tcp", addr)
+			if err != nil {
+				return fmt.Errorf("listen on tcp %s: %w", addr, err)
+			}
+			fmt.Println("serving tcp", ln.Addr())
+			go func() { errs <- serveTCP(ln) }()
+		case "udp":
+			pc, err := net.ListenPacket("udp", addr)
+			if err != nil {
+				return fmt.Errorf("listen on udp %s: %w", addr, err)
+			}
+			fmt.Println("serving udp", pc.LocalAddr())
+			go func() { errs <- serveUDP(pc) }()
+		default:
+			return fmt.Errorf("serve %q: want tcp/ADDR or udp/ADDR", spec)
+		}
 	}
-	fmt.Println("serving", ln.Addr())
+	return <-errs
+}
+
+func serveTCP(ln net.Listener) error {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			return fmt.Errorf("accept on %s: %w", addr, err)
+			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
 		}
 		go func() {
 			defer c.Close()
@@ -61,14 +93,32 @@ func serve(addr string) error {
 	}
 }
 
+func serveUDP(pc net.PacketConn) error {
+	buf := make([]byte, 64<<10)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			continue
+		}
+		pc.WriteTo(buf[:n], from)
+	}
+}
+
+// probeEvery paces probes; a pod's first allowed connection is seen
+// within this of being possible.
+const probeEvery = 100 * time.Millisecond
+
 func probe(addr string) {
 	for n := 1; ; n++ {
 		if err := once(addr, n); err != nil {
 			fmt.Printf("fail %d: %v\n", n, err)
 		} else {
-			fmt.Printf("ok %d\n", n)
+			fmt.Printf("ok %d t=%d\n", n, time.Now().UnixNano())
 		}
-		time.Sleep(250 * time.Millisecond)
+		time.Sleep(probeEvery)
 	}
 }
 

@@ -58,6 +58,7 @@ func build(ctx context.Context) error {
 		{"containerd", bins.Containerd},
 		{"containerd-shim-runc-v2", bins.ContainerdShim},
 		{"ctr", bins.Ctr},
+		{"coredns", bins.CoreDNS},
 	} {
 		fmt.Printf("%-24s %s\n", b.name, b.path)
 	}
