@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -36,7 +37,16 @@ type Service struct {
 	// other backend is left; without any, a client's connect or send
 	// fails at once with ECONNREFUSED.
 	Backends []Backend
+	// Affinity, when not zero, is sessionAffinity ClientIP's timeout: a
+	// client (a network namespace) is sent to the backend it last used as
+	// long as that backend is still there and the client used it within
+	// Affinity. Whole seconds, at most MaxAffinity.
+	Affinity time.Duration
 }
+
+// MaxAffinity is the longest session affinity timeout Kubernetes accepts
+// (a day).
+const MaxAffinity = 86400 * time.Second
 
 // Backend is one endpoint of a Service.
 type Backend struct {
@@ -50,6 +60,7 @@ type Backend struct {
 // lbState holds the Services' maps, programs and allocated service ids.
 type lbState struct {
 	services, backends, revnat                 *ebpf.Map
+	members, affinity                          *ebpf.Map
 	connect4, sendmsg4, recvmsg4, getpeername4 *ebpf.Program
 	connect6, sendmsg6, recvmsg6, getpeername6 *ebpf.Program
 
@@ -64,6 +75,7 @@ type lbState struct {
 func (lb *lbState) maps() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
 		"veil_lb4_services": &lb.services, "veil_lb4_backends": &lb.backends, "veil_lb4_revnat": &lb.revnat,
+		"veil_lb4_members": &lb.members, "veil_lb4_affinity": &lb.affinity,
 	}
 }
 
@@ -158,6 +170,9 @@ func (d *Datapath) UpsertService(s Service) error {
 	if err != nil {
 		return err
 	}
+	if s.Affinity < 0 || s.Affinity > MaxAffinity || s.Affinity%time.Second != 0 {
+		return fmt.Errorf("service %s: session affinity timeout %s: want whole seconds up to %s", s.ServiceKey, s.Affinity, MaxAffinity)
+	}
 	backends := activeBackends(s.Backends)
 	for _, b := range backends {
 		if !b.IP.Is4() {
@@ -184,6 +199,11 @@ func (d *Datapath) UpsertService(s Service) error {
 	default:
 		return fmt.Errorf("look up service %s: %w", s.ServiceKey, err)
 	}
+	// The generation being written is the one before the current: its
+	// members are of that older set.
+	if err := lb.clearMembers(slot); err != nil {
+		return fmt.Errorf("upsert service %s: %w", s.ServiceKey, err)
+	}
 	for i, b := range backends {
 		v := sockLb4Backend{Ip: ip4ToU32(b.IP), Port: be16(b.Port)}
 		if b.Terminating {
@@ -192,11 +212,18 @@ func (d *Datapath) UpsertService(s Service) error {
 		if err := lb.backends.Put(sockLb4BackendKey{Slot: slot, Index: uint32(i)}, v); err != nil {
 			return fmt.Errorf("write backend %d of service %s: %w", i, s.ServiceKey, err)
 		}
+		if s.Affinity == 0 {
+			continue
+		}
+		if err := lb.members.Put(sockLb4MemberKey{Slot: slot, Ip: v.Ip, Port: v.Port}, uint32(i)); err != nil {
+			return fmt.Errorf("write backend %d of service %s: %w", i, s.ServiceKey, err)
+		}
 	}
 	if err := lb.trim(slot, len(backends)); err != nil {
 		return fmt.Errorf("upsert service %s: %w", s.ServiceKey, err)
 	}
-	if err := lb.services.Put(key, sockLb4Service{Slot: slot, Count: uint32(len(backends))}); err != nil {
+	val := sockLb4Service{Slot: slot, Count: uint32(len(backends)), AffinityS: uint32(s.Affinity / time.Second)}
+	if err := lb.services.Put(key, val); err != nil {
 		return fmt.Errorf("write service %s: %w", s.ServiceKey, err)
 	}
 	return nil
@@ -225,7 +252,8 @@ func (d *Datapath) DeleteService(k ServiceKey) error {
 	if err := lb.services.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s: %w", k, err)
 	}
-	if err := errors.Join(lb.trim(cur.Slot, 0), lb.trim(cur.Slot^1, 0)); err != nil {
+	if err := errors.Join(lb.clearMembers(cur.Slot), lb.clearMembers(cur.Slot^1),
+		lb.trim(cur.Slot, 0), lb.trim(cur.Slot^1, 0)); err != nil {
 		return fmt.Errorf("delete service %s: %w", k, err)
 	}
 	delete(lb.ids, cur.Slot>>1)
@@ -245,7 +273,10 @@ func (d *Datapath) Services() ([]Service, error) {
 	)
 	it := lb.services.Iterate()
 	for it.Next(&key, &val) {
-		s := Service{ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto}}
+		s := Service{
+			ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto},
+			Affinity:   time.Duration(val.AffinityS) * time.Second,
+		}
 		for i := uint32(0); i < val.Count; i++ {
 			var b sockLb4Backend
 			if err := lb.backends.Lookup(sockLb4BackendKey{Slot: val.Slot, Index: i}, &b); err != nil {
@@ -315,6 +346,25 @@ func (lb *lbState) trim(slot uint32, from int) error {
 		}
 		if err != nil {
 			return fmt.Errorf("delete backend %d of slot %d: %w", i, slot, err)
+		}
+	}
+}
+
+// clearMembers deletes the member entries of slot's backends; a slot's
+// backends are contiguous from 0.
+func (lb *lbState) clearMembers(slot uint32) error {
+	for i := uint32(0); ; i++ {
+		var b sockLb4Backend
+		err := lb.backends.Lookup(sockLb4BackendKey{Slot: slot, Index: i}, &b)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read backend %d of slot %d: %w", i, slot, err)
+		}
+		err = lb.members.Delete(sockLb4MemberKey{Slot: slot, Ip: b.Ip, Port: b.Port})
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete member %d of slot %d: %w", i, slot, err)
 		}
 	}
 }

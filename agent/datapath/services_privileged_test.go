@@ -2,9 +2,11 @@ package datapath
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -78,6 +80,23 @@ func svcClient(mode, addr string) (string, error) {
 			return "", fmt.Errorf("echo: got %q", buf[:n])
 		}
 		return from.String(), nil
+	case "who":
+		// whoBurst connects: which backend answered each (see serveWho).
+		var got []string
+		for range whoBurst {
+			c, err := net.DialTimeout("tcp4", addr, timeout)
+			if err != nil {
+				return "", err
+			}
+			c.SetDeadline(time.Now().Add(timeout))
+			b, err := io.ReadAll(c)
+			c.Close()
+			if err != nil {
+				return "", err
+			}
+			got = append(got, string(b))
+		}
+		return strings.Join(got, ","), nil
 	case "tcp6":
 		ap := netip.MustParseAddrPort(addr)
 		fd, err := syscall.Socket(syscall.AF_INET6, syscall.SOCK_STREAM, 0)
@@ -304,5 +323,154 @@ func TestPrivilegedServiceMaps(t *testing.T) {
 	}
 	if err := dp.UpsertService(Service{ServiceKey: ServiceKey{VIP: netip.MustParseAddr("fd00::1"), Port: 80, Proto: 6}}); err == nil {
 		t.Errorf("IPv6 service accepted")
+	}
+
+	// Affinity reads back, and is cleared again.
+	for _, aff := range []time.Duration{10800 * time.Second, 0} {
+		if err := dp.UpsertService(Service{ServiceKey: svcTCP, Backends: []Backend{backendB}, Affinity: aff}); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := dp.Services(); err != nil || len(got) != 1 || got[0].Affinity != aff {
+			t.Errorf("affinity %s: read back %v %v", aff, got, err)
+		}
+	}
+	for _, aff := range []time.Duration{1500 * time.Millisecond, -time.Second, MaxAffinity + time.Second} {
+		if err := dp.UpsertService(Service{ServiceKey: svcTCP, Backends: []Backend{backendB}, Affinity: aff}); err == nil {
+			t.Errorf("affinity %s accepted", aff)
+		}
+	}
+	// Members of both generations go with the Service.
+	if err := dp.UpsertService(Service{ServiceKey: svcTCP, Backends: []Backend{backendB, backendC}, Affinity: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.UpsertService(Service{ServiceKey: svcTCP, Backends: []Backend{backendC}, Affinity: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.DeleteService(svcTCP); err != nil {
+		t.Fatal(err)
+	}
+	var mk sockLb4MemberKey
+	var mv uint32
+	if it := dp.lb.members.Iterate(); it.Next(&mk, &mv) {
+		t.Errorf("member left after delete: %+v", mk)
+	}
+}
+
+// whoBurst is how many connects one "who" client makes.
+const whoBurst = 12
+
+// serveWho answers every TCP connection to p's port with the address it
+// listens on, so a client learns which backend it reached.
+func serveWho(t *testing.T, p *netns.Pod, port int) {
+	t.Helper()
+	addr := fmt.Sprintf("%s:%d", p.IP, port)
+	var ln net.Listener
+	if err := p.Do(func() (err error) { ln, err = net.Listen("tcp", addr); return err }); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			io.WriteString(c, addr)
+			c.Close()
+		}
+	}()
+}
+
+// who runs one "who" client in pod a and returns the backends it
+// reached, in order.
+func (tn *testNet) who(t *testing.T, addr string) []string {
+	t.Helper()
+	out := tn.svcCall(t, "who", addr)
+	got, ok := strings.CutPrefix(out, "ok ")
+	if !ok {
+		t.Fatalf("who client to %s: %s", addr, out)
+	}
+	return strings.Split(got, ",")
+}
+
+func distinct(xs []string) []string {
+	var out []string
+	for _, x := range xs {
+		if !slices.Contains(out, x) {
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// TestPrivilegedServiceAffinity: sessionAffinity ClientIP on a real kernel.
+// Without affinity one client's connects spread over the backends; with it
+// they all land on one, across client processes of the same pod (network
+// namespace); a backend that leaves is never chosen from the affinity
+// again, even when the generation it was in is reused; and after the
+// timeout a new choice is made.
+func TestPrivilegedServiceAffinity(t *testing.T) {
+	tn := newTestNet(t, "aff", netOpts{sockets: true})
+	serveWho(t, tn.b, 8080)
+	serveWho(t, tn.b, 8081)
+	serveWho(t, tn.c, 8080)
+	bB, bC, bB2 := Backend{IP: ipB, Port: 8080}, Backend{IP: ipC, Port: 8080}, Backend{IP: ipB, Port: 8081}
+	name := func(b Backend) string { return netip.AddrPortFrom(b.IP, b.Port).String() }
+	set := func(affinity time.Duration, bs ...Backend) {
+		t.Helper()
+		if err := tn.dp1.UpsertService(Service{ServiceKey: svcTCP, Backends: bs, Affinity: affinity}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addr := netip.AddrPortFrom(vip, 80).String()
+
+	set(0, bB, bC)
+	if got := distinct(tn.who(t, addr)); len(got) != 2 {
+		t.Errorf("without affinity, %d connects reached %v; want both backends", whoBurst, got)
+	}
+
+	set(5*time.Second, bB, bC)
+	first := distinct(tn.who(t, addr))
+	if len(first) != 1 {
+		t.Fatalf("with affinity, %d connects reached %v; want one backend", whoBurst, first)
+	}
+	if again := distinct(tn.who(t, addr)); !slices.Equal(again, first) {
+		t.Errorf("with affinity, a second client process of the pod reached %v; want %v", again, first)
+	}
+
+	// The chosen backend leaves. The next upsert reuses the generation it
+	// was a member of, without it; no client connects in between, so the
+	// affinity still names it.
+	other := bB
+	if first[0] == name(bB) {
+		other = bC
+	}
+	set(5*time.Second, other)
+	set(5*time.Second, other, bB2)
+	got := distinct(tn.who(t, addr))
+	if slices.Contains(got, first[0]) || len(got) != 1 {
+		t.Errorf("after backend %s left, affinity reached %v; want one backend, not %s", first[0], got, first[0])
+	}
+
+	// A short timeout: within it the choice holds, past it a new one is
+	// made. Each new choice is random, so rounds repeat (bounded) until
+	// one differs; 10 rounds of two backends miss with p = 2^-9.
+	set(time.Second, bB, bC)
+	prev := distinct(tn.who(t, addr))
+	if len(prev) != 1 {
+		t.Fatalf("with a 1s affinity, a burst reached %v; want one backend", prev)
+	}
+	changed := false
+	for round := 0; round < 10 && !changed; round++ {
+		time.Sleep(1200 * time.Millisecond)
+		cur := distinct(tn.who(t, addr))
+		if len(cur) != 1 {
+			t.Fatalf("round %d: a burst within the timeout reached %v; want one backend", round, cur)
+		}
+		changed = cur[0] != prev[0]
+		prev = cur
+	}
+	if !changed {
+		t.Errorf("after 10 timeouts of 1s the client was always sent to %s; want a new choice", prev[0])
 	}
 }

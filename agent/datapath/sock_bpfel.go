@@ -76,6 +76,23 @@ type sockIpcacheInfo struct {
 	Flags    uint32
 }
 
+type sockLb4Affinity struct {
+	_          structs.HostLayout
+	LastUsedNs uint64
+	Ip         uint32
+	Port       uint16
+	Pad        uint16
+}
+
+type sockLb4AffinityKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Vip   uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type sockLb4Backend struct {
 	_     structs.HostLayout
 	Ip    uint32
@@ -97,6 +114,14 @@ type sockLb4Key struct {
 	Pad   uint8
 }
 
+type sockLb4MemberKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Ip   uint32
+	Port uint16
+	Pad  uint16
+}
+
 type sockLb4Revnat struct {
 	_    structs.HostLayout
 	Vip  uint32
@@ -113,9 +138,10 @@ type sockLb4RevnatKey struct {
 }
 
 type sockLb4Service struct {
-	_     structs.HostLayout
-	Slot  uint32
-	Count uint32
+	_         structs.HostLayout
+	Slot      uint32
+	Count     uint32
+	AffinityS uint32
 }
 
 type sockLbBackendFlags uint32
@@ -196,7 +222,9 @@ const (
 	sockMapVeilEvents           = "veil_events"
 	sockMapVeilFrags            = "veil_frags"
 	sockMapVeilIpcache          = "veil_ipcache"
+	sockMapVeilLb4Affinity      = "veil_lb4_affinity"
 	sockMapVeilLb4Backends      = "veil_lb4_backends"
+	sockMapVeilLb4Members       = "veil_lb4_members"
 	sockMapVeilLb4Revnat        = "veil_lb4_revnat"
 	sockMapVeilLb4Services      = "veil_lb4_services"
 	sockMapVeilLeaks            = "veil_leaks"
@@ -283,7 +311,9 @@ type sockMapSpecs struct {
 	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
 	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
 	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
 	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
 	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
 	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
@@ -328,7 +358,9 @@ type sockMaps struct {
 	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
 	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
 	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
 	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
 	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
 	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
@@ -347,7 +379,9 @@ func (m *sockMaps) Close() error {
 		m.VeilEvents,
 		m.VeilFrags,
 		m.VeilIpcache,
+		m.VeilLb4Affinity,
 		m.VeilLb4Backends,
+		m.VeilLb4Members,
 		m.VeilLb4Revnat,
 		m.VeilLb4Services,
 		m.VeilLeaks,

@@ -21,6 +21,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -67,7 +68,7 @@ type Controller struct {
 
 	mu sync.Mutex
 	// written: per Service (namespace/name), the entries last written.
-	written map[string]map[datapath.ServiceKey][]datapath.Backend
+	written map[string]map[datapath.ServiceKey]datapath.Service
 }
 
 // New registers the controller's informers with factory; start the factory
@@ -85,7 +86,7 @@ func New(factory kubeinformers.SharedInformerFactory, w Writer, cfg Config) (*Co
 		slices:   factory.Discovery().V1().EndpointSlices().Lister(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "services"}),
-		written: map[string]map[datapath.ServiceKey][]datapath.Backend{},
+		written: map[string]map[datapath.ServiceKey]datapath.Service{},
 	}
 	svcInf := factory.Core().V1().Services().Informer()
 	sliceInf := factory.Discovery().V1().EndpointSlices().Informer()
@@ -207,6 +208,7 @@ func (c *Controller) sync(_ context.Context, key string) error {
 		return fmt.Errorf("parse key %q: %w", key, err)
 	}
 	want := map[datapath.ServiceKey][]datapath.Backend{}
+	var affinity time.Duration
 	svc, err := c.services.Services(ns).Get(name)
 	switch {
 	case apierrors.IsNotFound(err):
@@ -219,6 +221,7 @@ func (c *Controller) sync(_ context.Context, key string) error {
 			return fmt.Errorf("list endpointslices of %s: %w", key, err)
 		}
 		want = Entries(svc, eps, c.cfg.NodeName)
+		affinity = Affinity(svc)
 	}
 
 	c.mu.Lock()
@@ -226,18 +229,19 @@ func (c *Controller) sync(_ context.Context, key string) error {
 	have := c.written[key]
 	var errs []error
 	for k, bs := range want {
-		if old, ok := have[k]; ok && slices.Equal(old, bs) {
+		if old, ok := have[k]; ok && slices.Equal(old.Backends, bs) && old.Affinity == affinity {
 			continue
 		}
-		if err := c.w.UpsertService(datapath.Service{ServiceKey: k, Backends: bs}); err != nil {
+		s := datapath.Service{ServiceKey: k, Backends: bs, Affinity: affinity}
+		if err := c.w.UpsertService(s); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		if have == nil {
-			have = map[datapath.ServiceKey][]datapath.Backend{}
+			have = map[datapath.ServiceKey]datapath.Service{}
 			c.written[key] = have
 		}
-		have[k] = bs
+		have[k] = s
 	}
 	for k := range have {
 		if _, ok := want[k]; ok {
@@ -288,6 +292,25 @@ func Entries(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node string)
 		}
 	}
 	return out
+}
+
+// DefaultAffinity is sessionAffinity ClientIP's timeout when the Service
+// names none (Kubernetes' default, three hours).
+const DefaultAffinity = 10800 * time.Second
+
+// Affinity is a Service's sessionAffinity ClientIP timeout, or 0 without
+// session affinity. A timeout out of the API's range (1 to 86400 seconds;
+// the API server refuses others) is brought into it.
+func Affinity(svc *corev1.Service) time.Duration {
+	if svc.Spec.SessionAffinity != corev1.ServiceAffinityClientIP {
+		return 0
+	}
+	cfg := svc.Spec.SessionAffinityConfig
+	if cfg == nil || cfg.ClientIP == nil || cfg.ClientIP.TimeoutSeconds == nil {
+		return DefaultAffinity
+	}
+	d := time.Duration(*cfg.ClientIP.TimeoutSeconds) * time.Second
+	return min(max(d, time.Second), datapath.MaxAffinity)
 }
 
 func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local bool, node string) []datapath.Backend {

@@ -20,15 +20,26 @@ import (
 
 // fakeMap is a datapath service map in memory.
 type fakeMap struct {
-	mu sync.Mutex
-	m  map[datapath.ServiceKey][]datapath.Backend
+	mu       sync.Mutex
+	m        map[datapath.ServiceKey][]datapath.Backend
+	affinity map[datapath.ServiceKey]time.Duration
 }
 
 func (f *fakeMap) UpsertService(s datapath.Service) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.m[s.ServiceKey] = s.Backends
+	if f.affinity == nil {
+		f.affinity = map[datapath.ServiceKey]time.Duration{}
+	}
+	f.affinity[s.ServiceKey] = s.Affinity
 	return nil
+}
+
+func (f *fakeMap) affinityOf(k datapath.ServiceKey) time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.affinity[k]
 }
 
 func (f *fakeMap) DeleteService(k datapath.ServiceKey) error {
@@ -183,6 +194,28 @@ func TestEntries(t *testing.T) {
 	}
 }
 
+func TestAffinity(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		spec corev1.ServiceSpec
+		want time.Duration
+	}{
+		{"none", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityNone}, 0},
+		{"unset", corev1.ServiceSpec{}, 0},
+		{"ClientIP, default timeout", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP}, DefaultAffinity},
+		{"ClientIP 30s", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP,
+			SessionAffinityConfig: &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(30))}}}, 30 * time.Second},
+		{"ClientIP 0s (refused by the API) is 1s", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP,
+			SessionAffinityConfig: &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(0))}}}, time.Second},
+		{"ClientIP over a day is a day", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP,
+			SessionAffinityConfig: &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(100000))}}}, datapath.MaxAffinity},
+	} {
+		if got := Affinity(&corev1.Service{Spec: c.spec}); got != c.want {
+			t.Errorf("%s: got %s; want %s", c.name, got, c.want)
+		}
+	}
+}
+
 // TestController follows a Service through the fake API server: slices
 // appear, backends terminate, the Service is deleted; an entry left in the
 // map by an earlier agent for a Service that is gone is removed at start.
@@ -244,6 +277,33 @@ func TestController(t *testing.T) {
 		t.Fatal(err)
 	}
 	await("slice deleted", map[datapath.ServiceKey][]datapath.Backend{http: nil, dns: nil})
+
+	// Session affinity: the default timeout, then a changed timeout alone
+	// (same backends) is written too.
+	awaitAffinity := func(what string, want time.Duration) {
+		t.Helper()
+		for fm.affinityOf(http) != want {
+			select {
+			case <-ctx.Done():
+				t.Fatalf("%s: affinity %s; want %s", what, fm.affinityOf(http), want)
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	web, err := svcs.Get(ctx, "web", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	web.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
+	if web, err = svcs.Update(ctx, web, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	awaitAffinity("ClientIP", DefaultAffinity)
+	web.Spec.SessionAffinityConfig = &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(60))}}
+	if _, err = svcs.Update(ctx, web, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	awaitAffinity("ClientIP 60s", time.Minute)
 
 	if err := svcs.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
