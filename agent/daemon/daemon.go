@@ -43,6 +43,7 @@ import (
 	"github.com/veilmesh/veil/agent/k8s"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/policysync"
+	"github.com/veilmesh/veil/agent/services"
 	"github.com/veilmesh/veil/agent/wireguard"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
@@ -88,6 +89,8 @@ type Daemon struct {
 	broadcaster record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni apiserver.CNIService
+	// services keeps the node's Service map; nil without a datapath.
+	services *services.Controller
 }
 
 // New connects to the API server and prepares the agent; Run starts it.

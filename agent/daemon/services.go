@@ -14,6 +14,7 @@ func (d *Daemon) startServices(ctx context.Context) {
 		d.log.Error("start service map sync", "err", err)
 		return
 	}
+	d.services = c
 	go func() {
 		if err := c.Run(ctx); err != nil && ctx.Err() == nil {
 			d.log.Error("service map sync stopped", "err", err)

@@ -27,6 +27,7 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	kubeinformers "k8s.io/client-go/informers"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
@@ -69,6 +70,8 @@ type Controller struct {
 	mu sync.Mutex
 	// written: per Service (namespace/name), the entries last written.
 	written map[string]map[datapath.ServiceKey]datapath.Service
+	// problems: per Service, its ports' problems ("80/TCP" -> why).
+	problems map[string]map[string]string
 }
 
 // New registers the controller's informers with factory; start the factory
@@ -86,7 +89,8 @@ func New(factory kubeinformers.SharedInformerFactory, w Writer, cfg Config) (*Co
 		slices:   factory.Discovery().V1().EndpointSlices().Lister(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "services"}),
-		written: map[string]map[datapath.ServiceKey]datapath.Service{},
+		written:  map[string]map[datapath.ServiceKey]datapath.Service{},
+		problems: map[string]map[string]string{},
 	}
 	svcInf := factory.Core().V1().Services().Informer()
 	sliceInf := factory.Discovery().V1().EndpointSlices().Informer()
@@ -226,6 +230,7 @@ func (c *Controller) sync(_ context.Context, key string) error {
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.noteProblems(key, svc, want)
 	have := c.written[key]
 	var errs []error
 	for k, bs := range want {
@@ -257,6 +262,57 @@ func (c *Controller) sync(_ context.Context, key string) error {
 		delete(c.written, key)
 	}
 	return errors.Join(errs...)
+}
+
+// noteProblems logs, once per change, the ports of a Service that have no
+// backends although the Service has endpoints (a target port name no
+// backend declares), and keeps them for Problems. svc is nil once the
+// Service is gone. c.mu is held.
+func (c *Controller) noteProblems(key string, svc *corev1.Service, want map[datapath.ServiceKey][]datapath.Backend) {
+	now := map[string]string{}
+	if svc != nil {
+		for k, bs := range want {
+			if len(bs) > 0 {
+				continue
+			}
+			for _, sp := range svc.Spec.Ports {
+				if uint16(sp.Port) != k.Port || protocol(sp.Protocol) != k.Proto {
+					continue
+				}
+				sel := labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: svc.Name})
+				eps, err := c.slices.EndpointSlices(svc.Namespace).List(sel)
+				if err != nil {
+					continue
+				}
+				if _, p := backendViews(sp, eps, false, ""); p != "" {
+					now[fmt.Sprintf("%d/%s", sp.Port, cmp.Or(sp.Protocol, corev1.ProtocolTCP))] = p
+				}
+			}
+		}
+	}
+	old := c.problems[key]
+	for port, p := range now {
+		if old[port] != p {
+			c.log.Warn("service port has no backends", "service", key, "port", port, "problem", p)
+		}
+	}
+	if len(now) == 0 {
+		delete(c.problems, key)
+	} else {
+		c.problems[key] = now
+	}
+}
+
+// Problems counts the Service ports that have no backends although their
+// Service has endpoints.
+func (c *Controller) Problems() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, ps := range c.problems {
+		n += len(ps)
+	}
+	return n
 }
 
 // Entries computes a Service's map entries from its EndpointSlices: one per
@@ -314,16 +370,31 @@ func Affinity(svc *corev1.Service) time.Duration {
 }
 
 func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local bool, node string) []datapath.Backend {
-	seen := map[netip.AddrPort]int{}
+	views, _ := backendViews(sp, eps, local, node)
 	var out []datapath.Backend
+	for _, v := range views {
+		out = append(out, datapath.Backend{IP: v.IP, Port: v.Port, Terminating: v.Terminating})
+	}
+	return out
+}
+
+// backendViews are the endpoints that can serve a Service port, sorted by
+// address, with a problem when the Service's slices have endpoints but none
+// for this port (a target port name no backend declares).
+func backendViews(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local bool, node string) ([]BackendView, string) {
+	seen := map[netip.AddrPort]int{}
+	var out []BackendView
+	matched, endpoints := false, 0
 	for _, s := range eps {
 		if s.AddressType != discoveryv1.AddressTypeIPv4 {
 			continue
 		}
+		endpoints += len(s.Endpoints)
 		port, ok := slicePort(s, sp)
 		if !ok {
 			continue
 		}
+		matched = true
 		for _, ep := range s.Endpoints {
 			if len(ep.Addresses) == 0 || (local && (ep.NodeName == nil || *ep.NodeName != node)) {
 				continue
@@ -343,7 +414,13 @@ func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local boo
 			if err != nil || !ip.Is4() {
 				continue
 			}
-			b := datapath.Backend{IP: ip, Port: port, Terminating: !ready}
+			b := BackendView{IP: ip, Port: port, Terminating: !ready}
+			if ep.NodeName != nil {
+				b.Node = *ep.NodeName
+			}
+			if r := ep.TargetRef; r != nil && r.Kind == "Pod" {
+				b.Pod = r.Namespace + "/" + r.Name
+			}
 			ap := netip.AddrPortFrom(ip, port)
 			// An endpoint may sit in two slices while it moves; ready wins.
 			if i, dup := seen[ap]; dup {
@@ -354,10 +431,19 @@ func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local boo
 			out = append(out, b)
 		}
 	}
-	slices.SortFunc(out, func(a, b datapath.Backend) int {
+	slices.SortFunc(out, func(a, b BackendView) int {
 		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
 	})
-	return out
+	var problem string
+	if !matched && endpoints > 0 {
+		target := sp.TargetPort.String()
+		if sp.TargetPort.Type == intstr.String {
+			problem = fmt.Sprintf("no endpoint declares target port %q (%d endpoints in the Service's slices)", target, endpoints)
+		} else {
+			problem = fmt.Sprintf("no endpoint serves port %q (%d endpoints in the Service's slices)", cmp.Or(sp.Name, target), endpoints)
+		}
+	}
+	return out, problem
 }
 
 // slicePort finds the slice's port for a Service port: the same name and
