@@ -110,7 +110,7 @@ whole cluster's transparent encryption.
 	agent := newAgentOptions(root, env)
 	cluster := newKubeOptions(env, kube)
 	root.AddCommand(newVersionCommand(), newPolicyCommand(agent), newStatusCommand(agent),
-		newEndpointsCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent),
+		newEndpointsCommand(agent), newServicesCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent),
 		newEncryptionCommand(agent, cluster), newAuditCommand(agent, cluster), newLabCommand(env))
 	return root
 }

@@ -1,0 +1,118 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+)
+
+// testServices is what the fake agent load-balances: a healthy Service
+// with affinity and a terminating backend, one without backends, and one
+// with a port whose target port name no endpoint declares.
+func testServices() []*agentv1.Service {
+	return []*agentv1.Service{
+		{Namespace: "demo", Name: "backend", Type: "ClusterIP", ClusterIps: []string{"10.96.0.10"}, SessionAffinitySeconds: 10800,
+			Ports: []*agentv1.ServicePort{
+				{Name: "http", Port: 80, Protocol: "TCP", TargetPort: "8080", Backends: []*agentv1.ServiceBackend{
+					{Ip: "10.0.1.5", Port: 8080, Node: "node-1", Pod: "demo/backend-1"},
+					{Ip: "10.0.2.7", Port: 8080, Node: "node-2", Pod: "demo/backend-2"},
+					{Ip: "10.0.2.9", Port: 8080, Node: "node-2", Pod: "demo/backend-3", Terminating: true},
+				}},
+				{Name: "dns", Port: 53, Protocol: "UDP", TargetPort: "53", Backends: []*agentv1.ServiceBackend{
+					{Ip: "10.0.1.5", Port: 53, Node: "node-1", Pod: "demo/backend-1"},
+				}},
+			}},
+		{Namespace: "demo", Name: "empty", Type: "ClusterIP", ClusterIps: []string{"10.96.0.11"},
+			Ports: []*agentv1.ServicePort{{Port: 80, Protocol: "TCP", TargetPort: "80"}}},
+		{Namespace: "kube-system", Name: "metrics", Type: "NodePort", ClusterIps: []string{"10.96.0.20"},
+			Ports: []*agentv1.ServicePort{
+				{Name: "web", Port: 443, Protocol: "TCP", TargetPort: "https", Backends: []*agentv1.ServiceBackend{
+					{Ip: "10.0.1.8", Port: 8443, Node: "node-1", Pod: "kube-system/metrics-0"},
+				}},
+				{Name: "scrape", Port: 9100, Protocol: "TCP", TargetPort: "metrics",
+					Problem: `no endpoint declares target port "metrics" (1 endpoints in the Service's slices)`},
+			}},
+	}
+}
+
+func (f *fakeAgent) ListServices(_ context.Context, req *agentv1.ListServicesRequest) (*agentv1.ListServicesResponse, error) {
+	if req.Namespace == "unavailable" {
+		return nil, status.Error(codes.Unavailable, "the agent does not load-balance Services (no datapath)")
+	}
+	resp := &agentv1.ListServicesResponse{}
+	for _, s := range testServices() {
+		if req.Namespace == "" || s.Namespace == req.Namespace {
+			resp.Services = append(resp.Services, s)
+		}
+	}
+	return resp, nil
+}
+
+func TestServicesGolden(t *testing.T) {
+	socket := serve(t, newFakeAgent(t))
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantCode int
+	}{
+		{"live-services.txt", []string{"services"}, ExitOK},
+		{"live-services-wide.txt", []string{"services", "--wide"}, ExitOK},
+		{"live-services-demo.json", []string{"svc", "-n", "demo", "-o", "json"}, ExitOK},
+		{"live-services-none.txt", []string{"services", "-n", "nope"}, ExitOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, stderr, code := runAgainst(t, socket, tc.args...)
+			if code != tc.wantCode {
+				t.Errorf("exit code = %d; want %d\nstderr: %s", code, tc.wantCode, stderr)
+			}
+			golden(t, tc.name, out)
+		})
+	}
+}
+
+// TestServicesCounts: a backend counts once per Service however many ports
+// it serves, and ready on one port wins over terminating on another.
+func TestServicesCounts(t *testing.T) {
+	out, stderr, code := runAgainst(t, serve(t, newFakeAgent(t)), "services", "-o", "json")
+	if code != ExitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	var r servicesReport
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatal(err)
+	}
+	got := map[string][2]int{}
+	for _, s := range r.Services {
+		got[s.Namespace+"/"+s.Name] = [2]int{s.Ready, s.Terminating}
+	}
+	want := map[string][2]int{"demo/backend": {2, 1}, "demo/empty": {0, 0}, "kube-system/metrics": {1, 0}}
+	for k, w := range want {
+		if got[k] != w {
+			t.Errorf("%s: ready/terminating %v; want %v", k, got[k], w)
+		}
+	}
+}
+
+func TestServicesErrors(t *testing.T) {
+	socket := serve(t, newFakeAgent(t))
+	for _, tc := range []struct {
+		args     []string
+		wantCode int
+		want     string
+	}{
+		{[]string{"services", "extra"}, ExitUsage, "unknown command"},
+		{[]string{"services", "-o", "xml"}, ExitUsage, "xml"},
+		{[]string{"services", "-n", "unavailable"}, ExitUnreachable, "no datapath"},
+	} {
+		_, stderr, code := runAgainst(t, socket, tc.args...)
+		if code != tc.wantCode || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want %d and %q", tc.args, code, stderr, tc.wantCode, tc.want)
+		}
+	}
+}
