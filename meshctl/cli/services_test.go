@@ -3,6 +3,8 @@ package cli
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"io"
 	"strings"
 	"testing"
 
@@ -109,6 +111,99 @@ func TestServicesErrors(t *testing.T) {
 		{[]string{"services", "extra"}, ExitUsage, "unknown command"},
 		{[]string{"services", "-o", "xml"}, ExitUsage, "xml"},
 		{[]string{"services", "-n", "unavailable"}, ExitUnreachable, "no datapath"},
+	} {
+		_, stderr, code := runAgainst(t, socket, tc.args...)
+		if code != tc.wantCode || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want %d and %q", tc.args, code, stderr, tc.wantCode, tc.want)
+		}
+	}
+}
+
+const servicesDir = "../testdata/services"
+
+// newServicesAgent is a fake agent whose policy is compiled from the
+// Services testdata, whose pods back testServices().
+func newServicesAgent(t *testing.T) *fakeAgent {
+	t.Helper()
+	src, err := (&manifestFlags{paths: []string{servicesDir}}).openSource(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &fakeAgent{compiled: src.compiled, status: healthyStatus()}
+}
+
+// TestTraceServiceGolden: a trace to a Service judges each backend on its
+// own port, offline (backends from the selector over the manifests' pods,
+// named target ports resolved per pod) and live (backends from the agent).
+func TestTraceServiceGolden(t *testing.T) {
+	socket := serve(t, newServicesAgent(t))
+	offline := []string{"policy", "trace", "-f", servicesDir, "--from", "demo/frontend"}
+	live := []string{"policy", "trace", "--from", "demo/frontend"}
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		wantCode int
+	}{
+		{"trace-svc-partial.txt", append(offline, "--to", "svc/demo/backend", "--port", "80"), ExitOK},
+		{"trace-svc-partial-exit.txt", append(offline, "--to", "svc/demo/backend", "--port", "80", "--exit-code"), ExitFailure},
+		{"trace-svc-udp.json", append(offline, "--to", "svc/demo/backend", "--port", "53/UDP", "-o", "json"), ExitOK},
+		{"trace-svc-empty.txt", append(offline, "--to", "svc/demo/empty", "--port", "80", "--exit-code"), ExitFailure},
+		{"trace-svc-live.txt", append(live, "--to", "svc/demo/backend", "--port", "80"), ExitOK},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, stderr, code := runAgainst(t, socket, tc.args...)
+			if code != tc.wantCode {
+				t.Errorf("exit code = %d; want %d\nstderr: %s", code, tc.wantCode, stderr)
+			}
+			golden(t, tc.name, out)
+		})
+	}
+}
+
+// TestTraceServiceVerdicts: the backend each verdict belongs to, checked
+// against a trace straight to that pod (the oracle), offline and live.
+func TestTraceServiceVerdicts(t *testing.T) {
+	socket := serve(t, newServicesAgent(t))
+	for _, mode := range [][]string{{"-f", servicesDir}, nil} {
+		args := append(append([]string{"policy", "trace"}, mode...), "--from", "demo/frontend", "--to", "svc/demo/backend", "--port", "80", "-o", "json")
+		out, stderr, code := runAgainst(t, socket, args...)
+		if code != ExitOK {
+			t.Fatalf("%v: exit %d: %s", mode, code, stderr)
+		}
+		var r serviceTraceReport
+		if err := json.Unmarshal([]byte(out), &r); err != nil {
+			t.Fatal(err)
+		}
+		if len(r.Backends) == 0 {
+			t.Fatalf("%v: no backends", mode)
+		}
+		for _, b := range r.Backends {
+			direct := append(append([]string{"policy", "trace"}, mode...), "--from", "demo/frontend", "--to", b.Backend, "--port", fmt.Sprint(b.Port), "-o", "json")
+			out, _, _ := runAgainst(t, socket, direct...)
+			var d traceReport
+			if err := json.Unmarshal([]byte(out), &d); err != nil {
+				t.Fatal(err)
+			}
+			if b.Trace.Verdict != d.Verdict {
+				t.Errorf("%v: backend %s through the Service %s; straight to the pod %s", mode, b.Backend, b.Trace.Verdict, d.Verdict)
+			}
+		}
+	}
+}
+
+func TestTraceServiceErrors(t *testing.T) {
+	socket := serve(t, newServicesAgent(t))
+	offline := []string{"policy", "trace", "-f", servicesDir, "--from", "demo/frontend"}
+	for _, tc := range []struct {
+		args     []string
+		wantCode int
+		want     string
+	}{
+		{append(offline, "--to", "svc/demo", "--port", "80"), ExitUsage, "want svc/NAMESPACE/NAME"},
+		{append(offline, "--to", "svc/demo/nope", "--port", "80"), ExitUsage, "service demo/nope is not in the manifests"},
+		{append(offline, "--to", "svc/demo/backend", "--port", "81"), ExitUsage, "has no port 81/TCP; it has 80/TCP, 53/UDP"},
+		{append(offline, "--to", "svc/demo/backend", "--port", "8/ICMP"), ExitUsage, "no ICMP ports"},
+		{[]string{"policy", "trace", "--from", "demo/frontend", "--to", "svc/demo/nope", "--port", "80"}, ExitUsage, "node node-1 load-balances no service demo/nope"},
 	} {
 		_, stderr, code := runAgainst(t, socket, tc.args...)
 		if code != tc.wantCode || !strings.Contains(stderr, tc.want) {
