@@ -211,3 +211,32 @@ func TestTraceServiceErrors(t *testing.T) {
 		}
 	}
 }
+
+// TestObserveShowsTheService: a flow load-balanced through a Service says
+// so in the table and in -o json; others do not.
+func TestObserveShowsTheService(t *testing.T) {
+	fa := newFakeAgent(t)
+	fa.flows = []*agentv1.Flow{
+		{TimeUnixNano: testNow.UnixNano(), Node: "node-1", SrcIp: "10.0.1.9", DstIp: "10.0.1.5", SrcPort: 43512, DstPort: 8080, Protocol: "TCP",
+			Verdict: "ALLOWED", ObservationPoint: "to-pod", SrcPod: "demo/frontend", DstPod: "demo/backend-1", Service: "demo/backend:80"},
+		{TimeUnixNano: testNow.UnixNano(), Node: "node-1", SrcIp: "10.0.1.9", DstIp: "10.0.1.5", SrcPort: 43513, DstPort: 8080, Protocol: "TCP",
+			Verdict: "ALLOWED", ObservationPoint: "to-pod", SrcPod: "demo/frontend", DstPod: "demo/backend-1"},
+	}
+	socket := serve(t, fa)
+	out, stderr, code := runAgainst(t, socket, "observe")
+	if code != ExitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	if len(lines) != 3 || !strings.Contains(lines[1], "demo/frontend 10.0.1.9:43512") ||
+		!strings.Contains(lines[1], "demo/backend-1 10.0.1.5:8080 (via svc demo/backend:80)") || strings.Contains(lines[2], "via svc") {
+		t.Errorf("table:\n%s", out)
+	}
+	out, _, _ = runAgainst(t, socket, "observe", "-o", "json")
+	var first, second flowReport
+	jl := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
+	if len(jl) != 2 || json.Unmarshal([]byte(jl[0]), &first) != nil || json.Unmarshal([]byte(jl[1]), &second) != nil ||
+		first.Service != "demo/backend:80" || second.Service != "" || strings.Contains(jl[1], "service") {
+		t.Errorf("json:\n%s", out)
+	}
+}

@@ -1633,9 +1633,12 @@ type Flow struct {
 	SrcPod           string   `protobuf:"bytes,15,opt,name=src_pod,json=srcPod,proto3" json:"src_pod,omitempty"`
 	DstPod           string   `protobuf:"bytes,16,opt,name=dst_pod,json=dstPod,proto3" json:"dst_pod,omitempty"`
 	// rule that decided, e.g. "NetworkPolicy x/allow-a ingress[0]".
-	Rule          string `protobuf:"bytes,17,opt,name=rule,proto3" json:"rule,omitempty"`
-	Encrypted     bool   `protobuf:"varint,18,opt,name=encrypted,proto3" json:"encrypted,omitempty"`
-	Bytes         uint32 `protobuf:"varint,19,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	Rule      string `protobuf:"bytes,17,opt,name=rule,proto3" json:"rule,omitempty"`
+	Encrypted bool   `protobuf:"varint,18,opt,name=encrypted,proto3" json:"encrypted,omitempty"`
+	Bytes     uint32 `protobuf:"varint,19,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// service is the Service the connection was load-balanced through, as
+	// "namespace/name:port"; empty when the client addressed the pod itself.
+	Service       string `protobuf:"bytes,20,opt,name=service,proto3" json:"service,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1801,6 +1804,13 @@ func (x *Flow) GetBytes() uint32 {
 		return x.Bytes
 	}
 	return 0
+}
+
+func (x *Flow) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
 }
 
 // CNIRequest carries what kubelet gave veil-cni: the CNI_* environment and
@@ -2441,7 +2451,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bprotocol\x18\b \x01(\tR\bprotocol\x12\x16\n" +
 	"\x06follow\x18\t \x01(\bR\x06follow\x12\x12\n" +
 	"\x04last\x18\n" +
-	" \x01(\rR\x04last\"\xa6\x04\n" +
+	" \x01(\rR\x04last\"\xc0\x04\n" +
 	"\x04Flow\x12$\n" +
 	"\x0etime_unix_nano\x18\x01 \x01(\x03R\ftimeUnixNano\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x15\n" +
@@ -2465,7 +2475,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\adst_pod\x18\x10 \x01(\tR\x06dstPod\x12\x12\n" +
 	"\x04rule\x18\x11 \x01(\tR\x04rule\x12\x1c\n" +
 	"\tencrypted\x18\x12 \x01(\bR\tencrypted\x12\x14\n" +
-	"\x05bytes\x18\x13 \x01(\rR\x05bytes\"\x89\x01\n" +
+	"\x05bytes\x18\x13 \x01(\rR\x05bytes\x12\x18\n" +
+	"\aservice\x18\x14 \x01(\tR\aservice\"\x89\x01\n" +
 	"\n" +
 	"CNIRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x14\n" +
