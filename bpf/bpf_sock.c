@@ -168,8 +168,9 @@ int veil_sk_msg(struct sk_msg_md *msg)
 	return SK_PASS;
 }
 
-/* Referenced so that bpf2go generates the enum for Go. */
+/* Referenced so that bpf2go generates the enums for Go. */
 const enum lb_backend_flags *unused_lb_backend_flags __attribute__((unused));
+const enum lb_stat *unused_lb_stat __attribute__((unused));
 
 /**
  * sock_forward() - translate a connect's or sendmsg's destination.

@@ -106,6 +106,23 @@ type sockLb4BackendKey struct {
 	Index uint32
 }
 
+type sockLb4Flow struct {
+	_      structs.HostLayout
+	TimeNs uint64
+	Vip    uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type sockLb4FlowKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type sockLb4Key struct {
 	_     structs.HostLayout
 	Vip   uint32
@@ -148,6 +165,14 @@ type sockLbBackendFlags uint32
 
 const (
 	sockLbBackendFlagsLB_BACKEND_F_TERMINATING sockLbBackendFlags = 1
+)
+
+type sockLbStat uint32
+
+const (
+	sockLbStatLB_STAT_TRANSLATED sockLbStat = 0
+	sockLbStatLB_STAT_REFUSED    sockLbStat = 1
+	sockLbStatLB_STAT_MAX        sockLbStat = 2
 )
 
 type sockLeak struct {
@@ -224,9 +249,11 @@ const (
 	sockMapVeilIpcache          = "veil_ipcache"
 	sockMapVeilLb4Affinity      = "veil_lb4_affinity"
 	sockMapVeilLb4Backends      = "veil_lb4_backends"
+	sockMapVeilLb4Flows         = "veil_lb4_flows"
 	sockMapVeilLb4Members       = "veil_lb4_members"
 	sockMapVeilLb4Revnat        = "veil_lb4_revnat"
 	sockMapVeilLb4Services      = "veil_lb4_services"
+	sockMapVeilLb4Stats         = "veil_lb4_stats"
 	sockMapVeilLeaks            = "veil_leaks"
 	sockMapVeilMetrics          = "veil_metrics"
 	sockMapVeilPolicy           = "veil_policy"
@@ -244,6 +271,7 @@ const (
 	sockProgVeilSkMsg           = "veil_sk_msg"
 	sockProgVeilSockops         = "veil_sockops"
 	sockVarUnusedLbBackendFlags = "unused_lb_backend_flags"
+	sockVarUnusedLbStat         = "unused_lb_stat"
 	sockVarUnusedSockFlags      = "unused_sock_flags"
 )
 
@@ -313,9 +341,11 @@ type sockMapSpecs struct {
 	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
 	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
 	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
 	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
 	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
 	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
 	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
@@ -329,6 +359,7 @@ type sockMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockVariableSpecs struct {
 	UnusedLbBackendFlags *ebpf.VariableSpec `ebpf:"unused_lb_backend_flags"`
+	UnusedLbStat         *ebpf.VariableSpec `ebpf:"unused_lb_stat"`
 	UnusedSockFlags      *ebpf.VariableSpec `ebpf:"unused_sock_flags"`
 }
 
@@ -360,9 +391,11 @@ type sockMaps struct {
 	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
 	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
 	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.Map `ebpf:"veil_lb4_flows"`
 	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
 	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
 	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.Map `ebpf:"veil_lb4_stats"`
 	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
@@ -381,9 +414,11 @@ func (m *sockMaps) Close() error {
 		m.VeilIpcache,
 		m.VeilLb4Affinity,
 		m.VeilLb4Backends,
+		m.VeilLb4Flows,
 		m.VeilLb4Members,
 		m.VeilLb4Revnat,
 		m.VeilLb4Services,
+		m.VeilLb4Stats,
 		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
@@ -398,6 +433,7 @@ func (m *sockMaps) Close() error {
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockVariables struct {
 	UnusedLbBackendFlags *ebpf.Variable `ebpf:"unused_lb_backend_flags"`
+	UnusedLbStat         *ebpf.Variable `ebpf:"unused_lb_stat"`
 	UnusedSockFlags      *ebpf.Variable `ebpf:"unused_sock_flags"`
 }
 

@@ -72,6 +72,10 @@ type Controller struct {
 	written map[string]map[datapath.ServiceKey]datapath.Service
 	// problems: per Service, its ports' problems ("80/TCP" -> why).
 	problems map[string]map[string]string
+	// names: the Service (namespace/name) of every entry written.
+	names map[datapath.ServiceKey]string
+	// mapFull and mapOther count failed map writes.
+	mapFull, mapOther uint64
 }
 
 // New registers the controller's informers with factory; start the factory
@@ -91,6 +95,7 @@ func New(factory kubeinformers.SharedInformerFactory, w Writer, cfg Config) (*Co
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "services"}),
 		written:  map[string]map[datapath.ServiceKey]datapath.Service{},
 		problems: map[string]map[string]string{},
+		names:    map[datapath.ServiceKey]string{},
 	}
 	svcInf := factory.Core().V1().Services().Informer()
 	sliceInf := factory.Discovery().V1().EndpointSlices().Informer()
@@ -239,6 +244,10 @@ func (c *Controller) sync(_ context.Context, key string) error {
 		}
 		s := datapath.Service{ServiceKey: k, Backends: bs, Affinity: affinity}
 		if err := c.w.UpsertService(s); err != nil {
+			c.countWriteError(err)
+			if errors.Is(err, datapath.ErrServiceMapFull) {
+				c.log.Error("service map full: this Service is not load-balanced on this node until others are deleted", "service", key, "address", k, "err", err)
+			}
 			errs = append(errs, err)
 			continue
 		}
@@ -247,16 +256,21 @@ func (c *Controller) sync(_ context.Context, key string) error {
 			c.written[key] = have
 		}
 		have[k] = s
+		c.names[k] = key
 	}
 	for k := range have {
 		if _, ok := want[k]; ok {
 			continue
 		}
 		if err := c.w.DeleteService(k); err != nil {
+			c.countWriteError(err)
 			errs = append(errs, err)
 			continue
 		}
 		delete(have, k)
+		if c.names[k] == key {
+			delete(c.names, k)
+		}
 	}
 	if len(have) == 0 {
 		delete(c.written, key)
@@ -301,6 +315,30 @@ func (c *Controller) noteProblems(key string, svc *corev1.Service, want map[data
 	} else {
 		c.problems[key] = now
 	}
+}
+
+// NameOf names the Service (namespace/name) whose entry k is.
+func (c *Controller) NameOf(k datapath.ServiceKey) (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n, ok := c.names[k]
+	return n, ok
+}
+
+// WithoutBackends counts the Service addresses (cluster IP, port,
+// protocol) written without backends, whose clients are refused.
+func (c *Controller) WithoutBackends() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, entries := range c.written {
+		for _, s := range entries {
+			if len(s.Backends) == 0 {
+				n++
+			}
+		}
+	}
+	return n
 }
 
 // Problems counts the Service ports that have no backends although their

@@ -24,11 +24,17 @@ type fakeMap struct {
 	mu       sync.Mutex
 	m        map[datapath.ServiceKey][]datapath.Backend
 	affinity map[datapath.ServiceKey]time.Duration
+	// capacity, when not 0, is how many entries fit; more fail as a full
+	// datapath map does.
+	capacity int
 }
 
 func (f *fakeMap) UpsertService(s datapath.Service) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if _, ok := f.m[s.ServiceKey]; !ok && f.capacity > 0 && len(f.m) >= f.capacity {
+		return fmt.Errorf("write service %s: %w", s.ServiceKey, datapath.ErrServiceMapFull)
+	}
 	f.m[s.ServiceKey] = s.Backends
 	if f.affinity == nil {
 		f.affinity = map[datapath.ServiceKey]time.Duration{}

@@ -89,6 +89,33 @@ struct lb4_affinity {
 };
 
 /*
+ * struct lb4_flow_key - a client (network namespace) and a backend it was
+ * sent to in place of a Service: what the agent names a flow's Service by.
+ */
+struct lb4_flow_key {
+	__u64 netns;		/* network namespace cookie */
+	__be32 ip;		/* backend */
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* struct lb4_flow - the Service address the client asked for, and when. */
+struct lb4_flow {
+	__u64 time_ns;		/* bpf_ktime_get_ns() of the last translation */
+	__be32 vip;
+	__be16 port;
+	__u16 pad;
+};
+
+/* Counters of veil_lb4_stats. */
+enum lb_stat {
+	LB_STAT_TRANSLATED = 0,	/* a connect or send sent to a backend */
+	LB_STAT_REFUSED = 1,	/* refused: the Service has no backends */
+	LB_STAT_MAX = 2,
+};
+
+/*
  * struct lb4_revnat_key - a socket that was sent to a backend in place of a
  * Service: what replies from that backend to that socket are restored from.
  */
@@ -144,6 +171,32 @@ struct {
 	__type(value, struct lb4_affinity);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_lb4_affinity SEC(".maps");
+
+/* Translations by client and backend, for naming flows' Services. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb4_flow_key);
+	__type(value, struct lb4_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_lb4_flows SEC(".maps");
+
+/* Translation counters, by enum lb_stat. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_lb4_stats SEC(".maps");
+
+static __always_inline void lb4_count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&veil_lb4_stats, &stat);
+
+	if (n)
+		*n += 1;
+}
 
 /* Translated sockets: (socket, backend) -> Service address, for replies and getpeername. */
 struct {
@@ -207,7 +260,8 @@ static __always_inline int lb4_affine(struct lb4_affinity_key *akey, struct lb4_
  * namespace was sent to a backend that is still there within the timeout;
  * every use renews the affinity. The translation is recorded in
  * veil_lb4_revnat so that replies (recvmsg) and getpeername show the
- * Service address.
+ * Service address, and in veil_lb4_flows so that the agent shows the
+ * Service on the connection's flows.
  *
  * Return: an enum lb_result.
  */
@@ -219,11 +273,14 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, 
 	struct lb4_revnat_key rkey = {};
 	struct lb4_revnat rev = {};
 	struct lb4_affinity aff = {};
+	struct lb4_flow_key fkey = {};
+	struct lb4_flow flow = {};
+	struct lb4_flow *f;
 	struct lb4_backend chosen = {};
 	struct lb4_service *svc;
 	struct lb4_backend *be;
 	__u32 count, affinity_s;
-	__u64 now = 0;
+	__u64 netns, now;
 
 	svc = bpf_map_lookup_elem(&veil_lb4_services, &key);
 	if (!svc)
@@ -235,21 +292,26 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, 
 	 */
 	count = svc->count;
 	affinity_s = svc->affinity_s;
-	if (count == 0)
+	if (count == 0) {
+		lb4_count(LB_STAT_REFUSED);
 		return LB_NO_BACKEND;
+	}
+	netns = bpf_get_netns_cookie(ctx);
+	now = bpf_ktime_get_ns();
 	if (affinity_s) {
-		akey.netns = bpf_get_netns_cookie(ctx);
+		akey.netns = netns;
 		akey.vip = key.vip;
 		akey.port = key.port;
 		akey.proto = proto;
-		now = bpf_ktime_get_ns();
 	}
 	if (!affinity_s || !lb4_affine(&akey, svc, now, &chosen)) {
 		bkey.slot = svc->slot;
 		bkey.index = bpf_get_prandom_u32() % count;
 		be = bpf_map_lookup_elem(&veil_lb4_backends, &bkey);
-		if (!be)
+		if (!be) {
+			lb4_count(LB_STAT_REFUSED);
 			return LB_NO_BACKEND;
+		}
 		chosen.ip = be->ip;
 		chosen.port = be->port;
 	}
@@ -266,6 +328,26 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, 
 	rev.vip = key.vip;
 	rev.port = key.port;
 	bpf_map_update_elem(&veil_lb4_revnat, &rkey, &rev, BPF_ANY);
+	fkey.netns = netns;
+	fkey.ip = chosen.ip;
+	fkey.port = chosen.port;
+	fkey.proto = proto;
+	/*
+	 * Unconnected UDP translates every datagram: refresh an existing
+	 * record in place rather than allocate a new LRU element each time.
+	 */
+	f = bpf_map_lookup_elem(&veil_lb4_flows, &fkey);
+	if (f) {
+		f->time_ns = now;
+		f->vip = key.vip;
+		f->port = key.port;
+	} else {
+		flow.time_ns = now;
+		flow.vip = key.vip;
+		flow.port = key.port;
+		bpf_map_update_elem(&veil_lb4_flows, &fkey, &flow, BPF_ANY);
+	}
+	lb4_count(LB_STAT_TRANSLATED);
 	*ip = chosen.ip;
 	*port = chosen.port;
 	return LB_TRANSLATED;
