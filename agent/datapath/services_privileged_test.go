@@ -827,3 +827,34 @@ func TestPrivilegedServiceSCTP(t *testing.T) {
 		t.Errorf("sctp to %s: %q; want the Service address as the peer", addr, got)
 	}
 }
+
+// TestPrivilegedServiceStrictEncrypted: in strict mode, a ClusterIP whose
+// backend is on the other node is reached through the tunnel: the
+// connection works, WireGuard crosses the underlay, and neither a pod frame
+// in the clear nor the client's payload does.
+func TestPrivilegedServiceStrictEncrypted(t *testing.T) {
+	tn := newTestNet(t, "svenc", netOpts{sockets: true})
+	serveTCP(t, tn.c, 8080)
+	tunnel(t, tn, true)
+	if err := tn.dp1.UpsertService(Service{ServiceKey: svcTCP, Backends: []Backend{backendC}}); err != nil {
+		t.Fatal(err)
+	}
+	cap1 := startCapture(t, tn.n1, "und1")
+	addr := netip.AddrPortFrom(vip, 80).String()
+	for i := range 3 {
+		if got := tn.svcCall(t, "tcp", addr); got != "ok "+addr {
+			t.Fatalf("try %d through the Service to the other node: %s", i, got)
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
+	cap1.close()
+	// svcClient's payload is "veil-svc-" and its mode.
+	wg, withPayload, plain := cap1.summary("veil-svc-tcp")
+	t.Logf("underlay capture: %d frames, %d WireGuard, %d with the payload, %d plaintext pod frames", len(cap1.frames), wg, withPayload, plain)
+	if wg == 0 {
+		t.Errorf("no WireGuard packets on the underlay")
+	}
+	if withPayload != 0 || plain != 0 {
+		t.Errorf("plaintext on the underlay: %d frames with the payload, %d pod frames", withPayload, plain)
+	}
+}
