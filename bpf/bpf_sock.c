@@ -27,6 +27,8 @@
  * show the Service address again. IPv6 sockets are translated when they talk
  * IPv4 through v4-mapped addresses (::ffff:a.b.c.d). A Service without
  * backends refuses at once: connect and sendmsg fail with ECONNREFUSED.
+ * A Service with sessionAffinity ClientIP sends a client (its network
+ * namespace) to the backend it last used, within the affinity timeout.
  */
 #include "lib/common.h"
 #include "lib/maps.h"
@@ -166,8 +168,9 @@ int veil_sk_msg(struct sk_msg_md *msg)
 	return SK_PASS;
 }
 
-/* Referenced so that bpf2go generates the enum for Go. */
+/* Referenced so that bpf2go generates the enums for Go. */
 const enum lb_backend_flags *unused_lb_backend_flags __attribute__((unused));
+const enum lb_stat *unused_lb_stat __attribute__((unused));
 
 /**
  * sock_forward() - translate a connect's or sendmsg's destination.
@@ -183,7 +186,7 @@ const enum lb_backend_flags *unused_lb_backend_flags __attribute__((unused));
  */
 static __always_inline int sock_forward(struct bpf_sock_addr *ctx, __be32 *ip, __be16 *port)
 {
-	int res = lb4_translate(bpf_get_socket_cookie(ctx), ip, port, ctx->protocol);
+	int res = lb4_translate(ctx, ip, port, ctx->protocol);
 
 	if (res == LB_NO_BACKEND)
 		bpf_set_retval(-ECONNREFUSED);

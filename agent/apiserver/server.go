@@ -111,6 +111,8 @@ type Config struct {
 	Flows      Flows
 	Health     Health
 	Encryption Encryption
+	// Services is the Service map sync; nil when the agent has no datapath.
+	Services Services
 	// CNI serves the CNI calls; nil until the pod network is ready.
 	CNI CNIService
 	Log *slog.Logger

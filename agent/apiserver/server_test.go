@@ -16,6 +16,7 @@ import (
 
 	"github.com/veilmesh/veil/agent/datapath"
 	"github.com/veilmesh/veil/agent/endpoints"
+	"github.com/veilmesh/veil/agent/services"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
@@ -205,5 +206,55 @@ func TestServesOnARootOnlySocket(t *testing.T) {
 	}
 	if !resp.Healthy || resp.AgentVersion != "test" {
 		t.Fatalf("status over the socket = %+v", resp)
+	}
+}
+
+type fakeServices []services.ServiceView
+
+func (f fakeServices) View(ns string) ([]services.ServiceView, error) {
+	var out []services.ServiceView
+	for _, v := range f {
+		if ns == "" || v.Namespace == ns {
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
+
+func TestListServices(t *testing.T) {
+	s := testServer(t, nil, &fakeHealth{})
+	ctx := context.Background()
+	if _, err := s.ListServices(ctx, &agentv1.ListServicesRequest{}); status.Code(err) != codes.Unavailable {
+		t.Errorf("without the Service sync: %v; want Unavailable", err)
+	}
+	s.cfg.Services = fakeServices{
+		{Namespace: "demo", Name: "backend", Type: "ClusterIP", ClusterIPs: []string{"10.96.0.10"}, Affinity: time.Minute,
+			Ports: []services.PortView{{Name: "http", Port: 80, Protocol: "TCP", TargetPort: "8080", Backends: []services.BackendView{
+				{IP: netip.MustParseAddr("10.244.1.3"), Port: 8080, Node: "n1", Pod: "demo/backend-1"},
+				{IP: netip.MustParseAddr("10.244.2.2"), Port: 8080, Node: "n2", Terminating: true},
+			}}, {Name: "metrics", Port: 9100, Protocol: "TCP", TargetPort: "metrics", Problem: "no endpoint declares it"}}},
+		{Namespace: "kube-system", Name: "kube-dns", Type: "ClusterIP", ClusterIPs: []string{"10.96.0.53"}},
+	}
+	resp, err := s.ListServices(ctx, &agentv1.ListServicesRequest{Namespace: "demo"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Services) != 1 {
+		t.Fatalf("services of demo: %v", resp.Services)
+	}
+	got := resp.Services[0]
+	if got.Name != "backend" || got.SessionAffinitySeconds != 60 || len(got.Ports) != 2 || got.ClusterIps[0] != "10.96.0.10" {
+		t.Fatalf("service: %v", got)
+	}
+	http, metrics := got.Ports[0], got.Ports[1]
+	if len(http.Backends) != 2 || http.Backends[0].Ip != "10.244.1.3" || http.Backends[0].Pod != "demo/backend-1" ||
+		http.Backends[1].Node != "n2" || !http.Backends[1].Terminating || http.TargetPort != "8080" {
+		t.Errorf("http port: %v", http)
+	}
+	if metrics.Problem == "" || len(metrics.Backends) != 0 {
+		t.Errorf("metrics port: %v", metrics)
+	}
+	if all, err := s.ListServices(ctx, &agentv1.ListServicesRequest{}); err != nil || len(all.Services) != 2 {
+		t.Errorf("all services: %v %v", all, err)
 	}
 }

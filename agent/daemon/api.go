@@ -16,6 +16,9 @@ func (d *Daemon) newAPIServer() *apiserver.Server {
 		Endpoints:       d.endpoints, Policy: d.compiler, Datapath: d.dp, Flows: d.flows,
 		Health: (*apiHealth)(d), Encryption: d.enc, CNI: d.cni, Log: d.log,
 	}
+	if d.services != nil {
+		cfg.Services = d.services
+	}
 	// Validated at start (config.Validate).
 	if p, err := netip.ParsePrefix(d.cfg.ClusterCIDR); err == nil {
 		cfg.ClusterCIDR = p

@@ -43,6 +43,7 @@ import (
 	"github.com/veilmesh/veil/agent/k8s"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/policysync"
+	"github.com/veilmesh/veil/agent/services"
 	"github.com/veilmesh/veil/agent/wireguard"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
@@ -88,6 +89,10 @@ type Daemon struct {
 	broadcaster record.EventBroadcaster
 	// cni serves the CNI calls; nil until the pod network is ready.
 	cni apiserver.CNIService
+	// services keeps the node's Service map, flowNamer names flows'
+	// Services; both nil without a datapath.
+	services  *services.Controller
+	flowNamer *services.FlowNamer
 }
 
 // New connects to the API server and prepares the agent; Run starts it.
@@ -165,7 +170,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	d.flows = flows.New(flows.Config{NodeName: d.cfg.NodeName, Policy: d.compiler, Observed: func(f *agentv1.Flow) {
 		d.metrics.verdicts.WithLabelValues(f.Verdict).Inc()
-	}})
+	}, Services: (*serviceFlows)(d)})
 	d.enc = d.newEncryption(dev)
 	d.policy = policysync.New(policysync.Config{
 		NodeName: d.cfg.NodeName, NodeIP: d.nodeIP, ClusterCIDRs: d.clusterCIDRs,

@@ -6,11 +6,15 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Services: socket-level load balancing of ClusterIP Services. The cgroup
@@ -36,7 +40,16 @@ type Service struct {
 	// other backend is left; without any, a client's connect or send
 	// fails at once with ECONNREFUSED.
 	Backends []Backend
+	// Affinity, when not zero, is sessionAffinity ClientIP's timeout: a
+	// client (a network namespace) is sent to the backend it last used as
+	// long as that backend is still there and the client used it within
+	// Affinity. Whole seconds, at most MaxAffinity.
+	Affinity time.Duration
 }
+
+// MaxAffinity is the longest session affinity timeout Kubernetes accepts
+// (a day).
+const MaxAffinity = 86400 * time.Second
 
 // Backend is one endpoint of a Service.
 type Backend struct {
@@ -50,6 +63,7 @@ type Backend struct {
 // lbState holds the Services' maps, programs and allocated service ids.
 type lbState struct {
 	services, backends, revnat                 *ebpf.Map
+	members, affinity, flows, stats            *ebpf.Map
 	connect4, sendmsg4, recvmsg4, getpeername4 *ebpf.Program
 	connect6, sendmsg6, recvmsg6, getpeername6 *ebpf.Program
 
@@ -64,6 +78,8 @@ type lbState struct {
 func (lb *lbState) maps() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
 		"veil_lb4_services": &lb.services, "veil_lb4_backends": &lb.backends, "veil_lb4_revnat": &lb.revnat,
+		"veil_lb4_members": &lb.members, "veil_lb4_affinity": &lb.affinity,
+		"veil_lb4_flows": &lb.flows, "veil_lb4_stats": &lb.stats,
 	}
 }
 
@@ -153,10 +169,13 @@ func activeBackends(all []Backend) []Backend {
 // for the socket programs: the new backends are written to the generation
 // the service does not use, then the service entry switches to it in one
 // update. A connect sees the old set or the new one, never a mix.
-func (d *Datapath) UpsertService(s Service) error {
+func (d *Datapath) UpsertService(s Service) (retErr error) {
 	key, err := lbKey(s.ServiceKey)
 	if err != nil {
 		return err
+	}
+	if s.Affinity < 0 || s.Affinity > MaxAffinity || s.Affinity%time.Second != 0 {
+		return fmt.Errorf("service %s: session affinity timeout %s: want whole seconds up to %s", s.ServiceKey, s.Affinity, MaxAffinity)
 	}
 	backends := activeBackends(s.Backends)
 	for _, b := range backends {
@@ -181,25 +200,42 @@ func (d *Datapath) UpsertService(s Service) error {
 			return fmt.Errorf("upsert service %s: %w", s.ServiceKey, err)
 		}
 		slot = id << 1
+		// A new Service that cannot be written (a full map) leaves
+		// neither backends nor its id behind.
+		defer func() {
+			if retErr != nil {
+				retErr = errors.Join(retErr, lb.clearMembers(slot), lb.trim(slot, 0))
+				delete(lb.ids, id)
+			}
+		}()
 	default:
 		return fmt.Errorf("look up service %s: %w", s.ServiceKey, err)
+	}
+	// The generation being written is the one before the current: its
+	// members are of that older set.
+	if err := lb.clearMembers(slot); err != nil {
+		return fmt.Errorf("upsert service %s: %w", s.ServiceKey, err)
 	}
 	for i, b := range backends {
 		v := sockLb4Backend{Ip: ip4ToU32(b.IP), Port: be16(b.Port)}
 		if b.Terminating {
 			v.Flags = uint16(sockLbBackendFlagsLB_BACKEND_F_TERMINATING)
 		}
-		if err := lb.backends.Put(sockLb4BackendKey{Slot: slot, Index: uint32(i)}, v); err != nil {
-			return fmt.Errorf("write backend %d of service %s: %w", i, s.ServiceKey, err)
+		if err := putLB(lb.backends, fmt.Sprintf("backend %d of service %s", i, s.ServiceKey), sockLb4BackendKey{Slot: slot, Index: uint32(i)}, v); err != nil {
+			return err
+		}
+		if s.Affinity == 0 {
+			continue
+		}
+		if err := putLB(lb.members, fmt.Sprintf("member %d of service %s", i, s.ServiceKey), sockLb4MemberKey{Slot: slot, Ip: v.Ip, Port: v.Port}, uint32(i)); err != nil {
+			return err
 		}
 	}
 	if err := lb.trim(slot, len(backends)); err != nil {
 		return fmt.Errorf("upsert service %s: %w", s.ServiceKey, err)
 	}
-	if err := lb.services.Put(key, sockLb4Service{Slot: slot, Count: uint32(len(backends))}); err != nil {
-		return fmt.Errorf("write service %s: %w", s.ServiceKey, err)
-	}
-	return nil
+	val := sockLb4Service{Slot: slot, Count: uint32(len(backends)), AffinityS: uint32(s.Affinity / time.Second)}
+	return putLB(lb.services, "service "+s.ServiceKey.String(), key, val)
 }
 
 // DeleteService removes a Service; its address is left to the network
@@ -225,7 +261,8 @@ func (d *Datapath) DeleteService(k ServiceKey) error {
 	if err := lb.services.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s: %w", k, err)
 	}
-	if err := errors.Join(lb.trim(cur.Slot, 0), lb.trim(cur.Slot^1, 0)); err != nil {
+	if err := errors.Join(lb.clearMembers(cur.Slot), lb.clearMembers(cur.Slot^1),
+		lb.trim(cur.Slot, 0), lb.trim(cur.Slot^1, 0)); err != nil {
 		return fmt.Errorf("delete service %s: %w", k, err)
 	}
 	delete(lb.ids, cur.Slot>>1)
@@ -245,7 +282,10 @@ func (d *Datapath) Services() ([]Service, error) {
 	)
 	it := lb.services.Iterate()
 	for it.Next(&key, &val) {
-		s := Service{ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto}}
+		s := Service{
+			ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto},
+			Affinity:   time.Duration(val.AffinityS) * time.Second,
+		}
 		for i := uint32(0); i < val.Count; i++ {
 			var b sockLb4Backend
 			if err := lb.backends.Lookup(sockLb4BackendKey{Slot: val.Slot, Index: i}, &b); err != nil {
@@ -315,6 +355,141 @@ func (lb *lbState) trim(slot uint32, from int) error {
 		}
 		if err != nil {
 			return fmt.Errorf("delete backend %d of slot %d: %w", i, slot, err)
+		}
+	}
+}
+
+// ErrServiceMapFull is returned (wrapped) when a Service map has no room
+// for another entry.
+var ErrServiceMapFull = errors.New("service map full")
+
+// putLB writes one entry of a Service map, telling a full map apart.
+func putLB(m *ebpf.Map, what string, key, val any) error {
+	err := m.Put(key, val)
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOMEM) {
+		return fmt.Errorf("write %s: %w (%d entries): %w", what, ErrServiceMapFull, m.MaxEntries(), err)
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", what, err)
+	}
+	return nil
+}
+
+// ServiceStats are the socket programs' translation counters.
+type ServiceStats struct {
+	// Translated counts connects and sends sent to a backend.
+	Translated uint64
+	// Refused counts connects and sends refused for want of a backend.
+	Refused uint64
+}
+
+// ServiceStats sums the translation counters over CPUs.
+func (d *Datapath) ServiceStats() (ServiceStats, error) {
+	sum := func(k sockLbStat) (uint64, error) {
+		var per []uint64
+		if err := d.lb.stats.Lookup(uint32(k), &per); err != nil {
+			return 0, fmt.Errorf("read service counter %d: %w", k, err)
+		}
+		var n uint64
+		for _, v := range per {
+			n += v
+		}
+		return n, nil
+	}
+	t, err := sum(sockLbStatLB_STAT_TRANSLATED)
+	if err != nil {
+		return ServiceStats{}, err
+	}
+	r, err := sum(sockLbStatLB_STAT_REFUSED)
+	return ServiceStats{Translated: t, Refused: r}, err
+}
+
+// ServiceTranslation is the last time a client was sent to a backend in
+// place of a Service.
+type ServiceTranslation struct {
+	// Service is the address the client asked for.
+	Service netip.AddrPort
+	// Age is how long ago.
+	Age time.Duration
+}
+
+// LastTranslation looks up the last translation of client (a network
+// namespace cookie, see NetnsCookie) to backend; ok is false when there
+// was none (or it was evicted: the map keeps the newest 65536).
+func (d *Datapath) LastTranslation(netns uint64, backend netip.AddrPort, proto uint8) (ServiceTranslation, bool, error) {
+	if !backend.Addr().Is4() {
+		return ServiceTranslation{}, false, nil
+	}
+	key := sockLb4FlowKey{Netns: netns, Ip: ip4ToU32(backend.Addr()), Port: be16(backend.Port()), Proto: proto}
+	var v sockLb4Flow
+	if err := d.lb.flows.Lookup(&key, &v); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return ServiceTranslation{}, false, nil
+		}
+		return ServiceTranslation{}, false, fmt.Errorf("look up translation to %s: %w", backend, err)
+	}
+	var now unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &now); err != nil {
+		return ServiceTranslation{}, false, fmt.Errorf("read the monotonic clock: %w", err)
+	}
+	return ServiceTranslation{
+		Service: netip.AddrPortFrom(u32ToIP4(v.Vip), fromBE16(v.Port)),
+		Age:     max(time.Duration(now.Nano()-int64(v.TimeNs)), 0),
+	}, true, nil
+}
+
+// NetnsCookie is the cookie the kernel gives the network namespace at path
+// (the socket programs key clients by it): read with SO_NETNS_COOKIE from a
+// socket made in that namespace, on a thread that is discarded afterwards.
+func NetnsCookie(path string) (uint64, error) {
+	type result struct {
+		cookie uint64
+		err    error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		ns, err := netns.GetFromPath(path)
+		if err != nil {
+			ch <- result{err: fmt.Errorf("open netns %s: %w", path, err)}
+			return
+		}
+		defer ns.Close()
+		if err := netns.Set(ns); err != nil {
+			ch <- result{err: fmt.Errorf("enter netns %s: %w", path, err)}
+			return
+		}
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			ch <- result{err: fmt.Errorf("socket in netns %s: %w", path, err)}
+			return
+		}
+		defer unix.Close(fd)
+		c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		if err != nil {
+			err = fmt.Errorf("netns cookie of %s: %w", path, err)
+		}
+		ch <- result{c, err}
+	}()
+	r := <-ch
+	return r.cookie, r.err
+}
+
+// clearMembers deletes the member entries of slot's backends; a slot's
+// backends are contiguous from 0.
+func (lb *lbState) clearMembers(slot uint32) error {
+	for i := uint32(0); ; i++ {
+		var b sockLb4Backend
+		err := lb.backends.Lookup(sockLb4BackendKey{Slot: slot, Index: i}, &b)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read backend %d of slot %d: %w", i, slot, err)
+		}
+		err = lb.members.Delete(sockLb4MemberKey{Slot: slot, Ip: b.Ip, Port: b.Port})
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete member %d of slot %d: %w", i, slot, err)
 		}
 	}
 }

@@ -76,6 +76,23 @@ type sockIpcacheInfo struct {
 	Flags    uint32
 }
 
+type sockLb4Affinity struct {
+	_          structs.HostLayout
+	LastUsedNs uint64
+	Ip         uint32
+	Port       uint16
+	Pad        uint16
+}
+
+type sockLb4AffinityKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Vip   uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type sockLb4Backend struct {
 	_     structs.HostLayout
 	Ip    uint32
@@ -89,12 +106,37 @@ type sockLb4BackendKey struct {
 	Index uint32
 }
 
+type sockLb4Flow struct {
+	_      structs.HostLayout
+	TimeNs uint64
+	Vip    uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type sockLb4FlowKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type sockLb4Key struct {
 	_     structs.HostLayout
 	Vip   uint32
 	Port  uint16
 	Proto uint8
 	Pad   uint8
+}
+
+type sockLb4MemberKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Ip   uint32
+	Port uint16
+	Pad  uint16
 }
 
 type sockLb4Revnat struct {
@@ -113,15 +155,24 @@ type sockLb4RevnatKey struct {
 }
 
 type sockLb4Service struct {
-	_     structs.HostLayout
-	Slot  uint32
-	Count uint32
+	_         structs.HostLayout
+	Slot      uint32
+	Count     uint32
+	AffinityS uint32
 }
 
 type sockLbBackendFlags uint32
 
 const (
 	sockLbBackendFlagsLB_BACKEND_F_TERMINATING sockLbBackendFlags = 1
+)
+
+type sockLbStat uint32
+
+const (
+	sockLbStatLB_STAT_TRANSLATED sockLbStat = 0
+	sockLbStatLB_STAT_REFUSED    sockLbStat = 1
+	sockLbStatLB_STAT_MAX        sockLbStat = 2
 )
 
 type sockLeak struct {
@@ -196,9 +247,13 @@ const (
 	sockMapVeilEvents           = "veil_events"
 	sockMapVeilFrags            = "veil_frags"
 	sockMapVeilIpcache          = "veil_ipcache"
+	sockMapVeilLb4Affinity      = "veil_lb4_affinity"
 	sockMapVeilLb4Backends      = "veil_lb4_backends"
+	sockMapVeilLb4Flows         = "veil_lb4_flows"
+	sockMapVeilLb4Members       = "veil_lb4_members"
 	sockMapVeilLb4Revnat        = "veil_lb4_revnat"
 	sockMapVeilLb4Services      = "veil_lb4_services"
+	sockMapVeilLb4Stats         = "veil_lb4_stats"
 	sockMapVeilLeaks            = "veil_leaks"
 	sockMapVeilMetrics          = "veil_metrics"
 	sockMapVeilPolicy           = "veil_policy"
@@ -216,6 +271,7 @@ const (
 	sockProgVeilSkMsg           = "veil_sk_msg"
 	sockProgVeilSockops         = "veil_sockops"
 	sockVarUnusedLbBackendFlags = "unused_lb_backend_flags"
+	sockVarUnusedLbStat         = "unused_lb_stat"
 	sockVarUnusedSockFlags      = "unused_sock_flags"
 )
 
@@ -283,9 +339,13 @@ type sockMapSpecs struct {
 	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
 	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
 	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
 	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
+	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
 	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
 	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
 	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
@@ -299,6 +359,7 @@ type sockMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockVariableSpecs struct {
 	UnusedLbBackendFlags *ebpf.VariableSpec `ebpf:"unused_lb_backend_flags"`
+	UnusedLbStat         *ebpf.VariableSpec `ebpf:"unused_lb_stat"`
 	UnusedSockFlags      *ebpf.VariableSpec `ebpf:"unused_sock_flags"`
 }
 
@@ -328,9 +389,13 @@ type sockMaps struct {
 	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
 	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
 	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
 	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.Map `ebpf:"veil_lb4_flows"`
+	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
 	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
 	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.Map `ebpf:"veil_lb4_stats"`
 	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
@@ -347,9 +412,13 @@ func (m *sockMaps) Close() error {
 		m.VeilEvents,
 		m.VeilFrags,
 		m.VeilIpcache,
+		m.VeilLb4Affinity,
 		m.VeilLb4Backends,
+		m.VeilLb4Flows,
+		m.VeilLb4Members,
 		m.VeilLb4Revnat,
 		m.VeilLb4Services,
+		m.VeilLb4Stats,
 		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
@@ -364,6 +433,7 @@ func (m *sockMaps) Close() error {
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockVariables struct {
 	UnusedLbBackendFlags *ebpf.Variable `ebpf:"unused_lb_backend_flags"`
+	UnusedLbStat         *ebpf.Variable `ebpf:"unused_lb_stat"`
 	UnusedSockFlags      *ebpf.Variable `ebpf:"unused_sock_flags"`
 }
 

@@ -37,6 +37,15 @@ type Config struct {
 	Size int
 	// Observed, when set, is called with every new flow.
 	Observed func(*agentv1.Flow)
+	// Services, when set, names the Service a flow's connection was
+	// load-balanced through.
+	Services ServiceNamer
+}
+
+// ServiceNamer names the Service a connection from client to backend went
+// through ("namespace/name:port"), or "" when it went to the pod directly.
+type ServiceNamer interface {
+	ServiceVia(client netip.Addr, backend netip.AddrPort, proto uint8) string
 }
 
 // Log describes flows and keeps the newest ones.
@@ -142,6 +151,13 @@ func (l *Log) Describe(ev datapath.FlowEvent) *agentv1.Flow {
 	if ev.RuleID != 0 {
 		if r, ok := l.cfg.Policy.Rule(ev.RuleID); ok {
 			f.Rule = fmt.Sprintf("%s %s", r.Policy, r.Section)
+		}
+	}
+	if s := l.cfg.Services; s != nil && ev.Proto != policytypes.ProtoICMP {
+		// The client is the local pod; the flow may be a reply.
+		f.Service = s.ServiceVia(ev.Src, netip.AddrPortFrom(ev.Dst, ev.DstPort), ev.Proto)
+		if f.Service == "" {
+			f.Service = s.ServiceVia(ev.Dst, netip.AddrPortFrom(ev.Src, ev.SrcPort), ev.Proto)
 		}
 	}
 	return f

@@ -90,3 +90,32 @@ func TestRunDescribesAndKeepsEvents(t *testing.T) {
 		t.Errorf("reply's destination pod %q, want x/web", past[1].DstPod)
 	}
 }
+
+type fakeNamer map[[2]string]string
+
+func (f fakeNamer) ServiceVia(client netip.Addr, backend netip.AddrPort, _ uint8) string {
+	return f[[2]string{client.String(), backend.String()}]
+}
+
+// TestDescribeNamesTheService: a flow from a client to a backend it was
+// load-balanced to, and the reply, name the Service; a flow to the pod
+// directly does not.
+func TestDescribeNamesTheService(t *testing.T) {
+	l := New(Config{NodeName: "n1", Policy: fakePolicy{}, Services: fakeNamer{
+		{"10.244.0.5", "10.244.1.7:8080"}: "demo/backend:80",
+	}})
+	client, backend := netip.MustParseAddr("10.244.0.5"), netip.MustParseAddr("10.244.1.7")
+	for _, c := range []struct {
+		name string
+		ev   datapath.FlowEvent
+		want string
+	}{
+		{"request", datapath.FlowEvent{Src: client, Dst: backend, SrcPort: 40000, DstPort: 8080, Proto: policytypes.ProtoTCP}, "demo/backend:80"},
+		{"reply", datapath.FlowEvent{Src: backend, Dst: client, SrcPort: 8080, DstPort: 40000, Proto: policytypes.ProtoTCP}, "demo/backend:80"},
+		{"another port of the pod", datapath.FlowEvent{Src: client, Dst: backend, SrcPort: 40000, DstPort: 9090, Proto: policytypes.ProtoTCP}, ""},
+	} {
+		if got := l.Describe(c.ev).Service; got != c.want {
+			t.Errorf("%s: service %q; want %q", c.name, got, c.want)
+		}
+	}
+}

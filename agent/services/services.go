@@ -21,11 +21,13 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	kubeinformers "k8s.io/client-go/informers"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	discoverylisters "k8s.io/client-go/listers/discovery/v1"
@@ -67,7 +69,13 @@ type Controller struct {
 
 	mu sync.Mutex
 	// written: per Service (namespace/name), the entries last written.
-	written map[string]map[datapath.ServiceKey][]datapath.Backend
+	written map[string]map[datapath.ServiceKey]datapath.Service
+	// problems: per Service, its ports' problems ("80/TCP" -> why).
+	problems map[string]map[string]string
+	// names: the Service (namespace/name) of every entry written.
+	names map[datapath.ServiceKey]string
+	// mapFull and mapOther count failed map writes.
+	mapFull, mapOther uint64
 }
 
 // New registers the controller's informers with factory; start the factory
@@ -85,7 +93,9 @@ func New(factory kubeinformers.SharedInformerFactory, w Writer, cfg Config) (*Co
 		slices:   factory.Discovery().V1().EndpointSlices().Lister(),
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
 			workqueue.TypedRateLimitingQueueConfig[string]{Name: "services"}),
-		written: map[string]map[datapath.ServiceKey][]datapath.Backend{},
+		written:  map[string]map[datapath.ServiceKey]datapath.Service{},
+		problems: map[string]map[string]string{},
+		names:    map[datapath.ServiceKey]string{},
 	}
 	svcInf := factory.Core().V1().Services().Informer()
 	sliceInf := factory.Discovery().V1().EndpointSlices().Informer()
@@ -207,6 +217,7 @@ func (c *Controller) sync(_ context.Context, key string) error {
 		return fmt.Errorf("parse key %q: %w", key, err)
 	}
 	want := map[datapath.ServiceKey][]datapath.Backend{}
+	var affinity time.Duration
 	svc, err := c.services.Services(ns).Get(name)
 	switch {
 	case apierrors.IsNotFound(err):
@@ -219,40 +230,127 @@ func (c *Controller) sync(_ context.Context, key string) error {
 			return fmt.Errorf("list endpointslices of %s: %w", key, err)
 		}
 		want = Entries(svc, eps, c.cfg.NodeName)
+		affinity = Affinity(svc)
 	}
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	c.noteProblems(key, svc, want)
 	have := c.written[key]
 	var errs []error
 	for k, bs := range want {
-		if old, ok := have[k]; ok && slices.Equal(old, bs) {
+		if old, ok := have[k]; ok && slices.Equal(old.Backends, bs) && old.Affinity == affinity {
 			continue
 		}
-		if err := c.w.UpsertService(datapath.Service{ServiceKey: k, Backends: bs}); err != nil {
+		s := datapath.Service{ServiceKey: k, Backends: bs, Affinity: affinity}
+		if err := c.w.UpsertService(s); err != nil {
+			c.countWriteError(err)
+			if errors.Is(err, datapath.ErrServiceMapFull) {
+				c.log.Error("service map full: this Service is not load-balanced on this node until others are deleted", "service", key, "address", k, "err", err)
+			}
 			errs = append(errs, err)
 			continue
 		}
 		if have == nil {
-			have = map[datapath.ServiceKey][]datapath.Backend{}
+			have = map[datapath.ServiceKey]datapath.Service{}
 			c.written[key] = have
 		}
-		have[k] = bs
+		have[k] = s
+		c.names[k] = key
 	}
 	for k := range have {
 		if _, ok := want[k]; ok {
 			continue
 		}
 		if err := c.w.DeleteService(k); err != nil {
+			c.countWriteError(err)
 			errs = append(errs, err)
 			continue
 		}
 		delete(have, k)
+		if c.names[k] == key {
+			delete(c.names, k)
+		}
 	}
 	if len(have) == 0 {
 		delete(c.written, key)
 	}
 	return errors.Join(errs...)
+}
+
+// noteProblems logs, once per change, the ports of a Service that have no
+// backends although the Service has endpoints (a target port name no
+// backend declares), and keeps them for Problems. svc is nil once the
+// Service is gone. c.mu is held.
+func (c *Controller) noteProblems(key string, svc *corev1.Service, want map[datapath.ServiceKey][]datapath.Backend) {
+	now := map[string]string{}
+	if svc != nil {
+		for k, bs := range want {
+			if len(bs) > 0 {
+				continue
+			}
+			for _, sp := range svc.Spec.Ports {
+				if uint16(sp.Port) != k.Port || protocol(sp.Protocol) != k.Proto {
+					continue
+				}
+				sel := labels.SelectorFromSet(labels.Set{discoveryv1.LabelServiceName: svc.Name})
+				eps, err := c.slices.EndpointSlices(svc.Namespace).List(sel)
+				if err != nil {
+					continue
+				}
+				if _, p := backendViews(sp, eps, false, ""); p != "" {
+					now[fmt.Sprintf("%d/%s", sp.Port, cmp.Or(sp.Protocol, corev1.ProtocolTCP))] = p
+				}
+			}
+		}
+	}
+	old := c.problems[key]
+	for port, p := range now {
+		if old[port] != p {
+			c.log.Warn("service port has no backends", "service", key, "port", port, "problem", p)
+		}
+	}
+	if len(now) == 0 {
+		delete(c.problems, key)
+	} else {
+		c.problems[key] = now
+	}
+}
+
+// NameOf names the Service (namespace/name) whose entry k is.
+func (c *Controller) NameOf(k datapath.ServiceKey) (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n, ok := c.names[k]
+	return n, ok
+}
+
+// WithoutBackends counts the Service addresses (cluster IP, port,
+// protocol) written without backends, whose clients are refused.
+func (c *Controller) WithoutBackends() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, entries := range c.written {
+		for _, s := range entries {
+			if len(s.Backends) == 0 {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// Problems counts the Service ports that have no backends although their
+// Service has endpoints.
+func (c *Controller) Problems() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, ps := range c.problems {
+		n += len(ps)
+	}
+	return n
 }
 
 // Entries computes a Service's map entries from its EndpointSlices: one per
@@ -290,17 +388,51 @@ func Entries(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node string)
 	return out
 }
 
+// DefaultAffinity is sessionAffinity ClientIP's timeout when the Service
+// names none (Kubernetes' default, three hours).
+const DefaultAffinity = 10800 * time.Second
+
+// Affinity is a Service's sessionAffinity ClientIP timeout, or 0 without
+// session affinity. A timeout out of the API's range (1 to 86400 seconds;
+// the API server refuses others) is brought into it.
+func Affinity(svc *corev1.Service) time.Duration {
+	if svc.Spec.SessionAffinity != corev1.ServiceAffinityClientIP {
+		return 0
+	}
+	cfg := svc.Spec.SessionAffinityConfig
+	if cfg == nil || cfg.ClientIP == nil || cfg.ClientIP.TimeoutSeconds == nil {
+		return DefaultAffinity
+	}
+	d := time.Duration(*cfg.ClientIP.TimeoutSeconds) * time.Second
+	return min(max(d, time.Second), datapath.MaxAffinity)
+}
+
 func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local bool, node string) []datapath.Backend {
-	seen := map[netip.AddrPort]int{}
+	views, _ := backendViews(sp, eps, local, node)
 	var out []datapath.Backend
+	for _, v := range views {
+		out = append(out, datapath.Backend{IP: v.IP, Port: v.Port, Terminating: v.Terminating})
+	}
+	return out
+}
+
+// backendViews are the endpoints that can serve a Service port, sorted by
+// address, with a problem when the Service's slices have endpoints but none
+// for this port (a target port name no backend declares).
+func backendViews(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local bool, node string) ([]BackendView, string) {
+	seen := map[netip.AddrPort]int{}
+	var out []BackendView
+	matched, endpoints := false, 0
 	for _, s := range eps {
 		if s.AddressType != discoveryv1.AddressTypeIPv4 {
 			continue
 		}
+		endpoints += len(s.Endpoints)
 		port, ok := slicePort(s, sp)
 		if !ok {
 			continue
 		}
+		matched = true
 		for _, ep := range s.Endpoints {
 			if len(ep.Addresses) == 0 || (local && (ep.NodeName == nil || *ep.NodeName != node)) {
 				continue
@@ -320,7 +452,13 @@ func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local boo
 			if err != nil || !ip.Is4() {
 				continue
 			}
-			b := datapath.Backend{IP: ip, Port: port, Terminating: !ready}
+			b := BackendView{IP: ip, Port: port, Terminating: !ready}
+			if ep.NodeName != nil {
+				b.Node = *ep.NodeName
+			}
+			if r := ep.TargetRef; r != nil && r.Kind == "Pod" {
+				b.Pod = r.Namespace + "/" + r.Name
+			}
 			ap := netip.AddrPortFrom(ip, port)
 			// An endpoint may sit in two slices while it moves; ready wins.
 			if i, dup := seen[ap]; dup {
@@ -331,10 +469,19 @@ func backends(sp corev1.ServicePort, eps []*discoveryv1.EndpointSlice, local boo
 			out = append(out, b)
 		}
 	}
-	slices.SortFunc(out, func(a, b datapath.Backend) int {
+	slices.SortFunc(out, func(a, b BackendView) int {
 		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Port, b.Port))
 	})
-	return out
+	var problem string
+	if !matched && endpoints > 0 {
+		target := sp.TargetPort.String()
+		if sp.TargetPort.Type == intstr.String {
+			problem = fmt.Sprintf("no endpoint declares target port %q (%d endpoints in the Service's slices)", target, endpoints)
+		} else {
+			problem = fmt.Sprintf("no endpoint serves port %q (%d endpoints in the Service's slices)", cmp.Or(sp.Name, target), endpoints)
+		}
+	}
+	return out, problem
 }
 
 // slicePort finds the slice's port for a Service port: the same name and

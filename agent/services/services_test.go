@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -20,15 +21,32 @@ import (
 
 // fakeMap is a datapath service map in memory.
 type fakeMap struct {
-	mu sync.Mutex
-	m  map[datapath.ServiceKey][]datapath.Backend
+	mu       sync.Mutex
+	m        map[datapath.ServiceKey][]datapath.Backend
+	affinity map[datapath.ServiceKey]time.Duration
+	// capacity, when not 0, is how many entries fit; more fail as a full
+	// datapath map does.
+	capacity int
 }
 
 func (f *fakeMap) UpsertService(s datapath.Service) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if _, ok := f.m[s.ServiceKey]; !ok && f.capacity > 0 && len(f.m) >= f.capacity {
+		return fmt.Errorf("write service %s: %w", s.ServiceKey, datapath.ErrServiceMapFull)
+	}
 	f.m[s.ServiceKey] = s.Backends
+	if f.affinity == nil {
+		f.affinity = map[datapath.ServiceKey]time.Duration{}
+	}
+	f.affinity[s.ServiceKey] = s.Affinity
 	return nil
+}
+
+func (f *fakeMap) affinityOf(k datapath.ServiceKey) time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.affinity[k]
 }
 
 func (f *fakeMap) DeleteService(k datapath.ServiceKey) error {
@@ -183,6 +201,28 @@ func TestEntries(t *testing.T) {
 	}
 }
 
+func TestAffinity(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		spec corev1.ServiceSpec
+		want time.Duration
+	}{
+		{"none", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityNone}, 0},
+		{"unset", corev1.ServiceSpec{}, 0},
+		{"ClientIP, default timeout", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP}, DefaultAffinity},
+		{"ClientIP 30s", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP,
+			SessionAffinityConfig: &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(30))}}}, 30 * time.Second},
+		{"ClientIP 0s (refused by the API) is 1s", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP,
+			SessionAffinityConfig: &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(0))}}}, time.Second},
+		{"ClientIP over a day is a day", corev1.ServiceSpec{SessionAffinity: corev1.ServiceAffinityClientIP,
+			SessionAffinityConfig: &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(100000))}}}, datapath.MaxAffinity},
+	} {
+		if got := Affinity(&corev1.Service{Spec: c.spec}); got != c.want {
+			t.Errorf("%s: got %s; want %s", c.name, got, c.want)
+		}
+	}
+}
+
 // TestController follows a Service through the fake API server: slices
 // appear, backends terminate, the Service is deleted; an entry left in the
 // map by an earlier agent for a Service that is gone is removed at start.
@@ -245,11 +285,121 @@ func TestController(t *testing.T) {
 	}
 	await("slice deleted", map[datapath.ServiceKey][]datapath.Backend{http: nil, dns: nil})
 
+	// Session affinity: the default timeout, then a changed timeout alone
+	// (same backends) is written too.
+	awaitAffinity := func(what string, want time.Duration) {
+		t.Helper()
+		for fm.affinityOf(http) != want {
+			select {
+			case <-ctx.Done():
+				t.Fatalf("%s: affinity %s; want %s", what, fm.affinityOf(http), want)
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	web, err := svcs.Get(ctx, "web", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	web.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
+	if web, err = svcs.Update(ctx, web, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	awaitAffinity("ClientIP", DefaultAffinity)
+	web.Spec.SessionAffinityConfig = &corev1.SessionAffinityConfig{ClientIP: &corev1.ClientIPConfig{TimeoutSeconds: ptr(int32(60))}}
+	if _, err = svcs.Update(ctx, web, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	awaitAffinity("ClientIP 60s", time.Minute)
+
 	if err := svcs.Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	await("service deleted", map[datapath.ServiceKey][]datapath.Backend{dns: nil})
 
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}
+
+// TestView: the Services as the node sees them, with each backend's node
+// and pod, and a port whose target port name no endpoint declares shown
+// (and counted) with why it has no backends while the other port works.
+func TestView(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	kube := fake.NewClientset()
+	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
+	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
+	c, err := New(factory, fm, Config{NodeName: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := service("web", "10.96.0.10",
+		port("http", corev1.ProtocolTCP, 80, intstr.FromString("http")),
+		port("metrics", corev1.ProtocolTCP, 9100, intstr.FromString("metrics")))
+	web.Spec.SessionAffinity = corev1.ServiceAffinityClientIP
+	s := slice("web", "web-1", []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 8080)},
+		readyEP("10.244.2.2", "n2"), ep{ip: "10.244.1.3", node: "n1", serving: true, terminating: true})
+	s.Endpoints[0].TargetRef = &corev1.ObjectReference{Kind: "Pod", Namespace: "demo", Name: "web-b"}
+	headless := service("db", "None", port("", corev1.ProtocolTCP, 5432, intstr.FromInt32(5432)))
+	for _, obj := range []struct {
+		create func() error
+	}{
+		{func() error {
+			_, err := kube.CoreV1().Services("demo").Create(ctx, web, metav1.CreateOptions{})
+			return err
+		}},
+		{func() error {
+			_, err := kube.CoreV1().Services("demo").Create(ctx, headless, metav1.CreateOptions{})
+			return err
+		}},
+		{func() error {
+			_, err := kube.DiscoveryV1().EndpointSlices("demo").Create(ctx, s, metav1.CreateOptions{})
+			return err
+		}},
+	} {
+		if err := obj.create(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	factory.Start(ctx.Done())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+
+	var got []ServiceView
+	for c.Problems() != 1 || len(got) != 1 || len(got[0].Ports) != 2 || len(got[0].Ports[0].Backends) != 2 {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("view %+v, %d problems; want web with two ports, one problem", got, c.Problems())
+		case <-time.After(5 * time.Millisecond):
+		}
+		if got, err = c.View(""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v := got[0]
+	if v.Namespace != "demo" || v.Name != "web" || v.Type != "ClusterIP" || fmt.Sprint(v.ClusterIPs) != "[10.96.0.10]" || v.Affinity != DefaultAffinity {
+		t.Errorf("service: got %+v", v)
+	}
+	http, metrics := v.Ports[0], v.Ports[1]
+	wantHTTP := fmt.Sprint([]BackendView{
+		{IP: netip.MustParseAddr("10.244.1.3"), Port: 8080, Node: "n1", Terminating: true},
+		{IP: netip.MustParseAddr("10.244.2.2"), Port: 8080, Node: "n2", Pod: "demo/web-b"},
+	})
+	if http.Name != "http" || http.Port != 80 || http.Protocol != "TCP" || http.TargetPort != "http" || fmt.Sprint(http.Backends) != wantHTTP || http.Problem != "" {
+		t.Errorf("http port: got %+v; want backends %s", http, wantHTTP)
+	}
+	if r, term := http.Counts(); r != 1 || term != 1 {
+		t.Errorf("http counts: %d ready, %d terminating; want 1, 1", r, term)
+	}
+	if len(metrics.Backends) != 0 || !strings.Contains(metrics.Problem, `no endpoint declares target port "metrics"`) {
+		t.Errorf("metrics port: got %+v; want no backends and the undeclared port name", metrics)
+	}
+	if other, err := c.View("other"); err != nil || len(other) != 0 {
+		t.Errorf("view of another namespace: %v %v", other, err)
+	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Errorf("Run: %v", err)

@@ -33,6 +33,7 @@ struct lb4_key {
 struct lb4_service {
 	__u32 slot;		/* backends' generation: id << 1 | generation */
 	__u32 count;		/* backends at indices [0, count) of slot; 0: refuse */
+	__u32 affinity_s;	/* sessionAffinity ClientIP timeout in seconds; 0: none */
 };
 
 /* struct lb4_backend_key - one backend of a generation. */
@@ -51,6 +52,67 @@ struct lb4_backend {
 	__be32 ip;
 	__be16 port;
 	__u16 flags;		/* LB_BACKEND_F_* */
+};
+
+/*
+ * struct lb4_member_key - a backend of a generation by address, written only
+ * for Services with session affinity: whether a remembered backend is still
+ * one of the Service's is one lookup, in the same generation as the backends.
+ */
+struct lb4_member_key {
+	__u32 slot;
+	__be32 ip;
+	__be16 port;
+	__u16 pad;
+};
+
+/*
+ * struct lb4_affinity_key - a client of a Service with session affinity.
+ * Sockets have no source address yet when they connect; a client is its
+ * network namespace (a pod, or the host), which is what ClientIP means
+ * for a pod with one address.
+ */
+struct lb4_affinity_key {
+	__u64 netns;		/* network namespace cookie */
+	__be32 vip;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* struct lb4_affinity - the backend a client was last sent to, and when. */
+struct lb4_affinity {
+	__u64 last_used_ns;	/* bpf_ktime_get_ns() */
+	__be32 ip;
+	__be16 port;
+	__u16 pad;
+};
+
+/*
+ * struct lb4_flow_key - a client (network namespace) and a backend it was
+ * sent to in place of a Service: what the agent names a flow's Service by.
+ */
+struct lb4_flow_key {
+	__u64 netns;		/* network namespace cookie */
+	__be32 ip;		/* backend */
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* struct lb4_flow - the Service address the client asked for, and when. */
+struct lb4_flow {
+	__u64 time_ns;		/* bpf_ktime_get_ns() of the last translation */
+	__be32 vip;
+	__be16 port;
+	__u16 pad;
+};
+
+/* Counters of veil_lb4_stats. */
+enum lb_stat {
+	LB_STAT_TRANSLATED = 0,	/* a connect or send sent to a backend */
+	LB_STAT_REFUSED = 1,	/* refused: the Service has no backends */
+	LB_STAT_MAX = 2,
 };
 
 /*
@@ -91,6 +153,51 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_lb4_backends SEC(".maps");
 
+/* Backends by address, per generation, of Services with session affinity. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lb4_member_key);
+	__type(value, __u32);	/* index in the generation */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_lb4_members SEC(".maps");
+
+/* Session affinity: (client, Service) -> backend last chosen. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb4_affinity_key);
+	__type(value, struct lb4_affinity);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_lb4_affinity SEC(".maps");
+
+/* Translations by client and backend, for naming flows' Services. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct lb4_flow_key);
+	__type(value, struct lb4_flow);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_lb4_flows SEC(".maps");
+
+/* Translation counters, by enum lb_stat. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_lb4_stats SEC(".maps");
+
+static __always_inline void lb4_count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&veil_lb4_stats, &stat);
+
+	if (n)
+		*n += 1;
+}
+
 /* Translated sockets: (socket, backend) -> Service address, for replies and getpeername. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -108,27 +215,72 @@ enum lb_result {
 };
 
 /**
+ * lb4_affine() - the backend a client's affinity names, if still valid.
+ * @akey: the client and Service
+ * @svc: the Service's entry
+ * @now: bpf_ktime_get_ns()
+ * @be: filled with the backend
+ *
+ * Valid means used within the Service's timeout and still a backend of
+ * the generation clients are sent to now: an entry whose backend left is
+ * never used, and is replaced by the next choice.
+ *
+ * Return: 1 when @be names the remembered backend.
+ */
+static __always_inline int lb4_affine(struct lb4_affinity_key *akey, struct lb4_service *svc,
+				      __u64 now, struct lb4_backend *be)
+{
+	struct lb4_member_key mkey = {};
+	struct lb4_affinity *aff;
+
+	aff = bpf_map_lookup_elem(&veil_lb4_affinity, akey);
+	if (!aff)
+		return 0;
+	if (now - aff->last_used_ns > (__u64)svc->affinity_s * 1000000000ULL)
+		return 0;
+	mkey.slot = svc->slot;
+	mkey.ip = aff->ip;
+	mkey.port = aff->port;
+	if (!bpf_map_lookup_elem(&veil_lb4_members, &mkey))
+		return 0;
+	be->ip = aff->ip;
+	be->port = aff->port;
+	return 1;
+}
+
+/**
  * lb4_translate() - choose a backend for a Service address.
- * @cookie: the socket's cookie, under which the translation is remembered
+ * @ctx: the socket hook's context (for the socket and netns cookies)
  * @ip: destination address (network byte order), replaced by the backend's
  * @port: destination port (network byte order), replaced by the backend's
  * @proto: the socket's protocol
  *
- * A backend is chosen at random among the service's current generation.
- * The translation is recorded in veil_lb4_revnat so that replies (recvmsg)
- * and getpeername show the Service address.
+ * A backend is chosen at random among the service's current generation,
+ * unless the Service has session affinity and this client's network
+ * namespace was sent to a backend that is still there within the timeout;
+ * every use renews the affinity. The translation is recorded in
+ * veil_lb4_revnat so that replies (recvmsg) and getpeername show the
+ * Service address, and in veil_lb4_flows so that the agent shows the
+ * Service on the connection's flows.
  *
  * Return: an enum lb_result.
  */
-static __always_inline int lb4_translate(__u64 cookie, __be32 *ip, __be16 *port, __u8 proto)
+static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, __be16 *port, __u8 proto)
 {
 	struct lb4_key key = { .vip = *ip, .port = *port, .proto = proto };
+	struct lb4_affinity_key akey = {};
 	struct lb4_backend_key bkey = {};
 	struct lb4_revnat_key rkey = {};
 	struct lb4_revnat rev = {};
+	struct lb4_affinity aff = {};
+	struct lb4_flow_key fkey = {};
+	struct lb4_flow flow = {};
+	struct lb4_flow *f;
+	struct lb4_backend chosen = {};
 	struct lb4_service *svc;
 	struct lb4_backend *be;
-	__u32 count;
+	__u32 count, affinity_s;
+	__u64 netns, now;
 
 	svc = bpf_map_lookup_elem(&veil_lb4_services, &key);
 	if (!svc)
@@ -136,25 +288,68 @@ static __always_inline int lb4_translate(__u64 cookie, __be32 *ip, __be16 *port,
 	/*
 	 * The agent replaces the entry rather than writing into it (a hash
 	 * map update swaps in a new element; without preallocation the old
-	 * one is freed after RCU), so slot and count belong together.
+	 * one is freed after RCU), so slot, count and timeout belong together.
 	 */
 	count = svc->count;
-	if (count == 0)
+	affinity_s = svc->affinity_s;
+	if (count == 0) {
+		lb4_count(LB_STAT_REFUSED);
 		return LB_NO_BACKEND;
-	bkey.slot = svc->slot;
-	bkey.index = bpf_get_prandom_u32() % count;
-	be = bpf_map_lookup_elem(&veil_lb4_backends, &bkey);
-	if (!be)
-		return LB_NO_BACKEND;
+	}
+	netns = bpf_get_netns_cookie(ctx);
+	now = bpf_ktime_get_ns();
+	if (affinity_s) {
+		akey.netns = netns;
+		akey.vip = key.vip;
+		akey.port = key.port;
+		akey.proto = proto;
+	}
+	if (!affinity_s || !lb4_affine(&akey, svc, now, &chosen)) {
+		bkey.slot = svc->slot;
+		bkey.index = bpf_get_prandom_u32() % count;
+		be = bpf_map_lookup_elem(&veil_lb4_backends, &bkey);
+		if (!be) {
+			lb4_count(LB_STAT_REFUSED);
+			return LB_NO_BACKEND;
+		}
+		chosen.ip = be->ip;
+		chosen.port = be->port;
+	}
+	if (affinity_s) {
+		aff.last_used_ns = now;
+		aff.ip = chosen.ip;
+		aff.port = chosen.port;
+		bpf_map_update_elem(&veil_lb4_affinity, &akey, &aff, BPF_ANY);
+	}
 
-	rkey.cookie = cookie;
-	rkey.ip = be->ip;
-	rkey.port = be->port;
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	rkey.ip = chosen.ip;
+	rkey.port = chosen.port;
 	rev.vip = key.vip;
 	rev.port = key.port;
 	bpf_map_update_elem(&veil_lb4_revnat, &rkey, &rev, BPF_ANY);
-	*ip = be->ip;
-	*port = be->port;
+	fkey.netns = netns;
+	fkey.ip = chosen.ip;
+	fkey.port = chosen.port;
+	fkey.proto = proto;
+	/*
+	 * Unconnected UDP translates every datagram: refresh an existing
+	 * record in place rather than allocate a new LRU element each time.
+	 */
+	f = bpf_map_lookup_elem(&veil_lb4_flows, &fkey);
+	if (f) {
+		f->time_ns = now;
+		f->vip = key.vip;
+		f->port = key.port;
+	} else {
+		flow.time_ns = now;
+		flow.vip = key.vip;
+		flow.port = key.port;
+		bpf_map_update_elem(&veil_lb4_flows, &fkey, &flow, BPF_ANY);
+	}
+	lb4_count(LB_STAT_TRANSLATED);
+	*ip = chosen.ip;
+	*port = chosen.port;
 	return LB_TRANSLATED;
 }
 

@@ -220,6 +220,8 @@ type flowReport struct {
 	ObservationPoint string         `json:"observationPoint,omitempty"`
 	Encrypted        bool           `json:"encrypted"`
 	Bytes            uint32         `json:"bytes"`
+	// Service the connection was load-balanced through, "ns/name:port".
+	Service string `json:"service,omitempty"`
 }
 
 type flowPeerReport struct {
@@ -243,6 +245,7 @@ func newFlowReport(f *agentv1.Flow) flowReport {
 		Destination: peer(f.DstPod, f.DstIp, f.DstPort, f.DstIdentity, f.DstLabels),
 		Protocol:    f.Protocol, Verdict: f.Verdict, DropReason: f.DropReason, Rule: f.Rule,
 		ObservationPoint: f.ObservationPoint, Encrypted: f.Encrypted, Bytes: f.Bytes,
+		Service: f.Service,
 	}
 }
 
@@ -325,7 +328,7 @@ func (p *flowPrinter) print(f *agentv1.Flow) error {
 		time.Unix(0, f.TimeUnixNano).In(p.loc).Format(flowTimeLayout),
 		flowPeer(f.SrcPod, f.SrcIp, f.SrcPort, f.SrcIdentity, f.Protocol),
 		"→",
-		flowPeer(f.DstPod, f.DstIp, f.DstPort, f.DstIdentity, f.Protocol),
+		flowPeer(f.DstPod, f.DstIp, f.DstPort, f.DstIdentity, f.Protocol) + viaService(f),
 		f.Protocol,
 		f.Verdict,
 		flowSummary(f),
@@ -442,6 +445,15 @@ func flowPeer(pod, ip string, port, id uint32, proto string) string {
 		return addr + " (" + identity.ID(id).ReservedName() + ")"
 	}
 	return addr
+}
+
+// viaService is " (via svc ns/name:port)" for a flow load-balanced
+// through a Service.
+func viaService(f *agentv1.Flow) string {
+	if f.Service == "" {
+		return ""
+	}
+	return " (via svc " + f.Service + ")"
 }
 
 // flowSummary says why the flow got its verdict.

@@ -24,7 +24,7 @@ func newPolicyTraceCommand(agent *agentOptions) *cobra.Command {
 		exitOnDeny bool
 	)
 	cmd := &cobra.Command{
-		Use:   "trace [-f FILE|DIR...] --from NS/POD|IP --to NS/POD|IP --port N[/PROTO]",
+		Use:   "trace [-f FILE|DIR...] --from NS/POD|IP --to NS/POD|IP|svc/NS/NAME --port N[/PROTO]",
 		Short: "Explain whether one flow is allowed, and by which rules",
 		Long: `Decide whether a new flow from --from to --to on --port is allowed, as the
 datapath would: the source pod's egress policy and the destination pod's
@@ -35,6 +35,16 @@ too.
 
 Peers are NAMESPACE/POD, or an IP address (a pod's IP stands for that pod;
 any other IP is outside the mesh, so no Veil policy applies on its side).
+
+--to svc/NAMESPACE/NAME traces to a Service: --port is the Service's port,
+and the flow is traced to each backend on the backend's port, since the
+socket-level load balancer connects the client straight to a backend and
+policy judges the backend (policy never names Service addresses). Offline,
+the backends are the manifests' pods the Service's selector matches, with
+the target port resolved on each; live, they are the ones the agent sends
+clients to. The verdict is ALLOWED when every backend allows the flow,
+DENIED when none does or there is no backend, PARTIAL otherwise; with
+--exit-code anything but ALLOWED exits 1.
 
 --port is N or N/PROTO with PROTO one of TCP (the default), UDP, SCTP or
 ICMP. For ICMP, N is the ICMP type (code 0): --port 8/ICMP is an echo
@@ -53,7 +63,8 @@ Exit codes:
 		Example: `  meshctl policy trace -f manifests/ --from x/a --to y/b --port 80
   meshctl policy trace -f manifests/ --from 10.0.1.1 --to y/b --port 53/UDP -o json
   meshctl policy trace -f manifests/ --from x/a --to y/b --port 8/ICMP --exit-code
-  meshctl policy trace --from x/a --to y/b --port 80          # live, local agent`,
+  meshctl policy trace --from x/a --to y/b --port 80          # live, local agent
+  meshctl policy trace -f manifests/ --from demo/frontend --to svc/demo/backend --port 80`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := out.check(); err != nil {
@@ -63,15 +74,23 @@ Exit codes:
 			if err != nil {
 				return usageErrorf("--from: %w", err)
 			}
-			toPeer, err := policy.ParsePeer(to)
-			if err != nil {
+			toService := strings.HasPrefix(to, servicePrefix)
+			var toPeer policy.Peer
+			if toService {
+				if _, _, err := parseServiceRef(to); err != nil {
+					return usageErrorf("--to: %w", err)
+				}
+			} else if toPeer, err = policy.ParsePeer(to); err != nil {
 				return usageErrorf("--to: %w", err)
 			}
 			pp, err := parsePort(port)
 			if err != nil {
 				return err
 			}
-			var src tracer
+			var src interface {
+				tracer
+				serviceResolver
+			}
 			if len(files.paths) == 0 {
 				c, err := agent.connect(cmd.Context())
 				if err != nil {
@@ -84,6 +103,9 @@ Exit codes:
 				if err != nil {
 					return err
 				}
+			}
+			if toService {
+				return runServiceTrace(cmd, src, src, fromPeer, to, pp, &out, exitOnDeny)
 			}
 			tr, err := src.Trace(cmd.Context(), fromPeer, toPeer, pp)
 			if err != nil {
@@ -120,6 +142,34 @@ Exit codes:
 		_ = cmd.MarkFlagRequired(f) // cannot fail: the flags exist
 	}
 	return cmd
+}
+
+func runServiceTrace(cmd *cobra.Command, tr tracer, res serviceResolver, from policy.Peer, to string, pp policy.PortProto, out *outputFlag, exitOnDeny bool) error {
+	if pp.Proto == policytypes.ProtoICMP {
+		return usageErrorf("--port %s: a Service has no ICMP ports", portString(pp))
+	}
+	r, err := traceService(cmd.Context(), tr, res, from, to, pp)
+	if err != nil {
+		var ee *exitError
+		if errors.As(err, &ee) {
+			return err
+		}
+		return usageError(err)
+	}
+	w := cmd.OutOrStdout()
+	done, err := out.structured(w, r)
+	if err != nil {
+		return err
+	}
+	if !done {
+		if err := writeServiceTrace(w, output.PaletteFor(w), r); err != nil {
+			return err
+		}
+	}
+	if exitOnDeny && r.Verdict != "ALLOWED" {
+		return failed()
+	}
+	return nil
 }
 
 // parsePort parses --port, refusing what the compiler's parser accepts but

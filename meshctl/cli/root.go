@@ -112,7 +112,7 @@ whole cluster's transparent encryption.
 	cluster.addFlags(root)
 	agent := newAgentOptions(root, env, cluster)
 	root.AddCommand(newVersionCommand(), newPolicyCommand(agent), newStatusCommand(agent),
-		newEndpointsCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent),
+		newEndpointsCommand(agent), newServicesCommand(agent), newIdentitiesCommand(agent), newObserveCommand(agent),
 		newEncryptionCommand(agent, cluster), newAuditCommand(agent, cluster), newLabCommand(env))
 	return root
 }

@@ -28,6 +28,8 @@ type tracer interface {
 // agent runs.
 type manifestSource struct {
 	compiled *policy.Compiler
+	// set is what was loaded; traces to a Service resolve it from there.
+	set *manifest.Set
 }
 
 var _ tracer = (*manifestSource)(nil)
@@ -93,7 +95,7 @@ func (f *manifestFlags) load(stdin io.Reader) (*manifest.Set, *policy.Compiler, 
 // with errors, since the API server would have refused it and no verdict
 // about it would be true; warnings are summed up on stderr.
 func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifestSource, error) {
-	_, c, problems, err := f.load(stdin)
+	set, c, problems, err := f.load(stdin)
 	if err != nil {
 		return nil, err
 	}
@@ -106,7 +108,7 @@ func (f *manifestFlags) openSource(stdin io.Reader, stderr io.Writer) (*manifest
 	if ws := problems.Warnings(); len(ws) > 0 {
 		fmt.Fprintf(stderr, "meshctl: the manifests have %s; 'meshctl policy validate' lists them\n", output.Plural(len(ws), "warning"))
 	}
-	return &manifestSource{compiled: c}, nil
+	return &manifestSource{compiled: c, set: set}, nil
 }
 
 // checkSet validates and lints every object of set, adding the findings to

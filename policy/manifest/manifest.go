@@ -48,6 +48,9 @@ const (
 	KindNetworkPolicy     = "NetworkPolicy"
 	KindMeshPolicy        = "MeshPolicy"
 	KindClusterMeshPolicy = "ClusterMeshPolicy"
+	// KindService is kept so that a trace can resolve a Service to the
+	// pods it selects; policy never names Services.
+	KindService = "Service"
 )
 
 // NamespaceNameLabel is the label the API server puts on every namespace;
@@ -104,6 +107,7 @@ type Set struct {
 	NetworkPolicies     []*networkingv1.NetworkPolicy
 	MeshPolicies        []*v1alpha1.MeshPolicy
 	ClusterMeshPolicies []*v1alpha1.ClusterMeshPolicy
+	Services            []*corev1.Service
 
 	// Problems found while loading, in input order. Objects with errors are
 	// still in the Set, so that validation can report more about them.
@@ -417,6 +421,7 @@ var kinds = map[string]kindInfo{
 	KindNetworkPolicy:     {groupNetworking, "v1", true},
 	KindMeshPolicy:        {groupVeil, "v1alpha1", true},
 	KindClusterMeshPolicy: {groupVeil, "v1alpha1", false},
+	KindService:           {"", "v1", true},
 }
 
 // addObject takes one object: a top-level document (itemPath "") or an item
@@ -505,6 +510,11 @@ func (b *builder) addObject(o *Origin, js []byte, defKind, defAPIVersion string)
 		b.requireFields(o, ref, js, "spec", "podSelector")
 		meta = &obj.ObjectMeta
 		b.set.ClusterMeshPolicies = append(b.set.ClusterMeshPolicies, obj)
+	case KindService:
+		obj := &corev1.Service{}
+		b.decode(o, ref, js, obj)
+		meta = &obj.ObjectMeta
+		b.set.Services = append(b.set.Services, obj)
 	}
 	// The decoded object must agree with the ref problems are filed under,
 	// whatever the type errors left in it.

@@ -1143,6 +1143,357 @@ func (x *TraceResponse) GetResultJson() []byte {
 	return nil
 }
 
+type ListServicesRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// namespace limits the list to one namespace; "" lists all.
+	Namespace     string `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListServicesRequest) Reset() {
+	*x = ListServicesRequest{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListServicesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListServicesRequest) ProtoMessage() {}
+
+func (x *ListServicesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListServicesRequest.ProtoReflect.Descriptor instead.
+func (*ListServicesRequest) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *ListServicesRequest) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+type ListServicesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Services      []*Service             `protobuf:"bytes,1,rep,name=services,proto3" json:"services,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListServicesResponse) Reset() {
+	*x = ListServicesResponse{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListServicesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListServicesResponse) ProtoMessage() {}
+
+func (x *ListServicesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListServicesResponse.ProtoReflect.Descriptor instead.
+func (*ListServicesResponse) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *ListServicesResponse) GetServices() []*Service {
+	if x != nil {
+		return x.Services
+	}
+	return nil
+}
+
+type Service struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Namespace string                 `protobuf:"bytes,1,opt,name=namespace,proto3" json:"namespace,omitempty"`
+	Name      string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// type: "ClusterIP", "NodePort", "LoadBalancer".
+	Type       string         `protobuf:"bytes,3,opt,name=type,proto3" json:"type,omitempty"`
+	ClusterIps []string       `protobuf:"bytes,4,rep,name=cluster_ips,json=clusterIps,proto3" json:"cluster_ips,omitempty"`
+	Ports      []*ServicePort `protobuf:"bytes,5,rep,name=ports,proto3" json:"ports,omitempty"`
+	// session_affinity_seconds is sessionAffinity ClientIP's timeout; 0
+	// without session affinity.
+	SessionAffinitySeconds uint32 `protobuf:"varint,6,opt,name=session_affinity_seconds,json=sessionAffinitySeconds,proto3" json:"session_affinity_seconds,omitempty"`
+	// internal_local: internalTrafficPolicy Local (only this node's
+	// endpoints are backends).
+	InternalLocal bool `protobuf:"varint,7,opt,name=internal_local,json=internalLocal,proto3" json:"internal_local,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Service) Reset() {
+	*x = Service{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Service) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Service) ProtoMessage() {}
+
+func (x *Service) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Service.ProtoReflect.Descriptor instead.
+func (*Service) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *Service) GetNamespace() string {
+	if x != nil {
+		return x.Namespace
+	}
+	return ""
+}
+
+func (x *Service) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Service) GetType() string {
+	if x != nil {
+		return x.Type
+	}
+	return ""
+}
+
+func (x *Service) GetClusterIps() []string {
+	if x != nil {
+		return x.ClusterIps
+	}
+	return nil
+}
+
+func (x *Service) GetPorts() []*ServicePort {
+	if x != nil {
+		return x.Ports
+	}
+	return nil
+}
+
+func (x *Service) GetSessionAffinitySeconds() uint32 {
+	if x != nil {
+		return x.SessionAffinitySeconds
+	}
+	return 0
+}
+
+func (x *Service) GetInternalLocal() bool {
+	if x != nil {
+		return x.InternalLocal
+	}
+	return false
+}
+
+type ServicePort struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Port  uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	// protocol: "TCP", "UDP", "SCTP".
+	Protocol   string            `protobuf:"bytes,3,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	TargetPort string            `protobuf:"bytes,4,opt,name=target_port,json=targetPort,proto3" json:"target_port,omitempty"`
+	Backends   []*ServiceBackend `protobuf:"bytes,5,rep,name=backends,proto3" json:"backends,omitempty"`
+	// problem says why the port has no backends although the Service has
+	// endpoints (e.g. a target port name no endpoint declares).
+	Problem       string `protobuf:"bytes,6,opt,name=problem,proto3" json:"problem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServicePort) Reset() {
+	*x = ServicePort{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServicePort) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServicePort) ProtoMessage() {}
+
+func (x *ServicePort) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServicePort.ProtoReflect.Descriptor instead.
+func (*ServicePort) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+}
+
+func (x *ServicePort) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ServicePort) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *ServicePort) GetProtocol() string {
+	if x != nil {
+		return x.Protocol
+	}
+	return ""
+}
+
+func (x *ServicePort) GetTargetPort() string {
+	if x != nil {
+		return x.TargetPort
+	}
+	return ""
+}
+
+func (x *ServicePort) GetBackends() []*ServiceBackend {
+	if x != nil {
+		return x.Backends
+	}
+	return nil
+}
+
+func (x *ServicePort) GetProblem() string {
+	if x != nil {
+		return x.Problem
+	}
+	return ""
+}
+
+type ServiceBackend struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ip    string                 `protobuf:"bytes,1,opt,name=ip,proto3" json:"ip,omitempty"`
+	Port  uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	Node  string                 `protobuf:"bytes,3,opt,name=node,proto3" json:"node,omitempty"`
+	// pod is "namespace/name" when the endpoint names a pod.
+	Pod string `protobuf:"bytes,4,opt,name=pod,proto3" json:"pod,omitempty"`
+	// terminating backends are used only while no ready one is left.
+	Terminating   bool `protobuf:"varint,5,opt,name=terminating,proto3" json:"terminating,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ServiceBackend) Reset() {
+	*x = ServiceBackend{}
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ServiceBackend) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ServiceBackend) ProtoMessage() {}
+
+func (x *ServiceBackend) ProtoReflect() protoreflect.Message {
+	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ServiceBackend.ProtoReflect.Descriptor instead.
+func (*ServiceBackend) Descriptor() ([]byte, []int) {
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *ServiceBackend) GetIp() string {
+	if x != nil {
+		return x.Ip
+	}
+	return ""
+}
+
+func (x *ServiceBackend) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
+func (x *ServiceBackend) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *ServiceBackend) GetPod() string {
+	if x != nil {
+		return x.Pod
+	}
+	return ""
+}
+
+func (x *ServiceBackend) GetTerminating() bool {
+	if x != nil {
+		return x.Terminating
+	}
+	return false
+}
+
 type ObserveRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	FromPod   string                 `protobuf:"bytes,1,opt,name=from_pod,json=fromPod,proto3" json:"from_pod,omitempty"`
@@ -1163,7 +1514,7 @@ type ObserveRequest struct {
 
 func (x *ObserveRequest) Reset() {
 	*x = ObserveRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1175,7 +1526,7 @@ func (x *ObserveRequest) String() string {
 func (*ObserveRequest) ProtoMessage() {}
 
 func (x *ObserveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[16]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1188,7 +1539,7 @@ func (x *ObserveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObserveRequest.ProtoReflect.Descriptor instead.
 func (*ObserveRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{16}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ObserveRequest) GetFromPod() string {
@@ -1282,16 +1633,19 @@ type Flow struct {
 	SrcPod           string   `protobuf:"bytes,15,opt,name=src_pod,json=srcPod,proto3" json:"src_pod,omitempty"`
 	DstPod           string   `protobuf:"bytes,16,opt,name=dst_pod,json=dstPod,proto3" json:"dst_pod,omitempty"`
 	// rule that decided, e.g. "NetworkPolicy x/allow-a ingress[0]".
-	Rule          string `protobuf:"bytes,17,opt,name=rule,proto3" json:"rule,omitempty"`
-	Encrypted     bool   `protobuf:"varint,18,opt,name=encrypted,proto3" json:"encrypted,omitempty"`
-	Bytes         uint32 `protobuf:"varint,19,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	Rule      string `protobuf:"bytes,17,opt,name=rule,proto3" json:"rule,omitempty"`
+	Encrypted bool   `protobuf:"varint,18,opt,name=encrypted,proto3" json:"encrypted,omitempty"`
+	Bytes     uint32 `protobuf:"varint,19,opt,name=bytes,proto3" json:"bytes,omitempty"`
+	// service is the Service the connection was load-balanced through, as
+	// "namespace/name:port"; empty when the client addressed the pod itself.
+	Service       string `protobuf:"bytes,20,opt,name=service,proto3" json:"service,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Flow) Reset() {
 	*x = Flow{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1303,7 +1657,7 @@ func (x *Flow) String() string {
 func (*Flow) ProtoMessage() {}
 
 func (x *Flow) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[17]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1316,7 +1670,7 @@ func (x *Flow) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Flow.ProtoReflect.Descriptor instead.
 func (*Flow) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{17}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Flow) GetTimeUnixNano() int64 {
@@ -1452,6 +1806,13 @@ func (x *Flow) GetBytes() uint32 {
 	return 0
 }
 
+func (x *Flow) GetService() string {
+	if x != nil {
+		return x.Service
+	}
+	return ""
+}
+
 // CNIRequest carries what kubelet gave veil-cni: the CNI_* environment and
 // the network configuration on stdin.
 type CNIRequest struct {
@@ -1469,7 +1830,7 @@ type CNIRequest struct {
 
 func (x *CNIRequest) Reset() {
 	*x = CNIRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1481,7 +1842,7 @@ func (x *CNIRequest) String() string {
 func (*CNIRequest) ProtoMessage() {}
 
 func (x *CNIRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[18]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1494,7 +1855,7 @@ func (x *CNIRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CNIRequest.ProtoReflect.Descriptor instead.
 func (*CNIRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{18}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CNIRequest) GetContainerId() string {
@@ -1543,7 +1904,7 @@ type CNIResponse struct {
 
 func (x *CNIResponse) Reset() {
 	*x = CNIResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1555,7 +1916,7 @@ func (x *CNIResponse) String() string {
 func (*CNIResponse) ProtoMessage() {}
 
 func (x *CNIResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[19]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1568,7 +1929,7 @@ func (x *CNIResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CNIResponse.ProtoReflect.Descriptor instead.
 func (*CNIResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{19}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *CNIResponse) GetResultJson() []byte {
@@ -1586,7 +1947,7 @@ type RotateKeyRequest struct {
 
 func (x *RotateKeyRequest) Reset() {
 	*x = RotateKeyRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1598,7 +1959,7 @@ func (x *RotateKeyRequest) String() string {
 func (*RotateKeyRequest) ProtoMessage() {}
 
 func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[20]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1611,7 +1972,7 @@ func (x *RotateKeyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyRequest.ProtoReflect.Descriptor instead.
 func (*RotateKeyRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{20}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
 }
 
 type RotateKeyResponse struct {
@@ -1624,7 +1985,7 @@ type RotateKeyResponse struct {
 
 func (x *RotateKeyResponse) Reset() {
 	*x = RotateKeyResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1636,7 +1997,7 @@ func (x *RotateKeyResponse) String() string {
 func (*RotateKeyResponse) ProtoMessage() {}
 
 func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[21]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1649,7 +2010,7 @@ func (x *RotateKeyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RotateKeyResponse.ProtoReflect.Descriptor instead.
 func (*RotateKeyResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{21}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *RotateKeyResponse) GetOldFingerprint() string {
@@ -1677,7 +2038,7 @@ type CaptureRequest struct {
 
 func (x *CaptureRequest) Reset() {
 	*x = CaptureRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1689,7 +2050,7 @@ func (x *CaptureRequest) String() string {
 func (*CaptureRequest) ProtoMessage() {}
 
 func (x *CaptureRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[22]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1702,7 +2063,7 @@ func (x *CaptureRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CaptureRequest.ProtoReflect.Descriptor instead.
 func (*CaptureRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{22}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CaptureRequest) GetMarker() string {
@@ -1739,7 +2100,7 @@ type CaptureResponse struct {
 
 func (x *CaptureResponse) Reset() {
 	*x = CaptureResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1751,7 +2112,7 @@ func (x *CaptureResponse) String() string {
 func (*CaptureResponse) ProtoMessage() {}
 
 func (x *CaptureResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[23]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1764,7 +2125,7 @@ func (x *CaptureResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CaptureResponse.ProtoReflect.Descriptor instead.
 func (*CaptureResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{23}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CaptureResponse) GetUnderlayInterface() string {
@@ -1836,7 +2197,7 @@ type SendMarkerRequest struct {
 
 func (x *SendMarkerRequest) Reset() {
 	*x = SendMarkerRequest{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1848,7 +2209,7 @@ func (x *SendMarkerRequest) String() string {
 func (*SendMarkerRequest) ProtoMessage() {}
 
 func (x *SendMarkerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[24]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1861,7 +2222,7 @@ func (x *SendMarkerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMarkerRequest.ProtoReflect.Descriptor instead.
 func (*SendMarkerRequest) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{24}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *SendMarkerRequest) GetDestination() string {
@@ -1903,7 +2264,7 @@ type SendMarkerResponse struct {
 
 func (x *SendMarkerResponse) Reset() {
 	*x = SendMarkerResponse{}
-	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1915,7 +2276,7 @@ func (x *SendMarkerResponse) String() string {
 func (*SendMarkerResponse) ProtoMessage() {}
 
 func (x *SendMarkerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_api_agent_v1_agent_proto_msgTypes[25]
+	mi := &file_api_agent_v1_agent_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1928,7 +2289,7 @@ func (x *SendMarkerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SendMarkerResponse.ProtoReflect.Descriptor instead.
 func (*SendMarkerResponse) Descriptor() ([]byte, []int) {
-	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{25}
+	return file_api_agent_v1_agent_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *SendMarkerResponse) GetSourcePod() string {
@@ -2051,7 +2412,34 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\x04port\x18\x03 \x01(\tR\x04port\"0\n" +
 	"\rTraceResponse\x12\x1f\n" +
 	"\vresult_json\x18\x01 \x01(\fR\n" +
-	"resultJson\"\x8a\x02\n" +
+	"resultJson\"3\n" +
+	"\x13ListServicesRequest\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\"J\n" +
+	"\x14ListServicesResponse\x122\n" +
+	"\bservices\x18\x01 \x03(\v2\x16.veil.agent.v1.ServiceR\bservices\"\x83\x02\n" +
+	"\aService\x12\x1c\n" +
+	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x12\n" +
+	"\x04type\x18\x03 \x01(\tR\x04type\x12\x1f\n" +
+	"\vcluster_ips\x18\x04 \x03(\tR\n" +
+	"clusterIps\x120\n" +
+	"\x05ports\x18\x05 \x03(\v2\x1a.veil.agent.v1.ServicePortR\x05ports\x128\n" +
+	"\x18session_affinity_seconds\x18\x06 \x01(\rR\x16sessionAffinitySeconds\x12%\n" +
+	"\x0einternal_local\x18\a \x01(\bR\rinternalLocal\"\xc7\x01\n" +
+	"\vServicePort\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x1a\n" +
+	"\bprotocol\x18\x03 \x01(\tR\bprotocol\x12\x1f\n" +
+	"\vtarget_port\x18\x04 \x01(\tR\n" +
+	"targetPort\x129\n" +
+	"\bbackends\x18\x05 \x03(\v2\x1d.veil.agent.v1.ServiceBackendR\bbackends\x12\x18\n" +
+	"\aproblem\x18\x06 \x01(\tR\aproblem\"|\n" +
+	"\x0eServiceBackend\x12\x0e\n" +
+	"\x02ip\x18\x01 \x01(\tR\x02ip\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x12\n" +
+	"\x04node\x18\x03 \x01(\tR\x04node\x12\x10\n" +
+	"\x03pod\x18\x04 \x01(\tR\x03pod\x12 \n" +
+	"\vterminating\x18\x05 \x01(\bR\vterminating\"\x8a\x02\n" +
 	"\x0eObserveRequest\x12\x19\n" +
 	"\bfrom_pod\x18\x01 \x01(\tR\afromPod\x12\x15\n" +
 	"\x06to_pod\x18\x02 \x01(\tR\x05toPod\x12\x1c\n" +
@@ -2063,7 +2451,7 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\bprotocol\x18\b \x01(\tR\bprotocol\x12\x16\n" +
 	"\x06follow\x18\t \x01(\bR\x06follow\x12\x12\n" +
 	"\x04last\x18\n" +
-	" \x01(\rR\x04last\"\xa6\x04\n" +
+	" \x01(\rR\x04last\"\xc0\x04\n" +
 	"\x04Flow\x12$\n" +
 	"\x0etime_unix_nano\x18\x01 \x01(\x03R\ftimeUnixNano\x12\x12\n" +
 	"\x04node\x18\x02 \x01(\tR\x04node\x12\x15\n" +
@@ -2087,7 +2475,8 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\adst_pod\x18\x10 \x01(\tR\x06dstPod\x12\x12\n" +
 	"\x04rule\x18\x11 \x01(\tR\x04rule\x12\x1c\n" +
 	"\tencrypted\x18\x12 \x01(\bR\tencrypted\x12\x14\n" +
-	"\x05bytes\x18\x13 \x01(\rR\x05bytes\"\x89\x01\n" +
+	"\x05bytes\x18\x13 \x01(\rR\x05bytes\x12\x18\n" +
+	"\aservice\x18\x14 \x01(\tR\aservice\"\x89\x01\n" +
 	"\n" +
 	"CNIRequest\x12!\n" +
 	"\fcontainer_id\x18\x01 \x01(\tR\vcontainerId\x12\x14\n" +
@@ -2124,14 +2513,15 @@ const file_api_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
 	"source_pod\x18\x01 \x01(\tR\tsourcePod\x12\x1b\n" +
 	"\tsource_ip\x18\x02 \x01(\tR\bsourceIp\x12\x12\n" +
-	"\x04sent\x18\x03 \x01(\rR\x04sent2\x98\a\n" +
+	"\x04sent\x18\x03 \x01(\rR\x04sent2\xf1\a\n" +
 	"\x05Agent\x12E\n" +
 	"\x06Status\x12\x1c.veil.agent.v1.StatusRequest\x1a\x1d.veil.agent.v1.StatusResponse\x12Z\n" +
 	"\rListEndpoints\x12#.veil.agent.v1.ListEndpointsRequest\x1a$.veil.agent.v1.ListEndpointsResponse\x12]\n" +
 	"\x0eListIdentities\x12$.veil.agent.v1.ListIdentitiesRequest\x1a%.veil.agent.v1.ListIdentitiesResponse\x12N\n" +
 	"\tGetPolicy\x12\x1f.veil.agent.v1.GetPolicyRequest\x1a .veil.agent.v1.GetPolicyResponse\x12B\n" +
 	"\x05Trace\x12\x1b.veil.agent.v1.TraceRequest\x1a\x1c.veil.agent.v1.TraceResponse\x12?\n" +
-	"\aObserve\x12\x1d.veil.agent.v1.ObserveRequest\x1a\x13.veil.agent.v1.Flow0\x01\x12N\n" +
+	"\aObserve\x12\x1d.veil.agent.v1.ObserveRequest\x1a\x13.veil.agent.v1.Flow0\x01\x12W\n" +
+	"\fListServices\x12\".veil.agent.v1.ListServicesRequest\x1a#.veil.agent.v1.ListServicesResponse\x12N\n" +
 	"\tRotateKey\x12\x1f.veil.agent.v1.RotateKeyRequest\x1a .veil.agent.v1.RotateKeyResponse\x12P\n" +
 	"\x0fCaptureUnderlay\x12\x1d.veil.agent.v1.CaptureRequest\x1a\x1e.veil.agent.v1.CaptureResponse\x12Q\n" +
 	"\n" +
@@ -2152,7 +2542,7 @@ func file_api_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_api_agent_v1_agent_proto_rawDescData
 }
 
-var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_api_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*StatusRequest)(nil),          // 0: veil.agent.v1.StatusRequest
 	(*StatusResponse)(nil),         // 1: veil.agent.v1.StatusResponse
@@ -2170,55 +2560,65 @@ var file_api_agent_v1_agent_proto_goTypes = []any{
 	(*PolicyCounter)(nil),          // 13: veil.agent.v1.PolicyCounter
 	(*TraceRequest)(nil),           // 14: veil.agent.v1.TraceRequest
 	(*TraceResponse)(nil),          // 15: veil.agent.v1.TraceResponse
-	(*ObserveRequest)(nil),         // 16: veil.agent.v1.ObserveRequest
-	(*Flow)(nil),                   // 17: veil.agent.v1.Flow
-	(*CNIRequest)(nil),             // 18: veil.agent.v1.CNIRequest
-	(*CNIResponse)(nil),            // 19: veil.agent.v1.CNIResponse
-	(*RotateKeyRequest)(nil),       // 20: veil.agent.v1.RotateKeyRequest
-	(*RotateKeyResponse)(nil),      // 21: veil.agent.v1.RotateKeyResponse
-	(*CaptureRequest)(nil),         // 22: veil.agent.v1.CaptureRequest
-	(*CaptureResponse)(nil),        // 23: veil.agent.v1.CaptureResponse
-	(*SendMarkerRequest)(nil),      // 24: veil.agent.v1.SendMarkerRequest
-	(*SendMarkerResponse)(nil),     // 25: veil.agent.v1.SendMarkerResponse
-	nil,                            // 26: veil.agent.v1.Counters.DropsEntry
+	(*ListServicesRequest)(nil),    // 16: veil.agent.v1.ListServicesRequest
+	(*ListServicesResponse)(nil),   // 17: veil.agent.v1.ListServicesResponse
+	(*Service)(nil),                // 18: veil.agent.v1.Service
+	(*ServicePort)(nil),            // 19: veil.agent.v1.ServicePort
+	(*ServiceBackend)(nil),         // 20: veil.agent.v1.ServiceBackend
+	(*ObserveRequest)(nil),         // 21: veil.agent.v1.ObserveRequest
+	(*Flow)(nil),                   // 22: veil.agent.v1.Flow
+	(*CNIRequest)(nil),             // 23: veil.agent.v1.CNIRequest
+	(*CNIResponse)(nil),            // 24: veil.agent.v1.CNIResponse
+	(*RotateKeyRequest)(nil),       // 25: veil.agent.v1.RotateKeyRequest
+	(*RotateKeyResponse)(nil),      // 26: veil.agent.v1.RotateKeyResponse
+	(*CaptureRequest)(nil),         // 27: veil.agent.v1.CaptureRequest
+	(*CaptureResponse)(nil),        // 28: veil.agent.v1.CaptureResponse
+	(*SendMarkerRequest)(nil),      // 29: veil.agent.v1.SendMarkerRequest
+	(*SendMarkerResponse)(nil),     // 30: veil.agent.v1.SendMarkerResponse
+	nil,                            // 31: veil.agent.v1.Counters.DropsEntry
 }
 var file_api_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: veil.agent.v1.StatusResponse.programs:type_name -> veil.agent.v1.Program
 	3,  // 1: veil.agent.v1.StatusResponse.degraded:type_name -> veil.agent.v1.Degraded
 	4,  // 2: veil.agent.v1.StatusResponse.counters:type_name -> veil.agent.v1.Counters
-	26, // 3: veil.agent.v1.Counters.drops:type_name -> veil.agent.v1.Counters.DropsEntry
+	31, // 3: veil.agent.v1.Counters.drops:type_name -> veil.agent.v1.Counters.DropsEntry
 	5,  // 4: veil.agent.v1.ListEndpointsResponse.endpoints:type_name -> veil.agent.v1.Endpoint
 	8,  // 5: veil.agent.v1.ListIdentitiesResponse.identities:type_name -> veil.agent.v1.Identity
 	13, // 6: veil.agent.v1.GetPolicyResponse.counters:type_name -> veil.agent.v1.PolicyCounter
-	0,  // 7: veil.agent.v1.Agent.Status:input_type -> veil.agent.v1.StatusRequest
-	6,  // 8: veil.agent.v1.Agent.ListEndpoints:input_type -> veil.agent.v1.ListEndpointsRequest
-	9,  // 9: veil.agent.v1.Agent.ListIdentities:input_type -> veil.agent.v1.ListIdentitiesRequest
-	11, // 10: veil.agent.v1.Agent.GetPolicy:input_type -> veil.agent.v1.GetPolicyRequest
-	14, // 11: veil.agent.v1.Agent.Trace:input_type -> veil.agent.v1.TraceRequest
-	16, // 12: veil.agent.v1.Agent.Observe:input_type -> veil.agent.v1.ObserveRequest
-	20, // 13: veil.agent.v1.Agent.RotateKey:input_type -> veil.agent.v1.RotateKeyRequest
-	22, // 14: veil.agent.v1.Agent.CaptureUnderlay:input_type -> veil.agent.v1.CaptureRequest
-	24, // 15: veil.agent.v1.Agent.SendMarker:input_type -> veil.agent.v1.SendMarkerRequest
-	18, // 16: veil.agent.v1.Agent.CNIAdd:input_type -> veil.agent.v1.CNIRequest
-	18, // 17: veil.agent.v1.Agent.CNIDel:input_type -> veil.agent.v1.CNIRequest
-	18, // 18: veil.agent.v1.Agent.CNICheck:input_type -> veil.agent.v1.CNIRequest
-	1,  // 19: veil.agent.v1.Agent.Status:output_type -> veil.agent.v1.StatusResponse
-	7,  // 20: veil.agent.v1.Agent.ListEndpoints:output_type -> veil.agent.v1.ListEndpointsResponse
-	10, // 21: veil.agent.v1.Agent.ListIdentities:output_type -> veil.agent.v1.ListIdentitiesResponse
-	12, // 22: veil.agent.v1.Agent.GetPolicy:output_type -> veil.agent.v1.GetPolicyResponse
-	15, // 23: veil.agent.v1.Agent.Trace:output_type -> veil.agent.v1.TraceResponse
-	17, // 24: veil.agent.v1.Agent.Observe:output_type -> veil.agent.v1.Flow
-	21, // 25: veil.agent.v1.Agent.RotateKey:output_type -> veil.agent.v1.RotateKeyResponse
-	23, // 26: veil.agent.v1.Agent.CaptureUnderlay:output_type -> veil.agent.v1.CaptureResponse
-	25, // 27: veil.agent.v1.Agent.SendMarker:output_type -> veil.agent.v1.SendMarkerResponse
-	19, // 28: veil.agent.v1.Agent.CNIAdd:output_type -> veil.agent.v1.CNIResponse
-	19, // 29: veil.agent.v1.Agent.CNIDel:output_type -> veil.agent.v1.CNIResponse
-	19, // 30: veil.agent.v1.Agent.CNICheck:output_type -> veil.agent.v1.CNIResponse
-	19, // [19:31] is the sub-list for method output_type
-	7,  // [7:19] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	18, // 7: veil.agent.v1.ListServicesResponse.services:type_name -> veil.agent.v1.Service
+	19, // 8: veil.agent.v1.Service.ports:type_name -> veil.agent.v1.ServicePort
+	20, // 9: veil.agent.v1.ServicePort.backends:type_name -> veil.agent.v1.ServiceBackend
+	0,  // 10: veil.agent.v1.Agent.Status:input_type -> veil.agent.v1.StatusRequest
+	6,  // 11: veil.agent.v1.Agent.ListEndpoints:input_type -> veil.agent.v1.ListEndpointsRequest
+	9,  // 12: veil.agent.v1.Agent.ListIdentities:input_type -> veil.agent.v1.ListIdentitiesRequest
+	11, // 13: veil.agent.v1.Agent.GetPolicy:input_type -> veil.agent.v1.GetPolicyRequest
+	14, // 14: veil.agent.v1.Agent.Trace:input_type -> veil.agent.v1.TraceRequest
+	21, // 15: veil.agent.v1.Agent.Observe:input_type -> veil.agent.v1.ObserveRequest
+	16, // 16: veil.agent.v1.Agent.ListServices:input_type -> veil.agent.v1.ListServicesRequest
+	25, // 17: veil.agent.v1.Agent.RotateKey:input_type -> veil.agent.v1.RotateKeyRequest
+	27, // 18: veil.agent.v1.Agent.CaptureUnderlay:input_type -> veil.agent.v1.CaptureRequest
+	29, // 19: veil.agent.v1.Agent.SendMarker:input_type -> veil.agent.v1.SendMarkerRequest
+	23, // 20: veil.agent.v1.Agent.CNIAdd:input_type -> veil.agent.v1.CNIRequest
+	23, // 21: veil.agent.v1.Agent.CNIDel:input_type -> veil.agent.v1.CNIRequest
+	23, // 22: veil.agent.v1.Agent.CNICheck:input_type -> veil.agent.v1.CNIRequest
+	1,  // 23: veil.agent.v1.Agent.Status:output_type -> veil.agent.v1.StatusResponse
+	7,  // 24: veil.agent.v1.Agent.ListEndpoints:output_type -> veil.agent.v1.ListEndpointsResponse
+	10, // 25: veil.agent.v1.Agent.ListIdentities:output_type -> veil.agent.v1.ListIdentitiesResponse
+	12, // 26: veil.agent.v1.Agent.GetPolicy:output_type -> veil.agent.v1.GetPolicyResponse
+	15, // 27: veil.agent.v1.Agent.Trace:output_type -> veil.agent.v1.TraceResponse
+	22, // 28: veil.agent.v1.Agent.Observe:output_type -> veil.agent.v1.Flow
+	17, // 29: veil.agent.v1.Agent.ListServices:output_type -> veil.agent.v1.ListServicesResponse
+	26, // 30: veil.agent.v1.Agent.RotateKey:output_type -> veil.agent.v1.RotateKeyResponse
+	28, // 31: veil.agent.v1.Agent.CaptureUnderlay:output_type -> veil.agent.v1.CaptureResponse
+	30, // 32: veil.agent.v1.Agent.SendMarker:output_type -> veil.agent.v1.SendMarkerResponse
+	24, // 33: veil.agent.v1.Agent.CNIAdd:output_type -> veil.agent.v1.CNIResponse
+	24, // 34: veil.agent.v1.Agent.CNIDel:output_type -> veil.agent.v1.CNIResponse
+	24, // 35: veil.agent.v1.Agent.CNICheck:output_type -> veil.agent.v1.CNIResponse
+	23, // [23:36] is the sub-list for method output_type
+	10, // [10:23] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_api_agent_v1_agent_proto_init() }
@@ -2232,7 +2632,7 @@ func file_api_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_api_agent_v1_agent_proto_rawDesc), len(file_api_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   27,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -34,6 +34,7 @@ const (
 	Agent_GetPolicy_FullMethodName       = "/veil.agent.v1.Agent/GetPolicy"
 	Agent_Trace_FullMethodName           = "/veil.agent.v1.Agent/Trace"
 	Agent_Observe_FullMethodName         = "/veil.agent.v1.Agent/Observe"
+	Agent_ListServices_FullMethodName    = "/veil.agent.v1.Agent/ListServices"
 	Agent_RotateKey_FullMethodName       = "/veil.agent.v1.Agent/RotateKey"
 	Agent_CaptureUnderlay_FullMethodName = "/veil.agent.v1.Agent/CaptureUnderlay"
 	Agent_SendMarker_FullMethodName      = "/veil.agent.v1.Agent/SendMarker"
@@ -58,6 +59,9 @@ type AgentClient interface {
 	Trace(ctx context.Context, in *TraceRequest, opts ...grpc.CallOption) (*TraceResponse, error)
 	// Observe streams flow events: the last N, then (with follow) new ones.
 	Observe(ctx context.Context, in *ObserveRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Flow], error)
+	// ListServices lists the Services this node load-balances, with their
+	// backends and health as this node sees them.
+	ListServices(ctx context.Context, in *ListServicesRequest, opts ...grpc.CallOption) (*ListServicesResponse, error)
 	// RotateKey replaces this node's WireGuard key and republishes its public
 	// half; peers pick it up from the Node annotation.
 	RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error)
@@ -151,6 +155,16 @@ func (c *agentClient) Observe(ctx context.Context, in *ObserveRequest, opts ...g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_ObserveClient = grpc.ServerStreamingClient[Flow]
 
+func (c *agentClient) ListServices(ctx context.Context, in *ListServicesRequest, opts ...grpc.CallOption) (*ListServicesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListServicesResponse)
+	err := c.cc.Invoke(ctx, Agent_ListServices_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *agentClient) RotateKey(ctx context.Context, in *RotateKeyRequest, opts ...grpc.CallOption) (*RotateKeyResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(RotateKeyResponse)
@@ -227,6 +241,9 @@ type AgentServer interface {
 	Trace(context.Context, *TraceRequest) (*TraceResponse, error)
 	// Observe streams flow events: the last N, then (with follow) new ones.
 	Observe(*ObserveRequest, grpc.ServerStreamingServer[Flow]) error
+	// ListServices lists the Services this node load-balances, with their
+	// backends and health as this node sees them.
+	ListServices(context.Context, *ListServicesRequest) (*ListServicesResponse, error)
 	// RotateKey replaces this node's WireGuard key and republishes its public
 	// half; peers pick it up from the Node annotation.
 	RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error)
@@ -268,6 +285,9 @@ func (UnimplementedAgentServer) Trace(context.Context, *TraceRequest) (*TraceRes
 }
 func (UnimplementedAgentServer) Observe(*ObserveRequest, grpc.ServerStreamingServer[Flow]) error {
 	return status.Error(codes.Unimplemented, "method Observe not implemented")
+}
+func (UnimplementedAgentServer) ListServices(context.Context, *ListServicesRequest) (*ListServicesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListServices not implemented")
 }
 func (UnimplementedAgentServer) RotateKey(context.Context, *RotateKeyRequest) (*RotateKeyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RotateKey not implemented")
@@ -409,6 +429,24 @@ func _Agent_Observe_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_ObserveServer = grpc.ServerStreamingServer[Flow]
 
+func _Agent_ListServices_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListServicesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).ListServices(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_ListServices_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).ListServices(ctx, req.(*ListServicesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Agent_RotateKey_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(RotateKeyRequest)
 	if err := dec(in); err != nil {
@@ -543,6 +581,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Trace",
 			Handler:    _Agent_Trace_Handler,
+		},
+		{
+			MethodName: "ListServices",
+			Handler:    _Agent_ListServices_Handler,
 		},
 		{
 			MethodName: "RotateKey",
