@@ -146,7 +146,7 @@ bench: deps
 # chart with the image of `make image`, cluster DNS, and the demo
 # (Deployments, Services, policies). The first run builds the cluster's
 # binaries (make controlplane: up to 30 min); later runs take about 30 s.
-# `$(BIN)/meshctl lab down` removes it. LAB_KUBE_PROXY: none or nftables.
+# `$(BIN)/meshctl lab down` removes it. LAB_KUBE_PROXY: none, iptables or nftables.
 LAB_NODES ?= 2
 LAB_KUBE_PROXY ?= nftables
 lab: deps build image controlplane

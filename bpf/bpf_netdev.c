@@ -65,6 +65,10 @@ int veil_from_netdev(struct __sk_buff *skb)
 	ct = ct_lookup(&pkt, &reply);
 	if (ct) {
 		metric_add(FWD_REPLY, pkt.len);
+		/* The stack carried the connection out: it takes the reply in
+		 * (netfilter undoes its translation), and to_pod delivers. */
+		if (ct->flags & CT_F_VIA_STACK)
+			return TC_ACT_OK;
 		return deliver_local(skb, dst);
 	}
 

@@ -113,7 +113,8 @@ int veil_from_pod(struct __sk_buff *skb)
 	}
 	if (rt.kind == ROUTE_TUNNEL)
 		flags |= FLOW_F_ENCRYPTED;
-	ct_create(&pkt, sp.identity, dp.identity, (flags & FLOW_F_AUDIT) ? CT_F_AUDIT : 0);
+	ct_create(&pkt, sp.identity, dp.identity,
+		  ((flags & FLOW_F_AUDIT) ? CT_F_AUDIT : 0) | (rt.kind == ROUTE_STACK ? CT_F_VIA_STACK : 0));
 	if (flags & FLOW_F_AUDIT)
 		metric_add(FWD_AUDIT, pkt.len);
 	flow_emit(skb, &pkt, OBS_FROM_POD, VERDICT_ALLOW, REASON_NONE, sp.identity, dp.identity,
@@ -130,6 +131,13 @@ established:
 		return drop(skb, &pkt, OBS_FROM_POD, DROP_NO_TUNNEL, src->identity, 0, 0, FLOW_F_LEAK);
 	}
 	metric_add(FWD_REPLY, pkt.len);
+	/* A connection the host stack carried (kube-proxy's translation, the
+	 * host's own) is answered through it too: netfilter undoes the
+	 * translation and sees both directions. */
+	if (ct && (ct->flags & CT_F_VIA_STACK)) {
+		metric_add(FWD_STACK, pkt.len);
+		return TC_ACT_OK;
+	}
 	return forward(skb, dst, &rt);
 }
 

@@ -45,6 +45,9 @@ int veil_from_tunnel(struct __sk_buff *skb)
 	ct = ct_lookup(&pkt, &reply);
 	if (ct) {
 		metric_add(FWD_REPLY, pkt.len);
+		/* As from_netdev: a connection the stack carried out keeps it. */
+		if (ct->flags & CT_F_VIA_STACK)
+			return TC_ACT_OK;
 		return deliver_local_l3(skb, dst);
 	}
 

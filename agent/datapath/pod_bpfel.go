@@ -35,6 +35,7 @@ const (
 	podCtFlagsCT_F_FIN_REPLY  podCtFlags = 8
 	podCtFlagsCT_F_RST        podCtFlags = 16
 	podCtFlagsCT_F_REVOKED    podCtFlags = 32
+	podCtFlagsCT_F_VIA_STACK  podCtFlags = 64
 )
 
 type podCtKey struct {

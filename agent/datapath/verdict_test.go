@@ -215,3 +215,29 @@ func TestVerdictRepliesRideConntrack(t *testing.T) {
 	p.check(verdictCase{name: "c replies", prog: "from_netdev", frame: tcp(pC, pA, 80, 40000, tcpSYN|tcpACK), want: tcRedirect})
 	p.check(verdictCase{name: "c opens its own", prog: "from_netdev", frame: tcp(pC, pA, 81, 40000, tcpSYN), want: tcShot, reason: DropPolicyIngress})
 }
+
+// A connection whose first packet the host stack carried — a pod's to an
+// address no pod holds (a ClusterIP that kube-proxy translates, the API
+// server, the world), or one the stack delivered into a pod (to_pod: a
+// translated connection to a backend, the host's own) — keeps the stack
+// for its replies: handed straight into a pod (or the tunnel) they would
+// miss netfilter, whose connection tracking undoes the translation and
+// which, in kube-proxy's iptables mode, drops the next packets of a
+// connection whose reply it never saw as INVALID.
+func TestVerdictRepliesOfStackConnectionsKeepTheStack(t *testing.T) {
+	p := cluster(t, false, false)
+	p.endpoint(pB, 2, idB, ifLoopback) // b's frames arrive on the harness's device
+	vip := addr("10.96.0.10")
+	p.check(verdictCase{name: "a to a ClusterIP: the stack translates", prog: "from_pod", frame: tcp(pA, vip, 40100, 53, tcpSYN), want: tcOK})
+	p.check(verdictCase{name: "the reply from the underlay goes up the stack", prog: "from_netdev", frame: tcp(vip, pA, 53, 40100, tcpSYN|tcpACK), want: tcOK})
+	p.check(verdictCase{name: "the stack delivers it", prog: "to_pod", frame: tcp(vip, pA, 53, 40100, tcpSYN|tcpACK), want: tcOK})
+
+	// kube-proxy translated a's connection to local backend b: b's reply
+	// goes up the stack too, where it is turned back into the ClusterIP's.
+	p.check(verdictCase{name: "translated a -> b delivered by the stack", prog: "to_pod", frame: tcp(pA, pB, 40200, 80, tcpSYN), want: tcOK})
+	p.check(verdictCase{name: "b's reply to a goes up the stack", prog: "from_pod", frame: tcp(pB, pA, 80, 40200, tcpSYN|tcpACK), want: tcOK})
+
+	// Pod-to-pod connections that never met the stack keep the direct way.
+	p.check(verdictCase{name: "a opens to b directly", prog: "from_pod", frame: tcp(pA, pB, 40300, 80, tcpSYN), want: tcRedirect})
+	p.check(verdictCase{name: "b answers directly", prog: "from_pod", frame: tcp(pB, pA, 80, 40300, tcpSYN|tcpACK), want: tcRedirect})
+}

@@ -114,7 +114,9 @@ static __always_inline int ingress_decide(struct __sk_buff *skb, struct packet *
 		flags |= FLOW_F_AUDIT;
 		metric_add(FWD_AUDIT, pkt->len);
 	}
-	ct_create(pkt, sp->identity, dst->identity, (flags & FLOW_F_AUDIT) ? CT_F_AUDIT : 0);
+	/* What the stack delivered (to_pod) is answered through the stack. */
+	ct_create(pkt, sp->identity, dst->identity,
+		  ((flags & FLOW_F_AUDIT) ? CT_F_AUDIT : 0) | (point == OBS_TO_POD ? CT_F_VIA_STACK : 0));
 	flow_emit(skb, pkt, point, VERDICT_ALLOW, REASON_NONE, sp->identity, dst->identity,
 		  in.rule_id, flags);
 	return TC_ACT_OK;

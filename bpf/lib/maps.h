@@ -124,6 +124,7 @@ enum ct_flags {
 	CT_F_FIN_REPLY = 1 << 3,	/* TCP: the responder sent FIN */
 	CT_F_RST = 1 << 4,	/* TCP: either side sent RST */
 	CT_F_REVOKED = 1 << 5,	/* policy no longer allows it: nothing rides it (agent/datapath EvictFlows) */
+	CT_F_VIA_STACK = 1 << 6,	/* its first packet crossed the host stack: so do its replies (netfilter's NAT and conntrack) */
 };
 
 /* struct ct_entry - a connection that policy allowed. */

@@ -38,7 +38,7 @@ type labUpFlags struct {
 func newLabUpCommand(o *labOptions) *cobra.Command {
 	f := labUpFlags{}
 	cmd := &cobra.Command{
-		Use:   "up [--nodes N] [--kube-proxy none|nftables] [--strict-mode] [--dir DIR]",
+		Use:   "up [--nodes N] [--kube-proxy none|iptables|nftables] [--strict-mode] [--dir DIR]",
 		Short: "Start the lab: a real cluster with Veil, cluster DNS and the demo",
 		Long: `Start the lab and leave it running in the background: a supervisor
 process (its log is DIR/` + labcluster.SupervisorLog + `) owns it until 'meshctl lab down'.
@@ -93,7 +93,7 @@ controlplane; up to 30 minutes on two cores); later runs take a minute.`,
 	}
 	cmd.Flags().IntVar(&f.nodes, "nodes", 2, fmt.Sprintf("number of nodes (1 to %d)", labMaxNodes))
 	cmd.Flags().StringVar(&f.prefix, "prefix", defaultLabPrefix, "names everything the lab creates on the host (3 to 12 of a-z, 0-9)")
-	cmd.Flags().StringVar(&f.kubeProxy, "kube-proxy", string(labcluster.KubeProxyNFTables), "kube-proxy on the nodes: none or nftables (inside each node's network namespace)")
+	cmd.Flags().StringVar(&f.kubeProxy, "kube-proxy", string(labcluster.KubeProxyNFTables), "kube-proxy on the nodes: none, iptables or nftables (inside each node's network namespace)")
 	cmd.Flags().BoolVar(&f.strict, "strict-mode", true, "install Veil with encryption.strictMode=true, as 'audit encryption' expects; false keeps the chart's default")
 	cmd.Flags().StringVar(&f.image, "image", filepath.Join("bin", "veil-image.tar"), "Veil's image, an OCI tarball (make image)")
 	cmd.Flags().DurationVar(&f.wait, "wait", 30*time.Minute, "how long to wait for the lab to be ready (the first run builds the cluster's binaries)")
@@ -107,13 +107,9 @@ func (f labUpFlags) check() error {
 	if !labPrefixRE.MatchString(f.prefix) {
 		return usageErrorf("--prefix %q: want 3 to 12 of a-z and 0-9", f.prefix)
 	}
-	mode, err := labcluster.ParseKubeProxyMode(f.kubeProxy)
+	_, err := labcluster.ParseKubeProxyMode(f.kubeProxy)
 	if err != nil || f.kubeProxy == "" {
-		return usageErrorf("--kube-proxy %q: want none or nftables", f.kubeProxy)
-	}
-	if mode == labcluster.KubeProxyIPTables {
-		// lab/cluster runs it, but the lab's DNS cannot come up with it.
-		return usageErrorf("--kube-proxy iptables: not yet: with it, a pod's connections to addresses outside the cluster (CoreDNS's to the API server) hang, as Veil delivers their replies past netfilter's conntrack and kube-proxy drops the pod's next packets as invalid; want none or nftables")
+		return usageErrorf("--kube-proxy %q: want none, iptables or nftables", f.kubeProxy)
 	}
 	if f.wait <= 0 {
 		return usageErrorf("--wait must be positive")

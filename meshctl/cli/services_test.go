@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/veilmesh/veil/agent/apiserver"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 )
 
@@ -129,7 +130,12 @@ func newServicesAgent(t *testing.T) *fakeAgent {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &fakeAgent{compiled: src.compiled, status: healthyStatus()}
+	f := &fakeAgent{compiled: src.compiled, status: healthyStatus()}
+	f.real = apiserver.New(apiserver.Config{
+		NodeName: "node-1", Policy: src.compiled,
+		Endpoints: localEndpoints{src.compiled}, Datapath: countingDatapath{src.compiled},
+	})
+	return f
 }
 
 // TestTraceServiceGolden: a trace to a Service judges each backend on its

@@ -62,7 +62,7 @@ func testLabUp(t *testing.T, ctx context.Context, bins controlplane.ClusterBinar
 		t.Fatalf("remove leftovers of an earlier run: %v", err)
 	}
 	before := snapshotHost(t, labPrefix)
-	services := mode != cluster.KubeProxyIPTables
+	services := true
 	c, err := cluster.Up(ctx, cluster.UpOptions{
 		Options: cluster.Options{
 			Prefix: labPrefix, Nodes: 2, Binaries: bins, Images: []string{agentImage}, KubeProxy: mode,
