@@ -76,7 +76,11 @@ type Config struct {
 	PodOf func(netip.Addr) string
 	// TunnelsChanged is called when the set of peered nodes changed.
 	TunnelsChanged func()
-	Log            *slog.Logger
+	// HostRoutes makes the node's own traffic to exactly prefixes go
+	// through the tunnel device (see hostTunnelPrefixes); nil means the
+	// node's routing tables (routeThroughTunnel). Tests record instead.
+	HostRoutes func(device string, prefixes map[netip.Prefix]bool) error
+	Log        *slog.Logger
 }
 
 // Manager keeps the node's encryption in line with the cluster.
@@ -95,6 +99,9 @@ type Manager struct {
 func New(cfg Config) *Manager {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.HostRoutes == nil {
+		cfg.HostRoutes = routeThroughTunnel
 	}
 	m := &Manager{cfg: cfg, statusChanged: make(chan struct{}, 1)}
 	if cfg.Device != nil {
@@ -201,7 +208,7 @@ func (m *Manager) SyncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 	}
 	m.recordTunnels(peers)
 	if prefixes := hostTunnelPrefixes(peers, c, m.cfg.NodeToNode, m.cfg.StrictMode); prefixes != nil {
-		if err := routeThroughTunnel(m.cfg.Device.Interface(), prefixes); err != nil {
+		if err := m.cfg.HostRoutes(m.cfg.Device.Interface(), prefixes); err != nil {
 			return err
 		}
 	}
