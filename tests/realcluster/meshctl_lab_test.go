@@ -222,12 +222,14 @@ func TestPrivilegedMeshctlLabCLI(t *testing.T) {
 		allow bool
 	}{{"demo/frontend", true}, {"other/client", false}} {
 		out, stderr, code := c.run(time.Minute, "lab", "exec", "--dir", c.dir, tc.from, "--", "/client", "connect", "-timeout", "1500ms", "backend.demo:80")
-		if (code == 0) != tc.allow {
-			t.Errorf("lab exec %s -- /client connect backend.demo:80: exit %d (%s%s); want allowed=%v", tc.from, code, out, stderr, tc.allow)
+		if want := map[bool]int{true: 0, false: 1}[tc.allow]; code != want {
+			t.Errorf("lab exec %s -- /client connect backend.demo:80: exit %d (%s%s); want allowed=%v (the client exits 1 when the connection fails)", tc.from, code, out, stderr, tc.allow)
 		}
 	}
-	if _, stderr, code := c.run(time.Minute, "lab", "exec", "--dir", c.dir, "demo/frontend", "--", "/client", "no-such-command"); code == 0 {
-		t.Errorf("lab exec of a failing command: exit 0 (%s); want its non-zero exit code", stderr)
+	// lab exec exits with the command's exit code: the client's usage
+	// error is 2, and its message comes through on stderr.
+	if _, stderr, code := c.run(time.Minute, "lab", "exec", "--dir", c.dir, "demo/frontend", "--", "/client", "no-such-command"); code != 2 || !strings.Contains(stderr, "usage: client") {
+		t.Errorf("lab exec demo/frontend -- /client no-such-command: exit %d, %q; want the client's exit 2 and its usage", code, stderr)
 	}
 
 	procs := labProcesses(t, c.prefix, st.Lab.Supervisor)
