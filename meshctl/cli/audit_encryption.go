@@ -117,7 +117,10 @@ Exit codes:
 			}
 			ctx := cmd.Context()
 			timeout := withTimeout(agent.timeout)
+			prog := newProgress(cmd.ErrOrStderr())
+			prog.step("reading Nodes and MeshNodes")
 			cs, err := readCluster(ctx, kc, timeout)
+			prog.done()
 			if err != nil {
 				return err
 			}
@@ -126,7 +129,9 @@ Exit codes:
 				return usageErrorf("node %q is not in the cluster (%s)", view.Node, output.Plural(len(cs.Nodes), "node"))
 			}
 			now := agent.env.now()
+			prog.step("judging %s and %s", output.Plural(len(cs.Nodes), "node"), output.Plural(max(len(cs.Nodes)*(len(cs.Nodes)-1), 0), "node pair"))
 			r := audit.New(cs, now, opts, buildVersion().Version)
+			prog.done()
 			if opts.Active {
 				pods := map[string][]corev1.Pod{}
 				for _, n := range cs.Nodes {
@@ -148,7 +153,9 @@ Exit codes:
 				defer a.Close()
 				a.Run(ctx, &r, cs, pods)
 			}
+			prog.step("ordering %s", output.Plural(len(r.Checks), "check"))
 			r.Finish()
+			prog.done()
 			w := cmd.OutOrStdout()
 			done, err := out.structured(w, r)
 			if err != nil {

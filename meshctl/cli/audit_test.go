@@ -661,3 +661,18 @@ func TestAuditActiveFails(t *testing.T) {
 		}
 	})
 }
+
+func TestAuditEncryptionViewUsage(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--node", "node-7"}, `node "node-7" is not in the cluster (3 nodes)`},
+		{[]string{"--max-failures", "0"}, "--max-failures must be positive"},
+	} {
+		_, stderr, code := runCluster(t, healthyCluster(3), nil, append([]string{"audit", "encryption"}, tc.args...)...)
+		if code != ExitUsage || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", tc.args, code, stderr, ExitUsage, tc.want)
+		}
+	}
+}

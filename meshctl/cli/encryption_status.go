@@ -3,12 +3,14 @@ package cli
 import (
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
 	"github.com/veilmesh/veil/api/annotations"
 	"github.com/veilmesh/veil/meshctl/audit"
@@ -61,11 +63,16 @@ Exit codes:
 			if err != nil {
 				return err
 			}
+			prog := newProgress(cmd.ErrOrStderr())
+			prog.step("reading Nodes and MeshNodes")
 			cs, err := readCluster(cmd.Context(), kc, withTimeout(agent.timeout))
+			prog.done()
 			if err != nil {
 				return err
 			}
+			prog.step("summing up %s", output.Plural(len(cs.Nodes), "node"))
 			r, err := newEncryptionStatusReport(cs, agent.env.now(), staleAfter, agent.node)
+			prog.done()
 			if err != nil {
 				return err
 			}
@@ -378,4 +385,29 @@ func handshakes(peers []audit.PeerReport, now time.Time) []string {
 		hs = append(hs, "oldest "+output.Age(now, *oldest))
 	}
 	return hs
+}
+
+// progress says on stderr which slow step runs (reading thousands of
+// MeshNodes, judging millions of pairs), only when stderr is a terminal,
+// and clears the line when done.
+type progress struct {
+	w  io.Writer
+	on bool
+}
+
+func newProgress(w io.Writer) progress {
+	f, ok := w.(*os.File)
+	return progress{w: w, on: ok && term.IsTerminal(int(f.Fd()))}
+}
+
+func (p progress) step(format string, args ...any) {
+	if p.on {
+		fmt.Fprintf(p.w, "\r\x1b[K"+format+"…", args...)
+	}
+}
+
+func (p progress) done() {
+	if p.on {
+		fmt.Fprint(p.w, "\r\x1b[K")
+	}
 }
