@@ -170,3 +170,49 @@ func TestPairsFromPeerView(t *testing.T) {
 		t.Errorf("failures %v; want node-1→node-3 peer and handshake", failed)
 	}
 }
+
+// TestPairsMatchAllPairsReference: judging pairs from each node's peer
+// view by lookup gives the rows the all-pairs search gave, on a cluster
+// with a missing peer, a duplicate, a stranger and an unreported node.
+func TestPairsMatchAllPairsReference(t *testing.T) {
+	cs := inconsistent()
+	enc := &cs.MeshNodes["node-2"].Status.Encryption
+	enc.Peers = append(enc.Peers[1:], enc.Peers[1]) // drop node-1, node-3 twice
+	stranger := enc.Peers[0]
+	stranger.Node = "node-0"
+	enc.Peers = append(enc.Peers, stranger)
+	delete(cs.MeshNodes, "node-4")
+	r := New(cs, now, opts, "test")
+	r.Finish()
+	var got []Check
+	for _, c := range r.Checks {
+		if strings.Contains(c.Scope, "→") {
+			got = append(got, c)
+		}
+	}
+	nodes, _ := Snapshots(cs, now, opts.StaleAfter)
+	var want []Check
+	for _, a := range nodes {
+		for bi, b := range nodes {
+			if a.Node == b.Node {
+				continue
+			}
+			var p *PeerReport
+			for i := range a.Peers {
+				if a.Peers[i].Node == b.Node {
+					p = &a.Peers[i]
+					break
+				}
+			}
+			want = append(want, auditPair(a, b, p, claimsOf(&cs.Nodes[bi]), now, opts)...)
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d pair rows; the all-pairs search makes %d", len(got), len(want))
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("row %d: %+v; want %+v", i, got[i], want[i])
+		}
+	}
+}
