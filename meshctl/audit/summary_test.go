@@ -216,3 +216,23 @@ func TestPairsMatchAllPairsReference(t *testing.T) {
 		}
 	}
 }
+
+// TestProblemsNameAFewMissingPeers: a node peered with none of 11 others
+// names five and counts the rest.
+func TestProblemsNameAFewMissingPeers(t *testing.T) {
+	cs := healthy(12)
+	cs.MeshNodes["node-1"].Status.Encryption.Peers = nil
+	nodes, _ := Snapshots(cs, now, opts.StaleAfter)
+	var names []string
+	for _, n := range nodes {
+		names = append(names, n.Node)
+	}
+	got := nodes[0].Problems(now, opts.StaleAfter, NewNodeSet(names))
+	want := "not peered with node-2, node-3, node-4, node-5, node-6 and 6 more"
+	if len(got) != 1 || got[0] != want {
+		t.Errorf("problems %q; want [%q]", got, want)
+	}
+	if got := nodes[1].Problems(now, opts.StaleAfter, NewNodeSet(names)); len(got) != 0 {
+		t.Errorf("a healthy node's problems: %q", got)
+	}
+}
