@@ -217,7 +217,7 @@ func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*au
 // megabyte at 5,000 nodes), a Node is a few kilobytes.
 const (
 	nodePage     = 500
-	meshNodePage = 50
+	meshNodePage = 250
 )
 
 // nodePods lists the pods scheduled on node, each call bounded by timeout.
