@@ -60,6 +60,8 @@ type Report struct {
 	MeshctlVersion string      `json:"meshctlVersion"`
 	Cluster        ClusterInfo `json:"cluster"`
 	Thresholds     Thresholds  `json:"thresholds"`
+	// Summary counts nodes, pairs and each check's results.
+	Summary Summary `json:"summary"`
 	// Nodes are the MeshNode status snapshots the checks judged.
 	Nodes    []NodeReport `json:"nodes"`
 	Checks   []Check      `json:"checks"`
@@ -68,6 +70,77 @@ type Report struct {
 	NotTested []Check `json:"notTested,omitempty"`
 	// Active is the evidence of each active check.
 	Active []ActiveEvidence `json:"active,omitempty"`
+}
+
+// Summary counts what the audit found: the first thing it prints.
+type Summary struct {
+	Nodes int `json:"nodes"`
+	// Reported nodes have a MeshNode; TunnelsUp of them are encrypted
+	// (reported recently, WireGuard up, with a key); KeysConsistent
+	// passed key-published (the device's key is the one peers read).
+	Reported       int `json:"reported"`
+	TunnelsUp      int `json:"tunnelsUp"`
+	KeysConsistent int `json:"keysConsistent"`
+	// Pairs are the ordered node pairs, each judged from the first node's
+	// own peer view; PairsFailed of them failed a check.
+	Pairs       int `json:"pairs"`
+	PairsFailed int `json:"pairsFailed"`
+	// ByCheck counts each check's results, in report order.
+	ByCheck []CheckCount `json:"byCheck"`
+}
+
+// CheckCount is how often one check passed and failed.
+type CheckCount struct {
+	Check  string `json:"check"`
+	Passed int    `json:"passed"`
+	Failed int    `json:"failed"`
+}
+
+// summarize counts r's nodes and checks; r's checks are in report order.
+func summarize(r *Report) Summary {
+	s := Summary{Nodes: len(r.Nodes), Pairs: max(len(r.Nodes)*(len(r.Nodes)-1), 0), ByCheck: []CheckCount{}}
+	for _, n := range r.Nodes {
+		if n.Reported {
+			s.Reported++
+		}
+		if n.Encrypted {
+			s.TunnelsUp++
+		}
+	}
+	at := map[string]int{}
+	count := func(name string) *CheckCount {
+		i, ok := at[name]
+		if !ok {
+			i = len(s.ByCheck)
+			at[name] = i
+			s.ByCheck = append(s.ByCheck, CheckCount{Check: name})
+		}
+		return &s.ByCheck[i]
+	}
+	for _, name := range append(slices.Clone(nodeChecks), "peer", "handshake") {
+		count(name)
+	}
+	if r.Thresholds.Active {
+		count("active")
+	}
+	lastFailedPair := ""
+	for _, c := range r.Checks {
+		cc := count(c.Check)
+		if c.Result == Pass {
+			cc.Passed++
+			if c.Check == "key-published" {
+				s.KeysConsistent++
+			}
+			continue
+		}
+		cc.Failed++
+		// Rows of one pair are adjacent once sorted.
+		if strings.Contains(c.Scope, "→") && c.Scope != lastFailedPair {
+			s.PairsFailed++
+			lastFailedPair = c.Scope
+		}
+	}
+	return s
 }
 
 // ClusterInfo names the audited cluster.
@@ -131,58 +204,126 @@ func New(cs *Cluster, now time.Time, o Options, meshctlVersion string) Report {
 		r.Thresholds.CaptureDuration = o.CaptureDuration.String()
 		r.Thresholds.MarkerPort = o.MarkerPort
 	}
-	claims := map[string]nodeClaims{}
-	for i, n := range nodes {
-		claims[n.Node] = claimsOf(&cs.Nodes[i])
-	}
 	if len(nodes) == 0 {
 		r.Checks = append(r.Checks, fail("cluster", "nodes", "the cluster has no Node to audit"))
 	}
-	for _, n := range nodes {
-		r.Checks = append(r.Checks, auditNode(n, now, o)...)
+	// Each node's rows in report order (its claims check among them), and
+	// below the pairs in order too, so that Finish need not sort millions
+	// of rows of a healthy cluster.
+	claimRows := auditClaims(cs)
+	for i, n := range nodes {
+		rows := append(auditNode(n, now, o), claimRows[i])
+		slices.SortStableFunc(rows, func(x, y Check) int { return checkOrder(x.Check) - checkOrder(y.Check) })
+		r.Checks = append(r.Checks, rows...)
 	}
-	r.Checks = append(r.Checks, auditClaims(cs)...)
-	for _, a := range nodes {
-		for _, b := range nodes {
-			if a.Node != b.Node {
-				r.Checks = append(r.Checks, auditPair(a, b, claims[b.Node], now, o)...)
+	// Every pair A→B is judged from A's own peer view: A's peers are
+	// looked up by name (O(peers) per node), and only a node that lists
+	// fewer known peers than it should is searched for the missing ones.
+	index := make(map[string]int, len(nodes))
+	for i, n := range nodes {
+		index[n.Node] = i
+	}
+	claims := make([]nodeClaims, len(nodes))
+	for i := range nodes {
+		claims[i] = claimsOf(&cs.Nodes[i])
+	}
+	seen := make([]bool, len(nodes))
+	for ai, a := range nodes {
+		if !a.Reported {
+			for bi, b := range nodes {
+				if bi != ai {
+					r.Checks = append(r.Checks, auditPair(a, b, nil, claims[bi], now, o)...)
+				}
+			}
+			continue
+		}
+		known := 0
+		for pi := range a.Peers {
+			p := &a.Peers[pi]
+			bi, ok := index[p.Node]
+			if !ok || bi == ai || seen[bi] {
+				continue // not a node, itself, or listed twice: judged once
+			}
+			seen[bi] = true
+			known++
+			r.Checks = append(r.Checks, auditPair(a, nodes[bi], p, claims[bi], now, o)...)
+		}
+		if known < len(nodes)-1 {
+			for bi, b := range nodes {
+				if bi != ai && !seen[bi] {
+					r.Checks = append(r.Checks, auditPair(a, b, nil, claims[bi], now, o)...)
+				}
+			}
+		}
+		for pi := range a.Peers {
+			if bi, ok := index[a.Peers[pi].Node]; ok {
+				seen[bi] = false
 			}
 		}
 	}
 	return r
 }
 
-// Finish orders the checks and sets the verdict; call it after the active
-// checks, if any.
+// checkOrder is a check's place in the report: node checks, then peer,
+// handshake and active.
+func checkOrder(check string) int {
+	if i := slices.Index(nodeChecks, check); i >= 0 {
+		return i
+	}
+	if i := slices.Index([]string{"peer", "handshake", "active"}, check); i >= 0 {
+		return len(nodeChecks) + i
+	}
+	return 0
+}
+
+// Finish orders the checks, counts them (Summary) and sets the verdict;
+// call it after the active checks, if any.
 func (r *Report) Finish() {
 	order := map[string]int{}
-	for i, c := range append(nodeChecks, "peer", "handshake", "active") {
+	for i, c := range append(slices.Clone(nodeChecks), "peer", "handshake", "active") {
 		order[c] = i
 	}
-	// Node rows first, then pairs; within each, by scope, then check order.
-	key := func(c Check) (bool, string, int) {
-		return strings.Contains(c.Scope, "→"), c.Scope, order[c.Check]
+	// Node rows first, then pairs; within each, by scope, then check
+	// order. The keys are computed once: the pair rows are n·(n-1)·2.
+	type sortKey struct {
+		pair  bool
+		scope string
+		order int
+		i     int
 	}
-	slices.SortStableFunc(r.Checks, func(x, y Check) int {
-		px, sx, ox := key(x)
-		py, sy, oy := key(y)
+	keys := make([]sortKey, len(r.Checks))
+	for i, c := range r.Checks {
+		keys[i] = sortKey{strings.Contains(c.Scope, "→"), c.Scope, order[c.Check], i}
+	}
+	cmp := func(x, y sortKey) int {
 		switch {
-		case px != py:
-			if px {
+		case x.pair != y.pair:
+			if x.pair {
 				return 1
 			}
 			return -1
-		case sx != sy:
-			return strings.Compare(sx, sy)
+		case x.scope != y.scope:
+			return strings.Compare(x.scope, y.scope)
+		case x.order != y.order:
+			return x.order - y.order
 		}
-		return ox - oy
-	})
+		return x.i - y.i
+	}
+	if !slices.IsSortedFunc(keys, cmp) {
+		slices.SortFunc(keys, cmp)
+		sorted := make([]Check, len(r.Checks))
+		for i, k := range keys {
+			sorted[i] = r.Checks[k.i]
+		}
+		r.Checks = sorted
+	}
 	r.Failures = []Check{}
 	for _, c := range r.Checks {
 		if c.Result != Pass {
 			r.Failures = append(r.Failures, c)
 		}
 	}
+	r.Summary = summarize(r)
 	r.Verdict = Pass
 	if len(r.Failures) > 0 {
 		r.Verdict = Fail
@@ -338,7 +479,8 @@ func latestLeak(n NodeReport) (meshv1alpha1.LeakRecord, bool) {
 	return l, ok
 }
 
-func auditPair(a, b NodeReport, bClaims nodeClaims, now time.Time, o Options) []Check {
+// auditPair judges A→B from A's view of B, p (nil when A does not list B).
+func auditPair(a, b NodeReport, p *PeerReport, bClaims nodeClaims, now time.Time, o Options) []Check {
 	s := pairScope(a.Node, b.Node)
 	if !a.Reported {
 		return []Check{
@@ -346,14 +488,12 @@ func auditPair(a, b NodeReport, bClaims nodeClaims, now time.Time, o Options) []
 			fail(s, "handshake", "not checked: %s has no MeshNode", a.Node),
 		}
 	}
-	i := slices.IndexFunc(a.Peers, func(p PeerReport) bool { return p.Node == b.Node })
-	if i < 0 {
+	if p == nil {
 		return []Check{
 			fail(s, "peer", "%s is not a peer of %s", b.Node, a.Node),
 			fail(s, "handshake", "not checked: %s is not a peer of %s", b.Node, a.Node),
 		}
 	}
-	p := a.Peers[i]
 	var out []Check
 	// A's view of B must equal what B publishes (its Node's annotations,
 	// which only B's agent may write) and what B reports about itself

@@ -159,10 +159,10 @@ func TestWriteColourOnlyWithPalette(t *testing.T) {
 	r := New(healthy(2), now, opts, "test")
 	r.Finish()
 	var plain, coloured strings.Builder
-	if err := Write(&plain, output.Palette{}, r); err != nil {
+	if err := Write(&plain, output.Palette{}, r, View{}); err != nil {
 		t.Fatal(err)
 	}
-	if err := Write(&coloured, output.Palette{On: true}, r); err != nil {
+	if err := Write(&coloured, output.Palette{On: true}, r, View{}); err != nil {
 		t.Fatal(err)
 	}
 	if strings.Contains(plain.String(), "\x1b[") || !strings.Contains(coloured.String(), "\x1b[") {

@@ -164,8 +164,23 @@ func (n NodeReport) Why() string {
 	return ""
 }
 
-// Problems lists what needs attention on a node, most serious first.
-func (n NodeReport) Problems(now time.Time, staleAfter time.Duration, nodeNames []string) []string {
+// ListedNames is how many node names a problem lists before it counts the
+// rest.
+const ListedNames = 5
+
+// Names joins names with ", ", listing at most ListedNames of them and
+// counting the rest: "a, b, c, d, e and 3 more".
+func Names(names []string) string {
+	if len(names) <= ListedNames {
+		return strings.Join(names, ", ")
+	}
+	return fmt.Sprintf("%s and %d more", strings.Join(names[:ListedNames], ", "), len(names)-ListedNames)
+}
+
+// Problems lists what needs attention on a node, most serious first;
+// nodes are the cluster's node names in order (see NodeSet), looked up,
+// not searched, so that all nodes' problems take O(n·peers).
+func (n NodeReport) Problems(now time.Time, staleAfter time.Duration, nodes NodeSet) []string {
 	if !n.Reported {
 		return []string{"no MeshNode: its agent has never reported (is veil-agent running on the node?)"}
 	}
@@ -195,14 +210,8 @@ func (n NodeReport) Problems(now time.Time, staleAfter time.Duration, nodeNames 
 	if n.UnencryptedPackets > 0 {
 		out = append(out, fmt.Sprintf("%s sent to other nodes unencrypted", output.Plural(int(n.UnencryptedPackets), "pod packet")))
 	}
-	var missing []string
-	for _, name := range nodeNames {
-		if name != n.Node && !slices.ContainsFunc(n.Peers, func(p PeerReport) bool { return p.Node == name }) {
-			missing = append(missing, name)
-		}
-	}
-	if len(missing) > 0 {
-		out = append(out, "not peered with "+strings.Join(missing, ", "))
+	if missing := nodes.missing(n); len(missing) > 0 {
+		out = append(out, "not peered with "+Names(missing))
 	}
 	var never []string
 	for _, p := range n.Peers {
@@ -211,7 +220,53 @@ func (n NodeReport) Problems(now time.Time, staleAfter time.Duration, nodeNames 
 		}
 	}
 	if len(never) > 0 {
-		out = append(out, "no handshake yet with "+strings.Join(never, ", "))
+		out = append(out, "no handshake yet with "+Names(never))
+	}
+	return out
+}
+
+// NodeSet is the cluster's node names, in order, and their positions.
+type NodeSet struct {
+	names []string
+	index map[string]int
+}
+
+// NewNodeSet indexes names (sorted, as Snapshots reports them).
+func NewNodeSet(names []string) NodeSet {
+	s := NodeSet{names: names, index: make(map[string]int, len(names))}
+	for i, n := range names {
+		s.index[n] = i
+	}
+	return s
+}
+
+// Has is true when name is a node of the set.
+func (s NodeSet) Has(name string) bool {
+	_, ok := s.index[name]
+	return ok
+}
+
+// missing are the nodes of s other than n that n does not list as peers,
+// in order; the set's nodes are only walked when some are missing.
+func (s NodeSet) missing(n NodeReport) []string {
+	listed := make(map[int]bool, len(n.Peers))
+	for _, p := range n.Peers {
+		if i, ok := s.index[p.Node]; ok && p.Node != n.Node {
+			listed[i] = true
+		}
+	}
+	self := 0
+	if s.Has(n.Node) {
+		self = 1
+	}
+	if len(listed) >= len(s.names)-self {
+		return nil
+	}
+	var out []string
+	for i, name := range s.names {
+		if name != n.Node && !listed[i] {
+			out = append(out, name)
+		}
 	}
 	return out
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -19,6 +20,7 @@ func newAuditEncryptionCommand(agent *agentOptions, kube *kubeOptions) *cobra.Co
 	var (
 		out  outputFlag
 		opts audit.Options
+		view audit.View
 	)
 	cmd := &cobra.Command{
 		Use:   "encryption",
@@ -74,6 +76,14 @@ so a forged status or annotation FAILs, naming both nodes. (On the wire,
 likewise, a packet's source address is believed only when it comes out of
 the tunnel of the node that holds it.)
 
+The default output is a summary whatever the cluster's size: the verdict,
+the counts of nodes (reported, with tunnels up, with consistent keys) and
+of node pairs (each judged from the first node's own peer view: its
+MeshNode lists the keys, endpoints and allowed IPs it configured for its
+peers), each check's passes and failures, then the failures (the first
+--max-failures of them, and how many more). --details lists every check;
+--node NAME lists one node's checks and those of the pairs it is on.
+
 -o json is the evidence: verdict, generation time, meshctl version, API
 server, thresholds, every node's MeshNode status (with its update time and
 agent version), every check and the failures, in a stable order.
@@ -85,6 +95,8 @@ Exit codes:
   3  the API server could not be reached or refused meshctl (with
      --active: RBAC forbids reaching the agents)`,
 		Example: `  meshctl audit encryption
+  meshctl audit encryption --node node-2
+  meshctl audit encryption --details
   meshctl audit encryption -o json > encryption-audit.json
   meshctl audit encryption --max-handshake-age 3m --max-key-age 720h
   meshctl audit encryption --active`,
@@ -96,18 +108,30 @@ Exit codes:
 			if err := checkAuditOptions(opts); err != nil {
 				return err
 			}
+			if view.MaxFailures <= 0 {
+				return usageErrorf("--max-failures must be positive")
+			}
 			kc, err := kube.connect()
 			if err != nil {
 				return err
 			}
 			ctx := cmd.Context()
 			timeout := withTimeout(agent.timeout)
+			prog := newProgress(cmd.ErrOrStderr())
+			prog.step("reading Nodes and MeshNodes")
 			cs, err := readCluster(ctx, kc, timeout)
+			prog.done()
 			if err != nil {
 				return err
 			}
+			view.Node = agent.node
+			if view.Node != "" && !slices.ContainsFunc(cs.Nodes, func(n corev1.Node) bool { return n.Name == view.Node }) {
+				return usageErrorf("node %q is not in the cluster (%s)", view.Node, output.Plural(len(cs.Nodes), "node"))
+			}
 			now := agent.env.now()
+			prog.step("judging %s and %s", output.Plural(len(cs.Nodes), "node"), output.Plural(max(len(cs.Nodes)*(len(cs.Nodes)-1), 0), "node pair"))
 			r := audit.New(cs, now, opts, buildVersion().Version)
+			prog.done()
 			if opts.Active {
 				pods := map[string][]corev1.Pod{}
 				for _, n := range cs.Nodes {
@@ -129,14 +153,16 @@ Exit codes:
 				defer a.Close()
 				a.Run(ctx, &r, cs, pods)
 			}
+			prog.step("ordering %s", output.Plural(len(r.Checks), "check"))
 			r.Finish()
+			prog.done()
 			w := cmd.OutOrStdout()
 			done, err := out.structured(w, r)
 			if err != nil {
 				return err
 			}
 			if !done {
-				if err := audit.Write(w, output.PaletteFor(w), r); err != nil {
+				if err := audit.Write(w, output.PaletteFor(w), r, view); err != nil {
 					return err
 				}
 			}
@@ -153,6 +179,8 @@ Exit codes:
 	fs.BoolVar(&opts.Active, "active", false, "also send a marker between pods on every node pair and have the agents capture the wire")
 	fs.DurationVar(&opts.CaptureDuration, "capture-duration", 2*time.Second, "how long each agent captures per node pair with --active")
 	fs.Uint32Var(&opts.MarkerPort, "marker-port", 0, "the UDP port the --active marker is sent to (default: a UDP port the destination pod declares, else 9; the pod need not listen)")
+	fs.BoolVar(&view.Details, "details", false, "list every check, not only the summary and the failures")
+	fs.IntVar(&view.MaxFailures, "max-failures", audit.DefaultMaxFailures, "list at most this many failures (the rest are counted; -o json has them all)")
 	addOutputFlag(cmd, &out)
 	return cmd
 }

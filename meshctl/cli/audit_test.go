@@ -272,6 +272,9 @@ func TestAuditGolden(t *testing.T) {
 		{"audit-healthy.json", healthyCluster(2), []string{"-o", "json"}, ExitOK},
 		{"audit-faults.txt", faulty(), nil, ExitFailure},
 		{"audit-faults.json", faulty(), []string{"-o", "json"}, ExitFailure},
+		{"audit-faults-details.txt", faulty(), []string{"--details"}, ExitFailure},
+		{"audit-faults-node.txt", faulty(), []string{"--node", "node-3"}, ExitFailure},
+		{"audit-faults-max-failures.txt", faulty(), []string{"--max-failures", "2"}, ExitFailure},
 		{"audit-no-nodes.txt", &cluster{}, nil, ExitFailure},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -303,10 +306,10 @@ func TestAuditColourKeepsAlignment(t *testing.T) {
 	r := audit.New(cs, testNow, opts, buildVersion().Version)
 	r.Finish()
 	var plain, coloured strings.Builder
-	if err := audit.Write(&plain, output.Palette{}, r); err != nil {
+	if err := audit.Write(&plain, output.Palette{}, r, audit.View{Details: true}); err != nil {
 		t.Fatal(err)
 	}
-	if err := audit.Write(&coloured, output.Palette{On: true}, r); err != nil {
+	if err := audit.Write(&coloured, output.Palette{On: true}, r, audit.View{Details: true}); err != nil {
 		t.Fatal(err)
 	}
 	if got := ansi.ReplaceAllString(coloured.String(), ""); got != plain.String() || !ansi.MatchString(coloured.String()) {
@@ -657,4 +660,19 @@ func TestAuditActiveFails(t *testing.T) {
 			t.Errorf("exit %d, %q; want one line naming the unreachable agent", code, got.Reason)
 		}
 	})
+}
+
+func TestAuditEncryptionViewUsage(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--node", "node-7"}, `node "node-7" is not in the cluster (3 nodes)`},
+		{[]string{"--max-failures", "0"}, "--max-failures must be positive"},
+	} {
+		_, stderr, code := runCluster(t, healthyCluster(3), nil, append([]string{"audit", "encryption"}, tc.args...)...)
+		if code != ExitUsage || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%v: exit %d, stderr %q; want exit %d and %q", tc.args, code, stderr, ExitUsage, tc.want)
+		}
+	}
 }

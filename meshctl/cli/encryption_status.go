@@ -3,13 +3,16 @@ package cli
 import (
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
+	"github.com/veilmesh/veil/api/annotations"
 	"github.com/veilmesh/veil/meshctl/audit"
 	"github.com/veilmesh/veil/meshctl/output"
 )
@@ -18,6 +21,7 @@ func newEncryptionStatusCommand(agent *agentOptions, kube *kubeOptions) *cobra.C
 	var (
 		out        outputFlag
 		staleAfter time.Duration
+		details    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "status",
@@ -31,6 +35,13 @@ first. Nodes without a MeshNode (their agent never reported) and nodes
 whose status is older than --stale-after (their agent is not running) are
 called out. With --node, each peer is shown too.
 
+Large clusters stay readable: the summary and the counts (nodes reported,
+with tunnels up, with consistent keys; peers configured and handshaken)
+come first; the node table lists every node up to 20 nodes, above that
+only the nodes that need attention (at most 50, and how many more), and a
+node's handshakes are summed up once it has more than 8 peers. --details
+lists every node; -o json always has every node and peer.
+
 Exit codes:
   0  every node shown is encrypted (WireGuard up with a key, reported recently)
   1  a node shown is not: no MeshNode, stale, disabled or without a key
@@ -38,6 +49,7 @@ Exit codes:
   3  the API server could not be reached or refused meshctl`,
 		Example: `  meshctl encryption status
   meshctl encryption status --node node-2
+  meshctl encryption status --details
   meshctl encryption status -o json --kubeconfig ~/.kube/lab`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -51,14 +63,20 @@ Exit codes:
 			if err != nil {
 				return err
 			}
+			prog := newProgress(cmd.ErrOrStderr())
+			prog.step("reading Nodes and MeshNodes")
 			cs, err := readCluster(cmd.Context(), kc, withTimeout(agent.timeout))
+			prog.done()
 			if err != nil {
 				return err
 			}
+			prog.step("summing up %s", output.Plural(len(cs.Nodes), "node"))
 			r, err := newEncryptionStatusReport(cs, agent.env.now(), staleAfter, agent.node)
+			prog.done()
 			if err != nil {
 				return err
 			}
+			r.details = details
 			w := cmd.OutOrStdout()
 			done, err := out.structured(w, r)
 			if err != nil {
@@ -78,6 +96,7 @@ Exit codes:
 		},
 	}
 	cmd.Flags().DurationVar(&staleAfter, "stale-after", audit.DefaultStaleAfter, "a MeshNode status older than this means its agent is not running")
+	cmd.Flags().BoolVar(&details, "details", false, "list every node in the table, however many")
 	addOutputFlag(cmd, &out)
 	return cmd
 }
@@ -87,6 +106,15 @@ type encryptionStatusReport struct {
 	Summary        string `json:"summary"`
 	TotalNodes     int    `json:"totalNodes"`
 	EncryptedNodes int    `json:"encryptedNodes"`
+	// ReportedNodes have a MeshNode; KeysConsistent nodes' device keys are
+	// the keys their Nodes publish.
+	ReportedNodes  int `json:"reportedNodes"`
+	KeysConsistent int `json:"keysConsistent"`
+	// Peers sums every node's own peer view: the peers configured, the
+	// peers expected (one per other node), and those never handshaken.
+	PeersConfigured  int `json:"peersConfigured"`
+	PeersExpected    int `json:"peersExpected"`
+	PeersNoHandshake int `json:"peersNoHandshake"`
 	// Strict is true when every node is encrypted and in strict mode.
 	Strict bool               `json:"strict"`
 	Nodes  []audit.NodeReport `json:"nodes"`
@@ -94,6 +122,8 @@ type encryptionStatusReport struct {
 	Problems []nodeProblem `json:"problems"`
 	// detail is the node whose peers the table lists (--node).
 	detail string
+	// details lists every node, however many (--details).
+	details bool
 }
 
 type nodeProblem struct {
@@ -109,6 +139,19 @@ func newEncryptionStatusReport(cs *audit.Cluster, now time.Time, staleAfter time
 	var reasons []string
 	for _, n := range nodes {
 		names = append(names, n.Node)
+		if n.Reported {
+			r.ReportedNodes++
+			r.PeersConfigured += len(n.Peers)
+			r.PeersExpected += n.ExpectedPeers
+			for _, p := range n.Peers {
+				if p.LastHandshake == nil {
+					r.PeersNoHandshake++
+				}
+			}
+			if n.PublicKey != "" && n.Annotations[annotations.WireGuardPublicKey] == n.PublicKey {
+				r.KeysConsistent++
+			}
+		}
 		if n.Encrypted {
 			r.EncryptedNodes++
 			modes[string(n.Mode)] = true
@@ -119,15 +162,16 @@ func newEncryptionStatusReport(cs *audit.Cluster, now time.Time, staleAfter time
 	}
 	r.Strict = len(nodes) > 0 && len(reasons) == 0
 	r.Summary = summary(r.TotalNodes, r.EncryptedNodes, modes, reasons)
-	if only != "" && !slices.Contains(names, only) {
-		return r, usageErrorf("node %q is not in the cluster (nodes: %s)", only, strings.Join(names, ", "))
+	set := audit.NewNodeSet(names)
+	if only != "" && !set.Has(only) {
+		return r, usageErrorf("node %q is not in the cluster (nodes: %s)", only, audit.Names(names))
 	}
 	for _, n := range nodes {
 		if only != "" && n.Node != only {
 			continue
 		}
 		r.Nodes = append(r.Nodes, n)
-		for _, p := range n.Problems(now, staleAfter, names) {
+		for _, p := range n.Problems(now, staleAfter, set) {
 			r.Problems = append(r.Problems, nodeProblem{Node: n.Node, Problem: p})
 		}
 	}
@@ -161,7 +205,7 @@ func summary(total, encrypted int, modes map[string]bool, reasons []string) stri
 	if len(reasons) == 0 {
 		return s + ", strict"
 	}
-	return s + ", not strict: " + strings.Join(reasons, ", ")
+	return s + ", not strict: " + audit.Names(reasons)
 }
 
 func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusReport, now time.Time) error {
@@ -170,12 +214,35 @@ func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusRe
 	if !r.Strict {
 		line = pal.Red(r.Summary)
 	}
-	fmt.Fprintf(&b, "%s\n\n", pal.Bold(line))
+	fmt.Fprintf(&b, "%s\n", pal.Bold(line))
+	if r.detail == "" {
+		fmt.Fprintf(&b, "Nodes: %d, %d reported, %d with tunnels up, %d with consistent keys; peers: %d/%d configured, %d never handshaken\n",
+			r.TotalNodes, r.ReportedNodes, r.EncryptedNodes, r.KeysConsistent, r.PeersConfigured, r.PeersExpected, r.PeersNoHandshake)
+	}
+	b.WriteString("\n")
+	// Every node up to fullTableNodes (or with --details), else only the
+	// nodes that need attention, at most maxTableNodes of them.
+	rows := r.Nodes
+	hidden := 0
+	if !r.details && len(r.Nodes) > fullTableNodes {
+		attention := map[string]bool{}
+		for _, p := range r.Problems {
+			attention[p.Node] = true
+		}
+		rows = nil
+		for _, n := range r.Nodes {
+			if attention[n.Node] || !n.Encrypted || len(n.Peers) < n.ExpectedPeers {
+				rows = append(rows, n)
+			}
+		}
+		hidden = len(r.Nodes) - min(len(rows), maxTableNodes)
+		rows = rows[:min(len(rows), maxTableNodes)]
+	}
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
 	// Painted columns have painted headers, to stay aligned in colour.
 	fmt.Fprintf(tw, "NODE\t%s\tINTERFACE\t%s\tKEY AGE\tPORT\t%s\t%s\tHANDSHAKES\t%s\t%s\n",
 		pal.Plain("MODE"), pal.Plain("KEY"), pal.Plain("STRICT"), pal.Plain("PEERS"), pal.Plain("LEAKS"), pal.Plain("UPDATED"))
-	for _, n := range r.Nodes {
+	for _, n := range rows {
 		if !n.Reported {
 			none := pal.Plain("-")
 			fmt.Fprintf(tw, "%s\t%s\t-\t%s\t-\t-\t%s\t%s\t-\t%s\t%s\n", n.Node, pal.Red("no MeshNode"), none, none, none, none, pal.Red("never"))
@@ -206,14 +273,7 @@ func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusRe
 		} else {
 			peers = pal.Plain(peers)
 		}
-		var hs []string
-		for _, p := range n.Peers {
-			if p.LastHandshake == nil {
-				hs = append(hs, p.Node+" never")
-			} else {
-				hs = append(hs, p.Node+" "+output.Age(now, *p.LastHandshake))
-			}
-		}
+		hs := handshakes(n.Peers, now)
 		leaks := fmt.Sprint(n.Leaks)
 		if n.UnencryptedPackets > 0 {
 			leaks += fmt.Sprintf(" (%d unencrypted)", n.UnencryptedPackets)
@@ -237,6 +297,9 @@ func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusRe
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write encryption status: %w", err)
+	}
+	if hidden > 0 {
+		fmt.Fprintf(&b, "… and %s not shown (--details lists every node, --node NAME one node's peers)\n", output.Plural(hidden, "more node"))
 	}
 	if r.detail != "" && len(r.Nodes) == 1 && r.Nodes[0].Reported {
 		n := r.Nodes[0]
@@ -262,15 +325,89 @@ func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusRe
 	if len(r.Problems) > 0 {
 		fmt.Fprintf(&b, "\n%s\n", pal.Bold(pal.Red("Attention:")))
 		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-		for _, p := range r.Problems {
+		shown := r.Problems
+		if !r.details {
+			shown = shown[:min(len(shown), audit.DefaultMaxFailures)]
+		}
+		for _, p := range shown {
 			fmt.Fprintf(tw, "  %s\t%s\n", p.Node, p.Problem)
 		}
 		if err := tw.Flush(); err != nil {
 			return fmt.Errorf("write encryption status: %w", err)
+		}
+		if rest := len(r.Problems) - len(shown); rest > 0 {
+			fmt.Fprintf(&b, "  … and %d more (--details or -o json lists them all)\n", rest)
 		}
 	}
 	if _, err := io.WriteString(w, b.String()); err != nil {
 		return fmt.Errorf("write encryption status: %w", err)
 	}
 	return nil
+}
+
+// The node table lists every node up to fullTableNodes, else at most
+// maxTableNodes that need attention; a node's handshakes are listed one by
+// one up to listedHandshakes peers, else summed up.
+const (
+	fullTableNodes   = 20
+	maxTableNodes    = 50
+	listedHandshakes = 8
+)
+
+// handshakes is the HANDSHAKES cell: each peer's last handshake, or with
+// many peers how many never handshook and the oldest of the others.
+func handshakes(peers []audit.PeerReport, now time.Time) []string {
+	var hs []string
+	if len(peers) <= listedHandshakes {
+		for _, p := range peers {
+			if p.LastHandshake == nil {
+				hs = append(hs, p.Node+" never")
+			} else {
+				hs = append(hs, p.Node+" "+output.Age(now, *p.LastHandshake))
+			}
+		}
+		return hs
+	}
+	never := 0
+	var oldest *time.Time
+	for _, p := range peers {
+		switch {
+		case p.LastHandshake == nil:
+			never++
+		case oldest == nil || p.LastHandshake.Before(*oldest):
+			oldest = p.LastHandshake
+		}
+	}
+	if never > 0 {
+		hs = append(hs, fmt.Sprintf("%d never", never))
+	}
+	if oldest != nil {
+		hs = append(hs, "oldest "+output.Age(now, *oldest))
+	}
+	return hs
+}
+
+// progress says on stderr which slow step runs (reading thousands of
+// MeshNodes, judging millions of pairs), only when stderr is a terminal,
+// and clears the line when done.
+type progress struct {
+	w  io.Writer
+	on bool
+}
+
+func newProgress(w io.Writer) progress {
+	f, ok := w.(*os.File)
+	return progress{w: w, on: ok && term.IsTerminal(int(f.Fd()))}
+}
+
+func (p progress) step(format string, args ...any) {
+	if p.on {
+		fmt.Fprintf(p.w, "\r\x1b[K"+format+"…", args...)
+	}
+}
+
+func (p progress) done() {
+	if p.on {
+		fmt.Fprint(p.w, "\r\x1b[K")
+	}
 }

@@ -204,6 +204,15 @@ func degradedCluster() *cluster {
 	return c
 }
 
+// largeCluster has more nodes than the table lists in full: node-7 has no
+// key and node-12's view of node-3 lacks a handshake.
+func largeCluster() *cluster {
+	c := healthyCluster(fullTableNodes + 5)
+	c.enc(7).PublicKey = ""
+	c.peer(12, 3).LastHandshake = nil
+	return c
+}
+
 func TestEncryptionStatusGolden(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
@@ -217,6 +226,8 @@ func TestEncryptionStatusGolden(t *testing.T) {
 		{"encryption-status-degraded.txt", degradedCluster(), nil, ExitFailure},
 		{"encryption-status-degraded.json", degradedCluster(), []string{"-o", "json"}, ExitFailure},
 		{"encryption-status-degraded-node.txt", degradedCluster(), []string{"--node", "node-1"}, ExitOK},
+		{"encryption-status-large.txt", largeCluster(), nil, ExitFailure},
+		{"encryption-status-large-details.txt", largeCluster(), []string{"--details"}, ExitFailure},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, stderr, code := runCluster(t, tc.cluster, nil, append([]string{"encryption", "status"}, tc.args...)...)

@@ -178,25 +178,47 @@ func apiError(op, server string, err error) error {
 // readCluster lists Nodes and MeshNodes, each call bounded by timeout.
 func readCluster(ctx context.Context, kc *kubeClients, timeout timeoutFunc) (*audit.Cluster, error) {
 	st := &audit.Cluster{Server: kc.server, MeshNodes: map[string]*meshv1alpha1.MeshNode{}}
-	nctx, cancel := timeout(ctx)
-	nodes, err := kc.core.CoreV1().Nodes().List(nctx, metav1.ListOptions{})
-	cancel()
-	if err != nil {
-		return nil, apiError("list nodes", kc.server, err)
+	// Both lists are read in pages, each bounded by timeout: at thousands
+	// of nodes the MeshNodes (each listing every peer) are hundreds of
+	// megabytes, more than one response the API server sends in time.
+	opts := metav1.ListOptions{Limit: nodePage}
+	for {
+		nctx, cancel := timeout(ctx)
+		nodes, err := kc.core.CoreV1().Nodes().List(nctx, opts)
+		cancel()
+		if err != nil {
+			return nil, apiError("list nodes", kc.server, err)
+		}
+		st.Nodes = append(st.Nodes, nodes.Items...)
+		if opts.Continue = nodes.Continue; opts.Continue == "" {
+			break
+		}
 	}
-	st.Nodes = nodes.Items
 	slices.SortFunc(st.Nodes, func(a, b corev1.Node) int { return strings.Compare(a.Name, b.Name) })
-	mctx, cancel := timeout(ctx)
-	mns, err := kc.mesh.MeshV1alpha1().MeshNodes().List(mctx, metav1.ListOptions{})
-	cancel()
-	if err != nil {
-		return nil, apiError("list meshnodes.mesh.veil.dev", kc.server, err)
-	}
-	for i := range mns.Items {
-		st.MeshNodes[mns.Items[i].Name] = &mns.Items[i]
+	opts = metav1.ListOptions{Limit: meshNodePage}
+	for {
+		mctx, cancel := timeout(ctx)
+		mns, err := kc.mesh.MeshV1alpha1().MeshNodes().List(mctx, opts)
+		cancel()
+		if err != nil {
+			return nil, apiError("list meshnodes.mesh.veil.dev", kc.server, err)
+		}
+		for i := range mns.Items {
+			st.MeshNodes[mns.Items[i].Name] = &mns.Items[i]
+		}
+		if opts.Continue = mns.Continue; opts.Continue == "" {
+			break
+		}
 	}
 	return st, nil
 }
+
+// Page sizes of readCluster: a MeshNode lists every peer (up to about a
+// megabyte at 5,000 nodes), a Node is a few kilobytes.
+const (
+	nodePage     = 500
+	meshNodePage = 250
+)
 
 // nodePods lists the pods scheduled on node, each call bounded by timeout.
 func nodePods(ctx context.Context, kc *kubeClients, timeout timeoutFunc, node string) ([]corev1.Pod, error) {
