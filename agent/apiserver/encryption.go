@@ -5,17 +5,17 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"runtime"
 	"sync"
 	"time"
 
-	"github.com/vishvananda/netns"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/veilmesh/veil/agent/capture"
 	"github.com/veilmesh/veil/agent/endpoints"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+
+	"github.com/veilmesh/veil/agent/nsthread"
 )
 
 func (s *Server) RotateKey(ctx context.Context, _ *agentv1.RotateKeyRequest) (*agentv1.RotateKeyResponse, error) {
@@ -109,45 +109,25 @@ func (s *Server) SendMarker(ctx context.Context, req *agentv1.SendMarkerRequest)
 	return &agentv1.SendMarkerResponse{SourcePod: src.Pod.String(), SourceIp: src.IP.String(), Sent: uint32(sent)}, nil
 }
 
-// sendFromNetns sends UDP datagrams from inside a pod's network namespace,
-// on a thread that is discarded afterwards.
+// sendFromNetns sends UDP datagrams from inside a pod's network namespace.
 func sendFromNetns(path string, to netip.AddrPort, payload []byte, count int) (int, error) {
-	type result struct {
-		n   int
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := netns.GetFromPath(path)
-		if err != nil {
-			ch <- result{err: fmt.Errorf("open netns %s: %w", path, err)}
-			return
-		}
-		defer ns.Close()
-		if err := netns.Set(ns); err != nil {
-			ch <- result{err: fmt.Errorf("enter netns %s: %w", path, err)}
-			return
-		}
+	n := 0
+	err := nsthread.DoPath(path, func() error {
 		// Unconnected: an ICMP unreachable from the far pod must not turn
 		// the following sends into errors.
 		conn, err := net.ListenUDP("udp4", nil)
 		if err != nil {
-			ch <- result{err: err}
-			return
+			return fmt.Errorf("open UDP socket: %w", err)
 		}
 		defer conn.Close()
-		n := 0
 		for i := 0; i < count; i++ {
 			if _, err := conn.WriteToUDPAddrPort(payload, to); err != nil {
-				ch <- result{n: n, err: err}
-				return
+				return fmt.Errorf("send to %s: %w", to, err)
 			}
 			n++
 			time.Sleep(50 * time.Millisecond)
 		}
-		ch <- result{n: n}
-	}()
-	r := <-ch
-	return r.n, r.err
+		return nil
+	})
+	return n, err
 }

@@ -6,15 +6,15 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/veilmesh/veil/agent/nsthread"
 )
 
 // Services: socket-level load balancing of ClusterIP Services. The cgroup
@@ -440,39 +440,22 @@ func (d *Datapath) LastTranslation(netns uint64, backend netip.AddrPort, proto u
 
 // NetnsCookie is the cookie the kernel gives the network namespace at path
 // (the socket programs key clients by it): read with SO_NETNS_COOKIE from a
-// socket made in that namespace, on a thread that is discarded afterwards.
+// socket made in that namespace.
 func NetnsCookie(path string) (uint64, error) {
-	type result struct {
-		cookie uint64
-		err    error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		ns, err := netns.GetFromPath(path)
-		if err != nil {
-			ch <- result{err: fmt.Errorf("open netns %s: %w", path, err)}
-			return
-		}
-		defer ns.Close()
-		if err := netns.Set(ns); err != nil {
-			ch <- result{err: fmt.Errorf("enter netns %s: %w", path, err)}
-			return
-		}
+	var cookie uint64
+	err := nsthread.DoPath(path, func() error {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {
-			ch <- result{err: fmt.Errorf("socket in netns %s: %w", path, err)}
-			return
+			return fmt.Errorf("open socket: %w", err)
 		}
 		defer unix.Close(fd)
-		c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 		if err != nil {
-			err = fmt.Errorf("netns cookie of %s: %w", path, err)
+			return fmt.Errorf("read netns cookie: %w", err)
 		}
-		ch <- result{c, err}
-	}()
-	r := <-ch
-	return r.cookie, r.err
+		return nil
+	})
+	return cookie, err
 }
 
 // clearMembers deletes the member entries of slot's backends; a slot's

@@ -23,12 +23,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"strings"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/veilmesh/veil/agent/nsthread"
 )
 
 // GatewayIP is the pod's next hop for every route.
@@ -529,24 +530,14 @@ func openNetns(path string) (netns.NsHandle, error) {
 	return h, nil
 }
 
-// inNetns runs fn with a netlink handle in ns, on a fresh locked thread that
-// never returns to the scheduler's pool: the goroutine exits while still
-// locked, so Go terminates the thread.
+// inNetns runs fn with a netlink handle in ns, on a thread of its own.
 func inNetns(ns netns.NsHandle, fn func(*netlink.Handle) error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := netns.Set(ns); err != nil {
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
+	return nsthread.Do(ns, func() error {
 		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
 		if err != nil {
-			errc <- fmt.Errorf("open netlink in pod namespace: %w", err)
-			return
+			return fmt.Errorf("open netlink in pod namespace: %w", err)
 		}
 		defer h.Close()
-		errc <- fn(h)
-	}()
-	return <-errc
+		return fn(h)
+	})
 }

@@ -8,7 +8,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"runtime"
 	"sync"
 
 	"github.com/vishvananda/netlink"
@@ -17,6 +16,8 @@ import (
 	"golang.zx2c4.com/wireguard/conn"
 	"golang.zx2c4.com/wireguard/device"
 	"golang.zx2c4.com/wireguard/tun"
+
+	"github.com/veilmesh/veil/agent/nsthread"
 )
 
 // SocketDir is where userspace devices put their UAPI sockets, the place
@@ -162,22 +163,6 @@ func (us *userspace) close() error {
 	return us.err
 }
 
-// inNetns runs fn on a fresh OS thread switched into ns. The thread is never
-// unlocked, so Go discards it afterwards instead of letting it serve other
-// goroutines from a foreign namespace.
-func inNetns(ns netns.NsHandle, fn func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		if err := netns.Set(ns); err != nil {
-			errc <- fmt.Errorf("enter device netns: %w", err)
-			return
-		}
-		errc <- fn()
-	}()
-	return <-errc
-}
-
 // nsBind opens wireguard-go's UDP sockets inside the device's namespace.
 // wireguard-go reopens them from whatever goroutine brings the device up or
 // changes its port (a TUN event, a UAPI request), and those goroutines run in
@@ -198,7 +183,7 @@ var (
 )
 
 func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
-	err = inNetns(b.ns, func() error {
+	err = nsthread.Do(b.ns, func() error {
 		var oerr error
 		fns, actual, oerr = b.Bind.Open(port)
 		return oerr
@@ -220,7 +205,7 @@ func (t *nsTUN) MTU() (int, error) {
 		return 0, err
 	}
 	var mtu int
-	err = inNetns(t.ns, func() error {
+	err = nsthread.Do(t.ns, func() error {
 		l, err := netlink.LinkByName(name)
 		if err != nil {
 			return fmt.Errorf("read MTU of %s: %w", name, err)
