@@ -65,11 +65,11 @@ func healthy(n int) *Cluster {
 
 func TestHealthyClusterPasses(t *testing.T) {
 	r := New(healthy(3), now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	if r.Verdict != Pass || len(r.Failures) != 0 {
 		t.Fatalf("verdict %s, failures %+v; want PASS", r.Verdict, r.Failures)
 	}
-	if got, want := len(r.Checks), 3*len(NodeChecks())+6*2; got != want {
+	if got, want := len(r.AllChecks()), 3*len(NodeChecks())+6*2; got != want {
 		t.Errorf("%d checks; want %d", got, want)
 	}
 }
@@ -100,7 +100,7 @@ func TestFaults(t *testing.T) {
 			cs := healthy(2)
 			tc.spoil(cs)
 			r := New(cs, now, opts, "test")
-			r.Finish()
+			r.Finish(0)
 			if r.Verdict != Fail {
 				t.Fatalf("verdict %s; want FAIL", r.Verdict)
 			}
@@ -114,24 +114,29 @@ func TestFaults(t *testing.T) {
 	}
 }
 
-func TestFinishOrdersNodesBeforePairs(t *testing.T) {
-	r := Report{Checks: []Check{
-		fail(pairScope("a", "b"), "peer", "x"),
-		pass("b", "key-age", "x"),
-		pass("a", "strict-mode", "x"),
-		pass("a", "status-fresh", "x"),
-	}}
-	r.Finish()
-	var got []string
-	for _, c := range r.Checks {
-		got = append(got, c.Scope+" "+c.Check)
+// Every node's rows come first, in node order, then the pairs, A then B
+// by name, each pair's peer row before its handshake row.
+func TestChecksInReportOrder(t *testing.T) {
+	cs := healthy(3)
+	r := New(cs, now, opts, "test")
+	r.Finish(0)
+	var nodes, pairs []string
+	for _, c := range r.AllChecks() {
+		if strings.Contains(c.Scope, "→") {
+			pairs = append(pairs, c.Scope+" "+c.Check)
+		} else if len(pairs) > 0 {
+			t.Fatalf("node row %s %s after the pairs", c.Scope, c.Check)
+		} else if len(nodes) == 0 || nodes[len(nodes)-1] != c.Scope {
+			nodes = append(nodes, c.Scope)
+		}
 	}
-	want := "a status-fresh|a strict-mode|b key-age|a→b peer"
-	if strings.Join(got, "|") != want {
-		t.Errorf("order %q; want %q", strings.Join(got, "|"), want)
+	if want := "node-1|node-2|node-3"; strings.Join(nodes, "|") != want {
+		t.Errorf("nodes in order %q; want %q", strings.Join(nodes, "|"), want)
 	}
-	if r.Verdict != Fail || len(r.Failures) != 1 {
-		t.Errorf("verdict %s with %d failures; want FAIL with 1", r.Verdict, len(r.Failures))
+	want := "node-1→node-2 peer|node-1→node-2 handshake|node-1→node-3 peer|node-1→node-3 handshake|node-2→node-1 peer|node-2→node-1 handshake|" +
+		"node-2→node-3 peer|node-2→node-3 handshake|node-3→node-1 peer|node-3→node-1 handshake|node-3→node-2 peer|node-3→node-2 handshake"
+	if strings.Join(pairs, "|") != want {
+		t.Errorf("pairs in order %q; want %q", strings.Join(pairs, "|"), want)
 	}
 }
 
@@ -157,7 +162,7 @@ func TestMarkerPort(t *testing.T) {
 
 func TestWriteColourOnlyWithPalette(t *testing.T) {
 	r := New(healthy(2), now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	var plain, coloured strings.Builder
 	if err := Write(&plain, output.Palette{}, r, View{}); err != nil {
 		t.Fatal(err)

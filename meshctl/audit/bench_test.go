@@ -15,7 +15,7 @@ func BenchmarkAudit(b *testing.B) {
 	cs := healthy(250)
 	for b.Loop() {
 		r := New(cs, now, opts, "bench")
-		r.Finish()
+		r.Finish(0)
 		if err := Write(io.Discard, output.Palette{}, r, View{}); err != nil {
 			b.Fatal(err)
 		}
