@@ -159,7 +159,9 @@ func summarize(r *Report) Summary {
 	if j == nil {
 		return s
 	}
-	failed := func(rows []Check) bool { return slices.ContainsFunc(rows, func(c Check) bool { return c.Result != Pass }) }
+	failed := func(rows []Check) bool {
+		return slices.ContainsFunc(rows, func(c Check) bool { return c.Result != Pass })
+	}
 	for _, v := range j.views {
 		for _, rows := range v.rows {
 			for _, c := range rows {

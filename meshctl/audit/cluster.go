@@ -39,31 +39,31 @@ type NodeReport struct {
 	// Stale is true when the status is older than the stale threshold.
 	Stale bool `json:"stale"`
 	// Encrypted: reported recently, WireGuard up, with a key.
-	Encrypted          bool                        `json:"encrypted"`
-	Updated            *time.Time                  `json:"updated,omitempty"`
-	AgentVersion       string                      `json:"agentVersion,omitempty"`
-	NodeIP             string                      `json:"nodeIP,omitempty"`
-	PodCIDRs           []string                    `json:"podCIDRs,omitempty"`
-	Mode               meshv1alpha1.EncryptionMode `json:"mode,omitempty"`
-	Interface          string                      `json:"interface,omitempty"`
-	PublicKey          string                      `json:"publicKey,omitempty"`
-	Fingerprint        string                      `json:"fingerprint,omitempty"`
-	KeyCreated         *time.Time                  `json:"keyCreated,omitempty"`
-	ListenPort         int32                       `json:"listenPort,omitempty"`
-	StrictMode         bool                        `json:"strictMode"`
-	ExpectedPeers      int                         `json:"expectedPeers"`
+	Encrypted     bool                        `json:"encrypted"`
+	Updated       *time.Time                  `json:"updated,omitempty"`
+	AgentVersion  string                      `json:"agentVersion,omitempty"`
+	NodeIP        string                      `json:"nodeIP,omitempty"`
+	PodCIDRs      []string                    `json:"podCIDRs,omitempty"`
+	Mode          meshv1alpha1.EncryptionMode `json:"mode,omitempty"`
+	Interface     string                      `json:"interface,omitempty"`
+	PublicKey     string                      `json:"publicKey,omitempty"`
+	Fingerprint   string                      `json:"fingerprint,omitempty"`
+	KeyCreated    *time.Time                  `json:"keyCreated,omitempty"`
+	ListenPort    int32                       `json:"listenPort,omitempty"`
+	StrictMode    bool                        `json:"strictMode"`
+	ExpectedPeers int                         `json:"expectedPeers"`
 	// PeerSummary counts the node's peers by health; with it, Peers are
 	// only the unhealthy ones. Without it (an agent before 0.4) Peers
 	// are every peer.
 	PeerSummary *meshv1alpha1.PeerSummary `json:"peerSummary,omitempty"`
 	// PeerCount is how many peers the node's device has.
-	PeerCount int          `json:"peerCount"`
-	Peers     []PeerReport `json:"peers"`
-	Leaks              int64                       `json:"leaks"`
-	RecentLeaks        []meshv1alpha1.LeakRecord   `json:"recentLeaks,omitempty"`
-	UnencryptedPackets int64                       `json:"unencryptedPackets"`
-	GuardedDevices     []string                    `json:"guardedDevices,omitempty"`
-	UnguardedDevices   []string                    `json:"unguardedDevices,omitempty"`
+	PeerCount          int                       `json:"peerCount"`
+	Peers              []PeerReport              `json:"peers"`
+	Leaks              int64                     `json:"leaks"`
+	RecentLeaks        []meshv1alpha1.LeakRecord `json:"recentLeaks,omitempty"`
+	UnencryptedPackets int64                     `json:"unencryptedPackets"`
+	GuardedDevices     []string                  `json:"guardedDevices,omitempty"`
+	UnguardedDevices   []string                  `json:"unguardedDevices,omitempty"`
 	// Annotations are the node's published WireGuard annotations.
 	Annotations map[string]string `json:"annotations,omitempty"`
 }

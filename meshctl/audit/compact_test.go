@@ -50,7 +50,7 @@ func failedPairs(r Report) []string {
 // counts as full lists give, and fails every pair that full lists fail.
 func TestCompactStatusFindsEveryUnhealthyPair(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
+		name   string
 		break_ func(cs *Cluster)
 		// exact: the compact audit fails exactly the pairs the full
 		// lists fail (the fault is one a listed peer shows).

@@ -84,7 +84,7 @@ func TestSummarizePeersListsEveryUnhealthyKind(t *testing.T) {
 	expected := []PeerStatus{peerOf(1, nil), peerOf(2, nil), peerOf(3, nil), peerOf(4, nil)}
 	stranger := peerOf(9, at(time.Second))
 	stranger.Node = "10.0.9.1"
-	configured := []PeerStatus{peerOf(1, at(10 * time.Second)), peerOf(2, nil), peerOf(3, at(4 * time.Minute)), stranger}
+	configured := []PeerStatus{peerOf(1, at(10*time.Second)), peerOf(2, nil), peerOf(3, at(4*time.Minute)), stranger}
 	s, listed := SummarizePeers(configured, expected, now, DefaultHealthyHandshakeAge)
 	want := map[string]string{"node-00002": ProblemNoHandshake, "node-00003": "last handshake 4m0s ago", "node-00004": ProblemNotConfigured, "10.0.9.1": ProblemUnknownKey}
 	if len(listed) != len(want) {
@@ -98,7 +98,7 @@ func TestSummarizePeersListsEveryUnhealthyKind(t *testing.T) {
 	if s.Healthy != 1 || s.Handshaking != 1 || s.Stale != 1 || s.Missing != 1 || s.Unknown != 1 || s.Unlisted != 0 {
 		t.Errorf("summary %+v", s)
 	}
-	if !s.OldestHealthyHandshake.Equal(at(10*time.Second)) {
+	if !s.OldestHealthyHandshake.Equal(at(10 * time.Second)) {
 		t.Errorf("oldest healthy handshake %v; want %v", s.OldestHealthyHandshake, at(10*time.Second))
 	}
 	var d PeerDigest
