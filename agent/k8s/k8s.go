@@ -49,7 +49,7 @@ type Key struct {
 
 // Listers read the informers' caches.
 type Listers struct {
-	Pods                corelisters.PodLister
+	Pods                PodStore
 	Namespaces          corelisters.NamespaceLister
 	Nodes               corelisters.NodeLister
 	NetworkPolicies     networkinglisters.NetworkPolicyLister
@@ -115,7 +115,7 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		}
 	}
 	w.Listers = Listers{
-		Pods: core.Pods().Lister(), Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
+		Pods: PodStore{indexer: core.Pods().Informer().GetIndexer()}, Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
 		NetworkPolicies: netpols.Lister(), MeshPolicies: mesh.MeshPolicies().Lister(),
 		ClusterMeshPolicies: mesh.ClusterMeshPolicies().Lister(),
 	}
@@ -191,8 +191,9 @@ func (w *Watcher) Keys() []Key {
 	add(MeshPolicy, metaList(mps))
 	cmps, _ := w.ClusterMeshPolicies.List(labels.Everything())
 	add(ClusterMeshPolicy, metaList(cmps))
-	pods, _ := w.Pods.List(labels.Everything())
-	add(Pod, metaList(pods))
+	for _, p := range w.Pods.List() {
+		out = append(out, Key{Kind: Pod, Namespace: p.Namespace, Name: p.Name})
+	}
 	return out
 }
 

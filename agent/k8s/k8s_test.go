@@ -54,7 +54,7 @@ func TestKeysAfterCacheSync(t *testing.T) {
 			t.Fatalf("Keys = %v, want %v (namespaces and nodes first, pods last)", got, want)
 		}
 	}
-	if _, err := w.Pods.Pods("x").Get("a"); err != nil {
+	if _, err := w.Pods.Get("x", "a"); err != nil {
 		t.Fatalf("pod lister: %v", err)
 	}
 

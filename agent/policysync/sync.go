@@ -285,13 +285,13 @@ func (s *Syncer) sync(ctx context.Context, k k8s.Key) error {
 	var ch policy.Changes
 	switch k.Kind {
 	case k8s.Pod:
-		pod, err := s.cfg.Listers.Pods.Pods(k.Namespace).Get(k.Name)
+		pod, err := s.cfg.Listers.Pods.Get(k.Namespace, k.Name)
 		if apierrors.IsNotFound(err) {
 			ch = s.cfg.Compiler.DeletePod(k.Namespace, k.Name)
 		} else if err != nil {
 			return err
 		} else {
-			ch = s.cfg.Compiler.UpsertPod(s.withLocalIP(pod))
+			ch = s.cfg.Compiler.UpsertPod(s.withLocalIP(pod.Object()))
 			// Annotations change no policy, so the compiler does not
 			// report them; a local pod's datapath record may still need
 			// its acceleration opt-out.
@@ -491,7 +491,7 @@ func (s *Syncer) tunnelKind(node string) datapath.IPCacheKind {
 
 // accelerationOptOut reports whether the pod opted out of acceleration.
 func (s *Syncer) accelerationOptOut(id policy.EndpointID) bool {
-	pod, err := s.cfg.Listers.Pods.Pods(id.Namespace).Get(id.Name)
+	pod, err := s.cfg.Listers.Pods.Get(id.Namespace, id.Name)
 	if err != nil {
 		return false
 	}
@@ -852,8 +852,11 @@ func (s *Syncer) writeClusterMeshPolicyStatus(ctx context.Context, cmp *v1alpha1
 func (s *Syncer) Enforce(ctx context.Context, ep endpoints.Endpoint) error {
 	// The informer may not have the Pod yet: ask the API server once, so
 	// the policy is right from the first packet.
-	pod, err := s.cfg.Listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name)
-	if apierrors.IsNotFound(err) {
+	var pod *corev1.Pod
+	cached, err := s.cfg.Listers.Pods.Get(ep.Pod.Namespace, ep.Pod.Name)
+	if err == nil {
+		pod = cached.Object()
+	} else if apierrors.IsNotFound(err) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		pod, err = s.cfg.Kube.CoreV1().Pods(ep.Pod.Namespace).Get(cctx, ep.Pod.Name, metav1.GetOptions{})
 		cancel()
@@ -880,8 +883,8 @@ func (s *Syncer) Withdraw(ctx context.Context, ep endpoints.Endpoint) error {
 	// The pod keeps its API object for a while; without a local address the
 	// compiler drops it as an endpoint.
 	var err error
-	if pod, gerr := s.cfg.Listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
-		err = s.apply(s.cfg.Compiler.UpsertPod(s.withLocalIP(pod)))
+	if pod, gerr := s.cfg.Listers.Pods.Get(ep.Pod.Namespace, ep.Pod.Name); gerr == nil {
+		err = s.apply(s.cfg.Compiler.UpsertPod(s.withLocalIP(pod.Object())))
 	} else {
 		err = s.apply(s.cfg.Compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
 	}
