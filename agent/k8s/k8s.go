@@ -6,6 +6,7 @@ package k8s
 import (
 	"context"
 	"fmt"
+	"runtime/debug"
 	"slices"
 	"time"
 
@@ -81,6 +82,10 @@ type Options struct {
 	// fields Veil reads (see transform.go): for measuring what slimming
 	// saves, and for nothing else.
 	FullObjects bool
+	// CorePods keeps pods as slimmed corev1.Pods (PodInfo.Object), as the
+	// caches did before PodInfo: for measuring what PodInfo saves, and
+	// for nothing else.
+	CorePods bool
 }
 
 // New prepares informers for every kind, resyncing every resync (0:
@@ -108,7 +113,7 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 	}
 	if !opts.FullObjects {
 		w.slim = true
-		t := &transformer{}
+		t := &transformer{corePods: opts.CorePods}
 		for _, inf := range w.informers {
 			// Only fails once started, and nothing has started yet.
 			_ = inf.SetTransform(t.transform)
@@ -155,6 +160,11 @@ func (w *Watcher) WaitForCacheSync(ctx context.Context, report time.Duration, wa
 			}
 		}
 		if len(left) == 0 {
+			// The first lists were the largest allocations the agent
+			// makes (every object whole, before the transforms); give
+			// their memory back now rather than as the scavenger gets
+			// to it.
+			debug.FreeOSMemory()
 			waiting(nil)
 			return nil
 		}

@@ -70,6 +70,8 @@ func slimNamespace(in *corev1.Namespace) *corev1.Namespace {
 // transformer holds what the transforms share: the interned label sets.
 type transformer struct {
 	labels labelInterner
+	// corePods keeps slimmed corev1.Pods (Options.CorePods).
+	corePods bool
 }
 
 // transform keeps a PodInfo of each pod, slims the Nodes and
@@ -80,6 +82,9 @@ type transformer struct {
 func (t *transformer) transform(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:
+		if t.corePods {
+			return compactPod(o, &t.labels).Object(), nil
+		}
 		return compactPod(o, &t.labels), nil
 	case *corev1.Node:
 		return slimNode(o), nil
@@ -160,6 +165,9 @@ func unreadChange(old, cur any) bool {
 	case *PodInfo:
 		c, ok := cur.(*PodInfo)
 		return ok && o.ResourceVersion != c.ResourceVersion && o.equalButVersion(c)
+	case *corev1.Pod:
+		c, ok := cur.(*corev1.Pod)
+		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(p *corev1.Pod) *metav1.ObjectMeta { return &p.ObjectMeta })
 	case *corev1.Node:
 		c, ok := cur.(*corev1.Node)
 		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(n *corev1.Node) *metav1.ObjectMeta { return &n.ObjectMeta })

@@ -211,7 +211,7 @@ func runAgent(kubeconfig string) error {
 		return fmt.Errorf("veil client: %w", err)
 	}
 
-	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects")})
+	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects"), CorePods: hasFlag(flags, "core-pods")})
 	opts := policy.Options{Node: localNode}
 	if hasFlag(flags, "whole-cluster") {
 		opts.Node = ""

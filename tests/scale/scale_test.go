@@ -29,6 +29,7 @@ import (
 var modes = []mode{
 	{Name: "baseline", Flags: "full-objects,whole-cluster"},
 	{Name: "slim-informers", Flags: "whole-cluster"},
+	{Name: "node-local-corev1", Flags: "core-pods"},
 	{Name: "node-local", Flags: ""},
 }
 
@@ -283,6 +284,16 @@ func BenchmarkScale(b *testing.B) {
 			if base.pods == r.pods && base.mode == modes[0].Name && r.mode != base.mode {
 				fmt.Fprintf(&sb, "%d pods, %s vs %s: RSS %.2fx, ready CPU %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
 					r.pods, r.mode, base.mode, float64(r.rss)/float64(base.rss), float64(r.readyCPU)/float64(base.readyCPU),
+					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
+			}
+		}
+	}
+	// The pod cache's own type against slimmed corev1.Pods, at every size.
+	for _, r := range results {
+		for _, base := range results {
+			if base.pods == r.pods && base.mode == "node-local-corev1" && r.mode == "node-local" {
+				fmt.Fprintf(&sb, "%d pods, node-local (PodInfo) vs node-local-corev1: RSS %.2fx, heap %.2fx, ready wall %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
+					r.pods, float64(r.rss)/float64(base.rss), float64(r.heap)/float64(base.heap), float64(r.readyWall)/float64(base.readyWall),
 					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
 			}
 		}
