@@ -194,6 +194,20 @@ func runAgent(kubeconfig string) error {
 	defer stop()
 	flags := os.Getenv(modeEnv)
 	local, _ := strconv.Atoi(os.Getenv(podsEnv))
+	// VEIL_SCALE_PROFILE also names a CPU profile of the start, until
+	// ready.
+	startProfile := func() {}
+	if path := os.Getenv(profileEnv); path != "" {
+		f, err := os.Create(fmt.Sprintf("%s.start.%s.%d", path, strings.ReplaceAll(flags, ",", "+"), local))
+		if err != nil {
+			return fmt.Errorf("create profile: %w", err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			return fmt.Errorf("start profile: %w", err)
+		}
+		startProfile = func() { pprof.StopCPUProfile(); f.Close() }
+	}
 
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
@@ -268,6 +282,7 @@ func runAgent(kubeconfig string) error {
 		for ctx.Err() == nil && !(reg.Converged() && s.Idle()) {
 			time.Sleep(2 * time.Millisecond)
 		}
+		startProfile()
 		// CPU first: a reader takes a wall time as the sign both are set.
 		readyCPU.Store(cpuNS())
 		readyWall.Store(time.Since(start).Nanoseconds())
