@@ -13,10 +13,12 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	kubeinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
@@ -250,3 +252,16 @@ func (h handler) OnUpdate(old, obj any) {
 func (h handler) OnDelete(obj any) { h.OnAdd(obj, false) }
 
 var _ cache.ResourceEventHandler = handler{}
+
+// KubeClientConfig is cfg for the client of Kubernetes' own kinds:
+// protobuf on the wire, as kubelet and kube-proxy use. The first lists are
+// the agent's largest reads (every Pod of the cluster), and protobuf is
+// about a third of their JSON's size and several times cheaper to decode.
+// Veil's own kinds are custom resources, which the API server serves only
+// as JSON: their client keeps cfg as it is.
+func KubeClientConfig(cfg *rest.Config) *rest.Config {
+	out := rest.CopyConfig(cfg)
+	out.ContentType = runtime.ContentTypeProtobuf
+	out.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
+	return out
+}

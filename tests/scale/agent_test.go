@@ -216,7 +216,11 @@ func runAgent(kubeconfig string) error {
 	cfg.RateLimiter = flowcontrol.NewFakeAlwaysRateLimiter()
 	var watchBytes atomic.Int64
 	cfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return countingTransport{rt, &watchBytes} }
-	kube, err := kubernetes.NewForConfig(cfg)
+	kubeCfg := k8s.KubeClientConfig(cfg)
+	if hasFlag(flags, "json") {
+		kubeCfg = cfg
+	}
+	kube, err := kubernetes.NewForConfig(kubeCfg)
 	if err != nil {
 		return fmt.Errorf("kube client: %w", err)
 	}

@@ -23,13 +23,19 @@ import (
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
-// modes are measured side by side at every size: today's agent first.
+// modes are measured side by side at every size: the agent before node-local
+// compilation first; node-local-before is node-local as it was before the
+// pod cache held PodInfo and the client spoke protobuf, node-local-json has
+// PodInfo alone, node-local is the agent. Flags: full-objects (no
+// transforms), whole-cluster (compile every endpoint), core-pods (slimmed
+// corev1.Pods in the cache), json (JSON from the API server).
 // The modes that compile the whole cluster need about 100 KiB per pod,
 // so they run only up to wholeClusterMax pods (VEIL_SCALE_WHOLE_MAX).
 var modes = []mode{
-	{Name: "baseline", Flags: "full-objects,whole-cluster"},
-	{Name: "slim-informers", Flags: "whole-cluster"},
-	{Name: "node-local-corev1", Flags: "core-pods"},
+	{Name: "baseline", Flags: "full-objects,whole-cluster,json"},
+	{Name: "slim-informers", Flags: "whole-cluster,json"},
+	{Name: "node-local-before", Flags: "core-pods,json"},
+	{Name: "node-local-json", Flags: "json"},
 	{Name: "node-local", Flags: ""},
 }
 
@@ -291,9 +297,9 @@ func BenchmarkScale(b *testing.B) {
 	// The pod cache's own type against slimmed corev1.Pods, at every size.
 	for _, r := range results {
 		for _, base := range results {
-			if base.pods == r.pods && base.mode == "node-local-corev1" && r.mode == "node-local" {
-				fmt.Fprintf(&sb, "%d pods, node-local (PodInfo) vs node-local-corev1: RSS %.2fx, heap %.2fx, ready wall %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
-					r.pods, float64(r.rss)/float64(base.rss), float64(r.heap)/float64(base.heap), float64(r.readyWall)/float64(base.readyWall),
+			if base.pods == r.pods && base.mode == "node-local-before" && (r.mode == "node-local" || r.mode == "node-local-json") {
+				fmt.Fprintf(&sb, "%d pods, %s vs node-local-before: RSS %.2fx, heap %.2fx, ready wall %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
+					r.pods, r.mode, float64(r.rss)/float64(base.rss), float64(r.heap)/float64(base.heap), float64(r.readyWall)/float64(base.readyWall),
 					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
 			}
 		}
