@@ -220,7 +220,8 @@ func mib(b int64) string { return fmt.Sprintf("%.0f", float64(b)/(1<<20)) }
 
 // BenchmarkScale grows a cluster in a real API server to each size of
 // VEIL_SCALE_PODS (default 1000,10000) and measures one agent in every
-// mode at each size, side by side. Run it once (-benchtime 1x).
+// mode (or those VEIL_SCALE_MODES names, comma-separated) at each size,
+// side by side. Run it once (-benchtime 1x).
 func BenchmarkScale(b *testing.B) {
 	testenv.RequirePrivileged(b)
 	sizes := []int{1000, 10000}
@@ -262,6 +263,9 @@ func BenchmarkScale(b *testing.B) {
 			}
 			b.Logf("cluster at %d pods on %d nodes (%s to create)", p.pods, p.nodes, time.Since(start).Round(time.Second))
 			for _, m := range modes {
+				if only := os.Getenv("VEIL_SCALE_MODES"); only != "" && !hasFlag(only, m.Name) {
+					continue
+				}
 				if hasFlag(m.Flags, "whole-cluster") && size > wholeMax {
 					b.Logf("%d pods, %s: skipped (above VEIL_SCALE_WHOLE_MAX=%d)", size, m.Name, wholeMax)
 					continue
