@@ -231,17 +231,14 @@ func (s *Syncer) worker(ctx context.Context) {
 	}
 }
 
-// converged marks the agent converged, gives the endpoints wired before
-// that their compiled policy in place of deny-all, and makes every endpoint
-// whose Pod the API server does not have (restored from the last run, the
-// Pod deleted meanwhile) deny-all instead of keeping its old policy.
+// converged marks the agent converged and writes every endpoint's compiled
+// policy, once (apply wrote none before): the endpoints wired meanwhile get
+// it in place of deny-all, those restored from the last run in place of
+// their old policy, and one whose Pod the API server does not have (deleted
+// meanwhile) deny-all.
 func (s *Syncer) converged() {
-	rewrite, rest := s.cfg.Endpoints.Converge()
-	for _, ep := range rest {
-		if _, ok := s.cfg.Compiler.Endpoint(ep.Pod); !ok {
-			rewrite = append(rewrite, ep)
-		}
-	}
+	pending, rest := s.cfg.Endpoints.Converge()
+	rewrite := append(pending, rest...)
 	for _, ep := range rewrite {
 		if err := s.writeEndpoint(ep.Pod); err != nil {
 			// It keeps denying; the next change of its pod retries.
@@ -386,9 +383,15 @@ func (s *Syncer) withLocalIP(pod *corev1.Pod) *corev1.Pod {
 func (s *Syncer) apply(ch policy.Changes) error {
 	var errs []error
 	var changedIPs []netip.Prefix
+	// Before the first convergence the compiler holds part of the
+	// cluster: an endpoint keeps what its maps hold (its policy from the
+	// last run, identities being restored, or deny-all when new) and
+	// converged writes each once, rather than once per pod listed that
+	// its policy selects.
+	converged := s.cfg.Endpoints.Converged()
 	for _, id := range ch.Endpoints {
 		ep, ok := s.cfg.Endpoints.Get(id)
-		if !ok {
+		if !ok || !converged {
 			continue
 		}
 		if err := s.writeEndpoint(id); err != nil {
