@@ -15,10 +15,7 @@ import (
 // writes it: the peers counted by health and digested, only the unhealthy
 // ones listed. The view each agent summarizes is the full list it had.
 func compact(cs *Cluster) {
-	var expected []meshv1alpha1.PeerStatus
-	for _, n := range healthy(len(cs.Nodes)).MeshNodes["node-1"].Status.Encryption.Peers {
-		expected = append(expected, n)
-	}
+	expected := slices.Clone(healthy(len(cs.Nodes)).MeshNodes["node-1"].Status.Encryption.Peers)
 	self := healthy(len(cs.Nodes)).MeshNodes["node-2"].Status.Encryption.Peers[0] // node-1 as node-2 sees it
 	expected = append(expected, self)
 	for name, mn := range cs.MeshNodes {

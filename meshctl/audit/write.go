@@ -160,14 +160,6 @@ func Write(w io.Writer, pal output.Palette, r Report, v View) error {
 	return nil
 }
 
-// onNode is true when scope is node, or a pair with node on either side.
-func onNode(scope, node string) bool {
-	if scope == node {
-		return true
-	}
-	a, b, ok := strings.Cut(scope, "→")
-	return ok && (a == node || b == node)
-}
 
 // WriteStructured writes r as JSON or YAML (format); it reports false for
 // table output. The report holds the summary, the nodes and the failures
