@@ -160,7 +160,6 @@ func Write(w io.Writer, pal output.Palette, r Report, v View) error {
 	return nil
 }
 
-
 // WriteStructured writes r as JSON or YAML (format); it reports false for
 // table output. The report holds the summary, the nodes and the failures
 // Finish kept; with v.Details it also lists every check (or v.Node's),
