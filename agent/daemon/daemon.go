@@ -97,7 +97,7 @@ type Daemon struct {
 
 // New connects to the API server and prepares the agent; Run starts it.
 func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, error) {
-	kube, err := kubernetes.NewForConfig(restCfg)
+	kube, err := kubernetes.NewForConfig(k8s.KubeClientConfig(restCfg))
 	if err != nil {
 		return nil, fmt.Errorf("create Kubernetes client: %w", err)
 	}

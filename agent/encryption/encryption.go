@@ -408,31 +408,39 @@ func (m *Manager) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStat
 	}
 	// A peer is named by the node that holds its key: what this agent
 	// believes, which the audit compares with what that node says.
+	c := m.cfg.Cluster()
 	byKey := map[string]string{}
-	for _, n := range m.cfg.Cluster().Nodes {
+	for _, n := range c.Nodes {
 		if n.Tunnel() {
 			byKey[wgtypes.Key(n.PublicKey).String()] = n.Name
 		}
 	}
+	configured := make([]v1alpha1.PeerStatus, 0, len(ws.Peers))
 	for _, p := range ws.Peers {
 		ps := v1alpha1.PeerStatus{
 			Node: byKey[p.PublicKey], PublicKey: p.PublicKey, Endpoint: p.Endpoint.String(),
-			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
+			AllowedIPs: prefixStrings(p.AllowedIPs), RxBytes: p.RxBytes, TxBytes: p.TxBytes,
 		}
 		if ps.Node == "" {
 			ps.Node = p.Endpoint.Addr().String()
-		}
-		for _, a := range p.AllowedIPs {
-			ps.AllowedIPs = append(ps.AllowedIPs, a.String())
 		}
 		if !p.LastHandshake.IsZero() {
 			t := metav1.NewTime(p.LastHandshake)
 			ps.LastHandshake = &t
 		}
-		enc.Peers = append(enc.Peers, ps)
+		configured = append(configured, ps)
 	}
-	sort.Slice(enc.Peers, func(i, j int) bool { return enc.Peers[i].Node < enc.Peers[j].Node })
-	enc.PeerCount = int32(len(enc.Peers))
+	// Only the unhealthy peers are listed; the healthy ones are counted and
+	// digested, so the MeshNode stays small at thousands of nodes.
+	want, _ := wireguard.PeersFromNodes(c, m.cfg.NodeName, m.PeerNodeAddrs())
+	expected := make([]v1alpha1.PeerStatus, len(want))
+	for i, p := range want {
+		expected[i] = v1alpha1.PeerStatus{Node: p.Node, PublicKey: p.PublicKey.String(), Endpoint: p.Endpoint.String(), AllowedIPs: prefixStrings(p.AllowedIPs)}
+	}
+	summary, listed := v1alpha1.SummarizePeers(configured, expected, time.Now(), v1alpha1.DefaultHealthyHandshakeAge)
+	enc.PeerCount = int32(len(configured))
+	enc.PeerSummary = &summary
+	enc.Peers = listed
 	dp := m.cfg.Datapath
 	if m.cfg.StrictMode {
 		if enc.GuardedDevices, err = dp.GuardedDevices(); err != nil {
@@ -466,6 +474,14 @@ func (m *Manager) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStat
 		enc.UnencryptedPackets = int64(cs.Remote.Packets)
 	}
 	return enc, nil
+}
+
+func prefixStrings(ps []netip.Prefix) []string {
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		out[i] = p.String()
+	}
+	return out
 }
 
 // Annotations are the wireguard.veil.dev/* annotations this node's agent

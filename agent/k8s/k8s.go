@@ -6,16 +6,19 @@ package k8s
 import (
 	"context"
 	"fmt"
+	"runtime/debug"
 	"slices"
 	"time"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	kubeinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
@@ -49,7 +52,7 @@ type Key struct {
 
 // Listers read the informers' caches.
 type Listers struct {
-	Pods                corelisters.PodLister
+	Pods                PodStore
 	Namespaces          corelisters.NamespaceLister
 	Nodes               corelisters.NodeLister
 	NetworkPolicies     networkinglisters.NetworkPolicyLister
@@ -81,6 +84,10 @@ type Options struct {
 	// fields Veil reads (see transform.go): for measuring what slimming
 	// saves, and for nothing else.
 	FullObjects bool
+	// CorePods keeps pods as slimmed corev1.Pods (PodInfo.Object), as the
+	// caches did before PodInfo: for measuring what PodInfo saves, and
+	// for nothing else.
+	CorePods bool
 }
 
 // New prepares informers for every kind, resyncing every resync (0:
@@ -108,14 +115,14 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 	}
 	if !opts.FullObjects {
 		w.slim = true
-		t := &transformer{}
+		t := &transformer{corePods: opts.CorePods}
 		for _, inf := range w.informers {
 			// Only fails once started, and nothing has started yet.
 			_ = inf.SetTransform(t.transform)
 		}
 	}
 	w.Listers = Listers{
-		Pods: core.Pods().Lister(), Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
+		Pods: PodStore{indexer: core.Pods().Informer().GetIndexer()}, Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
 		NetworkPolicies: netpols.Lister(), MeshPolicies: mesh.MeshPolicies().Lister(),
 		ClusterMeshPolicies: mesh.ClusterMeshPolicies().Lister(),
 	}
@@ -155,6 +162,11 @@ func (w *Watcher) WaitForCacheSync(ctx context.Context, report time.Duration, wa
 			}
 		}
 		if len(left) == 0 {
+			// The first lists were the largest allocations the agent
+			// makes (every object whole, before the transforms); give
+			// their memory back now rather than as the scavenger gets
+			// to it.
+			debug.FreeOSMemory()
 			waiting(nil)
 			return nil
 		}
@@ -191,8 +203,9 @@ func (w *Watcher) Keys() []Key {
 	add(MeshPolicy, metaList(mps))
 	cmps, _ := w.ClusterMeshPolicies.List(labels.Everything())
 	add(ClusterMeshPolicy, metaList(cmps))
-	pods, _ := w.Pods.List(labels.Everything())
-	add(Pod, metaList(pods))
+	for _, p := range w.Pods.List() {
+		out = append(out, Key{Kind: Pod, Namespace: p.Namespace, Name: p.Name})
+	}
 	return out
 }
 
@@ -239,3 +252,16 @@ func (h handler) OnUpdate(old, obj any) {
 func (h handler) OnDelete(obj any) { h.OnAdd(obj, false) }
 
 var _ cache.ResourceEventHandler = handler{}
+
+// KubeClientConfig is cfg for the client of Kubernetes' own kinds:
+// protobuf on the wire, as kubelet and kube-proxy use. The first lists are
+// the agent's largest reads (every Pod of the cluster), and protobuf is
+// about a third of their JSON's size and several times cheaper to decode.
+// Veil's own kinds are custom resources, which the API server serves only
+// as JSON: their client keeps cfg as it is.
+func KubeClientConfig(cfg *rest.Config) *rest.Config {
+	out := rest.CopyConfig(cfg)
+	out.ContentType = runtime.ContentTypeProtobuf
+	out.AcceptContentTypes = runtime.ContentTypeProtobuf + "," + runtime.ContentTypeJSON
+	return out
+}

@@ -2,6 +2,7 @@ package k8s
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -9,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	kubefake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/rest"
 
 	veilfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
@@ -54,7 +56,7 @@ func TestKeysAfterCacheSync(t *testing.T) {
 			t.Fatalf("Keys = %v, want %v (namespaces and nodes first, pods last)", got, want)
 		}
 	}
-	if _, err := w.Pods.Pods("x").Get("a"); err != nil {
+	if _, err := w.Pods.Get("x", "a"); err != nil {
 		t.Fatalf("pod lister: %v", err)
 	}
 
@@ -89,5 +91,18 @@ func TestWaitForCacheSyncReportsWhatIsWaiting(t *testing.T) {
 	}
 	if len(reported) != 6 {
 		t.Fatalf("reported %v, want all six kinds", reported)
+	}
+}
+
+// Kubernetes' own kinds are read as protobuf; the config given is left as
+// it was, for Veil's custom resources (JSON only).
+func TestKubeClientConfigSpeaksProtobuf(t *testing.T) {
+	cfg := &rest.Config{Host: "https://127.0.0.1:6443"}
+	got := KubeClientConfig(cfg)
+	if got.ContentType != "application/vnd.kubernetes.protobuf" || !strings.HasPrefix(got.AcceptContentTypes, "application/vnd.kubernetes.protobuf,") {
+		t.Errorf("content type %q, accept %q; want protobuf first", got.ContentType, got.AcceptContentTypes)
+	}
+	if cfg.ContentType != "" || cfg.AcceptContentTypes != "" || got.Host != cfg.Host {
+		t.Errorf("the given config changed (%+v) or the host was lost (%q)", cfg, got.Host)
 	}
 }

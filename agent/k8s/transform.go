@@ -52,28 +52,6 @@ func slimMeta(in *metav1.ObjectMeta, labels map[string]string) metav1.ObjectMeta
 	}
 }
 
-// slimPod keeps a pod's labels (interned), service account, node, host
-// network, named container ports, phase and IPs.
-func (t *transformer) slimPod(in *corev1.Pod) *corev1.Pod {
-	out := &corev1.Pod{
-		ObjectMeta: slimMeta(&in.ObjectMeta, t.labels.intern(in.Labels)),
-		Spec: corev1.PodSpec{
-			NodeName: in.Spec.NodeName, ServiceAccountName: in.Spec.ServiceAccountName, HostNetwork: in.Spec.HostNetwork,
-		},
-		Status: corev1.PodStatus{Phase: in.Status.Phase, PodIP: in.Status.PodIP, PodIPs: in.Status.PodIPs, HostIP: in.Status.HostIP},
-	}
-	for _, c := range in.Spec.Containers {
-		var ports []corev1.ContainerPort
-		for _, p := range c.Ports {
-			if p.Name != "" {
-				ports = append(ports, corev1.ContainerPort{Name: p.Name, ContainerPort: p.ContainerPort, Protocol: p.Protocol})
-			}
-		}
-		out.Spec.Containers = append(out.Spec.Containers, corev1.Container{Name: c.Name, Ports: ports})
-	}
-	return out
-}
-
 // slimNode keeps a node's creation time, Veil's annotations, pod CIDRs and
 // addresses: what api/nodeinfo parses.
 func slimNode(in *corev1.Node) *corev1.Node {
@@ -92,16 +70,22 @@ func slimNamespace(in *corev1.Namespace) *corev1.Namespace {
 // transformer holds what the transforms share: the interned label sets.
 type transformer struct {
 	labels labelInterner
+	// corePods keeps slimmed corev1.Pods (Options.CorePods).
+	corePods bool
 }
 
-// transform slims the objects of the kinds it knows and drops the managed
+// transform keeps a PodInfo of each pod, slims the Nodes and
+// Namespaces, and drops the managed
 // fields of the rest (policies: their status is written back with an
 // update, and an update without managed fields keeps them). Tombstones
 // are left as they are.
 func (t *transformer) transform(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:
-		return t.slimPod(o), nil
+		if t.corePods {
+			return compactPod(o, &t.labels).Object(), nil
+		}
+		return compactPod(o, &t.labels), nil
 	case *corev1.Node:
 		return slimNode(o), nil
 	case *corev1.Namespace:
@@ -178,6 +162,9 @@ func (in *labelInterner) intern(ls map[string]string) map[string]string {
 // reaches the handlers.
 func unreadChange(old, cur any) bool {
 	switch o := old.(type) {
+	case *PodInfo:
+		c, ok := cur.(*PodInfo)
+		return ok && o.ResourceVersion != c.ResourceVersion && o.equalButVersion(c)
 	case *corev1.Pod:
 		c, ok := cur.(*corev1.Pod)
 		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(p *corev1.Pod) *metav1.ObjectMeta { return &p.ObjectMeta })

@@ -89,7 +89,7 @@ func TestTransformKeepsWhatVeilReads(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sp := o.(*corev1.Pod)
+		sp := o.(*PodInfo).Object()
 		if sp.ManagedFields != nil || sp.Status.Conditions != nil || sp.Spec.Volumes != nil || sp.Spec.Containers[0].Image != "" ||
 			sp.Spec.Containers[0].Env != nil || len(sp.Spec.Containers[0].Ports) != 2 || sp.OwnerReferences != nil {
 			t.Errorf("slimmed pod %s keeps what Veil never reads: %+v", p.Name, sp)
@@ -199,17 +199,20 @@ func TestWatcherCachesSlimObjects(t *testing.T) {
 			if err := w.WaitForCacheSync(ctx, time.Hour, func([]string) {}); err != nil {
 				t.Fatal(err)
 			}
-			a, err := w.Pods.Pods("demo").Get("a")
+			a, err := w.Pods.Get("demo", "a")
 			if err != nil {
 				t.Fatal(err)
 			}
-			b, err := w.Pods.Pods("demo").Get("b")
+			b, err := w.Pods.Get("demo", "b")
 			if err != nil {
 				t.Fatal(err)
 			}
-			slim := a.ManagedFields == nil && a.Spec.Containers[0].Image == "" && a.Status.Conditions == nil
-			if slim == fullObjects {
-				t.Errorf("cached pod slimmed=%v with FullObjects=%v: %+v", slim, fullObjects, a)
+			cached, _, _ := w.informers[Pod].GetStore().GetByKey("demo/a")
+			if _, compact := cached.(*PodInfo); compact == fullObjects {
+				t.Errorf("cached pod is a %T with FullObjects=%v", cached, fullObjects)
+			}
+			if a.Object().Spec.Containers[0].Ports[0].Name != "http" || a.Annotations[annotations.SocketAcceleration] != "false" {
+				t.Errorf("pod read from the cache lost what Veil reads: %+v", a)
 			}
 			if shared := mapID(a.Labels) == mapID(b.Labels); shared == fullObjects {
 				t.Errorf("equal labels of two cached pods shared=%v with FullObjects=%v", shared, fullObjects)

@@ -231,17 +231,14 @@ func (s *Syncer) worker(ctx context.Context) {
 	}
 }
 
-// converged marks the agent converged, gives the endpoints wired before
-// that their compiled policy in place of deny-all, and makes every endpoint
-// whose Pod the API server does not have (restored from the last run, the
-// Pod deleted meanwhile) deny-all instead of keeping its old policy.
+// converged marks the agent converged and writes every endpoint's compiled
+// policy, once (apply wrote none before): the endpoints wired meanwhile get
+// it in place of deny-all, those restored from the last run in place of
+// their old policy, and one whose Pod the API server does not have (deleted
+// meanwhile) deny-all.
 func (s *Syncer) converged() {
-	rewrite, rest := s.cfg.Endpoints.Converge()
-	for _, ep := range rest {
-		if _, ok := s.cfg.Compiler.Endpoint(ep.Pod); !ok {
-			rewrite = append(rewrite, ep)
-		}
-	}
+	pending, rest := s.cfg.Endpoints.Converge()
+	rewrite := append(pending, rest...)
 	for _, ep := range rewrite {
 		if err := s.writeEndpoint(ep.Pod); err != nil {
 			// It keeps denying; the next change of its pod retries.
@@ -285,13 +282,13 @@ func (s *Syncer) sync(ctx context.Context, k k8s.Key) error {
 	var ch policy.Changes
 	switch k.Kind {
 	case k8s.Pod:
-		pod, err := s.cfg.Listers.Pods.Pods(k.Namespace).Get(k.Name)
+		pod, err := s.cfg.Listers.Pods.Get(k.Namespace, k.Name)
 		if apierrors.IsNotFound(err) {
 			ch = s.cfg.Compiler.DeletePod(k.Namespace, k.Name)
 		} else if err != nil {
 			return err
 		} else {
-			ch = s.cfg.Compiler.UpsertPod(s.withLocalIP(pod))
+			ch = s.cfg.Compiler.UpsertPod(s.withLocalIP(pod.Object()))
 			// Annotations change no policy, so the compiler does not
 			// report them; a local pod's datapath record may still need
 			// its acceleration opt-out.
@@ -386,9 +383,15 @@ func (s *Syncer) withLocalIP(pod *corev1.Pod) *corev1.Pod {
 func (s *Syncer) apply(ch policy.Changes) error {
 	var errs []error
 	var changedIPs []netip.Prefix
+	// Before the first convergence the compiler holds part of the
+	// cluster: an endpoint keeps what its maps hold (its policy from the
+	// last run, identities being restored, or deny-all when new) and
+	// converged writes each once, rather than once per pod listed that
+	// its policy selects.
+	converged := s.cfg.Endpoints.Converged()
 	for _, id := range ch.Endpoints {
 		ep, ok := s.cfg.Endpoints.Get(id)
-		if !ok {
+		if !ok || !converged {
 			continue
 		}
 		if err := s.writeEndpoint(id); err != nil {
@@ -491,7 +494,7 @@ func (s *Syncer) tunnelKind(node string) datapath.IPCacheKind {
 
 // accelerationOptOut reports whether the pod opted out of acceleration.
 func (s *Syncer) accelerationOptOut(id policy.EndpointID) bool {
-	pod, err := s.cfg.Listers.Pods.Pods(id.Namespace).Get(id.Name)
+	pod, err := s.cfg.Listers.Pods.Get(id.Namespace, id.Name)
 	if err != nil {
 		return false
 	}
@@ -852,8 +855,11 @@ func (s *Syncer) writeClusterMeshPolicyStatus(ctx context.Context, cmp *v1alpha1
 func (s *Syncer) Enforce(ctx context.Context, ep endpoints.Endpoint) error {
 	// The informer may not have the Pod yet: ask the API server once, so
 	// the policy is right from the first packet.
-	pod, err := s.cfg.Listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name)
-	if apierrors.IsNotFound(err) {
+	var pod *corev1.Pod
+	cached, err := s.cfg.Listers.Pods.Get(ep.Pod.Namespace, ep.Pod.Name)
+	if err == nil {
+		pod = cached.Object()
+	} else if apierrors.IsNotFound(err) {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		pod, err = s.cfg.Kube.CoreV1().Pods(ep.Pod.Namespace).Get(cctx, ep.Pod.Name, metav1.GetOptions{})
 		cancel()
@@ -880,8 +886,8 @@ func (s *Syncer) Withdraw(ctx context.Context, ep endpoints.Endpoint) error {
 	// The pod keeps its API object for a while; without a local address the
 	// compiler drops it as an endpoint.
 	var err error
-	if pod, gerr := s.cfg.Listers.Pods.Pods(ep.Pod.Namespace).Get(ep.Pod.Name); gerr == nil {
-		err = s.apply(s.cfg.Compiler.UpsertPod(s.withLocalIP(pod)))
+	if pod, gerr := s.cfg.Listers.Pods.Get(ep.Pod.Namespace, ep.Pod.Name); gerr == nil {
+		err = s.apply(s.cfg.Compiler.UpsertPod(s.withLocalIP(pod.Object())))
 	} else {
 		err = s.apply(s.cfg.Compiler.DeletePod(ep.Pod.Namespace, ep.Pod.Name))
 	}

@@ -163,7 +163,7 @@ func (a *Active) Run(ctx context.Context, r *Report, cs *Cluster, pods map[strin
 				continue
 			}
 			c, ev := a.pair(ctx, src.Node, dst.Node, withPods[dst.Node][0])
-			r.Checks = append(r.Checks, c)
+			r.addActive(c)
 			r.Active = append(r.Active, ev)
 		}
 	}

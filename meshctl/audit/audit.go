@@ -12,17 +12,19 @@
 //		defer a.Close()
 //		a.Run(ctx, &r, cluster, podsByNode)
 //	}
-//	r.Finish()
-//	err := audit.Write(w, output.PaletteFor(w), r)
+//	r.Finish(maxFailures)
+//	err := audit.Write(w, output.PaletteFor(w), r, view)
 package audit
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
 	"time"
 
+	"golang.zx2c4.com/wireguard/wgctrl/wgtypes"
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/veilmesh/veil/api/annotations"
@@ -63,13 +65,23 @@ type Report struct {
 	// Summary counts nodes, pairs and each check's results.
 	Summary Summary `json:"summary"`
 	// Nodes are the MeshNode status snapshots the checks judged.
-	Nodes    []NodeReport `json:"nodes"`
-	Checks   []Check      `json:"checks"`
-	Failures []Check      `json:"failures"`
+	Nodes []NodeReport `json:"nodes"`
+	// Checks are every check, in report order: only with --details
+	// (WriteStructured streams them; see EachCheck).
+	Checks []Check `json:"checks,omitempty"`
+	// Failures are the first failed checks, in report order (see Finish),
+	// and FailuresNotListed counts the rest.
+	Failures          []Check `json:"failures"`
+	FailuresNotListed int     `json:"failuresNotListed,omitempty"`
 	// NotTested are the active checks that had nothing to test.
 	NotTested []Check `json:"notTested,omitempty"`
 	// Active is the evidence of each active check.
 	Active []ActiveEvidence `json:"active,omitempty"`
+
+	// nodeRows are the node checks in report order; pairs judges the
+	// pairs (and holds the active checks' rows).
+	nodeRows []Check
+	pairs    *pairJudge
 }
 
 // Summary counts what the audit found: the first thing it prints.
@@ -85,6 +97,9 @@ type Summary struct {
 	// own peer view; PairsFailed of them failed a check.
 	Pairs       int `json:"pairs"`
 	PairsFailed int `json:"pairsFailed"`
+	// Checks is every check made, Failed those that failed.
+	Checks int `json:"checks"`
+	Failed int `json:"failed"`
 	// ByCheck counts each check's results, in report order.
 	ByCheck []CheckCount `json:"byCheck"`
 }
@@ -96,7 +111,7 @@ type CheckCount struct {
 	Failed int    `json:"failed"`
 }
 
-// summarize counts r's nodes and checks; r's checks are in report order.
+// summarize counts r's nodes and checks without making a row per pair.
 func summarize(r *Report) Summary {
 	s := Summary{Nodes: len(r.Nodes), Pairs: max(len(r.Nodes)*(len(r.Nodes)-1), 0), ByCheck: []CheckCount{}}
 	for _, n := range r.Nodes {
@@ -123,21 +138,69 @@ func summarize(r *Report) Summary {
 	if r.Thresholds.Active {
 		count("active")
 	}
-	lastFailedPair := ""
-	for _, c := range r.Checks {
+	add := func(c Check, times int) bool {
 		cc := count(c.Check)
+		s.Checks += times
 		if c.Result == Pass {
-			cc.Passed++
+			cc.Passed += times
 			if c.Check == "key-published" {
-				s.KeysConsistent++
+				s.KeysConsistent += times
 			}
+			return false
+		}
+		cc.Failed += times
+		s.Failed += times
+		return true
+	}
+	for _, c := range r.nodeRows {
+		add(c, 1)
+	}
+	j := r.pairs
+	if j == nil {
+		return s
+	}
+	failed := func(rows []Check) bool {
+		return slices.ContainsFunc(rows, func(c Check) bool { return c.Result != Pass })
+	}
+	for _, v := range j.views {
+		for _, rows := range v.rows {
+			for _, c := range rows {
+				add(c, 1)
+			}
+			if failed(rows) {
+				s.PairsFailed++
+			}
+		}
+		if members := len(j.nodes) - 1 - len(v.rows); members > 0 && v.group != nil {
+			for _, c := range v.group {
+				add(c, members)
+			}
+			if failed(v.group) {
+				s.PairsFailed += members
+			}
+		}
+	}
+	for scope, rows := range j.active {
+		for _, c := range rows {
+			add(c, 1)
+		}
+		if !failed(rows) {
 			continue
 		}
-		cc.Failed++
-		// Rows of one pair are adjacent once sorted.
-		if strings.Contains(c.Scope, "→") && c.Scope != lastFailedPair {
+		a, b, _ := strings.Cut(scope, "→")
+		ai, aok := j.index[a]
+		bi, bok := j.index[b]
+		if !aok || !bok {
 			s.PairsFailed++
-			lastFailedPair = c.Scope
+			continue
+		}
+		v := &j.views[ai]
+		rows, ok := v.rows[bi]
+		if !ok {
+			rows = v.group
+		}
+		if !failed(rows) {
+			s.PairsFailed++ // failed only by the active check
 		}
 	}
 	return s
@@ -186,6 +249,13 @@ func NodeChecks() []string { return slices.Clone(nodeChecks) }
 
 // New judges every node and ordered node pair of cs at now against o; the
 // report names meshctlVersion as its author.
+//
+// Node rows are held (about a dozen per node); pair rows are not: a pair
+// is judged from the first node's own peer view, and a node that reports
+// counts and a digest (PeerSummary) instead of every peer has one verdict
+// for all the peers it does not list. So memory grows with the nodes and
+// the unhealthy pairs, not with the n·(n-1) pairs; EachCheck produces
+// every row on demand.
 func New(cs *Cluster, now time.Time, o Options, meshctlVersion string) Report {
 	nodes, _ := Snapshots(cs, now, o.StaleAfter)
 	r := Report{
@@ -197,7 +267,6 @@ func New(cs *Cluster, now time.Time, o Options, meshctlVersion string) Report {
 			StaleAfter: o.StaleAfter.String(), Active: o.Active,
 		},
 		Nodes:    append([]NodeReport{}, nodes...),
-		Checks:   []Check{},
 		Failures: []Check{},
 	}
 	if o.Active {
@@ -205,63 +274,239 @@ func New(cs *Cluster, now time.Time, o Options, meshctlVersion string) Report {
 		r.Thresholds.MarkerPort = o.MarkerPort
 	}
 	if len(nodes) == 0 {
-		r.Checks = append(r.Checks, fail("cluster", "nodes", "the cluster has no Node to audit"))
+		r.nodeRows = append(r.nodeRows, fail("cluster", "nodes", "the cluster has no Node to audit"))
 	}
-	// Each node's rows in report order (its claims check among them), and
-	// below the pairs in order too, so that Finish need not sort millions
-	// of rows of a healthy cluster.
 	claimRows := auditClaims(cs)
 	for i, n := range nodes {
 		rows := append(auditNode(n, now, o), claimRows[i])
 		slices.SortStableFunc(rows, func(x, y Check) int { return checkOrder(x.Check) - checkOrder(y.Check) })
-		r.Checks = append(r.Checks, rows...)
+		r.nodeRows = append(r.nodeRows, rows...)
 	}
-	// Every pair A→B is judged from A's own peer view: A's peers are
-	// looked up by name (O(peers) per node), and only a node that lists
-	// fewer known peers than it should is searched for the missing ones.
-	index := make(map[string]int, len(nodes))
+	r.pairs = judgePairs(cs, nodes, now, o)
+	return r
+}
+
+// pairJudge holds the pair verdicts of a report: each node's pairs judged
+// one by one (those it lists, and those it cannot peer with), and one
+// verdict for all the others.
+type pairJudge struct {
+	nodes []NodeReport
+	index map[string]int
+	views []peerView
+	// active are the active checks' rows by pair scope.
+	active map[string][]Check
+}
+
+// peerView is node A's pairs.
+type peerView struct {
+	// rows are the pairs A→B judged one by one, by B's index.
+	rows map[int][]Check
+	// group are the rows (without scope) of every other pair A→B; nil
+	// when A judges every pair one by one.
+	group []Check
+}
+
+func judgePairs(cs *Cluster, nodes []NodeReport, now time.Time, o Options) *pairJudge {
+	j := &pairJudge{nodes: nodes, index: make(map[string]int, len(nodes)), views: make([]peerView, len(nodes)), active: map[string][]Check{}}
 	for i, n := range nodes {
-		index[n.Node] = i
+		j.index[n.Node] = i
 	}
 	claims := make([]nodeClaims, len(nodes))
 	for i := range nodes {
 		claims[i] = claimsOf(&cs.Nodes[i])
 	}
-	seen := make([]bool, len(nodes))
+	// What each node publishes, as a peer of it must see it: the digests
+	// a node's healthy peers should sum to, with and without the nodes'
+	// own addresses among the allowed IPs (node-to-node encryption and
+	// strict mode add them).
+	ptrs := make([]*corev1.Node, len(cs.Nodes))
+	for i := range cs.Nodes {
+		ptrs[i] = &cs.Nodes[i]
+	}
+	resolved := nodeinfo.Resolve(ptrs, nodeinfo.Options{})
+	tunnel := make([]bool, len(nodes))
+	plain := make([]meshv1alpha1.PeerDigest, len(nodes))
+	withAddrs := make([]meshv1alpha1.PeerDigest, len(nodes))
+	var allPlain, allWithAddrs meshv1alpha1.PeerDigest
+	for i, n := range nodes {
+		rn, ok := resolved.Node(n.Node)
+		if !ok || !rn.Tunnel() || len(rn.PodCIDRs) == 0 {
+			continue
+		}
+		tunnel[i] = true
+		key, ep := wgtypes.Key(rn.PublicKey).String(), rn.Endpoint.String()
+		var ips []string
+		for _, p := range rn.PodCIDRs {
+			ips = append(ips, p.String())
+		}
+		plain[i].AddPeer(n.Node, key, ep, ips)
+		for _, a := range rn.InternalIPs {
+			ips = append(ips, netip.PrefixFrom(a, a.BitLen()).String())
+		}
+		withAddrs[i].AddPeer(n.Node, key, ep, ips)
+		allPlain.Add(plain[i])
+		allWithAddrs.Add(withAddrs[i])
+	}
 	for ai, a := range nodes {
-		if !a.Reported {
-			for bi, b := range nodes {
-				if bi != ai {
-					r.Checks = append(r.Checks, auditPair(a, b, nil, claims[bi], now, o)...)
+		v := peerView{rows: map[int][]Check{}}
+		switch {
+		case !a.Reported:
+			v.group = auditPair(a, NodeReport{}, nil, nodeClaims{}, now, o)
+		case a.PeerSummary == nil:
+			// Every peer listed: a node it does not list is not a peer.
+			for pi := range a.Peers {
+				p := &a.Peers[pi]
+				if bi, ok := j.index[p.Node]; ok && bi != ai && v.rows[bi] == nil {
+					v.rows[bi] = auditPair(a, nodes[bi], p, claims[bi], now, o)
 				}
+			}
+			for bi, b := range nodes {
+				if bi != ai && v.rows[bi] == nil {
+					v.rows[bi] = auditPair(a, b, nil, claims[bi], now, o)
+				}
+			}
+		default:
+			wantPlain, wantAddrs := allPlain, allWithAddrs
+			if tunnel[ai] {
+				wantPlain.Sub(plain[ai])
+				wantAddrs.Sub(withAddrs[ai])
+			}
+			for pi := range a.Peers {
+				p := &a.Peers[pi]
+				bi, ok := j.index[p.Node]
+				if !ok || bi == ai || v.rows[bi] != nil {
+					continue // a key of no node (counted in the summary), itself, or listed twice
+				}
+				if p.PublicKey == "" {
+					p = nil // listed as not configured
+				}
+				v.rows[bi] = auditPair(a, nodes[bi], p, claims[bi], now, o)
+				if tunnel[bi] {
+					wantPlain.Sub(plain[bi])
+					wantAddrs.Sub(withAddrs[bi])
+				}
+			}
+			// A node that cannot be peered with is not in the digest:
+			// its pair fails as it always did.
+			for bi, b := range nodes {
+				if bi != ai && !tunnel[bi] && v.rows[bi] == nil {
+					v.rows[bi] = auditPair(a, b, nil, claims[bi], now, o)
+				}
+			}
+			v.group = unlistedPairs(a, wantPlain, wantAddrs, now, o)
+		}
+		j.views[ai] = v
+	}
+	return j
+}
+
+// unlistedPairs judges A's pairs with the nodes it does not list, all at
+// once: their views must sum to what those nodes publish (want, with or
+// without their addresses), and A's oldest healthy handshake must be
+// within the threshold.
+func unlistedPairs(a NodeReport, wantPlain, wantAddrs meshv1alpha1.PeerDigest, now time.Time, o Options) []Check {
+	s := a.PeerSummary
+	var out []Check
+	switch {
+	case s.Unlisted > 0:
+		out = append(out, fail("", "peer", "not confirmed: %s has %d more unhealthy peers than it lists (at most %d), so its unlisted peers cannot be told apart; its pairs that are listed are judged one by one",
+			a.Node, s.Unlisted, meshv1alpha1.MaxListedPeers))
+	case s.Digest == wantPlain.String() || s.Digest == wantAddrs.String():
+		out = append(out, pass("", "peer", "one of %s healthy peers, whose keys, endpoints and allowed IPs match what they publish (digest)", output.Plural(int(s.Healthy), a.Node+"'s")))
+	default:
+		out = append(out, fail("", "peer", "not confirmed: the view %s has of its %d healthy peers (digest %s) is not what those nodes publish; a key, endpoint or allowed IPs differ, or a node is missing (meshctl encryption status --node %s)",
+			a.Node, s.Healthy, s.Digest, a.Node))
+	}
+	switch {
+	case s.Healthy == 0:
+		out = append(out, fail("", "handshake", "not confirmed: %s reports no healthy peer", a.Node))
+	case s.OldestHealthyHandshake == nil:
+		out = append(out, fail("", "handshake", "not confirmed: %s does not report its oldest handshake", a.Node))
+	case now.Sub(s.OldestHealthyHandshake.Time) > o.MaxHandshakeAge:
+		out = append(out, fail("", "handshake", "not confirmed: the oldest handshake of %s's unlisted peers was %s ago, more than --max-handshake-age %s",
+			a.Node, output.Age(now, s.OldestHealthyHandshake.Time), o.MaxHandshakeAge))
+	default:
+		out = append(out, pass("", "handshake", "within %s (%s's oldest handshake with an unlisted peer was %s ago)",
+			o.MaxHandshakeAge, a.Node, output.Age(now, s.OldestHealthyHandshake.Time)))
+	}
+	return out
+}
+
+// pair appends the rows of A→B to out: judged one by one, or A's verdict
+// for all its unlisted peers, then the active check's.
+func (j *pairJudge) pair(out []Check, ai, bi int) []Check {
+	v := &j.views[ai]
+	scope := pairScope(j.nodes[ai].Node, j.nodes[bi].Node)
+	if rows, ok := v.rows[bi]; ok {
+		out = append(out, rows...)
+	} else {
+		for _, c := range v.group {
+			c.Scope = scope
+			out = append(out, c)
+		}
+	}
+	return append(out, j.active[scope]...)
+}
+
+// each calls yield with the rows of every pair in report order (A, then
+// B, by name), or only the pairs with node on either side; it stops when
+// yield returns false.
+func (j *pairJudge) each(node string, yield func(Check) bool) bool {
+	var rows []Check
+	emit := func(ai, bi int) bool {
+		rows = j.pair(rows[:0], ai, bi)
+		for _, c := range rows {
+			if !yield(c) {
+				return false
+			}
+		}
+		return true
+	}
+	only, filtered := j.index[node]
+	for ai := range j.nodes {
+		if node != "" && ai != only {
+			if filtered && !emit(ai, only) {
+				return false
 			}
 			continue
 		}
-		known := 0
-		for pi := range a.Peers {
-			p := &a.Peers[pi]
-			bi, ok := index[p.Node]
-			if !ok || bi == ai || seen[bi] {
-				continue // not a node, itself, or listed twice: judged once
-			}
-			seen[bi] = true
-			known++
-			r.Checks = append(r.Checks, auditPair(a, nodes[bi], p, claims[bi], now, o)...)
-		}
-		if known < len(nodes)-1 {
-			for bi, b := range nodes {
-				if bi != ai && !seen[bi] {
-					r.Checks = append(r.Checks, auditPair(a, b, nil, claims[bi], now, o)...)
-				}
-			}
-		}
-		for pi := range a.Peers {
-			if bi, ok := index[a.Peers[pi].Node]; ok {
-				seen[bi] = false
+		for bi := range j.nodes {
+			if bi != ai && !emit(ai, bi) {
+				return false
 			}
 		}
 	}
-	return r
+	return true
+}
+
+// EachCheck calls yield with every check in report order: the node rows,
+// then every pair's; with node, only the checks of that node and the pairs
+// it is on either side of. The pair rows are made as they are yielded.
+func (r *Report) EachCheck(node string, yield func(Check) bool) {
+	for _, c := range r.nodeRows {
+		if (node == "" || c.Scope == node) && !yield(c) {
+			return
+		}
+	}
+	if r.pairs != nil {
+		r.pairs.each(node, yield)
+	}
+}
+
+// AllChecks are every check in report order: n·(n-1)·2 rows and more, for
+// small clusters and tests; EachCheck streams them.
+func (r *Report) AllChecks() []Check {
+	var out []Check
+	r.EachCheck("", func(c Check) bool { out = append(out, c); return true })
+	return out
+}
+
+// addActive records an active check's row.
+func (r *Report) addActive(c Check) {
+	if r.pairs == nil {
+		r.pairs = &pairJudge{index: map[string]int{}, active: map[string][]Check{}}
+	}
+	r.pairs.active[c.Scope] = append(r.pairs.active[c.Scope], c)
 }
 
 // checkOrder is a check's place in the report: node checks, then peer,
@@ -276,57 +521,68 @@ func checkOrder(check string) int {
 	return 0
 }
 
-// Finish orders the checks, counts them (Summary) and sets the verdict;
-// call it after the active checks, if any.
-func (r *Report) Finish() {
-	order := map[string]int{}
-	for i, c := range append(slices.Clone(nodeChecks), "peer", "handshake", "active") {
-		order[c] = i
-	}
-	// Node rows first, then pairs; within each, by scope, then check
-	// order. The keys are computed once: the pair rows are n·(n-1)·2.
-	type sortKey struct {
-		pair  bool
-		scope string
-		order int
-		i     int
-	}
-	keys := make([]sortKey, len(r.Checks))
-	for i, c := range r.Checks {
-		keys[i] = sortKey{strings.Contains(c.Scope, "→"), c.Scope, order[c.Check], i}
-	}
-	cmp := func(x, y sortKey) int {
-		switch {
-		case x.pair != y.pair:
-			if x.pair {
-				return 1
-			}
-			return -1
-		case x.scope != y.scope:
-			return strings.Compare(x.scope, y.scope)
-		case x.order != y.order:
-			return x.order - y.order
-		}
-		return x.i - y.i
-	}
-	if !slices.IsSortedFunc(keys, cmp) {
-		slices.SortFunc(keys, cmp)
-		sorted := make([]Check, len(r.Checks))
-		for i, k := range keys {
-			sorted[i] = r.Checks[k.i]
-		}
-		r.Checks = sorted
-	}
-	r.Failures = []Check{}
-	for _, c := range r.Checks {
-		if c.Result != Pass {
-			r.Failures = append(r.Failures, c)
-		}
+// DefaultReportFailures is how many failures Finish keeps in
+// Report.Failures when it is given no bound.
+const DefaultReportFailures = DefaultMaxFailures
+
+// Finish counts the checks (Summary), keeps the first maxFailures failures
+// in report order (0: DefaultReportFailures; the rest are counted in
+// FailuresNotListed) and sets the verdict; call it after the active
+// checks, if any. It takes O(nodes + listed pairs) unless failures are
+// asked for from a verdict shared by many pairs.
+func (r *Report) Finish(maxFailures int) {
+	if maxFailures <= 0 {
+		maxFailures = DefaultReportFailures
 	}
 	r.Summary = summarize(r)
+	r.Failures = []Check{}
+	r.FailuresNotListed = 0
+	r.EachFailure("", func(c Check) bool {
+		r.Failures = append(r.Failures, c)
+		return len(r.Failures) < maxFailures
+	})
+	r.FailuresNotListed = r.Summary.Failed - len(r.Failures)
 	r.Verdict = Pass
-	if len(r.Failures) > 0 {
+	if r.Summary.Failed > 0 {
 		r.Verdict = Fail
+	}
+}
+
+// EachFailure calls yield with every failed check in report order (of
+// node, or all), skipping the pairs whose shared verdict passed.
+func (r *Report) EachFailure(node string, yield func(Check) bool) {
+	for _, c := range r.nodeRows {
+		if c.Result != Pass && (node == "" || c.Scope == node) && !yield(c) {
+			return
+		}
+	}
+	j := r.pairs
+	if j == nil {
+		return
+	}
+	if len(j.active) > 0 || node != "" {
+		j.each(node, func(c Check) bool { return c.Result == Pass || yield(c) })
+		return
+	}
+	var rows []Check
+	for ai, v := range j.views {
+		keys := slices.Sorted(maps.Keys(v.rows))
+		if slices.ContainsFunc(v.group, func(c Check) bool { return c.Result != Pass }) {
+			keys = keys[:0]
+			for bi := range j.nodes {
+				if bi != ai {
+					keys = append(keys, bi)
+				}
+			}
+		}
+		for _, bi := range keys {
+			rows = j.pair(rows[:0], ai, bi)
+			for _, c := range rows {
+				if c.Result != Pass && !yield(c) {
+					return
+				}
+			}
+		}
 	}
 }
 

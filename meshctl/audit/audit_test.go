@@ -3,7 +3,9 @@ package audit
 import (
 	"bytes"
 	"encoding/base64"
+	"encoding/binary"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -27,36 +29,75 @@ func key(i int) string { return base64.StdEncoding.EncodeToString(bytes.Repeat([
 
 func ago(d time.Duration) metav1.Time { return metav1.NewTime(now.Add(-d)) }
 
-// healthy is n nodes, encrypted, strict, peered with recent handshakes.
-func healthy(n int) *Cluster {
+// healthy is n nodes, encrypted, strict, peered with recent handshakes,
+// each MeshNode listing every peer.
+func healthy(n int) *Cluster { return healthyWith(n, false) }
+
+// Nodes past 255 get wider keys and addresses.
+func nodeKey(i int) string {
+	if i < 256 {
+		return key(i)
+	}
+	var k [32]byte
+	binary.BigEndian.PutUint32(k[:], uint32(i))
+	return base64.StdEncoding.EncodeToString(k[:])
+}
+
+func nodeCIDR(i int) string {
+	if i < 256 {
+		return fmt.Sprintf("10.0.%d.0/24", i)
+	}
+	return fmt.Sprintf("10.%d.%d.0/24", i>>8, i&255)
+}
+
+func nodeAddr(i int) string {
+	if i < 256 {
+		return fmt.Sprintf("192.168.50.%d", i)
+	}
+	return fmt.Sprintf("192.169.%d.%d", i>>8, i&255)
+}
+
+// healthyWith is healthy; with compact, each MeshNode is written as this
+// version's agents write it (counts and a digest, no healthy peer listed),
+// without ever holding the n·(n-1) peers.
+func healthyWith(n int, compact bool) *Cluster {
 	cs := &Cluster{Server: "https://api.example:6443", MeshNodes: map[string]*meshv1alpha1.MeshNode{}}
 	name := func(i int) string { return fmt.Sprintf("node-%d", i) }
+	hs := ago(time.Minute)
+	var peers []meshv1alpha1.PeerStatus
 	for i := 1; i <= n; i++ {
-		cidr := fmt.Sprintf("10.0.%d.0/24", i)
 		cs.Nodes = append(cs.Nodes, corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: name(i), Annotations: map[string]string{
-				annotations.WireGuardPublicKey: key(i),
-				annotations.WireGuardEndpoint:  fmt.Sprintf("192.168.50.%d:51820", i),
+				annotations.WireGuardPublicKey: nodeKey(i),
+				annotations.WireGuardEndpoint:  nodeAddr(i) + ":51820",
 			}},
-			Spec: corev1.NodeSpec{PodCIDRs: []string{cidr}},
+			Spec: corev1.NodeSpec{PodCIDRs: []string{nodeCIDR(i)}},
 		})
+		peers = append(peers, meshv1alpha1.PeerStatus{
+			Node: name(i), PublicKey: nodeKey(i), Endpoint: nodeAddr(i) + ":51820", AllowedIPs: []string{nodeCIDR(i)}, LastHandshake: &hs,
+		})
+	}
+	for i := 1; i <= n; i++ {
 		enc := meshv1alpha1.EncryptionStatus{
-			Mode: meshv1alpha1.EncryptionModeKernel, Interface: "veilwg0", PublicKey: key(i),
+			Mode: meshv1alpha1.EncryptionModeKernel, Interface: "veilwg0", PublicKey: nodeKey(i),
 			KeyCreated: ago(24 * time.Hour), ListenPort: 51820, StrictMode: true, GuardedDevices: []string{"eth0"},
 		}
-		for j := 1; j <= n; j++ {
-			if j != i {
-				hs := ago(time.Minute)
-				enc.Peers = append(enc.Peers, meshv1alpha1.PeerStatus{
-					Node: name(j), PublicKey: key(j), Endpoint: fmt.Sprintf("192.168.50.%d:51820", j),
-					AllowedIPs: []string{fmt.Sprintf("10.0.%d.0/24", j)}, LastHandshake: &hs,
-				})
+		others := slices.Delete(slices.Clone(peers), i-1, i)
+		if compact {
+			s, listed := meshv1alpha1.SummarizePeers(others, others, now, meshv1alpha1.DefaultHealthyHandshakeAge)
+			enc.PeerCount, enc.PeerSummary, enc.Peers = int32(len(others)), &s, listed
+		} else {
+			for _, p := range others {
+				hs := *p.LastHandshake
+				p.LastHandshake = &hs
+				p.AllowedIPs = slices.Clone(p.AllowedIPs)
+				enc.Peers = append(enc.Peers, p)
 			}
 		}
 		cs.MeshNodes[name(i)] = &meshv1alpha1.MeshNode{
 			ObjectMeta: metav1.ObjectMeta{Name: name(i)},
 			Status: meshv1alpha1.MeshNodeStatus{
-				NodeIP: fmt.Sprintf("192.168.50.%d", i), Updated: ago(10 * time.Second), Encryption: enc,
+				NodeIP: nodeAddr(i), Updated: ago(10 * time.Second), Encryption: enc,
 			},
 		}
 	}
@@ -65,11 +106,11 @@ func healthy(n int) *Cluster {
 
 func TestHealthyClusterPasses(t *testing.T) {
 	r := New(healthy(3), now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	if r.Verdict != Pass || len(r.Failures) != 0 {
 		t.Fatalf("verdict %s, failures %+v; want PASS", r.Verdict, r.Failures)
 	}
-	if got, want := len(r.Checks), 3*len(NodeChecks())+6*2; got != want {
+	if got, want := len(r.AllChecks()), 3*len(NodeChecks())+6*2; got != want {
 		t.Errorf("%d checks; want %d", got, want)
 	}
 }
@@ -100,7 +141,7 @@ func TestFaults(t *testing.T) {
 			cs := healthy(2)
 			tc.spoil(cs)
 			r := New(cs, now, opts, "test")
-			r.Finish()
+			r.Finish(0)
 			if r.Verdict != Fail {
 				t.Fatalf("verdict %s; want FAIL", r.Verdict)
 			}
@@ -114,24 +155,29 @@ func TestFaults(t *testing.T) {
 	}
 }
 
-func TestFinishOrdersNodesBeforePairs(t *testing.T) {
-	r := Report{Checks: []Check{
-		fail(pairScope("a", "b"), "peer", "x"),
-		pass("b", "key-age", "x"),
-		pass("a", "strict-mode", "x"),
-		pass("a", "status-fresh", "x"),
-	}}
-	r.Finish()
-	var got []string
-	for _, c := range r.Checks {
-		got = append(got, c.Scope+" "+c.Check)
+// Every node's rows come first, in node order, then the pairs, A then B
+// by name, each pair's peer row before its handshake row.
+func TestChecksInReportOrder(t *testing.T) {
+	cs := healthy(3)
+	r := New(cs, now, opts, "test")
+	r.Finish(0)
+	var nodes, pairs []string
+	for _, c := range r.AllChecks() {
+		if strings.Contains(c.Scope, "→") {
+			pairs = append(pairs, c.Scope+" "+c.Check)
+		} else if len(pairs) > 0 {
+			t.Fatalf("node row %s %s after the pairs", c.Scope, c.Check)
+		} else if len(nodes) == 0 || nodes[len(nodes)-1] != c.Scope {
+			nodes = append(nodes, c.Scope)
+		}
 	}
-	want := "a status-fresh|a strict-mode|b key-age|a→b peer"
-	if strings.Join(got, "|") != want {
-		t.Errorf("order %q; want %q", strings.Join(got, "|"), want)
+	if want := "node-1|node-2|node-3"; strings.Join(nodes, "|") != want {
+		t.Errorf("nodes in order %q; want %q", strings.Join(nodes, "|"), want)
 	}
-	if r.Verdict != Fail || len(r.Failures) != 1 {
-		t.Errorf("verdict %s with %d failures; want FAIL with 1", r.Verdict, len(r.Failures))
+	want := "node-1→node-2 peer|node-1→node-2 handshake|node-1→node-3 peer|node-1→node-3 handshake|node-2→node-1 peer|node-2→node-1 handshake|" +
+		"node-2→node-3 peer|node-2→node-3 handshake|node-3→node-1 peer|node-3→node-1 handshake|node-3→node-2 peer|node-3→node-2 handshake"
+	if strings.Join(pairs, "|") != want {
+		t.Errorf("pairs in order %q; want %q", strings.Join(pairs, "|"), want)
 	}
 }
 
@@ -157,7 +203,7 @@ func TestMarkerPort(t *testing.T) {
 
 func TestWriteColourOnlyWithPalette(t *testing.T) {
 	r := New(healthy(2), now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	var plain, coloured strings.Builder
 	if err := Write(&plain, output.Palette{}, r, View{}); err != nil {
 		t.Fatal(err)

@@ -39,25 +39,31 @@ type NodeReport struct {
 	// Stale is true when the status is older than the stale threshold.
 	Stale bool `json:"stale"`
 	// Encrypted: reported recently, WireGuard up, with a key.
-	Encrypted          bool                        `json:"encrypted"`
-	Updated            *time.Time                  `json:"updated,omitempty"`
-	AgentVersion       string                      `json:"agentVersion,omitempty"`
-	NodeIP             string                      `json:"nodeIP,omitempty"`
-	PodCIDRs           []string                    `json:"podCIDRs,omitempty"`
-	Mode               meshv1alpha1.EncryptionMode `json:"mode,omitempty"`
-	Interface          string                      `json:"interface,omitempty"`
-	PublicKey          string                      `json:"publicKey,omitempty"`
-	Fingerprint        string                      `json:"fingerprint,omitempty"`
-	KeyCreated         *time.Time                  `json:"keyCreated,omitempty"`
-	ListenPort         int32                       `json:"listenPort,omitempty"`
-	StrictMode         bool                        `json:"strictMode"`
-	ExpectedPeers      int                         `json:"expectedPeers"`
-	Peers              []PeerReport                `json:"peers"`
-	Leaks              int64                       `json:"leaks"`
-	RecentLeaks        []meshv1alpha1.LeakRecord   `json:"recentLeaks,omitempty"`
-	UnencryptedPackets int64                       `json:"unencryptedPackets"`
-	GuardedDevices     []string                    `json:"guardedDevices,omitempty"`
-	UnguardedDevices   []string                    `json:"unguardedDevices,omitempty"`
+	Encrypted     bool                        `json:"encrypted"`
+	Updated       *time.Time                  `json:"updated,omitempty"`
+	AgentVersion  string                      `json:"agentVersion,omitempty"`
+	NodeIP        string                      `json:"nodeIP,omitempty"`
+	PodCIDRs      []string                    `json:"podCIDRs,omitempty"`
+	Mode          meshv1alpha1.EncryptionMode `json:"mode,omitempty"`
+	Interface     string                      `json:"interface,omitempty"`
+	PublicKey     string                      `json:"publicKey,omitempty"`
+	Fingerprint   string                      `json:"fingerprint,omitempty"`
+	KeyCreated    *time.Time                  `json:"keyCreated,omitempty"`
+	ListenPort    int32                       `json:"listenPort,omitempty"`
+	StrictMode    bool                        `json:"strictMode"`
+	ExpectedPeers int                         `json:"expectedPeers"`
+	// PeerSummary counts the node's peers by health; with it, Peers are
+	// only the unhealthy ones. Without it (an agent before 0.4) Peers
+	// are every peer.
+	PeerSummary *meshv1alpha1.PeerSummary `json:"peerSummary,omitempty"`
+	// PeerCount is how many peers the node's device has.
+	PeerCount          int                       `json:"peerCount"`
+	Peers              []PeerReport              `json:"peers"`
+	Leaks              int64                     `json:"leaks"`
+	RecentLeaks        []meshv1alpha1.LeakRecord `json:"recentLeaks,omitempty"`
+	UnencryptedPackets int64                     `json:"unencryptedPackets"`
+	GuardedDevices     []string                  `json:"guardedDevices,omitempty"`
+	UnguardedDevices   []string                  `json:"unguardedDevices,omitempty"`
 	// Annotations are the node's published WireGuard annotations.
 	Annotations map[string]string `json:"annotations,omitempty"`
 }
@@ -72,6 +78,8 @@ type PeerReport struct {
 	LastHandshake *time.Time `json:"lastHandshake,omitempty"`
 	RxBytes       int64      `json:"rxBytes"`
 	TxBytes       int64      `json:"txBytes"`
+	// Problem is why the node lists the peer (see PeerSummary).
+	Problem string `json:"problem,omitempty"`
 }
 
 // metaTime turns an API time into a UTC time, nil for "never".
@@ -118,8 +126,13 @@ func nodeSnapshot(name string, node *corev1.Node, mn *meshv1alpha1.MeshNode, nod
 		r.Peers = append(r.Peers, PeerReport{
 			Node: p.Node, PublicKey: p.PublicKey, Fingerprint: nodeinfo.KeyFingerprint(p.PublicKey), Endpoint: p.Endpoint,
 			AllowedIPs: append([]string{}, p.AllowedIPs...), LastHandshake: metaTime(p.LastHandshake),
-			RxBytes: p.RxBytes, TxBytes: p.TxBytes,
+			RxBytes: p.RxBytes, TxBytes: p.TxBytes, Problem: p.Problem,
 		})
+	}
+	r.PeerCount = len(r.Peers)
+	if e.PeerSummary != nil {
+		r.PeerSummary = e.PeerSummary.DeepCopy()
+		r.PeerCount = int(e.PeerCount)
 	}
 	slices.SortFunc(r.Peers, func(a, b PeerReport) int { return strings.Compare(a.Node, b.Node) })
 	r.Encrypted = !r.Stale && (r.Mode == meshv1alpha1.EncryptionModeKernel || r.Mode == meshv1alpha1.EncryptionModeUserspace) && r.PublicKey != ""
@@ -210,6 +223,40 @@ func (n NodeReport) Problems(now time.Time, staleAfter time.Duration, nodes Node
 	if n.UnencryptedPackets > 0 {
 		out = append(out, fmt.Sprintf("%s sent to other nodes unencrypted", output.Plural(int(n.UnencryptedPackets), "pod packet")))
 	}
+	if s := n.PeerSummary; s != nil {
+		// Only the unhealthy peers are listed: name them by problem.
+		byProblem := map[string][]string{}
+		var stale, unknown []string
+		for _, p := range n.Peers {
+			switch {
+			case p.Problem == meshv1alpha1.ProblemNotConfigured, p.Problem == meshv1alpha1.ProblemNoHandshake:
+				byProblem[p.Problem] = append(byProblem[p.Problem], p.Node)
+			case p.Problem == meshv1alpha1.ProblemUnknownKey:
+				unknown = append(unknown, p.Node)
+			default:
+				stale = append(stale, p.Node)
+			}
+		}
+		more := func(names []string, total int32) string {
+			if rest := int(total) - len(names); rest > 0 {
+				return fmt.Sprintf("%s and %d more unlisted", Names(names), rest)
+			}
+			return Names(names)
+		}
+		if s.Missing > 0 {
+			out = append(out, "not peered with "+more(byProblem[meshv1alpha1.ProblemNotConfigured], s.Missing))
+		}
+		if s.Handshaking > 0 {
+			out = append(out, "no handshake yet with "+more(byProblem[meshv1alpha1.ProblemNoHandshake], s.Handshaking))
+		}
+		if s.Stale > 0 {
+			out = append(out, fmt.Sprintf("no handshake in %s with %s", s.HealthyHandshakeAge.Duration, more(stale, s.Stale)))
+		}
+		if s.Unknown > 0 {
+			out = append(out, "peered with keys of no node, at "+more(unknown, s.Unknown))
+		}
+		return out
+	}
 	if missing := nodes.missing(n); len(missing) > 0 {
 		out = append(out, "not peered with "+Names(missing))
 	}
@@ -223,6 +270,21 @@ func (n NodeReport) Problems(now time.Time, staleAfter time.Duration, nodes Node
 		out = append(out, "no handshake yet with "+Names(never))
 	}
 	return out
+}
+
+// NoHandshake is how many of the node's peers never completed a
+// handshake.
+func (n NodeReport) NoHandshake() int {
+	if n.PeerSummary != nil {
+		return int(n.PeerSummary.Handshaking)
+	}
+	never := 0
+	for _, p := range n.Peers {
+		if p.LastHandshake == nil {
+			never++
+		}
+	}
+	return never
 }
 
 // NodeSet is the cluster's node names, in order, and their positions.

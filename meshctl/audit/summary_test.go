@@ -38,7 +38,7 @@ func count(s Summary, check string) CheckCount {
 
 func TestSummaryCountsInconsistentPairs(t *testing.T) {
 	r := New(inconsistent(), now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	s := r.Summary
 	if s.Nodes != 4 || s.Reported != 4 || s.TunnelsUp != 4 || s.KeysConsistent != 4 {
 		t.Errorf("nodes %d, reported %d, tunnels up %d, keys consistent %d; want 4 each", s.Nodes, s.Reported, s.TunnelsUp, s.KeysConsistent)
@@ -56,8 +56,8 @@ func TestSummaryCountsInconsistentPairs(t *testing.T) {
 	for _, c := range s.ByCheck {
 		total += c.Passed + c.Failed
 	}
-	if total != len(r.Checks) {
-		t.Errorf("summary counts %d checks; the report has %d", total, len(r.Checks))
+	if total != len(r.AllChecks()) {
+		t.Errorf("summary counts %d checks; the report has %d", total, len(r.AllChecks()))
 	}
 	var reasons []string
 	for _, f := range r.Failures {
@@ -76,7 +76,7 @@ func fp(i int) string { return output.Dash(nodeinfo.KeyFingerprint(key(i))) }
 
 func TestWriteShowsInconsistentPairs(t *testing.T) {
 	r := New(inconsistent(), now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	for _, tc := range []struct {
 		name    string
 		view    View
@@ -118,7 +118,7 @@ func TestWriteShowsInconsistentPairs(t *testing.T) {
 func TestDefaultOutputDoesNotGrowWithPairs(t *testing.T) {
 	size := func(n int) int {
 		r := New(healthy(n), now, opts, "test")
-		r.Finish()
+		r.Finish(0)
 		if r.Verdict != Pass {
 			t.Fatalf("%d nodes: verdict %s: %+v", n, r.Verdict, r.Failures[:min(3, len(r.Failures))])
 		}
@@ -133,8 +133,8 @@ func TestDefaultOutputDoesNotGrowWithPairs(t *testing.T) {
 		t.Errorf("default output %d bytes at 5 nodes, %d at 60; want the same but for digits", small, large)
 	}
 	r := New(healthy(60), now, opts, "test")
-	r.Finish()
-	if got, want := len(r.Checks), 60*len(NodeChecks())+60*59*2; got != want {
+	r.Finish(0)
+	if got, want := len(r.AllChecks()), 60*len(NodeChecks())+60*59*2; got != want {
 		t.Errorf("%d checks at 60 nodes; want every one (%d) in the evidence", got, want)
 	}
 }
@@ -149,9 +149,9 @@ func TestPairsFromPeerView(t *testing.T) {
 	ghost.Node = "node-9"
 	enc.Peers = append(enc.Peers[:1], dup, ghost) // node-2 twice, node-9, no node-3
 	r := New(cs, now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	seen := map[string]int{}
-	for _, c := range r.Checks {
+	for _, c := range r.AllChecks() {
 		seen[c.Scope+" "+c.Check]++
 	}
 	for k, n := range seen {
@@ -183,9 +183,9 @@ func TestPairsMatchAllPairsReference(t *testing.T) {
 	enc.Peers = append(enc.Peers, stranger)
 	delete(cs.MeshNodes, "node-4")
 	r := New(cs, now, opts, "test")
-	r.Finish()
+	r.Finish(0)
 	var got []Check
-	for _, c := range r.Checks {
+	for _, c := range r.AllChecks() {
 		if strings.Contains(c.Scope, "→") {
 			got = append(got, c)
 		}

@@ -1,10 +1,14 @@
 package audit
 
 import (
+	"bufio"
+	"encoding/json"
 	"fmt"
 	"io"
 	"strings"
 	"text/tabwriter"
+
+	"sigs.k8s.io/yaml"
 
 	"github.com/veilmesh/veil/meshctl/output"
 )
@@ -38,7 +42,7 @@ func Write(w io.Writer, pal output.Palette, r Report, v View) error {
 	}
 	s := r.Summary
 	fmt.Fprintf(&b, "%s %s  %s, %s, %d/%d checks passed\n", pal.Bold("Encryption audit:"), pal.Bold(verdict),
-		output.Plural(s.Nodes, "node"), output.Plural(s.Pairs, "node pair"), len(r.Checks)-len(r.Failures), len(r.Checks))
+		output.Plural(s.Nodes, "node"), output.Plural(s.Pairs, "node pair"), s.Checks-s.Failed, s.Checks)
 	active := "off"
 	if r.Thresholds.Active {
 		port := "a UDP port the pod declares, else 9"
@@ -70,19 +74,31 @@ func Write(w io.Writer, pal output.Palette, r Report, v View) error {
 		} else {
 			b.WriteString("\n")
 		}
-		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
+		if _, err := io.WriteString(w, b.String()); err != nil {
+			return fmt.Errorf("write audit: %w", err)
+		}
+		b.Reset()
+		// Streamed: a tabwriter holds its rows until flushed, so it is
+		// flushed every few hundred rows (each block aligned on its own).
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 		fmt.Fprintf(tw, "SCOPE\tCHECK\t%s\tREASON\n", pal.Plain("RESULT"))
-		for _, c := range r.Checks {
-			if v.Node != "" && !onNode(c.Scope, v.Node) {
-				continue
-			}
+		var err error
+		rows := 0
+		r.EachCheck(v.Node, func(c Check) bool {
 			res := pal.Green(c.Result)
 			if c.Result != Pass {
 				res = pal.Red(c.Result)
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.Scope, c.Check, res, c.Reason)
+			if rows++; rows%512 == 0 {
+				err = tw.Flush()
+			}
+			return err == nil
+		})
+		if err == nil {
+			err = tw.Flush()
 		}
-		if err := tw.Flush(); err != nil {
+		if err != nil {
 			return fmt.Errorf("write audit: %w", err)
 		}
 	}
@@ -91,7 +107,7 @@ func Write(w io.Writer, pal output.Palette, r Report, v View) error {
 		limit = DefaultMaxFailures
 	}
 	if v.Details {
-		limit = max(len(r.Failures), len(r.NotTested))
+		limit = max(r.Summary.Failed, len(r.NotTested))
 	}
 	if len(r.NotTested) > 0 {
 		b.WriteString("\nNot tested (active):\n")
@@ -106,17 +122,33 @@ func Write(w io.Writer, pal output.Palette, r Report, v View) error {
 			fmt.Fprintf(&b, "  … and %d more (--details or -o json lists them all)\n", rest)
 		}
 	}
-	if len(r.Failures) > 0 {
-		fmt.Fprintf(&b, "\n%s\n", pal.Bold(pal.Red(fmt.Sprintf("FAIL: %s", output.Plural(len(r.Failures), "check")+" failed:"))))
-		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-		for _, c := range r.Failures[:min(limit, len(r.Failures))] {
+	if s.Failed > 0 {
+		fmt.Fprintf(&b, "\n%s\n", pal.Bold(pal.Red(fmt.Sprintf("FAIL: %s", output.Plural(s.Failed, "check")+" failed:"))))
+		if _, err := io.WriteString(w, b.String()); err != nil {
+			return fmt.Errorf("write audit: %w", err)
+		}
+		b.Reset()
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		shown := 0
+		write := func(c Check) bool {
 			fmt.Fprintf(tw, "  %s\t%s\t%s\n", c.Scope, c.Check, c.Reason)
+			shown++
+			return shown < limit
+		}
+		if v.Details || len(r.Failures) < min(limit, s.Failed) {
+			r.EachFailure("", write) // more than Finish kept
+		} else {
+			for _, c := range r.Failures {
+				if !write(c) {
+					break
+				}
+			}
 		}
 		if err := tw.Flush(); err != nil {
 			return fmt.Errorf("write audit: %w", err)
 		}
-		if rest := len(r.Failures) - limit; rest > 0 {
-			fmt.Fprintf(&b, "  … and %d more failed (--details or -o json lists them all, --node NAME one node's)\n", rest)
+		if rest := s.Failed - shown; rest > 0 {
+			fmt.Fprintf(&b, "  … and %d more failed (--details or -o json --details lists them all, --node NAME one node's)\n", rest)
 		}
 	}
 	if !v.Details && v.Node == "" {
@@ -128,11 +160,66 @@ func Write(w io.Writer, pal output.Palette, r Report, v View) error {
 	return nil
 }
 
-// onNode is true when scope is node, or a pair with node on either side.
-func onNode(scope, node string) bool {
-	if scope == node {
-		return true
+// WriteStructured writes r as JSON or YAML (format); it reports false for
+// table output. The report holds the summary, the nodes and the failures
+// Finish kept; with v.Details it also lists every check (or v.Node's),
+// written one by one as they are made, so that memory does not grow with
+// the pairs however many are written.
+func WriteStructured(w io.Writer, format string, r Report, v View) (bool, error) {
+	if !v.Details && v.Node == "" {
+		return output.Structured(w, format, r)
 	}
-	a, b, ok := strings.Cut(scope, "→")
-	return ok && (a == node || b == node)
+	r.Checks = nil
+	switch format {
+	case output.JSON:
+		head, err := json.MarshalIndent(r, "", "  ")
+		if err != nil {
+			return true, fmt.Errorf("encode JSON: %w", err)
+		}
+		bw := bufio.NewWriter(w)
+		// The report without checks ends in "\n}": the checks go before it.
+		bw.Write(head[:len(head)-2])
+		bw.WriteString(",\n  \"checks\": [")
+		sep := "\n    "
+		r.EachCheck(v.Node, func(c Check) bool {
+			row, err := json.Marshal(c)
+			if err != nil {
+				return false
+			}
+			bw.WriteString(sep)
+			bw.Write(row)
+			sep = ",\n    "
+			return true
+		})
+		bw.WriteString("\n  ]\n}\n")
+		if err := bw.Flush(); err != nil {
+			return true, fmt.Errorf("write JSON: %w", err)
+		}
+		return true, nil
+	case output.YAML:
+		head, err := yaml.Marshal(r)
+		if err != nil {
+			return true, fmt.Errorf("encode YAML: %w", err)
+		}
+		bw := bufio.NewWriter(w)
+		bw.Write(head)
+		bw.WriteString("checks:\n")
+		var encErr error
+		r.EachCheck(v.Node, func(c Check) bool {
+			var row []byte
+			if row, encErr = yaml.Marshal([]Check{c}); encErr != nil {
+				return false
+			}
+			bw.Write(row)
+			return true
+		})
+		if encErr != nil {
+			return true, fmt.Errorf("encode YAML: %w", encErr)
+		}
+		if err := bw.Flush(); err != nil {
+			return true, fmt.Errorf("write YAML: %w", err)
+		}
+		return true, nil
+	}
+	return false, nil
 }

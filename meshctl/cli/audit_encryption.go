@@ -78,15 +78,29 @@ the tunnel of the node that holds it.)
 
 The default output is a summary whatever the cluster's size: the verdict,
 the counts of nodes (reported, with tunnels up, with consistent keys) and
-of node pairs (each judged from the first node's own peer view: its
-MeshNode lists the keys, endpoints and allowed IPs it configured for its
-peers), each check's passes and failures, then the failures (the first
---max-failures of them, and how many more). --details lists every check;
---node NAME lists one node's checks and those of the pairs it is on.
+of node pairs, each check's passes and failures, then the failures (the
+first --max-failures of them, and how many more). --details lists every
+check; --node NAME lists one node's checks and those of the pairs it is on.
+
+Pairs are judged from the first node's own peer view. Its MeshNode counts
+its peers by health and lists only the unhealthy ones (no handshake within
+3m, not configured, a key of no node) with their keys, endpoints and
+allowed IPs, at most 100; each listed pair is judged as above. The healthy
+peers are summed in a digest of their keys, endpoints and allowed IPs,
+which the audit computes from what those nodes publish: when it matches,
+every unlisted pair passes "peer"; when it does not (a view differs, or
+the node lists fewer unhealthy peers than it has), every unlisted pair of
+that node FAILs as not confirmed, since the digest cannot say which. Their
+"handshake" passes when the node's oldest healthy handshake is within
+--max-handshake-age. MeshNodes of older agents list every peer and are
+judged pair by pair. Memory and time grow with the nodes and the unhealthy
+pairs, not with the n·(n-1) pairs.
 
 -o json is the evidence: verdict, generation time, meshctl version, API
-server, thresholds, every node's MeshNode status (with its update time and
-agent version), every check and the failures, in a stable order.
+server, thresholds, the summary, every node's MeshNode status (with its
+update time and agent version) and the first --max-failures failures (with
+failuresNotListed counting the rest); with --details also every check,
+written as it is made, in a stable order.
 
 Exit codes:
   0  PASS: every check passed
@@ -153,11 +167,11 @@ Exit codes:
 				defer a.Close()
 				a.Run(ctx, &r, cs, pods)
 			}
-			prog.step("ordering %s", output.Plural(len(r.Checks), "check"))
-			r.Finish()
+			prog.step("counting the checks")
+			r.Finish(view.MaxFailures)
 			prog.done()
 			w := cmd.OutOrStdout()
-			done, err := out.structured(w, r)
+			done, err := audit.WriteStructured(w, out.format, r, view)
 			if err != nil {
 				return err
 			}
@@ -180,7 +194,7 @@ Exit codes:
 	fs.DurationVar(&opts.CaptureDuration, "capture-duration", 2*time.Second, "how long each agent captures per node pair with --active")
 	fs.Uint32Var(&opts.MarkerPort, "marker-port", 0, "the UDP port the --active marker is sent to (default: a UDP port the destination pod declares, else 9; the pod need not listen)")
 	fs.BoolVar(&view.Details, "details", false, "list every check, not only the summary and the failures")
-	fs.IntVar(&view.MaxFailures, "max-failures", audit.DefaultMaxFailures, "list at most this many failures (the rest are counted; -o json has them all)")
+	fs.IntVar(&view.MaxFailures, "max-failures", audit.DefaultMaxFailures, "list at most this many failures, also in -o json (the rest are counted; --details lists them all)")
 	addOutputFlag(cmd, &out)
 	return cmd
 }

@@ -34,7 +34,7 @@ import (
 // auditJSON runs audit encryption -o json on c and decodes the evidence.
 func auditJSON(t *testing.T, c *cluster, vars map[string]string, args ...string) (audit.Report, int, string) {
 	t.Helper()
-	out, stderr, code := runCluster(t, c, vars, append([]string{"audit", "encryption", "-o", "json"}, args...)...)
+	out, stderr, code := runCluster(t, c, vars, append([]string{"audit", "encryption", "-o", "json", "--details"}, args...)...)
 	var r audit.Report
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
 		t.Fatalf("decode audit JSON: %v\nstdout: %s\nstderr: %s", err, out, stderr)
@@ -304,7 +304,7 @@ func TestAuditColourKeepsAlignment(t *testing.T) {
 	}
 	opts := audit.Options{MaxHandshakeAge: 5 * time.Minute, MaxKeyAge: 2160 * time.Hour, StaleAfter: audit.DefaultStaleAfter}
 	r := audit.New(cs, testNow, opts, buildVersion().Version)
-	r.Finish()
+	r.Finish(0)
 	var plain, coloured strings.Builder
 	if err := audit.Write(&plain, output.Palette{}, r, audit.View{Details: true}); err != nil {
 		t.Fatal(err)

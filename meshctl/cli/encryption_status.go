@@ -141,13 +141,9 @@ func newEncryptionStatusReport(cs *audit.Cluster, now time.Time, staleAfter time
 		names = append(names, n.Node)
 		if n.Reported {
 			r.ReportedNodes++
-			r.PeersConfigured += len(n.Peers)
+			r.PeersConfigured += n.PeerCount
 			r.PeersExpected += n.ExpectedPeers
-			for _, p := range n.Peers {
-				if p.LastHandshake == nil {
-					r.PeersNoHandshake++
-				}
-			}
+			r.PeersNoHandshake += n.NoHandshake()
 			if n.PublicKey != "" && n.Annotations[annotations.WireGuardPublicKey] == n.PublicKey {
 				r.KeysConsistent++
 			}
@@ -231,7 +227,7 @@ func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusRe
 		}
 		rows = nil
 		for _, n := range r.Nodes {
-			if attention[n.Node] || !n.Encrypted || len(n.Peers) < n.ExpectedPeers {
+			if attention[n.Node] || !n.Encrypted || n.PeerCount < n.ExpectedPeers {
 				rows = append(rows, n)
 			}
 		}
@@ -267,13 +263,13 @@ func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusRe
 		if !n.StrictMode {
 			strict = pal.Red("off")
 		}
-		peers := fmt.Sprintf("%d/%d", len(n.Peers), n.ExpectedPeers)
-		if len(n.Peers) < n.ExpectedPeers {
+		peers := fmt.Sprintf("%d/%d", n.PeerCount, n.ExpectedPeers)
+		if n.PeerCount < n.ExpectedPeers {
 			peers = pal.Red(peers)
 		} else {
 			peers = pal.Plain(peers)
 		}
-		hs := handshakes(n.Peers, now)
+		hs := handshakes(n, now)
 		leaks := fmt.Sprint(n.Leaks)
 		if n.UnencryptedPackets > 0 {
 			leaks += fmt.Sprintf(" (%d unencrypted)", n.UnencryptedPackets)
@@ -304,18 +300,28 @@ func writeEncryptionStatus(w io.Writer, pal output.Palette, r encryptionStatusRe
 	if r.detail != "" && len(r.Nodes) == 1 && r.Nodes[0].Reported {
 		n := r.Nodes[0]
 		fmt.Fprintf(&b, "\nPeers of %s:\n", n.Node)
+		if s := n.PeerSummary; s != nil {
+			fmt.Fprintf(&b, "  %s (handshake within %s) not listed", output.Plural(int(s.Healthy), "healthy peer"), s.HealthyHandshakeAge.Duration)
+			if s.OldestHealthyHandshake != nil {
+				fmt.Fprintf(&b, "; the oldest handshake %s ago", output.Age(now, s.OldestHealthyHandshake.Time))
+			}
+			b.WriteString("\n")
+			if s.Unlisted > 0 {
+				fmt.Fprintf(&b, "  %d more unhealthy peers than listed below\n", s.Unlisted)
+			}
+		}
 		if len(n.Peers) == 0 {
 			b.WriteString("  none\n")
 		} else {
 			tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
-			fmt.Fprintln(tw, "  PEER\tKEY\tENDPOINT\tALLOWED IPS\tLAST HANDSHAKE\tRX\tTX")
+			fmt.Fprintln(tw, "  PEER\tKEY\tENDPOINT\tALLOWED IPS\tLAST HANDSHAKE\tRX\tTX\tPROBLEM")
 			for _, p := range n.Peers {
 				hs := "never"
 				if p.LastHandshake != nil {
 					hs = output.Age(now, *p.LastHandshake) + " ago"
 				}
-				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, output.Dash(p.Fingerprint), output.Dash(p.Endpoint),
-					output.Dash(strings.Join(p.AllowedIPs, ",")), hs, bytesString(uint64(max(p.RxBytes, 0))), bytesString(uint64(max(p.TxBytes, 0))))
+				fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", p.Node, output.Dash(p.Fingerprint), output.Dash(p.Endpoint),
+					output.Dash(strings.Join(p.AllowedIPs, ",")), hs, bytesString(uint64(max(p.RxBytes, 0))), bytesString(uint64(max(p.TxBytes, 0))), output.Dash(p.Problem))
 			}
 			if err := tw.Flush(); err != nil {
 				return fmt.Errorf("write encryption status: %w", err)
@@ -356,8 +362,21 @@ const (
 
 // handshakes is the HANDSHAKES cell: each peer's last handshake, or with
 // many peers how many never handshook and the oldest of the others.
-func handshakes(peers []audit.PeerReport, now time.Time) []string {
+func handshakes(n audit.NodeReport, now time.Time) []string {
 	var hs []string
+	if s := n.PeerSummary; s != nil {
+		if s.Handshaking > 0 {
+			hs = append(hs, fmt.Sprintf("%d never", s.Handshaking))
+		}
+		if s.Stale > 0 {
+			hs = append(hs, fmt.Sprintf("%d older than %s", s.Stale, s.HealthyHandshakeAge.Duration))
+		}
+		if s.OldestHealthyHandshake != nil {
+			hs = append(hs, "oldest "+output.Age(now, s.OldestHealthyHandshake.Time))
+		}
+		return hs
+	}
+	peers := n.Peers
 	if len(peers) <= listedHandshakes {
 		for _, p := range peers {
 			if p.LastHandshake == nil {

@@ -17,6 +17,8 @@ import (
 
 	"github.com/veilmesh/veil/agent/capture"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
+	"github.com/veilmesh/veil/api/annotations"
+	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/meshctl/cli"
@@ -307,7 +309,18 @@ func TestPrivilegedNodeToNodeEncryption(t *testing.T) {
 				}
 			}
 		}
-		return fmt.Errorf("peers %+v", mn.Status.Encryption.Peers)
+		// A healthy peer is not listed: its view is in the digest.
+		node2, err := l.Kube.CoreV1().Nodes().Get(ctx, n2.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		var want meshv1alpha1.PeerDigest
+		want.AddPeer(n2.Name, node2.Annotations[annotations.WireGuardPublicKey], node2.Annotations[annotations.WireGuardEndpoint],
+			[]string{n2.PodCIDR.String(), n2.IP.String() + "/32"})
+		if s := mn.Status.Encryption.PeerSummary; s != nil && s.Healthy == 1 && s.Digest == want.String() {
+			return nil
+		}
+		return fmt.Errorf("peers %+v, summary %+v", mn.Status.Encryption.Peers, mn.Status.Encryption.PeerSummary)
 	})
 	server, err := netns.StartHelper(&n2.Netns.Netns, nil, -1, "serve", "tcp:7777")
 	if err != nil {

@@ -174,7 +174,7 @@ func TestPrivilegedMeshctlThroughAPIServer(t *testing.T) {
 	})
 
 	t.Run("audit active", func(t *testing.T) {
-		out, stderr, code := meshctl(alice, "audit", "encryption", "--active", "-o", "json")
+		out, stderr, code := meshctl(alice, "audit", "encryption", "--active", "--details", "-o", "json")
 		var r audit.Report
 		if err := json.Unmarshal([]byte(out), &r); err != nil || code > cli.ExitFailure {
 			t.Fatalf("meshctl audit encryption --active: exit %d, %v, stderr %s", code, err, stderr)

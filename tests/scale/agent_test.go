@@ -194,6 +194,20 @@ func runAgent(kubeconfig string) error {
 	defer stop()
 	flags := os.Getenv(modeEnv)
 	local, _ := strconv.Atoi(os.Getenv(podsEnv))
+	// VEIL_SCALE_PROFILE also names a CPU profile of the start, until
+	// ready.
+	startProfile := func() {}
+	if path := os.Getenv(profileEnv); path != "" {
+		f, err := os.Create(fmt.Sprintf("%s.start.%s.%d", path, strings.ReplaceAll(flags, ",", "+"), local))
+		if err != nil {
+			return fmt.Errorf("create profile: %w", err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			return fmt.Errorf("start profile: %w", err)
+		}
+		startProfile = func() { pprof.StopCPUProfile(); f.Close() }
+	}
 
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
@@ -202,7 +216,11 @@ func runAgent(kubeconfig string) error {
 	cfg.RateLimiter = flowcontrol.NewFakeAlwaysRateLimiter()
 	var watchBytes atomic.Int64
 	cfg.WrapTransport = func(rt http.RoundTripper) http.RoundTripper { return countingTransport{rt, &watchBytes} }
-	kube, err := kubernetes.NewForConfig(cfg)
+	kubeCfg := k8s.KubeClientConfig(cfg)
+	if hasFlag(flags, "json") {
+		kubeCfg = cfg
+	}
+	kube, err := kubernetes.NewForConfig(kubeCfg)
 	if err != nil {
 		return fmt.Errorf("kube client: %w", err)
 	}
@@ -211,7 +229,7 @@ func runAgent(kubeconfig string) error {
 		return fmt.Errorf("veil client: %w", err)
 	}
 
-	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects")})
+	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects"), CorePods: hasFlag(flags, "core-pods")})
 	opts := policy.Options{Node: localNode}
 	if hasFlag(flags, "whole-cluster") {
 		opts.Node = ""
@@ -268,6 +286,7 @@ func runAgent(kubeconfig string) error {
 		for ctx.Err() == nil && !(reg.Converged() && s.Idle()) {
 			time.Sleep(2 * time.Millisecond)
 		}
+		startProfile()
 		// CPU first: a reader takes a wall time as the sign both are set.
 		readyCPU.Store(cpuNS())
 		readyWall.Store(time.Since(start).Nanoseconds())

@@ -3,12 +3,15 @@ package scale
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -23,24 +26,32 @@ import (
 	"github.com/veilmesh/veil/meshctl/cli"
 )
 
-// meshNodeObject is node i's MeshNode with a full, consistent peer view of
-// the n nodes whose keys are keys: WireGuard up, strict, every peer with a
-// recent handshake.
-func meshNodeObject(i, n int, keys []string, now time.Time) *meshv1alpha1.MeshNode {
+// meshNodeObject is node i's MeshNode as an agent writes it for a
+// consistent mesh of the n nodes whose keys are keys: WireGuard up, strict,
+// every peer with a recent handshake. With full, every peer is listed, as
+// agents before the compact status wrote it; else the peers are counted
+// and digested, and only unhealthy ones (none here) listed.
+func meshNodeObject(i, n int, keys []string, now time.Time, full bool) *meshv1alpha1.MeshNode {
 	hs := metav1.NewTime(now.Add(-time.Minute))
 	enc := meshv1alpha1.EncryptionStatus{
 		Mode: meshv1alpha1.EncryptionModeUserspace, Interface: "veilwg0", PublicKey: keys[i],
 		KeyCreated: metav1.NewTime(now.Add(-24 * time.Hour)), ListenPort: 51820, StrictMode: true,
 		GuardedDevices: []string{"eth0"}, PeerCount: int32(n - 1),
 	}
-	enc.Peers = make([]meshv1alpha1.PeerStatus, 0, n-1)
+	peers := make([]meshv1alpha1.PeerStatus, 0, n-1)
 	for j := range n {
 		if j != i {
-			enc.Peers = append(enc.Peers, meshv1alpha1.PeerStatus{
+			peers = append(peers, meshv1alpha1.PeerStatus{
 				Node: nodeName(j), PublicKey: keys[j], Endpoint: netip.AddrPortFrom(nodeIP(j), 51820).String(),
 				AllowedIPs: []string{podCIDR(j).String()}, LastHandshake: &hs, RxBytes: 1 << 20, TxBytes: 1 << 20,
 			})
 		}
+	}
+	if full {
+		enc.Peers = peers
+	} else {
+		s, listed := meshv1alpha1.SummarizePeers(peers, peers, now, meshv1alpha1.DefaultHealthyHandshakeAge)
+		enc.PeerSummary, enc.Peers = &s, listed
 	}
 	return &meshv1alpha1.MeshNode{
 		ObjectMeta: metav1.ObjectMeta{Name: nodeName(i)},
@@ -60,38 +71,56 @@ type auditFigures struct {
 	wall  time.Duration
 	bytes int
 	code  int
+	// rss is the process's peak resident memory.
+	rss int64
 }
 
-// runBaseline runs the meshctl binary at path with args, as a process.
-func runBaseline(ctx context.Context, path string, args []string) (stdout int, code int, stderr string, err error) {
+// runMeshctl runs the meshctl binary at path with args, as a process, and
+// reports its peak RSS.
+func runMeshctl(ctx context.Context, path string, args []string) (stdout int, code int, stderr string, rss int64, err error) {
 	var out, errOut bytes.Buffer
 	c := exec.CommandContext(ctx, path, args...)
 	c.Stdout, c.Stderr = &out, &errOut
 	err = c.Run()
-	if x, ok := err.(*exec.ExitError); ok {
-		return out.Len(), x.ExitCode(), errOut.String(), nil
+	if c.ProcessState != nil {
+		if ru, ok := c.ProcessState.SysUsage().(*syscall.Rusage); ok {
+			rss = ru.Maxrss << 10
+		}
 	}
-	return out.Len(), 0, errOut.String(), err
+	if x, ok := err.(*exec.ExitError); ok {
+		return out.Len(), x.ExitCode(), errOut.String(), rss, nil
+	}
+	return out.Len(), 0, errOut.String(), rss, err
 }
 
 // BenchmarkAuditEncryption creates VEIL_AUDIT_NODES (default 200,500)
-// Nodes with WireGuard annotations and their MeshNodes, each with a full
-// consistent peer view, in a real API server, and runs meshctl audit
-// encryption and encryption status in-process against it, default output
-// and -o json: wall time and bytes written. With VEIL_AUDIT_BASELINE set to
-// a meshctl binary (today's main, say), it runs the same commands with it
-// side by side and prints the ratios. Run it once:
+// Nodes with WireGuard annotations and their MeshNodes, each with a
+// consistent peer view as agents write it (counts and a digest; with
+// VEIL_AUDIT_FULL=1 every peer listed, as older agents did), in a real API
+// server, and runs this tree's meshctl (built once, run as a process)
+// audit encryption and encryption status against it, default output and
+// -o json: wall time, bytes written, peak RSS, and the bytes of Nodes and
+// MeshNodes there are to read. With VEIL_AUDIT_BASELINE set to a meshctl
+// binary (today's main, say), it runs the same commands with it side by
+// side and prints the ratios (give it VEIL_AUDIT_FULL=1: main's meshctl
+// reads only full lists). Run it once:
 //
 //	git archive main | tar -x -C /tmp/meshctl-main && (cd /tmp/meshctl-main && go build -o meshctl ./meshctl/cmd/meshctl)
-//	VEIL_AUDIT_BASELINE=/tmp/meshctl-main/meshctl go test ./tests/scale -run '^$' -bench AuditEncryption -benchtime 1x -timeout 10m
+//	VEIL_AUDIT_FULL=1 VEIL_AUDIT_BASELINE=/tmp/meshctl-main/meshctl go test ./tests/scale -run '^$' -bench AuditEncryption -benchtime 1x -timeout 10m
+//	VEIL_AUDIT_NODES=5000 go test ./tests/scale -run '^$' -bench AuditEncryption -benchtime 1x -timeout 15m
 //
-// A full mesh of n nodes stores n·(n-1) peer entries (about 200 bytes
-// each): 5,000 nodes would be about 5 GB of MeshNode status, past etcd's
-// default 2 GiB quota, so the default sizes stay small enough for
-// five minutes (1,000 nodes takes about three to create).
+// Full lists are n·(n-1) peer entries (about 200 bytes each): 5,000 nodes
+// would be about 5 GB of MeshNode status, past etcd's default 2 GiB quota;
+// the compact status is a few hundred bytes per healthy node.
 func BenchmarkAuditEncryption(b *testing.B) {
 	sizes := []int{200, 500}
 	baseline := os.Getenv("VEIL_AUDIT_BASELINE")
+	full := os.Getenv("VEIL_AUDIT_FULL") == "1"
+	meshctl := filepath.Join(b.TempDir(), "meshctl")
+	build := exec.Command("go", "build", "-o", meshctl, "github.com/veilmesh/veil/meshctl/cmd/meshctl")
+	if out, err := build.CombinedOutput(); err != nil {
+		b.Fatalf("build meshctl: %v\n%s", err, out)
+	}
 	if v := os.Getenv("VEIL_AUDIT_NODES"); v != "" {
 		sizes = nil
 		for _, f := range strings.Split(v, ",") {
@@ -134,7 +163,7 @@ func BenchmarkAuditEncryption(b *testing.B) {
 			}
 			now := time.Now()
 			if err := bulk(ctx, "MeshNodes", 0, n, b.Logf, func(ctx context.Context, i int) error {
-				want := meshNodeObject(i, n, keys, now)
+				want := meshNodeObject(i, n, keys, now, full)
 				mn, err := veil.MeshV1alpha1().MeshNodes().Get(ctx, want.Name, metav1.GetOptions{})
 				if err != nil {
 					if mn, err = veil.MeshV1alpha1().MeshNodes().Create(ctx, want, metav1.CreateOptions{}); err != nil {
@@ -151,15 +180,22 @@ func BenchmarkAuditEncryption(b *testing.B) {
 			b.Logf("%d Nodes and MeshNodes (%s peer entries) in %s", n, strconv.Itoa(n*(n-1)), time.Since(start).Round(time.Second))
 			// One untimed read first: the first list after the writes is
 			// slower (the API server and etcd still settle), whichever build
-			// would run first.
-			if _, err := veil.MeshV1alpha1().MeshNodes().List(ctx, metav1.ListOptions{}); err != nil {
+			// would run first. It also sizes what there is to read.
+			mns, err := veil.MeshV1alpha1().MeshNodes().List(ctx, metav1.ListOptions{})
+			if err != nil {
 				b.Fatalf("warm-up list: %v", err)
 			}
+			nodes, err := kube.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+			if err != nil {
+				b.Fatalf("warm-up list: %v", err)
+			}
+			mnBytes, _ := json.Marshal(mns)
+			nodeBytes, _ := json.Marshal(nodes)
+			b.Logf("%d nodes: MeshNodes %d bytes (%d per MeshNode), Nodes %d bytes", n, len(mnBytes), len(mnBytes)/n, len(nodeBytes))
 			for _, args := range [][]string{
 				{"audit", "encryption"}, {"audit", "encryption", "-o", "json"},
 				{"encryption", "status"}, {"encryption", "status", "-o", "json"},
 			} {
-				var out, errOut bytes.Buffer
 				full := append([]string{"--kubeconfig", cp.Kubeconfig, "--timeout", "2m"}, args...)
 				// Creating 1,000 full-mesh MeshNodes takes minutes: the status
 				// and handshake times written at the start must stay fresh.
@@ -168,32 +204,35 @@ func BenchmarkAuditEncryption(b *testing.B) {
 					full = append(full, "--max-handshake-age", "1h")
 				}
 				t0 := time.Now()
-				code := cli.Main(full, cli.Streams{In: strings.NewReader(""), Out: &out, Err: &errOut})
-				f := auditFigures{nodes: n, build: "new", cmd: strings.Join(args, " "), wall: time.Since(t0), bytes: out.Len(), code: code}
+				size, code, stderr, rss, err := runMeshctl(ctx, meshctl, full)
+				if err != nil {
+					b.Fatalf("meshctl %s: %v", strings.Join(args, " "), err)
+				}
+				f := auditFigures{nodes: n, build: "new", cmd: strings.Join(args, " "), wall: time.Since(t0), bytes: size, code: code, rss: rss}
 				if code != cli.ExitOK {
-					b.Fatalf("meshctl %s at %d nodes: exit %d, stderr %s\n%s", f.cmd, n, code, errOut.String(), head(out.String(), 2000))
+					b.Fatalf("meshctl %s at %d nodes: exit %d, stderr %s", f.cmd, n, code, head(stderr, 2000))
 				}
 				figs = append(figs, f)
-				b.Logf("meshctl %s at %d nodes: %s, %d bytes", f.cmd, n, f.wall.Round(time.Millisecond), f.bytes)
+				b.Logf("meshctl %s at %d nodes: %s, %d bytes, RSS %d MiB", f.cmd, n, f.wall.Round(time.Millisecond), f.bytes, f.rss>>20)
 				if baseline == "" {
 					continue
 				}
 				t0 = time.Now()
-				size, code, stderr, err := runBaseline(ctx, baseline, full)
+				size, code, stderr, rss, err = runMeshctl(ctx, baseline, full)
 				if err != nil {
 					b.Fatalf("baseline meshctl %s: %v", f.cmd, err)
 				}
-				old := auditFigures{nodes: n, build: "old", cmd: f.cmd, wall: time.Since(t0), bytes: size, code: code}
+				old := auditFigures{nodes: n, build: "old", cmd: f.cmd, wall: time.Since(t0), bytes: size, code: code, rss: rss}
 				figs = append(figs, old)
 				// The baseline may fail where this build does not: that is a finding, not an error.
-				b.Logf("baseline meshctl %s at %d nodes: %s, %d bytes, exit %d %s", f.cmd, n, old.wall.Round(time.Millisecond), old.bytes, code, head(strings.TrimSpace(stderr), 300))
+				b.Logf("baseline meshctl %s at %d nodes: %s, %d bytes, RSS %d MiB, exit %d %s", f.cmd, n, old.wall.Round(time.Millisecond), old.bytes, old.rss>>20, code, head(strings.TrimSpace(stderr), 300))
 			}
 		}
 	}
 	var sb strings.Builder
-	fmt.Fprintf(&sb, "\n%-7s %-6s %-28s %12s %14s %5s\n", "nodes", "build", "command", "wall", "stdout-bytes", "exit")
+	fmt.Fprintf(&sb, "\n%-7s %-6s %-28s %12s %14s %8s %5s\n", "nodes", "build", "command", "wall", "stdout-bytes", "rss-MiB", "exit")
 	for _, f := range figs {
-		fmt.Fprintf(&sb, "%-7d %-6s %-28s %12s %14d %5d\n", f.nodes, f.build, f.cmd, f.wall.Round(time.Millisecond), f.bytes, f.code)
+		fmt.Fprintf(&sb, "%-7d %-6s %-28s %12s %14d %8d %5d\n", f.nodes, f.build, f.cmd, f.wall.Round(time.Millisecond), f.bytes, f.rss>>20, f.code)
 	}
 	// New against old at the same size, side by side.
 	for _, f := range figs {
@@ -203,8 +242,8 @@ func BenchmarkAuditEncryption(b *testing.B) {
 					fmt.Fprintf(&sb, "%s at %d nodes: old exits %d, new succeeds in %s\n", f.cmd, f.nodes, old.code, f.wall.Round(time.Millisecond))
 					continue
 				}
-				fmt.Fprintf(&sb, "%s at %d nodes: new vs old: wall %.2fx, bytes %.4fx\n", f.cmd, f.nodes,
-					float64(f.wall)/float64(old.wall), float64(f.bytes)/float64(max(old.bytes, 1)))
+				fmt.Fprintf(&sb, "%s at %d nodes: new vs old: wall %.2fx, bytes %.4fx, RSS %.2fx\n", f.cmd, f.nodes,
+					float64(f.wall)/float64(old.wall), float64(f.bytes)/float64(max(old.bytes, 1)), float64(f.rss)/float64(max(old.rss, 1)))
 			}
 		}
 	}

@@ -23,12 +23,19 @@ import (
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
-// modes are measured side by side at every size: today's agent first.
+// modes are measured side by side at every size: the agent before node-local
+// compilation first; node-local-before is node-local as it was before the
+// pod cache held PodInfo and the client spoke protobuf, node-local-json has
+// PodInfo alone, node-local is the agent. Flags: full-objects (no
+// transforms), whole-cluster (compile every endpoint), core-pods (slimmed
+// corev1.Pods in the cache), json (JSON from the API server).
 // The modes that compile the whole cluster need about 100 KiB per pod,
 // so they run only up to wholeClusterMax pods (VEIL_SCALE_WHOLE_MAX).
 var modes = []mode{
-	{Name: "baseline", Flags: "full-objects,whole-cluster"},
-	{Name: "slim-informers", Flags: "whole-cluster"},
+	{Name: "baseline", Flags: "full-objects,whole-cluster,json"},
+	{Name: "slim-informers", Flags: "whole-cluster,json"},
+	{Name: "node-local-before", Flags: "core-pods,json"},
+	{Name: "node-local-json", Flags: "json"},
 	{Name: "node-local", Flags: ""},
 }
 
@@ -213,7 +220,8 @@ func mib(b int64) string { return fmt.Sprintf("%.0f", float64(b)/(1<<20)) }
 
 // BenchmarkScale grows a cluster in a real API server to each size of
 // VEIL_SCALE_PODS (default 1000,10000) and measures one agent in every
-// mode at each size, side by side. Run it once (-benchtime 1x).
+// mode (or those VEIL_SCALE_MODES names, comma-separated) at each size,
+// side by side. Run it once (-benchtime 1x).
 func BenchmarkScale(b *testing.B) {
 	testenv.RequirePrivileged(b)
 	sizes := []int{1000, 10000}
@@ -255,6 +263,9 @@ func BenchmarkScale(b *testing.B) {
 			}
 			b.Logf("cluster at %d pods on %d nodes (%s to create)", p.pods, p.nodes, time.Since(start).Round(time.Second))
 			for _, m := range modes {
+				if only := os.Getenv("VEIL_SCALE_MODES"); only != "" && !hasFlag(only, m.Name) {
+					continue
+				}
 				if hasFlag(m.Flags, "whole-cluster") && size > wholeMax {
 					b.Logf("%d pods, %s: skipped (above VEIL_SCALE_WHOLE_MAX=%d)", size, m.Name, wholeMax)
 					continue
@@ -283,6 +294,16 @@ func BenchmarkScale(b *testing.B) {
 			if base.pods == r.pods && base.mode == modes[0].Name && r.mode != base.mode {
 				fmt.Fprintf(&sb, "%d pods, %s vs %s: RSS %.2fx, ready CPU %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
 					r.pods, r.mode, base.mode, float64(r.rss)/float64(base.rss), float64(r.readyCPU)/float64(base.readyCPU),
+					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
+			}
+		}
+	}
+	// The pod cache's own type against slimmed corev1.Pods, at every size.
+	for _, r := range results {
+		for _, base := range results {
+			if base.pods == r.pods && base.mode == "node-local-before" && (r.mode == "node-local" || r.mode == "node-local-json") {
+				fmt.Fprintf(&sb, "%d pods, %s vs node-local-before: RSS %.2fx, heap %.2fx, ready wall %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
+					r.pods, r.mode, float64(r.rss)/float64(base.rss), float64(r.heap)/float64(base.heap), float64(r.readyWall)/float64(base.readyWall),
 					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
 			}
 		}

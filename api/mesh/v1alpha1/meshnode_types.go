@@ -85,12 +85,21 @@ type EncryptionStatus struct {
 	// unencrypted.
 	// +optional
 	StrictMode bool `json:"strictMode,omitempty"`
-	// PeerCount is len(Peers).
+	// PeerCount is how many peers the device has configured.
 	// +optional
 	PeerCount int32 `json:"peerCount,omitempty"`
+	// PeerSummary counts the peers by health and digests the view of the
+	// healthy ones, which Peers leaves out. Without it (agents before
+	// 0.4) Peers lists every peer.
+	// +optional
+	PeerSummary *PeerSummary `json:"peerSummary,omitempty"`
+	// Peers are the unhealthy peers (see PeerSummary), at most
+	// MaxListedPeers of them; PeerSummary.Unlisted counts the rest. A
+	// MeshNode so stays a few KB at any cluster size.
 	// +optional
 	// +listType=map
 	// +listMapKey=node
+	// +kubebuilder:validation:MaxItems=100
 	Peers []PeerStatus `json:"peers,omitempty"`
 	// Leaks counts pod packets that strict mode kept off the underlay, and
 	// RecentLeaks lists the newest of them.
@@ -114,6 +123,45 @@ type EncryptionStatus struct {
 	UnguardedDevices []string `json:"unguardedDevices,omitempty"`
 }
 
+// PeerSummary counts a node's WireGuard peers by health, as its agent sees
+// them. A peer is healthy when its key is a node's and its last handshake is
+// at most HealthyHandshakeAge old; every other peer, and every node that
+// published a key but is not configured, is listed in Peers with its Problem.
+type PeerSummary struct {
+	// Expected is how many other nodes published a key and pod CIDRs to
+	// peer with.
+	Expected int32 `json:"expected"`
+	// Healthy peers are counted, not listed.
+	Healthy int32 `json:"healthy"`
+	// Handshaking peers are configured and never completed a handshake.
+	// +optional
+	Handshaking int32 `json:"handshaking,omitempty"`
+	// Stale peers' last handshake is older than HealthyHandshakeAge.
+	// +optional
+	Stale int32 `json:"stale,omitempty"`
+	// Unknown peers hold a key that no node publishes.
+	// +optional
+	Unknown int32 `json:"unknown,omitempty"`
+	// Missing are nodes that published a key and are not configured.
+	// +optional
+	Missing int32 `json:"missing,omitempty"`
+	// Unlisted is how many unhealthy peers Peers leaves out (it holds at
+	// most MaxListedPeers).
+	// +optional
+	Unlisted int32 `json:"unlisted,omitempty"`
+	// HealthyHandshakeAge is the agent's bound on a healthy peer's last
+	// handshake.
+	HealthyHandshakeAge metav1.Duration `json:"healthyHandshakeAge"`
+	// OldestHealthyHandshake is the oldest last handshake of the healthy
+	// peers: a reader with a tighter bound knows whether all still meet it.
+	// +optional
+	OldestHealthyHandshake *metav1.Time `json:"oldestHealthyHandshake,omitempty"`
+	// Digest sums the views of the healthy peers (see PeerDigest): a
+	// reader that computes it from what the nodes publish confirms every
+	// healthy peer's key, endpoint and allowed IPs without a list.
+	Digest string `json:"digest"`
+}
+
 // PeerStatus is one WireGuard peer of a node.
 type PeerStatus struct {
 	// Node is the peer's node name.
@@ -129,6 +177,12 @@ type PeerStatus struct {
 	RxBytes int64 `json:"rxBytes,omitempty"`
 	// +optional
 	TxBytes int64 `json:"txBytes,omitempty"`
+	// Problem says why the peer is listed: "no handshake yet", "last
+	// handshake 5m0s ago", "key of no node", or "not configured" (a node
+	// that published a key has no peer on the device; PublicKey is then
+	// empty).
+	// +optional
+	Problem string `json:"problem,omitempty"`
 }
 
 // LeakRecord is one flow strict mode stopped.
