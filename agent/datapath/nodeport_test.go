@@ -194,14 +194,14 @@ func TestNodePortRemoteBackendWithoutTunnelIsRefusedInStrictMode(t *testing.T) {
 	p.ipcache("10.244.2.0/24", 0, pNode2, PodCIDR)
 	p.ipcache("10.244.2.2/32", idC, pNode2, RemotePod)
 	p.nodePort(protoTCP, pC)
-	p.check(verdictCase{name: "no tunnel to the backend's node", prog: "from_netdev", 
+	p.check(verdictCase{name: "no tunnel to the backend's node", prog: "from_netdev",
 		frame: tcp(pWorld, pNode1, 40000, npPort, tcpSYN), want: tcShot, reason: DropNoTunnel})
 }
 
 func TestNodePortBackendPolicyJudgesTheClient(t *testing.T) {
 	// d admits only its host: a NodePort client from the world is denied.
 	p := nodePortFixture(t, false, false, protoTCP, pD)
-	p.check(verdictCase{name: "world client to an isolated backend", prog: "from_netdev", 
+	p.check(verdictCase{name: "world client to an isolated backend", prog: "from_netdev",
 		frame: tcp(pWorld, pNode1, 40000, npPort, tcpSYN), want: tcShot, reason: DropPolicyIngress})
 }
 
@@ -235,7 +235,7 @@ func TestNodePortLeftAlone(t *testing.T) {
 	// Off (kube-proxy runs): nothing is translated.
 	off := clusterWith(t, Config{NodeIP: pNode1}, false)
 	off.nodePort(protoTCP, pA)
-	off.check(verdictCase{name: "replacement off", prog: "from_netdev", 
+	off.check(verdictCase{name: "replacement off", prog: "from_netdev",
 		frame: tcp(pWorld, pNode1, 40000, npPort, tcpSYN), want: tcOK})
 }
 

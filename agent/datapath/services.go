@@ -307,7 +307,7 @@ func (d *Datapath) Services() ([]Service, error) {
 		s := Service{
 			ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto,
 				External: key.Pad == uint8(podLbScopeLB_SCOPE_EXTERNAL)},
-			Affinity:   time.Duration(val.AffinityS) * time.Second,
+			Affinity: time.Duration(val.AffinityS) * time.Second,
 		}
 		for i := uint32(0); i < val.Count; i++ {
 			var b sockLb4Backend
