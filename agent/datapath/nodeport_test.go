@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"net/netip"
 	"testing"
+
+	"github.com/veilmesh/veil/policy/identity"
 )
 
 // NodePort without kube-proxy (bpf/lib/nodeport.h), on crafted frames: the
@@ -177,6 +179,8 @@ func TestNodePortRemoteBackendIsSNATed(t *testing.T) {
 // in plaintext on the underlay is not taken for the backend's in strict mode.
 func TestNodePortRemoteBackendGoesThroughTheTunnel(t *testing.T) {
 	p := nodePortFixture(t, true, true, protoTCP, pC)
+	// Strict mode: peers' node addresses are in their allowed IPs.
+	p.ipcache("10.99.0.2/32", identity.RemoteNode, pNode2, NodeAddr|Tunnel)
 	got, out := p.run(p.d.fromNetdev, withChecksums(tcp(pWorld, pNode1, 40000, npPort, tcpSYN).bytes(), 14), ifLoopback)
 	if got != tcRedirect {
 		t.Fatalf("from_netdev returned %d; want %d (into the tunnel)", got, tcRedirect)
@@ -187,6 +191,21 @@ func TestNodePortRemoteBackendGoesThroughTheTunnel(t *testing.T) {
 	}
 	spoof := tcp(pC, pNode1, npTarget, fw.src.Port(), tcpSYN|tcpACK)
 	p.check(verdictCase{name: "plaintext reply in strict mode", prog: "from_netdev", frame: spoof, want: tcOK})
+}
+
+// Encryption without strict mode or node-to-node encryption: the backend's
+// node would not admit this node's own address out of the tunnel, so the
+// SNATed packet goes in the clear, as the host's own traffic to it does.
+func TestNodePortRemoteBackendPlainWhereNodeAddressesAreNotTunneled(t *testing.T) {
+	p := nodePortFixture(t, false, true, protoTCP, pC)
+	got, _ := p.run(p.d.fromNetdev, withChecksums(tcp(pWorld, pNode1, 40000, npPort, tcpSYN).bytes(), 14), ifLoopback)
+	if got != tcRedirect {
+		t.Fatalf("from_netdev returned %d; want %d (to the backend's node)", got, tcRedirect)
+	}
+	c, err := p.d.Counters()
+	if err != nil || c.Tunnel.Packets != 0 || c.Remote.Packets != 1 {
+		t.Errorf("counters tunnel %+v remote %+v, %v; want 1 packet sent to the node in the clear", c.Tunnel, c.Remote, err)
+	}
 }
 
 func TestNodePortRemoteBackendWithoutTunnelIsRefusedInStrictMode(t *testing.T) {

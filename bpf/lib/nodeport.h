@@ -263,6 +263,15 @@ static __always_inline __u16 np_snat_port(struct ct_key *t)
 	return 0;
 }
 
+/* np_node_tunneled() - whether a node's own address rides the tunnel. */
+static __always_inline int np_node_tunneled(__u32 node)
+{
+	struct lpm_v4_key k = { .prefixlen = 32, .addr = node };
+	struct ipcache_info *info = bpf_map_lookup_elem(&veil_ipcache, &k);
+
+	return info && (info->flags & IPCACHE_F_NODE) && (info->flags & IPCACHE_F_TUNNEL);
+}
+
 /**
  * np_deliver() - deliver a client's packet, already rewritten to @t, to
  * its backend: a local pod after its ingress policy (or its connection),
@@ -285,6 +294,13 @@ static __always_inline int np_deliver(struct __sk_buff *skb, struct packet *pkt,
 		return deliver_local(skb, dst);
 	}
 	route_of(t->daddr, NULL, &rt);
+	/* The packet's source is this node's own address: the backend's node
+	 * admits it out of the tunnel only where peers' node addresses are in
+	 * their allowed IPs (strict mode, node-to-node encryption), which the
+	 * ipcache marks on that node's address. Elsewhere it goes in the clear,
+	 * as the host's own traffic to that node does. */
+	if (rt.kind == ROUTE_TUNNEL && !np_node_tunneled(rt.node_ip))
+		rt.kind = ROUTE_PLAIN;
 	if (rt.kind == ROUTE_NO_TUNNEL) {
 		leak_record(pkt, 0, DROP_NO_TUNNEL);
 		return drop(skb, pkt, OBS_FROM_NETDEV, DROP_NO_TUNNEL, ID_HOST, 0, 0, FLOW_F_LEAK);
