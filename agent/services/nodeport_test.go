@@ -127,3 +127,41 @@ func TestControllerNodePorts(t *testing.T) {
 		})
 	}
 }
+
+// A node without a local backend for an externalTrafficPolicy Local
+// Service writes its frontends without backends by design: that is not a
+// Service without backends (veil_services_without_backends).
+func TestWithoutBackendsLeavesOutExternalFrontends(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	kube := fake.NewClientset(nodePortService(corev1.ServiceTypeNodePort, corev1.ServiceExternalTrafficPolicyLocal),
+		slice("web", "w", []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 8080), sport("dns", corev1.ProtocolUDP, 5353)},
+			readyEP("10.244.1.3", "n1")))
+	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
+	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
+	c, err := New(factory, fm, Config{NodeName: "n3", NodePort: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	factory.Start(ctx.Done())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	want := fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{
+		key("10.96.0.10", 80, 6): {be("10.244.1.3", 8080)}, key("10.96.0.10", 53, 17): {be("10.244.1.3", 5353)},
+		nodePortKey(30080, 6): nil, nodePortKey(30053, 17): nil,
+	})
+	for fm.String() != want {
+		select {
+		case <-ctx.Done():
+			t.Fatalf("map %v; want %v", fm, want)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	if n := c.WithoutBackends(); n != 0 {
+		t.Errorf("WithoutBackends() = %d; want 0 (only external frontends lack backends)", n)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}

@@ -331,14 +331,16 @@ func (c *Controller) NameOf(k datapath.ServiceKey) (string, bool) {
 }
 
 // WithoutBackends counts the Service addresses (cluster IP, port,
-// protocol) written without backends, whose clients are refused.
+// protocol) written without backends, whose clients are refused. External
+// frontends are not counted: with externalTrafficPolicy Local, most nodes
+// have no backend for them by design.
 func (c *Controller) WithoutBackends() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
 	for _, entries := range c.written {
 		for _, s := range entries {
-			if len(s.Backends) == 0 {
+			if len(s.Backends) == 0 && !s.External {
 				n++
 			}
 		}

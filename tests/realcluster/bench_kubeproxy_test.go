@@ -49,7 +49,7 @@ func BenchmarkServiceConnectVsKubeProxy(b *testing.B) {
 	if s := os.Getenv("VEIL_BENCH_KUBE_PROXY"); s != "" {
 		modes = []cluster.KubeProxyMode{cluster.KubeProxyMode(s)}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
 	defer cancel()
 	bins, err := controlplane.BuildCluster(ctx)
 	if err != nil {
