@@ -146,8 +146,7 @@ func TestNodePortLocalBackendKeepsClientAddress(t *testing.T) {
 // A backend on another node: the client's source becomes this node's address
 // and a port of its own, so the reply comes back here, where it is turned back
 // toward the client. Without encryption the reply arrives on the underlay
-// (BPF_PROG_RUN cannot present an L3 device's packet: the reply out of the
-// tunnel is covered on the wire, tests/realcluster).
+// (out of the tunnel: TestNodePortReplyOutOfTheTunnel).
 func TestNodePortRemoteBackendIsSNATed(t *testing.T) {
 	for _, proto := range []uint8{protoTCP, protoUDP} {
 		p := nodePortFixture(t, false, false, proto, pC)
@@ -287,4 +286,40 @@ func TestNodePortExternalKeysReadBack(t *testing.T) {
 	// The LoadBalancer IP from outside goes to the external entry's backend.
 	_, out := p.run(p.d.fromNetdev, withChecksums(tcp(pWorld, lbIP, 40000, 80, tcpSYN).bytes(), 14), ifLoopback)
 	p.expectTuple("LoadBalancer IP", out, 14, ap(pWorld, 40000), ap(pA, npTarget))
+}
+
+// The reply of a remote backend out of the tunnel (an L3 device): rewritten
+// back toward the client, given an Ethernet header and sent out of the
+// underlay. BPF_PROG_RUN always reads a frame's first 14 bytes as Ethernet
+// (skb->protocol from bytes 12-13, which from_tunnel checks), so the
+// backend here has an address starting 8.0: an IP header whose source
+// begins 0x08 0x00 reads as ETH_P_IP. Nothing else in these programs cares
+// what the backend's address is.
+func TestNodePortReplyOutOfTheTunnel(t *testing.T) {
+	backend := addr("8.0.2.2")
+	p := clusterWith(t, Config{NodeIP: pNode1, StrictMode: true, NodePort: true}, true)
+	p.ipcache("10.99.0.2/32", identity.RemoteNode, pNode2, NodeAddr|Tunnel)
+	p.ipcache("8.0.2.2/32", idC, pNode2, RemotePod|Tunnel)
+	p.nodePort(protoTCP, backend)
+	got, out := p.run(p.d.fromNetdev, withChecksums(tcp(pWorld, pNode1, 40000, npPort, tcpSYN).bytes(), 14), ifLoopback)
+	if got != tcRedirect {
+		t.Fatalf("from_netdev returned %d; want %d (into the tunnel)", got, tcRedirect)
+	}
+	fw := p.expectTuple("to the remote backend", out, 14, netip.AddrPort{}, ap(backend, npTarget))
+
+	reply := pkt{src: backend, dst: pNode1, proto: protoTCP, sport: npTarget, dport: fw.src.Port(), tcpFlags: tcpSYN | tcpACK, noEthernet: true}
+	got, out = p.run(p.d.fromTunnel, withChecksums(reply.bytes(), 0), ifLoopback)
+	if got != tcRedirect {
+		t.Fatalf("reply out of the tunnel: from_tunnel returned %d; want %d (out of the underlay)", got, tcRedirect)
+	}
+	if len(out) < 14 || binary.BigEndian.Uint16(out[12:]) != 0x0800 {
+		t.Fatalf("reply sent without an Ethernet header for IPv4: % x", out[:min(len(out), 14)])
+	}
+	p.expectTuple("reply to the client", out, 14, ap(pNode1, npPort), ap(pWorld, 40000))
+
+	// Anything else to this node out of the tunnel is the host's.
+	other := pkt{src: backend, dst: pNode1, proto: protoTCP, sport: npTarget, dport: 50000, tcpFlags: tcpACK, noEthernet: true}
+	if got, _ := p.run(p.d.fromTunnel, withChecksums(other.bytes(), 0), ifLoopback); got != tcOK {
+		t.Errorf("a packet to the host out of the tunnel: from_tunnel returned %d; want %d", got, tcOK)
+	}
 }
