@@ -7,9 +7,11 @@
  * does not start at a socket on the node is translated on the packet path.
  *
  * The agent writes a Service's external frontends into veil_lb4_services
- * with the key's scope byte LB_SCOPE_EXTERNAL: a NodePort as address 0
- * (any address of this node), a LoadBalancer ingress IP or external IP as
- * itself. The socket hooks look up scope 0 only, so they never see these.
+ * with the key's scope byte LB_SCOPE_EXTERNAL (lib/lb.h): a NodePort as
+ * address 0 (any address of this node), a LoadBalancer ingress IP or
+ * external IP as itself. The socket hooks use them only for a socket's own
+ * connection to such an address (lb4_lookup()); a ClusterIP from outside
+ * is not translated here.
  *
  * A new flow (TCP SYN, any UDP datagram) to a frontend on the underlay gets
  * a backend, and two entries in veil_np_nat, both keyed by a tuple as it
@@ -45,12 +47,6 @@
 #include "maps.h"
 #include "parse.h"
 #include "policy.h"
-
-/* Scopes of a Service key (struct lb4_key's pad byte). */
-enum lb_scope {
-	LB_SCOPE_CLUSTER = 0,	/* a ClusterIP: the socket hooks translate it */
-	LB_SCOPE_EXTERNAL = 1,	/* a NodePort (address 0), LoadBalancer or external IP: the packet path does */
-};
 
 /* Flags of struct np_nat. */
 enum np_flags {

@@ -48,7 +48,7 @@ func TestPrivilegedNodePort(t *testing.T) {
 	if testing.Short() {
 		t.Skip("skipped under -short: 2-node Kubernetes clusters")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
 	bins, err := controlplane.BuildCluster(ctx)
 	if err != nil {
