@@ -10,9 +10,10 @@ import (
 // node's address, a LoadBalancer IP) goes straight to a backend, as a
 // ClusterIP does, and the application still sees the address it dialled.
 // A NodePort without backends here (externalTrafficPolicy Local) is left
-// to the node addressed, not refused.
+// to the node addressed, not refused. (With kube-proxy, Config.NodePort
+// off, kube-proxy's rules translate these instead.)
 func TestPrivilegedServiceExternalFrontendsFromSockets(t *testing.T) {
-	tn := newTestNet(t, "svnp", netOpts{sockets: true})
+	tn := newTestNet(t, "svnp", netOpts{sockets: true, nodePort: true})
 	serveTCP(t, tn.b, 8080)
 	lbIP := netip.MustParseAddr("192.0.2.100")
 	for _, s := range []Service{

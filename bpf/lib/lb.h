@@ -272,7 +272,8 @@ static __always_inline int lb4_node_addr(__be32 addr)
  * lb4_lookup() - the Service a socket's destination names: a ClusterIP, or
  * an external frontend with backends (a LoadBalancer or external IP, or a
  * NodePort at any node's address), which a pod's or the host's own
- * connection reaches straight as well. An external frontend without
+ * connection reaches straight as well, with kube-proxy replacement on
+ * (elsewhere kube-proxy's rules translate those). An external frontend without
  * backends (externalTrafficPolicy Local on a node without one) is left to
  * the node addressed. @key is left as the entry found was keyed.
  * Return: the Service, or NULL.
@@ -281,7 +282,7 @@ static __always_inline struct lb4_service *lb4_lookup(struct lb4_key *key)
 {
 	struct lb4_service *svc = bpf_map_lookup_elem(&veil_lb4_services, key);
 
-	if (svc)
+	if (svc || !nodeport_enabled)
 		return svc;
 	key->pad = LB_SCOPE_EXTERNAL;
 	svc = bpf_map_lookup_elem(&veil_lb4_services, key);
