@@ -15,6 +15,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/kubernetes"
@@ -49,7 +50,7 @@ func BenchmarkServiceConnectVsKubeProxy(b *testing.B) {
 	if s := os.Getenv("VEIL_BENCH_KUBE_PROXY"); s != "" {
 		modes = []cluster.KubeProxyMode{cluster.KubeProxyMode(s)}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute+30*time.Second)
 	defer cancel()
 	bins, err := controlplane.BuildCluster(ctx)
 	if err != nil {
@@ -193,19 +194,33 @@ func benchConnectVsKubeProxy(b *testing.B, ctx context.Context, bins controlplan
 	v1, k1 := measure()
 	b.Logf("kube-proxy %s, 1 Service: Veil %.0f conn/s, kube-proxy %.0f conn/s", mode, v1, k1)
 
-	// The crowd: extra Services, created by a few workers at once; a
-	// Service created after them being reachable both ways says both
-	// translators have taken them all in.
+	// The crowd: extra Services, each with an EndpointSlice of its own
+	// naming the backend (selectorless, so the controller manager's rate
+	// limit on writing slices does not pace the run), created by a few
+	// workers at once. A Service with a selector created after them being
+	// reachable both ways says both translators have taken them all in.
+	backend, err := clients.CoreV1().Pods(ns).Get(ctx, "backend", metav1.GetOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
 	began := time.Now()
+	const workers = 16
 	var wg sync.WaitGroup
-	errs := make(chan error, 8)
-	for w := range 8 {
+	errs := make(chan error, workers)
+	for w := range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := w; i < extra; i += 8 {
-				if _, err := clients.CoreV1().Services(ns).Create(ctx, svc(fmt.Sprintf("crowd-%d", i)), metav1.CreateOptions{}); err != nil {
+			for i := w; i < extra; i += workers {
+				name := fmt.Sprintf("crowd-%d", i)
+				s := svc(name)
+				s.Spec.Selector = nil
+				if _, err := clients.CoreV1().Services(ns).Create(ctx, s, metav1.CreateOptions{}); err != nil {
 					errs <- fmt.Errorf("create service %d: %w", i, err)
+					return
+				}
+				if _, err := clients.DiscoveryV1().EndpointSlices(ns).Create(ctx, crowdSlice(ns, name, backend.Status.PodIP), metav1.CreateOptions{}); err != nil {
+					errs <- fmt.Errorf("create endpointslice %d: %w", i, err)
 					return
 				}
 			}
@@ -216,17 +231,31 @@ func benchConnectVsKubeProxy(b *testing.B, ctx context.Context, bins controlplan
 	for err := range errs {
 		b.Fatal(err)
 	}
+	b.Logf("kube-proxy %s: %d Services with their slices created in %s", mode, extra, time.Since(began).Round(time.Millisecond))
 	last, err := clients.CoreV1().Services(ns).Create(ctx, svc("last"), metav1.CreateOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
 	reachable(last.Spec.ClusterIP + ":80")
-	b.Logf("kube-proxy %s: %d Services created and translated both ways in %s", mode, extra+1, time.Since(began).Round(time.Millisecond))
+	b.Logf("kube-proxy %s: %d Services translated both ways %s after the first create", mode, extra+1, time.Since(began).Round(time.Millisecond))
 	vN, kN := measure()
 	b.Logf("kube-proxy %s, %d Services: Veil %.0f conn/s, kube-proxy %.0f conn/s", mode, extra+2, vN, kN)
 	return []benchreport.Row{
 		benchreport.NewRow(fmt.Sprintf("svc-connect-1-veil-vs-kube-proxy-%s", mode), "conn/s", k1, v1, true, 0),
 		benchreport.NewRow(fmt.Sprintf("svc-connect-%d-veil-vs-kube-proxy-%s", extra+2, mode), "conn/s", kN, vN, true, 2),
+	}
+}
+
+// crowdSlice is a Service's EndpointSlice with one ready endpoint, ip:8080.
+func crowdSlice(ns, svc, ip string) *discoveryv1.EndpointSlice {
+	ready := true
+	port, proto := int32(8080), corev1.ProtocolTCP
+	return &discoveryv1.EndpointSlice{
+		ObjectMeta: metav1.ObjectMeta{Name: svc, Namespace: ns,
+			Labels: map[string]string{discoveryv1.LabelServiceName: svc, discoveryv1.LabelManagedBy: "veil-bench"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Ports:       []discoveryv1.EndpointPort{{Port: &port, Protocol: &proto}},
+		Endpoints:   []discoveryv1.Endpoint{{Addresses: []string{ip}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}}},
 	}
 }
 
