@@ -9,6 +9,10 @@
  * address, and are redirected into the pod. Everything else belongs to the
  * host and passes untouched.
  *
+ * With kube-proxy replacement on (nodeport_enabled), from_netdev first
+ * translates flows to NodePort/LoadBalancer frontends and the replies of
+ * those it sent to other nodes (lib/nodeport.h).
+ *
  * veil_to_netdev (TC egress, strict mode only): the last guard before the
  * wire. A packet from a local pod to a remote pod must have gone through
  * WireGuard, so here it can only be plaintext that something routed around
@@ -20,6 +24,7 @@
 #include "lib/forward.h"
 #include "lib/ingress.h"
 #include "lib/maps.h"
+#include "lib/nodeport.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 
@@ -35,6 +40,13 @@ int veil_from_netdev(struct __sk_buff *skb)
 	reason = parse_ipv4(skb, &pkt, &is_arp);
 	if (is_arp || reason == DROP_UNSUPPORTED_L3)
 		return TC_ACT_OK;
+
+	if (nodeport_enabled && !reason) {
+		int ret = nodeport_netdev(skb, &pkt);
+
+		if (ret != NP_NOT_MINE)
+			return ret;
+	}
 
 	dst = bpf_map_lookup_elem(&veil_endpoints, &pkt.tuple.daddr);
 	if (!dst)

@@ -19,6 +19,7 @@
 #include "lib/forward.h"
 #include "lib/ingress.h"
 #include "lib/maps.h"
+#include "lib/nodeport.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 
@@ -41,6 +42,9 @@ const enum ct_flags *unused_ct_flags __attribute__((unused));
 const enum flow_flags *unused_flow_flags __attribute__((unused));
 const enum sockstat *unused_sockstat __attribute__((unused));
 const enum mark *unused_mark __attribute__((unused));
+const enum lb_scope *unused_lb_scope __attribute__((unused));
+const enum np_flags *unused_np_flags __attribute__((unused));
+const struct np_nat *unused_np_nat __attribute__((unused));
 
 SEC("tc")
 int veil_from_pod(struct __sk_buff *skb)
@@ -64,6 +68,15 @@ int veil_from_pod(struct __sk_buff *skb)
 	src = bpf_map_lookup_elem(&veil_endpoints, &pkt.tuple.saddr);
 	if (!src || src->ifindex != skb->ifindex)
 		return drop(skb, &pkt, OBS_FROM_POD, DROP_SPOOFED_SOURCE, 0, 0, 0, 0);
+	if (nodeport_enabled) {
+		/* A reply to a NodePort client: back out as the frontend. */
+		struct np_nat *n = np_lookup(&pkt.tuple, bpf_ktime_get_ns());
+
+		if (n && (n->flags & NP_F_REPLY)) {
+			ct_lookup(&pkt, &reply);
+			return np_reply(skb, &pkt, ETH_HLEN);
+		}
+	}
 	dst = bpf_map_lookup_elem(&veil_endpoints, &pkt.tuple.daddr);
 
 	route_of(pkt.tuple.daddr, dst, &rt);

@@ -8,6 +8,10 @@
  * addresses its allowed-IPs bind to that peer's key. Then the destination's
  * ingress policy, and delivery into the pod. The device is L3: packets start
  * at the IP header.
+ *
+ * With kube-proxy replacement on, a backend's reply to a NodePort client
+ * this node sent to it (SNATed to this node) is rewritten back toward the
+ * client and sent out of the underlay (lib/nodeport.h).
  */
 #include "lib/common.h"
 #include "lib/conntrack.h"
@@ -15,6 +19,7 @@
 #include "lib/forward.h"
 #include "lib/ingress.h"
 #include "lib/maps.h"
+#include "lib/nodeport.h"
 #include "lib/parse.h"
 #include "lib/policy.h"
 
@@ -30,6 +35,12 @@ int veil_from_tunnel(struct __sk_buff *skb)
 	reason = parse_ipv4_l3(skb, &pkt);
 	if (reason == DROP_UNSUPPORTED_L3)
 		return TC_ACT_OK;
+	if (nodeport_enabled && !reason && pkt.tuple.daddr == node_ip) {
+		int ret = np_reply(skb, &pkt, 0);
+
+		if (ret != NP_NOT_MINE)
+			return ret;
+	}
 
 	dst = bpf_map_lookup_elem(&veil_endpoints, &pkt.tuple.daddr);
 	if (!dst)

@@ -31,11 +31,14 @@ type Config struct {
 	// Sizes of the maps that grow with the cluster; 0 keeps the default.
 	EndpointsMaxEntries, IPCacheMaxEntries, PolicyMaxEntries, ConntrackMaxEntries uint32
 
-	Encryption          string
-	StrictMode          bool
-	NodeToNode          bool
-	WireGuardPort       int
-	KeyRotationInterval time.Duration
+	Encryption string
+	StrictMode bool
+	// KubeProxyReplacement: no kube-proxy runs; the agent translates
+	// NodePort, LoadBalancer and external-IP traffic itself.
+	KubeProxyReplacement bool
+	NodeToNode           bool
+	WireGuardPort        int
+	KeyRotationInterval  time.Duration
 
 	StateDir    string
 	SocketPath  string
@@ -84,6 +87,7 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.Uint32Var(&c.ConntrackMaxEntries, "conntrack-max-entries", c.ConntrackMaxEntries, "size of the connection table; 0 means 262144")
 	fs.StringVar(&c.Encryption, "encryption", c.Encryption, "transparent encryption between nodes: wireguard or none")
 	fs.BoolVar(&c.StrictMode, "strict-mode", c.StrictMode, "never send pod traffic to another node unencrypted: without a tunnel it is dropped and recorded as a leak")
+	fs.BoolVar(&c.KubeProxyReplacement, "kube-proxy-replacement", c.KubeProxyReplacement, "no kube-proxy runs: translate NodePort, LoadBalancer and external-IP traffic arriving on the underlay in the datapath (leave it off where kube-proxy runs: it handles that traffic)")
 	fs.BoolVar(&c.NodeToNode, "node-to-node-encryption", c.NodeToNode, "also encrypt host-network traffic between nodes (node addresses join each peer's allowed IPs and are routed through the tunnel)")
 	fs.IntVar(&c.WireGuardPort, "wireguard-port", c.WireGuardPort, "UDP port of the WireGuard device on the underlay")
 	fs.DurationVar(&c.KeyRotationInterval, "key-rotation-interval", c.KeyRotationInterval, "rotate the node's WireGuard key this often; 0 turns periodic rotation off")

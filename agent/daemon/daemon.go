@@ -318,6 +318,7 @@ func (d *Daemon) loadDatapath(underlay string, dev *wireguard.Device) (*datapath
 		NodeIP:            d.nodeIP,
 		LegacyTC:          d.cfg.LegacyTC,
 		StrictMode:        d.cfg.StrictMode,
+		NodePort:          d.cfg.KubeProxyReplacement,
 		PodDevice:         podnet.IsHostVethName,
 		Logger:            d.log,
 		CTMaxEntries:      d.cfg.ConntrackMaxEntries,

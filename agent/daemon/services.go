@@ -12,7 +12,7 @@ import (
 // before the flow log starts, which then names flows' Services.
 func (d *Daemon) startServices(ctx context.Context) {
 	log := d.log.With("component", "services")
-	c, err := services.New(d.watch.KubeInformers(), d.dp, services.Config{NodeName: d.cfg.NodeName, Logger: log})
+	c, err := services.New(d.watch.KubeInformers(), d.dp, services.Config{NodeName: d.cfg.NodeName, NodePort: d.cfg.KubeProxyReplacement, Logger: log})
 	if err != nil {
 		d.log.Error("start service map sync", "err", err)
 		return

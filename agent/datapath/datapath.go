@@ -59,6 +59,13 @@ type Config struct {
 	// to an address in it that the ipcache does not know yet is refused
 	// rather than sent: it may be a remote pod. Invalid: not known.
 	ClusterCIDR netip.Prefix
+	// NodePort replaces kube-proxy for traffic that does not start at a
+	// socket on the node: flows arriving on the underlay for a Service's
+	// external frontends (External ServiceKeys: NodePorts, LoadBalancer
+	// ingress and external IPs) are translated on the packet path, with
+	// the reverse translation on their replies (bpf/lib/nodeport.h). Off
+	// where kube-proxy runs: it handles them.
+	NodePort bool
 	// PodDevice tells a pod's host-side veth by its name, so the strict-mode
 	// guard leaves it alone even before its endpoint is registered.
 	PodDevice func(name string) bool `json:"-"`
@@ -364,6 +371,7 @@ func (d *Datapath) constants() map[string]any {
 		"strict_mode":          boolU32(d.cfg.StrictMode),
 		"cluster_cidr":         clusterAddr,
 		"cluster_cidr_bits":    clusterBits,
+		"nodeport_enabled":     boolU32(d.cfg.NodePort),
 	}
 }
 

@@ -59,6 +59,7 @@ type netOpts struct {
 	legacyTC bool
 	sockets  bool // attach socket acceleration on node 1
 	noLoad   bool // leave loading node 1's datapath to the test
+	nodePort bool // kube-proxy replacement on node 1 (Config.NodePort)
 }
 
 func newTestNet(t testing.TB, name string, o netOpts) *testNet {
@@ -112,7 +113,7 @@ func newTestNet(t testing.TB, name string, o netOpts) *testNet {
 }
 
 func (tn *testNet) config1(o netOpts) Config {
-	cfg := Config{BPFFSRoot: tn.root1, UnderlayInterface: "und1", NodeIP: ip1, LegacyTC: o.legacyTC}
+	cfg := Config{BPFFSRoot: tn.root1, UnderlayInterface: "und1", NodeIP: ip1, LegacyTC: o.legacyTC, NodePort: o.nodePort}
 	if tn.cg != nil {
 		cfg.CgroupPath = tn.cg.Path
 	}

@@ -173,6 +173,98 @@ type podIpcacheInfo struct {
 	Flags    uint32
 }
 
+type podLb4Affinity struct {
+	_          structs.HostLayout
+	LastUsedNs uint64
+	Ip         uint32
+	Port       uint16
+	Pad        uint16
+}
+
+type podLb4AffinityKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Vip   uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type podLb4Backend struct {
+	_     structs.HostLayout
+	Ip    uint32
+	Port  uint16
+	Flags uint16
+}
+
+type podLb4BackendKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Index uint32
+}
+
+type podLb4Flow struct {
+	_      structs.HostLayout
+	TimeNs uint64
+	Vip    uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type podLb4FlowKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type podLb4Key struct {
+	_     structs.HostLayout
+	Vip   uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type podLb4MemberKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Ip   uint32
+	Port uint16
+	Pad  uint16
+}
+
+type podLb4Revnat struct {
+	_    structs.HostLayout
+	Vip  uint32
+	Port uint16
+	Pad  uint16
+}
+
+type podLb4RevnatKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Ip     uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type podLb4Service struct {
+	_         structs.HostLayout
+	Slot      uint32
+	Count     uint32
+	AffinityS uint32
+}
+
+type podLbScope uint32
+
+const (
+	podLbScopeLB_SCOPE_CLUSTER  podLbScope = 0
+	podLbScopeLB_SCOPE_EXTERNAL podLbScope = 1
+)
+
 type podLeak struct {
 	_          structs.HostLayout
 	FirstNs    uint64
@@ -199,6 +291,23 @@ type podMetric struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
+}
+
+type podNpFlags uint32
+
+const (
+	podNpFlagsNP_F_REPLY  podNpFlags = 1
+	podNpFlagsNP_F_REMOTE podNpFlags = 2
+)
+
+type podNpNat struct {
+	_      structs.HostLayout
+	LastNs uint64
+	Saddr  uint32
+	Daddr  uint32
+	Sport  uint16
+	Dport  uint16
+	Flags  uint32
 }
 
 type podObsPoint uint32
@@ -286,8 +395,16 @@ const (
 	podMapVeilEvents             = "veil_events"
 	podMapVeilFrags              = "veil_frags"
 	podMapVeilIpcache            = "veil_ipcache"
+	podMapVeilLb4Affinity        = "veil_lb4_affinity"
+	podMapVeilLb4Backends        = "veil_lb4_backends"
+	podMapVeilLb4Flows           = "veil_lb4_flows"
+	podMapVeilLb4Members         = "veil_lb4_members"
+	podMapVeilLb4Revnat          = "veil_lb4_revnat"
+	podMapVeilLb4Services        = "veil_lb4_services"
+	podMapVeilLb4Stats           = "veil_lb4_stats"
 	podMapVeilLeaks              = "veil_leaks"
 	podMapVeilMetrics            = "veil_metrics"
+	podMapVeilNpNat              = "veil_np_nat"
 	podMapVeilPolicy             = "veil_policy"
 	podMapVeilSockhash           = "veil_sockhash"
 	podMapVeilSockstats          = "veil_sockstats"
@@ -301,6 +418,7 @@ const (
 	podVarCtTcpOpeningS          = "ct_tcp_opening_s"
 	podVarCtUdpS                 = "ct_udp_s"
 	podVarNodeIp                 = "node_ip"
+	podVarNodeportEnabled        = "nodeport_enabled"
 	podVarStrictMode             = "strict_mode"
 	podVarUnderlayIfindex        = "underlay_ifindex"
 	podVarUnusedCtFlags          = "unused_ct_flags"
@@ -311,7 +429,10 @@ const (
 	podVarUnusedFlowFlags        = "unused_flow_flags"
 	podVarUnusedForwardKind      = "unused_forward_kind"
 	podVarUnusedIpcacheFlags     = "unused_ipcache_flags"
+	podVarUnusedLbScope          = "unused_lb_scope"
 	podVarUnusedMark             = "unused_mark"
+	podVarUnusedNpFlags          = "unused_np_flags"
+	podVarUnusedNpNat            = "unused_np_nat"
 	podVarUnusedObsPoint         = "unused_obs_point"
 	podVarUnusedPolicyPrefix     = "unused_policy_prefix"
 	podVarUnusedReservedIdentity = "unused_reserved_identity"
@@ -370,17 +491,25 @@ type podProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type podMapSpecs struct {
-	VeilCidrs     *ebpf.MapSpec `ebpf:"veil_cidrs"`
-	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
-	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
-	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
-	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
-	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
-	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
-	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
-	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
-	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
-	VeilSockstats *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilCidrs       *ebpf.MapSpec `ebpf:"veil_cidrs"`
+	VeilCt          *ebpf.MapSpec `ebpf:"veil_ct"`
+	VeilEndpoints   *ebpf.MapSpec `ebpf:"veil_endpoints"`
+	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
+	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
+	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
+	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
+	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
+	VeilNpNat       *ebpf.MapSpec `ebpf:"veil_np_nat"`
+	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
+	VeilSockhash    *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstats   *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
 // podVariableSpecs contains global variables before they are loaded into the kernel.
@@ -395,6 +524,7 @@ type podVariableSpecs struct {
 	CtTcpOpeningS          *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
 	CtUdpS                 *ebpf.VariableSpec `ebpf:"ct_udp_s"`
 	NodeIp                 *ebpf.VariableSpec `ebpf:"node_ip"`
+	NodeportEnabled        *ebpf.VariableSpec `ebpf:"nodeport_enabled"`
 	StrictMode             *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex        *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
 	UnusedCtFlags          *ebpf.VariableSpec `ebpf:"unused_ct_flags"`
@@ -405,7 +535,10 @@ type podVariableSpecs struct {
 	UnusedFlowFlags        *ebpf.VariableSpec `ebpf:"unused_flow_flags"`
 	UnusedForwardKind      *ebpf.VariableSpec `ebpf:"unused_forward_kind"`
 	UnusedIpcacheFlags     *ebpf.VariableSpec `ebpf:"unused_ipcache_flags"`
+	UnusedLbScope          *ebpf.VariableSpec `ebpf:"unused_lb_scope"`
 	UnusedMark             *ebpf.VariableSpec `ebpf:"unused_mark"`
+	UnusedNpFlags          *ebpf.VariableSpec `ebpf:"unused_np_flags"`
+	UnusedNpNat            *ebpf.VariableSpec `ebpf:"unused_np_nat"`
 	UnusedObsPoint         *ebpf.VariableSpec `ebpf:"unused_obs_point"`
 	UnusedPolicyPrefix     *ebpf.VariableSpec `ebpf:"unused_policy_prefix"`
 	UnusedReservedIdentity *ebpf.VariableSpec `ebpf:"unused_reserved_identity"`
@@ -434,17 +567,25 @@ func (o *podObjects) Close() error {
 //
 // It can be passed to loadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type podMaps struct {
-	VeilCidrs     *ebpf.Map `ebpf:"veil_cidrs"`
-	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
-	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
-	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
-	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
-	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
-	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
-	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
-	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
-	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
-	VeilSockstats *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilCidrs       *ebpf.Map `ebpf:"veil_cidrs"`
+	VeilCt          *ebpf.Map `ebpf:"veil_ct"`
+	VeilEndpoints   *ebpf.Map `ebpf:"veil_endpoints"`
+	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
+	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.Map `ebpf:"veil_lb4_flows"`
+	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.Map `ebpf:"veil_lb4_stats"`
+	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
+	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
+	VeilNpNat       *ebpf.Map `ebpf:"veil_np_nat"`
+	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
+	VeilSockhash    *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstats   *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
 func (m *podMaps) Close() error {
@@ -455,8 +596,16 @@ func (m *podMaps) Close() error {
 		m.VeilEvents,
 		m.VeilFrags,
 		m.VeilIpcache,
+		m.VeilLb4Affinity,
+		m.VeilLb4Backends,
+		m.VeilLb4Flows,
+		m.VeilLb4Members,
+		m.VeilLb4Revnat,
+		m.VeilLb4Services,
+		m.VeilLb4Stats,
 		m.VeilLeaks,
 		m.VeilMetrics,
+		m.VeilNpNat,
 		m.VeilPolicy,
 		m.VeilSockhash,
 		m.VeilSockstats,
@@ -475,6 +624,7 @@ type podVariables struct {
 	CtTcpOpeningS          *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
 	CtUdpS                 *ebpf.Variable `ebpf:"ct_udp_s"`
 	NodeIp                 *ebpf.Variable `ebpf:"node_ip"`
+	NodeportEnabled        *ebpf.Variable `ebpf:"nodeport_enabled"`
 	StrictMode             *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex        *ebpf.Variable `ebpf:"underlay_ifindex"`
 	UnusedCtFlags          *ebpf.Variable `ebpf:"unused_ct_flags"`
@@ -485,7 +635,10 @@ type podVariables struct {
 	UnusedFlowFlags        *ebpf.Variable `ebpf:"unused_flow_flags"`
 	UnusedForwardKind      *ebpf.Variable `ebpf:"unused_forward_kind"`
 	UnusedIpcacheFlags     *ebpf.Variable `ebpf:"unused_ipcache_flags"`
+	UnusedLbScope          *ebpf.Variable `ebpf:"unused_lb_scope"`
 	UnusedMark             *ebpf.Variable `ebpf:"unused_mark"`
+	UnusedNpFlags          *ebpf.Variable `ebpf:"unused_np_flags"`
+	UnusedNpNat            *ebpf.Variable `ebpf:"unused_np_nat"`
 	UnusedObsPoint         *ebpf.Variable `ebpf:"unused_obs_point"`
 	UnusedPolicyPrefix     *ebpf.Variable `ebpf:"unused_policy_prefix"`
 	UnusedReservedIdentity *ebpf.Variable `ebpf:"unused_reserved_identity"`

@@ -27,10 +27,32 @@ type ServiceKey struct {
 	VIP   netip.Addr // an IPv4 address
 	Port  uint16
 	Proto uint8 // IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP
+	// External: a frontend for traffic from outside the node, translated
+	// on the packet path when Config.NodePort is on, never by the socket
+	// hooks: a NodePort (VIP 0.0.0.0: any address of this node), a
+	// LoadBalancer ingress IP or an external IP.
+	External bool
 }
 
+// NodePortVIP is the VIP of a NodePort's ServiceKey: any address of the node.
+var NodePortVIP = netip.IPv4Unspecified()
+
 func (k ServiceKey) String() string {
-	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.VIP, k.Port), protoName(k.Proto))
+	s := fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.VIP, k.Port), protoName(k.Proto))
+	switch {
+	case k.External && k.VIP == NodePortVIP:
+		return fmt.Sprintf("nodeport %d/%s", k.Port, protoName(k.Proto))
+	case k.External:
+		return "external " + s
+	}
+	return s
+}
+
+func (k ServiceKey) scope() uint8 {
+	if k.External {
+		return uint8(podLbScopeLB_SCOPE_EXTERNAL)
+	}
+	return uint8(podLbScopeLB_SCOPE_CLUSTER)
 }
 
 // Service is a Service address and the endpoints that can serve it.
@@ -145,7 +167,7 @@ func lbKey(k ServiceKey) (sockLb4Key, error) {
 	if !k.VIP.Is4() {
 		return sockLb4Key{}, fmt.Errorf("service %s: only IPv4 service addresses are supported", k)
 	}
-	return sockLb4Key{Vip: ip4ToU32(k.VIP), Port: be16(k.Port), Proto: k.Proto}, nil
+	return sockLb4Key{Vip: ip4ToU32(k.VIP), Port: be16(k.Port), Proto: k.Proto, Pad: k.scope()}, nil
 }
 
 // activeBackends are the backends clients are sent to: the ready ones, or
@@ -283,8 +305,9 @@ func (d *Datapath) Services() ([]Service, error) {
 	it := lb.services.Iterate()
 	for it.Next(&key, &val) {
 		s := Service{
-			ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto},
-			Affinity:   time.Duration(val.AffinityS) * time.Second,
+			ServiceKey: ServiceKey{VIP: u32ToIP4(key.Vip), Port: fromBE16(key.Port), Proto: key.Proto,
+				External: key.Pad == uint8(podLbScopeLB_SCOPE_EXTERNAL)},
+			Affinity: time.Duration(val.AffinityS) * time.Second,
 		}
 		for i := uint32(0); i < val.Count; i++ {
 			var b sockLb4Backend
@@ -302,7 +325,8 @@ func (d *Datapath) Services() ([]Service, error) {
 		return nil, fmt.Errorf("list services: %w", err)
 	}
 	slices.SortFunc(out, func(a, b Service) int {
-		return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port), cmp.Compare(a.Proto, b.Proto))
+		return cmp.Or(a.VIP.Compare(b.VIP), cmp.Compare(a.Port, b.Port), cmp.Compare(a.Proto, b.Proto),
+			cmp.Compare(a.scope(), b.scope()))
 	})
 	return out, nil
 }

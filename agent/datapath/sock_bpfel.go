@@ -270,9 +270,21 @@ const (
 	sockProgVeilSendmsg6        = "veil_sendmsg6"
 	sockProgVeilSkMsg           = "veil_sk_msg"
 	sockProgVeilSockops         = "veil_sockops"
+	sockVarClusterCidr          = "cluster_cidr"
+	sockVarClusterCidrBits      = "cluster_cidr_bits"
+	sockVarCtIcmpS              = "ct_icmp_s"
+	sockVarCtTcpClosingS        = "ct_tcp_closing_s"
+	sockVarCtTcpEstablishedS    = "ct_tcp_established_s"
+	sockVarCtTcpOpeningS        = "ct_tcp_opening_s"
+	sockVarCtUdpS               = "ct_udp_s"
+	sockVarNodeIp               = "node_ip"
+	sockVarNodeportEnabled      = "nodeport_enabled"
+	sockVarStrictMode           = "strict_mode"
+	sockVarUnderlayIfindex      = "underlay_ifindex"
 	sockVarUnusedLbBackendFlags = "unused_lb_backend_flags"
 	sockVarUnusedLbStat         = "unused_lb_stat"
 	sockVarUnusedSockFlags      = "unused_sock_flags"
+	sockVarWgIfindex            = "wg_ifindex"
 )
 
 // loadSock returns the embedded CollectionSpec for sock.
@@ -358,9 +370,21 @@ type sockMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockVariableSpecs struct {
+	ClusterCidr          *ebpf.VariableSpec `ebpf:"cluster_cidr"`
+	ClusterCidrBits      *ebpf.VariableSpec `ebpf:"cluster_cidr_bits"`
+	CtIcmpS              *ebpf.VariableSpec `ebpf:"ct_icmp_s"`
+	CtTcpClosingS        *ebpf.VariableSpec `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS    *ebpf.VariableSpec `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS        *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
+	CtUdpS               *ebpf.VariableSpec `ebpf:"ct_udp_s"`
+	NodeIp               *ebpf.VariableSpec `ebpf:"node_ip"`
+	NodeportEnabled      *ebpf.VariableSpec `ebpf:"nodeport_enabled"`
+	StrictMode           *ebpf.VariableSpec `ebpf:"strict_mode"`
+	UnderlayIfindex      *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
 	UnusedLbBackendFlags *ebpf.VariableSpec `ebpf:"unused_lb_backend_flags"`
 	UnusedLbStat         *ebpf.VariableSpec `ebpf:"unused_lb_stat"`
 	UnusedSockFlags      *ebpf.VariableSpec `ebpf:"unused_sock_flags"`
+	WgIfindex            *ebpf.VariableSpec `ebpf:"wg_ifindex"`
 }
 
 // sockObjects contains all objects after they have been loaded into the kernel.
@@ -432,9 +456,21 @@ func (m *sockMaps) Close() error {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockVariables struct {
+	ClusterCidr          *ebpf.Variable `ebpf:"cluster_cidr"`
+	ClusterCidrBits      *ebpf.Variable `ebpf:"cluster_cidr_bits"`
+	CtIcmpS              *ebpf.Variable `ebpf:"ct_icmp_s"`
+	CtTcpClosingS        *ebpf.Variable `ebpf:"ct_tcp_closing_s"`
+	CtTcpEstablishedS    *ebpf.Variable `ebpf:"ct_tcp_established_s"`
+	CtTcpOpeningS        *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
+	CtUdpS               *ebpf.Variable `ebpf:"ct_udp_s"`
+	NodeIp               *ebpf.Variable `ebpf:"node_ip"`
+	NodeportEnabled      *ebpf.Variable `ebpf:"nodeport_enabled"`
+	StrictMode           *ebpf.Variable `ebpf:"strict_mode"`
+	UnderlayIfindex      *ebpf.Variable `ebpf:"underlay_ifindex"`
 	UnusedLbBackendFlags *ebpf.Variable `ebpf:"unused_lb_backend_flags"`
 	UnusedLbStat         *ebpf.Variable `ebpf:"unused_lb_stat"`
 	UnusedSockFlags      *ebpf.Variable `ebpf:"unused_sock_flags"`
+	WgIfindex            *ebpf.Variable `ebpf:"wg_ifindex"`
 }
 
 // sockPrograms contains all programs after they have been loaded into the kernel.

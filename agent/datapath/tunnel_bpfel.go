@@ -76,6 +76,91 @@ type tunnelIpcacheInfo struct {
 	Flags    uint32
 }
 
+type tunnelLb4Affinity struct {
+	_          structs.HostLayout
+	LastUsedNs uint64
+	Ip         uint32
+	Port       uint16
+	Pad        uint16
+}
+
+type tunnelLb4AffinityKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Vip   uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type tunnelLb4Backend struct {
+	_     structs.HostLayout
+	Ip    uint32
+	Port  uint16
+	Flags uint16
+}
+
+type tunnelLb4BackendKey struct {
+	_     structs.HostLayout
+	Slot  uint32
+	Index uint32
+}
+
+type tunnelLb4Flow struct {
+	_      structs.HostLayout
+	TimeNs uint64
+	Vip    uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type tunnelLb4FlowKey struct {
+	_     structs.HostLayout
+	Netns uint64
+	Ip    uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type tunnelLb4Key struct {
+	_     structs.HostLayout
+	Vip   uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type tunnelLb4MemberKey struct {
+	_    structs.HostLayout
+	Slot uint32
+	Ip   uint32
+	Port uint16
+	Pad  uint16
+}
+
+type tunnelLb4Revnat struct {
+	_    structs.HostLayout
+	Vip  uint32
+	Port uint16
+	Pad  uint16
+}
+
+type tunnelLb4RevnatKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Ip     uint32
+	Port   uint16
+	Pad    uint16
+}
+
+type tunnelLb4Service struct {
+	_         structs.HostLayout
+	Slot      uint32
+	Count     uint32
+	AffinityS uint32
+}
+
 type tunnelLeak struct {
 	_          structs.HostLayout
 	FirstNs    uint64
@@ -95,6 +180,16 @@ type tunnelMetric struct {
 	_       structs.HostLayout
 	Packets uint64
 	Bytes   uint64
+}
+
+type tunnelNpNat struct {
+	_      structs.HostLayout
+	LastNs uint64
+	Saddr  uint32
+	Daddr  uint32
+	Sport  uint16
+	Dport  uint16
+	Flags  uint32
 }
 
 type tunnelPolicyKey struct {
@@ -135,8 +230,16 @@ const (
 	tunnelMapVeilEvents        = "veil_events"
 	tunnelMapVeilFrags         = "veil_frags"
 	tunnelMapVeilIpcache       = "veil_ipcache"
+	tunnelMapVeilLb4Affinity   = "veil_lb4_affinity"
+	tunnelMapVeilLb4Backends   = "veil_lb4_backends"
+	tunnelMapVeilLb4Flows      = "veil_lb4_flows"
+	tunnelMapVeilLb4Members    = "veil_lb4_members"
+	tunnelMapVeilLb4Revnat     = "veil_lb4_revnat"
+	tunnelMapVeilLb4Services   = "veil_lb4_services"
+	tunnelMapVeilLb4Stats      = "veil_lb4_stats"
 	tunnelMapVeilLeaks         = "veil_leaks"
 	tunnelMapVeilMetrics       = "veil_metrics"
+	tunnelMapVeilNpNat         = "veil_np_nat"
 	tunnelMapVeilPolicy        = "veil_policy"
 	tunnelMapVeilSockhash      = "veil_sockhash"
 	tunnelMapVeilSockstats     = "veil_sockstats"
@@ -149,6 +252,7 @@ const (
 	tunnelVarCtTcpOpeningS     = "ct_tcp_opening_s"
 	tunnelVarCtUdpS            = "ct_udp_s"
 	tunnelVarNodeIp            = "node_ip"
+	tunnelVarNodeportEnabled   = "nodeport_enabled"
 	tunnelVarStrictMode        = "strict_mode"
 	tunnelVarUnderlayIfindex   = "underlay_ifindex"
 	tunnelVarWgIfindex         = "wg_ifindex"
@@ -203,17 +307,25 @@ type tunnelProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelMapSpecs struct {
-	VeilCidrs     *ebpf.MapSpec `ebpf:"veil_cidrs"`
-	VeilCt        *ebpf.MapSpec `ebpf:"veil_ct"`
-	VeilEndpoints *ebpf.MapSpec `ebpf:"veil_endpoints"`
-	VeilEvents    *ebpf.MapSpec `ebpf:"veil_events"`
-	VeilFrags     *ebpf.MapSpec `ebpf:"veil_frags"`
-	VeilIpcache   *ebpf.MapSpec `ebpf:"veil_ipcache"`
-	VeilLeaks     *ebpf.MapSpec `ebpf:"veil_leaks"`
-	VeilMetrics   *ebpf.MapSpec `ebpf:"veil_metrics"`
-	VeilPolicy    *ebpf.MapSpec `ebpf:"veil_policy"`
-	VeilSockhash  *ebpf.MapSpec `ebpf:"veil_sockhash"`
-	VeilSockstats *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilCidrs       *ebpf.MapSpec `ebpf:"veil_cidrs"`
+	VeilCt          *ebpf.MapSpec `ebpf:"veil_ct"`
+	VeilEndpoints   *ebpf.MapSpec `ebpf:"veil_endpoints"`
+	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
+	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
+	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
+	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
+	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
+	VeilNpNat       *ebpf.MapSpec `ebpf:"veil_np_nat"`
+	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
+	VeilSockhash    *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstats   *ebpf.MapSpec `ebpf:"veil_sockstats"`
 }
 
 // tunnelVariableSpecs contains global variables before they are loaded into the kernel.
@@ -228,6 +340,7 @@ type tunnelVariableSpecs struct {
 	CtTcpOpeningS     *ebpf.VariableSpec `ebpf:"ct_tcp_opening_s"`
 	CtUdpS            *ebpf.VariableSpec `ebpf:"ct_udp_s"`
 	NodeIp            *ebpf.VariableSpec `ebpf:"node_ip"`
+	NodeportEnabled   *ebpf.VariableSpec `ebpf:"nodeport_enabled"`
 	StrictMode        *ebpf.VariableSpec `ebpf:"strict_mode"`
 	UnderlayIfindex   *ebpf.VariableSpec `ebpf:"underlay_ifindex"`
 	WgIfindex         *ebpf.VariableSpec `ebpf:"wg_ifindex"`
@@ -253,17 +366,25 @@ func (o *tunnelObjects) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelMaps struct {
-	VeilCidrs     *ebpf.Map `ebpf:"veil_cidrs"`
-	VeilCt        *ebpf.Map `ebpf:"veil_ct"`
-	VeilEndpoints *ebpf.Map `ebpf:"veil_endpoints"`
-	VeilEvents    *ebpf.Map `ebpf:"veil_events"`
-	VeilFrags     *ebpf.Map `ebpf:"veil_frags"`
-	VeilIpcache   *ebpf.Map `ebpf:"veil_ipcache"`
-	VeilLeaks     *ebpf.Map `ebpf:"veil_leaks"`
-	VeilMetrics   *ebpf.Map `ebpf:"veil_metrics"`
-	VeilPolicy    *ebpf.Map `ebpf:"veil_policy"`
-	VeilSockhash  *ebpf.Map `ebpf:"veil_sockhash"`
-	VeilSockstats *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilCidrs       *ebpf.Map `ebpf:"veil_cidrs"`
+	VeilCt          *ebpf.Map `ebpf:"veil_ct"`
+	VeilEndpoints   *ebpf.Map `ebpf:"veil_endpoints"`
+	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
+	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows    *ebpf.Map `ebpf:"veil_lb4_flows"`
+	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLb4Stats    *ebpf.Map `ebpf:"veil_lb4_stats"`
+	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
+	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
+	VeilNpNat       *ebpf.Map `ebpf:"veil_np_nat"`
+	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
+	VeilSockhash    *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstats   *ebpf.Map `ebpf:"veil_sockstats"`
 }
 
 func (m *tunnelMaps) Close() error {
@@ -274,8 +395,16 @@ func (m *tunnelMaps) Close() error {
 		m.VeilEvents,
 		m.VeilFrags,
 		m.VeilIpcache,
+		m.VeilLb4Affinity,
+		m.VeilLb4Backends,
+		m.VeilLb4Flows,
+		m.VeilLb4Members,
+		m.VeilLb4Revnat,
+		m.VeilLb4Services,
+		m.VeilLb4Stats,
 		m.VeilLeaks,
 		m.VeilMetrics,
+		m.VeilNpNat,
 		m.VeilPolicy,
 		m.VeilSockhash,
 		m.VeilSockstats,
@@ -294,6 +423,7 @@ type tunnelVariables struct {
 	CtTcpOpeningS     *ebpf.Variable `ebpf:"ct_tcp_opening_s"`
 	CtUdpS            *ebpf.Variable `ebpf:"ct_udp_s"`
 	NodeIp            *ebpf.Variable `ebpf:"node_ip"`
+	NodeportEnabled   *ebpf.Variable `ebpf:"nodeport_enabled"`
 	StrictMode        *ebpf.Variable `ebpf:"strict_mode"`
 	UnderlayIfindex   *ebpf.Variable `ebpf:"underlay_ifindex"`
 	WgIfindex         *ebpf.Variable `ebpf:"wg_ifindex"`

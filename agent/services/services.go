@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -51,6 +52,10 @@ type Config struct {
 	// NodeName is this node's name: Services with internalTrafficPolicy
 	// Local use only endpoints on it.
 	NodeName string
+	// NodePort also writes every Service's external frontends (NodePorts,
+	// LoadBalancer ingress IPs, external IPs; ExternalEntries) for the
+	// datapath's kube-proxy replacement.
+	NodePort bool
 	// Workers is the number of Services synced in parallel. Default 2.
 	Workers int
 	// Logger receives structured logs. Default slog.Default().
@@ -192,7 +197,7 @@ func (c *Controller) prune() error {
 	want := map[datapath.ServiceKey]bool{}
 	for _, svc := range svcs {
 		// Only the keys matter here, so no slices are needed.
-		for k := range Entries(svc, nil, c.cfg.NodeName) {
+		for k := range c.entries(svc, nil) {
 			want[k] = true
 		}
 	}
@@ -229,7 +234,7 @@ func (c *Controller) sync(_ context.Context, key string) error {
 		if err != nil {
 			return fmt.Errorf("list endpointslices of %s: %w", key, err)
 		}
-		want = Entries(svc, eps, c.cfg.NodeName)
+		want = c.entries(svc, eps)
 		affinity = Affinity(svc)
 	}
 
@@ -326,14 +331,16 @@ func (c *Controller) NameOf(k datapath.ServiceKey) (string, bool) {
 }
 
 // WithoutBackends counts the Service addresses (cluster IP, port,
-// protocol) written without backends, whose clients are refused.
+// protocol) written without backends, whose clients are refused. External
+// frontends are not counted: with externalTrafficPolicy Local, most nodes
+// have no backend for them by design.
 func (c *Controller) WithoutBackends() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	n := 0
 	for _, entries := range c.written {
 		for _, s := range entries {
-			if len(s.Backends) == 0 {
+			if len(s.Backends) == 0 && !s.External {
 				n++
 			}
 		}
@@ -383,6 +390,59 @@ func Entries(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node string)
 			}
 			k := datapath.ServiceKey{VIP: vip, Port: uint16(sp.Port), Proto: proto}
 			out[k] = backends(sp, eps, local, node)
+		}
+	}
+	return out
+}
+
+// entries are the map entries the controller writes for a Service.
+func (c *Controller) entries(svc *corev1.Service, eps []*discoveryv1.EndpointSlice) map[datapath.ServiceKey][]datapath.Backend {
+	out := Entries(svc, eps, c.cfg.NodeName)
+	if c.cfg.NodePort {
+		maps.Copy(out, ExternalEntries(svc, eps, c.cfg.NodeName))
+	}
+	return out
+}
+
+// ExternalEntries computes a Service's external frontends (ServiceKey
+// External): for every Service port, its NodePort (VIP NodePortVIP: any
+// address of the node) and every IPv4 LoadBalancer ingress IP and external
+// IP at the Service port. With externalTrafficPolicy Local only endpoints on
+// node serve them, and a node without one writes the frontend without
+// backends (the datapath leaves such traffic to the host stack, which
+// refuses it). ClusterIP-only, headless and ExternalName Services have
+// none but their external IPs.
+func ExternalEntries(svc *corev1.Service, eps []*discoveryv1.EndpointSlice, node string) map[datapath.ServiceKey][]datapath.Backend {
+	out := map[datapath.ServiceKey][]datapath.Backend{}
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return out
+	}
+	local := svc.Spec.ExternalTrafficPolicy == corev1.ServiceExternalTrafficPolicyLocal
+	var ips []netip.Addr
+	for _, s := range svc.Spec.ExternalIPs {
+		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() {
+			ips = append(ips, ip)
+		}
+	}
+	if svc.Spec.Type == corev1.ServiceTypeLoadBalancer {
+		for _, in := range svc.Status.LoadBalancer.Ingress {
+			if ip, err := netip.ParseAddr(in.IP); err == nil && ip.Is4() {
+				ips = append(ips, ip)
+			}
+		}
+	}
+	nodePorts := svc.Spec.Type == corev1.ServiceTypeNodePort || svc.Spec.Type == corev1.ServiceTypeLoadBalancer
+	for _, sp := range svc.Spec.Ports {
+		proto := protocol(sp.Protocol)
+		if proto == 0 {
+			continue
+		}
+		bs := backends(sp, eps, local, node)
+		if nodePorts && sp.NodePort > 0 && sp.NodePort <= 65535 {
+			out[datapath.ServiceKey{VIP: datapath.NodePortVIP, Port: uint16(sp.NodePort), Proto: proto, External: true}] = bs
+		}
+		for _, ip := range ips {
+			out[datapath.ServiceKey{VIP: ip, Port: uint16(sp.Port), Proto: proto, External: true}] = bs
 		}
 	}
 	return out

@@ -20,6 +20,7 @@ volatile const __u32 wg_ifindex = 0;		/* WireGuard device; 0: encryption off */
 volatile const __u32 strict_mode = 0;		/* 1: never send pod traffic to another node unencrypted */
 volatile const __u32 cluster_cidr = 0;		/* the cluster's pod range, network byte order */
 volatile const __u32 cluster_cidr_bits = 0;	/* its prefix length; 0: unknown */
+volatile const __u32 nodeport_enabled = 0;	/* 1: translate NodePort/LoadBalancer traffic (no kube-proxy) */
 
 /* in_cluster_cidr() - whether @addr is in the cluster's pod range. */
 static __always_inline int in_cluster_cidr(__u32 addr)

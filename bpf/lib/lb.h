@@ -16,6 +16,8 @@
  */
 
 #include "common.h"
+#include "config.h"
+#include "maps.h"
 
 #ifndef ECONNREFUSED
 #define ECONNREFUSED 111
@@ -26,7 +28,13 @@ struct lb4_key {
 	__be32 vip;
 	__be16 port;
 	__u8 proto;		/* IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP */
-	__u8 pad;
+	__u8 pad;		/* enum lb_scope */
+};
+
+/* Scopes of a Service key (struct lb4_key's pad byte). */
+enum lb_scope {
+	LB_SCOPE_CLUSTER = 0,	/* a ClusterIP */
+	LB_SCOPE_EXTERNAL = 1,	/* a NodePort (address 0: any node's), LoadBalancer or external IP (lib/nodeport.h) */
 };
 
 /* struct lb4_service - where a Service's backends are and how many. */
@@ -248,6 +256,45 @@ static __always_inline int lb4_affine(struct lb4_affinity_key *akey, struct lb4_
 	return 1;
 }
 
+/* lb4_node_addr() - whether @addr is this node's or another node's own address. */
+static __always_inline int lb4_node_addr(__be32 addr)
+{
+	struct lpm_v4_key k = { .prefixlen = 32, .addr = addr };
+	struct ipcache_info *info;
+
+	if (addr == node_ip)
+		return 1;
+	info = bpf_map_lookup_elem(&veil_ipcache, &k);
+	return info && (info->flags & IPCACHE_F_NODE);
+}
+
+/**
+ * lb4_lookup() - the Service a socket's destination names: a ClusterIP, or
+ * an external frontend with backends (a LoadBalancer or external IP, or a
+ * NodePort at any node's address), which a pod's or the host's own
+ * connection reaches straight as well, with kube-proxy replacement on
+ * (elsewhere kube-proxy's rules translate those). An external frontend without
+ * backends (externalTrafficPolicy Local on a node without one) is left to
+ * the node addressed. @key is left as the entry found was keyed.
+ * Return: the Service, or NULL.
+ */
+static __always_inline struct lb4_service *lb4_lookup(struct lb4_key *key)
+{
+	struct lb4_service *svc = bpf_map_lookup_elem(&veil_lb4_services, key);
+
+	if (svc || !nodeport_enabled)
+		return svc;
+	key->pad = LB_SCOPE_EXTERNAL;
+	svc = bpf_map_lookup_elem(&veil_lb4_services, key);
+	if (!svc && lb4_node_addr(key->vip)) {
+		key->vip = 0;
+		svc = bpf_map_lookup_elem(&veil_lb4_services, key);
+	}
+	if (svc && !svc->count)
+		return NULL;
+	return svc;
+}
+
 /**
  * lb4_translate() - choose a backend for a Service address.
  * @ctx: the socket hook's context (for the socket and netns cookies)
@@ -282,7 +329,7 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, 
 	__u32 count, affinity_s;
 	__u64 netns, now;
 
-	svc = bpf_map_lookup_elem(&veil_lb4_services, &key);
+	svc = lb4_lookup(&key);
 	if (!svc)
 		return LB_PASS;
 	/*
@@ -300,7 +347,7 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, 
 	now = bpf_ktime_get_ns();
 	if (affinity_s) {
 		akey.netns = netns;
-		akey.vip = key.vip;
+		akey.vip = *ip;
 		akey.port = key.port;
 		akey.proto = proto;
 	}
@@ -325,7 +372,7 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, 
 	rkey.cookie = bpf_get_socket_cookie(ctx);
 	rkey.ip = chosen.ip;
 	rkey.port = chosen.port;
-	rev.vip = key.vip;
+	rev.vip = *ip;
 	rev.port = key.port;
 	bpf_map_update_elem(&veil_lb4_revnat, &rkey, &rev, BPF_ANY);
 	fkey.netns = netns;
@@ -339,11 +386,11 @@ static __always_inline int lb4_translate(struct bpf_sock_addr *ctx, __be32 *ip, 
 	f = bpf_map_lookup_elem(&veil_lb4_flows, &fkey);
 	if (f) {
 		f->time_ns = now;
-		f->vip = key.vip;
+		f->vip = *ip;
 		f->port = key.port;
 	} else {
 		flow.time_ns = now;
-		flow.vip = key.vip;
+		flow.vip = *ip;
 		flow.port = key.port;
 		bpf_map_update_elem(&veil_lb4_flows, &fkey, &flow, BPF_ANY);
 	}

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"net"
 	"strconv"
 
@@ -21,3 +22,14 @@ func (c *Cluster) HubConfig() *rest.Config {
 	cfg.Host = "https://" + net.JoinHostPort(HubIP.String(), strconv.Itoa(apiPort))
 	return cfg
 }
+
+// HubDial dials addr ("tcp" or "udp") from the hub's network namespace: a
+// client beside the nodes on the underlay, outside the cluster (its
+// address is HubIP, which no pod or node holds).
+func (c *Cluster) HubDial(ctx context.Context, network, addr string) (net.Conn, error) {
+	return c.hubDial(ctx, network, addr)
+}
+
+// HubDo runs fn on a thread in the hub's network namespace (for example to
+// open a capture on the hub's side of a node's underlay link, "nN").
+func (c *Cluster) HubDo(fn func() error) error { return c.hub.Do(fn) }

@@ -42,7 +42,8 @@ func LabValues() map[string]any {
 // acceleration on); and, on a cluster without kube-proxy, the API server's address on the hub
 // (k8sServiceHost/k8sServicePort), which the agents reach directly: the
 // kubernetes Service's cluster IP is translated only once an agent has
-// loaded its Service load-balancing, which needs the API server.
+// loaded its Service load-balancing, which needs the API server, and
+// kubeProxyReplacement (the agents translate NodePort traffic).
 func (c *Cluster) Values() map[string]any {
 	v := LabValues()
 	if c.cgroup2 != "" {
@@ -51,6 +52,7 @@ func (c *Cluster) Values() map[string]any {
 	if c.KubeProxy == KubeProxyNone {
 		v["k8sServiceHost"] = HubIP.String()
 		v["k8sServicePort"] = apiPort
+		v["kubeProxyReplacement"] = true
 	}
 	return v
 }

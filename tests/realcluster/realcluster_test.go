@@ -249,7 +249,7 @@ func dumpPodLogs(t *testing.T, clients kubernetes.Interface) {
 }
 
 // buildAgentImage runs `make image` into a temp dir.
-func buildAgentImage(t *testing.T, ctx context.Context) string {
+func buildAgentImage(t testing.TB, ctx context.Context) string {
 	t.Helper()
 	root, err := controlplane.RepoRoot()
 	if err != nil {
@@ -439,7 +439,7 @@ func comm(pid int) string {
 }
 
 // testWriter sends the cluster's log to the test's output.
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))

@@ -35,6 +35,8 @@ func main() {
 		err = connect(os.Args[2:])
 	case "resolve":
 		err = resolve(os.Args[2:])
+	case "connrate":
+		err = connRate(os.Args[2:])
 	default:
 		usage()
 	}
@@ -45,7 +47,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: client connect [-udp] [-timeout D] HOST:PORT | resolve [-tcp] [-server IP:PORT] [-timeout D] NAME")
+	fmt.Fprintln(os.Stderr, "usage: client connect [-udp] [-timeout D] HOST:PORT | connrate [-duration D] HOST:PORT | resolve [-tcp] [-server IP:PORT] [-timeout D] NAME")
 	os.Exit(2)
 }
 
@@ -81,6 +83,33 @@ func connect(args []string) error {
 		return fmt.Errorf("echo from %s %s: %q, want %q", network, addr, got, want)
 	}
 	fmt.Printf("ok %s %s (%s)\n", network, addr, c.RemoteAddr())
+	return nil
+}
+
+// connRate opens and resets TCP connections to addr one after another for
+// the duration and prints "ok CONNECTS SECONDS": the rate of connects
+// whatever translates the address. Each connection is closed with RST (no
+// TIME_WAIT), so the client's ports are not used up.
+func connRate(args []string) error {
+	fs := flag.NewFlagSet("connrate", flag.ExitOnError)
+	d := fs.Duration("duration", 3*time.Second, "how long to connect")
+	fs.Parse(args)
+	if fs.NArg() != 1 {
+		usage()
+	}
+	addr := fs.Arg(0)
+	n := 0
+	start := time.Now()
+	for time.Since(start) < *d {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err != nil {
+			return fmt.Errorf("connect %d to %s: %w", n+1, addr, err)
+		}
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+		n++
+	}
+	fmt.Printf("ok %d %.3f\n", n, time.Since(start).Seconds())
 	return nil
 }
 

@@ -4,7 +4,10 @@
 //	testserver serve SPEC...  echo on every SPEC: "tcp/ADDR" echoes every
 //	                          line back on a TCP connection, "udp/ADDR"
 //	                          every datagram back to its sender; a bare
-//	                          ADDR is tcp/ADDR
+//	                          ADDR is tcp/ADDR; "peer/ADDR" answers every
+//	                          TCP connection with one line, "peer IP:PORT"
+//	                          (the client's address as the server sees it),
+//	                          and closes it
 //	testserver probe ADDR     every 100 ms, dial ADDR, send a line, expect it
 //	                          back; print "ok N t=UNIXNANO" (when the echo
 //	                          came) or "fail N: why" per attempt
@@ -61,6 +64,13 @@ func serve(specs []string) error {
 			}
 			fmt.Println("serving tcp", ln.Addr())
 			go func() { errs <- serveTCP(ln) }()
+		case "peer":
+			ln, err := net.Listen("tcp", addr)
+			if err != nil {
+				return fmt.Errorf("listen on tcp %s: %w", addr, err)
+			}
+			fmt.Println("serving peer", ln.Addr())
+			go func() { errs <- servePeer(ln) }()
 		case "udp":
 			pc, err := net.ListenPacket("udp", addr)
 			if err != nil {
@@ -69,7 +79,7 @@ func serve(specs []string) error {
 			fmt.Println("serving udp", pc.LocalAddr())
 			go func() { errs <- serveUDP(pc) }()
 		default:
-			return fmt.Errorf("serve %q: want tcp/ADDR or udp/ADDR", spec)
+			return fmt.Errorf("serve %q: want tcp/ADDR, udp/ADDR or peer/ADDR", spec)
 		}
 	}
 	return <-errs
@@ -90,6 +100,18 @@ func serveTCP(ln net.Listener) error {
 				}
 			}
 		}()
+	}
+}
+
+// servePeer tells every client the address it connects from.
+func servePeer(ln net.Listener) error {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return fmt.Errorf("accept on %s: %w", ln.Addr(), err)
+		}
+		fmt.Fprintf(c, "peer %s\n", c.RemoteAddr())
+		c.Close()
 	}
 }
 
