@@ -21,26 +21,36 @@ import (
 // by it at the next start.
 const prefix = "vconf"
 
-// modes are the lab set-ups the suites run in, by ID. Today's lab runs
-// kube-proxy (nftables) on every node; a mode without kube-proxy, Veil
-// replacing it, joins when lab/cluster can start nodes without it.
+// modes are the lab set-ups the suites run in, by ID: kube-proxy beside
+// Veil (nftables mode), and no kube-proxy at all (Veil's Service
+// translation replacing it), each with strict WireGuard; the last adds
+// node-to-node encryption. `make conformance` runs the first two.
 var modes = []Mode{
-	{ID: "strict", Name: "kube-proxy nftables, Veil strict WireGuard", Values: StrictValues()},
-	{ID: "strict-n2n", Name: "kube-proxy nftables, Veil strict WireGuard + node-to-node", Values: StrictNodeToNodeValues()},
+	{ID: "nftables", Name: "kube-proxy nftables, Veil strict WireGuard", KubeProxy: cluster.KubeProxyNFTables, Values: StrictValues()},
+	{ID: "none", Name: "no kube-proxy, Veil strict WireGuard", KubeProxy: cluster.KubeProxyNone, Values: StrictValues()},
+	{ID: "iptables", Name: "kube-proxy iptables, Veil strict WireGuard", KubeProxy: cluster.KubeProxyIPTables, Values: StrictValues()},
+	{ID: "nftables-n2n", Name: "kube-proxy nftables, Veil strict WireGuard + node-to-node", KubeProxy: cluster.KubeProxyNFTables, Values: StrictNodeToNodeValues()},
 }
 
+// defaultModes are the modes run when VEIL_CONFORMANCE_MODES is unset.
+var defaultModes = []string{"nftables", "none"}
+
 // selectedModes are the modes VEIL_CONFORMANCE_MODES names (IDs, comma
-// separated), or all of them.
+// separated), or defaultModes.
 func selectedModes(t *testing.T) []Mode {
-	env := os.Getenv("VEIL_CONFORMANCE_MODES")
-	if env == "" {
-		return modes
+	ids := defaultModes
+	if env := os.Getenv("VEIL_CONFORMANCE_MODES"); env != "" {
+		ids = strings.Split(env, ",")
 	}
 	var out []Mode
-	for _, id := range strings.Split(env, ",") {
+	for _, id := range ids {
 		i := slices.IndexFunc(modes, func(m Mode) bool { return m.ID == strings.TrimSpace(id) })
 		if i < 0 {
-			t.Fatalf("VEIL_CONFORMANCE_MODES: no mode %q (modes: strict, strict-n2n)", id)
+			known := make([]string, len(modes))
+			for j, m := range modes {
+				known[j] = m.ID
+			}
+			t.Fatalf("VEIL_CONFORMANCE_MODES: no mode %q (modes: %s)", id, strings.Join(known, ", "))
 		}
 		out = append(out, modes[i])
 	}
@@ -145,17 +155,10 @@ func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite 
 		}
 	})
 	t.Logf("lab up in %s (mode %s); images without a stand-in: %d", lab.Startup.Round(time.Second), mode.Name, len(lab.Unsupported))
-	dns, err := lab.HasClusterDNS(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
 
 	var results []Suite
 	for _, spec := range suites {
 		skips := slices.Clone(spec.Skips)
-		if !dns {
-			skips = append(skips, DNSSkip)
-		}
 		dir := filepath.Join(out, spec.ID, mode.ID)
 		if err := os.RemoveAll(dir); err != nil {
 			t.Fatal(err)

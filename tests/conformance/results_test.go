@@ -83,7 +83,7 @@ func TestSuitesRoundTripAndMarkdown(t *testing.T) {
 	}
 	dir := t.TempDir()
 	in := Suite{Name: "[sig-network] [Conformance]", Mode: "kube-proxy | Veil", Specs: specs, RunTime: 90 * time.Second,
-		Skips: []Skip{DNSSkip}, Planned: planned}
+		Skips: NetpolSuite.Skips, Planned: planned}
 	if err := SaveSuite(dir+"/a/m", in); err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +107,7 @@ func TestSuitesRoundTripAndMarkdown(t *testing.T) {
 		"| netpol | m | 0 | 0 | 0 | 0 | 0s |",
 		"- [sig-network] Services should be able to create a functioning NodePort service (failed, test/e2e/network/service.go:1290): service is not reachable",
 		"- [sig-network] LoadBalancers should be able to change the type: Only supported for providers",
-		"`" + DNSSkip.Pattern + "`: " + DNSSkip.Reason,
+		"`" + NetpolSuite.Skips[0].Pattern + "`: " + NetpolSuite.Skips[0].Reason,
 		"netpol, m: the run failed: e2e.test wrote no report",
 	} {
 		if !strings.Contains(md, want) {

@@ -81,12 +81,6 @@ var NetpolSuite = SuiteSpec{
 	Timeout: 25 * time.Minute,
 }
 
-// DNSSkip leaves out the DNS tests on a lab without cluster DNS.
-var DNSSkip = Skip{
-	Pattern: `\[sig-network\] DNS `,
-	Reason:  "lab gap: the lab has no cluster DNS (no kube-dns Service in kube-system) yet",
-}
-
 // SliceSuite is CI's quick, representative slice, of tests that pass in
 // the lab today: pod-to-pod across nodes over HTTP and UDP (Veil's
 // datapath and its WireGuard tunnel, strict mode), EndpointSlices and
