@@ -163,8 +163,11 @@ lab: deps build image controlplane
 .PHONY: conformance
 CONFORMANCE ?= all
 CONFORMANCE_MODES ?= nftables,none
+# 1: every mode's lab and every suite at once (about 30 min in all); 0: one
+# after the other (up to modes × suites × 25 min).
+CONFORMANCE_PARALLEL ?= 1
 conformance: deps controlplane
-	VEIL_PRIVILEGED=1 VEIL_CONFORMANCE=$(CONFORMANCE) VEIL_CONFORMANCE_MODES=$(CONFORMANCE_MODES) $(GO) test -count=1 -timeout 150m -v -run '^TestPrivilegedConformance$$' ./tests/conformance
+	VEIL_PRIVILEGED=1 VEIL_CONFORMANCE=$(CONFORMANCE) VEIL_CONFORMANCE_MODES=$(CONFORMANCE_MODES) VEIL_CONFORMANCE_PARALLEL=$(CONFORMANCE_PARALLEL) $(GO) test -count=1 -timeout 150m -v -run '^TestPrivilegedConformance$$' ./tests/conformance
 
 clean:
 	rm -rf $(BIN)

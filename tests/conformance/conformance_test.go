@@ -3,12 +3,14 @@ package conformance
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -66,6 +68,11 @@ func selectedModes(t *testing.T) []Mode {
 // Results go to VEIL_CONFORMANCE_OUT (default bin/conformance), one dir per
 // suite and mode, and results.md sums up every run there. Any failed test
 // fails this test.
+//
+// VEIL_CONFORMANCE_PARALLEL=1 runs every mode's lab at once (each with its
+// own prefix), and every suite of a lab at once: one e2e.test per suite,
+// each in its own namespaces. The tests mostly wait, so the whole set fits
+// in one bounded hold of the machine rather than modes × suites × 25 min.
 func TestPrivilegedConformance(t *testing.T) {
 	testenv.RequirePrivileged(t)
 	which := os.Getenv("VEIL_CONFORMANCE")
@@ -84,9 +91,19 @@ func TestPrivilegedConformance(t *testing.T) {
 		suites = []SuiteSpec{{ID: "focus", Name: "focus " + focus, Focus: focus, Timeout: 25 * time.Minute}}
 	}
 	out := outDir(t)
-	for _, mode := range selectedModes(t) {
-		runSuites(t, mode, suites, out)
-	}
+	parallel := os.Getenv("VEIL_CONFORMANCE_PARALLEL") == "1"
+	agentImage := buildAgentImage(t, t.TempDir())
+	t.Run("modes", func(t *testing.T) {
+		for i, mode := range selectedModes(t) {
+			t.Run(mode.ID, func(t *testing.T) {
+				if parallel {
+					t.Parallel()
+				}
+				runSuites(t, fmt.Sprintf("%s%d", prefix, i), agentImage, mode, suites, out, parallel)
+			})
+		}
+	})
+	writeResults(t, out)
 }
 
 // TestPrivilegedConformanceSlice runs CI's slice of the upstream e2e tests
@@ -97,7 +114,8 @@ func TestPrivilegedConformanceSlice(t *testing.T) {
 	if testing.Short() {
 		t.Skip("skipped under -short: a 2-node Kubernetes cluster and upstream e2e tests")
 	}
-	results := runSuites(t, modes[0], []SuiteSpec{SliceSuite}, outDir(t))
+	results := runSuites(t, prefix, buildAgentImage(t, t.TempDir()), modes[0], []SuiteSpec{SliceSuite}, outDir(t), false)
+	writeResults(t, outDir(t))
 	if len(results) != 1 {
 		t.Fatalf("slice: %d results; want 1", len(results))
 	}
@@ -121,9 +139,10 @@ func outDir(t *testing.T) string {
 	return filepath.Join(root, "bin", "conformance")
 }
 
-// runSuites starts a lab in mode, runs suites on it one after the other,
-// saves each one's results under out and rewrites out/results.md.
-func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite {
+// runSuites starts a lab named labPrefix in mode, runs suites on it (one
+// after the other, or all at once when parallel) and saves each one's
+// results under out.
+func runSuites(t *testing.T, labPrefix, agentImage string, mode Mode, suites []SuiteSpec, out string, parallel bool) []Suite {
 	var budget time.Duration
 	for _, s := range suites {
 		budget += s.Timeout + 2*time.Minute
@@ -132,13 +151,12 @@ func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite 
 	ctx, cancel := context.WithTimeout(context.Background(), budget+25*time.Minute)
 	defer cancel()
 
-	if err := cluster.Cleanup(prefix, ""); err != nil {
+	if err := cluster.Cleanup(labPrefix, ""); err != nil {
 		t.Fatalf("remove leftovers of an earlier run: %v", err)
 	}
 	work := t.TempDir()
-	agentImage := buildAgentImage(t, ctx, work)
 	log := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	lab, err := StartLab(ctx, LabOptions{Prefix: prefix, Nodes: 2, AgentImage: agentImage, Mode: mode, WorkDir: work, Logger: log})
+	lab, err := StartLab(ctx, LabOptions{Prefix: labPrefix, Nodes: 2, AgentImage: agentImage, Mode: mode, WorkDir: work, Logger: log})
 	if err != nil {
 		t.Fatalf("start the lab: %v", err)
 	}
@@ -156,41 +174,52 @@ func runSuites(t *testing.T, mode Mode, suites []SuiteSpec, out string) []Suite 
 	})
 	t.Logf("lab up in %s (mode %s); images without a stand-in: %d", lab.Startup.Round(time.Second), mode.Name, len(lab.Unsupported))
 
-	var results []Suite
-	for _, spec := range suites {
-		skips := slices.Clone(spec.Skips)
-		dir := filepath.Join(out, spec.ID, mode.ID)
-		if err := os.RemoveAll(dir); err != nil {
-			t.Fatal(err)
+	results := make([]Suite, len(suites))
+	var wg sync.WaitGroup
+	for i, spec := range suites {
+		run := func() { results[i] = runSuite(t, ctx, lab, mode, spec, out) }
+		if parallel {
+			wg.Go(run)
+		} else {
+			run()
 		}
-		began := time.Now()
-		specs, planned, runErr := lab.Run(spec.Focus, SkipRegexp(skips), spec.Timeout, dir).Execute(ctx)
-		res := Suite{Name: spec.Name, Mode: mode.Name, Specs: specs, RunTime: time.Since(began), Skips: skips, Planned: planned}
-		if runErr != nil {
-			res.Err = runErr.Error()
-			t.Errorf("%s: %v", spec.Name, runErr)
-		}
-		if err := SaveSuite(dir, res); err != nil {
-			t.Fatal(err)
-		}
-		p, f, s := res.Counts()
-		t.Logf("%s, %s: %d passed, %d failed, %d skipped, %d not reached in %s (log: %s)", spec.Name, mode.Name, p, f, s,
-			max(0, planned-len(specs)), res.RunTime.Round(time.Second), filepath.Join(dir, "e2e.log"))
-		if spec.Specs > 0 && planned != spec.Specs {
-			t.Errorf("%s: the focus selected %d specs; want %d (did an upstream test change its name?)", spec.Name, planned, spec.Specs)
-		}
-		if planned > len(specs) {
-			t.Errorf("%s: %d of %d specs not reached in %s", spec.Name, planned-len(specs), planned, spec.Timeout)
-		}
-		for _, sp := range specs {
-			if sp.Failed() {
-				t.Errorf("%s FAILED (%s): %s", sp.Name, sp.Location, sp.Message)
-			}
-		}
-		results = append(results, res)
-		writeResults(t, out)
 	}
+	wg.Wait()
 	return results
+}
+
+// runSuite runs one suite on lab and saves its results under out.
+func runSuite(t *testing.T, ctx context.Context, lab *Lab, mode Mode, spec SuiteSpec, out string) Suite {
+	dir := filepath.Join(out, spec.ID, mode.ID)
+	if err := os.RemoveAll(dir); err != nil {
+		t.Error(err)
+		return Suite{Name: spec.Name, Mode: mode.Name, Err: err.Error()}
+	}
+	began := time.Now()
+	specs, planned, runErr := lab.Run(spec.Focus, SkipRegexp(spec.Skips), spec.Timeout, dir).Execute(ctx)
+	res := Suite{Name: spec.Name, Mode: mode.Name, Specs: specs, RunTime: time.Since(began), Skips: spec.Skips, Planned: planned}
+	if runErr != nil {
+		res.Err = runErr.Error()
+		t.Errorf("%s: %v", spec.Name, runErr)
+	}
+	if err := SaveSuite(dir, res); err != nil {
+		t.Error(err)
+	}
+	p, f, s := res.Counts()
+	t.Logf("%s, %s: %d passed, %d failed, %d skipped, %d not reached in %s (log: %s)", spec.Name, mode.Name, p, f, s,
+		max(0, planned-len(specs)), res.RunTime.Round(time.Second), filepath.Join(dir, "e2e.log"))
+	if runErr == nil && spec.Specs > 0 && planned != spec.Specs {
+		t.Errorf("%s: the focus selected %d specs; want %d (did an upstream test change its name?)", spec.Name, planned, spec.Specs)
+	}
+	if planned > len(specs) {
+		t.Errorf("%s: %d of %d specs not reached in %s", spec.Name, planned-len(specs), planned, spec.Timeout)
+	}
+	for _, sp := range specs {
+		if sp.Failed() {
+			t.Errorf("%s FAILED (%s): %s", sp.Name, sp.Location, sp.Message)
+		}
+	}
+	return res
 }
 
 func writeResults(t *testing.T, out string) {
@@ -207,8 +236,10 @@ func writeResults(t *testing.T, out string) {
 	}
 }
 
-func buildAgentImage(t *testing.T, ctx context.Context, dir string) string {
+func buildAgentImage(t *testing.T, dir string) string {
 	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
 	root, err := controlplane.RepoRoot()
 	if err != nil {
 		t.Fatal(err)
