@@ -91,13 +91,14 @@ var NetpolSuite = SuiteSpec{
 	Specs:   17,
 }
 
-// SliceSuite is CI's quick, representative slice, of tests that pass in
-// the lab today: pod-to-pod across nodes over HTTP and UDP (Veil's
-// datapath and its WireGuard tunnel, strict mode), EndpointSlices and
-// Endpoints for a Service's pods, the endpoints latency of 200 Services, the
-// API server's own Service and Service collection deletion. ClusterIP
-// from pods, cluster DNS and node-to-pod are not in it yet: they fail
-// today (see README, Upstream conformance).
+// SliceSuite is CI's quick, representative slice: pod-to-pod across nodes
+// over HTTP and UDP (Veil's datapath and its WireGuard tunnel, strict
+// mode), EndpointSlices and Endpoints for a Service's pods, the endpoints
+// latency of 200 Services, the API server's own Service, Service
+// collection deletion, cluster DNS (CoreDNS reached through its ClusterIP,
+// over UDP and TCP, from a musl and a glibc resolver), hostPort (portmap
+// chained after veil-cni), and a default-deny NetworkPolicy probed over all
+// 81 pairs of the 3×3 pod model.
 var SliceSuite = SuiteSpec{
 	ID:   "slice",
 	Name: "CI slice",
@@ -108,7 +109,10 @@ var SliceSuite = SuiteSpec{
 		"[sig-network] Service endpoints latency should not be very high",
 		"[sig-network] API Server should provide secure master service",
 		"[sig-network] Services should delete a collection of services",
+		"[sig-network] DNS should provide DNS for the cluster [Conformance]",
+		"[sig-network] HostPort validates that there is no conflict between pods with same hostPort but different hostIP and protocol",
+		netpolPrefix+"should support a 'default-deny-ingress' policy",
 	),
 	Timeout: 10 * time.Minute,
-	Specs:   6,
+	Specs:   9,
 }
