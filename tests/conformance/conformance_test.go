@@ -83,9 +83,10 @@ func TestPrivilegedConformance(t *testing.T) {
 		"all":         {ConformanceSuite, NetpolSuite},
 		"conformance": {ConformanceSuite},
 		"netpol":      {NetpolSuite},
+		"netpol-all":  {NetpolAllSuite},
 	}[which]
 	if suites == nil {
-		t.Fatalf("VEIL_CONFORMANCE=%q: want all, conformance or netpol", which)
+		t.Fatalf("VEIL_CONFORMANCE=%q: want all, conformance, netpol or netpol-all", which)
 	}
 	if focus := os.Getenv("VEIL_CONFORMANCE_FOCUS"); focus != "" {
 		suites = []SuiteSpec{{ID: "focus", Name: "focus " + focus, Focus: focus, Timeout: 25 * time.Minute}}

@@ -91,6 +91,16 @@ var NetpolSuite = SuiteSpec{
 	Specs:   17,
 }
 
+// NetpolAllSuite is every upstream NetworkPolicy e2e test but those that
+// need SCTP connectivity (NetpolSuite's skip).
+var NetpolAllSuite = SuiteSpec{
+	ID:      "netpol-all",
+	Name:    "[sig-network] Netpol (all)",
+	Focus:   `\[sig-network\] Netpol `,
+	Skips:   NetpolSuite.Skips,
+	Timeout: 25 * time.Minute,
+}
+
 // SliceSuite is CI's quick, representative slice: pod-to-pod across nodes
 // over HTTP and UDP (Veil's datapath and its WireGuard tunnel, strict
 // mode), EndpointSlices and Endpoints for a Service's pods, the endpoints
