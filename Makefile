@@ -163,7 +163,7 @@ lab: deps build image controlplane
 .PHONY: conformance
 CONFORMANCE ?= all
 CONFORMANCE_MODES ?= nftables,none
-# 1: every mode's lab and every suite at once (about 30 min in all); 0: one
+# 1: every mode's lab and every suite at once (17 min measured); 0: one
 # after the other (up to modes × suites × 25 min).
 CONFORMANCE_PARALLEL ?= 1
 conformance: deps controlplane
