@@ -27,7 +27,7 @@ help:
 	@echo "make controlplane    build the lab's Kubernetes and containerd binaries into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local real-cluster lab as root (meshctl lab up; LAB_NODES, LAB_KUBE_PROXY, LAB_DIR)"
-	@echo "make conformance     upstream [sig-network] e2e tests on a 2-node lab with Veil (CONFORMANCE=all|conformance|netpol, CONFORMANCE_MODES=nftables,none)"
+	@echo "make conformance     upstream [sig-network] e2e tests on a 2-node lab with Veil (CONFORMANCE=all|conformance|netpol|netpol-all, CONFORMANCE_MODES=nftables,none)"
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
