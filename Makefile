@@ -27,7 +27,7 @@ help:
 	@echo "make controlplane    build the lab's Kubernetes and containerd binaries into the cache (\$$VEIL_CACHE)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local real-cluster lab as root (meshctl lab up; LAB_NODES, LAB_KUBE_PROXY, LAB_DIR)"
-	@echo "make conformance     upstream [sig-network] e2e tests on a 2-node lab with Veil (CONFORMANCE=all|conformance|netpol)"
+	@echo "make conformance     upstream [sig-network] e2e tests on a 2-node lab with Veil (CONFORMANCE=all|conformance|netpol|netpol-all, CONFORMANCE_MODES=nftables,none)"
 
 deps:
 	@missing=""; for t in $(APT_TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
@@ -154,14 +154,20 @@ lab: deps build image controlplane
 
 # The upstream Kubernetes e2e tests of [sig-network] tagged [Conformance],
 # and a NetworkPolicy subset, on a 2-node lab with Veil (strict encryption),
-# as root; results in $(BIN)/conformance/results.md (see tests/conformance).
+# as root, once per kube-proxy mode (CONFORMANCE_MODES: nftables, none,
+# iptables, nftables-n2n; default nftables,none); results in
+# $(BIN)/conformance/results.md (see tests/conformance).
 # The first run builds e2e.test, agnhost and kubectl into the control-plane
 # cache (make controlplane); the agnhost image is put together from Debian's
 # busybox, curl, netcat, iproute2 and dig (make deps).
 .PHONY: conformance
 CONFORMANCE ?= all
+CONFORMANCE_MODES ?= nftables,none
+# 1: every mode's lab and every suite at once (17 min measured); 0: one
+# after the other (up to modes × suites × 25 min).
+CONFORMANCE_PARALLEL ?= 1
 conformance: deps controlplane
-	VEIL_PRIVILEGED=1 VEIL_CONFORMANCE=$(CONFORMANCE) $(GO) test -count=1 -timeout 150m -v -run '^TestPrivilegedConformance$$' ./tests/conformance
+	VEIL_PRIVILEGED=1 VEIL_CONFORMANCE=$(CONFORMANCE) VEIL_CONFORMANCE_MODES=$(CONFORMANCE_MODES) VEIL_CONFORMANCE_PARALLEL=$(CONFORMANCE_PARALLEL) $(GO) test -count=1 -timeout 150m -v -run '^TestPrivilegedConformance$$' ./tests/conformance
 
 clean:
 	rm -rf $(BIN)

@@ -54,8 +54,10 @@ var kernelTunables = map[string]string{
 
 // cniPlugins are the host's plugins (Debian's containernetworking-plugins)
 // copied into every node's /opt/cni/bin: containerd brings up each pod's
-// loopback with "loopback"; the pod network is Veil's.
-var cniPlugins = []string{"/usr/lib/cni/loopback"}
+// loopback with "loopback"; the pod network is Veil's, and veil-install-cni
+// chains "portmap" after it for hostPort, as on a node whose distribution
+// ships the CNI plugins.
+var cniPlugins = []string{"/usr/lib/cni/loopback", "/usr/lib/cni/portmap"}
 
 // NodeCgroupRoot is where each node's mount namespace shows the node's own
 // cgroup v2 subtree (veil-<prefix>/node-N of the host's cgroup2 mount),

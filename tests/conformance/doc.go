@@ -10,14 +10,18 @@
 // run in it (dash, busybox's applets, curl, OpenBSD netcat, ss, dig, taken
 // from the host's Debian packages with their libraries).
 //
-// StartLab brings up a 2-node lab/cluster with Veil installed (strict
-// WireGuard) and the images; Lab.Run runs e2e.test inside the lab hub's
+// StartLab brings up a 2-node lab/cluster as `meshctl lab up` does
+// (cluster.Up: Veil installed with strict WireGuard, CoreDNS behind
+// kube-dns, socket load-balancing; no demo), kube-proxy as the Mode says
+// (nftables, iptables, or none: Veil alone translates Services) and
+// the images; Lab.Run runs e2e.test inside the lab hub's
 // network namespace, where it reaches the nodes and pods as a test machine
 // beside a real cluster does. Each run writes ginkgo's JSON report, the
 // JUnit report and its log to its own dir; SaveSuite, LoadSuites and
 // WriteMarkdown turn them into results.md.
 //
 // `make conformance` runs TestPrivilegedConformance (the [Conformance]
-// suite, then the NetworkPolicy subset); TestPrivilegedConformanceSlice is
-// CI's few-minute slice.
+// suite and the NetworkPolicy subset, with kube-proxy nftables and
+// without kube-proxy, labs and suites side by side);
+// TestPrivilegedConformanceSlice is CI's few-minute slice.
 package conformance

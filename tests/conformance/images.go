@@ -50,6 +50,8 @@ var hostTools = []hostTool{
 	// NodePort tests look for listeners with ss; DNS tests query with dig.
 	{src: "/usr/bin/ss", dst: "/usr/bin/ss", pkg: "iproute2"},
 	{src: "/usr/bin/dig", dst: "/usr/bin/dig", pkg: "bind9-dnsutils"},
+	// The DNS tests' glibc querier checks /etc/hosts entries with getent.
+	{src: "/usr/bin/getent", dst: "/usr/bin/getent", pkg: "libc-bin"},
 }
 
 // AptPackages are the Debian packages the images are built from.
@@ -298,10 +300,11 @@ func image(layer v1.Layer, entrypoint, cmd []string) (v1.Image, error) {
 type imageKind int
 
 const (
-	kindNone    imageKind = iota
-	kindAgnhost           // agnhost: entrypoint /agnhost, cmd pause
-	kindBusyBox           // the same tree, cmd sh
-	kindPause             // the lab's pause binary
+	kindNone     imageKind = iota
+	kindAgnhost            // agnhost: entrypoint /agnhost, cmd pause
+	kindBusyBox            // the same tree, cmd sh
+	kindGlibcDNS           // the DNS tests' glibc querier: the same tree (Debian's glibc), cmd sh
+	kindPause              // the lab's pause binary
 )
 
 // kindOf tells, from the repository's last path element, which image the
@@ -317,6 +320,8 @@ func kindOf(ref string) imageKind {
 		return kindAgnhost
 	case "busybox":
 		return kindBusyBox
+	case "glibc-dns-testing":
+		return kindGlibcDNS
 	case "pause":
 		return kindPause
 	}
@@ -337,7 +342,7 @@ func standIns(refs []string) []imageKind {
 	kinds := make([]imageKind, len(refs))
 	for i, ref := range refs {
 		kinds[i] = kindOf(ref)
-		if testRepo != "" && (kinds[i] == kindAgnhost || kinds[i] == kindBusyBox) && path.Dir(ref) != testRepo {
+		if testRepo != "" && kinds[i] != kindPause && kinds[i] != kindNone && path.Dir(ref) != testRepo {
 			kinds[i] = kindNone
 		}
 	}
@@ -372,7 +377,7 @@ func stderrOf(err error) string {
 }
 
 // BuildImages writes into dir one OCI image tarball per image of refs the
-// lab can stand in for (agnhost, busybox, pause), tagged with the name the
+// lab can stand in for (agnhost, busybox, glibc-dns-testing, pause), tagged with the name the
 // tests use, and returns their paths and the names it has no stand-in for.
 // agnhost is the binary to pack, source the k8s.io/kubernetes module's
 // dir, pause the lab's pause binary.
@@ -402,7 +407,7 @@ func BuildImages(ctx context.Context, dir, agnhost, source, pause string, refs [
 		switch kind {
 		case kindAgnhost:
 			img, err = image(treeLayer, []string{"/agnhost"}, []string{"pause"})
-		case kindBusyBox:
+		case kindBusyBox, kindGlibcDNS:
 			img, err = image(treeLayer, nil, []string{"sh"})
 		case kindPause:
 			img, err = image(pauseLayer, []string{"/pause"}, nil)

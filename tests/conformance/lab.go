@@ -9,11 +9,6 @@ import (
 	"path/filepath"
 	"time"
 
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
-
-	"github.com/veilmesh/veil/deploy"
 	"github.com/veilmesh/veil/lab/cluster"
 	"github.com/veilmesh/veil/lab/controlplane"
 )
@@ -24,7 +19,11 @@ type Mode struct {
 	ID string
 	// Name is the results table's.
 	Name string
-	// Values are Veil's chart values (on top of cluster.LabValues).
+	// KubeProxy is how the nodes run kube-proxy: nftables or iptables
+	// mode beside Veil, or none (Veil's own Service translation alone).
+	KubeProxy cluster.KubeProxyMode
+	// Values are Veil's chart values (over the cluster's own, top-level
+	// keys replacing them).
 	Values map[string]any
 }
 
@@ -109,81 +108,32 @@ func StartLab(ctx context.Context, opts LabOptions) (*Lab, error) {
 	log.Info("e2e images built", "images", len(images), "without stand-in", len(unsupported))
 
 	began := time.Now()
-	c, err := cluster.Start(ctx, cluster.Options{
-		Prefix:   opts.Prefix,
-		Nodes:    opts.Nodes,
-		Binaries: cbins,
-		Images:   append([]string{opts.AgentImage}, images...),
-		Logger:   log,
+	// Up, as `meshctl lab up` does: Veil from its chart, the agents and
+	// their WireGuard peers ready, the cluster DNS (CoreDNS behind
+	// kube-system/kube-dns) answering, and each node's pods in its own
+	// cgroup2 subtree for socket load-balancing. No demo: the tests make
+	// their own namespaces, and the demo's policy would only add load.
+	c, err := cluster.Up(ctx, cluster.UpOptions{
+		Options: cluster.Options{
+			Prefix:    opts.Prefix,
+			Nodes:     opts.Nodes,
+			Binaries:  cbins,
+			Images:    append([]string{opts.AgentImage}, images...),
+			KubeProxy: opts.Mode.KubeProxy,
+			Logger:    log,
+		},
+		Values: opts.Mode.Values,
+		NoDemo: true,
 	})
 	if err != nil {
 		return nil, err
 	}
-	lab := &Lab{Cluster: c, Bins: bins, Unsupported: unsupported}
-	if err := lab.setUp(ctx, opts); err != nil {
+	lab := &Lab{Cluster: c, Bins: bins, Unsupported: unsupported, Startup: time.Since(began)}
+	lab.HubKubeconfig = filepath.Join(opts.WorkDir, "kubeconfig-hub")
+	if err := controlplane.WriteKubeconfig(lab.HubKubeconfig, c.HubConfig()); err != nil {
 		return nil, fmt.Errorf("%w (and stop the cluster: %v)", err, c.Stop())
 	}
-	lab.Startup = time.Since(began)
 	return lab, nil
-}
-
-func (l *Lab) setUp(ctx context.Context, opts LabOptions) error {
-	c := l.Cluster
-	values := cluster.LabValues()
-	for k, v := range opts.Mode.Values {
-		values[k] = v
-	}
-	if err := c.InstallVeil(ctx, values); err != nil {
-		return err
-	}
-	if err := c.WaitNodesReady(ctx); err != nil {
-		return err
-	}
-	clients, err := kubernetes.NewForConfig(c.Config)
-	if err != nil {
-		return fmt.Errorf("create clients: %w", err)
-	}
-	if err := waitAgents(ctx, clients, len(c.Nodes)); err != nil {
-		return err
-	}
-	l.HubKubeconfig = filepath.Join(opts.WorkDir, "kubeconfig-hub")
-	return controlplane.WriteKubeconfig(l.HubKubeconfig, c.HubConfig())
-}
-
-func waitAgents(ctx context.Context, clients kubernetes.Interface, nodes int) error {
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
-	defer cancel()
-	for {
-		ds, err := clients.AppsV1().DaemonSets(deploy.Namespace).Get(ctx, deploy.DaemonSetName, metav1.GetOptions{})
-		if err == nil && int(ds.Status.NumberReady) == nodes {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			if err == nil {
-				err = fmt.Errorf("%d of %d ready", ds.Status.NumberReady, nodes)
-			}
-			return fmt.Errorf("wait for the veil-agent DaemonSet: %w", err)
-		case <-time.After(time.Second):
-		}
-	}
-}
-
-// HasClusterDNS tells whether the cluster has the kube-dns Service the
-// DNS tests query.
-func (l *Lab) HasClusterDNS(ctx context.Context) (bool, error) {
-	clients, err := kubernetes.NewForConfig(l.Cluster.Config)
-	if err != nil {
-		return false, fmt.Errorf("create clients: %w", err)
-	}
-	_, err = clients.CoreV1().Services("kube-system").Get(ctx, "kube-dns", metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		return false, nil
-	}
-	if err != nil {
-		return false, fmt.Errorf("look for the kube-dns Service: %w", err)
-	}
-	return true, nil
 }
 
 // Run is a Run of the lab's e2e.test in the hub's namespace.

@@ -83,7 +83,7 @@ func TestSuitesRoundTripAndMarkdown(t *testing.T) {
 	}
 	dir := t.TempDir()
 	in := Suite{Name: "[sig-network] [Conformance]", Mode: "kube-proxy | Veil", Specs: specs, RunTime: 90 * time.Second,
-		Skips: []Skip{DNSSkip}, Planned: planned}
+		Skips: NetpolSuite.Skips, Planned: planned}
 	if err := SaveSuite(dir+"/a/m", in); err != nil {
 		t.Fatal(err)
 	}
@@ -107,7 +107,7 @@ func TestSuitesRoundTripAndMarkdown(t *testing.T) {
 		"| netpol | m | 0 | 0 | 0 | 0 | 0s |",
 		"- [sig-network] Services should be able to create a functioning NodePort service (failed, test/e2e/network/service.go:1290): service is not reachable",
 		"- [sig-network] LoadBalancers should be able to change the type: Only supported for providers",
-		"`" + DNSSkip.Pattern + "`: " + DNSSkip.Reason,
+		"`" + NetpolSuite.Skips[0].Pattern + "`: " + NetpolSuite.Skips[0].Reason,
 		"netpol, m: the run failed: e2e.test wrote no report",
 	} {
 		if !strings.Contains(md, want) {
@@ -138,8 +138,10 @@ func TestKindOf(t *testing.T) {
 		"example.test/e2e-test-images/busybox:1.37.0-2": kindBusyBox,
 		"example.test/pause:3.10.2":                     kindPause,
 		"example.test/e2e-test-images/nginx:1.27.0-2":   kindNone,
-		"localhost:5000/agnhost":                        kindAgnhost,
-		"agnhost-private:1":                             kindNone,
+		// The DNS tests' glibc resolver: the same Debian (glibc) tree.
+		"example.test/e2e-test-images/glibc-dns-testing:2.1.1": kindGlibcDNS,
+		"localhost:5000/agnhost":                               kindAgnhost,
+		"agnhost-private:1":                                    kindNone,
 	} {
 		if got := kindOf(ref); got != want {
 			t.Errorf("kindOf(%q) = %d; want %d", ref, got, want)
@@ -200,6 +202,9 @@ func TestPrivilegedAgnhostRootfs(t *testing.T) {
 		{"echo hostName | nc -v -t -w 1 127.0.0.1 1 2>&1; true", "refused"},
 		{"ss -V", "iproute2"},
 		{"dig -v 2>&1", "DiG"},
+		// The DNS tests' glibc querier looks up /etc/hosts (kubelet's)
+		// with glibc's getent.
+		{"getent --version", "GLIBC"},
 		{"wget --help 2>&1; true", "wget"},
 		{"test -L /agnhost-2 && test -d /uploads && test -k /tmp && echo layout ok", "layout ok"},
 		{"cat /localhost.crt /localhost.key", "localhost.crtlocalhost.key"},

@@ -7,11 +7,20 @@
 //
 // The image has no shell, so this small static binary does what an init
 // script would. VEIL_CNI_MTU sets the pod MTU (0 lets the agent choose).
+//
+// hostPort is the portmap plugin's, chained after veil-cni: the container
+// runtime hands it the pod's port mappings (its portMappings capability)
+// and it writes the node's DNAT rules. Veil does not ship portmap; most
+// nodes have it from their distribution's CNI plugins package. --portmap
+// (VEIL_CNI_PORTMAP) auto chains it when the node's CNI bin directory holds
+// it, on requires it (the install fails when it is missing, rather than
+// every pod's start), off leaves it out.
 package main
 
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -34,7 +43,18 @@ type options struct {
 	confDir     string
 	agentSocket string
 	mtu         int
+	portmap     string
 }
+
+// The --portmap settings.
+const (
+	portmapAuto = "auto"
+	portmapOn   = "on"
+	portmapOff  = "off"
+)
+
+// portmapPlugin is the portmap plugin's binary name in the CNI bin dir.
+const portmapPlugin = "portmap"
 
 func main() {
 	o, err := parse(os.Args[1:], os.LookupEnv)
@@ -42,11 +62,16 @@ func main() {
 		fmt.Fprintf(os.Stderr, "veil-install-cni: %v\n", err)
 		os.Exit(2)
 	}
-	if err := install(o); err != nil {
+	portmap, err := install(o)
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "veil-install-cni: %v\n", err)
 		os.Exit(1)
 	}
-	fmt.Printf("installed %s and %s\n", filepath.Join(o.binDir, "veil-cni"), filepath.Join(o.confDir, ConfListName))
+	chain := "veil-cni"
+	if portmap {
+		chain += ", portmap (hostPort)"
+	}
+	fmt.Printf("installed %s and %s (chain: %s)\n", filepath.Join(o.binDir, "veil-cni"), filepath.Join(o.confDir, ConfListName), chain)
 }
 
 func parse(args []string, lookup func(string) (string, bool)) (options, error) {
@@ -57,6 +82,7 @@ func parse(args []string, lookup func(string) (string, bool)) (options, error) {
 	fs.StringVar(&o.confDir, "cni-conf-dir", "/host/etc/cni/net.d", "the node's CNI config directory")
 	fs.StringVar(&o.agentSocket, "agent-socket", cni.DefaultAgentSocket, "the agent's unix socket, as a path on the node")
 	fs.IntVar(&o.mtu, "mtu", 0, "pod MTU; 0 lets the agent choose (env VEIL_CNI_MTU)")
+	fs.StringVar(&o.portmap, "portmap", portmapAuto, "chain the node's portmap plugin for hostPort: auto (when the CNI bin dir has it), on, off (env VEIL_CNI_PORTMAP)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -72,12 +98,40 @@ func parse(args []string, lookup func(string) (string, bool)) (options, error) {
 		}
 		o.mtu = n
 	}
+	portmapSet := false
+	fs.Visit(func(f *flag.Flag) { portmapSet = portmapSet || f.Name == "portmap" })
+	if v, ok := lookup("VEIL_CNI_PORTMAP"); ok && v != "" && !portmapSet {
+		o.portmap = v
+	}
+	switch o.portmap {
+	case portmapAuto, portmapOn, portmapOff:
+	default:
+		return o, fmt.Errorf("portmap %q: want auto, on or off", o.portmap)
+	}
 	return o, nil
+}
+
+// chainPortmap tells whether the config list chains portmap, by o.portmap
+// and whether the node's CNI bin dir holds an executable portmap.
+func chainPortmap(o options) (bool, error) {
+	if o.portmap == portmapOff {
+		return false, nil
+	}
+	path := filepath.Join(o.binDir, portmapPlugin)
+	fi, err := os.Stat(path)
+	present := err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0
+	if o.portmap == portmapOn && !present {
+		if err == nil {
+			err = errors.New("not an executable file")
+		}
+		return false, fmt.Errorf("portmap is on but the node has no portmap plugin at %s (install the distribution's CNI plugins, or set it to auto or off): %w", path, err)
+	}
+	return present, nil
 }
 
 // confList returns the network config list, checked with veil-cni's own
 // parser so a bad setting fails here rather than at the first pod.
-func confList(o options) ([]byte, error) {
+func confList(o options, portmap bool) ([]byte, error) {
 	plugin := map[string]any{"type": "veil-cni", "agentSocket": o.agentSocket}
 	if o.mtu != 0 {
 		plugin["mtu"] = o.mtu
@@ -93,7 +147,13 @@ func confList(o options) ([]byte, error) {
 	if _, err := cni.ParseConfig(data); err != nil {
 		return nil, err
 	}
-	list := map[string]any{"cniVersion": "1.0.0", "name": "veil", "plugins": []any{plugin}}
+	plugins := []any{plugin}
+	if portmap {
+		// snat: connections to a hostPort on the node's loopback reach the
+		// pod, from an address the pod can answer.
+		plugins = append(plugins, map[string]any{"type": portmapPlugin, "capabilities": map[string]any{"portMappings": true}, "snat": true})
+	}
+	list := map[string]any{"cniVersion": "1.0.0", "name": "veil", "plugins": plugins}
 	out, err := json.MarshalIndent(list, "", "  ")
 	if err != nil {
 		return nil, fmt.Errorf("encode network config list: %w", err)
@@ -101,23 +161,29 @@ func confList(o options) ([]byte, error) {
 	return append(out, '\n'), nil
 }
 
-func install(o options) error {
-	conf, err := confList(o)
+// install installs the plugin and writes the config list, and tells
+// whether the list chains portmap.
+func install(o options) (portmap bool, err error) {
+	portmap, err = chainPortmap(o)
 	if err != nil {
-		return err
+		return false, err
+	}
+	conf, err := confList(o, portmap)
+	if err != nil {
+		return false, err
 	}
 	src, err := os.Open(o.pluginSrc)
 	if err != nil {
-		return fmt.Errorf("open plugin: %w", err)
+		return false, fmt.Errorf("open plugin: %w", err)
 	}
 	defer src.Close()
 	if err := writeAtomic(filepath.Join(o.binDir, "veil-cni"), src, 0o755); err != nil {
-		return fmt.Errorf("install plugin: %w", err)
+		return false, fmt.Errorf("install plugin: %w", err)
 	}
 	if err := writeAtomic(filepath.Join(o.confDir, ConfListName), bytes.NewReader(conf), 0o644); err != nil {
-		return fmt.Errorf("write network config: %w", err)
+		return false, fmt.Errorf("write network config: %w", err)
 	}
-	return nil
+	return portmap, nil
 }
 
 // writeAtomic replaces path with r's content: a temporary file in the same

@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/veilmesh/veil/agent/cni"
@@ -25,14 +27,14 @@ func TestInstall(t *testing.T) {
 	if err != nil {
 		t.Fatalf("parse: %v", err)
 	}
-	if err := install(o); err != nil {
-		t.Fatalf("install: %v", err)
+	if portmap, err := install(o); err != nil || portmap {
+		t.Fatalf("install = portmap %v, %v; want no portmap (the bin dir has none), no error", portmap, err)
 	}
 	// A rerun (the init container runs on every pod start) replaces both.
 	if err := os.WriteFile(plugin, []byte("plugin v2"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if err := install(o); err != nil {
+	if _, err := install(o); err != nil {
 		t.Fatalf("second install: %v", err)
 	}
 
@@ -97,18 +99,100 @@ func TestInstallRejects(t *testing.T) {
 		{"relative socket", []string{"--agent-socket", "agent.sock"}, nil},
 		{"missing plugin", []string{"--plugin", filepath.Join(dir, "nope")}, nil},
 		{"stray argument", []string{"extra"}, nil},
+		{"portmap not a setting", []string{"--portmap", "yes"}, nil},
+		{"portmap on, none on the node", nil, map[string]string{"VEIL_CNI_PORTMAP": "on"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			args := append([]string{"--plugin", plugin, "--cni-bin-dir", filepath.Join(dir, "bin"), "--cni-conf-dir", filepath.Join(dir, "net.d")}, tc.args...)
 			o, err := parse(args, env(tc.env))
 			if err == nil {
-				err = install(o)
+				_, err = install(o)
 			}
 			if err == nil {
 				t.Fatal("install succeeded; want an error")
 			}
 			if _, err := os.Stat(filepath.Join(dir, "net.d", ConfListName)); err == nil {
 				t.Fatal("a rejected install wrote a config")
+			}
+		})
+	}
+}
+
+// conflistTypes returns the types of the plugins the installed config list
+// chains, in order, and the list's plugins.
+func conflistTypes(t *testing.T, path string) ([]string, []map[string]any) {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		Plugins []map[string]any `json:"plugins"`
+	}
+	if err := json.Unmarshal(data, &list); err != nil {
+		t.Fatalf("conflist %s: %v", data, err)
+	}
+	var types []string
+	for _, p := range list.Plugins {
+		types = append(types, fmt.Sprint(p["type"]))
+	}
+	return types, list.Plugins
+}
+
+// TestInstallChainsPortmap: hostPort needs the portmap plugin chained
+// after veil-cni with the portMappings capability, or the runtime never
+// hands anyone a pod's port mappings (the upstream HostPort conformance
+// test failed on the lab for that).
+func TestInstallChainsPortmap(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		setting    map[string]string
+		args       []string
+		hasPortmap bool
+		want       []string
+	}{
+		{"auto, node has portmap", nil, nil, true, []string{"veil-cni", "portmap"}},
+		{"auto, node has none", nil, nil, false, []string{"veil-cni"}},
+		{"on", map[string]string{"VEIL_CNI_PORTMAP": "on"}, nil, true, []string{"veil-cni", "portmap"}},
+		{"off by env", map[string]string{"VEIL_CNI_PORTMAP": "off"}, nil, true, []string{"veil-cni"}},
+		{"flag over env", map[string]string{"VEIL_CNI_PORTMAP": "off"}, []string{"--portmap", "auto"}, true, []string{"veil-cni", "portmap"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			plugin := filepath.Join(dir, "veil-cni")
+			if err := os.WriteFile(plugin, []byte("plugin"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			bin := filepath.Join(dir, "bin")
+			if err := os.MkdirAll(bin, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if tc.hasPortmap {
+				if err := os.WriteFile(filepath.Join(bin, "portmap"), []byte("#!portmap"), 0o755); err != nil {
+					t.Fatal(err)
+				}
+			}
+			args := append([]string{"--plugin", plugin, "--cni-bin-dir", bin, "--cni-conf-dir", filepath.Join(dir, "net.d")}, tc.args...)
+			o, err := parse(args, env(tc.setting))
+			if err != nil {
+				t.Fatalf("parse: %v", err)
+			}
+			portmap, err := install(o)
+			if err != nil {
+				t.Fatalf("install: %v", err)
+			}
+			got, plugins := conflistTypes(t, filepath.Join(dir, "net.d", ConfListName))
+			if !slices.Equal(got, tc.want) {
+				t.Fatalf("chain = %v; want %v", got, tc.want)
+			}
+			if portmap != (len(tc.want) == 2) {
+				t.Errorf("install says portmap %v; the chain is %v", portmap, got)
+			}
+			if len(plugins) == 2 {
+				caps, _ := plugins[1]["capabilities"].(map[string]any)
+				if caps["portMappings"] != true {
+					t.Errorf("portmap's capabilities = %v; want portMappings: true", plugins[1]["capabilities"])
+				}
 			}
 		})
 	}
