@@ -8,6 +8,12 @@
 //	testserver probe ADDR     every 100 ms, dial ADDR, send a line, expect it
 //	                          back; print "ok N t=UNIXNANO" (when the echo
 //	                          came) or "fail N: why" per attempt
+//	testserver stream ADDR    dial ADDR once and, every 100 ms, send a line on
+//	                          that one connection and expect it back, waiting
+//	                          up to 60 s for each (TCP retransmits across a
+//	                          gap in the path); print "connected LOCAL" once,
+//	                          "stream ok N t=UNIXNANO" per echo, and on any
+//	                          error "stream broken N: why" and exit 1
 //
 // A probe's log is what a test reads (through the API server) to see whether
 // a pod reaches another, so each attempt is bounded by a 1 s timeout and
@@ -27,7 +33,7 @@ import (
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Fprintln(os.Stderr, "usage: testserver serve SPEC... | probe ADDR")
+		fmt.Fprintln(os.Stderr, "usage: testserver serve SPEC... | probe ADDR | stream ADDR")
 		os.Exit(2)
 	}
 	var err error
@@ -36,6 +42,8 @@ func main() {
 		err = serve(os.Args[2:])
 	case "probe":
 		probe(os.Args[2])
+	case "stream":
+		err = stream(os.Args[2])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -141,4 +149,38 @@ func once(addr string, n int) error {
 		return fmt.Errorf("echo %q, want %q", got, want)
 	}
 	return nil
+}
+
+// streamWait bounds each echo of a stream: long enough for TCP to
+// retransmit across an agent's restart, short enough that a dead
+// connection is reported while a test still watches.
+const streamWait = 60 * time.Second
+
+// stream keeps one connection exchanging lines until it breaks: the
+// evidence that an established connection survives what happens to the
+// path beneath it.
+func stream(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return fmt.Errorf("stream broken 0: %w", err)
+	}
+	defer c.Close()
+	fmt.Printf("connected %s\n", c.LocalAddr())
+	r := bufio.NewReader(c)
+	for n := 1; ; n++ {
+		c.SetDeadline(time.Now().Add(streamWait))
+		want := fmt.Sprintf("probe stream %d", n)
+		if _, err := fmt.Fprintln(c, want); err != nil {
+			return fmt.Errorf("stream broken %d: %w", n, err)
+		}
+		got, err := r.ReadString('\n')
+		if err != nil {
+			return fmt.Errorf("stream broken %d: %w", n, err)
+		}
+		if got != want+"\n" {
+			return fmt.Errorf("stream broken %d: echo %q, want %q", n, got, want)
+		}
+		fmt.Printf("stream ok %d t=%d\n", n, time.Now().UnixNano())
+		time.Sleep(probeEvery)
+	}
 }
