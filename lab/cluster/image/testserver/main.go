@@ -8,7 +8,9 @@
 //	testserver probe ADDR     every 100 ms, dial ADDR, send a line, expect it
 //	                          back; print "ok N t=UNIXNANO" (when the echo
 //	                          came) or "fail N: why" per attempt
-//	testserver stream ADDR    dial ADDR once and, every 100 ms, send a line on
+//	testserver stream ADDR    connect to ADDR (retrying for up to 30 s, as a
+//	                          new pod's first packets may wait for policy and
+//	                          the tunnel) and, every 100 ms, send a line on
 //	                          that one connection and expect it back, waiting
 //	                          up to 60 s for each (TCP retransmits across a
 //	                          gap in the path); print "connected LOCAL" once,
@@ -156,13 +158,22 @@ func once(addr string, n int) error {
 // connection is reported while a test still watches.
 const streamWait = 60 * time.Second
 
+// streamConnect bounds a stream's attempts to connect.
+const streamConnect = 30 * time.Second
+
 // stream keeps one connection exchanging lines until it breaks: the
 // evidence that an established connection survives what happens to the
 // path beneath it.
 func stream(addr string) error {
-	c, err := net.DialTimeout("tcp", addr, time.Second)
-	if err != nil {
-		return fmt.Errorf("stream broken 0: %w", err)
+	var c net.Conn
+	var err error
+	for deadline := time.Now().Add(streamConnect); ; time.Sleep(probeEvery) {
+		if c, err = net.DialTimeout("tcp", addr, time.Second); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("stream broken 0: %w", err)
+		}
 	}
 	defer c.Close()
 	fmt.Printf("connected %s\n", c.LocalAddr())
