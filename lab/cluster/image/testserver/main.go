@@ -7,7 +7,7 @@
 //	                          ADDR is tcp/ADDR
 //	testserver probe ADDR     every 100 ms, dial ADDR, send a line, expect it
 //	                          back; print "ok N t=UNIXNANO" (when the echo
-//	                          came) or "fail N: why" per attempt
+//	                          came) or "fail N: why t=UNIXNANO" per attempt
 //	testserver stream ADDR    connect to ADDR (retrying for up to 30 s, as a
 //	                          new pod's first packets may wait for policy and
 //	                          the tunnel) and, every 100 ms, send a line on
@@ -124,7 +124,7 @@ const probeEvery = 100 * time.Millisecond
 func probe(addr string) {
 	for n := 1; ; n++ {
 		if err := once(addr, n); err != nil {
-			fmt.Printf("fail %d: %v\n", n, err)
+			fmt.Printf("fail %d: %v t=%d\n", n, err, time.Now().UnixNano())
 		} else {
 			fmt.Printf("ok %d t=%d\n", n, time.Now().UnixNano())
 		}
