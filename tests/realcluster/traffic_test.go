@@ -3,7 +3,6 @@ package realcluster
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -255,13 +254,4 @@ func checkEncrypted(t *testing.T, seen map[string]capture.Summary, during string
 			t.Errorf("underlay at %s %s: no WireGuard frames; the cross-node clients' traffic should be there", node, during)
 		}
 	}
-}
-
-// podIPs returns the addresses of pods.
-func podIPs(pods map[string]*corev1.Pod) map[string]netip.Addr {
-	out := map[string]netip.Addr{}
-	for name, p := range pods {
-		out[name] = netip.MustParseAddr(p.Status.PodIP)
-	}
-	return out
 }
