@@ -144,6 +144,10 @@ type Cluster struct {
 	hub     *netns.Netns
 	ca      *controlplane.CA
 	relay   net.Listener
+	images  []string // imported into every node, AddNode's too
+
+	// addMu serialises AddNode.
+	addMu sync.Mutex
 
 	mu    sync.Mutex
 	procs []*proc
@@ -206,8 +210,8 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if opts.Nodes == 0 {
 		opts.Nodes = 2
 	}
-	if opts.Nodes < 1 || opts.Nodes > 200 {
-		return nil, fmt.Errorf("cluster of %d nodes: want 1 to 200", opts.Nodes)
+	if opts.Nodes < 1 || opts.Nodes > maxNodes {
+		return nil, fmt.Errorf("cluster of %d nodes: want 1 to %d", opts.Nodes, maxNodes)
 	}
 	kubeProxy, err := ParseKubeProxyMode(string(opts.KubeProxy))
 	if err != nil {
@@ -301,6 +305,7 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 		}
 		images = append(images, abs)
 	}
+	c.images = images
 	c.log.Info("lab images built", "took", time.Since(began).Round(time.Millisecond))
 	c.phase("lab images built", &began)
 	if err := c.writePKI(opts.Nodes); err != nil {
@@ -329,30 +334,38 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 	if err != nil {
 		return fmt.Errorf("create client: %w", err)
 	}
-	// The hub is the underlay's router, as a cloud network's route table
-	// is: it routes each node's pod CIDR to the node, so that pods reach
-	// the API server on the hub and its replies find them.
 	for _, node := range c.Nodes {
-		if err := waitFor(ctx, node.kubelet, "node "+node.Name+" registered with a pod CIDR", func(ctx context.Context) error {
-			k, err := clients.CoreV1().Nodes().Get(ctx, node.Name, metav1.GetOptions{})
-			if err != nil {
-				return err
-			}
-			if k.Spec.PodCIDR == "" {
-				return errors.New("no pod CIDR yet")
-			}
-			node.PodCIDR, err = netip.ParsePrefix(k.Spec.PodCIDR)
+		if err := c.registered(ctx, clients, node); err != nil {
 			return err
-		}); err != nil {
-			return err
-		}
-		if err := c.hub.Do(func() error {
-			return netlink.RouteAdd(&netlink.Route{Dst: prefixNet(node.PodCIDR), Gw: node.IP.AsSlice()})
-		}); err != nil {
-			return fmt.Errorf("hub route to %s's pod CIDR %s: %w", node.Name, node.PodCIDR, err)
 		}
 	}
 	c.phase("nodes registered", &began)
+	return nil
+}
+
+// registered waits until node is registered with a pod CIDR and has the
+// hub route that CIDR to it. The hub is the underlay's router, as a cloud
+// network's route table is: it routes each node's pod CIDR to the node, so
+// that pods reach the API server on the hub and its replies find them.
+func (c *Cluster) registered(ctx context.Context, clients kubernetes.Interface, node *Node) error {
+	if err := waitFor(ctx, node.kubelet, "node "+node.Name+" registered with a pod CIDR", func(ctx context.Context) error {
+		k, err := clients.CoreV1().Nodes().Get(ctx, node.Name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if k.Spec.PodCIDR == "" {
+			return errors.New("no pod CIDR yet")
+		}
+		node.PodCIDR, err = netip.ParsePrefix(k.Spec.PodCIDR)
+		return err
+	}); err != nil {
+		return err
+	}
+	if err := c.hub.Do(func() error {
+		return netlink.RouteAdd(&netlink.Route{Dst: prefixNet(node.PodCIDR), Gw: node.IP.AsSlice()})
+	}); err != nil {
+		return fmt.Errorf("hub route to %s's pod CIDR %s: %w", node.Name, node.PodCIDR, err)
+	}
 	return nil
 }
 

@@ -19,7 +19,9 @@
 // policies applied through the API server). Supervise runs Up in a process
 // that outlives the command that started it and records the lab in its
 // dir (LabState); Down stops it. Exec runs a command in a pod through the
-// API server, as kubectl exec does.
+// API server, as kubectl exec does. AddNode joins one more node to a
+// running cluster, as a machine joins a real one: Veil's DaemonSet and
+// whatever else runs on every node come to it by themselves.
 //
 // Everything a cluster creates carries its prefix: network namespaces
 // <prefix>-hub and <prefix>-node-N, the cgroup veil-<prefix> in every

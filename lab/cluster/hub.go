@@ -145,7 +145,6 @@ func (c *Cluster) writePKI(n int) error {
 		return err
 	}
 	c.ca = ca
-	dir := filepath.Join(c.Dir, "pki")
 	files := map[string][]byte{"ca.crt": ca.CertPEM()}
 	svc := ServiceCIDR.Addr().As4()
 	svc[3] = 1 // the kubernetes Service's cluster IP
@@ -168,15 +167,34 @@ func (c *Cluster) writePKI(n int) error {
 		"kube-scheduler.kubeconfig":          {"system:kube-scheduler"},
 		"kube-proxy.kubeconfig":              {"system:kube-proxy"},
 	}
+	if err := c.writeFiles(files, kubeconfigs); err != nil {
+		return err
+	}
 	for i := 1; i <= n; i++ {
-		kubeconfigs[NodeName(i)+"-kubelet.kubeconfig"] = []string{"system:node:" + NodeName(i), "system:nodes"}
-		// kubelet's serving certificate, checked by the API server.
-		crt, key, err := ca.Serving(NodeName(i), []string{NodeName(i)}, []net.IP{NodeIP(i).AsSlice()})
-		if err != nil {
+		if err := c.writeNodePKI(i); err != nil {
 			return err
 		}
-		files[NodeName(i)+"-kubelet.crt"], files[NodeName(i)+"-kubelet.key"] = crt, key
 	}
+	return nil
+}
+
+// writeNodePKI writes node i's kubelet certificates and kubeconfig under
+// Dir/pki, from the cluster's CA.
+func (c *Cluster) writeNodePKI(i int) error {
+	// kubelet's serving certificate, checked by the API server.
+	crt, key, err := c.ca.Serving(NodeName(i), []string{NodeName(i)}, []net.IP{NodeIP(i).AsSlice()})
+	if err != nil {
+		return err
+	}
+	return c.writeFiles(
+		map[string][]byte{NodeName(i) + "-kubelet.crt": crt, NodeName(i) + "-kubelet.key": key},
+		map[string][]string{NodeName(i) + "-kubelet.kubeconfig": {"system:node:" + NodeName(i), "system:nodes"}})
+}
+
+// writeFiles writes files, and a kubeconfig for each identity (user,
+// groups...) of kubeconfigs, under Dir/pki.
+func (c *Cluster) writeFiles(files map[string][]byte, kubeconfigs map[string][]string) error {
+	dir := filepath.Join(c.Dir, "pki")
 	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
 			return fmt.Errorf("write %s: %w", name, err)

@@ -3,7 +3,7 @@ package realcluster
 import (
 	"context"
 	"fmt"
-	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,7 +16,6 @@ import (
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/veilmesh/veil/lab/cluster"
-	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/tests/testenv"
 )
 
@@ -39,62 +38,30 @@ const labPrefix = "vrclab"
 // pod's next packets as ctstate INVALID. That is a datapath bug, reported,
 // not worked around here.
 func TestPrivilegedLabUp(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	if testing.Short() {
-		t.Skip("skipped under -short: 2-node Kubernetes clusters")
-	}
+	requireCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 9*time.Minute)
 	defer cancel()
-	bins, err := controlplane.BuildCluster(ctx)
-	if err != nil {
-		t.Fatalf("build cluster binaries (make controlplane builds them ahead of the tests): %v", err)
-	}
 	agentImage := buildAgentImage(t, ctx)
 	for _, mode := range []cluster.KubeProxyMode{cluster.KubeProxyNFTables, cluster.KubeProxyIPTables, cluster.KubeProxyNone} {
 		t.Run("kube-proxy="+string(mode), func(t *testing.T) {
-			testLabUp(t, ctx, bins, agentImage, mode)
+			testLabUp(t, ctx, agentImage, mode)
 		})
 	}
 }
 
-func testLabUp(t *testing.T, ctx context.Context, bins controlplane.ClusterBinaries, agentImage string, mode cluster.KubeProxyMode) {
-	if err := cluster.Cleanup(labPrefix, ""); err != nil {
-		t.Fatalf("remove leftovers of an earlier run: %v", err)
-	}
-	before := snapshotHost(t, labPrefix)
+func testLabUp(t *testing.T, ctx context.Context, agentImage string, mode cluster.KubeProxyMode) {
 	services := true
-	c, err := cluster.Up(ctx, cluster.UpOptions{
-		Options: cluster.Options{
-			Prefix: labPrefix, Nodes: 2, Binaries: bins, Images: []string{agentImage}, KubeProxy: mode,
-			Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-		},
+	c := startLab(t, ctx, labSpec{Up: true, AgentImage: agentImage, UpOptions: cluster.UpOptions{
+		Options:    cluster.Options{Prefix: labPrefix, Nodes: 2, KubeProxy: mode},
 		StrictMode: true,
 		NoDNS:      !services,
-	})
-	if err != nil {
-		t.Fatalf("lab up: %v", err)
-	}
-	stopped := false
-	t.Cleanup(func() {
-		if stopped {
-			return
-		}
-		if t.Failed() {
-			for name, tail := range c.LogTails(3000) {
-				t.Logf("--- last lines of %s:\n%s", name, tail)
-			}
-			dumpPodLogs(t, kubernetes.NewForConfigOrDie(c.Config))
-		}
-		if err := c.Stop(); err != nil {
-			t.Errorf("stop cluster: %v", err)
-		}
-	})
+	}})
 	var phases []string
 	for _, p := range c.Phases {
 		phases = append(phases, fmt.Sprintf("%s %s", p.Name, p.Took.Round(time.Millisecond)))
 	}
 	t.Logf("lab up (kube-proxy %s) in %s: %s", mode, c.Startup.Round(time.Millisecond), strings.Join(phases, "; "))
-	clients := kubernetes.NewForConfigOrDie(c.Config)
+	clients := c.clients
 
 	pods := map[string]*corev1.Pod{}
 	for _, app := range cluster.DemoApps(2) {
@@ -134,7 +101,7 @@ func testLabUp(t *testing.T, ctx context.Context, bins controlplane.ClusterBinar
 		return res
 	}
 	if services {
-		checkServices(t, ctx, clients, c, exec)
+		checkServices(t, ctx, clients, c.Cluster, exec)
 	}
 	// By pod IP, whatever translates Services.
 	for _, tc := range []struct {
@@ -148,38 +115,11 @@ func testLabUp(t *testing.T, ctx context.Context, bins controlplane.ClusterBinar
 	}
 
 	if mode == cluster.KubeProxyNFTables && !t.Failed() {
-		logMemory(t, c)
+		logMemory(t, c.Cluster, "the 2-node lab with DNS and demo")
 		measurePodStart(t, ctx, clients, pods["demo/backend"].Status.PodIP+":80", 20)
 	}
 
-	pids, err := c.PIDs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stopped = true
-	if err := c.Stop(); err != nil {
-		t.Fatalf("lab down: %v", err)
-	}
-	testenv.Eventually(t, 10*time.Second, 100*time.Millisecond, func() error {
-		for _, pid := range pids {
-			if running(pid) {
-				return fmt.Errorf("process %d (%s) of the lab still runs", pid, comm(pid))
-			}
-		}
-		return nil
-	})
-	after := snapshotHost(t, labPrefix)
-	for _, k := range slices.Sorted(func(yield func(string) bool) {
-		for k := range before {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
-		if before[k] != after[k] {
-			t.Errorf("host %s changed by lab up/down:\nbefore:\n%s\nafter:\n%s", k, before[k], after[k])
-		}
-	}
+	c.down()
 }
 
 // checkServices checks DNS over UDP and TCP, at the DNS pod and through
@@ -242,7 +182,9 @@ func checkServices(t *testing.T, ctx context.Context, clients kubernetes.Interfa
 	}
 }
 
-func logMemory(t *testing.T, c *cluster.Cluster) {
+// logMemory logs the resident memory of every process of c, by name, and
+// their sum; what says what c runs.
+func logMemory(t *testing.T, c *cluster.Cluster, what string) {
 	t.Helper()
 	mem, err := c.Memory()
 	if err != nil {
@@ -250,17 +192,11 @@ func logMemory(t *testing.T, c *cluster.Cluster) {
 	}
 	var total int64
 	var parts []string
-	for _, name := range slices.Sorted(func(yield func(string) bool) {
-		for k := range mem {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
+	for _, name := range slices.Sorted(maps.Keys(mem)) {
 		total += mem[name]
 		parts = append(parts, fmt.Sprintf("%s %d MB", name, mem[name]>>20))
 	}
-	t.Logf("memory (RSS) of the 2-node lab with DNS and demo: %d MB: %s", total>>20, strings.Join(parts, ", "))
+	t.Logf("memory (RSS) of %s: %d MB: %s", what, total>>20, strings.Join(parts, ", "))
 }
 
 // measurePodStart creates n pods one after another, each a probe that an

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -14,9 +13,7 @@ import (
 
 	rbacv1 "k8s.io/api/rbac/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 
-	"github.com/veilmesh/veil/deploy"
 	"github.com/veilmesh/veil/lab/cluster"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/meshctl/agentclient"
@@ -36,57 +33,14 @@ const meshctlPrefix = "vrcmesh"
 // user whose RBAC allows reads but not pods/exec, meshctl says which
 // permission is missing, for whom and where, with exit code 3.
 func TestPrivilegedMeshctlThroughAPIServer(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	if testing.Short() {
-		t.Skip("skipped under -short: a 2-node Kubernetes cluster")
-	}
+	requireCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	bins, err := controlplane.BuildCluster(ctx)
-	if err != nil {
-		t.Fatalf("build cluster binaries (make controlplane builds them ahead of the tests): %v", err)
-	}
-	agentImage := buildAgentImage(t, ctx)
-	if err := cluster.Cleanup(meshctlPrefix, ""); err != nil {
-		t.Fatalf("remove leftovers of an earlier run: %v", err)
-	}
-	c, err := cluster.Start(ctx, cluster.Options{
-		Prefix:   meshctlPrefix,
-		Nodes:    2,
-		Binaries: bins,
-		Images:   []string{agentImage},
-		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-	})
-	if err != nil {
-		t.Fatalf("start cluster: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			dumpPodLogs(t, kubernetes.NewForConfigOrDie(c.Config))
-		}
-		if err := c.Stop(); err != nil {
-			t.Errorf("stop cluster: %v", err)
-		}
-	})
-	clients := kubernetes.NewForConfigOrDie(c.Config)
+	c := startLab(t, ctx, labSpec{UpOptions: cluster.UpOptions{Options: cluster.Options{Prefix: meshctlPrefix, Nodes: 2}}})
+	clients := c.clients
 	values := cluster.LabValues()
 	values["meshctl"] = map[string]any{"users": []any{"alice"}}
-	if err := c.InstallVeil(ctx, values); err != nil {
-		t.Fatalf("install veil: %v", err)
-	}
-	if err := c.WaitNodesReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	testenv.Eventually(t, 2*time.Minute, time.Second, func() error {
-		ds, err := clients.AppsV1().DaemonSets(deploy.Namespace).Get(ctx, deploy.DaemonSetName, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		if ds.Status.NumberReady != 2 {
-			return fmt.Errorf("daemonset %s: %d of %d ready", ds.Name, ds.Status.NumberReady, ds.Status.DesiredNumberScheduled)
-		}
-		return nil
-	})
+	c.installVeil(ctx, values)
 	// mallory may read what veil-meshctl reads, but not exec.
 	if _, err := clients.RbacV1().ClusterRoleBindings().Create(ctx, &rbacv1.ClusterRoleBinding{
 		ObjectMeta: metav1.ObjectMeta{Name: "mallory-reads"},
@@ -95,10 +49,7 @@ func TestPrivilegedMeshctlThroughAPIServer(t *testing.T) {
 	}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Eventually(t, time.Minute, 200*time.Millisecond, func() error {
-		_, err := clients.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
-		return err
-	})
+	c.waitServiceAccount(ctx, "default")
 	server := createPod(t, ctx, clients, "server", []string{"serve", ":8080"})
 	client := createPod(t, ctx, clients, "client", []string{"probe", server.Status.PodIP + ":8080"})
 	waitProbe(t, ctx, clients, "ok")

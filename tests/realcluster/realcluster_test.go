@@ -3,7 +3,6 @@ package realcluster
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -34,72 +33,16 @@ const prefix = "vrctest"
 // and that a NetworkPolicy stops it, and that tearing the cluster down
 // leaves the host as it was.
 func TestPrivilegedRealCluster(t *testing.T) {
-	testenv.RequirePrivileged(t)
-	if testing.Short() {
-		t.Skip("skipped under -short: a 2-node Kubernetes cluster")
-	}
+	requireCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
-	// Binaries first: a cold build is `make controlplane`'s, not the test's.
-	bins, err := controlplane.BuildCluster(ctx)
-	if err != nil {
-		t.Fatalf("build cluster binaries (make controlplane builds them ahead of the tests): %v", err)
-	}
-	imageStart := time.Now()
-	agentImage := buildAgentImage(t, ctx)
-	t.Logf("make image: %s", time.Since(imageStart).Round(time.Millisecond))
-	// A crashed run's leftovers are not this run's to account for.
-	if err := cluster.Cleanup(prefix, ""); err != nil {
-		t.Fatalf("remove leftovers of an earlier run: %v", err)
-	}
-	before := snapshotHost(t, prefix)
-
-	began := time.Now()
-	c, err := cluster.Start(ctx, cluster.Options{
-		Prefix:   prefix,
-		Nodes:    2,
-		Binaries: bins,
-		Images:   []string{agentImage},
-		Logger:   slog.New(slog.NewTextHandler(testWriter{t}, nil)),
-	})
-	if err != nil {
-		t.Fatalf("start cluster: %v", err)
-	}
-	stopped := false
-	t.Cleanup(func() {
-		if !stopped {
-			if t.Failed() {
-				for name, tail := range c.LogTails(3000) {
-					t.Logf("--- last lines of %s:\n%s", name, tail)
-				}
-				dumpPodLogs(t, kubernetes.NewForConfigOrDie(c.Config))
-			}
-			if err := c.Stop(); err != nil {
-				t.Errorf("stop cluster: %v", err)
-			}
-		}
-	})
-	clusterUp := time.Since(began)
-	clients := kubernetes.NewForConfigOrDie(c.Config)
-
-	if err := c.InstallVeil(ctx, nil); err != nil {
-		t.Fatalf("install veil: %v", err)
-	}
-	if err := c.WaitNodesReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	testenv.Eventually(t, 2*time.Minute, time.Second, func() error {
-		ds, err := clients.AppsV1().DaemonSets(deploy.Namespace).Get(ctx, deploy.DaemonSetName, metav1.GetOptions{})
-		if err != nil {
-			return err
-		}
-		if ds.Status.NumberReady != 2 {
-			return fmt.Errorf("daemonset %s: %d of %d ready", ds.Name, ds.Status.NumberReady, ds.Status.DesiredNumberScheduled)
-		}
-		return nil
-	})
-	ready := time.Since(began)
+	c := startLab(t, ctx, labSpec{UpOptions: cluster.UpOptions{Options: cluster.Options{Prefix: prefix, Nodes: 2}}})
+	clusterUp := c.Startup
+	clients := c.clients
+	installing := time.Now()
+	c.installVeil(ctx, nil)
+	ready := clusterUp + time.Since(installing)
 	podCIDRs := map[string]netip.Prefix{}
 	for _, nd := range c.Nodes {
 		node, err := clients.CoreV1().Nodes().Get(ctx, nd.Name, metav1.GetOptions{})
@@ -122,12 +65,7 @@ func TestPrivilegedRealCluster(t *testing.T) {
 		t.Fatalf("veil-agent pods running on %v; want both nodes", agentNodes)
 	}
 
-	// The namespace's default ServiceAccount comes from the controller
-	// manager; pods are refused until it exists.
-	testenv.Eventually(t, time.Minute, 200*time.Millisecond, func() error {
-		_, err := clients.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{})
-		return err
-	})
+	c.waitServiceAccount(ctx, "default")
 	created := time.Now()
 	server := createPod(t, ctx, clients, "server", []string{"serve", ":8080"})
 	serverRunning := time.Since(created)
@@ -172,55 +110,10 @@ func TestPrivilegedRealCluster(t *testing.T) {
 	}
 	waitProbe(t, ctx, clients, "fail")
 
-	mem, err := c.Memory()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var total int64
-	var parts []string
-	for _, name := range slices.Sorted(func(yield func(string) bool) {
-		for k := range mem {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
-		total += mem[name]
-		parts = append(parts, fmt.Sprintf("%s %d MB", name, mem[name]>>20))
-	}
-	t.Logf("bring-up: cluster %s, Veil installed and nodes Ready %s (cluster.Start %s)", clusterUp.Round(time.Millisecond), ready.Round(time.Millisecond), c.Startup.Round(time.Millisecond))
-	t.Logf("memory (RSS) of the 2-node cluster: %d MB: %s", total>>20, strings.Join(parts, ", "))
+	t.Logf("bring-up: cluster.Start %s, Veil installed and nodes Ready %s", clusterUp.Round(time.Millisecond), ready.Round(time.Millisecond))
+	logMemory(t, c.Cluster, "the 2-node cluster")
 
-	pids, err := c.PIDs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stopped = true
-	if err := c.Stop(); err != nil {
-		t.Fatalf("stop cluster: %v", err)
-	}
-	// Killed containers and shims were reparented to the host's init,
-	// which reaps them when it gets to it: a zombie has ended.
-	testenv.Eventually(t, 10*time.Second, 100*time.Millisecond, func() error {
-		for _, pid := range pids {
-			if running(pid) {
-				return fmt.Errorf("process %d (%s) of the cluster still runs", pid, comm(pid))
-			}
-		}
-		return nil
-	})
-	after := snapshotHost(t, prefix)
-	for _, k := range slices.Sorted(func(yield func(string) bool) {
-		for k := range before {
-			if !yield(k) {
-				return
-			}
-		}
-	}) {
-		if before[k] != after[k] {
-			t.Errorf("host %s changed:\nbefore:\n%s\nafter:\n%s", k, before[k], after[k])
-		}
-	}
+	c.down()
 }
 
 // dumpPodLogs logs the last lines of every container of every pod, the

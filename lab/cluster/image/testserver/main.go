@@ -10,7 +10,15 @@
 //	                          and closes it
 //	testserver probe ADDR     every 100 ms, dial ADDR, send a line, expect it
 //	                          back; print "ok N t=UNIXNANO" (when the echo
-//	                          came) or "fail N: why" per attempt
+//	                          came) or "fail N: why t=UNIXNANO" per attempt
+//	testserver stream ADDR    connect to ADDR (retrying for up to 30 s, as a
+//	                          new pod's first packets may wait for policy and
+//	                          the tunnel) and, every 100 ms, send a line on
+//	                          that one connection and expect it back, waiting
+//	                          up to 60 s for each (TCP retransmits across a
+//	                          gap in the path); print "connected LOCAL" once,
+//	                          "stream ok N t=UNIXNANO" per echo, and on any
+//	                          error "stream broken N: why" and exit 1
 //
 // A probe's log is what a test reads (through the API server) to see whether
 // a pod reaches another, so each attempt is bounded by a 1 s timeout and
@@ -30,7 +38,7 @@ import (
 
 func main() {
 	if len(os.Args) < 3 {
-		fmt.Fprintln(os.Stderr, "usage: testserver serve SPEC... | probe ADDR")
+		fmt.Fprintln(os.Stderr, "usage: testserver serve SPEC... | probe ADDR | stream ADDR")
 		os.Exit(2)
 	}
 	var err error
@@ -39,6 +47,8 @@ func main() {
 		err = serve(os.Args[2:])
 	case "probe":
 		probe(os.Args[2])
+	case "stream":
+		err = stream(os.Args[2])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -136,7 +146,7 @@ const probeEvery = 100 * time.Millisecond
 func probe(addr string) {
 	for n := 1; ; n++ {
 		if err := once(addr, n); err != nil {
-			fmt.Printf("fail %d: %v\n", n, err)
+			fmt.Printf("fail %d: %v t=%d\n", n, err, time.Now().UnixNano())
 		} else {
 			fmt.Printf("ok %d t=%d\n", n, time.Now().UnixNano())
 		}
@@ -163,4 +173,47 @@ func once(addr string, n int) error {
 		return fmt.Errorf("echo %q, want %q", got, want)
 	}
 	return nil
+}
+
+// streamWait bounds each echo of a stream: long enough for TCP to
+// retransmit across an agent's restart, short enough that a dead
+// connection is reported while a test still watches.
+const streamWait = 60 * time.Second
+
+// streamConnect bounds a stream's attempts to connect.
+const streamConnect = 30 * time.Second
+
+// stream keeps one connection exchanging lines until it breaks: the
+// evidence that an established connection survives what happens to the
+// path beneath it.
+func stream(addr string) error {
+	var c net.Conn
+	var err error
+	for deadline := time.Now().Add(streamConnect); ; time.Sleep(probeEvery) {
+		if c, err = net.DialTimeout("tcp", addr, time.Second); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("stream broken 0: %w", err)
+		}
+	}
+	defer c.Close()
+	fmt.Printf("connected %s\n", c.LocalAddr())
+	r := bufio.NewReader(c)
+	for n := 1; ; n++ {
+		c.SetDeadline(time.Now().Add(streamWait))
+		want := fmt.Sprintf("probe stream %d", n)
+		if _, err := fmt.Fprintln(c, want); err != nil {
+			return fmt.Errorf("stream broken %d: %w", n, err)
+		}
+		got, err := r.ReadString('\n')
+		if err != nil {
+			return fmt.Errorf("stream broken %d: %w", n, err)
+		}
+		if got != want+"\n" {
+			return fmt.Errorf("stream broken %d: echo %q, want %q", n, got, want)
+		}
+		fmt.Printf("stream ok %d t=%d\n", n, time.Now().UnixNano())
+		time.Sleep(probeEvery)
+	}
 }
