@@ -2,10 +2,10 @@
 // image and beside the test server in the test-server image, so that
 // `meshctl lab exec` and tests can probe from any lab pod:
 //
-//	client connect [-udp] [-timeout 2s] HOST:PORT
+//	client connect [-udp] [-timeout 2s] [-message M] HOST:PORT
 //	    send a line (a datagram with -udp) and expect it echoed back, as the
 //	    lab's test server does; HOST may be a name, resolved with the pod's
-//	    resolv.conf
+//	    resolv.conf; the line is M if given (a marker a capture looks for)
 //	client resolve [-tcp] [-server IP:PORT] [-timeout 2s] NAME
 //	    look NAME's addresses up over UDP (or TCP) and print one a line;
 //	    the server defaults to the first nameserver of /etc/resolv.conf
@@ -69,7 +69,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: client connect [-udp] [-timeout D] HOST:PORT | resolve [-tcp] [-server IP:PORT] [-timeout D] NAME |\n"+
+	fmt.Fprintln(os.Stderr, "usage: client connect [-udp] [-timeout D] [-message M] HOST:PORT | resolve [-tcp] [-server IP:PORT] [-timeout D] NAME |\n"+
 		"       reach [-timeout D] PROTO/HOST:PORT... | sink ADDR | source [-pace D] ADDR BYTES")
 	os.Exit(2)
 }
@@ -78,6 +78,7 @@ func connect(args []string) error {
 	fs := flag.NewFlagSet("connect", flag.ExitOnError)
 	udp := fs.Bool("udp", false, "send a UDP datagram instead of a TCP line")
 	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
+	message := fs.String("message", "", "the line to send (default: a greeting naming the host)")
 	fs.Parse(args)
 	if fs.NArg() != 1 {
 		usage()
@@ -86,7 +87,7 @@ func connect(args []string) error {
 	if *udp {
 		network = "udp"
 	}
-	msg, err := echo(network, fs.Arg(0), *timeout)
+	msg, err := echo(network, fs.Arg(0), *timeout, *message)
 	if err != nil {
 		return err
 	}
@@ -95,15 +96,18 @@ func connect(args []string) error {
 }
 
 // echo sends a line to addr and expects it back, as the test server echoes.
-func echo(network, addr string, timeout time.Duration) (string, error) {
+// An empty want sends a greeting naming the host.
+func echo(network, addr string, timeout time.Duration, want string) (string, error) {
 	c, err := net.DialTimeout(network, addr, timeout)
 	if err != nil {
 		return "", fmt.Errorf("dial %s %s: %w", network, addr, err)
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(timeout))
-	host, _ := os.Hostname()
-	want := fmt.Sprintf("hello from %s at %d", host, time.Now().UnixNano())
+	if want == "" {
+		host, _ := os.Hostname()
+		want = fmt.Sprintf("hello from %s at %d", host, time.Now().UnixNano())
+	}
 	if _, err := fmt.Fprintln(c, want); err != nil {
 		return "", fmt.Errorf("send to %s %s: %w", network, addr, err)
 	}
@@ -132,7 +136,7 @@ func reach(args []string) error {
 			return fmt.Errorf("target %q: want tcp/HOST:PORT or udp/HOST:PORT", target)
 		}
 		wg.Go(func() {
-			if _, err := echo(network, addr, *timeout); err != nil {
+			if _, err := echo(network, addr, *timeout, ""); err != nil {
 				results[i] = target + " fail: " + err.Error()
 			} else {
 				results[i] = target + " ok"
