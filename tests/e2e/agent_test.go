@@ -40,6 +40,9 @@ func (e *env) expect(t *testing.T, from, to *pod, port int, allowed bool) {
 	t.Helper()
 	eventually(t, fmt.Sprintf("%s -> %s:%d allowed=%v", from.Key(), to.Key(), port, allowed), 20*time.Second, func() error {
 		err := reach(from, to, port)
+		if err != nil && !isDenied(err) {
+			return err
+		}
 		if (err == nil) != allowed {
 			return fmt.Errorf("reachable=%v (%v)", err == nil, err)
 		}

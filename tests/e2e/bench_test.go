@@ -86,10 +86,13 @@ func BenchmarkAgent(b *testing.B) {
 	src, dst := pods[0], pods[1]
 	probe := func() bool {
 		out, code, err := src.run(ctx, "/client", "connect", "-timeout", "50ms", fmt.Sprintf("%s:80", dst.IP))
-		if err != nil {
-			b.Fatalf("probe: %v: %s", err, out)
+		if err == nil {
+			err = probeExit("p0 -> p1:80", out, code)
 		}
-		return code == 0
+		if err != nil && !isDenied(err) {
+			b.Fatal(err)
+		}
+		return err == nil
 	}
 	waitFor := func(want bool) (time.Duration, error) {
 		start := time.Now()

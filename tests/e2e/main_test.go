@@ -379,7 +379,32 @@ func (p *pod) run(ctx context.Context, argv ...string) (string, int, error) {
 
 const probeTimeout = 700 * time.Millisecond
 
-// reach says whether from reaches to:port over TCP, from inside from.
+// notReached is a probe that ran and did not get through; any other error
+// of a probe means it could not be run, which is no verdict.
+type notReached struct{ msg string }
+
+func (e *notReached) Error() string { return e.msg }
+
+// isDenied says whether err is a probe that ran and did not get through.
+func isDenied(err error) bool {
+	var nr *notReached
+	return errors.As(err, &nr)
+}
+
+// probeExit turns the exit of a client command run in a pod into reach's
+// result: exit 1 with the client's own message is "not reached".
+func probeExit(what, out string, code int) error {
+	switch {
+	case code == 0:
+		return nil
+	case code == 1 && strings.HasPrefix(out, "client: "):
+		return &notReached{fmt.Sprintf("%s: %s", what, strings.TrimSpace(out))}
+	}
+	return fmt.Errorf("%s: the probe could not run: exit %d: %s", what, code, strings.TrimSpace(out))
+}
+
+// reach says whether from reaches to:port over TCP, from inside from: nil,
+// a *notReached (isDenied), or an error of running the probe.
 func reach(from, to *pod, port int) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -387,10 +412,7 @@ func reach(from, to *pod, port int) error {
 	if err != nil {
 		return err
 	}
-	if code != 0 {
-		return fmt.Errorf("%s -> %s:%d: exit %d: %s", from.Key(), to.Key(), port, code, strings.TrimSpace(out))
-	}
-	return nil
+	return probeExit(fmt.Sprintf("%s -> %s:%d", from.Key(), to.Key(), port), out, code)
 }
 
 // eventually waits, polling every 100ms, until cond holds; a failure names
