@@ -7,6 +7,7 @@ package e2e
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -363,18 +364,35 @@ func (e *env) waitRunning(ctx context.Context, ns, name string, within time.Dura
 }
 
 // run runs argv in the pod's container through the node's containerd (not
-// the API server, which a test stops) and returns its output and exit
-// code.
+// the API server, which a test stops) and returns its exit code and its
+// output: stdout, then stderr without ctr's own log lines.
 func (p *pod) run(ctx context.Context, argv ...string) (string, int, error) {
-	out, err := p.nd.ContainerCommand(ctx, p.Container, argv...).CombinedOutput()
+	var stdout, stderr bytes.Buffer
+	cmd := p.nd.ContainerCommand(ctx, p.Container, argv...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	out := stdout.String() + withoutCtrLog(stderr.String())
 	var exit *exec.ExitError
 	if errors.As(err, &exit) && ctx.Err() == nil {
-		return string(out), exit.ExitCode(), nil
+		return out, exit.ExitCode(), nil
 	}
 	if err != nil {
-		return string(out), 0, fmt.Errorf("run %v in %s: %w: %s", argv, p.Key(), err, out)
+		return out, 0, fmt.Errorf("run %v in %s: %w: %s", argv, p.Key(), err, out)
 	}
-	return string(out), 0, nil
+	return out, 0, nil
+}
+
+// withoutCtrLog drops ctr's own log lines (time="…" level=…), such as its
+// warning that cgroup v1 is deprecated, from what an exec wrote to stderr.
+func withoutCtrLog(s string) string {
+	var b strings.Builder
+	for _, line := range strings.SplitAfter(s, "\n") {
+		if strings.HasPrefix(line, `time="`) && strings.Contains(line, " level=") {
+			continue
+		}
+		b.WriteString(line)
+	}
+	return b.String()
 }
 
 const probeTimeout = 700 * time.Millisecond
