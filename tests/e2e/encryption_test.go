@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"slices"
 	"strings"
@@ -437,7 +438,7 @@ func (e *env) restartAgents(t *testing.T) {
 // ConfigMap) and restarts the agents to take them.
 func (e *env) setEncryption(t *testing.T, enc map[string]any) {
 	t.Helper()
-	values := e.c.Values()
+	values := maps.Clone(e.values)
 	values["encryption"] = enc
 	if err := e.c.InstallVeil(context.Background(), values); err != nil {
 		t.Fatal(err)

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -68,6 +69,24 @@ type env struct {
 	kube     kubernetes.Interface
 	veil     versioned.Interface
 	imageDir string
+	// values are the chart values Veil was installed with.
+	values map[string]any
+}
+
+// chartValues are the values of the package's install over the lab's
+// (Cluster.Values): strict WireGuard, and the API server's own address for
+// the agents (k8sServiceHost/k8sServicePort), not the kubernetes Service's
+// cluster IP. With the cluster IP, an API server stopped and started again
+// cuts the agents off for good: stopping, it removes itself from the
+// kubernetes Service's endpoints; the agents' socket load-balancing then
+// refuses the cluster IP (a Service without backends), so they never see
+// it come back (TestPrivilegedAgentRestartAndAPIServerAway found this).
+func chartValues() map[string]any {
+	return map[string]any{
+		"encryption":     map[string]any{"strictMode": true},
+		"k8sServiceHost": cluster.HubIP.String(),
+		"k8sServicePort": cluster.APIPort,
+	}
 }
 
 // lockedBuffer keeps the cluster's progress log for an error message.
@@ -149,9 +168,9 @@ func startEnv() (*env, error) {
 			NodeCIDRMaskSize: nodeCIDRBits,
 			Logger:           slog.New(slog.NewTextHandler(log, nil)),
 		},
-		StrictMode: true,
-		NoDNS:      true,
-		NoDemo:     true,
+		Values: chartValues(),
+		NoDNS:  true,
+		NoDemo: true,
 	})
 	if err != nil {
 		os.RemoveAll(imageDir)
@@ -162,7 +181,8 @@ func startEnv() (*env, error) {
 		phases = append(phases, fmt.Sprintf("%s %s", p.Name, p.Took.Round(time.Millisecond)))
 	}
 	fmt.Fprintf(os.Stderr, "e2e cluster up in %s: %s\n", c.Startup.Round(time.Millisecond), strings.Join(phases, "; "))
-	e := &env{c: c, imageDir: imageDir}
+	e := &env{c: c, imageDir: imageDir, values: c.Values()}
+	maps.Copy(e.values, chartValues())
 	if e.kube, err = kubernetes.NewForConfig(c.Config); err == nil {
 		e.veil, err = versioned.NewForConfig(c.Config)
 	}
