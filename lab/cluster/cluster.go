@@ -83,6 +83,10 @@ type Options struct {
 	// inside the node's network namespace: the host's rulesets stay as
 	// they are.
 	KubeProxy KubeProxyMode
+	// NodeCIDRMaskSize is the size of the pod CIDR the controller manager
+	// gives each node; default 24. A smaller pod CIDR lets a test exhaust
+	// a node's addresses with few pods.
+	NodeCIDRMaskSize int
 	// Logger receives progress; nil discards it.
 	Logger *slog.Logger
 }
@@ -311,7 +315,7 @@ func (c *Cluster) start(ctx context.Context, n names, opts Options) error {
 	if err := c.writePKI(opts.Nodes); err != nil {
 		return err
 	}
-	if err := c.startHub(ctx, n); err != nil {
+	if err := c.startHub(ctx, n, opts.NodeCIDRMaskSize); err != nil {
 		return err
 	}
 	c.log.Info("control plane up", "took", time.Since(began).Round(time.Millisecond))
@@ -377,7 +381,13 @@ func (c *Cluster) phase(name string, since *time.Time) {
 
 // startHub creates the hub namespace with the underlay bridge and starts
 // the control plane in it, and the relay to the API server.
-func (c *Cluster) startHub(ctx context.Context, n names) error {
+func (c *Cluster) startHub(ctx context.Context, n names, nodeCIDRMask int) error {
+	if nodeCIDRMask == 0 {
+		nodeCIDRMask = 24
+	}
+	if nodeCIDRMask <= ClusterCIDR.Bits() || nodeCIDRMask > 30 {
+		return fmt.Errorf("node CIDR mask size %d: want %d to 30", nodeCIDRMask, ClusterCIDR.Bits()+1)
+	}
 	hub, err := netns.NewNetns(n.hubNetns())
 	if err != nil {
 		return err
@@ -468,7 +478,7 @@ func (c *Cluster) startHub(ctx context.Context, n names) error {
 		"--leader-elect=false",
 		"--allocate-node-cidrs=true",
 		"--cluster-cidr="+ClusterCIDR.String(),
-		"--node-cidr-mask-size=24",
+		fmt.Sprintf("--node-cidr-mask-size=%d", nodeCIDRMask),
 		"--service-cluster-ip-range="+ServiceCIDR.String(),
 		"--service-account-private-key-file="+pki("sa.key"),
 		"--root-ca-file="+pki("ca.crt"),

@@ -26,6 +26,7 @@ type proc struct {
 	name    string
 	cmd     *exec.Cmd
 	logPath string
+	cgroup  string        // relative, in every hierarchy (StartDaemon)
 	done    chan struct{} // closed when the process has exited
 	waitErr error         // set before done is closed
 }
@@ -62,7 +63,7 @@ func (c *Cluster) startProc(name string, ns namespaces, cgroup string, argv ...s
 		Setpgid:   true,
 		Pdeathsig: syscall.SIGKILL,
 	}
-	p := &proc{name: name, cmd: cmd, logPath: logPath, done: make(chan struct{})}
+	p := &proc{name: name, cmd: cmd, logPath: logPath, cgroup: cgroup, done: make(chan struct{})}
 	if err := netns.StartPinned(cmd, func(err error) {
 		p.waitErr = err
 		log.Close()

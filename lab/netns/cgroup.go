@@ -10,9 +10,9 @@ import (
 	"time"
 )
 
-// Cgroup2Mount returns where the cgroup v2 hierarchy is mounted
+// cgroup2Mount returns where the cgroup v2 hierarchy is mounted
 // (/sys/fs/cgroup on unified hosts, /sys/fs/cgroup/unified on hybrid ones).
-func Cgroup2Mount() (string, error) {
+func cgroup2Mount() (string, error) {
 	f, err := os.Open("/proc/self/mounts")
 	if err != nil {
 		return "", fmt.Errorf("read mounts: %w", err)
@@ -35,7 +35,7 @@ type Cgroup struct {
 
 // NewCgroup creates a cgroup named name under the cgroup v2 mount.
 func NewCgroup(name string) (*Cgroup, error) {
-	root, err := Cgroup2Mount()
+	root, err := cgroup2Mount()
 	if err != nil {
 		return nil, err
 	}

@@ -21,8 +21,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -33,7 +31,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
-	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/meshctl/output"
 )
 
@@ -41,9 +38,6 @@ import (
 const (
 	DefaultSocket = "/var/run/veil/agent.sock"
 	EnvSocket     = "VEIL_SOCKET"
-	// EnvLabState names the lab's state file, which maps node names to
-	// agent sockets (see LabResolver).
-	EnvLabState = "VEIL_LAB_STATE"
 	// APIVersion is the major version of the agent API meshctl speaks.
 	APIVersion = "v1"
 )
@@ -97,36 +91,9 @@ func UnixTarget(where, socket string) Target {
 // NodeResolver finds the agent API of a node by the node's name.
 //
 // In a cluster the agent of a node is reached through the API server, by
-// an exec into that node's veil-agent pod (ClusterResolver). The old
-// simulated lab resolves a node to its agent's socket on the same host
-// (LabResolver).
+// an exec into that node's veil-agent pod (ClusterResolver).
 type NodeResolver interface {
 	Resolve(ctx context.Context, node string) (Target, error)
-}
-
-// LabResolver reads the lab's state file (lab.State) at Path and reaches a
-// node's agent through the socket it lists.
-type LabResolver struct{ Path string }
-
-var _ NodeResolver = LabResolver{}
-
-func (r LabResolver) Resolve(_ context.Context, node string) (Target, error) {
-	st, err := lab.ReadStateFile(r.Path)
-	if err != nil {
-		return Target{}, usageErrorf("%s: %w", EnvLabState, err)
-	}
-	var names []string
-	for _, n := range st.Nodes {
-		if n.Name == node {
-			if n.Socket == "" {
-				return Target{}, usageErrorf("lab state %s: node %s has no socket", r.Path, node)
-			}
-			return UnixTarget(fmt.Sprintf("%s (node %s)", n.Socket, node), n.Socket), nil
-		}
-		names = append(names, n.Name)
-	}
-	slices.Sort(names)
-	return Target{}, usageErrorf("node %q is not in the lab (%s lists: %s)", node, r.Path, strings.Join(names, ", "))
 }
 
 // Selection is how the user chose the agent: the --socket and --node flags
@@ -144,22 +111,12 @@ type Selection struct {
 }
 
 // Target resolves the selection to the agent to talk to: --node through
-// the old simulated lab's state file when VEIL_LAB_STATE names one that
-// lists agent sockets, else through the cluster (the API server
-// of the kubeconfig); without --node, the local socket (--socket, else
-// VEIL_SOCKET, else the default).
+// the cluster (the API server of the kubeconfig); without --node, the
+// local socket (--socket, else VEIL_SOCKET, else the default).
 func (s Selection) Target(ctx context.Context) (Target, error) {
 	if s.Node != "" {
 		if s.SocketSet {
 			return Target{}, usageErrorf("give --node or --socket, not both")
-		}
-		if p := s.Getenv(EnvLabState); p != "" {
-			// The simulated lab's agents are host processes with sockets;
-			// a lab of real nodes lists none, and goes through its API
-			// server like any cluster.
-			if st, err := lab.ReadStateFile(p); err != nil || s.Cluster == nil || slices.ContainsFunc(st.Nodes, func(n lab.NodeState) bool { return n.Socket != "" }) {
-				return LabResolver{Path: p}.Resolve(ctx, s.Node)
-			}
 		}
 		if s.Cluster == nil {
 			return Target{}, usageErrorf("--node %s: no cluster to find the node's agent in", s.Node)

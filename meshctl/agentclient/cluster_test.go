@@ -24,7 +24,6 @@ import (
 
 	"github.com/veilmesh/veil/api/agent/bridge"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
-	"github.com/veilmesh/veil/lab"
 )
 
 const ns = "veil-system"
@@ -281,11 +280,6 @@ func TestDialBridgeRefusesAStreamWithoutHello(t *testing.T) {
 }
 
 func TestSelectionChoosesTheResolver(t *testing.T) {
-	dir := t.TempDir()
-	withSockets := filepath.Join(dir, "lab.json")
-	writeState(t, withSockets, lab.State{Nodes: []lab.NodeState{{Name: "node-1", Socket: "/run/lab/node-1.sock"}}})
-	withoutSockets := filepath.Join(dir, "cluster.json")
-	writeState(t, withoutSockets, lab.State{Nodes: []lab.NodeState{{Name: "node-1"}}})
 	cluster := func(context.Context) (NodeResolver, error) { return fixedResolver("cluster"), nil }
 	noKubeconfig := func(context.Context) (NodeResolver, error) {
 		return nil, usageErrorf("no kubeconfig")
@@ -298,9 +292,7 @@ func TestSelectionChoosesTheResolver(t *testing.T) {
 		wantErr string
 	}{
 		{"cluster", nil, cluster, "cluster node-1", ""},
-		{"old lab", map[string]string{EnvLabState: withSockets}, cluster, "/run/lab/node-1.sock (node node-1)", ""},
-		{"lab state without sockets", map[string]string{EnvLabState: withoutSockets}, cluster, "cluster node-1", ""},
-		{"old lab, no kubeconfig", map[string]string{EnvLabState: withSockets}, nil, "/run/lab/node-1.sock (node node-1)", ""},
+		{"no cluster", nil, nil, "", "no cluster to find the node's agent in"},
 		{"no kubeconfig", nil, noKubeconfig, "", "no kubeconfig"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -326,12 +318,4 @@ type fixedResolver string
 
 func (f fixedResolver) Resolve(_ context.Context, node string) (Target, error) {
 	return Target{Where: string(f) + " " + node}, nil
-}
-
-func writeState(t *testing.T, path string, st lab.State) {
-	t.Helper()
-	b := fmt.Sprintf(`{"nodes":[{"name":%q,"socket":%q}]}`, st.Nodes[0].Name, st.Nodes[0].Socket)
-	if err := os.WriteFile(path, []byte(b), 0o600); err != nil {
-		t.Fatal(err)
-	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -22,11 +23,11 @@ import (
 	kubefake "k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
+	"github.com/veilmesh/veil/api/agent/bridge"
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/api/annotations"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/api/nodeinfo"
-	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/audit"
 	"github.com/veilmesh/veil/meshctl/output"
 )
@@ -375,14 +376,6 @@ current-context: lab
 `), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	lab := filepath.Join(home, "lab.json")
-	if err := os.WriteFile(lab, []byte(`{"kubeconfig": "`+cfg+`", "nodes": []}`), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	labNone := filepath.Join(home, "lab-none.json")
-	if err := os.WriteFile(labNone, []byte(`{"nodes": []}`), 0o644); err != nil {
-		t.Fatal(err)
-	}
 	for _, tc := range []struct {
 		name     string
 		vars     map[string]string
@@ -390,9 +383,7 @@ current-context: lab
 		wantCode int
 		want     string
 	}{
-		{"lab state", map[string]string{agentclient.EnvLabState: lab}, []string{"--timeout", "2s"}, ExitUnreachable, "list nodes at https://127.0.0.1:1"},
-		{"lab state without kubeconfig", map[string]string{agentclient.EnvLabState: labNone}, nil, ExitUsage, "the lab state " + labNone + " names none"},
-		{"KUBECONFIG beats the lab", map[string]string{agentclient.EnvLabState: labNone, envKubeconfig: missing}, nil, ExitUsage, "none of the files in KUBECONFIG="},
+		{"KUBECONFIG", map[string]string{envKubeconfig: cfg}, []string{"--timeout", "2s"}, ExitUnreachable, "list nodes at https://127.0.0.1:1"},
 		{"none", map[string]string{"HOME": home}, nil, ExitUsage, "no kubeconfig: --kubeconfig is not given, KUBECONFIG is not set and " + filepath.Join(home, ".kube", "config") + " does not exist"},
 		{"no home", nil, nil, ExitUsage, "~/.kube/config does not exist"},
 		{"KUBECONFIG missing", map[string]string{envKubeconfig: missing + string(filepath.ListSeparator) + missing + "2"}, nil, ExitUsage, "none of the files in KUBECONFIG="},
@@ -540,28 +531,15 @@ func (a *wireAgent) SendMarker(ctx context.Context, req *agentv1.SendMarkerReque
 	return &agentv1.SendMarkerResponse{SourcePod: "x/a-" + strings.TrimPrefix(a.node, "node-"), SourceIp: "10.0." + strings.TrimPrefix(a.node, "node-") + ".5", Sent: req.Count}, nil
 }
 
-// labAgents serves a wireAgent per node listed and writes the lab state.
-func labAgents(t *testing.T, w *labWire, nodes ...string) string {
+// wireAgents gives each node listed a veil-agent pod serving a wireAgent
+// on w, reached through the (fake) API server's exec.
+func wireAgents(t *testing.T, c *cluster, w *labWire, nodes ...string) {
 	t.Helper()
-	type labNodeJSON struct {
-		Name   string `json:"name"`
-		Socket string `json:"socket"`
-	}
-	var st struct {
-		Nodes []labNodeJSON `json:"nodes"`
-	}
+	agents := map[string]agentv1.AgentServer{}
 	for _, n := range nodes {
-		st.Nodes = append(st.Nodes, labNodeJSON{n, serve(t, &wireAgent{node: n, wire: w})})
+		agents[n] = &wireAgent{node: n, wire: w}
 	}
-	b, err := json.Marshal(st)
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "lab.json")
-	if err := os.WriteFile(path, b, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return path
+	withAgents(t, c, agents, allowed)
 }
 
 func activeChecks(r audit.Report) map[string]audit.Check {
@@ -581,8 +559,8 @@ func TestAuditActive(t *testing.T) {
 	// node-1's pod serves DNS: markers to it go to its UDP port.
 	c.pods[0].Spec.Containers = []corev1.Container{{Name: "dns", Ports: []corev1.ContainerPort{{ContainerPort: 8080}, {ContainerPort: 53, Protocol: corev1.ProtocolUDP}}}}
 	w := newLabWire(c)
-	lab := labAgents(t, w, "node-1", "node-2", "node-3")
-	r, code, stderr := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
+	wireAgents(t, c, w, "node-1", "node-2", "node-3")
+	r, code, stderr := auditJSON(t, c, nil, "--active", "--capture-duration", "500ms")
 	if code != ExitOK || r.Verdict != audit.Pass {
 		t.Fatalf("exit %d, verdict %s, stderr %q\n%s", code, r.Verdict, stderr, failuresString(r.Failures))
 	}
@@ -611,8 +589,8 @@ func TestAuditActiveFails(t *testing.T) {
 		c := healthyCluster(2)
 		w := newLabWire(c)
 		w.clear = true
-		lab := labAgents(t, w, "node-1", "node-2")
-		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "500ms")
+		wireAgents(t, c, w, "node-1", "node-2")
+		r, code, _ := auditJSON(t, c, nil, "--active", "--capture-duration", "500ms")
 		if code != ExitFailure || r.Verdict != audit.Fail || len(r.Failures) != 2 {
 			t.Fatalf("exit %d, verdict %s; want 1, FAIL with the 2 active checks\n%s", code, r.Verdict, failuresString(r.Failures))
 		}
@@ -627,36 +605,34 @@ func TestAuditActiveFails(t *testing.T) {
 			}
 		}
 	})
-	t.Run("agent not in the lab", func(t *testing.T) {
+	t.Run("no agent pod", func(t *testing.T) {
 		c := healthyCluster(2)
-		lab := labAgents(t, newLabWire(c), "node-1")
-		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "100ms")
+		wireAgents(t, c, newLabWire(c), "node-1")
+		r, code, _ := auditJSON(t, c, nil, "--active", "--capture-duration", "100ms")
 		got := activeChecks(r)
 		if code != ExitFailure || len(got) != 2 {
 			t.Fatalf("exit %d, active checks %+v", code, got)
 		}
 		for _, s := range []string{"node-1→node-2", "node-2→node-1"} {
-			if want := `cannot reach the agent of node-2: node "node-2" is not in the lab`; !strings.Contains(got[s].Reason, want) {
+			if want := `cannot reach the agent of node-2: node node-2 runs no veil-agent pod`; !strings.Contains(got[s].Reason, want) {
 				t.Errorf("%s: %q; want it to contain %q", s, got[s].Reason, want)
 			}
 		}
 	})
 	t.Run("agent not running", func(t *testing.T) {
 		c := healthyCluster(2)
-		lab := labAgents(t, newLabWire(c), "node-1")
-		var st map[string][]map[string]string
-		b, _ := os.ReadFile(lab)
-		if err := json.Unmarshal(b, &st); err != nil {
-			t.Fatal(err)
+		wireAgents(t, c, newLabWire(c), "node-1", "node-2")
+		// node-2's agent pod runs, but its agent's socket is gone.
+		served := c.exec
+		c.exec = func(ctx context.Context, namespace, pod, container string, command []string, stdin io.Reader, stdout, stderr io.Writer) error {
+			if pod == "veil-agent-2x" {
+				return bridge.Serve(ctx, filepath.Join(t.TempDir(), "gone.sock"), stdin, stdout)
+			}
+			return served(ctx, namespace, pod, container, command, stdin, stdout, stderr)
 		}
-		st["nodes"] = append(st["nodes"], map[string]string{"name": "node-2", "socket": filepath.Join(t.TempDir(), "gone.sock")})
-		b, _ = json.Marshal(st)
-		if err := os.WriteFile(lab, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-		r, code, _ := auditJSON(t, c, map[string]string{agentclient.EnvLabState: lab}, "--active", "--capture-duration", "100ms")
+		r, code, _ := auditJSON(t, c, nil, "--active", "--capture-duration", "100ms")
 		got := activeChecks(r)["node-1→node-2"]
-		if code != ExitFailure || !strings.Contains(got.Reason, "cannot reach the agent of node-2: cannot reach veil-agent at") || strings.Contains(got.Reason, "\n") {
+		if code != ExitFailure || !strings.Contains(got.Reason, "cannot reach the agent of node-2: cannot reach veil-agent: exec /usr/bin/veil-agent api-bridge in pod veil-system/veil-agent-2x (node node-2): connect to the agent's API socket") || strings.Contains(got.Reason, "\n") {
 			t.Errorf("exit %d, %q; want one line naming the unreachable agent", code, got.Reason)
 		}
 	})

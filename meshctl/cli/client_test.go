@@ -295,11 +295,6 @@ func TestSocketSelection(t *testing.T) {
 	other.status = healthyStatus()
 	other.status.Node = "node-2"
 	c := serve(t, other)
-	lab := filepath.Join(t.TempDir(), "lab.json")
-	state := `{"nodes": [{"name": "node-1", "socket": "` + a + `"}, {"name": "node-2", "socket": "` + c + `"}]}`
-	if err := os.WriteFile(lab, []byte(state), 0o644); err != nil {
-		t.Fatal(err)
-	}
 	for _, tc := range []struct {
 		name       string
 		vars       map[string]string
@@ -311,11 +306,8 @@ func TestSocketSelection(t *testing.T) {
 		{"--socket", nil, []string{"--socket", b}, ExitOK, "node-1", ""},
 		{"VEIL_SOCKET", map[string]string{agentclient.EnvSocket: c}, nil, ExitOK, "node-2", ""},
 		{"--socket beats VEIL_SOCKET", map[string]string{agentclient.EnvSocket: c}, []string{"--socket", a}, ExitOK, "node-1", ""},
-		{"lab node", map[string]string{agentclient.EnvLabState: lab}, []string{"--node", "node-2"}, ExitOK, "node-2", ""},
-		{"lab unknown node", map[string]string{agentclient.EnvLabState: lab}, []string{"--node", "node-9"}, ExitUsage, "", `node "node-9" is not in the lab`},
-		{"lab state missing", map[string]string{agentclient.EnvLabState: lab + ".nope"}, []string{"--node", "node-2"}, ExitUsage, "", "read lab state"},
 		{"cluster node without kubeconfig", nil, []string{"--node", "node-2"}, ExitUsage, "", "reaches other nodes' agents through the API server, so point --kubeconfig at the cluster's kubeconfig"},
-		{"--node and --socket", map[string]string{agentclient.EnvLabState: lab}, []string{"--node", "node-2", "--socket", a}, ExitUsage, "", "not both"},
+		{"--node and --socket", nil, []string{"--node", "node-2", "--socket", a}, ExitUsage, "", "not both"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, stderr, code := runLive(t, t.Context(), testEnv(tc.vars), append([]string{"status"}, tc.args...)...)

@@ -6,8 +6,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -344,19 +342,16 @@ func (a *rotatingAgent) RotateKey(context.Context, *agentv1.RotateKeyRequest) (*
 
 func TestRotateKey(t *testing.T) {
 	local := serve(t, &rotatingAgent{node: "node-1"})
-	other := serve(t, &rotatingAgent{node: "node-2"})
-	lab := filepath.Join(t.TempDir(), "lab.json")
-	state := `{"nodes": [{"name": "node-1", "socket": "` + local + `"}, {"name": "node-2", "socket": "` + other + `"}]}`
-	if err := os.WriteFile(lab, []byte(state), 0o644); err != nil {
-		t.Fatal(err)
-	}
 	out, stderr, code := runAgainst(t, local, "encryption", "rotate-key")
 	if code != ExitOK {
 		t.Fatalf("exit %d, stderr %s", code, stderr)
 	}
 	golden(t, "encryption-rotate-key.txt", out)
 
-	out, stderr, code = runLive(t, t.Context(), testEnv(map[string]string{agentclient.EnvLabState: lab}), "encryption", "rotate-key", "--node", "node-2", "-o", "json")
+	// Another node's agent, through the API server.
+	c := healthyCluster(2)
+	withAgents(t, c, map[string]agentv1.AgentServer{"node-1": &rotatingAgent{node: "node-1"}, "node-2": &rotatingAgent{node: "node-2"}}, allowed)
+	out, stderr, code = runCluster(t, c, nil, "encryption", "rotate-key", "--node", "node-2", "-o", "json")
 	var r rotateKeyReport
 	if err := json.Unmarshal([]byte(out), &r); code != ExitOK || err != nil {
 		t.Fatalf("exit %d, %v, stdout %q, stderr %q", code, err, out, stderr)

@@ -20,7 +20,6 @@ import (
 
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
-	"github.com/veilmesh/veil/lab"
 	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/audit"
 )
@@ -60,7 +59,7 @@ func newKubeOptions(env agentEnv, connect kubeConnect) *kubeOptions {
 // addFlags adds the cluster flags to cmd and its subcommands.
 func (o *kubeOptions) addFlags(cmd *cobra.Command) {
 	fs := cmd.PersistentFlags()
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", else the lab's with "+agentclient.EnvLabState+", else ~/.kube/config)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "the kubeconfig file to reach the API server with (env "+envKubeconfig+", else ~/.kube/config)")
 	fs.StringVar(&o.context, "context", "", "the kubeconfig context to use (default: its current context)")
 }
 
@@ -71,8 +70,7 @@ func (o *kubeOptions) connect() (*kubeClients, error) {
 
 // connectKubeconfig loads the kubeconfig as kubectl does (--kubeconfig,
 // else every file of $KUBECONFIG, else ~/.kube/config) and, when there is
-// none but meshctl runs in a pod, uses the pod's service account. In the
-// lab ($VEIL_LAB_STATE), the lab's kubeconfig comes before ~/.kube/config.
+// none but meshctl runs in a pod, uses the pod's service account.
 func connectKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*kubeClients, error) {
 	cfg, err := loadKubeconfig(kubeconfig, kubeContext, env)
 	if err != nil {
@@ -107,18 +105,6 @@ func loadKubeconfig(kubeconfig, kubeContext string, env agentEnv) (*rest.Config,
 		if !slices.ContainsFunc(rules.Precedence, fileExists) {
 			return nil, usageErrorf("no kubeconfig: none of the files in %s exists", source)
 		}
-	case env.getenv(agentclient.EnvLabState) != "":
-		// The lab's state file names the kubeconfig of its API server.
-		path := env.getenv(agentclient.EnvLabState)
-		st, err := lab.ReadStateFile(path)
-		if err != nil {
-			return nil, usageErrorf("%s, for its kubeconfig: %w", agentclient.EnvLabState, err)
-		}
-		if st.Kubeconfig == "" {
-			return nil, usageErrorf("no kubeconfig: --kubeconfig is not given, %s is not set and the lab state %s names none", envKubeconfig, path)
-		}
-		rules.ExplicitPath = st.Kubeconfig
-		source = st.Kubeconfig + " (from the lab state " + path + ")"
 	default:
 		var path string
 		if home := env.getenv("HOME"); home != "" {

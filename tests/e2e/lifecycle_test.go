@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -17,38 +18,43 @@ import (
 
 	agentv1 "github.com/veilmesh/veil/api/agent/v1"
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
-	"github.com/veilmesh/veil/lab"
-	"github.com/veilmesh/veil/lab/netns"
+	"github.com/veilmesh/veil/lab/cluster"
+	"github.com/veilmesh/veil/meshctl/agentclient"
 )
 
-func mustPod(t *testing.T, l *lab.Lab, ns, name, node, app string) *lab.Pod {
+func (a *agent) endpoints(t testing.TB) []*agentv1.Endpoint {
 	t.Helper()
-	p, err := l.AddPod(context.Background(), lab.PodSpec{Namespace: ns, Name: name, Node: node, Labels: map[string]string{"app": app}, Ports: web})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
+	return call(t, a, "list endpoints", func(ctx context.Context, c *agentclient.Conn) ([]*agentv1.Endpoint, error) {
+		resp, err := c.Client.ListEndpoints(ctx, &agentv1.ListEndpointsRequest{})
+		if err != nil {
+			return nil, err
+		}
+		return resp.Endpoints, nil
+	})
 }
 
-func endpointsOf(t *testing.T, n *lab.Node) []*agentv1.Endpoint {
+func (a *agent) status(t testing.TB) *agentv1.StatusResponse {
 	t.Helper()
-	conn, c, err := n.Dial()
-	if err != nil {
-		t.Fatal(err)
+	return call(t, a, "status", func(ctx context.Context, c *agentclient.Conn) (*agentv1.StatusResponse, error) {
+		return c.Client.Status(ctx, &agentv1.StatusRequest{})
+	})
+}
+
+// endpointsIn are the endpoints of namespace ns: other tests' pods may
+// still be on the node.
+func endpointsIn(eps []*agentv1.Endpoint, ns string) []*agentv1.Endpoint {
+	var out []*agentv1.Endpoint
+	for _, ep := range eps {
+		if ep.Namespace == ns {
+			out = append(out, ep)
+		}
 	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	resp, err := c.ListEndpoints(ctx, &agentv1.ListEndpointsRequest{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return resp.Endpoints
+	return out
 }
 
 // onlyFrom makes pod app=to accept TCP only from pods app=from of any
 // namespace, on the given ports.
-func onlyFrom(t *testing.T, l *lab.Lab, ns, name, to, from string, ports ...int) {
+func (e *env) onlyFrom(t *testing.T, ns, name, to, from string, ports ...int) {
 	t.Helper()
 	np := &networkingv1.NetworkPolicy{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
@@ -65,32 +71,117 @@ func onlyFrom(t *testing.T, l *lab.Lab, ns, name, to, from string, ports ...int)
 	for _, p := range ports {
 		np.Spec.Ingress[0].Ports = append(np.Spec.Ingress[0].Ports, networkingv1.NetworkPolicyPort{Port: ptr(intstr.FromInt32(int32(p)))})
 	}
-	if _, err := l.Kube.NetworkingV1().NetworkPolicies(ns).Create(context.Background(), np, metav1.CreateOptions{}); err != nil {
+	if _, err := e.kube.NetworkingV1().NetworkPolicies(ns).Create(context.Background(), np, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 }
 
+// cniResult is what veil-cni printed and how it exited.
+type cniResult struct {
+	Stdout   string
+	ExitCode int
+}
+
+// runCNI runs the node's veil-cni (installed by the DaemonSet's init
+// container) as containerd does: CNI_* environment, the network
+// configuration on stdin, in a network namespace of its own made for the
+// call (removed after), in the node's namespaces.
+func runCNI(ctx context.Context, nd *cluster.Node, command, containerID, args string, conf []byte) (cniResult, error) {
+	const script = `
+ip netns add "$NS"
+out=$(printf '%s' "$CONF" | env CNI_COMMAND="$CMD" CNI_CONTAINERID="$CID" CNI_NETNS="/run/netns/$NS" CNI_IFNAME=eth0 CNI_ARGS="$ARGS" CNI_PATH=/opt/cni/bin /opt/cni/bin/veil-cni 2>/dev/null)
+rc=$?
+ip netns del "$NS"
+printf '%s\n' "$out"
+echo "exit $rc"
+`
+	ns := fmt.Sprintf("veile2e-cni-%d", time.Now().UnixNano())
+	out, err := nd.Run(ctx, "env", "NS="+ns, "CONF="+string(conf), "CMD="+command, "CID="+containerID, "ARGS="+args, "sh", "-c", script)
+	if err != nil {
+		return cniResult{}, err
+	}
+	out = strings.TrimRight(out, "\n")
+	i := strings.LastIndex(out, "\nexit ")
+	if i < 0 {
+		return cniResult{}, fmt.Errorf("veil-cni %s: no exit code in %q", command, out)
+	}
+	var code int
+	fmt.Sscan(out[i+len("\nexit "):], &code)
+	return cniResult{Stdout: out[:i], ExitCode: code}, nil
+}
+
+// nodeCNIConfig is the plugin configuration containerd passes veil-cni on
+// nd: the first plugin of the conflist the init container installed, with
+// the list's name and version.
+func nodeCNIConfig(t *testing.T, nd *cluster.Node) []byte {
+	t.Helper()
+	out, err := nd.Run(context.Background(), "sh", "-c", "cat /etc/cni/net.d/*veil*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		CNIVersion string           `json:"cniVersion"`
+		Name       string           `json:"name"`
+		Plugins    []map[string]any `json:"plugins"`
+	}
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list.Plugins) == 0 {
+		t.Fatalf("node %s CNI config: %v:\n%s", nd.Name, err, out)
+	}
+	conf := list.Plugins[0]
+	conf["cniVersion"], conf["name"] = list.CNIVersion, list.Name
+	b, _ := json.Marshal(conf)
+	return b
+}
+
+// TestPrivilegedAgentPodAndNodeLifecycle: a deleted pod's endpoint goes
+// and its address is freed (kubelet's CNI DEL through containerd), and a
+// second DEL is harmless.
 func TestPrivilegedAgentPodAndNodeLifecycle(t *testing.T) {
-	l := startLab(t, "life", 2)
+	e := sharedEnv(t)
 	ctx := context.Background()
-	a := mustPod(t, l, "x", "a", "node-1", "a")
-	b := mustPod(t, l, "x", "b", "node-1", "b")
-	expect(t, a, b, 80, true)
-	if eps := endpointsOf(t, l.Nodes[0]); len(eps) != 2 {
-		t.Fatalf("node-1 endpoints = %v, want 2", eps)
+	x := e.namespace(t, "life-x", nil)
+	pods := e.addPods(t,
+		podSpec{Namespace: x, Name: "a", Node: "node-1", Labels: map[string]string{"app": "a"}, Ports: web},
+		podSpec{Namespace: x, Name: "b", Node: "node-1", Labels: map[string]string{"app": "b"}, Ports: web},
+	)
+	a, b := pods[0], pods[1]
+	e.expect(t, a, b, 80, true)
+	ag := e.agentOf(t, "node-1")
+	eps := endpointsIn(ag.endpoints(t), x)
+	if len(eps) != 2 {
+		t.Fatalf("node-1 endpoints of %s = %v, want 2", x, eps)
+	}
+	var bSandbox string
+	for _, ep := range eps {
+		if ep.Name == "b" {
+			bSandbox = ep.ContainerId
+		}
+	}
+	if bSandbox == "" {
+		t.Fatalf("endpoint of b has no container ID: %v", eps)
 	}
 
 	// Deleting a pod removes its endpoint and frees its address.
 	bIP := b.IP.String()
-	if err := l.DeletePod(ctx, b); err != nil {
+	if err := e.kube.CoreV1().Pods(x).Delete(ctx, "b", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	for _, ep := range endpointsOf(t, l.Nodes[0]) {
-		if ep.Name == "b" {
-			t.Errorf("endpoint of deleted pod still listed: %v", ep)
+	eventually(t, "pod b gone", time.Minute, func() error {
+		if _, err := e.kube.CoreV1().Pods(x).Get(ctx, "b", metav1.GetOptions{}); err == nil {
+			return fmt.Errorf("still there")
 		}
-	}
-	raw, err := os.ReadFile(filepath.Join(l.Nodes[0].Dir, "state", "ipam.json"))
+		return nil
+	})
+	eventually(t, "b's endpoint removed", 30*time.Second, func() error {
+		for _, ep := range ag.endpoints(t) {
+			if ep.Namespace == x && ep.Name == "b" {
+				return fmt.Errorf("endpoint of deleted pod still listed: %v", ep)
+			}
+		}
+		return nil
+	})
+	// The agent's IPAM state, in the node's /var/lib/veil.
+	raw, err := os.ReadFile(filepath.Join(e.node(t, "node-1").Dir, "var-lib", "veil", "ipam.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,158 +193,236 @@ func TestPrivilegedAgentPodAndNodeLifecycle(t *testing.T) {
 	if err := json.Unmarshal(raw, &ipamState); err != nil {
 		t.Fatalf("read IPAM state: %v", err)
 	}
-	for _, a := range ipamState.Allocations {
-		if a.IP == bIP {
+	for _, al := range ipamState.Allocations {
+		if al.IP == bIP {
 			t.Errorf("IPAM still holds %s after DEL:\n%s", bIP, raw)
 		}
 	}
 	// DEL is idempotent.
-	if _, err := l.Nodes[0].RunCNI(ctx, "DEL", b.ContainerID, "", "K8S_POD_NAMESPACE=x;K8S_POD_NAME=b", l.Nodes[0].CNIConfig()); err != nil {
-		t.Errorf("second DEL: %v", err)
-	}
-
-	// A node joins: its pods reach and are reached.
-	n3, err := l.AddNode(ctx)
+	n1 := e.node(t, "node-1")
+	res, err := runCNI(ctx, n1, "DEL", bSandbox, "K8S_POD_NAMESPACE="+x+";K8S_POD_NAME=b", nodeCNIConfig(t, n1))
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := mustPod(t, l, "x", "e", n3.Name, "e")
-	expect(t, a, e, 80, true)
-	expect(t, e, a, 80, true)
+	if res.ExitCode != 0 {
+		t.Errorf("second DEL: exit %d: %s", res.ExitCode, res.Stdout)
+	}
 }
 
+// TestPrivilegedAgentRestartAndAPIServerAway: node-1's agent crashes
+// (killed, with its kubelet stopped so that it stays down) while a
+// transfer runs, and comes back when the kubelet restarts it; then the API
+// server is stopped and started again. Enforcement holds throughout, and a
+// policy made while the agents could not see it is applied once they can.
 func TestPrivilegedAgentRestartAndAPIServerAway(t *testing.T) {
-	l := startLab(t, "rst", 2)
+	e := sharedEnv(t)
 	ctx := context.Background()
-	a := mustPod(t, l, "x", "a", "node-1", "a")
-	b := mustPod(t, l, "x", "b", "node-1", "b")
-	c := mustPod(t, l, "y", "c", "node-2", "c")
-	onlyFrom(t, l, "x", "b-from-a", "b", "a", 80, 5001)
-	expect(t, a, b, 80, true)
-	expect(t, c, b, 80, false)
+	x := e.namespace(t, "rst-x", nil)
+	y := e.namespace(t, "rst-y", nil)
+	pods := e.addPods(t,
+		podSpec{Namespace: x, Name: "a", Node: "node-1", Labels: map[string]string{"app": "a"}, Ports: web},
+		podSpec{Namespace: x, Name: "b", Node: "node-1", Labels: map[string]string{"app": "b"}, Ports: web},
+		podSpec{Namespace: y, Name: "c", Node: "node-2", Labels: map[string]string{"app": "c"}, Ports: web},
+	)
+	a, b, c := pods[0], pods[1], pods[2]
+	e.onlyFrom(t, x, "b-from-a", "b", "a", 80, 5001)
+	e.expect(t, a, b, 80, true)
+	e.expect(t, c, b, 80, false)
 
 	// A long transfer a -> b crosses an agent crash and restart.
-	st := startStream(t, a, b, 5001, 64<<20, 3*time.Millisecond, true)
-	l.Nodes[0].StopAgent(true)
-	if err := reach(c, b, 80); err == nil {
-		t.Errorf("denied flow passed while the agent was down")
+	st := startStream(t, a, b, 5001, 64<<20, 3*time.Millisecond)
+	n1 := e.node(t, "node-1")
+	_, agent1, err := e.agentPod(ctx, "node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubelet1 := cluster.KubeletDaemon("node-1")
+	if err := e.c.StopDaemon(kubelet1, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	kubeletUp := false
+	t.Cleanup(func() {
+		if !kubeletUp {
+			e.c.StartDaemon(context.Background(), kubelet1)
+		}
+	})
+	if err := n1.KillContainer(ctx, agent1); err != nil {
+		t.Fatal(err)
+	}
+	if err := reach(c, b, 80); !isDenied(err) {
+		t.Errorf("denied flow while the agent was down: %v; want it dropped", err)
 	}
 	if err := reach(a, b, 80); err != nil {
 		t.Errorf("allowed flow failed while the agent was down: %v", err)
 	}
-	if err := l.Nodes[0].StartAgent(ctx); err != nil {
+	if err := e.c.StartDaemon(ctx, kubelet1); err != nil {
 		t.Fatal(err)
 	}
-	if err := reach(c, b, 80); err == nil {
-		t.Errorf("denied flow passed after the restart")
+	kubeletUp = true
+	eventually(t, "node-1's agent restarted by its kubelet", 2*time.Minute, func() error {
+		_, id, err := e.agentPod(ctx, "node-1")
+		if err != nil {
+			return err
+		}
+		if id == agent1 {
+			return fmt.Errorf("still the killed container %s", id)
+		}
+		return nil
+	})
+	if err := reach(c, b, 80); !isDenied(err) {
+		t.Errorf("denied flow after the restart: %v; want it dropped", err)
 	}
 	st.finish("across the agent restart")
 
 	// The API server goes away: enforcement holds; a change made meanwhile
-	// is applied once it is back.
-	for _, n := range l.Nodes {
-		n.CutAPIServer()
+	// is applied once it is back. The agents are asked through their
+	// containers, not the API server.
+	agents := []*agent{e.agentOf(t, "node-1"), e.agentOf(t, "node-2")}
+	if err := e.c.StopDaemon(cluster.APIServerDaemon, 5*time.Second); err != nil {
+		t.Fatal(err)
 	}
-	eventually(t, "agents notice the API server is away", 15*time.Second, func() error {
-		st, err := l.Nodes[0].Status(ctx)
-		if err != nil {
-			return err
+	apiUp := false
+	t.Cleanup(func() {
+		if !apiUp {
+			e.c.StartDaemon(context.Background(), cluster.APIServerDaemon)
 		}
-		if st.ApiServerConnected {
-			return fmt.Errorf("still connected")
+	})
+	eventually(t, "agents notice the API server is away", 30*time.Second, func() error {
+		for _, ag := range agents {
+			if ag.status(t).ApiServerConnected {
+				return fmt.Errorf("%s: still connected", ag.nd.Name)
+			}
 		}
 		return nil
 	})
 	if err := reach(a, b, 80); err != nil {
 		t.Errorf("allowed flow failed while the API server was away: %v", err)
 	}
-	if err := reach(c, b, 80); err == nil {
-		t.Errorf("denied flow passed while the API server was away")
+	if err := reach(c, b, 80); !isDenied(err) {
+		t.Errorf("denied flow while the API server was away: %v; want it dropped", err)
 	}
-	onlyFrom(t, l, "x", "b-from-c", "b", "c", 80)
-	time.Sleep(time.Second)
-	if err := reach(c, b, 80); err == nil {
-		t.Errorf("a policy applied while the agents could not see it took effect")
+	// A change made while the API server is down cannot be: it is made
+	// as soon as it is back, while the agents' watches are still backing
+	// off, and must be picked up.
+	if err := e.c.StartDaemon(ctx, cluster.APIServerDaemon); err != nil {
+		t.Fatal(err)
 	}
-	for _, n := range l.Nodes {
-		if err := n.RestoreAPIServer(); err != nil {
-			t.Fatal(err)
-		}
-	}
+	apiUp = true
+	back := time.Now()
+	e.onlyFrom(t, x, "b-from-c", "b", "c", 80)
 	// client-go's reflectors back off (0.8 s doubling up to 30 s) while the
 	// API server is away, so convergence after its return is bounded by
 	// that backoff.
-	back := time.Now()
-	eventually(t, "the change made while the API server was away is applied", 60*time.Second, func() error {
+	eventually(t, "the change made while the agents were cut off is applied", 90*time.Second, func() error {
 		return reach(c, b, 80)
 	})
 	t.Logf("converged %s after the API server came back", time.Since(back).Round(100*time.Millisecond))
+	// Status follows the agent's own probe of the API server, every 3 s.
+	eventually(t, "agents report the API server back", 15*time.Second, func() error {
+		for _, ag := range agents {
+			if !ag.status(t).ApiServerConnected {
+				return fmt.Errorf("%s: not reconnected", ag.nd.Name)
+			}
+		}
+		return nil
+	})
 }
 
+// TestPrivilegedAgentBadInput: a malformed CNI configuration gets a CNI
+// error and wires nothing; node-3's pod CIDR (a /27) runs out, and the pod
+// past it gets a clear error while the node stays consistent; an invalid
+// MeshPolicy is reported on its status and changes nothing.
 func TestPrivilegedAgentBadInput(t *testing.T) {
-	requirePrivileged(t)
-	l := startLabWith(t, "bad", lab.Options{Nodes: 1, PodCIDRBits: 29})
+	e := sharedEnv(t)
 	ctx := context.Background()
-	n := l.Nodes[0]
+	x := e.namespace(t, "bad-x", nil)
+	n3 := e.node(t, "node-3")
+	ag := e.agentOf(t, "node-3")
 
 	// Malformed CNI configuration: a CNI error that says what to fix, and
 	// nothing allocated or wired.
-	ns, err := netns.NewNetns(fmt.Sprintf("veile2e-%d-badcni", os.Getpid()))
+	before := len(ag.endpoints(t))
+	res, err := runCNI(ctx, n3, "ADD", "badconf", "K8S_POD_NAMESPACE="+x+";K8S_POD_NAME=p", []byte(`{"cniVersion":"1.0.0","name":"veil","type":"veil-cni","mtu":"big"}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { ns.Delete() })
-	out, err := n.RunCNI(ctx, "ADD", "badconf", ns.Path(), "K8S_POD_NAMESPACE=x;K8S_POD_NAME=p", []byte(`{"cniVersion":"1.0.0","name":"veil","type":"veil-cni","mtu":"big"}`))
-	if err == nil {
-		t.Fatalf("ADD with a malformed config succeeded: %s", out)
+	if res.ExitCode == 0 {
+		t.Fatalf("ADD with a malformed config succeeded: %s", res.Stdout)
 	}
 	var cniErr struct {
 		Code int    `json:"code"`
 		Msg  string `json:"msg"`
 	}
-	if json.Unmarshal(out, &cniErr) != nil || cniErr.Code == 0 || cniErr.Msg == "" {
-		t.Errorf("malformed config: want a CNI error, got %s", out)
+	if json.Unmarshal([]byte(res.Stdout), &cniErr) != nil || cniErr.Code == 0 || cniErr.Msg == "" {
+		t.Errorf("malformed config: want a CNI error, got %s", res.Stdout)
 	}
-	if eps := endpointsOf(t, n); len(eps) != 0 {
-		t.Errorf("malformed config left endpoints: %v", eps)
+	if after := len(ag.endpoints(t)); after != before {
+		t.Errorf("malformed config changed the endpoints: %d -> %d", before, after)
 	}
 
-	// Pod CIDR exhausted: a /29 holds 5 pods; the 6th gets a clear error
-	// and the node stays consistent.
-	var pods []*lab.Pod
-	var addErr error
-	for i := 0; i < 8 && addErr == nil; i++ {
-		var p *lab.Pod
-		p, addErr = l.AddPod(ctx, lab.PodSpec{Namespace: "x", Name: fmt.Sprintf("p%d", i), Node: n.Name, Ports: web})
-		if addErr == nil {
-			pods = append(pods, p)
+	// Pod CIDR exhausted: the node's /27 holds 29 pods (the network
+	// address, the gateway and the broadcast address are not given out).
+	// Some may be other tests' still. Two test servers, then pause pods
+	// fill the rest; the pods past it get a clear error from the CNI (on
+	// their FailedCreatePodSandBox events) and never run.
+	capacity := 1<<(32-nodeCIDRBits) - 3
+	servers := e.addPods(t,
+		podSpec{Namespace: x, Name: "s1", Node: n3.Name, Labels: map[string]string{"app": "s"}, Ports: web},
+		podSpec{Namespace: x, Name: "s2", Node: n3.Name, Labels: map[string]string{"app": "s"}, Ports: web},
+	)
+	free := capacity - before - len(servers)
+	const extra = 2
+	for i := 0; i < free+extra; i++ {
+		s := podSpec{Namespace: x, Name: fmt.Sprintf("p%d", i), Node: n3.Name, Labels: map[string]string{"app": "p"}, Image: cluster.PauseImage}
+		if _, err := e.kube.CoreV1().Pods(x).Create(ctx, s.object(), metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
 		}
 	}
-	if addErr == nil || !strings.Contains(addErr.Error(), "exhausted") {
-		t.Fatalf("after %d pods: want an exhausted-CIDR error, got %v", len(pods), addErr)
+	eventually(t, fmt.Sprintf("%d pause pods running and %d refused for an exhausted CIDR", free, extra), 3*time.Minute, func() error {
+		pl, err := e.kube.CoreV1().Pods(x).List(ctx, metav1.ListOptions{LabelSelector: "app=p"})
+		if err != nil {
+			return err
+		}
+		running := 0
+		for _, p := range pl.Items {
+			if p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" {
+				running++
+			}
+		}
+		evs, err := e.kube.CoreV1().Events(x).List(ctx, metav1.ListOptions{FieldSelector: "reason=FailedCreatePodSandBox"})
+		if err != nil {
+			return err
+		}
+		refused := map[string]bool{}
+		for _, ev := range evs.Items {
+			if strings.Contains(ev.Message, "exhausted") {
+				refused[ev.InvolvedObject.Name] = true
+			}
+		}
+		if running != free || len(refused) != extra {
+			return fmt.Errorf("%d running, %d refused with \"exhausted\"", running, len(refused))
+		}
+		return nil
+	})
+	if eps := ag.endpoints(t); len(eps) != capacity {
+		t.Errorf("node-3 endpoints = %d, want %d (its CIDR full)", len(eps), capacity)
 	}
-	if len(pods) != 5 {
-		t.Errorf("a /29 gave %d pods, want 5", len(pods))
-	}
-	if eps := endpointsOf(t, n); len(eps) != len(pods) {
-		t.Errorf("endpoints = %d, want %d", len(eps), len(pods))
-	}
-	expect(t, pods[0], pods[1], 80, true)
+	e.expect(t, servers[0], servers[1], 80, true)
 
 	// An invalid policy is reported on its status and changes nothing.
 	bad := &v1alpha1.MeshPolicy{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "bad-selector"},
+		ObjectMeta: metav1.ObjectMeta{Namespace: x, Name: "bad-selector"},
 		Spec: v1alpha1.MeshPolicySpec{
 			PodSelector: metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "app", Operator: "Near", Values: []string{"a"}}}},
 			PolicyRules: v1alpha1.PolicyRules{Ingress: []v1alpha1.IngressRule{}},
 		},
 	}
-	if _, err := l.Veil.PolicyV1alpha1().MeshPolicies("x").Create(ctx, bad, metav1.CreateOptions{}); err != nil {
+	if _, err := e.veil.PolicyV1alpha1().MeshPolicies(x).Create(ctx, bad, metav1.CreateOptions{}); err != nil {
 		t.Logf("the API server rejected the invalid policy itself: %v", err)
 		return
 	}
 	eventually(t, "invalid MeshPolicy reported", 15*time.Second, func() error {
-		got, err := l.Veil.PolicyV1alpha1().MeshPolicies("x").Get(ctx, "bad-selector", metav1.GetOptions{})
+		got, err := e.veil.PolicyV1alpha1().MeshPolicies(x).Get(ctx, "bad-selector", metav1.GetOptions{})
 		if err != nil {
 			return err
 		}
@@ -263,39 +432,28 @@ func TestPrivilegedAgentBadInput(t *testing.T) {
 		}
 		return nil
 	})
-	expect(t, pods[0], pods[1], 80, true)
-}
-
-func ctxFor(t *testing.T, d time.Duration) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	return ctx
+	e.expect(t, servers[0], servers[1], 80, true)
 }
 
 // TestPrivilegedAccelerationOptOutAnnotation: a pod annotated
 // veil.dev/socket-acceleration=false keeps its connections off the sockmap
 // path; an unannotated pair on the same node is accelerated.
 func TestPrivilegedAccelerationOptOutAnnotation(t *testing.T) {
-	l := startLab(t, "accel", 1)
-	ctx := context.Background()
-	a := mustPod(t, l, "x", "a", "node-1", "a")
-	b := mustPod(t, l, "x", "b", "node-1", "b")
-	c, err := l.AddPod(ctx, lab.PodSpec{Namespace: "x", Name: "c", Node: "node-1", Labels: map[string]string{"app": "c"},
-		Annotations: map[string]string{"veil.dev/socket-acceleration": "false"}, Ports: web})
-	if err != nil {
-		t.Fatal(err)
-	}
-	redirected := func() uint64 {
-		st, err := l.Nodes[0].Status(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return st.Counters.SocketRedirectedBytes
-	}
+	e := sharedEnv(t)
+	x := e.namespace(t, "accel-x", nil)
+	pods := e.addPods(t,
+		podSpec{Namespace: x, Name: "a", Node: "node-1", Labels: map[string]string{"app": "a"}, Ports: web},
+		podSpec{Namespace: x, Name: "b", Node: "node-1", Labels: map[string]string{"app": "b"}, Ports: web},
+		podSpec{Namespace: x, Name: "c", Node: "node-1", Labels: map[string]string{"app": "c"}, Ports: web,
+			Annotations: map[string]string{"veil.dev/socket-acceleration": "false"}},
+	)
+	a, b, c := pods[0], pods[1], pods[2]
+	ag := e.agentOf(t, "node-1")
+	redirected := func() uint64 { return ag.status(t).Counters.SocketRedirectedBytes }
 	r0 := redirected()
-	startStream(t, a, c, 5005, 8<<20, 0, true).finish("to an opted-out pod")
+	startStream(t, a, c, 5005, 8<<20, 0).finish("to an opted-out pod")
 	r1 := redirected()
-	startStream(t, a, b, 5006, 8<<20, 0, true).finish("between accelerated pods")
+	startStream(t, a, b, 5006, 8<<20, 0).finish("between accelerated pods")
 	r2 := redirected()
 	t.Logf("redirected bytes: to the opted-out pod %d, between accelerated pods %d", r1-r0, r2-r1)
 	if r1 != r0 {

@@ -19,8 +19,6 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
 
-	"github.com/veilmesh/veil/lab"
-	"github.com/veilmesh/veil/lab/netns"
 	"github.com/veilmesh/veil/meshctl/cli"
 )
 
@@ -38,7 +36,7 @@ type cell struct {
 
 // predict runs `meshctl policy matrix` on the cluster's objects, dumped to
 // manifest files as a user would.
-func predict(t *testing.T, l *lab.Lab) map[string]bool {
+func (e *env) predict(t *testing.T, namespaces []string) map[string]bool {
 	t.Helper()
 	ctx := context.Background()
 	dir := t.TempDir()
@@ -51,7 +49,7 @@ func predict(t *testing.T, l *lab.Lab) map[string]bool {
 			t.Fatal(err)
 		}
 	}
-	nss, err := l.Kube.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+	nss, err := e.kube.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -60,8 +58,8 @@ func predict(t *testing.T, l *lab.Lab) map[string]bool {
 		nss.Items[i].Kind, nss.Items[i].APIVersion = "Namespace", "v1"
 	}
 	dump("namespaces.yaml", nss)
-	for _, ns := range []string{"x", "y", "z"} {
-		pods, err := l.Kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+	for _, ns := range namespaces {
+		pods, err := e.kube.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -71,7 +69,7 @@ func predict(t *testing.T, l *lab.Lab) map[string]bool {
 			pods.Items[i].ManagedFields = nil
 		}
 		dump("pods-"+ns+".yaml", pods)
-		nps, err := l.Kube.NetworkingV1().NetworkPolicies(ns).List(ctx, metav1.ListOptions{})
+		nps, err := e.kube.NetworkingV1().NetworkPolicies(ns).List(ctx, metav1.ListOptions{})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -103,49 +101,41 @@ func predict(t *testing.T, l *lab.Lab) map[string]bool {
 	return want
 }
 
-// observe probes every cell on the real datapath.
-func observe(pods []*lab.Pod) map[string]bool {
-	type job struct {
-		from, to *lab.Pod
-		port     string
-	}
-	var jobs []job
-	for _, f := range pods {
-		for _, to := range pods {
-			if f != to {
-				for _, p := range matrixPorts {
-					jobs = append(jobs, job{f, to, p})
-				}
-			}
-		}
-	}
+// observe probes every cell on the real datapath: each pod probes all
+// its cells at once (`client reach`), the pods side by side.
+func observe(t *testing.T, pods []*pod) map[string]bool {
+	t.Helper()
 	got := map[string]bool{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	ch := make(chan job)
-	for w := 0; w < 16; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := range ch {
-				num, proto, _ := strings.Cut(j.port, "/")
-				addr := fmt.Sprintf("%s:%s", j.to.IP, num)
-				var err error
-				if proto == "UDP" {
-					err = netns.UDPEcho(j.from.Netns, addr, 500*time.Millisecond)
-				} else {
-					err = netns.TCPEcho(j.from.Netns, addr, 500*time.Millisecond)
-				}
-				mu.Lock()
-				got[j.from.Key()+">"+j.to.Key()+"@"+j.port] = err == nil
-				mu.Unlock()
+	for _, from := range pods {
+		var targets, keys []string
+		for _, to := range pods {
+			if from == to {
+				continue
 			}
-		}()
+			for _, p := range matrixPorts {
+				num, proto, _ := strings.Cut(p, "/")
+				targets = append(targets, fmt.Sprintf("%s/%s:%s", strings.ToLower(proto), to.IP, num))
+				keys = append(keys, from.Key()+">"+to.Key()+"@"+p)
+			}
+		}
+		wg.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			out, code, err := from.run(ctx, append([]string{"/client", "reach", "-timeout", "500ms"}, targets...)...)
+			lines := strings.Split(strings.TrimSpace(out), "\n")
+			if err != nil || code != 0 || len(lines) != len(targets) {
+				t.Errorf("reach from %s: exit %d, %v:\n%s", from.Key(), code, err, out)
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			for i, line := range lines {
+				got[keys[i]] = line == targets[i]+" ok"
+			}
+		})
 	}
-	for _, j := range jobs {
-		ch <- j
-	}
-	close(ch)
 	wg.Wait()
 	return got
 }
@@ -175,9 +165,9 @@ func sel(kv ...string) *metav1.LabelSelector {
 
 // TestPrivilegedUpstreamMatrixOnTwoNodes runs upstream network-policy e2e
 // scenarios on the real datapath and requires exactly the matrix meshctl
-// predicts.
+// predicts, cell for cell: 9 pods in 3 namespaces over node-1 and node-2.
 func TestPrivilegedUpstreamMatrixOnTwoNodes(t *testing.T) {
-	l := startLab(t, "mx", 2)
+	e := sharedEnv(t)
 	ctx := context.Background()
 	ports := []corev1.ContainerPort{
 		{Name: "serve-80-tcp", ContainerPort: 80, Protocol: corev1.ProtocolTCP},
@@ -185,21 +175,19 @@ func TestPrivilegedUpstreamMatrixOnTwoNodes(t *testing.T) {
 		{Name: "serve-80-udp", ContainerPort: 80, Protocol: corev1.ProtocolUDP},
 		{Name: "serve-81-udp", ContainerPort: 81, Protocol: corev1.ProtocolUDP},
 	}
-	var pods []*lab.Pod
+	// Namespaces mx-x, mx-y, mx-z, labelled ns=x|y|z for the policies.
+	nsName := map[string]string{}
+	var specs []podSpec
 	i := 0
 	for _, ns := range []string{"x", "y", "z"} {
-		if err := l.EnsureNamespace(ctx, ns, map[string]string{"ns": ns}); err != nil {
-			t.Fatal(err)
-		}
+		nsName[ns] = e.namespace(t, "mx-"+ns, map[string]string{"ns": ns})
 		for _, name := range []string{"a", "b", "c"} {
-			p, err := l.AddPod(ctx, lab.PodSpec{Namespace: ns, Name: name, Node: l.Nodes[i%2].Name, Labels: map[string]string{"pod": name}, Ports: ports})
-			if err != nil {
-				t.Fatal(err)
-			}
-			pods = append(pods, p)
+			specs = append(specs, podSpec{Namespace: nsName[ns], Name: name, Node: e.c.Nodes[i%2].Name, Labels: map[string]string{"pod": name}, Ports: ports})
 			i++
 		}
 	}
+	pods := e.addPods(t, specs...)
+	namespaces := []string{nsName["x"], nsName["y"], nsName["z"]}
 	port80 := intstr.FromInt32(80)
 	named := intstr.FromString("serve-81-udp")
 	scenarios := []struct {
@@ -240,17 +228,19 @@ func TestPrivilegedUpstreamMatrixOnTwoNodes(t *testing.T) {
 	}
 	for _, sc := range scenarios {
 		// Each scenario replaces the previous one's policies.
-		for _, ns := range []string{"x", "y", "z"} {
-			if err := l.Kube.NetworkingV1().NetworkPolicies(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
+		for _, ns := range namespaces {
+			if err := e.kube.NetworkingV1().NetworkPolicies(ns).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{}); err != nil {
 				t.Fatal(err)
 			}
 		}
 		for _, p := range sc.policies {
-			if _, err := l.Kube.NetworkingV1().NetworkPolicies(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
+			p = p.DeepCopy()
+			p.Namespace = nsName[p.Namespace]
+			if _, err := e.kube.NetworkingV1().NetworkPolicies(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
 				t.Fatal(err)
 			}
 		}
-		want := predict(t, l)
+		want := e.predict(t, namespaces)
 		if len(want) != len(pods)*(len(pods)-1)*len(matrixPorts) {
 			t.Fatalf("%s: meshctl predicted %d cells", sc.name, len(want))
 		}
@@ -258,7 +248,7 @@ func TestPrivilegedUpstreamMatrixOnTwoNodes(t *testing.T) {
 		// must agree.
 		var bad []string
 		for attempt := 0; attempt < 10; attempt++ {
-			bad = diff(want, observe(pods))
+			bad = diff(want, observe(t, pods))
 			if len(bad) == 0 {
 				break
 			}

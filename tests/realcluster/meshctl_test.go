@@ -67,8 +67,7 @@ func TestPrivilegedMeshctlThroughAPIServer(t *testing.T) {
 		return path
 	}
 	alice, mallory := kubeconfig("alice"), kubeconfig("mallory")
-	// No lab state, no local socket: only the API server leads to agents.
-	t.Setenv(agentclient.EnvLabState, "")
+	// No local socket: only the API server leads to agents.
 	t.Setenv(agentclient.EnvSocket, "")
 
 	meshctl := func(kubeconfig string, args ...string) (stdout, stderr string, code int) {

@@ -2,13 +2,27 @@
 // image and beside the test server in the test-server image, so that
 // `meshctl lab exec` and tests can probe from any lab pod:
 //
-//	client connect [-udp] [-timeout 2s] HOST:PORT
+//	client connect [-udp] [-timeout 2s] [-message M] HOST:PORT
 //	    send a line (a datagram with -udp) and expect it echoed back, as the
 //	    lab's test server does; HOST may be a name, resolved with the pod's
-//	    resolv.conf
+//	    resolv.conf; the line is M if given (a marker a capture looks for)
 //	client resolve [-tcp] [-server IP:PORT] [-timeout 2s] NAME
 //	    look NAME's addresses up over UDP (or TCP) and print one a line;
 //	    the server defaults to the first nameserver of /etc/resolv.conf
+//	client reach [-timeout 500ms] PROTO/HOST:PORT...
+//	    connect to every target at once (PROTO tcp or udp) as connect does
+//	    and print one line per target, in the order given:
+//	    "PROTO/HOST:PORT ok" or "PROTO/HOST:PORT fail: why"; exit 0 whatever
+//	    the targets answered
+//	client sink ADDR
+//	    listen on TCP ADDR, print "listening", take one connection and read
+//	    it to its end, printing "progress BYTES" every 256 KiB and
+//	    "done BYTES SHA256" at the end
+//	client source [-pace D] ADDR BYTES
+//	    send BYTES of a fixed pseudo-random stream to ADDR over TCP, pausing
+//	    D after every 64 KiB; print "progress BYTES" every 256 KiB and
+//	    "done BYTES SHA256" when all was sent (a sink that got every byte
+//	    prints the same line)
 //
 // Exit codes: 0 success, 1 the probe failed (the reason on stderr), 2 usage.
 package main
@@ -16,12 +30,16 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -37,6 +55,12 @@ func main() {
 		err = resolve(os.Args[2:])
 	case "connrate":
 		err = connRate(os.Args[2:])
+	case "reach":
+		err = reach(os.Args[2:])
+	case "sink":
+		err = sink(os.Args[2:])
+	case "source":
+		err = source(os.Args[2:])
 	default:
 		usage()
 	}
@@ -47,7 +71,8 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: client connect [-udp] [-timeout D] HOST:PORT | connrate [-duration D] HOST:PORT | resolve [-tcp] [-server IP:PORT] [-timeout D] NAME")
+	fmt.Fprintln(os.Stderr, "usage: client connect [-udp] [-timeout D] [-message M] HOST:PORT | connrate [-duration D] HOST:PORT |\n"+
+		"       resolve [-tcp] [-server IP:PORT] [-timeout D] NAME | reach [-timeout D] PROTO/HOST:PORT... | sink ADDR | source [-pace D] ADDR BYTES")
 	os.Exit(2)
 }
 
@@ -55,6 +80,7 @@ func connect(args []string) error {
 	fs := flag.NewFlagSet("connect", flag.ExitOnError)
 	udp := fs.Bool("udp", false, "send a UDP datagram instead of a TCP line")
 	timeout := fs.Duration("timeout", 2*time.Second, "give up after this long")
+	message := fs.String("message", "", "the line to send (default: a greeting naming the host)")
 	fs.Parse(args)
 	if fs.NArg() != 1 {
 		usage()
@@ -63,26 +89,166 @@ func connect(args []string) error {
 	if *udp {
 		network = "udp"
 	}
-	addr := fs.Arg(0)
-	c, err := net.DialTimeout(network, addr, *timeout)
+	msg, err := echo(network, fs.Arg(0), *timeout, *message)
 	if err != nil {
-		return fmt.Errorf("dial %s %s: %w", network, addr, err)
+		return err
+	}
+	fmt.Println(msg)
+	return nil
+}
+
+// echo sends a line to addr and expects it back, as the test server echoes.
+// An empty want sends a greeting naming the host.
+func echo(network, addr string, timeout time.Duration, want string) (string, error) {
+	c, err := net.DialTimeout(network, addr, timeout)
+	if err != nil {
+		return "", fmt.Errorf("dial %s %s: %w", network, addr, err)
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(*timeout))
-	host, _ := os.Hostname()
-	want := fmt.Sprintf("hello from %s at %d", host, time.Now().UnixNano())
+	c.SetDeadline(time.Now().Add(timeout))
+	if want == "" {
+		host, _ := os.Hostname()
+		want = fmt.Sprintf("hello from %s at %d", host, time.Now().UnixNano())
+	}
 	if _, err := fmt.Fprintln(c, want); err != nil {
-		return fmt.Errorf("send to %s %s: %w", network, addr, err)
+		return "", fmt.Errorf("send to %s %s: %w", network, addr, err)
 	}
 	got, err := bufio.NewReader(c).ReadString('\n')
 	if err != nil {
-		return fmt.Errorf("read the echo from %s %s (%s): %w", network, addr, c.RemoteAddr(), err)
+		return "", fmt.Errorf("read the echo from %s %s (%s): %w", network, addr, c.RemoteAddr(), err)
 	}
 	if strings.TrimSpace(got) != want {
-		return fmt.Errorf("echo from %s %s: %q, want %q", network, addr, got, want)
+		return "", fmt.Errorf("echo from %s %s: %q, want %q", network, addr, got, want)
 	}
-	fmt.Printf("ok %s %s (%s)\n", network, addr, c.RemoteAddr())
+	return fmt.Sprintf("ok %s %s (%s)", network, addr, c.RemoteAddr()), nil
+}
+
+func reach(args []string) error {
+	fs := flag.NewFlagSet("reach", flag.ExitOnError)
+	timeout := fs.Duration("timeout", 500*time.Millisecond, "give up on a target after this long")
+	fs.Parse(args)
+	if fs.NArg() == 0 {
+		usage()
+	}
+	results := make([]string, fs.NArg())
+	var wg sync.WaitGroup
+	for i, target := range fs.Args() {
+		network, addr, ok := strings.Cut(target, "/")
+		if !ok || (network != "tcp" && network != "udp") {
+			return fmt.Errorf("target %q: want tcp/HOST:PORT or udp/HOST:PORT", target)
+		}
+		wg.Go(func() {
+			if _, err := echo(network, addr, *timeout, ""); err != nil {
+				results[i] = target + " fail: " + err.Error()
+			} else {
+				results[i] = target + " ok"
+			}
+		})
+	}
+	wg.Wait()
+	for _, r := range results {
+		fmt.Println(r)
+	}
+	return nil
+}
+
+// progressEvery is how often sink and source report the bytes so far.
+const progressEvery = 256 << 10
+
+// stream is the fixed pseudo-random byte stream source sends (splitmix64),
+// so that a sink's digest says whether every byte arrived in order.
+type stream struct{ x uint64 }
+
+func (s *stream) fill(p []byte) {
+	for i := range p {
+		if i%8 == 0 {
+			s.x += 0x9e3779b97f4a7c15
+		}
+		z := s.x
+		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9
+		z = (z ^ (z >> 27)) * 0x94d049bb133111eb
+		z ^= z >> 31
+		p[i] = byte(z >> (8 * (i % 8)))
+	}
+}
+
+func sink(args []string) error {
+	if len(args) != 1 {
+		usage()
+	}
+	ln, err := net.Listen("tcp", args[0])
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", args[0], err)
+	}
+	fmt.Println("listening", ln.Addr())
+	c, err := ln.Accept()
+	if err != nil {
+		return fmt.Errorf("accept on %s: %w", args[0], err)
+	}
+	defer c.Close()
+	h := sha256.New()
+	buf := make([]byte, 64<<10)
+	var n, reported int64
+	for {
+		k, err := c.Read(buf)
+		h.Write(buf[:k])
+		n += int64(k)
+		if n-reported >= progressEvery {
+			fmt.Println("progress", n)
+			reported = n
+		}
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read from %s after %d bytes: %w", c.RemoteAddr(), n, err)
+		}
+	}
+	fmt.Printf("done %d %x\n", n, h.Sum(nil))
+	return nil
+}
+
+func source(args []string) error {
+	fs := flag.NewFlagSet("source", flag.ExitOnError)
+	pace := fs.Duration("pace", 0, "pause this long after every 64 KiB")
+	fs.Parse(args)
+	if fs.NArg() != 2 {
+		usage()
+	}
+	size, err := strconv.ParseInt(fs.Arg(1), 10, 64)
+	if err != nil || size < 0 {
+		return fmt.Errorf("bytes %q: want a count", fs.Arg(1))
+	}
+	c, err := net.DialTimeout("tcp", fs.Arg(0), 5*time.Second)
+	if err != nil {
+		return fmt.Errorf("dial %s: %w", fs.Arg(0), err)
+	}
+	defer c.Close()
+	h := sha256.New()
+	var st stream
+	buf := make([]byte, 64<<10)
+	var n, reported int64
+	for n < size {
+		chunk := buf[:min(int64(len(buf)), size-n)]
+		st.fill(chunk)
+		if _, err := c.Write(chunk); err != nil {
+			return fmt.Errorf("send to %s after %d bytes: %w", fs.Arg(0), n, err)
+		}
+		h.Write(chunk)
+		n += int64(len(chunk))
+		if n-reported >= progressEvery {
+			fmt.Println("progress", n)
+			reported = n
+		}
+		time.Sleep(*pace)
+	}
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		return fmt.Errorf("end the stream to %s: %w", fs.Arg(0), err)
+	}
+	// The sink closes once it read everything.
+	c.SetReadDeadline(time.Now().Add(time.Minute))
+	io.Copy(io.Discard, c)
+	fmt.Printf("done %d %x\n", n, h.Sum(nil))
 	return nil
 }
 
