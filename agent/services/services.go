@@ -240,8 +240,11 @@ func (c *Controller) sync(_ context.Context, key string) error {
 
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.noteProblems(key, svc, want)
 	have := c.written[key]
+	if key == apiServerService {
+		c.keepAPIServerBackends(have, want)
+	}
+	c.noteProblems(key, svc, want)
 	var errs []error
 	for k, bs := range want {
 		if old, ok := have[k]; ok && slices.Equal(old.Backends, bs) && old.Affinity == affinity {
@@ -281,6 +284,26 @@ func (c *Controller) sync(_ context.Context, key string) error {
 		delete(c.written, key)
 	}
 	return errors.Join(errs...)
+}
+
+// apiServerService is the Service in front of the API server.
+const apiServerService = "default/kubernetes"
+
+// keepAPIServerBackends keeps the last backends of an API server Service
+// port that has lost all of them. An API server that shuts down takes
+// itself out of default/kubernetes, and the agent's own connections to the
+// API server go through this map: emptied, it would refuse them at the
+// Service's address, and the agent would never see an API server come back
+// (a single control plane restarting). The kept backends give way to any
+// the API server publishes again, and go with the Service. c.mu is held.
+func (c *Controller) keepAPIServerBackends(have map[datapath.ServiceKey]datapath.Service, want map[datapath.ServiceKey][]datapath.Backend) {
+	for k, bs := range want {
+		if old, ok := have[k]; ok && len(bs) == 0 && len(old.Backends) > 0 {
+			want[k] = old.Backends
+			c.log.Warn("the API server's Service lost all its endpoints: keeping the last ones so this node can reach an API server that comes back",
+				"service", apiServerService, "address", k, "backends", len(old.Backends))
+		}
+	}
 }
 
 // noteProblems logs, once per change, the ports of a Service that have no

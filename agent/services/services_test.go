@@ -405,3 +405,96 @@ func TestView(t *testing.T) {
 		t.Errorf("Run: %v", err)
 	}
 }
+
+// TestAPIServerServiceKeepsItsLastBackends: an API server that shuts down
+// takes itself out of default/kubernetes. The agent's own connections to the
+// API server go through this map, so emptying it would leave the agent
+// refused at the Service's address and it would never see the API server
+// come back. The last backends stay until others replace them or the
+// Service goes; any other Service that loses its backends has none.
+func TestAPIServerServiceKeepsItsLastBackends(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	kube := fake.NewClientset()
+	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
+	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
+	c, err := New(factory, fm, Config{NodeName: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	factory.Start(ctx.Done())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	await := func(what string, want map[datapath.ServiceKey][]datapath.Backend) {
+		t.Helper()
+		for fm.String() != fmt.Sprint(want) {
+			select {
+			case <-ctx.Done():
+				t.Fatalf("%s: map %v; want %v", what, fm, want)
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+
+	api := service("kubernetes", "10.96.0.1", port("https", corev1.ProtocolTCP, 443, intstr.FromInt32(6443)))
+	api.Namespace = metav1.NamespaceDefault
+	if _, err := kube.CoreV1().Services(metav1.NamespaceDefault).Create(ctx, api, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	apiSlice := func(ips ...string) *discoveryv1.EndpointSlice {
+		var eps []ep
+		for _, ip := range ips {
+			eps = append(eps, readyEP(ip, ""))
+		}
+		s := slice("kubernetes", "kubernetes", []discoveryv1.EndpointPort{sport("https", corev1.ProtocolTCP, 6443)}, eps...)
+		s.Namespace = metav1.NamespaceDefault
+		return s
+	}
+	slices := kube.DiscoveryV1().EndpointSlices(metav1.NamespaceDefault)
+	if _, err := slices.Create(ctx, apiSlice("192.168.77.1"), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	vip := key("10.96.0.1", 443, 6)
+	await("API server up", map[datapath.ServiceKey][]datapath.Backend{vip: {be("192.168.77.1", 6443)}})
+
+	// A second Service that loses its backends, to show the rule is the
+	// API server's alone.
+	if _, err := kube.CoreV1().Services("demo").Create(ctx, service("web", "10.96.0.10", port("http", corev1.ProtocolTCP, 80, intstr.FromInt32(8080))), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	web := slice("web", "web-1", []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 8080)}, readyEP("10.244.1.3", "n1"))
+	if _, err := kube.DiscoveryV1().EndpointSlices("demo").Create(ctx, web, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	http := key("10.96.0.10", 80, 6)
+	await("web up", map[datapath.ServiceKey][]datapath.Backend{vip: {be("192.168.77.1", 6443)}, http: {be("10.244.1.3", 8080)}})
+
+	// The API server stops: its slice empties (as it leaves it), and so
+	// does web's.
+	if _, err := slices.Update(ctx, apiSlice(), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	web.Endpoints = nil
+	if _, err := kube.DiscoveryV1().EndpointSlices("demo").Update(ctx, web, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("API server away, web without backends", map[datapath.ServiceKey][]datapath.Backend{vip: {be("192.168.77.1", 6443)}, http: nil})
+	// Both updates are seen (web's emptied), and the API server's entry
+	// still holds its last backend.
+
+	// It comes back at another address: that replaces the kept one.
+	if _, err := slices.Update(ctx, apiSlice("192.168.77.2"), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("API server back", map[datapath.ServiceKey][]datapath.Backend{vip: {be("192.168.77.2", 6443)}, http: nil})
+
+	// The Service itself deleted: its entry goes.
+	if err := kube.CoreV1().Services(metav1.NamespaceDefault).Delete(ctx, "kubernetes", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	await("API server Service deleted", map[datapath.ServiceKey][]datapath.Backend{http: nil})
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run: %v", err)
+	}
+}

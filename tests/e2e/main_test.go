@@ -74,18 +74,14 @@ type env struct {
 }
 
 // chartValues are the values of the package's install over the lab's
-// (Cluster.Values): strict WireGuard, and the API server's own address for
-// the agents (k8sServiceHost/k8sServicePort), not the kubernetes Service's
-// cluster IP. With the cluster IP, an API server stopped and started again
-// cuts the agents off for good: stopping, it removes itself from the
-// kubernetes Service's endpoints; the agents' socket load-balancing then
-// refuses the cluster IP (a Service without backends), so they never see
-// it come back (TestPrivilegedAgentRestartAndAPIServerAway found this).
+// (Cluster.Values): strict WireGuard. The agents reach the API server as a
+// default install does, at the kubernetes Service's cluster IP (kube-proxy
+// runs in this lab), through their own socket load-balancing: an API server
+// stopped and started again must not cut them off
+// (TestPrivilegedAgentRestartAndAPIServerAway).
 func chartValues() map[string]any {
 	return map[string]any{
-		"encryption":     map[string]any{"strictMode": true},
-		"k8sServiceHost": cluster.HubIP.String(),
-		"k8sServicePort": cluster.APIPort,
+		"encryption": map[string]any{"strictMode": true},
 	}
 }
 
