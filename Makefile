@@ -14,7 +14,7 @@ APT_TOOLS := clang llvm-strip bpftool iperf3 wg tcpdump ip socat protoc nft runc
 APT_FILES := /usr/lib/cni/loopback /usr/bin/busybox /usr/bin/nc.openbsd
 GO_TEST_FLAGS ?= -count=1 -timeout 45m
 
-.PHONY: help deps bpffs generate generate-bpf generate-api generate-crds check-generate build test test-unit bench lab clean controlplane manifests image
+.PHONY: help deps bpffs generate generate-bpf generate-api generate-crds check-generate build test test-unit bench lab clean controlplane controlplane-lab manifests image
 
 help:
 	@echo "make deps            install the toolchain (Debian packages) and mount bpffs"
@@ -25,6 +25,7 @@ help:
 	@echo "make image           the agent image as an OCI tarball, $(BIN)/veil-image.tar (no Docker daemon)"
 	@echo "make test            unit + privileged tests (needs root), then unit tests of concurrent packages under -race"
 	@echo "make controlplane    build the lab's Kubernetes and containerd binaries into the cache (\$$VEIL_CACHE)"
+	@echo "                     (controlplane-lab: only what the lab runs, without the upstream e2e set)"
 	@echo "make bench           benchmarks, printed as ratios against side-by-side baselines"
 	@echo "make lab             run Veil in the local real-cluster lab as root (meshctl lab up; LAB_NODES, LAB_KUBE_PROXY, LAB_DIR)"
 	@echo "make conformance     upstream [sig-network] e2e tests on a 2-node lab with Veil (CONFORMANCE=all|conformance|netpol|netpol-all, CONFORMANCE_MODES=nftables,none)"
@@ -91,9 +92,13 @@ generate-crds:
 # $VEIL_CACHE/controlplane (default ~/.cache/veil/controlplane); a no-op when
 # the cache is warm. A cold build takes about 25 minutes on two cores (see
 # lab/controlplane/doc.go).
-controlplane:
-	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
+# controlplane-lab is what the lab runs; controlplane adds the upstream e2e
+# set (e2e.test, agnhost, kubectl) the conformance tests need.
+controlplane: controlplane-lab
 	$(GO) run ./lab/controlplane/cmd/veil-controlplane e2e
+
+controlplane-lab:
+	$(GO) run ./lab/controlplane/cmd/veil-controlplane build
 
 check-generate: generate
 	@if [ -n "$$(git status --porcelain)" ]; then \
@@ -149,7 +154,7 @@ bench: deps
 # `$(BIN)/meshctl lab down` removes it. LAB_KUBE_PROXY: none, iptables or nftables.
 LAB_NODES ?= 2
 LAB_KUBE_PROXY ?= nftables
-lab: deps build image controlplane
+lab: deps build image controlplane-lab
 	$(BIN)/meshctl lab up --nodes $(LAB_NODES) --kube-proxy $(LAB_KUBE_PROXY) --image $(BIN)/veil-image.tar $(if $(LAB_DIR),--dir $(LAB_DIR))
 
 # The upstream Kubernetes e2e tests of [sig-network] tagged [Conformance],
