@@ -128,6 +128,8 @@ int veil_from_pod(struct __sk_buff *skb)
 		flags |= FLOW_F_ENCRYPTED;
 	ct_create(&pkt, sp.identity, dp.identity,
 		  ((flags & FLOW_F_AUDIT) ? CT_F_AUDIT : 0) | (rt.kind == ROUTE_STACK ? CT_F_VIA_STACK : 0));
+	if (rt.kind == ROUTE_STACK)
+		stack_client_note(&pkt);
 	if (flags & FLOW_F_AUDIT)
 		metric_add(FWD_AUDIT, pkt.len);
 	flow_emit(skb, &pkt, OBS_FROM_POD, VERDICT_ALLOW, REASON_NONE, sp.identity, dp.identity,
@@ -148,6 +150,8 @@ established:
 	 * host's own) is answered through it too: netfilter undoes the
 	 * translation and sees both directions. */
 	if (ct && (ct->flags & CT_F_VIA_STACK)) {
+		if (!reply)
+			stack_client_note(&pkt);
 		metric_add(FWD_STACK, pkt.len);
 		return TC_ACT_OK;
 	}

@@ -62,6 +62,13 @@ int veil_from_tunnel(struct __sk_buff *skb)
 		return deliver_local_l3(skb, dst);
 	}
 
+	/* The reply of a connection the pod opened through the stack, from
+	 * where the stack translated it to (a ClusterIP's remote backend):
+	 * netfilter turns it back, and to_pod judges it. */
+	if (stack_client_reply(&pkt)) {
+		metric_add(FWD_STACK, pkt.len);
+		return TC_ACT_OK;
+	}
 	if (ingress_decide(skb, &pkt, dst, &sp, OBS_FROM_TUNNEL, FLOW_F_ENCRYPTED) != TC_ACT_OK)
 		return TC_ACT_SHOT;
 	return deliver_local_l3(skb, dst);

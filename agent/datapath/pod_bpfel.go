@@ -377,6 +377,14 @@ const (
 	podSockstatSOCKSTAT_MAX        podSockstat = 2
 )
 
+type podStackClientKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type podVerdict uint32
 
 const (
@@ -408,6 +416,7 @@ const (
 	podMapVeilPolicy             = "veil_policy"
 	podMapVeilSockhash           = "veil_sockhash"
 	podMapVeilSockstats          = "veil_sockstats"
+	podMapVeilStackClients       = "veil_stack_clients"
 	podProgVeilFromPod           = "veil_from_pod"
 	podProgVeilToPod             = "veil_to_pod"
 	podVarClusterCidr            = "cluster_cidr"
@@ -491,25 +500,26 @@ type podProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type podMapSpecs struct {
-	VeilCidrs       *ebpf.MapSpec `ebpf:"veil_cidrs"`
-	VeilCt          *ebpf.MapSpec `ebpf:"veil_ct"`
-	VeilEndpoints   *ebpf.MapSpec `ebpf:"veil_endpoints"`
-	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
-	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
-	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
-	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
-	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
-	VeilLb4Flows    *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
-	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
-	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
-	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
-	VeilLb4Stats    *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
-	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
-	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
-	VeilNpNat       *ebpf.MapSpec `ebpf:"veil_np_nat"`
-	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
-	VeilSockhash    *ebpf.MapSpec `ebpf:"veil_sockhash"`
-	VeilSockstats   *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilCidrs        *ebpf.MapSpec `ebpf:"veil_cidrs"`
+	VeilCt           *ebpf.MapSpec `ebpf:"veil_ct"`
+	VeilEndpoints    *ebpf.MapSpec `ebpf:"veil_endpoints"`
+	VeilEvents       *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags        *ebpf.MapSpec `ebpf:"veil_frags"`
+	VeilIpcache      *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Affinity  *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends  *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows     *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
+	VeilLb4Members   *ebpf.MapSpec `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat    *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services  *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLb4Stats     *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
+	VeilLeaks        *ebpf.MapSpec `ebpf:"veil_leaks"`
+	VeilMetrics      *ebpf.MapSpec `ebpf:"veil_metrics"`
+	VeilNpNat        *ebpf.MapSpec `ebpf:"veil_np_nat"`
+	VeilPolicy       *ebpf.MapSpec `ebpf:"veil_policy"`
+	VeilSockhash     *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstats    *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilStackClients *ebpf.MapSpec `ebpf:"veil_stack_clients"`
 }
 
 // podVariableSpecs contains global variables before they are loaded into the kernel.
@@ -567,25 +577,26 @@ func (o *podObjects) Close() error {
 //
 // It can be passed to loadPodObjects or ebpf.CollectionSpec.LoadAndAssign.
 type podMaps struct {
-	VeilCidrs       *ebpf.Map `ebpf:"veil_cidrs"`
-	VeilCt          *ebpf.Map `ebpf:"veil_ct"`
-	VeilEndpoints   *ebpf.Map `ebpf:"veil_endpoints"`
-	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
-	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
-	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
-	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
-	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
-	VeilLb4Flows    *ebpf.Map `ebpf:"veil_lb4_flows"`
-	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
-	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
-	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
-	VeilLb4Stats    *ebpf.Map `ebpf:"veil_lb4_stats"`
-	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
-	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
-	VeilNpNat       *ebpf.Map `ebpf:"veil_np_nat"`
-	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
-	VeilSockhash    *ebpf.Map `ebpf:"veil_sockhash"`
-	VeilSockstats   *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilCidrs        *ebpf.Map `ebpf:"veil_cidrs"`
+	VeilCt           *ebpf.Map `ebpf:"veil_ct"`
+	VeilEndpoints    *ebpf.Map `ebpf:"veil_endpoints"`
+	VeilEvents       *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags        *ebpf.Map `ebpf:"veil_frags"`
+	VeilIpcache      *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Affinity  *ebpf.Map `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends  *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows     *ebpf.Map `ebpf:"veil_lb4_flows"`
+	VeilLb4Members   *ebpf.Map `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat    *ebpf.Map `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services  *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLb4Stats     *ebpf.Map `ebpf:"veil_lb4_stats"`
+	VeilLeaks        *ebpf.Map `ebpf:"veil_leaks"`
+	VeilMetrics      *ebpf.Map `ebpf:"veil_metrics"`
+	VeilNpNat        *ebpf.Map `ebpf:"veil_np_nat"`
+	VeilPolicy       *ebpf.Map `ebpf:"veil_policy"`
+	VeilSockhash     *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstats    *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilStackClients *ebpf.Map `ebpf:"veil_stack_clients"`
 }
 
 func (m *podMaps) Close() error {
@@ -609,6 +620,7 @@ func (m *podMaps) Close() error {
 		m.VeilPolicy,
 		m.VeilSockhash,
 		m.VeilSockstats,
+		m.VeilStackClients,
 	)
 }
 

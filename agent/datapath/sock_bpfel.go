@@ -237,6 +237,14 @@ type sockSockState struct {
 	TcpPath uint32
 }
 
+type sockStackClientKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -260,6 +268,7 @@ const (
 	sockMapVeilSockhash         = "veil_sockhash"
 	sockMapVeilSockstate        = "veil_sockstate"
 	sockMapVeilSockstats        = "veil_sockstats"
+	sockMapVeilStackClients     = "veil_stack_clients"
 	sockProgVeilConnect4        = "veil_connect4"
 	sockProgVeilConnect6        = "veil_connect6"
 	sockProgVeilGetpeername4    = "veil_getpeername4"
@@ -345,25 +354,26 @@ type sockProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sockMapSpecs struct {
-	VeilCidrs       *ebpf.MapSpec `ebpf:"veil_cidrs"`
-	VeilCt          *ebpf.MapSpec `ebpf:"veil_ct"`
-	VeilEndpoints   *ebpf.MapSpec `ebpf:"veil_endpoints"`
-	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
-	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
-	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
-	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
-	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
-	VeilLb4Flows    *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
-	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
-	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
-	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
-	VeilLb4Stats    *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
-	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
-	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
-	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
-	VeilSockhash    *ebpf.MapSpec `ebpf:"veil_sockhash"`
-	VeilSockstate   *ebpf.MapSpec `ebpf:"veil_sockstate"`
-	VeilSockstats   *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilCidrs        *ebpf.MapSpec `ebpf:"veil_cidrs"`
+	VeilCt           *ebpf.MapSpec `ebpf:"veil_ct"`
+	VeilEndpoints    *ebpf.MapSpec `ebpf:"veil_endpoints"`
+	VeilEvents       *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags        *ebpf.MapSpec `ebpf:"veil_frags"`
+	VeilIpcache      *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Affinity  *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends  *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows     *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
+	VeilLb4Members   *ebpf.MapSpec `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat    *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services  *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLb4Stats     *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
+	VeilLeaks        *ebpf.MapSpec `ebpf:"veil_leaks"`
+	VeilMetrics      *ebpf.MapSpec `ebpf:"veil_metrics"`
+	VeilPolicy       *ebpf.MapSpec `ebpf:"veil_policy"`
+	VeilSockhash     *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstate    *ebpf.MapSpec `ebpf:"veil_sockstate"`
+	VeilSockstats    *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilStackClients *ebpf.MapSpec `ebpf:"veil_stack_clients"`
 }
 
 // sockVariableSpecs contains global variables before they are loaded into the kernel.
@@ -407,25 +417,26 @@ func (o *sockObjects) Close() error {
 //
 // It can be passed to loadSockObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sockMaps struct {
-	VeilCidrs       *ebpf.Map `ebpf:"veil_cidrs"`
-	VeilCt          *ebpf.Map `ebpf:"veil_ct"`
-	VeilEndpoints   *ebpf.Map `ebpf:"veil_endpoints"`
-	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
-	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
-	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
-	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
-	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
-	VeilLb4Flows    *ebpf.Map `ebpf:"veil_lb4_flows"`
-	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
-	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
-	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
-	VeilLb4Stats    *ebpf.Map `ebpf:"veil_lb4_stats"`
-	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
-	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
-	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
-	VeilSockhash    *ebpf.Map `ebpf:"veil_sockhash"`
-	VeilSockstate   *ebpf.Map `ebpf:"veil_sockstate"`
-	VeilSockstats   *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilCidrs        *ebpf.Map `ebpf:"veil_cidrs"`
+	VeilCt           *ebpf.Map `ebpf:"veil_ct"`
+	VeilEndpoints    *ebpf.Map `ebpf:"veil_endpoints"`
+	VeilEvents       *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags        *ebpf.Map `ebpf:"veil_frags"`
+	VeilIpcache      *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Affinity  *ebpf.Map `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends  *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows     *ebpf.Map `ebpf:"veil_lb4_flows"`
+	VeilLb4Members   *ebpf.Map `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat    *ebpf.Map `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services  *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLb4Stats     *ebpf.Map `ebpf:"veil_lb4_stats"`
+	VeilLeaks        *ebpf.Map `ebpf:"veil_leaks"`
+	VeilMetrics      *ebpf.Map `ebpf:"veil_metrics"`
+	VeilPolicy       *ebpf.Map `ebpf:"veil_policy"`
+	VeilSockhash     *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstate    *ebpf.Map `ebpf:"veil_sockstate"`
+	VeilSockstats    *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilStackClients *ebpf.Map `ebpf:"veil_stack_clients"`
 }
 
 func (m *sockMaps) Close() error {
@@ -449,6 +460,7 @@ func (m *sockMaps) Close() error {
 		m.VeilSockhash,
 		m.VeilSockstate,
 		m.VeilSockstats,
+		m.VeilStackClients,
 	)
 }
 

@@ -220,6 +220,14 @@ type tunnelSockKey struct {
 	Dport uint32
 }
 
+type tunnelStackClientKey struct {
+	_     structs.HostLayout
+	Addr  uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -243,6 +251,7 @@ const (
 	tunnelMapVeilPolicy        = "veil_policy"
 	tunnelMapVeilSockhash      = "veil_sockhash"
 	tunnelMapVeilSockstats     = "veil_sockstats"
+	tunnelMapVeilStackClients  = "veil_stack_clients"
 	tunnelProgVeilFromTunnel   = "veil_from_tunnel"
 	tunnelVarClusterCidr       = "cluster_cidr"
 	tunnelVarClusterCidrBits   = "cluster_cidr_bits"
@@ -307,25 +316,26 @@ type tunnelProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type tunnelMapSpecs struct {
-	VeilCidrs       *ebpf.MapSpec `ebpf:"veil_cidrs"`
-	VeilCt          *ebpf.MapSpec `ebpf:"veil_ct"`
-	VeilEndpoints   *ebpf.MapSpec `ebpf:"veil_endpoints"`
-	VeilEvents      *ebpf.MapSpec `ebpf:"veil_events"`
-	VeilFrags       *ebpf.MapSpec `ebpf:"veil_frags"`
-	VeilIpcache     *ebpf.MapSpec `ebpf:"veil_ipcache"`
-	VeilLb4Affinity *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
-	VeilLb4Backends *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
-	VeilLb4Flows    *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
-	VeilLb4Members  *ebpf.MapSpec `ebpf:"veil_lb4_members"`
-	VeilLb4Revnat   *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
-	VeilLb4Services *ebpf.MapSpec `ebpf:"veil_lb4_services"`
-	VeilLb4Stats    *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
-	VeilLeaks       *ebpf.MapSpec `ebpf:"veil_leaks"`
-	VeilMetrics     *ebpf.MapSpec `ebpf:"veil_metrics"`
-	VeilNpNat       *ebpf.MapSpec `ebpf:"veil_np_nat"`
-	VeilPolicy      *ebpf.MapSpec `ebpf:"veil_policy"`
-	VeilSockhash    *ebpf.MapSpec `ebpf:"veil_sockhash"`
-	VeilSockstats   *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilCidrs        *ebpf.MapSpec `ebpf:"veil_cidrs"`
+	VeilCt           *ebpf.MapSpec `ebpf:"veil_ct"`
+	VeilEndpoints    *ebpf.MapSpec `ebpf:"veil_endpoints"`
+	VeilEvents       *ebpf.MapSpec `ebpf:"veil_events"`
+	VeilFrags        *ebpf.MapSpec `ebpf:"veil_frags"`
+	VeilIpcache      *ebpf.MapSpec `ebpf:"veil_ipcache"`
+	VeilLb4Affinity  *ebpf.MapSpec `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends  *ebpf.MapSpec `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows     *ebpf.MapSpec `ebpf:"veil_lb4_flows"`
+	VeilLb4Members   *ebpf.MapSpec `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat    *ebpf.MapSpec `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services  *ebpf.MapSpec `ebpf:"veil_lb4_services"`
+	VeilLb4Stats     *ebpf.MapSpec `ebpf:"veil_lb4_stats"`
+	VeilLeaks        *ebpf.MapSpec `ebpf:"veil_leaks"`
+	VeilMetrics      *ebpf.MapSpec `ebpf:"veil_metrics"`
+	VeilNpNat        *ebpf.MapSpec `ebpf:"veil_np_nat"`
+	VeilPolicy       *ebpf.MapSpec `ebpf:"veil_policy"`
+	VeilSockhash     *ebpf.MapSpec `ebpf:"veil_sockhash"`
+	VeilSockstats    *ebpf.MapSpec `ebpf:"veil_sockstats"`
+	VeilStackClients *ebpf.MapSpec `ebpf:"veil_stack_clients"`
 }
 
 // tunnelVariableSpecs contains global variables before they are loaded into the kernel.
@@ -366,25 +376,26 @@ func (o *tunnelObjects) Close() error {
 //
 // It can be passed to loadTunnelObjects or ebpf.CollectionSpec.LoadAndAssign.
 type tunnelMaps struct {
-	VeilCidrs       *ebpf.Map `ebpf:"veil_cidrs"`
-	VeilCt          *ebpf.Map `ebpf:"veil_ct"`
-	VeilEndpoints   *ebpf.Map `ebpf:"veil_endpoints"`
-	VeilEvents      *ebpf.Map `ebpf:"veil_events"`
-	VeilFrags       *ebpf.Map `ebpf:"veil_frags"`
-	VeilIpcache     *ebpf.Map `ebpf:"veil_ipcache"`
-	VeilLb4Affinity *ebpf.Map `ebpf:"veil_lb4_affinity"`
-	VeilLb4Backends *ebpf.Map `ebpf:"veil_lb4_backends"`
-	VeilLb4Flows    *ebpf.Map `ebpf:"veil_lb4_flows"`
-	VeilLb4Members  *ebpf.Map `ebpf:"veil_lb4_members"`
-	VeilLb4Revnat   *ebpf.Map `ebpf:"veil_lb4_revnat"`
-	VeilLb4Services *ebpf.Map `ebpf:"veil_lb4_services"`
-	VeilLb4Stats    *ebpf.Map `ebpf:"veil_lb4_stats"`
-	VeilLeaks       *ebpf.Map `ebpf:"veil_leaks"`
-	VeilMetrics     *ebpf.Map `ebpf:"veil_metrics"`
-	VeilNpNat       *ebpf.Map `ebpf:"veil_np_nat"`
-	VeilPolicy      *ebpf.Map `ebpf:"veil_policy"`
-	VeilSockhash    *ebpf.Map `ebpf:"veil_sockhash"`
-	VeilSockstats   *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilCidrs        *ebpf.Map `ebpf:"veil_cidrs"`
+	VeilCt           *ebpf.Map `ebpf:"veil_ct"`
+	VeilEndpoints    *ebpf.Map `ebpf:"veil_endpoints"`
+	VeilEvents       *ebpf.Map `ebpf:"veil_events"`
+	VeilFrags        *ebpf.Map `ebpf:"veil_frags"`
+	VeilIpcache      *ebpf.Map `ebpf:"veil_ipcache"`
+	VeilLb4Affinity  *ebpf.Map `ebpf:"veil_lb4_affinity"`
+	VeilLb4Backends  *ebpf.Map `ebpf:"veil_lb4_backends"`
+	VeilLb4Flows     *ebpf.Map `ebpf:"veil_lb4_flows"`
+	VeilLb4Members   *ebpf.Map `ebpf:"veil_lb4_members"`
+	VeilLb4Revnat    *ebpf.Map `ebpf:"veil_lb4_revnat"`
+	VeilLb4Services  *ebpf.Map `ebpf:"veil_lb4_services"`
+	VeilLb4Stats     *ebpf.Map `ebpf:"veil_lb4_stats"`
+	VeilLeaks        *ebpf.Map `ebpf:"veil_leaks"`
+	VeilMetrics      *ebpf.Map `ebpf:"veil_metrics"`
+	VeilNpNat        *ebpf.Map `ebpf:"veil_np_nat"`
+	VeilPolicy       *ebpf.Map `ebpf:"veil_policy"`
+	VeilSockhash     *ebpf.Map `ebpf:"veil_sockhash"`
+	VeilSockstats    *ebpf.Map `ebpf:"veil_sockstats"`
+	VeilStackClients *ebpf.Map `ebpf:"veil_stack_clients"`
 }
 
 func (m *tunnelMaps) Close() error {
@@ -408,6 +419,7 @@ func (m *tunnelMaps) Close() error {
 		m.VeilPolicy,
 		m.VeilSockhash,
 		m.VeilSockstats,
+		m.VeilStackClients,
 	)
 }
 

@@ -241,3 +241,44 @@ func TestVerdictRepliesOfStackConnectionsKeepTheStack(t *testing.T) {
 	p.check(verdictCase{name: "a opens to b directly", prog: "from_pod", frame: tcp(pA, pB, 40300, 80, tcpSYN), want: tcRedirect})
 	p.check(verdictCase{name: "b answers directly", prog: "from_pod", frame: tcp(pB, pA, 80, 40300, tcpSYN|tcpACK), want: tcRedirect})
 }
+
+// Issue 14: with the socket hooks off, kube-proxy translates a pod's
+// connection to a ClusterIP in the stack, toward a backend on another node.
+// The backend answers from its own address, a tuple Veil's conntrack never
+// saw (it knows client -> ClusterIP). That reply must go up the stack, where
+// netfilter turns it back into the ClusterIP's and to_pod judges it; handed
+// straight to the pod it would reach a socket that never talked to the
+// backend and be reset.
+func TestVerdictRemoteBackendRepliesOfStackConnectionsKeepTheStack(t *testing.T) {
+	vip := addr("10.96.0.10")
+
+	t.Run("underlay", func(t *testing.T) {
+		p := cluster(t, false, false)
+		p.check(verdictCase{name: "a to a ClusterIP: the stack translates", prog: "from_pod", frame: tcp(pA, vip, 40400, 80, tcpSYN), want: tcOK})
+		p.check(verdictCase{name: "the remote backend's SYN-ACK goes up the stack", prog: "from_netdev", frame: tcp(pC, pA, 8080, 40400, tcpSYN|tcpACK), want: tcOK})
+		p.check(verdictCase{name: "and its later segments", prog: "from_netdev", frame: tcp(pC, pA, 8080, 40400, tcpACK), want: tcOK})
+
+		dns := udp(pA, vip, 53)
+		p.check(verdictCase{name: "a to the DNS ClusterIP: the stack translates", prog: "from_pod", frame: dns, want: tcOK})
+		reply := pkt{src: pC, dst: pA, proto: protoUDP, sport: 53, dport: dns.sport, payload: []byte("answer")}
+		p.check(verdictCase{name: "the remote DNS backend's answer goes up the stack", prog: "from_netdev", frame: reply, want: tcOK})
+
+		// Ports a never used through the stack keep the direct way.
+		p.check(verdictCase{name: "c opens to a directly", prog: "from_netdev", frame: tcp(pC, pA, 40500, 80, tcpSYN), want: tcRedirect})
+		p.check(verdictCase{name: "another port of a, same protocol", prog: "from_netdev", frame: tcp(pC, pA, 8080, 40401, tcpSYN|tcpACK), want: tcRedirect})
+		p.check(verdictCase{name: "a's stack port, other protocol", prog: "from_netdev", frame: pkt{src: pC, dst: pA, proto: protoUDP, sport: 8080, dport: 40400, payload: []byte("x")}, want: tcRedirect})
+	})
+
+	t.Run("tunnel", func(t *testing.T) {
+		// Out of the tunnel frames start at the IP header; see
+		// TestNodePortReplyOutOfTheTunnel for why the backend is 8.0.x.x.
+		backend := addr("8.0.2.2")
+		p := clusterWith(t, Config{NodeIP: pNode1}, true)
+		p.ipcache("8.0.2.2/32", idC, pNode2, RemotePod|Tunnel)
+		p.check(verdictCase{name: "a to a ClusterIP: the stack translates", prog: "from_pod", frame: tcp(pA, vip, 40600, 80, tcpSYN), want: tcOK})
+		synAck := pkt{src: backend, dst: pA, proto: protoTCP, sport: 8080, dport: 40600, tcpFlags: tcpSYN | tcpACK, noEthernet: true}
+		p.check(verdictCase{name: "the remote backend's SYN-ACK out of the tunnel goes up the stack", prog: "from_tunnel", frame: synAck, want: tcOK})
+		other := pkt{src: backend, dst: pA, proto: protoTCP, sport: 40700, dport: 80, tcpFlags: tcpSYN, noEthernet: true}
+		p.check(verdictCase{name: "a new connection out of the tunnel is delivered directly", prog: "from_tunnel", frame: other, want: tcRedirect})
+	})
+}

@@ -194,4 +194,42 @@ static __always_inline void ct_create(struct packet *pkt, __u32 src_id, __u32 ds
 	bpf_map_update_elem(&veil_ct, &pkt->tuple, &e, BPF_ANY);
 }
 
+/*
+ * stack_client_note() - remember the client end of a connection a local
+ * pod opens through the host stack (veil_stack_clients). ICMP has no port
+ * to tell its replies by: it is left out. A known end is only looked up,
+ * which keeps it in the LRU without a write per packet.
+ */
+static __always_inline void stack_client_note(const struct packet *pkt)
+{
+	struct stack_client_key k = {
+		.addr = pkt->tuple.saddr, .port = pkt->tuple.sport, .proto = pkt->tuple.proto,
+	};
+	__u8 one = 1;
+
+	if (pkt->tuple.proto == IPPROTO_ICMP)
+		return;
+	if (!bpf_map_lookup_elem(&veil_stack_clients, &k))
+		bpf_map_update_elem(&veil_stack_clients, &k, &one, BPF_ANY);
+}
+
+/*
+ * stack_client_reply() - whether a packet that found no connection in
+ * veil_ct goes to the client end of a connection a local pod opened through
+ * the host stack: a reply from wherever the stack sent it (a remote backend
+ * of a ClusterIP). The stack then takes it in, undoes its translation, and
+ * to_pod judges it; a new flow that merely shares the port is judged there
+ * by the pod's ingress policy all the same.
+ */
+static __always_inline int stack_client_reply(const struct packet *pkt)
+{
+	struct stack_client_key k = {
+		.addr = pkt->tuple.daddr, .port = pkt->tuple.dport, .proto = pkt->tuple.proto,
+	};
+
+	if (pkt->tuple.proto == IPPROTO_ICMP)
+		return 0;
+	return bpf_map_lookup_elem(&veil_stack_clients, &k) != NULL;
+}
+
 #endif /* __VEIL_CONNTRACK_H */

@@ -94,6 +94,17 @@ struct ct_key {
 	__u8 pad[3];
 };
 
+/*
+ * struct stack_client_key - a local pod's end of a connection that the host
+ * stack carried out (CT_F_VIA_STACK): its address, its port, the protocol.
+ */
+struct stack_client_key {
+	__u32 addr;		/* network byte order */
+	__u16 port;		/* host byte order, as in struct ct_key */
+	__u8 proto;
+	__u8 pad;
+};
+
 /* struct frag_key - the fragments of one IPv4 datagram (RFC 791). */
 struct frag_key {
 	__u32 saddr;
@@ -252,6 +263,24 @@ struct {
 	__type(value, struct frag_l4);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } veil_frags SEC(".maps");
+
+/*
+ * The client ends of pods' connections that the host stack carried out.
+ * The stack may have translated their destination (kube-proxy's DNAT of a
+ * ClusterIP to a backend on another node): the replies then come from an
+ * address veil_ct never saw, and only by the client's end can from_netdev
+ * and from_tunnel tell them and pass them up the stack, where netfilter
+ * undoes the translation. An entry is refreshed by every such reply and by
+ * the client's own packets; a stale one only sends an unrelated packet
+ * through the stack, which judges it too (to_pod).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct stack_client_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} veil_stack_clients SEC(".maps");
 
 /* Established TCP sockets between two local endpoints. */
 struct {
