@@ -12,7 +12,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	kubeinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/veilmesh/veil/agent/datapath"
@@ -36,26 +35,14 @@ func (f fakeTranslations) ServiceStats() (datapath.ServiceStats, error) {
 func runController(t *testing.T, fm *fakeMap, want int, svcs ...*corev1.Service) *Controller {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
 	kube := fake.NewClientset()
 	for _, s := range svcs {
 		if _, err := kube.CoreV1().Services(s.Namespace).Create(ctx, s, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
-	c, err := New(factory, fm, Config{NodeName: "n1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	factory.Start(ctx.Done())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	c, _ := startController(t, ctx, kube, fm, Config{NodeName: "n1"})
 	for {
 		c.mu.Lock()
 		n := len(c.names)

@@ -11,7 +11,6 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
-	kubeinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/veilmesh/veil/agent/datapath"
@@ -80,25 +79,8 @@ func TestControllerNodePorts(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
 			kube := fake.NewClientset()
-			factory := kubeinformers.NewSharedInformerFactory(kube, 0)
 			fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
-			c, err := New(factory, fm, Config{NodeName: "n1", NodePort: on})
-			if err != nil {
-				t.Fatal(err)
-			}
-			factory.Start(ctx.Done())
-			done := make(chan error, 1)
-			go func() { done <- c.Run(ctx) }()
-			await := func(what string, want map[datapath.ServiceKey][]datapath.Backend) {
-				t.Helper()
-				for fm.String() != fmt.Sprint(want) {
-					select {
-					case <-ctx.Done():
-						t.Fatalf("%s: map %v; want %v", what, fm, want)
-					case <-time.After(5 * time.Millisecond):
-					}
-				}
-			}
+			_, await := startController(t, ctx, kube, fm, Config{NodeName: "n1", NodePort: on})
 			if _, err := kube.CoreV1().Services("demo").Create(ctx, nodePortService(corev1.ServiceTypeNodePort, corev1.ServiceExternalTrafficPolicyLocal), metav1.CreateOptions{}); err != nil {
 				t.Fatal(err)
 			}
@@ -120,10 +102,6 @@ func TestControllerNodePorts(t *testing.T) {
 				t.Fatal(err)
 			}
 			await("deleted", map[datapath.ServiceKey][]datapath.Backend{})
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("Run: %v", err)
-			}
 		})
 	}
 }
@@ -137,31 +115,13 @@ func TestWithoutBackendsLeavesOutExternalFrontends(t *testing.T) {
 	kube := fake.NewClientset(nodePortService(corev1.ServiceTypeNodePort, corev1.ServiceExternalTrafficPolicyLocal),
 		slice("web", "w", []discoveryv1.EndpointPort{sport("http", corev1.ProtocolTCP, 8080), sport("dns", corev1.ProtocolUDP, 5353)},
 			readyEP("10.244.1.3", "n1")))
-	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
 	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
-	c, err := New(factory, fm, Config{NodeName: "n3", NodePort: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	factory.Start(ctx.Done())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	want := fmt.Sprint(map[datapath.ServiceKey][]datapath.Backend{
+	c, await := startController(t, ctx, kube, fm, Config{NodeName: "n3", NodePort: true})
+	await("written", map[datapath.ServiceKey][]datapath.Backend{
 		key("10.96.0.10", 80, 6): {be("10.244.1.3", 8080)}, key("10.96.0.10", 53, 17): {be("10.244.1.3", 5353)},
 		nodePortKey(30080, 6): nil, nodePortKey(30053, 17): nil,
 	})
-	for fm.String() != want {
-		select {
-		case <-ctx.Done():
-			t.Fatalf("map %v; want %v", fm, want)
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
 	if n := c.WithoutBackends(); n != 0 {
 		t.Errorf("WithoutBackends() = %d; want 0 (only external frontends lack backends)", n)
-	}
-	cancel()
-	if err := <-done; err != nil {
-		t.Errorf("Run: %v", err)
 	}
 }

@@ -131,6 +131,44 @@ func sport(name string, proto corev1.Protocol, p int32) discoveryv1.EndpointPort
 	return discoveryv1.EndpointPort{Name: ptr(name), Protocol: ptr(proto), Port: ptr(p)}
 }
 
+// mapWant is what a test expects the service map to hold.
+type mapWant = map[datapath.ServiceKey][]datapath.Backend
+
+// startController runs a Controller of kube's Services into fm until the
+// test ends, and returns it with await, which waits (until ctx ends) for
+// fm to hold want.
+func startController(t *testing.T, ctx context.Context, kube *fake.Clientset, fm *fakeMap, cfg Config) (*Controller, func(what string, want mapWant)) {
+	t.Helper()
+	runCtx, cancel := context.WithCancel(ctx)
+	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
+	c, err := New(factory, fm, cfg)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	factory.Start(runCtx.Done())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(runCtx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+		factory.Shutdown()
+	})
+	await := func(what string, want mapWant) {
+		t.Helper()
+		for fm.String() != fmt.Sprint(want) {
+			select {
+			case <-ctx.Done():
+				t.Fatalf("%s: map %v; want %v", what, fm, want)
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}
+	return c, await
+}
+
 func TestEntries(t *testing.T) {
 	web := service("web", "10.96.0.10",
 		port("http", corev1.ProtocolTCP, 80, intstr.FromString("http")),
@@ -230,27 +268,9 @@ func TestController(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	kube := fake.NewClientset()
-	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
 	stale := key("10.96.9.9", 80, 6)
 	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{stale: {be("10.244.9.9", 80)}}}
-	c, err := New(factory, fm, Config{NodeName: "n1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	factory.Start(ctx.Done())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-
-	await := func(what string, want map[datapath.ServiceKey][]datapath.Backend) {
-		t.Helper()
-		for fm.String() != fmt.Sprint(want) {
-			select {
-			case <-ctx.Done():
-				t.Fatalf("%s: map %v; want %v", what, fm, want)
-			case <-time.After(5 * time.Millisecond):
-			}
-		}
-	}
+	_, await := startController(t, ctx, kube, fm, Config{NodeName: "n1"})
 	svcs := kube.CoreV1().Services("demo")
 	eps := kube.DiscoveryV1().EndpointSlices("demo")
 	http := key("10.96.0.10", 80, 6)
@@ -316,11 +336,6 @@ func TestController(t *testing.T) {
 		t.Fatal(err)
 	}
 	await("service deleted", map[datapath.ServiceKey][]datapath.Backend{dns: nil})
-
-	cancel()
-	if err := <-done; err != nil {
-		t.Errorf("Run: %v", err)
-	}
 }
 
 // TestView: the Services as the node sees them, with each backend's node
@@ -416,25 +431,8 @@ func TestAPIServerServiceKeepsItsLastBackends(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	kube := fake.NewClientset()
-	factory := kubeinformers.NewSharedInformerFactory(kube, 0)
 	fm := &fakeMap{m: map[datapath.ServiceKey][]datapath.Backend{}}
-	c, err := New(factory, fm, Config{NodeName: "n1"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	factory.Start(ctx.Done())
-	done := make(chan error, 1)
-	go func() { done <- c.Run(ctx) }()
-	await := func(what string, want map[datapath.ServiceKey][]datapath.Backend) {
-		t.Helper()
-		for fm.String() != fmt.Sprint(want) {
-			select {
-			case <-ctx.Done():
-				t.Fatalf("%s: map %v; want %v", what, fm, want)
-			case <-time.After(5 * time.Millisecond):
-			}
-		}
-	}
+	_, await := startController(t, ctx, kube, fm, Config{NodeName: "n1"})
 
 	api := service("kubernetes", "10.96.0.1", port("https", corev1.ProtocolTCP, 443, intstr.FromInt32(6443)))
 	api.Namespace = metav1.NamespaceDefault
@@ -493,8 +491,4 @@ func TestAPIServerServiceKeepsItsLastBackends(t *testing.T) {
 		t.Fatal(err)
 	}
 	await("API server Service deleted", map[datapath.ServiceKey][]datapath.Backend{http: nil})
-	cancel()
-	if err := <-done; err != nil {
-		t.Errorf("Run: %v", err)
-	}
 }
