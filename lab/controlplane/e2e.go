@@ -65,8 +65,29 @@ func BuildE2E(ctx context.Context) (E2EBinaries, error) {
 }
 
 // moduleDir returns where the module that the wrapper module in modDir
-// builds with is in the module cache (downloaded by the build).
+// builds with is in the module cache. The build downloads it; when the
+// binaries come from the cache and the module cache has been emptied since
+// (a fresh GOMODCACHE, go clean -modcache), it is downloaded again here.
 func moduleDir(ctx context.Context, modDir, module string) (string, error) {
+	dir, err := listModuleDir(ctx, modDir, module)
+	if err != nil || dir != "" {
+		return dir, err
+	}
+	cmd := exec.CommandContext(ctx, "go", "mod", "download", module)
+	cmd.Dir = modDir
+	cmd.Env = buildEnv()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("download the pinned %s sources: %w: %s", module, err, strings.TrimSpace(string(out)))
+	}
+	if dir, err = listModuleDir(ctx, modDir, module); err == nil && dir == "" {
+		err = fmt.Errorf("find the pinned %s sources: not in the module cache after go mod download", module)
+	}
+	return dir, err
+}
+
+// listModuleDir is module's directory in the module cache, "" when it is
+// not there.
+func listModuleDir(ctx context.Context, modDir, module string) (string, error) {
 	cmd := exec.CommandContext(ctx, "go", "list", "-m", "-f", "{{.Dir}}", module)
 	cmd.Dir = modDir
 	cmd.Env = buildEnv()
@@ -74,9 +95,5 @@ func moduleDir(ctx context.Context, modDir, module string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("find the pinned %s sources: %w%s", module, err, exitStderr(err))
 	}
-	dir := strings.TrimSpace(string(out))
-	if dir == "" {
-		return "", fmt.Errorf("find the pinned %s sources: not in the module cache", module)
-	}
-	return dir, nil
+	return strings.TrimSpace(string(out)), nil
 }
