@@ -186,10 +186,13 @@ func (m *Manager) publishKey(ctx context.Context) {
 	}
 }
 
-// PeerNodeAddrs says whether peers' own addresses join their allowed IPs:
-// for host traffic with node-to-node encryption, and in strict mode for pods'
-// traffic to other nodes' addresses, which may only leave through the tunnel.
-func (m *Manager) PeerNodeAddrs() bool { return m.cfg.NodeToNode || m.cfg.StrictMode }
+// peerNodeAddrs: peers' own addresses join their allowed IPs. A node's own
+// traffic to a peer's pods (kube-proxy's forwarded NodePort leg, hostNetwork
+// pods, probes) leaves through the tunnel from the node's address
+// (hostTunnelPrefixes), and pods' traffic to other nodes' addresses rides
+// it too; with node-to-node encryption so does the host's traffic to those
+// addresses.
+const peerNodeAddrs = true
 
 // SyncPeers makes every other node that published a key a peer, and
 // remembers which nodes have a tunnel (see Tunnelled). Malformed annotations and refused
@@ -199,7 +202,7 @@ func (m *Manager) SyncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 	if m.cfg.Device == nil {
 		return nil
 	}
-	peers, errs := wireguard.PeersFromNodes(c, m.cfg.NodeName, m.PeerNodeAddrs())
+	peers, errs := wireguard.PeersFromNodes(c, m.cfg.NodeName, peerNodeAddrs)
 	for _, e := range errs {
 		m.cfg.Log.Warn("node not peered", "error", e)
 	}
@@ -207,10 +210,8 @@ func (m *Manager) SyncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 		return fmt.Errorf("set WireGuard peers: %w", err)
 	}
 	m.recordTunnels(peers)
-	if prefixes := hostTunnelPrefixes(peers, c, m.cfg.NodeToNode, m.cfg.StrictMode); prefixes != nil {
-		if err := m.cfg.HostRoutes(m.cfg.Device.Interface(), prefixes); err != nil {
-			return err
-		}
+	if err := m.cfg.HostRoutes(m.cfg.Device.Interface(), hostTunnelPrefixes(peers, c, m.cfg.NodeToNode)); err != nil {
+		return err
 	}
 	return nil
 }
@@ -219,17 +220,15 @@ func (m *Manager) SyncPeers(ctx context.Context, c nodeinfo.Cluster) error {
 // tunnel; nil means the host routes nothing into it.
 //
 // With node-to-node encryption it is everything a peer's allowed IPs hold:
-// its addresses and its pod CIDRs. In strict mode it is the peers' pod
-// CIDRs, so that what the host sends to a remote pod — a hostNetwork
-// process, a probe, a pod's packet that kube-proxy translated to a remote
-// backend — is encrypted as a pod's own traffic is, and fails closed with
-// the tunnel (the peer accepts the node's address from the tunnel: in
-// strict mode its allowed IPs hold it). Otherwise the host's traffic keeps
-// the underlay, as configured.
-func hostTunnelPrefixes(peers []wireguard.Peer, c nodeinfo.Cluster, nodeToNode, strict bool) map[netip.Prefix]bool {
-	if !nodeToNode && !strict {
-		return nil
-	}
+// its addresses and its pod CIDRs. Otherwise it is the peers' pod CIDRs, in
+// strict and permissive mode alike, so that what the host sends to a remote
+// pod — a hostNetwork process, a probe, kube-proxy's forwarded NodePort
+// leg, a pod's packet that kube-proxy translated to a remote backend — is
+// encrypted as a pod's own traffic is, and fails closed with the tunnel
+// (the peer accepts the node's address from the tunnel: its allowed IPs
+// hold it, PeerNodeAddrs). A peer without a tunnel has no route here, so in
+// permissive mode the host's traffic to it keeps the underlay.
+func hostTunnelPrefixes(peers []wireguard.Peer, c nodeinfo.Cluster, nodeToNode bool) map[netip.Prefix]bool {
 	podCIDRs := map[netip.Prefix]bool{}
 	for _, n := range c.Nodes {
 		for _, p := range n.PodCIDRs {
@@ -432,7 +431,7 @@ func (m *Manager) encryptionStatus(ctx context.Context) (v1alpha1.EncryptionStat
 	}
 	// Only the unhealthy peers are listed; the healthy ones are counted and
 	// digested, so the MeshNode stays small at thousands of nodes.
-	want, _ := wireguard.PeersFromNodes(c, m.cfg.NodeName, m.PeerNodeAddrs())
+	want, _ := wireguard.PeersFromNodes(c, m.cfg.NodeName, peerNodeAddrs)
 	expected := make([]v1alpha1.PeerStatus, len(want))
 	for i, p := range want {
 		expected[i] = v1alpha1.PeerStatus{Node: p.Node, PublicKey: p.PublicKey.String(), Endpoint: p.Endpoint.String(), AllowedIPs: prefixStrings(p.AllowedIPs)}

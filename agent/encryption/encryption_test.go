@@ -173,23 +173,15 @@ func TestHostTunnelPrefixes(t *testing.T) {
 	}}
 	peers := []wireguard.Peer{{Node: "node-2", AllowedIPs: []netip.Prefix{pods2, node2}}}
 	for _, tc := range []struct {
-		name               string
-		nodeToNode, strict bool
-		want               []netip.Prefix
+		name       string
+		nodeToNode bool
+		want       []netip.Prefix
 	}{
-		{"permissive: the host keeps the underlay", false, false, nil},
-		{"strict: the peers' pod CIDRs", false, true, []netip.Prefix{pods2}},
-		{"node-to-node: everything the peers hold", true, false, []netip.Prefix{pods2, node2}},
-		{"both", true, true, []netip.Prefix{pods2, node2}},
+		{"strict or permissive: the peers' pod CIDRs", false, []netip.Prefix{pods2}},
+		{"node-to-node: everything the peers hold", true, []netip.Prefix{pods2, node2}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := hostTunnelPrefixes(peers, c, tc.nodeToNode, tc.strict)
-			if tc.want == nil {
-				if got != nil {
-					t.Fatalf("got %v, want nil (no host routes)", got)
-				}
-				return
-			}
+			got := hostTunnelPrefixes(peers, c, tc.nodeToNode)
 			if len(got) != len(tc.want) {
 				t.Fatalf("got %v, want %v", got, tc.want)
 			}

@@ -213,11 +213,13 @@ func TestOwnAddressesAreHost(t *testing.T) {
 	}
 }
 
-// Issue 11: in strict mode a pod's traffic to another node's address must
-// go through the tunnel, so a peer's own addresses are among its allowed IPs
-// and marked tunnelled in the ipcache; without strict mode (and without
-// node-to-node encryption) they are neither.
-func TestStrictModeTunnelsPeerNodeAddresses(t *testing.T) {
+// Issue 11 and 14: a pod's traffic to another node's address goes through
+// the tunnel, and so does the node's own traffic to another node's pods
+// (kube-proxy's forwarded leg), which the peer accepts only when the node's
+// address is among its allowed IPs: a peer's own addresses are among its
+// allowed IPs and marked tunnelled in the ipcache, in strict and in
+// permissive mode alike.
+func TestPeerNodeAddressesAreTunnelled(t *testing.T) {
 	for _, strict := range []bool{false, true} {
 		d := testSyncer(t, "self", "10.99.0.1")
 		d.cfg.Encryption = testEncryption(t, d, strict)
@@ -226,7 +228,7 @@ func TestStrictModeTunnelsPeerNodeAddresses(t *testing.T) {
 			agentNode(t, "n1", 2, "10.244.1.0/24", "10.99.0.2:51871", "10.99.0.2"),
 		}
 		c := d.resolveNodes(nodes)
-		peers, errs := wireguard.PeersFromNodes(c, "self", d.cfg.Encryption.PeerNodeAddrs())
+		peers, errs := wireguard.PeersFromNodes(c, "self", true)
 		if len(errs) != 0 || len(peers) != 1 {
 			t.Fatalf("peers %v, errors %v", peers, errs)
 		}
@@ -235,8 +237,8 @@ func TestStrictModeTunnelsPeerNodeAddresses(t *testing.T) {
 		}
 		hasNode := slices.Contains(peers[0].AllowedIPs, netip.MustParsePrefix("10.99.0.2/32"))
 		tunnelled := d.wantIPCache(c)[netip.MustParsePrefix("10.99.0.2/32")].Kind&datapath.Tunnel != 0
-		if hasNode != strict || tunnelled != strict {
-			t.Errorf("strict=%v: node address in allowed IPs %v, tunnelled in the ipcache %v; want both %v", strict, hasNode, tunnelled, strict)
+		if !hasNode || !tunnelled {
+			t.Errorf("strict=%v: node address in allowed IPs %v, tunnelled in the ipcache %v; want both true", strict, hasNode, tunnelled)
 		}
 	}
 }

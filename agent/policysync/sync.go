@@ -57,7 +57,6 @@ type Datapath interface {
 type Encryption interface {
 	Reassert(ctx context.Context, self *corev1.Node) error
 	SyncPeers(ctx context.Context, c nodeinfo.Cluster) error
-	PeerNodeAddrs() bool
 	Tunnelled(node string) bool
 }
 
@@ -547,12 +546,9 @@ func (s *Syncer) nodeIPCache(c nodeinfo.Cluster) (map[netip.Prefix]datapath.IPCa
 			continue
 		}
 		nodeIPs[n.Name] = ip
-		// A peer's own addresses are in its allowed IPs when peerNodeAddrs:
-		// pods reach them through the tunnel then.
-		var nodeTunnel datapath.IPCacheKind
-		if s.cfg.Encryption.PeerNodeAddrs() {
-			nodeTunnel = s.tunnelKind(n.Name)
-		}
+		// A peer's own addresses are in its allowed IPs: pods reach them
+		// through the tunnel.
+		nodeTunnel := s.tunnelKind(n.Name)
 		for _, a := range n.Addrs() {
 			if a.Is4() && netip.PrefixFrom(a, 32) != self {
 				kind := datapath.NodeAddr

@@ -34,7 +34,7 @@ const (
 
 // TestPrivilegedNodePort: a client outside the nodes (the hub's network
 // namespace, on the underlay) reaches NodePort Services on each node of a
-// 2-node lab in strict mode, once without kube-proxy (Veil translates in
+// 2-node lab in strict mode (and in permissive mode with kube-proxy), once without kube-proxy (Veil translates in
 // the datapath: --kube-proxy-replacement) and once with kube-proxy in
 // iptables and in nftables mode (kube-proxy translates; Veil encrypts the
 // forwarded leg). The only backend runs on node-2, so through node-1 the
@@ -48,7 +48,7 @@ func TestPrivilegedNodePort(t *testing.T) {
 	if testing.Short() {
 		t.Skip("skipped under -short: 2-node Kubernetes clusters")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	bins, err := controlplane.BuildCluster(ctx)
 	if err != nil {
@@ -57,12 +57,18 @@ func TestPrivilegedNodePort(t *testing.T) {
 	agentImage := buildAgentImage(t, ctx)
 	for _, mode := range []cluster.KubeProxyMode{cluster.KubeProxyNone, cluster.KubeProxyIPTables, cluster.KubeProxyNFTables} {
 		t.Run("kube-proxy="+string(mode), func(t *testing.T) {
-			testNodePort(t, ctx, bins, agentImage, mode)
+			testNodePort(t, ctx, bins, agentImage, mode, true)
 		})
 	}
+	// Permissive mode (the chart's default) with kube-proxy: the forwarded
+	// leg is the host's own traffic to another node's pod, and it too must
+	// ride the tunnel where the peer has one.
+	t.Run("kube-proxy=nftables/permissive", func(t *testing.T) {
+		testNodePort(t, ctx, bins, agentImage, cluster.KubeProxyNFTables, false)
+	})
 }
 
-func testNodePort(t *testing.T, ctx context.Context, bins controlplane.ClusterBinaries, agentImage string, mode cluster.KubeProxyMode) {
+func testNodePort(t *testing.T, ctx context.Context, bins controlplane.ClusterBinaries, agentImage string, mode cluster.KubeProxyMode, strict bool) {
 	if err := cluster.Cleanup(npLabPrefix, ""); err != nil {
 		t.Fatalf("remove leftovers of an earlier run: %v", err)
 	}
@@ -71,7 +77,7 @@ func testNodePort(t *testing.T, ctx context.Context, bins controlplane.ClusterBi
 			Prefix: npLabPrefix, Nodes: 2, Binaries: bins, Images: []string{agentImage}, KubeProxy: mode,
 			Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)),
 		},
-		StrictMode: true,
+		StrictMode: strict,
 		NoDNS:      true,
 		NoDemo:     true,
 	})
