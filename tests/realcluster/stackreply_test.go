@@ -20,8 +20,23 @@ import (
 // node's stack, where netfilter turns them back into the ClusterIP's, and
 // the client must reach the Service. Without that, the SYN-ACK went
 // straight into the pod, whose socket never talked to the backend.
+//
+// Once in strict and once in permissive mode: in both the host routes the
+// peers' pod CIDRs into the tunnel, so kube-proxy's translated leg reaches
+// the other node (the lab's underlay has no route to pod CIDRs, and a
+// tunnelled node's pod addresses are believed only out of the tunnel).
 func TestPrivilegedClusterIPRemoteBackendThroughKubeProxy(t *testing.T) {
 	requireCluster(t)
+	for _, strict := range []bool{true, false} {
+		name := "permissive"
+		if strict {
+			name = "strict"
+		}
+		t.Run(name, func(t *testing.T) { testClusterIPRemoteBackendThroughKubeProxy(t, strict) })
+	}
+}
+
+func testClusterIPRemoteBackendThroughKubeProxy(t *testing.T, strict bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 
@@ -32,11 +47,8 @@ func TestPrivilegedClusterIPRemoteBackendThroughKubeProxy(t *testing.T) {
 	if values["cgroupRoot"] != "" {
 		t.Fatalf("lab values have cgroupRoot %q; this test needs the socket hooks off", values["cgroupRoot"])
 	}
-	// Strict mode: the host routes the peers' pod CIDRs into the tunnel, so
-	// kube-proxy's translated leg reaches the other node (the lab's
-	// underlay has no route to pod CIDRs; outside strict mode the host's
-	// traffic keeps it). The backend's replies then come out of the tunnel.
-	values["encryption"] = map[string]any{"strictMode": true}
+	// The backend's replies come out of the tunnel.
+	values["encryption"] = map[string]any{"strictMode": strict}
 	c.installVeil(ctx, values)
 	c.waitServiceAccount(ctx, "default")
 
