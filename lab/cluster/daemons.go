@@ -21,11 +21,6 @@ const (
 	APIServerDaemon = "kube-apiserver"
 )
 
-// APIPort is the API server's port on the hub (HubIP), where the nodes
-// reach it directly: the chart's k8sServicePort for agents that must not
-// depend on the kubernetes Service's cluster IP.
-const APIPort = apiPort
-
 // KubeletDaemon is the name of node's kubelet.
 func KubeletDaemon(node string) string { return node + "-kubelet" }
 
