@@ -7,8 +7,8 @@
  * veil_sockops (cgroup sockops on the pods' cgroup): when a TCP connection
  * between two local endpoints is established (so TC policy allowed its
  * handshake both ways), both sockets join veil_sockhash, each with its state
- * (which end opened the connection) in veil_sockstate, which it forgets when
- * the socket closes.
+ * (which end opened the connection, which connection it is) in
+ * veil_sockconn, which it forgets when the socket closes.
  *
  * veil_sk_msg (sk_msg on veil_sockhash): payload sent on an accelerated
  * socket goes straight into the peer socket's receive queue. When the
@@ -18,7 +18,12 @@
  *
  * Revocation never removes a socket from veil_sockhash: the kernel would
  * free the data already redirected into it and not yet read. The socket
- * leaves the map when it closes.
+ * leaves the map when its process closes it, not when TCP closes it: a
+ * socket reset by its peer stays in the map, under its four-tuple, until
+ * then. A client can meanwhile open a new connection of the same four-tuple
+ * (a reset leaves no TIME_WAIT); the new server socket cannot join the map,
+ * and the client's payload must not go to the dead socket, which is why
+ * sk_msg checks that the peer's state is of its own connection.
  *
  * veil_connect4/6, veil_sendmsg4/6, veil_recvmsg4/6, veil_getpeername4/6
  * (cgroup sock_addr hooks): Services. A connect (TCP, connected UDP, SCTP)
@@ -44,7 +49,7 @@ int veil_sockops(struct bpf_sock_ops *skops)
 	struct sock_key key = {};
 	struct sock_state st = {};
 	struct endpoint_info *src, *dst;
-	__u32 family, l4, r4, l6[4], r6[4];
+	__u32 family, l4, r4, l6[4], r6[4], snd_una, rcv_nxt;
 
 	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
@@ -67,6 +72,8 @@ int veil_sockops(struct bpf_sock_ops *skops)
 	r6[1] = skops->remote_ip6[1];
 	r6[2] = skops->remote_ip6[2];
 	r6[3] = skops->remote_ip6[3];
+	snd_una = skops->snd_una;
+	rcv_nxt = skops->rcv_nxt;
 	key.sport = skops->local_port;
 	key.dport = bpf_ntohl(skops->remote_port);
 
@@ -84,9 +91,17 @@ int veil_sockops(struct bpf_sock_ops *skops)
 	}
 
 	if (skops->op == BPF_SOCK_OPS_STATE_CB) {
-		/* Connections close at a high rate; their state must not pile up. */
-		if (skops->args[1] == BPF_TCP_CLOSE)
-			bpf_map_delete_elem(&veil_sockstate, &key);
+		/*
+		 * Connections close at a high rate; their state must not pile
+		 * up. Only the socket's own: a later connection of the four-tuple
+		 * may have written its state already.
+		 */
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			struct sock_state *old = bpf_map_lookup_elem(&veil_sockconn, &key);
+
+			if (old && old->cookie == bpf_get_socket_cookie(skops))
+				bpf_map_delete_elem(&veil_sockconn, &key);
+		}
 		return 1;
 	}
 
@@ -97,13 +112,30 @@ int veil_sockops(struct bpf_sock_ops *skops)
 	/* Either end may opt out (e.g. an application that splices). */
 	if ((src->flags | dst->flags) & EP_F_NO_ACCEL)
 		return 1;
-	/* A new connection replaces whatever an old one of this 4-tuple left. */
-	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+	/*
+	 * Which connection this is: once established, the active end has
+	 * sent up to snd_una and received up to rcv_nxt, the passive end the
+	 * other way round (its socket was created with both at ISN + 1).
+	 */
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
 		st.flags = SOCK_F_ACTIVE;
-	if (bpf_map_update_elem(&veil_sockstate, &key, &st, BPF_ANY))
-		return 1;
+		st.client_seq = snd_una;
+		st.server_seq = rcv_nxt;
+	} else {
+		st.client_seq = rcv_nxt;
+		st.server_seq = snd_una;
+	}
+	st.cookie = bpf_get_socket_cookie(skops);
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	bpf_sock_hash_update(skops, &veil_sockhash, &key, BPF_NOEXIST);
+	/*
+	 * Join the sockhash first, and write the state only once in: a socket
+	 * whose four-tuple a dead one still holds stays out (it takes the
+	 * TCP path), and the state under the key stays the dead socket's, or
+	 * none, which the peer's sk_msg does not take for its connection's.
+	 */
+	if (bpf_sock_hash_update(skops, &veil_sockhash, &key, BPF_NOEXIST))
+		return 1;
+	bpf_map_update_elem(&veil_sockconn, &key, &st, BPF_ANY);
 	return 1;
 }
 
@@ -121,7 +153,7 @@ SEC("sk_msg")
 int veil_sk_msg(struct sk_msg_md *msg)
 {
 	struct sock_key self = {}, peer = {};
-	struct sock_state *st;
+	struct sock_state *st, *pst;
 	__u32 len = msg->size;
 	__u32 family, l4, r4, l6[4], r6[4];
 
@@ -156,9 +188,13 @@ int veil_sk_msg(struct sk_msg_md *msg)
 	peer.sport = self.dport;
 	peer.dport = self.sport;
 
-	st = bpf_map_lookup_elem(&veil_sockstate, &self);
+	st = bpf_map_lookup_elem(&veil_sockconn, &self);
 	if (st && !(st->flags & SOCK_F_REVOKED) && !st->tcp_path) {
-		if (bpf_msg_redirect_hash(msg, &veil_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
+		/* The peer in the sockhash must be this connection's other end. */
+		pst = bpf_map_lookup_elem(&veil_sockconn, &peer);
+		if (pst && pst->client_seq == st->client_seq && pst->server_seq == st->server_seq &&
+		    (pst->flags & SOCK_F_ACTIVE) != (st->flags & SOCK_F_ACTIVE) &&
+		    bpf_msg_redirect_hash(msg, &veil_sockhash, &peer, BPF_F_INGRESS) == SK_PASS) {
 			sockstat_add(SOCKSTAT_REDIRECTED, len);
 			return SK_PASS;
 		}

@@ -15,6 +15,7 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -341,7 +342,7 @@ var objects = []object{
 		}
 		return progs
 	}, func(d *Datapath) map[string]**ebpf.Map {
-		maps := map[string]**ebpf.Map{"veil_sockstate": &d.sockstate}
+		maps := map[string]**ebpf.Map{"veil_sockconn": &d.sockstate}
 		for name, m := range d.lb.maps() {
 			maps[name] = m
 		}
@@ -454,6 +455,24 @@ func (d *Datapath) loadObjects(pinRoot string) error {
 				return fmt.Errorf("%s object has no map %s", o.name, name)
 			}
 			*field = m
+		}
+	}
+	if pinRoot != "" {
+		return removeRetiredPins(pinRoot)
+	}
+	return nil
+}
+
+// retiredPins are maps earlier versions pinned and this one no longer uses:
+// veil_sockstate held socket state without the connection's identity (now
+// veil_sockconn). Removing a pin only drops its name: an earlier program
+// still attached keeps its map until this version's replaces it.
+var retiredPins = []string{"veil_sockstate"}
+
+func removeRetiredPins(pinRoot string) error {
+	for _, name := range retiredPins {
+		if err := os.Remove(filepath.Join(pinRoot, name)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove retired pin %s: %w", name, err)
 		}
 	}
 	return nil

@@ -839,8 +839,17 @@ func TestPrivilegedServiceStrictEncrypted(t *testing.T) {
 	if err := tn.dp1.UpsertService(Service{ServiceKey: svcTCP, Backends: []Backend{backendC}}); err != nil {
 		t.Fatal(err)
 	}
-	cap1 := startCapture(t, tn.n1, "und1")
 	addr := netip.AddrPortFrom(vip, 80).String()
+	// The first packets wait for the userspace WireGuard handshake, which
+	// on a loaded machine can outlast one dial: warm up with a few tries.
+	got := ""
+	for try := 0; try < 5 && got != "ok "+addr; try++ {
+		got = tn.svcCall(t, "tcp", addr)
+	}
+	if got != "ok "+addr {
+		t.Fatalf("through the Service to the other node with the tunnel up (5 tries): %s", got)
+	}
+	cap1 := startCapture(t, tn.n1, "und1")
 	for i := range 3 {
 		if got := tn.svcCall(t, "tcp", addr); got != "ok "+addr {
 			t.Fatalf("try %d through the Service to the other node: %s", i, got)

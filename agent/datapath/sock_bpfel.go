@@ -232,9 +232,12 @@ type sockSockKey struct {
 }
 
 type sockSockState struct {
-	_       structs.HostLayout
-	Flags   uint32
-	TcpPath uint32
+	_         structs.HostLayout
+	Flags     uint32
+	TcpPath   uint32
+	ClientSeq uint32
+	ServerSeq uint32
+	Cookie    uint64
 }
 
 type sockStackClientKey struct {
@@ -265,8 +268,8 @@ const (
 	sockMapVeilLeaks            = "veil_leaks"
 	sockMapVeilMetrics          = "veil_metrics"
 	sockMapVeilPolicy           = "veil_policy"
+	sockMapVeilSockconn         = "veil_sockconn"
 	sockMapVeilSockhash         = "veil_sockhash"
-	sockMapVeilSockstate        = "veil_sockstate"
 	sockMapVeilSockstats        = "veil_sockstats"
 	sockMapVeilStackClients     = "veil_stack_clients"
 	sockProgVeilConnect4        = "veil_connect4"
@@ -370,8 +373,8 @@ type sockMapSpecs struct {
 	VeilLeaks        *ebpf.MapSpec `ebpf:"veil_leaks"`
 	VeilMetrics      *ebpf.MapSpec `ebpf:"veil_metrics"`
 	VeilPolicy       *ebpf.MapSpec `ebpf:"veil_policy"`
+	VeilSockconn     *ebpf.MapSpec `ebpf:"veil_sockconn"`
 	VeilSockhash     *ebpf.MapSpec `ebpf:"veil_sockhash"`
-	VeilSockstate    *ebpf.MapSpec `ebpf:"veil_sockstate"`
 	VeilSockstats    *ebpf.MapSpec `ebpf:"veil_sockstats"`
 	VeilStackClients *ebpf.MapSpec `ebpf:"veil_stack_clients"`
 }
@@ -433,8 +436,8 @@ type sockMaps struct {
 	VeilLeaks        *ebpf.Map `ebpf:"veil_leaks"`
 	VeilMetrics      *ebpf.Map `ebpf:"veil_metrics"`
 	VeilPolicy       *ebpf.Map `ebpf:"veil_policy"`
+	VeilSockconn     *ebpf.Map `ebpf:"veil_sockconn"`
 	VeilSockhash     *ebpf.Map `ebpf:"veil_sockhash"`
-	VeilSockstate    *ebpf.Map `ebpf:"veil_sockstate"`
 	VeilSockstats    *ebpf.Map `ebpf:"veil_sockstats"`
 	VeilStackClients *ebpf.Map `ebpf:"veil_stack_clients"`
 }
@@ -457,8 +460,8 @@ func (m *sockMaps) Close() error {
 		m.VeilLeaks,
 		m.VeilMetrics,
 		m.VeilPolicy,
+		m.VeilSockconn,
 		m.VeilSockhash,
-		m.VeilSockstate,
 		m.VeilSockstats,
 		m.VeilStackClients,
 	)

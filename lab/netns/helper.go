@@ -73,6 +73,10 @@ func runHelper(mode string, args []string) error {
 			}
 		}
 		return helperSoakClient(arg(0), d, n[0], n[1], n[2])
+	case "reuse-server":
+		return helperReuseServer(arg(0))
+	case "reuse-client":
+		return helperReuseClient(arg(0), arg(1), 200*time.Millisecond)
 	case "rr-server":
 		return helperRRServer(arg(0))
 	case "discard":
