@@ -397,6 +397,22 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 	return out
 }
 
+// EachIPCache calls fn with every pod's ipcache entries, in no particular
+// order, without building the list IPCache returns (the agent's full
+// ipcache build at 150,000 pods). fn must not call the compiler.
+func (c *Compiler) EachIPCache(fn func(IPCacheEntry)) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	for _, p := range c.pods {
+		if !p.active {
+			continue
+		}
+		for _, ip := range p.ips {
+			fn(IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
+		}
+	}
+}
+
 // PodIPCache lists the ipcache entries of one pod: none unless it is an
 // endpoint. IPCache lists every pod's; this is for following one change.
 func (c *Compiler) PodIPCache(id EndpointID) []IPCacheEntry {

@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/netip"
 	"runtime/debug"
 	"slices"
@@ -107,20 +106,11 @@ type Syncer struct {
 	// ipcache and the peers are built from; claims is what each Node
 	// claimed then; conflicts are the refused claims last reported.
 	mu        sync.Mutex
-	ipcache   map[netip.Prefix]datapath.IPCacheEntry
+	ipc       ipcacheState
 	podsDirty map[policy.EndpointID]struct{}
-	// What the last full build derived, for following single pods:
-	// nodeEntries are the nodes' own prefixes; nodeIPs each node's
-	// underlay address; podAddrs the addresses each remote pod holds in the
-	// ipcache, and owners the pods holding each address (two while one
-	// terminates).
-	nodeEntries map[netip.Prefix]datapath.IPCacheEntry
-	nodeIPs     map[string]netip.Addr
-	podAddrs    map[policy.EndpointID][]netip.Addr
-	owners      map[netip.Addr][]podEntry
-	cluster     nodeinfo.Cluster
-	claims      map[string]nodeinfo.Node
-	conflicts   map[nodeinfo.Conflict]bool
+	cluster   nodeinfo.Cluster
+	claims    map[string]nodeinfo.Node
+	conflicts map[nodeinfo.Conflict]bool
 }
 
 // New returns a syncer with an empty queue; Run runs it.
@@ -133,7 +123,7 @@ func New(cfg Config) *Syncer {
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
 			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
-		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, podsDirty: map[policy.EndpointID]struct{}{},
+		ipc: newIPCacheState(), podsDirty: map[policy.EndpointID]struct{}{},
 	}
 }
 
@@ -166,7 +156,7 @@ func (s *Syncer) LastSync() int64 { return s.lastSync.Load() }
 func (s *Syncer) IPCacheSize() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.ipcache)
+	return s.ipc.size()
 }
 
 // Conflicts are the node claims refused at the last resolution.
@@ -262,7 +252,7 @@ func (s *Syncer) flushIPCache() error {
 		err     error
 	)
 	s.mu.Lock()
-	built := s.owners != nil
+	built := s.ipc.built
 	s.mu.Unlock()
 	if s.ipcacheDirty.Swap(false) || !built {
 		changed, err = s.syncIPCache()
@@ -506,231 +496,6 @@ func optedOut(v string) bool {
 		return true
 	}
 	return false
-}
-
-// podEntry is a remote pod's claim on an ipcache address.
-type podEntry struct {
-	pod   policy.EndpointID
-	ip    netip.Addr
-	entry datapath.IPCacheEntry
-}
-
-// wins reports whether a beats b for an address both hold; the full build
-// lets the compiler's order (identity, then node) decide, the last winning.
-func (a podEntry) wins(b podEntry) bool {
-	return cmp.Or(cmp.Compare(a.entry.Identity, b.entry.Identity), a.entry.NodeIP.Compare(b.entry.NodeIP),
-		strings.Compare(a.pod.Namespace, b.pod.Namespace), strings.Compare(a.pod.Name, b.pod.Name)) > 0
-}
-
-// nodeIPCache is what the ipcache holds for the resolved nodes themselves:
-// their addresses and pod CIDRs, and this node's own address. The
-// WireGuard peers come from the same resolution, so a node's prefixes
-// carry the tunnel flag exactly when it is a peer, and are forwarded
-// toward the address its tunnel uses. It also returns each node's address.
-func (s *Syncer) nodeIPCache(c nodeinfo.Cluster) (map[netip.Prefix]datapath.IPCacheEntry, map[string]netip.Addr) {
-	want := map[netip.Prefix]datapath.IPCacheEntry{}
-	nodeIPs := map[string]netip.Addr{}
-	self := netip.PrefixFrom(s.cfg.NodeIP, 32)
-	for _, n := range c.Nodes {
-		if n.Name == s.cfg.NodeName {
-			nodeIPs[n.Name] = s.cfg.NodeIP
-			for _, a := range n.Addrs() {
-				if a.Is4() {
-					want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: s.cfg.NodeIP, Kind: datapath.NodeAddr}
-				}
-			}
-			continue
-		}
-		ip := n.IP()
-		if !ip.IsValid() {
-			continue
-		}
-		nodeIPs[n.Name] = ip
-		// A peer's own addresses are in its allowed IPs: pods reach them
-		// through the tunnel.
-		nodeTunnel := s.tunnelKind(n.Name)
-		for _, a := range n.Addrs() {
-			if a.Is4() && netip.PrefixFrom(a, 32) != self {
-				kind := datapath.NodeAddr
-				if slices.Contains(n.InternalIPs, a) {
-					kind |= nodeTunnel
-				}
-				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: kind}
-			}
-		}
-		for _, cidr := range n.PodCIDRs {
-			if cidr.Addr().Is4() {
-				want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | s.tunnelKind(n.Name)}
-			}
-		}
-	}
-	want[self] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: s.cfg.NodeIP, Kind: datapath.NodeAddr}
-	return want, nodeIPs
-}
-
-// podIPCache converts compiler entries into ipcache claims: IPv4
-// addresses of pods on other nodes whose address is known.
-func (s *Syncer) podIPCache(es []policy.IPCacheEntry, nodeIPs map[string]netip.Addr, out []podEntry) []podEntry {
-	for _, e := range es {
-		if !e.IP.Is4() || e.Node == s.cfg.NodeName {
-			continue
-		}
-		nip, ok := nodeIPs[e.Node]
-		if !ok {
-			continue
-		}
-		out = append(out, podEntry{pod: e.Pod, ip: e.IP, entry: datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | s.tunnelKind(e.Node)}})
-	}
-	return out
-}
-
-// wantIPCache is what the ipcache should hold for the resolved nodes and
-// the compiler's pods.
-func (s *Syncer) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
-	want, _, _, _ := s.buildIPCache(c)
-	return want
-}
-
-// buildIPCache is wantIPCache with what it was derived from: the nodes'
-// own entries and addresses, and the pods' claims by address.
-func (s *Syncer) buildIPCache(c nodeinfo.Cluster) (want, nodes map[netip.Prefix]datapath.IPCacheEntry, nodeIPs map[string]netip.Addr, owners map[netip.Addr][]podEntry) {
-	nodes, nodeIPs = s.nodeIPCache(c)
-	owners = map[netip.Addr][]podEntry{}
-	for _, pe := range s.podIPCache(s.cfg.Compiler.IPCache(), nodeIPs, nil) {
-		owners[pe.ip] = append(owners[pe.ip], pe)
-	}
-	want = maps.Clone(nodes)
-	for ip, os := range owners {
-		want[netip.PrefixFrom(ip, 32)] = winner(os).entry
-	}
-	return want, nodes, nodeIPs, owners
-}
-
-func winner(os []podEntry) podEntry {
-	best := os[0]
-	for _, o := range os[1:] {
-		if o.wins(best) {
-			best = o
-		}
-	}
-	return best
-}
-
-// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
-// addresses and pod CIDRs, and this node's own address. It returns the
-// prefixes it wrote or removed.
-func (s *Syncer) syncIPCache() ([]netip.Prefix, error) {
-	c := s.ResolvedCluster()
-	s.mu.Lock()
-	// Every pod is rebuilt below: pods marked until now need nothing more.
-	clear(s.podsDirty)
-	s.mu.Unlock()
-	want, nodes, nodeIPs, owners := s.buildIPCache(c)
-
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.nodeEntries, s.nodeIPs, s.owners = nodes, nodeIPs, owners
-	s.podAddrs = map[policy.EndpointID][]netip.Addr{}
-	for ip, os := range owners {
-		for _, o := range os {
-			s.podAddrs[o.pod] = append(s.podAddrs[o.pod], ip)
-		}
-	}
-	var (
-		errs    []error
-		changed []netip.Prefix
-	)
-	for p, e := range want {
-		old, had := s.ipcache[p]
-		if err := s.writeIPCache(p, e, true); err != nil {
-			errs = append(errs, err)
-		} else if !had || old != e {
-			changed = append(changed, p)
-		}
-	}
-	for p := range s.ipcache {
-		if _, ok := want[p]; ok {
-			continue
-		}
-		if err := s.writeIPCache(p, datapath.IPCacheEntry{}, false); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		changed = append(changed, p)
-	}
-	return changed, errors.Join(errs...)
-}
-
-// writeIPCache makes one prefix hold e (or nothing), writing only what
-// differs from what was written. Call with mu held.
-func (s *Syncer) writeIPCache(p netip.Prefix, e datapath.IPCacheEntry, present bool) error {
-	old, had := s.ipcache[p]
-	switch {
-	case present && had && old == e, !present && !had:
-		return nil
-	case present:
-		if err := s.cfg.Datapath.UpsertIPCache(p, e); err != nil {
-			return err
-		}
-		s.ipcache[p] = e
-	default:
-		if err := s.cfg.Datapath.DeleteIPCache(p); err != nil {
-			return err
-		}
-		delete(s.ipcache, p)
-	}
-	return nil
-}
-
-// syncPodIPCache brings the entries of the pods marked since the last
-// write in line with the compiler, leaving the rest alone.
-func (s *Syncer) syncPodIPCache() ([]netip.Prefix, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.podsDirty) == 0 {
-		return nil, nil
-	}
-	touched := map[netip.Addr]struct{}{}
-	var claims []podEntry
-	for id := range s.podsDirty {
-		for _, ip := range s.podAddrs[id] {
-			touched[ip] = struct{}{}
-			os := slices.DeleteFunc(s.owners[ip], func(o podEntry) bool { return o.pod == id })
-			if len(os) == 0 {
-				delete(s.owners, ip)
-			} else {
-				s.owners[ip] = os
-			}
-		}
-		delete(s.podAddrs, id)
-		claims = s.podIPCache(s.cfg.Compiler.PodIPCache(id), s.nodeIPs, claims[:0])
-		for _, pe := range claims {
-			touched[pe.ip] = struct{}{}
-			s.owners[pe.ip] = append(s.owners[pe.ip], pe)
-			s.podAddrs[id] = append(s.podAddrs[id], pe.ip)
-		}
-	}
-	clear(s.podsDirty)
-	var (
-		errs    []error
-		changed []netip.Prefix
-	)
-	for ip := range touched {
-		p := netip.PrefixFrom(ip, 32)
-		e, present := s.nodeEntries[p]
-		if os := s.owners[ip]; len(os) > 0 {
-			e, present = winner(os).entry, true
-		}
-		old, had := s.ipcache[p]
-		if err := s.writeIPCache(p, e, present); err != nil {
-			errs = append(errs, err)
-			// Retried by the next full build.
-			s.ipcacheDirty.Store(true)
-		} else if had != present || old != e {
-			changed = append(changed, p)
-		}
-	}
-	return changed, errors.Join(errs...)
 }
 
 // evictRevoked removes connections that policy no longer allows, so neither
