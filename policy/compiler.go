@@ -67,6 +67,9 @@ type Compiler struct {
 	cidrChanged    bool
 	// regionsDirty: the region set changed in this mutation.
 	regionsDirty bool
+	// keyBuf and keyScratch are attach's buffers for identity keys.
+	keyBuf     []byte
+	keyScratch identity.Labels
 	// namedCIDRs counts, per CIDR selector, the egress named-port rules
 	// towards it. The IPs of the pods inside such a CIDR become host
 	// regions (/32, /128) of their own, so those rules can name exactly
@@ -370,7 +373,7 @@ func (c *Compiler) Identities() []IdentityInfo {
 	defer c.mu.RUnlock()
 	out := make([]IdentityInfo, 0, len(c.idents))
 	for _, id := range c.idents {
-		out = append(out, IdentityInfo{ID: id.id, Labels: id.labels})
+		out = append(out, IdentityInfo{ID: id.id, Labels: id.labels()})
 	}
 	slices.SortFunc(out, func(a, b IdentityInfo) int { return cmp.Compare(a.ID, b.ID) })
 	return out
@@ -578,22 +581,26 @@ func (c *Compiler) replacePod(old, np *podState) {
 
 func (c *Compiler) attach(p *podState) {
 	if !p.active {
+		// Until now p.labels may be the caller's map (newPodState).
+		p.labels = maps.Clone(p.labels)
 		return
 	}
-	ls := identity.PodLabels(p.id.Namespace, p.labels, c.namespaceLabels(p.id.Namespace), p.serviceAccount)
-	key := ls.Key()
-	ident := c.identByKey[key]
+	nsLabels := c.namespaceLabels(p.id.Namespace)
+	c.keyBuf, c.keyScratch = identity.AppendPodKey(c.keyBuf[:0], c.keyScratch, p.id.Namespace, p.labels, nsLabels, p.serviceAccount)
+	ident := c.identByKey[string(c.keyBuf)]
 	if ident == nil {
+		key := string(c.keyBuf)
 		num, err := c.ids.Allocate(key)
 		if err != nil {
 			// The identity range (16M numbers) is exhausted: the pod cannot
 			// be represented, so it stays out of the datapath.
 			p.active = false
+			p.labels = maps.Clone(p.labels)
 			return
 		}
 		ident = &identState{
-			id: num, key: key, labels: ls, namespace: p.id.Namespace,
-			podLabels: labels.Set(maps.Clone(p.labels)), nsLabels: c.namespaceLabels(p.id.Namespace),
+			id: num, key: key, namespace: p.id.Namespace, serviceAccount: p.serviceAccount,
+			podLabels: labels.Set(maps.Clone(p.labels)), nsLabels: nsLabels,
 			pods: map[*podState]struct{}{},
 		}
 		if ident.podLabels == nil {

@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -39,8 +38,12 @@ type podState struct {
 
 func newPodState(pod *corev1.Pod) *podState {
 	p := &podState{
-		id:             EndpointID{Namespace: pod.Namespace, Name: pod.Name},
-		labels:         maps.Clone(pod.Labels),
+		id: EndpointID{Namespace: pod.Namespace, Name: pod.Name},
+		// The caller's map until attach: it shares the identity's copy
+		// or takes one of its own (most pods join an identity that
+		// exists, and copying each pod's labels first cost the first
+		// convergence of a large cluster a copy of every label set).
+		labels:         pod.Labels,
 		serviceAccount: pod.Spec.ServiceAccountName,
 		node:           pod.Spec.NodeName,
 	}
@@ -114,16 +117,24 @@ func portsSignature(ports []namedPort) string {
 // identState is one allocated pod identity and the active pods that carry
 // it.
 type identState struct {
-	id        identity.ID
-	key       string
-	labels    identity.Labels
-	namespace string
-	podLabels labels.Set
-	nsLabels  labels.Set
-	pods      map[*podState]struct{}
+	id  identity.ID
+	key string
+	// Its canonical label set is derived when asked for (labels): kept
+	// whole for each of the tens of thousands of identities of a large
+	// cluster it cost more than the pods' own labels.
+	namespace      string
+	serviceAccount string
+	podLabels      labels.Set
+	nsLabels       labels.Set
+	pods           map[*podState]struct{}
 	// ports is the union of its pods' named ports: what an egress named port
 	// towards this identity resolves to.
 	ports []namedPort
+}
+
+// labels is the identity's canonical label set.
+func (id *identState) labels() identity.Labels {
+	return identity.PodLabels(id.namespace, id.podLabels, id.nsLabels, id.serviceAccount)
 }
 
 func (id *identState) recomputePorts() bool {

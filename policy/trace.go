@@ -96,7 +96,7 @@ func (c *Compiler) tracePeer(peer resolvedPeer, node string) TracePeer {
 	if peer.pod != nil {
 		id := peer.pod.id
 		tp.Pod = &id
-		tp.Labels = peer.pod.ident.labels
+		tp.Labels = peer.pod.ident.labels()
 	} else {
 		tp.Labels = identity.ReservedLabels(tp.Identity)
 	}

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"runtime/debug"
 	"slices"
@@ -100,6 +101,11 @@ type Syncer struct {
 	lastSync     atomic.Int64
 	// busy: the worker holds a key it has not finished.
 	busy atomic.Bool
+	// initial holds the keys enqueued before Run started (see Enqueue);
+	// started: Run took them, later keys go to the queue.
+	initialMu sync.Mutex
+	initial   map[k8s.Key]struct{}
+	started   bool
 
 	// mu guards what was written to the ipcache and the node claims:
 	// cluster is the last resolution of every node's claims, which the
@@ -123,12 +129,26 @@ func New(cfg Config) *Syncer {
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
 			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
-		ipc: newIPCacheState(), podsDirty: map[policy.EndpointID]struct{}{},
+		ipc: newIPCacheState(), podsDirty: map[policy.EndpointID]struct{}{}, initial: map[k8s.Key]struct{}{},
 	}
 }
 
 // Enqueue asks for the object of k to be synced.
-func (s *Syncer) Enqueue(k k8s.Key) { s.queue.Add(k) }
+//
+// Until Run starts, keys are kept in a set of the syncer's own, which Run
+// drops once it has synced them: the first convergence queues every object
+// of the cluster, and the workqueue's sets would keep the room for all of
+// them (about 24 MiB at 150,000 pods) for the life of the agent.
+func (s *Syncer) Enqueue(k k8s.Key) {
+	s.initialMu.Lock()
+	if !s.started {
+		s.initial[k] = struct{}{}
+		s.initialMu.Unlock()
+		return
+	}
+	s.initialMu.Unlock()
+	s.queue.Add(k)
+}
 
 // Run syncs queued objects until ctx is done. Start it once the informers'
 // caches have synced and every cached object is queued: the first time the
@@ -143,7 +163,12 @@ func (s *Syncer) Run(ctx context.Context) {
 
 // Idle reports whether every key queued so far has been synced (or
 // given up on for now and queued again with a delay).
-func (s *Syncer) Idle() bool { return s.queue.Len() == 0 && !s.busy.Load() }
+func (s *Syncer) Idle() bool {
+	s.initialMu.Lock()
+	waiting := len(s.initial)
+	s.initialMu.Unlock()
+	return waiting == 0 && s.queue.Len() == 0 && !s.busy.Load()
+}
 
 // IPCacheStale marks the ipcache for rewriting: something it is built from
 // (which nodes are tunnelled) changed.
@@ -172,51 +197,100 @@ func (s *Syncer) Conflicts() []nodeinfo.Conflict {
 
 func (s *Syncer) worker(ctx context.Context) {
 	lastFlush := time.Now()
+	s.busy.Store(true)
+	for _, k := range s.takeInitial() {
+		if ctx.Err() != nil {
+			return
+		}
+		s.process(ctx, k, false, &lastFlush)
+	}
+	s.finish(&lastFlush)
+	s.busy.Store(false)
 	for {
 		k, shutdown := s.queue.Get()
 		if shutdown {
 			return
 		}
 		s.busy.Store(true)
-		start := time.Now()
-		err := s.sync(ctx, k)
-		if err != nil {
-			s.log.Warn("sync failed; will retry", "kind", k.Kind, "namespace", k.Namespace, "name", k.Name, "error", err)
-			s.queue.AddRateLimited(k)
-		} else {
-			s.queue.Forget(k)
-		}
+		s.process(ctx, k, true, &lastFlush)
 		s.queue.Done(k)
-		// The ipcache is rebuilt from the whole cluster, so a burst of pod
-		// events (a start, a scale-up) is flushed once when the queue
-		// drains, or at least every flushEvery, not once per event.
-		if s.queue.Len() == 0 || time.Since(lastFlush) > flushEvery {
-			if ferr := s.flushIPCache(); ferr != nil {
-				s.log.Warn("ipcache sync failed; will retry", "error", ferr)
-			}
-			lastFlush = time.Now()
-		}
-		if s.cfg.Synced != nil {
-			s.cfg.Synced(time.Since(start))
-		}
-		if err == nil {
-			s.lastSync.Store(time.Now().UnixNano())
-		}
-		if s.queue.Len() == 0 && !s.cfg.Endpoints.Converged() {
-			s.converged()
-			s.log.Info("converged with the API server")
-			// The first lists (every pod of the cluster, decoded whole
-			// before the informers slimmed them) leave hundreds of MiB of
-			// garbage in a large cluster: give it back to the system once,
-			// rather than keep it as the agent's resident size.
-			debug.FreeOSMemory()
-			// Connections restored from pinned state are checked once,
-			// now that the state they are checked against is complete.
-			if err := s.evictRevoked(nil, true); err != nil {
-				s.log.Warn("re-check connections", "error", err)
-			}
-		}
+		s.finish(&lastFlush)
 		s.busy.Store(false)
+	}
+}
+
+// takeInitial ends the first convergence's queue and returns its keys in
+// the order that costs least: namespaces and nodes first (pods compile
+// with their namespace's labels), policies, pods last.
+func (s *Syncer) takeInitial() []k8s.Key {
+	s.initialMu.Lock()
+	defer s.initialMu.Unlock()
+	keys := slices.Collect(maps.Keys(s.initial))
+	s.initial, s.started = nil, true
+	rank := func(k k8s.Kind) int {
+		if k == k8s.Pod {
+			return int(k8s.ClusterMeshPolicy) + 1
+		}
+		return int(k)
+	}
+	slices.SortFunc(keys, func(a, b k8s.Key) int {
+		return cmp.Or(cmp.Compare(rank(a.Kind), rank(b.Kind)), strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	})
+	return keys
+}
+
+// process syncs one key; a failure queues it again with a delay. queued:
+// k came from the queue (which must forget its failures).
+func (s *Syncer) process(ctx context.Context, k k8s.Key, queued bool, lastFlush *time.Time) {
+	start := time.Now()
+	err := s.sync(ctx, k)
+	if err != nil {
+		s.log.Warn("sync failed; will retry", "kind", k.Kind, "namespace", k.Namespace, "name", k.Name, "error", err)
+		s.queue.AddRateLimited(k)
+	} else if queued {
+		s.queue.Forget(k)
+	}
+	// The ipcache is rebuilt from the whole cluster, so a burst of pod
+	// events (a start, a scale-up) is flushed once when the queue
+	// drains, or at least every flushEvery, not once per event.
+	if time.Since(*lastFlush) > flushEvery {
+		s.flush(lastFlush)
+	}
+	if s.cfg.Synced != nil {
+		s.cfg.Synced(time.Since(start))
+	}
+	if err == nil {
+		s.lastSync.Store(time.Now().UnixNano())
+	}
+}
+
+func (s *Syncer) flush(lastFlush *time.Time) {
+	if err := s.flushIPCache(); err != nil {
+		s.log.Warn("ipcache sync failed; will retry", "error", err)
+	}
+	*lastFlush = time.Now()
+}
+
+// finish flushes the ipcache when the queue drained, and converges the
+// first time it does.
+func (s *Syncer) finish(lastFlush *time.Time) {
+	if s.queue.Len() != 0 {
+		return
+	}
+	s.flush(lastFlush)
+	if !s.cfg.Endpoints.Converged() {
+		s.converged()
+		s.log.Info("converged with the API server")
+		// The first lists (every pod of the cluster, decoded whole
+		// before the informers slimmed them) leave hundreds of MiB of
+		// garbage in a large cluster: give it back to the system once,
+		// rather than keep it as the agent's resident size.
+		debug.FreeOSMemory()
+		// Connections restored from pinned state are checked once,
+		// now that the state they are checked against is complete.
+		if err := s.evictRevoked(nil, true); err != nil {
+			s.log.Warn("re-check connections", "error", err)
+		}
 	}
 }
 
