@@ -55,6 +55,9 @@ type mode struct {
 	Name string
 	// Flags switch on what the agent may do to scale.
 	Flags string
+	// Binary, when set, is the test binary the agent runs from (an
+	// earlier build; see baselineBinEnv), else this one.
+	Binary string
 }
 
 // agentStats is the child's answer to "stats".

@@ -2,6 +2,7 @@ package scale
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -41,6 +42,17 @@ var modes = []mode{
 
 const defaultWholeClusterMax = 10000
 
+// VEIL_SCALE_BASELINE_BIN names an earlier build of this benchmark (go test
+// -c ./tests/scale at another commit), measured first at every size as a
+// mode named VEIL_SCALE_BASELINE_NAME (default "before") with the flags
+// VEIL_SCALE_BASELINE_FLAGS (default none: that build's node-local agent).
+// VEIL_SCALE_MODES picks it by that name too.
+const (
+	baselineBinEnv   = "VEIL_SCALE_BASELINE_BIN"
+	baselineNameEnv  = "VEIL_SCALE_BASELINE_NAME"
+	baselineFlagsEnv = "VEIL_SCALE_BASELINE_FLAGS"
+)
+
 // localEndpoints is how many of the local node's pods the agent restores
 // as endpoints (the first ones, which every size has).
 const localEndpoints = 20
@@ -60,7 +72,11 @@ type child struct {
 }
 
 func startChild(kubeconfig string, m mode) (*child, error) {
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	bin := os.Args[0]
+	if m.Binary != "" {
+		bin = m.Binary
+	}
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), agentEnv+"="+kubeconfig, modeEnv+"="+m.Flags, podsEnv+"="+strconv.Itoa(localEndpoints))
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
@@ -253,6 +269,14 @@ func BenchmarkScale(b *testing.B) {
 		}
 		wholeMax = n
 	}
+	run := modes
+	// An earlier build of this benchmark (go test -c) measured as a mode
+	// of its own, against the same cluster in the same run: the agent as
+	// it was, side by side with the agent as it is.
+	if bin := os.Getenv(baselineBinEnv); bin != "" {
+		name := cmp.Or(os.Getenv(baselineNameEnv), "before")
+		run = append([]mode{{Name: name, Flags: os.Getenv(baselineFlagsEnv), Binary: bin}}, modes...)
+	}
 	var results []result
 	version := 1
 	for b.Loop() {
@@ -262,7 +286,7 @@ func BenchmarkScale(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Logf("cluster at %d pods on %d nodes (%s to create)", p.pods, p.nodes, time.Since(start).Round(time.Second))
-			for _, m := range modes {
+			for _, m := range run {
 				if only := os.Getenv("VEIL_SCALE_MODES"); only != "" && !hasFlag(only, m.Name) {
 					continue
 				}
@@ -294,6 +318,17 @@ func BenchmarkScale(b *testing.B) {
 			if base.pods == r.pods && base.mode == modes[0].Name && r.mode != base.mode {
 				fmt.Fprintf(&sb, "%d pods, %s vs %s: RSS %.2fx, ready CPU %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
 					r.pods, r.mode, base.mode, float64(r.rss)/float64(base.rss), float64(r.readyCPU)/float64(base.readyCPU),
+					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
+			}
+		}
+	}
+	// The agent against the earlier build, at every size.
+	for _, r := range results {
+		for _, base := range results {
+			if base.pods == r.pods && base.mode == run[0].Name && run[0].Binary != "" && r.mode == "node-local" {
+				fmt.Fprintf(&sb, "%d pods, node-local vs %s (%s): RSS %.2fx, heap %.2fx, peak %.2fx, ready wall %.2fx, ready CPU %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
+					r.pods, base.mode, run[0].Binary, float64(r.rss)/float64(base.rss), float64(r.heap)/float64(base.heap), float64(r.peak)/float64(base.peak),
+					float64(r.readyWall)/float64(base.readyWall), float64(r.readyCPU)/float64(base.readyCPU),
 					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
 			}
 		}
