@@ -334,7 +334,7 @@ func (c *Compiler) Endpoints() []Endpoint {
 		if !p.active {
 			continue
 		}
-		if !p.group.computed {
+		if p.group == nil || !p.group.computed {
 			out = append(out, Endpoint{EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id, NotCompiled: true})
 			continue
 		}
@@ -356,7 +356,19 @@ func (c *Compiler) Endpoint(id EndpointID) (Endpoint, bool) {
 	if p == nil || !p.active {
 		return Endpoint{}, false
 	}
-	return p.endpoint(c.view(p.group)), true
+	return p.endpoint(c.view(c.groupOf(p))), true
+}
+
+// groupOf is p's group; for a pod on another node, which a node-local
+// compiler keeps in no group, one of its own, not compiled.
+func (c *Compiler) groupOf(p *podState) *group {
+	if p.group != nil {
+		return p.group
+	}
+	return &group{
+		key: groupKey{id: p.ident.id, ports: portsSignature(p.ports)}, ident: p.ident, ports: p.ports,
+		endpoints: map[*podState]struct{}{p: {}},
+	}
 }
 
 // endpoint describes p with the entries of g (its group, or a view of it).
@@ -559,7 +571,7 @@ func (c *Compiler) replacePod(old, np *podState) {
 	}
 	switch {
 	case np != nil && np.active:
-		if old == nil || !old.active || old.group != np.group || old.node != np.node || !slices.Equal(old.ips, np.ips) {
+		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || !slices.Equal(old.ips, np.ips) {
 			c.changed[np.id] = struct{}{}
 		}
 		delete(c.removed, np.id)
@@ -617,6 +629,12 @@ func (c *Compiler) attach(p *podState) {
 	}
 	for s := range c.namedCIDRs {
 		c.hostRegions(p, s, 1)
+	}
+	if !c.isLocal(p) {
+		// A node-local compiler compiles only its own node's endpoints:
+		// pods elsewhere are peers (an identity, addresses, named ports)
+		// and join no group.
+		return
 	}
 	gk := groupKey{id: ident.id, ports: portsSignature(p.ports)}
 	g := c.groups[gk]

@@ -8,6 +8,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/veilmesh/veil/policy"
 )
 
 // The ipcache followed pod by pod (what a pod change elsewhere costs)
@@ -16,9 +18,23 @@ import (
 // shared by two pods, pods with two IPv4 addresses, deactivations and
 // deletions; and a full rebuild afterwards writes nothing.
 func TestIncrementalIPCacheMatchesFullBuild(t *testing.T) {
+	for _, node := range []string{"", "self"} {
+		t.Run("compiler node="+node, func(t *testing.T) { testIncrementalIPCache(t, node) })
+	}
+}
+
+// testIncrementalIPCache runs the test with a compiler for node (""
+// compiles every endpoint; the agent's compiles its own node's only, and
+// keeps the pods elsewhere in no group).
+func testIncrementalIPCache(t *testing.T, node string) {
 	for seed := range 20 {
 		r := rand.New(rand.NewPCG(uint64(seed), 5))
 		d := testSyncer(t, "self", "10.99.0.1")
+		c, err := policy.New(policy.Options{Node: node})
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.cfg.Compiler = c
 		dp := newFakeDatapath()
 		d.cfg.Datapath = dp
 		nodes := []*corev1.Node{
