@@ -217,6 +217,15 @@ func (c *Compiler) UpsertPod(pod *corev1.Pod) Changes {
 	return c.flush()
 }
 
+// UpsertPodFacts is UpsertPod for a pod read from elsewhere than a
+// corev1.Pod.
+func (c *Compiler) UpsertPodFacts(f PodFacts) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.upsertPodFacts(&f)
+	return c.flush()
+}
+
 // DeletePod removes a pod.
 func (c *Compiler) DeletePod(namespace, name string) Changes {
 	c.mu.Lock()
@@ -532,7 +541,12 @@ func (c *Compiler) upsertNode(n *corev1.Node) {
 // --- pods and identities ---
 
 func (c *Compiler) upsertPod(pod *corev1.Pod) {
-	np := newPodState(pod)
+	f := podFacts(pod)
+	c.upsertPodFacts(&f)
+}
+
+func (c *Compiler) upsertPodFacts(f *PodFacts) {
+	np := newPodState(f)
 	old := c.pods[np.id]
 	if old != nil && old.active == np.active && old.serviceAccount == np.serviceAccount && old.node == np.node &&
 		maps.Equal(old.labels, np.labels) && slices.Equal(old.ips, np.ips) && slices.Equal(old.ports, np.ports) {

@@ -351,7 +351,7 @@ func (s *Syncer) sync(ctx context.Context, k k8s.Key) error {
 		} else if err != nil {
 			return err
 		} else {
-			ch = s.cfg.Compiler.UpsertPod(s.withLocalIP(pod.Object()))
+			ch = s.cfg.Compiler.UpsertPodFacts(s.podFacts(pod))
 			// Annotations change no policy, so the compiler does not
 			// report them; a local pod's datapath record may still need
 			// its acceleration opt-out.
@@ -440,6 +440,34 @@ func (s *Syncer) withLocalIP(pod *corev1.Pod) *corev1.Pod {
 	cp.Status.PodIP = ep.IP.String()
 	cp.Status.PodIPs = []corev1.PodIP{{IP: ep.IP.String()}}
 	return cp
+}
+
+// podFacts is what the compiler reads of a cached pod, with the address
+// this node's IPAM gave it when the API server does not know it yet (as
+// withLocalIP), read without building a corev1.Pod.
+func (s *Syncer) podFacts(pod *k8s.PodInfo) policy.PodFacts {
+	f := policy.PodFacts{
+		Namespace: pod.Namespace, Name: pod.Name, Labels: pod.Labels, NodeName: pod.NodeName,
+		ServiceAccount: pod.ServiceAccount, HostNetwork: pod.HostNetwork,
+		Finished: pod.Phase == corev1.PodSucceeded || pod.Phase == corev1.PodFailed,
+	}
+	if pod.NodeName == s.cfg.NodeName && !pod.HostNetwork && pod.PodIP == "" {
+		if ep, ok := s.cfg.Endpoints.Get(policy.EndpointID{Namespace: pod.Namespace, Name: pod.Name}); ok {
+			f.IPs = []string{ep.IP.String()}
+		}
+	}
+	switch {
+	case f.IPs != nil:
+	case pod.PodIPs != nil:
+		f.IPs = append(make([]string, 0, 1+len(pod.PodIPs)), pod.PodIP)
+		f.IPs = append(f.IPs, pod.PodIPs...)
+	case pod.PodIP != "":
+		f.IPs = []string{pod.PodIP}
+	}
+	for _, np := range pod.Ports {
+		f.Ports = append(f.Ports, policy.PodPort{Name: np.Name, Protocol: np.Protocol, Port: np.Port})
+	}
+	return f
 }
 
 // apply writes what a compiler mutation changed into the datapath.
