@@ -91,3 +91,33 @@ func TestApplyOnTheRealCgroup(t *testing.T) {
 	}
 	t.Logf("container limit %d, soft limit %d (%s)", st.Container, st.Limit, st.Reason)
 }
+
+// StartupGC raises the collector's percent until the agent converged, and
+// puts back what was set; GOGC or 0 leave it alone.
+func TestStartupGC(t *testing.T) {
+	orig := debug.SetGCPercent(100)
+	t.Cleanup(func() { debug.SetGCPercent(orig) })
+	restore := StartupGC(400, noEnv)
+	if got := debug.SetGCPercent(400); got != 400 {
+		t.Errorf("during start GOGC is %d; want 400", got)
+	}
+	restore()
+	restore() // once only
+	if got := debug.SetGCPercent(100); got != 100 {
+		t.Errorf("after convergence GOGC is %d; want 100 back", got)
+	}
+	for _, tc := range []struct {
+		name    string
+		percent int
+		env     func(string) (string, bool)
+	}{
+		{"GOGC set", 400, func(k string) (string, bool) { return "50", k == "GOGC" }},
+		{"off", 0, noEnv},
+	} {
+		restore := StartupGC(tc.percent, tc.env)
+		if got := debug.SetGCPercent(100); got != 100 {
+			t.Errorf("%s: GOGC changed to %d", tc.name, got)
+		}
+		restore()
+	}
+}

@@ -52,8 +52,8 @@ func TestPodFactsMatchTheCorePod(t *testing.T) {
 			ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "named"},
 			Spec: networkingv1.NetworkPolicySpec{
 				PodSelector: metav1.LabelSelector{},
-				Ingress: []networkingv1.NetworkPolicyIngressRule{{Ports: []networkingv1.NetworkPolicyPort{{Port: ptr.To(intstr.FromString("sctp")), Protocol: ptr.To(corev1.ProtocolSCTP)}}}},
-				Egress:  []networkingv1.NetworkPolicyEgressRule{{Ports: []networkingv1.NetworkPolicyPort{{Port: ptr.To(intstr.FromString("http"))}}}},
+				Ingress:     []networkingv1.NetworkPolicyIngressRule{{Ports: []networkingv1.NetworkPolicyPort{{Port: ptr.To(intstr.FromString("sctp")), Protocol: ptr.To(corev1.ProtocolSCTP)}}}},
+				Egress:      []networkingv1.NetworkPolicyEgressRule{{Ports: []networkingv1.NetworkPolicyPort{{Port: ptr.To(intstr.FromString("http"))}}}},
 			},
 		}
 		viaCore.UpsertNetworkPolicy(np)

@@ -86,7 +86,9 @@ type Config struct {
 	Degraded Degraded
 	// Synced, when set, is called with how long each sync took.
 	Synced func(time.Duration)
-	Log    *slog.Logger
+	// Converged, when set, is called once the agent first converged.
+	Converged func()
+	Log       *slog.Logger
 }
 
 // Syncer is the controller.
@@ -281,6 +283,9 @@ func (s *Syncer) finish(lastFlush *time.Time) {
 	if !s.cfg.Endpoints.Converged() {
 		s.converged()
 		s.log.Info("converged with the API server")
+		if s.cfg.Converged != nil {
+			s.cfg.Converged()
+		}
 		// The first lists (every pod of the cluster, decoded whole
 		// before the informers slimmed them) leave hundreds of MiB of
 		// garbage in a large cluster: give it back to the system once,

@@ -30,6 +30,7 @@ import (
 	"github.com/veilmesh/veil/agent/encryption"
 	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/k8s"
+	"github.com/veilmesh/veil/agent/memlimit"
 	"github.com/veilmesh/veil/agent/policysync"
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
 	"github.com/veilmesh/veil/policy"
@@ -212,6 +213,19 @@ func runAgent(kubeconfig string) error {
 		startProfile = func() { pprof.StopCPUProfile(); f.Close() }
 	}
 
+	// As the agent: the collector's startup percent until converged
+	// (memlimit.StartupGC; startgc=N sets N, 0 leaves GOGC alone).
+	startGC := memlimit.DefaultStartupGCPercent
+	for _, f := range strings.Split(flags, ",") {
+		if v, ok := strings.CutPrefix(f, "startgc="); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("mode flag %q: %w", f, err)
+			}
+			startGC = n
+		}
+	}
+	gcConverged := memlimit.StartupGC(startGC, os.LookupEnv)
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		return fmt.Errorf("load kubeconfig: %w", err)
@@ -260,6 +274,7 @@ func runAgent(kubeconfig string) error {
 		NodeName: localNode, NodeIP: netip.MustParseAddr(localNodeIP), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(clusterCIDR)},
 		Compiler: compiler, Datapath: dp, Endpoints: reg, Encryption: encryption.New(encryption.Config{NodeName: localNode}),
 		Listers: w.Listers, Kube: kube, Veil: veil, Events: &record.FakeRecorder{}, Degraded: noDegraded{},
+		Converged: gcConverged,
 		Synced: func(d time.Duration) {
 			syncMu.Lock()
 			syncs = append(syncs, d.Nanoseconds())
