@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -226,6 +227,17 @@ func runAgent(kubeconfig string) error {
 		}
 	}
 	gcConverged := memlimit.StartupGC(startGC, os.LookupEnv)
+	// container-mib=N: as the agent in a container limited to N MiB, with
+	// the default --memory-limit-ratio.
+	for _, f := range strings.Split(flags, ",") {
+		if v, ok := strings.CutPrefix(f, "container-mib="); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("mode flag %q: %w", f, err)
+			}
+			debug.SetMemoryLimit(int64(float64(n<<20) * memlimit.DefaultRatio))
+		}
+	}
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		return fmt.Errorf("load kubeconfig: %w", err)

@@ -32,7 +32,10 @@ import (
 // (no transforms), whole-cluster (compile every endpoint), core-pods
 // (slimmed corev1.Pods in the cache), json (JSON from the API server),
 // startgc=N (the collector's percent until converged, as the agent's
-// --startup-gc-percent; 0 leaves GOGC; unset, the agent's default).
+// --startup-gc-percent; 0 leaves GOGC; unset, the agent's default),
+// container-mib=N (the agent in a container limited to N MiB: its soft
+// memory limit is --memory-limit-ratio of that). node-local-320mib is the
+// agent in a container limited to 320 MiB.
 // The modes that compile the whole cluster need about 100 KiB per pod,
 // so they run only up to wholeClusterMax pods (VEIL_SCALE_WHOLE_MAX).
 var modes = []mode{
@@ -42,6 +45,7 @@ var modes = []mode{
 	{Name: "node-local-json", Flags: "json,startgc=0"},
 	{Name: "node-local", Flags: ""},
 	{Name: "node-local-gogc100", Flags: "startgc=0"},
+	{Name: "node-local-320mib", Flags: "container-mib=320"},
 }
 
 const defaultWholeClusterMax = 10000
