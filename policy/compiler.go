@@ -37,7 +37,6 @@ type Compiler struct {
 	namespaces map[string]labels.Set
 	nodes      map[string][]netip.Addr
 	pods       map[EndpointID]*podState
-	podsByNS   map[string]map[*podState]struct{}
 
 	idents     map[identity.ID]*identState
 	identByKey map[string]*identState
@@ -122,7 +121,7 @@ func New(opts Options) (*Compiler, error) {
 		node: opts.Node,
 		ids:  ids, cidrIDs: cidrIDs,
 		namespaces: map[string]labels.Set{}, nodes: map[string][]netip.Addr{},
-		pods: map[EndpointID]*podState{}, podsByNS: map[string]map[*podState]struct{}{},
+		pods:   map[EndpointID]*podState{},
 		idents: map[identity.ID]*identState{}, identByKey: map[string]*identState{},
 		identsByNS: map[string]map[*identState]struct{}{},
 		policies:   map[PolicyRef]*policyState{}, policiesByNS: map[string]map[*policyState]struct{}{},
@@ -521,7 +520,15 @@ func (c *Compiler) namespaceLabels(ns string) labels.Set {
 
 // relabelNamespace gives every pod of ns the identity of its new label set.
 func (c *Compiler) relabelNamespace(ns string) {
-	pods := slices.Collect(maps.Keys(c.podsByNS[ns]))
+	// Only active pods carry an identity, which is all the namespace's
+	// labels change: found through the namespace's identities rather
+	// than an index of every pod by namespace.
+	var pods []*podState
+	for id := range c.identsByNS[ns] {
+		for p := range id.pods {
+			pods = append(pods, p)
+		}
+	}
 	slices.SortFunc(pods, func(a, b *podState) int { return strings.Compare(a.id.Name, b.id.Name) })
 	for _, old := range pods {
 		np := *old
@@ -567,19 +574,11 @@ func (c *Compiler) deletePod(id EndpointID) {
 func (c *Compiler) replacePod(old, np *podState) {
 	if np != nil {
 		c.pods[np.id] = np
-		if c.podsByNS[np.id.Namespace] == nil {
-			c.podsByNS[np.id.Namespace] = map[*podState]struct{}{}
-		}
-		c.podsByNS[np.id.Namespace][np] = struct{}{}
 		c.attach(np)
 	}
 	if old != nil {
-		delete(c.podsByNS[old.id.Namespace], old)
 		if np == nil {
 			delete(c.pods, old.id)
-			if len(c.podsByNS[old.id.Namespace]) == 0 {
-				delete(c.podsByNS, old.id.Namespace)
-			}
 		}
 		c.detach(old)
 	}
