@@ -204,7 +204,9 @@ func (s *Syncer) worker(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		s.process(ctx, k, false, &lastFlush)
+		start := time.Now()
+		err := s.process(ctx, k, false, &lastFlush)
+		s.synced(start, err)
 	}
 	s.finish(&lastFlush)
 	s.busy.Store(false)
@@ -214,10 +216,23 @@ func (s *Syncer) worker(ctx context.Context) {
 			return
 		}
 		s.busy.Store(true)
-		s.process(ctx, k, true, &lastFlush)
+		start := time.Now()
+		err := s.process(ctx, k, true, &lastFlush)
 		s.queue.Done(k)
 		s.finish(&lastFlush)
+		// What a change costs: its sync and the ipcache write it caused.
+		s.synced(start, err)
 		s.busy.Store(false)
+	}
+}
+
+// synced records a sync that started at start.
+func (s *Syncer) synced(start time.Time, err error) {
+	if s.cfg.Synced != nil {
+		s.cfg.Synced(time.Since(start))
+	}
+	if err == nil {
+		s.lastSync.Store(time.Now().UnixNano())
 	}
 }
 
@@ -243,8 +258,7 @@ func (s *Syncer) takeInitial() []k8s.Key {
 
 // process syncs one key; a failure queues it again with a delay. queued:
 // k came from the queue (which must forget its failures).
-func (s *Syncer) process(ctx context.Context, k k8s.Key, queued bool, lastFlush *time.Time) {
-	start := time.Now()
+func (s *Syncer) process(ctx context.Context, k k8s.Key, queued bool, lastFlush *time.Time) error {
 	err := s.sync(ctx, k)
 	if err != nil {
 		s.log.Warn("sync failed; will retry", "kind", k.Kind, "namespace", k.Namespace, "name", k.Name, "error", err)
@@ -258,12 +272,7 @@ func (s *Syncer) process(ctx context.Context, k k8s.Key, queued bool, lastFlush 
 	if time.Since(*lastFlush) > flushEvery {
 		s.flush(lastFlush)
 	}
-	if s.cfg.Synced != nil {
-		s.cfg.Synced(time.Since(start))
-	}
-	if err == nil {
-		s.lastSync.Store(time.Now().UnixNano())
-	}
+	return err
 }
 
 func (s *Syncer) flush(lastFlush *time.Time) {
