@@ -37,7 +37,6 @@ type Compiler struct {
 	namespaces map[string]labels.Set
 	nodes      map[string][]netip.Addr
 	pods       map[EndpointID]*podState
-	podsByNS   map[string]map[*podState]struct{}
 
 	idents     map[identity.ID]*identState
 	identByKey map[string]*identState
@@ -67,6 +66,9 @@ type Compiler struct {
 	cidrChanged    bool
 	// regionsDirty: the region set changed in this mutation.
 	regionsDirty bool
+	// keyBuf and keyScratch are attach's buffers for identity keys.
+	keyBuf     []byte
+	keyScratch identity.Labels
 	// namedCIDRs counts, per CIDR selector, the egress named-port rules
 	// towards it. The IPs of the pods inside such a CIDR become host
 	// regions (/32, /128) of their own, so those rules can name exactly
@@ -119,7 +121,7 @@ func New(opts Options) (*Compiler, error) {
 		node: opts.Node,
 		ids:  ids, cidrIDs: cidrIDs,
 		namespaces: map[string]labels.Set{}, nodes: map[string][]netip.Addr{},
-		pods: map[EndpointID]*podState{}, podsByNS: map[string]map[*podState]struct{}{},
+		pods:   map[EndpointID]*podState{},
 		idents: map[identity.ID]*identState{}, identByKey: map[string]*identState{},
 		identsByNS: map[string]map[*identState]struct{}{},
 		policies:   map[PolicyRef]*policyState{}, policiesByNS: map[string]map[*policyState]struct{}{},
@@ -211,6 +213,15 @@ func (c *Compiler) UpsertPod(pod *corev1.Pod) Changes {
 	if pod != nil {
 		c.upsertPod(pod)
 	}
+	return c.flush()
+}
+
+// UpsertPodFacts is UpsertPod for a pod read from elsewhere than a
+// corev1.Pod.
+func (c *Compiler) UpsertPodFacts(f PodFacts) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.upsertPodFacts(&f)
 	return c.flush()
 }
 
@@ -331,7 +342,7 @@ func (c *Compiler) Endpoints() []Endpoint {
 		if !p.active {
 			continue
 		}
-		if !p.group.computed {
+		if p.group == nil || !p.group.computed {
 			out = append(out, Endpoint{EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id, NotCompiled: true})
 			continue
 		}
@@ -353,7 +364,19 @@ func (c *Compiler) Endpoint(id EndpointID) (Endpoint, bool) {
 	if p == nil || !p.active {
 		return Endpoint{}, false
 	}
-	return p.endpoint(c.view(p.group)), true
+	return p.endpoint(c.view(c.groupOf(p))), true
+}
+
+// groupOf is p's group; for a pod on another node, which a node-local
+// compiler keeps in no group, one of its own, not compiled.
+func (c *Compiler) groupOf(p *podState) *group {
+	if p.group != nil {
+		return p.group
+	}
+	return &group{
+		key: groupKey{id: p.ident.id, ports: portsSignature(p.ports)}, ident: p.ident, ports: p.ports,
+		endpoints: map[*podState]struct{}{p: {}},
+	}
 }
 
 // endpoint describes p with the entries of g (its group, or a view of it).
@@ -370,7 +393,7 @@ func (c *Compiler) Identities() []IdentityInfo {
 	defer c.mu.RUnlock()
 	out := make([]IdentityInfo, 0, len(c.idents))
 	for _, id := range c.idents {
-		out = append(out, IdentityInfo{ID: id.id, Labels: id.labels})
+		out = append(out, IdentityInfo{ID: id.id, Labels: id.labels()})
 	}
 	slices.SortFunc(out, func(a, b IdentityInfo) int { return cmp.Compare(a.ID, b.ID) })
 	return out
@@ -395,6 +418,22 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 		return cmp.Or(a.IP.Compare(b.IP), cmp.Compare(a.Identity, b.Identity), strings.Compare(a.Node, b.Node), compareEndpointIDs(a.Pod, b.Pod))
 	})
 	return out
+}
+
+// EachIPCache calls fn with every pod's ipcache entries, in no particular
+// order, without building the list IPCache returns (the agent's full
+// ipcache build at 150,000 pods). fn must not call the compiler.
+func (c *Compiler) EachIPCache(fn func(IPCacheEntry)) {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	for _, p := range c.pods {
+		if !p.active {
+			continue
+		}
+		for _, ip := range p.ips {
+			fn(IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
+		}
+	}
 }
 
 // PodIPCache lists the ipcache entries of one pod: none unless it is an
@@ -481,7 +520,15 @@ func (c *Compiler) namespaceLabels(ns string) labels.Set {
 
 // relabelNamespace gives every pod of ns the identity of its new label set.
 func (c *Compiler) relabelNamespace(ns string) {
-	pods := slices.Collect(maps.Keys(c.podsByNS[ns]))
+	// Only active pods carry an identity, which is all the namespace's
+	// labels change: found through the namespace's identities rather
+	// than an index of every pod by namespace.
+	var pods []*podState
+	for id := range c.identsByNS[ns] {
+		for p := range id.pods {
+			pods = append(pods, p)
+		}
+	}
 	slices.SortFunc(pods, func(a, b *podState) int { return strings.Compare(a.id.Name, b.id.Name) })
 	for _, old := range pods {
 		np := *old
@@ -501,7 +548,12 @@ func (c *Compiler) upsertNode(n *corev1.Node) {
 // --- pods and identities ---
 
 func (c *Compiler) upsertPod(pod *corev1.Pod) {
-	np := newPodState(pod)
+	f := podFacts(pod)
+	c.upsertPodFacts(&f)
+}
+
+func (c *Compiler) upsertPodFacts(f *PodFacts) {
+	np := newPodState(f)
 	old := c.pods[np.id]
 	if old != nil && old.active == np.active && old.serviceAccount == np.serviceAccount && old.node == np.node &&
 		maps.Equal(old.labels, np.labels) && slices.Equal(old.ips, np.ips) && slices.Equal(old.ports, np.ports) {
@@ -522,25 +574,17 @@ func (c *Compiler) deletePod(id EndpointID) {
 func (c *Compiler) replacePod(old, np *podState) {
 	if np != nil {
 		c.pods[np.id] = np
-		if c.podsByNS[np.id.Namespace] == nil {
-			c.podsByNS[np.id.Namespace] = map[*podState]struct{}{}
-		}
-		c.podsByNS[np.id.Namespace][np] = struct{}{}
 		c.attach(np)
 	}
 	if old != nil {
-		delete(c.podsByNS[old.id.Namespace], old)
 		if np == nil {
 			delete(c.pods, old.id)
-			if len(c.podsByNS[old.id.Namespace]) == 0 {
-				delete(c.podsByNS, old.id.Namespace)
-			}
 		}
 		c.detach(old)
 	}
 	switch {
 	case np != nil && np.active:
-		if old == nil || !old.active || old.group != np.group || old.node != np.node || !slices.Equal(old.ips, np.ips) {
+		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || !slices.Equal(old.ips, np.ips) {
 			c.changed[np.id] = struct{}{}
 		}
 		delete(c.removed, np.id)
@@ -562,22 +606,26 @@ func (c *Compiler) replacePod(old, np *podState) {
 
 func (c *Compiler) attach(p *podState) {
 	if !p.active {
+		// Until now p.labels may be the caller's map (newPodState).
+		p.labels = maps.Clone(p.labels)
 		return
 	}
-	ls := identity.PodLabels(p.id.Namespace, p.labels, c.namespaceLabels(p.id.Namespace), p.serviceAccount)
-	key := ls.Key()
-	ident := c.identByKey[key]
+	nsLabels := c.namespaceLabels(p.id.Namespace)
+	c.keyBuf, c.keyScratch = identity.AppendPodKey(c.keyBuf[:0], c.keyScratch, p.id.Namespace, p.labels, nsLabels, p.serviceAccount)
+	ident := c.identByKey[string(c.keyBuf)]
 	if ident == nil {
+		key := string(c.keyBuf)
 		num, err := c.ids.Allocate(key)
 		if err != nil {
 			// The identity range (16M numbers) is exhausted: the pod cannot
 			// be represented, so it stays out of the datapath.
 			p.active = false
+			p.labels = maps.Clone(p.labels)
 			return
 		}
 		ident = &identState{
-			id: num, key: key, labels: ls, namespace: p.id.Namespace,
-			podLabels: labels.Set(maps.Clone(p.labels)), nsLabels: c.namespaceLabels(p.id.Namespace),
+			id: num, key: key, namespace: p.id.Namespace, serviceAccount: p.serviceAccount,
+			podLabels: labels.Set(maps.Clone(p.labels)), nsLabels: nsLabels,
 			pods: map[*podState]struct{}{},
 		}
 		if ident.podLabels == nil {
@@ -594,6 +642,12 @@ func (c *Compiler) attach(p *podState) {
 	}
 	for s := range c.namedCIDRs {
 		c.hostRegions(p, s, 1)
+	}
+	if !c.isLocal(p) {
+		// A node-local compiler compiles only its own node's endpoints:
+		// pods elsewhere are peers (an identity, addresses, named ports)
+		// and join no group.
+		return
 	}
 	gk := groupKey{id: ident.id, ports: portsSignature(p.ports)}
 	g := c.groups[gk]

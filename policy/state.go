@@ -1,7 +1,6 @@
 package policy
 
 import (
-	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -37,41 +36,85 @@ type podState struct {
 	group  *group
 }
 
-func newPodState(pod *corev1.Pod) *podState {
-	p := &podState{
-		id:             EndpointID{Namespace: pod.Namespace, Name: pod.Name},
-		labels:         maps.Clone(pod.Labels),
-		serviceAccount: pod.Spec.ServiceAccountName,
-		node:           pod.Spec.NodeName,
+// PodFacts is what the compiler reads of a pod: UpsertPod takes it from a
+// corev1.Pod, the agent (UpsertPodFacts) from its own pod cache without
+// building a corev1.Pod for each pod of the cluster.
+type PodFacts struct {
+	Namespace, Name string
+	// Labels are read, never written, and not kept past the call.
+	Labels         map[string]string
+	NodeName       string
+	ServiceAccount string
+	HostNetwork    bool
+	// Finished: the pod succeeded or failed.
+	Finished bool
+	// IPs are status.podIP and status.podIPs (repeats are ignored).
+	IPs []string
+	// Ports are the pod's containers' ports; unnamed ones are ignored.
+	Ports []PodPort
+}
+
+// PodPort is a container port of a pod.
+type PodPort struct {
+	Name     string
+	Protocol corev1.Protocol
+	Port     int32
+}
+
+// podFacts reads a corev1.Pod.
+func podFacts(pod *corev1.Pod) PodFacts {
+	f := PodFacts{
+		Namespace: pod.Namespace, Name: pod.Name, Labels: pod.Labels, NodeName: pod.Spec.NodeName,
+		ServiceAccount: pod.Spec.ServiceAccountName, HostNetwork: pod.Spec.HostNetwork,
+		Finished: pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed,
 	}
-	addIP := func(s string) {
+	if pod.Status.PodIP != "" {
+		f.IPs = append(f.IPs, pod.Status.PodIP)
+	}
+	for _, ip := range pod.Status.PodIPs {
+		f.IPs = append(f.IPs, ip.IP)
+	}
+	for _, c := range pod.Spec.Containers {
+		for _, cp := range c.Ports {
+			f.Ports = append(f.Ports, PodPort{Name: cp.Name, Protocol: cp.Protocol, Port: cp.ContainerPort})
+		}
+	}
+	return f
+}
+
+func newPodState(f *PodFacts) *podState {
+	p := &podState{
+		id: EndpointID{Namespace: f.Namespace, Name: f.Name},
+		// The caller's map until attach: it shares the identity's copy
+		// or takes one of its own (most pods join an identity that
+		// exists, and copying each pod's labels first cost the first
+		// convergence of a large cluster a copy of every label set).
+		labels:         f.Labels,
+		serviceAccount: f.ServiceAccount,
+		node:           f.NodeName,
+	}
+	for _, s := range f.IPs {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
-			return
+			continue
 		}
 		ip = ip.Unmap()
 		if !slices.Contains(p.ips, ip) {
 			p.ips = append(p.ips, ip)
 		}
 	}
-	addIP(pod.Status.PodIP)
-	for _, ip := range pod.Status.PodIPs {
-		addIP(ip.IP)
-	}
-	for _, c := range pod.Spec.Containers {
-		for _, cp := range c.Ports {
-			if cp.Name == "" || cp.ContainerPort < 1 || cp.ContainerPort > 65535 {
-				continue
-			}
-			proto := policytypes.ProtoTCP
-			switch cp.Protocol {
-			case corev1.ProtocolUDP:
-				proto = policytypes.ProtoUDP
-			case corev1.ProtocolSCTP:
-				proto = policytypes.ProtoSCTP
-			}
-			p.ports = append(p.ports, namedPort{cp.Name, proto, uint16(cp.ContainerPort)})
+	for _, cp := range f.Ports {
+		if cp.Name == "" || cp.Port < 1 || cp.Port > 65535 {
+			continue
 		}
+		proto := policytypes.ProtoTCP
+		switch cp.Protocol {
+		case corev1.ProtocolUDP:
+			proto = policytypes.ProtoUDP
+		case corev1.ProtocolSCTP:
+			proto = policytypes.ProtoSCTP
+		}
+		p.ports = append(p.ports, namedPort{cp.Name, proto, uint16(cp.Port)})
 	}
 	slices.SortFunc(p.ports, func(a, b namedPort) int {
 		if c := strings.Compare(a.name, b.name); c != 0 {
@@ -83,8 +126,7 @@ func newPodState(pod *corev1.Pod) *podState {
 		return int(a.port) - int(b.port)
 	})
 	p.ports = slices.Compact(p.ports)
-	finished := pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed
-	p.active = len(p.ips) > 0 && !pod.Spec.HostNetwork && !finished
+	p.active = len(p.ips) > 0 && !f.HostNetwork && !f.Finished
 	return p
 }
 
@@ -114,16 +156,24 @@ func portsSignature(ports []namedPort) string {
 // identState is one allocated pod identity and the active pods that carry
 // it.
 type identState struct {
-	id        identity.ID
-	key       string
-	labels    identity.Labels
-	namespace string
-	podLabels labels.Set
-	nsLabels  labels.Set
-	pods      map[*podState]struct{}
+	id  identity.ID
+	key string
+	// Its canonical label set is derived when asked for (labels): kept
+	// whole for each of the tens of thousands of identities of a large
+	// cluster it cost more than the pods' own labels.
+	namespace      string
+	serviceAccount string
+	podLabels      labels.Set
+	nsLabels       labels.Set
+	pods           map[*podState]struct{}
 	// ports is the union of its pods' named ports: what an egress named port
 	// towards this identity resolves to.
 	ports []namedPort
+}
+
+// labels is the identity's canonical label set.
+func (id *identState) labels() identity.Labels {
+	return identity.PodLabels(id.namespace, id.podLabels, id.nsLabels, id.serviceAccount)
 }
 
 func (id *identState) recomputePorts() bool {

@@ -96,7 +96,7 @@ func (c *Compiler) tracePeer(peer resolvedPeer, node string) TracePeer {
 	if peer.pod != nil {
 		id := peer.pod.id
 		tp.Pod = &id
-		tp.Labels = peer.pod.ident.labels
+		tp.Labels = peer.pod.ident.labels()
 	} else {
 		tp.Labels = identity.ReservedLabels(tp.Identity)
 	}
@@ -130,10 +130,10 @@ func (c *Compiler) trace(from, to Peer, proto uint8, port uint16) (TraceResult, 
 	res.Egress = DirectionTrace{Allowed: true, AuditAllowed: true}
 	res.Ingress = DirectionTrace{Allowed: true, AuditAllowed: true}
 	if src.pod != nil {
-		res.Egress = c.decide(c.view(src.pod.group), policytypes.Egress, res.To, proto, port)
+		res.Egress = c.decide(c.view(c.groupOf(src.pod)), policytypes.Egress, res.To, proto, port)
 	}
 	if dst.pod != nil {
-		res.Ingress = c.decide(c.view(dst.pod.group), policytypes.Ingress, res.From, proto, port)
+		res.Ingress = c.decide(c.view(c.groupOf(dst.pod)), policytypes.Ingress, res.From, proto, port)
 	}
 	res.Allowed = res.Egress.Allowed && res.Ingress.Allowed
 	res.AuditAllowed = res.Egress.AuditAllowed && res.Ingress.AuditAllowed

@@ -45,27 +45,35 @@ type Config struct {
 	MetricsAddr string
 
 	ResyncPeriod time.Duration
-	LogLevel     string
-	LogFormat    string
-	Cleanup      bool
-	Version      bool
+	// MemoryLimitRatio: the Go runtime's soft memory limit is this share
+	// of the container's memory limit (agent/memlimit); 0 turns it off,
+	// and GOMEMLIMIT, when set, wins.
+	MemoryLimitRatio float64
+	// StartupGCPercent is GOGC until the first convergence; 0 leaves it.
+	StartupGCPercent int
+	LogLevel         string
+	LogFormat        string
+	Cleanup          bool
+	Version          bool
 }
 
 // Default returns the configuration an agent runs with when nothing is set.
 func Default() Config {
 	return Config{
-		BPFFSRoot:      "/sys/fs/bpf/veil",
-		CgroupRoot:     "/sys/fs/cgroup",
-		ClusterCIDR:    "10.244.0.0/16",
-		WireGuardIface: "veil-wg0",
-		Encryption:     "wireguard",
-		WireGuardPort:  51871,
-		StateDir:       "/var/lib/veil",
-		SocketPath:     "/var/run/veil/agent.sock",
-		MetricsAddr:    ":9962",
-		ResyncPeriod:   10 * time.Minute,
-		LogLevel:       "info",
-		LogFormat:      "text",
+		BPFFSRoot:        "/sys/fs/bpf/veil",
+		CgroupRoot:       "/sys/fs/cgroup",
+		ClusterCIDR:      "10.244.0.0/16",
+		WireGuardIface:   "veil-wg0",
+		Encryption:       "wireguard",
+		WireGuardPort:    51871,
+		StateDir:         "/var/lib/veil",
+		SocketPath:       "/var/run/veil/agent.sock",
+		MetricsAddr:      ":9962",
+		ResyncPeriod:     10 * time.Minute,
+		MemoryLimitRatio: 0.9,
+		StartupGCPercent: 400,
+		LogLevel:         "info",
+		LogFormat:        "text",
 	}
 }
 
@@ -95,6 +103,8 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.SocketPath, "socket", c.SocketPath, "unix socket of the agent's API (mode 0600)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz; empty disables them")
 	fs.DurationVar(&c.ResyncPeriod, "resync-period", c.ResyncPeriod, "informer resync period")
+	fs.Float64Var(&c.MemoryLimitRatio, "memory-limit-ratio", c.MemoryLimitRatio, "set the Go runtime's soft memory limit to this share of the container's memory limit, so the garbage collector works harder near it instead of letting the heap grow past it; 0 turns it off; GOMEMLIMIT, when set, wins")
+	fs.IntVar(&c.StartupGCPercent, "startup-gc-percent", c.StartupGCPercent, "the garbage collector's percent (as GOGC) until the agent first converges, so decoding the first lists of a large cluster costs fewer collections; 0 leaves it; GOGC, when set, wins")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
 	fs.StringVar(&c.LogFormat, "log-format", c.LogFormat, "text or json")
 	fs.BoolVar(&c.Cleanup, "cleanup", c.Cleanup, "remove everything Veil installed on this node (programs, pins, socket) and exit")
@@ -151,6 +161,12 @@ func (c *Config) Validate() error {
 	}
 	if c.ResyncPeriod < 0 {
 		errs = append(errs, errors.New("--resync-period must not be negative"))
+	}
+	if c.StartupGCPercent < 0 {
+		errs = append(errs, fmt.Errorf("--startup-gc-percent %d must not be negative", c.StartupGCPercent))
+	}
+	if c.MemoryLimitRatio < 0 || c.MemoryLimitRatio > 1 {
+		errs = append(errs, fmt.Errorf("--memory-limit-ratio %g: want 0 (off) to 1", c.MemoryLimitRatio))
 	}
 	switch c.LogLevel {
 	case "debug", "info", "warn", "error":

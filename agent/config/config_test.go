@@ -25,11 +25,11 @@ func TestParseFlagsEnvAndPrecedence(t *testing.T) {
 }
 
 func TestValidateNamesEveryProblem(t *testing.T) {
-	_, _, err := Parse([]string{"--cluster-cidr=nope", "--node-ip=fe80::1", "--log-level=loud", "--wireguard-interface=much-too-long-name"}, env(nil))
+	_, _, err := Parse([]string{"--cluster-cidr=nope", "--node-ip=fe80::1", "--log-level=loud", "--wireguard-interface=much-too-long-name", "--memory-limit-ratio=2", "--startup-gc-percent=-1"}, env(nil))
 	if err == nil {
 		t.Fatal("want errors")
 	}
-	for _, want := range []string{"NODE_NAME", "--cluster-cidr", "--node-ip", "--log-level", "--wireguard-interface"} {
+	for _, want := range []string{"NODE_NAME", "--cluster-cidr", "--node-ip", "--log-level", "--wireguard-interface", "--memory-limit-ratio", "--startup-gc-percent"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}

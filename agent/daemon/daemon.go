@@ -41,6 +41,7 @@ import (
 	"github.com/veilmesh/veil/agent/flows"
 	"github.com/veilmesh/veil/agent/ipam"
 	"github.com/veilmesh/veil/agent/k8s"
+	"github.com/veilmesh/veil/agent/memlimit"
 	"github.com/veilmesh/veil/agent/podnet"
 	"github.com/veilmesh/veil/agent/policysync"
 	"github.com/veilmesh/veil/agent/services"
@@ -177,7 +178,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		Compiler: d.compiler, Datapath: d.dp, Endpoints: d.endpoints, Encryption: d.enc,
 		Listers: d.listers, Kube: d.kube, Veil: d.veil, Events: d.events, Degraded: &d.degraded,
 		Synced: func(took time.Duration) { d.metrics.reconcile.Observe(took.Seconds()) },
-		Log:    d.log,
+		// The first lists are decoded: collect garbage as usual again.
+		Converged: memlimit.StartupGC(d.cfg.StartupGCPercent, os.LookupEnv),
+		Log:       d.log,
 	})
 	var alloc *ipam.Allocator
 	if d.podCIDR.IsValid() {

@@ -10,11 +10,13 @@ import (
 	"slices"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime"
 	kubeinformers "k8s.io/client-go/informers"
+	coreinformers "k8s.io/client-go/informers/core/v1"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
 	networkinglisters "k8s.io/client-go/listers/networking/v1"
@@ -102,11 +104,17 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, opts.Resync),
 		veilFactory: veilinformers.NewSharedInformerFactory(veil, opts.Resync),
 	}
+	// The pod cache is looked up by key only: without the namespace index
+	// informers get by default, which costs an entry per pod of the
+	// cluster and work on every pod event.
+	pods := w.kubeFactory.InformerFor(&corev1.Pod{}, func(c kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
+		return coreinformers.NewPodInformer(c, metav1.NamespaceAll, resync, cache.Indexers{})
+	})
 	core := w.kubeFactory.Core().V1()
 	netpols := w.kubeFactory.Networking().V1().NetworkPolicies()
 	mesh := w.veilFactory.Policy().V1alpha1()
 	w.informers = map[Kind]cache.SharedIndexInformer{
-		Pod:               core.Pods().Informer(),
+		Pod:               pods,
 		Namespace:         core.Namespaces().Informer(),
 		Node:              core.Nodes().Informer(),
 		NetworkPolicy:     netpols.Informer(),
@@ -122,7 +130,7 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		}
 	}
 	w.Listers = Listers{
-		Pods: PodStore{indexer: core.Pods().Informer().GetIndexer()}, Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
+		Pods: PodStore{indexer: pods.GetIndexer()}, Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
 		NetworkPolicies: netpols.Lister(), MeshPolicies: mesh.MeshPolicies().Lister(),
 		ClusterMeshPolicies: mesh.ClusterMeshPolicies().Lister(),
 	}

@@ -38,6 +38,13 @@ func TestKeysAfterCacheSync(t *testing.T) {
 	if err := w.WaitForCacheSync(ctx, time.Hour, func(waiting []string) { synced = waiting == nil }); err != nil {
 		t.Fatal(err)
 	}
+	// The pod cache is read by key alone: no index costs an entry per pod.
+	if ix := w.informers[Pod].GetIndexer().GetIndexers(); len(ix) != 0 {
+		t.Errorf("the pod cache keeps indexes %v", ix)
+	}
+	if _, err := w.Pods.Get("x", "a"); err != nil {
+		t.Errorf("pod by key: %v", err)
+	}
 	if !synced {
 		t.Fatal("WaitForCacheSync returned without reporting that nothing is waiting")
 	}

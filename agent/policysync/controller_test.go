@@ -139,6 +139,15 @@ func TestRunConvergesAndFollowsChanges(t *testing.T) {
 	if s.IPCacheSize() == 0 {
 		t.Error("nothing written to the ipcache")
 	}
+	// The keys queued before Run were synced from the syncer's own set,
+	// dropped since, not through the workqueue (whose sets keep the room
+	// they once needed).
+	s.initialMu.Lock()
+	initial := s.initial
+	s.initialMu.Unlock()
+	if initial != nil {
+		t.Errorf("the first convergence's %d keys are still held", len(initial))
+	}
 
 	// A change reaches the datapath through the queue: new labels, a new
 	// identity in the endpoint's record.

@@ -86,7 +86,9 @@ type Config struct {
 	Degraded Degraded
 	// Synced, when set, is called with how long each sync took.
 	Synced func(time.Duration)
-	Log    *slog.Logger
+	// Converged, when set, is called once the agent first converged.
+	Converged func()
+	Log       *slog.Logger
 }
 
 // Syncer is the controller.
@@ -101,26 +103,22 @@ type Syncer struct {
 	lastSync     atomic.Int64
 	// busy: the worker holds a key it has not finished.
 	busy atomic.Bool
+	// initial holds the keys enqueued before Run started (see Enqueue);
+	// started: Run took them, later keys go to the queue.
+	initialMu sync.Mutex
+	initial   map[k8s.Key]struct{}
+	started   bool
 
 	// mu guards what was written to the ipcache and the node claims:
 	// cluster is the last resolution of every node's claims, which the
 	// ipcache and the peers are built from; claims is what each Node
 	// claimed then; conflicts are the refused claims last reported.
 	mu        sync.Mutex
-	ipcache   map[netip.Prefix]datapath.IPCacheEntry
+	ipc       ipcacheState
 	podsDirty map[policy.EndpointID]struct{}
-	// What the last full build derived, for following single pods:
-	// nodeEntries are the nodes' own prefixes; nodeIPs each node's
-	// underlay address; podAddrs the addresses each remote pod holds in the
-	// ipcache, and owners the pods holding each address (two while one
-	// terminates).
-	nodeEntries map[netip.Prefix]datapath.IPCacheEntry
-	nodeIPs     map[string]netip.Addr
-	podAddrs    map[policy.EndpointID][]netip.Addr
-	owners      map[netip.Addr][]podEntry
-	cluster     nodeinfo.Cluster
-	claims      map[string]nodeinfo.Node
-	conflicts   map[nodeinfo.Conflict]bool
+	cluster   nodeinfo.Cluster
+	claims    map[string]nodeinfo.Node
+	conflicts map[nodeinfo.Conflict]bool
 }
 
 // New returns a syncer with an empty queue; Run runs it.
@@ -133,12 +131,26 @@ func New(cfg Config) *Syncer {
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
 			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
-		ipcache: map[netip.Prefix]datapath.IPCacheEntry{}, podsDirty: map[policy.EndpointID]struct{}{},
+		ipc: newIPCacheState(), podsDirty: map[policy.EndpointID]struct{}{}, initial: map[k8s.Key]struct{}{},
 	}
 }
 
 // Enqueue asks for the object of k to be synced.
-func (s *Syncer) Enqueue(k k8s.Key) { s.queue.Add(k) }
+//
+// Until Run starts, keys are kept in a set of the syncer's own, which Run
+// drops once it has synced them: the first convergence queues every object
+// of the cluster, and the workqueue's sets would keep the room for all of
+// them (about 24 MiB at 150,000 pods) for the life of the agent.
+func (s *Syncer) Enqueue(k k8s.Key) {
+	s.initialMu.Lock()
+	if !s.started {
+		s.initial[k] = struct{}{}
+		s.initialMu.Unlock()
+		return
+	}
+	s.initialMu.Unlock()
+	s.queue.Add(k)
+}
 
 // Run syncs queued objects until ctx is done. Start it once the informers'
 // caches have synced and every cached object is queued: the first time the
@@ -153,7 +165,12 @@ func (s *Syncer) Run(ctx context.Context) {
 
 // Idle reports whether every key queued so far has been synced (or
 // given up on for now and queued again with a delay).
-func (s *Syncer) Idle() bool { return s.queue.Len() == 0 && !s.busy.Load() }
+func (s *Syncer) Idle() bool {
+	s.initialMu.Lock()
+	waiting := len(s.initial)
+	s.initialMu.Unlock()
+	return waiting == 0 && s.queue.Len() == 0 && !s.busy.Load()
+}
 
 // IPCacheStale marks the ipcache for rewriting: something it is built from
 // (which nodes are tunnelled) changed.
@@ -166,7 +183,7 @@ func (s *Syncer) LastSync() int64 { return s.lastSync.Load() }
 func (s *Syncer) IPCacheSize() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.ipcache)
+	return s.ipc.size()
 }
 
 // Conflicts are the node claims refused at the last resolution.
@@ -182,6 +199,17 @@ func (s *Syncer) Conflicts() []nodeinfo.Conflict {
 
 func (s *Syncer) worker(ctx context.Context) {
 	lastFlush := time.Now()
+	s.busy.Store(true)
+	for _, k := range s.takeInitial() {
+		if ctx.Err() != nil {
+			return
+		}
+		start := time.Now()
+		err := s.process(ctx, k, false, &lastFlush)
+		s.synced(start, err)
+	}
+	s.finish(&lastFlush)
+	s.busy.Store(false)
 	for {
 		k, shutdown := s.queue.Get()
 		if shutdown {
@@ -189,44 +217,94 @@ func (s *Syncer) worker(ctx context.Context) {
 		}
 		s.busy.Store(true)
 		start := time.Now()
-		err := s.sync(ctx, k)
-		if err != nil {
-			s.log.Warn("sync failed; will retry", "kind", k.Kind, "namespace", k.Namespace, "name", k.Name, "error", err)
-			s.queue.AddRateLimited(k)
-		} else {
-			s.queue.Forget(k)
-		}
+		err := s.process(ctx, k, true, &lastFlush)
 		s.queue.Done(k)
-		// The ipcache is rebuilt from the whole cluster, so a burst of pod
-		// events (a start, a scale-up) is flushed once when the queue
-		// drains, or at least every flushEvery, not once per event.
-		if s.queue.Len() == 0 || time.Since(lastFlush) > flushEvery {
-			if ferr := s.flushIPCache(); ferr != nil {
-				s.log.Warn("ipcache sync failed; will retry", "error", ferr)
-			}
-			lastFlush = time.Now()
-		}
-		if s.cfg.Synced != nil {
-			s.cfg.Synced(time.Since(start))
-		}
-		if err == nil {
-			s.lastSync.Store(time.Now().UnixNano())
-		}
-		if s.queue.Len() == 0 && !s.cfg.Endpoints.Converged() {
-			s.converged()
-			s.log.Info("converged with the API server")
-			// The first lists (every pod of the cluster, decoded whole
-			// before the informers slimmed them) leave hundreds of MiB of
-			// garbage in a large cluster: give it back to the system once,
-			// rather than keep it as the agent's resident size.
-			debug.FreeOSMemory()
-			// Connections restored from pinned state are checked once,
-			// now that the state they are checked against is complete.
-			if err := s.evictRevoked(nil, true); err != nil {
-				s.log.Warn("re-check connections", "error", err)
-			}
-		}
+		s.finish(&lastFlush)
+		// What a change costs: its sync and the ipcache write it caused.
+		s.synced(start, err)
 		s.busy.Store(false)
+	}
+}
+
+// synced records a sync that started at start.
+func (s *Syncer) synced(start time.Time, err error) {
+	if s.cfg.Synced != nil {
+		s.cfg.Synced(time.Since(start))
+	}
+	if err == nil {
+		s.lastSync.Store(time.Now().UnixNano())
+	}
+}
+
+// takeInitial ends the first convergence's queue and returns its keys in
+// the order that costs least: namespaces and nodes first (pods compile
+// with their namespace's labels), policies, pods last.
+func (s *Syncer) takeInitial() []k8s.Key {
+	s.initialMu.Lock()
+	defer s.initialMu.Unlock()
+	keys := slices.Collect(maps.Keys(s.initial))
+	s.initial, s.started = nil, true
+	rank := func(k k8s.Kind) int {
+		if k == k8s.Pod {
+			return int(k8s.ClusterMeshPolicy) + 1
+		}
+		return int(k)
+	}
+	slices.SortFunc(keys, func(a, b k8s.Key) int {
+		return cmp.Or(cmp.Compare(rank(a.Kind), rank(b.Kind)), strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	})
+	return keys
+}
+
+// process syncs one key; a failure queues it again with a delay. queued:
+// k came from the queue (which must forget its failures).
+func (s *Syncer) process(ctx context.Context, k k8s.Key, queued bool, lastFlush *time.Time) error {
+	err := s.sync(ctx, k)
+	if err != nil {
+		s.log.Warn("sync failed; will retry", "kind", k.Kind, "namespace", k.Namespace, "name", k.Name, "error", err)
+		s.queue.AddRateLimited(k)
+	} else if queued {
+		s.queue.Forget(k)
+	}
+	// The ipcache is rebuilt from the whole cluster, so a burst of pod
+	// events (a start, a scale-up) is flushed once when the queue
+	// drains, or at least every flushEvery, not once per event.
+	if time.Since(*lastFlush) > flushEvery {
+		s.flush(lastFlush)
+	}
+	return err
+}
+
+func (s *Syncer) flush(lastFlush *time.Time) {
+	if err := s.flushIPCache(); err != nil {
+		s.log.Warn("ipcache sync failed; will retry", "error", err)
+	}
+	*lastFlush = time.Now()
+}
+
+// finish flushes the ipcache when the queue drained, and converges the
+// first time it does.
+func (s *Syncer) finish(lastFlush *time.Time) {
+	if s.queue.Len() != 0 {
+		return
+	}
+	s.flush(lastFlush)
+	if !s.cfg.Endpoints.Converged() {
+		s.converged()
+		s.log.Info("converged with the API server")
+		if s.cfg.Converged != nil {
+			s.cfg.Converged()
+		}
+		// The first lists (every pod of the cluster, decoded whole
+		// before the informers slimmed them) leave hundreds of MiB of
+		// garbage in a large cluster: give it back to the system once,
+		// rather than keep it as the agent's resident size.
+		debug.FreeOSMemory()
+		// Connections restored from pinned state are checked once,
+		// now that the state they are checked against is complete.
+		if err := s.evictRevoked(nil, true); err != nil {
+			s.log.Warn("re-check connections", "error", err)
+		}
 	}
 }
 
@@ -262,7 +340,7 @@ func (s *Syncer) flushIPCache() error {
 		err     error
 	)
 	s.mu.Lock()
-	built := s.owners != nil
+	built := s.ipc.built
 	s.mu.Unlock()
 	if s.ipcacheDirty.Swap(false) || !built {
 		changed, err = s.syncIPCache()
@@ -287,7 +365,7 @@ func (s *Syncer) sync(ctx context.Context, k k8s.Key) error {
 		} else if err != nil {
 			return err
 		} else {
-			ch = s.cfg.Compiler.UpsertPod(s.withLocalIP(pod.Object()))
+			ch = s.cfg.Compiler.UpsertPodFacts(s.podFacts(pod))
 			// Annotations change no policy, so the compiler does not
 			// report them; a local pod's datapath record may still need
 			// its acceleration opt-out.
@@ -376,6 +454,34 @@ func (s *Syncer) withLocalIP(pod *corev1.Pod) *corev1.Pod {
 	cp.Status.PodIP = ep.IP.String()
 	cp.Status.PodIPs = []corev1.PodIP{{IP: ep.IP.String()}}
 	return cp
+}
+
+// podFacts is what the compiler reads of a cached pod, with the address
+// this node's IPAM gave it when the API server does not know it yet (as
+// withLocalIP), read without building a corev1.Pod.
+func (s *Syncer) podFacts(pod *k8s.PodInfo) policy.PodFacts {
+	f := policy.PodFacts{
+		Namespace: pod.Namespace, Name: pod.Name, Labels: pod.Labels, NodeName: pod.NodeName,
+		ServiceAccount: pod.ServiceAccount, HostNetwork: pod.HostNetwork,
+		Finished: pod.Phase == corev1.PodSucceeded || pod.Phase == corev1.PodFailed,
+	}
+	if pod.NodeName == s.cfg.NodeName && !pod.HostNetwork && pod.PodIP == "" {
+		if ep, ok := s.cfg.Endpoints.Get(policy.EndpointID{Namespace: pod.Namespace, Name: pod.Name}); ok {
+			f.IPs = []string{ep.IP.String()}
+		}
+	}
+	switch {
+	case f.IPs != nil:
+	case pod.PodIPs != nil:
+		f.IPs = append(make([]string, 0, 1+len(pod.PodIPs)), pod.PodIP)
+		f.IPs = append(f.IPs, pod.PodIPs...)
+	case pod.PodIP != "":
+		f.IPs = []string{pod.PodIP}
+	}
+	for _, np := range pod.Ports {
+		f.Ports = append(f.Ports, policy.PodPort{Name: np.Name, Protocol: np.Protocol, Port: np.Port})
+	}
+	return f
 }
 
 // apply writes what a compiler mutation changed into the datapath.
@@ -506,231 +612,6 @@ func optedOut(v string) bool {
 		return true
 	}
 	return false
-}
-
-// podEntry is a remote pod's claim on an ipcache address.
-type podEntry struct {
-	pod   policy.EndpointID
-	ip    netip.Addr
-	entry datapath.IPCacheEntry
-}
-
-// wins reports whether a beats b for an address both hold; the full build
-// lets the compiler's order (identity, then node) decide, the last winning.
-func (a podEntry) wins(b podEntry) bool {
-	return cmp.Or(cmp.Compare(a.entry.Identity, b.entry.Identity), a.entry.NodeIP.Compare(b.entry.NodeIP),
-		strings.Compare(a.pod.Namespace, b.pod.Namespace), strings.Compare(a.pod.Name, b.pod.Name)) > 0
-}
-
-// nodeIPCache is what the ipcache holds for the resolved nodes themselves:
-// their addresses and pod CIDRs, and this node's own address. The
-// WireGuard peers come from the same resolution, so a node's prefixes
-// carry the tunnel flag exactly when it is a peer, and are forwarded
-// toward the address its tunnel uses. It also returns each node's address.
-func (s *Syncer) nodeIPCache(c nodeinfo.Cluster) (map[netip.Prefix]datapath.IPCacheEntry, map[string]netip.Addr) {
-	want := map[netip.Prefix]datapath.IPCacheEntry{}
-	nodeIPs := map[string]netip.Addr{}
-	self := netip.PrefixFrom(s.cfg.NodeIP, 32)
-	for _, n := range c.Nodes {
-		if n.Name == s.cfg.NodeName {
-			nodeIPs[n.Name] = s.cfg.NodeIP
-			for _, a := range n.Addrs() {
-				if a.Is4() {
-					want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: s.cfg.NodeIP, Kind: datapath.NodeAddr}
-				}
-			}
-			continue
-		}
-		ip := n.IP()
-		if !ip.IsValid() {
-			continue
-		}
-		nodeIPs[n.Name] = ip
-		// A peer's own addresses are in its allowed IPs: pods reach them
-		// through the tunnel.
-		nodeTunnel := s.tunnelKind(n.Name)
-		for _, a := range n.Addrs() {
-			if a.Is4() && netip.PrefixFrom(a, 32) != self {
-				kind := datapath.NodeAddr
-				if slices.Contains(n.InternalIPs, a) {
-					kind |= nodeTunnel
-				}
-				want[netip.PrefixFrom(a, 32)] = datapath.IPCacheEntry{Identity: identity.RemoteNode, NodeIP: ip, Kind: kind}
-			}
-		}
-		for _, cidr := range n.PodCIDRs {
-			if cidr.Addr().Is4() {
-				want[cidr] = datapath.IPCacheEntry{Identity: identity.World, NodeIP: ip, Kind: datapath.PodCIDR | s.tunnelKind(n.Name)}
-			}
-		}
-	}
-	want[self] = datapath.IPCacheEntry{Identity: identity.Host, NodeIP: s.cfg.NodeIP, Kind: datapath.NodeAddr}
-	return want, nodeIPs
-}
-
-// podIPCache converts compiler entries into ipcache claims: IPv4
-// addresses of pods on other nodes whose address is known.
-func (s *Syncer) podIPCache(es []policy.IPCacheEntry, nodeIPs map[string]netip.Addr, out []podEntry) []podEntry {
-	for _, e := range es {
-		if !e.IP.Is4() || e.Node == s.cfg.NodeName {
-			continue
-		}
-		nip, ok := nodeIPs[e.Node]
-		if !ok {
-			continue
-		}
-		out = append(out, podEntry{pod: e.Pod, ip: e.IP, entry: datapath.IPCacheEntry{Identity: e.Identity, NodeIP: nip, Kind: datapath.RemotePod | s.tunnelKind(e.Node)}})
-	}
-	return out
-}
-
-// wantIPCache is what the ipcache should hold for the resolved nodes and
-// the compiler's pods.
-func (s *Syncer) wantIPCache(c nodeinfo.Cluster) map[netip.Prefix]datapath.IPCacheEntry {
-	want, _, _, _ := s.buildIPCache(c)
-	return want
-}
-
-// buildIPCache is wantIPCache with what it was derived from: the nodes'
-// own entries and addresses, and the pods' claims by address.
-func (s *Syncer) buildIPCache(c nodeinfo.Cluster) (want, nodes map[netip.Prefix]datapath.IPCacheEntry, nodeIPs map[string]netip.Addr, owners map[netip.Addr][]podEntry) {
-	nodes, nodeIPs = s.nodeIPCache(c)
-	owners = map[netip.Addr][]podEntry{}
-	for _, pe := range s.podIPCache(s.cfg.Compiler.IPCache(), nodeIPs, nil) {
-		owners[pe.ip] = append(owners[pe.ip], pe)
-	}
-	want = maps.Clone(nodes)
-	for ip, os := range owners {
-		want[netip.PrefixFrom(ip, 32)] = winner(os).entry
-	}
-	return want, nodes, nodeIPs, owners
-}
-
-func winner(os []podEntry) podEntry {
-	best := os[0]
-	for _, o := range os[1:] {
-		if o.wins(best) {
-			best = o
-		}
-	}
-	return best
-}
-
-// syncIPCache makes the ipcache match the cluster: remote pods, other nodes'
-// addresses and pod CIDRs, and this node's own address. It returns the
-// prefixes it wrote or removed.
-func (s *Syncer) syncIPCache() ([]netip.Prefix, error) {
-	c := s.ResolvedCluster()
-	s.mu.Lock()
-	// Every pod is rebuilt below: pods marked until now need nothing more.
-	clear(s.podsDirty)
-	s.mu.Unlock()
-	want, nodes, nodeIPs, owners := s.buildIPCache(c)
-
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.nodeEntries, s.nodeIPs, s.owners = nodes, nodeIPs, owners
-	s.podAddrs = map[policy.EndpointID][]netip.Addr{}
-	for ip, os := range owners {
-		for _, o := range os {
-			s.podAddrs[o.pod] = append(s.podAddrs[o.pod], ip)
-		}
-	}
-	var (
-		errs    []error
-		changed []netip.Prefix
-	)
-	for p, e := range want {
-		old, had := s.ipcache[p]
-		if err := s.writeIPCache(p, e, true); err != nil {
-			errs = append(errs, err)
-		} else if !had || old != e {
-			changed = append(changed, p)
-		}
-	}
-	for p := range s.ipcache {
-		if _, ok := want[p]; ok {
-			continue
-		}
-		if err := s.writeIPCache(p, datapath.IPCacheEntry{}, false); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		changed = append(changed, p)
-	}
-	return changed, errors.Join(errs...)
-}
-
-// writeIPCache makes one prefix hold e (or nothing), writing only what
-// differs from what was written. Call with mu held.
-func (s *Syncer) writeIPCache(p netip.Prefix, e datapath.IPCacheEntry, present bool) error {
-	old, had := s.ipcache[p]
-	switch {
-	case present && had && old == e, !present && !had:
-		return nil
-	case present:
-		if err := s.cfg.Datapath.UpsertIPCache(p, e); err != nil {
-			return err
-		}
-		s.ipcache[p] = e
-	default:
-		if err := s.cfg.Datapath.DeleteIPCache(p); err != nil {
-			return err
-		}
-		delete(s.ipcache, p)
-	}
-	return nil
-}
-
-// syncPodIPCache brings the entries of the pods marked since the last
-// write in line with the compiler, leaving the rest alone.
-func (s *Syncer) syncPodIPCache() ([]netip.Prefix, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.podsDirty) == 0 {
-		return nil, nil
-	}
-	touched := map[netip.Addr]struct{}{}
-	var claims []podEntry
-	for id := range s.podsDirty {
-		for _, ip := range s.podAddrs[id] {
-			touched[ip] = struct{}{}
-			os := slices.DeleteFunc(s.owners[ip], func(o podEntry) bool { return o.pod == id })
-			if len(os) == 0 {
-				delete(s.owners, ip)
-			} else {
-				s.owners[ip] = os
-			}
-		}
-		delete(s.podAddrs, id)
-		claims = s.podIPCache(s.cfg.Compiler.PodIPCache(id), s.nodeIPs, claims[:0])
-		for _, pe := range claims {
-			touched[pe.ip] = struct{}{}
-			s.owners[pe.ip] = append(s.owners[pe.ip], pe)
-			s.podAddrs[id] = append(s.podAddrs[id], pe.ip)
-		}
-	}
-	clear(s.podsDirty)
-	var (
-		errs    []error
-		changed []netip.Prefix
-	)
-	for ip := range touched {
-		p := netip.PrefixFrom(ip, 32)
-		e, present := s.nodeEntries[p]
-		if os := s.owners[ip]; len(os) > 0 {
-			e, present = winner(os).entry, true
-		}
-		old, had := s.ipcache[p]
-		if err := s.writeIPCache(p, e, present); err != nil {
-			errs = append(errs, err)
-			// Retried by the next full build.
-			s.ipcacheDirty.Store(true)
-		} else if had != present || old != e {
-			changed = append(changed, p)
-		}
-	}
-	return changed, errors.Join(errs...)
 }
 
 // evictRevoked removes connections that policy no longer allows, so neither

@@ -2,6 +2,7 @@ package identity
 
 import (
 	"maps"
+	"math/rand/v2"
 	"testing"
 )
 
@@ -77,5 +78,34 @@ func TestLabelsKey(t *testing.T) {
 	e := PodLabels("ns", map[string]string{"a": "1", "b": "2"}, nil, "")
 	if d.Key() == e.Key() {
 		t.Error("separator injection collides")
+	}
+}
+
+// AppendPodKey writes exactly the key of PodLabels, reusing its buffers.
+func TestAppendPodKeyIsPodLabelsKey(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	words := []string{"", "a", "app", "web", "x;y", "k=v", "q\"", "b\\s", "ns:x", "team", "tier"}
+	pick := func() map[string]string {
+		if r.IntN(5) == 0 {
+			return nil
+		}
+		m := map[string]string{}
+		for range r.IntN(5) {
+			m[words[1+r.IntN(len(words)-1)]] = words[r.IntN(len(words))]
+		}
+		return m
+	}
+	var (
+		buf     []byte
+		scratch Labels
+	)
+	for i := range 2000 {
+		ns, sa := words[1+r.IntN(len(words)-1)], words[r.IntN(len(words))]
+		pod, nsl := pick(), pick()
+		want := PodLabels(ns, pod, nsl, sa).Key()
+		buf, scratch = AppendPodKey(buf[:0], scratch, ns, pod, nsl, sa)
+		if string(buf) != want {
+			t.Fatalf("case %d: AppendPodKey %q; PodLabels().Key() %q", i, buf, want)
+		}
 	}
 }

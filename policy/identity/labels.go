@@ -1,6 +1,7 @@
 package identity
 
 import (
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -78,6 +79,49 @@ func (ls Labels) Key() string {
 		b.WriteString(quoteIfNeeded(l.Value))
 	}
 	return b.String()
+}
+
+// AppendPodKey appends PodLabels(namespace, podLabels, namespaceLabels,
+// serviceAccount).Key() to dst, building the set in scratch: a compiler
+// that looks an identity up for every pod of the cluster allocates nothing
+// for the pods whose identity exists. It returns both buffers for reuse.
+func AppendPodKey(dst []byte, scratch Labels, namespace string, podLabels, namespaceLabels map[string]string, serviceAccount string) ([]byte, Labels) {
+	if serviceAccount == "" {
+		serviceAccount = "default"
+	}
+	ls := scratch[:0]
+	for k, v := range podLabels {
+		ls = append(ls, Label{SourcePod, k, v})
+	}
+	for k, v := range namespaceLabels {
+		ls = append(ls, Label{SourceNamespace, k, v})
+	}
+	ls = append(ls, Label{SourceMeta, MetaNamespace, namespace}, Label{SourceMeta, MetaServiceAccount, serviceAccount})
+	slices.SortFunc(ls, func(a, b Label) int {
+		if c := strings.Compare(a.Source, b.Source); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Key, b.Key)
+	})
+	for i, l := range ls {
+		if i > 0 {
+			dst = append(dst, ';')
+		}
+		dst = append(dst, l.Source...)
+		dst = append(dst, ':')
+		dst = appendQuotedIfNeeded(dst, l.Key)
+		dst = append(dst, '=')
+		dst = appendQuotedIfNeeded(dst, l.Value)
+	}
+	clear(ls) // no references to the caller's strings kept
+	return dst, ls[:0]
+}
+
+func appendQuotedIfNeeded(dst []byte, s string) []byte {
+	if strings.ContainsAny(s, ";=:\"\\") {
+		return strconv.AppendQuote(dst, s)
+	}
+	return append(dst, s...)
 }
 
 func quoteIfNeeded(s string) string {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"runtime/debug"
 	"runtime/pprof"
 	"strconv"
 	"strings"
@@ -30,6 +31,7 @@ import (
 	"github.com/veilmesh/veil/agent/encryption"
 	"github.com/veilmesh/veil/agent/endpoints"
 	"github.com/veilmesh/veil/agent/k8s"
+	"github.com/veilmesh/veil/agent/memlimit"
 	"github.com/veilmesh/veil/agent/policysync"
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
 	"github.com/veilmesh/veil/policy"
@@ -55,6 +57,9 @@ type mode struct {
 	Name string
 	// Flags switch on what the agent may do to scale.
 	Flags string
+	// Binary, when set, is the test binary the agent runs from (an
+	// earlier build; see baselineBinEnv), else this one.
+	Binary string
 }
 
 // agentStats is the child's answer to "stats".
@@ -209,6 +214,30 @@ func runAgent(kubeconfig string) error {
 		startProfile = func() { pprof.StopCPUProfile(); f.Close() }
 	}
 
+	// As the agent: the collector's startup percent until converged
+	// (memlimit.StartupGC; startgc=N sets N, 0 leaves GOGC alone).
+	startGC := memlimit.DefaultStartupGCPercent
+	for _, f := range strings.Split(flags, ",") {
+		if v, ok := strings.CutPrefix(f, "startgc="); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("mode flag %q: %w", f, err)
+			}
+			startGC = n
+		}
+	}
+	gcConverged := memlimit.StartupGC(startGC, os.LookupEnv)
+	// container-mib=N: as the agent in a container limited to N MiB, with
+	// the default --memory-limit-ratio.
+	for _, f := range strings.Split(flags, ",") {
+		if v, ok := strings.CutPrefix(f, "container-mib="); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("mode flag %q: %w", f, err)
+			}
+			debug.SetMemoryLimit(int64(float64(n<<20) * memlimit.DefaultRatio))
+		}
+	}
 	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 	if err != nil {
 		return fmt.Errorf("load kubeconfig: %w", err)
@@ -257,6 +286,7 @@ func runAgent(kubeconfig string) error {
 		NodeName: localNode, NodeIP: netip.MustParseAddr(localNodeIP), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(clusterCIDR)},
 		Compiler: compiler, Datapath: dp, Endpoints: reg, Encryption: encryption.New(encryption.Config{NodeName: localNode}),
 		Listers: w.Listers, Kube: kube, Veil: veil, Events: &record.FakeRecorder{}, Degraded: noDegraded{},
+		Converged: gcConverged,
 		Synced: func(d time.Duration) {
 			syncMu.Lock()
 			syncs = append(syncs, d.Nanoseconds())

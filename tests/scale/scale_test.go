@@ -2,6 +2,7 @@ package scale
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -26,20 +27,39 @@ import (
 // modes are measured side by side at every size: the agent before node-local
 // compilation first; node-local-before is node-local as it was before the
 // pod cache held PodInfo and the client spoke protobuf, node-local-json has
-// PodInfo alone, node-local is the agent. Flags: full-objects (no
-// transforms), whole-cluster (compile every endpoint), core-pods (slimmed
-// corev1.Pods in the cache), json (JSON from the API server).
+// PodInfo alone, node-local is the agent, node-local-gogc100 the agent
+// with the collector at GOGC=100 during the start too. Flags: full-objects
+// (no transforms), whole-cluster (compile every endpoint), core-pods
+// (slimmed corev1.Pods in the cache), json (JSON from the API server),
+// startgc=N (the collector's percent until converged, as the agent's
+// --startup-gc-percent; 0 leaves GOGC; unset, the agent's default),
+// container-mib=N (the agent in a container limited to N MiB: its soft
+// memory limit is --memory-limit-ratio of that). node-local-320mib is the
+// agent in a container limited to 320 MiB.
 // The modes that compile the whole cluster need about 100 KiB per pod,
 // so they run only up to wholeClusterMax pods (VEIL_SCALE_WHOLE_MAX).
 var modes = []mode{
-	{Name: "baseline", Flags: "full-objects,whole-cluster,json"},
-	{Name: "slim-informers", Flags: "whole-cluster,json"},
-	{Name: "node-local-before", Flags: "core-pods,json"},
-	{Name: "node-local-json", Flags: "json"},
+	{Name: "baseline", Flags: "full-objects,whole-cluster,json,startgc=0"},
+	{Name: "slim-informers", Flags: "whole-cluster,json,startgc=0"},
+	{Name: "node-local-before", Flags: "core-pods,json,startgc=0"},
+	{Name: "node-local-json", Flags: "json,startgc=0"},
 	{Name: "node-local", Flags: ""},
+	{Name: "node-local-gogc100", Flags: "startgc=0"},
+	{Name: "node-local-320mib", Flags: "container-mib=320"},
 }
 
 const defaultWholeClusterMax = 10000
+
+// VEIL_SCALE_BASELINE_BIN names an earlier build of this benchmark (go test
+// -c ./tests/scale at another commit), measured last at every size as a
+// mode named VEIL_SCALE_BASELINE_NAME (default "before") with the flags
+// VEIL_SCALE_BASELINE_FLAGS (default none: that build's node-local agent).
+// VEIL_SCALE_MODES picks it by that name too.
+const (
+	baselineBinEnv   = "VEIL_SCALE_BASELINE_BIN"
+	baselineNameEnv  = "VEIL_SCALE_BASELINE_NAME"
+	baselineFlagsEnv = "VEIL_SCALE_BASELINE_FLAGS"
+)
 
 // localEndpoints is how many of the local node's pods the agent restores
 // as endpoints (the first ones, which every size has).
@@ -60,7 +80,11 @@ type child struct {
 }
 
 func startChild(kubeconfig string, m mode) (*child, error) {
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	bin := os.Args[0]
+	if m.Binary != "" {
+		bin = m.Binary
+	}
+	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), agentEnv+"="+kubeconfig, modeEnv+"="+m.Flags, podsEnv+"="+strconv.Itoa(localEndpoints))
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
@@ -253,6 +277,18 @@ func BenchmarkScale(b *testing.B) {
 		}
 		wholeMax = n
 	}
+	run := modes
+	// An earlier build of this benchmark (go test -c) measured as a mode
+	// of its own, against the same cluster in the same run: the agent as
+	// it was, side by side with the agent as it is.
+	if bin := os.Getenv(baselineBinEnv); bin != "" {
+		name := cmp.Or(os.Getenv(baselineNameEnv), "before")
+		// Last: right after the cluster grew, the API server is still
+		// busy (the first mode measured at a size started up to twice as
+		// slowly), so the earlier build never gains from going first.
+		run = append(slices.Clone(modes), mode{Name: name, Flags: os.Getenv(baselineFlagsEnv), Binary: bin})
+	}
+	baseline := run[len(run)-1]
 	var results []result
 	version := 1
 	for b.Loop() {
@@ -262,7 +298,7 @@ func BenchmarkScale(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.Logf("cluster at %d pods on %d nodes (%s to create)", p.pods, p.nodes, time.Since(start).Round(time.Second))
-			for _, m := range modes {
+			for _, m := range run {
 				if only := os.Getenv("VEIL_SCALE_MODES"); only != "" && !hasFlag(only, m.Name) {
 					continue
 				}
@@ -294,6 +330,17 @@ func BenchmarkScale(b *testing.B) {
 			if base.pods == r.pods && base.mode == modes[0].Name && r.mode != base.mode {
 				fmt.Fprintf(&sb, "%d pods, %s vs %s: RSS %.2fx, ready CPU %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
 					r.pods, r.mode, base.mode, float64(r.rss)/float64(base.rss), float64(r.readyCPU)/float64(base.readyCPU),
+					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
+			}
+		}
+	}
+	// The agent against the earlier build, at every size.
+	for _, r := range results {
+		for _, base := range results {
+			if base.pods == r.pods && base.mode == baseline.Name && baseline.Binary != "" && r.mode != base.mode {
+				fmt.Fprintf(&sb, "%d pods, %s vs %s (%s): RSS %.2fx, heap %.2fx, peak %.2fx, ready wall %.2fx, ready CPU %.2fx, CPU/1k changes %.2fx, relabel p99 %.2fx\n",
+					r.pods, r.mode, base.mode, baseline.Binary, float64(r.rss)/float64(base.rss), float64(r.heap)/float64(base.heap), float64(r.peak)/float64(base.peak),
+					float64(r.readyWall)/float64(base.readyWall), float64(r.readyCPU)/float64(base.readyCPU),
 					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
 			}
 		}

@@ -24,6 +24,7 @@ import (
 	"github.com/veilmesh/veil/agent/config"
 	"github.com/veilmesh/veil/agent/daemon"
 	"github.com/veilmesh/veil/agent/datapath"
+	"github.com/veilmesh/veil/agent/memlimit"
 	"github.com/veilmesh/veil/api/agent/bridge"
 )
 
@@ -57,6 +58,13 @@ func run(args []string) int {
 		}
 		log.Info("removed everything Veil installed on this node")
 		return 0
+	}
+	if st, err := memlimit.Apply(cfg.MemoryLimitRatio); err != nil {
+		log.Warn("no soft memory limit", "error", err)
+	} else if st.Limit > 0 {
+		log.Info("soft memory limit set", "limit-bytes", st.Limit, "container-limit-bytes", st.Container, "ratio", cfg.MemoryLimitRatio)
+	} else {
+		log.Info("no soft memory limit", "reason", st.Reason)
 	}
 	restCfg, err := kubeConfig(cfg.Kubeconfig)
 	if err != nil {
