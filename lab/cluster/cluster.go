@@ -180,7 +180,7 @@ func (n names) daemonCgroup(i int) string { return fmt.Sprintf("%s/node-%d-daemo
 // attached at a production node's cgroup root apply to its system
 // services), below the cluster's cgroup (Cleanup removes it).
 func (n names) hostCgroup(i int) string { return n.nodeCgroup(i) + "/host" }
-func (n names) nsDir() string             { return filepath.Join(n.dir, "ns") }
+func (n names) nsDir() string           { return filepath.Join(n.dir, "ns") }
 
 func resolveNames(opts Options) (names, error) {
 	prefix := opts.Prefix
