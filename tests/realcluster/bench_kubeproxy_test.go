@@ -319,7 +319,34 @@ func benchConnectVsKubeProxy(b *testing.B, ctx context.Context, bins controlplan
 	reachable(last.Spec.ClusterIP + ":80")
 	total := extra + 2 // target, the crowd, last
 	b.Logf("kube-proxy %s: %d Services translated both ways %s after the first create", mode, total, time.Since(began).Round(time.Millisecond))
+	if mode == cluster.KubeProxyIPTables {
+		// Every new connection of node-1's host stack, whatever its
+		// destination, walks the nat table's KUBE-SERVICES chain until a
+		// rule matches: logged so that the host clients' rates can be read.
+		if nat, err := node.Run(ctx, "iptables-save", "-t", "nat"); err != nil {
+			b.Errorf("read node-1's nat table: %v", err)
+		} else {
+			n, at := kubeServicesRules(nat, ns+"/target cluster IP")
+			b.Logf("kube-proxy %s: node-1's KUBE-SERVICES chain has %d rules; the target's cluster IP matches at rule %d", mode, n, at)
+		}
+	}
 	return append(out, rows(total, measure(total))...)
+}
+
+// kubeServicesRules counts the rules of the nat table's KUBE-SERVICES chain
+// in iptables-save output and returns the number (from 1; 0: none) of the
+// first whose comment is comment.
+func kubeServicesRules(save, comment string) (n, at int) {
+	for _, line := range strings.Split(save, "\n") {
+		if !strings.HasPrefix(line, "-A KUBE-SERVICES ") {
+			continue
+		}
+		n++
+		if at == 0 && strings.Contains(line, `--comment "`+comment+`"`) {
+			at = n
+		}
+	}
+	return n, at
 }
 
 // crowdSlice is a Service's EndpointSlice with one ready endpoint, ip:8080.
@@ -340,4 +367,22 @@ func median(xs []float64) float64 {
 	s := slices.Clone(xs)
 	slices.Sort(s)
 	return s[len(s)/2]
+}
+
+func TestKubeServicesRules(t *testing.T) {
+	save := `*nat
+:KUBE-SERVICES - [0:0]
+-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment "default/kubernetes:https cluster IP" -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y
+-A KUBE-SERVICES -d 10.96.0.20/32 -p tcp -m comment --comment "bench/target-2 cluster IP" -m tcp --dport 80 -j KUBE-SVC-AAAA
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "bench/target cluster IP" -m tcp --dport 80 -j KUBE-SVC-BBBB
+-A KUBE-NODEPORTS -p tcp -m comment --comment "bench/target" -j KUBE-EXT-BBBB
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+COMMIT
+`
+	if n, at := kubeServicesRules(save, "bench/target cluster IP"); n != 4 || at != 3 {
+		t.Errorf("kubeServicesRules = %d rules, target at %d; want 4, 3", n, at)
+	}
+	if _, at := kubeServicesRules(save, "bench/missing cluster IP"); at != 0 {
+		t.Errorf("a Service without a rule found at %d", at)
+	}
 }
