@@ -50,6 +50,8 @@ const bpLabPrefix = "vrcbp"
 // goal: ≥ 2×); pod-svc / pod-ip is what translation costs a pod (goal ≥
 // 0.98); pod-svc / host-kube-proxy is the comparison an earlier version
 // printed; host-veil / host-pod-ip is what Veil's hooks cost a host client.
+// A Service kube-proxy ignores (service-proxy-name set) reaching host-veil
+// and not host-kube-proxy shows that host-veil's connects are Veil's.
 // Backend and clients are on node-1. Measured with the one Service, then
 // with 10,000 Services more (VEIL_BENCH_SERVICES overrides the count).
 func BenchmarkServiceConnectVsKubeProxy(b *testing.B) {
