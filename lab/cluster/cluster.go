@@ -176,6 +176,12 @@ func (n names) nodeCgroup(i int) string   { return fmt.Sprintf("%s/node-%d", n.c
 func (n names) daemonCgroup(i int) string { return fmt.Sprintf("%s/node-%d-daemons", n.cgroup(), i) }
 func (n names) nsDir() string             { return filepath.Join(n.dir, "ns") }
 
+// hostCgroup is where RunInNodeCgroup puts node i's host processes: a
+// child of the node's cgroup (hooks attached there apply to it, as those
+// attached at a production node's cgroup root apply to its system
+// services), below the cluster's cgroup (Cleanup removes it).
+func (n names) hostCgroup(i int) string { return n.nodeCgroup(i) + "/host" }
+
 func resolveNames(opts Options) (names, error) {
 	prefix := opts.Prefix
 	if prefix == "" {

@@ -53,6 +53,7 @@ func TestNames(t *testing.T) {
 		{n.nodeNetns(2), "vrc-node-2"},
 		{n.nodeCgroup(2), "veil-vrc/node-2"},
 		{n.daemonCgroup(2), "veil-vrc/node-2-daemons"},
+		{n.hostCgroup(2), "veil-vrc/node-2/host"},
 		{n.nsDir(), "/tmp/x/ns"},
 		{NodeName(3), "node-3"},
 		{NodeIP(3).String(), "10.250.0.13"},

@@ -2,12 +2,15 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 
 	"github.com/vishvananda/netlink"
 
@@ -343,6 +346,33 @@ func (nd *Node) startKubeProxy(n names) error {
 // namespaces) and returns its combined output.
 func (nd *Node) Run(ctx context.Context, argv ...string) (string, error) {
 	return run(ctx, nd.ns, nd.c.path, argv...)
+}
+
+// RunInNodeCgroup runs argv to completion as Run does, but started inside
+// the node's cgroup v2 subtree (a child of it that it creates on first use,
+// below the cluster's cgroup, so Stop and Cleanup remove it): where the
+// chart's cgroupRoot (NodeCgroupRoot) makes Veil attach its socket
+// programs, so argv's sockets are load-balanced and accelerated as a host
+// process's on a production node whose cgroupRoot is the host's. Run's
+// processes stay outside it. The process is created in the cgroup
+// (CLONE_INTO_CGROUP), so none of its sockets escapes the hooks. It fails on
+// a host without cgroup v2, where the nodes have no NodeCgroupRoot.
+func (nd *Node) RunInNodeCgroup(ctx context.Context, argv ...string) (string, error) {
+	if nd.c.cgroup2 == "" {
+		return "", fmt.Errorf("run %s in node %s's cgroup: the host has no cgroup v2 hierarchy", strings.Join(argv, " "), nd.Name)
+	}
+	dir := filepath.Join(nd.c.cgroup2, nd.c.names().hostCgroup(nd.Index))
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return "", fmt.Errorf("create node %s's host cgroup: %w", nd.Name, err)
+	}
+	cg, err := os.Open(dir)
+	if err != nil {
+		return "", fmt.Errorf("open node %s's host cgroup: %w", nd.Name, err)
+	}
+	defer cg.Close()
+	cmd := nsenterCommand(ctx, nd.ns, nd.c.path, argv...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
+	return output(cmd, argv)
 }
 
 func copyFile(src, dst string, mode os.FileMode) error {

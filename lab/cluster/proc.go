@@ -150,6 +150,12 @@ func waitFor(ctx context.Context, p *proc, what string, check func(context.Conte
 
 // run runs argv to completion in ns and returns its combined output.
 func run(ctx context.Context, ns namespaces, path string, argv ...string) (string, error) {
+	return output(nsenterCommand(ctx, ns, path, argv...), argv)
+}
+
+// nsenterCommand is the command that runs argv in ns (nsenter joins the
+// namespaces, then execs argv).
+func nsenterCommand(ctx context.Context, ns namespaces, path string, argv ...string) *exec.Cmd {
 	args := []string{}
 	if ns.net != "" {
 		args = append(args, "--net="+ns.net)
@@ -162,6 +168,12 @@ func run(ctx context.Context, ns namespaces, path string, argv ...string) (strin
 	}
 	cmd := exec.CommandContext(ctx, "nsenter", append(append(args, "--"), argv...)...)
 	cmd.Env = []string{"PATH=" + path}
+	return cmd
+}
+
+// output runs cmd to completion and returns its combined output; errors
+// name argv.
+func output(cmd *exec.Cmd, argv []string) (string, error) {
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return string(out), fmt.Errorf("%s: %w: %s", strings.Join(argv, " "), err, out)
