@@ -98,6 +98,12 @@ func (s *LabState) write() error {
 	return nil
 }
 
+// addNode records a node added to the running lab.
+func (s *LabState) addNode(n LabNodeState) error {
+	s.Nodes = append(s.Nodes, n)
+	return s.write()
+}
+
 // SupervisorRunning reports whether the record's supervisor is alive: the
 // same process (PID and start time), not a zombie.
 func (s *LabState) SupervisorRunning() bool {
@@ -177,14 +183,35 @@ func Supervise(ctx context.Context, dir string, opts UpOptions, log *slog.Logger
 	}
 	s.Phase, s.Total, s.Kubeconfig = LabReady, c.Startup, c.Kubeconfig
 	for _, nd := range c.Nodes {
-		s.Nodes = append(s.Nodes, LabNodeState{Name: nd.Name, IP: nd.IP.String(), PodCIDR: nd.PodCIDR.String(), Netns: nd.Netns.Name})
+		s.Nodes = append(s.Nodes, labNode(nd))
+	}
+	// Requests (lab node add) on the control socket, until ctx ends. It
+	// listens before the record says ready: a client that reads ready
+	// finds it.
+	sock := filepath.Join(dir, ControlSocket)
+	l, err := ListenControl(sock)
+	if err != nil {
+		s.Phase, s.Error = LabFailed, err.Error()
+		return errors.Join(err, s.write(), c.Stop())
 	}
 	if err := s.write(); err != nil {
+		l.Close()
+		os.Remove(sock)
 		return errors.Join(err, c.Stop())
 	}
+	served := make(chan struct{})
+	go func() {
+		// The record is this goroutine's until it ends: Supervise touches
+		// it again only after <-served.
+		defer close(served)
+		if err := ServeControl(ctx, l, ControlHandler{AddNode: ClusterNodeAdder(c, s.addNode)}, log); err != nil {
+			log.Error("lab supervisor: control socket", "err", err)
+		}
+	}()
 	log.Info("lab ready", "prefix", s.Prefix, "dir", dir, "took", c.Startup.Round(time.Millisecond))
 	<-ctx.Done()
 	log.Info("lab stopping", "cause", context.Cause(ctx))
+	<-served
 	s.Phase = LabStopping
 	werr := s.write()
 	if err := c.Stop(); err != nil {
@@ -237,7 +264,7 @@ func Down(ctx context.Context, dir, prefix string, grace time.Duration) error {
 	if err := Cleanup(prefix, filepath.Join(dir, ClusterDir)); err != nil {
 		return fmt.Errorf("clean up lab %s: %w", prefix, err)
 	}
-	for _, f := range []string{StateFile, StateFile + ".tmp", SupervisorLog} {
+	for _, f := range []string{StateFile, StateFile + ".tmp", SupervisorLog, ControlSocket} {
 		if err := os.Remove(filepath.Join(dir, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("remove lab file: %w", err)
 		}
