@@ -147,13 +147,14 @@ what it creates, all named after --prefix; 'lab down' removes all of it,
 also after a crash.
 
 The lab's directory (--dir, else $` + envLabDir + `, else ` + defaultLabDir() + `) holds its
-record (` + labcluster.StateFile + `), the supervisor's log, and the cluster's kubeconfig,
-certificates, configs and logs.
+record (` + labcluster.StateFile + `), the supervisor's log and socket (` + labcluster.ControlSocket + `),
+and the cluster's kubeconfig, certificates, configs and logs.
 
 Exit codes:
   0  success
   1  the lab failed: 'up' could not start it, 'down' left something behind,
-     'status' and 'env' found no running lab
+     'status', 'env' and 'node add' found no running lab, 'node add' could
+     not add the node
   2  usage error: bad flags or arguments, not root, no such pod
   'lab exec' exits with the command's exit code`,
 		Args: cobra.NoArgs,
@@ -161,7 +162,7 @@ Exit codes:
 	}
 	cmd.PersistentFlags().StringVar(&o.dir, "dir", "", "the lab's directory (default $"+envLabDir+", else "+defaultLabDir()+")")
 	cmd.AddCommand(newLabUpCommand(o), newLabDownCommand(o), newLabStatusCommand(o),
-		newLabEnvCommand(o), newLabExecCommand(o), newLabSuperviseCommand(o))
+		newLabEnvCommand(o), newLabExecCommand(o), newLabNodeCommand(o), newLabSuperviseCommand(o))
 	return cmd
 }
 
