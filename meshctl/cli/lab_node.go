@@ -89,11 +89,11 @@ Exit codes:
 			defer stop()
 			// The supervisor's bound is wait; its answer may take a little
 			// longer to come.
-			ctx, cancel := context.WithTimeout(ctx, wait+15*time.Second)
+			addCtx, cancel := context.WithTimeout(ctx, wait+15*time.Second)
 			defer cancel()
 			errw := cmd.ErrOrStderr()
 			fmt.Fprintf(errw, "Adding %s to lab %s …\n", labcluster.NodeName(len(s.Nodes)+1), s.Prefix)
-			added, err := labcluster.RequestAddNode(ctx, filepath.Join(dir, labcluster.ControlSocket), wait)
+			added, err := labcluster.RequestAddNode(addCtx, filepath.Join(dir, labcluster.ControlSocket), wait)
 			if err != nil {
 				return &exitError{code: ExitFailure, err: err}
 			}
@@ -104,7 +104,9 @@ Exit codes:
 				if err != nil {
 					return &exitError{code: ExitFailure, err: err}
 				}
-				pod, err := waitAgentReady(ctx, clients, res.Name)
+				readyCtx, cancel := context.WithTimeout(ctx, wait)
+				defer cancel()
+				pod, err := waitAgentReady(readyCtx, clients, res.Name)
 				if err != nil {
 					return &exitError{code: ExitFailure, err: err}
 				}
@@ -118,7 +120,7 @@ Exit codes:
 			return writeLabNodeAdded(w, res)
 		},
 	}
-	cmd.Flags().DurationVar(&wait, "wait", wait, "how long the node may take to join")
+	cmd.Flags().DurationVar(&wait, "wait", wait, "how long the node may take to join (and, with --wait-ready, its agent to become Ready)")
 	cmd.Flags().BoolVar(&waitReady, "wait-ready", false, "also wait until the Veil agent on the node is Ready")
 	addOutputFlag(cmd, &out)
 	return cmd
