@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -67,10 +68,10 @@ func runningLab(t *testing.T, h labcluster.ControlHandler) string {
 var testNode2 = labcluster.LabNodeState{Name: "node-2", IP: "10.250.0.12", PodCIDR: "10.244.1.0/24", Netns: "veillab-node-2"}
 
 func TestLabNodeAdd(t *testing.T) {
-	var deadline time.Duration
+	var deadline atomic.Int64
 	dir := runningLab(t, labcluster.ControlHandler{AddNode: func(ctx context.Context) (labcluster.LabNodeState, error) {
 		d, _ := ctx.Deadline()
-		deadline = time.Until(d)
+		deadline.Store(int64(time.Until(d)))
 		return testNode2, nil
 	}})
 	out, stderr, code := runLab(t, newFakeLabDeps(), "node", "add", "--dir", dir, "--wait", "90s")
@@ -85,8 +86,8 @@ func TestLabNodeAdd(t *testing.T) {
 			t.Errorf("node add's table lacks %q:\n%s", want, out)
 		}
 	}
-	if deadline <= 0 || deadline > 90*time.Second {
-		t.Errorf("the supervisor's bound %s; want --wait's 90s", deadline)
+	if d := time.Duration(deadline.Load()); d <= 0 || d > 90*time.Second {
+		t.Errorf("the supervisor's bound %s; want --wait's 90s", d)
 	}
 
 	out, _, code = runLab(t, newFakeLabDeps(), "node", "add", "--dir", dir, "-o", "json")
