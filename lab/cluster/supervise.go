@@ -187,16 +187,18 @@ func Supervise(ctx context.Context, dir string, opts UpOptions, log *slog.Logger
 	}
 	// Requests (lab node add) on the control socket, until ctx ends. It
 	// listens before the record says ready: a client that reads ready
-	// finds it.
+	// finds it. A lab without it (say, a dir whose path is too long for a
+	// socket) still runs; it only cannot add nodes.
 	sock := filepath.Join(dir, ControlSocket)
-	l, err := ListenControl(sock)
-	if err != nil {
-		s.Phase, s.Error = LabFailed, err.Error()
-		return errors.Join(err, s.write(), c.Stop())
+	l, lerr := ListenControl(sock)
+	if lerr != nil {
+		log.Warn("lab supervisor: no control socket: lab node add will not reach this lab", "err", lerr)
 	}
 	if err := s.write(); err != nil {
-		l.Close()
-		os.Remove(sock)
+		if l != nil {
+			l.Close()
+			os.Remove(sock)
+		}
 		return errors.Join(err, c.Stop())
 	}
 	served := make(chan struct{})
@@ -204,6 +206,9 @@ func Supervise(ctx context.Context, dir string, opts UpOptions, log *slog.Logger
 		// The record is this goroutine's until it ends: Supervise touches
 		// it again only after <-served.
 		defer close(served)
+		if l == nil {
+			return
+		}
 		if err := ServeControl(ctx, l, ControlHandler{AddNode: ClusterNodeAdder(c, s.addNode)}, log); err != nil {
 			log.Error("lab supervisor: control socket", "err", err)
 		}
