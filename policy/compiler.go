@@ -525,15 +525,13 @@ func (c *Compiler) relabelNamespace(ns string) {
 	// than an index of every pod by namespace.
 	var pods []*podState
 	for id := range c.identsByNS[ns] {
-		for p := range id.pods {
-			pods = append(pods, p)
-		}
+		pods = append(pods, id.pods...)
 	}
 	slices.SortFunc(pods, func(a, b *podState) int { return strings.Compare(a.id.Name, b.id.Name) })
 	for _, old := range pods {
 		np := *old
 		np.ident, np.group = nil, nil
-		c.replacePod(old, &np)
+		c.replacePod(old, &np, podLabels{labels: old.ident.podLabels, shared: true, serviceAccount: old.ident.serviceAccount})
 	}
 }
 
@@ -552,29 +550,42 @@ func (c *Compiler) upsertPod(pod *corev1.Pod) {
 	c.upsertPodFacts(&f)
 }
 
+// podLabels are what an identity is made of besides the namespace: the
+// labels of a pod joining one, and its service account.
+type podLabels struct {
+	labels map[string]string
+	// shared: labels are never written (PodFacts.LabelsShared, or an
+	// identity's own), so an identity may keep them.
+	shared         bool
+	serviceAccount string
+}
+
 func (c *Compiler) upsertPodFacts(f *PodFacts) {
 	np := newPodState(f)
 	old := c.pods[np.id]
-	if old != nil && old.active == np.active && old.serviceAccount == np.serviceAccount && old.node == np.node &&
-		maps.Equal(old.labels, np.labels) && slices.Equal(old.ips, np.ips) && slices.Equal(old.ports, np.ports) {
+	// An inactive pod has no identity: its labels matter only once it is
+	// active, when its next update brings them.
+	if old != nil && old.active == np.active && old.node == np.node &&
+		(!np.active || (old.serviceAccount() == f.ServiceAccount && maps.Equal(old.labels(), f.Labels))) &&
+		slices.Equal(old.ips, np.ips) && slices.Equal(old.ports, np.ports) {
 		return
 	}
-	c.replacePod(old, np)
+	c.replacePod(old, np, podLabels{labels: f.Labels, shared: f.LabelsShared, serviceAccount: f.ServiceAccount})
 }
 
 func (c *Compiler) deletePod(id EndpointID) {
 	if old := c.pods[id]; old != nil {
-		c.replacePod(old, nil)
+		c.replacePod(old, nil, podLabels{})
 	}
 }
 
 // replacePod swaps old for np (either may be nil). The new pod joins its
 // identity and group before the old one leaves, so an identity or group
 // that both share is never torn down and rebuilt (which would renumber it).
-func (c *Compiler) replacePod(old, np *podState) {
+func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 	if np != nil {
 		c.pods[np.id] = np
-		c.attach(np)
+		c.attach(np, pl)
 	}
 	if old != nil {
 		if np == nil {
@@ -604,14 +615,12 @@ func (c *Compiler) replacePod(old, np *podState) {
 	}
 }
 
-func (c *Compiler) attach(p *podState) {
+func (c *Compiler) attach(p *podState, pl podLabels) {
 	if !p.active {
-		// Until now p.labels may be the caller's map (newPodState).
-		p.labels = maps.Clone(p.labels)
 		return
 	}
 	nsLabels := c.namespaceLabels(p.id.Namespace)
-	c.keyBuf, c.keyScratch = identity.AppendPodKey(c.keyBuf[:0], c.keyScratch, p.id.Namespace, p.labels, nsLabels, p.serviceAccount)
+	c.keyBuf, c.keyScratch = identity.AppendPodKey(c.keyBuf[:0], c.keyScratch, p.id.Namespace, pl.labels, nsLabels, pl.serviceAccount)
 	ident := c.identByKey[string(c.keyBuf)]
 	if ident == nil {
 		key := string(c.keyBuf)
@@ -620,23 +629,29 @@ func (c *Compiler) attach(p *podState) {
 			// The identity range (16M numbers) is exhausted: the pod cannot
 			// be represented, so it stays out of the datapath.
 			p.active = false
-			p.labels = maps.Clone(p.labels)
 			return
 		}
+		// Pods of one identity have equal labels: it keeps one set, the
+		// caller's own when nobody writes it.
+		podLabels := labels.Set(pl.labels)
+		if !pl.shared {
+			podLabels = maps.Clone(podLabels)
+		}
 		ident = &identState{
-			id: num, key: key, namespace: p.id.Namespace, serviceAccount: p.serviceAccount,
-			podLabels: labels.Set(maps.Clone(p.labels)), nsLabels: nsLabels,
-			pods: map[*podState]struct{}{},
+			id: num, key: key, namespace: p.id.Namespace, serviceAccount: pl.serviceAccount,
+			podLabels: podLabels, nsLabels: nsLabels,
 		}
 		if ident.podLabels == nil {
 			ident.podLabels = labels.Set{}
 		}
 		c.addIdentity(ident)
 	}
-	ident.pods[p] = struct{}{}
+	// Pods of one identity mostly have equal named ports: keep one copy.
+	if len(ident.pods) > 0 && slices.Equal(ident.pods[0].ports, p.ports) {
+		p.ports = ident.pods[0].ports
+	}
+	ident.add(p)
 	p.ident = ident
-	// Pods of one identity have equal labels: keep one copy.
-	p.labels = ident.podLabels
 	if ident.recomputePorts() {
 		c.dirtyPortsOf(ident.id)
 	}
@@ -712,7 +727,7 @@ func (c *Compiler) detach(p *podState) {
 		c.hostRegions(p, s, -1)
 	}
 	ident := p.ident
-	delete(ident.pods, p)
+	ident.remove(p)
 	if len(ident.pods) == 0 {
 		c.removeIdentity(ident)
 		return

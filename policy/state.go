@@ -21,19 +21,39 @@ type namedPort struct {
 	port  uint16
 }
 
-// podState is what the compiler keeps of a pod.
+// podState is what the compiler keeps of a pod: one for every pod of the
+// cluster, so it holds nothing its identity holds (labels, service
+// account) and shares its named ports with a pod of its identity when
+// they are equal.
 type podState struct {
-	id             EndpointID
-	labels         map[string]string
-	serviceAccount string
-	node           string
-	ips            []netip.Addr
-	ports          []namedPort // sorted
+	id    EndpointID
+	node  string
+	ips   []netip.Addr
+	ports []namedPort // sorted
+	ident *identState
+	group *group
+	// identIdx is the pod's index in ident.pods.
+	identIdx int32
 	// active pods (an IP, not host network, not finished) are endpoints
 	// and peers; others are kept only to be activated by a later update.
 	active bool
-	ident  *identState
-	group  *group
+}
+
+// labels are the pod's labels: its identity's (an inactive pod, which has
+// none, keeps none).
+func (p *podState) labels() map[string]string {
+	if p.ident == nil {
+		return nil
+	}
+	return p.ident.podLabels
+}
+
+// serviceAccount is the pod's service account, as its labels.
+func (p *podState) serviceAccount() string {
+	if p.ident == nil {
+		return ""
+	}
+	return p.ident.serviceAccount
 }
 
 // PodFacts is what the compiler reads of a pod: UpsertPod takes it from a
@@ -41,8 +61,13 @@ type podState struct {
 // building a corev1.Pod for each pod of the cluster.
 type PodFacts struct {
 	Namespace, Name string
-	// Labels are read, never written, and not kept past the call.
-	Labels         map[string]string
+	// Labels are read, never written, and not kept past the call unless
+	// LabelsShared.
+	Labels map[string]string
+	// LabelsShared: Labels is never written by anyone (an informer
+	// cache's interned set), so the compiler may keep it rather than a
+	// copy.
+	LabelsShared   bool
 	NodeName       string
 	ServiceAccount string
 	HostNetwork    bool
@@ -83,16 +108,7 @@ func podFacts(pod *corev1.Pod) PodFacts {
 }
 
 func newPodState(f *PodFacts) *podState {
-	p := &podState{
-		id: EndpointID{Namespace: f.Namespace, Name: f.Name},
-		// The caller's map until attach: it shares the identity's copy
-		// or takes one of its own (most pods join an identity that
-		// exists, and copying each pod's labels first cost the first
-		// convergence of a large cluster a copy of every label set).
-		labels:         f.Labels,
-		serviceAccount: f.ServiceAccount,
-		node:           f.NodeName,
-	}
+	p := &podState{id: EndpointID{Namespace: f.Namespace, Name: f.Name}, node: f.NodeName}
 	for _, s := range f.IPs {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
@@ -165,7 +181,8 @@ type identState struct {
 	serviceAccount string
 	podLabels      labels.Set
 	nsLabels       labels.Set
-	pods           map[*podState]struct{}
+	// pods are the active pods carrying it, each at its identIdx.
+	pods []*podState
 	// ports is the union of its pods' named ports: what an egress named port
 	// towards this identity resolves to.
 	ports []namedPort
@@ -176,9 +193,26 @@ func (id *identState) labels() identity.Labels {
 	return identity.PodLabels(id.namespace, id.podLabels, id.nsLabels, id.serviceAccount)
 }
 
+// add makes p one of the identity's pods.
+func (id *identState) add(p *podState) {
+	p.identIdx = int32(len(id.pods))
+	id.pods = append(id.pods, p)
+}
+
+// remove drops p from the identity's pods.
+func (id *identState) remove(p *podState) {
+	i, last := p.identIdx, id.pods[len(id.pods)-1]
+	id.pods[i], last.identIdx = last, i
+	id.pods[len(id.pods)-1] = nil
+	id.pods = id.pods[:len(id.pods)-1]
+	if len(id.pods) <= cap(id.pods)/4 && cap(id.pods) > 8 {
+		id.pods = slices.Clip(slices.Clone(id.pods))
+	}
+}
+
 func (id *identState) recomputePorts() bool {
 	var ports []namedPort
-	for p := range id.pods {
+	for _, p := range id.pods {
 		ports = append(ports, p.ports...)
 	}
 	slices.SortFunc(ports, func(a, b namedPort) int {

@@ -58,17 +58,17 @@ type NamedPort struct {
 	Protocol  corev1.Protocol
 }
 
-// compactPod keeps what Veil reads of in; labels, when not nil, interns
-// its label set.
-func compactPod(in *corev1.Pod, labels *labelInterner) *PodInfo {
+// compactPod keeps what Veil reads of in; t, when not nil, interns its
+// label set and named ports.
+func compactPod(in *corev1.Pod, t *transformer) *PodInfo {
 	p := &PodInfo{
 		Namespace: intern(in.Namespace), Name: in.Name, ResourceVersion: in.ResourceVersion,
 		Labels: in.Labels, Annotations: veilAnnotations(in.Annotations),
 		NodeName: intern(in.Spec.NodeName), ServiceAccount: intern(in.Spec.ServiceAccountName), HostNetwork: in.Spec.HostNetwork,
 		Phase: corev1.PodPhase(intern(string(in.Status.Phase))), PodIP: in.Status.PodIP,
 	}
-	if labels != nil {
-		p.Labels = labels.intern(in.Labels)
+	if t != nil {
+		p.Labels = t.labels.intern(in.Labels)
 	}
 	// Most pods have one IP, the same as podIP: kept once.
 	if len(in.Status.PodIPs) > 1 || (len(in.Status.PodIPs) == 1 && in.Status.PodIPs[0].IP != in.Status.PodIP) {
@@ -82,6 +82,9 @@ func compactPod(in *corev1.Pod, labels *labelInterner) *PodInfo {
 				p.Ports = append(p.Ports, NamedPort{Container: intern(c.Name), Name: intern(cp.Name), Port: cp.ContainerPort, Protocol: cp.Protocol})
 			}
 		}
+	}
+	if t != nil {
+		p.Ports = t.ports.intern(p.Ports)
 	}
 	return p
 }

@@ -34,7 +34,7 @@ func TestPodInfoHoldsWhatVeilReadsInAFraction(t *testing.T) {
 	before := heap()
 	slim := make([]*corev1.Pod, n)
 	for i, p := range full {
-		slim[i] = compactPod(p, &tr.labels).Object()
+		slim[i] = compactPod(p, tr).Object()
 	}
 	slimBytes := heap() - before
 	before = heap()

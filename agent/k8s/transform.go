@@ -3,6 +3,7 @@ package k8s
 import (
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -67,9 +68,11 @@ func slimNamespace(in *corev1.Namespace) *corev1.Namespace {
 	return &corev1.Namespace{ObjectMeta: slimMeta(&in.ObjectMeta, in.Labels)}
 }
 
-// transformer holds what the transforms share: the interned label sets.
+// transformer holds what the transforms share: the interned label sets
+// and named ports.
 type transformer struct {
 	labels labelInterner
+	ports  portsInterner
 	// corePods keeps slimmed corev1.Pods (Options.CorePods).
 	corePods bool
 }
@@ -83,9 +86,9 @@ func (t *transformer) transform(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *corev1.Pod:
 		if t.corePods {
-			return compactPod(o, &t.labels).Object(), nil
+			return compactPod(o, t).Object(), nil
 		}
-		return compactPod(o, &t.labels), nil
+		return compactPod(o, t), nil
 	case *corev1.Node:
 		return slimNode(o), nil
 	case *corev1.Namespace:
@@ -116,12 +119,37 @@ var _ cache.TransformFunc = (&transformer{}).transform
 // set forgotten while pods still hold it only loses sharing with pods
 // that arrive later.
 type labelInterner struct {
-	mu        sync.Mutex
-	cur, prev map[string]map[string]string
-	buf       []string
+	mu   sync.Mutex
+	sets generations[map[string]string]
+	buf  []string
 }
 
 const minGeneration = 4096
+
+// generations keeps what was interned by key, forgetting what was not
+// asked for in two generations (see labelInterner).
+type generations[T any] struct {
+	cur, prev map[string]T
+}
+
+// get returns the value interned under key, else interns and returns
+// fresh().
+func (g *generations[T]) get(key string, fresh func() T) T {
+	if v, ok := g.cur[key]; ok {
+		return v
+	}
+	v, ok := g.prev[key]
+	if !ok {
+		v = fresh()
+	}
+	if g.cur == nil || len(g.cur) >= max(minGeneration, len(g.prev)) {
+		g.prev, g.cur = g.cur, map[string]T{}
+	}
+	g.cur[key] = v
+	return v
+}
+
+func (g *generations[T]) len() int { return len(g.cur) + len(g.prev) }
 
 func (in *labelInterner) intern(ls map[string]string) map[string]string {
 	if len(ls) == 0 {
@@ -141,19 +169,41 @@ func (in *labelInterner) intern(ls map[string]string) map[string]string {
 		b.WriteString(ls[k])
 		b.WriteByte(0)
 	}
-	key := b.String()
-	if m, ok := in.cur[key]; ok {
-		return m
+	return in.sets.get(b.String(), func() map[string]string { return maps.Clone(ls) })
+}
+
+// portsInterner hands out one shared slice per distinct list of named
+// ports, so pods of one deployment share it (every pod of a workload
+// that names its ports would otherwise hold a copy: 112 bytes for two).
+// Interned slices must never be written. It forgets as labelInterner.
+type portsInterner struct {
+	mu    sync.Mutex
+	lists generations[[]NamedPort]
+	key   []byte
+}
+
+func (in *portsInterner) intern(ports []NamedPort) []NamedPort {
+	if len(ports) == 0 {
+		return nil
 	}
-	m, ok := in.prev[key]
-	if !ok {
-		m = maps.Clone(ls)
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	in.key = in.key[:0]
+	for _, p := range ports {
+		in.key = append(in.key, p.Container...)
+		in.key = append(in.key, 0)
+		in.key = append(in.key, p.Name...)
+		in.key = append(in.key, 0)
+		in.key = strconv.AppendInt(in.key, int64(p.Port), 10)
+		in.key = append(in.key, 0)
+		in.key = append(in.key, p.Protocol...)
+		in.key = append(in.key, 0)
 	}
-	if in.cur == nil || len(in.cur) >= max(minGeneration, len(in.prev)) {
-		in.prev, in.cur = in.cur, map[string]map[string]string{}
+	// The lookup by string(in.key) does not allocate; a fresh list does.
+	if v, ok := in.lists.cur[string(in.key)]; ok {
+		return v
 	}
-	in.cur[key] = m
-	return m
+	return in.lists.get(string(in.key), func() []NamedPort { return slices.Clip(ports) })
 }
 
 // unreadChange reports whether an update between two slimmed objects

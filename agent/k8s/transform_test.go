@@ -179,8 +179,8 @@ func TestLabelInternerShares(t *testing.T) {
 	for i := range 3 * minGeneration {
 		in.intern(map[string]string{"n": fmt.Sprint(i)})
 	}
-	if len(in.cur)+len(in.prev) > 2*minGeneration {
-		t.Errorf("interner holds %d sets after %d distinct ones, want at most %d", len(in.cur)+len(in.prev), 3*minGeneration, 2*minGeneration)
+	if in.sets.len() > 2*minGeneration {
+		t.Errorf("interner holds %d sets after %d distinct ones, want at most %d", in.sets.len(), 3*minGeneration, 2*minGeneration)
 	}
 	if d := in.intern(map[string]string{"app": "a", "tier": "web"}); mapID(d) == mapID(a) {
 		t.Error("a set unused for two generations is still interned")
@@ -276,5 +276,43 @@ func TestUpdatesOfUnreadFieldsQueueNothing(t *testing.T) {
 				t.Errorf("a relabel and a resync queued %d keys, want %d", n-want, 2)
 			}
 		})
+	}
+}
+
+// Pods with equal named ports share one slice, as equal label sets share
+// one map; different lists (by container, name, port or protocol) do not.
+func TestPortsInternerShares(t *testing.T) {
+	tr := &transformer{}
+	info := func(name string, mutate func(*corev1.Pod)) *PodInfo {
+		p := fullPod(name, "n1", "10.244.1.5", map[string]string{"app": "a"})
+		if mutate != nil {
+			mutate(p)
+		}
+		o, err := tr.transform(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o.(*PodInfo)
+	}
+	a, b := info("a", nil), info("b", nil)
+	if len(a.Ports) == 0 || &a.Ports[0] != &b.Ports[0] {
+		t.Errorf("equal named ports not shared: %v %v", a.Ports, b.Ports)
+	}
+	for _, m := range []func(*corev1.Pod){
+		func(p *corev1.Pod) { p.Spec.Containers[0].Ports[0].ContainerPort++ },
+		func(p *corev1.Pod) { p.Spec.Containers[0].Ports[0].Protocol = corev1.ProtocolUDP },
+		func(p *corev1.Pod) { p.Spec.Containers[0].Name += "x" },
+		func(p *corev1.Pod) { p.Spec.Containers[0].Ports[0].Name += "x" },
+	} {
+		c := info("c", m)
+		if &c.Ports[0] == &a.Ports[0] || reflect.DeepEqual(c.Ports, a.Ports) {
+			t.Errorf("different named ports shared or equal: %v %v", c.Ports, a.Ports)
+		}
+	}
+	if d := info("d", func(p *corev1.Pod) { p.Spec.Containers = nil }); d.Ports != nil {
+		t.Errorf("a pod without named ports got %v", d.Ports)
+	}
+	if a2 := info("a2", nil); &a2.Ports[0] != &a.Ports[0] {
+		t.Error("the first list is no longer shared")
 	}
 }

@@ -461,7 +461,9 @@ func (s *Syncer) withLocalIP(pod *corev1.Pod) *corev1.Pod {
 // withLocalIP), read without building a corev1.Pod.
 func (s *Syncer) podFacts(pod *k8s.PodInfo) policy.PodFacts {
 	f := policy.PodFacts{
-		Namespace: pod.Namespace, Name: pod.Name, Labels: pod.Labels, NodeName: pod.NodeName,
+		// A cached pod's labels are never written (interned, shared by
+		// every pod with the same set): the compiler keeps them as they are.
+		Namespace: pod.Namespace, Name: pod.Name, Labels: pod.Labels, LabelsShared: true, NodeName: pod.NodeName,
 		ServiceAccount: pod.ServiceAccount, HostNetwork: pod.HostNetwork,
 		Finished: pod.Phase == corev1.PodSucceeded || pod.Phase == corev1.PodFailed,
 	}

@@ -358,6 +358,14 @@ func runAgent(kubeconfig string) error {
 		}
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
+		if cmd == "gc" {
+			// Where the resident size goes when it is sampled: the heap
+			// in use, free heap pages still resident, the rest of the
+			// runtime's memory.
+			fmt.Fprintf(os.Stderr, "scale agent %q: rss %d MiB heap-inuse %d MiB heap-idle-resident %d MiB heap-released %d MiB stacks %d MiB runtime-other %d MiB sys %d MiB gc-cycles %d\n",
+				flags, procStatus("VmRSS")>>20, ms.HeapInuse>>20, (ms.HeapIdle-ms.HeapReleased)>>20, ms.HeapReleased>>20, ms.StackSys>>20,
+				(ms.MSpanSys+ms.MCacheSys+ms.BuckHashSys+ms.GCSys+ms.OtherSys)>>20, ms.Sys>>20, ms.NumGC)
+		}
 		syncMu.Lock()
 		st := agentStats{
 			ReadyWallNS: readyWall.Load(), ReadyCPUNS: readyCPU.Load(), Converged: readyWall.Load() > 0, Idle: s.Idle(),
