@@ -178,8 +178,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		Compiler: d.compiler, Datapath: d.dp, Endpoints: d.endpoints, Encryption: d.enc,
 		Listers: d.listers, Kube: d.kube, Veil: d.veil, Events: d.events, Degraded: &d.degraded,
 		Synced: func(took time.Duration) { d.metrics.reconcile.Observe(took.Seconds()) },
-		// The first lists are decoded: collect garbage as usual again.
-		Converged: memlimit.StartupGC(d.cfg.StartupGCPercent, os.LookupEnv),
+		// The first lists are decoded: collect garbage at the steady
+		// percent, which keeps the resident size nearer the live heap.
+		Converged: memlimit.StartupGC(d.cfg.StartupGCPercent, memlimit.DefaultSteadyGCPercent, os.LookupEnv),
 		Log:       d.log,
 	})
 	var alloc *ipam.Allocator

@@ -92,32 +92,36 @@ func TestApplyOnTheRealCgroup(t *testing.T) {
 	t.Logf("container limit %d, soft limit %d (%s)", st.Container, st.Limit, st.Reason)
 }
 
-// StartupGC raises the collector's percent until the agent converged, and
-// puts back what was set; GOGC or 0 leave it alone.
+// StartupGC raises the collector's percent until the agent converged, then
+// sets the steady percent, or puts back what was set; GOGC or 0 leave it
+// alone.
 func TestStartupGC(t *testing.T) {
 	orig := debug.SetGCPercent(100)
 	t.Cleanup(func() { debug.SetGCPercent(orig) })
-	restore := StartupGC(400, noEnv)
-	if got := debug.SetGCPercent(400); got != 400 {
-		t.Errorf("during start GOGC is %d; want 400", got)
-	}
-	restore()
-	restore() // once only
-	if got := debug.SetGCPercent(100); got != 100 {
-		t.Errorf("after convergence GOGC is %d; want 100 back", got)
-	}
 	for _, tc := range []struct {
-		name    string
-		percent int
-		env     func(string) (string, bool)
+		name               string
+		percent, steady    int
+		env                func(string) (string, bool)
+		during, afterwards int
 	}{
-		{"GOGC set", 400, func(k string) (string, bool) { return "50", k == "GOGC" }},
-		{"off", 0, noEnv},
+		{"start and steady", 400, 50, noEnv, 400, 50},
+		{"start, then back", 400, 0, noEnv, 400, 100},
+		{"steady only", 0, 50, noEnv, 100, 50},
+		{"GOGC set", 400, 50, func(k string) (string, bool) { return "70", k == "GOGC" }, 100, 100},
+		{"off", 0, 0, noEnv, 100, 100},
 	} {
-		restore := StartupGC(tc.percent, tc.env)
-		if got := debug.SetGCPercent(100); got != 100 {
-			t.Errorf("%s: GOGC changed to %d", tc.name, got)
+		debug.SetGCPercent(100)
+		converged := StartupGC(tc.percent, tc.steady, tc.env)
+		if got := debug.SetGCPercent(tc.during); got != tc.during {
+			t.Errorf("%s: during start GOGC is %d; want %d", tc.name, got, tc.during)
 		}
-		restore()
+		converged()
+		if got := debug.SetGCPercent(123); got != tc.afterwards {
+			t.Errorf("%s: after convergence GOGC is %d; want %d", tc.name, got, tc.afterwards)
+		}
+		converged() // once only
+		if got := debug.SetGCPercent(100); got != 123 {
+			t.Errorf("%s: a second call set GOGC to %d", tc.name, got)
+		}
 	}
 }

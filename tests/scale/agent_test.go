@@ -216,17 +216,21 @@ func runAgent(kubeconfig string) error {
 
 	// As the agent: the collector's startup percent until converged
 	// (memlimit.StartupGC; startgc=N sets N, 0 leaves GOGC alone).
-	startGC := memlimit.DefaultStartupGCPercent
+	// steadygc=N: the collector's percent once converged (0: as before
+	// the start).
+	startGC, steadyGC := memlimit.DefaultStartupGCPercent, memlimit.DefaultSteadyGCPercent
 	for _, f := range strings.Split(flags, ",") {
-		if v, ok := strings.CutPrefix(f, "startgc="); ok {
-			n, err := strconv.Atoi(v)
-			if err != nil {
-				return fmt.Errorf("mode flag %q: %w", f, err)
+		for name, to := range map[string]*int{"startgc=": &startGC, "steadygc=": &steadyGC} {
+			if v, ok := strings.CutPrefix(f, name); ok {
+				n, err := strconv.Atoi(v)
+				if err != nil {
+					return fmt.Errorf("mode flag %q: %w", f, err)
+				}
+				*to = n
 			}
-			startGC = n
 		}
 	}
-	gcConverged := memlimit.StartupGC(startGC, os.LookupEnv)
+	gcConverged := memlimit.StartupGC(startGC, steadyGC, os.LookupEnv)
 	// container-mib=N: as the agent in a container limited to N MiB, with
 	// the default --memory-limit-ratio.
 	for _, f := range strings.Split(flags, ",") {

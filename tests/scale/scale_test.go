@@ -34,8 +34,10 @@ import (
 // startgc=N (the collector's percent until converged, as the agent's
 // --startup-gc-percent; 0 leaves GOGC; unset, the agent's default),
 // container-mib=N (the agent in a container limited to N MiB: its soft
-// memory limit is --memory-limit-ratio of that). node-local-320mib is the
-// agent in a container limited to 320 MiB.
+// memory limit is --memory-limit-ratio of that), steadygc=N (the
+// collector's percent once converged; 0: as before the start).
+// node-local-320mib is the agent in a container limited to 320 MiB,
+// node-local-steady100 the agent at GOGC=100 once converged.
 // The modes that compile the whole cluster need about 100 KiB per pod,
 // so they run only up to wholeClusterMax pods (VEIL_SCALE_WHOLE_MAX).
 var modes = []mode{
@@ -46,6 +48,7 @@ var modes = []mode{
 	{Name: "node-local", Flags: ""},
 	{Name: "node-local-gogc100", Flags: "startgc=0"},
 	{Name: "node-local-320mib", Flags: "container-mib=320"},
+	{Name: "node-local-steady100", Flags: "steadygc=100"},
 }
 
 const defaultWholeClusterMax = 10000
