@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"fmt"
 	"reflect"
 	"testing"
 
@@ -80,5 +81,37 @@ func TestPodsShareTheirIdentitysState(t *testing.T) {
 	}
 	if nb := c.pods[EndpointID{"x", "b"}]; nb.labels()["app"] != "z" || len(nb.ident.pods) != 1 {
 		t.Errorf("relabelled pod: labels %v, identity pods %d", nb.labels(), len(nb.ident.pods))
+	}
+}
+
+// Changes.PrevIPs tells the addresses a pod had when they change or it
+// stops being an endpoint, and nothing when they stay.
+func TestChangesTellPreviousAddresses(t *testing.T) {
+	c, err := New(Options{Node: "self"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := EndpointID{"x", "a"}
+	at := func(labels map[string]string, ips ...string) Changes {
+		return c.UpsertPodFacts(PodFacts{Namespace: "x", Name: "a", Labels: labels, NodeName: "n1", IPs: ips})
+	}
+	app := map[string]string{"app": "a"}
+	if ch := at(app, "10.0.0.1"); ch.PrevIPs != nil {
+		t.Errorf("new pod: PrevIPs %v", ch.PrevIPs)
+	}
+	if ch := at(map[string]string{"app": "b"}, "10.0.0.1"); ch.PrevIPs != nil || len(ch.Endpoints) != 1 {
+		t.Errorf("relabel: PrevIPs %v, endpoints %v", ch.PrevIPs, ch.Endpoints)
+	}
+	if ch := at(app, "10.0.0.2", "fd00::2"); fmt.Sprint(ch.PrevIPs[id]) != "[10.0.0.1]" {
+		t.Errorf("moved: PrevIPs %v", ch.PrevIPs)
+	}
+	if ch := at(app); fmt.Sprint(ch.PrevIPs[id]) != "[10.0.0.2 fd00::2]" || len(ch.Removed) != 1 {
+		t.Errorf("lost its addresses: PrevIPs %v, removed %v", ch.PrevIPs, ch.Removed)
+	}
+	if ch := at(app, "10.0.0.3"); ch.PrevIPs != nil {
+		t.Errorf("active again: PrevIPs %v", ch.PrevIPs)
+	}
+	if ch := c.DeletePod("x", "a"); fmt.Sprint(ch.PrevIPs[id]) != "[10.0.0.3]" {
+		t.Errorf("deleted: PrevIPs %v", ch.PrevIPs)
 	}
 }

@@ -62,6 +62,8 @@ type Compiler struct {
 	dirtyIDs       map[*group]map[identity.ID]struct{}
 	changed        map[EndpointID]struct{}
 	removed        map[EndpointID]struct{}
+	// prevIPs: Changes.PrevIPs of the mutation under way.
+	prevIPs map[EndpointID][]netip.Addr
 	ipcacheChanged bool
 	cidrChanged    bool
 	// regionsDirty: the region set changed in this mutation.
@@ -593,6 +595,15 @@ func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 		}
 		c.detach(old)
 	}
+	if old != nil && old.active && (np == nil || !np.active || !slices.Equal(old.ips, np.ips)) {
+		if _, ok := c.prevIPs[old.id]; !ok {
+			if c.prevIPs == nil {
+				c.prevIPs = map[EndpointID][]netip.Addr{}
+			}
+			// Never written: newPodState made it.
+			c.prevIPs[old.id] = old.ips
+		}
+	}
 	switch {
 	case np != nil && np.active:
 		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || !slices.Equal(old.ips, np.ips) {
@@ -1103,7 +1114,8 @@ func (c *Compiler) flush() Changes {
 			c.groupChanged(g)
 		}
 	}
-	ch := Changes{IPCache: c.ipcacheChanged, CIDRTable: c.cidrChanged}
+	ch := Changes{IPCache: c.ipcacheChanged, CIDRTable: c.cidrChanged, PrevIPs: c.prevIPs}
+	c.prevIPs = nil
 	for id := range c.changed {
 		if p := c.pods[id]; p != nil && p.active {
 			ch.Endpoints = append(ch.Endpoints, id)

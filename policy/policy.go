@@ -210,6 +210,10 @@ type Changes struct {
 	IPCache bool
 	// CIDRTable is true when the CIDR prefix → identity table changed.
 	CIDRTable bool
+	// PrevIPs holds, for each endpoint among Endpoints and Removed whose
+	// addresses changed or that stopped being an endpoint, the addresses
+	// it had before (what the ipcache may still map to it). Read only.
+	PrevIPs map[EndpointID][]netip.Addr
 }
 
 // Empty reports whether nothing changed.

@@ -18,11 +18,13 @@ import (
 // The ipcache holds an entry for every pod of the cluster, so what the
 // syncer keeps of it is kept compact: IPv4 addresses as numbers, entries
 // as three numbers (the node's address an index into a table of node
-// addresses), and no slice per pod; only the claims and the pods'
-// addresses name pods (their strings shared with the compiler). At
-// 150,000 pods that is about 35 MiB, against about 90 MiB when every
-// entry and claim was a netip.Prefix, a netip.Addr and a slice, and the
-// map of what was written holds no pointers for the collector to scan.
+// addresses), and no slice per pod; only the claims name pods (their
+// strings shared with the compiler), and no map by pod is kept: the
+// compiler says which addresses a pod had when they change
+// (Changes.PrevIPs). At 150,000 pods that is about 25 MiB, against about
+// 90 MiB when every entry and claim was a netip.Prefix, a netip.Addr and
+// a slice, and the map of what was written holds no pointers for the
+// collector to scan.
 
 // addr4 is an IPv4 address as a number.
 func addr4(a netip.Addr) uint32 {
@@ -88,8 +90,10 @@ type podClaim struct {
 }
 
 // ipcacheDerived is what a full build derives, kept to follow single pods:
-// the nodes' own entries and addresses, and the pods' claims by address
-// and by pod.
+// the nodes' own entries and addresses, and the pods' claims by address.
+// Which addresses a changed pod claimed is not kept per pod: the
+// compiler tells the ones it had when they change (Changes.PrevIPs), and
+// a pod whose addresses did not change claims the ones it has.
 type ipcacheDerived struct {
 	// nodeEntries are the nodes' own prefixes; nodeAddr each node's
 	// underlay address (as an addrTable index).
@@ -99,18 +103,37 @@ type ipcacheDerived struct {
 	// claims of an address two pods hold (one terminating, one new).
 	claims map[uint32]podClaim
 	more   map[uint32][]podClaim
-	// podAddr is the address each remote pod claims; podMore the further
-	// addresses of a pod with several IPv4 addresses.
-	podAddr map[policy.EndpointID]uint32
-	podMore map[policy.EndpointID][]uint32
 }
 
 func newDerived() ipcacheDerived {
 	return ipcacheDerived{
 		nodeEntries: map[netip.Prefix]compactEntry{}, nodeAddr: map[string]uint32{},
 		claims: map[uint32]podClaim{}, more: map[uint32][]podClaim{},
-		podAddr: map[policy.EndpointID]uint32{}, podMore: map[policy.EndpointID][]uint32{},
 	}
+}
+
+// dirtyPod is a pod whose entries may have changed since the ipcache was
+// last written: moved, when its addresses changed or it stopped being an
+// endpoint, with the IPv4 addresses it had (prev) then.
+type dirtyPod struct {
+	moved bool
+	prev  []uint32
+}
+
+// markPodDirty follows pod at the next write, with the addresses prevIPs
+// says it had when they changed; the first change since the last write
+// tells what it claims. Call with mu held.
+func (s *Syncer) markPodDirty(pod policy.EndpointID, prevIPs map[policy.EndpointID][]netip.Addr) {
+	d := s.podsDirty[pod]
+	if prev, ok := prevIPs[pod]; ok && !d.moved {
+		d.moved = true
+		for _, ip := range prev {
+			if ip.Is4() {
+				d.prev = append(d.prev, addr4(ip))
+			}
+		}
+	}
+	s.podsDirty[pod] = d
 }
 
 // ipcacheState is what the syncer wrote to the ipcache and what it was
@@ -185,26 +208,19 @@ func (d *ipcacheDerived) addClaim(a uint32, c podClaim) {
 	} else {
 		d.claims[a] = c
 	}
-	if _, ok := d.podAddr[c.pod]; ok {
-		d.podMore[c.pod] = append(d.podMore[c.pod], a)
-	} else {
-		d.podAddr[c.pod] = a
-	}
 }
 
-// dropClaims removes every claim of pod and returns the addresses it held.
-func (d *ipcacheDerived) dropClaims(pod policy.EndpointID, out []uint32) []uint32 {
-	first, ok := d.podAddr[pod]
-	if !ok {
-		return out
-	}
-	addrs := append([]uint32{first}, d.podMore[pod]...)
-	delete(d.podAddr, pod)
-	delete(d.podMore, pod)
+// dropClaims removes the claims of pod on addrs (which hold every address
+// it claims, perhaps more) and returns the addresses it held.
+func (d *ipcacheDerived) dropClaims(pod policy.EndpointID, addrs []uint32, out []uint32) []uint32 {
 	for _, a := range addrs {
-		out = append(out, a)
+		c, ok := d.claims[a]
+		if !ok {
+			continue
+		}
 		others := d.more[a]
-		if c := d.claims[a]; c.pod == pod {
+		if c.pod == pod {
+			out = append(out, a)
 			if len(others) == 0 {
 				delete(d.claims, a)
 				continue
@@ -212,7 +228,12 @@ func (d *ipcacheDerived) dropClaims(pod policy.EndpointID, out []uint32) []uint3
 			d.claims[a] = others[len(others)-1]
 			others = others[:len(others)-1]
 		} else {
+			n := len(others)
 			others = slices.DeleteFunc(others, func(c podClaim) bool { return c.pod == pod })
+			if len(others) == n {
+				continue
+			}
+			out = append(out, a)
 		}
 		if len(others) == 0 {
 			delete(d.more, a)
@@ -413,10 +434,21 @@ func (s *Syncer) syncPodIPCache() ([]netip.Prefix, error) {
 	}
 	st := &s.ipc
 	d := &st.derived
-	var touched []uint32
-	for id := range s.podsDirty {
-		touched = d.dropClaims(id, touched)
-		for _, e := range s.cfg.Compiler.PodIPCache(id) {
+	var touched, addrs []uint32
+	for id, dp := range s.podsDirty {
+		now := s.cfg.Compiler.PodIPCache(id)
+		// What it claims: the addresses it had when they changed, else
+		// the ones it has.
+		addrs = append(addrs[:0], dp.prev...)
+		if !dp.moved {
+			for _, e := range now {
+				if e.IP.Is4() {
+					addrs = append(addrs, addr4(e.IP))
+				}
+			}
+		}
+		touched = d.dropClaims(id, addrs, touched)
+		for _, e := range now {
 			if a, pc, ok := s.podClaim(d, e); ok {
 				d.addClaim(a, pc)
 				touched = append(touched, a)
@@ -450,7 +482,7 @@ func (s *Syncer) syncPodIPCache() ([]netip.Prefix, error) {
 // cluster: a large set is dropped rather than cleared. Call with mu held.
 func (s *Syncer) resetPodsDirty() {
 	if len(s.podsDirty) > 1024 {
-		s.podsDirty = map[policy.EndpointID]struct{}{}
+		s.podsDirty = map[policy.EndpointID]dirtyPod{}
 		return
 	}
 	clear(s.podsDirty)

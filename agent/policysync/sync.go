@@ -98,7 +98,8 @@ type Syncer struct {
 	queue workqueue.TypedRateLimitingInterface[k8s.Key]
 	// ipcacheDirty: what the whole ipcache is built from (the nodes, which
 	// are tunnelled) changed since it was last written; podsDirty (under
-	// mu) names the pods whose own entries may have changed since.
+	// mu) names the pods whose own entries may have changed since, with
+	// the addresses they may hold in the ipcache when those changed.
 	ipcacheDirty atomic.Bool
 	lastSync     atomic.Int64
 	// busy: the worker holds a key it has not finished.
@@ -115,7 +116,7 @@ type Syncer struct {
 	// claimed then; conflicts are the refused claims last reported.
 	mu        sync.Mutex
 	ipc       ipcacheState
-	podsDirty map[policy.EndpointID]struct{}
+	podsDirty map[policy.EndpointID]dirtyPod
 	cluster   nodeinfo.Cluster
 	claims    map[string]nodeinfo.Node
 	conflicts map[nodeinfo.Conflict]bool
@@ -131,7 +132,7 @@ func New(cfg Config) *Syncer {
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
 			workqueue.DefaultTypedControllerRateLimiter[k8s.Key](),
 			workqueue.TypedRateLimitingQueueConfig[k8s.Key]{Name: "veil-agent"}),
-		ipc: newIPCacheState(), podsDirty: map[policy.EndpointID]struct{}{}, initial: map[k8s.Key]struct{}{},
+		ipc: newIPCacheState(), podsDirty: map[policy.EndpointID]dirtyPod{}, initial: map[k8s.Key]struct{}{},
 	}
 }
 
@@ -512,11 +513,14 @@ func (s *Syncer) apply(ch policy.Changes) error {
 		// identity, addresses or node changed, or it stopped being an
 		// endpoint.
 		s.mu.Lock()
-		for _, id := range ch.Endpoints {
-			s.podsDirty[id] = struct{}{}
-		}
-		for _, id := range ch.Removed {
-			s.podsDirty[id] = struct{}{}
+		// Until the first full build nothing is followed pod by pod.
+		if s.ipc.built {
+			for _, id := range ch.Endpoints {
+				s.markPodDirty(id, ch.PrevIPs)
+			}
+			for _, id := range ch.Removed {
+				s.markPodDirty(id, ch.PrevIPs)
+			}
 		}
 		s.mu.Unlock()
 	}
