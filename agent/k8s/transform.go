@@ -1,7 +1,6 @@
 package k8s
 
 import (
-	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -122,6 +121,7 @@ type labelInterner struct {
 	mu   sync.Mutex
 	sets generations[map[string]string]
 	buf  []string
+	key  []byte
 }
 
 const minGeneration = 4096
@@ -162,14 +162,26 @@ func (in *labelInterner) intern(ls map[string]string) map[string]string {
 		in.buf = append(in.buf, k)
 	}
 	slices.Sort(in.buf)
-	var b strings.Builder
+	in.key = in.key[:0]
 	for _, k := range in.buf {
-		b.WriteString(k)
-		b.WriteByte(0)
-		b.WriteString(ls[k])
-		b.WriteByte(0)
+		in.key = append(in.key, k...)
+		in.key = append(in.key, 0)
+		in.key = append(in.key, ls[k]...)
+		in.key = append(in.key, 0)
 	}
-	return in.sets.get(b.String(), func() map[string]string { return maps.Clone(ls) })
+	// The lookup by string(in.key) does not allocate; a new set does.
+	if m, ok := in.sets.cur[string(in.key)]; ok {
+		return m
+	}
+	return in.sets.get(string(in.key), func() map[string]string {
+		// Label keys repeat across sets (app, tier, version...): the
+		// interned sets share one string of each.
+		m := make(map[string]string, len(ls))
+		for k, v := range ls {
+			m[intern(k)] = v
+		}
+		return m
+	})
 }
 
 // portsInterner hands out one shared slice per distinct list of named

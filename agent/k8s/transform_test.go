@@ -4,9 +4,11 @@ import (
 	"context"
 	"fmt"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -168,6 +170,19 @@ func TestLabelInternerShares(t *testing.T) {
 	}
 	if mapID(a) == mapID(c) || c["tier"] != "db" {
 		t.Errorf("different label sets shared: %v %v", a, c)
+	}
+	// Different sets share one string of a label key.
+	keyData := func(m map[string]string, key string) *byte {
+		for k := range m {
+			if k == key {
+				return unsafe.StringData(k)
+			}
+		}
+		return nil
+	}
+	e := in.intern(map[string]string{strings.Clone("tier"): "x"})
+	if keyData(a, "tier") != keyData(e, "tier") {
+		t.Error("two label sets hold separate copies of the key tier")
 	}
 	if in.intern(nil) != nil || in.intern(map[string]string{}) != nil {
 		t.Error("an empty label set interned as a map")
