@@ -58,12 +58,12 @@ type Compiler struct {
 	groupsByNS map[string]map[*group]struct{}
 
 	// Pending effects of the current mutation, turned into Changes by flush.
-	dirty          map[*group]struct{}
-	dirtyIDs       map[*group]map[identity.ID]struct{}
-	changed        map[EndpointID]struct{}
-	removed        map[EndpointID]struct{}
+	dirty    map[*group]struct{}
+	dirtyIDs map[*group]map[identity.ID]struct{}
+	changed  map[EndpointID]struct{}
+	removed  map[EndpointID]struct{}
 	// prevIPs: Changes.PrevIPs of the mutation under way.
-	prevIPs map[EndpointID][]netip.Addr
+	prevIPs        map[EndpointID][]netip.Addr
 	ipcacheChanged bool
 	cidrChanged    bool
 	// regionsDirty: the region set changed in this mutation.
