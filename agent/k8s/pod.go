@@ -37,7 +37,8 @@ type PodInfo struct {
 	// PodIP is status.podIP; PodIPs status.podIPs when they say more.
 	PodIP  string
 	PodIPs []string
-	// Ports are the named container ports, which policies may refer to.
+	// Ports are the named container ports, which policies may refer to;
+	// interned like Labels: pods with equal lists share the slice.
 	Ports []NamedPort
 }
 
