@@ -4,8 +4,10 @@
 package k8s
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"log/slog"
 	"runtime/debug"
 	"slices"
 	"time"
@@ -71,6 +73,8 @@ type Watcher struct {
 	// slim: the caches hold slimmed objects, so an update that leaves
 	// them equal changed nothing Veil reads.
 	slim bool
+	// ckpt writes the pod cache's checkpoint; nil without one.
+	ckpt *checkpointer
 }
 
 // KubeInformers is the shared informer factory of Kubernetes' own kinds, for
@@ -90,6 +94,10 @@ type Options struct {
 	// caches did before PodInfo: for measuring what PodInfo saves, and
 	// for nothing else.
 	CorePods bool
+	// Checkpoint, when set, resumes the pod cache from a checkpoint and
+	// keeps one (RunCheckpoints); ignored with FullObjects or CorePods,
+	// whose caches hold no PodInfos.
+	Checkpoint *CheckpointOptions
 }
 
 // New prepares informers for every kind, resyncing every resync (0:
@@ -104,12 +112,23 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, opts.Resync),
 		veilFactory: veilinformers.NewSharedInformerFactory(veil, opts.Resync),
 	}
+	var resumeFrom *Checkpoint
+	if opts.Checkpoint != nil && !opts.FullObjects && !opts.CorePods {
+		w.ckpt = &checkpointer{opts: *opts.Checkpoint, log: cmp.Or(opts.Checkpoint.Log, slog.Default())}
+		resumeFrom = w.ckpt.load(time.Now())
+	}
 	// The pod cache is looked up by key only: without the namespace index
 	// informers get by default, which costs an entry per pod of the
 	// cluster and work on every pod event.
 	pods := w.kubeFactory.InformerFor(&corev1.Pod{}, func(c kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
+		if w.ckpt != nil {
+			return cache.NewSharedIndexInformer(newResumingPods(c, resumeFrom, w.ckpt.log), &corev1.Pod{}, resync, cache.Indexers{})
+		}
 		return coreinformers.NewPodInformer(c, metav1.NamespaceAll, resync, cache.Indexers{})
 	})
+	if w.ckpt != nil {
+		w.ckpt.indexer, w.ckpt.synced = pods.GetIndexer(), pods.HasSynced
+	}
 	core := w.kubeFactory.Core().V1()
 	netpols := w.kubeFactory.Networking().V1().NetworkPolicies()
 	mesh := w.veilFactory.Policy().V1alpha1()
@@ -152,6 +171,15 @@ func (w *Watcher) OnChange(fn func(Key)) error {
 func (w *Watcher) Start(ctx context.Context) {
 	w.kubeFactory.Start(ctx.Done())
 	w.veilFactory.Start(ctx.Done())
+}
+
+// RunCheckpoints keeps the pod cache's checkpoint until ctx is done, and
+// writes it once more then; it returns at once without one
+// (Options.Checkpoint).
+func (w *Watcher) RunCheckpoints(ctx context.Context) {
+	if w.ckpt != nil {
+		w.ckpt.run(ctx)
+	}
 }
 
 // WaitForCacheSync waits until every informer has listed. While some are

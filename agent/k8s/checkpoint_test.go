@@ -1,0 +1,359 @@
+package k8s
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+
+	"github.com/veilmesh/veil/api/annotations"
+	veilfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
+)
+
+func testPods() []*PodInfo {
+	web := map[string]string{"app": "web", "tier": "front"}
+	return []*PodInfo{
+		{Namespace: "a", Name: "web-1", ResourceVersion: "101", Labels: web, NodeName: "n1", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.1.5",
+			Ports: []NamedPort{{Container: "app", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "app", Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}}},
+		{Namespace: "a", Name: "web-2", ResourceVersion: "102", Labels: web, NodeName: "n2", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.2.5"},
+		{Namespace: "b", Name: "host", ResourceVersion: "7", HostNetwork: true, NodeName: "n1", Phase: corev1.PodPending,
+			Annotations: map[string]string{"veil.dev/socket-acceleration": "off"}, PodIP: "10.0.0.1", PodIPs: []string{"10.0.0.1", "fd00::1"}},
+		{Namespace: "b", Name: "bare"},
+	}
+}
+
+func TestCheckpointRoundTrip(t *testing.T) {
+	in := &Checkpoint{ResourceVersion: "12345", Written: time.Unix(1700000000, 123456789), Node: "n1", Pods: testPods()}
+	b := MarshalCheckpoint(in)
+	out, err := UnmarshalCheckpoint(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !out.Written.Equal(in.Written) {
+		t.Errorf("written %v, want %v", out.Written, in.Written)
+	}
+	out.Written = in.Written
+	if !reflect.DeepEqual(out, in) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", out, in)
+	}
+	// Pods that shared a label set share it again, and it is written once.
+	if reflect.ValueOf(out.Pods[0].Labels).Pointer() != reflect.ValueOf(out.Pods[1].Labels).Pointer() {
+		t.Error("the label set two pods shared is two maps after the round trip")
+	}
+	if n := bytes.Count(b, []byte("front")); n != 1 {
+		t.Errorf("a shared label value is written %d times, want once", n)
+	}
+	// No pods at all is a checkpoint too.
+	empty, err := UnmarshalCheckpoint(MarshalCheckpoint(&Checkpoint{ResourceVersion: "1", Node: "n1"}))
+	if err != nil || len(empty.Pods) != 0 || empty.ResourceVersion != "1" {
+		t.Fatalf("empty checkpoint: %+v, %v", empty, err)
+	}
+}
+
+// fillValue sets every field of v, recursively, to something not zero.
+func fillValue(t *testing.T, v reflect.Value, seed int) {
+	t.Helper()
+	switch v.Kind() {
+	case reflect.String:
+		v.SetString("s" + strings.Repeat("x", seed%5) + string(rune('a'+seed%26)))
+	case reflect.Bool:
+		v.SetBool(true)
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		v.SetInt(int64(seed + 1))
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		v.SetUint(uint64(seed + 1))
+	case reflect.Slice:
+		s := reflect.MakeSlice(v.Type(), 2, 2)
+		for i := range 2 {
+			fillValue(t, s.Index(i), seed*3+i)
+		}
+		v.Set(s)
+	case reflect.Map:
+		m := reflect.MakeMap(v.Type())
+		k, e := reflect.New(v.Type().Key()).Elem(), reflect.New(v.Type().Elem()).Elem()
+		fillValue(t, k, seed)
+		fillValue(t, e, seed+1)
+		m.SetMapIndex(k, e)
+		v.Set(m)
+	case reflect.Struct:
+		for i := range v.NumField() {
+			fillValue(t, v.Field(i), seed*7+i)
+		}
+	default:
+		t.Fatalf("fillValue: a field of kind %s: teach the checkpoint codec (and this test) about it", v.Kind())
+	}
+}
+
+// TestCheckpointCoversPodInfo fails when PodInfo gains a field the
+// checkpoint does not write: a resumed cache would lose it.
+func TestCheckpointCoversPodInfo(t *testing.T) {
+	names := func(typ reflect.Type) []string {
+		var out []string
+		for i := range typ.NumField() {
+			out = append(out, typ.Field(i).Name)
+		}
+		return out
+	}
+	if got := names(reflect.TypeFor[PodInfo]()); !slices.Equal(got, checkpointPodFields) {
+		t.Errorf("PodInfo has fields %v; the checkpoint codec writes %v: encode the new ones (encoder.pod, decoder.pod) and list them in checkpointPodFields", got, checkpointPodFields)
+	}
+	if got := names(reflect.TypeFor[NamedPort]()); !slices.Equal(got, checkpointPortFields) {
+		t.Errorf("NamedPort has fields %v; the checkpoint codec writes %v", got, checkpointPortFields)
+	}
+	// Every field set, whatever they are: each survives the file, and
+	// the resume's path into the cache (Object, then the transform).
+	var p PodInfo
+	fillValue(t, reflect.ValueOf(&p).Elem(), 1)
+	p.Ports = p.Ports[:1] // Object groups ports by container
+	// The cache keeps only Veil's annotations.
+	p.Annotations = map[string]string{annotations.SocketAcceleration: "off"}
+	out, err := UnmarshalCheckpoint(MarshalCheckpoint(&Checkpoint{ResourceVersion: "1", Pods: []*PodInfo{&p}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(out.Pods[0], &p) {
+		t.Errorf("through the checkpoint:\n got %+v\nwant %+v", out.Pods[0], &p)
+	}
+	tr := &transformer{}
+	cached, err := tr.transform(out.Pods[0].Object())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(cached, &p) {
+		t.Errorf("through the resume into the cache:\n got %+v\nwant %+v", cached, &p)
+	}
+}
+
+func TestCheckpointRejectsDamage(t *testing.T) {
+	good := MarshalCheckpoint(&Checkpoint{ResourceVersion: "12345", Written: time.Now(), Node: "n1", Pods: testPods()})
+	// Cut anywhere: never a panic, always ErrCheckpointCorrupt.
+	for n := range len(good) {
+		if _, err := UnmarshalCheckpoint(good[:n]); !errors.Is(err, ErrCheckpointCorrupt) {
+			t.Fatalf("truncated to %d of %d bytes: %v, want ErrCheckpointCorrupt", n, len(good), err)
+		}
+	}
+	for i := len(checkpointMagic) + 1; i < len(good); i++ {
+		bad := slices.Clone(good)
+		bad[i] ^= 0x40
+		if _, err := UnmarshalCheckpoint(bad); !errors.Is(err, ErrCheckpointCorrupt) {
+			t.Fatalf("byte %d flipped: %v, want ErrCheckpointCorrupt", i, err)
+		}
+	}
+	// A well-formed body with a checksum that matches but nonsense in it
+	// (a reference to a string never written) is corrupt too.
+	nonsense := []byte(checkpointMagic)
+	nonsense = binary.AppendUvarint(nonsense, checkpointVersion)
+	nonsense = binary.AppendVarint(nonsense, 0)
+	nonsense = append(nonsense, 1, '1', 2, 'n', '1', 1 /* one pod */, 9 /* namespace: string #8 */)
+	nonsense = binary.LittleEndian.AppendUint32(nonsense, crc32.Checksum(nonsense, castagnoli))
+	if _, err := UnmarshalCheckpoint(nonsense); !errors.Is(err, ErrCheckpointCorrupt) || !strings.Contains(err.Error(), "namespace reference") {
+		t.Errorf("a reference to no string: %v", err)
+	}
+	// Another format version: rejected as such, checksum or not.
+	other := slices.Clone(good)
+	other[len(checkpointMagic)] = checkpointVersion + 1
+	if _, err := UnmarshalCheckpoint(other); !errors.Is(err, ErrCheckpointVersion) {
+		t.Errorf("version %d: %v, want ErrCheckpointVersion", checkpointVersion+1, err)
+	}
+	if _, err := UnmarshalCheckpoint([]byte("{\"pods\": []}\n")); !errors.Is(err, ErrCheckpointCorrupt) || !strings.Contains(err.Error(), "not a pod cache checkpoint") {
+		t.Errorf("not a checkpoint: %v", err)
+	}
+}
+
+func TestWriteCheckpointAtomic(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, CheckpointFile)
+	first := &Checkpoint{ResourceVersion: "1", Written: time.Unix(1, 0), Node: "n1", Pods: testPods()[:1]}
+	if err := WriteCheckpoint(path, first); err != nil {
+		t.Fatal(err)
+	}
+	second := &Checkpoint{ResourceVersion: "2", Written: time.Unix(2, 0), Node: "n1", Pods: testPods()}
+	if err := WriteCheckpoint(path, second); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v, want 0600", fi.Mode().Perm())
+	}
+	got, err := ReadCheckpoint(path)
+	if err != nil || got.ResourceVersion != "2" || len(got.Pods) != len(second.Pods) {
+		t.Fatalf("read back %+v, %v; want the second checkpoint", got, err)
+	}
+	// A write that cannot complete (the rename meets a directory) leaves
+	// what was there and no temporary file.
+	blocked := filepath.Join(dir, "blocked")
+	if err := os.MkdirAll(filepath.Join(blocked, "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteCheckpoint(blocked, second); err == nil {
+		t.Fatal("a checkpoint replaced a directory")
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	for _, e := range ents {
+		left = append(left, e.Name())
+	}
+	if !slices.Equal(left, []string{"blocked", CheckpointFile}) {
+		t.Errorf("the directory holds %v, want only the checkpoint and the directory in the way", left)
+	}
+	if _, err := ReadCheckpoint(filepath.Join(dir, "missing")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a missing checkpoint: %v, want os.ErrNotExist", err)
+	}
+}
+
+// startWatcher runs a Watcher on fakes until its caches sync.
+func startWatcher(t *testing.T, kube *kubefake.Clientset, ck *CheckpointOptions) (*Watcher, context.CancelFunc) {
+	t.Helper()
+	w := NewWithOptions(kube, veilfake.NewSimpleClientset(), Options{Checkpoint: ck})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	w.Start(ctx)
+	if err := w.WaitForCacheSync(ctx, time.Hour, func([]string) {}); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	return w, cancel
+}
+
+func podListed(kube *kubefake.Clientset) bool {
+	for _, a := range kube.Actions() {
+		if a.GetVerb() == "list" && a.GetResource().Resource == "pods" {
+			return true
+		}
+	}
+	return false
+}
+
+// A fake clientset lists with List, not a streamed watch: the first List
+// is answered from the checkpoint.
+func TestResumeServesFirstListFromCheckpoint(t *testing.T) {
+	path := filepath.Join(t.TempDir(), CheckpointFile)
+	if err := WriteCheckpoint(path, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1", Pods: testPods()}); err != nil {
+		t.Fatal(err)
+	}
+	kube := kubefake.NewClientset(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "live"}})
+	var logs bytes.Buffer
+	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", MaxAge: time.Minute, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+	defer cancel()
+	if podListed(kube) {
+		t.Error("the first list of pods went to the API server")
+	}
+	got := w.Pods.List()
+	slices.SortFunc(got, func(a, b *PodInfo) int { return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name) })
+	want := testPods()
+	slices.SortFunc(want, func(a, b *PodInfo) int { return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name) })
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("cache after resume:\n got %+v\nwant %+v", got, want)
+	}
+	if !strings.Contains(logs.String(), "resuming from checkpoint") || !strings.Contains(logs.String(), "pods=4") {
+		t.Errorf("the start did not log the resume: %s", logs.String())
+	}
+}
+
+func TestResumeRefusesCheckpoints(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		write func(path string) error
+		log   string
+		// kept: the file is still there after the start.
+		kept bool
+	}{
+		{"corrupt", func(p string) error { return os.WriteFile(p, []byte("VEILPODC garbage"), 0o600) }, "checkpoint unreadable", false},
+		{"other version", func(p string) error {
+			b := MarshalCheckpoint(&Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1"})
+			b[len(checkpointMagic)]++
+			return os.WriteFile(p, b, 0o600)
+		}, "unknown format version", false},
+		{"too old", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now().Add(-time.Hour), Node: "n1", Pods: testPods()})
+		}, "checkpoint too old", true},
+		{"another node", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n2", Pods: testPods()})
+		}, "another node's", true},
+		{"missing", func(string) error { return nil }, "no checkpoint", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), CheckpointFile)
+			if err := tc.write(path); err != nil {
+				t.Fatal(err)
+			}
+			kube := kubefake.NewClientset(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "live"}})
+			var logs bytes.Buffer
+			w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", MaxAge: 10 * time.Minute, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+			defer cancel()
+			if !podListed(kube) {
+				t.Error("pods were not listed from the API server")
+			}
+			if got := w.Pods.List(); len(got) != 1 || got[0].Name != "live" {
+				t.Errorf("cache %+v, want the API server's one pod", got)
+			}
+			if !strings.Contains(logs.String(), tc.log) {
+				t.Errorf("log %q does not say %q", logs.String(), tc.log)
+			}
+			if _, err := os.Stat(path); tc.kept != (err == nil) {
+				t.Errorf("after the start the checkpoint file: %v (want it kept: %v)", err, tc.kept)
+			}
+		})
+	}
+}
+
+// The checkpointer writes only a synced cache with a version, and only
+// when the version moved.
+func TestCheckpointerWritesWhenChanged(t *testing.T) {
+	path := filepath.Join(t.TempDir(), CheckpointFile)
+	kube := kubefake.NewClientset()
+	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer cancel()
+	idx := w.informers[Pod].GetIndexer()
+	c := w.ckpt
+	synced := false
+	c.synced = func() bool { return synced }
+	if err := idx.Add(&PodInfo{Namespace: "a", Name: "p", ResourceVersion: "41"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a cache not yet synced was written: %v", err)
+	}
+	synced = true
+	if err := c.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	ck, err := ReadCheckpoint(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ck.ResourceVersion != idx.LastStoreSyncResourceVersion() || ck.ResourceVersion != "41" || len(ck.Pods) != 1 {
+		t.Fatalf("checkpoint at %q with %d pods, want the store's version 41 and its pod", ck.ResourceVersion, len(ck.Pods))
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("an unchanged cache was written again")
+	}
+}
