@@ -54,7 +54,12 @@ type Checkpoint struct {
 	// Written is when the checkpoint was taken; Node the agent's node.
 	Written time.Time
 	Node    string
-	Pods    []*PodInfo
+	// ClusterID names the cluster the pods are of: the UID of its
+	// namespace "default", which the API server creates once. A
+	// checkpoint of another cluster (one rebuilt under the node) is not
+	// resumed from: its versions mean nothing there.
+	ClusterID string
+	Pods      []*PodInfo
 }
 
 // The fields the codec writes, in order. TestCheckpointCoversPodInfo fails
@@ -156,6 +161,7 @@ func MarshalCheckpoint(c *Checkpoint) []byte {
 	e.buf = binary.AppendVarint(e.buf, c.Written.UnixNano())
 	e.raw(c.ResourceVersion)
 	e.raw(c.Node)
+	e.raw(c.ClusterID)
 	e.uvarint(uint64(len(c.Pods)))
 	for _, p := range c.Pods {
 		e.pod(p)
@@ -321,6 +327,7 @@ func UnmarshalCheckpoint(b []byte) (*Checkpoint, error) {
 	}
 	c.ResourceVersion = d.raw("resource version")
 	c.Node = d.raw("node")
+	c.ClusterID = d.raw("cluster ID")
 	n := d.count("pod count")
 	if d.err == nil {
 		c.Pods = make([]*PodInfo, 0, n)

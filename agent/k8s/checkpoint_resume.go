@@ -3,8 +3,10 @@ package k8s
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -14,6 +16,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/util/watchlist"
 )
@@ -44,6 +47,8 @@ type checkpointer struct {
 	log     *slog.Logger
 	indexer cache.Indexer
 	synced  func() bool
+	// clusterID is the UID of the namespace "default" as cached, or "".
+	clusterID func() string
 	// lastRV is the version last written (or resumed from): the cache
 	// has not changed while its version has not.
 	lastRV string
@@ -67,8 +72,8 @@ func (c *checkpointer) load(now time.Time) *Checkpoint {
 	case ck.Node != c.opts.Node:
 		c.log.Warn("pod cache: checkpoint is another node's; listing pods", "path", c.opts.Path, "checkpointNode", ck.Node, "node", c.opts.Node)
 		return nil
-	case ck.ResourceVersion == "":
-		c.log.Warn("pod cache: checkpoint has no resource version; listing pods", "path", c.opts.Path)
+	case ck.ResourceVersion == "" || ck.ClusterID == "":
+		c.log.Warn("pod cache: checkpoint has no resource version or cluster; listing pods", "path", c.opts.Path)
 		return nil
 	}
 	age := now.Sub(ck.Written)
@@ -76,7 +81,7 @@ func (c *checkpointer) load(now time.Time) *Checkpoint {
 		c.log.Info("pod cache: checkpoint too old; listing pods", "age", age.Round(time.Second), "maxAge", c.opts.MaxAge, "pods", len(ck.Pods))
 		return nil
 	}
-	c.log.Info("pod cache: resuming from checkpoint; watching from its version", "age", age.Round(time.Millisecond),
+	c.log.Info("pod cache: checkpoint read; resuming from it once the API server confirms its cluster and version", "age", age.Round(time.Millisecond),
 		"pods", len(ck.Pods), "resourceVersion", ck.ResourceVersion)
 	c.lastRV = ck.ResourceVersion
 	return ck
@@ -127,8 +132,12 @@ func (c *checkpointer) write(now time.Time) error {
 	if rv == c.lastRV {
 		return nil
 	}
+	cluster := c.clusterID()
+	if cluster == "" {
+		return errors.New("the namespace default, whose UID names the cluster, is not in the cache")
+	}
 	objs := c.indexer.List()
-	ck := &Checkpoint{ResourceVersion: rv, Written: now, Node: c.opts.Node, Pods: make([]*PodInfo, 0, len(objs))}
+	ck := &Checkpoint{ResourceVersion: rv, Written: now, Node: c.opts.Node, ClusterID: cluster, Pods: make([]*PodInfo, 0, len(objs))}
 	for _, o := range objs {
 		if p, ok := o.(*PodInfo); ok {
 			ck.Pods = append(ck.Pods, p)
@@ -154,8 +163,9 @@ func (c *checkpointer) write(now time.Time) error {
 // initial objects and ends them with a bookmark; both are answered.
 type resumingPods struct {
 	*cache.ListWatch
-	client any
-	log    *slog.Logger
+	client     any
+	namespaces typedcorev1.NamespaceInterface
+	log        *slog.Logger
 
 	mu   sync.Mutex
 	from *Checkpoint // nil once used
@@ -172,7 +182,7 @@ func newResumingPods(client kubernetes.Interface, from *Checkpoint, log *slog.Lo
 				return pods.Watch(ctx, opts)
 			},
 		},
-		client: client, from: from, log: log,
+		client: client, namespaces: client.CoreV1().Namespaces(), from: from, log: log,
 	}
 }
 
@@ -182,12 +192,44 @@ func (l *resumingPods) IsWatchListSemanticsUnSupported() bool {
 	return watchlist.DoesClientNotSupportWatchListSemantics(l.client)
 }
 
-func (l *resumingPods) take() *Checkpoint {
+// take returns the checkpoint the first time, if it is of this cluster and
+// not ahead of it; nil after, and when it is not.
+func (l *resumingPods) take(ctx context.Context) *Checkpoint {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	c := l.from
 	l.from = nil
+	if c == nil {
+		return nil
+	}
+	if err := l.verify(ctx, c); err != nil {
+		l.log.Warn("pod cache: not resuming from the checkpoint; listing pods", "error", err)
+		return nil
+	}
+	l.log.Info("pod cache: resuming from checkpoint; watching from its version", "age", time.Since(c.Written).Round(time.Millisecond),
+		"pods", len(c.Pods), "resourceVersion", c.ResourceVersion)
 	return c
+}
+
+// verify checks c against the API server: the cluster it names is this
+// one, and its version is not ahead of the cluster's (a watch from a
+// version the API server has not reached waits for it, and would leave
+// the cache as it is until then). One request: the namespace default,
+// listed for its UID and the cluster's current version.
+func (l *resumingPods) verify(ctx context.Context, c *Checkpoint) error {
+	nss, err := l.namespaces.List(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + metav1.NamespaceDefault})
+	if err != nil {
+		return fmt.Errorf("read the cluster's identity: %w", err)
+	}
+	if len(nss.Items) != 1 || string(nss.Items[0].UID) != c.ClusterID {
+		return fmt.Errorf("the checkpoint is of another cluster (its namespace default has UID %q)", c.ClusterID)
+	}
+	cur, err1 := strconv.ParseUint(nss.ResourceVersion, 10, 64)
+	at, err2 := strconv.ParseUint(c.ResourceVersion, 10, 64)
+	if err1 == nil && err2 == nil && at > cur {
+		return fmt.Errorf("the checkpoint's version %d is ahead of the API server's %d", at, cur)
+	}
+	return nil
 }
 
 func (l *resumingPods) List(opts metav1.ListOptions) (runtime.Object, error) {
@@ -195,7 +237,7 @@ func (l *resumingPods) List(opts metav1.ListOptions) (runtime.Object, error) {
 }
 
 func (l *resumingPods) ListWithContext(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
-	c := l.take()
+	c := l.take(ctx)
 	if c == nil {
 		return l.ListWatch.ListWithContext(ctx, opts)
 	}
@@ -212,7 +254,7 @@ func (l *resumingPods) Watch(opts metav1.ListOptions) (watch.Interface, error) {
 
 func (l *resumingPods) WatchWithContext(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
 	if opts.SendInitialEvents != nil && *opts.SendInitialEvents {
-		if c := l.take(); c != nil {
+		if c := l.take(ctx); c != nil {
 			return l.resume(ctx, c, opts), nil
 		}
 	}

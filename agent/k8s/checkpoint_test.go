@@ -24,6 +24,13 @@ import (
 	veilfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
 )
 
+// testCluster is the UID of the fake clusters' namespace default.
+const testCluster = "6b1f3c2e-0000-4000-8000-000000000001"
+
+func defaultNamespace() *corev1.Namespace {
+	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: metav1.NamespaceDefault, UID: testCluster}}
+}
+
 func testPods() []*PodInfo {
 	web := map[string]string{"app": "web", "tier": "front"}
 	return []*PodInfo{
@@ -37,7 +44,7 @@ func testPods() []*PodInfo {
 }
 
 func TestCheckpointRoundTrip(t *testing.T) {
-	in := &Checkpoint{ResourceVersion: "12345", Written: time.Unix(1700000000, 123456789), Node: "n1", Pods: testPods()}
+	in := &Checkpoint{ResourceVersion: "12345", Written: time.Unix(1700000000, 123456789), Node: "n1", ClusterID: testCluster, Pods: testPods()}
 	b := MarshalCheckpoint(in)
 	out, err := UnmarshalCheckpoint(b)
 	if err != nil {
@@ -139,7 +146,7 @@ func TestCheckpointCoversPodInfo(t *testing.T) {
 }
 
 func TestCheckpointRejectsDamage(t *testing.T) {
-	good := MarshalCheckpoint(&Checkpoint{ResourceVersion: "12345", Written: time.Now(), Node: "n1", Pods: testPods()})
+	good := MarshalCheckpoint(&Checkpoint{ResourceVersion: "12345", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()})
 	// Cut anywhere: never a panic, always ErrCheckpointCorrupt.
 	for n := range len(good) {
 		if _, err := UnmarshalCheckpoint(good[:n]); !errors.Is(err, ErrCheckpointCorrupt) {
@@ -158,7 +165,7 @@ func TestCheckpointRejectsDamage(t *testing.T) {
 	nonsense := []byte(checkpointMagic)
 	nonsense = binary.AppendUvarint(nonsense, checkpointVersion)
 	nonsense = binary.AppendVarint(nonsense, 0)
-	nonsense = append(nonsense, 1, '1', 2, 'n', '1', 1 /* one pod */, 9 /* namespace: string #8 */)
+	nonsense = append(nonsense, 1, '1', 2, 'n', '1', 1, 'c', 1 /* one pod */, 9 /* namespace: string #8 */)
 	nonsense = binary.LittleEndian.AppendUint32(nonsense, crc32.Checksum(nonsense, castagnoli))
 	if _, err := UnmarshalCheckpoint(nonsense); !errors.Is(err, ErrCheckpointCorrupt) || !strings.Contains(err.Error(), "namespace reference") {
 		t.Errorf("a reference to no string: %v", err)
@@ -247,15 +254,18 @@ func podListed(kube *kubefake.Clientset) bool {
 // is answered from the checkpoint.
 func TestResumeServesFirstListFromCheckpoint(t *testing.T) {
 	path := filepath.Join(t.TempDir(), CheckpointFile)
-	if err := WriteCheckpoint(path, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1", Pods: testPods()}); err != nil {
+	// The fake API server is at version 2 or so.
+	if err := WriteCheckpoint(path, &Checkpoint{ResourceVersion: "1", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()}); err != nil {
 		t.Fatal(err)
 	}
-	kube := kubefake.NewClientset(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "live"}})
+	// No pods in the fake: its watch replays what it holds, whatever the
+	// version asked.
+	kube := kubefake.NewClientset(defaultNamespace())
 	var logs bytes.Buffer
 	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", MaxAge: time.Minute, Log: slog.New(slog.NewTextHandler(&logs, nil))})
 	defer cancel()
 	if podListed(kube) {
-		t.Error("the first list of pods went to the API server")
+		t.Errorf("the first list of pods went to the API server; log: %s", logs.String())
 	}
 	got := w.Pods.List()
 	slices.SortFunc(got, func(a, b *PodInfo) int { return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name) })
@@ -279,16 +289,22 @@ func TestResumeRefusesCheckpoints(t *testing.T) {
 	}{
 		{"corrupt", func(p string) error { return os.WriteFile(p, []byte("VEILPODC garbage"), 0o600) }, "checkpoint unreadable", false},
 		{"other version", func(p string) error {
-			b := MarshalCheckpoint(&Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1"})
+			b := MarshalCheckpoint(&Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1", ClusterID: testCluster})
 			b[len(checkpointMagic)]++
 			return os.WriteFile(p, b, 0o600)
 		}, "unknown format version", false},
 		{"too old", func(p string) error {
-			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now().Add(-time.Hour), Node: "n1", Pods: testPods()})
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now().Add(-time.Hour), Node: "n1", ClusterID: testCluster, Pods: testPods()})
 		}, "checkpoint too old", true},
 		{"another node", func(p string) error {
-			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n2", Pods: testPods()})
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n2", ClusterID: testCluster, Pods: testPods()})
 		}, "another node's", true},
+		{"another cluster", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1", ClusterID: "other", Pods: testPods()})
+		}, "is of another cluster", true},
+		{"ahead of the cluster", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "999999", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()})
+		}, "is ahead of the API server's", true},
 		{"missing", func(string) error { return nil }, "no checkpoint", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -296,7 +312,7 @@ func TestResumeRefusesCheckpoints(t *testing.T) {
 			if err := tc.write(path); err != nil {
 				t.Fatal(err)
 			}
-			kube := kubefake.NewClientset(&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "live"}})
+			kube := kubefake.NewClientset(defaultNamespace(), &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "live"}})
 			var logs bytes.Buffer
 			w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", MaxAge: 10 * time.Minute, Log: slog.New(slog.NewTextHandler(&logs, nil))})
 			defer cancel()
@@ -320,7 +336,7 @@ func TestResumeRefusesCheckpoints(t *testing.T) {
 // when the version moved.
 func TestCheckpointerWritesWhenChanged(t *testing.T) {
 	path := filepath.Join(t.TempDir(), CheckpointFile)
-	kube := kubefake.NewClientset()
+	kube := kubefake.NewClientset(defaultNamespace())
 	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	defer cancel()
 	idx := w.informers[Pod].GetIndexer()
@@ -344,8 +360,8 @@ func TestCheckpointerWritesWhenChanged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ck.ResourceVersion != idx.LastStoreSyncResourceVersion() || ck.ResourceVersion != "41" || len(ck.Pods) != 1 {
-		t.Fatalf("checkpoint at %q with %d pods, want the store's version 41 and its pod", ck.ResourceVersion, len(ck.Pods))
+	if ck.ResourceVersion != idx.LastStoreSyncResourceVersion() || ck.ResourceVersion != "41" || len(ck.Pods) != 1 || ck.ClusterID != testCluster {
+		t.Fatalf("checkpoint at %q with %d pods of cluster %q, want the store's version 41, its pod, cluster %s", ck.ResourceVersion, len(ck.Pods), ck.ClusterID, testCluster)
 	}
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)

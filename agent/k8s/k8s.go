@@ -153,6 +153,15 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		NetworkPolicies: netpols.Lister(), MeshPolicies: mesh.MeshPolicies().Lister(),
 		ClusterMeshPolicies: mesh.ClusterMeshPolicies().Lister(),
 	}
+	if w.ckpt != nil {
+		w.ckpt.clusterID = func() string {
+			ns, err := w.Namespaces.Get(metav1.NamespaceDefault)
+			if err != nil {
+				return ""
+			}
+			return string(ns.UID)
+		}
+	}
 	return w
 }
 
