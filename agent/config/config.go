@@ -65,23 +65,23 @@ type Config struct {
 // Default returns the configuration an agent runs with when nothing is set.
 func Default() Config {
 	return Config{
-		BPFFSRoot:        "/sys/fs/bpf/veil",
-		CgroupRoot:       "/sys/fs/cgroup",
-		ClusterCIDR:      "10.244.0.0/16",
-		WireGuardIface:   "veil-wg0",
-		Encryption:       "wireguard",
-		WireGuardPort:    51871,
-		StateDir:         "/var/lib/veil",
-		SocketPath:       "/var/run/veil/agent.sock",
-		MetricsAddr:      ":9962",
-		ResyncPeriod:     10 * time.Minute,
+		BPFFSRoot:      "/sys/fs/bpf/veil",
+		CgroupRoot:     "/sys/fs/cgroup",
+		ClusterCIDR:    "10.244.0.0/16",
+		WireGuardIface: "veil-wg0",
+		Encryption:     "wireguard",
+		WireGuardPort:  51871,
+		StateDir:       "/var/lib/veil",
+		SocketPath:     "/var/run/veil/agent.sock",
+		MetricsAddr:    ":9962",
+		ResyncPeriod:   10 * time.Minute,
 
 		PodCacheCheckpoint:       true,
 		PodCacheCheckpointMaxAge: 10 * time.Minute,
-		MemoryLimitRatio: 0.9,
-		StartupGCPercent: 400,
-		LogLevel:         "info",
-		LogFormat:        "text",
+		MemoryLimitRatio:         0.9,
+		StartupGCPercent:         400,
+		LogLevel:                 "info",
+		LogFormat:                "text",
 	}
 }
 
