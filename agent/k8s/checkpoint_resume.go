@@ -265,7 +265,9 @@ func (l *resumingPods) WatchWithContext(ctx context.Context, opts metav1.ListOpt
 // bookmark that ends them at c's version, and then the events of a real
 // watch from that version.
 func (l *resumingPods) resume(ctx context.Context, c *Checkpoint, opts metav1.ListOptions) watch.Interface {
-	ch := make(chan watch.Event)
+	// Buffered: the pods are made while the reflector stores the ones
+	// before, not one handoff each.
+	ch := make(chan watch.Event, 1024)
 	stop := make(chan struct{})
 	w := watch.NewProxyWatcher(ch)
 	go func() {
