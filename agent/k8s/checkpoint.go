@@ -223,7 +223,9 @@ func (d *decoder) str(what string) string {
 		return ""
 	}
 	if i == 0 {
-		s := d.raw(what)
+		// Shared with the pods that arrive later, as compactPod shares
+		// them.
+		s := intern(d.raw(what))
 		d.strings = append(d.strings, s)
 		return s
 	}

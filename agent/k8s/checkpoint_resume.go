@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"reflect"
 	"strconv"
 	"sync"
 	"time"
@@ -169,6 +170,29 @@ type resumingPods struct {
 
 	mu   sync.Mutex
 	from *Checkpoint // nil once used
+	// pending maps the bare pods of the resumed stream's events to the
+	// checkpoint's PodInfos, which the transform puts in the cache in
+	// their place: a whole corev1.Pod made and compacted again for each
+	// would cost 2.4 KB of garbage a pod. Entries go as the transform
+	// takes them.
+	pending sync.Map
+	// labels interns label sets (the transformer's); set by transform.
+	labels *labelInterner
+}
+
+// transform is t's transform for the pod informer, but a bare pod of the
+// resumed stream becomes its PodInfo from the checkpoint, its label set
+// interned as t interns those of listed pods.
+func (l *resumingPods) transform(t *transformer) cache.TransformFunc {
+	l.labels = &t.labels
+	return func(obj any) (any, error) {
+		if p, ok := obj.(*corev1.Pod); ok {
+			if info, ok := l.pending.LoadAndDelete(p); ok {
+				return info, nil
+			}
+		}
+		return t.transform(obj)
+	}
 }
 
 func newResumingPods(client kubernetes.Interface, from *Checkpoint, log *slog.Logger) *resumingPods {
@@ -285,10 +309,24 @@ func (l *resumingPods) resume(ctx context.Context, c *Checkpoint, opts metav1.Li
 			}
 			return false
 		}
-		// The objects go through the informer's transform like listed
-		// ones, which makes PodInfos of them again.
+		// Each event carries a bare pod (the reflector wants a
+		// *corev1.Pod, and its key), which the informer's transform
+		// turns into the checkpoint's PodInfo (see transform).
+		interned := map[uintptr]map[string]string{}
 		for i, p := range c.Pods {
-			if !send(watch.Event{Type: watch.Added, Object: p.Object()}) {
+			if p.Labels != nil && l.labels != nil {
+				set := reflect.ValueOf(p.Labels).Pointer()
+				m, ok := interned[set]
+				if !ok {
+					m = l.labels.intern(p.Labels)
+					interned[set] = m
+				}
+				p.Labels = m
+			}
+			bare := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, ResourceVersion: p.ResourceVersion}}
+			l.pending.Store(bare, p)
+			if !send(watch.Event{Type: watch.Added, Object: bare}) {
+				l.pending.Delete(bare)
 				return
 			}
 			c.Pods[i] = nil

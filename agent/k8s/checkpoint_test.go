@@ -19,7 +19,9 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
 	kubefake "k8s.io/client-go/kubernetes/fake"
 
 	"github.com/veilmesh/veil/api/annotations"
@@ -413,4 +415,86 @@ func BenchmarkCheckpoint150k(b *testing.B) {
 			}
 		}
 	})
+	// What the resume does with each pod before the reflector stores it:
+	// a corev1.Pod for the watch event, and the informer's transform.
+	b.Run("into-cache", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			tr := &transformer{}
+			for _, p := range pods {
+				if _, err := tr.transform(p.Object()); err != nil {
+					b.Fatal(err)
+				}
+			}
+		}
+	})
+}
+
+// The stream that answers a watch list: every pod of the checkpoint as a
+// bare pod the transform turns into its PodInfo (labels interned with the
+// transformer's), then the bookmark that ends the initial events at the
+// checkpoint's version.
+func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
+	kube := kubefake.NewClientset(defaultNamespace())
+	ck := &Checkpoint{ResourceVersion: "1", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()}
+	// As read from a file: its label sets are the decoder's.
+	ck, err := UnmarshalCheckpoint(MarshalCheckpoint(ck))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := testPods()
+	l := newResumingPods(kube, ck, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	tr := &transformer{}
+	transform := l.transform(tr)
+	w, err := l.WatchWithContext(t.Context(), metav1.ListOptions{SendInitialEvents: new(true)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	var got []*PodInfo
+	for ev := range w.ResultChan() {
+		if ev.Type == watch.Bookmark {
+			m, err := meta.Accessor(ev.Object)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.GetResourceVersion() != "1" || m.GetAnnotations()[metav1.InitialEventsAnnotationKey] != "true" {
+				t.Fatalf("bookmark at %q with %v; want the checkpoint's version and the end of the initial events", m.GetResourceVersion(), m.GetAnnotations())
+			}
+			break
+		}
+		if ev.Type != watch.Added {
+			t.Fatalf("event %s before the bookmark", ev.Type)
+		}
+		if _, ok := ev.Object.(*corev1.Pod); !ok {
+			t.Fatalf("event object %T, the reflector wants *corev1.Pod", ev.Object)
+		}
+		obj, err := transform(ev.Object)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, ok := obj.(*PodInfo)
+		if !ok {
+			t.Fatalf("transformed to %T", obj)
+		}
+		got = append(got, p)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("pods streamed:\n got %+v\nwant %+v", got, want)
+	}
+	// The label set shared in the checkpoint is the interner's, which
+	// pods listed or watched later get too.
+	if later := tr.labels.intern(map[string]string{"app": "web", "tier": "front"}); reflect.ValueOf(later).Pointer() != reflect.ValueOf(got[0].Labels).Pointer() {
+		t.Error("a resumed pod's label set is not the one the transformer hands out")
+	}
+	// Taken once: the next watch list is a real one, and nothing is left
+	// waiting for the transform.
+	if l.take(t.Context()) != nil {
+		t.Error("the checkpoint can be taken twice")
+	}
+	n := 0
+	l.pending.Range(func(any, any) bool { n++; return true })
+	if n != 0 {
+		t.Errorf("%d bare pods still pending after the stream", n)
+	}
 }

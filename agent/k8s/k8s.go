@@ -120,9 +120,11 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 	// The pod cache is looked up by key only: without the namespace index
 	// informers get by default, which costs an entry per pod of the
 	// cluster and work on every pod event.
+	var resuming *resumingPods
 	pods := w.kubeFactory.InformerFor(&corev1.Pod{}, func(c kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
 		if w.ckpt != nil {
-			return cache.NewSharedIndexInformer(newResumingPods(c, resumeFrom, w.ckpt.log), &corev1.Pod{}, resync, cache.Indexers{})
+			resuming = newResumingPods(c, resumeFrom, w.ckpt.log)
+			return cache.NewSharedIndexInformer(resuming, &corev1.Pod{}, resync, cache.Indexers{})
 		}
 		return coreinformers.NewPodInformer(c, metav1.NamespaceAll, resync, cache.Indexers{})
 	})
@@ -143,9 +145,13 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 	if !opts.FullObjects {
 		w.slim = true
 		t := &transformer{corePods: opts.CorePods}
-		for _, inf := range w.informers {
+		for kind, inf := range w.informers {
+			tf := t.transform
+			if kind == Pod && resuming != nil {
+				tf = resuming.transform(t)
+			}
 			// Only fails once started, and nothing has started yet.
-			_ = inf.SetTransform(t.transform)
+			_ = inf.SetTransform(tf)
 		}
 	}
 	w.Listers = Listers{
