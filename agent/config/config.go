@@ -45,6 +45,11 @@ type Config struct {
 	MetricsAddr string
 
 	ResyncPeriod time.Duration
+	// PodCacheCheckpoint keeps a checkpoint of the pod cache in StateDir
+	// and resumes from it at start when it is at most
+	// PodCacheCheckpointMaxAge old (0: any age).
+	PodCacheCheckpoint       bool
+	PodCacheCheckpointMaxAge time.Duration
 	// MemoryLimitRatio: the Go runtime's soft memory limit is this share
 	// of the container's memory limit (agent/memlimit); 0 turns it off,
 	// and GOMEMLIMIT, when set, wins.
@@ -60,20 +65,23 @@ type Config struct {
 // Default returns the configuration an agent runs with when nothing is set.
 func Default() Config {
 	return Config{
-		BPFFSRoot:        "/sys/fs/bpf/veil",
-		CgroupRoot:       "/sys/fs/cgroup",
-		ClusterCIDR:      "10.244.0.0/16",
-		WireGuardIface:   "veil-wg0",
-		Encryption:       "wireguard",
-		WireGuardPort:    51871,
-		StateDir:         "/var/lib/veil",
-		SocketPath:       "/var/run/veil/agent.sock",
-		MetricsAddr:      ":9962",
-		ResyncPeriod:     10 * time.Minute,
-		MemoryLimitRatio: 0.9,
-		StartupGCPercent: 400,
-		LogLevel:         "info",
-		LogFormat:        "text",
+		BPFFSRoot:      "/sys/fs/bpf/veil",
+		CgroupRoot:     "/sys/fs/cgroup",
+		ClusterCIDR:    "10.244.0.0/16",
+		WireGuardIface: "veil-wg0",
+		Encryption:     "wireguard",
+		WireGuardPort:  51871,
+		StateDir:       "/var/lib/veil",
+		SocketPath:     "/var/run/veil/agent.sock",
+		MetricsAddr:    ":9962",
+		ResyncPeriod:   10 * time.Minute,
+
+		PodCacheCheckpoint:       true,
+		PodCacheCheckpointMaxAge: 10 * time.Minute,
+		MemoryLimitRatio:         0.9,
+		StartupGCPercent:         400,
+		LogLevel:                 "info",
+		LogFormat:                "text",
 	}
 }
 
@@ -103,6 +111,8 @@ func (c *Config) Flags(fs *pflag.FlagSet) {
 	fs.StringVar(&c.SocketPath, "socket", c.SocketPath, "unix socket of the agent's API (mode 0600)")
 	fs.StringVar(&c.MetricsAddr, "metrics-addr", c.MetricsAddr, "address of /metrics, /healthz and /readyz; empty disables them")
 	fs.DurationVar(&c.ResyncPeriod, "resync-period", c.ResyncPeriod, "informer resync period")
+	fs.BoolVar(&c.PodCacheCheckpoint, "pod-cache-checkpoint", c.PodCacheCheckpoint, "keep a checkpoint of the pod cache in --state-dir and, after a restart, resume from it and watch from its version instead of listing every pod of the cluster again")
+	fs.DurationVar(&c.PodCacheCheckpointMaxAge, "pod-cache-checkpoint-max-age", c.PodCacheCheckpointMaxAge, "list pods instead of resuming from a checkpoint older than this; 0 means any age (the API server still refuses a version it no longer holds, and the agent then lists)")
 	fs.Float64Var(&c.MemoryLimitRatio, "memory-limit-ratio", c.MemoryLimitRatio, "set the Go runtime's soft memory limit to this share of the container's memory limit, so the garbage collector works harder near it instead of letting the heap grow past it; 0 turns it off; GOMEMLIMIT, when set, wins")
 	fs.IntVar(&c.StartupGCPercent, "startup-gc-percent", c.StartupGCPercent, "the garbage collector's percent (as GOGC) until the agent first converges, so decoding the first lists of a large cluster costs fewer collections; 0 leaves it; GOGC, when set, wins")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "debug, info, warn or error")
@@ -161,6 +171,9 @@ func (c *Config) Validate() error {
 	}
 	if c.ResyncPeriod < 0 {
 		errs = append(errs, errors.New("--resync-period must not be negative"))
+	}
+	if c.PodCacheCheckpointMaxAge < 0 {
+		errs = append(errs, fmt.Errorf("--pod-cache-checkpoint-max-age %s must not be negative", c.PodCacheCheckpointMaxAge))
 	}
 	if c.StartupGCPercent < 0 {
 		errs = append(errs, fmt.Errorf("--startup-gc-percent %d must not be negative", c.StartupGCPercent))

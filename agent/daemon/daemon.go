@@ -118,8 +118,14 @@ func New(cfg config.Config, restCfg *rest.Config, log *slog.Logger) (*Daemon, er
 		events:       events.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "veil-agent", Host: cfg.NodeName}),
 		broadcaster:  events,
 		started:      time.Now(),
-		watch:        k8s.New(kube, veil, cfg.ResyncPeriod),
 	}
+	opts := k8s.Options{Resync: cfg.ResyncPeriod}
+	if cfg.PodCacheCheckpoint {
+		opts.Checkpoint = &k8s.CheckpointOptions{
+			Path: filepath.Join(cfg.StateDir, k8s.CheckpointFile), Node: cfg.NodeName, MaxAge: cfg.PodCacheCheckpointMaxAge, Log: log,
+		}
+	}
+	d.watch = k8s.NewWithOptions(kube, veil, opts)
 	d.listers = d.watch.Listers
 	d.endpoints = endpoints.New(endpoints.Config{StateDir: cfg.StateDir, Enforcer: d, Fill: d.fillState, Log: log})
 	d.metrics = newAgentMetrics(d)
@@ -224,8 +230,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 		cancel() // on an error return too, so the goroutines end
 		wg.Wait()
 	}()
-	wg.Add(5)
+	wg.Add(6)
 	go func() { defer wg.Done(); d.enc.Run(ctx) }()
+	// Writes the pod cache's checkpoint once more as the agent stops.
+	go func() { defer wg.Done(); d.watch.RunCheckpoints(ctx) }()
 	go func() { defer wg.Done(); d.readFlows(ctx) }()
 	go func() { defer wg.Done(); d.probeAPIServer(ctx) }()
 	go func() { defer wg.Done(); d.endpoints.Run(ctx) }()

@@ -4,8 +4,10 @@
 package k8s
 
 import (
+	"cmp"
 	"context"
 	"fmt"
+	"log/slog"
 	"runtime/debug"
 	"slices"
 	"time"
@@ -71,6 +73,8 @@ type Watcher struct {
 	// slim: the caches hold slimmed objects, so an update that leaves
 	// them equal changed nothing Veil reads.
 	slim bool
+	// ckpt writes the pod cache's checkpoint; nil without one.
+	ckpt *checkpointer
 }
 
 // KubeInformers is the shared informer factory of Kubernetes' own kinds, for
@@ -90,6 +94,10 @@ type Options struct {
 	// caches did before PodInfo: for measuring what PodInfo saves, and
 	// for nothing else.
 	CorePods bool
+	// Checkpoint, when set, resumes the pod cache from a checkpoint and
+	// keeps one (RunCheckpoints); ignored with FullObjects or CorePods,
+	// whose caches hold no PodInfos.
+	Checkpoint *CheckpointOptions
 }
 
 // New prepares informers for every kind, resyncing every resync (0:
@@ -104,12 +112,25 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, opts.Resync),
 		veilFactory: veilinformers.NewSharedInformerFactory(veil, opts.Resync),
 	}
+	var resumeFrom *Checkpoint
+	if opts.Checkpoint != nil && !opts.FullObjects && !opts.CorePods {
+		w.ckpt = &checkpointer{opts: *opts.Checkpoint, log: cmp.Or(opts.Checkpoint.Log, slog.Default())}
+		resumeFrom = w.ckpt.load(time.Now())
+	}
 	// The pod cache is looked up by key only: without the namespace index
 	// informers get by default, which costs an entry per pod of the
 	// cluster and work on every pod event.
+	var resuming *resumingPods
 	pods := w.kubeFactory.InformerFor(&corev1.Pod{}, func(c kubernetes.Interface, resync time.Duration) cache.SharedIndexInformer {
+		if w.ckpt != nil {
+			resuming = newResumingPods(c, resumeFrom, w.ckpt.log)
+			return cache.NewSharedIndexInformer(resuming, &corev1.Pod{}, resync, cache.Indexers{})
+		}
 		return coreinformers.NewPodInformer(c, metav1.NamespaceAll, resync, cache.Indexers{})
 	})
+	if w.ckpt != nil {
+		w.ckpt.indexer, w.ckpt.synced = pods.GetIndexer(), pods.HasSynced
+	}
 	core := w.kubeFactory.Core().V1()
 	netpols := w.kubeFactory.Networking().V1().NetworkPolicies()
 	mesh := w.veilFactory.Policy().V1alpha1()
@@ -124,15 +145,28 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 	if !opts.FullObjects {
 		w.slim = true
 		t := &transformer{corePods: opts.CorePods}
-		for _, inf := range w.informers {
+		for kind, inf := range w.informers {
+			tf := t.transform
+			if kind == Pod && resuming != nil {
+				tf = resuming.transform(t)
+			}
 			// Only fails once started, and nothing has started yet.
-			_ = inf.SetTransform(t.transform)
+			_ = inf.SetTransform(tf)
 		}
 	}
 	w.Listers = Listers{
 		Pods: PodStore{indexer: pods.GetIndexer()}, Namespaces: core.Namespaces().Lister(), Nodes: core.Nodes().Lister(),
 		NetworkPolicies: netpols.Lister(), MeshPolicies: mesh.MeshPolicies().Lister(),
 		ClusterMeshPolicies: mesh.ClusterMeshPolicies().Lister(),
+	}
+	if w.ckpt != nil {
+		w.ckpt.clusterID = func() string {
+			ns, err := w.Namespaces.Get(metav1.NamespaceDefault)
+			if err != nil {
+				return ""
+			}
+			return string(ns.UID)
+		}
 	}
 	return w
 }
@@ -152,6 +186,15 @@ func (w *Watcher) OnChange(fn func(Key)) error {
 func (w *Watcher) Start(ctx context.Context) {
 	w.kubeFactory.Start(ctx.Done())
 	w.veilFactory.Start(ctx.Done())
+}
+
+// RunCheckpoints keeps the pod cache's checkpoint until ctx is done, and
+// writes it once more then; it returns at once without one
+// (Options.Checkpoint).
+func (w *Watcher) RunCheckpoints(ctx context.Context) {
+	if w.ckpt != nil {
+		w.ckpt.run(ctx)
+	}
 }
 
 // WaitForCacheSync waits until every informer has listed. While some are

@@ -50,6 +50,9 @@ const (
 	// profileEnv, when set, is where the child writes a CPU profile of the
 	// pod changes (one file per mode).
 	profileEnv = "VEIL_SCALE_PROFILE"
+	// checkpointEnv, when set, is the pod cache's checkpoint file: the
+	// agent resumes from it and writes it, as with --pod-cache-checkpoint.
+	checkpointEnv = "VEIL_SCALE_CHECKPOINT"
 )
 
 // mode is one configuration of the agent under measurement.
@@ -262,7 +265,11 @@ func runAgent(kubeconfig string) error {
 		return fmt.Errorf("veil client: %w", err)
 	}
 
-	w := k8s.NewWithOptions(kube, veil, k8s.Options{FullObjects: hasFlag(flags, "full-objects"), CorePods: hasFlag(flags, "core-pods")})
+	wopts := k8s.Options{FullObjects: hasFlag(flags, "full-objects"), CorePods: hasFlag(flags, "core-pods")}
+	if path := os.Getenv(checkpointEnv); path != "" {
+		wopts.Checkpoint = &k8s.CheckpointOptions{Path: path, Node: localNode, MaxAge: 10 * time.Minute, Log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
+	}
+	w := k8s.NewWithOptions(kube, veil, wopts)
 	opts := policy.Options{Node: localNode}
 	if hasFlag(flags, "whole-cluster") {
 		opts.Node = ""
@@ -307,7 +314,13 @@ func runAgent(kubeconfig string) error {
 	}); err != nil {
 		return err
 	}
+	ctx, cancel := context.WithCancel(ctx)
 	w.Start(ctx)
+	// As the daemon: the checkpoint is written once more as the agent
+	// stops (here: when its stdin closes).
+	checkpointed := make(chan struct{})
+	go func() { w.RunCheckpoints(ctx); close(checkpointed) }()
+	defer func() { cancel(); <-checkpointed }()
 	if err := w.WaitForCacheSync(ctx, time.Minute, func([]string) {}); err != nil {
 		return err
 	}

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -38,6 +39,10 @@ import (
 // collector's percent once converged; 0: as before the start).
 // node-local-320mib is the agent in a container limited to 320 MiB,
 // node-local-steady100 the agent at GOGC=100 once converged.
+// node-local-resume (flag resume) is the agent restarted: a first agent
+// runs until converged and stops, writing its pod cache's checkpoint;
+// resumeChanges pods elsewhere change while it is away; the agent
+// measured starts from that checkpoint.
 // The modes that compile the whole cluster need about 100 KiB per pod,
 // so they run only up to wholeClusterMax pods (VEIL_SCALE_WHOLE_MAX).
 var modes = []mode{
@@ -49,6 +54,7 @@ var modes = []mode{
 	{Name: "node-local-gogc100", Flags: "startgc=0"},
 	{Name: "node-local-320mib", Flags: "container-mib=320"},
 	{Name: "node-local-steady100", Flags: "steadygc=100"},
+	{Name: "node-local-resume", Flags: "resume"},
 }
 
 const defaultWholeClusterMax = 10000
@@ -82,13 +88,14 @@ type child struct {
 	out *bufio.Scanner
 }
 
-func startChild(kubeconfig string, m mode) (*child, error) {
+func startChild(kubeconfig string, m mode, env ...string) (*child, error) {
 	bin := os.Args[0]
 	if m.Binary != "" {
 		bin = m.Binary
 	}
 	cmd := exec.Command(bin, "-test.run=^$")
 	cmd.Env = append(os.Environ(), agentEnv+"="+kubeconfig, modeEnv+"="+m.Flags, podsEnv+"="+strconv.Itoa(localEndpoints))
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Stderr = os.Stderr
 	in, err := cmd.StdinPipe()
 	if err != nil {
@@ -145,13 +152,16 @@ func (c *child) stop() {
 
 // result is one row of the table.
 type result struct {
-	pods                     int
-	mode                     string
-	readyWall, readyCPU      time.Duration
-	rss, heap, peak          int64
-	cpuPer1000               time.Duration
-	relabelP50, relabelP99   time.Duration
-	relabelE2EP99            time.Duration
+	pods                   int
+	mode                   string
+	readyWall, readyCPU    time.Duration
+	rss, heap, peak        int64
+	cpuPer1000             time.Duration
+	relabelP50, relabelP99 time.Duration
+	relabelE2EP99          time.Duration
+	// caughtUp: from start to the changes made while away handled
+	// (node-local-resume).
+	caughtUp                 time.Duration
 	watchListMiB, watchPer1k float64
 	ipcache, entries         int
 }
@@ -170,7 +180,18 @@ func percentile(ns []int64, p float64) time.Duration {
 // single pods, one at a time.
 func measure(ctx context.Context, b *testing.B, p *populator, kubeconfig string, m mode, version *int) (result, error) {
 	r := result{pods: p.pods, mode: m.Name}
-	c, err := startChild(kubeconfig, m)
+	// Pods elsewhere: never the local node's.
+	remote := func(i int) int { return podsPerNode + i%(p.pods-podsPerNode) }
+	var env []string
+	if hasFlag(m.Flags, "resume") {
+		path := filepath.Join(b.TempDir(), "pod-cache.ckpt")
+		env = []string{checkpointEnv + "=" + path}
+		if err := primeCheckpoint(ctx, b, p, kubeconfig, m, env, path, remote, version); err != nil {
+			return r, err
+		}
+	}
+	started := time.Now()
+	c, err := startChild(kubeconfig, m, env...)
 	if err != nil {
 		return r, err
 	}
@@ -181,9 +202,17 @@ func measure(ctx context.Context, b *testing.B, p *populator, kubeconfig string,
 	}
 	r.readyWall, r.readyCPU = time.Duration(st.ReadyWallNS), time.Duration(st.ReadyCPUNS)
 	listBytes := st.WatchBytes
+	if hasFlag(m.Flags, "resume") {
+		// Converged on the checkpoint; caught up once the changes made
+		// while it was away are handled too (as the parent sees it).
+		if _, err := c.await(ctx, 5*time.Minute, "caught up", func(s agentStats) bool {
+			return s.PodEvents >= int64(p.pods+resumeChanges) && s.Idle
+		}); err != nil {
+			return r, err
+		}
+		r.caughtUp = time.Since(started)
+	}
 
-	// Pods elsewhere: never the local node's.
-	remote := func(i int) int { return podsPerNode + i%(p.pods-podsPerNode) }
 	*version++
 	before, err := c.ask("reset")
 	if err != nil {
@@ -241,6 +270,33 @@ func measure(ctx context.Context, b *testing.B, p *populator, kubeconfig string,
 	r.watchListMiB = float64(listBytes) / (1 << 20)
 	r.ipcache, r.entries = st.IPCache, st.PolicyEntries
 	return r, nil
+}
+
+// resumeChanges pods elsewhere change while the agent of
+// node-local-resume is away.
+const resumeChanges = 50
+
+// primeCheckpoint runs an agent until it converged and stops it, which
+// writes its checkpoint at path, then changes resumeChanges pods.
+func primeCheckpoint(ctx context.Context, b *testing.B, p *populator, kubeconfig string, m mode, env []string, path string, remote func(int) int, version *int) error {
+	c, err := startChild(kubeconfig, m, env...)
+	if err != nil {
+		return err
+	}
+	_, err = c.await(ctx, 10*time.Minute, "converged", func(s agentStats) bool { return s.Converged })
+	c.stop()
+	if err != nil {
+		return err
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return fmt.Errorf("the agent stopped without writing its checkpoint: %w", err)
+	}
+	b.Logf("%d pods, %s: checkpoint of %s MiB written", p.pods, m.Name, mib(fi.Size()))
+	*version++
+	return bulk(ctx, "changes while the agent is away", 0, resumeChanges, b.Logf, func(ctx context.Context, i int) error {
+		return p.relabel(ctx, remote(i*31), *version)
+	})
 }
 
 func mib(b int64) string { return fmt.Sprintf("%.0f", float64(b)/(1<<20)) }
@@ -345,6 +401,17 @@ func BenchmarkScale(b *testing.B) {
 					r.pods, r.mode, base.mode, baseline.Binary, float64(r.rss)/float64(base.rss), float64(r.heap)/float64(base.heap), float64(r.peak)/float64(base.peak),
 					float64(r.readyWall)/float64(base.readyWall), float64(r.readyCPU)/float64(base.readyCPU),
 					float64(r.cpuPer1000)/float64(base.cpuPer1000), float64(r.relabelP99)/float64(base.relabelP99))
+			}
+		}
+	}
+	// The agent restarted from its checkpoint against its cold start.
+	for _, r := range results {
+		for _, base := range results {
+			if base.pods == r.pods && base.mode == "node-local" && r.mode == "node-local-resume" {
+				fmt.Fprintf(&sb, "%d pods, node-local-resume vs node-local (cold start): ready wall %s vs %s (%.2fx), ready CPU %s vs %s (%.2fx), peak RSS %.2fx, RSS %.2fx, read before ready %.1f vs %.1f MiB; caught up with %d changes %s after start\n",
+					r.pods, r.readyWall.Round(time.Millisecond), base.readyWall.Round(time.Millisecond), float64(r.readyWall)/float64(base.readyWall),
+					r.readyCPU.Round(time.Millisecond), base.readyCPU.Round(time.Millisecond), float64(r.readyCPU)/float64(base.readyCPU),
+					float64(r.peak)/float64(base.peak), float64(r.rss)/float64(base.rss), r.watchListMiB, base.watchListMiB, resumeChanges, r.caughtUp.Round(time.Millisecond))
 			}
 		}
 	}

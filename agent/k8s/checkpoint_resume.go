@@ -1,0 +1,383 @@
+package k8s
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"reflect"
+	"strconv"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/client-go/kubernetes"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/util/watchlist"
+)
+
+// CheckpointOptions turn on the pod cache's checkpoint (see checkpoint.go).
+type CheckpointOptions struct {
+	// Path is the checkpoint file (<state dir>/CheckpointFile).
+	Path string
+	// Node is this agent's node: a checkpoint another node's agent wrote
+	// is not resumed from.
+	Node string
+	// MaxAge: an older checkpoint is not resumed from; 0 means no limit.
+	// The API server answers a watch from a version it no longer holds
+	// with 410 Gone, and the agent then lists anyway: the limit saves that
+	// round trip and a first convergence on pods that old.
+	MaxAge time.Duration
+	// Interval is how often the checkpoint is rewritten while the cache
+	// changes; 0 means 30 s. It is also written when the agent stops.
+	Interval time.Duration
+	// Log, nil for slog.Default.
+	Log *slog.Logger
+}
+
+// checkpointer owns the checkpoint: the one the pod informer resumes from,
+// and the writes of the cache.
+type checkpointer struct {
+	opts    CheckpointOptions
+	log     *slog.Logger
+	indexer cache.Indexer
+	synced  func() bool
+	// clusterID is the UID of the namespace "default" as cached, or "".
+	clusterID func() string
+	// lastRV is the version last written (or resumed from): the cache
+	// has not changed while its version has not.
+	lastRV string
+	warned bool
+}
+
+// loadCheckpoint returns the checkpoint to resume from, or nil to list.
+// Nothing about the file fails the start: a damaged one is removed.
+func (c *checkpointer) load(now time.Time) *Checkpoint {
+	ck, err := ReadCheckpoint(c.opts.Path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		c.log.Info("pod cache: no checkpoint; listing pods", "path", c.opts.Path)
+		return nil
+	case err != nil:
+		c.log.Warn("pod cache: checkpoint unreadable; removing it and listing pods", "path", c.opts.Path, "error", err)
+		if err := os.Remove(c.opts.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			c.log.Warn("pod cache: remove the unreadable checkpoint", "path", c.opts.Path, "error", err)
+		}
+		return nil
+	case ck.Node != c.opts.Node:
+		c.log.Warn("pod cache: checkpoint is another node's; listing pods", "path", c.opts.Path, "checkpointNode", ck.Node, "node", c.opts.Node)
+		return nil
+	case ck.ResourceVersion == "" || ck.ClusterID == "":
+		c.log.Warn("pod cache: checkpoint has no resource version or cluster; listing pods", "path", c.opts.Path)
+		return nil
+	}
+	age := now.Sub(ck.Written)
+	if c.opts.MaxAge > 0 && age > c.opts.MaxAge {
+		c.log.Info("pod cache: checkpoint too old; listing pods", "age", age.Round(time.Second), "maxAge", c.opts.MaxAge, "pods", len(ck.Pods))
+		return nil
+	}
+	c.log.Info("pod cache: checkpoint read; resuming from it once the API server confirms its cluster and version", "age", age.Round(time.Millisecond),
+		"pods", len(ck.Pods), "resourceVersion", ck.ResourceVersion)
+	c.lastRV = ck.ResourceVersion
+	return ck
+}
+
+// run writes the checkpoint every interval while the cache changes, and
+// once more when ctx is done.
+func (c *checkpointer) run(ctx context.Context) {
+	interval := c.opts.Interval
+	if interval <= 0 {
+		interval = 30 * time.Second
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if err := c.write(time.Now()); err != nil {
+				c.log.Warn("pod cache: write checkpoint at shutdown", "error", err)
+			}
+			return
+		case <-t.C:
+			if err := c.write(time.Now()); err != nil {
+				c.log.Warn("pod cache: write checkpoint", "error", err)
+			}
+		}
+	}
+}
+
+// write writes the cache if it has synced and changed since the last
+// write. The version is the store's own, read before its pods: the store
+// sets it under its lock with every change it applies (a watch event, a
+// bookmark, a whole relist), so the pods listed after it hold every event
+// up to it. The reflector's version would not do: the store lags it.
+func (c *checkpointer) write(now time.Time) error {
+	if !c.synced() {
+		return nil
+	}
+	rv := c.indexer.LastStoreSyncResourceVersion()
+	if rv == "" {
+		// client-go tracks it only with its AtomicFIFO feature.
+		if !c.warned {
+			c.warned = true
+			c.log.Warn("pod cache: the informer's store keeps no resource version (client-go feature AtomicFIFO off); no checkpoint is written")
+		}
+		return nil
+	}
+	if rv == c.lastRV {
+		return nil
+	}
+	cluster := c.clusterID()
+	if cluster == "" {
+		return errors.New("the namespace default, whose UID names the cluster, is not in the cache")
+	}
+	objs := c.indexer.List()
+	ck := &Checkpoint{ResourceVersion: rv, Written: now, Node: c.opts.Node, ClusterID: cluster, Pods: make([]*PodInfo, 0, len(objs))}
+	for _, o := range objs {
+		if p, ok := o.(*PodInfo); ok {
+			ck.Pods = append(ck.Pods, p)
+		}
+	}
+	start := time.Now()
+	if err := WriteCheckpoint(c.opts.Path, ck); err != nil {
+		return err
+	}
+	c.lastRV = rv
+	c.log.Debug("pod cache: checkpoint written", "pods", len(ck.Pods), "resourceVersion", rv, "took", time.Since(start))
+	return nil
+}
+
+// resumingPods lists and watches pods, but answers the informer's first
+// list from a checkpoint: the pods it holds, at its version, after which
+// the reflector watches from that version. Every later list is a real one,
+// so a 410 Gone for a version the API server no longer holds ends in a
+// relist as it would without a checkpoint.
+//
+// The reflector lists either with a List or, with client-go's
+// WatchListClient feature (on by default), with a watch that streams the
+// initial objects and ends them with a bookmark; both are answered.
+type resumingPods struct {
+	*cache.ListWatch
+	client     any
+	namespaces typedcorev1.NamespaceInterface
+	log        *slog.Logger
+
+	mu   sync.Mutex
+	from *Checkpoint // nil once used
+	// pending maps the bare pods of the resumed stream's events to the
+	// checkpoint's PodInfos, which the transform puts in the cache in
+	// their place: a whole corev1.Pod made and compacted again for each
+	// would cost 2.4 KB of garbage a pod. Entries go as the transform
+	// takes them.
+	pending sync.Map
+	// labels interns label sets (the transformer's); set by transform.
+	labels *labelInterner
+}
+
+// transform is t's transform for the pod informer, but a bare pod of the
+// resumed stream becomes its PodInfo from the checkpoint, its label set
+// interned as t interns those of listed pods.
+func (l *resumingPods) transform(t *transformer) cache.TransformFunc {
+	l.labels = &t.labels
+	return func(obj any) (any, error) {
+		if p, ok := obj.(*corev1.Pod); ok {
+			if info, ok := l.pending.LoadAndDelete(p); ok {
+				return info, nil
+			}
+		}
+		return t.transform(obj)
+	}
+}
+
+func newResumingPods(client kubernetes.Interface, from *Checkpoint, log *slog.Logger) *resumingPods {
+	pods := client.CoreV1().Pods(metav1.NamespaceAll)
+	return &resumingPods{
+		ListWatch: &cache.ListWatch{
+			ListWithContextFunc: func(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+				return pods.List(ctx, opts)
+			},
+			WatchFuncWithContext: func(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+				return pods.Watch(ctx, opts)
+			},
+		},
+		client: client, namespaces: client.CoreV1().Namespaces(), from: from, log: log,
+	}
+}
+
+// IsWatchListSemanticsUnSupported passes on what the client says (fake
+// clientsets do not stream lists).
+func (l *resumingPods) IsWatchListSemanticsUnSupported() bool {
+	return watchlist.DoesClientNotSupportWatchListSemantics(l.client)
+}
+
+// take returns the checkpoint the first time, if it is of this cluster and
+// not ahead of it; nil after, and when it is not.
+func (l *resumingPods) take(ctx context.Context) *Checkpoint {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	c := l.from
+	l.from = nil
+	if c == nil {
+		return nil
+	}
+	if err := l.verify(ctx, c); err != nil {
+		l.log.Warn("pod cache: not resuming from the checkpoint; listing pods", "error", err)
+		return nil
+	}
+	l.log.Info("pod cache: resuming from checkpoint; watching from its version", "age", time.Since(c.Written).Round(time.Millisecond),
+		"pods", len(c.Pods), "resourceVersion", c.ResourceVersion)
+	return c
+}
+
+// verify checks c against the API server: the cluster it names is this
+// one, and its version is not ahead of the cluster's (a watch from a
+// version the API server has not reached waits for it, and would leave
+// the cache as it is until then). One request: the namespace default,
+// listed for its UID and the cluster's current version.
+func (l *resumingPods) verify(ctx context.Context, c *Checkpoint) error {
+	nss, err := l.namespaces.List(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + metav1.NamespaceDefault})
+	if err != nil {
+		return fmt.Errorf("read the cluster's identity: %w", err)
+	}
+	if len(nss.Items) != 1 || string(nss.Items[0].UID) != c.ClusterID {
+		return fmt.Errorf("the checkpoint is of another cluster (its namespace default has UID %q)", c.ClusterID)
+	}
+	cur, err1 := strconv.ParseUint(nss.ResourceVersion, 10, 64)
+	at, err2 := strconv.ParseUint(c.ResourceVersion, 10, 64)
+	if err1 == nil && err2 == nil && at > cur {
+		return fmt.Errorf("the checkpoint's version %d is ahead of the API server's %d", at, cur)
+	}
+	return nil
+}
+
+func (l *resumingPods) List(opts metav1.ListOptions) (runtime.Object, error) {
+	return l.ListWithContext(context.Background(), opts)
+}
+
+func (l *resumingPods) ListWithContext(ctx context.Context, opts metav1.ListOptions) (runtime.Object, error) {
+	c := l.take(ctx)
+	if c == nil {
+		return l.ListWatch.ListWithContext(ctx, opts)
+	}
+	list := &corev1.PodList{ListMeta: metav1.ListMeta{ResourceVersion: c.ResourceVersion}, Items: make([]corev1.Pod, len(c.Pods))}
+	for i, p := range c.Pods {
+		list.Items[i] = *p.Object()
+	}
+	return list, nil
+}
+
+func (l *resumingPods) Watch(opts metav1.ListOptions) (watch.Interface, error) {
+	return l.WatchWithContext(context.Background(), opts)
+}
+
+func (l *resumingPods) WatchWithContext(ctx context.Context, opts metav1.ListOptions) (watch.Interface, error) {
+	if opts.SendInitialEvents != nil && *opts.SendInitialEvents {
+		if c := l.take(ctx); c != nil {
+			return l.resume(ctx, c, opts), nil
+		}
+	}
+	return l.ListWatch.WatchWithContext(ctx, opts)
+}
+
+// resume streams c's pods as the initial events of a watch list, the
+// bookmark that ends them at c's version, and then the events of a real
+// watch from that version.
+func (l *resumingPods) resume(ctx context.Context, c *Checkpoint, opts metav1.ListOptions) watch.Interface {
+	// Buffered: the pods are made while the reflector stores the ones
+	// before, not one handoff each.
+	ch := make(chan watch.Event, 1024)
+	stop := make(chan struct{})
+	w := watch.NewProxyWatcher(ch)
+	go func() {
+		<-w.StopChan()
+		close(stop)
+	}()
+	go func() {
+		defer close(ch)
+		send := func(ev watch.Event) bool {
+			select {
+			case ch <- ev:
+				return true
+			case <-stop:
+			case <-ctx.Done():
+			}
+			return false
+		}
+		// Each event carries a bare pod (the reflector wants a
+		// *corev1.Pod, and its key), which the informer's transform
+		// turns into the checkpoint's PodInfo (see transform).
+		interned := map[uintptr]map[string]string{}
+		for i, p := range c.Pods {
+			if p.Labels != nil && l.labels != nil {
+				set := reflect.ValueOf(p.Labels).Pointer()
+				m, ok := interned[set]
+				if !ok {
+					m = l.labels.intern(p.Labels)
+					interned[set] = m
+				}
+				p.Labels = m
+			}
+			bare := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, ResourceVersion: p.ResourceVersion}}
+			l.pending.Store(bare, p)
+			if !send(watch.Event{Type: watch.Added, Object: bare}) {
+				l.pending.Delete(bare)
+				return
+			}
+			c.Pods[i] = nil
+		}
+		end := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{ResourceVersion: c.ResourceVersion, Annotations: map[string]string{metav1.InitialEventsAnnotationKey: "true"}}}
+		if !send(watch.Event{Type: watch.Bookmark, Object: end}) {
+			return
+		}
+		real, err := l.ListWatch.WatchWithContext(ctx, metav1.ListOptions{ResourceVersion: c.ResourceVersion, AllowWatchBookmarks: true, TimeoutSeconds: opts.TimeoutSeconds})
+		if err != nil {
+			l.expired(err)
+			send(watch.Event{Type: watch.Error, Object: errorStatus(err)})
+			return
+		}
+		defer real.Stop()
+		for {
+			select {
+			case ev, ok := <-real.ResultChan():
+				if !ok {
+					return
+				}
+				if ev.Type == watch.Error {
+					l.expired(apierrors.FromObject(ev.Object))
+				}
+				if !send(ev) {
+					return
+				}
+			case <-stop:
+				return
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	return w
+}
+
+func (l *resumingPods) expired(err error) {
+	if apierrors.IsResourceExpired(err) || apierrors.IsGone(err) {
+		l.log.Warn("pod cache: the API server no longer holds the checkpoint's version; listing pods", "error", err)
+		return
+	}
+	l.log.Warn("pod cache: watch from the checkpoint's version failed; listing pods", "error", err)
+}
+
+// errorStatus is err as the object of a watch error event.
+func errorStatus(err error) runtime.Object {
+	var s apierrors.APIStatus
+	if errors.As(err, &s) {
+		st := s.Status()
+		return &st
+	}
+	return &apierrors.NewInternalError(err).ErrStatus
+}

@@ -1,0 +1,512 @@
+package k8s
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+
+	"github.com/veilmesh/veil/api/annotations"
+	veilfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
+)
+
+// testCluster is the UID of the fake clusters' namespace default.
+const testCluster = "6b1f3c2e-0000-4000-8000-000000000001"
+
+func defaultNamespace() *corev1.Namespace {
+	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: metav1.NamespaceDefault, UID: testCluster}}
+}
+
+func testPods() []*PodInfo {
+	web := map[string]string{"app": "web", "tier": "front"}
+	return []*PodInfo{
+		{Namespace: "a", Name: "web-1", ResourceVersion: "101", Labels: web, NodeName: "n1", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.1.5",
+			Ports: []NamedPort{{Container: "app", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "app", Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}}},
+		{Namespace: "a", Name: "web-2", ResourceVersion: "102", Labels: web, NodeName: "n2", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.2.5"},
+		{Namespace: "b", Name: "host", ResourceVersion: "7", HostNetwork: true, NodeName: "n1", Phase: corev1.PodPending,
+			Annotations: map[string]string{"veil.dev/socket-acceleration": "off"}, PodIP: "10.0.0.1", PodIPs: []string{"10.0.0.1", "fd00::1"}},
+		{Namespace: "b", Name: "bare"},
+	}
+}
+
+func TestCheckpointRoundTrip(t *testing.T) {
+	in := &Checkpoint{ResourceVersion: "12345", Written: time.Unix(1700000000, 123456789), Node: "n1", ClusterID: testCluster, Pods: testPods()}
+	b := MarshalCheckpoint(in)
+	out, err := UnmarshalCheckpoint(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !out.Written.Equal(in.Written) {
+		t.Errorf("written %v, want %v", out.Written, in.Written)
+	}
+	out.Written = in.Written
+	if !reflect.DeepEqual(out, in) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", out, in)
+	}
+	// Pods that shared a label set share it again, and it is written once.
+	if reflect.ValueOf(out.Pods[0].Labels).Pointer() != reflect.ValueOf(out.Pods[1].Labels).Pointer() {
+		t.Error("the label set two pods shared is two maps after the round trip")
+	}
+	if n := bytes.Count(b, []byte("front")); n != 1 {
+		t.Errorf("a shared label value is written %d times, want once", n)
+	}
+	// No pods at all is a checkpoint too.
+	empty, err := UnmarshalCheckpoint(MarshalCheckpoint(&Checkpoint{ResourceVersion: "1", Node: "n1"}))
+	if err != nil || len(empty.Pods) != 0 || empty.ResourceVersion != "1" {
+		t.Fatalf("empty checkpoint: %+v, %v", empty, err)
+	}
+}
+
+// fillValue sets every field of v, recursively, to something not zero.
+func fillValue(t *testing.T, v reflect.Value, seed int) {
+	t.Helper()
+	switch v.Kind() {
+	case reflect.String:
+		v.SetString("s" + strings.Repeat("x", seed%5) + string(rune('a'+seed%26)))
+	case reflect.Bool:
+		v.SetBool(true)
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64:
+		v.SetInt(int64(seed + 1))
+	case reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
+		v.SetUint(uint64(seed + 1))
+	case reflect.Slice:
+		s := reflect.MakeSlice(v.Type(), 2, 2)
+		for i := range 2 {
+			fillValue(t, s.Index(i), seed*3+i)
+		}
+		v.Set(s)
+	case reflect.Map:
+		m := reflect.MakeMap(v.Type())
+		k, e := reflect.New(v.Type().Key()).Elem(), reflect.New(v.Type().Elem()).Elem()
+		fillValue(t, k, seed)
+		fillValue(t, e, seed+1)
+		m.SetMapIndex(k, e)
+		v.Set(m)
+	case reflect.Struct:
+		for i := range v.NumField() {
+			fillValue(t, v.Field(i), seed*7+i)
+		}
+	default:
+		t.Fatalf("fillValue: a field of kind %s: teach the checkpoint codec (and this test) about it", v.Kind())
+	}
+}
+
+// TestCheckpointCoversPodInfo fails when PodInfo gains a field the
+// checkpoint does not write: a resumed cache would lose it.
+func TestCheckpointCoversPodInfo(t *testing.T) {
+	names := func(typ reflect.Type) []string {
+		var out []string
+		for i := range typ.NumField() {
+			out = append(out, typ.Field(i).Name)
+		}
+		return out
+	}
+	if got := names(reflect.TypeFor[PodInfo]()); !slices.Equal(got, checkpointPodFields) {
+		t.Errorf("PodInfo has fields %v; the checkpoint codec writes %v: encode the new ones (encoder.pod, decoder.pod) and list them in checkpointPodFields", got, checkpointPodFields)
+	}
+	if got := names(reflect.TypeFor[NamedPort]()); !slices.Equal(got, checkpointPortFields) {
+		t.Errorf("NamedPort has fields %v; the checkpoint codec writes %v", got, checkpointPortFields)
+	}
+	// Every field set, whatever they are: each survives the file, and
+	// the resume's path into the cache (Object, then the transform).
+	var p PodInfo
+	fillValue(t, reflect.ValueOf(&p).Elem(), 1)
+	p.Ports = p.Ports[:1] // Object groups ports by container
+	// The cache keeps only Veil's annotations.
+	p.Annotations = map[string]string{annotations.SocketAcceleration: "off"}
+	out, err := UnmarshalCheckpoint(MarshalCheckpoint(&Checkpoint{ResourceVersion: "1", Pods: []*PodInfo{&p}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(out.Pods[0], &p) {
+		t.Errorf("through the checkpoint:\n got %+v\nwant %+v", out.Pods[0], &p)
+	}
+	tr := &transformer{}
+	cached, err := tr.transform(out.Pods[0].Object())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(cached, &p) {
+		t.Errorf("through the resume into the cache:\n got %+v\nwant %+v", cached, &p)
+	}
+}
+
+func TestCheckpointRejectsDamage(t *testing.T) {
+	good := MarshalCheckpoint(&Checkpoint{ResourceVersion: "12345", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()})
+	// Cut anywhere: never a panic, always ErrCheckpointCorrupt.
+	for n := range len(good) {
+		if _, err := UnmarshalCheckpoint(good[:n]); !errors.Is(err, ErrCheckpointCorrupt) {
+			t.Fatalf("truncated to %d of %d bytes: %v, want ErrCheckpointCorrupt", n, len(good), err)
+		}
+	}
+	for i := len(checkpointMagic) + 1; i < len(good); i++ {
+		bad := slices.Clone(good)
+		bad[i] ^= 0x40
+		if _, err := UnmarshalCheckpoint(bad); !errors.Is(err, ErrCheckpointCorrupt) {
+			t.Fatalf("byte %d flipped: %v, want ErrCheckpointCorrupt", i, err)
+		}
+	}
+	// A well-formed body with a checksum that matches but nonsense in it
+	// (a reference to a string never written) is corrupt too.
+	nonsense := []byte(checkpointMagic)
+	nonsense = binary.AppendUvarint(nonsense, checkpointVersion)
+	nonsense = binary.AppendVarint(nonsense, 0)
+	nonsense = append(nonsense, 1, '1', 2, 'n', '1', 1, 'c', 1 /* one pod */, 9 /* namespace: string #8 */)
+	nonsense = binary.LittleEndian.AppendUint32(nonsense, crc32.Checksum(nonsense, castagnoli))
+	if _, err := UnmarshalCheckpoint(nonsense); !errors.Is(err, ErrCheckpointCorrupt) || !strings.Contains(err.Error(), "namespace reference") {
+		t.Errorf("a reference to no string: %v", err)
+	}
+	// Another format version: rejected as such, checksum or not.
+	other := slices.Clone(good)
+	other[len(checkpointMagic)] = checkpointVersion + 1
+	if _, err := UnmarshalCheckpoint(other); !errors.Is(err, ErrCheckpointVersion) {
+		t.Errorf("version %d: %v, want ErrCheckpointVersion", checkpointVersion+1, err)
+	}
+	if _, err := UnmarshalCheckpoint([]byte("{\"pods\": []}\n")); !errors.Is(err, ErrCheckpointCorrupt) || !strings.Contains(err.Error(), "not a pod cache checkpoint") {
+		t.Errorf("not a checkpoint: %v", err)
+	}
+}
+
+func TestWriteCheckpointAtomic(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, CheckpointFile)
+	first := &Checkpoint{ResourceVersion: "1", Written: time.Unix(1, 0), Node: "n1", Pods: testPods()[:1]}
+	if err := WriteCheckpoint(path, first); err != nil {
+		t.Fatal(err)
+	}
+	second := &Checkpoint{ResourceVersion: "2", Written: time.Unix(2, 0), Node: "n1", Pods: testPods()}
+	if err := WriteCheckpoint(path, second); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v, want 0600", fi.Mode().Perm())
+	}
+	got, err := ReadCheckpoint(path)
+	if err != nil || got.ResourceVersion != "2" || len(got.Pods) != len(second.Pods) {
+		t.Fatalf("read back %+v, %v; want the second checkpoint", got, err)
+	}
+	// A write that cannot complete (the rename meets a directory) leaves
+	// what was there and no temporary file.
+	blocked := filepath.Join(dir, "blocked")
+	if err := os.MkdirAll(filepath.Join(blocked, "x"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteCheckpoint(blocked, second); err == nil {
+		t.Fatal("a checkpoint replaced a directory")
+	}
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	for _, e := range ents {
+		left = append(left, e.Name())
+	}
+	if !slices.Equal(left, []string{"blocked", CheckpointFile}) {
+		t.Errorf("the directory holds %v, want only the checkpoint and the directory in the way", left)
+	}
+	if _, err := ReadCheckpoint(filepath.Join(dir, "missing")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a missing checkpoint: %v, want os.ErrNotExist", err)
+	}
+}
+
+// startWatcher runs a Watcher on fakes until its caches sync.
+func startWatcher(t *testing.T, kube *kubefake.Clientset, ck *CheckpointOptions) (*Watcher, context.CancelFunc) {
+	t.Helper()
+	w := NewWithOptions(kube, veilfake.NewSimpleClientset(), Options{Checkpoint: ck})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	w.Start(ctx)
+	if err := w.WaitForCacheSync(ctx, time.Hour, func([]string) {}); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	return w, cancel
+}
+
+func podListed(kube *kubefake.Clientset) bool {
+	for _, a := range kube.Actions() {
+		if a.GetVerb() == "list" && a.GetResource().Resource == "pods" {
+			return true
+		}
+	}
+	return false
+}
+
+// A fake clientset lists with List, not a streamed watch: the first List
+// is answered from the checkpoint.
+func TestResumeServesFirstListFromCheckpoint(t *testing.T) {
+	path := filepath.Join(t.TempDir(), CheckpointFile)
+	// The fake API server is at version 2 or so.
+	if err := WriteCheckpoint(path, &Checkpoint{ResourceVersion: "1", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()}); err != nil {
+		t.Fatal(err)
+	}
+	// No pods in the fake: its watch replays what it holds, whatever the
+	// version asked.
+	kube := kubefake.NewClientset(defaultNamespace())
+	var logs bytes.Buffer
+	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", MaxAge: time.Minute, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+	defer cancel()
+	if podListed(kube) {
+		t.Errorf("the first list of pods went to the API server; log: %s", logs.String())
+	}
+	got := w.Pods.List()
+	slices.SortFunc(got, func(a, b *PodInfo) int { return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name) })
+	want := testPods()
+	slices.SortFunc(want, func(a, b *PodInfo) int { return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name) })
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("cache after resume:\n got %+v\nwant %+v", got, want)
+	}
+	if !strings.Contains(logs.String(), "resuming from checkpoint") || !strings.Contains(logs.String(), "pods=4") {
+		t.Errorf("the start did not log the resume: %s", logs.String())
+	}
+}
+
+func TestResumeRefusesCheckpoints(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		write func(path string) error
+		log   string
+		// kept: the file is still there after the start.
+		kept bool
+	}{
+		{"corrupt", func(p string) error { return os.WriteFile(p, []byte("VEILPODC garbage"), 0o600) }, "checkpoint unreadable", false},
+		{"other version", func(p string) error {
+			b := MarshalCheckpoint(&Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1", ClusterID: testCluster})
+			b[len(checkpointMagic)]++
+			return os.WriteFile(p, b, 0o600)
+		}, "unknown format version", false},
+		{"too old", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now().Add(-time.Hour), Node: "n1", ClusterID: testCluster, Pods: testPods()})
+		}, "checkpoint too old", true},
+		{"another node", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n2", ClusterID: testCluster, Pods: testPods()})
+		}, "another node's", true},
+		{"another cluster", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now(), Node: "n1", ClusterID: "other", Pods: testPods()})
+		}, "is of another cluster", true},
+		{"ahead of the cluster", func(p string) error {
+			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "999999", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()})
+		}, "is ahead of the API server's", true},
+		{"missing", func(string) error { return nil }, "no checkpoint", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), CheckpointFile)
+			if err := tc.write(path); err != nil {
+				t.Fatal(err)
+			}
+			kube := kubefake.NewClientset(defaultNamespace(), &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "x", Name: "live"}})
+			var logs bytes.Buffer
+			w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", MaxAge: 10 * time.Minute, Log: slog.New(slog.NewTextHandler(&logs, nil))})
+			defer cancel()
+			if !podListed(kube) {
+				t.Error("pods were not listed from the API server")
+			}
+			if got := w.Pods.List(); len(got) != 1 || got[0].Name != "live" {
+				t.Errorf("cache %+v, want the API server's one pod", got)
+			}
+			if !strings.Contains(logs.String(), tc.log) {
+				t.Errorf("log %q does not say %q", logs.String(), tc.log)
+			}
+			if _, err := os.Stat(path); tc.kept != (err == nil) {
+				t.Errorf("after the start the checkpoint file: %v (want it kept: %v)", err, tc.kept)
+			}
+		})
+	}
+}
+
+// The checkpointer writes only a synced cache with a version, and only
+// when the version moved.
+func TestCheckpointerWritesWhenChanged(t *testing.T) {
+	path := filepath.Join(t.TempDir(), CheckpointFile)
+	kube := kubefake.NewClientset(defaultNamespace())
+	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer cancel()
+	idx := w.informers[Pod].GetIndexer()
+	c := w.ckpt
+	synced := false
+	c.synced = func() bool { return synced }
+	if err := idx.Add(&PodInfo{Namespace: "a", Name: "p", ResourceVersion: "41"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a cache not yet synced was written: %v", err)
+	}
+	synced = true
+	if err := c.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	ck, err := ReadCheckpoint(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ck.ResourceVersion != idx.LastStoreSyncResourceVersion() || ck.ResourceVersion != "41" || len(ck.Pods) != 1 || ck.ClusterID != testCluster {
+		t.Fatalf("checkpoint at %q with %d pods of cluster %q, want the store's version 41, its pod, cluster %s", ck.ResourceVersion, len(ck.Pods), ck.ClusterID, testCluster)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Fatal("an unchanged cache was written again")
+	}
+}
+
+// BenchmarkCheckpoint150k encodes and decodes a checkpoint of 150,000 pods
+// shaped as tests/scale makes them (500 namespaces, 5,000 nodes, 60 label
+// sets a namespace, two named ports): what the agent pays every 30 s while
+// the cache changes, and once at start.
+func BenchmarkCheckpoint150k(b *testing.B) {
+	sets := map[string]map[string]string{}
+	pods := make([]*PodInfo, 150000)
+	for i := range pods {
+		ns := fmt.Sprintf("ns-%03d", i%500)
+		key := fmt.Sprintf("%s/%d", ns, i%60)
+		if sets[key] == nil {
+			sets[key] = map[string]string{"app": fmt.Sprintf("app-%d", i%10), "tier": fmt.Sprintf("t%d", i%3), "version": fmt.Sprintf("v%d", i%2), "pod-template-hash": fmt.Sprintf("%08x", i%60)}
+		}
+		pods[i] = &PodInfo{
+			Namespace: ns, Name: fmt.Sprintf("app-%d-%08x-%05d", i%10, i%60, i), ResourceVersion: strconv.Itoa(100000 + i),
+			Labels: sets[key], NodeName: fmt.Sprintf("node-%04d", i/30), ServiceAccount: "default", Phase: corev1.PodRunning,
+			PodIP: fmt.Sprintf("10.%d.%d.%d", 100+i/65536, i/256%256, i%256),
+			Ports: []NamedPort{{Container: "app", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "app", Name: "metrics", Port: 9090, Protocol: corev1.ProtocolTCP}},
+		}
+	}
+	ck := &Checkpoint{ResourceVersion: "999999", Written: time.Now(), Node: "node-0000", ClusterID: testCluster, Pods: pods}
+	var enc []byte
+	b.Run("marshal", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			enc = MarshalCheckpoint(ck)
+		}
+		b.ReportMetric(float64(len(enc))/(1<<20), "MiB")
+	})
+	b.Run("unmarshal", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := UnmarshalCheckpoint(enc); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	// The resumed stream as the reflector reads it, each pod through the
+	// informer's transform.
+	b.Run("stream-into-cache", func(b *testing.B) {
+		b.ReportAllocs()
+		kube := kubefake.NewClientset(defaultNamespace())
+		for b.Loop() {
+			from := *ck
+			from.ResourceVersion, from.Pods = "1", slices.Clone(pods)
+			l := newResumingPods(kube, &from, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			transform := l.transform(&transformer{})
+			w, err := l.WatchWithContext(b.Context(), metav1.ListOptions{SendInitialEvents: new(true)})
+			if err != nil {
+				b.Fatal(err)
+			}
+			for ev := range w.ResultChan() {
+				if ev.Type == watch.Bookmark {
+					break
+				}
+				if _, err := transform(ev.Object); err != nil {
+					b.Fatal(err)
+				}
+			}
+			w.Stop()
+		}
+	})
+}
+
+// The stream that answers a watch list: every pod of the checkpoint as a
+// bare pod the transform turns into its PodInfo (labels interned with the
+// transformer's), then the bookmark that ends the initial events at the
+// checkpoint's version.
+func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
+	kube := kubefake.NewClientset(defaultNamespace())
+	ck := &Checkpoint{ResourceVersion: "1", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()}
+	// As read from a file: its label sets are the decoder's.
+	ck, err := UnmarshalCheckpoint(MarshalCheckpoint(ck))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := testPods()
+	l := newResumingPods(kube, ck, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	tr := &transformer{}
+	transform := l.transform(tr)
+	w, err := l.WatchWithContext(t.Context(), metav1.ListOptions{SendInitialEvents: new(true)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Stop()
+	var got []*PodInfo
+	for ev := range w.ResultChan() {
+		if ev.Type == watch.Bookmark {
+			m, err := meta.Accessor(ev.Object)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if m.GetResourceVersion() != "1" || m.GetAnnotations()[metav1.InitialEventsAnnotationKey] != "true" {
+				t.Fatalf("bookmark at %q with %v; want the checkpoint's version and the end of the initial events", m.GetResourceVersion(), m.GetAnnotations())
+			}
+			break
+		}
+		if ev.Type != watch.Added {
+			t.Fatalf("event %s before the bookmark", ev.Type)
+		}
+		if _, ok := ev.Object.(*corev1.Pod); !ok {
+			t.Fatalf("event object %T, the reflector wants *corev1.Pod", ev.Object)
+		}
+		obj, err := transform(ev.Object)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, ok := obj.(*PodInfo)
+		if !ok {
+			t.Fatalf("transformed to %T", obj)
+		}
+		got = append(got, p)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("pods streamed:\n got %+v\nwant %+v", got, want)
+	}
+	// The label set shared in the checkpoint is the interner's, which
+	// pods listed or watched later get too.
+	if later := tr.labels.intern(map[string]string{"app": "web", "tier": "front"}); reflect.ValueOf(later).Pointer() != reflect.ValueOf(got[0].Labels).Pointer() {
+		t.Error("a resumed pod's label set is not the one the transformer hands out")
+	}
+	// Taken once: the next watch list is a real one, and nothing is left
+	// waiting for the transform.
+	if l.take(t.Context()) != nil {
+		t.Error("the checkpoint can be taken twice")
+	}
+	n := 0
+	l.pending.Range(func(any, any) bool { n++; return true })
+	if n != 0 {
+		t.Errorf("%d bare pods still pending after the stream", n)
+	}
+}
