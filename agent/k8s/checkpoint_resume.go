@@ -176,15 +176,17 @@ type resumingPods struct {
 	// would cost 2.4 KB of garbage a pod. Entries go as the transform
 	// takes them.
 	pending sync.Map
-	// labels interns label sets (the transformer's); set by transform.
+	// labels and ports intern label sets and named-port lists (the
+	// transformer's); set by transform.
 	labels *labelInterner
+	ports  *portsInterner
 }
 
 // transform is t's transform for the pod informer, but a bare pod of the
 // resumed stream becomes its PodInfo from the checkpoint, its label set
 // interned as t interns those of listed pods.
 func (l *resumingPods) transform(t *transformer) cache.TransformFunc {
-	l.labels = &t.labels
+	l.labels, l.ports = &t.labels, &t.ports
 	return func(obj any) (any, error) {
 		if p, ok := obj.(*corev1.Pod); ok {
 			if info, ok := l.pending.LoadAndDelete(p); ok {
@@ -322,6 +324,9 @@ func (l *resumingPods) resume(ctx context.Context, c *Checkpoint, opts metav1.Li
 					interned[set] = m
 				}
 				p.Labels = m
+			}
+			if l.ports != nil {
+				p.Ports = l.ports.intern(p.Ports)
 			}
 			bare := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, ResourceVersion: p.ResourceVersion}}
 			l.pending.Store(bare, p)

@@ -499,6 +499,15 @@ func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
 	if later := tr.labels.intern(map[string]string{"app": "web", "tier": "front"}); reflect.ValueOf(later).Pointer() != reflect.ValueOf(got[0].Labels).Pointer() {
 		t.Error("a resumed pod's label set is not the one the transformer hands out")
 	}
+	// So is its list of named ports.
+	for _, p := range got {
+		if len(p.Ports) == 0 {
+			continue
+		}
+		if later := tr.ports.intern(slices.Clone(p.Ports)); &later[0] != &p.Ports[0] {
+			t.Errorf("resumed pod %s/%s: its named ports are not the list the transformer hands out", p.Namespace, p.Name)
+		}
+	}
 	// Taken once: the next watch list is a real one, and nothing is left
 	// waiting for the transform.
 	if l.take(t.Context()) != nil {
