@@ -25,6 +25,12 @@ func TestParseFlagsEnvAndPrecedence(t *testing.T) {
 	if !c.PodCacheCheckpoint || c.PodCacheCheckpointMaxAge.Minutes() != 10 {
 		t.Errorf("pod cache checkpoint %v, max age %s; want on, 10m by default", c.PodCacheCheckpoint, c.PodCacheCheckpointMaxAge)
 	}
+	if c.SteadyGCPercent != 50 || c.StartupGCPercent != 400 {
+		t.Errorf("collector percents %d once converged, %d at start; want 50 and 400 by default", c.SteadyGCPercent, c.StartupGCPercent)
+	}
+	if g, _, err := Parse([]string{"--steady-gc-percent=0"}, env(map[string]string{"NODE_NAME": "n1"})); err != nil || g.SteadyGCPercent != 0 {
+		t.Errorf("--steady-gc-percent=0: %d, %v", g.SteadyGCPercent, err)
+	}
 	off, _, err := Parse([]string{"--pod-cache-checkpoint=false"}, env(map[string]string{"NODE_NAME": "n1", "VEIL_POD_CACHE_CHECKPOINT_MAX_AGE": "1m"}))
 	if err != nil || off.PodCacheCheckpoint || off.PodCacheCheckpointMaxAge.Minutes() != 1 {
 		t.Errorf("--pod-cache-checkpoint=false, VEIL_POD_CACHE_CHECKPOINT_MAX_AGE=1m: %+v, %v", off, err)
@@ -32,11 +38,11 @@ func TestParseFlagsEnvAndPrecedence(t *testing.T) {
 }
 
 func TestValidateNamesEveryProblem(t *testing.T) {
-	_, _, err := Parse([]string{"--cluster-cidr=nope", "--node-ip=fe80::1", "--log-level=loud", "--wireguard-interface=much-too-long-name", "--memory-limit-ratio=2", "--startup-gc-percent=-1", "--pod-cache-checkpoint-max-age=-1s"}, env(nil))
+	_, _, err := Parse([]string{"--cluster-cidr=nope", "--node-ip=fe80::1", "--log-level=loud", "--wireguard-interface=much-too-long-name", "--memory-limit-ratio=2", "--startup-gc-percent=-1", "--pod-cache-checkpoint-max-age=-1s", "--steady-gc-percent=-5"}, env(nil))
 	if err == nil {
 		t.Fatal("want errors")
 	}
-	for _, want := range []string{"NODE_NAME", "--cluster-cidr", "--node-ip", "--log-level", "--wireguard-interface", "--memory-limit-ratio", "--startup-gc-percent", "--pod-cache-checkpoint-max-age"} {
+	for _, want := range []string{"NODE_NAME", "--cluster-cidr", "--node-ip", "--log-level", "--wireguard-interface", "--memory-limit-ratio", "--startup-gc-percent", "--pod-cache-checkpoint-max-age", "--steady-gc-percent"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not mention %s", err, want)
 		}

@@ -186,7 +186,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		Synced: func(took time.Duration) { d.metrics.reconcile.Observe(took.Seconds()) },
 		// The first lists are decoded: collect garbage at the steady
 		// percent, which keeps the resident size nearer the live heap.
-		Converged: memlimit.StartupGC(d.cfg.StartupGCPercent, memlimit.DefaultSteadyGCPercent, os.LookupEnv),
+		Converged: memlimit.StartupGC(d.cfg.StartupGCPercent, d.cfg.SteadyGCPercent, os.LookupEnv),
 		Log:       d.log,
 	})
 	var alloc *ipam.Allocator
