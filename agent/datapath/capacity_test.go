@@ -1,33 +1,15 @@
 package datapath
 
 import (
-	"bytes"
 	"errors"
 	"log/slog"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/veilmesh/veil/policy/identity"
+	"github.com/veilmesh/veil/tests/testenv"
 )
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func usageOf(t *testing.T, d *Datapath, name string) MapUse {
 	t.Helper()
@@ -49,7 +31,7 @@ func usageOf(t *testing.T, d *Datapath, name string) MapUse {
 // silent drop); MapUsage shows it full with the refused write counted,
 // and a warning is logged once it is 90% full, again after it drained.
 func TestMapCapacityFromConfigAndFull(t *testing.T) {
-	var logs syncBuffer
+	var logs testenv.SyncBuffer
 	p := newProgTest(t, Config{Maps: MapSizes{IPCache: 10, Endpoints: 4}, Logger: slog.New(slog.NewTextHandler(&logs, nil))}, false, false)
 	d := p.d
 	if got := d.ipcache.MaxEntries(); got != 10 {

@@ -1,7 +1,6 @@
 package k8s
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -11,7 +10,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -54,30 +52,11 @@ func (c podLists) RoundTrip(r *http.Request) (*http.Response, error) {
 	return c.rt.RoundTrip(r)
 }
 
-// syncBuffer is a log sink the watcher's goroutines write while the test
-// reads it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // runningWatcher is a Watcher as the agent runs it, with its own client.
 type runningWatcher struct {
 	*Watcher
 	lists *atomic.Int64
-	logs  *syncBuffer
+	logs  *testenv.SyncBuffer
 	stop  func()
 }
 
@@ -96,7 +75,7 @@ func startCheckpointed(t *testing.T, cfg *rest.Config, path, gone string) *runni
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &testenv.SyncBuffer{}
 	w := NewWithOptions(kube, veil, Options{Checkpoint: &CheckpointOptions{
 		Path: path, Node: "n1", MaxAge: 10 * time.Minute, Interval: time.Hour,
 		Log: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),

@@ -1,7 +1,6 @@
 package services
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -97,24 +96,6 @@ func (n *realNode) mapped(t *testing.T) map[datapath.ServiceKey][]datapath.Backe
 	return out
 }
 
-// syncBuffer is a log sink the controller's workers write concurrently.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestPrivilegedServicesBadInput, through a real API server into a real
 // node's map: a Service whose selector matches nothing gets an entry
 // without backends (which the socket programs refuse at once, see
@@ -122,7 +103,7 @@ func (s *syncBuffer) String() string {
 // port name no backend declares has no backends, is logged and counted,
 // and is shown with why, while the Service's other port has its backends.
 func TestPrivilegedServicesBadInput(t *testing.T) {
-	logs := &syncBuffer{}
+	logs := &testenv.SyncBuffer{}
 	n := startRealNode(t, "svbad", slog.New(slog.NewTextHandler(logs, nil)))
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()

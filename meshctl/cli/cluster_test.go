@@ -1,7 +1,6 @@
 package cli
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"io"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -26,6 +24,7 @@ import (
 	"github.com/veilmesh/veil/deploy"
 	"github.com/veilmesh/veil/meshctl/agentclient"
 	"github.com/veilmesh/veil/meshctl/audit"
+	"github.com/veilmesh/veil/tests/testenv"
 )
 
 // These tests reach agents as meshctl does in a cluster: no lab state, the
@@ -184,25 +183,6 @@ func TestAuditActiveForbidden(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for a command writing while the test
-// reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 func TestObserveAllNodesFollow(t *testing.T) {
 	c := healthyCluster(2)
 	one, two := nodeAgent(t, "node-1"), nodeAgent(t, "node-2")
@@ -211,7 +191,7 @@ func TestObserveAllNodesFollow(t *testing.T) {
 	withAgents(t, c, map[string]agentv1.AgentServer{"node-1": one, "node-2": two}, allowed)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	var out, errb syncBuffer
+	var out, errb testenv.SyncBuffer
 	s := Streams{In: strings.NewReader(""), Out: &out, Err: &errb}
 	code := make(chan int, 1)
 	go func() {

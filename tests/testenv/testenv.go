@@ -20,8 +20,10 @@
 package testenv
 
 import (
+	"bytes"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -67,4 +69,24 @@ func Eventually(tb testing.TB, timeout, interval time.Duration, cond func() erro
 		}
 		time.Sleep(interval)
 	}
+}
+
+// SyncBuffer is a bytes.Buffer that goroutines (a component's workers, a
+// command's output) write while the test reads it.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// String is what was written so far.
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
