@@ -467,7 +467,7 @@ type identPort struct {
 func (c *Compiler) namedInCIDR(s *selector, name string, proto uint8) []identPort {
 	var out []identPort
 	var scratch []uint16
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}

@@ -19,7 +19,7 @@ func TestIdentityLabelsSharedOrCopied(t *testing.T) {
 		}
 		ls := map[string]string{"app": "a"}
 		c.UpsertPodFacts(PodFacts{Namespace: "x", Name: "a", Labels: ls, LabelsShared: shared, NodeName: "n1", IPs: []string{"10.0.0.1"}})
-		p := c.pods[EndpointID{"x", "a"}]
+		p := c.pods.get(EndpointID{"x", "a"})
 		if p == nil || p.ident == nil {
 			t.Fatalf("shared=%v: pod has no identity", shared)
 		}
@@ -51,7 +51,7 @@ func TestPodsShareTheirIdentitysState(t *testing.T) {
 		c.UpsertPodFacts(PodFacts{Namespace: "x", Name: n, Labels: map[string]string{"app": "a"}, ServiceAccount: "sa", NodeName: "n1",
 			IPs: []string{"10.0.0." + string(rune('1'+i))}, Ports: ports})
 	}
-	a, b := c.pods[EndpointID{"x", "a"}], c.pods[EndpointID{"x", "b"}]
+	a, b := c.pods.get(EndpointID{"x", "a"}), c.pods.get(EndpointID{"x", "b"})
 	if a.ident != b.ident || &a.ports[0] != &b.ports[0] {
 		t.Errorf("pods of one identity with equal ports: identities %p %p, ports %p %p", a.ident, b.ident, &a.ports[0], &b.ports[0])
 	}
@@ -79,7 +79,7 @@ func TestPodsShareTheirIdentitysState(t *testing.T) {
 	if _, ok := c.idents[old.id]; ok || len(old.pods) != 0 {
 		t.Errorf("identity %d still held with %d pods", old.id, len(old.pods))
 	}
-	if nb := c.pods[EndpointID{"x", "b"}]; nb.labels()["app"] != "z" || len(nb.ident.pods) != 1 {
+	if nb := c.pods.get(EndpointID{"x", "b"}); nb.labels()["app"] != "z" || len(nb.ident.pods) != 1 {
 		t.Errorf("relabelled pod: labels %v, identity pods %d", nb.labels(), len(nb.ident.pods))
 	}
 }

@@ -36,7 +36,7 @@ type Compiler struct {
 
 	namespaces map[string]labels.Set
 	nodes      map[string][]netip.Addr
-	pods       map[EndpointID]*podState
+	pods       podTable
 
 	idents     map[identity.ID]*identState
 	identByKey map[string]*identState
@@ -123,7 +123,7 @@ func New(opts Options) (*Compiler, error) {
 		node: opts.Node,
 		ids:  ids, cidrIDs: cidrIDs,
 		namespaces: map[string]labels.Set{}, nodes: map[string][]netip.Addr{},
-		pods:   map[EndpointID]*podState{},
+		pods:   newPodTable(),
 		idents: map[identity.ID]*identState{}, identByKey: map[string]*identState{},
 		identsByNS: map[string]map[*identState]struct{}{},
 		policies:   map[PolicyRef]*policyState{}, policiesByNS: map[string]map[*policyState]struct{}{},
@@ -339,8 +339,8 @@ func compareRefs(a, b PolicyRef) int {
 func (c *Compiler) Endpoints() []Endpoint {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	out := make([]Endpoint, 0, len(c.pods))
-	for _, p := range c.pods {
+	out := make([]Endpoint, 0, c.pods.len())
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}
@@ -362,7 +362,7 @@ func compareEndpointIDs(a, b EndpointID) int {
 func (c *Compiler) Endpoint(id EndpointID) (Endpoint, bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	p := c.pods[id]
+	p := c.pods.get(id)
 	if p == nil || !p.active {
 		return Endpoint{}, false
 	}
@@ -406,7 +406,7 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	var out []IPCacheEntry
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}
@@ -428,7 +428,7 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 func (c *Compiler) EachIPCache(fn func(IPCacheEntry)) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}
@@ -443,7 +443,7 @@ func (c *Compiler) EachIPCache(fn func(IPCacheEntry)) {
 func (c *Compiler) PodIPCache(id EndpointID) []IPCacheEntry {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	p := c.pods[id]
+	p := c.pods.get(id)
 	if p == nil || !p.active {
 		return nil
 	}
@@ -564,7 +564,7 @@ type podLabels struct {
 
 func (c *Compiler) upsertPodFacts(f *PodFacts) {
 	np := newPodState(f)
-	old := c.pods[np.id]
+	old := c.pods.get(np.id)
 	// An inactive pod has no identity: its labels matter only once it is
 	// active, when its next update brings them.
 	if old != nil && old.active == np.active && old.node == np.node &&
@@ -576,7 +576,7 @@ func (c *Compiler) upsertPodFacts(f *PodFacts) {
 }
 
 func (c *Compiler) deletePod(id EndpointID) {
-	if old := c.pods[id]; old != nil {
+	if old := c.pods.get(id); old != nil {
 		c.replacePod(old, nil, podLabels{})
 	}
 }
@@ -586,12 +586,12 @@ func (c *Compiler) deletePod(id EndpointID) {
 // that both share is never torn down and rebuilt (which would renumber it).
 func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 	if np != nil {
-		c.pods[np.id] = np
+		c.pods.set(np)
 		c.attach(np, pl)
 	}
 	if old != nil {
 		if np == nil {
-			delete(c.pods, old.id)
+			c.pods.del(old.id)
 		}
 		c.detach(old)
 	}
@@ -907,7 +907,7 @@ func (c *Compiler) useNamedCIDR(s *selector, delta int) {
 		delete(c.namedCIDRs, s)
 	}
 	if (n == 0) == (delta > 0) {
-		for _, p := range c.pods {
+		for p := range c.pods.all() {
 			if p.active && p.ident != nil {
 				c.hostRegions(p, s, delta)
 			}
@@ -1117,12 +1117,12 @@ func (c *Compiler) flush() Changes {
 	ch := Changes{IPCache: c.ipcacheChanged, CIDRTable: c.cidrChanged, PrevIPs: c.prevIPs}
 	c.prevIPs = nil
 	for id := range c.changed {
-		if p := c.pods[id]; p != nil && p.active {
+		if p := c.pods.get(id); p != nil && p.active {
 			ch.Endpoints = append(ch.Endpoints, id)
 		}
 	}
 	for id := range c.removed {
-		if p := c.pods[id]; p == nil || !p.active {
+		if p := c.pods.get(id); p == nil || !p.active {
 			ch.Removed = append(ch.Removed, id)
 		}
 	}

@@ -32,7 +32,7 @@ type resolvedPeer struct {
 
 func (c *Compiler) resolve(p Peer) (resolvedPeer, error) {
 	if p.Name != "" {
-		pod := c.pods[EndpointID{p.Namespace, p.Name}]
+		pod := c.pods.get(EndpointID{p.Namespace, p.Name})
 		if pod == nil {
 			return resolvedPeer{}, fmt.Errorf("trace: pod %s/%s not found", p.Namespace, p.Name)
 		}
@@ -50,7 +50,7 @@ func (c *Compiler) resolve(p Peer) (resolvedPeer, error) {
 	}
 	ip := p.IP.Unmap()
 	var owner *podState
-	for _, pod := range c.pods {
+	for pod := range c.pods.all() {
 		// Of pods sharing an IP (one terminating), pick one by name so the
 		// answer does not depend on map order.
 		if pod.active && slices.Contains(pod.ips, ip) && (owner == nil || compareEndpointIDs(pod.id, owner.id) < 0) {
@@ -272,7 +272,7 @@ func (c *Compiler) Matrix(ports []PortProto) Matrix {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	m := Matrix{Ports: slices.Clone(ports)}
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if p.active {
 			m.Pods = append(m.Pods, p.id)
 		}
