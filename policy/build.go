@@ -471,7 +471,7 @@ func (c *Compiler) namedInCIDR(s *selector, name string, proto uint8) []identPor
 		if !p.active {
 			continue
 		}
-		for _, ip := range p.ips {
+		for ip := range p.ips.all() {
 			r := c.regions[netip.PrefixFrom(ip, ip.BitLen())]
 			if r == nil {
 				continue

@@ -345,7 +345,7 @@ func (c *Compiler) Endpoints() []Endpoint {
 			continue
 		}
 		if p.group == nil || !p.group.computed {
-			out = append(out, Endpoint{EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id, NotCompiled: true})
+			out = append(out, Endpoint{EndpointID: p.id, Node: p.node, IPs: p.ips.slice(), Identity: p.ident.id, NotCompiled: true})
 			continue
 		}
 		out = append(out, p.endpoint(p.group))
@@ -384,7 +384,7 @@ func (c *Compiler) groupOf(p *podState) *group {
 // endpoint describes p with the entries of g (its group, or a view of it).
 func (p *podState) endpoint(g *group) Endpoint {
 	return Endpoint{
-		EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id,
+		EndpointID: p.id, Node: p.node, IPs: p.ips.slice(), Identity: p.ident.id,
 		Entries: g.entries(), Defaults: g.defaults,
 	}
 }
@@ -410,7 +410,7 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 		if !p.active {
 			continue
 		}
-		for _, ip := range p.ips {
+		for ip := range p.ips.all() {
 			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 		}
 	}
@@ -432,7 +432,7 @@ func (c *Compiler) EachIPCache(fn func(IPCacheEntry)) {
 		if !p.active {
 			continue
 		}
-		for _, ip := range p.ips {
+		for ip := range p.ips.all() {
 			fn(IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 		}
 	}
@@ -447,8 +447,8 @@ func (c *Compiler) PodIPCache(id EndpointID) []IPCacheEntry {
 	if p == nil || !p.active {
 		return nil
 	}
-	out := make([]IPCacheEntry, 0, len(p.ips))
-	for _, ip := range p.ips {
+	out := make([]IPCacheEntry, 0, p.ips.len())
+	for ip := range p.ips.all() {
 		out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 	}
 	return out
@@ -569,7 +569,7 @@ func (c *Compiler) upsertPodFacts(f *PodFacts) {
 	// active, when its next update brings them.
 	if old != nil && old.active == np.active && old.node == np.node &&
 		(!np.active || (old.serviceAccount() == f.ServiceAccount && maps.Equal(old.labels(), f.Labels))) &&
-		slices.Equal(old.ips, np.ips) && slices.Equal(old.ports, np.ports) {
+		old.ips == np.ips && slices.Equal(old.ports, np.ports) {
 		return
 	}
 	c.replacePod(old, np, podLabels{labels: f.Labels, shared: f.LabelsShared, serviceAccount: f.ServiceAccount})
@@ -595,18 +595,18 @@ func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 		}
 		c.detach(old)
 	}
-	if old != nil && old.active && (np == nil || !np.active || !slices.Equal(old.ips, np.ips)) {
+	if old != nil && old.active && (np == nil || !np.active || old.ips != np.ips) {
 		if _, ok := c.prevIPs[old.id]; !ok {
 			if c.prevIPs == nil {
 				c.prevIPs = map[EndpointID][]netip.Addr{}
 			}
 			// Never written: newPodState made it.
-			c.prevIPs[old.id] = old.ips
+			c.prevIPs[old.id] = old.ips.slice()
 		}
 	}
 	switch {
 	case np != nil && np.active:
-		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || !slices.Equal(old.ips, np.ips) {
+		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || old.ips != np.ips {
 			c.changed[np.id] = struct{}{}
 		}
 		delete(c.removed, np.id)
@@ -615,7 +615,7 @@ func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 		delete(c.changed, old.id)
 	}
 	if (old != nil && old.active) || (np != nil && np.active) {
-		if old == nil || np == nil || old.active != np.active || old.ident != np.ident || !slices.Equal(old.ips, np.ips) {
+		if old == nil || np == nil || old.active != np.active || old.ident != np.ident || old.ips != np.ips {
 			c.ipcacheChanged = true
 		}
 		// Egress named ports towards CIDR peers resolve against the pods
@@ -918,7 +918,7 @@ func (c *Compiler) useNamedCIDR(s *selector, delta int) {
 // hostRegions adds (delta 1) or removes (-1) the host regions of pod p's
 // IPs inside the CIDR of s.
 func (c *Compiler) hostRegions(p *podState, s *selector, delta int) {
-	for _, ip := range p.ips {
+	for ip := range p.ips.all() {
 		if !s.cidr.Contains(ip) {
 			continue
 		}

@@ -28,7 +28,7 @@ type namedPort struct {
 type podState struct {
 	id    EndpointID
 	node  string
-	ips   []netip.Addr
+	ips   podAddrs
 	ports []namedPort // sorted
 	ident *identState
 	group *group
@@ -109,16 +109,19 @@ func podFacts(pod *corev1.Pod) PodFacts {
 
 func newPodState(f *PodFacts) *podState {
 	p := &podState{id: EndpointID{Namespace: f.Namespace, Name: f.Name}, node: f.NodeName}
+	var buf [2]netip.Addr
+	ips := buf[:0]
 	for _, s := range f.IPs {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
 			continue
 		}
-		ip = ip.Unmap()
-		if !slices.Contains(p.ips, ip) {
-			p.ips = append(p.ips, ip)
+		ip = ip.Unmap().WithZone("")
+		if !slices.Contains(ips, ip) {
+			ips = append(ips, ip)
 		}
 	}
+	p.ips = packAddrs(ips)
 	for _, cp := range f.Ports {
 		if cp.Name == "" || cp.Port < 1 || cp.Port > 65535 {
 			continue
@@ -142,7 +145,7 @@ func newPodState(f *PodFacts) *podState {
 		return int(a.port) - int(b.port)
 	})
 	p.ports = slices.Compact(p.ports)
-	p.active = len(p.ips) > 0 && !f.HostNetwork && !f.Finished
+	p.active = p.ips != "" && !f.HostNetwork && !f.Finished
 	return p
 }
 
