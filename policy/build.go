@@ -477,7 +477,7 @@ func (c *Compiler) namedInCIDR(s *selector, name string, proto uint8) []identPor
 				continue
 			}
 			if _, in := s.ids[r.id]; in {
-				for _, n := range resolvePort(p.ports, name, proto, scratch[:0]) {
+				for _, n := range resolvePort(p.namedPorts(), name, proto, scratch[:0]) {
 					out = append(out, identPort{r.id, n})
 				}
 			}

@@ -376,7 +376,7 @@ func (c *Compiler) groupOf(p *podState) *group {
 		return p.group
 	}
 	return &group{
-		key: groupKey{id: p.ident.id, ports: portsSignature(p.ports)}, ident: p.ident, ports: p.ports,
+		key: groupKey{id: p.ident.id, ports: portsSignature(p.namedPorts())}, ident: p.ident, ports: p.namedPorts(), podPorts: p.ports,
 		endpoints: map[*podState]struct{}{p: {}},
 	}
 }
@@ -569,7 +569,7 @@ func (c *Compiler) upsertPodFacts(f *PodFacts) {
 	// active, when its next update brings them.
 	if old != nil && old.active == np.active && old.node == np.node &&
 		(!np.active || (old.serviceAccount() == f.ServiceAccount && maps.Equal(old.labels(), f.Labels))) &&
-		old.ips == np.ips && slices.Equal(old.ports, np.ports) {
+		old.ips == np.ips && slices.Equal(old.namedPorts(), np.namedPorts()) {
 		return
 	}
 	c.replacePod(old, np, podLabels{labels: f.Labels, shared: f.LabelsShared, serviceAccount: f.ServiceAccount})
@@ -658,7 +658,7 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 		c.addIdentity(ident)
 	}
 	// Pods of one identity mostly have equal named ports: keep one copy.
-	if len(ident.pods) > 0 && slices.Equal(ident.pods[0].ports, p.ports) {
+	if len(ident.pods) > 0 && slices.Equal(ident.pods[0].namedPorts(), p.namedPorts()) {
 		p.ports = ident.pods[0].ports
 	}
 	ident.add(p)
@@ -675,10 +675,10 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 		// and join no group.
 		return
 	}
-	gk := groupKey{id: ident.id, ports: portsSignature(p.ports)}
+	gk := groupKey{id: ident.id, ports: portsSignature(p.namedPorts())}
 	g := c.groups[gk]
 	if g == nil {
-		g = &group{key: gk, ident: ident, ports: p.ports, endpoints: map[*podState]struct{}{}}
+		g = &group{key: gk, ident: ident, ports: p.namedPorts(), podPorts: p.ports, endpoints: map[*podState]struct{}{}}
 		c.groups[gk] = g
 		if c.groupsByNS[ident.namespace] == nil {
 			c.groupsByNS[ident.namespace] = map[*group]struct{}{}
@@ -689,7 +689,7 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 	g.endpoints[p] = struct{}{}
 	p.group = g
 	// Equal by the group's key: keep one copy.
-	p.ports = g.ports
+	p.ports = g.podPorts
 	if c.isLocal(p) {
 		g.local++
 		if !g.computed {
