@@ -467,17 +467,17 @@ type identPort struct {
 func (c *Compiler) namedInCIDR(s *selector, name string, proto uint8) []identPort {
 	var out []identPort
 	var scratch []uint16
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}
-		for _, ip := range p.ips {
+		for ip := range p.ips.all() {
 			r := c.regions[netip.PrefixFrom(ip, ip.BitLen())]
 			if r == nil {
 				continue
 			}
 			if _, in := s.ids[r.id]; in {
-				for _, n := range resolvePort(p.ports, name, proto, scratch[:0]) {
+				for _, n := range resolvePort(p.namedPorts(), name, proto, scratch[:0]) {
 					out = append(out, identPort{r.id, n})
 				}
 			}

@@ -36,7 +36,7 @@ type Compiler struct {
 
 	namespaces map[string]labels.Set
 	nodes      map[string][]netip.Addr
-	pods       map[EndpointID]*podState
+	pods       podTable
 
 	idents     map[identity.ID]*identState
 	identByKey map[string]*identState
@@ -123,7 +123,7 @@ func New(opts Options) (*Compiler, error) {
 		node: opts.Node,
 		ids:  ids, cidrIDs: cidrIDs,
 		namespaces: map[string]labels.Set{}, nodes: map[string][]netip.Addr{},
-		pods:   map[EndpointID]*podState{},
+		pods:   newPodTable(),
 		idents: map[identity.ID]*identState{}, identByKey: map[string]*identState{},
 		identsByNS: map[string]map[*identState]struct{}{},
 		policies:   map[PolicyRef]*policyState{}, policiesByNS: map[string]map[*policyState]struct{}{},
@@ -339,13 +339,13 @@ func compareRefs(a, b PolicyRef) int {
 func (c *Compiler) Endpoints() []Endpoint {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	out := make([]Endpoint, 0, len(c.pods))
-	for _, p := range c.pods {
+	out := make([]Endpoint, 0, c.pods.len())
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}
 		if p.group == nil || !p.group.computed {
-			out = append(out, Endpoint{EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id, NotCompiled: true})
+			out = append(out, Endpoint{EndpointID: p.id, Node: p.node, IPs: p.ips.slice(), Identity: p.ident.id, NotCompiled: true})
 			continue
 		}
 		out = append(out, p.endpoint(p.group))
@@ -362,7 +362,7 @@ func compareEndpointIDs(a, b EndpointID) int {
 func (c *Compiler) Endpoint(id EndpointID) (Endpoint, bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	p := c.pods[id]
+	p := c.pods.get(id)
 	if p == nil || !p.active {
 		return Endpoint{}, false
 	}
@@ -376,7 +376,7 @@ func (c *Compiler) groupOf(p *podState) *group {
 		return p.group
 	}
 	return &group{
-		key: groupKey{id: p.ident.id, ports: portsSignature(p.ports)}, ident: p.ident, ports: p.ports,
+		key: groupKey{id: p.ident.id, ports: portsSignature(p.namedPorts())}, ident: p.ident, ports: p.namedPorts(), podPorts: p.ports,
 		endpoints: map[*podState]struct{}{p: {}},
 	}
 }
@@ -384,7 +384,7 @@ func (c *Compiler) groupOf(p *podState) *group {
 // endpoint describes p with the entries of g (its group, or a view of it).
 func (p *podState) endpoint(g *group) Endpoint {
 	return Endpoint{
-		EndpointID: p.id, Node: p.node, IPs: slices.Clone(p.ips), Identity: p.ident.id,
+		EndpointID: p.id, Node: p.node, IPs: p.ips.slice(), Identity: p.ident.id,
 		Entries: g.entries(), Defaults: g.defaults,
 	}
 }
@@ -406,11 +406,11 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	var out []IPCacheEntry
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}
-		for _, ip := range p.ips {
+		for ip := range p.ips.all() {
 			out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 		}
 	}
@@ -428,11 +428,11 @@ func (c *Compiler) IPCache() []IPCacheEntry {
 func (c *Compiler) EachIPCache(fn func(IPCacheEntry)) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if !p.active {
 			continue
 		}
-		for _, ip := range p.ips {
+		for ip := range p.ips.all() {
 			fn(IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 		}
 	}
@@ -443,12 +443,12 @@ func (c *Compiler) EachIPCache(fn func(IPCacheEntry)) {
 func (c *Compiler) PodIPCache(id EndpointID) []IPCacheEntry {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
-	p := c.pods[id]
+	p := c.pods.get(id)
 	if p == nil || !p.active {
 		return nil
 	}
-	out := make([]IPCacheEntry, 0, len(p.ips))
-	for _, ip := range p.ips {
+	out := make([]IPCacheEntry, 0, p.ips.len())
+	for ip := range p.ips.all() {
 		out = append(out, IPCacheEntry{IP: ip, Identity: p.ident.id, Node: p.node, Pod: p.id})
 	}
 	return out
@@ -564,19 +564,19 @@ type podLabels struct {
 
 func (c *Compiler) upsertPodFacts(f *PodFacts) {
 	np := newPodState(f)
-	old := c.pods[np.id]
+	old := c.pods.get(np.id)
 	// An inactive pod has no identity: its labels matter only once it is
 	// active, when its next update brings them.
 	if old != nil && old.active == np.active && old.node == np.node &&
 		(!np.active || (old.serviceAccount() == f.ServiceAccount && maps.Equal(old.labels(), f.Labels))) &&
-		slices.Equal(old.ips, np.ips) && slices.Equal(old.ports, np.ports) {
+		old.ips == np.ips && slices.Equal(old.namedPorts(), np.namedPorts()) {
 		return
 	}
 	c.replacePod(old, np, podLabels{labels: f.Labels, shared: f.LabelsShared, serviceAccount: f.ServiceAccount})
 }
 
 func (c *Compiler) deletePod(id EndpointID) {
-	if old := c.pods[id]; old != nil {
+	if old := c.pods.get(id); old != nil {
 		c.replacePod(old, nil, podLabels{})
 	}
 }
@@ -586,27 +586,27 @@ func (c *Compiler) deletePod(id EndpointID) {
 // that both share is never torn down and rebuilt (which would renumber it).
 func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 	if np != nil {
-		c.pods[np.id] = np
+		c.pods.set(np)
 		c.attach(np, pl)
 	}
 	if old != nil {
 		if np == nil {
-			delete(c.pods, old.id)
+			c.pods.del(old.id)
 		}
 		c.detach(old)
 	}
-	if old != nil && old.active && (np == nil || !np.active || !slices.Equal(old.ips, np.ips)) {
+	if old != nil && old.active && (np == nil || !np.active || old.ips != np.ips) {
 		if _, ok := c.prevIPs[old.id]; !ok {
 			if c.prevIPs == nil {
 				c.prevIPs = map[EndpointID][]netip.Addr{}
 			}
 			// Never written: newPodState made it.
-			c.prevIPs[old.id] = old.ips
+			c.prevIPs[old.id] = old.ips.slice()
 		}
 	}
 	switch {
 	case np != nil && np.active:
-		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || !slices.Equal(old.ips, np.ips) {
+		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || old.ips != np.ips {
 			c.changed[np.id] = struct{}{}
 		}
 		delete(c.removed, np.id)
@@ -615,7 +615,7 @@ func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 		delete(c.changed, old.id)
 	}
 	if (old != nil && old.active) || (np != nil && np.active) {
-		if old == nil || np == nil || old.active != np.active || old.ident != np.ident || !slices.Equal(old.ips, np.ips) {
+		if old == nil || np == nil || old.active != np.active || old.ident != np.ident || old.ips != np.ips {
 			c.ipcacheChanged = true
 		}
 		// Egress named ports towards CIDR peers resolve against the pods
@@ -658,7 +658,7 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 		c.addIdentity(ident)
 	}
 	// Pods of one identity mostly have equal named ports: keep one copy.
-	if len(ident.pods) > 0 && slices.Equal(ident.pods[0].ports, p.ports) {
+	if len(ident.pods) > 0 && slices.Equal(ident.pods[0].namedPorts(), p.namedPorts()) {
 		p.ports = ident.pods[0].ports
 	}
 	ident.add(p)
@@ -675,10 +675,10 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 		// and join no group.
 		return
 	}
-	gk := groupKey{id: ident.id, ports: portsSignature(p.ports)}
+	gk := groupKey{id: ident.id, ports: portsSignature(p.namedPorts())}
 	g := c.groups[gk]
 	if g == nil {
-		g = &group{key: gk, ident: ident, ports: p.ports, endpoints: map[*podState]struct{}{}}
+		g = &group{key: gk, ident: ident, ports: p.namedPorts(), podPorts: p.ports, endpoints: map[*podState]struct{}{}}
 		c.groups[gk] = g
 		if c.groupsByNS[ident.namespace] == nil {
 			c.groupsByNS[ident.namespace] = map[*group]struct{}{}
@@ -689,7 +689,7 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 	g.endpoints[p] = struct{}{}
 	p.group = g
 	// Equal by the group's key: keep one copy.
-	p.ports = g.ports
+	p.ports = g.podPorts
 	if c.isLocal(p) {
 		g.local++
 		if !g.computed {
@@ -907,7 +907,7 @@ func (c *Compiler) useNamedCIDR(s *selector, delta int) {
 		delete(c.namedCIDRs, s)
 	}
 	if (n == 0) == (delta > 0) {
-		for _, p := range c.pods {
+		for p := range c.pods.all() {
 			if p.active && p.ident != nil {
 				c.hostRegions(p, s, delta)
 			}
@@ -918,7 +918,7 @@ func (c *Compiler) useNamedCIDR(s *selector, delta int) {
 // hostRegions adds (delta 1) or removes (-1) the host regions of pod p's
 // IPs inside the CIDR of s.
 func (c *Compiler) hostRegions(p *podState, s *selector, delta int) {
-	for _, ip := range p.ips {
+	for ip := range p.ips.all() {
 		if !s.cidr.Contains(ip) {
 			continue
 		}
@@ -1117,12 +1117,12 @@ func (c *Compiler) flush() Changes {
 	ch := Changes{IPCache: c.ipcacheChanged, CIDRTable: c.cidrChanged, PrevIPs: c.prevIPs}
 	c.prevIPs = nil
 	for id := range c.changed {
-		if p := c.pods[id]; p != nil && p.active {
+		if p := c.pods.get(id); p != nil && p.active {
 			ch.Endpoints = append(ch.Endpoints, id)
 		}
 	}
 	for id := range c.removed {
-		if p := c.pods[id]; p == nil || !p.active {
+		if p := c.pods.get(id); p == nil || !p.active {
 			ch.Removed = append(ch.Removed, id)
 		}
 	}

@@ -26,10 +26,13 @@ type namedPort struct {
 // account) and shares its named ports with a pod of its identity when
 // they are equal.
 type podState struct {
-	id    EndpointID
-	node  string
-	ips   []netip.Addr
-	ports []namedPort // sorted
+	id   EndpointID
+	node string
+	ips  podAddrs
+	// ports are sorted, shared with its identity's first pod or its
+	// group when equal (a pointer: 8 bytes where a slice takes 24); nil
+	// for none.
+	ports *[]namedPort
 	ident *identState
 	group *group
 	// identIdx is the pod's index in ident.pods.
@@ -109,16 +112,20 @@ func podFacts(pod *corev1.Pod) PodFacts {
 
 func newPodState(f *PodFacts) *podState {
 	p := &podState{id: EndpointID{Namespace: f.Namespace, Name: f.Name}, node: f.NodeName}
+	var buf [2]netip.Addr
+	ips := buf[:0]
 	for _, s := range f.IPs {
 		ip, err := netip.ParseAddr(s)
 		if err != nil {
 			continue
 		}
-		ip = ip.Unmap()
-		if !slices.Contains(p.ips, ip) {
-			p.ips = append(p.ips, ip)
+		ip = ip.Unmap().WithZone("")
+		if !slices.Contains(ips, ip) {
+			ips = append(ips, ip)
 		}
 	}
+	p.ips = packAddrs(ips)
+	var ports []namedPort
 	for _, cp := range f.Ports {
 		if cp.Name == "" || cp.Port < 1 || cp.Port > 65535 {
 			continue
@@ -130,9 +137,9 @@ func newPodState(f *PodFacts) *podState {
 		case corev1.ProtocolSCTP:
 			proto = policytypes.ProtoSCTP
 		}
-		p.ports = append(p.ports, namedPort{cp.Name, proto, uint16(cp.Port)})
+		ports = append(ports, namedPort{cp.Name, proto, uint16(cp.Port)})
 	}
-	slices.SortFunc(p.ports, func(a, b namedPort) int {
+	slices.SortFunc(ports, func(a, b namedPort) int {
 		if c := strings.Compare(a.name, b.name); c != 0 {
 			return c
 		}
@@ -141,9 +148,19 @@ func newPodState(f *PodFacts) *podState {
 		}
 		return int(a.port) - int(b.port)
 	})
-	p.ports = slices.Compact(p.ports)
-	p.active = len(p.ips) > 0 && !f.HostNetwork && !f.Finished
+	if ports = slices.Compact(ports); len(ports) > 0 {
+		p.ports = &ports
+	}
+	p.active = p.ips != "" && !f.HostNetwork && !f.Finished
 	return p
+}
+
+// namedPorts are the pod's named ports, sorted.
+func (p *podState) namedPorts() []namedPort {
+	if p.ports == nil {
+		return nil
+	}
+	return *p.ports
 }
 
 // resolve returns the numbers of named port name for proto.
@@ -213,7 +230,7 @@ func (id *identState) remove(p *podState) {
 func (id *identState) recomputePorts() bool {
 	var ports []namedPort
 	for _, p := range id.pods {
-		ports = append(ports, p.ports...)
+		ports = append(ports, p.namedPorts()...)
 	}
 	slices.SortFunc(ports, func(a, b namedPort) int {
 		if c := strings.Compare(a.name, b.name); c != 0 {
@@ -242,9 +259,11 @@ type groupKey struct {
 
 // group is the compiled policy shared by the endpoints of one groupKey.
 type group struct {
-	key       groupKey
-	ident     *identState
-	ports     []namedPort
+	key   groupKey
+	ident *identState
+	ports []namedPort
+	// podPorts are its pods' ports (ports, as the first pod held them).
+	podPorts  *[]namedPort
 	endpoints map[*podState]struct{}
 
 	// flat holds the entries as of the last full compile or fold, sorted;

@@ -32,15 +32,15 @@ type resolvedPeer struct {
 
 func (c *Compiler) resolve(p Peer) (resolvedPeer, error) {
 	if p.Name != "" {
-		pod := c.pods[EndpointID{p.Namespace, p.Name}]
+		pod := c.pods.get(EndpointID{p.Namespace, p.Name})
 		if pod == nil {
 			return resolvedPeer{}, fmt.Errorf("trace: pod %s/%s not found", p.Namespace, p.Name)
 		}
 		if !pod.active {
 			return resolvedPeer{}, fmt.Errorf("trace: pod %s/%s is not an endpoint (no IP, host network or finished)", p.Namespace, p.Name)
 		}
-		ip := pod.ips[0]
-		if p.IP.IsValid() && slices.Contains(pod.ips, p.IP) {
+		ip := pod.ips.at(0)
+		if p.IP.IsValid() && pod.ips.contains(p.IP) {
 			ip = p.IP
 		}
 		return resolvedPeer{name: p.String(), pod: pod, ip: ip, byName: true}, nil
@@ -50,10 +50,10 @@ func (c *Compiler) resolve(p Peer) (resolvedPeer, error) {
 	}
 	ip := p.IP.Unmap()
 	var owner *podState
-	for _, pod := range c.pods {
+	for pod := range c.pods.all() {
 		// Of pods sharing an IP (one terminating), pick one by name so the
 		// answer does not depend on map order.
-		if pod.active && slices.Contains(pod.ips, ip) && (owner == nil || compareEndpointIDs(pod.id, owner.id) < 0) {
+		if pod.active && pod.ips.contains(ip) && (owner == nil || compareEndpointIDs(pod.id, owner.id) < 0) {
 			owner = pod
 		}
 	}
@@ -65,7 +65,7 @@ func sameFamily(p resolvedPeer, q *resolvedPeer) {
 	if q.pod == nil || !q.byName || q.ip.Is4() == p.ip.Is4() {
 		return
 	}
-	for _, ip := range q.pod.ips {
+	for ip := range q.pod.ips.all() {
 		if ip.Is4() == p.ip.Is4() {
 			q.ip = ip
 			return
@@ -272,7 +272,7 @@ func (c *Compiler) Matrix(ports []PortProto) Matrix {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
 	m := Matrix{Ports: slices.Clone(ports)}
-	for _, p := range c.pods {
+	for p := range c.pods.all() {
 		if p.active {
 			m.Pods = append(m.Pods, p.id)
 		}

@@ -4,9 +4,9 @@ import (
 	"cmp"
 	"encoding/binary"
 	"errors"
+	"hash/maphash"
 	"net/netip"
 	"slices"
-	"strings"
 	"sync"
 
 	"github.com/veilmesh/veil/agent/datapath"
@@ -18,8 +18,8 @@ import (
 // The ipcache holds an entry for every pod of the cluster, so what the
 // syncer keeps of it is kept compact: IPv4 addresses as numbers, entries
 // as three numbers (the node's address an index into a table of node
-// addresses), and no slice per pod; only the claims name pods (their
-// strings shared with the compiler), and no map by pod is kept: the
+// addresses), and no slice per pod; the claims name pods by a hash (no
+// pointer for the collector to follow), and no map by pod is kept: the
 // compiler says which addresses a pod had when they change
 // (Changes.PrevIPs). At 150,000 pods that is about 25 MiB, against about
 // 90 MiB when every entry and claim was a netip.Prefix, a netip.Addr and
@@ -83,10 +83,25 @@ func (t *addrTable) expand(e compactEntry) datapath.IPCacheEntry {
 	return datapath.IPCacheEntry{Identity: e.id, NodeIP: t.addr(e.node), Kind: e.kind}
 }
 
-// podClaim is a remote pod's claim on an ipcache address.
+// podClaim is a remote pod's claim on an ipcache address: 20 bytes, no
+// pointer (with the pod's name, 48 and two).
 type podClaim struct {
-	pod policy.EndpointID
 	e   compactEntry
+	pod podRef
+}
+
+// podRef names a pod in a claim: 64 bits of a seeded hash of its namespace
+// and name, as two numbers so that a claim needs no padding. Only the
+// pods claiming one address (two, briefly: one terminating, one new) are
+// told apart by it, so a collision (2^-64) is left unhandled. Claims whose identity,
+// node address and kind are equal, the only ones it orders, make equal
+// entries.
+type podRef [2]uint32
+
+// ref is pod's podRef in d.
+func (d *ipcacheDerived) ref(pod policy.EndpointID) podRef {
+	h := maphash.Comparable(d.seed, pod)
+	return podRef{uint32(h >> 32), uint32(h)}
 }
 
 // ipcacheDerived is what a full build derives, kept to follow single pods:
@@ -103,12 +118,14 @@ type ipcacheDerived struct {
 	// claims of an address two pods hold (one terminating, one new).
 	claims map[uint32]podClaim
 	more   map[uint32][]podClaim
+	// seed makes the claims' podRefs.
+	seed maphash.Seed
 }
 
 func newDerived() ipcacheDerived {
 	return ipcacheDerived{
 		nodeEntries: map[netip.Prefix]compactEntry{}, nodeAddr: map[string]uint32{},
-		claims: map[uint32]podClaim{}, more: map[uint32][]podClaim{},
+		claims: map[uint32]podClaim{}, more: map[uint32][]podClaim{}, seed: maphash.MakeSeed(),
 	}
 }
 
@@ -195,11 +212,11 @@ func (s *Syncer) writtenIPCache() map[netip.Prefix]datapath.IPCacheEntry {
 }
 
 // beats reports whether claim a wins over b for an address both hold: the
-// higher identity, then node address, then pod name, so the result is
-// the same whatever the order the claims arrived in.
+// higher identity, then node address, then kind, then pod, so the result
+// is the same whatever the order the claims arrived in.
 func (t *addrTable) beats(a, b podClaim) bool {
-	return cmp.Or(cmp.Compare(a.e.id, b.e.id), t.addr(a.e.node).Compare(t.addr(b.e.node)),
-		strings.Compare(a.pod.Namespace, b.pod.Namespace), strings.Compare(a.pod.Name, b.pod.Name)) > 0
+	return cmp.Or(cmp.Compare(a.e.id, b.e.id), t.addr(a.e.node).Compare(t.addr(b.e.node)), cmp.Compare(a.e.kind, b.e.kind),
+		cmp.Compare(a.pod[0], b.pod[0]), cmp.Compare(a.pod[1], b.pod[1])) > 0
 }
 
 func (d *ipcacheDerived) addClaim(a uint32, c podClaim) {
@@ -212,7 +229,8 @@ func (d *ipcacheDerived) addClaim(a uint32, c podClaim) {
 
 // dropClaims removes the claims of pod on addrs (which hold every address
 // it claims, perhaps more) and returns the addresses it held.
-func (d *ipcacheDerived) dropClaims(pod policy.EndpointID, addrs []uint32, out []uint32) []uint32 {
+func (d *ipcacheDerived) dropClaims(id policy.EndpointID, addrs []uint32, out []uint32) []uint32 {
+	pod := d.ref(id)
 	for _, a := range addrs {
 		c, ok := d.claims[a]
 		if !ok {
@@ -324,7 +342,7 @@ func (s *Syncer) podClaim(d *ipcacheDerived, e policy.IPCacheEntry) (uint32, pod
 	if !ok {
 		return 0, podClaim{}, false
 	}
-	return addr4(e.IP), podClaim{pod: e.Pod, e: compactEntry{id: e.Identity, node: nip, kind: datapath.RemotePod | s.tunnelKind(e.Node)}}, true
+	return addr4(e.IP), podClaim{pod: d.ref(e.Pod), e: compactEntry{id: e.Identity, node: nip, kind: datapath.RemotePod | s.tunnelKind(e.Node)}}, true
 }
 
 // buildIPCache derives, from the resolved nodes and the compiler's pods,

@@ -24,7 +24,7 @@ type refClaim struct {
 
 // wins reports whether a beats b for an address both hold.
 func (a refClaim) wins(b refClaim) bool {
-	return cmp.Or(cmp.Compare(a.entry.Identity, b.entry.Identity), a.entry.NodeIP.Compare(b.entry.NodeIP),
+	return cmp.Or(cmp.Compare(a.entry.Identity, b.entry.Identity), a.entry.NodeIP.Compare(b.entry.NodeIP), cmp.Compare(a.entry.Kind, b.entry.Kind),
 		strings.Compare(a.pod.Namespace, b.pod.Namespace), strings.Compare(a.pod.Name, b.pod.Name)) > 0
 }
 
