@@ -229,9 +229,17 @@ func TestPrivilegedAgentRestartAndAPIServerAway(t *testing.T) {
 	e.expect(t, a, b, 80, true)
 	e.expect(t, c, b, 80, false)
 
+	// The agent keeps a checkpoint of its pod cache in the node's
+	// /var/lib/veil (every 30 s while the cache changes): the restarted
+	// agent resumes from it rather than listing every pod.
+	n1 := e.node(t, "node-1")
+	ckpt := filepath.Join(n1.Dir, "var-lib", "veil", "pod-cache.ckpt")
+	eventually(t, "node-1's agent wrote its pod cache checkpoint", 75*time.Second, func() error {
+		_, err := os.Stat(ckpt)
+		return err
+	})
 	// A long transfer a -> b crosses an agent crash and restart.
 	st := startStream(t, a, b, 5001, 64<<20, 3*time.Millisecond)
-	n1 := e.node(t, "node-1")
 	_, agent1, err := e.agentPod(ctx, "node-1")
 	if err != nil {
 		t.Fatal(err)
@@ -255,6 +263,10 @@ func TestPrivilegedAgentRestartAndAPIServerAway(t *testing.T) {
 	if err := reach(a, b, 80); err != nil {
 		t.Errorf("allowed flow failed while the agent was down: %v", err)
 	}
+	// A pod that appears while node-1's agent is down, which its
+	// checkpoint cannot hold: it must learn it from the watch that
+	// resumes at the checkpoint's version.
+	d := e.addPods(t, podSpec{Namespace: y, Name: "d", Node: "node-2", Labels: map[string]string{"app": "a"}, Ports: web})[0]
 	if err := e.c.StartDaemon(ctx, kubelet1); err != nil {
 		t.Fatal(err)
 	}
@@ -271,6 +283,20 @@ func TestPrivilegedAgentRestartAndAPIServerAway(t *testing.T) {
 	})
 	if err := reach(c, b, 80); !isDenied(err) {
 		t.Errorf("denied flow after the restart: %v; want it dropped", err)
+	}
+	eventually(t, "the pod made while node-1's agent was down is allowed by its labels", 30*time.Second, func() error {
+		return reach(d, b, 80)
+	})
+	p1, _, err := e.agentPod(ctx, "node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs, err := e.kube.CoreV1().Pods(p1.Namespace).GetLogs(p1.Name, &corev1.PodLogOptions{Container: agentclient.AgentContainer}).DoRaw(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(logs), "pod cache: resuming from checkpoint") {
+		t.Errorf("the restarted agent did not resume its pod cache from the checkpoint; its log:\n%s", logs)
 	}
 	st.finish("across the agent restart")
 
