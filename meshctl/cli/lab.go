@@ -108,19 +108,24 @@ func labPhase(s *labcluster.LabState) string {
 	return s.Phase
 }
 
-// requireRunningLab fails (exit 1) unless a lab is up and ready in dir.
-func requireRunningLab(dir string) (*labcluster.LabState, error) {
+// runningLab is the lab directory and its state; it fails (exit 1)
+// unless a lab is up and ready there.
+func (o *labOptions) runningLab() (string, *labcluster.LabState, error) {
+	dir, err := o.labDir()
+	if err != nil {
+		return "", nil, err
+	}
 	s, err := readLab(dir)
 	if err != nil {
-		return nil, err
+		return "", nil, err
 	}
 	if s == nil {
-		return nil, &exitError{code: ExitFailure, err: fmt.Errorf("no lab in %s: start one with meshctl lab up", dir)}
+		return "", nil, &exitError{code: ExitFailure, err: fmt.Errorf("no lab in %s: start one with meshctl lab up", dir)}
 	}
 	if s.Phase != labcluster.LabReady || !s.SupervisorRunning() {
-		return nil, &exitError{code: ExitFailure, err: fmt.Errorf("the lab in %s is not running (%s): see meshctl lab status", dir, labPhase(s))}
+		return "", nil, &exitError{code: ExitFailure, err: fmt.Errorf("the lab in %s is not running (%s): see meshctl lab status", dir, labPhase(s))}
 	}
-	return s, nil
+	return dir, s, nil
 }
 
 func newLabCommand(env agentEnv) *cobra.Command {

@@ -24,11 +24,7 @@ Exit codes:
 		Example: `  eval $(meshctl lab env)`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			dir, err := o.labDir()
-			if err != nil {
-				return err
-			}
-			s, err := requireRunningLab(dir)
+			_, s, err := o.runningLab()
 			if err != nil {
 				return err
 			}

@@ -40,11 +40,7 @@ terminal.`,
 			if err != nil {
 				return err
 			}
-			dir, err := o.labDir()
-			if err != nil {
-				return err
-			}
-			s, err := requireRunningLab(dir)
+			_, s, err := o.runningLab()
 			if err != nil {
 				return err
 			}

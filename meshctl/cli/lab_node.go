@@ -77,11 +77,7 @@ Exit codes:
 			if err := o.requireRoot("node add"); err != nil {
 				return err
 			}
-			dir, err := o.labDir()
-			if err != nil {
-				return err
-			}
-			s, err := requireRunningLab(dir)
+			dir, s, err := o.runningLab()
 			if err != nil {
 				return err
 			}
