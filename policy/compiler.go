@@ -2,6 +2,7 @@ package policy
 
 import (
 	"cmp"
+	"iter"
 	"maps"
 	"net/netip"
 	"slices"
@@ -53,6 +54,13 @@ type Compiler struct {
 
 	regions map[netip.Prefix]*region
 	sels    map[string]*selector
+	// The selectors of sels again, by what they can pick: a new or
+	// vanished identity is offered only to the label selectors of its
+	// namespace and those spanning namespaces (at 500 namespaces, a
+	// five-hundredth of the selectors), a region only to the CIDR ones.
+	selsByNS  map[string]map[*selector]struct{}
+	selsAnyNS map[*selector]struct{}
+	cidrSels  map[*selector]struct{}
 
 	groups     map[groupKey]*group
 	groupsByNS map[string]map[*group]struct{}
@@ -130,6 +138,7 @@ func New(opts Options) (*Compiler, error) {
 		clusterPolicies: map[*policyState]struct{}{}, invalid: map[PolicyRef]*PolicyError{},
 		rules: map[uint32]*Rule{}, ruleByKey: map[string]uint32{}, nextRule: 1,
 		regions: map[netip.Prefix]*region{}, sels: map[string]*selector{},
+		selsByNS: map[string]map[*selector]struct{}{}, selsAnyNS: map[*selector]struct{}{}, cidrSels: map[*selector]struct{}{},
 		groups: map[groupKey]*group{}, groupsByNS: map[string]map[*group]struct{}{},
 		egressNamedGroups: map[*group]struct{}{}, cidrNamedGroups: map[*group]struct{}{}, namedCIDRs: map[*selector]int{},
 		dirty: map[*group]struct{}{}, dirtyIDs: map[*group]map[identity.ID]struct{}{}, changed: map[EndpointID]struct{}{}, removed: map[EndpointID]struct{}{},
@@ -663,7 +672,7 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 	}
 	ident.add(p)
 	p.ident = ident
-	if ident.recomputePorts() {
+	if ident.addPorts(p.namedPorts()) {
 		c.dirtyPortsOf(ident.id)
 	}
 	for s := range c.namedCIDRs {
@@ -755,10 +764,54 @@ func (c *Compiler) addIdentity(id *identState) {
 		c.identsByNS[id.namespace] = map[*identState]struct{}{}
 	}
 	c.identsByNS[id.namespace][id] = struct{}{}
-	for _, s := range c.sels {
-		if s.kind != selCIDR && s.matchesIdentity(id) && s.set(id.id, true) {
+	for s := range c.identitySelectors(id.namespace) {
+		if s.matchesIdentity(id) && s.set(id.id, true) {
 			c.dirtyUsers(s, id.id)
 		}
+	}
+}
+
+// identitySelectors yields the selectors that may pick an identity of
+// namespace ns: its own namespace's label selectors and those spanning
+// namespaces (never a CIDR selector).
+func (c *Compiler) identitySelectors(ns string) iter.Seq[*selector] {
+	return func(yield func(*selector) bool) {
+		for s := range c.selsByNS[ns] {
+			if !yield(s) {
+				return
+			}
+		}
+		for s := range c.selsAnyNS {
+			if !yield(s) {
+				return
+			}
+		}
+	}
+}
+
+// indexSelector adds s to (add false: removes it from) the index that
+// identitySelectors and the regions read.
+func (c *Compiler) indexSelector(s *selector, add bool) {
+	var m map[*selector]struct{}
+	switch {
+	case s.kind == selCIDR:
+		m = c.cidrSels
+	case s.kind == selLabels && s.namespace != "":
+		m = c.selsByNS[s.namespace]
+		if m == nil {
+			m = map[*selector]struct{}{}
+			c.selsByNS[s.namespace] = m
+		}
+	default:
+		m = c.selsAnyNS
+	}
+	if add {
+		m[s] = struct{}{}
+		return
+	}
+	delete(m, s)
+	if s.kind == selLabels && s.namespace != "" && len(m) == 0 {
+		delete(c.selsByNS, s.namespace)
 	}
 }
 
@@ -769,8 +822,8 @@ func (c *Compiler) removeIdentity(id *identState) {
 	if len(c.identsByNS[id.namespace]) == 0 {
 		delete(c.identsByNS, id.namespace)
 	}
-	for _, s := range c.sels {
-		if s.kind != selCIDR && s.set(id.id, false) {
+	for s := range c.identitySelectors(id.namespace) {
+		if s.set(id.id, false) {
 			c.dirtyUsers(s, id.id)
 		}
 	}
@@ -889,6 +942,7 @@ func (c *Compiler) uninstall(ps *policyState, keep map[uint32]bool) {
 		s.refs--
 		if s.refs == 0 {
 			delete(c.sels, s.key)
+			c.indexSelector(s, false)
 		}
 	}
 	for _, p := range ps.prefixes {
@@ -1013,6 +1067,7 @@ func (c *Compiler) bindSelector(spec *selSpec) *selector {
 		}
 	}
 	c.sels[key] = s
+	c.indexSelector(s, true)
 	return s
 }
 
@@ -1031,8 +1086,8 @@ func (c *Compiler) refRegion(p netip.Prefix) {
 	c.cidrChanged, c.regionsDirty = true, true
 	// Whether a CIDR selector picks a region depends on that region alone,
 	// so a new region is simply offered to every CIDR selector.
-	for _, s := range c.sels {
-		if s.kind == selCIDR && s.matchesRegion(p) && s.set(id, true) {
+	for s := range c.cidrSels {
+		if s.matchesRegion(p) && s.set(id, true) {
 			c.dirtyUsers(s, id)
 		}
 	}
@@ -1048,8 +1103,8 @@ func (c *Compiler) unrefRegion(p netip.Prefix) {
 		delete(c.regions, p)
 		c.cidrIDs.Release(p.String())
 		c.cidrChanged, c.regionsDirty = true, true
-		for _, s := range c.sels {
-			if s.kind == selCIDR && s.set(r.id, false) {
+		for s := range c.cidrSels {
+			if s.set(r.id, false) {
 				c.dirtyUsers(s, r.id)
 			}
 		}

@@ -227,6 +227,18 @@ func (id *identState) remove(p *podState) {
 	}
 }
 
+// addPorts takes in the named ports of a pod that joined: only when it
+// brings one the union lacks is the union recomputed (a pod joining an
+// identity of hundreds would otherwise cost a walk over all of them).
+func (id *identState) addPorts(ports []namedPort) bool {
+	for _, np := range ports {
+		if !slices.Contains(id.ports, np) {
+			return id.recomputePorts()
+		}
+	}
+	return false
+}
+
 func (id *identState) recomputePorts() bool {
 	var ports []namedPort
 	for _, p := range id.pods {
