@@ -5,6 +5,7 @@ import (
 	"iter"
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -79,6 +80,12 @@ type Compiler struct {
 	// keyBuf and keyScratch are attach's buffers for identity keys.
 	keyBuf     []byte
 	keyScratch identity.Labels
+	// identMemo, during UpsertPodsFacts only, finds the identity of a
+	// pod whose label set (shared, never written) was seen before in the
+	// batch without building its key.
+	identMemo map[identMemoKey]identMemoEntry
+	// batch: an UpsertPodsFacts is under way.
+	batch bool
 	// namedCIDRs counts, per CIDR selector, the egress named-port rules
 	// towards it. The IPs of the pods inside such a CIDR become host
 	// regions (/32, /128) of their own, so those rules can name exactly
@@ -236,6 +243,29 @@ func (c *Compiler) UpsertPodFacts(f PodFacts) Changes {
 	return c.flush()
 }
 
+// UpsertPodsFacts upserts every pod pods yields, under one lock and with
+// one recompilation at the end: it leaves what as many UpsertPodFacts
+// would, at a fraction of the cost when the pods are many (the agent's
+// first convergence: every pod of the cluster), since a group is compiled
+// once rather than as each pod joins, and the identity of a label set
+// that several pods share (LabelsShared) is looked up once. pods must not
+// call the compiler.
+//
+// Its Changes name only the endpoints on Options.Node (all of them
+// without one) in Endpoints, Removed and PrevIPs; IPCache says whether
+// any pod's ipcache entries changed, and a caller that follows them pod
+// by pod must then read them all (EachIPCache).
+func (c *Compiler) UpsertPodsFacts(pods iter.Seq[PodFacts]) Changes {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.identMemo, c.batch = map[identMemoKey]identMemoEntry{}, true
+	defer func() { c.identMemo, c.batch = nil, false }()
+	for f := range pods {
+		c.upsertPodFacts(&f)
+	}
+	return c.flush()
+}
+
 // DeletePod removes a pod.
 func (c *Compiler) DeletePod(namespace, name string) Changes {
 	c.mu.Lock()
@@ -365,6 +395,13 @@ func (c *Compiler) Endpoints() []Endpoint {
 
 func compareEndpointIDs(a, b EndpointID) int {
 	return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+}
+
+// PodCount is the number of pods held, endpoints or not.
+func (c *Compiler) PodCount() int {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.pods.len()
 }
 
 // Endpoint returns one endpoint.
@@ -604,7 +641,10 @@ func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 		}
 		c.detach(old)
 	}
-	if old != nil && old.active && (np == nil || !np.active || old.ips != np.ips) {
+	// In a batch (UpsertPodsFacts) only the node's own endpoints are
+	// reported one by one.
+	report := !c.batch || (np != nil && c.isLocal(np)) || (old != nil && c.isLocal(old))
+	if report && old != nil && old.active && (np == nil || !np.active || old.ips != np.ips) {
 		if _, ok := c.prevIPs[old.id]; !ok {
 			if c.prevIPs == nil {
 				c.prevIPs = map[EndpointID][]netip.Addr{}
@@ -614,6 +654,7 @@ func (c *Compiler) replacePod(old, np *podState, pl podLabels) {
 		}
 	}
 	switch {
+	case !report:
 	case np != nil && np.active:
 		if old == nil || !old.active || old.group != np.group || old.ident != np.ident || old.node != np.node || old.ips != np.ips {
 			c.changed[np.id] = struct{}{}
@@ -640,8 +681,11 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 		return
 	}
 	nsLabels := c.namespaceLabels(p.id.Namespace)
-	c.keyBuf, c.keyScratch = identity.AppendPodKey(c.keyBuf[:0], c.keyScratch, p.id.Namespace, pl.labels, nsLabels, pl.serviceAccount)
-	ident := c.identByKey[string(c.keyBuf)]
+	ident, memoKey, memo := c.memoIdentity(p.id.Namespace, pl, nsLabels)
+	if ident == nil {
+		c.keyBuf, c.keyScratch = identity.AppendPodKey(c.keyBuf[:0], c.keyScratch, p.id.Namespace, pl.labels, nsLabels, pl.serviceAccount)
+		ident = c.identByKey[string(c.keyBuf)]
+	}
 	if ident == nil {
 		key := string(c.keyBuf)
 		num, err := c.ids.Allocate(key)
@@ -665,6 +709,9 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 			ident.podLabels = labels.Set{}
 		}
 		c.addIdentity(ident)
+	}
+	if memo {
+		c.identMemo[memoKey] = identMemoEntry{ident: ident, labels: pl.labels, nsLabels: nsLabels}
 	}
 	// Pods of one identity mostly have equal named ports: keep one copy.
 	if len(ident.pods) > 0 && slices.Equal(ident.pods[0].namedPorts(), p.namedPorts()) {
@@ -705,6 +752,39 @@ func (c *Compiler) attach(p *podState, pl podLabels) {
 			c.dirty[g] = struct{}{}
 		}
 	}
+}
+
+// identMemoKey names a pod's identity by the label sets it is made of, as
+// maps rather than their contents: a cached pod's labels are interned, so
+// the pods of one identity mostly share one map.
+type identMemoKey struct {
+	namespace, serviceAccount string
+	labels, nsLabels          uintptr
+}
+
+// identMemoEntry holds the maps its key names, so that their addresses
+// cannot be reused by other maps while it is kept.
+type identMemoEntry struct {
+	ident            *identState
+	labels, nsLabels map[string]string
+}
+
+// memoIdentity returns the identity the memo (UpsertPodsFacts) holds for
+// a pod of namespace ns with labels pl, if it holds one that still
+// exists, and the memo key under which to record it; memo is false when
+// there is no memo or the labels may be written.
+func (c *Compiler) memoIdentity(ns string, pl podLabels, nsLabels labels.Set) (*identState, identMemoKey, bool) {
+	if c.identMemo == nil || !pl.shared {
+		return nil, identMemoKey{}, false
+	}
+	k := identMemoKey{
+		namespace: ns, serviceAccount: pl.serviceAccount,
+		labels: reflect.ValueOf(pl.labels).Pointer(), nsLabels: reflect.ValueOf(map[string]string(nsLabels)).Pointer(),
+	}
+	if e, ok := c.identMemo[k]; ok && c.idents[e.ident.id] == e.ident {
+		return e.ident, k, false
+	}
+	return nil, k, true
 }
 
 // isLocal reports whether p is an endpoint on the compiler's node; every

@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"net/netip"
 	"runtime/debug"
 	"slices"
@@ -201,13 +200,9 @@ func (s *Syncer) Conflicts() []nodeinfo.Conflict {
 func (s *Syncer) worker(ctx context.Context) {
 	lastFlush := time.Now()
 	s.busy.Store(true)
-	for _, k := range s.takeInitial() {
-		if ctx.Err() != nil {
-			return
-		}
-		start := time.Now()
-		err := s.process(ctx, k, false, &lastFlush)
-		s.synced(start, err)
+	objects, pods := s.takeInitial()
+	if !s.firstConvergence(ctx, objects, pods) {
+		return
 	}
 	s.finish(&lastFlush)
 	s.busy.Store(false)
@@ -239,26 +234,89 @@ func (s *Syncer) synced(start time.Time, err error) {
 
 // takeInitial ends the first convergence's queue and returns its keys in
 // the order that costs least: namespaces and nodes first (pods compile
-// with their namespace's labels), policies, pods last.
-func (s *Syncer) takeInitial() []k8s.Key {
+// with their namespace's labels), then policies, sorted; and the pods, in
+// no particular order (they are compiled together: see firstConvergence).
+func (s *Syncer) takeInitial() (objects, pods []k8s.Key) {
 	s.initialMu.Lock()
 	defer s.initialMu.Unlock()
-	keys := slices.Collect(maps.Keys(s.initial))
-	s.initial, s.started = nil, true
-	rank := func(k k8s.Kind) int {
-		if k == k8s.Pod {
-			return int(k8s.ClusterMeshPolicy) + 1
+	for k := range s.initial {
+		if k.Kind == k8s.Pod {
+			pods = append(pods, k)
+		} else {
+			objects = append(objects, k)
 		}
-		return int(k)
 	}
-	slices.SortFunc(keys, func(a, b k8s.Key) int {
-		return cmp.Or(cmp.Compare(rank(a.Kind), rank(b.Kind)), strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	s.initial, s.started = nil, true
+	slices.SortFunc(objects, func(a, b k8s.Key) int {
+		return cmp.Or(cmp.Compare(a.Kind, b.Kind), strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
-	return keys
+	return objects, pods
+}
+
+// firstConvergence syncs the keys queued before Run: the objects one by
+// one, then every pod in one batch (policy.Compiler.UpsertPodsFacts),
+// which compiles each of the node's groups once, with the policies and
+// every peer in place, rather than once for each pod of the cluster that
+// joins one of its selectors; and the ipcache is built once, whole, by
+// the flush that follows (finish), rather than while the pods arrive. It
+// reports false when ctx ended first.
+func (s *Syncer) firstConvergence(ctx context.Context, objects, pods []k8s.Key) bool {
+	for _, k := range objects {
+		if ctx.Err() != nil {
+			return false
+		}
+		start := time.Now()
+		err := s.process(ctx, k, false, nil)
+		s.synced(start, err)
+	}
+	if ctx.Err() != nil {
+		return false
+	}
+	start := time.Now()
+	// Every cached pod, read from the cache as it is now: the queued
+	// keys name the same pods (a pod that changes meanwhile is queued
+	// again, as after Run every change is).
+	cached := s.cfg.Listers.Pods.List()
+	ch := s.cfg.Compiler.UpsertPodsFacts(func(yield func(policy.PodFacts) bool) {
+		for _, pod := range cached {
+			if !yield(s.podFacts(pod)) {
+				return
+			}
+		}
+	})
+	// A queued pod the cache no longer holds was deleted: the compiler
+	// forgets it, if it holds it (an endpoint wired before Run). When it
+	// holds no pod besides the cached ones, there is none to forget.
+	var single []k8s.Key
+	if s.cfg.Compiler.PodCount() != len(cached) {
+		for _, k := range pods {
+			if _, err := s.cfg.Listers.Pods.Get(k.Namespace, k.Name); err != nil {
+				single = append(single, k)
+			}
+		}
+	}
+	// Nothing is written per pod before the first convergence (apply):
+	// the ipcache is built from the whole cluster once the batch is in.
+	s.IPCacheStale()
+	err := s.apply(policy.Changes{IPCache: ch.IPCache, CIDRTable: ch.CIDRTable})
+	if err != nil {
+		s.log.Warn("sync of the cluster's pods failed; will retry", "error", err)
+	}
+	s.synced(start, err)
+	for _, k := range single {
+		if ctx.Err() != nil {
+			return false
+		}
+		start := time.Now()
+		err := s.process(ctx, k, false, nil)
+		s.synced(start, err)
+	}
+	return ctx.Err() == nil
 }
 
 // process syncs one key; a failure queues it again with a delay. queued:
-// k came from the queue (which must forget its failures).
+// k came from the queue (which must forget its failures). lastFlush is
+// nil during the first convergence, which flushes once, at its end.
 func (s *Syncer) process(ctx context.Context, k k8s.Key, queued bool, lastFlush *time.Time) error {
 	err := s.sync(ctx, k)
 	if err != nil {
@@ -270,7 +328,7 @@ func (s *Syncer) process(ctx context.Context, k k8s.Key, queued bool, lastFlush 
 	// The ipcache is rebuilt from the whole cluster, so a burst of pod
 	// events (a start, a scale-up) is flushed once when the queue
 	// drains, or at least every flushEvery, not once per event.
-	if time.Since(*lastFlush) > flushEvery {
+	if lastFlush != nil && time.Since(*lastFlush) > flushEvery {
 		s.flush(lastFlush)
 	}
 	return err
