@@ -122,10 +122,12 @@ type ipcacheDerived struct {
 	seed maphash.Seed
 }
 
-func newDerived() ipcacheDerived {
+// newDerived returns an empty derivation with room for pods claims (a
+// map grown claim by claim to the cluster's size rehashes a dozen times).
+func newDerived(pods int) ipcacheDerived {
 	return ipcacheDerived{
 		nodeEntries: map[netip.Prefix]compactEntry{}, nodeAddr: map[string]uint32{},
-		claims: map[uint32]podClaim{}, more: map[uint32][]podClaim{}, seed: maphash.MakeSeed(),
+		claims: make(map[uint32]podClaim, pods), more: map[uint32][]podClaim{}, seed: maphash.MakeSeed(),
 	}
 }
 
@@ -348,7 +350,7 @@ func (s *Syncer) podClaim(d *ipcacheDerived, e policy.IPCacheEntry) (uint32, pod
 // buildIPCache derives, from the resolved nodes and the compiler's pods,
 // what the ipcache should hold.
 func (s *Syncer) buildIPCache(c nodeinfo.Cluster, t *addrTable) ipcacheDerived {
-	d := newDerived()
+	d := newDerived(s.cfg.Compiler.PodCount())
 	nodes, nodeIPs := s.nodeIPCache(c)
 	for p, e := range nodes {
 		d.nodeEntries[p] = t.compact(e)
@@ -380,6 +382,10 @@ func (s *Syncer) syncIPCache() ([]netip.Prefix, error) {
 	defer s.mu.Unlock()
 	st := &s.ipc
 	st.derived, st.built = d, true
+	if len(st.written) == 0 {
+		// The first build writes every pod's entry: room for them all.
+		st.written = make(map[uint32]compactEntry, len(d.claims)+len(d.nodeEntries))
+	}
 	var (
 		errs    []error
 		changed []netip.Prefix

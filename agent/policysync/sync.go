@@ -357,8 +357,11 @@ func (s *Syncer) finish(lastFlush *time.Time) {
 		// The first lists (every pod of the cluster, decoded whole
 		// before the informers slimmed them) leave hundreds of MiB of
 		// garbage in a large cluster: give it back to the system once,
-		// rather than keep it as the agent's resident size.
-		debug.FreeOSMemory()
+		// rather than keep it as the agent's resident size. A forced
+		// collection of a heap that size takes a few hundred
+		// milliseconds, which the worker need not wait for: it runs
+		// beside it.
+		go debug.FreeOSMemory()
 		// Connections restored from pinned state are checked once,
 		// now that the state they are checked against is complete.
 		if err := s.evictRevoked(nil, true); err != nil {

@@ -2,6 +2,7 @@ package scale
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -270,6 +271,8 @@ func runAgent(kubeconfig string) error {
 		wopts.Checkpoint = &k8s.CheckpointOptions{Path: path, Node: localNode, MaxAge: 10 * time.Minute, Log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
 	}
 	w := k8s.NewWithOptions(kube, veil, wopts)
+	// When the start reached each step, reported once ready.
+	built := time.Since(start)
 	opts := policy.Options{Node: localNode}
 	if hasFlag(flags, "whole-cluster") {
 		opts.Node = ""
@@ -324,19 +327,28 @@ func runAgent(kubeconfig string) error {
 	if err := w.WaitForCacheSync(ctx, time.Minute, func([]string) {}); err != nil {
 		return err
 	}
+	synced := time.Since(start)
 	for _, k := range w.Keys() {
 		s.Enqueue(k)
 	}
+	queued := time.Since(start)
 	go s.Run(ctx)
 	var readyWall, readyCPU atomic.Int64
 	go func() {
+		var converged time.Duration
 		for ctx.Err() == nil && !(reg.Converged() && s.Idle()) {
+			if converged == 0 && reg.Converged() {
+				converged = time.Since(start)
+			}
 			time.Sleep(2 * time.Millisecond)
 		}
 		startProfile()
 		// CPU first: a reader takes a wall time as the sign both are set.
 		readyCPU.Store(cpuNS())
 		readyWall.Store(time.Since(start).Nanoseconds())
+		fmt.Fprintf(os.Stderr, "scale agent %q: start: watcher built %s, caches synced %s, keys queued %s, endpoints converged %s, ready %s\n",
+			flags, built.Round(time.Millisecond), synced.Round(time.Millisecond), queued.Round(time.Millisecond),
+			cmp.Or(converged, time.Duration(readyWall.Load())).Round(time.Millisecond), time.Duration(readyWall.Load()).Round(time.Millisecond))
 	}()
 
 	out := json.NewEncoder(os.Stdout)
