@@ -3,6 +3,7 @@ package policysync
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -57,8 +58,9 @@ func awaitIdle(t *testing.T, s *Syncer, converged func() bool) {
 // and defaults, the ipcache) equals what the same keys leave when they
 // arrive one by one after an empty start, through the path that follows
 // later changes (each pod's compile, its ipcache entries followed pod by
-// pod). Among the keys: a pod deleted since it was queued, and a local
-// pod whose record opts out of socket acceleration.
+// pod), whether the pods' keys were queued before Run or not (the daemon
+// queues none). Among the keys: a pod deleted since it was queued, and a
+// local pod whose record opts out of socket acceleration.
 func TestFirstConvergenceMatchesOneByOne(t *testing.T) {
 	sc := newSyntheticCluster(t, 900, 12)
 	optOut := sc.local[3].Pod
@@ -69,9 +71,13 @@ func TestFirstConvergenceMatchesOneByOne(t *testing.T) {
 	pod.Annotations = map[string]string{annotations.SocketAcceleration: "false"}
 	sc.keys = append(sc.keys, k8s.Key{Kind: k8s.Pod, Namespace: "team-001", Name: "deleted-meanwhile"})
 
-	run := func(oneByOne bool) (*entriesDatapath, *policy.Compiler) {
+	run := func(oneByOne, podsQueued bool) (*entriesDatapath, *policy.Compiler) {
 		dp := &entriesDatapath{fakeDatapath: newFakeDatapath(), entries: map[netip.Addr][]policytypes.Entry{}}
 		s, reg := sc.syncer(t, dp)
+		if !podsQueued {
+			// As the daemon queues them: objects but no pod.
+			maps.DeleteFunc(s.initial, func(k k8s.Key, _ struct{}) bool { return k.Kind == k8s.Pod })
+		}
 		var pods cache.Indexer
 		if oneByOne {
 			// Nothing queued and no pod cached before Run: it converges
@@ -96,14 +102,18 @@ func TestFirstConvergenceMatchesOneByOne(t *testing.T) {
 		}
 		return dp, s.cfg.Compiler
 	}
-	bulk, bulkC := run(false)
-	single, singleC := run(true)
+	bulk, bulkC := run(false, false)
+	queued, queuedC := run(false, true)
+	single, singleC := run(true, true)
 
 	// Identity and rule numbers depend on the order objects arrived in:
 	// compared by what they stand for.
 	got, want := datapathText(bulk, bulkC), datapathText(single, singleC)
 	if len(got) < 900 {
 		t.Fatalf("the datapath holds %d lines for 900 pods", len(got))
+	}
+	if q := datapathText(queued, queuedC); !slices.Equal(got, q) {
+		t.Errorf("the datapath differs when the pods' keys were queued too (%d lines; %d without)", len(q), len(got))
 	}
 	if !slices.Equal(got, want) {
 		n := 0

@@ -153,8 +153,9 @@ func (s *Syncer) Enqueue(k k8s.Key) {
 }
 
 // Run syncs queued objects until ctx is done. Start it once the informers'
-// caches have synced and every cached object is queued: the first time the
-// queue drains, the agent has converged.
+// caches have synced and every cached object is queued (pods need not be:
+// the first convergence reads every cached pod): the first time the queue
+// drains, the agent has converged.
 func (s *Syncer) Run(ctx context.Context) {
 	go func() {
 		<-ctx.Done()

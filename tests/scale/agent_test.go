@@ -329,7 +329,10 @@ func runAgent(kubeconfig string) error {
 	}
 	synced := time.Since(start)
 	for _, k := range w.Keys() {
-		s.Enqueue(k)
+		// As the daemon: the first convergence reads every cached pod.
+		if k.Kind != k8s.Pod {
+			s.Enqueue(k)
+		}
 	}
 	queued := time.Since(start)
 	go s.Run(ctx)
