@@ -8,7 +8,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"runtime/debug"
 	"slices"
 	"time"
 
@@ -215,13 +214,11 @@ func (w *Watcher) WaitForCacheSync(ctx context.Context, report time.Duration, wa
 			}
 		}
 		if len(left) == 0 {
-			// The first lists were the largest allocations the agent
-			// makes (every object whole, before the transforms); give
-			// their memory back now rather than as the scavenger gets
-			// to it, beside the first convergence rather than before
-			// it (a forced collection of the start's heap takes a
-			// tenth of a second or more).
-			go debug.FreeOSMemory()
+			// The first lists' garbage (every object whole, before the
+			// transforms) is given back once the agent converged
+			// (policysync), a moment later: a forced collection here
+			// too cost a resumed start, whose lists left little
+			// garbage, a sixth of its time.
 			waiting(nil)
 			return nil
 		}
