@@ -218,7 +218,7 @@ func (w *Watcher) WaitForCacheSync(ctx context.Context, report time.Duration, wa
 			// transforms) is given back once the agent converged
 			// (policysync), a moment later: a forced collection here
 			// too cost a resumed start, whose lists left little
-			// garbage, a sixth of its time.
+			// garbage, about 0.3 s.
 			waiting(nil)
 			return nil
 		}
