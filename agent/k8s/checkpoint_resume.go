@@ -316,19 +316,19 @@ func (l *resumingPods) resume(ctx context.Context, c *Checkpoint, opts metav1.Li
 		// turns into the checkpoint's PodInfo (see transform).
 		interned := map[uintptr]map[string]string{}
 		for i, p := range c.Pods {
-			if p.Labels != nil && l.labels != nil {
-				set := reflect.ValueOf(p.Labels).Pointer()
+			if p.labels != nil && l.labels != nil {
+				set := reflect.ValueOf(p.labels).Pointer()
 				m, ok := interned[set]
 				if !ok {
-					m = l.labels.intern(p.Labels)
+					m = l.labels.intern(p.labels)
 					interned[set] = m
 				}
-				p.Labels = m
+				p.labels = m
 			}
 			if l.ports != nil {
-				p.Ports = l.ports.intern(p.Ports)
+				p.ports = l.ports.intern(p.Ports())
 			}
-			bare := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, ResourceVersion: p.ResourceVersion}}
+			bare := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace(), Name: p.Name(), ResourceVersion: p.ResourceVersion()}}
 			l.pending.Store(bare, p)
 			if !send(watch.Event{Type: watch.Added, Object: bare}) {
 				l.pending.Delete(bare)
