@@ -5,9 +5,12 @@ import (
 	"reflect"
 	"runtime"
 	"testing"
+	"time"
 	"unsafe"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubefake "k8s.io/client-go/kubernetes/fake"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/api/annotations"
@@ -108,6 +111,45 @@ func TestStoreSharesThePodInfoKey(t *testing.T) {
 	got, err := NewPodStore(idx).Get("demo", "web-1")
 	if err != nil || got != p {
 		t.Errorf("Get = %v, %v", got, err)
+	}
+	// So does the informer's, after its first list and after an update.
+	kube := kubefake.NewClientset(defaultNamespace(), fullPod("web-1", "n1", "10.244.1.5", nil))
+	w, cancel := startWatcher(t, kube, nil)
+	defer cancel()
+	// cached returns the cached pod and the store's key for it.
+	cached := func() (*PodInfo, string) {
+		t.Helper()
+		p, err := w.Pods.Get("demo", "web-1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range w.informers[Pod].GetIndexer().ListKeys() {
+			if k == p.Key() {
+				return p, k
+			}
+		}
+		t.Fatalf("no key %s in the store", p.Key())
+		return nil, ""
+	}
+	if p, k := cached(); unsafe.StringData(k) != unsafe.StringData(p.Key()) {
+		t.Error("after the first list, the informer's store keys the pod by a string of its own, not the PodInfo's")
+	}
+	relabelled := fullPod("web-1", "n1", "10.244.1.5", map[string]string{"v": "2"})
+	relabelled.ResourceVersion = "43"
+	if _, err := kube.CoreV1().Pods("demo").Update(t.Context(), relabelled, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		p, k := cached()
+		if p.Labels()["v"] == "2" {
+			if unsafe.StringData(k) != unsafe.StringData(p.Key()) {
+				t.Error("after an update, the informer's store keys the pod by a string of its own, not the PodInfo's")
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the update did not reach the cache")
+		}
 	}
 	// A pod without a namespace is keyed by its name.
 	q := NewPodInfo(PodFields{Name: "bare"})
