@@ -66,9 +66,10 @@ type Checkpoint struct {
 	Pods      []*PodInfo
 }
 
-// The fields the codec writes, in order. TestCheckpointCoversPodInfo fails
-// when PodInfo or NamedPort gains a field not listed here: a field the
-// checkpoint dropped would be lost on every resume.
+// The fields the codec writes (see encoder.pod for the order).
+// TestCheckpointCoversPodInfo fails when PodInfo, podRare or NamedPort
+// gains a field not listed here: a field the checkpoint dropped would be
+// lost on every resume.
 var (
 	checkpointPodFields  = []string{"key", "labels", "ports", "rare", "namespace", "nodeName", "serviceAccount", "rv", "ip4", "bits"}
 	checkpointRareFields = []string{"annotations", "podIPs", "podIP", "resourceVersion", "phase"}
