@@ -50,8 +50,11 @@ type checkpointer struct {
 	synced  func() bool
 	// clusterID is the UID of the namespace "default" as cached, or "".
 	clusterID func() string
-	// lastRV is the version last written (or resumed from): the cache
-	// has not changed while its version has not.
+	// lastRV is the version this agent last wrote: the cache has not
+	// changed while its version has not. A checkpoint read at start does
+	// not set it, as the API server may yet refuse it (another cluster,
+	// a version ahead): the first write after a resume writes the same
+	// pods again, once.
 	lastRV string
 	warned bool
 }
@@ -84,7 +87,6 @@ func (c *checkpointer) load(now time.Time) *Checkpoint {
 	}
 	c.log.Info("pod cache: checkpoint read; resuming from it once the API server confirms its cluster and version", "age", age.Round(time.Millisecond),
 		"pods", len(ck.Pods), "resourceVersion", ck.ResourceVersion)
-	c.lastRV = ck.ResourceVersion
 	return ck
 }
 

@@ -544,3 +544,35 @@ func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
 		t.Errorf("%d bare pods still pending after the stream", n)
 	}
 }
+
+// A checkpoint read at start but refused (here: another cluster's) is not
+// the cache: once the store reaches the refused checkpoint's version, the
+// cache must still be written over it. Recording the refused version as
+// the last one written skipped that write, and a later start could resume
+// from the refused file once its version was no longer ahead.
+func TestCheckpointerWritesOverARefusedCheckpoint(t *testing.T) {
+	path := filepath.Join(t.TempDir(), CheckpointFile)
+	if err := WriteCheckpoint(path, &Checkpoint{ResourceVersion: "41", Written: time.Now(), Node: "n1", ClusterID: "other", Pods: testPods()}); err != nil {
+		t.Fatal(err)
+	}
+	kube := kubefake.NewClientset(defaultNamespace())
+	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer cancel()
+	if !podListed(kube) {
+		t.Fatal("the other cluster's checkpoint was resumed from; want a list")
+	}
+	idx := w.informers[Pod].GetIndexer()
+	if err := idx.Add(NewPodInfo(PodFields{Namespace: "a", Name: "p", ResourceVersion: "41"})); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.ckpt.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	ck, err := ReadCheckpoint(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ck.ClusterID != testCluster || len(ck.Pods) != 1 || ck.Pods[0].Name() != "p" {
+		t.Fatalf("checkpoint of cluster %q with %d pods, want this cluster's cache (%s, the one pod a/p)", ck.ClusterID, len(ck.Pods), testCluster)
+	}
+}
