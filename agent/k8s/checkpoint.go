@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"time"
+	"unique"
 
 	corev1 "k8s.io/api/core/v1"
 )
@@ -31,8 +32,11 @@ import (
 const CheckpointFile = "pod-cache.ckpt"
 
 const (
-	checkpointMagic   = "VEILPODC"
-	checkpointVersion = 1
+	checkpointMagic = "VEILPODC"
+	// checkpointVersion 2 writes PodInfo as it is packed (the resource
+	// version and an IPv4 address as numbers, the rare fields apart);
+	// version 1 wrote them as strings.
+	checkpointVersion = 2
 	// maxCheckpointBytes bounds what a read accepts: about 60 bytes a pod
 	// at 150,000 pods is 9 MiB.
 	maxCheckpointBytes = 1 << 30
@@ -62,11 +66,13 @@ type Checkpoint struct {
 	Pods      []*PodInfo
 }
 
-// The fields the codec writes, in order. TestCheckpointCoversPodInfo fails
-// when PodInfo or NamedPort gains a field not listed here: a field the
-// checkpoint dropped would be lost on every resume.
+// The fields the codec writes (see encoder.pod for the order).
+// TestCheckpointCoversPodInfo fails when PodInfo, podRare or NamedPort
+// gains a field not listed here: a field the checkpoint dropped would be
+// lost on every resume.
 var (
-	checkpointPodFields  = []string{"Namespace", "Name", "ResourceVersion", "Labels", "Annotations", "NodeName", "ServiceAccount", "HostNetwork", "Phase", "PodIP", "PodIPs", "Ports"}
+	checkpointPodFields  = []string{"key", "labels", "ports", "rare", "namespace", "nodeName", "serviceAccount", "rv", "ip4", "bits"}
+	checkpointRareFields = []string{"annotations", "podIPs", "podIP", "resourceVersion", "phase"}
 	checkpointPortFields = []string{"Container", "Name", "Port", "Protocol"}
 )
 
@@ -125,32 +131,38 @@ func (e *encoder) labels(m map[string]string) {
 }
 
 func (e *encoder) pod(p *PodInfo) {
-	e.str(p.Namespace)
-	e.raw(p.Name)
-	e.raw(p.ResourceVersion)
-	e.labels(p.Labels)
-	e.stringMap(p.Annotations)
-	e.str(p.NodeName)
-	e.str(p.ServiceAccount)
-	if p.HostNetwork {
-		e.uvarint(1)
-	} else {
-		e.uvarint(0)
+	e.str(p.Namespace())
+	e.raw(p.Name())
+	e.uvarint(p.rv)
+	e.uvarint(uint64(p.bits))
+	if p.bits&podIPIs4 != 0 {
+		e.buf = append(e.buf, p.ip4[:]...)
 	}
-	e.str(string(p.Phase))
-	e.raw(p.PodIP)
-	// nil and empty PodIPs differ for nothing Veil reads; both are 0.
-	e.uvarint(uint64(len(p.PodIPs)))
-	for _, ip := range p.PodIPs {
-		e.raw(ip)
-	}
-	e.uvarint(uint64(len(p.Ports)))
-	for _, np := range p.Ports {
+	e.labels(p.labels)
+	e.str(p.NodeName())
+	e.str(p.ServiceAccount())
+	ports := p.Ports()
+	e.uvarint(uint64(len(ports)))
+	for _, np := range ports {
 		e.str(np.Container)
 		e.str(np.Name)
 		e.uvarint(uint64(uint32(np.Port)))
 		e.str(string(np.Protocol))
 	}
+	if p.rare == nil {
+		e.uvarint(0)
+		return
+	}
+	e.uvarint(1)
+	r := p.rare
+	e.stringMap(r.annotations)
+	e.uvarint(uint64(len(r.podIPs)))
+	for _, ip := range r.podIPs {
+		e.raw(ip)
+	}
+	e.raw(r.podIP)
+	e.raw(r.resourceVersion)
+	e.str(string(r.phase))
 }
 
 // MarshalCheckpoint encodes c.
@@ -175,7 +187,10 @@ type decoder struct {
 	b       []byte
 	err     error
 	strings []string
+	// handles[i] is strings[i] interned, once asked for.
+	handles []unique.Handle[string]
 	sets    []map[string]string
+	key     []byte
 }
 
 func (d *decoder) fail(what string) {
@@ -207,33 +222,57 @@ func (d *decoder) count(what string) int {
 	return int(n)
 }
 
-func (d *decoder) raw(what string) string {
+// rawBytes reads a string's bytes, which stay the file's.
+func (d *decoder) rawBytes(what string) []byte {
 	n := d.count(what)
 	if d.err != nil {
-		return ""
+		return nil
 	}
-	s := string(d.b[:n])
+	b := d.b[:n]
 	d.b = d.b[n:]
-	return s
+	return b
 }
 
-func (d *decoder) str(what string) string {
+func (d *decoder) raw(what string) string { return string(d.rawBytes(what)) }
+
+// strIndex reads a string written by encoder.str and returns its index
+// in d.strings, or -1 after an error.
+func (d *decoder) strIndex(what string) int {
 	i := d.uvarint(what)
 	if d.err != nil {
-		return ""
+		return -1
 	}
 	if i == 0 {
 		// Shared with the pods that arrive later, as compactPod shares
 		// them.
-		s := intern(d.raw(what))
-		d.strings = append(d.strings, s)
-		return s
+		d.strings = append(d.strings, intern(d.raw(what)))
+		d.handles = append(d.handles, unique.Handle[string]{})
+		return len(d.strings) - 1
 	}
 	if i > uint64(len(d.strings)) {
 		d.fail(what + " reference")
-		return ""
+		return -1
 	}
-	return d.strings[i-1]
+	return int(i - 1)
+}
+
+func (d *decoder) str(what string) string {
+	if i := d.strIndex(what); i >= 0 {
+		return d.strings[i]
+	}
+	return ""
+}
+
+// handle reads a string written by encoder.str, interned as a handle.
+func (d *decoder) handle(what string) unique.Handle[string] {
+	i := d.strIndex(what)
+	if i < 0 {
+		return unique.Handle[string]{}
+	}
+	if d.handles[i] == (unique.Handle[string]{}) {
+		d.handles[i] = handle(d.strings[i])
+	}
+	return d.handles[i]
 }
 
 func (d *decoder) stringMap(what string) map[string]string {
@@ -265,30 +304,35 @@ func (d *decoder) labels() map[string]string {
 }
 
 func (d *decoder) pod() *PodInfo {
-	p := &PodInfo{
-		Namespace: d.str("namespace"), Name: d.raw("name"), ResourceVersion: d.raw("resource version"),
-		Labels: d.labels(), Annotations: d.stringMap("annotations"),
-		NodeName: d.str("node name"), ServiceAccount: d.str("service account"),
+	p := &PodInfo{namespace: d.handle("namespace")}
+	// The store key in one string, the name its tail (see PodInfo).
+	name := d.rawBytes("name")
+	if ns := p.Namespace(); ns != "" {
+		d.key = append(append(append(d.key[:0], ns...), '/'), name...)
+		p.key = string(d.key)
+	} else {
+		p.key = string(name)
 	}
-	switch d.uvarint("host network") {
-	case 0:
-	case 1:
-		p.HostNetwork = true
-	default:
-		d.fail("host network")
+	p.rv = d.uvarint("resource version")
+	bits := d.uvarint("flags")
+	if bits > phaseMask|hostNetwork|podIPIs4 || int(bits&phaseMask) >= len(phases) && bits&phaseMask != phaseOther {
+		d.fail("flags")
 	}
-	p.Phase = corev1.PodPhase(d.str("phase"))
-	p.PodIP = d.raw("pod IP")
-	if n := d.count("pod IPs"); n > 0 {
-		p.PodIPs = make([]string, n)
-		for i := range p.PodIPs {
-			p.PodIPs[i] = d.raw("pod IP")
+	p.bits = uint8(bits)
+	if p.bits&podIPIs4 != 0 {
+		if len(d.b) < 4 {
+			d.fail("pod IP")
+		} else {
+			p.ip4 = [4]byte(d.b[:4])
+			d.b = d.b[4:]
 		}
 	}
+	p.labels = d.labels()
+	p.nodeName, p.serviceAccount = d.handle("node name"), d.handle("service account")
 	if n := d.count("ports"); n > 0 {
-		p.Ports = make([]NamedPort, n)
-		for i := range p.Ports {
-			np := &p.Ports[i]
+		ports := make([]NamedPort, n)
+		for i := range ports {
+			np := &ports[i]
 			np.Container, np.Name = d.str("port container"), d.str("port name")
 			port := d.uvarint("port")
 			if port > 1<<32-1 {
@@ -297,6 +341,25 @@ func (d *decoder) pod() *PodInfo {
 			np.Port = int32(uint32(port))
 			np.Protocol = corev1.Protocol(d.str("port protocol"))
 		}
+		p.ports = &ports
+	}
+	switch d.uvarint("rare fields") {
+	case 0:
+	case 1:
+		r := &podRare{annotations: d.stringMap("annotations")}
+		if n := d.count("pod IPs"); n > 0 {
+			r.podIPs = make([]string, n)
+			for i := range r.podIPs {
+				r.podIPs[i] = d.raw("pod IP")
+			}
+		}
+		r.podIP, r.resourceVersion, r.phase = d.raw("pod IP"), d.raw("resource version"), corev1.PodPhase(d.str("phase"))
+		p.rare = r
+	default:
+		d.fail("rare fields")
+	}
+	if d.err == nil && p.bits&phaseMask == phaseOther && (p.rare == nil || p.rare.phase == "") {
+		d.fail("phase")
 	}
 	return p
 }

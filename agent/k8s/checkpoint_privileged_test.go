@@ -98,12 +98,12 @@ func startCheckpointed(t *testing.T, cfg *rest.Config, path, gone string) *runni
 
 // podState is what the test compares of a pod: its version and labels.
 func podState(p *PodInfo) string {
-	keys := slices.Sorted(maps.Keys(p.Labels))
+	keys := slices.Sorted(maps.Keys(p.Labels()))
 	var b strings.Builder
 	for _, k := range keys {
-		fmt.Fprintf(&b, "%s=%s,", k, p.Labels[k])
+		fmt.Fprintf(&b, "%s=%s,", k, p.Labels()[k])
 	}
-	return p.ResourceVersion + " " + b.String()
+	return p.ResourceVersion() + " " + b.String()
 }
 
 func apiPods(ctx context.Context, t *testing.T, kube kubernetes.Interface) map[string]string {
@@ -115,7 +115,7 @@ func apiPods(ctx context.Context, t *testing.T, kube kubernetes.Interface) map[s
 	out := map[string]string{}
 	for i := range list.Items {
 		p := compactPod(&list.Items[i], nil)
-		out[p.Namespace+"/"+p.Name] = podState(p)
+		out[p.Key()] = podState(p)
 	}
 	return out
 }
@@ -123,7 +123,7 @@ func apiPods(ctx context.Context, t *testing.T, kube kubernetes.Interface) map[s
 func cachedPods(w *Watcher) map[string]string {
 	out := map[string]string{}
 	for _, p := range w.Pods.List() {
-		out[p.Namespace+"/"+p.Name] = podState(p)
+		out[p.Key()] = podState(p)
 	}
 	return out
 }
@@ -233,7 +233,7 @@ func TestPrivilegedResumeFromCheckpoint(t *testing.T) {
 	if n := b.lists.Load(); n != 0 {
 		t.Errorf("the resumed agent listed pods %d times while catching up; it should only watch", n)
 	}
-	if p, err := b.Pods.Get("ck", "p1"); err != nil || p.Labels["new"] != "yes" {
+	if p, err := b.Pods.Get("ck", "p1"); err != nil || p.Labels()["new"] != "yes" {
 		t.Errorf("relabelled pod %+v, %v", p, err)
 	}
 	b.stop()
@@ -250,8 +250,8 @@ func TestPrivilegedResumeFromCheckpoint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ck.Pods = slices.DeleteFunc(ck.Pods, func(p *PodInfo) bool { return p.Name == "p3" })
-	ck.Pods = append(ck.Pods, &PodInfo{Namespace: "ck", Name: "ghost", ResourceVersion: "2", NodeName: "n1"})
+	ck.Pods = slices.DeleteFunc(ck.Pods, func(p *PodInfo) bool { return p.Name() == "p3" })
+	ck.Pods = append(ck.Pods, NewPodInfo(PodFields{Namespace: "ck", Name: "ghost", ResourceVersion: "2", NodeName: "n1"}))
 	for _, tc := range []struct {
 		name, rv, gone, log string
 	}{

@@ -50,8 +50,11 @@ type checkpointer struct {
 	synced  func() bool
 	// clusterID is the UID of the namespace "default" as cached, or "".
 	clusterID func() string
-	// lastRV is the version last written (or resumed from): the cache
-	// has not changed while its version has not.
+	// lastRV is the version this agent last wrote: the cache has not
+	// changed while its version has not. A checkpoint read at start does
+	// not set it, as the API server may yet refuse it (another cluster,
+	// a version ahead): the first write after a resume writes the same
+	// pods again, once.
 	lastRV string
 	warned bool
 }
@@ -84,7 +87,6 @@ func (c *checkpointer) load(now time.Time) *Checkpoint {
 	}
 	c.log.Info("pod cache: checkpoint read; resuming from it once the API server confirms its cluster and version", "age", age.Round(time.Millisecond),
 		"pods", len(ck.Pods), "resourceVersion", ck.ResourceVersion)
-	c.lastRV = ck.ResourceVersion
 	return ck
 }
 
@@ -316,19 +318,19 @@ func (l *resumingPods) resume(ctx context.Context, c *Checkpoint, opts metav1.Li
 		// turns into the checkpoint's PodInfo (see transform).
 		interned := map[uintptr]map[string]string{}
 		for i, p := range c.Pods {
-			if p.Labels != nil && l.labels != nil {
-				set := reflect.ValueOf(p.Labels).Pointer()
+			if p.labels != nil && l.labels != nil {
+				set := reflect.ValueOf(p.labels).Pointer()
 				m, ok := interned[set]
 				if !ok {
-					m = l.labels.intern(p.Labels)
+					m = l.labels.intern(p.labels)
 					interned[set] = m
 				}
-				p.Labels = m
+				p.labels = m
 			}
 			if l.ports != nil {
-				p.Ports = l.ports.intern(p.Ports)
+				p.ports = l.ports.intern(p.Ports())
 			}
-			bare := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace, Name: p.Name, ResourceVersion: p.ResourceVersion}}
+			bare := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: p.Namespace(), Name: p.Name(), ResourceVersion: p.ResourceVersion()}}
 			l.pending.Store(bare, p)
 			if !send(watch.Event{Type: watch.Added, Object: bare}) {
 				l.pending.Delete(bare)

@@ -38,12 +38,12 @@ func defaultNamespace() *corev1.Namespace {
 func testPods() []*PodInfo {
 	web := map[string]string{"app": "web", "tier": "front"}
 	return []*PodInfo{
-		{Namespace: "a", Name: "web-1", ResourceVersion: "101", Labels: web, NodeName: "n1", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.1.5",
-			Ports: []NamedPort{{Container: "app", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "app", Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}}},
-		{Namespace: "a", Name: "web-2", ResourceVersion: "102", Labels: web, NodeName: "n2", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.2.5"},
-		{Namespace: "b", Name: "host", ResourceVersion: "7", HostNetwork: true, NodeName: "n1", Phase: corev1.PodPending,
-			Annotations: map[string]string{"veil.dev/socket-acceleration": "off"}, PodIP: "10.0.0.1", PodIPs: []string{"10.0.0.1", "fd00::1"}},
-		{Namespace: "b", Name: "bare"},
+		NewPodInfo(PodFields{Namespace: "a", Name: "web-1", ResourceVersion: "101", Labels: web, NodeName: "n1", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.1.5",
+			Ports: []NamedPort{{Container: "app", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "app", Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}}}),
+		NewPodInfo(PodFields{Namespace: "a", Name: "web-2", ResourceVersion: "102", Labels: web, NodeName: "n2", ServiceAccount: "default", Phase: corev1.PodRunning, PodIP: "10.244.2.5"}),
+		NewPodInfo(PodFields{Namespace: "b", Name: "host", ResourceVersion: "7", HostNetwork: true, NodeName: "n1", Phase: corev1.PodPending,
+			Annotations: map[string]string{"veil.dev/socket-acceleration": "off"}, PodIP: "10.0.0.1", PodIPs: []string{"10.0.0.1", "fd00::1"}}),
+		NewPodInfo(PodFields{Namespace: "b", Name: "bare"}),
 	}
 }
 
@@ -125,27 +125,47 @@ func TestCheckpointCoversPodInfo(t *testing.T) {
 	if got := names(reflect.TypeFor[NamedPort]()); !slices.Equal(got, checkpointPortFields) {
 		t.Errorf("NamedPort has fields %v; the checkpoint codec writes %v", got, checkpointPortFields)
 	}
-	// Every field set, whatever they are: each survives the file, and
-	// the resume's path into the cache (Object, then the transform).
-	var p PodInfo
-	fillValue(t, reflect.ValueOf(&p).Elem(), 1)
-	p.Ports = p.Ports[:1] // Object groups ports by container
+	if got := names(reflect.TypeFor[podRare]()); !slices.Equal(got, checkpointRareFields) {
+		t.Errorf("podRare has fields %v; the checkpoint codec writes %v", got, checkpointRareFields)
+	}
+	// Every field of PodFields set, whatever they are (none of them the
+	// kind PodInfo holds as a number: every rare field is set), and a
+	// usual pod (version, address, phase and host network as numbers):
+	// each survives PodInfo, the file, and the resume's path into the
+	// cache (Object, then the transform).
+	var odd PodFields
+	fillValue(t, reflect.ValueOf(&odd).Elem(), 1)
+	odd.Ports = odd.Ports[:1] // Object groups ports by container
 	// The cache keeps only Veil's annotations.
-	p.Annotations = map[string]string{annotations.SocketAcceleration: "off"}
-	out, err := UnmarshalCheckpoint(MarshalCheckpoint(&Checkpoint{ResourceVersion: "1", Pods: []*PodInfo{&p}}))
-	if err != nil {
-		t.Fatal(err)
+	odd.Annotations = map[string]string{annotations.SocketAcceleration: "off"}
+	usual := PodFields{Namespace: "ns", Name: "web-1", ResourceVersion: "18446744073709551615", Labels: map[string]string{"app": "web"},
+		NodeName: "n1", ServiceAccount: "sa", HostNetwork: true, Phase: corev1.PodSucceeded, PodIP: "10.244.255.0"}
+	for _, f := range []PodFields{odd, usual} {
+		p := NewPodInfo(f)
+		if got := p.Fields(); !reflect.DeepEqual(got, f) {
+			t.Errorf("through PodInfo:\n got %+v\nwant %+v", got, f)
+		}
+		out, err := UnmarshalCheckpoint(MarshalCheckpoint(&Checkpoint{ResourceVersion: "1", Pods: []*PodInfo{p}}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(out.Pods[0], p) {
+			t.Errorf("through the checkpoint:\n got %+v\nwant %+v", out.Pods[0].Fields(), f)
+		}
+		tr := &transformer{}
+		cached, err := tr.transform(out.Pods[0].Object())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(cached, p) {
+			t.Errorf("through the resume into the cache:\n got %+v\nwant %+v", cached.(*PodInfo).Fields(), f)
+		}
 	}
-	if !reflect.DeepEqual(out.Pods[0], &p) {
-		t.Errorf("through the checkpoint:\n got %+v\nwant %+v", out.Pods[0], &p)
+	if p := NewPodInfo(odd); p.rare == nil || p.rare.resourceVersion == "" || p.rare.podIP == "" || p.rare.phase == "" {
+		t.Errorf("PodFields %+v packed without its odd version, address or phase apart: %+v", odd, p)
 	}
-	tr := &transformer{}
-	cached, err := tr.transform(out.Pods[0].Object())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(cached, &p) {
-		t.Errorf("through the resume into the cache:\n got %+v\nwant %+v", cached, &p)
+	if p := NewPodInfo(usual); p.rare != nil || p.rv == 0 || p.bits&podIPIs4 == 0 {
+		t.Errorf("a usual pod packed with rare fields, or without its version and address as numbers: %+v", p)
 	}
 }
 
@@ -272,9 +292,9 @@ func TestResumeServesFirstListFromCheckpoint(t *testing.T) {
 		t.Errorf("the first list of pods went to the API server; log: %s", logs.String())
 	}
 	got := w.Pods.List()
-	slices.SortFunc(got, func(a, b *PodInfo) int { return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name) })
+	slices.SortFunc(got, func(a, b *PodInfo) int { return strings.Compare(a.Key(), b.Key()) })
 	want := testPods()
-	slices.SortFunc(want, func(a, b *PodInfo) int { return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name) })
+	slices.SortFunc(want, func(a, b *PodInfo) int { return strings.Compare(a.Key(), b.Key()) })
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("cache after resume:\n got %+v\nwant %+v", got, want)
 	}
@@ -282,6 +302,10 @@ func TestResumeServesFirstListFromCheckpoint(t *testing.T) {
 		t.Errorf("the start did not log the resume: %s", logs.String())
 	}
 }
+
+// checkpointV1 is a checkpoint as main at 2ae97ad wrote it (format 1,
+// before PodInfo was packed): the first two of testPods at version 103.
+const checkpointV1 = "VEILPODC\x01\x80\x80\xd0\xe2ƿΗ/\x03103\x02n1$6b1f3c2e-0000-4000-8000-000000000001\x02\x00\x01a\x05web-1\x03101\x01\x02\x00\x03app\x00\x03web\x00\x04tier\x00\x05front\x00\x00\x02n1\x00\adefault\x00\x00\aRunning\n10.244.1.5\x00\x02\x02\x00\x04http\x90?\x00\x03TCP\x02\x00\x03dns5\x00\x03UDP\x01\x05web-2\x03102\x02\x00\x00\x02n2\a\x00\b\n10.244.2.5\x00\x00\xf7\xcb^\x86"
 
 func TestResumeRefusesCheckpoints(t *testing.T) {
 	for _, tc := range []struct {
@@ -297,6 +321,7 @@ func TestResumeRefusesCheckpoints(t *testing.T) {
 			b[len(checkpointMagic)]++
 			return os.WriteFile(p, b, 0o600)
 		}, "unknown format version", false},
+		{"version 1", func(p string) error { return os.WriteFile(p, []byte(checkpointV1), 0o600) }, "version 1, this agent reads 2", false},
 		{"too old", func(p string) error {
 			return WriteCheckpoint(p, &Checkpoint{ResourceVersion: "5", Written: time.Now().Add(-time.Hour), Node: "n1", ClusterID: testCluster, Pods: testPods()})
 		}, "checkpoint too old", true},
@@ -323,7 +348,7 @@ func TestResumeRefusesCheckpoints(t *testing.T) {
 			if !podListed(kube) {
 				t.Error("pods were not listed from the API server")
 			}
-			if got := w.Pods.List(); len(got) != 1 || got[0].Name != "live" {
+			if got := w.Pods.List(); len(got) != 1 || got[0].Name() != "live" {
 				t.Errorf("cache %+v, want the API server's one pod", got)
 			}
 			if !strings.Contains(logs.String(), tc.log) {
@@ -347,7 +372,7 @@ func TestCheckpointerWritesWhenChanged(t *testing.T) {
 	c := w.ckpt
 	synced := false
 	c.synced = func() bool { return synced }
-	if err := idx.Add(&PodInfo{Namespace: "a", Name: "p", ResourceVersion: "41"}); err != nil {
+	if err := idx.Add(NewPodInfo(PodFields{Namespace: "a", Name: "p", ResourceVersion: "41"})); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.write(time.Now()); err != nil {
@@ -391,12 +416,12 @@ func BenchmarkCheckpoint150k(b *testing.B) {
 		if sets[key] == nil {
 			sets[key] = map[string]string{"app": fmt.Sprintf("app-%d", i%10), "tier": fmt.Sprintf("t%d", i%3), "version": fmt.Sprintf("v%d", i%2), "pod-template-hash": fmt.Sprintf("%08x", i%60)}
 		}
-		pods[i] = &PodInfo{
+		pods[i] = NewPodInfo(PodFields{
 			Namespace: ns, Name: fmt.Sprintf("app-%d-%08x-%05d", i%10, i%60, i), ResourceVersion: strconv.Itoa(100000 + i),
 			Labels: sets[key], NodeName: fmt.Sprintf("node-%04d", i/30), ServiceAccount: "default", Phase: corev1.PodRunning,
 			PodIP: fmt.Sprintf("10.%d.%d.%d", 100+i/65536, i/256%256, i%256),
 			Ports: []NamedPort{{Container: "app", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "app", Name: "metrics", Port: 9090, Protocol: corev1.ProtocolTCP}},
-		}
+		})
 	}
 	ck := &Checkpoint{ResourceVersion: "999999", Written: time.Now(), Node: "node-0000", ClusterID: testCluster, Pods: pods}
 	var enc []byte
@@ -496,16 +521,16 @@ func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
 	}
 	// The label set shared in the checkpoint is the interner's, which
 	// pods listed or watched later get too.
-	if later := tr.labels.intern(map[string]string{"app": "web", "tier": "front"}); reflect.ValueOf(later).Pointer() != reflect.ValueOf(got[0].Labels).Pointer() {
+	if later := tr.labels.intern(map[string]string{"app": "web", "tier": "front"}); reflect.ValueOf(later).Pointer() != reflect.ValueOf(got[0].Labels()).Pointer() {
 		t.Error("a resumed pod's label set is not the one the transformer hands out")
 	}
 	// So is its list of named ports.
 	for _, p := range got {
-		if len(p.Ports) == 0 {
+		if len(p.Ports()) == 0 {
 			continue
 		}
-		if later := tr.ports.intern(slices.Clone(p.Ports)); &later[0] != &p.Ports[0] {
-			t.Errorf("resumed pod %s/%s: its named ports are not the list the transformer hands out", p.Namespace, p.Name)
+		if later := tr.ports.intern(slices.Clone(p.Ports())); later != p.ports {
+			t.Errorf("resumed pod %s: its named ports are not the list the transformer hands out", p.Key())
 		}
 	}
 	// Taken once: the next watch list is a real one, and nothing is left
@@ -517,5 +542,37 @@ func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
 	l.pending.Range(func(any, any) bool { n++; return true })
 	if n != 0 {
 		t.Errorf("%d bare pods still pending after the stream", n)
+	}
+}
+
+// A checkpoint read at start but refused (here: another cluster's) is not
+// the cache: once the store reaches the refused checkpoint's version, the
+// cache must still be written over it. Recording the refused version as
+// the last one written skipped that write, and a later start could resume
+// from the refused file once its version was no longer ahead.
+func TestCheckpointerWritesOverARefusedCheckpoint(t *testing.T) {
+	path := filepath.Join(t.TempDir(), CheckpointFile)
+	if err := WriteCheckpoint(path, &Checkpoint{ResourceVersion: "41", Written: time.Now(), Node: "n1", ClusterID: "other", Pods: testPods()}); err != nil {
+		t.Fatal(err)
+	}
+	kube := kubefake.NewClientset(defaultNamespace())
+	w, cancel := startWatcher(t, kube, &CheckpointOptions{Path: path, Node: "n1", Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	defer cancel()
+	if !podListed(kube) {
+		t.Fatal("the other cluster's checkpoint was resumed from; want a list")
+	}
+	idx := w.informers[Pod].GetIndexer()
+	if err := idx.Add(NewPodInfo(PodFields{Namespace: "a", Name: "p", ResourceVersion: "41"})); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.ckpt.write(time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	ck, err := ReadCheckpoint(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ck.ClusterID != testCluster || len(ck.Pods) != 1 || ck.Pods[0].Name() != "p" {
+		t.Fatalf("checkpoint of cluster %q with %d pods, want this cluster's cache (%s, the one pod a/p)", ck.ClusterID, len(ck.Pods), testCluster)
 	}
 }

@@ -256,7 +256,7 @@ func (w *Watcher) Keys() []Key {
 	cmps, _ := w.ClusterMeshPolicies.List(labels.Everything())
 	add(ClusterMeshPolicy, metaList(cmps))
 	for _, p := range w.Pods.List() {
-		out = append(out, Key{Kind: Pod, Namespace: p.Namespace, Name: p.Name})
+		out = append(out, Key{Kind: Pod, Namespace: p.Namespace(), Name: p.Name()})
 	}
 	return out
 }
@@ -282,6 +282,10 @@ type handler struct {
 func (h handler) key(obj any) (Key, bool) {
 	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		obj = t.Obj
+	}
+	if p, ok := obj.(*PodInfo); ok {
+		// Its meta names it by its store key (see GetObjectMeta).
+		return Key{Kind: h.kind, Namespace: p.Namespace(), Name: p.Name()}, true
 	}
 	m, err := meta.Accessor(obj)
 	if err != nil {

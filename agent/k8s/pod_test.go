@@ -5,8 +5,13 @@ import (
 	"reflect"
 	"runtime"
 	"testing"
+	"time"
+	"unsafe"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	kubefake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/api/annotations"
 )
@@ -56,7 +61,7 @@ func TestPodInfoHoldsWhatVeilReadsInAFraction(t *testing.T) {
 			t.Errorf("Object() = %+v\nwant the slimmed pod %+v", got, slim[i])
 		}
 	}
-	if infos[0].Annotations[annotations.SocketAcceleration] != "false" || len(infos[0].Ports) != 2 {
+	if infos[0].Annotations()[annotations.SocketAcceleration] != "false" || len(infos[0].Ports()) != 2 {
 		t.Errorf("PodInfo %+v lost the opt-out or the named ports", infos[0])
 	}
 	runtime.KeepAlive(full)
@@ -68,11 +73,133 @@ func TestPodInfoHoldsWhatVeilReadsInAFraction(t *testing.T) {
 // podIP is kept once.
 func TestPodInfoIPs(t *testing.T) {
 	p := fullPod("a", "n1", "10.0.0.1", nil)
-	if got := compactPod(p, nil); got.PodIPs != nil || got.Object().Status.PodIPs[0].IP != "10.0.0.1" {
+	if got := compactPod(p, nil); got.PodIPs() != nil || got.Object().Status.PodIPs[0].IP != "10.0.0.1" {
 		t.Errorf("one IP: %+v", got)
 	}
 	p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: "fd00::1"})
 	if got := compactPod(p, nil).Object().Status.PodIPs; len(got) != 2 || got[1].IP != "fd00::1" {
 		t.Errorf("two IPs: %+v", got)
+	}
+}
+
+// TestPodInfoIsSmall pins PodInfo's size: 80 bytes is its allocation size
+// class; at 150,000 pods each 16 bytes more is 2.3 MiB.
+func TestPodInfoIsSmall(t *testing.T) {
+	if got := unsafe.Sizeof(PodInfo{}); got > 80 {
+		t.Errorf("PodInfo is %d bytes, want at most 80 (rare fields belong in podRare)", got)
+	}
+}
+
+// The informer's store keys a pod by the PodInfo's own key string: one
+// string a pod, not a key and a name.
+func TestStoreSharesThePodInfoKey(t *testing.T) {
+	idx := cache.NewIndexer(cache.DeletionHandlingMetaNamespaceKeyFunc, cache.Indexers{})
+	p := compactPod(fullPod("web-1", "n1", "10.244.1.5", nil), &transformer{})
+	if err := idx.Add(p); err != nil {
+		t.Fatal(err)
+	}
+	keys := idx.ListKeys()
+	if len(keys) != 1 || keys[0] != "demo/web-1" || p.Key() != "demo/web-1" || p.Namespace() != "demo" || p.Name() != "web-1" {
+		t.Fatalf("store keys %q for pod %s (namespace %q, name %q)", keys, p.Key(), p.Namespace(), p.Name())
+	}
+	if unsafe.StringData(keys[0]) != unsafe.StringData(p.Key()) {
+		t.Error("the store's key is a string of its own, not the PodInfo's")
+	}
+	if unsafe.StringData(p.Name()) != unsafe.StringData(p.Key()[len("demo/"):]) {
+		t.Error("the pod's name is a string of its own, not the tail of its key")
+	}
+	got, err := NewPodStore(idx).Get("demo", "web-1")
+	if err != nil || got != p {
+		t.Errorf("Get = %v, %v", got, err)
+	}
+	// So does the informer's, after its first list and after an update.
+	kube := kubefake.NewClientset(defaultNamespace(), fullPod("web-1", "n1", "10.244.1.5", nil))
+	w, cancel := startWatcher(t, kube, nil)
+	defer cancel()
+	// cached returns the cached pod and the store's key for it.
+	cached := func() (*PodInfo, string) {
+		t.Helper()
+		p, err := w.Pods.Get("demo", "web-1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range w.informers[Pod].GetIndexer().ListKeys() {
+			if k == p.Key() {
+				return p, k
+			}
+		}
+		t.Fatalf("no key %s in the store", p.Key())
+		return nil, ""
+	}
+	if p, k := cached(); unsafe.StringData(k) != unsafe.StringData(p.Key()) {
+		t.Error("after the first list, the informer's store keys the pod by a string of its own, not the PodInfo's")
+	}
+	relabelled := fullPod("web-1", "n1", "10.244.1.5", map[string]string{"v": "2"})
+	relabelled.ResourceVersion = "43"
+	if _, err := kube.CoreV1().Pods("demo").Update(t.Context(), relabelled, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		p, k := cached()
+		if p.Labels()["v"] == "2" {
+			if unsafe.StringData(k) != unsafe.StringData(p.Key()) {
+				t.Error("after an update, the informer's store keys the pod by a string of its own, not the PodInfo's")
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the update did not reach the cache")
+		}
+	}
+	// A pod without a namespace is keyed by its name.
+	q := NewPodInfo(PodFields{Name: "bare"})
+	if q.Key() != "bare" || q.Name() != "bare" || q.Namespace() != "" {
+		t.Errorf("pod without a namespace: key %q, name %q, namespace %q", q.Key(), q.Name(), q.Namespace())
+	}
+	if k, err := cache.MetaNamespaceKeyFunc(q); err != nil || k != "bare" {
+		t.Errorf("its store key %q, %v", k, err)
+	}
+}
+
+// Versions, addresses and phases PodInfo does not hold as numbers are kept
+// as they were written, and compared as strings.
+func TestPodInfoKeepsOddValues(t *testing.T) {
+	for _, tc := range []struct {
+		rv, ip string
+		phase  corev1.PodPhase
+		packed bool
+	}{
+		{"1", "0.0.0.0", corev1.PodPending, true},
+		{"18446744073709551615", "255.255.255.255", corev1.PodUnknown, true},
+		{"18446744073709551616", "10.0.0.1", "", false}, // above uint64
+		{"0", "10.0.0.1", "", false},
+		{"007", "10.0.0.1", "", false},
+		{"12a", "10.0.0.1", "", false},
+		{"1", "010.0.0.1", "", false},
+		{"1", "10.0.0.256", "", false},
+		{"1", "10.0.0", "", false},
+		{"1", "10.0.0.1.", "", false},
+		{"1", "10..0.1", "", false},
+		{"1", "::ffff:10.0.0.1", "", false},
+		{"1", "fd00::1", "", false},
+		{"1", "10.0.0.1", "Evicted", false},
+		{"", "", "", true},
+	} {
+		p := NewPodInfo(PodFields{Namespace: "a", Name: "p", ResourceVersion: tc.rv, PodIP: tc.ip, Phase: tc.phase})
+		if p.ResourceVersion() != tc.rv || p.PodIP() != tc.ip || p.Phase() != tc.phase {
+			t.Errorf("%q %q %q: read back %q %q %q", tc.rv, tc.ip, tc.phase, p.ResourceVersion(), p.PodIP(), p.Phase())
+		}
+		if packed := p.rare == nil; packed != tc.packed {
+			t.Errorf("%q %q %q: packed without rare fields = %v, want %v", tc.rv, tc.ip, tc.phase, packed, tc.packed)
+		}
+		same := NewPodInfo(PodFields{Namespace: "a", Name: "p", ResourceVersion: tc.rv, PodIP: tc.ip, Phase: tc.phase})
+		other := NewPodInfo(PodFields{Namespace: "a", Name: "p", ResourceVersion: tc.rv + "0", PodIP: tc.ip, Phase: tc.phase})
+		if !p.sameVersion(same) || p.sameVersion(other) || unreadChange(p, same) || !unreadChange(p, other) {
+			t.Errorf("%q: versions %q and %q compare wrongly", tc.rv, tc.rv, tc.rv+"0")
+		}
+	}
+	// A number and a string of other digits are not the same version.
+	if NewPodInfo(PodFields{ResourceVersion: "7"}).sameVersion(NewPodInfo(PodFields{ResourceVersion: "07"})) {
+		t.Error("versions 7 and 07 are the same")
 	}
 }

@@ -184,17 +184,19 @@ func (in *labelInterner) intern(ls map[string]string) map[string]string {
 	})
 }
 
-// portsInterner hands out one shared slice per distinct list of named
+// portsInterner hands out one shared list per distinct list of named
 // ports, so pods of one deployment share it (every pod of a workload
 // that names its ports would otherwise hold a copy: 112 bytes for two).
-// Interned slices must never be written. It forgets as labelInterner.
+// Interned lists must never be written. It forgets as labelInterner.
 type portsInterner struct {
 	mu    sync.Mutex
-	lists generations[[]NamedPort]
+	lists generations[*[]NamedPort]
 	key   []byte
 }
 
-func (in *portsInterner) intern(ports []NamedPort) []NamedPort {
+// intern returns the shared copy of ports (nil for none); ports is not
+// kept.
+func (in *portsInterner) intern(ports []NamedPort) *[]NamedPort {
 	if len(ports) == 0 {
 		return nil
 	}
@@ -215,7 +217,10 @@ func (in *portsInterner) intern(ports []NamedPort) []NamedPort {
 	if v, ok := in.lists.cur[string(in.key)]; ok {
 		return v
 	}
-	return in.lists.get(string(in.key), func() []NamedPort { return slices.Clip(ports) })
+	return in.lists.get(string(in.key), func() *[]NamedPort {
+		l := slices.Clone(ports)
+		return &l
+	})
 }
 
 // unreadChange reports whether an update between two slimmed objects
@@ -226,7 +231,7 @@ func unreadChange(old, cur any) bool {
 	switch o := old.(type) {
 	case *PodInfo:
 		c, ok := cur.(*PodInfo)
-		return ok && o.ResourceVersion != c.ResourceVersion && o.equalButVersion(c)
+		return ok && !o.sameVersion(c) && o.equalButVersion(c)
 	case *corev1.Pod:
 		c, ok := cur.(*corev1.Pod)
 		return ok && o.ResourceVersion != c.ResourceVersion && equalButVersion(*o, *c, func(p *corev1.Pod) *metav1.ObjectMeta { return &p.ObjectMeta })

@@ -226,10 +226,10 @@ func TestWatcherCachesSlimObjects(t *testing.T) {
 			if _, compact := cached.(*PodInfo); compact == fullObjects {
 				t.Errorf("cached pod is a %T with FullObjects=%v", cached, fullObjects)
 			}
-			if a.Object().Spec.Containers[0].Ports[0].Name != "http" || a.Annotations[annotations.SocketAcceleration] != "false" {
+			if a.Object().Spec.Containers[0].Ports[0].Name != "http" || a.Annotations()[annotations.SocketAcceleration] != "false" {
 				t.Errorf("pod read from the cache lost what Veil reads: %+v", a)
 			}
-			if shared := mapID(a.Labels) == mapID(b.Labels); shared == fullObjects {
+			if shared := mapID(a.Labels()) == mapID(b.Labels()); shared == fullObjects {
 				t.Errorf("equal labels of two cached pods shared=%v with FullObjects=%v", shared, fullObjects)
 			}
 		})
@@ -310,8 +310,8 @@ func TestPortsInternerShares(t *testing.T) {
 		return o.(*PodInfo)
 	}
 	a, b := info("a", nil), info("b", nil)
-	if len(a.Ports) == 0 || &a.Ports[0] != &b.Ports[0] {
-		t.Errorf("equal named ports not shared: %v %v", a.Ports, b.Ports)
+	if len(a.Ports()) == 0 || &a.Ports()[0] != &b.Ports()[0] {
+		t.Errorf("equal named ports not shared: %v %v", a.Ports(), b.Ports())
 	}
 	for _, m := range []func(*corev1.Pod){
 		func(p *corev1.Pod) { p.Spec.Containers[0].Ports[0].ContainerPort++ },
@@ -320,14 +320,14 @@ func TestPortsInternerShares(t *testing.T) {
 		func(p *corev1.Pod) { p.Spec.Containers[0].Ports[0].Name += "x" },
 	} {
 		c := info("c", m)
-		if &c.Ports[0] == &a.Ports[0] || reflect.DeepEqual(c.Ports, a.Ports) {
-			t.Errorf("different named ports shared or equal: %v %v", c.Ports, a.Ports)
+		if &c.Ports()[0] == &a.Ports()[0] || reflect.DeepEqual(c.Ports(), a.Ports()) {
+			t.Errorf("different named ports shared or equal: %v %v", c.Ports(), a.Ports())
 		}
 	}
-	if d := info("d", func(p *corev1.Pod) { p.Spec.Containers = nil }); d.Ports != nil {
-		t.Errorf("a pod without named ports got %v", d.Ports)
+	if d := info("d", func(p *corev1.Pod) { p.Spec.Containers = nil }); d.Ports() != nil {
+		t.Errorf("a pod without named ports got %v", d.Ports())
 	}
-	if a2 := info("a2", nil); &a2.Ports[0] != &a.Ports[0] {
+	if a2 := info("a2", nil); &a2.Ports()[0] != &a.Ports()[0] {
 		t.Error("the first list is no longer shared")
 	}
 }

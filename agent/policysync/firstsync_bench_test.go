@@ -34,7 +34,9 @@ import (
 // label, two NetworkPolicies a namespace and a MeshPolicy in the first 100.
 type syntheticCluster struct {
 	listers k8s.Listers
-	keys    []k8s.Key
+	// pods is the indexer behind listers.Pods.
+	pods cache.Indexer
+	keys []k8s.Key
 	// local are the first pods of node 0, restored as endpoints.
 	local []*endpoints.Endpoint
 }
@@ -162,20 +164,22 @@ func newSyntheticCluster(tb testing.TB, pods, local int) *syntheticCluster {
 			labelSets[key] = ls
 		}
 		ip := synthPodIP(node, slot).String()
-		pi := &k8s.PodInfo{
-			Namespace: fmt.Sprintf("team-%03d", nsi), Name: name, ResourceVersion: "1", Labels: ls,
+		ns := fmt.Sprintf("team-%03d", nsi)
+		pi := k8s.NewPodInfo(k8s.PodFields{
+			Namespace: ns, Name: name, ResourceVersion: "1", Labels: ls,
 			NodeName: fmt.Sprintf("scale-node-%d", node), ServiceAccount: "default", Phase: corev1.PodRunning,
 			PodIP: ip, PodIPs: []string{ip}, Ports: ports,
-		}
+		})
 		add(podIdx, pi)
-		sc.keys = append(sc.keys, k8s.Key{Kind: k8s.Pod, Namespace: pi.Namespace, Name: pi.Name})
+		sc.keys = append(sc.keys, k8s.Key{Kind: k8s.Pod, Namespace: ns, Name: name})
 		if node == 0 && slot < local {
 			sc.local = append(sc.local, &endpoints.Endpoint{
-				Pod: policy.EndpointID{Namespace: pi.Namespace, Name: pi.Name}, ContainerID: name, ID: uint32(slot + 1),
+				Pod: policy.EndpointID{Namespace: ns, Name: name}, ContainerID: name, ID: uint32(slot + 1),
 				IP: synthPodIP(node, slot), HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:00:02",
 			})
 		}
 	}
+	sc.pods = podIdx
 	sc.listers = k8s.Listers{
 		Pods:                k8s.NewPodStore(podIdx),
 		Namespaces:          corelisters.NewNamespaceLister(nsIdx),

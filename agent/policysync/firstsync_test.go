@@ -68,7 +68,11 @@ func TestFirstConvergenceMatchesOneByOne(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pod.Annotations = map[string]string{annotations.SocketAcceleration: "false"}
+	f := pod.Fields()
+	f.Annotations = map[string]string{annotations.SocketAcceleration: "false"}
+	if err := sc.pods.Update(k8s.NewPodInfo(f)); err != nil {
+		t.Fatal(err)
+	}
 	sc.keys = append(sc.keys, k8s.Key{Kind: k8s.Pod, Namespace: "team-001", Name: "deleted-meanwhile"})
 
 	run := func(oneByOne, podsQueued bool) (*entriesDatapath, *policy.Compiler) {

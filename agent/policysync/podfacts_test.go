@@ -21,16 +21,16 @@ import (
 // filled in (withLocalIP): identities, endpoints, addresses, named ports.
 func TestPodFactsMatchTheCorePod(t *testing.T) {
 	pods := []*k8s.PodInfo{
-		{Namespace: "x", Name: "remote", NodeName: "n1", Labels: map[string]string{"app": "a"}, Phase: corev1.PodRunning, PodIP: "10.244.1.2",
-			Ports: []k8s.NamedPort{{Container: "c", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "d", Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}, {Container: "d", Name: "bad", Port: 70000}}},
-		{Namespace: "x", Name: "dual", NodeName: "n1", Labels: map[string]string{"app": "b"}, Phase: corev1.PodRunning, PodIP: "10.244.1.3", PodIPs: []string{"10.244.1.3", "fd00::3"}},
-		{Namespace: "x", Name: "local-new", NodeName: "self", Labels: map[string]string{"app": "a"}, Phase: corev1.PodPending},
-		{Namespace: "x", Name: "local-unknown", NodeName: "self", Labels: map[string]string{"app": "a"}, Phase: corev1.PodPending},
-		{Namespace: "x", Name: "local", NodeName: "self", Labels: map[string]string{"app": "c"}, Phase: corev1.PodRunning, PodIP: "10.244.0.9", ServiceAccount: "sa",
-			Ports: []k8s.NamedPort{{Container: "c", Name: "sctp", Port: 9, Protocol: corev1.ProtocolSCTP}}},
-		{Namespace: "x", Name: "host", NodeName: "self", HostNetwork: true, Phase: corev1.PodRunning, PodIP: "10.99.0.1"},
-		{Namespace: "x", Name: "done", NodeName: "n1", Phase: corev1.PodSucceeded, PodIP: "10.244.1.4"},
-		{Namespace: "x", Name: "failed", NodeName: "n1", Phase: corev1.PodFailed, PodIP: "10.244.1.5"},
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "remote", NodeName: "n1", Labels: map[string]string{"app": "a"}, Phase: corev1.PodRunning, PodIP: "10.244.1.2",
+			Ports: []k8s.NamedPort{{Container: "c", Name: "http", Port: 8080, Protocol: corev1.ProtocolTCP}, {Container: "d", Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}, {Container: "d", Name: "bad", Port: 70000}}}),
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "dual", NodeName: "n1", Labels: map[string]string{"app": "b"}, Phase: corev1.PodRunning, PodIP: "10.244.1.3", PodIPs: []string{"10.244.1.3", "fd00::3"}}),
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "local-new", NodeName: "self", Labels: map[string]string{"app": "a"}, Phase: corev1.PodPending}),
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "local-unknown", NodeName: "self", Labels: map[string]string{"app": "a"}, Phase: corev1.PodPending}),
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "local", NodeName: "self", Labels: map[string]string{"app": "c"}, Phase: corev1.PodRunning, PodIP: "10.244.0.9", ServiceAccount: "sa",
+			Ports: []k8s.NamedPort{{Container: "c", Name: "sctp", Port: 9, Protocol: corev1.ProtocolSCTP}}}),
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "host", NodeName: "self", HostNetwork: true, Phase: corev1.PodRunning, PodIP: "10.99.0.1"}),
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "done", NodeName: "n1", Phase: corev1.PodSucceeded, PodIP: "10.244.1.4"}),
+		k8s.NewPodInfo(k8s.PodFields{Namespace: "x", Name: "failed", NodeName: "n1", Phase: corev1.PodFailed, PodIP: "10.244.1.5"}),
 	}
 	for _, node := range []string{"", "self"} {
 		d := testSyncer(t, "self", "10.99.0.1")
@@ -62,7 +62,7 @@ func TestPodFactsMatchTheCorePod(t *testing.T) {
 			a := viaCore.UpsertPod(d.withLocalIP(p.Object()))
 			b := viaFacts.UpsertPodFacts(d.podFacts(p))
 			if !reflect.DeepEqual(a, b) {
-				t.Errorf("node %q, pod %s: changes %+v from the corev1.Pod, %+v from the facts", node, p.Name, a, b)
+				t.Errorf("node %q, pod %s: changes %+v from the corev1.Pod, %+v from the facts", node, p.Name(), a, b)
 			}
 		}
 		if a, b := viaCore.Endpoints(), viaFacts.Endpoints(); !reflect.DeepEqual(a, b) {

@@ -433,7 +433,7 @@ func (s *Syncer) sync(ctx context.Context, k k8s.Key) error {
 			// report them; a local pod's datapath record may still need
 			// its acceleration opt-out.
 			ep, ok := s.cfg.Endpoints.Get(policy.EndpointID{Namespace: k.Namespace, Name: k.Name})
-			if ok && ep.NoAccel != optedOut(pod.Annotations[annotations.SocketAcceleration]) {
+			if ok && ep.NoAccel != optedOut(pod.Annotations()[annotations.SocketAcceleration]) {
 				if err := s.writeEndpoint(ep.Pod); err != nil {
 					return err
 				}
@@ -526,24 +526,25 @@ func (s *Syncer) podFacts(pod *k8s.PodInfo) policy.PodFacts {
 	f := policy.PodFacts{
 		// A cached pod's labels are never written (interned, shared by
 		// every pod with the same set): the compiler keeps them as they are.
-		Namespace: pod.Namespace, Name: pod.Name, Labels: pod.Labels, LabelsShared: true, NodeName: pod.NodeName,
-		ServiceAccount: pod.ServiceAccount, HostNetwork: pod.HostNetwork,
-		Finished: pod.Phase == corev1.PodSucceeded || pod.Phase == corev1.PodFailed,
+		Namespace: pod.Namespace(), Name: pod.Name(), Labels: pod.Labels(), LabelsShared: true, NodeName: pod.NodeName(),
+		ServiceAccount: pod.ServiceAccount(), HostNetwork: pod.HostNetwork(),
+		Finished: pod.Phase() == corev1.PodSucceeded || pod.Phase() == corev1.PodFailed,
 	}
-	if pod.NodeName == s.cfg.NodeName && !pod.HostNetwork && pod.PodIP == "" {
-		if ep, ok := s.cfg.Endpoints.Get(policy.EndpointID{Namespace: pod.Namespace, Name: pod.Name}); ok {
+	podIP, podIPs := pod.PodIP(), pod.PodIPs()
+	if f.NodeName == s.cfg.NodeName && !f.HostNetwork && podIP == "" {
+		if ep, ok := s.cfg.Endpoints.Get(policy.EndpointID{Namespace: f.Namespace, Name: f.Name}); ok {
 			f.IPs = []string{ep.IP.String()}
 		}
 	}
 	switch {
 	case f.IPs != nil:
-	case pod.PodIPs != nil:
-		f.IPs = append(make([]string, 0, 1+len(pod.PodIPs)), pod.PodIP)
-		f.IPs = append(f.IPs, pod.PodIPs...)
-	case pod.PodIP != "":
-		f.IPs = []string{pod.PodIP}
+	case podIPs != nil:
+		f.IPs = append(make([]string, 0, 1+len(podIPs)), podIP)
+		f.IPs = append(f.IPs, podIPs...)
+	case podIP != "":
+		f.IPs = []string{podIP}
 	}
-	for _, np := range pod.Ports {
+	for _, np := range pod.Ports() {
 		f.Ports = append(f.Ports, policy.PodPort{Name: np.Name, Protocol: np.Protocol, Port: np.Port})
 	}
 	return f
@@ -671,7 +672,7 @@ func (s *Syncer) accelerationOptOut(id policy.EndpointID) bool {
 	if err != nil {
 		return false
 	}
-	return optedOut(pod.Annotations[annotations.SocketAcceleration])
+	return optedOut(pod.Annotations()[annotations.SocketAcceleration])
 }
 
 func optedOut(v string) bool {
