@@ -415,14 +415,12 @@ func (p *PodInfo) Object() *corev1.Pod {
 }
 
 // GetObjectMeta makes a PodInfo an object the informer's store can key
-// (meta.Accessor); the meta is made for the call. It names the pod by its
+// (meta.Accessor), with no allocation (podMeta). It names the pod by its
 // store key, with no namespace: cache.MetaNamespaceKeyFunc then returns the
 // key itself rather than a new "namespace/name" string, and the store's map
 // shares the PodInfo's key (a string a pod saved). Read a PodInfo's
 // namespace and name with its methods, not through this.
-func (p *PodInfo) GetObjectMeta() metav1.Object {
-	return &metav1.ObjectMeta{Name: p.key, ResourceVersion: p.ResourceVersion(), Labels: p.labels, Annotations: p.Annotations()}
-}
+func (p *PodInfo) GetObjectMeta() metav1.Object { return (*podMeta)(p) }
 
 var _ metav1.ObjectMetaAccessor = (*PodInfo)(nil)
 
