@@ -26,6 +26,7 @@ import (
 	veillisters "github.com/veilmesh/veil/api/client/listers/policy/v1alpha1"
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
 	"github.com/veilmesh/veil/policy"
+	"github.com/veilmesh/veil/tests/scaleshape"
 )
 
 // syntheticCluster is the shape of tests/scale's cluster, built straight
@@ -46,21 +47,6 @@ const (
 	synthPerNode    = 30
 	synthApps       = 10
 )
-
-func synthNodeIP(i int) netip.Addr {
-	n := i + 1
-	return netip.AddrFrom4([4]byte{172, byte(16 + n>>16), byte(n >> 8), byte(n)})
-}
-
-func synthPodCIDR(i int) netip.Prefix {
-	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(128 + i>>8), byte(i), 0}), 24)
-}
-
-func synthPodIP(node, slot int) netip.Addr {
-	a := synthPodCIDR(node).Addr().As4()
-	a[3] = byte(slot + 2)
-	return netip.AddrFrom4(a)
-}
 
 func newSyntheticCluster(tb testing.TB, pods, local int) *syntheticCluster {
 	tb.Helper()
@@ -131,14 +117,14 @@ func newSyntheticCluster(tb testing.TB, pods, local int) *syntheticCluster {
 			tb.Fatal(err)
 		}
 		name := fmt.Sprintf("scale-node-%d", i)
-		cidr := synthPodCIDR(i)
+		cidr := scaleshape.PodCIDR(i)
 		add(nodeIdx, &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{
 				Name: name, CreationTimestamp: metav1.Unix(int64(i), 0),
-				Annotations: wireguard.Annotations(k.PublicKey(), netip.AddrPortFrom(synthNodeIP(i), 51820), []netip.Prefix{cidr}),
+				Annotations: wireguard.Annotations(k.PublicKey(), netip.AddrPortFrom(scaleshape.NodeIP(i), 51820), []netip.Prefix{cidr}),
 			},
 			Spec:   corev1.NodeSpec{PodCIDR: cidr.String(), PodCIDRs: []string{cidr.String()}},
-			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: synthNodeIP(i).String()}}},
+			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: scaleshape.NodeIP(i).String()}}},
 		})
 		sc.keys = append(sc.keys, k8s.Key{Kind: k8s.Node, Name: name})
 	}
@@ -163,7 +149,7 @@ func newSyntheticCluster(tb testing.TB, pods, local int) *syntheticCluster {
 		} else {
 			labelSets[key] = ls
 		}
-		ip := synthPodIP(node, slot).String()
+		ip := scaleshape.PodIP(node, slot).String()
 		ns := fmt.Sprintf("team-%03d", nsi)
 		pi := k8s.NewPodInfo(k8s.PodFields{
 			Namespace: ns, Name: name, ResourceVersion: "1", Labels: ls,
@@ -175,7 +161,7 @@ func newSyntheticCluster(tb testing.TB, pods, local int) *syntheticCluster {
 		if node == 0 && slot < local {
 			sc.local = append(sc.local, &endpoints.Endpoint{
 				Pod: policy.EndpointID{Namespace: ns, Name: name}, ContainerID: name, ID: uint32(slot + 1),
-				IP: synthPodIP(node, slot), HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:00:02",
+				IP: scaleshape.PodIP(node, slot), HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:00:02",
 			})
 		}
 	}
@@ -202,7 +188,7 @@ func (sc *syntheticCluster) syncer(tb testing.TB, dp Datapath) (*Syncer, *endpoi
 	reg := endpoints.New(endpoints.Config{StateDir: tb.TempDir()})
 	reg.Restore(sc.local)
 	s := New(Config{
-		NodeName: "scale-node-0", NodeIP: synthNodeIP(0), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix("10.128.0.0/9")},
+		NodeName: "scale-node-0", NodeIP: scaleshape.NodeIP(0), ClusterCIDRs: []netip.Prefix{netip.MustParsePrefix(scaleshape.ClusterCIDR)},
 		Compiler: c, Datapath: dp, Endpoints: reg, Encryption: encryption.New(encryption.Config{NodeName: "scale-node-0"}),
 		Listers: sc.listers, Events: record.NewFakeRecorder(16), Degraded: &fakeDegraded{},
 	})

@@ -262,15 +262,7 @@ func (s *Syncer) takeInitial() (objects, pods []k8s.Key) {
 // the flush that follows (finish), rather than while the pods arrive. It
 // reports false when ctx ended first.
 func (s *Syncer) firstConvergence(ctx context.Context, objects, pods []k8s.Key) bool {
-	for _, k := range objects {
-		if ctx.Err() != nil {
-			return false
-		}
-		start := time.Now()
-		err := s.process(ctx, k, false, nil)
-		s.synced(start, err)
-	}
-	if ctx.Err() != nil {
+	if !s.syncKeys(ctx, objects) {
 		return false
 	}
 	start := time.Now()
@@ -304,7 +296,13 @@ func (s *Syncer) firstConvergence(ctx context.Context, objects, pods []k8s.Key) 
 		s.log.Warn("sync of the cluster's pods failed; will retry", "error", err)
 	}
 	s.synced(start, err)
-	for _, k := range single {
+	return s.syncKeys(ctx, single)
+}
+
+// syncKeys syncs keys one by one during the first convergence (which
+// flushes once, at its end); it reports false when ctx ended first.
+func (s *Syncer) syncKeys(ctx context.Context, keys []k8s.Key) bool {
+	for _, k := range keys {
 		if ctx.Err() != nil {
 			return false
 		}

@@ -38,6 +38,7 @@ import (
 	"github.com/veilmesh/veil/policy"
 	"github.com/veilmesh/veil/policy/identity"
 	"github.com/veilmesh/veil/policy/policytypes"
+	"github.com/veilmesh/veil/tests/scaleshape"
 )
 
 // The benchmark runs the agent's components in a child process (this test
@@ -287,7 +288,7 @@ func runAgent(kubeconfig string) error {
 		s := spot(j)
 		eps = append(eps, &endpoints.Endpoint{
 			Pod: policy.EndpointID{Namespace: nsName(s.ns), Name: s.name()}, ContainerID: s.name(), ID: uint32(j + 1),
-			IP: podIP(s.node, s.slot), HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:00:02",
+			IP: scaleshape.PodIP(s.node, s.slot), HostMAC: "02:00:00:00:00:01", PodMAC: "02:00:00:00:00:02",
 		})
 	}
 	reg.Restore(eps)

@@ -24,6 +24,7 @@ import (
 	meshv1alpha1 "github.com/veilmesh/veil/api/mesh/v1alpha1"
 	"github.com/veilmesh/veil/lab/controlplane"
 	"github.com/veilmesh/veil/meshctl/cli"
+	"github.com/veilmesh/veil/tests/scaleshape"
 )
 
 // meshNodeObject is node i's MeshNode as an agent writes it for a
@@ -42,8 +43,8 @@ func meshNodeObject(i, n int, keys []string, now time.Time, full bool) *meshv1al
 	for j := range n {
 		if j != i {
 			peers = append(peers, meshv1alpha1.PeerStatus{
-				Node: nodeName(j), PublicKey: keys[j], Endpoint: netip.AddrPortFrom(nodeIP(j), 51820).String(),
-				AllowedIPs: []string{podCIDR(j).String()}, LastHandshake: &hs, RxBytes: 1 << 20, TxBytes: 1 << 20,
+				Node: scaleshape.NodeName(j), PublicKey: keys[j], Endpoint: netip.AddrPortFrom(scaleshape.NodeIP(j), 51820).String(),
+				AllowedIPs: []string{scaleshape.PodCIDR(j).String()}, LastHandshake: &hs, RxBytes: 1 << 20, TxBytes: 1 << 20,
 			})
 		}
 	}
@@ -54,9 +55,9 @@ func meshNodeObject(i, n int, keys []string, now time.Time, full bool) *meshv1al
 		enc.PeerSummary, enc.Peers = &s, listed
 	}
 	return &meshv1alpha1.MeshNode{
-		ObjectMeta: metav1.ObjectMeta{Name: nodeName(i)},
+		ObjectMeta: metav1.ObjectMeta{Name: scaleshape.NodeName(i)},
 		Status: meshv1alpha1.MeshNodeStatus{
-			NodeIP: nodeIP(i).String(), PodCIDRs: []string{podCIDR(i).String()}, AgentVersion: "bench",
+			NodeIP: scaleshape.NodeIP(i).String(), PodCIDRs: []string{scaleshape.PodCIDR(i).String()}, AgentVersion: "bench",
 			Updated: metav1.NewTime(now), Encryption: enc,
 		},
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/veilmesh/veil/api/annotations"
 	"github.com/veilmesh/veil/api/client/clientset/versioned"
 	"github.com/veilmesh/veil/api/policy/v1alpha1"
+	"github.com/veilmesh/veil/tests/scaleshape"
 )
 
 // The cluster's shape: what stays fixed while the pod count grows.
@@ -35,30 +36,9 @@ const (
 	parallelism   = 48
 	localNode     = "scale-node-0"
 	localNodeIP   = "172.16.0.1"
-	clusterCIDR   = "10.128.0.0/9"
+	clusterCIDR   = scaleshape.ClusterCIDR
 	statefulEvery = 20 // every 20th pod is a StatefulSet member: a unique label
 )
-
-// nodeName names node i; node 0 is the one the measured agent runs for.
-func nodeName(i int) string { return fmt.Sprintf("scale-node-%d", i) }
-
-// nodeIP is node i's InternalIP, in 172.16.0.0/12.
-func nodeIP(i int) netip.Addr {
-	n := i + 1
-	return netip.AddrFrom4([4]byte{172, byte(16 + n>>16), byte(n >> 8), byte(n)})
-}
-
-// podCIDR is node i's /24 in clusterCIDR.
-func podCIDR(i int) netip.Prefix {
-	return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(128 + i>>8), byte(i), 0}), 24)
-}
-
-// podIP is the address of the j-th pod on node i.
-func podIP(i, j int) netip.Addr {
-	a := podCIDR(i).Addr().As4()
-	a[3] = byte(j + 2)
-	return netip.AddrFrom4(a)
-}
 
 func nsName(i int) string { return fmt.Sprintf("team-%03d", i) }
 
@@ -90,12 +70,12 @@ func randomKey() string {
 }
 
 func nodeObject(i int) *corev1.Node {
-	cidr, ip := podCIDR(i).String(), nodeIP(i)
+	cidr, ip := scaleshape.PodCIDR(i).String(), scaleshape.NodeIP(i)
 	return &corev1.Node{
 		ObjectMeta: metav1.ObjectMeta{
-			Name: nodeName(i),
+			Name: scaleshape.NodeName(i),
 			Labels: map[string]string{
-				"kubernetes.io/hostname": nodeName(i), "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+				"kubernetes.io/hostname": scaleshape.NodeName(i), "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
 				"topology.kubernetes.io/zone": fmt.Sprintf("zone-%d", i%3), "node.kubernetes.io/instance-type": "m5.xlarge",
 			},
 			Annotations: map[string]string{
@@ -112,7 +92,7 @@ func nodeObject(i int) *corev1.Node {
 
 func nodeStatus(i int) corev1.NodeStatus {
 	return corev1.NodeStatus{
-		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: nodeIP(i).String()}, {Type: corev1.NodeHostName, Address: nodeName(i)}},
+		Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: scaleshape.NodeIP(i).String()}, {Type: corev1.NodeHostName, Address: scaleshape.NodeName(i)}},
 		Capacity: corev1.ResourceList{
 			corev1.ResourceCPU: resource.MustParse("4"), corev1.ResourceMemory: resource.MustParse("16Gi"), corev1.ResourcePods: resource.MustParse("110"),
 		},
@@ -154,7 +134,7 @@ func podObject(s podSpot) *corev1.Pod {
 			},
 		},
 		Spec: corev1.PodSpec{
-			NodeName: nodeName(s.node), ServiceAccountName: "default",
+			NodeName: scaleshape.NodeName(s.node), ServiceAccountName: "default",
 			Containers: []corev1.Container{{
 				Name: "app", Image: "registry.example/app:1.2.3",
 				Args:  []string{"--listen=:8080", "--metrics=:9090", "--log-level=info"},
@@ -177,10 +157,10 @@ func podObject(s podSpot) *corev1.Pod {
 }
 
 func podStatus(s podSpot) corev1.PodStatus {
-	ip := podIP(s.node, s.slot).String()
+	ip := scaleshape.PodIP(s.node, s.slot).String()
 	now := metav1.Now()
 	return corev1.PodStatus{
-		Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}, HostIP: nodeIP(s.node).String(),
+		Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}, HostIP: scaleshape.NodeIP(s.node).String(),
 		StartTime: &now, QOSClass: corev1.PodQOSBurstable,
 		Conditions: []corev1.PodCondition{
 			{Type: corev1.PodReady, Status: corev1.ConditionTrue, LastTransitionTime: now},
