@@ -257,10 +257,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	d.log.Info("informer caches synced; converging")
 	for _, k := range d.watch.Keys() {
-		// The first convergence reads every cached pod itself.
-		if k.Kind != k8s.Pod {
-			d.policy.Enqueue(k)
-		}
+		d.policy.Enqueue(k)
 	}
 	// One worker: the compiler serialises mutations anyway.
 	wg.Add(1)

@@ -19,10 +19,13 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
+	clientfeatures "k8s.io/client-go/features"
 	kubefake "k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/veilmesh/veil/api/annotations"
 	veilfake "github.com/veilmesh/veil/api/client/clientset/versioned/fake"
@@ -440,38 +443,38 @@ func BenchmarkCheckpoint150k(b *testing.B) {
 			}
 		}
 	})
-	// The resumed stream as the reflector reads it, each pod through the
-	// informer's transform.
-	b.Run("stream-into-cache", func(b *testing.B) {
+	// The list that answers the reflector, read as it reads it, each pod
+	// through the informer's transform.
+	b.Run("list-into-cache", func(b *testing.B) {
 		b.ReportAllocs()
 		kube := kubefake.NewClientset(defaultNamespace())
 		for b.Loop() {
 			from := *ck
 			from.ResourceVersion, from.Pods = "1", slices.Clone(pods)
 			l := newResumingPods(kube, &from, slog.New(slog.NewTextHandler(io.Discard, nil)))
-			transform := l.transform(&transformer{})
-			w, err := l.WatchWithContext(b.Context(), metav1.ListOptions{SendInitialEvents: new(true)})
+			tr := &transformer{}
+			l.internWith(tr)
+			obj, err := l.ListWithContext(b.Context(), metav1.ListOptions{})
 			if err != nil {
 				b.Fatal(err)
 			}
-			for ev := range w.ResultChan() {
-				if ev.Type == watch.Bookmark {
-					break
-				}
-				if _, err := transform(ev.Object); err != nil {
+			items, err := meta.ExtractListWithAlloc(obj)
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, item := range items {
+				if _, err := tr.transform(item); err != nil {
 					b.Fatal(err)
 				}
 			}
-			w.Stop()
 		}
 	})
 }
 
-// The stream that answers a watch list: every pod of the checkpoint as a
-// bare pod the transform turns into its PodInfo (labels interned with the
-// transformer's), then the bookmark that ends the initial events at the
-// checkpoint's version.
-func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
+// A watch list that would resume is declined, and the List the reflector
+// falls back to is answered with the checkpoint's PodInfos themselves, at
+// its version, their label sets and named ports the transformer's.
+func TestResumeAnswersWatchListWithAList(t *testing.T) {
 	kube := kubefake.NewClientset(defaultNamespace())
 	ck := &Checkpoint{ResourceVersion: "1", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()}
 	// As read from a file: its label sets are the decoder's.
@@ -482,42 +485,42 @@ func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
 	want := testPods()
 	l := newResumingPods(kube, ck, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	tr := &transformer{}
-	transform := l.transform(tr)
-	w, err := l.WatchWithContext(t.Context(), metav1.ListOptions{SendInitialEvents: new(true)})
+	l.internWith(tr)
+	if w, err := l.WatchWithContext(t.Context(), metav1.ListOptions{SendInitialEvents: new(true)}); !errors.Is(err, errListFromCheckpoint) || w != nil {
+		t.Fatalf("a watch list that would resume: %v, %v; want it declined", w, err)
+	}
+	obj, err := l.ListWithContext(t.Context(), metav1.ListOptions{ResourceVersion: "0"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer w.Stop()
+	if podListed(kube) {
+		t.Error("the List the reflector falls back to went to the API server")
+	}
+	// As the reflector reads a list.
+	acc, err := meta.ListAccessor(obj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if acc.GetResourceVersion() != "1" || acc.GetContinue() != "" {
+		t.Errorf("list at %q, continue %q; want the checkpoint's version, whole", acc.GetResourceVersion(), acc.GetContinue())
+	}
+	items, err := meta.ExtractListWithAlloc(obj)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var got []*PodInfo
-	for ev := range w.ResultChan() {
-		if ev.Type == watch.Bookmark {
-			m, err := meta.Accessor(ev.Object)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if m.GetResourceVersion() != "1" || m.GetAnnotations()[metav1.InitialEventsAnnotationKey] != "true" {
-				t.Fatalf("bookmark at %q with %v; want the checkpoint's version and the end of the initial events", m.GetResourceVersion(), m.GetAnnotations())
-			}
-			break
-		}
-		if ev.Type != watch.Added {
-			t.Fatalf("event %s before the bookmark", ev.Type)
-		}
-		if _, ok := ev.Object.(*corev1.Pod); !ok {
-			t.Fatalf("event object %T, the reflector wants *corev1.Pod", ev.Object)
-		}
-		obj, err := transform(ev.Object)
+	for _, item := range items {
+		out, err := tr.transform(item)
 		if err != nil {
 			t.Fatal(err)
 		}
-		p, ok := obj.(*PodInfo)
-		if !ok {
-			t.Fatalf("transformed to %T", obj)
+		if out != item {
+			t.Fatalf("the transform made %T of a listed PodInfo; the cache is to hold the PodInfo itself", out)
 		}
-		got = append(got, p)
+		got = append(got, out.(*PodInfo))
 	}
 	if !reflect.DeepEqual(got, want) {
-		t.Fatalf("pods streamed:\n got %+v\nwant %+v", got, want)
+		t.Fatalf("pods listed:\n got %+v\nwant %+v", got, want)
 	}
 	// The label set shared in the checkpoint is the interner's, which
 	// pods listed or watched later get too.
@@ -533,15 +536,58 @@ func TestResumeStreamsCheckpointAsWatchList(t *testing.T) {
 			t.Errorf("resumed pod %s: its named ports are not the list the transformer hands out", p.Key())
 		}
 	}
-	// Taken once: the next watch list is a real one, and nothing is left
-	// waiting for the transform.
+	// Taken once: the next list is a real one.
 	if l.take(t.Context()) != nil {
 		t.Error("the checkpoint can be taken twice")
 	}
-	n := 0
-	l.pending.Range(func(any, any) bool { n++; return true })
-	if n != 0 {
-		t.Errorf("%d bare pods still pending after the stream", n)
+	if _, err := l.ListWithContext(t.Context(), metav1.ListOptions{}); err != nil || !podListed(kube) {
+		t.Errorf("the second list did not go to the API server: %v", err)
+	}
+}
+
+// A client that streams lists (the real one; client-go's WatchListClient
+// is on by default): the informer's reflector asks for a watch list, is
+// declined, falls back to a List, and the cache holds the checkpoint's
+// pods, with no list of pods sent.
+func TestResumeWatchListClientTakesTheCheckpointList(t *testing.T) {
+	if !clientfeatures.FeatureGates().Enabled(clientfeatures.WatchListClient) {
+		t.Fatal("client-go's WatchListClient is off: this test would not ask for a watch list")
+	}
+	kube := kubefake.NewClientset(defaultNamespace())
+	ck := &Checkpoint{ResourceVersion: "1", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()}
+	l := newResumingPods(kube, ck, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	// Not the fake, which says it cannot stream a list.
+	l.client = struct{}{}
+	if l.IsWatchListSemanticsUnSupported() {
+		t.Fatal("the client still says it cannot stream a list")
+	}
+	inf := cache.NewSharedIndexInformer(l, &corev1.Pod{}, 0, cache.Indexers{})
+	tr := &transformer{}
+	l.internWith(tr)
+	if err := inf.SetTransform(tr.transform); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	go inf.RunWithContext(ctx)
+	if !cache.WaitForCacheSync(ctx.Done(), inf.HasSynced) {
+		t.Fatal("the pod informer did not sync")
+	}
+	if podListed(kube) {
+		t.Error("the first list of pods went to the API server")
+	}
+	var got []*PodInfo
+	for _, o := range inf.GetStore().List() {
+		got = append(got, o.(*PodInfo))
+	}
+	slices.SortFunc(got, func(a, b *PodInfo) int { return strings.Compare(a.Key(), b.Key()) })
+	want := testPods()
+	slices.SortFunc(want, func(a, b *PodInfo) int { return strings.Compare(a.Key(), b.Key()) })
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("cache after resume:\n got %+v\nwant %+v", got, want)
+	}
+	if rv := inf.LastSyncResourceVersion(); rv != "1" {
+		t.Errorf("the reflector synced at %q, want the checkpoint's version", rv)
 	}
 }
 
@@ -575,4 +621,35 @@ func TestCheckpointerWritesOverARefusedCheckpoint(t *testing.T) {
 	if ck.ClusterID != testCluster || len(ck.Pods) != 1 || ck.Pods[0].Name() != "p" {
 		t.Fatalf("checkpoint of cluster %q with %d pods, want this cluster's cache (%s, the one pod a/p)", ck.ClusterID, len(ck.Pods), testCluster)
 	}
+}
+
+// The watch that catches up from a checkpoint tells why it failed, but not
+// the closed stream a stop causes (the stream may report it as an error
+// while the reader still reads), and its reader ends with it.
+func TestTellingWatchTellsOnlyWhileRunning(t *testing.T) {
+	var told []error
+	ch := make(chan watch.Event, 2)
+	w := newTellingWatch(watch.NewProxyWatcher(ch), func(err error) { told = append(told, err) })
+	ch <- watch.Event{Type: watch.Error, Object: &metav1.Status{Status: metav1.StatusFailure, Code: 410, Reason: metav1.StatusReasonExpired, Message: "too old"}}
+	if ev := <-w.ResultChan(); ev.Type != watch.Error {
+		t.Fatalf("passed on %s, want the error event", ev.Type)
+	}
+	if len(told) != 1 || !apierrors.IsResourceExpired(told[0]) {
+		t.Fatalf("told %v, want the 410", told)
+	}
+	w.Stop()
+	ch <- watch.Event{Type: watch.Error, Object: &metav1.Status{Status: metav1.StatusFailure, Message: "response body closed"}}
+	close(ch)
+	select {
+	case _, open := <-w.ResultChan():
+		if open {
+			t.Error("an event passed on after Stop")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stopped watch's reader did not end")
+	}
+	if len(told) != 1 {
+		t.Errorf("told %v after Stop", told[1:])
+	}
+	w.Stop() // twice is fine
 }

@@ -144,13 +144,12 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 	if !opts.FullObjects {
 		w.slim = true
 		t := &transformer{corePods: opts.CorePods}
-		for kind, inf := range w.informers {
-			tf := t.transform
-			if kind == Pod && resuming != nil {
-				tf = resuming.transform(t)
-			}
+		if resuming != nil {
+			resuming.internWith(t)
+		}
+		for _, inf := range w.informers {
 			// Only fails once started, and nothing has started yet.
-			_ = inf.SetTransform(tf)
+			_ = inf.SetTransform(t.transform)
 		}
 	}
 	w.Listers = Listers{
@@ -171,7 +170,9 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 }
 
 // OnChange calls fn with the key of every object added, updated or
-// deleted. Call it before Start.
+// deleted after the informers' first lists: what those lists held, the
+// caller reads from the caches once WaitForCacheSync returned (Keys, and
+// the pod cache whole). Call it before Start.
 func (w *Watcher) OnChange(fn func(Key)) error {
 	for kind, inf := range w.informers {
 		if _, err := inf.AddEventHandler(handler{kind: kind, fn: fn, skipUnread: w.slim}); err != nil {
@@ -235,9 +236,10 @@ func (w *Watcher) WaitForCacheSync(ctx context.Context, report time.Duration, wa
 	}
 }
 
-// Keys returns the key of every cached object, for the first convergence
-// after start: namespaces and nodes first so pods compile with their
-// namespace labels, pods last.
+// Keys returns the key of every cached object but pods, for the first
+// convergence after start: namespaces and nodes first so pods compile with
+// their namespace labels. The first convergence reads the pods from their
+// cache itself, all at once.
 func (w *Watcher) Keys() []Key {
 	var out []Key
 	add := func(kind Kind, objs []metav1.Object) {
@@ -255,9 +257,6 @@ func (w *Watcher) Keys() []Key {
 	add(MeshPolicy, metaList(mps))
 	cmps, _ := w.ClusterMeshPolicies.List(labels.Everything())
 	add(ClusterMeshPolicy, metaList(cmps))
-	for _, p := range w.Pods.List() {
-		out = append(out, Key{Kind: Pod, Namespace: p.Namespace(), Name: p.Name()})
-	}
 	return out
 }
 
@@ -294,7 +293,15 @@ func (h handler) key(obj any) (Key, bool) {
 	return Key{Kind: h.kind, Namespace: m.GetNamespace(), Name: m.GetName()}, true
 }
 
-func (h handler) OnAdd(obj any, _ bool) {
+func (h handler) OnAdd(obj any, initial bool) {
+	// An object of the informer's first list: in the cache before it
+	// reports synced, and read from there (see OnChange). Keying each of
+	// 150,000 pods here and queueing it once more cost a resumed start
+	// about a fifth of its CPU. A relist later (after a 410) is not
+	// initial: its objects arrive as changes.
+	if initial {
+		return
+	}
 	if k, ok := h.key(obj); ok {
 		h.fn(k)
 	}

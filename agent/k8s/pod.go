@@ -10,6 +10,8 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/client-go/tools/cache"
 )
 
@@ -423,6 +425,30 @@ func (p *PodInfo) Object() *corev1.Pod {
 func (p *PodInfo) GetObjectMeta() metav1.Object { return (*podMeta)(p) }
 
 var _ metav1.ObjectMetaAccessor = (*PodInfo)(nil)
+
+// GetObjectKind and DeepCopyObject make a PodInfo a runtime.Object, so a
+// checkpoint's pods can answer the pod informer's first list as they are
+// (resumingPods). A PodInfo has no kind of its own.
+func (p *PodInfo) GetObjectKind() schema.ObjectKind { return schema.EmptyObjectKind }
+
+// DeepCopyObject returns a copy of p that shares nothing with it but its
+// interned strings.
+func (p *PodInfo) DeepCopyObject() runtime.Object {
+	cp := *p
+	cp.labels = maps.Clone(p.labels)
+	if p.ports != nil {
+		ports := slices.Clone(*p.ports)
+		cp.ports = &ports
+	}
+	if p.rare != nil {
+		rare := *p.rare
+		rare.annotations, rare.podIPs = maps.Clone(rare.annotations), slices.Clone(rare.podIPs)
+		cp.rare = &rare
+	}
+	return &cp
+}
+
+var _ runtime.Object = (*PodInfo)(nil)
 
 // equalButVersion reports whether p and o differ at most in their
 // resource versions.

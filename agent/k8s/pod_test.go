@@ -203,3 +203,36 @@ func TestPodInfoKeepsOddValues(t *testing.T) {
 		t.Error("versions 7 and 07 are the same")
 	}
 }
+
+// DeepCopyObject (a PodInfo is a runtime.Object, to answer the first list
+// from a checkpoint) copies every field, and a write to the copy's maps or
+// slices leaves the original as it was.
+func TestPodInfoDeepCopy(t *testing.T) {
+	for _, p := range testPods() {
+		cp, ok := p.DeepCopyObject().(*PodInfo)
+		if !ok || cp == p {
+			t.Fatalf("%s: DeepCopyObject returned %T %p", p.Key(), cp, cp)
+		}
+		if !reflect.DeepEqual(cp, p) {
+			t.Fatalf("%s: copy\n got %+v\nwant %+v", p.Key(), cp, p)
+		}
+		want := p.Fields()
+		for k := range cp.labels {
+			cp.labels[k] = "changed"
+		}
+		if cp.ports != nil && len(*cp.ports) > 0 {
+			(*cp.ports)[0].Port++
+		}
+		if cp.rare != nil {
+			for k := range cp.rare.annotations {
+				cp.rare.annotations[k] = "changed"
+			}
+			if len(cp.rare.podIPs) > 0 {
+				cp.rare.podIPs[0] = "changed"
+			}
+		}
+		if got := p.Fields(); !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: writing the copy changed the original:\n got %+v\nwant %+v", p.Key(), got, want)
+		}
+	}
+}

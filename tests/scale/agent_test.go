@@ -330,10 +330,7 @@ func runAgent(kubeconfig string) error {
 	}
 	synced := time.Since(start)
 	for _, k := range w.Keys() {
-		// As the daemon: the first convergence reads every cached pod.
-		if k.Kind != k8s.Pod {
-			s.Enqueue(k)
-		}
+		s.Enqueue(k)
 	}
 	queued := time.Since(start)
 	go s.Run(ctx)
