@@ -177,7 +177,9 @@ type resumingPods struct {
 	log        *slog.Logger
 
 	mu   sync.Mutex
-	from *Checkpoint // nil once taken
+	// from returns the checkpoint read at start (or nil), waiting for the
+	// read; nil once taken.
+	from func() *Checkpoint
 	// declined is the checkpoint a watch list took and declined, for the
 	// List the reflector falls back to.
 	declined *Checkpoint
@@ -218,7 +220,7 @@ func (l *podInfoList) DeepCopyObject() runtime.Object {
 	return out
 }
 
-func newResumingPods(client kubernetes.Interface, from *Checkpoint, log *slog.Logger) *resumingPods {
+func newResumingPods(client kubernetes.Interface, from func() *Checkpoint, log *slog.Logger) *resumingPods {
 	pods := client.CoreV1().Pods(metav1.NamespaceAll)
 	return &resumingPods{
 		ListWatch: &cache.ListWatch{
@@ -244,8 +246,12 @@ func (l *resumingPods) IsWatchListSemanticsUnSupported() bool {
 func (l *resumingPods) take(ctx context.Context) *Checkpoint {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	c := l.from
+	load := l.from
 	l.from = nil
+	if load == nil {
+		return nil
+	}
+	c := load()
 	if c == nil {
 		return nil
 	}

@@ -451,7 +451,7 @@ func BenchmarkCheckpoint150k(b *testing.B) {
 		for b.Loop() {
 			from := *ck
 			from.ResourceVersion, from.Pods = "1", slices.Clone(pods)
-			l := newResumingPods(kube, &from, slog.New(slog.NewTextHandler(io.Discard, nil)))
+			l := newResumingPods(kube, func() *Checkpoint { return &from }, slog.New(slog.NewTextHandler(io.Discard, nil)))
 			tr := &transformer{}
 			l.internWith(tr)
 			obj, err := l.ListWithContext(b.Context(), metav1.ListOptions{})
@@ -483,7 +483,7 @@ func TestResumeAnswersWatchListWithAList(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := testPods()
-	l := newResumingPods(kube, ck, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	l := newResumingPods(kube, func() *Checkpoint { return ck }, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	tr := &transformer{}
 	l.internWith(tr)
 	if w, err := l.WatchWithContext(t.Context(), metav1.ListOptions{SendInitialEvents: new(true)}); !errors.Is(err, errListFromCheckpoint) || w != nil {
@@ -555,7 +555,7 @@ func TestResumeWatchListClientTakesTheCheckpointList(t *testing.T) {
 	}
 	kube := kubefake.NewClientset(defaultNamespace())
 	ck := &Checkpoint{ResourceVersion: "1", Written: time.Now(), Node: "n1", ClusterID: testCluster, Pods: testPods()}
-	l := newResumingPods(kube, ck, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	l := newResumingPods(kube, func() *Checkpoint { return ck }, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	// Not the fake, which says it cannot stream a list.
 	l.client = struct{}{}
 	if l.IsWatchListSemanticsUnSupported() {

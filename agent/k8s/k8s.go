@@ -111,10 +111,16 @@ func NewWithOptions(kube kubernetes.Interface, veil versioned.Interface, opts Op
 		kubeFactory: kubeinformers.NewSharedInformerFactory(kube, opts.Resync),
 		veilFactory: veilinformers.NewSharedInformerFactory(veil, opts.Resync),
 	}
-	var resumeFrom *Checkpoint
+	var resumeFrom func() *Checkpoint
 	if opts.Checkpoint != nil && !opts.FullObjects && !opts.CorePods {
 		w.ckpt = &checkpointer{opts: *opts.Checkpoint, log: cmp.Or(opts.Checkpoint.Log, slog.Default())}
-		resumeFrom = w.ckpt.load(time.Now())
+		// Read in the background: decoding 150,000 pods takes about
+		// 0.1 s, which the caller's work until Start and the other
+		// informers' first lists overlap. The pod informer's first list
+		// waits for it.
+		loaded := make(chan *Checkpoint, 1)
+		go func(now time.Time) { loaded <- w.ckpt.load(now) }(time.Now())
+		resumeFrom = func() *Checkpoint { return <-loaded }
 	}
 	// The pod cache is looked up by key only: without the namespace index
 	// informers get by default, which costs an entry per pod of the
