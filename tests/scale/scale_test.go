@@ -79,6 +79,8 @@ const localEndpoints = 20
 const (
 	changes  = 1000
 	relabels = 100
+	// slowRelabel: a single relabel slower end to end is logged.
+	slowRelabel = 50 * time.Millisecond
 )
 
 // child is one running agent process.
@@ -253,14 +255,27 @@ func measure(ctx context.Context, b *testing.B, p *populator, kubeconfig string,
 		if err := p.relabel(ctx, remote(i*7919), *version); err != nil {
 			return r, err
 		}
-		if _, err := c.await(ctx, time.Minute, "the relabel synced", func(s agentStats) bool {
+		requested := time.Since(start)
+		done, err := c.await(ctx, time.Minute, "the relabel synced", func(s agentStats) bool {
 			return s.PodEvents > seen.PodEvents && s.Idle
-		}); err != nil {
+		})
+		if err != nil {
 			return r, err
 		}
 		// From the request to the agent done with it, as the parent sees
 		// it (asked every 2 ms).
-		e2e = append(e2e, time.Since(start).Nanoseconds())
+		took := time.Since(start)
+		e2e = append(e2e, took.Nanoseconds())
+		if took > slowRelabel {
+			// Where a slow one spent its time: the API server's answer,
+			// the agent's own work, or neither (waiting to be run).
+			var work time.Duration
+			if len(done.Syncs) > 0 {
+				work = time.Duration(done.Syncs[len(done.Syncs)-1])
+			}
+			b.Logf("%d pods, %s: relabel %d took %s end to end, %s of it the update request, %s the agent's sync; %s after the agent started",
+				p.pods, m.Name, i, took.Round(time.Millisecond), requested.Round(time.Millisecond), work.Round(time.Microsecond), time.Since(started).Round(time.Millisecond))
+		}
 	}
 	r.relabelE2EP99 = percentile(e2e, 0.99)
 	st, err = c.ask("gc")
