@@ -176,7 +176,7 @@ type resumingPods struct {
 	namespaces typedcorev1.NamespaceInterface
 	log        *slog.Logger
 
-	mu   sync.Mutex
+	mu sync.Mutex
 	// from returns the checkpoint read at start (or nil), waiting for the
 	// read; nil once taken.
 	from func() *Checkpoint

@@ -138,9 +138,10 @@ func New(cfg Config) *Syncer {
 // Enqueue asks for the object of k to be synced.
 //
 // Until Run starts, keys are kept in a set of the syncer's own, which Run
-// drops once it has synced them: the first convergence queues every object
-// of the cluster, and the workqueue's sets would keep the room for all of
-// them (about 24 MiB at 150,000 pods) for the life of the agent.
+// drops once it has synced them: the workqueue's sets would keep the room
+// for every key queued before the first convergence for the life of the
+// agent (before the first lists stopped reaching the handlers, that was
+// every pod of the cluster: about 24 MiB at 150,000 pods).
 func (s *Syncer) Enqueue(k k8s.Key) {
 	s.initialMu.Lock()
 	if !s.started {

@@ -273,7 +273,8 @@ func measure(ctx context.Context, b *testing.B, p *populator, kubeconfig string,
 			if len(done.Syncs) > 0 {
 				work = time.Duration(done.Syncs[len(done.Syncs)-1])
 			}
-			b.Logf("%d pods, %s: relabel %d took %s end to end, %s of it the update request, %s the agent's sync; %s after the agent started",
+			// To stderr: a benchmark's log keeps only its first lines.
+			fmt.Fprintf(os.Stderr, "%d pods, %s: relabel %d took %s end to end, %s of it the update request, %s the agent's sync; %s after the agent started\n",
 				p.pods, m.Name, i, took.Round(time.Millisecond), requested.Round(time.Millisecond), work.Round(time.Microsecond), time.Since(started).Round(time.Millisecond))
 		}
 	}
